@@ -1,0 +1,133 @@
+//! How a block of weights is stored.
+//!
+//! One entry per ggml block type in a table ([`GgmlType::traits`]), like ggml's `type_traits`, so generic
+//! code never switches on a type's name: it asks the table for the block geometry and the dequantiser.
+//! Later formats (GPTQ, EXL2, NF4, HQQ, AWQ) join the same table.
+
+mod float;
+mod iquants;
+mod kquants;
+mod legacy;
+
+pub use iquants::KVALUES_IQ4NL;
+
+/// A ggml tensor type, with its stable on-disk id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    Iq4Nl,
+    Iq4Xs,
+}
+
+/// Dequantise whole blocks: `src.len()` is a multiple of `block_bytes`, `dst.len()` the matching number of
+/// elements.
+pub type DequantFn = fn(src: &[u8], dst: &mut [f32]);
+
+/// What generic code needs to know about a block type.
+#[derive(Clone, Copy, Debug)]
+pub struct TypeTraits {
+    pub ty: GgmlType,
+    /// Name as ggml and gguf-py spell it (`"Q4_K"`).
+    pub name: &'static str,
+    /// The ggml type id stored in GGUF files.
+    pub ggml_id: u32,
+    /// Elements per block.
+    pub block_elems: usize,
+    /// Bytes per block.
+    pub block_bytes: usize,
+    pub dequantize: DequantFn,
+}
+
+impl TypeTraits {
+    /// Bits per weight of this type.
+    pub fn bits_per_weight(&self) -> f64 {
+        (self.block_bytes * 8) as f64 / self.block_elems as f64
+    }
+
+    /// Bytes of a row of `n` elements, or `None` when `n` is not a whole number of blocks.
+    pub fn row_bytes(&self, n: usize) -> Option<usize> {
+        (n % self.block_elems == 0).then(|| n / self.block_elems * self.block_bytes)
+    }
+}
+
+const TABLE: [TypeTraits; 15] = [
+    TypeTraits { ty: GgmlType::F32, name: "F32", ggml_id: 0, block_elems: 1, block_bytes: 4, dequantize: float::dequant_f32 },
+    TypeTraits { ty: GgmlType::F16, name: "F16", ggml_id: 1, block_elems: 1, block_bytes: 2, dequantize: float::dequant_f16 },
+    TypeTraits { ty: GgmlType::BF16, name: "BF16", ggml_id: 30, block_elems: 1, block_bytes: 2, dequantize: float::dequant_bf16 },
+    TypeTraits { ty: GgmlType::Q4_0, name: "Q4_0", ggml_id: 2, block_elems: 32, block_bytes: 18, dequantize: legacy::dequant_q4_0 },
+    TypeTraits { ty: GgmlType::Q4_1, name: "Q4_1", ggml_id: 3, block_elems: 32, block_bytes: 20, dequantize: legacy::dequant_q4_1 },
+    TypeTraits { ty: GgmlType::Q5_0, name: "Q5_0", ggml_id: 6, block_elems: 32, block_bytes: 22, dequantize: legacy::dequant_q5_0 },
+    TypeTraits { ty: GgmlType::Q5_1, name: "Q5_1", ggml_id: 7, block_elems: 32, block_bytes: 24, dequantize: legacy::dequant_q5_1 },
+    TypeTraits { ty: GgmlType::Q8_0, name: "Q8_0", ggml_id: 8, block_elems: 32, block_bytes: 34, dequantize: legacy::dequant_q8_0 },
+    TypeTraits { ty: GgmlType::Q2K, name: "Q2_K", ggml_id: 10, block_elems: 256, block_bytes: 84, dequantize: kquants::dequant_q2_k },
+    TypeTraits { ty: GgmlType::Q3K, name: "Q3_K", ggml_id: 11, block_elems: 256, block_bytes: 110, dequantize: kquants::dequant_q3_k },
+    TypeTraits { ty: GgmlType::Q4K, name: "Q4_K", ggml_id: 12, block_elems: 256, block_bytes: 144, dequantize: kquants::dequant_q4_k },
+    TypeTraits { ty: GgmlType::Q5K, name: "Q5_K", ggml_id: 13, block_elems: 256, block_bytes: 176, dequantize: kquants::dequant_q5_k },
+    TypeTraits { ty: GgmlType::Q6K, name: "Q6_K", ggml_id: 14, block_elems: 256, block_bytes: 210, dequantize: kquants::dequant_q6_k },
+    TypeTraits { ty: GgmlType::Iq4Nl, name: "IQ4_NL", ggml_id: 20, block_elems: 32, block_bytes: 18, dequantize: iquants::dequant_iq4_nl },
+    TypeTraits { ty: GgmlType::Iq4Xs, name: "IQ4_XS", ggml_id: 23, block_elems: 256, block_bytes: 136, dequantize: iquants::dequant_iq4_xs },
+];
+
+impl GgmlType {
+    /// Every type in the table.
+    pub fn all() -> impl Iterator<Item = GgmlType> {
+        TABLE.iter().map(|t| t.ty)
+    }
+
+    /// This type's entry in the table.
+    pub fn traits(self) -> &'static TypeTraits {
+        // The table is ordered like the enum.
+        &TABLE[self as usize]
+    }
+
+    /// The type with ggml id `id`, if we handle it.
+    pub fn from_ggml_id(id: u32) -> Option<Self> {
+        TABLE.iter().find(|t| t.ggml_id == id).map(|t| t.ty)
+    }
+
+    /// Name as ggml spells it.
+    pub fn name(self) -> &'static str {
+        self.traits().name
+    }
+
+    /// Dequantise `src` (whole blocks) into `dst`.
+    pub fn dequantize(self, src: &[u8], dst: &mut [f32]) {
+        let t = self.traits();
+        debug_assert_eq!(src.len() % t.block_bytes, 0);
+        debug_assert_eq!(src.len() / t.block_bytes * t.block_elems, dst.len());
+        (t.dequantize)(src, dst);
+    }
+}
+
+/// Read a little-endian f16 at `b[0..2]` as f32.
+#[inline]
+pub(crate) fn f16_at(b: &[u8]) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_is_ordered_like_the_enum() {
+        for (i, t) in TABLE.iter().enumerate() {
+            assert_eq!(t.ty as usize, i, "{}", t.name);
+            assert_eq!(GgmlType::from_ggml_id(t.ggml_id), Some(t.ty));
+        }
+        assert_eq!(GgmlType::Q4K.traits().bits_per_weight(), 4.5);
+        assert_eq!(GgmlType::Q6K.traits().bits_per_weight(), 6.5625);
+    }
+}

@@ -1,0 +1,18 @@
+//! Quant Studio's engine: everything that is not UI.
+//!
+//! * [`model`]  — source models: Hugging Face folders (safetensors) and GGUF files, tokenizers, chat templates.
+//! * [`codecs`] — how a block of weights is stored (ggml block types), with dequantisation.
+//! * [`tensor`] — weight matrices that stay in their stored type, and the matmuls over them.
+//! * [`infer`]  — the Llama-family forward pass, KV cache, sampling, chat sessions.
+//! * [`eval`]   — perplexity and KL-divergence, computed as llama.cpp's `llama-perplexity` does.
+//! * [`jobs`]   — the engine thread: `Command`/`Event` over bounded channels, cancellation, progress.
+
+pub mod codecs;
+pub mod error;
+pub mod eval;
+pub mod infer;
+pub mod jobs;
+pub mod model;
+pub mod tensor;
+
+pub use error::{Error, Result};

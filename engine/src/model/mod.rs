@@ -1,0 +1,75 @@
+//! Source models: a Hugging Face folder (config.json + safetensors + tokenizer files) or a GGUF file.
+//!
+//! Whatever the container, a [`SourceModel`] presents the model the same way: a [`ModelConfig`] in Hugging
+//! Face's terms, tensors under their Hugging Face names in PyTorch shape order (memory-mapped, in their
+//! stored type, read one at a time), and a [`TextTokenizer`] with the chat template.
+
+pub mod config;
+pub mod convert;
+pub mod fixture;
+pub mod gguf;
+pub mod hf;
+pub mod summary;
+pub mod tokenizer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub use config::{Arch, ModelConfig, RopeScaling};
+pub use tokenizer::{ChatMessage, TextTokenizer};
+
+use crate::tensor::TensorRef;
+use crate::{Error, Result};
+
+/// Which container a model came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceFormat {
+    /// A Hugging Face folder with safetensors weights.
+    HfFolder,
+    /// A single GGUF file.
+    Gguf,
+}
+
+/// A model opened for reading: config, tensors (mapped, not loaded), tokenizer.
+#[derive(Debug)]
+pub struct SourceModel {
+    /// The folder or file that was opened.
+    pub path: PathBuf,
+    pub format: SourceFormat,
+    /// A display name (`general.name`, or the folder name).
+    pub name: String,
+    pub config: ModelConfig,
+    /// Tensors by Hugging Face name.
+    pub tensors: BTreeMap<String, TensorRef>,
+    pub tokenizer: TextTokenizer,
+    /// Total size of the weight files.
+    pub file_size_bytes: u64,
+}
+
+impl SourceModel {
+    /// Open a Hugging Face folder or a `.gguf` file.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            hf::open(path)
+        } else if path.is_file() {
+            gguf::open(path)
+        } else {
+            Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
+            ))
+        }
+    }
+
+    /// The tensor named `name` (Hugging Face name), or a clear error.
+    pub fn tensor(&self, name: &str) -> Result<&TensorRef> {
+        self.tensors.get(name).ok_or_else(|| {
+            Error::malformed(&self.path, "model", format!("tensor {name} is missing"))
+        })
+    }
+
+    /// Number of parameters (elements of every tensor).
+    pub fn parameter_count(&self) -> u64 {
+        self.tensors.values().map(|t| t.numel() as u64).sum()
+    }
+}

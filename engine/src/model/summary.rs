@@ -1,0 +1,1 @@
+//! A one-screen summary of a model.

@@ -1,0 +1,371 @@
+//! Weights that stay in their stored type (mapped from the file), and the matmuls over them.
+//!
+//! A [`TensorRef`] is a cheap handle on one tensor's bytes inside a memory-mapped file (or an owned
+//! buffer), in PyTorch's shape order (`[out_features, in_features]` for a linear weight). Rows are whole
+//! blocks of the tensor's [`GgmlType`], so a row is dequantised on its own. A GGUF's Q/K weights keep
+//! llama.cpp's interleaved-RoPE row order on disk; the handle maps rows back to Hugging Face order on
+//! read, so everything above this module sees Hugging Face's layout.
+
+use std::ops::Deref;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use crate::codecs::GgmlType;
+use crate::{Error, Result};
+
+/// What holds the bytes.
+#[derive(Debug)]
+pub enum Backing {
+    Mmap(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Mmap(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
+/// A shared, immutable byte range.
+#[derive(Clone, Debug)]
+pub struct Bytes {
+    backing: Arc<Backing>,
+    start: usize,
+    len: usize,
+}
+
+impl Bytes {
+    /// The range `start..start+len` of `backing`; `None` if it does not fit.
+    pub fn slice_of(backing: &Arc<Backing>, start: usize, len: usize) -> Option<Self> {
+        let end = start.checked_add(len)?;
+        (end <= backing.len()).then(|| Self {
+            backing: Arc::clone(backing),
+            start,
+            len,
+        })
+    }
+
+    /// Bytes owned by this handle.
+    pub fn owned(v: Vec<u8>) -> Self {
+        let len = v.len();
+        Self {
+            backing: Arc::new(Backing::Owned(v)),
+            start: 0,
+            len,
+        }
+    }
+
+    /// f32 values as little-endian bytes.
+    pub fn from_f32(v: &[f32]) -> Self {
+        Self::owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+}
+
+impl Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.backing[self.start..self.start + self.len]
+    }
+}
+
+/// One tensor of a model, in its stored type.
+#[derive(Clone, Debug)]
+pub struct TensorRef {
+    /// Hugging Face name (`model.layers.0.self_attn.q_proj.weight`).
+    pub name: String,
+    /// PyTorch order, outermost first.
+    pub shape: Vec<usize>,
+    pub ty: GgmlType,
+    pub data: Bytes,
+    /// `Some(n_heads)` when rows are stored in llama.cpp's interleaved-RoPE order (a GGUF's attn_q/attn_k).
+    pub rope_interleaved_heads: Option<usize>,
+}
+
+impl TensorRef {
+    /// Build a handle, checking that `data` holds exactly `shape` elements of `ty` in whole-block rows.
+    pub fn new(name: impl Into<String>, shape: Vec<usize>, ty: GgmlType, data: Bytes) -> Result<Self> {
+        let name = name.into();
+        let t = ty.traits();
+        let cols = shape.last().copied().unwrap_or(1);
+        let rows: usize = shape.iter().rev().skip(1).product();
+        let row_bytes = t.row_bytes(cols).ok_or_else(|| {
+            Error::Invalid(format!(
+                "tensor {name}: row length {cols} is not a multiple of {}'s block of {}",
+                t.name, t.block_elems
+            ))
+        })?;
+        let want = rows
+            .checked_mul(row_bytes)
+            .ok_or_else(|| Error::Invalid(format!("tensor {name}: size overflows")))?;
+        if want != data.len() {
+            return Err(Error::Invalid(format!(
+                "tensor {name}: {} bytes stored, {want} expected for {shape:?} {}",
+                data.len(),
+                t.name
+            )));
+        }
+        Ok(Self {
+            name,
+            shape,
+            ty,
+            data,
+            rope_interleaved_heads: None,
+        })
+    }
+
+    /// f32 tensor owned by the handle.
+    pub fn from_f32(name: impl Into<String>, shape: Vec<usize>, v: &[f32]) -> Result<Self> {
+        Self::new(name, shape, GgmlType::F32, Bytes::from_f32(v))
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Length of a row (the innermost dimension).
+    pub fn cols(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+
+    /// Number of rows (product of the outer dimensions; 1 for a vector).
+    pub fn rows(&self) -> usize {
+        self.shape.iter().rev().skip(1).product()
+    }
+
+    /// Bytes of one stored row.
+    pub fn row_bytes(&self) -> usize {
+        self.data.len() / self.rows().max(1)
+    }
+
+    /// The stored row that holds Hugging Face row `r`.
+    #[inline]
+    pub fn stored_row(&self, r: usize) -> usize {
+        match self.rope_interleaved_heads {
+            None => r,
+            Some(heads) => {
+                let hd = self.rows() / heads;
+                let half = hd / 2;
+                let (g, w) = (r / hd, r % hd);
+                let (j, i) = (w / half, w % half);
+                g * hd + 2 * i + j
+            }
+        }
+    }
+
+    /// The stored bytes of Hugging Face row `r`.
+    #[inline]
+    pub fn row_data(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        let s = self.stored_row(r) * rb;
+        &self.data[s..s + rb]
+    }
+
+    /// Dequantise Hugging Face row `r` into `out` (`out.len() == cols`).
+    pub fn dequant_row(&self, r: usize, out: &mut [f32]) {
+        self.ty.dequantize(self.row_data(r), out);
+    }
+
+    /// The whole tensor as f32 in Hugging Face order. Allocates `numel` floats: only for small tensors,
+    /// tests and conversion one tensor at a time.
+    pub fn to_f32(&self) -> Vec<f32> {
+        let cols = self.cols();
+        let mut out = vec![0.0f32; self.numel()];
+        for (r, row) in out.chunks_exact_mut(cols.max(1)).enumerate() {
+            self.dequant_row(r, row);
+        }
+        out
+    }
+
+    /// `out[t, r] = Σ_c x[t, c] · W[r, c]` for `n` activation rows `x` (`[n, cols]`), `out` is `[n, rows]`.
+    ///
+    /// The weight stays in its stored type: tiles of rows are dequantised into a per-thread scratch and
+    /// multiplied with a GEMM (prompt processing) or dotted directly (decoding, `n == 1`).
+    pub fn matmul(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows(), self.cols());
+        assert_eq!(x.len(), n * cols, "{}: activation size", self.name);
+        assert_eq!(out.len(), n * rows, "{}: output size", self.name);
+        if n == 1 {
+            self.matvec(x, out);
+            return;
+        }
+        let tile = tile_rows(rows, cols);
+        let parts: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(tile))
+            .into_par_iter()
+            .map(|ti| {
+                let r0 = ti * tile;
+                let r1 = (r0 + tile).min(rows);
+                let m = r1 - r0;
+                let mut w = vec![0.0f32; m * cols];
+                for (i, row) in w.chunks_exact_mut(cols).enumerate() {
+                    self.dequant_row(r0 + i, row);
+                }
+                let mut y = vec![0.0f32; n * m];
+                sgemm_nt(n, m, cols, x, &w, &mut y);
+                (r0, y)
+            })
+            .collect();
+        for (r0, y) in parts {
+            let m = y.len() / n;
+            for t in 0..n {
+                out[t * rows + r0..t * rows + r0 + m].copy_from_slice(&y[t * m..(t + 1) * m]);
+            }
+        }
+    }
+
+    fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        let cols = self.cols();
+        let chunk = (out.len() / (rayon::current_num_threads() * 8)).clamp(8, 256);
+        out.par_chunks_mut(chunk).enumerate().for_each_init(
+            || vec![0.0f32; cols],
+            |scratch, (ci, o)| {
+                for (k, v) in o.iter_mut().enumerate() {
+                    let r = ci * chunk + k;
+                    self.dequant_row(r, scratch);
+                    *v = dot(scratch, x);
+                }
+            },
+        );
+    }
+}
+
+/// Rows per tile so a dequantised tile stays around 256 KiB (L2-sized).
+fn tile_rows(rows: usize, cols: usize) -> usize {
+    ((256 * 1024 / 4) / cols.max(1)).clamp(16, 512).min(rows.max(1))
+}
+
+/// A dot product with eight independent accumulators, so it vectorises without fast-math.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = 0.0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s += x * y;
+    }
+    s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// `y[n, m] = x[n, k] · w[m, k]ᵀ`, single-threaded (callers parallelise over tiles).
+#[allow(unsafe_code)]
+pub fn sgemm_nt(n: usize, m: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
+    assert!(x.len() >= n * k && w.len() >= m * k && y.len() >= n * m);
+    // SAFETY: the asserts above bound every access: dst is n×m row-major (row stride m, col stride 1),
+    // lhs is x as n×k row-major, rhs is wᵀ as k×m read through strides (row stride 1, col stride k).
+    unsafe {
+        gemm::gemm(
+            n,
+            m,
+            k,
+            y.as_mut_ptr(),
+            1,
+            m as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `y[n, m] = x[n, k] · w[k, m]` with row-major `w`, parallel over threads. For activations × activations
+/// (attention).
+#[allow(unsafe_code)]
+pub fn sgemm_nn(n: usize, m: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
+    assert!(x.len() >= n * k && w.len() >= k * m && y.len() >= n * m);
+    // SAFETY: bounds asserted above; all three matrices are row-major with unit column stride.
+    unsafe {
+        gemm::gemm(
+            n,
+            m,
+            k,
+            y.as_mut_ptr(),
+            1,
+            m as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            1,
+            m as isize,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], n: usize, w: &[f32], m: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0.0; n * m];
+        for t in 0..n {
+            for r in 0..m {
+                y[t * m + r] = (0..k).map(|c| x[t * k + c] * w[r * k + c]).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matmul_matches_naive_for_batches_and_vectors() {
+        let (m, k) = (37, 64);
+        let w: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let t = TensorRef::from_f32("w", vec![m, k], &w).unwrap();
+        for n in [1, 5] {
+            let x: Vec<f32> = (0..n * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+            let mut y = vec![0.0; n * m];
+            t.matmul(&x, n, &mut y);
+            let want = naive(&x, n, &w, m, k);
+            for (a, b) in y.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn interleaved_rows_map_back_to_hf_order() {
+        // 2 heads of head_dim 8: stored row 2i+j of a head holds HF row j*4+i.
+        let rows = 16;
+        let hf: Vec<f32> = (0..rows).map(|r| r as f32).collect();
+        let mut stored = vec![0.0f32; rows];
+        for g in 0..2 {
+            for i in 0..4 {
+                for j in 0..2 {
+                    stored[g * 8 + 2 * i + j] = hf[g * 8 + j * 4 + i];
+                }
+            }
+        }
+        let mut t = TensorRef::from_f32("q", vec![rows, 1], &stored).unwrap();
+        t.rope_interleaved_heads = Some(2);
+        assert_eq!(t.to_f32(), hf);
+    }
+}
