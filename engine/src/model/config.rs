@@ -69,6 +69,10 @@ pub struct ModelConfig {
     pub attention_bias: bool,
     /// The stored dtype named by config.json (`"bfloat16"`), if any.
     pub torch_dtype: Option<String>,
+    /// Per-frequency divisors from a GGUF's `rope_freqs.weight` (Llama 3.1+ files), applied on top of
+    /// `rope_theta` when `rope_scaling` is `None`: θ_i = base_i / factor_i, as llama.cpp does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_freq_factors: Option<Vec<f32>>,
 }
 
 impl ModelConfig {
@@ -81,7 +85,14 @@ impl ModelConfig {
             .map(|i| 1.0 / f64::from(self.rope_theta).powf((2 * i) as f64 / d as f64))
             .collect();
         match self.rope_scaling {
-            None => base.iter().map(|&f| f as f32).collect(),
+            None => match &self.rope_freq_factors {
+                Some(fac) => base
+                    .iter()
+                    .zip(fac.iter().chain(std::iter::repeat(&1.0)))
+                    .map(|(&f, &k)| (f / f64::from(k)) as f32)
+                    .collect(),
+                None => base.iter().map(|&f| f as f32).collect(),
+            },
             Some(RopeScaling::Linear { factor }) => {
                 base.iter().map(|&f| (f / f64::from(factor)) as f32).collect()
             }
