@@ -14,5 +14,7 @@ pub mod infer;
 pub mod jobs;
 pub mod model;
 pub mod tensor;
+#[doc(hidden)]
+pub mod testing;
 
 pub use error::{Error, Result};

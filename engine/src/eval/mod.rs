@@ -1,1 +1,283 @@
-//! Evaluation.
+//! Perplexity and KL-divergence, computed exactly as llama.cpp's `llama-perplexity` does (see
+//! `shared/reference/gguf.md` §5), so our numbers can be compared with the ones people publish.
+//!
+//! * [`perplexity`] — `llama-perplexity -f text -c n_ctx [--chunks N]`.
+//! * [`kl_divergence`] — `--kl-divergence-base` followed by `--kl-divergence`, but both models run chunk
+//!   by chunk side by side, so no logits file is written.
+//! * [`stats`] — the formulas (log-softmax, the 16-bit log-prob compression, means with uncertainty,
+//!   percentiles), each tested by hand.
+//!
+//! The drivers are written over a "forward one chunk" closure, so the chunking, BOS substitution,
+//! scoring window and statistics are tested with synthetic logits, independently of the forward pass.
+
+pub mod kld;
+pub mod perplexity;
+pub mod stats;
+
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+pub use kld::{kl_divergence, KldReport};
+pub use perplexity::{perplexity, PerplexityReport};
+pub use stats::{BaseLogProbs, KldChunkLine, KldStats, ValueUnc};
+
+use crate::model::TextTokenizer;
+use crate::{Error, Result};
+
+/// "Run one chunk from an empty cache and return the logits of positions `first..`" — what the drivers
+/// need of a model (tests pass synthetic ones).
+pub(crate) type ChunkForward<'a> = dyn FnMut(&[u32], usize) -> Result<Vec<f32>> + 'a;
+
+/// How the text is cut into chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvalOptions {
+    /// Tokens per chunk (llama-perplexity's `-c`, default 512).
+    pub n_ctx: usize,
+    /// Evaluate at most this many chunks (`--chunks`).
+    pub max_chunks: Option<usize>,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self {
+            n_ctx: 512,
+            max_chunks: None,
+        }
+    }
+}
+
+/// Smallest context we accept: at least one scored token per chunk (`n_ctx − 1 − n_ctx/2 ≥ 1`).
+pub const MIN_N_CTX: usize = 4;
+
+/// Progress after each chunk (perplexity or KL-divergence).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChunkProgress {
+    /// Index of the chunk just finished (0-based; llama-perplexity prints `chunk + 1`).
+    pub chunk: usize,
+    /// Chunks in the whole run.
+    pub n_chunks: usize,
+    /// Perplexity over all chunks so far (of the variant, in KL-divergence mode).
+    pub ppl: f64,
+    /// Text tokens (chunks × n_ctx) processed per second so far; in KL-divergence mode each token runs
+    /// through both models.
+    pub tokens_per_sec: f64,
+    pub elapsed_secs: f64,
+    /// Estimated seconds to the end, from the mean time per chunk so far.
+    pub eta_secs: f64,
+    /// The running KL-divergence columns (KL-divergence mode only).
+    pub kld: Option<KldChunkLine>,
+}
+
+impl ChunkProgress {
+    /// Chunks done so far.
+    pub fn done(&self) -> usize {
+        self.chunk + 1
+    }
+}
+
+/// The evaluation text as llama-perplexity reads it: one trailing `'\n'` removed, tokenized once with
+/// special tokens (BOS first iff the model's `add_bos`).
+pub fn tokenize_text(tok: &TextTokenizer, text: &str) -> Result<Vec<u32>> {
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    tok.encode(text, true)
+}
+
+/// The chunks of a tokenized text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ChunkPlan<'t> {
+    pub tokens: &'t [u32],
+    pub n_ctx: usize,
+    pub n_chunks: usize,
+    /// Written over each chunk's first token (llama.cpp does this iff `add_bos`).
+    pub bos: Option<u32>,
+}
+
+impl<'t> ChunkPlan<'t> {
+    /// Plans `⌊n_tokens / n_ctx⌋` chunks, capped by `max_chunks`; errors if the text has fewer than
+    /// `2·n_ctx` tokens.
+    pub fn new(tokens: &'t [u32], opts: &EvalOptions, bos: Option<u32>) -> Result<Self> {
+        let n_ctx = opts.n_ctx;
+        if n_ctx < MIN_N_CTX {
+            return Err(Error::Invalid(format!(
+                "context of {n_ctx} tokens is too small for perplexity: use at least {MIN_N_CTX}"
+            )));
+        }
+        if tokens.len() < 2 * n_ctx {
+            return Err(Error::Invalid(format!(
+                "the text has {} tokens, but perplexity with a context of {n_ctx} needs at least {} \
+                 (2 × context): use a longer text or a smaller context",
+                tokens.len(),
+                2 * n_ctx
+            )));
+        }
+        let mut n_chunks = tokens.len() / n_ctx;
+        if let Some(max) = opts.max_chunks {
+            if max == 0 {
+                return Err(Error::Invalid("the number of chunks must be at least 1".into()));
+            }
+            n_chunks = n_chunks.min(max);
+        }
+        Ok(Self {
+            tokens,
+            n_ctx,
+            n_chunks,
+            bos,
+        })
+    }
+
+    /// The first position whose logits are scored (`n_ctx / 2`).
+    pub fn first(&self) -> usize {
+        self.n_ctx / 2
+    }
+
+    /// Tokens scored per chunk: `n_ctx − 1 − n_ctx/2`.
+    pub fn scored_per_chunk(&self) -> usize {
+        self.n_ctx - 1 - self.first()
+    }
+
+    /// The tokens fed for chunk `k`, first token replaced by BOS when the model adds one.
+    pub fn input(&self, k: usize) -> Vec<u32> {
+        let start = k * self.n_ctx;
+        let mut v = self.tokens[start..start + self.n_ctx].to_vec();
+        if let Some(b) = self.bos {
+            v[0] = b;
+        }
+        v
+    }
+
+    /// The target of scored row `i` of chunk `k` (the original token at position `first + 1 + i`).
+    pub fn target(&self, k: usize, i: usize) -> u32 {
+        self.tokens[k * self.n_ctx + self.first() + 1 + i]
+    }
+}
+
+/// The BOS that llama-perplexity writes over each chunk's first token, if any.
+pub(crate) fn chunk_bos(tok: &TextTokenizer) -> Option<u32> {
+    if tok.add_bos {
+        tok.bos_token_id
+    } else {
+        None
+    }
+}
+
+/// Checks a forward pass's logits: `rows × vocab` values.
+pub(crate) fn check_logits(logits: &[f32], rows: usize, vocab: usize) -> Result<()> {
+    if logits.len() < rows * vocab || vocab == 0 {
+        return Err(Error::Invalid(format!(
+            "the forward pass returned {} logits, expected at least {rows} rows of {vocab}",
+            logits.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that a target token id has a logit.
+pub(crate) fn check_target(target: u32, vocab: usize) -> Result<usize> {
+    let t = target as usize;
+    if t >= vocab {
+        return Err(Error::Invalid(format!(
+            "token id {target} is outside the model's vocabulary of {vocab}: the tokenizer does not \
+             match the model"
+        )));
+    }
+    Ok(t)
+}
+
+/// Wall clock for a chunked run.
+pub(crate) struct ChunkClock {
+    start: Instant,
+}
+
+impl ChunkClock {
+    pub fn start() -> Self {
+        Self {
+            start: Instant::now(),
+        }
+    }
+
+    pub fn elapsed_secs(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    /// Progress after chunk `chunk` (0-based) of `plan`.
+    pub fn progress(
+        &self,
+        plan: &ChunkPlan<'_>,
+        chunk: usize,
+        ppl: f64,
+        kld: Option<KldChunkLine>,
+    ) -> ChunkProgress {
+        let elapsed = self.elapsed_secs();
+        let done = chunk + 1;
+        let tokens = (done * plan.n_ctx) as f64;
+        let tokens_per_sec = if elapsed > 0.0 { tokens / elapsed } else { 0.0 };
+        let eta_secs = elapsed / done as f64 * plan.n_chunks.saturating_sub(done) as f64;
+        ChunkProgress {
+            chunk,
+            n_chunks: plan.n_chunks,
+            ppl,
+            tokens_per_sec,
+            elapsed_secs: elapsed,
+            eta_secs,
+            kld,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_counts_chunks_and_substitutes_bos() {
+        let toks: Vec<u32> = (10..10 + 37).collect();
+        let opts = EvalOptions {
+            n_ctx: 8,
+            max_chunks: None,
+        };
+        let p = ChunkPlan::new(&toks, &opts, Some(1)).expect("plan");
+        assert_eq!(p.n_chunks, 4); // ⌊37/8⌋
+        assert_eq!(p.first(), 4);
+        assert_eq!(p.scored_per_chunk(), 3);
+        assert_eq!(p.input(1), vec![1, 19, 20, 21, 22, 23, 24, 25]);
+        assert_eq!(p.target(1, 0), 23); // position 8 + 4 + 1
+        assert_eq!(p.target(1, 2), 25);
+        let capped = ChunkPlan::new(
+            &toks,
+            &EvalOptions {
+                n_ctx: 8,
+                max_chunks: Some(2),
+            },
+            None,
+        )
+        .expect("plan");
+        assert_eq!(capped.n_chunks, 2);
+        assert_eq!(capped.input(1)[0], 18);
+    }
+
+    #[test]
+    fn plan_rejects_short_text_saying_how_many_tokens_are_needed() {
+        let toks = vec![0u32; 15];
+        let err = ChunkPlan::new(
+            &toks,
+            &EvalOptions {
+                n_ctx: 8,
+                max_chunks: None,
+            },
+            None,
+        )
+        .expect_err("too short");
+        let msg = err.to_string();
+        assert!(msg.contains("15 tokens") && msg.contains("at least 16"), "{msg}");
+        assert!(ChunkPlan::new(
+            &toks,
+            &EvalOptions {
+                n_ctx: 2,
+                max_chunks: None
+            },
+            None
+        )
+        .is_err());
+    }
+}

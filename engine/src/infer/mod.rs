@@ -1,1 +1,18 @@
-//! The forward pass.
+//! Running a model: the Llama-family forward pass (Llama, Mistral, Qwen2) over weights in their stored
+//! type, the KV cache, sampling, streamed generation and chat sessions.
+//!
+//! * [`Model`] — load from a [`SourceModel`](crate::model::SourceModel), `forward` tokens through a [`KvCache`].
+//! * [`Sampler`] — repetition penalty, temperature, top-k, top-p, min-p, seeded.
+//! * [`generate`] — prompt → streamed text; [`ChatSession`] — multi-turn chat reusing the cache.
+
+mod generate;
+mod kv_cache;
+mod model;
+mod sampling;
+
+pub use generate::{generate, ChatSession, GenerateOptions, GenerateStats, StopReason};
+pub use kv_cache::KvCache;
+pub use model::{Logits, Model};
+pub use sampling::{
+    apply_repetition_penalty, argmax, min_p_filter, top_p_filter, Sampler, SamplerConfig,
+};

@@ -1,2 +1,1577 @@
-//! (in progress)
-pub fn open(_p: &std::path::Path) -> crate::Result<super::SourceModel> { unimplemented!() }
+//! Hugging Face folders: `config.json`, safetensors weights (`model.safetensors`, or shards named by
+//! `model.safetensors.index.json`), and the tokenizer files (`tokenizer.json`, `tokenizer_config.json`,
+//! `chat_template.jinja`, `generation_config.json`).
+//!
+//! Every file is treated as hostile: sizes and offsets are checked against the file before anything is
+//! sliced, and every failure is an error naming the file, never a panic. Weights are memory-mapped and each
+//! tensor is a zero-copy [`TensorRef`] on its bytes, under its own (unchanged) name.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use super::{Arch, ModelConfig, RopeScaling, SourceFormat, SourceModel, TextTokenizer};
+use crate::codecs::GgmlType;
+use crate::tensor::{Backing, Bytes, TensorRef};
+use crate::{Error, Result};
+
+/// Largest safetensors header we read (the JSON before the data).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+/// Largest JSON side file (config, tokenizer config, index) we read.
+const MAX_SIDE_FILE_BYTES: u64 = 64 << 20;
+/// Largest tokenizer.json we read.
+const MAX_TOKENIZER_BYTES: u64 = 512 << 20;
+
+const MAX_LAYERS: usize = 1_000_000;
+const MAX_HIDDEN: usize = 1 << 20;
+const MAX_INTERMEDIATE: usize = 1 << 22;
+const MAX_HEADS: usize = 1 << 16;
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_CONTEXT: usize = u32::MAX as usize;
+
+/// Open the Hugging Face model folder `dir`.
+pub fn open(dir: &Path) -> Result<SourceModel> {
+    let config_path = dir.join("config.json");
+    let config_json = read_json(&config_path, "config")?;
+    let mut config = parse_config(&config_path, &config_json)?;
+
+    let (tensors, file_size_bytes) = load_weights(dir)?;
+    if !config.tie_word_embeddings && !tensors.contains_key("lm_head.weight") {
+        // Checkpoints that share the embedding often leave lm_head out without saying so.
+        config.tie_word_embeddings = true;
+    }
+
+    let tokenizer = load_tokenizer(dir, &config_json, config.vocab_size)?;
+    let name = dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".to_string());
+    Ok(SourceModel {
+        path: dir.to_path_buf(),
+        format: SourceFormat::HfFolder,
+        name,
+        config,
+        tensors,
+        tokenizer,
+        file_size_bytes,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Small file helpers
+// ---------------------------------------------------------------------------------------------------------
+
+fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.len() > cap {
+        return Err(Error::malformed(
+            path,
+            "file",
+            format!(
+                "{} bytes is larger than the {cap}-byte limit for this file",
+                meta.len()
+            ),
+        ));
+    }
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+/// A JSON object from `path` (which must exist).
+fn read_json(path: &Path, what: &'static str) -> Result<Map<String, Value>> {
+    let bytes = read_capped(path, MAX_SIDE_FILE_BYTES)?;
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(Error::malformed(path, what, "not a JSON object")),
+        Err(e) => Err(Error::malformed(path, what, format!("not valid JSON: {e}"))),
+    }
+}
+
+/// Like [`read_json`], `None` when the file does not exist.
+fn read_json_opt(path: &Path, what: &'static str) -> Result<Option<Map<String, Value>>> {
+    if path.exists() {
+        read_json(path, what).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// config.json
+// ---------------------------------------------------------------------------------------------------------
+
+/// Typed reads of config.json keys, with errors that name the file and the key.
+struct Keys<'a> {
+    path: &'a Path,
+    obj: &'a Map<String, Value>,
+}
+
+impl Keys<'_> {
+    fn err(&self, detail: String) -> Error {
+        Error::malformed(self.path, "config", detail)
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .map(Some)
+                .ok_or_else(|| self.err(format!("{key} must be a non-negative integer, got {v}"))),
+        }
+    }
+
+    fn usize_req(&self, key: &str) -> Result<usize> {
+        self.usize_opt(key)?
+            .ok_or_else(|| self.err(format!("{key} is missing")))
+    }
+
+    fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .filter(|f| f.is_finite())
+                .map(Some)
+                .ok_or_else(|| self.err(format!("{key} must be a finite number, got {v}"))),
+        }
+    }
+
+    fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.err(format!("{key} must be true or false, got {v}"))),
+        }
+    }
+
+    fn str_opt(&self, key: &str) -> Option<&str> {
+        self.get(key).and_then(Value::as_str)
+    }
+}
+
+fn check_range(keys: &Keys<'_>, key: &str, v: usize, max: usize) -> Result<usize> {
+    if v == 0 {
+        return Err(keys.err(format!("{key} is 0")));
+    }
+    if v > max {
+        return Err(keys.err(format!("{key} = {v} is larger than the limit of {max}")));
+    }
+    Ok(v)
+}
+
+/// The architecture named by `architectures[0]`, else by `model_type`.
+fn parse_arch(keys: &Keys<'_>) -> Result<Arch> {
+    const SUPPORTED: &str = "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM";
+    let from_class = |c: &str| match c {
+        "LlamaForCausalLM" => Some(Arch::Llama),
+        "MistralForCausalLM" => Some(Arch::Mistral),
+        "Qwen2ForCausalLM" => Some(Arch::Qwen2),
+        _ => None,
+    };
+    if let Some(first) = keys
+        .get("architectures")
+        .and_then(Value::as_array)
+        .and_then(|a| a.first())
+    {
+        let class = first
+            .as_str()
+            .ok_or_else(|| keys.err(format!("architectures[0] must be a string, got {first}")))?;
+        return from_class(class).ok_or_else(|| {
+            Error::unsupported(
+                keys.path,
+                format!("architecture {class} is not supported (supported: {SUPPORTED})"),
+            )
+        });
+    }
+    match keys.str_opt("model_type") {
+        Some("llama") => Ok(Arch::Llama),
+        Some("mistral") => Ok(Arch::Mistral),
+        Some("qwen2") => Ok(Arch::Qwen2),
+        Some(other) => Err(Error::unsupported(
+            keys.path,
+            format!("model_type {other} is not supported (supported: llama, mistral, qwen2)"),
+        )),
+        None => Err(keys.err("neither architectures nor model_type is given".into())),
+    }
+}
+
+/// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5).
+fn parse_rope_scaling(keys: &Keys<'_>) -> Result<Option<RopeScaling>> {
+    let Some(v) = keys
+        .get("rope_scaling")
+        .or_else(|| keys.get("rope_parameters"))
+    else {
+        return Ok(None);
+    };
+    let obj = v
+        .as_object()
+        .ok_or_else(|| keys.err(format!("rope_scaling must be an object, got {v}")))?;
+    let sub = Keys {
+        path: keys.path,
+        obj,
+    };
+    let kind = sub
+        .str_opt("rope_type")
+        .or_else(|| sub.str_opt("type"))
+        .unwrap_or("default");
+    let positive = |key: &str| -> Result<f32> {
+        let f = sub
+            .f64_opt(key)?
+            .ok_or_else(|| keys.err(format!("rope_scaling ({kind}) lacks {key}")))?;
+        if f <= 0.0 || f > 1e9 {
+            return Err(keys.err(format!("rope_scaling {key} = {f} must be positive")));
+        }
+        Ok(f as f32)
+    };
+    match kind {
+        "default" => Ok(None),
+        "linear" => Ok(Some(RopeScaling::Linear {
+            factor: positive("factor")?,
+        })),
+        "llama3" => {
+            let factor = positive("factor")?;
+            let low_freq_factor = positive("low_freq_factor")?;
+            let high_freq_factor = positive("high_freq_factor")?;
+            if high_freq_factor <= low_freq_factor {
+                return Err(keys.err(format!(
+                    "rope_scaling high_freq_factor ({high_freq_factor}) must exceed low_freq_factor ({low_freq_factor})"
+                )));
+            }
+            let original = sub
+                .usize_opt("original_max_position_embeddings")?
+                .ok_or_else(|| {
+                    keys.err("rope_scaling (llama3) lacks original_max_position_embeddings".into())
+                })?;
+            let original = check_range(
+                &sub,
+                "original_max_position_embeddings",
+                original,
+                MAX_CONTEXT,
+            )?;
+            Ok(Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: original,
+            }))
+        }
+        other => Err(Error::unsupported(
+            keys.path,
+            format!(
+                "rope scaling type {other} is not supported (supported: default, linear, llama3)"
+            ),
+        )),
+    }
+}
+
+/// The hyper-parameters of config.json (`path` is only used in messages).
+pub(crate) fn parse_config(path: &Path, obj: &Map<String, Value>) -> Result<ModelConfig> {
+    let keys = Keys { path, obj };
+    let arch = parse_arch(&keys)?;
+
+    let hidden_size = check_range(
+        &keys,
+        "hidden_size",
+        keys.usize_req("hidden_size")?,
+        MAX_HIDDEN,
+    )?;
+    let intermediate_size = check_range(
+        &keys,
+        "intermediate_size",
+        keys.usize_req("intermediate_size")?,
+        MAX_INTERMEDIATE,
+    )?;
+    let num_layers = check_range(
+        &keys,
+        "num_hidden_layers",
+        keys.usize_req("num_hidden_layers")?,
+        MAX_LAYERS,
+    )?;
+    let num_heads = check_range(
+        &keys,
+        "num_attention_heads",
+        keys.usize_req("num_attention_heads")?,
+        MAX_HEADS,
+    )?;
+    let num_kv_heads = check_range(
+        &keys,
+        "num_key_value_heads",
+        keys.usize_opt("num_key_value_heads")?.unwrap_or(num_heads),
+        MAX_HEADS,
+    )?;
+    if num_kv_heads > num_heads || num_heads % num_kv_heads != 0 {
+        return Err(keys.err(format!(
+            "num_key_value_heads ({num_kv_heads}) must divide num_attention_heads ({num_heads})"
+        )));
+    }
+    let head_dim = match keys.usize_opt("head_dim")? {
+        Some(d) => check_range(&keys, "head_dim", d, MAX_HIDDEN)?,
+        None => {
+            if hidden_size % num_heads != 0 {
+                return Err(keys.err(format!(
+                    "num_attention_heads ({num_heads}) does not divide hidden_size ({hidden_size}) and head_dim is not given"
+                )));
+            }
+            hidden_size / num_heads
+        }
+    };
+    if head_dim % 2 != 0 {
+        return Err(keys.err(format!(
+            "head_dim ({head_dim}) must be even for rotary embeddings"
+        )));
+    }
+    let vocab_size = check_range(
+        &keys,
+        "vocab_size",
+        keys.usize_req("vocab_size")?,
+        MAX_VOCAB,
+    )?;
+
+    let rms_norm_eps = keys.f64_opt("rms_norm_eps")?.unwrap_or(1e-6);
+    if !(rms_norm_eps > 0.0 && rms_norm_eps < 1.0) {
+        return Err(keys.err(format!("rms_norm_eps = {rms_norm_eps} must be in (0, 1)")));
+    }
+    let rope_params = keys.get("rope_parameters").and_then(Value::as_object);
+    let rope_theta = match keys.f64_opt("rope_theta")? {
+        Some(t) => t,
+        None => match rope_params {
+            Some(obj) => Keys { path, obj }
+                .f64_opt("rope_theta")?
+                .unwrap_or(10_000.0),
+            None => 10_000.0,
+        },
+    };
+    if !(rope_theta > 1.0 && rope_theta < 1e12) {
+        return Err(keys.err(format!("rope_theta = {rope_theta} must be in (1, 1e12)")));
+    }
+    let rope_scaling = parse_rope_scaling(&keys)?;
+
+    let default_context = match arch {
+        Arch::Llama => 2048,
+        Arch::Mistral => 4096 * 32,
+        Arch::Qwen2 => 32_768,
+    };
+    let max_position_embeddings = check_range(
+        &keys,
+        "max_position_embeddings",
+        keys.usize_opt("max_position_embeddings")?
+            .unwrap_or(default_context),
+        MAX_CONTEXT,
+    )?;
+    let tie_word_embeddings = keys.bool_opt("tie_word_embeddings")?.unwrap_or(false);
+    let attention_bias = match arch {
+        Arch::Qwen2 => true,
+        Arch::Llama => keys.bool_opt("attention_bias")?.unwrap_or(false),
+        Arch::Mistral => false,
+    };
+    let torch_dtype = keys
+        .str_opt("torch_dtype")
+        .or_else(|| keys.str_opt("dtype"))
+        .map(str::to_string);
+
+    Ok(ModelConfig {
+        arch,
+        hidden_size,
+        intermediate_size,
+        num_layers,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        vocab_size,
+        rms_norm_eps: rms_norm_eps as f32,
+        rope_theta: rope_theta as f32,
+        rope_scaling,
+        max_position_embeddings,
+        tie_word_embeddings,
+        attention_bias,
+        torch_dtype,
+        rope_freq_factors: None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// safetensors
+// ---------------------------------------------------------------------------------------------------------
+
+/// Every tensor of the folder's weight files, and the files' total size.
+fn load_weights(dir: &Path) -> Result<(BTreeMap<String, TensorRef>, u64)> {
+    let single = dir.join("model.safetensors");
+    let index_path = dir.join("model.safetensors.index.json");
+    if single.is_file() {
+        let (list, size) = read_safetensors(&single)?;
+        let mut tensors = BTreeMap::new();
+        for t in list {
+            tensors.insert(t.name.clone(), t);
+        }
+        return Ok((tensors, size));
+    }
+    if index_path.is_file() {
+        return load_sharded(dir, &index_path);
+    }
+    if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
+        return Err(Error::unsupported(
+            dir,
+            "PyTorch .bin weights are not supported; re-save the model with safetensors \
+             (model.save_pretrained(path, safe_serialization=True))",
+        ));
+    }
+    Err(Error::io(
+        &single,
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no model.safetensors or model.safetensors.index.json in this folder",
+        ),
+    ))
+}
+
+fn load_sharded(dir: &Path, index_path: &Path) -> Result<(BTreeMap<String, TensorRef>, u64)> {
+    let index = read_json(index_path, "safetensors index")?;
+    let map = index
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| {
+            Error::malformed(
+                index_path,
+                "safetensors index",
+                "weight_map is missing or not an object",
+            )
+        })?;
+    let mut wanted: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            Error::malformed(
+                index_path,
+                "safetensors index",
+                format!("weight_map[{tensor}] is not a file name"),
+            )
+        })?;
+        let rel = Path::new(file);
+        let plain = !file.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
+        if !plain {
+            return Err(Error::malformed(
+                index_path,
+                "safetensors index",
+                format!("shard name {file:?} must be a relative path inside the folder"),
+            ));
+        }
+        wanted.entry(file).or_default().push(tensor);
+    }
+    if wanted.is_empty() {
+        return Err(Error::malformed(
+            index_path,
+            "safetensors index",
+            "weight_map is empty",
+        ));
+    }
+    let mut tensors = BTreeMap::new();
+    let mut total = 0u64;
+    for (file, names) in wanted {
+        let shard = dir.join(file);
+        if !shard.is_file() {
+            return Err(Error::malformed(
+                index_path,
+                "safetensors index",
+                format!("shard {file} (holding {}) is missing", names[0]),
+            ));
+        }
+        let (list, size) = read_safetensors(&shard)?;
+        total += size;
+        let have: BTreeSet<&str> = list.iter().map(|t| t.name.as_str()).collect();
+        if let Some(missing) = names.iter().find(|n| !have.contains(**n)) {
+            return Err(Error::malformed(
+                index_path,
+                "safetensors index",
+                format!("tensor {missing} is listed in {file} but that shard does not hold it"),
+            ));
+        }
+        for t in list {
+            if tensors.contains_key(&t.name) {
+                return Err(Error::malformed(
+                    &shard,
+                    "safetensors",
+                    format!("tensor {} is stored in two shards", t.name),
+                ));
+            }
+            tensors.insert(t.name.clone(), t);
+        }
+    }
+    Ok((tensors, total))
+}
+
+/// The ggml type and element size of a safetensors dtype we read.
+fn safetensors_dtype(path: &Path, name: &str, dtype: &str) -> Result<(GgmlType, usize)> {
+    match dtype {
+        "F32" => Ok((GgmlType::F32, 4)),
+        "F16" => Ok((GgmlType::F16, 2)),
+        "BF16" => Ok((GgmlType::BF16, 2)),
+        other => Err(Error::unsupported(
+            path,
+            format!(
+                "tensor {name} has dtype {other}; only F32, F16 and BF16 safetensors are supported"
+            ),
+        )),
+    }
+}
+
+/// Map the safetensors file at `path` and check every tensor of its header against the file.
+pub(crate) fn read_safetensors(path: &Path) -> Result<(Vec<TensorRef>, u64)> {
+    let bad = |detail: String| Error::malformed(path, "safetensors", detail);
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if file_len < 8 {
+        return Err(bad(format!(
+            "{file_len} bytes is too short for a header (truncated?)"
+        )));
+    }
+    // SAFETY: the mapping is read-only and private to this process. Like every reader of memory-mapped
+    // model files (safetensors, llama.cpp), we rely on the file not being truncated or rewritten while the
+    // model is open; all offsets below are checked against the length seen at open time.
+    #[allow(unsafe_code)]
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    let backing = Arc::new(Backing::Mmap(map));
+    let bytes: &[u8] = &backing;
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&bytes[..8]);
+    let header_len = u64::from_le_bytes(len8);
+    if header_len > MAX_HEADER_BYTES {
+        return Err(bad(format!(
+            "header length {header_len} is over the {MAX_HEADER_BYTES}-byte limit"
+        )));
+    }
+    if header_len > file_len - 8 {
+        return Err(bad(format!(
+            "header length {header_len} runs past the end of the {file_len}-byte file (truncated?)"
+        )));
+    }
+    let data_start = 8 + header_len as usize;
+    let data_len = bytes.len() - data_start;
+    let header: Value = serde_json::from_slice(&bytes[8..data_start])
+        .map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let Value::Object(header) = header else {
+        return Err(bad("header is not a JSON object".into()));
+    };
+
+    let mut spans: Vec<(usize, usize, &str)> = Vec::with_capacity(header.len());
+    let mut tensors = Vec::with_capacity(header.len());
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let info = info
+            .as_object()
+            .ok_or_else(|| bad(format!("entry for tensor {name} is not an object")))?;
+        let dtype = info
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad(format!("tensor {name} has no dtype")))?;
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad(format!("tensor {name} has no shape")))?
+            .iter()
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+            .collect::<Option<_>>()
+            .ok_or_else(|| {
+                bad(format!(
+                    "tensor {name} has a shape that is not a list of sizes"
+                ))
+            })?;
+        let offsets: Vec<usize> = info
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+                    .collect()
+            })
+            .unwrap_or(None)
+            .filter(|o: &Vec<usize>| o.len() == 2)
+            .ok_or_else(|| bad(format!("tensor {name} has no [begin, end] data_offsets")))?;
+        let (begin, end) = (offsets[0], offsets[1]);
+        if begin > end || end > data_len {
+            return Err(bad(format!(
+                "tensor {name}: data_offsets [{begin}, {end}] fall outside the {data_len} data bytes (truncated?)"
+            )));
+        }
+        let (ty, elem) = safetensors_dtype(path, name, dtype)?;
+        let want = shape
+            .iter()
+            .try_fold(elem, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| bad(format!("tensor {name}: shape {shape:?} overflows")))?;
+        if want != end - begin {
+            return Err(bad(format!(
+                "tensor {name}: {} bytes stored, {want} expected for shape {shape:?} {dtype}",
+                end - begin
+            )));
+        }
+        let data = Bytes::slice_of(&backing, data_start + begin, end - begin)
+            .ok_or_else(|| bad(format!("tensor {name}: data outside the file")))?;
+        let t = TensorRef::new(name.clone(), shape, ty, data).map_err(|e| bad(e.to_string()))?;
+        spans.push((begin, end, name));
+        tensors.push(t);
+    }
+    spans.sort_unstable();
+    for w in spans.windows(2) {
+        let ((_, prev_end, prev), (begin, _, name)) = (w[0], w[1]);
+        if begin < prev_end {
+            return Err(bad(format!("tensors {prev} and {name} overlap")));
+        }
+    }
+    Ok((tensors, file_len))
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Tokenizer
+// ---------------------------------------------------------------------------------------------------------
+
+/// Token ids of a config value: an integer, a list of integers, or null.
+fn token_ids(path: &Path, key: &str, v: Option<&Value>) -> Result<Vec<u32>> {
+    let bad = || {
+        Error::malformed(
+            path,
+            "config",
+            format!("{key} must be a token id or a list of token ids"),
+        )
+    };
+    match v {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|x| {
+                x.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(bad)
+            })
+            .collect(),
+        Some(x) => Ok(vec![x
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(bad)?]),
+    }
+}
+
+/// A special token of tokenizer_config.json: a string or an AddedToken object with `content`.
+fn special_token(
+    path: &Path,
+    cfg: Option<&Map<String, Value>>,
+    key: &str,
+) -> Result<Option<String>> {
+    match cfg.and_then(|c| c.get(key)) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Object(o)) => match o.get("content") {
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            _ => Err(Error::malformed(
+                path,
+                "tokenizer config",
+                format!("{key} has no string content"),
+            )),
+        },
+        Some(v) => Err(Error::malformed(
+            path,
+            "tokenizer config",
+            format!("{key} must be a string or a token object, got {v}"),
+        )),
+    }
+}
+
+/// `chat_template` of tokenizer_config.json: a string, or a list of `{name, template}` (the one named
+/// `default`, else the first).
+fn config_chat_template(path: &Path, cfg: Option<&Map<String, Value>>) -> Result<Option<String>> {
+    let bad = |d: &str| Error::malformed(path, "tokenizer config", format!("chat_template {d}"));
+    match cfg.and_then(|c| c.get("chat_template")) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Array(list)) => {
+            let mut named = Vec::new();
+            for item in list {
+                let name = item.get("name").and_then(Value::as_str);
+                let template = item.get("template").and_then(Value::as_str);
+                match (name, template) {
+                    (Some(n), Some(t)) => named.push((n, t)),
+                    _ => return Err(bad("entries must be {\"name\": .., \"template\": ..}")),
+                }
+            }
+            Ok(named
+                .iter()
+                .find(|(n, _)| *n == "default")
+                .or(named.first())
+                .map(|(_, t)| t.to_string()))
+        }
+        Some(_) => Err(bad("must be a string or a list of named templates")),
+    }
+}
+
+/// Whether the tokenizer's post-processor puts `bos` in front of an encoded text (TemplateProcessing,
+/// Llama 3's `Sequence[ByteLevel, TemplateProcessing]`, ...).
+pub(crate) fn post_processor_adds_bos(inner: &tokenizers::Tokenizer, bos: Option<u32>) -> bool {
+    let Some(bos) = bos else { return false };
+    inner
+        .encode("a", true)
+        .map(|e| e.get_ids().first() == Some(&bos))
+        .unwrap_or(false)
+}
+
+fn load_tokenizer(
+    dir: &Path,
+    config: &Map<String, Value>,
+    vocab_size: usize,
+) -> Result<TextTokenizer> {
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.is_file() {
+        let hint = if dir.join("tokenizer.model").is_file() {
+            "only a SentencePiece tokenizer.model is present; save the fast tokenizer with transformers \
+             (AutoTokenizer.from_pretrained(dir).save_pretrained(dir)) to get tokenizer.json"
+        } else {
+            "tokenizer.json is missing"
+        };
+        return Err(Error::io(
+            &tok_path,
+            std::io::Error::new(std::io::ErrorKind::NotFound, hint),
+        ));
+    }
+    let bytes = read_capped(&tok_path, MAX_TOKENIZER_BYTES)?;
+    let mut inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
+        Error::malformed(
+            &tok_path,
+            "tokenizer",
+            format!("tokenizers cannot load it: {e}"),
+        )
+    })?;
+    drop(bytes);
+    // transformers encodes without the padding/truncation a tokenizer.json may carry; so do we.
+    inner.with_padding(None);
+    inner
+        .with_truncation(None)
+        .map_err(|e| Error::malformed(&tok_path, "tokenizer", e.to_string()))?;
+
+    let tc_path = dir.join("tokenizer_config.json");
+    let tc = read_json_opt(&tc_path, "tokenizer config")?;
+    let gc_path = dir.join("generation_config.json");
+    let gc = read_json_opt(&gc_path, "generation config")?;
+    let config_path = dir.join("config.json");
+
+    let mut chat_template = config_chat_template(&tc_path, tc.as_ref())?;
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        let bytes = read_capped(&jinja, MAX_SIDE_FILE_BYTES)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| Error::malformed(&jinja, "chat template", "not UTF-8 text"))?;
+        chat_template = Some(text);
+    }
+
+    let mut bos_token = special_token(&tc_path, tc.as_ref(), "bos_token")?;
+    let mut eos_token = special_token(&tc_path, tc.as_ref(), "eos_token")?;
+
+    let mut eos_ids = token_ids(&config_path, "eos_token_id", config.get("eos_token_id"))?;
+    if let Some(gc) = &gc {
+        eos_ids.extend(token_ids(&gc_path, "eos_token_id", gc.get("eos_token_id"))?);
+    }
+    let mut seen = BTreeSet::new();
+    eos_ids.retain(|id| seen.insert(*id));
+    if eos_ids.is_empty() {
+        if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
+            eos_ids.push(id);
+        }
+    }
+    let mut bos_id = token_ids(&config_path, "bos_token_id", config.get("bos_token_id"))?
+        .first()
+        .copied();
+    if bos_id.is_none() {
+        if let Some(gc) = &gc {
+            bos_id = token_ids(&gc_path, "bos_token_id", gc.get("bos_token_id"))?
+                .first()
+                .copied();
+        }
+    }
+    if bos_id.is_none() {
+        bos_id = bos_token.as_deref().and_then(|t| inner.token_to_id(t));
+    }
+
+    let limit = vocab_size.max(inner.get_vocab_size(true));
+    for id in bos_id.iter().chain(&eos_ids) {
+        if *id as usize >= limit {
+            return Err(Error::malformed(
+                &config_path,
+                "config",
+                format!("special token id {id} is outside the vocabulary of {limit} tokens"),
+            ));
+        }
+    }
+    if bos_token.is_none() {
+        bos_token = bos_id.and_then(|id| inner.id_to_token(id));
+    }
+    if eos_token.is_none() {
+        eos_token = eos_ids.first().and_then(|&id| inner.id_to_token(id));
+    }
+
+    let add_bos = match tc.as_ref().and_then(|c| c.get("add_bos_token")) {
+        None | Some(Value::Null) => post_processor_adds_bos(&inner, bos_id),
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(Error::malformed(
+                &tc_path,
+                "tokenizer config",
+                format!("add_bos_token must be true or false, got {v}"),
+            ))
+        }
+    };
+
+    Ok(TextTokenizer {
+        inner,
+        bos_token_id: bos_id,
+        eos_token_ids: eos_ids,
+        add_bos,
+        chat_template,
+        bos_token,
+        eos_token,
+    })
+}
+
+/// Builders of small Hugging Face folders for the tests of this and neighbouring modules.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use std::path::Path;
+
+    use serde_json::json;
+
+    /// Words of the test vocabulary (ids in order); `<s>` is 1, `</s>` 2.
+    pub const VOCAB: [&str; 16] = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "hello",
+        "world",
+        "the",
+        "a",
+        "cat",
+        "sat",
+        "on",
+        "mat",
+        "user",
+        "assistant",
+        "system",
+    ];
+
+    /// A word-level tokenizer.json over [`VOCAB`]; with `bos_post_processor`, a TemplateProcessing
+    /// post-processor that prepends `<s>` as Llama's does.
+    pub fn tokenizer_json(bos_post_processor: bool) -> String {
+        let vocab: serde_json::Map<String, serde_json::Value> = VOCAB
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.to_string(), json!(i)))
+            .collect();
+        let added: Vec<_> = [0usize, 1, 2, 3, 4]
+            .iter()
+            .map(|&i| {
+                json!({"id": i, "content": VOCAB[i], "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": true})
+            })
+            .collect();
+        let post = if bos_post_processor {
+            json!({"type": "TemplateProcessing",
+                   "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                   "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                            {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                   "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}})
+        } else {
+            serde_json::Value::Null
+        };
+        json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+               "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": post,
+               "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+               "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}})
+        .to_string()
+    }
+
+    /// A safetensors file from `(name, dtype, shape, raw little-endian bytes)`, header padded to 8 bytes.
+    pub fn safetensors_bytes(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)]) -> Vec<u8> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), json!({"format": "pt"}));
+        let mut offset = 0usize;
+        for (name, dtype, shape, data) in tensors {
+            header.insert(
+                name.to_string(),
+                json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + data.len()]}),
+            );
+            offset += data.len();
+        }
+        let mut h = serde_json::Value::Object(header).to_string().into_bytes();
+        h.resize(h.len().next_multiple_of(8), b' ');
+        let mut out = (h.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&h);
+        for (_, _, _, data) in tensors {
+            out.extend_from_slice(data);
+        }
+        out
+    }
+
+    /// Deterministic values in roughly [-1, 1).
+    pub fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.5) - 1.0)
+            .collect()
+    }
+
+    pub fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    pub fn bf16_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect()
+    }
+
+    /// The config.json of the tiny test Llama (hidden 8, 2 layers, 2 heads, 1 KV head, vocab 16).
+    pub fn tiny_config() -> serde_json::Value {
+        json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8,
+            "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "vocab_size": 16, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+            "max_position_embeddings": 256, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+            "bos_token_id": 1, "eos_token_id": 2
+        })
+    }
+
+    /// Tensors of the tiny Llama: BF16 matrices, F32 norms, an untied lm_head.
+    pub fn tiny_tensors() -> Vec<(String, &'static str, Vec<usize>, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut seed = 0;
+        let mut mat = |name: String, shape: Vec<usize>, out: &mut Vec<_>| {
+            seed += 1;
+            let n = shape.iter().product();
+            out.push((name, "BF16", shape, bf16_bytes(&values(n, seed))));
+        };
+        mat("model.embed_tokens.weight".into(), vec![16, 8], &mut out);
+        for l in 0..2 {
+            let p = format!("model.layers.{l}");
+            mat(format!("{p}.self_attn.q_proj.weight"), vec![8, 8], &mut out);
+            mat(format!("{p}.self_attn.k_proj.weight"), vec![4, 8], &mut out);
+            mat(format!("{p}.self_attn.v_proj.weight"), vec![4, 8], &mut out);
+            mat(format!("{p}.self_attn.o_proj.weight"), vec![8, 8], &mut out);
+            mat(format!("{p}.mlp.gate_proj.weight"), vec![16, 8], &mut out);
+            mat(format!("{p}.mlp.up_proj.weight"), vec![16, 8], &mut out);
+            mat(format!("{p}.mlp.down_proj.weight"), vec![8, 16], &mut out);
+            for norm in ["input_layernorm", "post_attention_layernorm"] {
+                let v: Vec<f32> = values(8, l + 50).iter().map(|x| 1.0 + x / 4.0).collect();
+                out.push((format!("{p}.{norm}.weight"), "F32", vec![8], f32_bytes(&v)));
+            }
+        }
+        out.push((
+            "model.norm.weight".into(),
+            "F32",
+            vec![8],
+            f32_bytes(&[1.0; 8]),
+        ));
+        mat("lm_head.weight".into(), vec![16, 8], &mut out);
+        out
+    }
+
+    /// Write the tiny Llama as a complete Hugging Face folder into `dir`.
+    pub fn write_tiny_llama(dir: &Path) {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        std::fs::write(dir.join("config.json"), tiny_config().to_string()).expect("config");
+        std::fs::write(dir.join("tokenizer.json"), tokenizer_json(true)).expect("tokenizer");
+        let tc = json!({"bos_token": "<s>", "eos_token": {"content": "</s>", "special": true},
+                        "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }} {{ m.content }}<|im_end|>{% endfor %}",
+                        "model_max_length": 256, "tokenizer_class": "PreTrainedTokenizerFast"});
+        std::fs::write(dir.join("tokenizer_config.json"), tc.to_string())
+            .expect("tokenizer config");
+        std::fs::write(
+            dir.join("generation_config.json"),
+            json!({"eos_token_id": [2, 4]}).to_string(),
+        )
+        .expect("generation config");
+        let t = tiny_tensors();
+        let refs: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = t
+            .iter()
+            .map(|(n, d, s, b)| (n.as_str(), *d, s.clone(), b.clone()))
+            .collect();
+        std::fs::write(dir.join("model.safetensors"), safetensors_bytes(&refs)).expect("weights");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use std::path::PathBuf;
+
+    use super::testutil::*;
+    use super::*;
+
+    type ConfigEdit = Box<dyn FnOnce(&mut serde_json::Map<String, serde_json::Value>)>;
+
+    fn folder() -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("TinyLlama-test");
+        write_tiny_llama(&dir);
+        (tmp, dir)
+    }
+
+    fn err_text(r: Result<SourceModel>) -> String {
+        match r {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn opens_the_tiny_llama_folder() {
+        let (_tmp, dir) = folder();
+        let m = open(&dir).expect("open");
+        assert_eq!(m.name, "TinyLlama-test");
+        assert_eq!(m.format, SourceFormat::HfFolder);
+        let c = &m.config;
+        assert_eq!(c.arch, Arch::Llama);
+        assert_eq!(
+            (c.hidden_size, c.intermediate_size, c.num_layers),
+            (8, 16, 2)
+        );
+        assert_eq!(
+            (c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size),
+            (2, 1, 4, 16)
+        );
+        assert_eq!(c.rope_theta, 500_000.0);
+        assert_eq!(
+            c.rope_scaling,
+            Some(RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 64
+            })
+        );
+        assert!(!c.tie_word_embeddings && !c.attention_bias);
+        assert_eq!(c.torch_dtype.as_deref(), Some("bfloat16"));
+        assert_eq!(m.tensors.len(), 2 + 2 * 9 + 1);
+        let q = m
+            .tensor("model.layers.1.self_attn.k_proj.weight")
+            .expect("k");
+        assert_eq!(
+            (q.shape.as_slice(), q.ty),
+            ([4usize, 8].as_slice(), GgmlType::BF16)
+        );
+        let want: Vec<f32> = tiny_tensors()
+            .into_iter()
+            .find(|t| t.0 == "model.layers.1.self_attn.k_proj.weight")
+            .map(|t| {
+                t.3.chunks(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect()
+            })
+            .expect("k");
+        assert_eq!(q.to_f32(), want);
+        assert_eq!(
+            m.tensor("model.norm.weight").expect("norm").to_f32(),
+            vec![1.0; 8]
+        );
+        assert_eq!(
+            m.file_size_bytes,
+            std::fs::metadata(dir.join("model.safetensors"))
+                .expect("meta")
+                .len()
+        );
+
+        let t = &m.tokenizer;
+        assert_eq!(t.bos_token_id, Some(1));
+        assert_eq!(t.eos_token_ids, vec![2, 4]);
+        assert!(t.add_bos, "TemplateProcessing inserts <s>");
+        assert_eq!(
+            (t.bos_token.as_deref(), t.eos_token.as_deref()),
+            (Some("<s>"), Some("</s>"))
+        );
+        assert_eq!(
+            t.encode("hello world", true).expect("encode"),
+            vec![1, 5, 6]
+        );
+        assert!(t
+            .chat_template
+            .as_deref()
+            .is_some_and(|s| s.contains("im_start")));
+    }
+
+    #[test]
+    fn tokenizer_defaults_and_overrides() {
+        let (_tmp, dir) = folder();
+        // No post-processor and no add_bos_token: no BOS. chat_template.jinja wins over the config's.
+        std::fs::write(dir.join("tokenizer.json"), tokenizer_json(false)).expect("write");
+        std::fs::write(dir.join("chat_template.jinja"), "JINJA").expect("write");
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            json!({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]})
+                .to_string(),
+        )
+        .expect("write");
+        std::fs::remove_file(dir.join("generation_config.json")).expect("rm");
+        let m = open(&dir).expect("open");
+        assert!(!m.tokenizer.add_bos);
+        assert_eq!(m.tokenizer.chat_template.as_deref(), Some("JINJA"));
+        assert_eq!(m.tokenizer.eos_token_ids, vec![2]);
+        assert_eq!(
+            m.tokenizer.bos_token.as_deref(),
+            Some("<s>"),
+            "looked up from bos_token_id"
+        );
+        std::fs::remove_file(dir.join("chat_template.jinja")).expect("rm");
+        assert_eq!(
+            open(&dir).expect("open").tokenizer.chat_template.as_deref(),
+            Some("D")
+        );
+        // Padding and truncation stored in tokenizer.json are dropped, as transformers does.
+        let mut padded: serde_json::Value =
+            serde_json::from_str(&tokenizer_json(true)).expect("json");
+        padded["padding"] = json!({"strategy": {"Fixed": 8}, "direction": "Left", "pad_to_multiple_of": null,
+                                   "pad_id": 0, "pad_type_id": 0, "pad_token": "<unk>"});
+        padded["truncation"] =
+            json!({"direction": "Right", "max_length": 2, "strategy": "LongestFirst", "stride": 0});
+        std::fs::write(dir.join("tokenizer.json"), padded.to_string()).expect("write");
+        let t = open(&dir).expect("open").tokenizer;
+        assert!(t.add_bos);
+        assert_eq!(
+            t.encode("the cat sat", true).expect("encode"),
+            vec![1, 7, 9, 10]
+        );
+        // An explicit add_bos_token wins over the post-processor.
+        std::fs::write(dir.join("tokenizer.json"), tokenizer_json(true)).expect("write");
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            json!({"add_bos_token": false}).to_string(),
+        )
+        .expect("w");
+        assert!(!open(&dir).expect("open").tokenizer.add_bos);
+    }
+
+    fn with_config(
+        edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+    ) -> Result<ModelConfig> {
+        let mut c = tiny_config();
+        edit(c.as_object_mut().expect("object"));
+        parse_config(Path::new("config.json"), c.as_object().expect("object"))
+    }
+
+    #[test]
+    fn config_variants() {
+        // transformers 5 layout: rope_parameters and dtype.
+        let c = with_config(|c| {
+            c.remove("rope_scaling");
+            c.remove("rope_theta");
+            c.remove("torch_dtype");
+            c.insert("dtype".into(), json!("float16"));
+            c.insert(
+                "rope_parameters".into(),
+                json!({"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}),
+            );
+        })
+        .expect("config");
+        assert_eq!(c.rope_scaling, Some(RopeScaling::Linear { factor: 2.0 }));
+        assert_eq!(
+            (c.rope_theta, c.torch_dtype.as_deref()),
+            (1e6, Some("float16"))
+        );
+        let c = with_config(|c| {
+            c.insert("rope_scaling".into(), json!({"type": "default"}));
+            c.remove("rope_theta");
+            c.remove("num_key_value_heads");
+            c.insert("attention_bias".into(), json!(true));
+        })
+        .expect("config");
+        assert_eq!(
+            (
+                c.rope_scaling,
+                c.rope_theta,
+                c.num_kv_heads,
+                c.attention_bias
+            ),
+            (None, 10_000.0, 2, true)
+        );
+        let c = with_config(|c| {
+            c.insert("architectures".into(), json!(["Qwen2ForCausalLM"]));
+            c.insert("head_dim".into(), json!(6));
+            c.insert("rope_scaling".into(), serde_json::Value::Null);
+        })
+        .expect("config");
+        assert_eq!(
+            (c.arch, c.attention_bias, c.head_dim),
+            (Arch::Qwen2, true, 6)
+        );
+        let c = with_config(|c| {
+            c.remove("architectures");
+            c.insert("model_type".into(), json!("mistral"));
+        })
+        .expect("config");
+        assert_eq!(c.arch, Arch::Mistral);
+    }
+
+    #[test]
+    fn hostile_configs_are_errors_naming_the_file() {
+        let cases: Vec<(&str, ConfigEdit)> = vec![
+            (
+                "num_attention_heads is 0",
+                Box::new(|c| {
+                    c.insert("num_attention_heads".into(), json!(0));
+                }),
+            ),
+            (
+                "does not divide hidden_size",
+                Box::new(|c| {
+                    c.insert("num_attention_heads".into(), json!(3));
+                    c.insert("num_key_value_heads".into(), json!(3));
+                }),
+            ),
+            (
+                "must divide num_attention_heads",
+                Box::new(|c| {
+                    c.insert("num_key_value_heads".into(), json!(3));
+                }),
+            ),
+            (
+                "hidden_size is missing",
+                Box::new(|c| {
+                    c.remove("hidden_size");
+                }),
+            ),
+            (
+                "num_hidden_layers = 2000000",
+                Box::new(|c| {
+                    c.insert("num_hidden_layers".into(), json!(2_000_000));
+                }),
+            ),
+            (
+                "vocab_size must be a non-negative integer",
+                Box::new(|c| {
+                    c.insert("vocab_size".into(), json!(-5));
+                }),
+            ),
+            (
+                "head_dim (3) must be even",
+                Box::new(|c| {
+                    c.insert("head_dim".into(), json!(3));
+                }),
+            ),
+            (
+                "architecture GPT2LMHeadModel is not supported",
+                Box::new(|c| {
+                    c.insert("architectures".into(), json!(["GPT2LMHeadModel"]));
+                }),
+            ),
+            (
+                "rope scaling type yarn",
+                Box::new(|c| {
+                    c.insert(
+                        "rope_scaling".into(),
+                        json!({"type": "yarn", "factor": 4.0}),
+                    );
+                }),
+            ),
+            (
+                "lacks low_freq_factor",
+                Box::new(|c| {
+                    c.insert(
+                        "rope_scaling".into(),
+                        json!({"rope_type": "llama3", "factor": 8.0}),
+                    );
+                }),
+            ),
+            (
+                "rms_norm_eps",
+                Box::new(|c| {
+                    c.insert("rms_norm_eps".into(), json!(0.0));
+                }),
+            ),
+            (
+                "tie_word_embeddings must be true or false",
+                Box::new(|c| {
+                    c.insert("tie_word_embeddings".into(), json!("yes"));
+                }),
+            ),
+        ];
+        for (want, edit) in cases {
+            let e = with_config(edit).expect_err(want).to_string();
+            assert!(e.contains(want) && e.contains("config.json"), "{want}: {e}");
+        }
+        // Through open(): a malformed and a missing config.json.
+        let (_tmp, dir) = folder();
+        std::fs::write(dir.join("config.json"), "{\"hidden_size\": 8,").expect("write");
+        let e = err_text(open(&dir));
+        assert!(
+            e.contains("config.json") && e.contains("not valid JSON"),
+            "{e}"
+        );
+        std::fs::write(dir.join("config.json"), "[1, 2]").expect("write");
+        assert!(err_text(open(&dir)).contains("not a JSON object"));
+        std::fs::remove_file(dir.join("config.json")).expect("rm");
+        assert!(err_text(open(&dir)).contains("config.json"));
+    }
+
+    #[test]
+    fn hostile_tokenizer_files_are_errors_naming_the_file() {
+        let (_tmp, dir) = folder();
+        std::fs::write(dir.join("tokenizer.json"), b"\x00\xffgarbage{").expect("write");
+        let e = err_text(open(&dir));
+        assert!(e.contains("tokenizer.json"), "{e}");
+        std::fs::write(
+            dir.join("tokenizer.json"),
+            "{\"model\": {\"type\": \"Nope\"}}",
+        )
+        .expect("write");
+        assert!(err_text(open(&dir)).contains("tokenizer.json"));
+        std::fs::remove_file(dir.join("tokenizer.json")).expect("rm");
+        std::fs::write(dir.join("tokenizer.model"), b"sp").expect("write");
+        let e = err_text(open(&dir));
+        assert!(
+            e.contains("tokenizer.json") && e.contains("SentencePiece"),
+            "{e}"
+        );
+
+        let (_tmp, dir) = folder();
+        std::fs::write(dir.join("tokenizer_config.json"), "{").expect("write");
+        assert!(err_text(open(&dir)).contains("tokenizer_config.json"));
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            json!({"chat_template": 5}).to_string(),
+        )
+        .expect("w");
+        assert!(err_text(open(&dir)).contains("chat_template"));
+        std::fs::write(dir.join("tokenizer_config.json"), "{}").expect("write");
+        std::fs::write(
+            dir.join("generation_config.json"),
+            json!({"eos_token_id": [2, "x"]}).to_string(),
+        )
+        .expect("w");
+        assert!(err_text(open(&dir)).contains("generation_config.json"));
+        std::fs::write(
+            dir.join("generation_config.json"),
+            json!({"eos_token_id": 99999}).to_string(),
+        )
+        .expect("w");
+        assert!(err_text(open(&dir)).contains("outside the vocabulary"));
+    }
+
+    /// Write `bytes` as the folder's model.safetensors and return open()'s error text.
+    fn weights_error(bytes: &[u8]) -> String {
+        let (_tmp, dir) = folder();
+        std::fs::write(dir.join("model.safetensors"), bytes).expect("write");
+        let e = err_text(open(&dir));
+        assert!(
+            e.contains("model.safetensors"),
+            "error does not name the file: {e}"
+        );
+        e
+    }
+
+    fn raw_file(header: &str, data_len: usize) -> Vec<u8> {
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(header.as_bytes());
+        out.extend(std::iter::repeat_n(0u8, data_len));
+        out
+    }
+
+    #[test]
+    fn hostile_safetensors_are_errors_naming_the_file() {
+        let good = safetensors_bytes(&[("model.norm.weight", "F32", vec![4], vec![0; 16])]);
+        // Truncated: in the length, in the header, in the data.
+        assert!(weights_error(&good[..5]).contains("too short"));
+        assert!(weights_error(&good[..20]).contains("runs past the end"));
+        assert!(weights_error(&good[..good.len() - 1]).contains("outside"));
+        // A header length of 2^60.
+        let mut huge = good.clone();
+        huge[..8].copy_from_slice(&(1u64 << 60).to_le_bytes());
+        assert!(weights_error(&huge).contains("limit"));
+        // Header not JSON / not an object / entry not an object.
+        assert!(weights_error(&raw_file("{not json", 0)).contains("not valid JSON"));
+        assert!(weights_error(&raw_file("[1,2]", 0)).contains("not a JSON object"));
+        assert!(weights_error(&raw_file(r#"{"a": 5}"#, 0)).contains("not an object"));
+        // Offsets past EOF, reversed, overlapping, wrong size for the shape.
+        let e = weights_error(&raw_file(
+            r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+            8,
+        ));
+        assert!(e.contains("outside"), "{e}");
+        let e = weights_error(&raw_file(
+            r#"{"a":{"dtype":"F32","shape":[0],"data_offsets":[8,0]}}"#,
+            8,
+        ));
+        assert!(e.contains("outside"), "{e}");
+        let e = weights_error(&raw_file(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#,
+            12,
+        ));
+        assert!(e.contains("overlap"), "{e}");
+        let e = weights_error(&raw_file(
+            r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+            8,
+        ));
+        assert!(e.contains("12 expected"), "{e}");
+        let e = weights_error(&raw_file(
+            r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,8]}}"#,
+            8,
+        ));
+        assert!(e.contains("overflows"), "{e}");
+        let e = weights_error(&raw_file(
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0]}}"#,
+            8,
+        ));
+        assert!(e.contains("data_offsets"), "{e}");
+        let e = weights_error(&raw_file(
+            r#"{"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}"#,
+            8,
+        ));
+        assert!(e.contains("shape"), "{e}");
+        // Unknown / unsupported dtypes.
+        for dtype in ["I8", "F64", "Q4"] {
+            let e = weights_error(&raw_file(
+                &format!(r#"{{"a":{{"dtype":"{dtype}","shape":[8],"data_offsets":[0,8]}}}}"#),
+                8,
+            ));
+            assert!(e.contains("unsupported") && e.contains(dtype), "{e}");
+        }
+    }
+
+    #[test]
+    fn safetensors_truncated_at_every_cut_or_corrupted_never_panics() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = tmp.path().join("model.safetensors");
+        let good = safetensors_bytes(&[
+            ("a", "F32", vec![2, 3], f32_bytes(&values(6, 1))),
+            ("b", "BF16", vec![4], bf16_bytes(&values(4, 2))),
+        ]);
+        std::fs::write(&path, &good).expect("write");
+        let (tensors, size) = read_safetensors(&path).expect("valid file");
+        assert_eq!((tensors.len(), size), (2, good.len() as u64));
+        for cut in 0..good.len() {
+            std::fs::write(&path, &good[..cut]).expect("write");
+            let e = read_safetensors(&path).expect_err("truncated");
+            assert!(e.to_string().contains("model.safetensors"), "{e}");
+        }
+        // Every single-byte corruption of the header is either still a valid file or an error.
+        let header_end = 8 + u64::from_le_bytes(good[..8].try_into().expect("8 bytes")) as usize;
+        for i in 0..header_end {
+            for v in [0u8, b'9', b'"', b'}', 0xff] {
+                let mut bad = good.clone();
+                bad[i] = v;
+                std::fs::write(&path, &bad).expect("write");
+                let _ = read_safetensors(&path);
+            }
+        }
+    }
+
+    #[test]
+    fn sharded_folders() {
+        let (_tmp, dir) = folder();
+        let tensors = tiny_tensors();
+        let (a, b) = tensors.split_at(7);
+        let refs = |ts: &[(String, &'static str, Vec<usize>, Vec<u8>)]| -> Vec<u8> {
+            let r: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = ts
+                .iter()
+                .map(|(n, d, s, x)| (n.as_str(), *d, s.clone(), x.clone()))
+                .collect();
+            safetensors_bytes(&r)
+        };
+        std::fs::remove_file(dir.join("model.safetensors")).expect("rm");
+        std::fs::write(dir.join("model-00001-of-00002.safetensors"), refs(a)).expect("w");
+        std::fs::write(dir.join("model-00002-of-00002.safetensors"), refs(b)).expect("w");
+        let mut map = serde_json::Map::new();
+        for (i, part) in [a, b].iter().enumerate() {
+            for t in part.iter() {
+                map.insert(
+                    t.0.clone(),
+                    json!(format!("model-0000{}-of-00002.safetensors", i + 1)),
+                );
+            }
+        }
+        let index = json!({"metadata": {"total_size": 0}, "weight_map": map.clone()});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).expect("w");
+        let m = open(&dir).expect("open sharded");
+        assert_eq!(m.tensors.len(), tensors.len());
+        let sizes: u64 = [
+            "model-00001-of-00002.safetensors",
+            "model-00002-of-00002.safetensors",
+        ]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).expect("meta").len())
+        .sum();
+        assert_eq!(m.file_size_bytes, sizes);
+
+        // The index names a missing shard / a tensor its shard lacks / a path outside the folder.
+        let mut bad = map.clone();
+        bad.insert(
+            "extra.weight".into(),
+            json!("model-00003-of-00003.safetensors"),
+        );
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            json!({"weight_map": bad}).to_string(),
+        )
+        .expect("w");
+        let e = err_text(open(&dir));
+        assert!(
+            e.contains("model.safetensors.index.json") && e.contains("model-00003-of-00003"),
+            "{e}"
+        );
+        let mut bad = map.clone();
+        bad.insert(
+            "extra.weight".into(),
+            json!("model-00001-of-00002.safetensors"),
+        );
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            json!({"weight_map": bad}).to_string(),
+        )
+        .expect("w");
+        assert!(err_text(open(&dir)).contains("does not hold it"));
+        let mut bad = map;
+        bad.insert("extra.weight".into(), json!("../escape.safetensors"));
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            json!({"weight_map": bad}).to_string(),
+        )
+        .expect("w");
+        assert!(err_text(open(&dir)).contains("relative path"));
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            "{\"weight_map\": 3}",
+        )
+        .expect("w");
+        assert!(err_text(open(&dir)).contains("weight_map"));
+        // A broken shard is named.
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).expect("w");
+        std::fs::write(dir.join("model-00002-of-00002.safetensors"), b"short").expect("w");
+        assert!(err_text(open(&dir)).contains("model-00002-of-00002.safetensors"));
+    }
+
+    #[test]
+    fn missing_lm_head_means_tied_and_missing_weights_are_named() {
+        let (_tmp, dir) = folder();
+        let t: Vec<_> = tiny_tensors()
+            .into_iter()
+            .filter(|t| t.0 != "lm_head.weight")
+            .collect();
+        let refs: Vec<(&str, &str, Vec<usize>, Vec<u8>)> = t
+            .iter()
+            .map(|(n, d, s, b)| (n.as_str(), *d, s.clone(), b.clone()))
+            .collect();
+        std::fs::write(dir.join("model.safetensors"), safetensors_bytes(&refs)).expect("w");
+        assert!(open(&dir).expect("open").config.tie_word_embeddings);
+        std::fs::remove_file(dir.join("model.safetensors")).expect("rm");
+        assert!(err_text(open(&dir)).contains("model.safetensors"));
+        std::fs::write(dir.join("pytorch_model.bin"), b"x").expect("w");
+        assert!(err_text(open(&dir)).contains("safetensors"));
+    }
+}

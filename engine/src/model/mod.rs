@@ -8,6 +8,7 @@ pub mod config;
 pub mod convert;
 pub mod fixture;
 pub mod gguf;
+pub mod gguf_tokenizer;
 pub mod hf;
 pub mod summary;
 pub mod tokenizer;

@@ -1,0 +1,219 @@
+//! The command line: `inspect`, `eval`, `generate`, `chat`, `convert`. Every command is a job sent to the
+//! engine thread; this module only parses arguments, draws progress and prints results.
+
+/// `println!` that returns an `io::Result` instead of panicking when stdout is closed (`| head`).
+macro_rules! outln {
+    () => {
+        std::io::Write::write_all(&mut std::io::stdout().lock(), b"\n")
+    };
+    ($($arg:tt)*) => {
+        std::io::Write::write_fmt(
+            &mut std::io::stdout().lock(),
+            format_args!("{}\n", format_args!($($arg)*)),
+        )
+    };
+}
+
+mod eval;
+mod generate;
+mod progress;
+
+use std::path::PathBuf;
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use quant_engine::infer::{GenerateOptions, SamplerConfig};
+use quant_engine::jobs::{Command, EngineHandle, Event, JobId, JobOutput};
+use quant_engine::jobs::OutDtype;
+
+/// Quantize LLMs to GGUF, GPTQ, EXL2, AWQ, NF4 and HQQ, measure them, and chat with them.
+/// Without a command, opens the window.
+#[derive(Debug, Parser)]
+#[command(name = "quant-studio", version, about)]
+pub struct Cli {
+    /// Threads for the numerical work (default: one per core).
+    #[arg(long, global = true, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub threads: Option<usize>,
+    /// Open the window with the demo flow.
+    #[arg(long)]
+    pub demo: bool,
+    #[command(subcommand)]
+    pub command: Option<CliCommand>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CliCommand {
+    /// Summarise a model: architecture, sizes, tensors, tokenizer.
+    Inspect {
+        /// A Hugging Face folder or a .gguf file.
+        model: PathBuf,
+        /// Print JSON instead of the text card.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Perplexity on a text, as llama-perplexity computes it; with --base, the KL-divergence from the base.
+    Eval(eval::EvalArgs),
+    /// Generate text from a prompt (streamed to stdout; speed on stderr).
+    Generate(generate::GenerateArgs),
+    /// Chat interactively (lines from stdin; /reset forgets, /exit quits).
+    Chat(generate::ChatArgs),
+    /// Write a model as a Hugging Face folder (safetensors) in f16 or bf16.
+    Convert {
+        model: PathBuf,
+        /// The output folder.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
+        dtype: DtypeArg,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F16,
+    Bf16,
+}
+
+/// Sampling flags shared by `generate` and `chat`. The defaults are greedy decoding.
+#[derive(Clone, Debug, Args)]
+pub struct SamplingArgs {
+    /// Temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    /// Keep the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens below this fraction of the top token's probability (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repetition penalty looks at.
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Seed of the random draw.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Most tokens to generate (per reply in chat).
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Stop when this text appears (may be repeated).
+    #[arg(long = "stop", value_name = "STR")]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    pub fn options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: self.max_tokens,
+            sampler: SamplerConfig {
+                temperature: self.temp,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repeat_penalty,
+                repeat_last_n: self.repeat_last_n,
+                seed: self.seed,
+            },
+            stop_strings: self.stop.clone(),
+        }
+    }
+}
+
+/// Run one CLI command.
+pub fn run(command: CliCommand) -> anyhow::Result<()> {
+    let engine = EngineHandle::spawn();
+    let result = match command {
+        CliCommand::Inspect { model, json } => inspect(&engine, model, json),
+        CliCommand::Eval(args) => eval::run(&engine, &args),
+        CliCommand::Generate(args) => generate::run_generate(&engine, &args),
+        CliCommand::Chat(args) => generate::run_chat(&engine, &args),
+        CliCommand::Convert { model, out, dtype } => convert(&engine, model, out, dtype),
+    };
+    engine.shutdown();
+    result
+}
+
+/// Newlines folded, so an error prints as one line.
+pub fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Start a job and return its id.
+fn start(engine: &EngineHandle, command: Command) -> anyhow::Result<JobId> {
+    engine
+        .submit(command)?
+        .ok_or_else(|| anyhow!("internal error: the command did not start a job"))
+}
+
+/// Wait for job `job` to end, passing its other events to `on_event`; its output, or its error.
+fn wait(
+    engine: &EngineHandle,
+    job: JobId,
+    mut on_event: impl FnMut(&Event) -> anyhow::Result<()>,
+) -> anyhow::Result<JobOutput> {
+    loop {
+        let ev = engine
+            .events
+            .recv()
+            .context("the engine stopped before the job ended")?;
+        if ev.job() != job {
+            continue;
+        }
+        match ev {
+            Event::Finished { output, .. } => return Ok(output),
+            Event::Failed { error, .. } => bail!(error),
+            Event::Cancelled { .. } => bail!("cancelled"),
+            other => on_event(&other)?,
+        }
+    }
+}
+
+fn inspect(engine: &EngineHandle, path: PathBuf, json: bool) -> anyhow::Result<()> {
+    let job = start(engine, Command::Inspect { path })?;
+    match wait(engine, job, |_| Ok(()))? {
+        JobOutput::Summary(s) if json => {
+            outln!("{}", serde_json::to_string_pretty(&s)?)?;
+            Ok(())
+        }
+        JobOutput::Summary(s) => {
+            outln!("{s}")?;
+            Ok(())
+        }
+        other => bail!("internal error: unexpected output {other:?}"),
+    }
+}
+
+fn convert(
+    engine: &EngineHandle,
+    model: PathBuf,
+    out: PathBuf,
+    dtype: DtypeArg,
+) -> anyhow::Result<()> {
+    let dtype = match dtype {
+        DtypeArg::F16 => OutDtype::F16,
+        DtypeArg::Bf16 => OutDtype::BF16,
+    };
+    let job = start(engine, Command::Convert { model, out, dtype })?;
+    let mut bars = progress::Bars::new();
+    let output = wait(engine, job, |ev| {
+        bars.on_event(ev);
+        Ok(())
+    });
+    bars.finish();
+    match output? {
+        JobOutput::Converted { path } => {
+            outln!("wrote {}", path.display())?;
+            Ok(())
+        }
+        other => bail!("internal error: unexpected output {other:?}"),
+    }
+}

@@ -1,0 +1,634 @@
+//! Text generation: prompt → streamed text, and multi-turn chat sessions that keep their KV cache.
+
+use std::time::Instant;
+
+use super::kv_cache::KvCache;
+use super::model::{Logits, Model};
+use super::sampling::{Sampler, SamplerConfig};
+use crate::model::{ChatMessage, TextTokenizer};
+use crate::{Error, Result};
+
+/// What to generate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateOptions {
+    /// Most tokens to sample.
+    pub max_new_tokens: usize,
+    pub sampler: SamplerConfig,
+    /// Generation ends at the first of these in the text; it and anything after it are dropped.
+    pub stop_strings: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 256,
+            sampler: SamplerConfig::default(),
+            stop_strings: Vec::new(),
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced an end-of-sequence / end-of-turn token.
+    Eos,
+    /// A stop string appeared.
+    StopString,
+    /// `max_new_tokens` were sampled.
+    MaxTokens,
+    /// The text callback asked to stop.
+    Cancelled,
+    /// The KV cache is full.
+    ContextFull,
+}
+
+/// Counts and timings of one [`generate`] call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateStats {
+    /// Prompt tokens run through the model by this call (the prompt less the prefix reused from the cache).
+    pub prompt_tokens: usize,
+    /// Tokens sampled, not counting a final end-of-sequence token.
+    pub generated_tokens: usize,
+    /// Seconds spent on the prompt (until the first token's logits).
+    pub prompt_secs: f64,
+    /// Seconds spent after that (sampling and decoding).
+    pub decode_secs: f64,
+    pub stop_reason: StopReason,
+}
+
+impl GenerateStats {
+    /// Prompt tokens per second.
+    pub fn prompt_tokens_per_sec(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prompt_secs.max(1e-9)
+    }
+
+    /// Generated tokens per second.
+    pub fn decode_tokens_per_sec(&self) -> f64 {
+        self.generated_tokens as f64 / self.decode_secs.max(1e-9)
+    }
+}
+
+/// Turns a growing list of token ids into text pieces, holding back bytes of incomplete characters.
+///
+/// Decodes a window that starts a few tokens back (`prefix`), so tokenizers that treat the first token
+/// specially (SentencePiece's leading space) decode the same as in the full text.
+struct TextStream {
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+}
+
+impl TextStream {
+    fn new() -> Self {
+        Self {
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+        }
+    }
+
+    /// Add `id`; returns the text that became complete.
+    fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
+        let now = tok.decode(&self.ids[self.prefix..], true)?;
+        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
+            if let Some(piece) = now.get(before.len()..) {
+                if now.starts_with(&before) {
+                    let piece = piece.to_string();
+                    self.prefix = self.read;
+                    self.read = self.ids.len();
+                    return Ok(piece);
+                }
+            }
+        }
+        Ok(String::new())
+    }
+
+    /// Whatever is still held back (incomplete characters become U+FFFD).
+    fn flush(&mut self, tok: &TextTokenizer) -> Result<String> {
+        if self.read == self.ids.len() {
+            return Ok(String::new());
+        }
+        let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
+        let now = tok.decode(&self.ids[self.prefix..], true)?;
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(now.get(before.len()..).unwrap_or_default().to_string())
+    }
+}
+
+/// Streams text to the caller, cutting at stop strings and holding back what might begin one.
+struct StopFilter<'a> {
+    stops: &'a [String],
+    text: String,
+    sent: usize,
+}
+
+impl<'a> StopFilter<'a> {
+    fn new(stops: &'a [String]) -> Self {
+        Self {
+            stops,
+            text: String::new(),
+            sent: 0,
+        }
+    }
+
+    /// Add `piece`; returns `(text safe to emit now, whether a stop string was found)`.
+    fn push(&mut self, piece: &str) -> (String, bool) {
+        let search_from = self
+            .sent
+            .saturating_sub(self.stops.iter().map(String::len).max().unwrap_or(0));
+        self.text.push_str(piece);
+        let mut start = search_from;
+        while !self.text.is_char_boundary(start) {
+            start -= 1;
+        }
+        let hit = self
+            .stops
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.text[start..].find(s.as_str()).map(|i| start + i))
+            .min();
+        if let Some(at) = hit {
+            self.text.truncate(at);
+            let out = self.text.get(self.sent..).unwrap_or_default().to_string();
+            self.sent = self.text.len();
+            return (out, true);
+        }
+        // Hold back the longest tail that is a prefix of a stop string.
+        let mut hold = 0;
+        for s in self.stops {
+            for (k, _) in s.char_indices().skip(1) {
+                if k > hold && self.text.ends_with(&s[..k]) {
+                    hold = k;
+                }
+            }
+        }
+        let end = (self.text.len() - hold).max(self.sent);
+        let out = self.text[self.sent..end].to_string();
+        self.sent = end;
+        (out, false)
+    }
+
+    /// Everything not yet emitted.
+    fn finish(&mut self) -> String {
+        let out = self.text[self.sent..].to_string();
+        self.sent = self.text.len();
+        out
+    }
+}
+
+/// Feeds `prompt` (reusing whatever prefix of it the cache already holds), then samples until an
+/// end-of-sequence token, a stop string, `max_new_tokens`, a full cache or cancellation.
+///
+/// Decoded text is streamed to `on_text` in pieces that are whole UTF-8 characters; a stop string and
+/// anything after it are never sent. `on_text` returns `false` to cancel. Returns the whole text and
+/// the statistics. The cache ends holding the prompt and the generated tokens (all but the last one
+/// sampled, which was never run).
+pub fn generate(
+    model: &Model,
+    tok: &TextTokenizer,
+    prompt: &[u32],
+    cache: &mut KvCache,
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<(String, GenerateStats)> {
+    if prompt.is_empty() {
+        return Err(Error::Invalid("the prompt is empty".into()));
+    }
+    if prompt.len() > cache.capacity() {
+        return Err(Error::Invalid(format!(
+            "the prompt has {} tokens, more than the context of {}",
+            prompt.len(),
+            cache.capacity()
+        )));
+    }
+    let t0 = Instant::now();
+    // Reuse the common prefix, but always run at least the last prompt token to get its logits.
+    let common = cache
+        .tokens()
+        .iter()
+        .zip(prompt)
+        .take_while(|(a, b)| a == b)
+        .count()
+        .min(prompt.len() - 1);
+    cache.truncate(common);
+    let mut logits = model.forward(&prompt[common..], cache, Logits::Last)?;
+    let prompt_secs = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+
+    let mut sampler = Sampler::new(opts.sampler.clone());
+    let mut history: Vec<u32> = prompt.to_vec();
+    let mut stream = TextStream::new();
+    let mut filter = StopFilter::new(&opts.stop_strings);
+    let mut generated = 0usize;
+    let mut emit = |s: &str| s.is_empty() || on_text(s);
+    let reason = loop {
+        if generated >= opts.max_new_tokens {
+            break StopReason::MaxTokens;
+        }
+        let id = sampler.sample(&logits, &history);
+        if tok.is_eos(id) {
+            break StopReason::Eos;
+        }
+        generated += 1;
+        history.push(id);
+        let piece = stream.push(tok, id)?;
+        let (out, stopped) = filter.push(&piece);
+        if !emit(&out) {
+            break StopReason::Cancelled;
+        }
+        if stopped {
+            break StopReason::StopString;
+        }
+        if generated >= opts.max_new_tokens {
+            break StopReason::MaxTokens;
+        }
+        if cache.remaining() == 0 {
+            break StopReason::ContextFull;
+        }
+        logits = model.forward(&[id], cache, Logits::Last)?;
+    };
+    if !matches!(reason, StopReason::StopString | StopReason::Cancelled) {
+        let tail = stream.flush(tok)?;
+        let (mut out, stopped) = filter.push(&tail);
+        if !stopped {
+            out.push_str(&filter.finish());
+        }
+        // The caller is told of the rest even if it then asks to stop: there is nothing left to cancel.
+        let _ = emit(&out);
+    }
+    let stats = GenerateStats {
+        prompt_tokens: prompt.len() - common,
+        generated_tokens: generated,
+        prompt_secs,
+        decode_secs: t1.elapsed().as_secs_f64(),
+        stop_reason: reason,
+    };
+    Ok((filter.text, stats))
+}
+
+/// A conversation: system prompt, messages, and a KV cache reused across turns (the tokens of the
+/// previous turns stay cached, so only the new part of each rendered prompt is computed).
+#[derive(Debug)]
+pub struct ChatSession {
+    system_prompt: Option<String>,
+    messages: Vec<ChatMessage>,
+    cache: KvCache,
+}
+
+impl ChatSession {
+    /// A new conversation with a cache of `context_tokens` positions.
+    pub fn new(model: &Model, context_tokens: usize, system_prompt: Option<String>) -> Self {
+        Self {
+            system_prompt,
+            messages: Vec::new(),
+            cache: model.new_cache(context_tokens),
+        }
+    }
+
+    /// The messages so far (user and assistant turns, without the system prompt).
+    pub fn messages(&self) -> &[ChatMessage] {
+        &self.messages
+    }
+
+    pub fn system_prompt(&self) -> Option<&str> {
+        self.system_prompt.as_deref()
+    }
+
+    /// Change the system prompt (the next turn recomputes from where the prompt changed).
+    pub fn set_system_prompt(&mut self, system_prompt: Option<String>) {
+        self.system_prompt = system_prompt;
+    }
+
+    /// Forget the conversation (the system prompt stays).
+    pub fn clear(&mut self) {
+        self.messages.clear();
+        self.cache.clear();
+    }
+
+    /// The KV cache (its tokens are the last rendered prompt plus the reply).
+    pub fn cache(&self) -> &KvCache {
+        &self.cache
+    }
+
+    /// Every message the template sees: the system prompt first, when set.
+    pub fn rendered_messages(&self) -> Vec<ChatMessage> {
+        let mut all = Vec::with_capacity(self.messages.len() + 1);
+        if let Some(s) = &self.system_prompt {
+            all.push(ChatMessage::new("system", s.clone()));
+        }
+        all.extend(self.messages.iter().cloned());
+        all
+    }
+
+    /// Token ids of the conversation rendered with the chat template and the assistant's opening.
+    pub fn prompt_tokens(&self, tok: &TextTokenizer) -> Result<Vec<u32>> {
+        let text = tok.render_chat(&self.rendered_messages(), true)?;
+        // The template writes BOS itself when the model wants one; add it only when it did not.
+        let has_bos = tok
+            .bos_token
+            .as_deref()
+            .is_some_and(|b| !b.is_empty() && text.starts_with(b));
+        tok.encode(&text, !has_bos)
+    }
+
+    /// Add the user's message, generate the reply (streamed to `on_text`), and add the reply.
+    pub fn send(
+        &mut self,
+        model: &Model,
+        tok: &TextTokenizer,
+        user_text: &str,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<(String, GenerateStats)> {
+        self.messages.push(ChatMessage::new("user", user_text));
+        let result = self
+            .prompt_tokens(tok)
+            .and_then(|prompt| generate(model, tok, &prompt, &mut self.cache, opts, on_text));
+        match result {
+            Ok((text, stats)) => {
+                self.messages
+                    .push(ChatMessage::new("assistant", text.clone()));
+                Ok((text, stats))
+            }
+            Err(e) => {
+                self.messages.pop();
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_filter_holds_back_partial_matches() {
+        let stops = vec!["STOP".to_string(), "\n\n".to_string()];
+        let mut f = StopFilter::new(&stops);
+        assert_eq!(f.push("hello S"), ("hello ".to_string(), false));
+        assert_eq!(f.push("T"), (String::new(), false));
+        assert_eq!(f.push("x"), ("STx".to_string(), false));
+        assert_eq!(f.push(" end\n"), (" end".to_string(), false));
+        assert_eq!(f.push("\nmore"), (String::new(), true));
+        assert_eq!(f.text, "hello STx end");
+        let mut f = StopFilter::new(&stops);
+        assert_eq!(f.push("aSTOPb"), ("a".to_string(), true));
+        let mut f = StopFilter::new(&[]);
+        assert_eq!(f.push("é"), ("é".to_string(), false));
+        let one = vec!["é!".to_string()];
+        let mut f = StopFilter::new(&one);
+        assert_eq!(f.push("aé"), ("a".to_string(), false));
+        assert_eq!(f.finish(), "é");
+    }
+
+    fn fixture() -> (tempfile::TempDir, Model, TextTokenizer) {
+        use crate::model::fixture::{write_fixture, FixtureSpec};
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_fixture(&FixtureSpec::tiny_qwen2(), dir.path()).expect("fixture");
+        let src = crate::model::SourceModel::open(dir.path()).expect("open");
+        let model = Model::load(&src).expect("load");
+        (dir, model, src.tokenizer)
+    }
+
+    fn run(
+        model: &Model,
+        tok: &TextTokenizer,
+        prompt: &[u32],
+        cache: &mut KvCache,
+        opts: &GenerateOptions,
+    ) -> (String, GenerateStats, Vec<String>) {
+        let mut pieces = Vec::new();
+        let (text, stats) = generate(model, tok, prompt, cache, opts, &mut |s| {
+            pieces.push(s.to_string());
+            true
+        })
+        .expect("generate");
+        assert_eq!(pieces.concat(), text);
+        (text, stats, pieces)
+    }
+
+    #[test]
+    fn text_stream_holds_back_incomplete_characters() {
+        let (_d, _m, tok) = fixture();
+        let text = "a é東🙂 done";
+        let ids = tok.encode(text, false).expect("encode");
+        assert!(
+            ids.len() > text.chars().count(),
+            "multi-byte characters span tokens"
+        );
+        let mut st = TextStream::new();
+        let mut out = String::new();
+        for &id in &ids {
+            let piece = st.push(&tok, id).expect("push");
+            assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
+            out.push_str(&piece);
+        }
+        out.push_str(&st.flush(&tok).expect("flush"));
+        assert_eq!(out, text);
+    }
+
+    #[test]
+    fn generate_reuses_the_cached_prefix_and_stops_where_asked() {
+        let (_d, model, tok) = fixture();
+        let prompt = tok
+            .encode("The keeper counted the boats", false)
+            .expect("encode");
+        let opts = GenerateOptions {
+            max_new_tokens: 12,
+            ..Default::default()
+        };
+        let mut cache = model.new_cache(128);
+        let (text, stats, _) = run(&model, &tok, &prompt, &mut cache, &opts);
+        assert_eq!(stats.stop_reason, StopReason::MaxTokens);
+        assert_eq!(stats.generated_tokens, 12);
+        assert_eq!(stats.prompt_tokens, prompt.len());
+        // The cache holds the prompt and all but the last sampled token.
+        assert_eq!(cache.len(), prompt.len() + 11);
+
+        // Same prompt again: only its last token is recomputed, and the result is the same.
+        let (again, stats, _) = run(&model, &tok, &prompt, &mut cache, &opts);
+        assert_eq!(again, text);
+        assert_eq!(stats.prompt_tokens, 1);
+
+        // A longer prompt that extends the cached tokens reuses them.
+        let mut longer = cache.tokens().to_vec();
+        longer.extend(tok.encode(" and the", false).expect("encode"));
+        let cached = cache.len();
+        let (a, stats, _) = run(&model, &tok, &longer, &mut cache, &opts);
+        assert_eq!(stats.prompt_tokens, longer.len() - cached);
+        let (b, _, _) = run(&model, &tok, &longer, &mut model.new_cache(128), &opts);
+        assert_eq!(a, b);
+
+        // Stop string: cut at its first occurrence, never streamed.
+        let chars: Vec<(usize, char)> = text.char_indices().collect();
+        let (s0, s1) = (chars[chars.len() / 2].0, chars[chars.len() / 2 + 2].0);
+        let stop = text[s0..s1].to_string();
+        let first = text.find(&stop).expect("present");
+        let opts_stop = GenerateOptions {
+            stop_strings: vec!["never-there".into(), stop.clone()],
+            ..opts.clone()
+        };
+        let (cut, stats, pieces) =
+            run(&model, &tok, &prompt, &mut model.new_cache(128), &opts_stop);
+        assert_eq!(stats.stop_reason, StopReason::StopString);
+        assert_eq!(cut, text[..first]);
+        assert!(!pieces.concat().contains(&stop));
+
+        // Full context.
+        let mut small = model.new_cache(prompt.len() + 3);
+        let (_, stats, _) = run(&model, &tok, &prompt, &mut small, &opts);
+        assert_eq!(stats.stop_reason, StopReason::ContextFull);
+        assert_eq!(stats.generated_tokens, 4);
+        let mut tiny = model.new_cache(prompt.len() - 1);
+        assert!(generate(&model, &tok, &prompt, &mut tiny, &opts, &mut |_| true).is_err());
+
+        // Cancellation from the callback.
+        let mut calls = 0;
+        let (_, stats) = generate(
+            &model,
+            &tok,
+            &prompt,
+            &mut model.new_cache(128),
+            &opts,
+            &mut |_| {
+                calls += 1;
+                false
+            },
+        )
+        .expect("generate");
+        assert_eq!(stats.stop_reason, StopReason::Cancelled);
+        assert_eq!(calls, 1);
+        assert!(stats.generated_tokens < 12);
+    }
+
+    #[test]
+    fn seeded_generation_is_reproducible() {
+        let (_d, model, tok) = fixture();
+        let prompt = tok.encode("Once upon a time", false).expect("encode");
+        let opts = GenerateOptions {
+            max_new_tokens: 16,
+            sampler: SamplerConfig {
+                temperature: 0.9,
+                top_k: 40,
+                top_p: 0.95,
+                min_p: 0.02,
+                repetition_penalty: 1.1,
+                repeat_last_n: 64,
+                seed: 1234,
+            },
+            stop_strings: Vec::new(),
+        };
+        let (a, _, _) = run(&model, &tok, &prompt, &mut model.new_cache(64), &opts);
+        let (b, _, _) = run(&model, &tok, &prompt, &mut model.new_cache(64), &opts);
+        assert_eq!(a, b);
+        let other = GenerateOptions {
+            sampler: SamplerConfig {
+                seed: 99,
+                ..opts.sampler.clone()
+            },
+            ..opts.clone()
+        };
+        let (c, _, _) = run(&model, &tok, &prompt, &mut model.new_cache(64), &other);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn chat_session_keeps_history_and_reuses_the_cache() {
+        let (_d, model, tok) = fixture();
+        let opts = GenerateOptions {
+            max_new_tokens: 6,
+            ..Default::default()
+        };
+        let mut chat = ChatSession::new(&model, 256, Some("You are terse.".into()));
+        let first = chat.prompt_tokens(&tok).expect("render");
+        assert_eq!(
+            tok.decode(&first, false).expect("decode"),
+            "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>assistant\n"
+        );
+        let (r1, s1) = chat
+            .send(&model, &tok, "Hello there", &opts, &mut |_| true)
+            .expect("turn 1");
+        assert_eq!(chat.messages().len(), 2);
+        assert_eq!(chat.messages()[1].content, r1);
+        let (_, s2) = chat
+            .send(&model, &tok, "And again", &opts, &mut |_| true)
+            .expect("turn 2");
+        assert_eq!(chat.messages().len(), 4);
+        let full = chat.prompt_tokens(&tok).expect("render");
+        // Turn 2 recomputed only what the first turn had not already put in the cache.
+        assert!(
+            s2.prompt_tokens < full.len() - 4,
+            "{} of {}",
+            s2.prompt_tokens,
+            full.len()
+        );
+        assert!(s1.prompt_tokens > 10);
+        chat.clear();
+        assert!(chat.messages().is_empty() && chat.cache().is_empty());
+    }
+
+    /// Speed and sanity on the real SmolLM2-135M-Instruct Q4_1 GGUF:
+    /// `cargo test -p quant_engine --lib smollm2 -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "needs SmolLM2 (fetch-smollm2.sh); prints speeds"]
+    fn smollm2_chat_speed() {
+        let path = crate::testing::smollm2_gguf();
+        let src = crate::model::SourceModel::open(&path).expect("open");
+        let model = Model::load(&src).expect("load");
+        let tok = &src.tokenizer;
+        let threads = rayon::current_num_threads();
+
+        // Prompt processing: 256 tokens of text.
+        let text = include_str!("generate.rs");
+        let ids = tok.encode(text, false).expect("encode");
+        let prompt = &ids[..256];
+        let mut cache = model.new_cache(1024);
+        let t = Instant::now();
+        model
+            .forward(prompt, &mut cache, Logits::Last)
+            .expect("prompt");
+        let pp = t.elapsed().as_secs_f64();
+        eprintln!(
+            "prompt: 256 tokens in {pp:.3}s = {:.1} tok/s ({threads} threads)",
+            256.0 / pp
+        );
+
+        // Decoding: 64 tokens after the prompt.
+        let t = Instant::now();
+        for i in 0..64 {
+            model
+                .forward(&[ids[256 + i]], &mut cache, Logits::Last)
+                .expect("decode");
+        }
+        let tg = t.elapsed().as_secs_f64();
+        eprintln!("decode: 64 tokens in {tg:.3}s = {:.1} tok/s", 64.0 / tg);
+
+        // A chat answer.
+        let mut chat = ChatSession::new(&model, 1024, None);
+        let opts = GenerateOptions {
+            max_new_tokens: 32,
+            ..Default::default()
+        };
+        let (answer, stats) = chat
+            .send(
+                &model,
+                tok,
+                "What is the capital of France?",
+                &opts,
+                &mut |_| true,
+            )
+            .expect("chat");
+        eprintln!(
+            "chat: {answer:?} ({:?}; prompt {:.1} tok/s, decode {:.1} tok/s)",
+            stats.stop_reason,
+            stats.prompt_tokens_per_sec(),
+            stats.decode_tokens_per_sec()
+        );
+        assert!(answer.contains("Paris"), "{answer}");
+    }
+}

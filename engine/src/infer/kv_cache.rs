@@ -1,0 +1,113 @@
+//! The key/value cache of one sequence.
+
+/// Keys and values of every layer for up to `capacity` positions, in f32, with the tokens they came from
+/// (so a caller can reuse the common prefix of a new prompt).
+///
+/// Layout per layer: `[kv_head][position][head_dim]`, so one KV head's keys are a contiguous
+/// `positions × head_dim` matrix for the attention GEMMs. The buffers are allocated zeroed for the whole
+/// capacity up front; the OS only commits the pages that get written.
+#[derive(Clone)]
+pub struct KvCache {
+    pub(crate) k: Vec<Vec<f32>>,
+    pub(crate) v: Vec<Vec<f32>>,
+    pub(crate) kv_heads: usize,
+    pub(crate) head_dim: usize,
+    capacity: usize,
+    tokens: Vec<u32>,
+}
+
+impl std::fmt::Debug for KvCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvCache")
+            .field("layers", &self.k.len())
+            .field("kv_heads", &self.kv_heads)
+            .field("head_dim", &self.head_dim)
+            .field("len", &self.tokens.len())
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+impl KvCache {
+    pub(crate) fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
+        let per_layer = kv_heads * capacity * head_dim;
+        Self {
+            k: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
+            v: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
+            kv_heads,
+            head_dim,
+            capacity,
+            tokens: Vec::new(),
+        }
+    }
+
+    /// Number of positions held.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Forget every position.
+    pub fn clear(&mut self) {
+        self.tokens.clear();
+    }
+
+    /// Keep only the first `n` positions (no-op when `n >= len`).
+    pub fn truncate(&mut self, n: usize) {
+        self.tokens.truncate(n);
+    }
+
+    /// Most positions this cache can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Positions still free.
+    pub fn remaining(&self) -> usize {
+        self.capacity - self.tokens.len()
+    }
+
+    /// The tokens whose keys and values are held, in position order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Number of layers this cache was sized for.
+    pub fn layers(&self) -> usize {
+        self.k.len()
+    }
+
+    /// Bytes allocated for keys and values (the committed part may be smaller).
+    pub fn allocated_bytes(&self) -> usize {
+        2 * self.k.len()
+            * self.kv_heads
+            * self.capacity
+            * self.head_dim
+            * std::mem::size_of::<f32>()
+    }
+
+    /// Store keys and values of `n` new positions from `pos` on for `layer`: `k`/`v` are `[n, kv_heads·head_dim]`.
+    pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let (hd, kvh, cap) = (self.head_dim, self.kv_heads, self.capacity);
+        let n = k.len() / (kvh * hd);
+        debug_assert!(pos + n <= cap);
+        let (kc, vc) = (&mut self.k[layer], &mut self.v[layer]);
+        for t in 0..n {
+            for g in 0..kvh {
+                let src = t * kvh * hd + g * hd;
+                let dst = (g * cap + pos + t) * hd;
+                kc[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                vc[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+            }
+        }
+    }
+
+    /// Record that `tokens` now occupy the next positions.
+    pub(crate) fn push_tokens(&mut self, tokens: &[u32]) {
+        self.tokens.extend_from_slice(tokens);
+    }
+}

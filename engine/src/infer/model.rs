@@ -1,0 +1,626 @@
+//! The Llama-family decoder (Llama, Mistral, Qwen2), exact against transformers in float32.
+//!
+//! Weights stay in their stored type ([`TensorRef`] clones share the mapped file); only norms and biases
+//! are copied to f32. Prompts run in batches through [`TensorRef::matmul`] (GEMM over dequantised tiles)
+//! and attention through GEMMs per KV head, parallel over heads and row blocks; one-token decoding takes
+//! the matrix-vector and dot-product paths.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use super::kv_cache::KvCache;
+use crate::model::{ModelConfig, SourceModel};
+use crate::tensor::{dot, sgemm_nn, sgemm_nt, TensorRef};
+use crate::{Error, Result};
+
+/// Which rows of logits [`Model::forward`] returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// None (only fill the cache).
+    None,
+    /// The last token's.
+    Last,
+    /// Every token's.
+    All,
+    /// Those of tokens `i..` of the batch.
+    From(usize),
+}
+
+/// Tokens per internal micro-batch: bounds the activation buffers of long prompts.
+const UBATCH: usize = 512;
+/// Query rows per attention task.
+const ATTN_ROWS: usize = 32;
+
+/// A linear layer: weight in its stored type, optional f32 bias.
+#[derive(Clone, Debug)]
+struct Linear {
+    w: TensorRef,
+    b: Option<Vec<f32>>,
+}
+
+impl Linear {
+    /// `out[n, rows] = x[n, cols] · Wᵀ + b`.
+    fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
+        self.w.matmul(x, n, out);
+        if let Some(b) = &self.b {
+            for row in out.chunks_exact_mut(b.len()) {
+                for (o, &bb) in row.iter_mut().zip(b) {
+                    *o += bb;
+                }
+            }
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.w.rows()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ffn_norm: Vec<f32>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// A model ready to run.
+#[derive(Clone)]
+pub struct Model {
+    cfg: ModelConfig,
+    embed: TensorRef,
+    layers: Vec<Layer>,
+    norm: Vec<f32>,
+    lm_head: TensorRef,
+    inv_freq: Vec<f32>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model")
+            .field("config", &self.cfg)
+            .field("embed", &self.embed.ty)
+            .field("lm_head", &self.lm_head.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A 1-D tensor as f32, undoing llama.cpp's interleaved-RoPE order if the handle carries it.
+fn vector_f32(t: &TensorRef) -> Vec<f32> {
+    let v = t.to_f32();
+    match t.rope_interleaved_heads {
+        Some(heads)
+            if heads > 0
+                && v.len().is_multiple_of(heads)
+                && (v.len() / heads).is_multiple_of(2) =>
+        {
+            let hd = v.len() / heads;
+            let half = hd / 2;
+            (0..v.len())
+                .map(|r| {
+                    let (g, w) = (r / hd, r % hd);
+                    let (j, i) = (w / half, w % half);
+                    v[g * hd + 2 * i + j]
+                })
+                .collect()
+        }
+        _ => v,
+    }
+}
+
+struct Loader<'a> {
+    path: &'a Path,
+    tensors: &'a BTreeMap<String, TensorRef>,
+}
+
+impl Loader<'_> {
+    fn err(&self, detail: String) -> Error {
+        Error::malformed(self.path, "model", detail)
+    }
+
+    fn opt(&self, name: &str, shape: &[usize]) -> Result<Option<TensorRef>> {
+        match self.tensors.get(name) {
+            None => Ok(None),
+            Some(t) if t.shape == shape => Ok(Some(t.clone())),
+            Some(t) => Err(self.err(format!(
+                "tensor {name} has shape {:?}, but the config implies {shape:?}",
+                t.shape
+            ))),
+        }
+    }
+
+    fn req(&self, name: &str, shape: &[usize]) -> Result<TensorRef> {
+        self.opt(name, shape)?
+            .ok_or_else(|| self.err(format!("tensor {name} (shape {shape:?}) is missing")))
+    }
+
+    fn vec(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        Ok(vector_f32(&self.req(name, &[len])?))
+    }
+
+    fn linear(&self, prefix: &str, rows: usize, cols: usize, bias: bool) -> Result<Linear> {
+        let w = self.req(&format!("{prefix}.weight"), &[rows, cols])?;
+        let bname = format!("{prefix}.bias");
+        let b = if bias {
+            Some(self.vec(&bname, rows)?)
+        } else {
+            self.opt(&bname, &[rows])?.map(|t| vector_f32(&t))
+        };
+        Ok(Linear { w, b })
+    }
+}
+
+impl Model {
+    /// Take the tensors of `src`, checking every shape against its config.
+    pub fn load(src: &SourceModel) -> Result<Model> {
+        Self::from_parts(&src.path, &src.config, &src.tensors)
+    }
+
+    /// Build from a config and tensors by Hugging Face name (`path` names the model in errors).
+    pub fn from_parts(
+        path: &Path,
+        cfg: &ModelConfig,
+        tensors: &BTreeMap<String, TensorRef>,
+    ) -> Result<Model> {
+        let c = cfg;
+        let bad = |d: String| Error::malformed(path, "config", d);
+        if c.hidden_size == 0 || c.num_layers == 0 || c.num_heads == 0 || c.num_kv_heads == 0 {
+            return Err(bad(
+                "hidden size, layers, heads and KV heads must be non-zero".into(),
+            ));
+        }
+        if !c.num_heads.is_multiple_of(c.num_kv_heads) {
+            return Err(bad(format!(
+                "{} attention heads are not a multiple of {} KV heads",
+                c.num_heads, c.num_kv_heads
+            )));
+        }
+        if c.head_dim == 0 || !c.head_dim.is_multiple_of(2) {
+            return Err(bad(format!(
+                "head_dim {} must be even and non-zero",
+                c.head_dim
+            )));
+        }
+        if c.vocab_size == 0 || c.intermediate_size == 0 {
+            return Err(bad("vocab and intermediate sizes must be non-zero".into()));
+        }
+        let ld = Loader { path, tensors };
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let embed = ld.req("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let lm_head = ld
+            .opt("lm_head.weight", &[c.vocab_size, h])?
+            .unwrap_or_else(|| embed.clone());
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for l in 0..c.num_layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            let m = format!("{p}.mlp");
+            let i = c.intermediate_size;
+            layers.push(Layer {
+                attn_norm: ld.vec(&format!("{p}.input_layernorm.weight"), h)?,
+                q: ld.linear(&format!("{a}.q_proj"), qd, h, c.attention_bias)?,
+                k: ld.linear(&format!("{a}.k_proj"), kvd, h, c.attention_bias)?,
+                v: ld.linear(&format!("{a}.v_proj"), kvd, h, c.attention_bias)?,
+                o: ld.linear(&format!("{a}.o_proj"), h, qd, false)?,
+                ffn_norm: ld.vec(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                gate: ld.linear(&format!("{m}.gate_proj"), i, h, false)?,
+                up: ld.linear(&format!("{m}.up_proj"), i, h, false)?,
+                down: ld.linear(&format!("{m}.down_proj"), h, i, false)?,
+            });
+        }
+        let norm = ld.vec("model.norm.weight", h)?;
+        let inv_freq = c.rope_inv_freq();
+        Ok(Model {
+            cfg: c.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            inv_freq,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Size of a row of logits.
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    /// An empty cache for up to `capacity_tokens` positions.
+    pub fn new_cache(&self, capacity_tokens: usize) -> KvCache {
+        KvCache::new(
+            self.cfg.num_layers,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+            capacity_tokens,
+        )
+    }
+
+    /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to the cache, and returns
+    /// logits row-major `[k, vocab]` for the rows `want` selects.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, want: Logits) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        if cache.layers() != c.num_layers
+            || cache.kv_heads != c.num_kv_heads
+            || cache.head_dim != c.head_dim
+        {
+            return Err(Error::Invalid(
+                "the KV cache was made for a different model".into(),
+            ));
+        }
+        if tokens.len() > cache.remaining() {
+            return Err(Error::Invalid(format!(
+                "context full: {} tokens do not fit after {} of {} positions",
+                tokens.len(),
+                cache.len(),
+                cache.capacity()
+            )));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(Error::Invalid(format!(
+                "token id {t} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        let n = tokens.len();
+        let from = match want {
+            Logits::None => n,
+            Logits::Last => n.saturating_sub(1),
+            Logits::All => 0,
+            Logits::From(i) => i.min(n),
+        };
+        let vocab = c.vocab_size;
+        let mut logits = vec![0.0f32; (n - from) * vocab];
+        let mut c0 = 0;
+        while c0 < n {
+            let c1 = (c0 + UBATCH).min(n);
+            let hidden = self.run_batch(&tokens[c0..c1], cache);
+            let w0 = from.max(c0);
+            if w0 < c1 {
+                let k = c1 - w0;
+                let h = c.hidden_size;
+                let mut x = hidden[(w0 - c0) * h..].to_vec();
+                rms_norm(&mut x, &self.norm, c.rms_norm_eps);
+                let out = &mut logits[(w0 - from) * vocab..(c1 - from) * vocab];
+                self.lm_head.matmul(&x, k, out);
+            }
+            c0 = c1;
+        }
+        Ok(logits)
+    }
+
+    /// Run one micro-batch through every layer, filling the cache; returns the final hidden states
+    /// `[n, hidden]` (before the final norm).
+    fn run_batch(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
+        let c = &self.cfg;
+        let (n, h, hd) = (tokens.len(), c.hidden_size, c.head_dim);
+        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
+        let p0 = cache.len();
+        let mut x = vec![0.0f32; n * h];
+        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+            self.embed.dequant_row(t as usize, row);
+        }
+        let (cos, sin) = self.rope_tables(p0, n);
+        let i = c.intermediate_size;
+        let mut xn = vec![0.0f32; n * h];
+        let mut q = vec![0.0f32; n * nh * hd];
+        let mut k = vec![0.0f32; n * nkv * hd];
+        let mut v = vec![0.0f32; n * nkv * hd];
+        let mut attn = vec![0.0f32; n * nh * hd];
+        let mut proj = vec![0.0f32; n * h];
+        let mut gate = vec![0.0f32; n * i];
+        let mut up = vec![0.0f32; n * i];
+        for (li, layer) in self.layers.iter().enumerate() {
+            xn.copy_from_slice(&x);
+            rms_norm(&mut xn, &layer.attn_norm, c.rms_norm_eps);
+            layer.q.forward(&xn, n, &mut q);
+            layer.k.forward(&xn, n, &mut k);
+            layer.v.forward(&xn, n, &mut v);
+            apply_rope(&mut q, hd, &cos, &sin);
+            apply_rope(&mut k, hd, &cos, &sin);
+            cache.write(li, p0, &k, &v);
+            self.attention(&q, cache, li, p0, n, &mut attn);
+            layer.o.forward(&attn, n, &mut proj);
+            add_into(&mut x, &proj);
+
+            xn.copy_from_slice(&x);
+            rms_norm(&mut xn, &layer.ffn_norm, c.rms_norm_eps);
+            debug_assert_eq!(layer.gate.rows(), i);
+            layer.gate.forward(&xn, n, &mut gate);
+            layer.up.forward(&xn, n, &mut up);
+            for (g, &u) in gate.iter_mut().zip(&up) {
+                *g = silu(*g) * u;
+            }
+            layer.down.forward(&gate, n, &mut proj);
+            add_into(&mut x, &proj);
+        }
+        cache.push_tokens(tokens);
+        x
+    }
+
+    /// cos/sin of `position · inv_freq` for positions `p0..p0+n`, `[n, head_dim/2]` each, computed as
+    /// transformers does (f32 product, f32 cos/sin).
+    fn rope_tables(&self, p0: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for t in 0..n {
+            let pos = (p0 + t) as f32;
+            for &f in &self.inv_freq {
+                let a = pos * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        (cos, sin)
+    }
+
+    /// Causal attention of the `n` new query rows `q` (`[n, heads·head_dim]`, positions `p0..p0+n`) over the
+    /// cache of `layer`; writes `out` (`[n, heads·head_dim]`).
+    fn attention(
+        &self,
+        q: &[f32],
+        cache: &KvCache,
+        layer: usize,
+        p0: usize,
+        n: usize,
+        out: &mut [f32],
+    ) {
+        let c = &self.cfg;
+        let (nh, hd, cap) = (c.num_heads, c.head_dim, cache.capacity());
+        let group = nh / c.num_kv_heads;
+        let scale = (hd as f64).powf(-0.5) as f32;
+        let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
+        let blocks = n.div_ceil(ATTN_ROWS);
+        let parts: Vec<(usize, usize, Vec<f32>)> = (0..nh * blocks)
+            .into_par_iter()
+            .map(|task| {
+                let (head, b) = (task / blocks, task % blocks);
+                let r0 = b * ATTN_ROWS;
+                let r1 = (r0 + ATTN_ROWS).min(n);
+                let rows = r1 - r0;
+                let g = head / group;
+                let keys = &kc[g * cap * hd..(g * cap + p0 + r1) * hd];
+                let vals = &vc[g * cap * hd..(g * cap + p0 + r1) * hd];
+                let len = p0 + r1;
+                let mut o = vec![0.0f32; rows * hd];
+                if rows == 1 {
+                    let qrow = &q[r0 * nh * hd + head * hd..][..hd];
+                    let mut s: Vec<f32> = keys
+                        .chunks_exact(hd)
+                        .map(|kr| dot(qrow, kr) * scale)
+                        .collect();
+                    softmax(&mut s);
+                    for (&p, vr) in s.iter().zip(vals.chunks_exact(hd)) {
+                        for (oo, &vv) in o.iter_mut().zip(vr) {
+                            *oo += p * vv;
+                        }
+                    }
+                } else {
+                    let mut qb = vec![0.0f32; rows * hd];
+                    for (r, dst) in qb.chunks_exact_mut(hd).enumerate() {
+                        let src = (r0 + r) * nh * hd + head * hd;
+                        dst.copy_from_slice(&q[src..src + hd]);
+                    }
+                    let mut s = vec![0.0f32; rows * len];
+                    sgemm_nt(rows, len, hd, &qb, keys, &mut s);
+                    for (r, srow) in s.chunks_exact_mut(len).enumerate() {
+                        let visible = p0 + r0 + r + 1;
+                        let (vis, masked) = srow.split_at_mut(visible);
+                        for x in vis.iter_mut() {
+                            *x *= scale;
+                        }
+                        softmax(vis);
+                        masked.fill(0.0);
+                    }
+                    sgemm_nn(rows, hd, len, &s, vals, &mut o);
+                }
+                (head, r0, o)
+            })
+            .collect();
+        for (head, r0, o) in parts {
+            for (r, src) in o.chunks_exact(hd).enumerate() {
+                let dst = (r0 + r) * nh * hd + head * hd;
+                out[dst..dst + hd].copy_from_slice(src);
+            }
+        }
+    }
+}
+
+/// In-place RMSNorm of each row: `x · rsqrt(mean(x²) + eps) · w`.
+fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    let h = w.len();
+    for row in x.chunks_exact_mut(h) {
+        let ms = dot(row, row) / h as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for (v, &ww) in row.iter_mut().zip(w) {
+            *v = ww * (*v * r);
+        }
+    }
+}
+
+/// Rotate-half RoPE on every head of every row: `x` is `[n, heads·hd]`, tables `[n, hd/2]`.
+fn apply_rope(x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
+    let half = hd / 2;
+    let n = cos.len() / half.max(1);
+    if n == 0 {
+        return;
+    }
+    let row_len = x.len() / n;
+    for (t, row) in x.chunks_exact_mut(row_len).enumerate() {
+        let (c, s) = (
+            &cos[t * half..(t + 1) * half],
+            &sin[t * half..(t + 1) * half],
+        );
+        for head in row.chunks_exact_mut(hd) {
+            let (a, b) = head.split_at_mut(half);
+            for j in 0..half {
+                let (x1, x2) = (a[j], b[j]);
+                a[j] = x1 * c[j] - x2 * s[j];
+                b[j] = x2 * c[j] + x1 * s[j];
+            }
+        }
+    }
+}
+
+/// In-place softmax (max-subtracted, f32).
+fn softmax(x: &mut [f32]) {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[inline]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::fixture::{fixture_tensor_refs, FixtureSpec};
+
+    fn model(spec: &FixtureSpec) -> Model {
+        let tensors = fixture_tensor_refs(spec).expect("tensors");
+        Model::from_parts(Path::new("fixture"), &spec.config(), &tensors).expect("load")
+    }
+
+    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+        let m = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        a.iter()
+            .zip(b)
+            .fold(0.0f32, |d, (x, y)| d.max((x - y).abs()))
+            / m
+    }
+
+    fn tokens(n: usize) -> Vec<u32> {
+        (0..n as u32).map(|i| (i * 37 + 5) % 384).collect()
+    }
+
+    #[test]
+    fn batched_forward_equals_token_by_token() {
+        for spec in [
+            FixtureSpec::tiny_llama(),
+            FixtureSpec::tiny_qwen2(),
+            FixtureSpec::tiny_mistral(),
+        ] {
+            let m = model(&spec);
+            let toks = tokens(70);
+            let mut cache = m.new_cache(128);
+            let all = m.forward(&toks, &mut cache, Logits::All).expect("batch");
+            assert_eq!(cache.len(), 70);
+            assert_eq!(cache.tokens(), toks.as_slice());
+            let mut inc = m.new_cache(128);
+            let v = m.vocab_size();
+            for (i, &t) in toks.iter().enumerate() {
+                let row = m.forward(&[t], &mut inc, Logits::Last).expect("step");
+                let d = max_rel(&row, &all[i * v..(i + 1) * v]);
+                assert!(d < 1e-4, "{:?} position {i}: {d}", spec.arch);
+            }
+            // Mixed: a prefix, then chunks, with Logits::From.
+            let mut mix = m.new_cache(128);
+            m.forward(&toks[..40], &mut mix, Logits::None)
+                .expect("prefix");
+            let tail = m
+                .forward(&toks[40..], &mut mix, Logits::From(10))
+                .expect("tail");
+            assert_eq!(tail.len(), 20 * v);
+            assert!(max_rel(&tail, &all[50 * v..]) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn long_prompts_run_in_micro_batches() {
+        let m = model(&FixtureSpec::tiny_mistral());
+        let n = UBATCH + 88;
+        let toks = tokens(n);
+        let mut cache = m.new_cache(n + 8);
+        let all = m
+            .forward(&toks, &mut cache, Logits::From(UBATCH - 20))
+            .expect("all");
+        let v = m.vocab_size();
+        assert_eq!(all.len(), 108 * v);
+        let mut split = m.new_cache(n + 8);
+        m.forward(&toks[..300], &mut split, Logits::None)
+            .expect("head");
+        let tail = m
+            .forward(&toks[300..], &mut split, Logits::All)
+            .expect("tail");
+        let tail = &tail[(UBATCH - 20 - 300) * v..];
+        assert!(max_rel(&all, tail) < 1e-4);
+        let last = m.forward(&[7], &mut cache, Logits::Last).expect("one more");
+        let last2 = m.forward(&[7], &mut split, Logits::Last).expect("one more");
+        assert!(max_rel(&last, &last2) < 1e-4);
+    }
+
+    #[test]
+    fn truncate_then_rerun_matches() {
+        let m = model(&FixtureSpec::tiny_llama());
+        let toks = tokens(20);
+        let mut cache = m.new_cache(32);
+        let a = m.forward(&toks, &mut cache, Logits::Last).expect("a");
+        cache.truncate(12);
+        assert_eq!(cache.len(), 12);
+        let b = m.forward(&toks[12..], &mut cache, Logits::Last).expect("b");
+        assert!(max_rel(&b, &a) < 1e-5);
+    }
+
+    #[test]
+    fn errors_are_clear() {
+        let spec = FixtureSpec::tiny_llama();
+        let m = model(&spec);
+        let mut cache = m.new_cache(4);
+        let e = m
+            .forward(&tokens(5), &mut cache, Logits::Last)
+            .expect_err("full");
+        assert!(e.to_string().contains("context full"), "{e}");
+        let e = m
+            .forward(&[9999], &mut cache, Logits::Last)
+            .expect_err("vocab");
+        assert!(e.to_string().contains("outside the vocabulary"), "{e}");
+        let mut tensors = fixture_tensor_refs(&spec).expect("tensors");
+        let mut cfg = spec.config();
+        cfg.intermediate_size = 96;
+        let e = Model::from_parts(Path::new("x"), &cfg, &tensors).expect_err("shape");
+        assert!(
+            e.to_string().contains("mlp.gate_proj.weight has shape"),
+            "{e}"
+        );
+        tensors.remove("model.layers.1.self_attn.v_proj.weight");
+        let e = Model::from_parts(Path::new("x"), &spec.config(), &tensors).expect_err("missing");
+        assert!(
+            e.to_string()
+                .contains("v_proj.weight (shape [32, 64]) is missing"),
+            "{e}"
+        );
+        assert!(m
+            .forward(&[], &mut cache, Logits::Last)
+            .expect("empty")
+            .is_empty());
+    }
+}

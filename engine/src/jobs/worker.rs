@@ -1,0 +1,411 @@
+//! What each job does, on its own thread.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+
+use super::cache::{LoadedModel, ModelCache};
+use super::{Command, EvalText, Event, JobId, JobOutput, WakerSlot};
+use super::{DEFAULT_CHAT_CONTEXT, STAGE_CONVERT};
+use crate::eval::{kl_divergence, perplexity, ChunkProgress, EvalOptions};
+use crate::infer::{generate, ChatSession, GenerateOptions, StopReason};
+use crate::model::convert::{write_hf_folder, OutDtype};
+use crate::model::summary::ModelSummary;
+use crate::model::{ChatMessage, SourceModel, TextTokenizer};
+use crate::{Error, Result};
+
+/// Messages queued for a chat session.
+#[derive(Debug)]
+pub(crate) enum ChatMsg {
+    Send(String),
+    Reset,
+    Options(GenerateOptions),
+}
+
+/// Turns waiting for a chat session.
+const CHAT_QUEUE: usize = 16;
+/// How often an idle chat session looks at its cancel flag.
+const CHAT_POLL: Duration = Duration::from_millis(100);
+
+/// The engine's ends of a chat session: where turns go, and the flag that stops the current reply.
+pub(crate) type ChatEnds = (Sender<ChatMsg>, Arc<AtomicBool>);
+
+/// A job, as the worker thread runs it.
+pub(crate) enum JobRequest {
+    Inspect {
+        path: PathBuf,
+    },
+    Evaluate {
+        model: PathBuf,
+        base: Option<PathBuf>,
+        text: EvalText,
+        options: EvalOptions,
+    },
+    Generate {
+        model: PathBuf,
+        prompt: String,
+        options: GenerateOptions,
+        apply_chat_template: bool,
+    },
+    Chat {
+        model: PathBuf,
+        system: Option<String>,
+        options: GenerateOptions,
+        context_tokens: Option<usize>,
+        turns: Receiver<ChatMsg>,
+        stop_turn: Arc<AtomicBool>,
+    },
+    Convert {
+        model: PathBuf,
+        out: PathBuf,
+        dtype: OutDtype,
+    },
+}
+
+impl JobRequest {
+    /// The request for a job-starting command (with, for a chat, the engine's ends of its channel).
+    pub(crate) fn from_command(c: Command) -> Option<(Self, Option<ChatEnds>)> {
+        Some(match c {
+            Command::Inspect { path } => (Self::Inspect { path }, None),
+            Command::Evaluate {
+                model,
+                base,
+                text,
+                options,
+            } => (
+                Self::Evaluate {
+                    model,
+                    base,
+                    text,
+                    options,
+                },
+                None,
+            ),
+            Command::Generate {
+                model,
+                prompt,
+                options,
+                apply_chat_template,
+            } => (
+                Self::Generate {
+                    model,
+                    prompt,
+                    options,
+                    apply_chat_template,
+                },
+                None,
+            ),
+            Command::Chat {
+                model,
+                system,
+                options,
+                context_tokens,
+            } => {
+                let (tx, rx) = bounded(CHAT_QUEUE);
+                let stop = Arc::new(AtomicBool::new(false));
+                (
+                    Self::Chat {
+                        model,
+                        system,
+                        options,
+                        context_tokens,
+                        turns: rx,
+                        stop_turn: Arc::clone(&stop),
+                    },
+                    Some((tx, stop)),
+                )
+            }
+            Command::Convert { model, out, dtype } => (Self::Convert { model, out, dtype }, None),
+            _ => return None,
+        })
+    }
+}
+
+/// A job's view of the engine: its id, its cancel flag, where its events go.
+pub(crate) struct JobCtx {
+    pub job: JobId,
+    pub cancel: Arc<AtomicBool>,
+    pub events: Sender<Event>,
+    pub waker: WakerSlot,
+}
+
+impl JobCtx {
+    /// Send an event (waiting while the channel is full) and wake the front end. If nobody listens any
+    /// more, the job is cancelled.
+    pub fn emit(&self, ev: Event) {
+        if self.events.send(ev).is_ok() {
+            self.waker.wake();
+        } else {
+            self.cancel.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.cancelled() {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn progress(&self, stage: &str, done: u64, total: u64, eta_secs: Option<f64>) {
+        self.emit(Event::Progress {
+            job: self.job,
+            stage: stage.to_owned(),
+            done,
+            total,
+            eta_secs,
+        });
+    }
+}
+
+/// Runs `req` and sends its last event (`Finished`, `Failed` or `Cancelled`). A panic in the job is
+/// reported as `Failed`, not propagated.
+pub(crate) fn run(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) {
+    let result = catch_unwind(AssertUnwindSafe(|| run_inner(ctx, cache, req)));
+    let job = ctx.job;
+    let ev = match result {
+        Ok(Ok(output)) => Event::Finished { job, output },
+        Ok(Err(Error::Cancelled)) => Event::Cancelled { job },
+        Ok(Err(e)) => Event::Failed {
+            job,
+            error: one_line(&e.to_string()),
+        },
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Event::Failed {
+                job,
+                error: one_line(&format!("internal error (a bug, please report it): {what}")),
+            }
+        }
+    };
+    ctx.emit(ev);
+}
+
+/// Newlines folded so an error is one line.
+fn one_line(s: &str) -> String {
+    s.split('\n')
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" — ")
+}
+
+fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOutput> {
+    ctx.check()?;
+    match req {
+        JobRequest::Inspect { path } => {
+            let src = SourceModel::open(&path)?;
+            Ok(JobOutput::Summary(Box::new(ModelSummary::of(&src))))
+        }
+        JobRequest::Evaluate {
+            model,
+            base,
+            text,
+            options,
+        } => evaluate(ctx, cache, &model, base.as_deref(), text, &options),
+        JobRequest::Generate {
+            model,
+            prompt,
+            options,
+            apply_chat_template,
+        } => generate_job(ctx, cache, &model, &prompt, &options, apply_chat_template),
+        JobRequest::Chat {
+            model,
+            system,
+            options,
+            context_tokens,
+            turns,
+            stop_turn,
+        } => chat(ctx, cache, &model, system, options, context_tokens, &turns, &stop_turn),
+        JobRequest::Convert { model, out, dtype } => convert(ctx, &model, &out, dtype),
+    }
+}
+
+fn load(ctx: &JobCtx, cache: &ModelCache, path: &Path) -> Result<Arc<LoadedModel>> {
+    let stage = format!("loading {}", path.display());
+    ctx.progress(&stage, 0, 1, None);
+    let m = cache.get_or_load(path)?;
+    ctx.progress(&stage, 1, 1, Some(0.0));
+    ctx.check()?;
+    Ok(m)
+}
+
+fn evaluate(
+    ctx: &JobCtx,
+    cache: &ModelCache,
+    model: &Path,
+    base: Option<&Path>,
+    text: EvalText,
+    options: &EvalOptions,
+) -> Result<JobOutput> {
+    let text = match text {
+        EvalText::Inline(s) => s,
+        EvalText::File(p) => std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?,
+    };
+    let variant = load(ctx, cache, model)?;
+    let mut on_chunk = |p: &ChunkProgress| {
+        ctx.emit(Event::EvalChunk {
+            job: ctx.job,
+            progress: *p,
+        });
+        !ctx.cancelled()
+    };
+    match base {
+        None => {
+            let r = perplexity(
+                &variant.model,
+                &variant.source.tokenizer,
+                &text,
+                options,
+                &mut on_chunk,
+            )?;
+            Ok(JobOutput::Perplexity(Box::new(r)))
+        }
+        Some(base) => {
+            let b = load(ctx, cache, base)?;
+            let r = kl_divergence(
+                &b.model,
+                &variant.model,
+                &b.source.tokenizer,
+                &text,
+                options,
+                &mut on_chunk,
+            )?;
+            Ok(JobOutput::Kld(Box::new(r)))
+        }
+    }
+}
+
+/// The prompt's token ids: rendered as one user message by the chat template (as a chat session's
+/// first turn is), or encoded as it is with BOS when the model wants one.
+fn prompt_ids(tok: &TextTokenizer, prompt: &str, apply_chat_template: bool) -> Result<Vec<u32>> {
+    if !apply_chat_template {
+        return tok.encode(prompt, true);
+    }
+    let text = tok.render_chat(&[ChatMessage::new("user", prompt)], true)?;
+    // The template writes BOS itself when the model wants one; add it only when it did not.
+    let has_bos = tok
+        .bos_token
+        .as_deref()
+        .is_some_and(|b| !b.is_empty() && text.starts_with(b));
+    tok.encode(&text, !has_bos)
+}
+
+fn generate_job(
+    ctx: &JobCtx,
+    cache: &ModelCache,
+    model: &Path,
+    prompt: &str,
+    options: &GenerateOptions,
+    apply_chat_template: bool,
+) -> Result<JobOutput> {
+    let m = load(ctx, cache, model)?;
+    let tok = &m.source.tokenizer;
+    let ids = prompt_ids(tok, prompt, apply_chat_template)?;
+    // Room for the prompt and the reply, within the trained context unless the prompt alone exceeds it.
+    let max_pos = m.model.config().max_position_embeddings.max(1);
+    let capacity = (ids.len() + options.max_new_tokens).min(max_pos.max(ids.len() + 1));
+    let mut kv = m.model.new_cache(capacity);
+    let mut on_text = |s: &str| {
+        ctx.emit(Event::Token {
+            job: ctx.job,
+            text: s.to_owned(),
+        });
+        !ctx.cancelled()
+    };
+    let (text, stats) = generate(&m.model, tok, &ids, &mut kv, options, &mut on_text)?;
+    if stats.stop_reason == StopReason::Cancelled {
+        return Err(Error::Cancelled);
+    }
+    Ok(JobOutput::Generated { text, stats })
+}
+
+fn chat(
+    ctx: &JobCtx,
+    cache: &ModelCache,
+    model: &Path,
+    system: Option<String>,
+    mut options: GenerateOptions,
+    context_tokens: Option<usize>,
+    turns: &Receiver<ChatMsg>,
+    stop_turn: &AtomicBool,
+) -> Result<JobOutput> {
+    let m = load(ctx, cache, model)?;
+    let context = context_tokens.unwrap_or_else(|| {
+        DEFAULT_CHAT_CONTEXT.min(m.model.config().max_position_embeddings.max(1))
+    });
+    let mut session = ChatSession::new(&m.model, context, system);
+    loop {
+        ctx.check()?;
+        let msg = match turns.recv_timeout(CHAT_POLL) {
+            Ok(msg) => msg,
+            Err(RecvTimeoutError::Timeout) => continue,
+            // The engine dropped the session: cancelled, or the engine shut down.
+            Err(RecvTimeoutError::Disconnected) => {
+                return if ctx.cancelled() {
+                    Err(Error::Cancelled)
+                } else {
+                    Ok(JobOutput::ChatEnded)
+                };
+            }
+        };
+        match msg {
+            ChatMsg::Reset => {
+                session.clear();
+                stop_turn.store(false, Ordering::Relaxed);
+            }
+            ChatMsg::Options(o) => options = o,
+            ChatMsg::Send(text) => {
+                stop_turn.store(false, Ordering::Relaxed);
+                let mut on_text = |s: &str| {
+                    ctx.emit(Event::Token {
+                        job: ctx.job,
+                        text: s.to_owned(),
+                    });
+                    !ctx.cancelled() && !stop_turn.load(Ordering::Relaxed)
+                };
+                match session.send(&m.model, &m.source.tokenizer, &text, &options, &mut on_text) {
+                    Ok((text, stats)) => {
+                        ctx.check()?;
+                        ctx.emit(Event::TurnFinished {
+                            job: ctx.job,
+                            text,
+                            stats,
+                        });
+                    }
+                    // A turn that fails (context full, template error) ends the session.
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+}
+
+fn convert(ctx: &JobCtx, model: &Path, out: &Path, dtype: OutDtype) -> Result<JobOutput> {
+    let src = SourceModel::open(model)?;
+    let start = Instant::now();
+    let mut on_progress = |done: usize, total: usize| {
+        let eta = (done > 0).then(|| {
+            start.elapsed().as_secs_f64() / done as f64 * total.saturating_sub(done) as f64
+        });
+        ctx.progress(STAGE_CONVERT, done as u64, total as u64, eta);
+        !ctx.cancelled()
+    };
+    write_hf_folder(&src, out, dtype, &mut on_progress)?;
+    Ok(JobOutput::Converted {
+        path: out.to_path_buf(),
+    })
+}

@@ -1,0 +1,37 @@
+//! Helpers for tests (unit, integration and the app's): where the real test model lives.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// Path of SmolLM2-135M-Instruct's GGUF: `$QS_SMOLLM2` if set, else whatever `../shared/scripts/fetch-smollm2.sh`
+/// (beside the repository) prints. Panics with a clear message when neither works: a test that needs the
+/// model must fail, not pass, without it.
+pub fn smollm2_gguf() -> PathBuf {
+    if let Some(p) = std::env::var_os("QS_SMOLLM2") {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "QS_SMOLLM2={} is not a file", p.display());
+        return p;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let script = root.join("../shared/scripts/fetch-smollm2.sh");
+    assert!(
+        script.is_file(),
+        "SmolLM2 is needed: set QS_SMOLLM2 to its GGUF, or put shared/ beside the repository ({} is missing)",
+        script.display()
+    );
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default().trim().to_owned();
+    let p = PathBuf::from(last);
+    assert!(p.is_file(), "fetch-smollm2.sh printed {p:?}, which is not a file");
+    p
+}

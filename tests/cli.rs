@@ -1,0 +1,242 @@
+//! The `quant-studio` binary end to end, on the tiny fixture model.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use quant_engine::eval::{perplexity, EvalOptions};
+use quant_engine::infer::Model;
+use quant_engine::model::fixture::{write_fixture, FixtureSpec, FIXTURE_VOCAB};
+use quant_engine::model::SourceModel;
+
+const TEXT: &str = "The keeper counted the boats in the harbour every evening, and wrote the number in a \
+    small book. Some nights the wind came from the sea and the boats knocked together like wooden bells; \
+    other nights the water lay still and the lamps on the pier shone in it. The children of the village \
+    asked him why he counted, and he said that a harbour is a promise.\n";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    model: PathBuf,
+    text: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("tiny-llama");
+    write_fixture(&FixtureSpec::tiny_llama(), &model).expect("fixture");
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, TEXT.repeat(4)).expect("text");
+    Fixture {
+        _dir: dir,
+        model,
+        text,
+    }
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_quant-studio"))
+        .args(args)
+        .output()
+        .expect("run quant-studio")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        stdout(o),
+        stderr(o)
+    );
+}
+
+#[test]
+fn inspect_json_reports_the_fixture() {
+    let f = fixture();
+    let o = run(&["inspect", s(&f.model), "--json"]);
+    assert_ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON on stdout");
+    let spec = FixtureSpec::tiny_llama();
+    assert_eq!(v["arch"], "LlamaForCausalLM", "{v}");
+    assert_eq!(v["layers"].as_u64(), Some(spec.layers as u64), "{v}");
+    assert_eq!(v["hidden"].as_u64(), Some(spec.hidden as u64), "{v}");
+    assert_eq!(v["intermediate"].as_u64(), Some(spec.intermediate as u64), "{v}");
+    assert_eq!(v["heads"].as_u64(), Some(spec.heads as u64), "{v}");
+    assert_eq!(v["kv_heads"].as_u64(), Some(spec.kv_heads as u64), "{v}");
+    assert_eq!(v["vocab"].as_u64(), Some(FIXTURE_VOCAB as u64), "{v}");
+    assert_eq!(v["tied"].as_bool(), Some(true), "{v}");
+    let src = SourceModel::open(&f.model).expect("open");
+    assert_eq!(v["parameter_count"].as_u64(), Some(src.parameter_count()), "{v}");
+    let text = run(&["inspect", s(&f.model)]);
+    assert_ok(&text);
+    assert!(!stdout(&text).trim().is_empty());
+}
+
+/// The number after `key` in `text` (up to the next space).
+fn number_after(text: &str, key: &str) -> f64 {
+    let rest = &text[text.find(key).unwrap_or_else(|| panic!("{key:?} not in:\n{text}")) + key.len()..];
+    rest.split_whitespace()
+        .next()
+        .and_then(|w| w.trim_end_matches(',').parse().ok())
+        .unwrap_or_else(|| panic!("no number after {key:?} in:\n{text}"))
+}
+
+#[test]
+fn eval_prints_llama_perplexity_lines_and_the_engines_number() {
+    let f = fixture();
+    let o = run(&["eval", s(&f.model), "--text", s(&f.text), "--ctx", "32", "--chunks", "3"]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    assert!(out.contains("[1]") && out.contains("[3]"), "{out}");
+    let ppl = number_after(&out, "Final estimate: PPL = ");
+    assert!(ppl.is_finite() && ppl > 1.0, "{out}");
+    assert!(out.contains("+/-"), "{out}");
+
+    let o = run(&["eval", s(&f.model), "--text", s(&f.text), "--ctx", "32", "--chunks", "3", "--json"]);
+    assert_ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON");
+    let ppl_json = v["ppl"].as_f64().expect("ppl");
+    assert_eq!(v["n_chunks"].as_u64(), Some(3));
+    assert!((ppl - ppl_json).abs() < 1e-4 * ppl_json);
+
+    // The same number from the engine directly.
+    let src = SourceModel::open(&f.model).expect("open");
+    let model = Model::load(&src).expect("load");
+    let opts = EvalOptions {
+        n_ctx: 32,
+        max_chunks: Some(3),
+    };
+    let text = std::fs::read_to_string(&f.text).expect("text");
+    let direct = perplexity(&model, &src.tokenizer, &text, &opts, &mut |_| true).expect("ppl");
+    assert!(
+        (direct.ppl - ppl_json).abs() <= 1e-9 * direct.ppl,
+        "{} vs {ppl_json}",
+        direct.ppl
+    );
+}
+
+#[test]
+fn eval_with_base_prints_the_kld_block() {
+    let f = fixture();
+    let o = run(&[
+        "eval",
+        s(&f.model),
+        "--base",
+        s(&f.model),
+        "--text",
+        s(&f.text),
+        "--ctx",
+        "32",
+        "--chunks",
+        "2",
+    ]);
+    assert_ok(&o);
+    let out = stdout(&o);
+    for needle in ["Mean PPL(Q)", "Mean    KLD:", "Median  KLD", "RMS Δp", "Same top p"] {
+        assert!(out.contains(needle), "{needle:?} missing:\n{out}");
+    }
+    assert!(number_after(&out, "Mean    KLD:").abs() < 1e-3, "{out}");
+}
+
+#[test]
+fn a_bad_path_exits_1_with_one_error_line() {
+    let o = run(&["inspect", "/nonexistent/no-model-here"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains("/nonexistent/no-model-here"), "{err}");
+}
+
+#[test]
+fn eval_on_too_short_a_text_says_how_many_tokens_are_needed() {
+    let f = fixture();
+    let o = run(&["eval", s(&f.model), "--text", s(&f.text), "--ctx", "4096"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("at least 8192"), "{err}");
+}
+
+#[test]
+fn generate_prints_text() {
+    let f = fixture();
+    let o = run(&[
+        "generate",
+        s(&f.model),
+        "--prompt",
+        "The keeper counted",
+        "--max-tokens",
+        "5",
+        "--raw",
+    ]);
+    assert_ok(&o);
+    assert!(!stdout(&o).trim().is_empty(), "no text on stdout");
+    assert!(stderr(&o).contains("tokens/s"), "{}", stderr(&o));
+    // With the chat template too.
+    let o = run(&["generate", s(&f.model), "--prompt", "Hello", "--max-tokens", "5", "--threads", "1"]);
+    assert_ok(&o);
+}
+
+#[test]
+fn convert_writes_a_folder_that_evaluates_like_the_source() {
+    let f = fixture();
+    let out = f.model.with_file_name("converted");
+    let o = run(&["convert", s(&f.model), "--out", s(&out), "--dtype", "bf16"]);
+    assert_ok(&o);
+    assert!(stdout(&o).contains("wrote"), "{}", stdout(&o));
+    let src = SourceModel::open(&out).expect("open the converted folder");
+    assert_eq!(src.config.torch_dtype.as_deref(), Some("bfloat16"));
+    // KL-divergence of the bf16 copy from the f32 source: small but not zero.
+    let o = run(&[
+        "eval", s(&out), "--base", s(&f.model), "--text", s(&f.text), "--ctx", "32", "--json",
+    ]);
+    assert_ok(&o);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON");
+    let kld = v["full_precision"]["kld"]["mean"]["value"].as_f64().expect("kld");
+    assert!(kld > 0.0 && kld < 0.01, "{kld}");
+    // Converting onto an existing, non-empty folder fails with one line.
+    let o = run(&["convert", s(&f.model), "--out", s(&f.model)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o).trim_end().lines().count(), 1, "{}", stderr(&o));
+}
+
+#[test]
+fn chat_reads_turns_from_stdin() {
+    use std::io::Write as _;
+    let f = fixture();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_quant-studio"))
+        .args(["chat", s(&f.model), "--max-tokens", "4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"Hello\n/reset\nHello again\n/exit\n")
+        .expect("write");
+    let o = child.wait_with_output().expect("wait");
+    assert_ok(&o);
+    assert_eq!(stderr(&o).matches("generated:").count(), 2, "{}", stderr(&o));
+}
+
+#[test]
+fn zz_tmp_write_fixture() {
+    if let Ok(d) = std::env::var("QS_KEEP") {
+        write_fixture(&FixtureSpec::tiny_llama(), Path::new(&d)).expect("fixture");
+        std::fs::write(format!("{d}.txt"), TEXT.repeat(4)).expect("text");
+    }
+}
