@@ -22,9 +22,10 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use quant_engine::bench::BenchOptions;
 use quant_engine::infer::{GenerateOptions, SamplerConfig};
-use quant_engine::jobs::{Command, EngineHandle, Event, JobId, JobOutput};
 use quant_engine::jobs::OutDtype;
+use quant_engine::jobs::{Command, EngineHandle, Event, JobId, JobOutput};
 
 /// Quantize LLMs to GGUF, GPTQ, EXL2, AWQ, NF4 and HQQ, measure them, and chat with them.
 /// Without a command, opens the window.
@@ -65,6 +66,22 @@ pub enum CliCommand {
         out: PathBuf,
         #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
         dtype: DtypeArg,
+    },
+    /// Prompt-processing and decoding speed, as llama-bench measures it (pp512, tg128).
+    Bench {
+        model: PathBuf,
+        /// Prompt tokens for the pp test (0 skips it).
+        #[arg(long = "n-prompt", short = 'p', default_value_t = 512)]
+        n_prompt: usize,
+        /// Generated tokens for the tg test (0 skips it).
+        #[arg(long = "n-gen", short = 'n', default_value_t = 128)]
+        n_gen: usize,
+        /// Timed repetitions of each test (after one warm-up).
+        #[arg(long, short = 'r', default_value_t = 3)]
+        repetitions: usize,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -133,6 +150,20 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
         CliCommand::Generate(args) => generate::run_generate(&engine, &args),
         CliCommand::Chat(args) => generate::run_chat(&engine, &args),
         CliCommand::Convert { model, out, dtype } => convert(&engine, model, out, dtype),
+        CliCommand::Bench {
+            model,
+            n_prompt,
+            n_gen,
+            repetitions,
+            json,
+        } => {
+            let options = BenchOptions {
+                n_prompt,
+                n_gen,
+                repetitions,
+            };
+            bench(&engine, model, options, json)
+        }
     };
     engine.shutdown();
     result
@@ -212,6 +243,32 @@ fn convert(
     match output? {
         JobOutput::Converted { path } => {
             outln!("wrote {}", path.display())?;
+            Ok(())
+        }
+        other => bail!("internal error: unexpected output {other:?}"),
+    }
+}
+
+fn bench(
+    engine: &EngineHandle,
+    model: PathBuf,
+    options: BenchOptions,
+    json: bool,
+) -> anyhow::Result<()> {
+    let job = start(engine, Command::Bench { model, options })?;
+    let mut bars = progress::Bars::new();
+    let output = wait(engine, job, |ev| {
+        bars.on_event(ev);
+        Ok(())
+    });
+    bars.finish();
+    match output? {
+        JobOutput::Bench(report) => {
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&report)?)?;
+            } else {
+                outln!("{report}")?;
+            }
             Ok(())
         }
         other => bail!("internal error: unexpected output {other:?}"),

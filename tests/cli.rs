@@ -71,13 +71,21 @@ fn inspect_json_reports_the_fixture() {
     assert_eq!(v["arch"], "LlamaForCausalLM", "{v}");
     assert_eq!(v["layers"].as_u64(), Some(spec.layers as u64), "{v}");
     assert_eq!(v["hidden"].as_u64(), Some(spec.hidden as u64), "{v}");
-    assert_eq!(v["intermediate"].as_u64(), Some(spec.intermediate as u64), "{v}");
+    assert_eq!(
+        v["intermediate"].as_u64(),
+        Some(spec.intermediate as u64),
+        "{v}"
+    );
     assert_eq!(v["heads"].as_u64(), Some(spec.heads as u64), "{v}");
     assert_eq!(v["kv_heads"].as_u64(), Some(spec.kv_heads as u64), "{v}");
     assert_eq!(v["vocab"].as_u64(), Some(FIXTURE_VOCAB as u64), "{v}");
     assert_eq!(v["tied"].as_bool(), Some(true), "{v}");
     let src = SourceModel::open(&f.model).expect("open");
-    assert_eq!(v["parameter_count"].as_u64(), Some(src.parameter_count()), "{v}");
+    assert_eq!(
+        v["parameter_count"].as_u64(),
+        Some(src.parameter_count()),
+        "{v}"
+    );
     let text = run(&["inspect", s(&f.model)]);
     assert_ok(&text);
     assert!(!stdout(&text).trim().is_empty());
@@ -85,7 +93,10 @@ fn inspect_json_reports_the_fixture() {
 
 /// The number after `key` in `text` (up to the next space).
 fn number_after(text: &str, key: &str) -> f64 {
-    let rest = &text[text.find(key).unwrap_or_else(|| panic!("{key:?} not in:\n{text}")) + key.len()..];
+    let rest = &text[text
+        .find(key)
+        .unwrap_or_else(|| panic!("{key:?} not in:\n{text}"))
+        + key.len()..];
     rest.split_whitespace()
         .next()
         .and_then(|w| w.trim_end_matches(',').parse().ok())
@@ -95,7 +106,16 @@ fn number_after(text: &str, key: &str) -> f64 {
 #[test]
 fn eval_prints_llama_perplexity_lines_and_the_engines_number() {
     let f = fixture();
-    let o = run(&["eval", s(&f.model), "--text", s(&f.text), "--ctx", "32", "--chunks", "3"]);
+    let o = run(&[
+        "eval",
+        s(&f.model),
+        "--text",
+        s(&f.text),
+        "--ctx",
+        "32",
+        "--chunks",
+        "3",
+    ]);
     assert_ok(&o);
     let out = stdout(&o);
     assert!(out.contains("[1]") && out.contains("[3]"), "{out}");
@@ -103,7 +123,17 @@ fn eval_prints_llama_perplexity_lines_and_the_engines_number() {
     assert!(ppl.is_finite() && ppl > 1.0, "{out}");
     assert!(out.contains("+/-"), "{out}");
 
-    let o = run(&["eval", s(&f.model), "--text", s(&f.text), "--ctx", "32", "--chunks", "3", "--json"]);
+    let o = run(&[
+        "eval",
+        s(&f.model),
+        "--text",
+        s(&f.text),
+        "--ctx",
+        "32",
+        "--chunks",
+        "3",
+        "--json",
+    ]);
     assert_ok(&o);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON");
     let ppl_json = v["ppl"].as_f64().expect("ppl");
@@ -143,7 +173,13 @@ fn eval_with_base_prints_the_kld_block() {
     ]);
     assert_ok(&o);
     let out = stdout(&o);
-    for needle in ["Mean PPL(Q)", "Mean    KLD:", "Median  KLD", "RMS Δp", "Same top p"] {
+    for needle in [
+        "Mean PPL(Q)",
+        "Mean    KLD:",
+        "Median  KLD",
+        "RMS Δp",
+        "Same top p",
+    ] {
         assert!(out.contains(needle), "{needle:?} missing:\n{out}");
     }
     assert!(number_after(&out, "Mean    KLD:").abs() < 1e-3, "{out}");
@@ -184,7 +220,16 @@ fn generate_prints_text() {
     assert!(!stdout(&o).trim().is_empty(), "no text on stdout");
     assert!(stderr(&o).contains("tokens/s"), "{}", stderr(&o));
     // With the chat template too.
-    let o = run(&["generate", s(&f.model), "--prompt", "Hello", "--max-tokens", "5", "--threads", "1"]);
+    let o = run(&[
+        "generate",
+        s(&f.model),
+        "--prompt",
+        "Hello",
+        "--max-tokens",
+        "5",
+        "--threads",
+        "1",
+    ]);
     assert_ok(&o);
 }
 
@@ -199,11 +244,21 @@ fn convert_writes_a_folder_that_evaluates_like_the_source() {
     assert_eq!(src.config.torch_dtype.as_deref(), Some("bfloat16"));
     // KL-divergence of the bf16 copy from the f32 source: small but not zero.
     let o = run(&[
-        "eval", s(&out), "--base", s(&f.model), "--text", s(&f.text), "--ctx", "32", "--json",
+        "eval",
+        s(&out),
+        "--base",
+        s(&f.model),
+        "--text",
+        s(&f.text),
+        "--ctx",
+        "32",
+        "--json",
     ]);
     assert_ok(&o);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).expect("JSON");
-    let kld = v["full_precision"]["kld"]["mean"]["value"].as_f64().expect("kld");
+    let kld = v["full_precision"]["kld"]["mean"]["value"]
+        .as_f64()
+        .expect("kld");
     assert!(kld > 0.0 && kld < 0.01, "{kld}");
     // Converting onto an existing, non-empty folder fails with one line.
     let o = run(&["convert", s(&f.model), "--out", s(&f.model)]);
@@ -230,13 +285,10 @@ fn chat_reads_turns_from_stdin() {
         .expect("write");
     let o = child.wait_with_output().expect("wait");
     assert_ok(&o);
-    assert_eq!(stderr(&o).matches("generated:").count(), 2, "{}", stderr(&o));
-}
-
-#[test]
-fn zz_tmp_write_fixture() {
-    if let Ok(d) = std::env::var("QS_KEEP") {
-        write_fixture(&FixtureSpec::tiny_llama(), Path::new(&d)).expect("fixture");
-        std::fs::write(format!("{d}.txt"), TEXT.repeat(4)).expect("text");
-    }
+    assert_eq!(
+        stderr(&o).matches("generated:").count(),
+        2,
+        "{}",
+        stderr(&o)
+    );
 }

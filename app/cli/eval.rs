@@ -129,7 +129,10 @@ fn print_ppl(r: &PerplexityReport) -> std::io::Result<()> {
     if r.ppl_err.is_finite() {
         outln!("Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_err)?;
     } else {
-        outln!("Final estimate: PPL = {:.4} (no error estimate: too few tokens)", r.ppl)?;
+        outln!(
+            "Final estimate: PPL = {:.4} (no error estimate: too few tokens)",
+            r.ppl
+        )?;
     }
     eprintln!(
         "{} chunks of {} tokens, {} tokens scored, {:.1} s ({:.0} tokens/s)",
@@ -159,7 +162,10 @@ fn print_kld(r: &KldReport) -> std::io::Result<()> {
     outln!("====== Perplexity statistics ======")?;
     outln!("Mean PPL(Q)                   : {}", vu(s.ppl))?;
     outln!("Mean PPL(base)                : {}", vu(s.ppl_base))?;
-    outln!("Cor(ln(PPL(Q)), ln(PPL(base))): {:6.2}%", 100.0 * s.ln_ppl_correlation)?;
+    outln!(
+        "Cor(ln(PPL(Q)), ln(PPL(base))): {:6.2}%",
+        100.0 * s.ln_ppl_correlation
+    )?;
     outln!("Mean ln(PPL(Q)/PPL(base))     : {}", vu(s.ln_ppl_ratio))?;
     outln!("Mean PPL(Q)/PPL(base)         : {}", vu(s.ppl_ratio))?;
     outln!("Mean PPL(Q)-PPL(base)         : {}", vu(s.ppl_diff))?;

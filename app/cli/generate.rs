@@ -152,7 +152,10 @@ pub fn run_chat(engine: &EngineHandle, args: &ChatArgs) -> anyhow::Result<()> {
     loaded?;
     let interactive = std::io::stdin().is_terminal();
     if interactive {
-        eprintln!("Chatting with {} — /reset forgets the conversation, /exit quits.", args.model.display());
+        eprintln!(
+            "Chatting with {} — /reset forgets the conversation, /exit quits.",
+            args.model.display()
+        );
     }
     let stdin = std::io::stdin();
     let mut lines = stdin.lock().lines();

@@ -44,8 +44,8 @@ impl Bars {
                 "{prefix} [{bar:30}] {pos}/{len} {msg} (elapsed {elapsed}, ETA {eta})"
             };
             let style = ProgressStyle::with_template(template)
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
             bar.set_style(style);
             bar.set_prefix(stage.to_owned());
             bar.enable_steady_tick(Duration::from_millis(250));
@@ -73,7 +73,10 @@ impl Bars {
             Event::EvalChunk { progress: p, .. } => {
                 let bar = self.bar("evaluating", p.n_chunks as u64);
                 bar.set_position(p.done() as u64);
-                bar.set_message(format!("PPL {:.4}, {:.0} tokens/s", p.ppl, p.tokens_per_sec));
+                bar.set_message(format!(
+                    "PPL {:.4}, {:.0} tokens/s",
+                    p.ppl, p.tokens_per_sec
+                ));
                 if p.done() >= p.n_chunks {
                     self.finish();
                 }

@@ -44,7 +44,11 @@ impl Error {
     }
 
     /// A malformed-file error on `path`.
-    pub fn malformed(path: impl Into<PathBuf>, what: &'static str, detail: impl Into<String>) -> Self {
+    pub fn malformed(
+        path: impl Into<PathBuf>,
+        what: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
         Self::Malformed {
             path: path.into(),
             what,

@@ -7,12 +7,14 @@
 //! * [`eval`]   — perplexity and KL-divergence, computed as llama.cpp's `llama-perplexity` does.
 //! * [`jobs`]   — the engine thread: `Command`/`Event` over bounded channels, cancellation, progress.
 
+pub mod bench;
 pub mod codecs;
 pub mod error;
 pub mod eval;
 pub mod infer;
 pub mod jobs;
 pub mod model;
+mod simd;
 pub mod tensor;
 #[doc(hidden)]
 pub mod testing;

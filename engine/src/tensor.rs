@@ -88,7 +88,12 @@ pub struct TensorRef {
 
 impl TensorRef {
     /// Build a handle, checking that `data` holds exactly `shape` elements of `ty` in whole-block rows.
-    pub fn new(name: impl Into<String>, shape: Vec<usize>, ty: GgmlType, data: Bytes) -> Result<Self> {
+    pub fn new(
+        name: impl Into<String>,
+        shape: Vec<usize>,
+        ty: GgmlType,
+        data: Bytes,
+    ) -> Result<Self> {
         let name = name.into();
         let t = ty.traits();
         let cols = shape.last().copied().unwrap_or(1);
@@ -226,8 +231,13 @@ impl TensorRef {
             |scratch, (ci, o)| {
                 for (k, v) in o.iter_mut().enumerate() {
                     let r = ci * chunk + k;
-                    self.dequant_row(r, scratch);
-                    *v = dot(scratch, x);
+                    *v = match self.ty {
+                        GgmlType::F16 => crate::simd::dot_f16(self.row_data(r), x),
+                        _ => {
+                            self.dequant_row(r, scratch);
+                            crate::simd::dot_f32(scratch, x)
+                        }
+                    };
                 }
             },
         );
@@ -236,7 +246,9 @@ impl TensorRef {
 
 /// Rows per tile so a dequantised tile stays around 256 KiB (L2-sized).
 fn tile_rows(rows: usize, cols: usize) -> usize {
-    ((256 * 1024 / 4) / cols.max(1)).clamp(16, 512).min(rows.max(1))
+    ((256 * 1024 / 4) / cols.max(1))
+        .clamp(16, 512)
+        .min(rows.max(1))
 }
 
 /// A dot product with eight independent accumulators, so it vectorises without fast-math.
@@ -322,6 +334,7 @@ pub fn sgemm_nn(n: usize, m: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -338,10 +351,14 @@ mod tests {
     #[test]
     fn matmul_matches_naive_for_batches_and_vectors() {
         let (m, k) = (37, 64);
-        let w: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let w: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
         let t = TensorRef::from_f32("w", vec![m, k], &w).unwrap();
         for n in [1, 5] {
-            let x: Vec<f32> = (0..n * k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+            let x: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+                .collect();
             let mut y = vec![0.0; n * m];
             t.matmul(&x, n, &mut y);
             let want = naive(&x, n, &w, m, k);

@@ -32,6 +32,9 @@ pub fn smollm2_gguf() -> PathBuf {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().last().unwrap_or_default().trim().to_owned();
     let p = PathBuf::from(last);
-    assert!(p.is_file(), "fetch-smollm2.sh printed {p:?}, which is not a file");
+    assert!(
+        p.is_file(),
+        "fetch-smollm2.sh printed {p:?}, which is not a file"
+    );
     p
 }

@@ -9,52 +9,14 @@ use std::path::{Path, PathBuf};
 
 use quant_engine::infer::{generate, GenerateOptions, Logits, Model, StopReason};
 use quant_engine::model::fixture::{
-    fixture_files, fixture_tensor_refs, write_fixture, FixtureDtype, FixtureSpec, IM_END_ID,
+    fixture_files, fixture_tensor_refs, golden_cases, FixtureSpec, IM_END_ID,
 };
-use quant_engine::model::{RopeScaling, SourceModel};
+use quant_engine::model::SourceModel;
 use serde_json::Value;
 
 /// Name and builder spec of every golden case.
 fn cases() -> Vec<(&'static str, FixtureSpec)> {
-    vec![
-        // Tied embeddings, grouped-query attention.
-        ("llama", FixtureSpec::tiny_llama()),
-        // Llama 3.1 RoPE scaling, untied head.
-        ("llama3_rope", FixtureSpec::tiny_llama3_rope()),
-        // Linear RoPE scaling.
-        (
-            "llama_linear_rope",
-            FixtureSpec {
-                rope_scaling: Some(RopeScaling::Linear { factor: 4.0 }),
-                tie_embeddings: false,
-                seed: 5,
-                ..FixtureSpec::tiny_llama()
-            },
-        ),
-        // Multi-query attention.
-        ("mistral", FixtureSpec::tiny_mistral()),
-        // q/k/v biases.
-        ("qwen2", FixtureSpec::tiny_qwen2()),
-        // F16 storage; Llama with attention_bias (q/k/v/o biases).
-        (
-            "llama_bias_f16",
-            FixtureSpec {
-                attention_bias: true,
-                dtype: FixtureDtype::F16,
-                seed: 6,
-                ..FixtureSpec::tiny_llama()
-            },
-        ),
-        // BF16 storage.
-        (
-            "qwen2_bf16",
-            FixtureSpec {
-                dtype: FixtureDtype::BF16,
-                seed: 7,
-                ..FixtureSpec::tiny_qwen2()
-            },
-        ),
-    ]
+    golden_cases()
 }
 
 fn golden_root() -> PathBuf {
@@ -85,15 +47,6 @@ fn argmax(v: &[f32]) -> u32 {
         }
     }
     best as u32
-}
-
-/// Regenerate the fixture folders from the builder (then run make_golden.py).
-#[test]
-#[ignore = "writes tests/golden/*; run by hand when the fixture builder changes"]
-fn regenerate_golden_fixtures() {
-    for (name, spec) in cases() {
-        write_fixture(&spec, &golden_root().join(name)).expect("write fixture");
-    }
 }
 
 /// The committed folders are byte-for-byte what the builder writes, so the golden numbers stay tied to

@@ -7,9 +7,7 @@ pub fn dequant_f32(src: &[u8], dst: &mut [f32]) {
 }
 
 pub fn dequant_f16(src: &[u8], dst: &mut [f32]) {
-    for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-        *d = half::f16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32();
-    }
+    crate::simd::f16_to_f32(src, dst);
 }
 
 pub fn dequant_bf16(src: &[u8], dst: &mut [f32]) {

@@ -4,7 +4,9 @@
 
 use super::f16_at;
 
-pub const KVALUES_IQ4NL: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+pub const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
 
 /// The grid as f32, so the inner loop is a lookup and a multiply.
 const KF: [f32; 16] = {
@@ -42,9 +44,14 @@ pub fn dequant_iq4_xs(src: &[u8], dst: &mut [f32]) {
         let scales_l = &b[4..8];
         let qs = &b[8..136];
         for ib in 0..8 {
-            let ls = ((scales_l[ib / 2] >> (4 * (ib % 2))) & 0x0F) | ((((scales_h >> (2 * ib)) & 3) as u8) << 4);
+            let ls = ((scales_l[ib / 2] >> (4 * (ib % 2))) & 0x0F)
+                | ((((scales_h >> (2 * ib)) & 3) as u8) << 4);
             let dl = d * (ls as i32 - 32) as f32;
-            nibbles(&qs[16 * ib..16 * ib + 16], dl, &mut y[32 * ib..32 * ib + 32]);
+            nibbles(
+                &qs[16 * ib..16 * ib + 16],
+                dl,
+                &mut y[32 * ib..32 * ib + 32],
+            );
         }
     }
 }
@@ -60,7 +67,10 @@ mod tests {
         let mut y = [0.0f32; 32];
         dequant_iq4_nl(&b, &mut y);
         for j in 0..16 {
-            assert_eq!((y[j], y[j + 16]), (KVALUES_IQ4NL[j] as f32, KVALUES_IQ4NL[15 - j] as f32));
+            assert_eq!(
+                (y[j], y[j + 16]),
+                (KVALUES_IQ4NL[j] as f32, KVALUES_IQ4NL[15 - j] as f32)
+            );
         }
         // IQ4_XS: sub-block ib's 6-bit scale = nibble ib%2 of scales_l[ib/2] | bits 2ib..2ib+2 of scales_h.
         let mut b = vec![0u8; 136];

@@ -58,26 +58,132 @@ impl TypeTraits {
 
     /// Bytes of a row of `n` elements, or `None` when `n` is not a whole number of blocks.
     pub fn row_bytes(&self, n: usize) -> Option<usize> {
-        (n % self.block_elems == 0).then(|| n / self.block_elems * self.block_bytes)
+        n.is_multiple_of(self.block_elems)
+            .then(|| n / self.block_elems * self.block_bytes)
     }
 }
 
 const TABLE: [TypeTraits; 15] = [
-    TypeTraits { ty: GgmlType::F32, name: "F32", ggml_id: 0, block_elems: 1, block_bytes: 4, dequantize: float::dequant_f32 },
-    TypeTraits { ty: GgmlType::F16, name: "F16", ggml_id: 1, block_elems: 1, block_bytes: 2, dequantize: float::dequant_f16 },
-    TypeTraits { ty: GgmlType::BF16, name: "BF16", ggml_id: 30, block_elems: 1, block_bytes: 2, dequantize: float::dequant_bf16 },
-    TypeTraits { ty: GgmlType::Q4_0, name: "Q4_0", ggml_id: 2, block_elems: 32, block_bytes: 18, dequantize: legacy::dequant_q4_0 },
-    TypeTraits { ty: GgmlType::Q4_1, name: "Q4_1", ggml_id: 3, block_elems: 32, block_bytes: 20, dequantize: legacy::dequant_q4_1 },
-    TypeTraits { ty: GgmlType::Q5_0, name: "Q5_0", ggml_id: 6, block_elems: 32, block_bytes: 22, dequantize: legacy::dequant_q5_0 },
-    TypeTraits { ty: GgmlType::Q5_1, name: "Q5_1", ggml_id: 7, block_elems: 32, block_bytes: 24, dequantize: legacy::dequant_q5_1 },
-    TypeTraits { ty: GgmlType::Q8_0, name: "Q8_0", ggml_id: 8, block_elems: 32, block_bytes: 34, dequantize: legacy::dequant_q8_0 },
-    TypeTraits { ty: GgmlType::Q2K, name: "Q2_K", ggml_id: 10, block_elems: 256, block_bytes: 84, dequantize: kquants::dequant_q2_k },
-    TypeTraits { ty: GgmlType::Q3K, name: "Q3_K", ggml_id: 11, block_elems: 256, block_bytes: 110, dequantize: kquants::dequant_q3_k },
-    TypeTraits { ty: GgmlType::Q4K, name: "Q4_K", ggml_id: 12, block_elems: 256, block_bytes: 144, dequantize: kquants::dequant_q4_k },
-    TypeTraits { ty: GgmlType::Q5K, name: "Q5_K", ggml_id: 13, block_elems: 256, block_bytes: 176, dequantize: kquants::dequant_q5_k },
-    TypeTraits { ty: GgmlType::Q6K, name: "Q6_K", ggml_id: 14, block_elems: 256, block_bytes: 210, dequantize: kquants::dequant_q6_k },
-    TypeTraits { ty: GgmlType::Iq4Nl, name: "IQ4_NL", ggml_id: 20, block_elems: 32, block_bytes: 18, dequantize: iquants::dequant_iq4_nl },
-    TypeTraits { ty: GgmlType::Iq4Xs, name: "IQ4_XS", ggml_id: 23, block_elems: 256, block_bytes: 136, dequantize: iquants::dequant_iq4_xs },
+    TypeTraits {
+        ty: GgmlType::F32,
+        name: "F32",
+        ggml_id: 0,
+        block_elems: 1,
+        block_bytes: 4,
+        dequantize: float::dequant_f32,
+    },
+    TypeTraits {
+        ty: GgmlType::F16,
+        name: "F16",
+        ggml_id: 1,
+        block_elems: 1,
+        block_bytes: 2,
+        dequantize: float::dequant_f16,
+    },
+    TypeTraits {
+        ty: GgmlType::BF16,
+        name: "BF16",
+        ggml_id: 30,
+        block_elems: 1,
+        block_bytes: 2,
+        dequantize: float::dequant_bf16,
+    },
+    TypeTraits {
+        ty: GgmlType::Q4_0,
+        name: "Q4_0",
+        ggml_id: 2,
+        block_elems: 32,
+        block_bytes: 18,
+        dequantize: legacy::dequant_q4_0,
+    },
+    TypeTraits {
+        ty: GgmlType::Q4_1,
+        name: "Q4_1",
+        ggml_id: 3,
+        block_elems: 32,
+        block_bytes: 20,
+        dequantize: legacy::dequant_q4_1,
+    },
+    TypeTraits {
+        ty: GgmlType::Q5_0,
+        name: "Q5_0",
+        ggml_id: 6,
+        block_elems: 32,
+        block_bytes: 22,
+        dequantize: legacy::dequant_q5_0,
+    },
+    TypeTraits {
+        ty: GgmlType::Q5_1,
+        name: "Q5_1",
+        ggml_id: 7,
+        block_elems: 32,
+        block_bytes: 24,
+        dequantize: legacy::dequant_q5_1,
+    },
+    TypeTraits {
+        ty: GgmlType::Q8_0,
+        name: "Q8_0",
+        ggml_id: 8,
+        block_elems: 32,
+        block_bytes: 34,
+        dequantize: legacy::dequant_q8_0,
+    },
+    TypeTraits {
+        ty: GgmlType::Q2K,
+        name: "Q2_K",
+        ggml_id: 10,
+        block_elems: 256,
+        block_bytes: 84,
+        dequantize: kquants::dequant_q2_k,
+    },
+    TypeTraits {
+        ty: GgmlType::Q3K,
+        name: "Q3_K",
+        ggml_id: 11,
+        block_elems: 256,
+        block_bytes: 110,
+        dequantize: kquants::dequant_q3_k,
+    },
+    TypeTraits {
+        ty: GgmlType::Q4K,
+        name: "Q4_K",
+        ggml_id: 12,
+        block_elems: 256,
+        block_bytes: 144,
+        dequantize: kquants::dequant_q4_k,
+    },
+    TypeTraits {
+        ty: GgmlType::Q5K,
+        name: "Q5_K",
+        ggml_id: 13,
+        block_elems: 256,
+        block_bytes: 176,
+        dequantize: kquants::dequant_q5_k,
+    },
+    TypeTraits {
+        ty: GgmlType::Q6K,
+        name: "Q6_K",
+        ggml_id: 14,
+        block_elems: 256,
+        block_bytes: 210,
+        dequantize: kquants::dequant_q6_k,
+    },
+    TypeTraits {
+        ty: GgmlType::Iq4Nl,
+        name: "IQ4_NL",
+        ggml_id: 20,
+        block_elems: 32,
+        block_bytes: 18,
+        dequantize: iquants::dequant_iq4_nl,
+    },
+    TypeTraits {
+        ty: GgmlType::Iq4Xs,
+        name: "IQ4_XS",
+        ggml_id: 23,
+        block_elems: 256,
+        block_bytes: 136,
+        dequantize: iquants::dequant_iq4_xs,
+    },
 ];
 
 impl GgmlType {

@@ -163,7 +163,10 @@ mod tests {
         let r = {
             let mut a = fake_forward(vocab, 2.0, &mut fa);
             let mut b = fake_forward(vocab, 2.0, &mut fb);
-            kld_tokens(&tokens, Some(0), vocab, &opts, &mut a, &mut b, &mut |_| true).expect("kld")
+            kld_tokens(&tokens, Some(0), vocab, &opts, &mut a, &mut b, &mut |_| {
+                true
+            })
+            .expect("kld")
         };
         assert_eq!(fa, fb);
         assert_eq!(r.stats.count, 4 * 7);
@@ -219,8 +222,8 @@ mod tests {
 
     #[test]
     fn fixture_models_against_each_other() {
-        use super::super::perplexity::tests::{fixture_model, TEXT};
         use super::super::perplexity::perplexity;
+        use super::super::perplexity::tests::{fixture_model, TEXT};
         let (base, tok) = fixture_model(1);
         let (other, _) = fixture_model(2);
         let text = TEXT.repeat(3);

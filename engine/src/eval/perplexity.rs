@@ -173,10 +173,13 @@ pub(crate) mod tests {
             perplexity_tokens(&tokens, Some(49), vocab, &opts, &mut fwd, &mut |_| true)
                 .expect("ppl")
         };
-        assert_eq!(fed, vec![
-            vec![49, 1, 2, 3, 4, 5, 6, 7],
-            vec![49, 9, 10, 11, 12, 13, 14, 15]
-        ]);
+        assert_eq!(
+            fed,
+            vec![
+                vec![49, 1, 2, 3, 4, 5, 6, 7],
+                vec![49, 9, 10, 11, 12, 13, 14, 15]
+            ]
+        );
         // p(target) = e^3 / (e^3 + 49)
         let nll = -(f64::from(boost) - (f64::from(boost).exp() + 49.0).ln());
         assert!((r.mean_nll - nll).abs() < 1e-6);
@@ -268,7 +271,9 @@ pub(crate) mod tests {
         assert_eq!(r.n_chunks, 4);
         assert_eq!(r.n_scored, 4 * 15);
         // Naive: all logits, log-softmax in f64, BOS over each chunk's first token.
-        let ids = tok.encode(text.strip_suffix('\n').expect("newline"), true).expect("ids");
+        let ids = tok
+            .encode(text.strip_suffix('\n').expect("newline"), true)
+            .expect("ids");
         assert_eq!(ids[0], 1);
         let vocab = model.config().vocab_size;
         let (mut sum, mut n) = (0.0f64, 0usize);
@@ -276,7 +281,9 @@ pub(crate) mod tests {
             let mut chunk = ids[k * 32..(k + 1) * 32].to_vec();
             chunk[0] = 1;
             let mut cache = model.new_cache(32);
-            let all = model.forward(&chunk, &mut cache, Logits::All).expect("forward");
+            let all = model
+                .forward(&chunk, &mut cache, Logits::All)
+                .expect("forward");
             for pos in 16..31 {
                 let row: Vec<f64> = all[pos * vocab..(pos + 1) * vocab]
                     .iter()

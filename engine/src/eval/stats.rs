@@ -367,7 +367,8 @@ impl KldSums {
         let ratio_val = log_ppl.value - log_ppl_base.value;
         // llama.cpp takes the square root as it is and prints `nan` when rounding makes the variance of
         // the difference negative (two nearly identical models); we clamp it at 0.
-        let ratio_unc = (log_ppl.unc * log_ppl.unc + log_ppl_base.unc * log_ppl_base.unc - 2.0 * cov)
+        let ratio_unc = (log_ppl.unc * log_ppl.unc + log_ppl_base.unc * log_ppl_base.unc
+            - 2.0 * cov)
             .max(0.0)
             .sqrt();
         let ppl_cov = ppl * ppl_base * cov;
@@ -641,7 +642,10 @@ mod tests {
         assert_eq!(q.q[4], 0); // below the range
         for i in [0usize, 1, 2, 3, 5] {
             let exact = logits[i] - 7.0 - lse;
-            assert!((q.log_prob(i) - exact).abs() <= q.scale * 0.5 + 1e-5, "token {i}");
+            assert!(
+                (q.log_prob(i) - exact).abs() <= q.scale * 0.5 + 1e-5,
+                "token {i}"
+            );
         }
         // A flat row has scale 0 and decodes to −ln n.
         let flat = QuantizedLogProbs::quantize(&[1.0; 8]);

@@ -100,12 +100,20 @@ pub enum Command {
     /// Forget chat session `job`'s conversation (its system prompt stays).
     ChatReset { job: JobId },
     /// Sampling options for the next turns of chat session `job`.
-    ChatOptions { job: JobId, options: GenerateOptions },
+    ChatOptions {
+        job: JobId,
+        options: GenerateOptions,
+    },
     /// Write `model` as a Hugging Face folder in `dtype` → [`JobOutput::Converted`].
     Convert {
         model: PathBuf,
         out: PathBuf,
         dtype: OutDtype,
+    },
+    /// Measure prompt-processing and decoding speed of `model` → [`JobOutput::Bench`].
+    Bench {
+        model: PathBuf,
+        options: crate::bench::BenchOptions,
     },
     /// Cancel a job (a chat session ends). Unknown or finished jobs are ignored.
     Cancel(JobId),
@@ -123,6 +131,7 @@ pub enum JobKind {
     Generate,
     Chat,
     Convert,
+    Bench,
 }
 
 /// Quality of one quantized tensor (sent by the quantizers as [`Event::LayerDone`]).
@@ -147,8 +156,14 @@ pub enum JobOutput {
     Summary(Box<ModelSummary>),
     Perplexity(Box<PerplexityReport>),
     Kld(Box<KldReport>),
-    Generated { text: String, stats: GenerateStats },
-    Converted { path: PathBuf },
+    Generated {
+        text: String,
+        stats: GenerateStats,
+    },
+    Converted {
+        path: PathBuf,
+    },
+    Bench(crate::bench::BenchReport),
     /// A chat session that was ended by [`Command::Shutdown`].
     ChatEnded,
 }
@@ -395,6 +410,7 @@ fn job_kind(c: &Command) -> Option<JobKind> {
         Command::Generate { .. } => JobKind::Generate,
         Command::Chat { .. } => JobKind::Chat,
         Command::Convert { .. } => JobKind::Convert,
+        Command::Bench { .. } => JobKind::Bench,
         _ => return None,
     })
 }
@@ -460,7 +476,8 @@ impl EngineThread {
                 } else {
                     self.emit(Event::Failed {
                         job,
-                        error: "only a command that starts a job can be tagged with a job id".into(),
+                        error: "only a command that starts a job can be tagged with a job id"
+                            .into(),
                     });
                 }
             }
@@ -545,7 +562,6 @@ impl EngineThread {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests;

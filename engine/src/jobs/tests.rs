@@ -56,7 +56,16 @@ fn inspect_bad_path_fails_with_the_path_in_the_message() {
         },
     );
     let evs = collect(&engine, job, Duration::from_secs(10));
-    assert!(matches!(evs[0], Event::Started { kind: JobKind::Inspect, .. }), "{evs:?}");
+    assert!(
+        matches!(
+            evs[0],
+            Event::Started {
+                kind: JobKind::Inspect,
+                ..
+            }
+        ),
+        "{evs:?}"
+    );
     match evs.last() {
         Some(Event::Failed { error, .. }) => {
             assert!(error.contains("/nonexistent/model-folder"), "{error}");
@@ -78,15 +87,29 @@ fn commands_sent_raw_get_ids_in_order_and_a_waker_is_called() {
     }));
     engine
         .commands
-        .send(Command::Inspect { path: model.clone() })
+        .send(Command::Inspect {
+            path: model.clone(),
+        })
         .expect("send");
-    let first = engine.events.recv_timeout(Duration::from_secs(10)).expect("event");
+    let first = engine
+        .events
+        .recv_timeout(Duration::from_secs(10))
+        .expect("event");
     let Event::Started { job, kind } = first else {
         panic!("expected Started, got {first:?}");
     };
     assert_eq!(kind, JobKind::Inspect);
     let evs = collect(&engine, job, Duration::from_secs(30));
-    assert!(matches!(evs.last(), Some(Event::Finished { output: JobOutput::Summary(_), .. })), "{evs:?}");
+    assert!(
+        matches!(
+            evs.last(),
+            Some(Event::Finished {
+                output: JobOutput::Summary(_),
+                ..
+            })
+        ),
+        "{evs:?}"
+    );
     // A submitted job gets a different id.
     let job2 = submit(&engine, Command::Inspect { path: model });
     assert_ne!(job, job2);
@@ -113,7 +136,16 @@ fn evaluation_events_arrive_in_order() {
         },
     );
     let evs = collect(&engine, job, Duration::from_secs(60));
-    assert!(matches!(evs[0], Event::Started { kind: JobKind::Evaluate, .. }), "{evs:?}");
+    assert!(
+        matches!(
+            evs[0],
+            Event::Started {
+                kind: JobKind::Evaluate,
+                ..
+            }
+        ),
+        "{evs:?}"
+    );
     let chunks: Vec<&ChunkProgress> = evs
         .iter()
         .filter_map(|e| match e {
@@ -121,7 +153,10 @@ fn evaluation_events_arrive_in_order() {
             _ => None,
         })
         .collect();
-    assert_eq!(chunks.iter().map(|c| c.chunk).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert_eq!(
+        chunks.iter().map(|c| c.chunk).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
     // Loading progress comes before the first chunk.
     let first_chunk = evs
         .iter()
@@ -139,7 +174,10 @@ fn evaluation_events_arrive_in_order() {
     };
     assert_eq!(r.n_chunks, 3);
     assert!(r.ppl.is_finite() && r.ppl > 1.0);
-    assert_eq!(r.chunk_ppl, chunks.iter().map(|c| c.ppl).collect::<Vec<_>>());
+    assert_eq!(
+        r.chunk_ppl,
+        chunks.iter().map(|c| c.ppl).collect::<Vec<_>>()
+    );
 
     // KL-divergence of the model from itself, reusing the cached model.
     let job = submit(
@@ -183,7 +221,10 @@ fn a_job_is_cancelled_within_a_second() {
     );
     // Wait for the first chunk, then cancel.
     loop {
-        let ev = engine.events.recv_timeout(Duration::from_secs(60)).expect("event");
+        let ev = engine
+            .events
+            .recv_timeout(Duration::from_secs(60))
+            .expect("event");
         assert!(!ev.is_terminal(), "ended early: {ev:?}");
         if matches!(ev, Event::EvalChunk { .. }) {
             break;
@@ -193,7 +234,11 @@ fn a_job_is_cancelled_within_a_second() {
     engine.submit(Command::Cancel(job)).expect("engine");
     let evs = collect(&engine, job, Duration::from_secs(5));
     let took = t0.elapsed();
-    assert!(matches!(evs.last(), Some(Event::Cancelled { .. })), "{:?}", evs.last());
+    assert!(
+        matches!(evs.last(), Some(Event::Cancelled { .. })),
+        "{:?}",
+        evs.last()
+    );
     assert!(took < Duration::from_secs(1), "cancel took {took:?}");
     engine.shutdown();
 }
@@ -254,7 +299,10 @@ fn generation_streams_tokens_and_can_be_cancelled() {
     );
     let mut first_token = false;
     while !first_token {
-        let ev = engine.events.recv_timeout(Duration::from_secs(60)).expect("event");
+        let ev = engine
+            .events
+            .recv_timeout(Duration::from_secs(60))
+            .expect("event");
         if ev.is_terminal() {
             // Sampling ended (end of text) before we could cancel: nothing to test here.
             return;
@@ -266,7 +314,10 @@ fn generation_streams_tokens_and_can_be_cancelled() {
     let evs = collect(&engine, job, Duration::from_secs(5));
     assert!(t0.elapsed() < Duration::from_secs(1));
     assert!(
-        matches!(evs.last(), Some(Event::Cancelled { .. } | Event::Finished { .. })),
+        matches!(
+            evs.last(),
+            Some(Event::Cancelled { .. } | Event::Finished { .. })
+        ),
         "{:?}",
         evs.last()
     );
@@ -337,7 +388,11 @@ fn the_model_cache_keeps_the_most_recent_models() {
     let a = cache.get_or_load(&model).expect("load");
     let b = cache.get_or_load(&model).expect("load");
     assert!(Arc::ptr_eq(&a, &b));
-    let other = model.parent().map(Path::to_path_buf).expect("parent").join("other");
+    let other = model
+        .parent()
+        .map(Path::to_path_buf)
+        .expect("parent")
+        .join("other");
     write_fixture(&FixtureSpec::tiny_qwen2(), &other).expect("fixture");
     let c = cache.get_or_load(&other).expect("load");
     assert!(!Arc::ptr_eq(&a, &c));

@@ -1,5 +1,6 @@
 //! What each job does, on its own thread.
 
+use crate::bench::BenchOptions;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +65,10 @@ pub(crate) enum JobRequest {
         out: PathBuf,
         dtype: OutDtype,
     },
+    Bench {
+        model: PathBuf,
+        options: BenchOptions,
+    },
 }
 
 impl JobRequest {
@@ -120,6 +125,7 @@ impl JobRequest {
                 )
             }
             Command::Convert { model, out, dtype } => (Self::Convert { model, out, dtype }, None),
+            Command::Bench { model, options } => (Self::Bench { model, options }, None),
             _ => return None,
         })
     }
@@ -229,8 +235,18 @@ fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOut
             context_tokens,
             turns,
             stop_turn,
-        } => chat(ctx, cache, &model, system, options, context_tokens, &turns, &stop_turn),
+        } => chat(
+            ctx,
+            cache,
+            &model,
+            system,
+            options,
+            context_tokens,
+            &turns,
+            &stop_turn,
+        ),
         JobRequest::Convert { model, out, dtype } => convert(ctx, &model, &out, dtype),
+        JobRequest::Bench { model, options } => bench(ctx, cache, &model, &options),
     }
 }
 
@@ -408,4 +424,22 @@ fn convert(ctx: &JobCtx, model: &Path, out: &Path, dtype: OutDtype) -> Result<Jo
     Ok(JobOutput::Converted {
         path: out.to_path_buf(),
     })
+}
+
+fn bench(
+    ctx: &JobCtx,
+    cache: &ModelCache,
+    model: &Path,
+    options: &BenchOptions,
+) -> Result<JobOutput> {
+    let m = load(ctx, cache, model)?;
+    let total = 2 * (options.repetitions.max(1) as u64 + 1);
+    let mut step = 0u64;
+    let mut on_progress = |test: &str, _rep: usize| {
+        ctx.progress(&format!("bench {test}"), step, total, None);
+        step += 1;
+        !ctx.cancelled()
+    };
+    let report = crate::bench::run(&m.model, options, &mut on_progress)?;
+    Ok(JobOutput::Bench(report))
 }

@@ -93,9 +93,10 @@ impl ModelConfig {
                     .collect(),
                 None => base.iter().map(|&f| f as f32).collect(),
             },
-            Some(RopeScaling::Linear { factor }) => {
-                base.iter().map(|&f| (f / f64::from(factor)) as f32).collect()
-            }
+            Some(RopeScaling::Linear { factor }) => base
+                .iter()
+                .map(|&f| (f / f64::from(factor)) as f32)
+                .collect(),
             Some(RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,

@@ -758,6 +758,51 @@ pub fn write_fixture(spec: &FixtureSpec, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The fixtures of the golden tests (`tests/golden/<name>/`), by folder name.
+/// Regenerate them with `cargo run -p quant_engine --example regenerate_golden`, then run
+/// `tests/golden/make_golden.py`.
+pub fn golden_cases() -> Vec<(&'static str, FixtureSpec)> {
+    vec![
+        // Tied embeddings, grouped-query attention.
+        ("llama", FixtureSpec::tiny_llama()),
+        // Llama 3.1 RoPE scaling, untied head.
+        ("llama3_rope", FixtureSpec::tiny_llama3_rope()),
+        // Linear RoPE scaling.
+        (
+            "llama_linear_rope",
+            FixtureSpec {
+                rope_scaling: Some(RopeScaling::Linear { factor: 4.0 }),
+                tie_embeddings: false,
+                seed: 5,
+                ..FixtureSpec::tiny_llama()
+            },
+        ),
+        // Multi-query attention.
+        ("mistral", FixtureSpec::tiny_mistral()),
+        // q/k/v biases.
+        ("qwen2", FixtureSpec::tiny_qwen2()),
+        // F16 storage; Llama with attention_bias (q/k/v/o biases).
+        (
+            "llama_bias_f16",
+            FixtureSpec {
+                attention_bias: true,
+                dtype: FixtureDtype::F16,
+                seed: 6,
+                ..FixtureSpec::tiny_llama()
+            },
+        ),
+        // BF16 storage.
+        (
+            "qwen2_bf16",
+            FixtureSpec {
+                dtype: FixtureDtype::BF16,
+                seed: 7,
+                ..FixtureSpec::tiny_qwen2()
+            },
+        ),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -255,7 +255,9 @@ impl GgufArray {
         match self {
             GgufArray::F32(v) => Some(v.clone()),
             GgufArray::F64(v) => Some(v.iter().map(|&x| x as f32).collect()),
-            _ => self.to_ints().map(|v| v.into_iter().map(|x| x as f32).collect()),
+            _ => self
+                .to_ints()
+                .map(|v| v.into_iter().map(|x| x as f32).collect()),
         }
     }
 }
@@ -419,7 +421,11 @@ impl GgufFile {
         };
         let i = v.as_i128().ok_or_else(|| self.wrong_type(key, v, want))?;
         T::try_from(i).map(Some).map_err(|_| {
-            Error::malformed(&self.path, "GGUF", format!("key {key} = {i} does not fit {want}"))
+            Error::malformed(
+                &self.path,
+                "GGUF",
+                format!("key {key} = {i} does not fit {want}"),
+            )
         })
     }
 
@@ -459,7 +465,10 @@ impl GgufFile {
     pub fn get_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.wrong_type(key, v, "BOOL")),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.wrong_type(key, v, "BOOL")),
         }
     }
 
@@ -467,7 +476,10 @@ impl GgufFile {
     pub fn get_str(&self, key: &str) -> Result<Option<&str>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or_else(|| self.wrong_type(key, v, "STRING")),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.wrong_type(key, v, "STRING")),
         }
     }
 
@@ -495,7 +507,11 @@ impl GgufFile {
         ints.into_iter()
             .map(|i| {
                 i64::try_from(i).map_err(|_| {
-                    Error::malformed(&self.path, "GGUF", format!("key {key}: element {i} does not fit i64"))
+                    Error::malformed(
+                        &self.path,
+                        "GGUF",
+                        format!("key {key}: element {i} does not fit i64"),
+                    )
                 })
             })
             .collect::<Result<Vec<_>>>()
@@ -520,7 +536,11 @@ impl GgufFile {
             Some(GgufValue::Array(_)) => {
                 let v = self.get_int_array(key)?.unwrap_or_default();
                 let Some(&first) = v.first() else {
-                    return Err(Error::malformed(&self.path, "GGUF", format!("key {key} is an empty array")));
+                    return Err(Error::malformed(
+                        &self.path,
+                        "GGUF",
+                        format!("key {key} is an empty array"),
+                    ));
                 };
                 if v.iter().any(|&x| x != first) {
                     return Err(Error::unsupported(
@@ -529,7 +549,11 @@ impl GgufFile {
                     ));
                 }
                 usize::try_from(first).map(Some).map_err(|_| {
-                    Error::malformed(&self.path, "GGUF", format!("key {key} = {first} is negative"))
+                    Error::malformed(
+                        &self.path,
+                        "GGUF",
+                        format!("key {key} = {first} is negative"),
+                    )
                 })
             }
             _ => self.get_usize(key),
@@ -537,7 +561,9 @@ impl GgufFile {
     }
 
     fn require<T>(&self, key: &str, v: Option<T>) -> Result<T> {
-        v.ok_or_else(|| Error::malformed(&self.path, "GGUF", format!("required key {key} is missing")))
+        v.ok_or_else(|| {
+            Error::malformed(&self.path, "GGUF", format!("required key {key} is missing"))
+        })
     }
 
     /// Absolute byte range of tensor `t` in the file.
@@ -650,7 +676,9 @@ impl<'a> Parser<'a, '_> {
                 self.r.pos
             )));
         }
-        self.r.take(len as usize).ok_or_else(|| self.truncated(what))
+        self.r
+            .take(len as usize)
+            .ok_or_else(|| self.truncated(what))
     }
 
     /// A key or tensor name: non-empty, valid UTF-8.
@@ -660,7 +688,8 @@ impl<'a> Parser<'a, '_> {
         if b.is_empty() {
             return Err(self.err(format!("{what} at byte {at} is empty")));
         }
-        String::from_utf8(b.to_vec()).map_err(|_| self.err(format!("{what} at byte {at} is not valid UTF-8")))
+        String::from_utf8(b.to_vec())
+            .map_err(|_| self.err(format!("{what} at byte {at} is not valid UTF-8")))
     }
 
     /// A string value. Invalid UTF-8 is replaced (U+FFFD) rather than rejected: some vocabularies carry
@@ -701,7 +730,9 @@ impl<'a> Parser<'a, '_> {
             t::U16 | t::I16 => 2,
             t::U32 | t::I32 | t::F32 => 4,
             t::U64 | t::I64 | t::F64 | t::STRING => 8,
-            t::ARRAY => return Err(self.err(format!("key {key} is a nested array (not allowed in GGUF)"))),
+            t::ARRAY => {
+                return Err(self.err(format!("key {key} is a nested array (not allowed in GGUF)")))
+            }
             other => return Err(self.err(format!("key {key} is an array of unknown type {other}"))),
         };
         let what = format!("element count of array {key}");
@@ -743,18 +774,23 @@ impl<'a> Parser<'a, '_> {
         let name = self.name(&format!("name of tensor {i}"))?;
         let n_dims = self.u32(&format!("dimension count of tensor {name}"))?;
         if n_dims > MAX_DIMS {
-            return Err(self.err(format!("tensor {name} has {n_dims} dimensions (at most {MAX_DIMS})")));
+            return Err(self.err(format!(
+                "tensor {name} has {n_dims} dimensions (at most {MAX_DIMS})"
+            )));
         }
         let mut ne = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
             let d = self.i64(&format!("dimensions of tensor {name}"))?;
-            let d = u64::try_from(d).map_err(|_| self.err(format!("tensor {name} has a negative dimension {d}")))?;
+            let d = u64::try_from(d)
+                .map_err(|_| self.err(format!("tensor {name} has a negative dimension {d}")))?;
             ne.push(d);
         }
         let ggml_type = self.u32(&format!("type of tensor {name}"))?;
         let offset = self.u64(&format!("offset of tensor {name}"))?;
         let Some((tname, blck, tsize)) = ggml_type_geometry(ggml_type) else {
-            return Err(self.err(format!("tensor {name} has unknown ggml type id {ggml_type}")));
+            return Err(self.err(format!(
+                "tensor {name} has unknown ggml type id {ggml_type}"
+            )));
         };
         let ne0 = ne.first().copied().unwrap_or(1);
         if !ne0.is_multiple_of(blck) {
@@ -763,8 +799,14 @@ impl<'a> Parser<'a, '_> {
             )));
         }
         let too_big = || self.err(format!("tensor {name}: size of shape {ne:?} overflows"));
-        let rows = ne.iter().skip(1).try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(too_big)?;
-        ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(too_big)?;
+        let rows = ne
+            .iter()
+            .skip(1)
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(too_big)?;
+        ne.iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(too_big)?;
         let n_bytes = (ne0 / blck)
             .checked_mul(tsize)
             .and_then(|rb| rb.checked_mul(rows))
@@ -790,16 +832,24 @@ impl<'a> Parser<'a, '_> {
         match version {
             2 | 3 => {}
             0 => return Err(self.err("GGUF version 0 is invalid")),
-            1 => return Err(self.err("GGUF version 1 is obsolete and not supported (re-convert the model)")),
+            1 => {
+                return Err(
+                    self.err("GGUF version 1 is obsolete and not supported (re-convert the model)")
+                )
+            }
             v if v & 0xFFFF == 0 => {
-                return Err(self.err(format!("version field {v:#x} looks byte-swapped: big-endian GGUF is not supported")))
+                return Err(self.err(format!(
+                    "version field {v:#x} looks byte-swapped: big-endian GGUF is not supported"
+                )))
             }
             v => return Err(self.err(format!("GGUF version {v} is not supported (2 and 3 are)"))),
         }
         let n_tensors = self.i64("the tensor count")?;
         let n_kv = self.i64("the metadata count")?;
         if n_tensors < 0 || n_kv < 0 {
-            return Err(self.err(format!("negative counts: {n_tensors} tensors, {n_kv} metadata keys")));
+            return Err(self.err(format!(
+                "negative counts: {n_tensors} tensors, {n_kv} metadata keys"
+            )));
         }
         // Each KV takes at least 8 (key length) + 1 (key) + 4 (type) + 1 bytes; each tensor info at
         // least 8 + 1 + 4 + 4 + 8.
@@ -807,7 +857,9 @@ impl<'a> Parser<'a, '_> {
             let rem = self.r.remaining() as u64;
             match (n as u64).checked_mul(min) {
                 Some(need) if need <= rem => Ok(n as usize),
-                _ => Err(self.err(format!("header claims {n} {what}, more than the {rem} remaining bytes can hold"))),
+                _ => Err(self.err(format!(
+                    "header claims {n} {what}, more than the {rem} remaining bytes can hold"
+                ))),
             }
         };
         let n_kv = check(n_kv, 14, "metadata keys")?;
@@ -832,7 +884,10 @@ impl<'a> Parser<'a, '_> {
                 return Err(self.err(format!("general.alignment = {a} is not a power of two")))
             }
             Some(v) => {
-                return Err(self.err(format!("general.alignment has type {}, expected UINT32", v.type_name())))
+                return Err(self.err(format!(
+                    "general.alignment has type {}, expected UINT32",
+                    v.type_name()
+                )))
             }
         };
 
@@ -910,7 +965,10 @@ pub fn hf_tensor_name(name: &str) -> Option<String> {
     }
     let rest = name.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) || (layer.len() > 1 && layer.starts_with('0')) {
+    if layer.is_empty()
+        || !layer.bytes().all(|b| b.is_ascii_digit())
+        || (layer.len() > 1 && layer.starts_with('0'))
+    {
         return None;
     }
     let (part, suffix) = rest.rsplit_once('.')?;
@@ -935,10 +993,20 @@ pub fn hf_tensor_name(name: &str) -> Option<String> {
 /// Dequantise a whole (small) tensor to f32 in stored order.
 fn tensor_f32(g: &GgufFile, backing: &Arc<Backing>, t: &GgufTensorInfo) -> Result<Vec<f32>> {
     let ty = t.ty().ok_or_else(|| unsupported_type(g, t))?;
-    let r = g.tensor_range(t).ok_or_else(|| Error::malformed(&g.path, "GGUF", format!("tensor {} is out of range", t.name)))?;
-    let bytes = backing
-        .get(r)
-        .ok_or_else(|| Error::malformed(&g.path, "GGUF", format!("tensor {} is out of range", t.name)))?;
+    let r = g.tensor_range(t).ok_or_else(|| {
+        Error::malformed(
+            &g.path,
+            "GGUF",
+            format!("tensor {} is out of range", t.name),
+        )
+    })?;
+    let bytes = backing.get(r).ok_or_else(|| {
+        Error::malformed(
+            &g.path,
+            "GGUF",
+            format!("tensor {} is out of range", t.name),
+        )
+    })?;
     let mut out = vec![0.0f32; t.n_elements() as usize];
     ty.dequantize(bytes, &mut out);
     Ok(out)
@@ -984,9 +1052,17 @@ pub fn from_parsed(g: &GgufFile, backing: &Arc<Backing>) -> Result<SourceModel> 
 
     let hidden = g.require(&k("embedding_length"), g.get_usize(&k("embedding_length"))?)?;
     let num_layers = g.require(&k("block_count"), g.get_usize(&k("block_count"))?)?;
-    let num_heads = g.require(&k("attention.head_count"), g.get_uniform_usize(&k("attention.head_count"))?)?;
-    let num_kv_heads = g.get_uniform_usize(&k("attention.head_count_kv"))?.unwrap_or(num_heads);
-    let intermediate = g.require(&k("feed_forward_length"), g.get_uniform_usize(&k("feed_forward_length"))?)?;
+    let num_heads = g.require(
+        &k("attention.head_count"),
+        g.get_uniform_usize(&k("attention.head_count"))?,
+    )?;
+    let num_kv_heads = g
+        .get_uniform_usize(&k("attention.head_count_kv"))?
+        .unwrap_or(num_heads);
+    let intermediate = g.require(
+        &k("feed_forward_length"),
+        g.get_uniform_usize(&k("feed_forward_length"))?,
+    )?;
     let rms_eps = g.require(
         &k("attention.layer_norm_rms_epsilon"),
         g.get_f32(&k("attention.layer_norm_rms_epsilon"))?,
@@ -998,24 +1074,44 @@ pub fn from_parsed(g: &GgufFile, backing: &Arc<Backing>) -> Result<SourceModel> 
             "zero size: hidden {hidden}, layers {num_layers}, heads {num_heads}, kv heads {num_kv_heads}, ffn {intermediate}"
         )));
     }
+    // Each layer has at least nine tensors; checked before anything is sized by the layer count.
+    if num_layers > g.tensors().len() / 9 {
+        return Err(bad(format!(
+            "block_count is {num_layers}, but the file has only {} tensors",
+            g.tensors().len()
+        )));
+    }
     if !num_heads.is_multiple_of(num_kv_heads) {
-        return Err(bad(format!("{num_heads} heads are not a multiple of {num_kv_heads} kv heads")));
+        return Err(bad(format!(
+            "{num_heads} heads are not a multiple of {num_kv_heads} kv heads"
+        )));
     }
     let head_dim = match g.get_usize(&k("attention.key_length"))? {
         Some(d) => d,
         None if hidden.is_multiple_of(num_heads) => hidden / num_heads,
-        None => return Err(bad(format!("embedding length {hidden} is not a multiple of {num_heads} heads"))),
+        None => {
+            return Err(bad(format!(
+                "embedding length {hidden} is not a multiple of {num_heads} heads"
+            )))
+        }
     };
     if head_dim == 0 || !head_dim.is_multiple_of(2) {
-        return Err(bad(format!("head dimension {head_dim} must be even and nonzero")));
+        return Err(bad(format!(
+            "head dimension {head_dim} must be even and nonzero"
+        )));
     }
     if let Some(v) = g.get_usize(&k("attention.value_length"))? {
         if v != head_dim {
-            return Err(Error::unsupported(path, format!("value length {v} differs from key length {head_dim}")));
+            return Err(Error::unsupported(
+                path,
+                format!("value length {v} differs from key length {head_dim}"),
+            ));
         }
     }
     if !(rms_eps.is_finite() && rms_eps > 0.0 && rope_theta.is_finite() && rope_theta > 0.0) {
-        return Err(bad(format!("rms epsilon {rms_eps} / rope base {rope_theta} out of range")));
+        return Err(bad(format!(
+            "rms epsilon {rms_eps} / rope base {rope_theta} out of range"
+        )));
     }
 
     let factor = match g.get_f32(&k("rope.scaling.factor"))? {
@@ -1029,7 +1125,10 @@ pub fn from_parsed(g: &GgufFile, backing: &Arc<Backing>) -> Result<SourceModel> 
         ("linear", Some(f)) if f.is_finite() && f > 0.0 => Some(RopeScaling::Linear { factor: f }),
         ("linear", Some(f)) => return Err(bad(format!("rope scaling factor {f} out of range"))),
         (other, Some(f)) => {
-            return Err(Error::unsupported(path, format!("rope scaling type {other:?} (factor {f})")))
+            return Err(Error::unsupported(
+                path,
+                format!("rope scaling type {other:?} (factor {f})"),
+            ))
         }
     };
 
@@ -1077,11 +1176,23 @@ pub fn from_parsed(g: &GgufFile, backing: &Arc<Backing>) -> Result<SourceModel> 
             continue;
         }
         let hf = hf_tensor_name(&t.name).ok_or_else(|| {
-            Error::unsupported(path, format!("tensor {} has no Hugging Face counterpart in a {arch_name} model", t.name))
+            Error::unsupported(
+                path,
+                format!(
+                    "tensor {} has no Hugging Face counterpart in a {arch_name} model",
+                    t.name
+                ),
+            )
         })?;
-        if let Some(layer) = hf.strip_prefix("model.layers.").and_then(|r| r.split('.').next()) {
+        if let Some(layer) = hf
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split('.').next())
+        {
             if layer.parse::<usize>().map_or(true, |l| l >= num_layers) {
-                return Err(bad(format!("tensor {} is beyond the {num_layers} layers", t.name)));
+                return Err(bad(format!(
+                    "tensor {} is beyond the {num_layers} layers",
+                    t.name
+                )));
             }
         }
         let ty = t.ty().ok_or_else(|| unsupported_type(g, t))?;
@@ -1096,11 +1207,19 @@ pub fn from_parsed(g: &GgufFile, backing: &Arc<Backing>) -> Result<SourceModel> 
                 // A bias is one row, so the row remapping of TensorRef cannot undo the permutation:
                 // store it (tiny) as f32 in Hugging Face order instead.
                 if shape[0] != heads * head_dim {
-                    return Err(bad(format!("tensor {} has shape {shape:?}, expected [{}]", t.name, heads * head_dim)));
+                    return Err(bad(format!(
+                        "tensor {} has shape {shape:?}, expected [{}]",
+                        t.name,
+                        heads * head_dim
+                    )));
                 }
                 let stored = tensor_f32(g, backing, t)?;
                 let hf_order = unpermute_rows(&stored, heads, 1).ok_or_else(|| {
-                    bad(format!("tensor {}: {} rows do not split into {heads} heads of even size", t.name, stored.len()))
+                    bad(format!(
+                        "tensor {}: {} rows do not split into {heads} heads of even size",
+                        t.name,
+                        stored.len()
+                    ))
                 })?;
                 TensorRef::from_f32(hf.clone(), shape, &hf_order)?
             }
@@ -1148,7 +1267,10 @@ pub fn from_parsed(g: &GgufFile, backing: &Arc<Backing>) -> Result<SourceModel> 
 
 /// Every tensor a decoder layer stack needs is there, and every tensor has the shape the config implies
 /// (llama.cpp checks the same at load), so nothing downstream meets a surprise shape.
-fn check_tensors(c: &ModelConfig, tensors: &BTreeMap<String, TensorRef>) -> std::result::Result<(), String> {
+fn check_tensors(
+    c: &ModelConfig,
+    tensors: &BTreeMap<String, TensorRef>,
+) -> std::result::Result<(), String> {
     let (h, ffn, v) = (c.hidden_size, c.intermediate_size, c.vocab_size);
     let (q, kv) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
     let mut want: Vec<(String, Vec<usize>, bool)> = vec![
@@ -1212,7 +1334,8 @@ pub fn unpermute_rows(stored: &[f32], heads: usize, cols: usize) -> Option<Vec<f
             for j in 0..2 {
                 let src = g * hd + 2 * i + j;
                 let dst = g * hd + j * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&stored[src * cols..(src + 1) * cols]);
+                out[dst * cols..(dst + 1) * cols]
+                    .copy_from_slice(&stored[src * cols..(src + 1) * cols]);
             }
         }
     }
@@ -1318,7 +1441,12 @@ pub(crate) mod test_util {
             let mut o = Vec::new();
             o.extend_from_slice(&self.magic);
             o.extend_from_slice(&self.version.to_le_bytes());
-            o.extend_from_slice(&self.n_tensors.unwrap_or(self.tensors.len() as u64).to_le_bytes());
+            o.extend_from_slice(
+                &self
+                    .n_tensors
+                    .unwrap_or(self.tensors.len() as u64)
+                    .to_le_bytes(),
+            );
             o.extend_from_slice(&self.n_kv.unwrap_or(self.kvs.len() as u64).to_le_bytes());
             for (k, v) in &self.kvs {
                 put_str(&mut o, k);
@@ -1378,7 +1506,10 @@ pub(crate) mod test_util {
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
         let last = stdout.lines().last().map(str::trim).unwrap_or_default();
-        assert!(Path::new(last).is_file(), "fetch-smollm2.sh printed {last:?}, not a file");
+        assert!(
+            Path::new(last).is_file(),
+            "fetch-smollm2.sh printed {last:?}, not a file"
+        );
         PathBuf::from(last)
     }
 }
@@ -1419,7 +1550,10 @@ mod tests {
             vec![
                 kv("general.architecture", GgufValue::Str("test".into())),
                 kv("test.arr", GgufValue::Array(GgufArray::I32(vec![1, -2, 3]))),
-                kv("test.strs", GgufValue::Array(GgufArray::Str(vec!["a".into(), "bc".into()]))),
+                kv(
+                    "test.strs",
+                    GgufValue::Array(GgufArray::Str(vec!["a".into(), "bc".into()])),
+                ),
             ],
             vec![t("a", &[8], 0, 0), t("b", &[32, 2], 8, 32)],
             data,
@@ -1440,8 +1574,14 @@ mod tests {
         assert_eq!(g.alignment, 32);
         assert_eq!(g.data_offset % 32, 0);
         assert_eq!(g.file_size, b.len() as u64);
-        assert_eq!(g.get_str("general.architecture").expect("str"), Some("test"));
-        assert_eq!(g.get_int_array("test.arr").expect("ints"), Some(vec![1, -2, 3]));
+        assert_eq!(
+            g.get_str("general.architecture").expect("str"),
+            Some("test")
+        );
+        assert_eq!(
+            g.get_int_array("test.arr").expect("ints"),
+            Some(vec![1, -2, 3])
+        );
         assert_eq!(
             g.get_str_array("test.strs").expect("strs"),
             Some(&["a".to_string(), "bc".to_string()][..])
@@ -1449,7 +1589,10 @@ mod tests {
         assert!(g.get_u32("test.strs").is_err(), "wrong type is an error");
         assert_eq!(g.get_u32("absent").expect("absent"), None);
         let tb = g.tensor("b").expect("tensor b");
-        assert_eq!((tb.ggml_type, tb.n_bytes, tb.torch_shape()), (8, 68, vec![2, 32]));
+        assert_eq!(
+            (tb.ggml_type, tb.n_bytes, tb.torch_shape()),
+            (8, 68, vec![2, 32])
+        );
         let r = g.tensor_range(tb).expect("range");
         let mut out = vec![0.0f32; 64];
         GgmlType::Q8_0.dequantize(&b[r], &mut out);
@@ -1487,7 +1630,11 @@ mod tests {
             GgufValue::Array(GgufArray::I64(vec![-9])),
             GgufValue::Array(GgufArray::F64(vec![2.5])),
         ];
-        let kvs: Vec<_> = vals.iter().enumerate().map(|(i, v)| kv(&format!("k{i}"), v.clone())).collect();
+        let kvs: Vec<_> = vals
+            .iter()
+            .enumerate()
+            .map(|(i, v)| kv(&format!("k{i}"), v.clone()))
+            .collect();
         let g = parse(&Spec::new(kvs.clone(), vec![], vec![]).bytes()).expect("parse");
         assert_eq!(g.metadata(), &kvs[..]);
         assert_eq!(g.get_u32("k4").expect("u32"), Some(4_000_000_000));
@@ -1496,7 +1643,10 @@ mod tests {
         assert!(g.get_u32("k9").is_err(), "u64::MAX does not fit u32");
         assert_eq!(g.get_f32("k11").expect("f64"), Some(0.1f64 as f32));
         assert_eq!(g.get_bool("k7").expect("bool"), Some(true));
-        assert_eq!(g.get_f32_array("k18").expect("f32s"), Some(vec![0.25, -1.0]));
+        assert_eq!(
+            g.get_f32_array("k18").expect("f32s"),
+            Some(vec![0.25, -1.0])
+        );
         // Version 2 has the same layout.
         let mut s = Spec::new(kvs, vec![], vec![]);
         s.version = 2;
@@ -1516,7 +1666,12 @@ mod tests {
         let mut s = base();
         s.magic = *b"GGUG";
         assert!(fails(&s.bytes()).contains("not a GGUF file"));
-        for (v, want) in [(1, "version 1"), (4, "version 4"), (0, "version 0"), (3 << 24, "big-endian")] {
+        for (v, want) in [
+            (1, "version 1"),
+            (4, "version 4"),
+            (0, "version 0"),
+            (3 << 24, "big-endian"),
+        ] {
             let mut s = base();
             s.version = v;
             let m = fails(&s.bytes());
@@ -1555,7 +1710,7 @@ mod tests {
         assert!(fails(&patch(at, huge)).contains("element count"));
         assert!(parse(&patch(at, 3)).is_err(), "one string more than stored");
         // A tensor name length.
-        let at = find(&b, b"\x01\x00\x00\x00\x00\x00\x00\x00a") ;
+        let at = find(&b, b"\x01\x00\x00\x00\x00\x00\x00\x00a");
         assert!(fails(&patch(at, huge)).contains("claims"));
     }
 
@@ -1573,7 +1728,10 @@ mod tests {
         let m = with(&|s| s.tensors[1].offset = 16);
         assert!(m.contains("overlap"), "{m}");
         let m = with(&|s| s.tensors[1].ty = 99);
-        assert!(m.contains("unknown ggml type id 99") && m.contains("tensor b"), "{m}");
+        assert!(
+            m.contains("unknown ggml type id 99") && m.contains("tensor b"),
+            "{m}"
+        );
         let m = with(&|s| s.tensors[1].ty = 4); // retired Q4_2
         assert!(m.contains("unknown ggml type id 4"), "{m}");
         let m = with(&|s| s.tensors[1].ne = vec![33, 2]);
@@ -1608,7 +1766,11 @@ mod tests {
         // Nested array and unknown value / element types, patched into the bytes.
         let b = base().bytes();
         let at = find(&b, b"test.arr") + 8;
-        for (off, v, want) in [(0, 13u32, "unknown value type"), (4, 9, "nested"), (4, 13, "unknown type")] {
+        for (off, v, want) in [
+            (0, 13u32, "unknown value type"),
+            (4, 9, "nested"),
+            (4, 13, "unknown type"),
+        ] {
             let mut b = b.clone();
             b[at + off..at + off + 4].copy_from_slice(&v.to_le_bytes());
             let m = fails(&b);
@@ -1638,19 +1800,44 @@ mod tests {
             ("token_embd.weight", "model.embed_tokens.weight"),
             ("output_norm.weight", "model.norm.weight"),
             ("output.weight", "lm_head.weight"),
-            ("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight"),
-            ("blk.12.attn_q.weight", "model.layers.12.self_attn.q_proj.weight"),
+            (
+                "blk.0.attn_norm.weight",
+                "model.layers.0.input_layernorm.weight",
+            ),
+            (
+                "blk.12.attn_q.weight",
+                "model.layers.12.self_attn.q_proj.weight",
+            ),
             ("blk.3.attn_k.bias", "model.layers.3.self_attn.k_proj.bias"),
             ("blk.3.attn_v.bias", "model.layers.3.self_attn.v_proj.bias"),
-            ("blk.1.attn_output.weight", "model.layers.1.self_attn.o_proj.weight"),
-            ("blk.1.ffn_norm.weight", "model.layers.1.post_attention_layernorm.weight"),
-            ("blk.1.ffn_gate.weight", "model.layers.1.mlp.gate_proj.weight"),
+            (
+                "blk.1.attn_output.weight",
+                "model.layers.1.self_attn.o_proj.weight",
+            ),
+            (
+                "blk.1.ffn_norm.weight",
+                "model.layers.1.post_attention_layernorm.weight",
+            ),
+            (
+                "blk.1.ffn_gate.weight",
+                "model.layers.1.mlp.gate_proj.weight",
+            ),
             ("blk.1.ffn_up.weight", "model.layers.1.mlp.up_proj.weight"),
-            ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj.weight"),
+            (
+                "blk.1.ffn_down.weight",
+                "model.layers.1.mlp.down_proj.weight",
+            ),
         ] {
             assert_eq!(hf_tensor_name(g).as_deref(), Some(h), "{g}");
         }
-        for bad in ["blk.x.attn_q.weight", "blk.01.attn_q.weight", "blk.0.attn_qkv.weight", "blk.0.attn_q.scale", "rope_freqs.weight", "blk..attn_q.weight"] {
+        for bad in [
+            "blk.x.attn_q.weight",
+            "blk.01.attn_q.weight",
+            "blk.0.attn_qkv.weight",
+            "blk.0.attn_q.scale",
+            "rope_freqs.weight",
+            "blk..attn_q.weight",
+        ] {
             assert_eq!(hf_tensor_name(bad), None, "{bad}");
         }
         let info = |ne: &[u64]| GgufTensorInfo {
@@ -1700,7 +1887,8 @@ mod tests {
     /// tests/fixtures/gguf/make_dequant_fixture.py, must equal ours bit for bit.
     #[test]
     fn gguf_dequant_fixture_matches_gguf_py() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf/dequant.gguf");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf/dequant.gguf");
         let (g, map) = GgufFile::read(&path).expect("read fixture");
         let mut seen = Vec::new();
         for t in g.tensors() {
@@ -1709,7 +1897,9 @@ mod tests {
             }
             let ty = t.ty().expect("decodable type");
             assert_eq!(t.name, ty.name().to_lowercase());
-            let want = g.tensor(&format!("{}.dequant", t.name)).expect("oracle tensor");
+            let want = g
+                .tensor(&format!("{}.dequant", t.name))
+                .expect("oracle tensor");
             assert_eq!((want.ggml_type, &want.ne), (0, &t.ne));
             let raw = &map[g.tensor_range(t).expect("range")];
             let exp: Vec<f32> = map[g.tensor_range(want).expect("range")]
@@ -1727,7 +1917,12 @@ mod tests {
                 assert_eq!(row, got[r * cols..(r + 1) * cols], "{} row {r}", t.name);
             }
             for (i, (a, b)) in got.iter().zip(&exp).enumerate() {
-                assert_eq!(a.to_bits(), b.to_bits(), "{} element {i}: ours {a}, gguf-py {b}", t.name);
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{} element {i}: ours {a}, gguf-py {b}",
+                    t.name
+                );
             }
             seen.push(ty);
         }
@@ -1745,7 +1940,10 @@ mod tests {
         assert_eq!(g.get("test.f32"), Some(&GgufValue::F32(1.5)));
         assert_eq!(g.get("test.bool"), Some(&GgufValue::Bool(true)));
         assert_eq!(g.get_str("test.str").expect("str"), Some("héllo"));
-        assert_eq!(g.get_int_array("test.arr_i32").expect("arr"), Some(vec![1, -2, 3]));
+        assert_eq!(
+            g.get_int_array("test.arr_i32").expect("arr"),
+            Some(vec![1, -2, 3])
+        );
         assert_eq!(
             g.get_str_array("test.arr_str").expect("arr"),
             Some(&["a".to_string(), String::new(), "ccc".to_string()][..])
@@ -1756,12 +1954,26 @@ mod tests {
     }
 
     /// A tiny llama GGUF (F32 tensors, gpt2 tokenizer) written in-test.
-    fn tiny_llama(arch: &str, extra: &[(String, GgufValue)], drop: &[&str], bad_type: Option<(&str, u32)>) -> Vec<u8> {
+    fn tiny_llama(
+        arch: &str,
+        extra: &[(String, GgufValue)],
+        drop: &[&str],
+        bad_type: Option<(&str, u32)>,
+    ) -> Vec<u8> {
         let (hidden, ffn, heads, kv_heads, hd) = (8i64, 16i64, 2i64, 1i64, 4i64);
-        let tokens: Vec<String> = ["<|endoftext|>", "a", "b", "ab", "Ġ", "Ġa", "c", "<|im_end|>"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let tokens: Vec<String> = [
+            "<|endoftext|>",
+            "a",
+            "b",
+            "ab",
+            "Ġ",
+            "Ġa",
+            "c",
+            "<|im_end|>",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let vocab = tokens.len() as i64;
         let names: Vec<(&str, Vec<i64>)> = vec![
             ("token_embd.weight", vec![hidden, vocab]),
@@ -1796,7 +2008,11 @@ mod tests {
             };
             tensors.push(t(name, ne, ty, data.len() as u64));
             for k in 0..n {
-                let v = if *name == "rope_freqs.weight" { 1.0 + k as f32 } else { (i * 1000) as f32 + k as f32 };
+                let v = if *name == "rope_freqs.weight" {
+                    1.0 + k as f32
+                } else {
+                    (i * 1000) as f32 + k as f32
+                };
                 data.extend_from_slice(&v.to_le_bytes());
             }
         }
@@ -1808,13 +2024,22 @@ mod tests {
             kv(&p("block_count"), GgufValue::U32(1)),
             kv(&p("feed_forward_length"), GgufValue::I32(ffn as i32)),
             kv(&p("attention.head_count"), GgufValue::U32(heads as u32)),
-            kv(&p("attention.head_count_kv"), GgufValue::U64(kv_heads as u64)),
+            kv(
+                &p("attention.head_count_kv"),
+                GgufValue::U64(kv_heads as u64),
+            ),
             kv(&p("attention.layer_norm_rms_epsilon"), GgufValue::F32(1e-5)),
             kv(&p("rope.freq_base"), GgufValue::F32(500_000.0)),
             kv("tokenizer.ggml.model", GgufValue::Str("gpt2".into())),
             kv("tokenizer.ggml.pre", GgufValue::Str("gpt-2".into())),
-            kv("tokenizer.ggml.tokens", GgufValue::Array(GgufArray::Str(tokens))),
-            kv("tokenizer.ggml.token_type", GgufValue::Array(GgufArray::I32(vec![3, 1, 1, 1, 1, 1, 1, 3]))),
+            kv(
+                "tokenizer.ggml.tokens",
+                GgufValue::Array(GgufArray::Str(tokens)),
+            ),
+            kv(
+                "tokenizer.ggml.token_type",
+                GgufValue::Array(GgufArray::I32(vec![3, 1, 1, 1, 1, 1, 1, 3])),
+            ),
             kv(
                 "tokenizer.ggml.merges",
                 GgufValue::Array(GgufArray::Str(vec!["a b".into(), "Ġ a".into()])),
@@ -1850,7 +2075,15 @@ mod tests {
         assert_eq!(m.name, "tiny-model");
         let c = &m.config;
         assert_eq!(
-            (c.arch, c.hidden_size, c.intermediate_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim),
+            (
+                c.arch,
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_layers,
+                c.num_heads,
+                c.num_kv_heads,
+                c.head_dim
+            ),
             (Arch::Llama, 8, 16, 1, 2, 1, 4)
         );
         assert_eq!((c.vocab_size, c.max_position_embeddings), (8, 128));
@@ -1859,25 +2092,46 @@ mod tests {
         assert_eq!(c.rope_freq_factors, Some(vec![1.0, 2.0]));
         assert!(c.tie_word_embeddings && c.attention_bias);
         assert_eq!(m.tensors.len(), 14, "rope_freqs is not a model tensor");
-        assert_eq!(m.tensor("model.embed_tokens.weight").expect("emb").shape, vec![8, 8]);
-        assert_eq!(m.tensor("model.layers.0.mlp.down_proj.weight").expect("down").shape, vec![8, 16]);
+        assert_eq!(
+            m.tensor("model.embed_tokens.weight").expect("emb").shape,
+            vec![8, 8]
+        );
+        assert_eq!(
+            m.tensor("model.layers.0.mlp.down_proj.weight")
+                .expect("down")
+                .shape,
+            vec![8, 16]
+        );
         // q: tensor 4 of the list, 8 rows × 8 cols; rows within each 4-row head are (0, 2, 1, 3) on disk.
-        let q = m.tensor("model.layers.0.self_attn.q_proj.weight").expect("q");
+        let q = m
+            .tensor("model.layers.0.self_attn.q_proj.weight")
+            .expect("q");
         assert_eq!(q.rope_interleaved_heads, Some(2));
         let qv = q.to_f32();
         let stored_row_of_hf = [0, 2, 1, 3, 4, 6, 5, 7];
         for (r, &s) in stored_row_of_hf.iter().enumerate() {
             assert_eq!(qv[r * 8], 4000.0 + (s * 8) as f32, "q row {r}");
         }
-        let qb = m.tensor("model.layers.0.self_attn.q_proj.bias").expect("q bias");
+        let qb = m
+            .tensor("model.layers.0.self_attn.q_proj.bias")
+            .expect("q bias");
         assert_eq!(qb.rope_interleaved_heads, None);
-        let want: Vec<f32> = stored_row_of_hf.iter().map(|&s| 5000.0 + s as f32).collect();
+        let want: Vec<f32> = stored_row_of_hf
+            .iter()
+            .map(|&s| 5000.0 + s as f32)
+            .collect();
         assert_eq!(qb.to_f32(), want);
-        let kb = m.tensor("model.layers.0.self_attn.k_proj.bias").expect("k bias");
+        let kb = m
+            .tensor("model.layers.0.self_attn.k_proj.bias")
+            .expect("k bias");
         assert_eq!(kb.to_f32(), vec![7000.0, 7002.0, 7001.0, 7003.0]);
-        let k = m.tensor("model.layers.0.self_attn.k_proj.weight").expect("k");
+        let k = m
+            .tensor("model.layers.0.self_attn.k_proj.weight")
+            .expect("k");
         assert_eq!(k.rope_interleaved_heads, Some(1));
-        let v = m.tensor("model.layers.0.self_attn.v_proj.weight").expect("v");
+        let v = m
+            .tensor("model.layers.0.self_attn.v_proj.weight")
+            .expect("v");
         assert_eq!(v.rope_interleaved_heads, None);
         // Tokenizer.
         let tk = &m.tokenizer;
@@ -1885,7 +2139,10 @@ mod tests {
         assert_eq!(tk.decode(&[3, 5], false).expect("decode"), "ab a");
         assert_eq!(tk.encode("a<|im_end|>", false).expect("encode"), vec![1, 7]);
         assert!(!tk.add_bos);
-        assert_eq!((tk.bos_token_id, tk.bos_token.as_deref()), (Some(0), Some("<|endoftext|>")));
+        assert_eq!(
+            (tk.bos_token_id, tk.bos_token.as_deref()),
+            (Some(0), Some("<|endoftext|>"))
+        );
         assert_eq!(tk.eos_token_ids, vec![0, 7]);
         assert_eq!(tk.chat_template.as_deref(), Some("{{ x }}"));
 
@@ -1894,36 +2151,79 @@ mod tests {
         assert_eq!(m.config.arch, Arch::Qwen2);
         assert_eq!(m.config.rope_scaling, None);
         assert_eq!(m.config.rope_freq_factors, None);
-        let q = m.tensor("model.layers.0.self_attn.q_proj.weight").expect("q");
+        let q = m
+            .tensor("model.layers.0.self_attn.q_proj.weight")
+            .expect("q");
         assert_eq!(q.rope_interleaved_heads, None);
-        let qb = m.tensor("model.layers.0.self_attn.q_proj.bias").expect("q bias");
-        assert_eq!(qb.to_f32(), (0..8).map(|k| 5000.0 + k as f32).collect::<Vec<_>>());
+        let qb = m
+            .tensor("model.layers.0.self_attn.q_proj.bias")
+            .expect("q bias");
+        assert_eq!(
+            qb.to_f32(),
+            (0..8).map(|k| 5000.0 + k as f32).collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn gguf_open_rejects_what_it_cannot_run() {
         let e = open_bytes(&tiny_llama("gemma", &[], &[], None)).expect_err("gemma");
-        assert!(matches!(e, Error::Unsupported { .. }) && e.to_string().contains("gemma"), "{e}");
-        let e = open_bytes(&tiny_llama("llama", &[], &[], Some(("blk.0.ffn_up.weight", 24)))).expect_err("i8");
+        assert!(
+            matches!(e, Error::Unsupported { .. }) && e.to_string().contains("gemma"),
+            "{e}"
+        );
+        let e = open_bytes(&tiny_llama(
+            "llama",
+            &[],
+            &[],
+            Some(("blk.0.ffn_up.weight", 24)),
+        ))
+        .expect_err("i8");
         let m = e.to_string();
-        assert!(m.contains("blk.0.ffn_up.weight") && m.contains("I8") && m.contains("24"), "{m}");
-        let extra = [kv("llama.rope.scaling.type", GgufValue::Str("yarn".into())), kv("llama.rope.scaling.factor", GgufValue::F32(4.0))];
+        assert!(
+            m.contains("blk.0.ffn_up.weight") && m.contains("I8") && m.contains("24"),
+            "{m}"
+        );
+        let extra = [
+            kv("llama.rope.scaling.type", GgufValue::Str("yarn".into())),
+            kv("llama.rope.scaling.factor", GgufValue::F32(4.0)),
+        ];
         let e = open_bytes(&tiny_llama("llama", &extra, &[], None)).expect_err("yarn");
         assert!(e.to_string().contains("yarn"), "{e}");
-        let e = open_bytes(&tiny_llama("llama", &[], &["blk.0.attn_norm.weight"], None)).expect_err("missing");
-        assert!(e.to_string().contains("model.layers.0.input_layernorm.weight is missing"), "{e}");
+        let e = open_bytes(&tiny_llama("llama", &[], &["blk.0.attn_norm.weight"], None))
+            .expect_err("missing");
+        assert!(
+            e.to_string()
+                .contains("model.layers.0.input_layernorm.weight is missing"),
+            "{e}"
+        );
         let extra = [kv("llama.feed_forward_length", GgufValue::U32(32))];
         let e = open_bytes(&tiny_llama("llama", &extra, &[], None)).expect_err("ffn shape");
-        assert!(e.to_string().contains("gate_proj.weight has shape [16, 8], expected [32, 8]"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("gate_proj.weight has shape [16, 8], expected [32, 8]"),
+            "{e}"
+        );
         let extra = [kv("llama.attention.head_count", GgufValue::U32(3))];
-        let e = open_bytes(&tiny_llama("llama", &extra, &[], None)).expect_err("heads do not divide");
+        let e =
+            open_bytes(&tiny_llama("llama", &extra, &[], None)).expect_err("heads do not divide");
         assert!(e.to_string().contains("not a multiple of 3 heads"), "{e}");
         let extra = [kv("llama.attention.head_count_kv", GgufValue::U32(2))];
         let e = open_bytes(&tiny_llama("llama", &extra, &[], None)).expect_err("k shape");
-        assert!(e.to_string().contains("attn_k.bias has shape [4], expected [8]"), "{e}");
-        let extra = [kv("tokenizer.ggml.tokens", GgufValue::Array(GgufArray::Str(vec!["a".into(); 9])))];
+        assert!(
+            e.to_string()
+                .contains("attn_k.bias has shape [4], expected [8]"),
+            "{e}"
+        );
+        let extra = [kv(
+            "tokenizer.ggml.tokens",
+            GgufValue::Array(GgufArray::Str(vec!["a".into(); 9])),
+        )];
         let e = open_bytes(&tiny_llama("llama", &extra, &[], None)).expect_err("vocab");
-        assert!(e.to_string().contains("embed_tokens.weight has shape [8, 8], expected [9, 8]"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("embed_tokens.weight has shape [8, 8], expected [9, 8]"),
+            "{e}"
+        );
     }
 
     /// Every single-byte corruption of a valid model file is either read or rejected, never a panic.
@@ -1951,7 +2251,10 @@ mod tests {
                 }
             }
         }
-        assert!(opened > 0 && rejected > 0, "{opened} opened, {rejected} rejected");
+        assert!(
+            opened > 0 && rejected > 0,
+            "{opened} opened, {rejected} rejected"
+        );
     }
 
     #[test]
@@ -1961,8 +2264,14 @@ mod tests {
         let m = open(&path).expect("open SmolLM2");
         let c = &m.config;
         assert_eq!(c.arch, Arch::Llama);
-        assert_eq!((c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads), (30, 576, 9, 3));
-        assert_eq!((c.head_dim, c.intermediate_size, c.vocab_size), (64, 1536, 49152));
+        assert_eq!(
+            (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads),
+            (30, 576, 9, 3)
+        );
+        assert_eq!(
+            (c.head_dim, c.intermediate_size, c.vocab_size),
+            (64, 1536, 49152)
+        );
         assert_eq!((c.rope_theta, c.max_position_embeddings), (100_000.0, 8192));
         assert_eq!(c.rms_norm_eps, 1e-5);
         assert!(c.tie_word_embeddings && !c.attention_bias);
@@ -1970,7 +2279,10 @@ mod tests {
         assert_eq!(m.tensors.len(), 272);
         assert!(!m.tensors.contains_key("lm_head.weight"));
         assert_eq!(m.name, "Smollm2 135M 8k Lc100K Mix1 Ep2");
-        assert_eq!(m.file_size_bytes, std::fs::metadata(&path).expect("stat").len());
+        assert_eq!(
+            m.file_size_bytes,
+            std::fs::metadata(&path).expect("stat").len()
+        );
 
         // Expected values: gguf-py 0.19 `gguf.quants.dequantize` of blk.0.attn_{q,k}.weight (Q4_1), rows
         // un-permuted with numpy (reshape (heads, hd/2, 2, cols), swap axes 1 and 2); f64 sums of all
@@ -2012,11 +2324,17 @@ mod tests {
         ];
         for (name, rows, sum, abs_sum, samples) in cases {
             let t = m.tensor(name).expect("tensor");
-            assert_eq!((t.ty, t.shape.as_slice()), (GgmlType::Q4_1, &[rows, 576][..]));
+            assert_eq!(
+                (t.ty, t.shape.as_slice()),
+                (GgmlType::Q4_1, &[rows, 576][..])
+            );
             let v = t.to_f32();
             let s: f64 = v.iter().map(|&x| f64::from(x)).sum();
             let a: f64 = v.iter().map(|&x| f64::from(x).abs()).sum();
-            assert!((s - sum).abs() < 1e-6 && (a - abs_sum).abs() < 1e-6, "{name}: sums {s} {a}");
+            assert!(
+                (s - sum).abs() < 1e-6 && (a - abs_sum).abs() < 1e-6,
+                "{name}: sums {s} {a}"
+            );
             for (r, c, bits) in samples {
                 assert_eq!(v[r * 576 + c].to_bits(), bits, "{name}[{r}, {c}]");
             }

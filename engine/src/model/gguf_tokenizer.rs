@@ -24,7 +24,8 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
+    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
+    Tokenizer,
 };
 
 use super::gguf::GgufFile;
@@ -67,37 +68,46 @@ pub struct BpePre {
 
 /// The pre-tokenizer llama.cpp uses for `pre` (`src/llama-vocab.cpp`, `llm_tokenizer_bpe`).
 pub fn bpe_pre(pre: &str) -> BpePre {
-    let (regexes, ignore_merges, add_bos_default, known): (Vec<&'static str>, bool, bool, bool) = match pre {
-        "default" => (
-            vec![r"[\p{P}\$\+<=>\^~\|]+", RE_GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],
-            false,
-            false,
-            true,
-        ),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2"
-        | "jina-v5-nano" => (vec![RE_LLAMA3], true, true, true),
-        "dbrx" | "smaug-bpe" | "glm4" | "chatglm-bpe" => (vec![RE_LLAMA3], false, false, true),
-        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" | "mellum2" => {
-            (vec![r"\p{N}", RE_GPT2], false, false, true)
-        }
-        "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es" | "jina-v2-de" | "a.x-4.0"
-        | "mellum" | "modern-bert" | "jina-v1-en" | "jina-v2-code" | "roberta-bpe" | "mpt" | "olmo" | "jais"
-        | "trillion" | "granite-docling" | "exaone4" => (vec![RE_GPT2], false, false, true),
-        "falcon" => (
-            vec![r"[\p{P}\$\+<=>\^~\|`]+", RE_GPT2, "[0-9][0-9][0-9]"],
-            false,
-            false,
-            true,
-        ),
-        "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "stablelm2" | "megrez" | "hunyuan" | "solar-open" => {
-            (vec![RE_QWEN2], false, false, true)
-        }
-        "qwen35" => (vec![RE_QWEN35], false, false, true),
-        "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => (vec![RE_GPT4O], false, false, true),
-        "tekken" => (vec![RE_TEKKEN], true, true, true),
-        "poro-chat" | "bloom" | "gpt3-finnish" => (vec![r" ?[^(\s|.,!?…。，、।۔،)]+"], false, false, true),
-        _ => (vec![RE_GPT2], false, false, false),
-    };
+    let (regexes, ignore_merges, add_bos_default, known): (Vec<&'static str>, bool, bool, bool) =
+        match pre {
+            "default" => (
+                vec![
+                    r"[\p{P}\$\+<=>\^~\|]+",
+                    RE_GPT2,
+                    r"\p{N}+",
+                    "[0-9][0-9][0-9]",
+                ],
+                false,
+                false,
+                true,
+            ),
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
+            | "midm-2.0" | "lfm2" | "jina-v5-nano" => (vec![RE_LLAMA3], true, true, true),
+            "dbrx" | "smaug-bpe" | "glm4" | "chatglm-bpe" => (vec![RE_LLAMA3], false, false, true),
+            "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone"
+            | "minerva-7b" | "mellum2" => (vec![r"\p{N}", RE_GPT2], false, false, true),
+            "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v2-es"
+            | "jina-v2-de" | "a.x-4.0" | "mellum" | "modern-bert" | "jina-v1-en"
+            | "jina-v2-code" | "roberta-bpe" | "mpt" | "olmo" | "jais" | "trillion"
+            | "granite-docling" | "exaone4" => (vec![RE_GPT2], false, false, true),
+            "falcon" => (
+                vec![r"[\p{P}\$\+<=>\^~\|`]+", RE_GPT2, "[0-9][0-9][0-9]"],
+                false,
+                false,
+                true,
+            ),
+            "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" | "stablelm2" | "megrez"
+            | "hunyuan" | "solar-open" => (vec![RE_QWEN2], false, false, true),
+            "qwen35" => (vec![RE_QWEN35], false, false, true),
+            "gpt-4o" | "llama4" | "kanana2" | "talkie" | "minimax-m2" => {
+                (vec![RE_GPT4O], false, false, true)
+            }
+            "tekken" => (vec![RE_TEKKEN], true, true, true),
+            "poro-chat" | "bloom" | "gpt3-finnish" => {
+                (vec![r" ?[^(\s|.,!?…。，、।۔،)]+"], false, false, true)
+            }
+            _ => (vec![RE_GPT2], false, false, false),
+        };
     BpePre {
         regexes,
         ignore_merges,
@@ -142,16 +152,32 @@ pub fn from_gguf(g: &GgufFile) -> Result<TextTokenizer> {
     let tokens: Vec<String> = raw_tokens
         .iter()
         .enumerate()
-        .map(|(i, t)| if t.is_empty() { format!("[EMPTY_{i}]") } else { t.clone() })
+        .map(|(i, t)| {
+            if t.is_empty() {
+                format!("[EMPTY_{i}]")
+            } else {
+                t.clone()
+            }
+        })
         .collect();
     let types = match g.get_int_array("tokenizer.ggml.token_type")? {
         Some(t) if t.len() >= n => t,
-        Some(t) => return Err(bad(format!("tokenizer.ggml.token_type has {} entries for {n} tokens", t.len()))),
+        Some(t) => {
+            return Err(bad(format!(
+                "tokenizer.ggml.token_type has {} entries for {n} tokens",
+                t.len()
+            )))
+        }
         None => vec![token_type::NORMAL; n],
     };
     let scores = match g.get_f32_array("tokenizer.ggml.scores")? {
         Some(s) if s.len() >= n => Some(s),
-        Some(s) => return Err(bad(format!("tokenizer.ggml.scores has {} entries for {n} tokens", s.len()))),
+        Some(s) => {
+            return Err(bad(format!(
+                "tokenizer.ggml.scores has {} entries for {n} tokens",
+                s.len()
+            )))
+        }
         None => None,
     };
 
@@ -174,12 +200,19 @@ pub fn from_gguf(g: &GgufFile) -> Result<TextTokenizer> {
         // Out-of-range ids are ignored, as llama.cpp does.
         Ok(v.filter(|&id| (id as usize) < n))
     };
-    let (bos_default, eos_default) = if spm { (Some(1), Some(2)) } else { (Some(11), Some(11)) };
+    let (bos_default, eos_default) = if spm {
+        (Some(1), Some(2))
+    } else {
+        (Some(11), Some(11))
+    };
     let bos = special_id("tokenizer.ggml.bos_token_id", bos_default)?;
     let eos = special_id("tokenizer.ggml.eos_token_id", eos_default)?;
     let eot = special_id("tokenizer.ggml.eot_token_id", None)?;
     let eom = special_id("tokenizer.ggml.eom_token_id", None)?;
-    let unk = special_id("tokenizer.ggml.unknown_token_id", if spm { Some(0) } else { None })?;
+    let unk = special_id(
+        "tokenizer.ggml.unknown_token_id",
+        if spm { Some(0) } else { None },
+    )?;
 
     let pre_name = g.get_str("tokenizer.ggml.pre")?.unwrap_or("default");
     let pre = bpe_pre(pre_name);
@@ -189,12 +222,14 @@ pub fn from_gguf(g: &GgufFile) -> Result<TextTokenizer> {
     };
 
     let inner = if spm {
-        let add_space_prefix = g.get_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+        let add_space_prefix = g
+            .get_bool("tokenizer.ggml.add_space_prefix")?
+            .unwrap_or(true);
         build_spm(&tokens, &types, scores.as_deref(), unk, add_space_prefix)?
     } else {
-        let merges = g
-            .get_str_array("tokenizer.ggml.merges")?
-            .ok_or_else(|| bad("tokenizer.ggml.merges is missing (required for a gpt2 tokenizer)".into()))?;
+        let merges = g.get_str_array("tokenizer.ggml.merges")?.ok_or_else(|| {
+            bad("tokenizer.ggml.merges is missing (required for a gpt2 tokenizer)".into())
+        })?;
         build_bpe(&tokens, &types, merges, &pre)?
     };
 
@@ -225,11 +260,19 @@ pub fn from_gguf(g: &GgufFile) -> Result<TextTokenizer> {
 
 /// The vocabulary map; a text that occurs twice keeps its last id, as llama.cpp's `token_to_id` does.
 fn vocab_of(tokens: &[String]) -> Vocab {
-    tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect()
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect()
 }
 
 /// Added tokens for control (special), user-defined (plain) and, with `unknown_special`, unknown tokens.
-fn added_tokens(tokens: &[String], types: &[i64], unknown_special: bool) -> (Vec<AddedToken>, Vec<AddedToken>) {
+fn added_tokens(
+    tokens: &[String],
+    types: &[i64],
+    unknown_special: bool,
+) -> (Vec<AddedToken>, Vec<AddedToken>) {
     let mut special = Vec::new();
     let mut plain = Vec::new();
     for (t, &ty) in tokens.iter().zip(types) {
@@ -250,7 +293,12 @@ fn finish(mut tk: Tokenizer, tokens: &[String], types: &[i64], unknown_special: 
 }
 
 /// Byte-level BPE (`tokenizer.ggml.model = "gpt2"`).
-fn build_bpe(tokens: &[String], types: &[i64], merges_raw: &[String], pre: &BpePre) -> Result<Tokenizer> {
+fn build_bpe(
+    tokens: &[String],
+    types: &[i64],
+    merges_raw: &[String],
+    pre: &BpePre,
+) -> Result<Tokenizer> {
     let vocab = vocab_of(tokens);
     // "left right", split at the first space after position 0 (llama.cpp); a merge whose parts or result
     // are not in the vocabulary can never apply and is dropped; a repeated merge keeps its first rank.
@@ -277,14 +325,20 @@ fn build_bpe(tokens: &[String], types: &[i64], merges_raw: &[String], pre: &BpeP
         .map_err(tok_err)?;
     let mut steps: Vec<PreTokenizerWrapper> = Vec::with_capacity(pre.regexes.len() + 1);
     for re in &pre.regexes {
-        let split = Split::new(SplitPattern::Regex((*re).to_string()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(tok_err)?;
+        let split = Split::new(
+            SplitPattern::Regex((*re).to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(tok_err)?;
         steps.push(split.into());
     }
     steps.push(ByteLevel::new(false, false, false).into());
     let mut tk = Tokenizer::new(bpe);
     tk.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(PreSequence::new(steps))));
-    tk.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(false, false, false))));
+    tk.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::new(
+        false, false, false,
+    ))));
     Ok(finish(tk, tokens, types, false))
 }
 
@@ -292,7 +346,11 @@ fn build_bpe(tokens: &[String], types: &[i64], merges_raw: &[String], pre: &BpeP
 /// split of a token into two in-vocabulary pieces, ordered by the token's score (highest first; ties in
 /// vocabulary order, then by the pieces' ids).
 pub fn spm_merges(tokens: &[String], scores: Option<&[f32]>) -> Merges {
-    let ids: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let ids: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
     let mut all: Vec<(f32, usize, usize, usize)> = Vec::new(); // (score, token, left id, right id)
     for (i, t) in tokens.iter().enumerate() {
         let score = scores.map_or(-(i as f32), |s| s[i]);
@@ -322,7 +380,10 @@ fn build_spm(
 ) -> Result<Tokenizer> {
     let vocab = vocab_of(tokens);
     let merges = spm_merges(tokens, scores);
-    let mut b = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+    let mut b = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
     if let Some(u) = unk {
         b = b.unk_token(tokens[u as usize].clone());
     }
@@ -333,7 +394,9 @@ fn build_spm(
         norm.push(Prepend::new("▁".to_string()).into());
     }
     norm.push(Replace::new(" ", "▁").map_err(tok_err)?.into());
-    tk.with_normalizer(Some(NormalizerWrapper::Sequence(tokenizers::normalizers::Sequence::new(norm))));
+    tk.with_normalizer(Some(NormalizerWrapper::Sequence(
+        tokenizers::normalizers::Sequence::new(norm),
+    )));
     let mut dec: Vec<DecoderWrapper> = vec![
         Replace::new("▁", " ").map_err(tok_err)?.into(),
         ByteFallback::new().into(),
@@ -362,30 +425,54 @@ mod tests {
     /// add_special=false, parse_special=true)` on a vocab-only load of SmolLM2-135M-Instruct.Q4_1.gguf).
     const SMOLLM2_CASES: &[(&str, &[u32])] = &[
         ("12345", &[33, 34, 35, 36, 37]),
-        ("Hello  world   with    multiple     spaces", &[19556, 216, 905, 256, 351, 333, 2701, 289, 5600]),
-        ("line one\nline two\n\n\ttabbed\r\nend", &[1311, 582, 198, 1311, 827, 1116, 197, 15999, 5776, 201, 198, 486]),
+        (
+            "Hello  world   with    multiple     spaces",
+            &[19556, 216, 905, 256, 351, 333, 2701, 289, 5600],
+        ),
+        (
+            "line one\nline two\n\n\ttabbed\r\nend",
+            &[
+                1311, 582, 198, 1311, 827, 1116, 197, 15999, 5776, 201, 198, 486,
+            ],
+        ),
         (
             "héllo wörld — naïve café 日本語 🤖 Ελληνικά",
             &[
-                88, 2756, 31394, 267, 29989, 400, 1841, 15486, 46494, 37366, 17097, 241, 115, 40993, 179, 120, 248,
-                15107, 114, 240, 5664, 239, 17162, 17162, 25723, 11517, 12001, 21118, 26112,
+                88, 2756, 31394, 267, 29989, 400, 1841, 15486, 46494, 37366, 17097, 241, 115,
+                40993, 179, 120, 248, 15107, 114, 240, 5664, 239, 17162, 17162, 25723, 11517,
+                12001, 21118, 26112,
             ],
         ),
         (
             "don't won't I'm we'll they've she'd it's DON'T",
-            &[12420, 982, 3763, 982, 339, 5248, 392, 3060, 502, 3543, 1041, 6737, 357, 506, 422, 2154, 23, 68],
+            &[
+                12420, 982, 3763, 982, 339, 5248, 392, 3060, 502, 3543, 1041, 6737, 357, 506, 422,
+                2154, 23, 68,
+            ],
         ),
         (
             "fn main() {\n    println!(\"{}\", 1 + 2);\n}\n",
-            &[7853, 1085, 1000, 1662, 472, 1628, 34115, 17, 43331, 1002, 216, 33, 1232, 216, 34, 4258, 198, 109, 198],
+            &[
+                7853, 1085, 1000, 1662, 472, 1628, 34115, 17, 43331, 1002, 216, 33, 1232, 216, 34,
+                4258, 198, 109, 198,
+            ],
         ),
         ("  leading and trailing  ", &[216, 2899, 284, 35079, 256]),
         (
             "3.14159 and 2,000,000 or 1e-9",
-            &[35, 30, 33, 36, 33, 37, 41, 284, 216, 34, 28, 32, 32, 32, 28, 32, 32, 32, 355, 216, 33, 85, 29, 41],
+            &[
+                35, 30, 33, 36, 33, 37, 41, 284, 216, 34, 28, 32, 32, 32, 28, 32, 32, 32, 355, 216,
+                33, 85, 29, 41,
+            ],
         ),
-        ("The quick brown fox jumps over the lazy dog.", &[504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30]),
-        ("<|im_start|>user\nHi there<|im_end|>\n", &[1, 4093, 198, 26843, 665, 2, 198]),
+        (
+            "The quick brown fox jumps over the lazy dog.",
+            &[504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30],
+        ),
+        (
+            "<|im_start|>user\nHi there<|im_end|>\n",
+            &[1, 4093, 198, 26843, 665, 2, 198],
+        ),
         ("", &[]),
     ];
 
@@ -396,16 +483,26 @@ mod tests {
         assert_eq!(tk.vocab_size(), 49152);
         for &(text, want) in SMOLLM2_CASES {
             assert_eq!(tk.encode(text, false).expect("encode"), want, "{text:?}");
-            assert_eq!(tk.decode(want, false).expect("decode"), text, "decode {want:?}");
+            assert_eq!(
+                tk.decode(want, false).expect("decode"),
+                text,
+                "decode {want:?}"
+            );
         }
         // SmolLM2's GGUF says add_bos_token = false.
         assert!(!tk.add_bos);
         assert_eq!(tk.encode("Hi", true).expect("encode"), vec![26843]);
-        assert_eq!((tk.bos_token_id, tk.bos_token.as_deref()), (Some(1), Some("<|im_start|>")));
+        assert_eq!(
+            (tk.bos_token_id, tk.bos_token.as_deref()),
+            (Some(1), Some("<|im_start|>"))
+        );
         assert_eq!(tk.eos_token.as_deref(), Some("<|im_end|>"));
         // eos (2, <|im_end|>), then <|endoftext|> (0), which llama.cpp also ends generation on.
         assert_eq!(tk.eos_token_ids, vec![2, 0]);
-        assert!(tk.chat_template.as_deref().is_some_and(|t| t.contains("<|im_start|>")));
+        assert!(tk
+            .chat_template
+            .as_deref()
+            .is_some_and(|t| t.contains("<|im_start|>")));
         assert_eq!(tk.decode(&[1, 4093, 2], true).expect("decode"), "user");
     }
 
@@ -415,44 +512,82 @@ mod tests {
     const SPM_CASES: &[(&str, &[u32], bool)] = &[
         ("hello world", &[277, 274], true),
         ("the thing is it's", &[266, 286, 292, 294, 296], true),
-        ("Hello World!", &[282, 302, 276, 297, 326, 269, 273, 339], true),
-        (" leading space", &[289, 309, 302, 298, 301, 279, 271, 313, 298, 300, 302], true),
+        (
+            "Hello World!",
+            &[282, 302, 276, 297, 326, 269, 273, 339],
+            true,
+        ),
+        (
+            " leading space",
+            &[289, 309, 302, 298, 301, 279, 271, 313, 298, 300, 302],
+            true,
+        ),
         ("a  b    c", &[263, 289, 299, 290, 300], true),
         (
             "héllo 日本 🤖",
-            &[297, 305, 200, 174, 276, 297, 235, 156, 170, 235, 161, 177, 297, 245, 164, 169, 155],
+            &[
+                297, 305, 200, 174, 276, 297, 235, 156, 170, 235, 161, 177, 297, 245, 164, 169, 155,
+            ],
             true,
         ),
-        ("line\nbreak\ttab", &[297, 309, 264, 302, 15, 299, 315, 302, 298, 308, 14, 317, 298, 299], true),
+        (
+            "line\nbreak\ttab",
+            &[
+                297, 309, 264, 302, 15, 299, 315, 302, 298, 308, 14, 317, 298, 299,
+            ],
+            true,
+        ),
         ("12345", &[280, 281, 331, 332], true),
-        ("x<start_of_turn>y <tool> z", &[297, 321, 3, 297, 322, 297, 4, 289, 323], false),
-        ("unknownQ", &[297, 318, 311, 308, 311, 312, 320, 311, 86], true),
+        (
+            "x<start_of_turn>y <tool> z",
+            &[297, 321, 3, 297, 322, 297, 4, 289, 323],
+            false,
+        ),
+        (
+            "unknownQ",
+            &[297, 318, 311, 308, 311, 312, 320, 311, 86],
+            true,
+        ),
     ];
 
     #[test]
     fn gguf_tokenizer_spm_matches_llama_cpp() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf/tiny_spm.gguf");
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gguf/tiny_spm.gguf");
         let tk = load(&path);
         for &(text, want, round_trips) in SPM_CASES {
             assert_eq!(tk.encode(text, false).expect("encode"), want, "{text:?}");
             if round_trips {
-                assert_eq!(tk.decode(want, false).expect("decode"), text, "decode {want:?}");
+                assert_eq!(
+                    tk.decode(want, false).expect("decode"),
+                    text,
+                    "decode {want:?}"
+                );
             }
         }
         assert!(tk.add_bos);
         assert_eq!(tk.encode("hello", true).expect("encode"), vec![1, 277]);
         assert_eq!(tk.eos_token_ids, vec![2]);
-        assert_eq!((tk.bos_token.as_deref(), tk.eos_token.as_deref()), (Some("<s>"), Some("</s>")));
+        assert_eq!(
+            (tk.bos_token.as_deref(), tk.eos_token.as_deref()),
+            (Some("<s>"), Some("</s>"))
+        );
     }
 
     #[test]
     fn gguf_tokenizer_spm_merges_follow_scores() {
-        let toks: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"].iter().map(|s| s.to_string()).collect();
+        let toks: Vec<String> = ["a", "b", "c", "ab", "bc", "abc"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let scores = [0.0, 0.0, 0.0, -2.0, -1.0, -3.0];
         let m = spm_merges(&toks, Some(&scores));
         let pairs: Vec<(&str, &str)> = m.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         // bc (-1) before ab (-2) before the two ways to make abc (-3), those in (left id, right id) order.
-        assert_eq!(pairs, vec![("b", "c"), ("a", "b"), ("a", "bc"), ("ab", "c")]);
+        assert_eq!(
+            pairs,
+            vec![("b", "c"), ("a", "b"), ("a", "bc"), ("ab", "c")]
+        );
     }
 
     #[test]
@@ -465,10 +600,17 @@ mod tests {
         let other = bpe_pre("no-such-pre");
         assert!(!other.known && other.regexes == vec![RE_GPT2]);
         // Every regex compiles with the tokenizer's engine.
-        for pre in ["default", "llama3", "smollm", "gpt-2", "falcon", "qwen2", "qwen35", "gpt-4o", "tekken", "bloom"] {
+        for pre in [
+            "default", "llama3", "smollm", "gpt-2", "falcon", "qwen2", "qwen35", "gpt-4o",
+            "tekken", "bloom",
+        ] {
             for re in bpe_pre(pre).regexes {
-                Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false)
-                    .unwrap_or_else(|e| panic!("{pre}: {re}: {e}"));
+                Split::new(
+                    SplitPattern::Regex(re.to_string()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .unwrap_or_else(|e| panic!("{pre}: {re}: {e}"));
             }
         }
     }

@@ -1,0 +1,221 @@
+//! Hand-vectorised inner loops for the hot paths, picked once at run time by CPU feature, each with the
+//! plain scalar reference it is tested against.
+
+/// Which implementation this CPU runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Level {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+}
+
+fn level() -> Level {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static LEVEL: OnceLock<Level> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c")
+            {
+                Level::Avx2
+            } else {
+                Level::Scalar
+            }
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    Level::Scalar
+}
+
+/// Little-endian f16 bytes → f32.
+pub fn f16_to_f32(src: &[u8], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len() * 2);
+    match level() {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => x86::f16_to_f32(src, dst),
+        Level::Scalar => f16_to_f32_scalar(src, dst),
+    }
+}
+
+/// Σ f16(w[i]) · x[i] for little-endian f16 bytes `w`.
+pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
+    assert_eq!(w.len(), x.len() * 2);
+    match level() {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => x86::dot_f16(w, x),
+        Level::Scalar => dot_f16_scalar(w, x),
+    }
+}
+
+/// Σ a[i] · b[i].
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    match level() {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => x86::dot_f32(a, b),
+        Level::Scalar => crate::tensor::dot(a, b),
+    }
+}
+
+fn f16_to_f32_scalar(src: &[u8], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
+        *d = half::f16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32();
+    }
+}
+
+fn dot_f16_scalar(w: &[u8], x: &[f32]) -> f32 {
+    let mut buf = [0.0f32; 64];
+    let mut s = 0.0f32;
+    for (wc, xc) in w.chunks(128).zip(x.chunks(64)) {
+        let b = &mut buf[..xc.len()];
+        f16_to_f32_scalar(wc, b);
+        s += crate::tensor::dot(b, xc);
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    pub fn f16_to_f32(src: &[u8], dst: &mut [f32]) {
+        // SAFETY: only called after `level()` saw avx2, fma and f16c on this CPU.
+        unsafe { f16_to_f32_impl(src, dst) }
+    }
+
+    pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
+        // SAFETY: as above.
+        unsafe { dot_f16_impl(w, x) }
+    }
+
+    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        // SAFETY: as above.
+        unsafe { dot_f32_impl(a, b) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f16_to_f32_impl(src: &[u8], dst: &mut [f32]) {
+        let n = dst.len();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, so 16 source bytes and 8 destination floats are in bounds; loads and
+            // stores are unaligned.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(2 * i).cast());
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        super::f16_to_f32_scalar(&src[2 * i..], &mut dst[i..]);
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_f16_impl(w: &[u8], x: &[f32]) -> f32 {
+        let n = x.len();
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (k, a) in acc.iter_mut().enumerate() {
+                let j = i + 8 * k;
+                // SAFETY: j + 8 <= n: 16 bytes of w and 8 floats of x are in bounds (unaligned loads).
+                unsafe {
+                    let h = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * j).cast()));
+                    *a = _mm256_fmadd_ps(h, _mm256_loadu_ps(xp.add(j)), *a);
+                }
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, as above.
+            unsafe {
+                let h = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * i).cast()));
+                acc[0] = _mm256_fmadd_ps(h, _mm256_loadu_ps(xp.add(i)), acc[0]);
+            }
+            i += 8;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        hsum(v) + super::dot_f16_scalar(&w[2 * i..], &x[i..])
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_f32_impl(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len();
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            for (k, s) in acc.iter_mut().enumerate() {
+                let j = i + 8 * k;
+                // SAFETY: j + 8 <= n for both slices (equal lengths asserted by the caller).
+                unsafe {
+                    *s =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(ap.add(j)), _mm256_loadu_ps(bp.add(j)), *s);
+                }
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, as above.
+            unsafe {
+                acc[0] = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(ap.add(i)),
+                    _mm256_loadu_ps(bp.add(i)),
+                    acc[0],
+                );
+            }
+            i += 8;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let tail: f32 = a[i..].iter().zip(&b[i..]).map(|(x, y)| x * y).sum();
+        hsum(v) + tail
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+        let w: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 211) as f32 / 37.0 - 2.5)
+            .collect();
+        let bytes: Vec<u8> = w
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())
+            .collect();
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 31) % 97) as f32 / 13.0 - 3.0)
+            .collect();
+        (bytes, w, x)
+    }
+
+    #[test]
+    fn vectorised_paths_match_the_scalar_reference() {
+        for n in [0, 1, 7, 8, 31, 32, 33, 576, 1536 + 5] {
+            let (bytes, _, x) = data(n);
+            let mut a = vec![0.0; n];
+            let mut b = vec![0.0; n];
+            f16_to_f32(&bytes, &mut a);
+            f16_to_f32_scalar(&bytes, &mut b);
+            assert_eq!(a, b, "conversion is exact, n={n}");
+            let (d, r) = (dot_f16(&bytes, &x), dot_f16_scalar(&bytes, &x));
+            assert!((d - r).abs() <= 1e-4 * (1.0 + r.abs()), "n={n}: {d} vs {r}");
+            let (d, r) = (dot_f32(&a, &x), crate::tensor::dot(&a, &x));
+            assert!((d - r).abs() <= 1e-4 * (1.0 + r.abs()), "n={n}: {d} vs {r}");
+        }
+    }
+}
