@@ -200,27 +200,25 @@ impl TensorRef {
             return;
         }
         let tile = tile_rows(rows, cols);
-        let parts: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(tile))
-            .into_par_iter()
-            .map(|ti| {
+        let dst = SharedOut(out.as_mut_ptr());
+        (0..rows.div_ceil(tile)).into_par_iter().for_each_init(
+            || Vec::with_capacity(tile * cols),
+            |w: &mut Vec<f32>, ti| {
                 let r0 = ti * tile;
                 let r1 = (r0 + tile).min(rows);
                 let m = r1 - r0;
-                let mut w = vec![0.0f32; m * cols];
+                w.resize(m * cols, 0.0);
                 for (i, row) in w.chunks_exact_mut(cols).enumerate() {
                     self.dequant_row(r0 + i, row);
                 }
-                let mut y = vec![0.0f32; n * m];
-                sgemm_nt(n, m, cols, x, &w, &mut y);
-                (r0, y)
-            })
-            .collect();
-        for (r0, y) in parts {
-            let m = y.len() / n;
-            for t in 0..n {
-                out[t * rows + r0..t * rows + r0 + m].copy_from_slice(&y[t * m..(t + 1) * m]);
-            }
-        }
+                // SAFETY: tiles are disjoint column ranges r0..r1 of the n×rows output, which outlives
+                // this parallel loop; each tile writes only its own columns.
+                #[allow(unsafe_code)]
+                unsafe {
+                    sgemm_nt_strided(n, m, cols, x, w, dst.at(r0), rows);
+                }
+            },
+        );
     }
 
     fn matvec(&self, x: &[f32], out: &mut [f32]) {
@@ -302,6 +300,65 @@ pub fn sgemm_nt(n: usize, m: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32
     }
 }
 
+/// The output of a parallel matmul, written by disjoint tiles.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+impl SharedOut {
+    /// The pointer `i` elements in (captured as a whole struct by closures, so it stays `Sync`).
+    #[allow(unsafe_code)]
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+// SAFETY: each tile writes a disjoint set of columns; see `TensorRef::matmul`.
+#[allow(unsafe_code)]
+unsafe impl Send for SharedOut {}
+#[allow(unsafe_code)]
+unsafe impl Sync for SharedOut {}
+
+/// `y = x[n, k] · w[m, k]ᵀ` written into `y` with row stride `ldy` (a column block of a wider matrix).
+///
+/// # Safety
+/// `y` must be valid for writes at `y + t·ldy + j` for `t < n`, `j < m`, and no other thread may touch
+/// those elements meanwhile.
+#[allow(unsafe_code)]
+unsafe fn sgemm_nt_strided(
+    n: usize,
+    m: usize,
+    k: usize,
+    x: &[f32],
+    w: &[f32],
+    y: *mut f32,
+    ldy: usize,
+) {
+    assert!(x.len() >= n * k && w.len() >= m * k && ldy >= m);
+    // SAFETY: the caller guarantees the output; the inputs are bounded by the assert.
+    unsafe {
+        gemm::gemm(
+            n,
+            m,
+            k,
+            y,
+            1,
+            ldy as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 /// `y[n, m] = x[n, k] · w[k, m]` with row-major `w`, parallel over threads. For activations × activations
 /// (attention).
 #[allow(unsafe_code)]
@@ -350,7 +407,8 @@ mod tests {
 
     #[test]
     fn matmul_matches_naive_for_batches_and_vectors() {
-        let (m, k) = (37, 64);
+        // 1100 rows of 64 make three tiles, the last one partial.
+        let (m, k) = (1100, 64);
         let w: Vec<f32> = (0..m * k)
             .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
             .collect();

@@ -148,7 +148,7 @@ pub(crate) fn kld_tokens(
 #[cfg(test)]
 mod tests {
     use super::super::perplexity::perplexity_tokens;
-    use super::super::perplexity::tests::fake_forward;
+    use super::super::perplexity::tests::{fake_forward, fake_forward_rows};
     use super::*;
 
     #[test]
@@ -210,7 +210,7 @@ mod tests {
         // PPL(Q) is the variant's perplexity (in f32 nll, so to ~1e-6).
         let mut fd = Vec::new();
         let ppl_q = {
-            let mut b = fake_forward(vocab, 1.0, &mut fd);
+            let mut b = fake_forward_rows(vocab, 1.0, &mut fd);
             perplexity_tokens(&tokens, None, vocab, &opts, &mut b, &mut |_| true).expect("ppl")
         };
         assert!((r.stats.ppl.value - ppl_q.ppl).abs() < 1e-5 * ppl_q.ppl);

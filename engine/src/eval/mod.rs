@@ -29,6 +29,15 @@ use crate::{Error, Result};
 /// need of a model (tests pass synthetic ones).
 pub(crate) type ChunkForward<'a> = dyn FnMut(&[u32], usize) -> Result<Vec<f32>> + 'a;
 
+/// "Return the logits of positions `first + rows`" of a chunk, called with consecutive `rows` ranges
+/// starting at 0 for each chunk (the model starts from an empty cache at `rows.start == 0`). Perplexity
+/// asks for the scored rows in slices so a chunk's logits never sit in memory at once.
+pub(crate) type ChunkForwardRows<'a> =
+    dyn FnMut(&[u32], usize, std::ops::Range<usize>) -> Result<Vec<f32>> + 'a;
+
+/// Rows of logits perplexity asks for at a time (32 × a 128k vocabulary = 16 MiB).
+pub(crate) const LOGIT_ROWS_PER_PART: usize = 32;
+
 /// How the text is cut into chunks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EvalOptions {

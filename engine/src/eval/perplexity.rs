@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::stats::{NllSums, RowSoftmax};
 use super::{check_logits, check_target, chunk_bos, tokenize_text, ChunkClock, ChunkPlan};
-use super::{ChunkForward, ChunkProgress, EvalOptions};
+use super::{ChunkForwardRows, ChunkProgress, EvalOptions, LOGIT_ROWS_PER_PART};
 use crate::infer::{Logits, Model};
 use crate::model::TextTokenizer;
 use crate::{Error, Result};
@@ -44,10 +44,18 @@ pub fn perplexity(
     let tokens = tokenize_text(tok, text)?;
     let vocab = model.config().vocab_size;
     let mut cache = model.new_cache(opts.n_ctx);
-    let mut forward = |chunk: &[u32], first: usize| -> Result<Vec<f32>> {
-        cache.clear();
-        model.forward(chunk, &mut cache, Logits::From(first))
-    };
+    let mut forward =
+        |chunk: &[u32], first: usize, rows: std::ops::Range<usize>| -> Result<Vec<f32>> {
+            if rows.start == 0 {
+                cache.clear();
+                model.forward(&chunk[..first], &mut cache, Logits::None)?;
+            }
+            model.forward(
+                &chunk[first + rows.start..first + rows.end],
+                &mut cache,
+                Logits::All,
+            )
+        };
     perplexity_tokens(&tokens, chunk_bos(tok), vocab, opts, &mut forward, on_chunk)
 }
 
@@ -57,7 +65,7 @@ pub(crate) fn perplexity_tokens(
     bos: Option<u32>,
     vocab: usize,
     opts: &EvalOptions,
-    forward: &mut ChunkForward<'_>,
+    forward: &mut ChunkForwardRows<'_>,
     on_chunk: &mut dyn FnMut(&ChunkProgress) -> bool,
 ) -> Result<PerplexityReport> {
     let plan = ChunkPlan::new(tokens, opts, bos)?;
@@ -67,19 +75,20 @@ pub(crate) fn perplexity_tokens(
     let mut sums = NllSums::default();
     let mut chunk_ppl = Vec::with_capacity(plan.n_chunks);
     for k in 0..plan.n_chunks {
-        let logits = forward(&plan.input(k), first)?;
-        check_logits(&logits, n_scored, vocab)?;
-        let targets = (0..n_scored)
-            .map(|i| check_target(plan.target(k, i), vocab))
-            .collect::<Result<Vec<_>>>()?;
-        let nlls: Vec<f64> = targets
-            .par_iter()
-            .enumerate()
-            .map(|(i, &t)| {
+        let input = plan.input(k);
+        let mut nlls: Vec<f64> = Vec::with_capacity(n_scored);
+        for lo in (0..n_scored).step_by(LOGIT_ROWS_PER_PART) {
+            let hi = (lo + LOGIT_ROWS_PER_PART).min(n_scored);
+            let logits = forward(&input, first, lo..hi)?;
+            check_logits(&logits, hi - lo, vocab)?;
+            let targets = (lo..hi)
+                .map(|i| check_target(plan.target(k, i), vocab))
+                .collect::<Result<Vec<_>>>()?;
+            nlls.par_extend(targets.par_iter().enumerate().map(|(i, &t)| {
                 let row = &logits[i * vocab..(i + 1) * vocab];
                 RowSoftmax::of(row).nll(row, t)
-            })
-            .collect();
+            }));
+        }
         for nll in nlls {
             sums.add(nll);
         }
@@ -131,6 +140,27 @@ pub(crate) mod tests {
         }
     }
 
+    /// [`fake_forward`] asked for slices of rows, as perplexity asks.
+    pub(crate) fn fake_forward_rows(
+        vocab: usize,
+        boost: f32,
+        fed: &mut Vec<Vec<u32>>,
+    ) -> impl FnMut(&[u32], usize, std::ops::Range<usize>) -> Result<Vec<f32>> + '_ {
+        move |chunk: &[u32], first: usize, rows: std::ops::Range<usize>| {
+            if rows.start == 0 {
+                fed.push(chunk.to_vec());
+            }
+            let mut out = vec![0.0f32; rows.len() * vocab];
+            for (r, &t) in chunk[first + rows.start..first + rows.end]
+                .iter()
+                .enumerate()
+            {
+                out[r * vocab + (t as usize + 1) % vocab] = boost;
+            }
+            Ok(out)
+        }
+    }
+
     #[test]
     fn uniform_logits_give_ppl_equal_to_vocab() {
         let tokens: Vec<u32> = (0..40).map(|i| i % 7).collect();
@@ -138,7 +168,8 @@ pub(crate) mod tests {
             n_ctx: 10,
             max_chunks: None,
         };
-        let mut fwd = |c: &[u32], first: usize| Ok(vec![0.25f32; (c.len() - first) * 7]);
+        let mut fwd =
+            |_: &[u32], _: usize, rows: std::ops::Range<usize>| Ok(vec![0.25f32; rows.len() * 7]);
         let mut seen = Vec::new();
         let r = perplexity_tokens(&tokens, None, 7, &opts, &mut fwd, &mut |p| {
             seen.push(*p);
@@ -169,7 +200,7 @@ pub(crate) mod tests {
         let mut fed = Vec::new();
         let boost = 3.0f32;
         let r = {
-            let mut fwd = fake_forward(vocab, boost, &mut fed);
+            let mut fwd = fake_forward_rows(vocab, boost, &mut fed);
             perplexity_tokens(&tokens, Some(49), vocab, &opts, &mut fwd, &mut |_| true)
                 .expect("ppl")
         };
@@ -197,12 +228,13 @@ pub(crate) mod tests {
             max_chunks: None,
         };
         let mut calls = 0;
-        let mut fwd = |_: &[u32], _: usize| {
+        let mut fwd = |_: &[u32], _: usize, rows: std::ops::Range<usize>| {
+            assert_eq!(rows, 0..1, "one scored row per chunk of 4");
             calls += 1;
             Ok(if calls == 1 {
-                vec![0.0, 0.0, 0.0, 0.0]
+                vec![0.0, 0.0]
             } else {
-                vec![0.0, 3f32.ln(), 0.0, 0.0]
+                vec![0.0, 3f32.ln()]
             })
         };
         let r = perplexity_tokens(&tokens, None, 2, &opts, &mut fwd, &mut |_| true).expect("ppl");
@@ -220,7 +252,8 @@ pub(crate) mod tests {
             n_ctx: 8,
             max_chunks: None,
         };
-        let mut fwd = |c: &[u32], first: usize| Ok(vec![0.0f32; (c.len() - first) * 3]);
+        let mut fwd =
+            |_: &[u32], _: usize, rows: std::ops::Range<usize>| Ok(vec![0.0f32; rows.len() * 3]);
         let mut n = 0;
         let r = perplexity_tokens(&tokens, None, 3, &opts, &mut fwd, &mut |_| {
             n += 1;
@@ -320,7 +353,8 @@ pub(crate) mod tests {
             n_ctx: 8,
             max_chunks: None,
         };
-        let mut fwd = |c: &[u32], first: usize| Ok(vec![0.0f32; (c.len() - first) * 4]);
+        let mut fwd =
+            |_: &[u32], _: usize, rows: std::ops::Range<usize>| Ok(vec![0.0f32; rows.len() * 4]);
         let err = perplexity_tokens(&tokens, None, 4, &opts, &mut fwd, &mut |_| true)
             .expect_err("bad id");
         assert!(err.to_string().contains("outside"), "{err}");
