@@ -38,6 +38,9 @@ pub struct Cli {
     /// Open the window with the demo flow.
     #[arg(long)]
     pub demo: bool,
+    /// Open the window with this model (a Hugging Face folder or a .gguf file) already loading.
+    #[arg(long, value_name = "MODEL")]
+    pub open: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<CliCommand>,
 }

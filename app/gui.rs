@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use eframe::egui;
 use quant_engine::jobs::{Command, EngineHandle, Event, JobOutput};
 
-/// Open the window. `demo` is reserved for the "get the demo model" flow.
-pub fn run(_demo: bool) -> anyhow::Result<()> {
+/// Open the window, with `open` already loading if given. `demo` is reserved for the "get the demo
+/// model" flow of the studio issue.
+pub fn run(_demo: bool, open: Option<PathBuf>) -> anyhow::Result<()> {
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("Quant Studio")
@@ -18,7 +19,13 @@ pub fn run(_demo: bool) -> anyhow::Result<()> {
     eframe::run_native(
         "Quant Studio",
         options,
-        Box::new(|cc| Ok(Box::new(StudioApp::new(&cc.egui_ctx)))),
+        Box::new(|cc| {
+            let mut app = StudioApp::new(&cc.egui_ctx);
+            if let Some(path) = open {
+                app.open(path);
+            }
+            Ok(Box::new(app))
+        }),
     )
     .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))
 }

@@ -34,7 +34,7 @@ fn run(args: cli::Cli) -> anyhow::Result<()> {
         quant_engine::jobs::configure_threads(n)?;
     }
     match args.command {
-        None => gui::run(args.demo),
+        None => gui::run(args.demo, args.open),
         Some(command) => cli::run(command),
     }
 }

@@ -272,32 +272,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `y[n, m] = x[n, k] · w[m, k]ᵀ`, single-threaded (callers parallelise over tiles).
 #[allow(unsafe_code)]
 pub fn sgemm_nt(n: usize, m: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
-    assert!(x.len() >= n * k && w.len() >= m * k && y.len() >= n * m);
-    // SAFETY: the asserts above bound every access: dst is n×m row-major (row stride m, col stride 1),
-    // lhs is x as n×k row-major, rhs is wᵀ as k×m read through strides (row stride 1, col stride k).
-    unsafe {
-        gemm::gemm(
-            n,
-            m,
-            k,
-            y.as_mut_ptr(),
-            1,
-            m as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    assert!(y.len() >= n * m);
+    // SAFETY: `y` holds n rows of m (asserted) and is borrowed exclusively.
+    unsafe { sgemm_nt_strided(n, m, k, x, w, y.as_mut_ptr(), m) }
 }
 
 /// The output of a parallel matmul, written by disjoint tiles.
