@@ -10,7 +10,7 @@ const QK_K: usize = 256;
 
 /// Q4_K/Q5_K packed 6-bit scale and min of sub-block `j` (ggml's `get_scale_min_k4`).
 #[inline]
-fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+pub(super) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {
@@ -85,6 +85,13 @@ pub fn dequant_q3_k(src: &[u8], dst: &mut [f32]) {
 
 /// `f16 d; f16 dmin; u8 scales[12]; u8 qs[128]`.
 pub fn dequant_q4_k(src: &[u8], dst: &mut [f32]) {
+    if !super::x86::dequant_q4_k(src, dst) {
+        dequant_q4_k_scalar(src, dst);
+    }
+}
+
+/// Scalar reference for [`dequant_q4_k`].
+pub(super) fn dequant_q4_k_scalar(src: &[u8], dst: &mut [f32]) {
     for (b, y) in src.chunks_exact(144).zip(dst.chunks_exact_mut(QK_K)) {
         let d = f16_at(b);
         let dmin = f16_at(&b[2..]);
@@ -133,6 +140,13 @@ pub fn dequant_q5_k(src: &[u8], dst: &mut [f32]) {
 
 /// `u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d`.
 pub fn dequant_q6_k(src: &[u8], dst: &mut [f32]) {
+    if !super::x86::dequant_q6_k(src, dst) {
+        dequant_q6_k_scalar(src, dst);
+    }
+}
+
+/// Scalar reference for [`dequant_q6_k`].
+pub(super) fn dequant_q6_k_scalar(src: &[u8], dst: &mut [f32]) {
     for (b, y) in src.chunks_exact(210).zip(dst.chunks_exact_mut(QK_K)) {
         let ql_all = &b[0..128];
         let qh_all = &b[128..192];

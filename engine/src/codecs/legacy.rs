@@ -9,6 +9,13 @@ const QK: usize = 32;
 
 /// `(q - 8) * d`, nibble j → element j, high nibble → element j + 16.
 pub fn dequant_q4_0(src: &[u8], dst: &mut [f32]) {
+    if !super::x86::dequant_q4_0(src, dst) {
+        dequant_q4_0_scalar(src, dst);
+    }
+}
+
+/// Scalar reference for [`dequant_q4_0`].
+pub(super) fn dequant_q4_0_scalar(src: &[u8], dst: &mut [f32]) {
     for (b, y) in src.chunks_exact(18).zip(dst.chunks_exact_mut(QK)) {
         let d = f16_at(b);
         let qs = &b[2..18];
@@ -22,6 +29,13 @@ pub fn dequant_q4_0(src: &[u8], dst: &mut [f32]) {
 
 /// `q * d + m`.
 pub fn dequant_q4_1(src: &[u8], dst: &mut [f32]) {
+    if !super::x86::dequant_q4_1(src, dst) {
+        dequant_q4_1_scalar(src, dst);
+    }
+}
+
+/// Scalar reference for [`dequant_q4_1`].
+pub(super) fn dequant_q4_1_scalar(src: &[u8], dst: &mut [f32]) {
     for (b, y) in src.chunks_exact(20).zip(dst.chunks_exact_mut(QK)) {
         let d = f16_at(b);
         let m = f16_at(&b[2..]);
@@ -36,6 +50,13 @@ pub fn dequant_q4_1(src: &[u8], dst: &mut [f32]) {
 
 /// `(q - 16) * d` with the fifth bit of element e at bit e of `qh`.
 pub fn dequant_q5_0(src: &[u8], dst: &mut [f32]) {
+    if !super::x86::dequant_q5_0(src, dst) {
+        dequant_q5_0_scalar(src, dst);
+    }
+}
+
+/// Scalar reference for [`dequant_q5_0`].
+pub(super) fn dequant_q5_0_scalar(src: &[u8], dst: &mut [f32]) {
     for (b, y) in src.chunks_exact(22).zip(dst.chunks_exact_mut(QK)) {
         let d = f16_at(b);
         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
@@ -54,6 +75,13 @@ pub fn dequant_q5_0(src: &[u8], dst: &mut [f32]) {
 
 /// `q * d + m`, q in 0..32.
 pub fn dequant_q5_1(src: &[u8], dst: &mut [f32]) {
+    if !super::x86::dequant_q5_1(src, dst) {
+        dequant_q5_1_scalar(src, dst);
+    }
+}
+
+/// Scalar reference for [`dequant_q5_1`].
+pub(super) fn dequant_q5_1_scalar(src: &[u8], dst: &mut [f32]) {
     for (b, y) in src.chunks_exact(24).zip(dst.chunks_exact_mut(QK)) {
         let d = f16_at(b);
         let m = f16_at(&b[2..]);
@@ -73,6 +101,13 @@ pub fn dequant_q5_1(src: &[u8], dst: &mut [f32]) {
 
 /// `qs[e] * d`, signed bytes.
 pub fn dequant_q8_0(src: &[u8], dst: &mut [f32]) {
+    if !super::x86::dequant_q8_0(src, dst) {
+        dequant_q8_0_scalar(src, dst);
+    }
+}
+
+/// Scalar reference for [`dequant_q8_0`].
+pub(super) fn dequant_q8_0_scalar(src: &[u8], dst: &mut [f32]) {
     for (b, y) in src.chunks_exact(34).zip(dst.chunks_exact_mut(QK)) {
         let d = f16_at(b);
         for (o, &q) in y.iter_mut().zip(&b[2..34]) {

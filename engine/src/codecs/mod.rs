@@ -8,6 +8,7 @@ mod float;
 mod iquants;
 mod kquants;
 mod legacy;
+mod x86;
 
 pub use iquants::KVALUES_IQ4NL;
 
@@ -218,7 +219,7 @@ impl GgmlType {
 }
 
 /// Read a little-endian f16 at `b[0..2]` as f32.
-#[inline]
+#[inline(always)]
 pub(crate) fn f16_at(b: &[u8]) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
 }

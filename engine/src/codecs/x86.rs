@@ -1,0 +1,472 @@
+//! AVX2 + F16C dequantisers for the hot block types, picked once at run time by CPU feature.
+//!
+//! Each `dequant_*` here returns `false` when this CPU (or target) has no vector path, and the caller in
+//! `legacy.rs` / `kquants.rs` then runs its scalar loop, which stays the reference. The vector code does
+//! the same f32 operations in the same order as the scalar loop — a separate multiply and add, never a
+//! fused multiply-add, and an exact F16C f16 → f32 conversion — so results are bit-identical to it.
+
+#![allow(unsafe_code)]
+
+#[cfg(target_arch = "x86_64")]
+fn avx2() -> bool {
+    use std::sync::OnceLock;
+    static AVX2: OnceLock<bool> = OnceLock::new();
+    *AVX2.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+    })
+}
+
+macro_rules! dispatch {
+    ($(#[$doc:meta] $name:ident => $imp:ident;)*) => {$(
+        #[$doc]
+        pub(super) fn $name(src: &[u8], dst: &mut [f32]) -> bool {
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                // SAFETY: `avx2()` saw avx2 and f16c on this CPU, the only features `imp` enables.
+                unsafe { imp::$imp(src, dst) };
+                return true;
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (src, dst);
+            false
+        }
+    )*};
+}
+
+dispatch! {
+    /// Q4_0 blocks, if vectorised here.
+    dequant_q4_0 => q4_0;
+    /// Q4_1 blocks, if vectorised here.
+    dequant_q4_1 => q4_1;
+    /// Q5_0 blocks, if vectorised here.
+    dequant_q5_0 => q5_0;
+    /// Q5_1 blocks, if vectorised here.
+    dequant_q5_1 => q5_1;
+    /// Q8_0 blocks, if vectorised here.
+    dequant_q8_0 => q8_0;
+    /// Q4_K super-blocks, if vectorised here.
+    dequant_q4_k => q4_k;
+    /// Q6_K super-blocks, if vectorised here.
+    dequant_q6_k => q6_k;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod imp {
+    //! Every function takes whole blocks via `chunks_exact`, so each block slice `b` has exactly the
+    //! block's bytes and each output slice `y` exactly its elements; the raw-pointer loads and stores
+    //! below stay inside those, as each SAFETY comment spells out. Loads and stores are unaligned.
+    use std::arch::x86_64::*;
+
+    /// The two little-endian f16 at `b[0..4]` as f32 in lanes 0 and 1 (exact conversion).
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    fn f16x2(b: &[u8]) -> __m128 {
+        _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+    }
+
+    /// The little-endian f16 at `b[0..2]` as f32 (exact conversion).
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    fn f16_1(b: &[u8]) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
+            u16::from_le_bytes([b[0], b[1]]) as i32,
+        )))
+    }
+
+    /// The 8 bytes at `p`, zero-extended to i32 lanes.
+    ///
+    /// # Safety
+    /// `p..p + 8` is readable.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn u8x8(p: *const u8) -> __m256i {
+        // SAFETY: the caller guarantees 8 readable bytes at `p`, all `_mm_loadl_epi64` reads.
+        _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(p.cast()) })
+    }
+
+    /// The 8 bytes at `p`, sign-extended to i32 lanes.
+    ///
+    /// # Safety
+    /// `p..p + 8` is readable.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn i8x8(p: *const u8) -> __m256i {
+        // SAFETY: the caller guarantees 8 readable bytes at `p`, all `_mm_loadl_epi64` reads.
+        _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(p.cast()) })
+    }
+
+    /// Low and high nibbles of the 16 packed bytes at `p`, as 32 elements in i32 lanes: element j is
+    /// the low nibble of byte j and element j + 16 its high nibble (the legacy block layout). Widening
+    /// straight from memory and splitting nibbles in i32 lanes keeps the shuffle port free.
+    ///
+    /// # Safety
+    /// `p..p + 16` is readable.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    unsafe fn nibbles16(p: *const u8) -> [__m256i; 4] {
+        let mask = _mm256_set1_epi32(0x0F);
+        // SAFETY: the caller guarantees 16 readable bytes at `p`: two 8-byte loads at 0 and 8.
+        let (a, b) = unsafe { (u8x8(p), u8x8(p.add(8))) };
+        [
+            _mm256_and_si256(a, mask),
+            _mm256_and_si256(b, mask),
+            _mm256_srli_epi32::<4>(a),
+            _mm256_srli_epi32::<4>(b),
+        ]
+    }
+
+    /// The fifth bits of elements 8k..8k+8 (bit e of `qh` for element e), as 0 or 16 in i32 lanes.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    fn fifth_bits(qh: u32, k: usize) -> __m256i {
+        let shifts = _mm256_add_epi32(
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+            _mm256_set1_epi32(8 * k as i32),
+        );
+        let bits = _mm256_and_si256(
+            _mm256_srlv_epi32(_mm256_set1_epi32(qh as i32), shifts),
+            _mm256_set1_epi32(1),
+        );
+        _mm256_slli_epi32::<4>(bits)
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn q4_0(src: &[u8], dst: &mut [f32]) {
+        let eight = _mm256_set1_epi32(8);
+        for (b, y) in src.chunks_exact(18).zip(dst.chunks_exact_mut(32)) {
+            let d = _mm256_broadcastss_ps(f16x2(b));
+            // SAFETY: `b` is 18 bytes, so 16 are readable at offset 2.
+            let qs = unsafe { nibbles16(b.as_ptr().add(2)) };
+            for (k, q) in qs.into_iter().enumerate() {
+                let q = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, eight));
+                // SAFETY: `y` is 32 floats and 8k + 8 <= 32.
+                unsafe { _mm256_storeu_ps(y.as_mut_ptr().add(8 * k), _mm256_mul_ps(q, d)) };
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn q4_1(src: &[u8], dst: &mut [f32]) {
+        for (b, y) in src.chunks_exact(20).zip(dst.chunks_exact_mut(32)) {
+            let dm = f16x2(b);
+            let d = _mm256_broadcastss_ps(dm);
+            let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+            // SAFETY: `b` is 20 bytes, so 16 are readable at offset 4.
+            let qs = unsafe { nibbles16(b.as_ptr().add(4)) };
+            for (k, q) in qs.into_iter().enumerate() {
+                let v = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), m);
+                // SAFETY: `y` is 32 floats and 8k + 8 <= 32.
+                unsafe { _mm256_storeu_ps(y.as_mut_ptr().add(8 * k), v) };
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn q5_0(src: &[u8], dst: &mut [f32]) {
+        let sixteen = _mm256_set1_epi32(16);
+        for (b, y) in src.chunks_exact(22).zip(dst.chunks_exact_mut(32)) {
+            let d = _mm256_broadcastss_ps(f16x2(b));
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            // SAFETY: `b` is 22 bytes, so 16 are readable at offset 6.
+            let qs = unsafe { nibbles16(b.as_ptr().add(6)) };
+            for (k, q) in qs.into_iter().enumerate() {
+                let q = _mm256_or_si256(q, fifth_bits(qh, k));
+                let q = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, sixteen));
+                // SAFETY: `y` is 32 floats and 8k + 8 <= 32.
+                unsafe { _mm256_storeu_ps(y.as_mut_ptr().add(8 * k), _mm256_mul_ps(q, d)) };
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn q5_1(src: &[u8], dst: &mut [f32]) {
+        for (b, y) in src.chunks_exact(24).zip(dst.chunks_exact_mut(32)) {
+            let dm = f16x2(b);
+            let d = _mm256_broadcastss_ps(dm);
+            let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
+            let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+            // SAFETY: `b` is 24 bytes, so 16 are readable at offset 8.
+            let qs = unsafe { nibbles16(b.as_ptr().add(8)) };
+            for (k, q) in qs.into_iter().enumerate() {
+                let q = _mm256_cvtepi32_ps(_mm256_or_si256(q, fifth_bits(qh, k)));
+                let v = _mm256_add_ps(_mm256_mul_ps(q, d), m);
+                // SAFETY: `y` is 32 floats and 8k + 8 <= 32.
+                unsafe { _mm256_storeu_ps(y.as_mut_ptr().add(8 * k), v) };
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn q8_0(src: &[u8], dst: &mut [f32]) {
+        for (b, y) in src.chunks_exact(34).zip(dst.chunks_exact_mut(32)) {
+            let d = _mm256_broadcastss_ps(f16x2(b));
+            for k in 0..4 {
+                // SAFETY: `b` is 34 bytes, so 8 are readable at 2 + 8k <= 26; `y` is 32 floats and
+                // 8k + 8 <= 32.
+                unsafe {
+                    let q = _mm256_cvtepi32_ps(i8x8(b.as_ptr().add(2 + 8 * k)));
+                    _mm256_storeu_ps(y.as_mut_ptr().add(8 * k), _mm256_mul_ps(q, d));
+                }
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn q4_k(src: &[u8], dst: &mut [f32]) {
+        let mask = _mm256_set1_epi32(0x0F);
+        for (b, y) in src.chunks_exact(144).zip(dst.chunks_exact_mut(256)) {
+            let dd = f16x2(b);
+            let d = _mm_cvtss_f32(dd);
+            let dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
+            let scales = &b[4..16];
+            for c in 0..4 {
+                let (sc1, m1) = super::super::kquants::scale_min_k4(2 * c, scales);
+                let (sc2, m2) = super::super::kquants::scale_min_k4(2 * c + 1, scales);
+                let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
+                let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
+                let (d1, m1) = (_mm256_set1_ps(d1), _mm256_set1_ps(m1));
+                let (d2, m2) = (_mm256_set1_ps(d2), _mm256_set1_ps(m2));
+                for k in 0..4 {
+                    // SAFETY: `b` is 144 bytes and 16 + 32c + 8k + 8 <= 144 for c, k < 4; `y` is 256
+                    // floats and 64c + 32 + 8k + 8 <= 256.
+                    unsafe {
+                        let v = u8x8(b.as_ptr().add(16 + 32 * c + 8 * k));
+                        let lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
+                        let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v));
+                        let out = y.as_mut_ptr().add(64 * c + 8 * k);
+                        _mm256_storeu_ps(out, _mm256_sub_ps(_mm256_mul_ps(d1, lo), m1));
+                        _mm256_storeu_ps(out.add(32), _mm256_sub_ps(_mm256_mul_ps(d2, hi), m2));
+                    }
+                }
+            }
+        }
+    }
+
+    /// `(h & 3) << 4` per i32 lane: two high bits of a Q6_K quant.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    fn high2(h: __m256i) -> __m256i {
+        _mm256_slli_epi32::<4>(_mm256_and_si256(h, _mm256_set1_epi32(3)))
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn q6_k(src: &[u8], dst: &mut [f32]) {
+        let (m4, c32) = (_mm256_set1_epi32(0x0F), _mm256_set1_epi32(32));
+        for (b, y) in src.chunks_exact(210).zip(dst.chunks_exact_mut(256)) {
+            let d = f16_1(&b[208..210]);
+            for h in 0..2 {
+                let sc = &b[192 + 8 * h..200 + 8 * h];
+                for l in (0..32).step_by(8) {
+                    let is = l / 16;
+                    // SAFETY: `b` is 210 bytes; ql reads 64h + l + 32 + 8 <= 128 and qh reads
+                    // 128 + 32h + l + 8 <= 192, for h < 2 and l <= 24.
+                    let (a, a2, hb) = unsafe {
+                        let p = b.as_ptr();
+                        (
+                            u8x8(p.add(64 * h + l)),
+                            u8x8(p.add(64 * h + l + 32)),
+                            u8x8(p.add(128 + 32 * h + l)),
+                        )
+                    };
+                    let qs = [
+                        _mm256_or_si256(_mm256_and_si256(a, m4), high2(hb)),
+                        _mm256_or_si256(
+                            _mm256_and_si256(a2, m4),
+                            high2(_mm256_srli_epi32::<2>(hb)),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_srli_epi32::<4>(a),
+                            high2(_mm256_srli_epi32::<4>(hb)),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_srli_epi32::<4>(a2),
+                            high2(_mm256_srli_epi32::<6>(hb)),
+                        ),
+                    ];
+                    for (g, q) in qs.into_iter().enumerate() {
+                        let scale = _mm256_set1_ps(d * (sc[is + 2 * g] as i8) as f32);
+                        let q = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, c32));
+                        // SAFETY: `y` is 256 floats and 128h + 32g + l + 8 <= 256.
+                        unsafe {
+                            _mm256_storeu_ps(
+                                y.as_mut_ptr().add(128 * h + 32 * g + l),
+                                _mm256_mul_ps(scale, q),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::super::{kquants, legacy};
+
+    type Pair = (
+        &'static str,
+        usize,
+        usize,
+        &'static [usize],
+        fn(&[u8], &mut [f32]) -> bool,
+        fn(&[u8], &mut [f32]),
+    );
+
+    /// (name, block bytes, block elements, byte offsets of f16 scales, vector, scalar reference).
+    const PAIRS: [Pair; 7] = [
+        ("Q4_0", 18, 32, &[0], super::dequant_q4_0, legacy::dequant_q4_0_scalar),
+        ("Q4_1", 20, 32, &[0, 2], super::dequant_q4_1, legacy::dequant_q4_1_scalar),
+        ("Q5_0", 22, 32, &[0], super::dequant_q5_0, legacy::dequant_q5_0_scalar),
+        ("Q5_1", 24, 32, &[0, 2], super::dequant_q5_1, legacy::dequant_q5_1_scalar),
+        ("Q8_0", 34, 32, &[0], super::dequant_q8_0, legacy::dequant_q8_0_scalar),
+        ("Q4_K", 144, 256, &[0, 2], super::dequant_q4_k, kquants::dequant_q4_k_scalar),
+        ("Q6_K", 210, 256, &[208], super::dequant_q6_k, kquants::dequant_q6_k_scalar),
+    ];
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        /// Random finite f16 bits (any sign, subnormals and zeros included; no inf/NaN).
+        fn f16(&mut self) -> [u8; 2] {
+            let mut bits = self.next() as u16;
+            if (bits >> 10) & 0x1F == 0x1F {
+                bits &= !0x4000;
+            }
+            bits.to_le_bytes()
+        }
+    }
+
+    /// `nb` blocks: payload bytes from `fill`, then random finite f16 scales written over `scales`.
+    fn blocks(rng: &mut Rng, bb: usize, nb: usize, scales: &[usize], counter: bool) -> Vec<u8> {
+        let mut src: Vec<u8> = (0..bb * nb)
+            .map(|i| if counter { i as u8 } else { rng.next() as u8 })
+            .collect();
+        for b in src.chunks_exact_mut(bb) {
+            for &o in scales {
+                let h = rng.f16();
+                b[o..o + 2].copy_from_slice(&h);
+            }
+        }
+        src
+    }
+
+    #[test]
+    fn codecs_avx2_dequant_is_bit_identical_to_scalar() {
+        if !super::avx2() {
+            eprintln!("no avx2+f16c on this CPU: vector dequantisers not tested");
+            return;
+        }
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for (name, bb, be, scales, vector, scalar) in PAIRS {
+            for (nb, counter) in [(0, false), (1, false), (3, true), (300, true), (1000, false)] {
+                let src = blocks(&mut rng, bb, nb, scales, counter);
+                let mut want = vec![f32::NAN; nb * be];
+                let mut got = vec![0.0f32; nb * be];
+                scalar(&src, &mut want);
+                assert!(vector(&src, &mut got), "{name}: vector path not taken");
+                for (e, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "{name}, {nb} blocks, element {e}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn codecs_table_dequant_takes_the_vector_path_bit_exactly() {
+        use crate::codecs::GgmlType;
+        let types = [
+            (GgmlType::Q4_0, 0),
+            (GgmlType::Q4_1, 1),
+            (GgmlType::Q5_0, 2),
+            (GgmlType::Q5_1, 3),
+            (GgmlType::Q8_0, 4),
+            (GgmlType::Q4K, 5),
+            (GgmlType::Q6K, 6),
+        ];
+        let mut rng = Rng(12345);
+        for (ty, i) in types {
+            let (name, bb, be, scales, _, scalar) = PAIRS[i];
+            assert_eq!(ty.name(), name);
+            let src = blocks(&mut rng, bb, 64, scales, false);
+            let mut want = vec![0.0f32; 64 * be];
+            let mut got = vec![0.0f32; 64 * be];
+            scalar(&src, &mut want);
+            ty.dequantize(&src, &mut got);
+            let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
+            assert!(same, "{name}");
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod timing_tmp {
+    #[test]
+    #[ignore]
+    fn codecs_timing_tmp() {
+        use super::tests_pairs as P;
+        for (name, bb, be, iters, vector, scalar) in P() {
+            let elems = 576 * 1536;
+            let nb = elems / be;
+            let src: Vec<u8> = (0..nb * bb).map(|i| (i * 2654435761usize >> 7) as u8 & 0x3B).collect();
+            let mut dst = vec![0.0f32; elems];
+            let t = std::time::Instant::now();
+            let rb = bb * 1536 / be;
+            let mut row = vec![0.0f32; 1536];
+            for _ in 0..iters {
+                scalar(std::hint::black_box(&src), &mut dst);
+                std::hint::black_box(&dst);
+            }
+            let ts_full = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            for _ in 0..iters {
+                for r in src.chunks_exact(rb) {
+                    scalar(std::hint::black_box(r), &mut row);
+                    std::hint::black_box(&row);
+                }
+            }
+            let ts_row = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            for _ in 0..iters {
+                for r in src.chunks_exact(rb) {
+                    assert!(vector(std::hint::black_box(r), &mut row));
+                    std::hint::black_box(&row);
+                }
+            }
+            let tv_row = t.elapsed().as_secs_f64();
+            println!("{name} row-by-row into a 1536-float scratch: scalar {ts_row:.3}s vector {tv_row:.3}s speedup {:.2}x", ts_row / tv_row);
+            let ts = ts_full;
+            let t = std::time::Instant::now();
+            for _ in 0..iters {
+                vector(std::hint::black_box(&src), &mut dst);
+                std::hint::black_box(&dst);
+            }
+            let tv = t.elapsed().as_secs_f64();
+            println!("{name}: {iters}x 576x1536: scalar {ts:.3}s vector {tv:.3}s speedup {:.2}x", ts / tv);
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+#[allow(clippy::type_complexity)]
+fn tests_pairs() -> Vec<(&'static str, usize, usize, usize, fn(&[u8], &mut [f32]) -> bool, fn(&[u8], &mut [f32]))> {
+    use super::{kquants, legacy};
+    vec![
+        ("Q4_1", 20, 32, 2000, dequant_q4_1, legacy::dequant_q4_1_scalar),
+        ("Q8_0", 34, 32, 500, dequant_q8_0, legacy::dequant_q8_0_scalar),
+        ("Q4_0", 18, 32, 500, dequant_q4_0, legacy::dequant_q4_0_scalar),
+        ("Q5_0", 22, 32, 500, dequant_q5_0, legacy::dequant_q5_0_scalar),
+        ("Q5_1", 24, 32, 500, dequant_q5_1, legacy::dequant_q5_1_scalar),
+        ("Q4_K", 144, 256, 500, dequant_q4_k, kquants::dequant_q4_k_scalar),
+        ("Q6_K", 210, 256, 500, dequant_q6_k, kquants::dequant_q6_k_scalar),
+    ]
+}
