@@ -52,16 +52,18 @@ dispatch! {
 
 #[cfg(target_arch = "x86_64")]
 mod imp {
-    //! Every function takes whole blocks via `chunks_exact`, so each block slice `b` has exactly the
-    //! block's bytes and each output slice `y` exactly its elements; the raw-pointer loads and stores
-    //! below stay inside those, as each SAFETY comment spells out. Loads and stores are unaligned.
+    //! Every function takes whole blocks via `chunks_exact`, so each output slice `y` has exactly its
+    //! block's elements; the raw-pointer (unaligned) stores below stay inside it, as each SAFETY comment
+    //! spells out. Loads are safe slice reads.
     use std::arch::x86_64::*;
 
     /// The two little-endian f16 at `b[0..4]` as f32 in lanes 0 and 1 (exact conversion).
     #[target_feature(enable = "avx2,f16c")]
     #[inline]
     fn f16x2(b: &[u8]) -> __m128 {
-        _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+        _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([
+            b[0], b[1], b[2], b[3],
+        ])))
     }
 
     /// The little-endian f16 at `b[0..2]` as f32 (exact conversion).
@@ -73,40 +75,37 @@ mod imp {
         )))
     }
 
-    /// The 8 bytes at `p`, zero-extended to i32 lanes.
-    ///
-    /// # Safety
-    /// `p..p + 8` is readable.
+    /// The 8 bytes at `b[0..8]` as one 64-bit lane (safe code; folds into the widening load).
     #[target_feature(enable = "avx2,f16c")]
     #[inline]
-    unsafe fn u8x8(p: *const u8) -> __m256i {
-        // SAFETY: the caller guarantees 8 readable bytes at `p`, all `_mm_loadl_epi64` reads.
-        _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(p.cast()) })
+    fn bytes8(b: &[u8]) -> __m128i {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[..8]);
+        _mm_cvtsi64_si128(i64::from_le_bytes(a))
     }
 
-    /// The 8 bytes at `p`, sign-extended to i32 lanes.
-    ///
-    /// # Safety
-    /// `p..p + 8` is readable.
+    /// The 8 bytes at `b[0..8]`, zero-extended to i32 lanes.
     #[target_feature(enable = "avx2,f16c")]
     #[inline]
-    unsafe fn i8x8(p: *const u8) -> __m256i {
-        // SAFETY: the caller guarantees 8 readable bytes at `p`, all `_mm_loadl_epi64` reads.
-        _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(p.cast()) })
+    fn u8x8(b: &[u8]) -> __m256i {
+        _mm256_cvtepu8_epi32(bytes8(b))
     }
 
-    /// Low and high nibbles of the 16 packed bytes at `p`, as 32 elements in i32 lanes: element j is
-    /// the low nibble of byte j and element j + 16 its high nibble (the legacy block layout). Widening
-    /// straight from memory and splitting nibbles in i32 lanes keeps the shuffle port free.
-    ///
-    /// # Safety
-    /// `p..p + 16` is readable.
+    /// The 8 bytes at `b[0..8]`, sign-extended to i32 lanes.
     #[target_feature(enable = "avx2,f16c")]
     #[inline]
-    unsafe fn nibbles16(p: *const u8) -> [__m256i; 4] {
+    fn i8x8(b: &[u8]) -> __m256i {
+        _mm256_cvtepi8_epi32(bytes8(b))
+    }
+
+    /// Low and high nibbles of the 16 packed bytes at `b[0..16]`, as 32 elements in i32 lanes: element
+    /// j is the low nibble of byte j and element j + 16 its high nibble (the legacy block layout).
+    /// Widening straight from memory and splitting nibbles in i32 lanes keeps the shuffle port free.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    fn nibbles16(b: &[u8]) -> [__m256i; 4] {
         let mask = _mm256_set1_epi32(0x0F);
-        // SAFETY: the caller guarantees 16 readable bytes at `p`: two 8-byte loads at 0 and 8.
-        let (a, b) = unsafe { (u8x8(p), u8x8(p.add(8))) };
+        let (a, b) = (u8x8(b), u8x8(&b[8..16]));
         [
             _mm256_and_si256(a, mask),
             _mm256_and_si256(b, mask),
@@ -135,8 +134,7 @@ mod imp {
         let eight = _mm256_set1_epi32(8);
         for (b, y) in src.chunks_exact(18).zip(dst.chunks_exact_mut(32)) {
             let d = _mm256_broadcastss_ps(f16x2(b));
-            // SAFETY: `b` is 18 bytes, so 16 are readable at offset 2.
-            let qs = unsafe { nibbles16(b.as_ptr().add(2)) };
+            let qs = nibbles16(&b[2..18]);
             for (k, q) in qs.into_iter().enumerate() {
                 let q = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, eight));
                 // SAFETY: `y` is 32 floats and 8k + 8 <= 32.
@@ -151,8 +149,7 @@ mod imp {
             let dm = f16x2(b);
             let d = _mm256_broadcastss_ps(dm);
             let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
-            // SAFETY: `b` is 20 bytes, so 16 are readable at offset 4.
-            let qs = unsafe { nibbles16(b.as_ptr().add(4)) };
+            let qs = nibbles16(&b[4..20]);
             for (k, q) in qs.into_iter().enumerate() {
                 let v = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(q), d), m);
                 // SAFETY: `y` is 32 floats and 8k + 8 <= 32.
@@ -167,8 +164,7 @@ mod imp {
         for (b, y) in src.chunks_exact(22).zip(dst.chunks_exact_mut(32)) {
             let d = _mm256_broadcastss_ps(f16x2(b));
             let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-            // SAFETY: `b` is 22 bytes, so 16 are readable at offset 6.
-            let qs = unsafe { nibbles16(b.as_ptr().add(6)) };
+            let qs = nibbles16(&b[6..22]);
             for (k, q) in qs.into_iter().enumerate() {
                 let q = _mm256_or_si256(q, fifth_bits(qh, k));
                 let q = _mm256_cvtepi32_ps(_mm256_sub_epi32(q, sixteen));
@@ -185,8 +181,7 @@ mod imp {
             let d = _mm256_broadcastss_ps(dm);
             let m = _mm256_broadcastss_ps(_mm_movehdup_ps(dm));
             let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-            // SAFETY: `b` is 24 bytes, so 16 are readable at offset 8.
-            let qs = unsafe { nibbles16(b.as_ptr().add(8)) };
+            let qs = nibbles16(&b[8..24]);
             for (k, q) in qs.into_iter().enumerate() {
                 let q = _mm256_cvtepi32_ps(_mm256_or_si256(q, fifth_bits(qh, k)));
                 let v = _mm256_add_ps(_mm256_mul_ps(q, d), m);
@@ -201,12 +196,9 @@ mod imp {
         for (b, y) in src.chunks_exact(34).zip(dst.chunks_exact_mut(32)) {
             let d = _mm256_broadcastss_ps(f16x2(b));
             for k in 0..4 {
-                // SAFETY: `b` is 34 bytes, so 8 are readable at 2 + 8k <= 26; `y` is 32 floats and
-                // 8k + 8 <= 32.
-                unsafe {
-                    let q = _mm256_cvtepi32_ps(i8x8(b.as_ptr().add(2 + 8 * k)));
-                    _mm256_storeu_ps(y.as_mut_ptr().add(8 * k), _mm256_mul_ps(q, d));
-                }
+                let q = _mm256_cvtepi32_ps(i8x8(&b[2 + 8 * k..10 + 8 * k]));
+                // SAFETY: `y` is 32 floats and 8k + 8 <= 32.
+                unsafe { _mm256_storeu_ps(y.as_mut_ptr().add(8 * k), _mm256_mul_ps(q, d)) };
             }
         }
     }
@@ -227,10 +219,9 @@ mod imp {
                 let (d1, m1) = (_mm256_set1_ps(d1), _mm256_set1_ps(m1));
                 let (d2, m2) = (_mm256_set1_ps(d2), _mm256_set1_ps(m2));
                 for k in 0..4 {
-                    // SAFETY: `b` is 144 bytes and 16 + 32c + 8k + 8 <= 144 for c, k < 4; `y` is 256
-                    // floats and 64c + 32 + 8k + 8 <= 256.
+                    let v = u8x8(&b[16 + 32 * c + 8 * k..24 + 32 * c + 8 * k]);
+                    // SAFETY: `y` is 256 floats and 64c + 32 + 8k + 8 <= 256 for c, k < 4.
                     unsafe {
-                        let v = u8x8(b.as_ptr().add(16 + 32 * c + 8 * k));
                         let lo = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask));
                         let hi = _mm256_cvtepi32_ps(_mm256_srli_epi32::<4>(v));
                         let out = y.as_mut_ptr().add(64 * c + 8 * k);
@@ -258,16 +249,10 @@ mod imp {
                 let sc = &b[192 + 8 * h..200 + 8 * h];
                 for l in (0..32).step_by(8) {
                     let is = l / 16;
-                    // SAFETY: `b` is 210 bytes; ql reads 64h + l + 32 + 8 <= 128 and qh reads
-                    // 128 + 32h + l + 8 <= 192, for h < 2 and l <= 24.
-                    let (a, a2, hb) = unsafe {
-                        let p = b.as_ptr();
-                        (
-                            u8x8(p.add(64 * h + l)),
-                            u8x8(p.add(64 * h + l + 32)),
-                            u8x8(p.add(128 + 32 * h + l)),
-                        )
-                    };
+                    let ql = 64 * h + l;
+                    let a = u8x8(&b[ql..ql + 8]);
+                    let a2 = u8x8(&b[ql + 32..ql + 40]);
+                    let hb = u8x8(&b[128 + 32 * h + l..136 + 32 * h + l]);
                     let qs = [
                         _mm256_or_si256(_mm256_and_si256(a, m4), high2(hb)),
                         _mm256_or_si256(
@@ -315,13 +300,62 @@ mod tests {
 
     /// (name, block bytes, block elements, byte offsets of f16 scales, vector, scalar reference).
     const PAIRS: [Pair; 7] = [
-        ("Q4_0", 18, 32, &[0], super::dequant_q4_0, legacy::dequant_q4_0_scalar),
-        ("Q4_1", 20, 32, &[0, 2], super::dequant_q4_1, legacy::dequant_q4_1_scalar),
-        ("Q5_0", 22, 32, &[0], super::dequant_q5_0, legacy::dequant_q5_0_scalar),
-        ("Q5_1", 24, 32, &[0, 2], super::dequant_q5_1, legacy::dequant_q5_1_scalar),
-        ("Q8_0", 34, 32, &[0], super::dequant_q8_0, legacy::dequant_q8_0_scalar),
-        ("Q4_K", 144, 256, &[0, 2], super::dequant_q4_k, kquants::dequant_q4_k_scalar),
-        ("Q6_K", 210, 256, &[208], super::dequant_q6_k, kquants::dequant_q6_k_scalar),
+        (
+            "Q4_0",
+            18,
+            32,
+            &[0],
+            super::dequant_q4_0,
+            legacy::dequant_q4_0_scalar,
+        ),
+        (
+            "Q4_1",
+            20,
+            32,
+            &[0, 2],
+            super::dequant_q4_1,
+            legacy::dequant_q4_1_scalar,
+        ),
+        (
+            "Q5_0",
+            22,
+            32,
+            &[0],
+            super::dequant_q5_0,
+            legacy::dequant_q5_0_scalar,
+        ),
+        (
+            "Q5_1",
+            24,
+            32,
+            &[0, 2],
+            super::dequant_q5_1,
+            legacy::dequant_q5_1_scalar,
+        ),
+        (
+            "Q8_0",
+            34,
+            32,
+            &[0],
+            super::dequant_q8_0,
+            legacy::dequant_q8_0_scalar,
+        ),
+        (
+            "Q4_K",
+            144,
+            256,
+            &[0, 2],
+            super::dequant_q4_k,
+            kquants::dequant_q4_k_scalar,
+        ),
+        (
+            "Q6_K",
+            210,
+            256,
+            &[208],
+            super::dequant_q6_k,
+            kquants::dequant_q6_k_scalar,
+        ),
     ];
 
     struct Rng(u64);
@@ -364,7 +398,13 @@ mod tests {
         }
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
         for (name, bb, be, scales, vector, scalar) in PAIRS {
-            for (nb, counter) in [(0, false), (1, false), (3, true), (300, true), (1000, false)] {
+            for (nb, counter) in [
+                (0, false),
+                (1, false),
+                (3, true),
+                (300, true),
+                (1000, false),
+            ] {
                 let src = blocks(&mut rng, bb, nb, scales, counter);
                 let mut want = vec![f32::NAN; nb * be];
                 let mut got = vec![0.0f32; nb * be];
@@ -402,71 +442,11 @@ mod tests {
             let mut got = vec![0.0f32; 64 * be];
             scalar(&src, &mut want);
             ty.dequantize(&src, &mut got);
-            let same = got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(g, w)| g.to_bits() == w.to_bits());
             assert!(same, "{name}");
         }
     }
-}
-
-#[cfg(all(test, target_arch = "x86_64"))]
-mod timing_tmp {
-    #[test]
-    #[ignore]
-    fn codecs_timing_tmp() {
-        use super::tests_pairs as P;
-        for (name, bb, be, iters, vector, scalar) in P() {
-            let elems = 576 * 1536;
-            let nb = elems / be;
-            let src: Vec<u8> = (0..nb * bb).map(|i| (i * 2654435761usize >> 7) as u8 & 0x3B).collect();
-            let mut dst = vec![0.0f32; elems];
-            let t = std::time::Instant::now();
-            let rb = bb * 1536 / be;
-            let mut row = vec![0.0f32; 1536];
-            for _ in 0..iters {
-                scalar(std::hint::black_box(&src), &mut dst);
-                std::hint::black_box(&dst);
-            }
-            let ts_full = t.elapsed().as_secs_f64();
-            let t = std::time::Instant::now();
-            for _ in 0..iters {
-                for r in src.chunks_exact(rb) {
-                    scalar(std::hint::black_box(r), &mut row);
-                    std::hint::black_box(&row);
-                }
-            }
-            let ts_row = t.elapsed().as_secs_f64();
-            let t = std::time::Instant::now();
-            for _ in 0..iters {
-                for r in src.chunks_exact(rb) {
-                    assert!(vector(std::hint::black_box(r), &mut row));
-                    std::hint::black_box(&row);
-                }
-            }
-            let tv_row = t.elapsed().as_secs_f64();
-            println!("{name} row-by-row into a 1536-float scratch: scalar {ts_row:.3}s vector {tv_row:.3}s speedup {:.2}x", ts_row / tv_row);
-            let ts = ts_full;
-            let t = std::time::Instant::now();
-            for _ in 0..iters {
-                vector(std::hint::black_box(&src), &mut dst);
-                std::hint::black_box(&dst);
-            }
-            let tv = t.elapsed().as_secs_f64();
-            println!("{name}: {iters}x 576x1536: scalar {ts:.3}s vector {tv:.3}s speedup {:.2}x", ts / tv);
-        }
-    }
-}
-
-#[cfg(all(test, target_arch = "x86_64"))]
-#[allow(clippy::type_complexity)]
-fn tests_pairs() -> Vec<(&'static str, usize, usize, usize, fn(&[u8], &mut [f32]) -> bool, fn(&[u8], &mut [f32]))> {
-    use super::{kquants, legacy};
-    vec![
-        ("Q4_1", 20, 32, 2000, dequant_q4_1, legacy::dequant_q4_1_scalar),
-        ("Q8_0", 34, 32, 500, dequant_q8_0, legacy::dequant_q8_0_scalar),
-        ("Q4_0", 18, 32, 500, dequant_q4_0, legacy::dequant_q4_0_scalar),
-        ("Q5_0", 22, 32, 500, dequant_q5_0, legacy::dequant_q5_0_scalar),
-        ("Q5_1", 24, 32, 500, dequant_q5_1, legacy::dequant_q5_1_scalar),
-        ("Q4_K", 144, 256, 500, dequant_q4_k, kquants::dequant_q4_k_scalar),
-        ("Q6_K", 210, 256, 500, dequant_q6_k, kquants::dequant_q6_k_scalar),
-    ]
 }
