@@ -32,6 +32,11 @@ pub enum GgmlType {
     Iq4Xs,
 }
 
+/// Quantise whole blocks with llama.cpp's reference quantizer: `src.len()` is a multiple of
+/// `block_elems`, `dst.len()` the matching number of bytes. `importance` (one weight per element of
+/// `src`, from an importance matrix) selects the weighted search where the type has one.
+pub type QuantizeFn = fn(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>);
+
 /// Dequantise whole blocks: `src.len()` is a multiple of `block_bytes`, `dst.len()` the matching number of
 /// elements.
 pub type DequantFn = fn(src: &[u8], dst: &mut [f32]);
@@ -49,6 +54,8 @@ pub struct TypeTraits {
     /// Bytes per block.
     pub block_bytes: usize,
     pub dequantize: DequantFn,
+    /// `None` while a type has no quantizer yet.
+    pub quantize: Option<QuantizeFn>,
 }
 
 impl TypeTraits {
@@ -72,6 +79,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 1,
         block_bytes: 4,
         dequantize: float::dequant_f32,
+        quantize: None,
     },
     TypeTraits {
         ty: GgmlType::F16,
@@ -80,6 +88,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 1,
         block_bytes: 2,
         dequantize: float::dequant_f16,
+        quantize: None,
     },
     TypeTraits {
         ty: GgmlType::BF16,
@@ -88,6 +97,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 1,
         block_bytes: 2,
         dequantize: float::dequant_bf16,
+        quantize: None,
     },
     TypeTraits {
         ty: GgmlType::Q4_0,
@@ -96,6 +106,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 32,
         block_bytes: 18,
         dequantize: legacy::dequant_q4_0,
+        quantize: None,
     },
     TypeTraits {
         ty: GgmlType::Q4_1,
@@ -104,6 +115,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 32,
         block_bytes: 20,
         dequantize: legacy::dequant_q4_1,
+        quantize: None,
     },
     TypeTraits {
         ty: GgmlType::Q5_0,
@@ -112,6 +124,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 32,
         block_bytes: 22,
         dequantize: legacy::dequant_q5_0,
+        quantize: None,
     },
     TypeTraits {
         ty: GgmlType::Q5_1,
@@ -120,6 +133,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 32,
         block_bytes: 24,
         dequantize: legacy::dequant_q5_1,
+        quantize: None,
     },
     TypeTraits {
         ty: GgmlType::Q8_0,
@@ -128,6 +142,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 32,
         block_bytes: 34,
         dequantize: legacy::dequant_q8_0,
+        quantize: None,
     },
     TypeTraits {
         ty: GgmlType::Q2K,
@@ -136,6 +151,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 256,
         block_bytes: 84,
         dequantize: kquants::dequant_q2_k,
+        quantize: None,
     },
     TypeTraits {
         ty: GgmlType::Q3K,
@@ -144,6 +160,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 256,
         block_bytes: 110,
         dequantize: kquants::dequant_q3_k,
+        quantize: None,
     },
     TypeTraits {
         ty: GgmlType::Q4K,
@@ -152,6 +169,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 256,
         block_bytes: 144,
         dequantize: kquants::dequant_q4_k,
+        quantize: None,
     },
     TypeTraits {
         ty: GgmlType::Q5K,
@@ -160,6 +178,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 256,
         block_bytes: 176,
         dequantize: kquants::dequant_q5_k,
+        quantize: None,
     },
     TypeTraits {
         ty: GgmlType::Q6K,
@@ -168,6 +187,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 256,
         block_bytes: 210,
         dequantize: kquants::dequant_q6_k,
+        quantize: None,
     },
     TypeTraits {
         ty: GgmlType::Iq4Nl,
@@ -176,6 +196,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 32,
         block_bytes: 18,
         dequantize: iquants::dequant_iq4_nl,
+        quantize: None,
     },
     TypeTraits {
         ty: GgmlType::Iq4Xs,
@@ -184,6 +205,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 256,
         block_bytes: 136,
         dequantize: iquants::dequant_iq4_xs,
+        quantize: None,
     },
 ];
 
@@ -207,6 +229,19 @@ impl GgmlType {
     /// Name as ggml spells it.
     pub fn name(self) -> &'static str {
         self.traits().name
+    }
+
+    /// Quantise `src` (whole blocks) into `dst`; `None` if this type has no quantizer.
+    pub fn quantize(self, src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) -> Option<()> {
+        let t = self.traits();
+        let q = t.quantize?;
+        assert_eq!(src.len() % t.block_elems, 0, "{}: partial block", t.name);
+        assert_eq!(src.len() / t.block_elems * t.block_bytes, dst.len(), "{}: output size", t.name);
+        if let Some(w) = importance {
+            assert_eq!(w.len(), src.len(), "{}: importance length", t.name);
+        }
+        q(src, dst, importance);
+        Some(())
     }
 
     /// Dequantise `src` (whole blocks) into `dst`.
