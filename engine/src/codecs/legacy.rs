@@ -2,6 +2,12 @@
 //!
 //! Layouts and formulas: gguf.md §2. Every element is computed with a single f32 multiply (and one add
 //! for the `_1` types) in the same order as ggml's `dequantize_row_*`, so results are bit-exact.
+//!
+//! The quantizers reproduce llama.cpp's reference quantizers (`quantize_row_*_ref`) bit for bit: the same
+//! f32 operations in the same order, f16 rounding to nearest even, and C's float→int conversions
+//! (truncation, or `roundf` for Q8_0). They work block by block, so any whole number of blocks is fine.
+//! They ignore `importance`: with an importance matrix llama.cpp switches Q4_0..Q5_1 to a weighted
+//! search (Q8_0 never uses one), which these do not reproduce.
 
 use super::f16_at;
 
@@ -116,9 +122,269 @@ pub(super) fn dequant_q8_0_scalar(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// f32 → little-endian f16 bytes, rounding to nearest even like `GGML_FP32_TO_FP16`.
+#[inline]
+pub(super) fn put_f16(b: &mut [u8], x: f32) {
+    b[..2].copy_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes());
+}
+
+/// The element of largest magnitude (first one on ties), 0 for an all-zero block.
+#[inline]
+fn signed_absmax(x: &[f32]) -> f32 {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if amax < v.abs() {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    max
+}
+
+/// Minimum and maximum of a block, starting from ±FLT_MAX like ggml.
+#[inline]
+fn min_max(x: &[f32]) -> (f32, f32) {
+    let (mut min, mut max) = (f32::MAX, -f32::MAX);
+    for &v in x {
+        if v < min {
+            min = v;
+        }
+        if v > max {
+            max = v;
+        }
+    }
+    (min, max)
+}
+
+/// C's `(int8_t)f` for the in-range values these quantizers produce (truncation toward zero).
+#[inline]
+fn trunc_i8(f: f32) -> i32 {
+    f as i32 as i8 as i32
+}
+
+/// llama.cpp's `quantize_row_q4_0_ref`: `d = max / -8`, `q = min(15, trunc(x/d + 8.5))`.
+pub fn quantize_q4_0(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
+    for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(18)) {
+        let d = signed_absmax(x) / -8.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        put_f16(b, d);
+        for j in 0..16 {
+            let q0 = trunc_i8(x[j] * id + 8.5).min(15) as u8;
+            let q1 = trunc_i8(x[j + 16] * id + 8.5).min(15) as u8;
+            b[2 + j] = q0 | (q1 << 4);
+        }
+    }
+}
+
+/// llama.cpp's `quantize_row_q4_1_ref`: `d = (max - min) / 15`, `m = min`.
+pub fn quantize_q4_1(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
+    for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(20)) {
+        let (min, max) = min_max(x);
+        let d = (max - min) / 15.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        put_f16(b, d);
+        put_f16(&mut b[2..], min);
+        for j in 0..16 {
+            let q0 = trunc_i8((x[j] - min) * id + 0.5).min(15) as u8;
+            let q1 = trunc_i8((x[j + 16] - min) * id + 0.5).min(15) as u8;
+            b[4 + j] = q0 | (q1 << 4);
+        }
+    }
+}
+
+/// llama.cpp's `quantize_row_q5_0_ref`: `d = max / -16`, `q = min(31, trunc(x/d + 16.5))`.
+pub fn quantize_q5_0(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
+    for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(22)) {
+        let d = signed_absmax(x) / -16.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        put_f16(b, d);
+        let mut qh = 0u32;
+        for j in 0..16 {
+            let q0 = trunc_i8(x[j] * id + 16.5).min(31) as u8;
+            let q1 = trunc_i8(x[j + 16] * id + 16.5).min(31) as u8;
+            b[6 + j] = (q0 & 0x0F) | ((q1 & 0x0F) << 4);
+            qh |= ((q0 as u32 & 0x10) >> 4) << j;
+            qh |= ((q1 as u32 & 0x10) >> 4) << (j + 16);
+        }
+        b[2..6].copy_from_slice(&qh.to_le_bytes());
+    }
+}
+
+/// llama.cpp's `quantize_row_q5_1_ref`: `d = (max - min) / 31`, `m = min`.
+pub fn quantize_q5_1(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
+    for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(24)) {
+        let (min, max) = min_max(x);
+        let d = (max - min) / 31.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        put_f16(b, d);
+        put_f16(&mut b[2..], min);
+        let mut qh = 0u32;
+        for j in 0..16 {
+            // `(uint8_t)f`: the values are in 0..32.
+            let q0 = ((x[j] - min) * id + 0.5) as u8;
+            let q1 = ((x[j + 16] - min) * id + 0.5) as u8;
+            b[8 + j] = (q0 & 0x0F) | ((q1 & 0x0F) << 4);
+            qh |= ((q0 as u32 & 0x10) >> 4) << j;
+            qh |= ((q1 as u32 & 0x10) >> 4) << (j + 16);
+        }
+        b[4..8].copy_from_slice(&qh.to_le_bytes());
+    }
+}
+
+/// llama.cpp's `quantize_row_q8_0_ref`: `d = amax / 127`, `q = roundf(x / d)` (half away from zero).
+pub fn quantize_q8_0(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
+    for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(34)) {
+        let mut amax = 0.0f32;
+        for &v in x {
+            // MAX(amax, fabsf(v))
+            amax = if amax > v.abs() { amax } else { v.abs() };
+        }
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        put_f16(b, d);
+        for (o, &v) in b[2..34].iter_mut().zip(x) {
+            *o = (v * id).round() as i8 as u8;
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod fixture {
+    //! The oracle fixture `tests/fixtures/quants/legacy_iq4.bin`, written by `make_quant_fixtures.py`
+    //! from llama.cpp's `ggml_quantize_chunk`.
+
+    pub struct Case {
+        pub ggml_type: u32,
+        pub with_imatrix: bool,
+        pub bytes: Vec<u8>,
+    }
+
+    pub struct Fixture {
+        pub nrows: usize,
+        pub n_per_row: usize,
+        pub src: Vec<f32>,
+        /// One weight per column, as llama.cpp's imatrix.
+        pub imatrix: Vec<f32>,
+        pub cases: Vec<Case>,
+    }
+
+    impl Fixture {
+        /// The imatrix repeated for every row: one importance per element of `src`.
+        pub fn importance(&self) -> Vec<f32> {
+            self.imatrix.repeat(self.nrows)
+        }
+    }
+
+    pub fn load() -> Fixture {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/quants/legacy_iq4.bin");
+        let b = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(&b[..4], b"QSLQ");
+        let mut p = 4;
+        let u32_at = |p: &mut usize| {
+            let v = u32::from_le_bytes(b[*p..*p + 4].try_into().expect("4 bytes"));
+            *p += 4;
+            v
+        };
+        assert_eq!(u32_at(&mut p), 1);
+        let nrows = u32_at(&mut p) as usize;
+        let n_per_row = u32_at(&mut p) as usize;
+        let floats = |p: &mut usize, n: usize| {
+            let v: Vec<f32> = b[*p..*p + 4 * n]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            *p += 4 * n;
+            v
+        };
+        let src = floats(&mut p, nrows * n_per_row);
+        let imatrix = floats(&mut p, n_per_row);
+        let ncases = u32_at(&mut p);
+        let mut cases = Vec::new();
+        for _ in 0..ncases {
+            let ggml_type = u32_at(&mut p);
+            let with_imatrix = u32_at(&mut p) != 0;
+            let n = u32_at(&mut p) as usize;
+            cases.push(Case {
+                ggml_type,
+                with_imatrix,
+                bytes: b[p..p + n].to_vec(),
+            });
+            p += n;
+        }
+        assert_eq!(p, b.len());
+        Fixture {
+            nrows,
+            n_per_row,
+            src,
+            imatrix,
+            cases,
+        }
+    }
+
+    /// Quantise the fixture with `ty` and compare with llama.cpp's bytes; then check that the round trip
+    /// error of every block stays under `rel` × the block's largest magnitude. Returns the cases checked.
+    pub fn check(ty: crate::codecs::GgmlType, rel: f32) -> usize {
+        let f = load();
+        let t = ty.traits();
+        let imp = f.importance();
+        let mut checked = 0;
+        for c in f.cases.iter().filter(|c| c.ggml_type == t.ggml_id) {
+            let mut out = vec![0u8; c.bytes.len()];
+            ty.quantize(&f.src, &mut out, c.with_imatrix.then_some(&imp[..]))
+                .expect("has a quantizer");
+            if let Some(i) = out.iter().zip(&c.bytes).position(|(a, b)| a != b) {
+                panic!(
+                    "{} (imatrix: {}): byte {i} (block {}) differs from llama.cpp: {} vs {}",
+                    t.name,
+                    c.with_imatrix,
+                    i / t.block_bytes,
+                    out[i],
+                    c.bytes[i]
+                );
+            }
+            let mut y = vec![0.0f32; f.src.len()];
+            ty.dequantize(&out, &mut y);
+            for (xb, yb) in f.src.chunks(32).zip(y.chunks(32)) {
+                let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                if amax < 1e-2 {
+                    // The scale is an f16 subnormal or zero there: no relative bound.
+                    continue;
+                }
+                for (a, b) in xb.iter().zip(yb) {
+                    assert!(
+                        (a - b).abs() <= rel * amax,
+                        "{}: {a} → {b} (block amax {amax})",
+                        t.name
+                    );
+                }
+            }
+            checked += 1;
+        }
+        assert_eq!(f.src.len(), f.nrows * f.n_per_row);
+        checked
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codecs::GgmlType;
+
+    #[test]
+    fn legacy_quantizers_match_llama_cpp() {
+        // Worst case per element: half a step, plus f16 rounding of the scale (and the min).
+        for (ty, rel) in [
+            (GgmlType::Q8_0, 0.5 / 127.0 + 0.002),
+            // The symmetric types clamp the element opposite the extreme: one whole step.
+            (GgmlType::Q4_0, 1.0 / 8.0 + 0.01),
+            (GgmlType::Q4_1, 2.0 * (0.5 / 15.0) + 0.01),
+            (GgmlType::Q5_0, 1.0 / 16.0 + 0.01),
+            (GgmlType::Q5_1, 2.0 * (0.5 / 31.0) + 0.01),
+        ] {
+            assert_eq!(fixture::check(ty, rel), 1, "{ty:?}");
+        }
+    }
 
     fn half(x: f32) -> [u8; 2] {
         half::f16::from_f32(x).to_bits().to_le_bytes()

@@ -79,7 +79,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 1,
         block_bytes: 4,
         dequantize: float::dequant_f32,
-        quantize: None,
+        quantize: Some(float::quantize_f32),
     },
     TypeTraits {
         ty: GgmlType::F16,
@@ -88,7 +88,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 1,
         block_bytes: 2,
         dequantize: float::dequant_f16,
-        quantize: None,
+        quantize: Some(float::quantize_f16),
     },
     TypeTraits {
         ty: GgmlType::BF16,
@@ -97,7 +97,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 1,
         block_bytes: 2,
         dequantize: float::dequant_bf16,
-        quantize: None,
+        quantize: Some(float::quantize_bf16),
     },
     TypeTraits {
         ty: GgmlType::Q4_0,
@@ -106,7 +106,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 32,
         block_bytes: 18,
         dequantize: legacy::dequant_q4_0,
-        quantize: None,
+        quantize: Some(legacy::quantize_q4_0),
     },
     TypeTraits {
         ty: GgmlType::Q4_1,
@@ -115,7 +115,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 32,
         block_bytes: 20,
         dequantize: legacy::dequant_q4_1,
-        quantize: None,
+        quantize: Some(legacy::quantize_q4_1),
     },
     TypeTraits {
         ty: GgmlType::Q5_0,
@@ -124,7 +124,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 32,
         block_bytes: 22,
         dequantize: legacy::dequant_q5_0,
-        quantize: None,
+        quantize: Some(legacy::quantize_q5_0),
     },
     TypeTraits {
         ty: GgmlType::Q5_1,
@@ -133,7 +133,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 32,
         block_bytes: 24,
         dequantize: legacy::dequant_q5_1,
-        quantize: None,
+        quantize: Some(legacy::quantize_q5_1),
     },
     TypeTraits {
         ty: GgmlType::Q8_0,
@@ -142,7 +142,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 32,
         block_bytes: 34,
         dequantize: legacy::dequant_q8_0,
-        quantize: None,
+        quantize: Some(legacy::quantize_q8_0),
     },
     TypeTraits {
         ty: GgmlType::Q2K,
@@ -151,7 +151,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 256,
         block_bytes: 84,
         dequantize: kquants::dequant_q2_k,
-        quantize: None,
+        quantize: Some(kquants::quantize_q2_k),
     },
     TypeTraits {
         ty: GgmlType::Q3K,
@@ -160,7 +160,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 256,
         block_bytes: 110,
         dequantize: kquants::dequant_q3_k,
-        quantize: None,
+        quantize: Some(kquants::quantize_q3_k),
     },
     TypeTraits {
         ty: GgmlType::Q4K,
@@ -169,7 +169,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 256,
         block_bytes: 144,
         dequantize: kquants::dequant_q4_k,
-        quantize: None,
+        quantize: Some(kquants::quantize_q4_k),
     },
     TypeTraits {
         ty: GgmlType::Q5K,
@@ -178,7 +178,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 256,
         block_bytes: 176,
         dequantize: kquants::dequant_q5_k,
-        quantize: None,
+        quantize: Some(kquants::quantize_q5_k),
     },
     TypeTraits {
         ty: GgmlType::Q6K,
@@ -187,7 +187,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 256,
         block_bytes: 210,
         dequantize: kquants::dequant_q6_k,
-        quantize: None,
+        quantize: Some(kquants::quantize_q6_k),
     },
     TypeTraits {
         ty: GgmlType::Iq4Nl,
@@ -196,7 +196,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 32,
         block_bytes: 18,
         dequantize: iquants::dequant_iq4_nl,
-        quantize: None,
+        quantize: Some(iquants::quantize_iq4_nl),
     },
     TypeTraits {
         ty: GgmlType::Iq4Xs,
@@ -205,7 +205,7 @@ const TABLE: [TypeTraits; 15] = [
         block_elems: 256,
         block_bytes: 136,
         dequantize: iquants::dequant_iq4_xs,
-        quantize: None,
+        quantize: Some(iquants::quantize_iq4_xs),
     },
 ];
 
@@ -236,7 +236,12 @@ impl GgmlType {
         let t = self.traits();
         let q = t.quantize?;
         assert_eq!(src.len() % t.block_elems, 0, "{}: partial block", t.name);
-        assert_eq!(src.len() / t.block_elems * t.block_bytes, dst.len(), "{}: output size", t.name);
+        assert_eq!(
+            src.len() / t.block_elems * t.block_bytes,
+            dst.len(),
+            "{}: output size",
+            t.name
+        );
         if let Some(w) = importance {
             assert_eq!(w.len(), src.len(), "{}: importance length", t.name);
         }
@@ -270,6 +275,9 @@ mod tests {
             assert_eq!(GgmlType::from_ggml_id(t.ggml_id), Some(t.ty));
         }
         assert_eq!(GgmlType::Q4K.traits().bits_per_weight(), 4.5);
+        for ty in GgmlType::all() {
+            assert!(ty.traits().quantize.is_some(), "{} has no quantizer", ty.name());
+        }
         assert_eq!(GgmlType::Q6K.traits().bits_per_weight(), 6.5625);
     }
 }
