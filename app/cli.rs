@@ -70,6 +70,23 @@ pub enum CliCommand {
         #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
         dtype: DtypeArg,
     },
+    /// Quantize to GGUF with llama-quantize's mixes (q4_k_m, q8_0, …, or pure:TYPE); prints each tensor's error.
+    Quantize {
+        model: PathBuf,
+        /// The mix: f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m,
+        /// q5_k_s, q5_k_m, q6_k, iq4_nl, iq4_xs, or pure:TYPE.
+        #[arg(long)]
+        format: String,
+        /// The output .gguf file.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Give tensors whose GGUF name matches PATTERN (glob or regex) the type TYPE, e.g. 'blk.*.attn_v.weight=q8_0'.
+        #[arg(long = "override", value_name = "PATTERN=TYPE")]
+        overrides: Vec<String>,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Prompt-processing and decoding speed, as llama-bench measures it (pp512, tg128).
     Bench {
         model: PathBuf,
@@ -153,6 +170,13 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
         CliCommand::Generate(args) => generate::run_generate(&engine, &args),
         CliCommand::Chat(args) => generate::run_chat(&engine, &args),
         CliCommand::Convert { model, out, dtype } => convert(&engine, model, out, dtype),
+        CliCommand::Quantize {
+            model,
+            format,
+            out,
+            overrides,
+            json,
+        } => quantize(&engine, model, out, format, overrides, json),
         CliCommand::Bench {
             model,
             n_prompt,
@@ -271,6 +295,70 @@ fn bench(
                 outln!("{}", serde_json::to_string_pretty(&report)?)?;
             } else {
                 outln!("{report}")?;
+            }
+            Ok(())
+        }
+        other => bail!("internal error: unexpected output {other:?}"),
+    }
+}
+
+fn quantize(
+    engine: &EngineHandle,
+    model: PathBuf,
+    out: PathBuf,
+    format: String,
+    overrides: Vec<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let job = start(
+        engine,
+        Command::Quantize {
+            model,
+            out,
+            format,
+            overrides,
+        },
+    )?;
+    let mut bars = progress::Bars::new();
+    if !json {
+        outln!(
+            "{:<34} {:>7} {:>6} {:>12} {:>11}",
+            "tensor",
+            "type",
+            "bpw",
+            "rel. RMS err",
+            "max err"
+        )?;
+    }
+    let output = wait(engine, job, |ev| {
+        bars.on_event(ev);
+        if let (false, Event::LayerDone { metrics: m, .. }) = (json, ev) {
+            bars.suspend(|| {
+                outln!(
+                    "{:<34} {:>7} {:>6.3} {:>12.3e} {:>11.3e}",
+                    m.tensor.trim_start_matches("model."),
+                    m.codec,
+                    m.bits_per_weight,
+                    m.rel_rms_error,
+                    m.max_error
+                )
+            })?;
+        }
+        Ok(())
+    });
+    bars.finish();
+    match output? {
+        JobOutput::Quantized(report) => {
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&report)?)?;
+            } else {
+                outln!(
+                    "{}: {} tensors, {:.2} MiB, {:.3} bits per weight",
+                    report.mix,
+                    report.tensors.len(),
+                    report.file_size_bytes as f64 / (1024.0 * 1024.0),
+                    report.bits_per_weight
+                )?;
             }
             Ok(())
         }

@@ -14,9 +14,12 @@ pub mod eval;
 pub mod infer;
 pub mod jobs;
 pub mod model;
+pub mod quantize;
+pub mod recipes;
 mod simd;
 pub mod tensor;
 #[doc(hidden)]
 pub mod testing;
+pub mod writers;
 
 pub use error::{Error, Result};

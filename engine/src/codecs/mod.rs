@@ -276,7 +276,11 @@ mod tests {
         }
         assert_eq!(GgmlType::Q4K.traits().bits_per_weight(), 4.5);
         for ty in GgmlType::all() {
-            assert!(ty.traits().quantize.is_some(), "{} has no quantizer", ty.name());
+            assert!(
+                ty.traits().quantize.is_some(),
+                "{} has no quantizer",
+                ty.name()
+            );
         }
         assert_eq!(GgmlType::Q6K.traits().bits_per_weight(), 6.5625);
     }

@@ -110,6 +110,15 @@ pub enum Command {
         out: PathBuf,
         dtype: OutDtype,
     },
+    /// Quantize `model` to a GGUF file with a llama-quantize mix (`"q4_k_m"`, `"q8_0"`, `"pure:q4_k"`, …)
+    /// and per-tensor overrides `"PATTERN=TYPE"`; a [`Event::LayerDone`] per tensor, then
+    /// [`JobOutput::Quantized`].
+    Quantize {
+        model: PathBuf,
+        out: PathBuf,
+        format: String,
+        overrides: Vec<String>,
+    },
     /// Measure prompt-processing and decoding speed of `model` → [`JobOutput::Bench`].
     Bench {
         model: PathBuf,
@@ -132,6 +141,7 @@ pub enum JobKind {
     Chat,
     Convert,
     Bench,
+    Quantize,
 }
 
 /// Quality of one quantized tensor (sent by the quantizers as [`Event::LayerDone`]).
@@ -164,6 +174,7 @@ pub enum JobOutput {
         path: PathBuf,
     },
     Bench(crate::bench::BenchReport),
+    Quantized(Box<crate::quantize::QuantizeReport>),
     /// A chat session that was ended by [`Command::Shutdown`].
     ChatEnded,
 }
@@ -411,6 +422,7 @@ fn job_kind(c: &Command) -> Option<JobKind> {
         Command::Chat { .. } => JobKind::Chat,
         Command::Convert { .. } => JobKind::Convert,
         Command::Bench { .. } => JobKind::Bench,
+        Command::Quantize { .. } => JobKind::Quantize,
         _ => return None,
     })
 }

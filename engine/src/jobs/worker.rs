@@ -69,6 +69,12 @@ pub(crate) enum JobRequest {
         model: PathBuf,
         options: BenchOptions,
     },
+    Quantize {
+        model: PathBuf,
+        out: PathBuf,
+        format: String,
+        overrides: Vec<String>,
+    },
 }
 
 impl JobRequest {
@@ -126,6 +132,20 @@ impl JobRequest {
             }
             Command::Convert { model, out, dtype } => (Self::Convert { model, out, dtype }, None),
             Command::Bench { model, options } => (Self::Bench { model, options }, None),
+            Command::Quantize {
+                model,
+                out,
+                format,
+                overrides,
+            } => (
+                Self::Quantize {
+                    model,
+                    out,
+                    format,
+                    overrides,
+                },
+                None,
+            ),
             _ => return None,
         })
     }
@@ -247,6 +267,12 @@ fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOut
         ),
         JobRequest::Convert { model, out, dtype } => convert(ctx, &model, &out, dtype),
         JobRequest::Bench { model, options } => bench(ctx, cache, &model, &options),
+        JobRequest::Quantize {
+            model,
+            out,
+            format,
+            overrides,
+        } => quantize(ctx, &model, &out, &format, &overrides),
     }
 }
 
@@ -442,4 +468,60 @@ fn bench(
     };
     let report = crate::bench::run(&m.model, options, &mut on_progress)?;
     Ok(JobOutput::Bench(report))
+}
+
+fn quantize(
+    ctx: &JobCtx,
+    model: &Path,
+    out: &Path,
+    format: &str,
+    overrides: &[String],
+) -> Result<JobOutput> {
+    use crate::codecs::GgmlType;
+    use crate::recipes::gguf::{GgufMix, TensorOverride};
+    let mix = GgufMix::parse(format).ok_or_else(|| {
+        let known: Vec<&str> = GgufMix::all().map(|m| m.name()).collect();
+        Error::Invalid(format!(
+            "unknown format {format:?} (known: {})",
+            known.join(", ")
+        ))
+    })?;
+    let overrides = overrides
+        .iter()
+        .map(|o| {
+            let (pattern, ty) = o
+                .rsplit_once('=')
+                .ok_or_else(|| Error::Invalid(format!("override {o:?} is not PATTERN=TYPE")))?;
+            let ty = GgmlType::all()
+                .find(|t| t.name().eq_ignore_ascii_case(ty))
+                .ok_or_else(|| Error::Invalid(format!("override {o:?}: unknown type {ty:?}")))?;
+            Ok(TensorOverride {
+                pattern: pattern.to_owned(),
+                ty,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let stage = format!("loading {}", model.display());
+    ctx.progress(&stage, 0, 1, None);
+    let src = SourceModel::open(model)?;
+    let opts = crate::quantize::GgufQuantizeOptions { mix, overrides };
+    let start = Instant::now();
+    let mut on_tensor = |m: &crate::quantize::TensorMetrics, done: usize, total: usize| {
+        ctx.emit(Event::LayerDone {
+            job: ctx.job,
+            metrics: super::LayerMetrics {
+                layer: m.layer,
+                tensor: m.tensor.clone(),
+                codec: m.ty.to_owned(),
+                bits_per_weight: m.bits_per_weight,
+                rel_rms_error: m.rel_rms_error,
+                max_error: m.max_error,
+            },
+        });
+        let eta = start.elapsed().as_secs_f64() / done as f64 * total.saturating_sub(done) as f64;
+        ctx.progress("quantizing", done as u64, total as u64, Some(eta));
+        !ctx.cancelled()
+    };
+    let report = crate::quantize::quantize_gguf(&src, &opts, out, &mut on_tensor)?;
+    Ok(JobOutput::Quantized(Box::new(report)))
 }

@@ -781,6 +781,7 @@ mod tests {
             tensors,
             tokenizer,
             file_size_bytes: 0,
+            gguf_metadata: None,
         };
         let out = tmp.path().join("from-gguf");
         write_hf_folder(&src, &out, OutDtype::F16, &mut |_, _| true).expect("convert");

@@ -1262,6 +1262,7 @@ pub fn from_parsed(g: &GgufFile, backing: &Arc<Backing>) -> Result<SourceModel> 
         tensors,
         tokenizer,
         file_size_bytes: g.file_size,
+        gguf_metadata: Some(Arc::new(g.metadata().to_vec())),
     })
 }
 

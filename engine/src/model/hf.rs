@@ -58,6 +58,7 @@ pub fn open(dir: &Path) -> Result<SourceModel> {
         tensors,
         tokenizer,
         file_size_bytes,
+        gguf_metadata: None,
     })
 }
 

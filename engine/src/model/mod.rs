@@ -45,6 +45,9 @@ pub struct SourceModel {
     pub tokenizer: TextTokenizer,
     /// Total size of the weight files.
     pub file_size_bytes: u64,
+    /// A GGUF source's raw metadata, in file order (the writers copy its `tokenizer.*` keys verbatim);
+    /// `None` for other containers.
+    pub gguf_metadata: Option<std::sync::Arc<Vec<(String, gguf::GgufValue)>>>,
 }
 
 impl SourceModel {

@@ -1,0 +1,6 @@
+//! Output containers written from a [`SourceModel`](crate::model::SourceModel), streaming one tensor at a
+//! time.
+
+pub mod gguf;
+
+pub use gguf::{quantize_tensor_rows, write_gguf, GgufPlanTensor};
