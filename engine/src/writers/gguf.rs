@@ -264,7 +264,45 @@ fn model_metadata(src: &SourceModel, file_type: u32) -> Result<Vec<(String, Gguf
         kv.push((k("rope.scaling.type"), GgufValue::Str("linear".into())));
         kv.push((k("rope.scaling.factor"), GgufValue::F32(factor)));
     }
+    // A GGUF source's other general.* facts (type, size label, licence, …) carry over, as llama-quantize
+    // keeps them; alignment is ours to choose and is left at the default.
+    if let Some(meta) = &src.gguf_metadata {
+        for (key, v) in meta.iter() {
+            if key.starts_with("general.")
+                && key != "general.alignment"
+                && !kv.iter().any(|(k, _)| k == key)
+            {
+                kv.push((key.clone(), v.clone()));
+            }
+        }
+    }
     Ok(kv)
+}
+
+/// For a GGUF source, the keys in llama-quantize's order: the source's keys where they were (keeping their
+/// values), then keys the source lacked, then `general.quantization_version` and `general.file_type` last
+/// (llama-quantize sets those two, which moves them to the end). Other sources keep our order.
+fn in_source_order(src: &SourceModel, ours: Vec<(String, GgufValue)>) -> Vec<(String, GgufValue)> {
+    let Some(meta) = &src.gguf_metadata else {
+        return ours;
+    };
+    let last = ["general.quantization_version", "general.file_type"];
+    let mut out: Vec<(String, GgufValue)> = meta
+        .iter()
+        .filter(|(k, _)| k != "general.alignment" && !last.contains(&k.as_str()))
+        .cloned()
+        .collect();
+    let mut tail = Vec::new();
+    for (k, v) in ours {
+        if last.contains(&k.as_str()) {
+            tail.push((k, v));
+        } else if !out.iter().any(|(o, _)| *o == k) {
+            out.push((k, v));
+        }
+    }
+    tail.sort_by_key(|(k, _)| last.iter().position(|l| *l == k));
+    out.extend(tail);
+    out
 }
 
 /// llama.cpp's per-frequency divisors for Llama 3.1 rope scaling (`rope_freqs.weight`), or the source's
@@ -589,6 +627,7 @@ pub fn write_gguf(
     let tensors = plan_tensors(src, plan)?;
     let mut kvs = model_metadata(src, file_type)?;
     kvs.extend(tokenizer_metadata(src)?);
+    let kvs = in_source_order(src, kvs);
 
     let partial = partial_path(out);
     let res = write_file(&partial, &kvs, &tensors, quantize_tensor, progress);
@@ -640,7 +679,6 @@ fn plan_tensors<'a>(src: &'a SourceModel, plan: &[GgufPlanTensor]) -> Result<Vec
         });
         Ok(())
     };
-    // llama.cpp's usual order: token_embd, then layers, then output_norm / output.
     let ty_of = |hf: &str| -> Result<GgmlType> {
         plan.iter()
             .find(|p| p.hf_name == hf)
@@ -666,7 +704,12 @@ fn plan_tensors<'a>(src: &'a SourceModel, plan: &[GgufPlanTensor]) -> Result<Vec
             (2, 0, n.to_string())
         }
     };
-    names.sort_by_key(|n| rank(n));
+    // llama-quantize's order (it sorts the weights it visits): tensors outside the layers first, then by
+    // layer number, each group by GGUF name.
+    names.sort_by_key(|n| {
+        let g = gguf_tensor_name(n).unwrap_or_default();
+        (rank(n).0 == 1, rank(n).1, g)
+    });
     for hf in names {
         if hf == "lm_head.weight" && src.config.tie_word_embeddings {
             continue;
