@@ -97,35 +97,52 @@ impl ModelConfig {
                 .iter()
                 .map(|&f| (f / f64::from(factor)) as f32)
                 .collect(),
-            Some(RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_max_position_embeddings,
-            }) => {
-                let (factor, lo, hi) = (
-                    f64::from(factor),
-                    f64::from(low_freq_factor),
-                    f64::from(high_freq_factor),
-                );
-                let old = original_max_position_embeddings as f64;
-                let low_freq_wavelen = old / lo;
-                let high_freq_wavelen = old / hi;
+            Some(RopeScaling::Llama3 { .. }) => {
+                let div = self.llama3_rope_divisors().unwrap_or_default();
                 base.iter()
-                    .map(|&f| {
-                        let wavelen = 2.0 * std::f64::consts::PI / f;
-                        let v = if wavelen < high_freq_wavelen {
-                            f
-                        } else if wavelen > low_freq_wavelen {
-                            f / factor
-                        } else {
-                            let smooth = (old / wavelen - lo) / (hi - lo);
-                            (1.0 - smooth) * f / factor + smooth * f
-                        };
-                        v as f32
-                    })
+                    .zip(&div)
+                    .map(|(&f, &k)| (f / k) as f32)
                     .collect()
             }
         }
+    }
+
+    /// Llama 3.1 scaling as one divisor per frequency (1 for high frequencies, `factor` for low ones,
+    /// interpolated between): what transformers' `_compute_llama3_parameters` applies and what llama.cpp
+    /// stores as `rope_freqs.weight`. `None` for other scalings.
+    pub fn llama3_rope_divisors(&self) -> Option<Vec<f64>> {
+        let Some(RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        }) = self.rope_scaling
+        else {
+            return None;
+        };
+        let d = self.head_dim;
+        let (factor, lo, hi) = (
+            f64::from(factor),
+            f64::from(low_freq_factor),
+            f64::from(high_freq_factor),
+        );
+        let old = original_max_position_embeddings as f64;
+        let (low_wavelen, high_wavelen) = (old / lo, old / hi);
+        Some(
+            (0..d / 2)
+                .map(|i| {
+                    let freq = 1.0 / f64::from(self.rope_theta).powf((2 * i) as f64 / d as f64);
+                    let wavelen = 2.0 * std::f64::consts::PI / freq;
+                    if wavelen < high_wavelen {
+                        1.0
+                    } else if wavelen > low_wavelen {
+                        factor
+                    } else {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        1.0 / ((1.0 - smooth) / factor + smooth)
+                    }
+                })
+                .collect(),
+        )
     }
 }

@@ -312,41 +312,8 @@ fn rope_freq_factors(src: &SourceModel) -> Option<Vec<f32>> {
     if let Some(f) = &c.rope_freq_factors {
         return Some(f.clone());
     }
-    let Some(RopeScaling::Llama3 {
-        factor,
-        low_freq_factor,
-        high_freq_factor,
-        original_max_position_embeddings,
-    }) = c.rope_scaling
-    else {
-        return None;
-    };
-    let d = c.head_dim;
-    let (factor, lo, hi) = (
-        f64::from(factor),
-        f64::from(low_freq_factor),
-        f64::from(high_freq_factor),
-    );
-    let old = original_max_position_embeddings as f64;
-    let low_wavelen = old / lo;
-    let high_wavelen = old / hi;
-    Some(
-        (0..d / 2)
-            .map(|i| {
-                let freq = 1.0 / f64::from(c.rope_theta).powf((2 * i) as f64 / d as f64);
-                let wavelen = 2.0 * std::f64::consts::PI / freq;
-                let r = if wavelen < high_wavelen {
-                    1.0
-                } else if wavelen > low_wavelen {
-                    factor
-                } else {
-                    let smooth = (old / wavelen - lo) / (hi - lo);
-                    1.0 / ((1.0 - smooth) / factor + smooth)
-                };
-                r as f32
-            })
-            .collect(),
-    )
+    c.llama3_rope_divisors()
+        .map(|v| v.iter().map(|&k| k as f32).collect())
 }
 
 /// llama.cpp's converter probe text (`conversion/base.py`, `chktxt`): its token ids, formatted as Python's
