@@ -260,13 +260,11 @@ fn convert(
         DtypeArg::F16 => OutDtype::F16,
         DtypeArg::Bf16 => OutDtype::BF16,
     };
-    let job = start(engine, Command::Convert { model, out, dtype })?;
-    let mut bars = progress::Bars::new();
-    let output = wait(engine, job, |ev| {
-        bars.on_event(ev);
-        Ok(())
-    });
-    bars.finish();
+    let output = run_with_bars(
+        engine,
+        Command::Convert { model, out, dtype },
+        |_, _| Ok(()),
+    );
     match output? {
         JobOutput::Converted { path } => {
             outln!("wrote {}", path.display())?;
@@ -282,13 +280,7 @@ fn bench(
     options: BenchOptions,
     json: bool,
 ) -> anyhow::Result<()> {
-    let job = start(engine, Command::Bench { model, options })?;
-    let mut bars = progress::Bars::new();
-    let output = wait(engine, job, |ev| {
-        bars.on_event(ev);
-        Ok(())
-    });
-    bars.finish();
+    let output = run_with_bars(engine, Command::Bench { model, options }, |_, _| Ok(()));
     match output? {
         JobOutput::Bench(report) => {
             if json {
@@ -310,16 +302,6 @@ fn quantize(
     overrides: Vec<String>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let job = start(
-        engine,
-        Command::Quantize {
-            model,
-            out,
-            format,
-            overrides,
-        },
-    )?;
-    let mut bars = progress::Bars::new();
     if !json {
         outln!(
             "{:<34} {:>7} {:>6} {:>12} {:>11}",
@@ -330,8 +312,13 @@ fn quantize(
             "max err"
         )?;
     }
-    let output = wait(engine, job, |ev| {
-        bars.on_event(ev);
+    let command = Command::Quantize {
+        model,
+        out,
+        format,
+        overrides,
+    };
+    let output = run_with_bars(engine, command, |bars, ev| {
         if let (false, Event::LayerDone { metrics: m, .. }) = (json, ev) {
             bars.suspend(|| {
                 outln!(
@@ -346,7 +333,6 @@ fn quantize(
         }
         Ok(())
     });
-    bars.finish();
     match output? {
         JobOutput::Quantized(report) => {
             if json {
@@ -364,4 +350,21 @@ fn quantize(
         }
         other => bail!("internal error: unexpected output {other:?}"),
     }
+}
+
+/// Start `command`, draw its progress bars, and wait for its output; `on_event` sees every event too
+/// (with the bars, to print above them).
+fn run_with_bars(
+    engine: &EngineHandle,
+    command: Command,
+    mut on_event: impl FnMut(&progress::Bars, &Event) -> anyhow::Result<()>,
+) -> anyhow::Result<JobOutput> {
+    let job = start(engine, command)?;
+    let mut bars = progress::Bars::new();
+    let output = wait(engine, job, |ev| {
+        bars.on_event(ev);
+        on_event(&bars, ev)
+    });
+    bars.finish();
+    output
 }
