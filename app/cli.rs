@@ -23,9 +23,10 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use quant_engine::bench::BenchOptions;
+use quant_engine::imatrix::ImatrixOptions;
 use quant_engine::infer::{GenerateOptions, SamplerConfig};
 use quant_engine::jobs::OutDtype;
-use quant_engine::jobs::{Command, EngineHandle, Event, JobId, JobOutput};
+use quant_engine::jobs::{Command, EngineHandle, EvalText, Event, ImatrixSource, JobId, JobOutput};
 
 /// Quantize LLMs to GGUF, GPTQ, EXL2, AWQ, NF4 and HQQ, measure them, and chat with them.
 /// Without a command, opens the window.
@@ -83,9 +84,32 @@ pub enum CliCommand {
         /// Give tensors whose GGUF name matches PATTERN (glob or regex) the type TYPE, e.g. 'blk.*.attn_v.weight=q8_0'.
         #[arg(long = "override", value_name = "PATTERN=TYPE")]
         overrides: Vec<String>,
+        /// Use this importance matrix (llama.cpp's GGUF imatrix or legacy .dat).
+        #[arg(long, value_name = "FILE", conflicts_with = "calib")]
+        imatrix: Option<PathBuf>,
+        /// Compute an importance matrix on this text first ("default": the bundled calibration text).
+        #[arg(long, value_name = "TEXT")]
+        calib: Option<PathBuf>,
+        #[command(flatten)]
+        calib_opts: CalibArgs,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
+    },
+    /// Compute an importance matrix as llama-imatrix does and write it (GGUF format, or .dat).
+    Imatrix {
+        model: PathBuf,
+        /// Calibration text ("default" or omitted: the bundled calibration text).
+        #[arg(long, value_name = "TEXT", default_value = "default")]
+        calib: PathBuf,
+        /// The output file.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        #[command(flatten)]
+        calib_opts: CalibArgs,
+        /// Write llama.cpp's legacy .dat format instead of GGUF.
+        #[arg(long)]
+        dat: bool,
     },
     /// Prompt-processing and decoding speed, as llama-bench measures it (pp512, tg128).
     Bench {
@@ -103,6 +127,35 @@ pub enum CliCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How calibration text is cut into chunks (llama-imatrix's `-c` and `--chunks`).
+#[derive(Clone, Copy, Debug, Args)]
+pub struct CalibArgs {
+    /// Tokens per calibration chunk.
+    #[arg(long = "calib-ctx", value_name = "N", default_value_t = 512)]
+    pub n_ctx: usize,
+    /// Use at most N calibration chunks.
+    #[arg(long = "calib-chunks", value_name = "N")]
+    pub chunks: Option<usize>,
+}
+
+impl CalibArgs {
+    fn options(self) -> ImatrixOptions {
+        ImatrixOptions {
+            n_ctx: self.n_ctx,
+            max_chunks: self.chunks,
+        }
+    }
+}
+
+/// A calibration text argument: "default" is the bundled text.
+fn calib_text(p: PathBuf) -> EvalText {
+    if p.as_os_str() == "default" {
+        EvalText::Bundled
+    } else {
+        EvalText::File(p)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -175,8 +228,35 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             format,
             out,
             overrides,
+            imatrix,
+            calib,
+            calib_opts,
             json,
-        } => quantize(&engine, model, out, format, overrides, json),
+        } => {
+            let imatrix = match (imatrix, calib) {
+                (Some(f), _) => ImatrixSource::File(f),
+                (None, Some(t)) => ImatrixSource::Compute {
+                    text: calib_text(t),
+                    options: calib_opts.options(),
+                },
+                (None, None) => ImatrixSource::None,
+            };
+            quantize(&engine, model, out, format, overrides, imatrix, json)
+        }
+        CliCommand::Imatrix {
+            model,
+            calib,
+            out,
+            calib_opts,
+            dat,
+        } => imatrix(
+            &engine,
+            model,
+            calib_text(calib),
+            out,
+            calib_opts.options(),
+            dat,
+        ),
         CliCommand::Bench {
             model,
             n_prompt,
@@ -300,16 +380,23 @@ fn quantize(
     out: PathBuf,
     format: String,
     overrides: Vec<String>,
+    imatrix: ImatrixSource,
     json: bool,
 ) -> anyhow::Result<()> {
+    let weighted = imatrix != ImatrixSource::None;
     if !json {
         outln!(
-            "{:<34} {:>7} {:>6} {:>12} {:>11}",
+            "{:<34} {:>7} {:>6} {:>12} {:>11}{}",
             "tensor",
             "type",
             "bpw",
             "rel. RMS err",
-            "max err"
+            "max err",
+            if weighted {
+                "  imatrix-weighted err"
+            } else {
+                ""
+            }
         )?;
     }
     let command = Command::Quantize {
@@ -317,12 +404,18 @@ fn quantize(
         out,
         format,
         overrides,
+        imatrix,
     };
     let output = run_with_bars(engine, command, |bars, ev| {
         if let (false, Event::LayerDone { metrics: m, .. }) = (json, ev) {
             bars.suspend(|| {
+                let w = match (weighted, m.weighted_rel_rms_error) {
+                    (true, Some(w)) => format!(" {w:>21.3e}"),
+                    (true, None) => format!(" {:>21}", "-"),
+                    (false, _) => String::new(),
+                };
                 outln!(
-                    "{:<34} {:>7} {:>6.3} {:>12.3e} {:>11.3e}",
+                    "{:<34} {:>7} {:>6.3} {:>12.3e} {:>11.3e}{w}",
                     m.tensor.trim_start_matches("model."),
                     m.codec,
                     m.bits_per_weight,
@@ -346,6 +439,38 @@ fn quantize(
                     report.bits_per_weight
                 )?;
             }
+            Ok(())
+        }
+        other => bail!("internal error: unexpected output {other:?}"),
+    }
+}
+
+fn imatrix(
+    engine: &EngineHandle,
+    model: PathBuf,
+    text: EvalText,
+    out: PathBuf,
+    options: ImatrixOptions,
+    legacy_dat: bool,
+) -> anyhow::Result<()> {
+    let command = Command::Imatrix {
+        model,
+        text,
+        options,
+        out,
+        legacy_dat,
+    };
+    match run_with_bars(engine, command, |_, _| Ok(()))? {
+        JobOutput::Imatrix {
+            path,
+            entries,
+            chunks,
+            tokens_per_chunk,
+        } => {
+            outln!(
+                "{}: {entries} entries from {chunks} chunks of {tokens_per_chunk} tokens",
+                path.display()
+            )?;
             Ok(())
         }
         other => bail!("internal error: unexpected output {other:?}"),

@@ -5,12 +5,14 @@
 //! * [`tensor`] — weight matrices that stay in their stored type, and the matmuls over them.
 //! * [`infer`]  — the Llama-family forward pass, KV cache, sampling, chat sessions.
 //! * [`eval`]   — perplexity and KL-divergence, computed as llama.cpp's `llama-perplexity` does.
+//! * [`imatrix`] — importance matrices: computed on calibration text, llama.cpp's file formats.
 //! * [`jobs`]   — the engine thread: `Command`/`Event` over bounded channels, cancellation, progress.
 
 pub mod bench;
 pub mod codecs;
 pub mod error;
 pub mod eval;
+pub mod imatrix;
 pub mod infer;
 pub mod jobs;
 pub mod model;

@@ -6,10 +6,12 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::codecs::GgmlType;
+use crate::imatrix::Imatrix;
+use crate::model::gguf::GgufValue;
 use crate::model::SourceModel;
 use crate::recipes::gguf::{plan_gguf_mix, GgufMix, TensorOverride};
 use crate::tensor::TensorRef;
-use crate::writers::gguf::{gguf_tensor_name, quantize_tensor_rows, write_gguf, GgufPlanTensor};
+use crate::writers::gguf::{gguf_tensor_name, write_gguf_with, GgufPlanTensor};
 use crate::{Error, Result};
 
 /// What to make of a model as GGUF.
@@ -18,6 +20,17 @@ pub struct GgufQuantizeOptions {
     pub mix: GgufMix,
     /// Per-tensor type overrides (patterns on GGUF names).
     pub overrides: Vec<TensorOverride>,
+    /// Importance matrix for the weighted quantizers.
+    pub imatrix: Option<ImatrixInput>,
+}
+
+/// An importance matrix and where it came from (recorded in the file's `quantize.imatrix.*` keys as
+/// llama-quantize does).
+#[derive(Clone, Debug)]
+pub struct ImatrixInput {
+    pub matrix: Imatrix,
+    /// The imatrix file as the user named it (`None` when computed for this job).
+    pub file: Option<String>,
 }
 
 /// Quality of one quantized tensor.
@@ -33,6 +46,8 @@ pub struct TensorMetrics {
     pub bits_per_weight: f64,
     /// ‖W − Ŵ‖ / ‖W‖ over the whole tensor.
     pub rel_rms_error: f64,
+    /// With an importance matrix: √(Σ wⱼ(W − Ŵ)² / Σ wⱼW²), wⱼ the column's importance.
+    pub weighted_rel_rms_error: Option<f64>,
     /// max |W − Ŵ|.
     pub max_error: f64,
     pub bytes: u64,
@@ -46,6 +61,8 @@ pub struct QuantizeReport {
     pub file_size_bytes: u64,
     /// Bits per weight over every tensor's elements.
     pub bits_per_weight: f64,
+    /// Whether an importance matrix was used.
+    pub imatrix: bool,
 }
 
 /// Decoder layer index of a Hugging Face tensor name.
@@ -56,6 +73,38 @@ pub fn layer_of(hf_name: &str) -> Option<usize> {
         .next()?
         .parse()
         .ok()
+}
+
+/// llama-quantize's `quantize.imatrix.*` keys (strings cut to 127 bytes as its `strncpy` does).
+fn imatrix_kvs(im: &ImatrixInput) -> Vec<(String, GgufValue)> {
+    fn cut(s: &str) -> String {
+        let mut n = s.len().min(127);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
+        s[..n].to_owned()
+    }
+    let mut kvs = Vec::new();
+    if let Some(f) = &im.file {
+        kvs.push(("quantize.imatrix.file".to_owned(), GgufValue::Str(cut(f))));
+    }
+    if let Some(d) = im.matrix.datasets.first() {
+        kvs.push((
+            "quantize.imatrix.dataset".to_owned(),
+            GgufValue::Str(cut(d)),
+        ));
+    }
+    kvs.push((
+        "quantize.imatrix.entries_count".to_owned(),
+        GgufValue::U32(im.matrix.entries.len() as u32),
+    ));
+    if im.matrix.chunk_count > 0 {
+        kvs.push((
+            "quantize.imatrix.chunks_count".to_owned(),
+            GgufValue::U32(im.matrix.chunk_count),
+        ));
+    }
+    kvs
 }
 
 /// Quantize `src` to a GGUF file at `out` (written under a temporary name, renamed when complete).
@@ -83,7 +132,23 @@ pub fn quantize_gguf(
         .iter()
         .map(|(_, g, ne)| (g.clone(), ne.clone()))
         .collect();
-    let chosen = plan_gguf_mix(&opts.mix, &src.config, &list, &opts.overrides, false)?;
+    let imatrix = opts.imatrix.as_ref();
+    if let Some(im) = imatrix {
+        for (k, e) in &im.matrix.entries {
+            if e.sums.iter().any(|v| !v.is_finite()) {
+                return Err(Error::Invalid(format!(
+                    "the importance matrix has a non-finite value in {k}"
+                )));
+            }
+        }
+    }
+    let chosen = plan_gguf_mix(
+        &opts.mix,
+        &src.config,
+        &list,
+        &opts.overrides,
+        imatrix.is_some(),
+    )?;
     let plan: Vec<GgufPlanTensor> = entries
         .iter()
         .zip(&chosen)
@@ -100,13 +165,19 @@ pub fn quantize_gguf(
     let mut metrics: Vec<TensorMetrics> = Vec::with_capacity(total);
     let cancelled = std::cell::Cell::new(false);
     let mut quantize_tensor = |t: &TensorRef, ty: GgmlType, buf: &mut Vec<u8>| -> Result<()> {
-        quantize_tensor_rows(t, ty, buf)?;
-        let m = measure(
-            t,
-            ty,
-            buf,
-            by_hf.get(t.name.as_str()).copied().unwrap_or(""),
-        );
+        let gguf_name = by_hf.get(t.name.as_str()).copied().unwrap_or("");
+        let weights = match imatrix.and_then(|im| im.matrix.weights(gguf_name)) {
+            Some(w) if w.len() == t.cols() => Some(w),
+            Some(w) if !gguf_name.starts_with("token_embd") => {
+                return Err(Error::Invalid(format!(
+                    "the importance matrix has {} values for {gguf_name}, whose rows have {}:                      it was computed for another model",
+                    w.len(),
+                    t.cols()
+                )))
+            }
+            _ => None,
+        };
+        let m = quantize_measured(t, ty, weights.as_deref(), gguf_name, buf)?;
         if !on_tensor(&m, metrics.len() + 1, total) {
             cancelled.set(true);
         }
@@ -114,10 +185,12 @@ pub fn quantize_gguf(
         Ok(())
     };
     let mut progress = |_done: usize, _total: usize| !cancelled.get();
-    write_gguf(
+    let extra = imatrix.map(imatrix_kvs).unwrap_or_default();
+    write_gguf_with(
         src,
         &plan,
         opts.mix.file_type(),
+        &extra,
         out,
         &mut quantize_tensor,
         &mut progress,
@@ -130,6 +203,7 @@ pub fn quantize_gguf(
         tensors: metrics,
         file_size_bytes,
         bits_per_weight: bits / elems.max(1) as f64,
+        imatrix: imatrix.is_some(),
     })
 }
 
@@ -144,38 +218,91 @@ fn gguf_order(g: &str) -> u8 {
     }
 }
 
-/// Error of `bytes` (tensor `t` quantized to `ty`, rows in `t`'s order) against `t`, one row at a time.
-fn measure(t: &TensorRef, ty: GgmlType, bytes: &[u8], gguf_name: &str) -> TensorMetrics {
+/// Error sums of a run of rows.
+#[derive(Clone, Copy, Default)]
+struct ErrSums {
+    err2: f64,
+    norm2: f64,
+    werr2: f64,
+    wnorm2: f64,
+    max: f64,
+}
+
+/// Elements per parallel task: enough to amortise scheduling, small enough to balance two threads on a
+/// 576-wide model's smallest tensors.
+const TASK_ELEMS: usize = 1 << 16;
+
+/// Quantize `t` to `ty` into `out` (rows in `t`'s order), rows in parallel, each row with `weights` as
+/// its importance when given, and measure the error of each row while it is at hand.
+fn quantize_measured(
+    t: &TensorRef,
+    ty: GgmlType,
+    weights: Option<&[f32]>,
+    gguf_name: &str,
+    out: &mut Vec<u8>,
+) -> Result<TensorMetrics> {
+    use rayon::prelude::*;
+    let tr = ty.traits();
     let cols = t.cols();
-    let rows = t.rows().max(1);
-    let row_bytes = bytes.len() / rows;
-    let mut w = vec![0.0f32; cols];
-    let mut q = vec![0.0f32; cols];
-    let (mut err2, mut norm2, mut max_error) = (0.0f64, 0.0f64, 0.0f64);
-    for r in 0..rows {
-        t.dequant_row(r, &mut w);
-        ty.dequantize(&bytes[r * row_bytes..(r + 1) * row_bytes], &mut q);
-        for (a, b) in w.iter().zip(&q) {
-            let d = f64::from(a - b);
-            err2 += d * d;
-            norm2 += f64::from(*a) * f64::from(*a);
-            max_error = max_error.max(d.abs());
-        }
+    let rows = t.rows();
+    let row_bytes = tr.row_bytes(cols).ok_or_else(|| {
+        Error::Invalid(format!(
+            "tensor {}: row length {cols} is not a multiple of {}'s block of {}",
+            t.name, tr.name, tr.block_elems
+        ))
+    })?;
+    if tr.quantize.is_none() {
+        return Err(Error::Invalid(format!("type {} has no quantizer", tr.name)));
     }
-    TensorMetrics {
+    out.clear();
+    out.resize(rows * row_bytes, 0);
+    let rows_per_task = (TASK_ELEMS / cols.max(1)).max(1);
+    let parts: Vec<ErrSums> = out
+        .par_chunks_mut((rows_per_task * row_bytes).max(1))
+        .enumerate()
+        .map(|(task, dst)| {
+            let mut w = vec![0.0f32; cols];
+            let mut q = vec![0.0f32; cols];
+            let mut s = ErrSums::default();
+            for (i, row) in dst.chunks_exact_mut(row_bytes.max(1)).enumerate() {
+                t.dequant_row(task * rows_per_task + i, &mut w);
+                ty.quantize(&w, row, weights);
+                ty.dequantize(row, &mut q);
+                for (j, (a, b)) in w.iter().zip(&q).enumerate() {
+                    let (a, d) = (f64::from(*a), f64::from(a - b));
+                    s.err2 += d * d;
+                    s.norm2 += a * a;
+                    s.max = s.max.max(d.abs());
+                    if let Some(wt) = weights {
+                        let wt = f64::from(wt[j]);
+                        s.werr2 += wt * d * d;
+                        s.wnorm2 += wt * a * a;
+                    }
+                }
+            }
+            s
+        })
+        .collect();
+    let mut s = ErrSums::default();
+    for p in parts {
+        s.err2 += p.err2;
+        s.norm2 += p.norm2;
+        s.werr2 += p.werr2;
+        s.wnorm2 += p.wnorm2;
+        s.max = s.max.max(p.max);
+    }
+    let ratio = |e: f64, n: f64| if n > 0.0 { (e / n).sqrt() } else { 0.0 };
+    Ok(TensorMetrics {
         layer: layer_of(&t.name),
         tensor: t.name.clone(),
         gguf_name: gguf_name.to_owned(),
         ty: ty.name(),
-        bits_per_weight: bytes.len() as f64 * 8.0 / t.numel().max(1) as f64,
-        rel_rms_error: if norm2 > 0.0 {
-            (err2 / norm2).sqrt()
-        } else {
-            0.0
-        },
-        max_error,
-        bytes: bytes.len() as u64,
-    }
+        bits_per_weight: out.len() as f64 * 8.0 / t.numel().max(1) as f64,
+        rel_rms_error: ratio(s.err2, s.norm2),
+        weighted_rel_rms_error: weights.map(|_| ratio(s.werr2, s.wnorm2)),
+        max_error: s.max,
+        bytes: out.len() as u64,
+    })
 }
 
 #[cfg(test)]
@@ -194,6 +321,7 @@ mod tests {
         let opts = GgufQuantizeOptions {
             mix: GgufMix::parse("q8_0").expect("mix"),
             overrides: Vec::new(),
+            imatrix: None,
         };
         let mut seen = 0;
         let report = quantize_gguf(&src, &opts, &out, &mut |_, done, _| {
@@ -249,6 +377,7 @@ mod tests {
         let opts = GgufQuantizeOptions {
             mix: GgufMix::parse("q4_0").expect("mix"),
             overrides: Vec::new(),
+            imatrix: None,
         };
         let r = quantize_gguf(&src, &opts, &out, &mut |_, done, _| done < 3);
         assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
@@ -287,6 +416,7 @@ mod tests {
         let f16_opts = GgufQuantizeOptions {
             mix: GgufMix::parse("f16").expect("mix"),
             overrides: Vec::new(),
+            imatrix: None,
         };
         quantize_gguf(&q41, &f16_opts, &f16_path, &mut |_, _, _| true).expect("f16");
         let f16 = SourceModel::open(&f16_path).expect("open f16");
@@ -297,6 +427,7 @@ mod tests {
             let opts = GgufQuantizeOptions {
                 mix: GgufMix::parse(mix).expect("mix"),
                 overrides: Vec::new(),
+                imatrix: None,
             };
             quantize_gguf(&f16, &opts, &out, &mut |_, _, _| true).expect("quantize");
             let (file, _) = crate::model::gguf::GgufFile::read(&out).expect("read back");
@@ -324,5 +455,119 @@ mod tests {
             }
             std::fs::remove_file(&out).expect("rm");
         }
+    }
+
+    /// With an importance matrix (llama-imatrix's, pruned to four layers so both the weighted and the plain
+    /// paths run), every tensor of every mix equals llama-quantize's, and the quantize.imatrix.* keys match.
+    #[test]
+    #[ignore = "needs SmolLM2 (fetch-smollm2.sh)"]
+    fn smollm2_imatrix_mixes_match_llama_quantize() {
+        let root =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/smollm2");
+        let want: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(root.join("smollm2_imatrix_hashes.json")).expect("hashes"),
+        )
+        .expect("json");
+        let im_path = root.join("smollm2_imatrix_l0-2_29.gguf");
+        let matrix = Imatrix::read(&im_path).expect("imatrix");
+        assert_eq!(matrix.entries.len(), 4 * 7);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let q41 = SourceModel::open(&crate::testing::smollm2_gguf()).expect("open SmolLM2");
+        let f16_path = dir.path().join("f16.gguf");
+        let f16_opts = GgufQuantizeOptions {
+            mix: GgufMix::parse("f16").expect("mix"),
+            overrides: Vec::new(),
+            imatrix: None,
+        };
+        quantize_gguf(&q41, &f16_opts, &f16_path, &mut |_, _, _| true).expect("f16");
+        let f16 = SourceModel::open(&f16_path).expect("open f16");
+        let mixes = want.as_object().expect("object");
+        assert_eq!(mixes.len(), 7);
+        for (mix, w) in mixes {
+            let out = dir.path().join(format!("{mix}.gguf"));
+            let opts = GgufQuantizeOptions {
+                mix: GgufMix::parse(mix).expect("mix"),
+                overrides: Vec::new(),
+                imatrix: Some(ImatrixInput {
+                    matrix: matrix.clone(),
+                    file: Some("imatrix.gguf".into()),
+                }),
+            };
+            let mut weighted = 0;
+            let report = quantize_gguf(&f16, &opts, &out, &mut |m, _, _| {
+                weighted += usize::from(m.weighted_rel_rms_error.is_some());
+                true
+            })
+            .expect("quantize");
+            assert!(report.imatrix);
+            assert_eq!(
+                weighted,
+                4 * 7,
+                "{mix}: tensors quantized with importance weights"
+            );
+            let (file, _) = crate::model::gguf::GgufFile::read(&out).expect("read back");
+            let data = std::fs::read(&out).expect("bytes");
+            for (k, v) in w["kv"].as_object().expect("kv") {
+                let got = file.get(k).unwrap_or_else(|| panic!("{mix}: no {k}"));
+                match v {
+                    serde_json::Value::String(s) => {
+                        assert_eq!(got.as_str(), Some(s.as_str()), "{k}")
+                    }
+                    n => assert_eq!(got, &GgufValue::U32(n.as_u64().expect("n") as u32), "{k}"),
+                }
+            }
+            assert_eq!(
+                file.get("quantize.imatrix.file")
+                    .and_then(GgufValue::as_str),
+                Some("imatrix.gguf")
+            );
+            let tensors = w["tensors"].as_object().expect("tensors");
+            assert_eq!(file.tensors().len(), tensors.len(), "{mix}: tensor count");
+            for t in file.tensors() {
+                let [ty, hash] = tensors[&t.name].as_array().expect("pair").as_slice() else {
+                    panic!("{mix} {}: bad fixture entry", t.name)
+                };
+                let start = file.data_offset as usize + t.offset as usize;
+                let bytes = &data[start..start + t.n_bytes as usize];
+                assert_eq!(
+                    t.type_name(),
+                    ty.as_str().expect("type"),
+                    "{mix} {}: type",
+                    t.name
+                );
+                assert_eq!(
+                    fnv1a64(bytes),
+                    hash.as_str().expect("hash"),
+                    "{mix} {}: bytes",
+                    t.name
+                );
+            }
+            std::fs::remove_file(&out).expect("rm");
+        }
+    }
+
+    #[test]
+    fn an_imatrix_for_another_model_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src_dir = dir.path().join("src");
+        write_fixture(&FixtureSpec::tiny_llama(), &src_dir).expect("fixture");
+        let src = SourceModel::open(&src_dir).expect("open");
+        let mut matrix = Imatrix::default();
+        matrix.entries.insert(
+            "blk.0.attn_q.weight".into(),
+            crate::imatrix::ImatrixEntry {
+                sums: vec![1.0; 7],
+                counts: vec![1.0],
+            },
+        );
+        let opts = GgufQuantizeOptions {
+            mix: GgufMix::parse("q4_0").expect("mix"),
+            overrides: Vec::new(),
+            imatrix: Some(ImatrixInput { matrix, file: None }),
+        };
+        let out = dir.path().join("q.gguf");
+        let e = quantize_gguf(&src, &opts, &out, &mut |_, _, _| true).expect_err("mismatch");
+        assert!(e.to_string().contains("another model"), "{e}");
+        assert!(!out.exists());
     }
 }

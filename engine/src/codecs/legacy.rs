@@ -3,13 +3,21 @@
 //! Layouts and formulas: gguf.md §2. Every element is computed with a single f32 multiply (and one add
 //! for the `_1` types) in the same order as ggml's `dequantize_row_*`, so results are bit-exact.
 //!
-//! The quantizers reproduce llama.cpp's reference quantizers (`quantize_row_*_ref`) bit for bit: the same
-//! f32 operations in the same order, f16 rounding to nearest even, and C's float→int conversions
-//! (truncation, or `roundf` for Q8_0). They work block by block, so any whole number of blocks is fine.
-//! They ignore `importance`: with an importance matrix llama.cpp switches Q4_0..Q5_1 to a weighted
-//! search (Q8_0 never uses one), which these do not reproduce.
+//! The quantizers reproduce llama.cpp's quantizers bit for bit: the same f32 operations in the same order,
+//! f16 rounding to nearest even, and C's float→int conversions.
+//!
+//! * Without `importance`: the reference quantizers (`quantize_row_*_ref`; truncation, or `roundf` for
+//!   Q8_0). They work block by block, so any whole number of blocks is fine.
+//! * With `importance` (one weight per element of `src`): llama.cpp's weighted search
+//!   (`quantize_row_q*_impl`). Each element is weighted by `w_j · sqrt(sigma2 + x_j²)`, where `sigma2` is
+//!   the mean square of the whole ROW; the symmetric types then use `make_qx_quants` (nmax 8 / 16), the
+//!   `_1` types `make_qkx3_quants` (nmax 15 / 31, 37 scale tries). Because of the row-wide `sigma2`,
+//!   `src` must be exactly one tensor row in this case (the [`super::QuantizeFn`] contract).
+//! * Q8_0 has no weighted search in llama.cpp (`quantize_q8_0` ignores the imatrix): it ignores
+//!   `importance`.
 
 use super::f16_at;
+use super::kquants::{make_qkx3_quants, make_qx_quants};
 
 const QK: usize = 32;
 
@@ -162,8 +170,40 @@ fn trunc_i8(f: f32) -> i32 {
     f as i32 as i8 as i32
 }
 
-/// llama.cpp's `quantize_row_q4_0_ref`: `d = max / -8`, `q = min(15, trunc(x/d + 8.5))`.
-pub fn quantize_q4_0(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
+/// Per-element weights of llama.cpp's `quantize_row_q*_impl`: `qw_j · sqrt(sigma2 + x_j²)` for every
+/// element of the row `x`, with `sigma2` the row's mean square (summed in order, as ggml does).
+fn row_weights(x: &[f32], qw: &[f32]) -> Vec<f32> {
+    assert_eq!(qw.len(), x.len(), "one importance weight per element");
+    let mut sum_x2 = 0.0f32;
+    for &v in x {
+        sum_x2 += v * v;
+    }
+    let sigma2 = sum_x2 / x.len() as f32;
+    x.iter()
+        .zip(qw)
+        .map(|(&v, &w)| w * (sigma2 + v * v).sqrt())
+        .collect()
+}
+
+/// llama.cpp's `quantize_row_q4_0_ref`: `d = max / -8`, `q = min(15, trunc(x/d + 8.5))`; with
+/// `importance` (`src` one row), `quantize_row_q4_0_impl`: `make_qx_quants(nmax = 8)` on weighted elements.
+pub fn quantize_q4_0(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
+    if let Some(qw) = importance {
+        let weight = row_weights(src, qw);
+        let mut l = [0i8; QK];
+        for ((x, w), b) in src
+            .chunks_exact(QK)
+            .zip(weight.chunks_exact(QK))
+            .zip(dst.chunks_exact_mut(18))
+        {
+            let d = make_qx_quants(8, x, &mut l, 1, Some(w));
+            put_f16(b, d);
+            for j in 0..16 {
+                b[2 + j] = l[j] as u8 | ((l[j + 16] as u8) << 4);
+            }
+        }
+        return;
+    }
     for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(18)) {
         let d = signed_absmax(x) / -8.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -176,8 +216,33 @@ pub fn quantize_q4_0(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
     }
 }
 
-/// llama.cpp's `quantize_row_q4_1_ref`: `d = (max - min) / 15`, `m = min`.
-pub fn quantize_q4_1(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
+/// llama.cpp's `make_qkx3_quants(nmax, …, rmin = -0.9, rdelta = 0.05, nstep = 36, use_mad = false)` as the
+/// `_1` types' weighted search calls it: returns `(d, m)` and fills `l` with `0..=nmax`.
+fn weighted_asym(nmax: i32, x: &[f32], w: &[f32], l: &mut [u8; QK]) -> (f32, f32) {
+    let (d, neg_min) = make_qkx3_quants(nmax, x, Some(w), l, -0.9, 0.05, 36, false);
+    (d, -neg_min)
+}
+
+/// llama.cpp's `quantize_row_q4_1_ref`: `d = (max - min) / 15`, `m = min`; with `importance` (`src` one
+/// row), `quantize_row_q4_1_impl`: `make_qkx3_quants(nmax = 15)` on weighted elements.
+pub fn quantize_q4_1(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
+    if let Some(qw) = importance {
+        let weight = row_weights(src, qw);
+        let mut l = [0u8; QK];
+        for ((x, w), b) in src
+            .chunks_exact(QK)
+            .zip(weight.chunks_exact(QK))
+            .zip(dst.chunks_exact_mut(20))
+        {
+            let (d, m) = weighted_asym(15, x, w, &mut l);
+            put_f16(b, d);
+            put_f16(&mut b[2..], m);
+            for j in 0..16 {
+                b[4 + j] = l[j] | (l[j + 16] << 4);
+            }
+        }
+        return;
+    }
     for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(20)) {
         let (min, max) = min_max(x);
         let d = (max - min) / 15.0;
@@ -192,8 +257,39 @@ pub fn quantize_q4_1(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
     }
 }
 
-/// llama.cpp's `quantize_row_q5_0_ref`: `d = max / -16`, `q = min(31, trunc(x/d + 16.5))`.
-pub fn quantize_q5_0(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
+/// Five-bit values `l` of one block into `qs` (low nibbles, element j and j + 16 in byte j) and the
+/// little-endian `qh` (fifth bit of element e at bit e).
+fn pack_q5(l: &[u8], qh_bytes: &mut [u8], qs: &mut [u8]) {
+    let mut qh = 0u32;
+    for j in 0..16 {
+        let (q0, q1) = (l[j], l[j + 16]);
+        qs[j] = (q0 & 0x0F) | ((q1 & 0x0F) << 4);
+        qh |= ((q0 as u32 & 0x10) >> 4) << j;
+        qh |= ((q1 as u32 & 0x10) >> 4) << (j + 16);
+    }
+    qh_bytes[..4].copy_from_slice(&qh.to_le_bytes());
+}
+
+/// llama.cpp's `quantize_row_q5_0_ref`: `d = max / -16`, `q = min(31, trunc(x/d + 16.5))`; with
+/// `importance` (`src` one row), `quantize_row_q5_0_impl`: `make_qx_quants(nmax = 16)` on weighted
+/// elements.
+pub fn quantize_q5_0(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
+    if let Some(qw) = importance {
+        let weight = row_weights(src, qw);
+        let mut l = [0i8; QK];
+        for ((x, w), b) in src
+            .chunks_exact(QK)
+            .zip(weight.chunks_exact(QK))
+            .zip(dst.chunks_exact_mut(22))
+        {
+            let d = make_qx_quants(16, x, &mut l, 1, Some(w));
+            put_f16(b, d);
+            let lu = l.map(|v| v as u8);
+            let (qh, qs) = b[2..].split_at_mut(4);
+            pack_q5(&lu, qh, qs);
+        }
+        return;
+    }
     for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(22)) {
         let d = signed_absmax(x) / -16.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -210,8 +306,25 @@ pub fn quantize_q5_0(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
     }
 }
 
-/// llama.cpp's `quantize_row_q5_1_ref`: `d = (max - min) / 31`, `m = min`.
-pub fn quantize_q5_1(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
+/// llama.cpp's `quantize_row_q5_1_ref`: `d = (max - min) / 31`, `m = min`; with `importance` (`src` one
+/// row), `quantize_row_q5_1_impl`: `make_qkx3_quants(nmax = 31)` on weighted elements.
+pub fn quantize_q5_1(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
+    if let Some(qw) = importance {
+        let weight = row_weights(src, qw);
+        let mut l = [0u8; QK];
+        for ((x, w), b) in src
+            .chunks_exact(QK)
+            .zip(weight.chunks_exact(QK))
+            .zip(dst.chunks_exact_mut(24))
+        {
+            let (d, m) = weighted_asym(31, x, w, &mut l);
+            put_f16(b, d);
+            put_f16(&mut b[2..], m);
+            let (qh, qs) = b[4..].split_at_mut(4);
+            pack_q5(&l, qh, qs);
+        }
+        return;
+    }
     for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(24)) {
         let (min, max) = min_max(x);
         let d = (max - min) / 31.0;
@@ -232,6 +345,7 @@ pub fn quantize_q5_1(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
 }
 
 /// llama.cpp's `quantize_row_q8_0_ref`: `d = amax / 127`, `q = roundf(x / d)` (half away from zero).
+/// `importance` is ignored, as llama.cpp's `quantize_q8_0` does.
 pub fn quantize_q8_0(src: &[f32], dst: &mut [u8], _importance: Option<&[f32]>) {
     for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(34)) {
         let mut amax = 0.0f32;
@@ -322,17 +436,28 @@ pub(super) mod fixture {
         }
     }
 
-    /// Quantise the fixture with `ty` and compare with llama.cpp's bytes; then check that the round trip
-    /// error of every block stays under `rel` × the block's largest magnitude. Returns the cases checked.
+    /// Quantise the fixture with `ty` row by row (as the `QuantizeFn` contract asks when importance is
+    /// given) and compare with llama.cpp's bytes; then check that the round trip error of every block
+    /// stays under `rel` × the block's largest magnitude (2·`rel` for the imatrix cases). Returns the
+    /// cases checked.
     pub fn check(ty: crate::codecs::GgmlType, rel: f32) -> usize {
         let f = load();
         let t = ty.traits();
         let imp = f.importance();
+        let row_bytes = f.n_per_row / t.block_elems * t.block_bytes;
         let mut checked = 0;
         for c in f.cases.iter().filter(|c| c.ggml_type == t.ggml_id) {
+            assert_eq!(c.bytes.len(), f.nrows * row_bytes, "{}", t.name);
             let mut out = vec![0u8; c.bytes.len()];
-            ty.quantize(&f.src, &mut out, c.with_imatrix.then_some(&imp[..]))
-                .expect("has a quantizer");
+            for ((x, w), q) in f
+                .src
+                .chunks_exact(f.n_per_row)
+                .zip(imp.chunks_exact(f.n_per_row))
+                .zip(out.chunks_exact_mut(row_bytes))
+            {
+                ty.quantize(x, q, c.with_imatrix.then_some(w))
+                    .expect("has a quantizer");
+            }
             if let Some(i) = out.iter().zip(&c.bytes).position(|(a, b)| a != b) {
                 panic!(
                     "{} (imatrix: {}): byte {i} (block {}) differs from llama.cpp: {} vs {}",
@@ -345,6 +470,9 @@ pub(super) mod fixture {
             }
             let mut y = vec![0.0f32; f.src.len()];
             ty.dequantize(&out, &mut y);
+            // The weighted search may give up accuracy on unimportant elements, the block's extreme
+            // one included, to fit the important ones better: twice the bound there.
+            let rel = if c.with_imatrix { 2.0 * rel } else { rel };
             for (xb, yb) in f.src.chunks(32).zip(y.chunks(32)) {
                 let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
                 if amax < 1e-2 {
@@ -354,8 +482,9 @@ pub(super) mod fixture {
                 for (a, b) in xb.iter().zip(yb) {
                     assert!(
                         (a - b).abs() <= rel * amax,
-                        "{}: {a} → {b} (block amax {amax})",
-                        t.name
+                        "{} (imatrix: {}): {a} → {b} (block amax {amax})",
+                        t.name,
+                        c.with_imatrix
                     );
                 }
             }
@@ -374,15 +503,89 @@ mod tests {
     #[test]
     fn legacy_quantizers_match_llama_cpp() {
         // Worst case per element: half a step, plus f16 rounding of the scale (and the min).
-        for (ty, rel) in [
-            (GgmlType::Q8_0, 0.5 / 127.0 + 0.002),
+        // Q8_0 is fixtured without an imatrix only (llama.cpp ignores it); the others with and without.
+        for (ty, rel, cases) in [
+            (GgmlType::Q8_0, 0.5 / 127.0 + 0.002, 1),
             // The symmetric types clamp the element opposite the extreme: one whole step.
-            (GgmlType::Q4_0, 1.0 / 8.0 + 0.01),
-            (GgmlType::Q4_1, 2.0 * (0.5 / 15.0) + 0.01),
-            (GgmlType::Q5_0, 1.0 / 16.0 + 0.01),
-            (GgmlType::Q5_1, 2.0 * (0.5 / 31.0) + 0.01),
+            (GgmlType::Q4_0, 1.0 / 8.0 + 0.01, 2),
+            (GgmlType::Q4_1, 2.0 * (0.5 / 15.0) + 0.01, 2),
+            (GgmlType::Q5_0, 1.0 / 16.0 + 0.01, 2),
+            (GgmlType::Q5_1, 2.0 * (0.5 / 31.0) + 0.01, 2),
         ] {
-            assert_eq!(fixture::check(ty, rel), 1, "{ty:?}");
+            assert_eq!(fixture::check(ty, rel), cases, "{ty:?}");
+        }
+    }
+
+    #[test]
+    fn q8_0_ignores_importance() {
+        let f = fixture::load();
+        let row = &f.src[..f.n_per_row];
+        let mut a = vec![0u8; f.n_per_row / 32 * 34];
+        let mut b = a.clone();
+        quantize_q8_0(row, &mut a, None);
+        quantize_q8_0(row, &mut b, Some(&f.imatrix));
+        assert_eq!(a, b);
+    }
+
+    /// `sum_j w_j (x_j - q_j)²` of `x` quantised with `ty` (importance `w` or none) and dequantised.
+    fn weighted_sq_error(ty: GgmlType, x: &[f32], w: &[f32], use_importance: bool) -> f64 {
+        let t = ty.traits();
+        let mut q = vec![0u8; x.len() / t.block_elems * t.block_bytes];
+        ty.quantize(x, &mut q, use_importance.then_some(w))
+            .expect("has a quantizer");
+        let mut y = vec![0.0f32; x.len()];
+        ty.dequantize(&q, &mut y);
+        x.iter()
+            .zip(&y)
+            .zip(w)
+            .map(|((&a, &b), &wj)| wj as f64 * (a as f64 - b as f64).powi(2))
+            .sum()
+    }
+
+    #[test]
+    fn weighted_quantizers_lower_the_weighted_error() {
+        // A row whose importance strongly favours a few columns per block: the weighted search must not
+        // do worse than the reference quantizer on the weighted error it optimises.
+        let mut s = 0x2545_f491_u32;
+        let mut rnd = || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s as f32 / u32::MAX as f32 - 0.5
+        };
+        let n = 256;
+        let x: Vec<f32> = (0..n)
+            .map(|j| {
+                let v = 0.05 * rnd();
+                if j % 61 == 7 {
+                    v * 12.0 // outliers, which the reference quantizers fit first
+                } else {
+                    v
+                }
+            })
+            .collect();
+        let w: Vec<f32> = (0..n)
+            .map(|j| {
+                if j % 32 < 4 || j % 9 == 0 {
+                    100.0
+                } else {
+                    0.01
+                }
+            })
+            .collect();
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+        ] {
+            let plain = weighted_sq_error(ty, &x, &w, false);
+            let weighted = weighted_sq_error(ty, &x, &w, true);
+            assert!(
+                weighted <= plain,
+                "{ty:?}: weighted error {weighted} > unweighted {plain}"
+            );
+            assert!(weighted < 0.9 * plain, "{ty:?}: {weighted} vs {plain}");
         }
     }
 

@@ -35,6 +35,13 @@ pub enum GgmlType {
 /// Quantise whole blocks with llama.cpp's reference quantizer: `src.len()` is a multiple of
 /// `block_elems`, `dst.len()` the matching number of bytes. `importance` (one weight per element of
 /// `src`, from an importance matrix) selects the weighted search where the type has one.
+///
+/// With `importance`, `src` must be exactly ONE tensor row (`n_per_row` elements, the imatrix's column
+/// weights): the legacy types' weighted search (Q4_0..Q5_1) weighs every element with the mean square of
+/// its whole row, so several rows in one call would give different bytes from llama.cpp. (The k-quants
+/// and IQ4 types only use statistics of their own (super-)block, so for them any whole number of blocks
+/// gives the same bytes; callers should still pass one row.) Without `importance`, any whole number of
+/// blocks is fine.
 pub type QuantizeFn = fn(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>);
 
 /// Dequantise whole blocks: `src.len()` is a multiple of `block_bytes`, `dst.len()` the matching number of

@@ -28,6 +28,36 @@ pub enum Logits {
     From(usize),
 }
 
+/// The input of a group of matmuls that share it, as an imatrix collector sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulInput {
+    /// The normed hidden state going into q, k and v.
+    Attention,
+    /// The attention output going into o.
+    AttentionOutput,
+    /// The normed hidden state going into gate and up.
+    Ffn,
+    /// `silu(gate) · up` going into down.
+    FfnDown,
+}
+
+impl MatmulInput {
+    /// The GGUF names (without `blk.N.` and `.weight`) of the matmuls that read this input.
+    pub fn gguf_weights(self) -> &'static [&'static str] {
+        match self {
+            Self::Attention => &["attn_q", "attn_k", "attn_v"],
+            Self::AttentionOutput => &["attn_output"],
+            Self::Ffn => &["ffn_gate", "ffn_up"],
+            Self::FfnDown => &["ffn_down"],
+        }
+    }
+}
+
+/// Sees every decoder-layer matmul input: `x` is `[n, cols]` row-major.
+pub trait MatmulObserver {
+    fn observe(&mut self, layer: usize, input: MatmulInput, x: &[f32], n: usize);
+}
+
 /// Tokens per internal micro-batch: bounds the activation buffers of long prompts.
 const UBATCH: usize = 512;
 /// Query rows per attention task.
@@ -251,6 +281,18 @@ impl Model {
     /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to the cache, and returns
     /// logits row-major `[k, vocab]` for the rows `want` selects.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, want: Logits) -> Result<Vec<f32>> {
+        self.forward_observed(tokens, cache, want, None)
+    }
+
+    /// [`Model::forward`], showing every decoder-layer matmul input to `observer` (for importance
+    /// matrices).
+    pub fn forward_observed(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        want: Logits,
+        mut observer: Option<&mut dyn MatmulObserver>,
+    ) -> Result<Vec<f32>> {
         let c = &self.cfg;
         if cache.layers() != c.num_layers
             || cache.kv_heads != c.num_kv_heads
@@ -286,7 +328,7 @@ impl Model {
         let mut c0 = 0;
         while c0 < n {
             let c1 = (c0 + UBATCH).min(n);
-            let hidden = self.run_batch(&tokens[c0..c1], cache);
+            let hidden = self.run_batch(&tokens[c0..c1], cache, &mut observer);
             let w0 = from.max(c0);
             if w0 < c1 {
                 let k = c1 - w0;
@@ -303,7 +345,12 @@ impl Model {
 
     /// Run one micro-batch through every layer, filling the cache; returns the final hidden states
     /// `[n, hidden]` (before the final norm).
-    fn run_batch(&self, tokens: &[u32], cache: &mut KvCache) -> Vec<f32> {
+    fn run_batch(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        observer: &mut Option<&mut dyn MatmulObserver>,
+    ) -> Vec<f32> {
         let c = &self.cfg;
         let (n, h, hd) = (tokens.len(), c.hidden_size, c.head_dim);
         let (nh, nkv) = (c.num_heads, c.num_kv_heads);
@@ -325,6 +372,9 @@ impl Model {
         for (li, layer) in self.layers.iter().enumerate() {
             xn.copy_from_slice(&x);
             rms_norm(&mut xn, &layer.attn_norm, c.rms_norm_eps);
+            if let Some(o) = observer.as_deref_mut() {
+                o.observe(li, MatmulInput::Attention, &xn, n);
+            }
             layer.q.forward(&xn, n, &mut q);
             layer.k.forward(&xn, n, &mut k);
             layer.v.forward(&xn, n, &mut v);
@@ -332,16 +382,25 @@ impl Model {
             apply_rope(&mut k, hd, &cos, &sin);
             cache.write(li, p0, &k, &v);
             self.attention(&q, cache, li, p0, n, &mut attn);
+            if let Some(o) = observer.as_deref_mut() {
+                o.observe(li, MatmulInput::AttentionOutput, &attn, n);
+            }
             layer.o.forward(&attn, n, &mut proj);
             add_into(&mut x, &proj);
 
             xn.copy_from_slice(&x);
             rms_norm(&mut xn, &layer.ffn_norm, c.rms_norm_eps);
             debug_assert_eq!(layer.gate.rows(), i);
+            if let Some(o) = observer.as_deref_mut() {
+                o.observe(li, MatmulInput::Ffn, &xn, n);
+            }
             layer.gate.forward(&xn, n, &mut gate);
             layer.up.forward(&xn, n, &mut up);
             for (g, &u) in gate.iter_mut().zip(&up) {
                 *g = silu(*g) * u;
+            }
+            if let Some(o) = observer.as_deref_mut() {
+                o.observe(li, MatmulInput::FfnDown, &gate, n);
             }
             layer.down.forward(&gate, n, &mut proj);
             add_into(&mut x, &proj);
@@ -552,6 +611,44 @@ mod tests {
             assert_eq!(tail.len(), 20 * v);
             assert!(max_rel(&tail, &all[50 * v..]) < 1e-4);
         }
+    }
+
+    #[test]
+    fn the_observer_sees_each_matmul_input() {
+        #[derive(Default)]
+        struct Seen(Vec<(usize, MatmulInput, Vec<f32>)>);
+        impl MatmulObserver for Seen {
+            fn observe(&mut self, layer: usize, input: MatmulInput, x: &[f32], n: usize) {
+                assert_eq!(x.len() % n, 0);
+                self.0.push((layer, input, x.to_vec()));
+            }
+        }
+        let m = model(&FixtureSpec::tiny_llama());
+        let toks = tokens(5);
+        let mut seen = Seen::default();
+        let mut cache = m.new_cache(8);
+        m.forward_observed(&toks, &mut cache, Logits::None, Some(&mut seen))
+            .expect("forward");
+        let c = m.config();
+        assert_eq!(seen.0.len(), 4 * c.num_layers);
+        // Layer 0's attention input: the RMS-normed embeddings; its q projection is layer.q applied to it.
+        let (l, input, x) = &seen.0[0];
+        assert_eq!((*l, *input), (0, MatmulInput::Attention));
+        let h = c.hidden_size;
+        let mut want = vec![0.0f32; 5 * h];
+        for (row, &t) in want.chunks_exact_mut(h).zip(&toks) {
+            m.embed.dequant_row(t as usize, row);
+        }
+        rms_norm(&mut want, &m.layers[0].attn_norm, c.rms_norm_eps);
+        assert_eq!(x, &want);
+        // The down projection's input has the intermediate width and sits last in each layer.
+        let (l, input, x) = &seen.0[3];
+        assert_eq!(
+            (*l, *input, x.len()),
+            (0, MatmulInput::FfnDown, 5 * c.intermediate_size)
+        );
+        assert_eq!(seen.0[4].1, MatmulInput::Attention);
+        assert_eq!(seen.0[4].0, 1);
     }
 
     #[test]

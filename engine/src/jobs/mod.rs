@@ -60,6 +60,23 @@ pub enum EvalText {
     File(PathBuf),
     /// The text itself.
     Inline(String),
+    /// The bundled calibration text ([`crate::imatrix::DEFAULT_CALIBRATION_TEXT`]).
+    Bundled,
+}
+
+/// Where a quantization's importance matrix comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ImatrixSource {
+    /// None: the unweighted quantizers.
+    #[default]
+    None,
+    /// A llama.cpp imatrix file (GGUF or legacy `.dat`).
+    File(PathBuf),
+    /// Computed from calibration text before quantizing.
+    Compute {
+        text: EvalText,
+        options: crate::imatrix::ImatrixOptions,
+    },
 }
 
 /// What the front ends ask of the engine.
@@ -118,6 +135,16 @@ pub enum Command {
         out: PathBuf,
         format: String,
         overrides: Vec<String>,
+        imatrix: ImatrixSource,
+    },
+    /// Compute `model`'s importance matrix on a calibration text and write it (llama.cpp's GGUF format, or
+    /// the legacy `.dat` with `legacy_dat`) → [`JobOutput::Imatrix`].
+    Imatrix {
+        model: PathBuf,
+        text: EvalText,
+        options: crate::imatrix::ImatrixOptions,
+        out: PathBuf,
+        legacy_dat: bool,
     },
     /// Measure prompt-processing and decoding speed of `model` → [`JobOutput::Bench`].
     Bench {
@@ -142,6 +169,7 @@ pub enum JobKind {
     Convert,
     Bench,
     Quantize,
+    Imatrix,
 }
 
 /// Quality of one quantized tensor (sent by the quantizers as [`Event::LayerDone`]).
@@ -156,6 +184,8 @@ pub struct LayerMetrics {
     pub bits_per_weight: f64,
     /// ‖W − Ŵ‖ / ‖W‖.
     pub rel_rms_error: f64,
+    /// The same weighted by the importance of each input column, when an importance matrix was used.
+    pub weighted_rel_rms_error: Option<f64>,
     /// max |W − Ŵ|.
     pub max_error: f64,
 }
@@ -175,6 +205,13 @@ pub enum JobOutput {
     },
     Bench(crate::bench::BenchReport),
     Quantized(Box<crate::quantize::QuantizeReport>),
+    /// An importance matrix was written to `path`.
+    Imatrix {
+        path: PathBuf,
+        entries: usize,
+        chunks: u32,
+        tokens_per_chunk: u32,
+    },
     /// A chat session that was ended by [`Command::Shutdown`].
     ChatEnded,
 }
@@ -423,6 +460,7 @@ fn job_kind(c: &Command) -> Option<JobKind> {
         Command::Convert { .. } => JobKind::Convert,
         Command::Bench { .. } => JobKind::Bench,
         Command::Quantize { .. } => JobKind::Quantize,
+        Command::Imatrix { .. } => JobKind::Imatrix,
         _ => return None,
     })
 }

@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
 use super::cache::{LoadedModel, ModelCache};
-use super::{Command, EvalText, Event, JobId, JobOutput, WakerSlot};
+use super::{Command, EvalText, Event, ImatrixSource, JobId, JobOutput, WakerSlot};
 use super::{DEFAULT_CHAT_CONTEXT, STAGE_CONVERT};
 use crate::eval::{kl_divergence, perplexity, ChunkProgress, EvalOptions};
+use crate::imatrix::ImatrixOptions;
 use crate::infer::{generate, ChatSession, GenerateOptions, StopReason};
 use crate::model::convert::{write_hf_folder, OutDtype};
 use crate::model::summary::ModelSummary;
@@ -74,6 +75,14 @@ pub(crate) enum JobRequest {
         out: PathBuf,
         format: String,
         overrides: Vec<String>,
+        imatrix: ImatrixSource,
+    },
+    Imatrix {
+        model: PathBuf,
+        text: EvalText,
+        options: ImatrixOptions,
+        out: PathBuf,
+        legacy_dat: bool,
     },
 }
 
@@ -137,12 +146,30 @@ impl JobRequest {
                 out,
                 format,
                 overrides,
+                imatrix,
             } => (
                 Self::Quantize {
                     model,
                     out,
                     format,
                     overrides,
+                    imatrix,
+                },
+                None,
+            ),
+            Command::Imatrix {
+                model,
+                text,
+                options,
+                out,
+                legacy_dat,
+            } => (
+                Self::Imatrix {
+                    model,
+                    text,
+                    options,
+                    out,
+                    legacy_dat,
                 },
                 None,
             ),
@@ -272,7 +299,28 @@ fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOut
             out,
             format,
             overrides,
-        } => quantize(ctx, &model, &out, &format, &overrides),
+            imatrix,
+        } => quantize(ctx, cache, &model, &out, &format, &overrides, imatrix),
+        JobRequest::Imatrix {
+            model,
+            text,
+            options,
+            out,
+            legacy_dat,
+        } => {
+            let m = compute_imatrix(ctx, cache, &model, text, &options)?;
+            if legacy_dat {
+                m.write_dat(&out)?;
+            } else {
+                m.write_gguf(&out)?;
+            }
+            Ok(JobOutput::Imatrix {
+                path: out,
+                entries: m.entries.len(),
+                chunks: m.chunk_count,
+                tokens_per_chunk: m.chunk_size,
+            })
+        }
     }
 }
 
@@ -293,10 +341,7 @@ fn evaluate(
     text: EvalText,
     options: &EvalOptions,
 ) -> Result<JobOutput> {
-    let text = match text {
-        EvalText::Inline(s) => s,
-        EvalText::File(p) => std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?,
-    };
+    let (text, _) = read_text(text)?;
     let variant = load(ctx, cache, model)?;
     let mut on_chunk = |p: &ChunkProgress| {
         ctx.emit(Event::EvalChunk {
@@ -470,12 +515,61 @@ fn bench(
     Ok(JobOutput::Bench(report))
 }
 
+/// Read the calibration text.
+fn read_text(text: EvalText) -> Result<(String, String)> {
+    Ok(match text {
+        EvalText::Inline(s) => (s, "inline text".to_owned()),
+        EvalText::Bundled => (
+            crate::imatrix::DEFAULT_CALIBRATION_TEXT.to_owned(),
+            crate::imatrix::DEFAULT_CALIBRATION_NAME.to_owned(),
+        ),
+        EvalText::File(p) => (
+            std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?,
+            p.display().to_string(),
+        ),
+    })
+}
+
+fn compute_imatrix(
+    ctx: &JobCtx,
+    cache: &ModelCache,
+    model: &Path,
+    text: EvalText,
+    options: &ImatrixOptions,
+) -> Result<crate::imatrix::Imatrix> {
+    let (text, dataset) = read_text(text)?;
+    let m = load(ctx, cache, model)?;
+    let start = Instant::now();
+    let mut on_chunk = |done: usize, total: usize| {
+        let eta = (done > 0).then(|| {
+            start.elapsed().as_secs_f64() / done as f64 * total.saturating_sub(done) as f64
+        });
+        ctx.progress(
+            "computing importance matrix",
+            done as u64,
+            total as u64,
+            eta,
+        );
+        !ctx.cancelled()
+    };
+    crate::imatrix::compute_imatrix(
+        &m.model,
+        &m.source.tokenizer,
+        &text,
+        &dataset,
+        options,
+        &mut on_chunk,
+    )
+}
+
 fn quantize(
     ctx: &JobCtx,
+    cache: &ModelCache,
     model: &Path,
     out: &Path,
     format: &str,
     overrides: &[String],
+    imatrix: ImatrixSource,
 ) -> Result<JobOutput> {
     use crate::codecs::GgmlType;
     use crate::recipes::gguf::{GgufMix, TensorOverride};
@@ -501,10 +595,25 @@ fn quantize(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    let imatrix = match imatrix {
+        ImatrixSource::None => None,
+        ImatrixSource::File(p) => Some(crate::quantize::ImatrixInput {
+            matrix: crate::imatrix::Imatrix::read(&p)?,
+            file: Some(p.display().to_string()),
+        }),
+        ImatrixSource::Compute { text, options } => Some(crate::quantize::ImatrixInput {
+            matrix: compute_imatrix(ctx, cache, model, text, &options)?,
+            file: None,
+        }),
+    };
     let stage = format!("loading {}", model.display());
     ctx.progress(&stage, 0, 1, None);
     let src = SourceModel::open(model)?;
-    let opts = crate::quantize::GgufQuantizeOptions { mix, overrides };
+    let opts = crate::quantize::GgufQuantizeOptions {
+        mix,
+        overrides,
+        imatrix,
+    };
     let start = Instant::now();
     let mut on_tensor = |m: &crate::quantize::TensorMetrics, done: usize, total: usize| {
         ctx.emit(Event::LayerDone {
@@ -515,6 +624,7 @@ fn quantize(
                 codec: m.ty.to_owned(),
                 bits_per_weight: m.bits_per_weight,
                 rel_rms_error: m.rel_rms_error,
+                weighted_rel_rms_error: m.weighted_rel_rms_error,
                 max_error: m.max_error,
             },
         });

@@ -6,8 +6,9 @@
 //! at a time. The file is written under `<out>.partial-<pid>` and renamed when complete.
 
 use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use super::partial_path;
 use crate::codecs::GgmlType;
 use crate::model::gguf::{GgufArray, GgufValue};
 use crate::model::{Arch, RopeScaling, SourceFormat, SourceModel};
@@ -591,10 +592,26 @@ pub fn write_gguf(
     quantize_tensor: &mut QuantizeTensorFn<'_>,
     progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<()> {
+    write_gguf_with(src, plan, file_type, &[], out, quantize_tensor, progress)
+}
+
+/// [`write_gguf`] with `extra_kvs` appended after every other key (where llama-quantize puts its
+/// `quantize.imatrix.*` keys); an extra key replaces a key of the same name.
+pub fn write_gguf_with(
+    src: &SourceModel,
+    plan: &[GgufPlanTensor],
+    file_type: u32,
+    extra_kvs: &[(String, GgufValue)],
+    out: &Path,
+    quantize_tensor: &mut QuantizeTensorFn<'_>,
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<()> {
     let tensors = plan_tensors(src, plan)?;
     let mut kvs = model_metadata(src, file_type)?;
     kvs.extend(tokenizer_metadata(src)?);
-    let kvs = in_source_order(src, kvs);
+    let mut kvs = in_source_order(src, kvs);
+    kvs.retain(|(k, _)| !extra_kvs.iter().any(|(e, _)| e == k));
+    kvs.extend(extra_kvs.iter().cloned());
 
     let partial = partial_path(out);
     let res = write_file(&partial, &kvs, &tensors, quantize_tensor, progress);
@@ -608,12 +625,6 @@ pub fn write_gguf(
             Err(e)
         }
     }
-}
-
-fn partial_path(out: &Path) -> PathBuf {
-    let mut s = out.as_os_str().to_owned();
-    s.push(format!(".partial-{}", std::process::id()));
-    PathBuf::from(s)
 }
 
 fn plan_tensors<'a>(src: &'a SourceModel, plan: &[GgufPlanTensor]) -> Result<Vec<OutTensor<'a>>> {
@@ -774,10 +785,87 @@ fn write_file(
     Ok(())
 }
 
+/// One tensor of a small GGUF file written whole by [`write_gguf_blobs`].
+pub struct GgufBlob<'a> {
+    pub name: &'a str,
+    /// ggml dimensions, row length first.
+    pub ne: Vec<u64>,
+    pub ty: GgmlType,
+    pub data: &'a [u8],
+}
+
+/// Write a GGUF v3 file of `kvs` and in-memory `tensors` (for small files such as importance matrices),
+/// under a temporary name renamed when complete.
+pub fn write_gguf_blobs(
+    path: &Path,
+    kvs: &[(String, GgufValue)],
+    tensors: &[GgufBlob<'_>],
+) -> Result<()> {
+    let partial = partial_path(path);
+    let res = (|| -> Result<()> {
+        let io = |e| Error::io(&partial, e);
+        let file = std::fs::File::create(&partial).map_err(io)?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let mut head = Vec::new();
+        head.extend_from_slice(b"GGUF");
+        head.extend_from_slice(&3u32.to_le_bytes());
+        head.extend_from_slice(&(tensors.len() as i64).to_le_bytes());
+        head.extend_from_slice(&(kvs.len() as i64).to_le_bytes());
+        for (k, v) in kvs {
+            put_kv(&mut head, k, v);
+        }
+        let mut offset = 0u64;
+        for t in tensors {
+            let elems: u64 = t.ne.iter().product();
+            let tr = t.ty.traits();
+            let want = tr.row_bytes(elems as usize).unwrap_or(usize::MAX);
+            if t.name.len() >= 64 || want != t.data.len() {
+                return Err(Error::Invalid(format!(
+                    "GGUF tensor {}: bad name length or {} bytes for {} elements of {}",
+                    t.name,
+                    t.data.len(),
+                    elems,
+                    tr.name
+                )));
+            }
+            put_str(&mut head, t.name);
+            head.extend_from_slice(&(t.ne.len() as u32).to_le_bytes());
+            for &d in &t.ne {
+                head.extend_from_slice(&(d as i64).to_le_bytes());
+            }
+            head.extend_from_slice(&tr.ggml_id.to_le_bytes());
+            head.extend_from_slice(&offset.to_le_bytes());
+            offset += pad(t.data.len() as u64);
+        }
+        head.resize(pad(head.len() as u64) as usize, 0);
+        w.write_all(&head).map_err(io)?;
+        let zeros = [0u8; ALIGN as usize];
+        for t in tensors {
+            w.write_all(t.data).map_err(io)?;
+            let n = t.data.len() as u64;
+            w.write_all(&zeros[..(pad(n) - n) as usize]).map_err(io)?;
+        }
+        let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)?;
+        Ok(())
+    })();
+    match res {
+        Ok(()) => std::fs::rename(&partial, path).map_err(|e| {
+            let _ = std::fs::remove_file(&partial);
+            Error::io(path, e)
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            Err(e)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::fixture::{write_fixture, FixtureSpec};
+    use std::path::PathBuf;
 
     fn plan_all(src: &SourceModel, ty: GgmlType) -> Vec<GgufPlanTensor> {
         src.tensors
