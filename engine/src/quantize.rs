@@ -228,6 +228,41 @@ struct ErrSums {
     max: f64,
 }
 
+/// Add one row's error to `s`: sums in eight f32 lanes (vectorised), then into the f64 totals.
+fn row_error(w: &[f32], q: &[f32], weights: Option<&[f32]>, s: &mut ErrSums) {
+    const L: usize = 8;
+    let (mut e, mut n, mut m) = ([0.0f32; L], [0.0f32; L], [0.0f32; L]);
+    let (mut we, mut wn) = ([0.0f32; L], [0.0f32; L]);
+    let mut lane = |i: usize, a: f32, b: f32, wt: f32| {
+        let d = a - b;
+        e[i] += d * d;
+        n[i] += a * a;
+        m[i] = m[i].max(d.abs());
+        we[i] += wt * d * d;
+        wn[i] += wt * a * a;
+    };
+    let ones = [1.0f32; L];
+    let mut wc = weights.map(|w| w.chunks_exact(L));
+    for (a, b) in w.chunks_exact(L).zip(q.chunks_exact(L)) {
+        let wt = wc.as_mut().and_then(Iterator::next).unwrap_or(&ones);
+        for i in 0..L {
+            lane(i, a[i], b[i], wt[i]);
+        }
+    }
+    let tail = w.len() - w.len() % L;
+    for j in tail..w.len() {
+        lane(j - tail, w[j], q[j], weights.map_or(1.0, |wt| wt[j]));
+    }
+    let sum = |v: [f32; L]| v.iter().map(|&x| f64::from(x)).sum::<f64>();
+    s.err2 += sum(e);
+    s.norm2 += sum(n);
+    s.werr2 += sum(we);
+    s.wnorm2 += sum(wn);
+    s.max = s
+        .max
+        .max(f64::from(m.iter().fold(0.0f32, |a, &b| a.max(b))));
+}
+
 /// Elements per parallel task: enough to amortise scheduling, small enough to balance two threads on a
 /// 576-wide model's smallest tensors.
 const TASK_ELEMS: usize = 1 << 16;
@@ -268,17 +303,7 @@ fn quantize_measured(
                 t.dequant_row(task * rows_per_task + i, &mut w);
                 ty.quantize(&w, row, weights);
                 ty.dequantize(row, &mut q);
-                for (j, (a, b)) in w.iter().zip(&q).enumerate() {
-                    let (a, d) = (f64::from(*a), f64::from(a - b));
-                    s.err2 += d * d;
-                    s.norm2 += a * a;
-                    s.max = s.max.max(d.abs());
-                    if let Some(wt) = weights {
-                        let wt = f64::from(wt[j]);
-                        s.werr2 += wt * d * d;
-                        s.wnorm2 += wt * a * a;
-                    }
-                }
+                row_error(&w, &q, weights, &mut s);
             }
             s
         })

@@ -231,25 +231,35 @@ pub(super) fn make_qx_quants(
     } else {
         (rmse_type, false)
     };
-    let weight = |i: usize| -> f32 {
-        match qw {
+    // The weights once, so the search loops are branch-free (sums keep ggml's order).
+    let mut wbuf = [0.0f32; 32];
+    let mut wvec = Vec::new();
+    let w: &mut [f32] = if n <= 32 {
+        &mut wbuf[..n]
+    } else {
+        wvec.resize(n, 0.0);
+        &mut wvec
+    };
+    for (i, (wi, &v)) in w.iter_mut().zip(x).enumerate() {
+        *wi = match qw {
             Some(q) => q[i],
             None => match rmse_type {
-                1 => x[i] * x[i],
+                1 => v * v,
                 2 => 1.0,
-                3 => x[i].abs(),
-                _ => x[i].abs().sqrt(),
+                3 => v.abs(),
+                _ => v.abs().sqrt(),
             },
-        }
-    };
+        };
+    }
+    let w = &*w;
+    let l_out = &mut l_out[..n];
     let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
-    for i in 0..n {
-        let l = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
-        l_out[i] = (l + nmax) as i8;
-        let w = weight(i);
+    for ((o, &xi), &wi) in l_out.iter_mut().zip(x).zip(w) {
+        let l = nearest_int(iscale * xi).clamp(-nmax, nmax - 1);
+        *o = (l + nmax) as i8;
         let lf = l as f32;
-        sumlx += w * x[i] * lf;
-        suml2 += w * lf * lf;
+        sumlx += wi * xi * lf;
+        suml2 += wi * lf * lf;
     }
     let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
     if return_early {
@@ -267,16 +277,15 @@ pub(super) fn make_qx_quants(
         iscale = -(nmax as f32 + 0.1 * is as f32) / max;
         sumlx = 0.0;
         suml2 = 0.0;
-        for i in 0..n {
-            let l = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1) as f32;
-            let w = weight(i);
-            sumlx += w * x[i] * l;
-            suml2 += w * l * l;
+        for (&xi, &wi) in x.iter().zip(w) {
+            let l = nearest_int(iscale * xi).clamp(-nmax, nmax - 1) as f32;
+            sumlx += wi * xi * l;
+            suml2 += wi * l * l;
         }
         if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
-            for i in 0..n {
-                let l = nearest_int(iscale * x[i]);
-                l_out[i] = (nmax + l.clamp(-nmax, nmax - 1)) as i8;
+            for (o, &xi) in l_out.iter_mut().zip(x) {
+                let l = nearest_int(iscale * xi);
+                *o = (nmax + l.clamp(-nmax, nmax - 1)) as i8;
             }
             scale = sumlx / suml2;
             best = scale * sumlx;
@@ -362,58 +371,62 @@ fn make_qkx_quants(
     qkx3: bool,
 ) -> (f32, f32) {
     let n = x.len();
-    let w_at = |i: usize| match weights {
-        Some(w) => w[i],
-        None => x[i] * x[i],
-    };
+    assert!(n <= 32, "make_qkx_quants works on at most 32 values");
+    // The weights once (x² without an imatrix), so the search loops below are branch-free; every sum
+    // keeps ggml's order, so results are unchanged.
+    let mut wbuf = [0.0f32; 32];
+    match weights {
+        Some(w) => wbuf[..n].copy_from_slice(&w[..n]),
+        None => wbuf[..n].iter_mut().zip(x).for_each(|(w, &v)| *w = v * v),
+    }
+    let w = &wbuf[..n];
+    let l_out = &mut l_out[..n];
     let mut min = x[0];
     let mut max = x[0];
-    let mut sum_w = w_at(0);
+    let mut sum_w = w[0];
     let mut sum_x = sum_w * x[0];
-    for i in 1..n {
-        if x[i] < min {
-            min = x[i];
+    for (&xi, &wi) in x.iter().zip(w).skip(1) {
+        if xi < min {
+            min = xi;
         }
-        if x[i] > max {
-            max = x[i];
+        if xi > max {
+            max = xi;
         }
-        let w = w_at(i);
-        sum_w += w;
-        sum_x += w * x[i];
+        sum_w += wi;
+        sum_x += wi * xi;
     }
     if min > 0.0 {
         min = 0.0;
     }
     if (qkx3 && max <= min) || (!qkx3 && max == min) {
-        l_out[..n].fill(0);
+        l_out.fill(0);
         return (0.0, -min);
     }
+    let err = |d: f32| if use_mad { d.abs() } else { d * d };
     let nmaxf = nmax as f32;
     let mut iscale = nmaxf / (max - min);
     let mut scale = 1.0 / iscale;
     let mut best_error = 0.0f32;
-    for i in 0..n {
-        let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-        l_out[i] = l as u8;
-        let diff = scale * l as f32 + min - x[i];
-        let diff = if use_mad { diff.abs() } else { diff * diff };
-        best_error += w_at(i) * diff;
+    for ((o, &xi), &wi) in l_out.iter_mut().zip(x).zip(w) {
+        let l = nearest_int(iscale * (xi - min)).clamp(0, nmax);
+        *o = l as u8;
+        best_error += wi * err(scale * l as f32 + min - xi);
     }
     if nstep < 1 {
         return (scale, -min);
     }
-    let mut laux = [0u8; 32];
+    let mut lbuf = [0u8; 32];
+    let laux = &mut lbuf[..n];
     for is in 0..=nstep {
         iscale = (rmin + rdelta * is as f32 + nmaxf) / (max - min);
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
-        for i in 0..n {
-            let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-            laux[i] = l as u8;
-            let w = w_at(i);
+        for ((la, &xi), &wi) in laux.iter_mut().zip(x).zip(w) {
+            let l = nearest_int(iscale * (xi - min)).clamp(0, nmax);
+            *la = l as u8;
             let lf = l as f32;
-            sum_l += w * lf;
-            sum_l2 += w * lf * lf;
-            sum_xl += w * lf * x[i];
+            sum_l += wi * lf;
+            sum_l2 += wi * lf * lf;
+            sum_xl += wi * lf * xi;
         }
         let d = sum_w * sum_l2 - sum_l * sum_l;
         if d > 0.0 {
@@ -424,13 +437,11 @@ fn make_qkx_quants(
                 this_scale = sum_xl / sum_l2;
             }
             let mut cur_error = 0.0f32;
-            for i in 0..n {
-                let diff = this_scale * laux[i] as f32 + this_min - x[i];
-                let diff = if use_mad { diff.abs() } else { diff * diff };
-                cur_error += w_at(i) * diff;
+            for ((&la, &xi), &wi) in laux.iter().zip(x).zip(w) {
+                cur_error += wi * err(this_scale * la as f32 + this_min - xi);
             }
             if cur_error < best_error {
-                l_out[..n].copy_from_slice(&laux[..n]);
+                l_out.copy_from_slice(laux);
                 best_error = cur_error;
                 scale = this_scale;
                 min = this_min;

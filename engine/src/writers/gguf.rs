@@ -258,9 +258,13 @@ fn model_metadata(src: &SourceModel, file_type: u32) -> Result<Vec<(String, Gguf
         ),
         (k("rope.freq_base"), GgufValue::F32(c.rope_theta)),
         (k("rope.dimension_count"), u(c.head_dim)?),
-        (k("attention.key_length"), u(c.head_dim)?),
-        (k("attention.value_length"), u(c.head_dim)?),
     ];
+    // llama.cpp derives the head size as embedding_length / head_count unless these say otherwise
+    // (a GGUF source that has them keeps them where they were, see `in_source_order`).
+    if c.head_dim * c.num_heads != c.hidden_size {
+        kv.push((k("attention.key_length"), u(c.head_dim)?));
+        kv.push((k("attention.value_length"), u(c.head_dim)?));
+    }
     if let Some(RopeScaling::Linear { factor }) = c.rope_scaling {
         kv.push((k("rope.scaling.type"), GgufValue::Str("linear".into())));
         kv.push((k("rope.scaling.factor"), GgufValue::F32(factor)));
