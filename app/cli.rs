@@ -1,4 +1,5 @@
-//! The command line: `inspect`, `eval`, `generate`, `chat`, `convert`. Every command is a job sent to the
+//! The command line: `inspect`, `eval`, `generate`, `chat`, `convert`, `quantize`, `imatrix`, `bench`,
+//! `bench-quantize`. Every command is a job sent to the
 //! engine thread; this module only parses arguments, draws progress and prints results.
 
 /// `println!` that returns an `io::Result` instead of panicking when stdout is closed (`| head`).
@@ -14,6 +15,7 @@ macro_rules! outln {
     };
 }
 
+mod bench_quantize;
 mod eval;
 mod generate;
 mod progress;
@@ -111,6 +113,8 @@ pub enum CliCommand {
         #[arg(long)]
         dat: bool,
     },
+    /// Quantization time and peak memory, against a llama-quantize binary when given (ratio printed).
+    BenchQuantize(bench_quantize::BenchQuantizeArgs),
     /// Prompt-processing and decoding speed, as llama-bench measures it (pp512, tg128).
     Bench {
         model: PathBuf,
@@ -223,6 +227,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
         CliCommand::Generate(args) => generate::run_generate(&engine, &args),
         CliCommand::Chat(args) => generate::run_chat(&engine, &args),
         CliCommand::Convert { model, out, dtype } => convert(&engine, model, out, dtype),
+        CliCommand::BenchQuantize(args) => bench_quantize::run(&engine, &args),
         CliCommand::Quantize {
             model,
             format,

@@ -447,6 +447,11 @@ pub fn configure_threads(n: usize) -> Result<()> {
         .map_err(|e| Error::Invalid(format!("cannot set the thread count to {n}: {e}")))
 }
 
+/// Threads the engine's parallel work uses.
+pub fn thread_count() -> usize {
+    rayon::current_num_threads()
+}
+
 fn starts_job(c: &Command) -> bool {
     job_kind(c).is_some()
 }
