@@ -292,3 +292,120 @@ fn chat_reads_turns_from_stdin() {
         stderr(&o)
     );
 }
+
+#[test]
+fn imatrix_then_quantize_with_it() {
+    use quant_engine::imatrix::Imatrix;
+    use quant_engine::model::gguf::{GgufFile, GgufValue};
+    let f = fixture();
+    let im = f.model.with_file_name("m.imatrix.gguf");
+    let o = run(&[
+        "imatrix",
+        s(&f.model),
+        "--calib",
+        s(&f.text),
+        "--calib-ctx",
+        "32",
+        "--out",
+        s(&im),
+    ]);
+    assert_ok(&o);
+    assert!(stdout(&o).contains("14 entries from"), "{}", stdout(&o));
+    let m = Imatrix::read(&im).expect("our imatrix file");
+    assert_eq!((m.entries.len(), m.chunk_size), (14, 32));
+    assert_eq!(m.datasets, vec![s(&f.text).to_owned()]);
+    let dat = f.model.with_file_name("m.imatrix.dat");
+    let o = run(&[
+        "imatrix",
+        s(&f.model),
+        "--calib",
+        s(&f.text),
+        "--calib-ctx",
+        "32",
+        "--out",
+        s(&dat),
+        "--dat",
+    ]);
+    assert_ok(&o);
+    let d = Imatrix::read(&dat).expect("our .dat file");
+    assert!(d.legacy);
+    let w = d.weights("blk.1.ffn_down.weight").expect("entry");
+    let g = m.weights("blk.1.ffn_down.weight").expect("entry");
+    assert!(w
+        .iter()
+        .zip(&g)
+        .all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1e-3)));
+
+    let plain = f.model.with_file_name("plain.gguf");
+    assert_ok(&run(&[
+        "quantize",
+        s(&f.model),
+        "--format",
+        "q4_0",
+        "--out",
+        s(&plain),
+    ]));
+    let weighted = f.model.with_file_name("weighted.gguf");
+    let o = run(&[
+        "quantize",
+        s(&f.model),
+        "--format",
+        "q4_0",
+        "--imatrix",
+        s(&im),
+        "--out",
+        s(&weighted),
+    ]);
+    assert_ok(&o);
+    assert!(
+        stdout(&o).contains("imatrix-weighted err"),
+        "{}",
+        stdout(&o)
+    );
+    let (g, _) = GgufFile::read(&weighted).expect("read");
+    assert_eq!(
+        g.get("quantize.imatrix.entries_count"),
+        Some(&GgufValue::U32(14))
+    );
+    assert_eq!(
+        g.get("quantize.imatrix.file").and_then(GgufValue::as_str),
+        Some(s(&im))
+    );
+    assert_ne!(
+        std::fs::read(&plain).expect("plain"),
+        std::fs::read(&weighted).expect("weighted")
+    );
+    // The weighted file evaluates; --calib default computes a matrix from the bundled text first.
+    assert_ok(&run(&[
+        "eval",
+        s(&weighted),
+        "--text",
+        s(&f.text),
+        "--ctx",
+        "32",
+    ]));
+    let bundled = f.model.with_file_name("bundled.gguf");
+    let o = run(&[
+        "quantize",
+        s(&f.model),
+        "--format",
+        "q4_0",
+        "--calib",
+        "default",
+        "--calib-chunks",
+        "2",
+        "--out",
+        s(&bundled),
+    ]);
+    assert_ok(&o);
+    let (g, _) = GgufFile::read(&bundled).expect("read");
+    assert_eq!(
+        g.get("quantize.imatrix.dataset")
+            .and_then(GgufValue::as_str),
+        Some("quant-studio:rust-book.txt")
+    );
+    assert_eq!(
+        g.get("quantize.imatrix.chunks_count"),
+        Some(&GgufValue::U32(2))
+    );
+}

@@ -9,7 +9,6 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 use quant_engine::jobs::{Command, EngineHandle, ImatrixSource, JobOutput};
 
-
 #[derive(Debug, Args)]
 pub struct BenchQuantizeArgs {
     /// The source model (e.g. an F16 GGUF).
