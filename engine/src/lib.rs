@@ -6,9 +6,12 @@
 //! * [`infer`]  — the Llama-family forward pass, KV cache, sampling, chat sessions.
 //! * [`eval`]   — perplexity and KL-divergence, computed as llama.cpp's `llama-perplexity` does.
 //! * [`imatrix`] — importance matrices: computed on calibration text, llama.cpp's file formats.
+//! * [`solvers`] — calibration-based quantization solvers (GPTQ), independent of any model type.
+//! * [`calib`]  — calibration data: documents from text, JSON lines or Parquet files, seeded token rows.
 //! * [`jobs`]   — the engine thread: `Command`/`Event` over bounded channels, cancellation, progress.
 
 pub mod bench;
+pub mod calib;
 pub mod codecs;
 pub mod error;
 pub mod eval;
@@ -17,8 +20,10 @@ pub mod infer;
 pub mod jobs;
 pub mod model;
 pub mod quantize;
+pub mod quantize_gptq;
 pub mod recipes;
 mod simd;
+pub mod solvers;
 pub mod tensor;
 #[doc(hidden)]
 pub mod testing;

@@ -84,6 +84,38 @@ pub struct TensorRef {
     pub data: Bytes,
     /// `Some(n_heads)` when rows are stored in llama.cpp's interleaved-RoPE order (a GGUF's attn_q/attn_k).
     pub rope_interleaved_heads: Option<usize>,
+    /// A linear layer stored in a packed checkpoint layout (GPTQ) rather than in ggml blocks: then `data`
+    /// is empty, `ty` is nominal (F32) and rows come from the packed tensors.
+    pub packed: Option<Arc<PackedLinear>>,
+}
+
+/// A GPTQ (v1) linear layer's tensors, kept in the mapped file.
+#[derive(Debug)]
+pub struct PackedLinear {
+    pub bits: u32,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub groups: usize,
+    pub qweight: Bytes,
+    pub qzeros: Bytes,
+    pub scales: Bytes,
+    pub g_idx: Bytes,
+}
+
+impl PackedLinear {
+    /// Borrowed view for the codec.
+    pub fn parts(&self) -> crate::codecs::gptq::GptqParts<'_> {
+        crate::codecs::gptq::GptqParts {
+            bits: self.bits,
+            in_features: self.in_features,
+            out_features: self.out_features,
+            groups: self.groups,
+            qweight: &self.qweight,
+            qzeros: &self.qzeros,
+            scales: &self.scales,
+            g_idx: &self.g_idx,
+        }
+    }
 }
 
 impl TensorRef {
@@ -120,6 +152,21 @@ impl TensorRef {
             ty,
             data,
             rope_interleaved_heads: None,
+            packed: None,
+        })
+    }
+
+    /// A GPTQ linear layer `[out, in]` (validated: sizes and group indices).
+    pub fn packed(name: impl Into<String>, p: PackedLinear) -> Result<Self> {
+        let name = name.into();
+        p.parts().validate(&name)?;
+        Ok(Self {
+            shape: vec![p.out_features, p.in_features],
+            name,
+            ty: GgmlType::F32,
+            data: Bytes::owned(Vec::new()),
+            rope_interleaved_heads: None,
+            packed: Some(Arc::new(p)),
         })
     }
 
@@ -173,6 +220,10 @@ impl TensorRef {
 
     /// Dequantise Hugging Face row `r` into `out` (`out.len() == cols`).
     pub fn dequant_row(&self, r: usize, out: &mut [f32]) {
+        if let Some(p) = &self.packed {
+            p.parts().dequant_row(r, out);
+            return;
+        }
         self.ty.dequantize(self.row_data(r), out);
     }
 
@@ -230,7 +281,9 @@ impl TensorRef {
                 for (k, v) in o.iter_mut().enumerate() {
                     let r = ci * chunk + k;
                     *v = match self.ty {
-                        GgmlType::F16 => crate::simd::dot_f16(self.row_data(r), x),
+                        GgmlType::F16 if self.packed.is_none() => {
+                            crate::simd::dot_f16(self.row_data(r), x)
+                        }
                         _ => {
                             self.dequant_row(r, scratch);
                             crate::simd::dot_f32(scratch, x)

@@ -5,6 +5,7 @@
 //! Later formats (GPTQ, EXL2, NF4, HQQ, AWQ) join the same table.
 
 mod float;
+pub mod gptq;
 mod iquants;
 mod kquants;
 mod legacy;

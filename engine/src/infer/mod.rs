@@ -12,7 +12,7 @@ mod sampling;
 
 pub use generate::{generate, ChatSession, GenerateOptions, GenerateStats, StopReason};
 pub use kv_cache::KvCache;
-pub use model::{Logits, MatmulInput, MatmulObserver, Model};
+pub use model::{LinearKind, Logits, MatmulInput, MatmulObserver, Model};
 pub use sampling::{
     apply_repetition_penalty, argmax, min_p_filter, top_p_filter, Sampler, SamplerConfig,
 };

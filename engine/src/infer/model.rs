@@ -58,6 +58,82 @@ pub trait MatmulObserver {
     fn observe(&mut self, layer: usize, input: MatmulInput, x: &[f32], n: usize);
 }
 
+/// The linear layers of a decoder layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LinearKind {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl LinearKind {
+    pub const ALL: [LinearKind; 7] = [
+        Self::Q,
+        Self::K,
+        Self::V,
+        Self::O,
+        Self::Gate,
+        Self::Up,
+        Self::Down,
+    ];
+
+    /// The Hugging Face name of this linear's weight in layer `li`.
+    pub fn hf_name(self, li: usize) -> String {
+        let m = match self {
+            Self::Q => "self_attn.q_proj",
+            Self::K => "self_attn.k_proj",
+            Self::V => "self_attn.v_proj",
+            Self::O => "self_attn.o_proj",
+            Self::Gate => "mlp.gate_proj",
+            Self::Up => "mlp.up_proj",
+            Self::Down => "mlp.down_proj",
+        };
+        format!("model.layers.{li}.{m}.weight")
+    }
+
+    /// The matmul input this linear reads.
+    pub fn input(self) -> MatmulInput {
+        match self {
+            Self::Q | Self::K | Self::V => MatmulInput::Attention,
+            Self::O => MatmulInput::AttentionOutput,
+            Self::Gate | Self::Up => MatmulInput::Ffn,
+            Self::Down => MatmulInput::FfnDown,
+        }
+    }
+}
+
+/// Activation buffers of one micro-batch.
+struct Scratch {
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(c: &ModelConfig, n: usize) -> Self {
+        let (h, hd, i) = (c.hidden_size, c.head_dim, c.intermediate_size);
+        Self {
+            xn: vec![0.0; n * h],
+            q: vec![0.0; n * c.num_heads * hd],
+            k: vec![0.0; n * c.num_kv_heads * hd],
+            v: vec![0.0; n * c.num_kv_heads * hd],
+            attn: vec![0.0; n * c.num_heads * hd],
+            proj: vec![0.0; n * h],
+            gate: vec![0.0; n * i],
+            up: vec![0.0; n * i],
+        }
+    }
+}
+
 /// Tokens per internal micro-batch: bounds the activation buffers of long prompts.
 const UBATCH: usize = 512;
 /// Query rows per attention task.
@@ -351,62 +427,143 @@ impl Model {
         cache: &mut KvCache,
         observer: &mut Option<&mut dyn MatmulObserver>,
     ) -> Vec<f32> {
-        let c = &self.cfg;
-        let (n, h, hd) = (tokens.len(), c.hidden_size, c.head_dim);
-        let (nh, nkv) = (c.num_heads, c.num_kv_heads);
+        let n = tokens.len();
         let p0 = cache.len();
-        let mut x = vec![0.0f32; n * h];
-        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
-            self.embed.dequant_row(t as usize, row);
-        }
+        let mut x = self.embed_tokens(tokens);
         let (cos, sin) = self.rope_tables(p0, n);
-        let i = c.intermediate_size;
-        let mut xn = vec![0.0f32; n * h];
-        let mut q = vec![0.0f32; n * nh * hd];
-        let mut k = vec![0.0f32; n * nkv * hd];
-        let mut v = vec![0.0f32; n * nkv * hd];
-        let mut attn = vec![0.0f32; n * nh * hd];
-        let mut proj = vec![0.0f32; n * h];
-        let mut gate = vec![0.0f32; n * i];
-        let mut up = vec![0.0f32; n * i];
-        for (li, layer) in self.layers.iter().enumerate() {
-            xn.copy_from_slice(&x);
-            rms_norm(&mut xn, &layer.attn_norm, c.rms_norm_eps);
-            if let Some(o) = observer.as_deref_mut() {
-                o.observe(li, MatmulInput::Attention, &xn, n);
-            }
-            layer.q.forward(&xn, n, &mut q);
-            layer.k.forward(&xn, n, &mut k);
-            layer.v.forward(&xn, n, &mut v);
-            apply_rope(&mut q, hd, &cos, &sin);
-            apply_rope(&mut k, hd, &cos, &sin);
-            cache.write(li, p0, &k, &v);
-            self.attention(&q, cache, li, p0, n, &mut attn);
-            if let Some(o) = observer.as_deref_mut() {
-                o.observe(li, MatmulInput::AttentionOutput, &attn, n);
-            }
-            layer.o.forward(&attn, n, &mut proj);
-            add_into(&mut x, &proj);
-
-            xn.copy_from_slice(&x);
-            rms_norm(&mut xn, &layer.ffn_norm, c.rms_norm_eps);
-            debug_assert_eq!(layer.gate.rows(), i);
-            if let Some(o) = observer.as_deref_mut() {
-                o.observe(li, MatmulInput::Ffn, &xn, n);
-            }
-            layer.gate.forward(&xn, n, &mut gate);
-            layer.up.forward(&xn, n, &mut up);
-            for (g, &u) in gate.iter_mut().zip(&up) {
-                *g = silu(*g) * u;
-            }
-            if let Some(o) = observer.as_deref_mut() {
-                o.observe(li, MatmulInput::FfnDown, &gate, n);
-            }
-            layer.down.forward(&gate, n, &mut proj);
-            add_into(&mut x, &proj);
+        let mut s = Scratch::new(&self.cfg, n);
+        for li in 0..self.layers.len() {
+            self.layer_step(li, &mut x, n, p0, (&cos, &sin), cache, &mut s, observer);
         }
         cache.push_tokens(tokens);
         x
+    }
+
+    /// The embeddings of `tokens`, `[n, hidden]`.
+    pub fn embed_tokens(&self, tokens: &[u32]) -> Vec<f32> {
+        let h = self.cfg.hidden_size;
+        let mut x = vec![0.0f32; tokens.len() * h];
+        for (row, &t) in x.chunks_exact_mut(h).zip(tokens) {
+            self.embed.dequant_row(t as usize, row);
+        }
+        x
+    }
+
+    /// Run decoder layer `li` alone over the hidden states `x` (`[n, hidden]`, positions `0..n` of one
+    /// sequence), in place, showing its matmul inputs to `observer`; `cache` (any cache of this model with
+    /// room for `n`, its contents are overwritten) holds the layer's keys and values meanwhile. Layer-wise
+    /// calibration (GPTQ) runs a model this way, one layer at a time.
+    pub fn run_layer(
+        &self,
+        li: usize,
+        x: &mut [f32],
+        n: usize,
+        cache: &mut KvCache,
+        mut observer: Option<&mut dyn MatmulObserver>,
+    ) -> Result<()> {
+        if li >= self.layers.len() || x.len() != n * self.cfg.hidden_size || n > cache.capacity() {
+            return Err(Error::Invalid(format!(
+                "run_layer: layer {li} of {}, {} values for {n} tokens, cache of {}",
+                self.layers.len(),
+                x.len(),
+                cache.capacity()
+            )));
+        }
+        let (cos, sin) = self.rope_tables(0, n);
+        let mut s = Scratch::new(&self.cfg, n);
+        self.layer_step(li, x, n, 0, (&cos, &sin), cache, &mut s, &mut observer);
+        Ok(())
+    }
+
+    /// The weight of one linear of layer `li`.
+    pub fn linear(&self, li: usize, which: LinearKind) -> Option<&TensorRef> {
+        let l = self.layers.get(li)?;
+        Some(match which {
+            LinearKind::Q => &l.q.w,
+            LinearKind::K => &l.k.w,
+            LinearKind::V => &l.v.w,
+            LinearKind::O => &l.o.w,
+            LinearKind::Gate => &l.gate.w,
+            LinearKind::Up => &l.up.w,
+            LinearKind::Down => &l.down.w,
+        })
+    }
+
+    /// Replace the weight of one linear of layer `li` (same shape), e.g. with its quantized version.
+    pub fn replace_linear(&mut self, li: usize, which: LinearKind, w: TensorRef) -> Result<()> {
+        let layer = self
+            .layers
+            .get_mut(li)
+            .ok_or_else(|| Error::Invalid(format!("no layer {li}")))?;
+        let slot = match which {
+            LinearKind::Q => &mut layer.q,
+            LinearKind::K => &mut layer.k,
+            LinearKind::V => &mut layer.v,
+            LinearKind::O => &mut layer.o,
+            LinearKind::Gate => &mut layer.gate,
+            LinearKind::Up => &mut layer.up,
+            LinearKind::Down => &mut layer.down,
+        };
+        if slot.w.shape != w.shape {
+            return Err(Error::Invalid(format!(
+                "replacing {} ({:?}) with a tensor of shape {:?}",
+                slot.w.name, slot.w.shape, w.shape
+            )));
+        }
+        slot.w = w;
+        Ok(())
+    }
+
+    /// One decoder layer over `x` at positions `p0..p0+n`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_step(
+        &self,
+        li: usize,
+        x: &mut [f32],
+        n: usize,
+        p0: usize,
+        (cos, sin): (&[f32], &[f32]),
+        cache: &mut KvCache,
+        s: &mut Scratch,
+        observer: &mut Option<&mut dyn MatmulObserver>,
+    ) {
+        let c = &self.cfg;
+        let hd = c.head_dim;
+        let layer = &self.layers[li];
+        s.xn.copy_from_slice(x);
+        rms_norm(&mut s.xn, &layer.attn_norm, c.rms_norm_eps);
+        if let Some(o) = observer.as_deref_mut() {
+            o.observe(li, MatmulInput::Attention, &s.xn, n);
+        }
+        layer.q.forward(&s.xn, n, &mut s.q);
+        layer.k.forward(&s.xn, n, &mut s.k);
+        layer.v.forward(&s.xn, n, &mut s.v);
+        apply_rope(&mut s.q, hd, cos, sin);
+        apply_rope(&mut s.k, hd, cos, sin);
+        cache.write(li, p0, &s.k, &s.v);
+        self.attention(&s.q, cache, li, p0, n, &mut s.attn);
+        if let Some(o) = observer.as_deref_mut() {
+            o.observe(li, MatmulInput::AttentionOutput, &s.attn, n);
+        }
+        layer.o.forward(&s.attn, n, &mut s.proj);
+        add_into(x, &s.proj);
+
+        s.xn.copy_from_slice(x);
+        rms_norm(&mut s.xn, &layer.ffn_norm, c.rms_norm_eps);
+        debug_assert_eq!(layer.gate.rows(), c.intermediate_size);
+        if let Some(o) = observer.as_deref_mut() {
+            o.observe(li, MatmulInput::Ffn, &s.xn, n);
+        }
+        layer.gate.forward(&s.xn, n, &mut s.gate);
+        layer.up.forward(&s.xn, n, &mut s.up);
+        for (g, &u) in s.gate.iter_mut().zip(&s.up) {
+            *g = silu(*g) * u;
+        }
+        if let Some(o) = observer.as_deref_mut() {
+            o.observe(li, MatmulInput::FfnDown, &s.gate, n);
+        }
+        layer.down.forward(&s.gate, n, &mut s.proj);
+        add_into(x, &s.proj);
     }
 
     /// cos/sin of `position · inv_freq` for positions `p0..p0+n`, `[n, head_dim/2]` each, computed as
@@ -649,6 +806,46 @@ mod tests {
         );
         assert_eq!(seen.0[4].1, MatmulInput::Attention);
         assert_eq!(seen.0[4].0, 1);
+    }
+
+    #[test]
+    fn layers_run_one_at_a_time_equal_the_forward_pass() {
+        #[derive(Default)]
+        struct Seen(Vec<(usize, MatmulInput, Vec<f32>)>);
+        impl MatmulObserver for Seen {
+            fn observe(&mut self, layer: usize, input: MatmulInput, x: &[f32], _n: usize) {
+                self.0.push((layer, input, x.to_vec()));
+            }
+        }
+        let mut m = model(&FixtureSpec::tiny_qwen2());
+        let toks = tokens(40);
+        let mut whole = Seen::default();
+        m.forward_observed(&toks, &mut m.new_cache(64), Logits::None, Some(&mut whole))
+            .expect("forward");
+        let mut layered = Seen::default();
+        let mut x = m.embed_tokens(&toks);
+        let mut cache = m.new_cache(64);
+        for li in 0..m.config().num_layers {
+            m.run_layer(li, &mut x, 40, &mut cache, Some(&mut layered))
+                .expect("layer");
+        }
+        assert_eq!(whole.0, layered.0);
+        // Replacing a linear changes what follows it, and only with a tensor of the same shape.
+        let q = m.layers[1].q.w.clone();
+        let zero = TensorRef::from_f32(q.name.clone(), q.shape.clone(), &vec![0.0; q.numel()])
+            .expect("zeros");
+        m.replace_linear(1, LinearKind::Q, zero).expect("replace");
+        let bad = TensorRef::from_f32("x", vec![2, 2], &[0.0; 4]).expect("t");
+        assert!(m.replace_linear(1, LinearKind::K, bad).is_err());
+        let mut again = Seen::default();
+        m.forward_observed(&toks, &mut m.new_cache(64), Logits::None, Some(&mut again))
+            .expect("forward");
+        assert_eq!(again.0[..5], whole.0[..5]);
+        assert_ne!(again.0[5], whole.0[5]);
+        assert_eq!(
+            LinearKind::Down.hf_name(3),
+            "model.layers.3.mlp.down_proj.weight"
+        );
     }
 
     #[test]

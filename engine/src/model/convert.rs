@@ -391,7 +391,11 @@ fn eos_value(ids: &[u32]) -> Value {
 }
 
 /// config.json in transformers' (4.x-compatible) form.
-fn config_json(cfg: &ModelConfig, tok: &super::TextTokenizer, dtype: OutDtype) -> Result<Value> {
+pub(crate) fn config_json(
+    cfg: &ModelConfig,
+    tok: &super::TextTokenizer,
+    dtype: OutDtype,
+) -> Result<Value> {
     let mut c = Map::new();
     c.insert("architectures".into(), json!([cfg.arch.hf_class()]));
     c.insert("model_type".into(), json!(cfg.arch.model_type()));
@@ -451,7 +455,7 @@ fn config_json(cfg: &ModelConfig, tok: &super::TextTokenizer, dtype: OutDtype) -
     Ok(Value::Object(c))
 }
 
-fn generation_config_json(tok: &super::TextTokenizer) -> Value {
+pub(crate) fn generation_config_json(tok: &super::TextTokenizer) -> Value {
     let mut g = Map::new();
     if let Some(b) = tok.bos_token_id {
         g.insert("bos_token_id".into(), json!(b));
@@ -473,7 +477,7 @@ fn is_bos_template(p: &Value) -> bool {
 /// tokenizer.json, with its post-processor made to agree with `add_bos` (transformers' generic fast
 /// tokenizer takes BOS insertion from the post-processor alone). Returns the text and the `add_bos_token`
 /// to write.
-fn tokenizer_json(src: &SourceModel) -> Result<(String, bool)> {
+pub(crate) fn tokenizer_json(src: &SourceModel) -> Result<(String, bool)> {
     let tok = &src.tokenizer;
     let bad = |e: String| Error::Tokenizer(format!("cannot serialise the tokenizer: {e}"));
     let text = tok.inner.to_string(false).map_err(|e| bad(e.to_string()))?;
@@ -533,7 +537,7 @@ fn tokenizer_json(src: &SourceModel) -> Result<(String, bool)> {
     Ok((text, now_inserts))
 }
 
-fn tokenizer_config_json(src: &SourceModel, add_bos: bool) -> Value {
+pub(crate) fn tokenizer_config_json(src: &SourceModel, add_bos: bool) -> Value {
     let tok = &src.tokenizer;
     let bos = tok
         .bos_token

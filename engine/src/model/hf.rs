@@ -37,7 +37,8 @@ pub fn open(dir: &Path) -> Result<SourceModel> {
     let config_json = read_json(&config_path, "config")?;
     let mut config = parse_config(&config_path, &config_json)?;
 
-    let (tensors, file_size_bytes) = load_weights(dir)?;
+    let (mut tensors, file_size_bytes) = load_weights(dir)?;
+    gptq_linears(&config_path, &config_json, &mut tensors)?;
     if !config.tie_word_embeddings && !tensors.contains_key("lm_head.weight") {
         // Checkpoints that share the embedding often leave lm_head out without saying so.
         config.tie_word_embeddings = true;
@@ -510,10 +511,99 @@ fn load_sharded(dir: &Path, index_path: &Path) -> Result<(BTreeMap<String, Tenso
     Ok((tensors, total))
 }
 
+/// Names of the int32 tensors of a GPTQ linear.
+const GPTQ_INT_SUFFIXES: [&str; 3] = [".qweight", ".qzeros", ".g_idx"];
+
+/// Replace each GPTQ linear's `qweight`/`qzeros`/`scales`/`g_idx` with one packed `P.weight` tensor, as
+/// `quantization_config` in config.json describes them (v1 `"gptq"` checkpoints).
+fn gptq_linears(
+    config_path: &Path,
+    cfg: &Map<String, Value>,
+    tensors: &mut BTreeMap<String, TensorRef>,
+) -> Result<()> {
+    let has_packed = tensors.keys().any(|k| k.ends_with(".qweight"));
+    let qc = cfg.get("quantization_config").and_then(Value::as_object);
+    let method = qc
+        .and_then(|q| q.get("quant_method"))
+        .and_then(Value::as_str);
+    if !has_packed {
+        return Ok(());
+    }
+    let bad = |d: String| Error::unsupported(config_path, d);
+    let (Some(qc), Some("gptq")) = (qc, method) else {
+        return Err(bad(format!(
+            "the weights are packed (*.qweight) but quantization_config.quant_method is {method:?};              only GPTQ checkpoints are read"
+        )));
+    };
+    let format = qc
+        .get("checkpoint_format")
+        .or_else(|| qc.get("format"))
+        .and_then(Value::as_str)
+        .unwrap_or("gptq");
+    if format != "gptq" {
+        return Err(bad(format!(
+            "GPTQ checkpoint_format {format:?}: only the v1 \"gptq\" layout is read (GPTQModel's \"gptq_v2\" \
+             stores zero points without the −1)"
+        )));
+    }
+    let bits = qc
+        .get("bits")
+        .and_then(Value::as_u64)
+        .filter(|b| crate::codecs::gptq::GPTQ_BITS.contains(&(*b as u32)))
+        .ok_or_else(|| bad("quantization_config.bits must be 2, 3, 4 or 8".into()))?
+        as u32;
+    let prefixes: Vec<String> = tensors
+        .keys()
+        .filter_map(|k| k.strip_suffix(".qweight").map(str::to_owned))
+        .collect();
+    for p in prefixes {
+        let mut take = |suffix: &str| {
+            tensors
+                .remove(&format!("{p}.{suffix}"))
+                .ok_or_else(|| bad(format!("GPTQ layer {p} has no {suffix}")))
+        };
+        let (qweight, qzeros, scales, g_idx) = (
+            take("qweight")?,
+            take("qzeros")?,
+            take("scales")?,
+            take("g_idx")?,
+        );
+        if scales.ty != GgmlType::F16 || scales.shape.len() != 2 {
+            return Err(bad(format!(
+                "GPTQ layer {p}: scales must be a 2-D F16 tensor"
+            )));
+        }
+        let t = TensorRef::packed(
+            format!("{p}.weight"),
+            crate::tensor::PackedLinear {
+                bits,
+                in_features: g_idx.numel(),
+                out_features: scales.shape[1],
+                groups: scales.shape[0],
+                qweight: qweight.data,
+                qzeros: qzeros.data,
+                scales: scales.data,
+                g_idx: g_idx.data,
+            },
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        tensors.insert(t.name.clone(), t);
+    }
+    if let Some(k) = tensors
+        .keys()
+        .find(|k| GPTQ_INT_SUFFIXES.iter().any(|s| k.ends_with(s)))
+    {
+        return Err(bad(format!("tensor {k} belongs to no complete GPTQ layer")));
+    }
+    Ok(())
+}
+
 /// The ggml type and element size of a safetensors dtype we read.
 fn safetensors_dtype(path: &Path, name: &str, dtype: &str) -> Result<(GgmlType, usize)> {
     match dtype {
         "F32" => Ok((GgmlType::F32, 4)),
+        // GPTQ's packed tensors: raw words, regrouped into packed linears by `gptq_linears`.
+        "I32" if GPTQ_INT_SUFFIXES.iter().any(|s| name.ends_with(s)) => Ok((GgmlType::F32, 4)),
         "F16" => Ok((GgmlType::F16, 2)),
         "BF16" => Ok((GgmlType::BF16, 2)),
         other => Err(Error::unsupported(

@@ -115,8 +115,22 @@ fn gguf_order(t: &TensorRef, heads: Option<usize>) -> Result<std::borrow::Cow<'_
             t.name
         )));
     }
-    if t.shape.len() == 1 {
+    if t.shape.len() == 1 || t.packed.is_some() {
+        // Vectors, and packed (GPTQ) layers, whose rows are only available dequantised: one f32 tensor.
         let v = t.to_f32();
+        if t.shape.len() > 1 {
+            let cols = t.cols();
+            let mut p = Vec::with_capacity(v.len());
+            for r in 0..n_rows {
+                let h = hf_row_of_gguf_row(r, n_rows, heads);
+                p.extend_from_slice(&v[h * cols..(h + 1) * cols]);
+            }
+            return Ok(Cow::Owned(TensorRef::from_f32(
+                t.name.clone(),
+                t.shape.clone(),
+                &p,
+            )?));
+        }
         let p: Vec<f32> = (0..n_rows)
             .map(|r| v[hf_row_of_gguf_row(r, n_rows, heads)])
             .collect();

@@ -2,6 +2,7 @@
 //! time.
 
 pub mod gguf;
+pub mod gptq;
 
 pub use gguf::{quantize_tensor_rows, write_gguf, GgufPlanTensor};
 

@@ -1,0 +1,537 @@
+//! GPTQ quantization end to end: calibration rows → layer-sequential capture → Hessians → GPTQ solve per
+//! linear → packed weights put back into the model (so the next inputs are those of the quantized model) →
+//! a Hugging Face GPTQ folder.
+//!
+//! Layer by layer, "true sequential" as GPTQModel does it: the attention inputs are captured and q, k, v
+//! solved; then o_proj's input is captured through the quantized q/k/v; then gate/up; then down; finally the
+//! fully quantized layer produces the next layer's inputs. Memory holds the calibration activations of one
+//! layer (`rows × seq_len × hidden` f32), spilled to a temporary file above a budget, plus one Hessian per
+//! input and the packed outputs.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::calib::{load_documents, sample_rows, CalibOptions, CalibSource};
+use crate::codecs::gptq::{pack_gptq, GptqPacked};
+use crate::infer::{LinearKind, MatmulInput, MatmulObserver, Model};
+use crate::model::SourceModel;
+use crate::solvers::gptq::{gptq_quantize, GptqOptions, Hessian};
+use crate::tensor::{Bytes, PackedLinear, TensorRef};
+use crate::writers::gptq::{write_gptq_folder, GptqConfig};
+use crate::{Error, Result};
+
+/// What to make of a model as GPTQ.
+#[derive(Clone, Debug)]
+pub struct GptqQuantizeOptions {
+    pub solver: GptqOptions,
+    pub calib: CalibSource,
+    pub calib_opts: CalibOptions,
+    /// Capture each linear's inputs through the already-quantized linears of its layer.
+    pub true_sequential: bool,
+    /// Keep calibration activations in memory up to this many bytes; spill to a temporary file above.
+    pub activation_budget_bytes: u64,
+}
+
+/// One quantized linear.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GptqModuleMetrics {
+    pub layer: usize,
+    /// Hugging Face weight name.
+    pub tensor: String,
+    /// GPTQ's loss (its summed per-column losses).
+    pub loss: f64,
+    /// Round-to-nearest on the same grid, measured the same way as the solver measures its own error
+    /// (`½ Σ (W − Ŵ) H (W − Ŵ)ᵀ`).
+    pub rtn_loss: f64,
+    /// `½ Σ (W − Ŵ) H (W − Ŵ)ᵀ` of GPTQ's result, comparable with `rtn_loss`.
+    pub gptq_output_loss: f64,
+    /// ‖W − Ŵ‖ / ‖W‖.
+    pub rel_rms_error: f64,
+    pub max_error: f64,
+    pub bits_per_weight: f64,
+    pub damp_percent: f32,
+}
+
+/// Where the time went.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct GptqTimings {
+    /// Forward passes through the layers (without the Hessian updates).
+    pub capture_s: f64,
+    pub hessian_s: f64,
+    pub solve_s: f64,
+    pub write_s: f64,
+}
+
+/// What a finished GPTQ quantization wrote.
+#[derive(Clone, Debug, Serialize)]
+pub struct GptqReport {
+    pub config: String,
+    pub modules: Vec<GptqModuleMetrics>,
+    pub timings: GptqTimings,
+    pub calib_rows: usize,
+    pub calib_seq_len: usize,
+    /// Bytes of calibration activations held (in memory or in the spill file).
+    pub activation_bytes: u64,
+    pub spilled: bool,
+    pub folder_size_bytes: u64,
+}
+
+/// Calibration activations of one layer boundary, one row (sequence) at a time.
+enum ActStore {
+    Memory(Vec<Vec<f32>>),
+    File {
+        file: std::fs::File,
+        _dir: tempfile_dir::TempDir,
+        row_len: usize,
+    },
+}
+
+/// A temporary directory removed on drop (std only).
+mod tempfile_dir {
+    pub struct TempDir(pub std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl ActStore {
+    fn new(rows: usize, row_len: usize, budget: u64, near: &Path) -> Result<Self> {
+        let bytes = (rows * row_len * 4) as u64;
+        if bytes <= budget {
+            return Ok(Self::Memory(vec![Vec::new(); rows]));
+        }
+        let dir = near.with_file_name(format!(
+            ".{}.activations-{}",
+            near.file_name()
+                .map_or("gptq".into(), |n| n.to_string_lossy()),
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let path = dir.join("rows.f32");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(Self::File {
+            file,
+            _dir: tempfile_dir::TempDir(dir),
+            row_len,
+        })
+    }
+
+    fn put(&mut self, i: usize, x: Vec<f32>) -> Result<()> {
+        match self {
+            Self::Memory(v) => v[i] = x,
+            Self::File { file, row_len, .. } => {
+                let b: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
+                file.seek(SeekFrom::Start((i * *row_len * 4) as u64))
+                    .and_then(|_| file.write_all(&b))
+                    .map_err(|e| Error::io("activation spill file", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn get(&mut self, i: usize) -> Result<Vec<f32>> {
+        match self {
+            Self::Memory(v) => Ok(v[i].clone()),
+            Self::File { file, row_len, .. } => {
+                let mut b = vec![0u8; *row_len * 4];
+                file.seek(SeekFrom::Start((i * *row_len * 4) as u64))
+                    .and_then(|_| file.read_exact(&mut b))
+                    .map_err(|e| Error::io("activation spill file", e))?;
+                Ok(b.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect())
+            }
+        }
+    }
+}
+
+/// Accumulates the Hessians of the inputs a stage needs.
+struct HessianCollector {
+    layer: usize,
+    wanted: Vec<MatmulInput>,
+    hessians: HashMap<u8, Hessian>,
+    seconds: f64,
+    error: Option<Error>,
+}
+
+fn key(i: MatmulInput) -> u8 {
+    match i {
+        MatmulInput::Attention => 0,
+        MatmulInput::AttentionOutput => 1,
+        MatmulInput::Ffn => 2,
+        MatmulInput::FfnDown => 3,
+    }
+}
+
+impl MatmulObserver for HessianCollector {
+    fn observe(&mut self, layer: usize, input: MatmulInput, x: &[f32], n: usize) {
+        if layer != self.layer || !self.wanted.contains(&input) || self.error.is_some() {
+            return;
+        }
+        let t = Instant::now();
+        let cols = x.len() / n.max(1);
+        let h = self
+            .hessians
+            .entry(key(input))
+            .or_insert_with(|| Hessian::new(cols));
+        if let Err(e) = h.add_batch(x, n) {
+            self.error = Some(e);
+        }
+        self.seconds += t.elapsed().as_secs_f64();
+    }
+}
+
+/// The stages of one layer: linears solved together from one capture pass.
+fn stages(true_sequential: bool) -> Vec<Vec<LinearKind>> {
+    use LinearKind::*;
+    if true_sequential {
+        vec![vec![Q, K, V], vec![O], vec![Gate, Up], vec![Down]]
+    } else {
+        vec![vec![Q, K, V, O, Gate, Up, Down]]
+    }
+}
+
+/// The `quantization_config` these options write.
+pub fn gptq_config(o: &GptqQuantizeOptions) -> GptqConfig {
+    GptqConfig {
+        bits: u32::from(o.solver.bits),
+        group_size: o.solver.group_size,
+        desc_act: o.solver.act_order,
+        static_groups: o.solver.static_groups,
+        sym: o.solver.sym,
+        damp_percent: o.solver.damp_percent,
+        true_sequential: o.true_sequential,
+    }
+}
+
+/// Quantize `src` with GPTQ into a Hugging Face GPTQ folder at `out`. `on_module(metrics, done, total)` is
+/// called after each linear; `false` cancels (nothing is left behind).
+pub fn quantize_gptq(
+    src: &SourceModel,
+    opts: &GptqQuantizeOptions,
+    out: &Path,
+    on_module: &mut dyn FnMut(&GptqModuleMetrics, usize, usize) -> bool,
+) -> Result<GptqReport> {
+    // What the v1 file stores: f16 scales and zero points in 1..=maxq, seen by the solver's error feedback.
+    let solver = GptqOptions {
+        fp16_scales: true,
+        v1_safe_zeros: true,
+        ..opts.solver.clone()
+    };
+    if out.exists() {
+        return Err(Error::io(
+            out,
+            std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the output path exists"),
+        ));
+    }
+    let cfg = gptq_config(opts);
+    let docs = load_documents(&opts.calib)?;
+    let rows = sample_rows(&src.tokenizer, &docs, &opts.calib_opts)?;
+    drop(docs);
+    let mut model = Model::load(src)?;
+    let c = model.config().clone();
+    let seq = opts.calib_opts.seq_len;
+    let row_len = seq * c.hidden_size;
+    let mut store = ActStore::new(rows.len(), row_len, opts.activation_budget_bytes, out)?;
+    let activation_bytes = (rows.len() * row_len * 4) as u64;
+    let spilled = matches!(store, ActStore::File { .. });
+    let mut timings = GptqTimings::default();
+    let t = Instant::now();
+    for (i, r) in rows.iter().enumerate() {
+        store.put(i, model.embed_tokens(r))?;
+    }
+    timings.capture_s += t.elapsed().as_secs_f64();
+    let mut cache = model.new_cache(seq);
+    let total = c.num_layers * 7;
+    let mut modules = Vec::with_capacity(total);
+    let mut packed: HashMap<String, GptqPacked> = HashMap::new();
+    for li in 0..c.num_layers {
+        for stage in stages(opts.true_sequential) {
+            let mut col = HessianCollector {
+                layer: li,
+                wanted: stage.iter().map(|k| k.input()).collect(),
+                hessians: HashMap::new(),
+                seconds: 0.0,
+                error: None,
+            };
+            let t = Instant::now();
+            for i in 0..rows.len() {
+                let mut x = store.get(i)?;
+                model.run_layer(li, &mut x, seq, &mut cache, Some(&mut col))?;
+                if let Some(e) = col.error.take() {
+                    return Err(e);
+                }
+            }
+            timings.hessian_s += col.seconds;
+            timings.capture_s += t.elapsed().as_secs_f64() - col.seconds;
+            for kind in stage {
+                let name = kind.hf_name(li);
+                let h = col
+                    .hessians
+                    .get(&key(kind.input()))
+                    .ok_or_else(|| Error::Invalid(format!("no inputs were captured for {name}")))?;
+                let w_ref = model
+                    .linear(li, kind)
+                    .ok_or_else(|| Error::Invalid(format!("no linear {name}")))?;
+                let (n, k) = (w_ref.rows(), w_ref.cols());
+                let w = w_ref.to_f32();
+                let t = Instant::now();
+                let r = gptq_quantize(&w, n, k, h, &solver)?;
+                timings.solve_s += t.elapsed().as_secs_f64();
+                let p = pack_gptq(u32::from(r.bits), n, k, &r.q, &r.zeros, &r.scales, &r.g_idx)?;
+                let (mut e2, mut n2, mut max) = (0.0f64, 0.0f64, 0.0f64);
+                for (a, b) in w.iter().zip(&r.dequantised) {
+                    let d = f64::from(a - b);
+                    e2 += d * d;
+                    n2 += f64::from(*a).powi(2);
+                    max = max.max(d.abs());
+                }
+                let bytes = p.qweight.len() + p.qzeros.len() + p.scales.len() + p.g_idx.len();
+                let m = GptqModuleMetrics {
+                    layer: li,
+                    tensor: name.clone(),
+                    loss: r.loss,
+                    rtn_loss: r.rtn_loss,
+                    gptq_output_loss: output_loss(&w, &r.dequantised, n, k, h),
+                    rel_rms_error: if n2 > 0.0 { (e2 / n2).sqrt() } else { 0.0 },
+                    max_error: max,
+                    bits_per_weight: bytes as f64 * 8.0 / (n * k) as f64,
+                    damp_percent: r.damp_percent,
+                };
+                let t = packed_tensor(&name, u32::from(r.bits), n, k, r.n_groups, &p)?;
+                model.replace_linear(li, kind, t)?;
+                packed.insert(name, p);
+                modules.push(m);
+                if !on_module(&modules[modules.len() - 1], modules.len(), total) {
+                    return Err(Error::Cancelled);
+                }
+            }
+        }
+        // The quantized layer's outputs are the next layer's inputs.
+        let t = Instant::now();
+        for i in 0..rows.len() {
+            let mut x = store.get(i)?;
+            model.run_layer(li, &mut x, seq, &mut cache, None)?;
+            store.put(i, x)?;
+        }
+        timings.capture_s += t.elapsed().as_secs_f64();
+    }
+    drop(store);
+    let t = Instant::now();
+    write_gptq_folder(
+        src,
+        &cfg,
+        out,
+        &mut |t| {
+            packed
+                .remove(&t.name)
+                .ok_or_else(|| Error::Invalid(format!("{} was not quantized", t.name)))
+        },
+        &mut |_, _| true,
+    )?;
+    timings.write_s = t.elapsed().as_secs_f64();
+    let folder_size_bytes = std::fs::read_dir(out)
+        .map_err(|e| Error::io(out, e))?
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    Ok(GptqReport {
+        config: format!(
+            "GPTQ int{} {}{}{}",
+            cfg.bits,
+            cfg.group_size
+                .map_or("per-channel".into(), |g| format!("g{g}")),
+            if cfg.desc_act { " act-order" } else { "" },
+            if cfg.sym { " sym" } else { " asym" }
+        ),
+        modules,
+        timings,
+        calib_rows: rows.len(),
+        calib_seq_len: seq,
+        activation_bytes,
+        spilled,
+        folder_size_bytes,
+    })
+}
+
+/// A packed linear owning its bytes.
+fn packed_tensor(
+    name: &str,
+    bits: u32,
+    n: usize,
+    k: usize,
+    groups: usize,
+    p: &GptqPacked,
+) -> Result<TensorRef> {
+    TensorRef::packed(
+        name,
+        PackedLinear {
+            bits,
+            in_features: k,
+            out_features: n,
+            groups,
+            qweight: Bytes::owned(p.qweight.clone()),
+            qzeros: Bytes::owned(p.qzeros.clone()),
+            scales: Bytes::owned(p.scales.clone()),
+            g_idx: Bytes::owned(p.g_idx.clone()),
+        },
+    )
+}
+
+/// `½ Σ_rows (W − Ŵ) H (W − Ŵ)ᵀ` with the undamped Hessian: the output error on the calibration inputs.
+fn output_loss(w: &[f32], q: &[f32], n: usize, k: usize, h: &Hessian) -> f64 {
+    use rayon::prelude::*;
+    let hm = h.matrix();
+    (0..n)
+        .into_par_iter()
+        .map(|r| {
+            let d: Vec<f64> = (0..k)
+                .map(|c| f64::from(w[r * k + c] - q[r * k + c]))
+                .collect();
+            let mut s = 0.0;
+            for (i, di) in d.iter().enumerate() {
+                if *di == 0.0 {
+                    continue;
+                }
+                let row = &hm[i * k..(i + 1) * k];
+                s += di * row.iter().zip(&d).map(|(a, b)| a * b).sum::<f64>();
+            }
+            0.5 * s
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infer::Logits;
+    use crate::model::fixture::{write_fixture, FixtureSpec};
+
+    const TEXT: &str = "The keeper counted the boats in the harbour every evening, and wrote the number \
+        in a small book. Some nights the wind came from the sea and the boats knocked together like wooden \
+        bells; other nights the water lay still and the lamps on the pier shone in it. ";
+
+    fn opts(dir: &Path, budget: u64) -> GptqQuantizeOptions {
+        let text = dir.join("calib.txt");
+        std::fs::write(&text, TEXT.repeat(20)).expect("text");
+        GptqQuantizeOptions {
+            solver: GptqOptions {
+                bits: 4,
+                group_size: Some(32),
+                act_order: true,
+                sym: false,
+                ..GptqOptions::default()
+            },
+            calib: CalibSource::File {
+                path: text,
+                column: None,
+            },
+            calib_opts: CalibOptions {
+                rows: 8,
+                seq_len: 48,
+                seed: 3,
+            },
+            true_sequential: true,
+            activation_budget_bytes: budget,
+        }
+    }
+
+    #[test]
+    fn gptq_beats_round_to_nearest_and_the_folder_runs() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src_dir = tmp.path().join("src");
+        write_fixture(&FixtureSpec::tiny_llama(), &src_dir).expect("fixture");
+        let src = SourceModel::open(&src_dir).expect("open");
+        let out = tmp.path().join("gptq");
+        let o = opts(tmp.path(), 1 << 30);
+        let mut seen = 0;
+        let report = quantize_gptq(&src, &o, &out, &mut |_, done, total| {
+            seen = done;
+            assert_eq!(total, 14);
+            true
+        })
+        .expect("gptq");
+        assert_eq!(
+            (seen, report.modules.len(), report.spilled),
+            (14, 14, false)
+        );
+        let (gptq, rtn): (f64, f64) = report
+            .modules
+            .iter()
+            .map(|m| (m.gptq_output_loss, m.rtn_loss))
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        assert!(gptq < 0.9 * rtn, "GPTQ {gptq} vs RTN {rtn}");
+        for m in &report.modules {
+            assert!(m.rel_rms_error > 0.0 && m.rel_rms_error < 0.2, "{m:?}");
+            assert!((m.bits_per_weight - 4.0).abs() < 2.0, "{m:?}");
+        }
+        // The folder opens as packed linears, runs, and mostly agrees with the source.
+        let q = SourceModel::open(&out).expect("open GPTQ");
+        assert_eq!(
+            q.tensors.values().filter(|t| t.packed.is_some()).count(),
+            14
+        );
+        let (a, b) = (Model::load(&src).expect("a"), Model::load(&q).expect("b"));
+        let toks = src.tokenizer.encode(TEXT, false).expect("toks");
+        let la = a
+            .forward(&toks, &mut a.new_cache(128), Logits::All)
+            .expect("a");
+        let lb = b
+            .forward(&toks, &mut b.new_cache(128), Logits::All)
+            .expect("b");
+        let v = a.vocab_size();
+        let same = la
+            .chunks(v)
+            .zip(lb.chunks(v))
+            .filter(|(x, y)| crate::infer::argmax(x) == crate::infer::argmax(y))
+            .count();
+        assert!(
+            same * 10 >= toks.len() * 7,
+            "{same} of {} top tokens agree",
+            toks.len()
+        );
+
+        // Spilling the activations to disk gives the same files.
+        let out2 = tmp.path().join("gptq-spilled");
+        let r2 =
+            quantize_gptq(&src, &opts(tmp.path(), 0), &out2, &mut |_, _, _| true).expect("spill");
+        assert!(r2.spilled);
+        let read = |p: &Path| std::fs::read(p.join("model.safetensors")).expect("weights");
+        assert_eq!(read(&out), read(&out2));
+        assert!(!std::fs::read_dir(tmp.path())
+            .expect("ls")
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains("activations")));
+    }
+
+    #[test]
+    fn a_cancelled_gptq_run_leaves_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src_dir = tmp.path().join("src");
+        write_fixture(&FixtureSpec::tiny_llama(), &src_dir).expect("fixture");
+        let src = SourceModel::open(&src_dir).expect("open");
+        let out = tmp.path().join("gptq");
+        let r = quantize_gptq(&src, &opts(tmp.path(), 0), &out, &mut |_, done, _| done < 5);
+        assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != "src" && n != "calib.txt")
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}

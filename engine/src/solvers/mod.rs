@@ -1,0 +1,13 @@
+//! Solvers: algorithms that choose quantized weights by minimising a layer's output error on calibration
+//! activations, rather than rounding each weight on its own.
+//!
+//! * [`gptq`] — GPTQ (Frantar et al., 2022) as AutoGPTQ / GPTQModel's `GPTQ.fasterquant` and `Quantizer` do it:
+//!   the Hessian `2/n Σ x xᵀ`, damping, Cholesky of `H⁻¹`, lazy block updates, act-order, static groups,
+//!   symmetric and asymmetric grids, plus the round-to-nearest baseline on the same grid.
+//!
+//! The solvers know nothing about models: they take a row-major weight `[out, in]` (PyTorch `Linear` layout) and the
+//! activations (or their Hessian) of that layer's input, and return integer codes with their group parameters.
+
+pub mod gptq;
+
+pub use gptq::{gptq_quantize, rtn_quantize, GptqOptions, GptqResult, Hessian};
