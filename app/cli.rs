@@ -25,10 +25,13 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use quant_engine::bench::BenchOptions;
+use quant_engine::calib::{CalibOptions, CalibSource};
 use quant_engine::imatrix::ImatrixOptions;
 use quant_engine::infer::{GenerateOptions, SamplerConfig};
 use quant_engine::jobs::OutDtype;
 use quant_engine::jobs::{Command, EngineHandle, EvalText, Event, ImatrixSource, JobId, JobOutput};
+use quant_engine::quantize_gptq::GptqQuantizeOptions;
+use quant_engine::solvers::gptq::GptqOptions;
 
 /// Quantize LLMs to GGUF, GPTQ, EXL2, AWQ, NF4 and HQQ, measure them, and chat with them.
 /// Without a command, opens the window.
@@ -73,10 +76,10 @@ pub enum CliCommand {
         #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
         dtype: DtypeArg,
     },
-    /// Quantize to GGUF with llama-quantize's mixes (q4_k_m, q8_0, …, or pure:TYPE); prints each tensor's error.
+    /// Quantize to GGUF (llama-quantize mixes: q4_k_m, q8_0, …, pure:TYPE) or to a GPTQ folder (--format gptq); prints each tensor's error.
     Quantize {
         model: PathBuf,
-        /// The mix: f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m,
+        /// The mix (GGUF): f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m,
         /// q5_k_s, q5_k_m, q6_k, iq4_nl, iq4_xs, or pure:TYPE.
         #[arg(long)]
         format: String,
@@ -94,6 +97,8 @@ pub enum CliCommand {
         calib: Option<PathBuf>,
         #[command(flatten)]
         calib_opts: CalibArgs,
+        #[command(flatten)]
+        gptq: GptqArgs,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
@@ -150,6 +155,90 @@ impl CalibArgs {
             n_ctx: self.n_ctx,
             max_chunks: self.chunks,
         }
+    }
+}
+
+/// GPTQ settings (`quantize --format gptq`).
+#[derive(Clone, Debug, Args)]
+pub struct GptqArgs {
+    /// GPTQ: bits per weight (2, 3, 4, 8).
+    #[arg(long, default_value_t = 4)]
+    pub bits: u8,
+    /// GPTQ: columns per group (-1: one group per output channel).
+    #[arg(
+        long = "group-size",
+        default_value_t = 128,
+        allow_negative_numbers = true
+    )]
+    pub group_size: i64,
+    /// GPTQ: act-order (desc_act), columns by decreasing Hessian diagonal.
+    #[arg(long = "act-order")]
+    pub act_order: bool,
+    /// GPTQ: with --act-order, fit group parameters on the original column blocks (g_idx stays k/gs).
+    #[arg(long = "static-groups")]
+    pub static_groups: bool,
+    /// GPTQ: symmetric grid (zero point 2^(bits−1)); asymmetric without.
+    #[arg(long)]
+    pub sym: bool,
+    /// GPTQ: damping, a fraction of the mean Hessian diagonal.
+    #[arg(long, default_value_t = 0.01)]
+    pub damp: f32,
+    /// GPTQ: calibration rows (samples).
+    #[arg(long, default_value_t = 128)]
+    pub rows: usize,
+    /// GPTQ: tokens per calibration row.
+    #[arg(long = "seq-len", default_value_t = 2048)]
+    pub seq_len: usize,
+    /// GPTQ: seed of the calibration row offsets.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// GPTQ: the text column of a Parquet / field of a JSON-lines calibration file.
+    #[arg(long = "calib-column", value_name = "NAME")]
+    pub calib_column: Option<String>,
+    /// GPTQ: keep calibration activations in memory up to this many MiB, spill to disk above.
+    #[arg(long = "activation-budget", value_name = "MIB", default_value_t = 4096)]
+    pub activation_budget_mib: u64,
+    /// GPTQ: capture all of a layer's inputs from the unquantized layer (default: true sequential).
+    #[arg(long = "no-true-sequential")]
+    pub no_true_sequential: bool,
+    /// GPTQ format, but round-to-nearest on the same grid (the baseline GPTQ is compared with).
+    #[arg(long)]
+    pub rtn: bool,
+}
+
+impl GptqArgs {
+    fn options(&self, calib: Option<PathBuf>) -> anyhow::Result<GptqQuantizeOptions> {
+        let group_size = match self.group_size {
+            -1 => None,
+            g if g > 0 => Some(g as usize),
+            g => bail!("--group-size {g}: use a positive size or -1"),
+        };
+        Ok(GptqQuantizeOptions {
+            solver: GptqOptions {
+                bits: self.bits,
+                group_size,
+                act_order: self.act_order,
+                static_groups: self.static_groups,
+                sym: self.sym,
+                damp_percent: self.damp,
+                ..GptqOptions::default()
+            },
+            calib: match calib {
+                Some(p) if p.as_os_str() != "default" => CalibSource::File {
+                    path: p,
+                    column: self.calib_column.clone(),
+                },
+                _ => CalibSource::Bundled,
+            },
+            calib_opts: CalibOptions {
+                rows: self.rows,
+                seq_len: self.seq_len,
+                seed: self.seed,
+            },
+            true_sequential: !self.no_true_sequential,
+            activation_budget_bytes: self.activation_budget_mib * 1024 * 1024,
+            rtn: self.rtn,
+        })
     }
 }
 
@@ -236,8 +325,16 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             imatrix,
             calib,
             calib_opts,
+            gptq,
             json,
         } => {
+            if format.eq_ignore_ascii_case("gptq") {
+                if imatrix.is_some() {
+                    bail!("--imatrix is for GGUF formats; GPTQ computes Hessians from --calib");
+                }
+                let options = gptq.options(calib)?;
+                return quantize_gptq(&engine, model, out, options, json);
+            }
             let imatrix = match (imatrix, calib) {
                 (Some(f), _) => ImatrixSource::File(f),
                 (None, Some(t)) => ImatrixSource::Compute {
@@ -442,6 +539,80 @@ fn quantize(
                     report.tensors.len(),
                     report.file_size_bytes as f64 / (1024.0 * 1024.0),
                     report.bits_per_weight
+                )?;
+            }
+            Ok(())
+        }
+        other => bail!("internal error: unexpected output {other:?}"),
+    }
+}
+
+fn quantize_gptq(
+    engine: &EngineHandle,
+    model: PathBuf,
+    out: PathBuf,
+    options: GptqQuantizeOptions,
+    json: bool,
+) -> anyhow::Result<()> {
+    if !json {
+        outln!(
+            "{:<34} {:>14} {:>6} {:>11} {:>11} {:>7} {:>12}",
+            "tensor",
+            "codec",
+            "bpw",
+            "GPTQ loss",
+            "RTN loss",
+            "ratio",
+            "rel. RMS err"
+        )?;
+    }
+    let command = Command::QuantizeGptq {
+        model,
+        out,
+        options: Box::new(options),
+    };
+    let output = run_with_bars(engine, command, |bars, ev| {
+        if let (false, Event::LayerDone { metrics: m, .. }) = (json, ev) {
+            let (g, r) = (m.gptq_loss.unwrap_or(0.0), m.rtn_loss.unwrap_or(0.0));
+            bars.suspend(|| {
+                outln!(
+                    "{:<34} {:>14} {:>6.3} {:>11.4e} {:>11.4e} {:>7.3} {:>12.3e}",
+                    m.tensor.trim_start_matches("model."),
+                    m.codec,
+                    m.bits_per_weight,
+                    g,
+                    r,
+                    if r > 0.0 { g / r } else { 0.0 },
+                    m.rel_rms_error
+                )
+            })?;
+        }
+        Ok(())
+    });
+    match output? {
+        JobOutput::QuantizedGptq(r) => {
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&r)?)?;
+            } else {
+                let (g, rt): (f64, f64) = r.modules.iter().fold((0.0, 0.0), |a, m| {
+                    (a.0 + m.gptq_output_loss, a.1 + m.rtn_loss)
+                });
+                let t = &r.timings;
+                outln!(
+                    "{}: {} linears, {:.2} MiB folder; GPTQ/RTN loss {:.3}; calibration {} × {} tokens \
+                     ({:.1} MiB of activations{}); time: capture {:.1} s, Hessians {:.1} s, solve {:.1} s, write {:.1} s",
+                    r.config,
+                    r.modules.len(),
+                    r.folder_size_bytes as f64 / (1024.0 * 1024.0),
+                    if rt > 0.0 { g / rt } else { 0.0 },
+                    r.calib_rows,
+                    r.calib_seq_len,
+                    r.activation_bytes as f64 / (1024.0 * 1024.0),
+                    if r.spilled { ", spilled to disk" } else { "" },
+                    t.capture_s,
+                    t.hessian_s,
+                    t.solve_s,
+                    t.write_s
                 )?;
             }
             Ok(())

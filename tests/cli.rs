@@ -409,3 +409,78 @@ fn imatrix_then_quantize_with_it() {
         Some(&GgufValue::U32(2))
     );
 }
+
+#[test]
+fn quantize_gptq_writes_a_folder_that_evaluates() {
+    let f = fixture();
+    let out = f.model.with_file_name("gptq");
+    let o = run(&[
+        "quantize",
+        s(&f.model),
+        "--format",
+        "gptq",
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "--act-order",
+        "--calib",
+        s(&f.text),
+        "--rows",
+        "4",
+        "--seq-len",
+        "32",
+        "--out",
+        s(&out),
+    ]);
+    assert_ok(&o);
+    let text = stdout(&o);
+    let rows = text
+        .lines()
+        .filter(|l| l.starts_with("layers.") && l.contains("GPTQ int4 g32"));
+    assert_eq!(rows.count(), 14, "{text}");
+    assert!(text.contains("GPTQ/RTN loss"), "{text}");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).expect("config"))
+            .expect("json");
+    let qc = &cfg["quantization_config"];
+    assert_eq!(
+        (qc["bits"].as_u64(), qc["group_size"].as_i64()),
+        (Some(4), Some(32))
+    );
+    assert_eq!(
+        (qc["desc_act"].as_bool(), qc["sym"].as_bool()),
+        (Some(true), Some(false))
+    );
+    let q = SourceModel::open(&out).expect("open");
+    assert_eq!(
+        q.tensors.values().filter(|t| t.packed.is_some()).count(),
+        14
+    );
+    let o = run(&[
+        "eval",
+        s(&out),
+        "--base",
+        s(&f.model),
+        "--text",
+        s(&f.text),
+        "--ctx",
+        "32",
+    ]);
+    assert_ok(&o);
+    // An existing output is refused with one line; --imatrix does not mix with GPTQ.
+    let o = run(&[
+        "quantize",
+        s(&f.model),
+        "--format",
+        "gptq",
+        "--rows",
+        "4",
+        "--seq-len",
+        "32",
+        "--out",
+        s(&out),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o).trim_end().lines().count(), 1, "{}", stderr(&o));
+}

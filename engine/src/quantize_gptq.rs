@@ -19,7 +19,7 @@ use crate::calib::{load_documents, sample_rows, CalibOptions, CalibSource};
 use crate::codecs::gptq::{pack_gptq, GptqPacked};
 use crate::infer::{LinearKind, MatmulInput, MatmulObserver, Model};
 use crate::model::SourceModel;
-use crate::solvers::gptq::{gptq_quantize, GptqOptions, Hessian};
+use crate::solvers::gptq::{gptq_quantize, rtn_quantize, GptqOptions, Hessian};
 use crate::tensor::{Bytes, PackedLinear, TensorRef};
 use crate::writers::gptq::{write_gptq_folder, GptqConfig};
 use crate::{Error, Result};
@@ -34,6 +34,9 @@ pub struct GptqQuantizeOptions {
     pub true_sequential: bool,
     /// Keep calibration activations in memory up to this many bytes; spill to a temporary file above.
     pub activation_budget_bytes: u64,
+    /// Round-to-nearest on the same grid instead of GPTQ's error feedback (the baseline GPTQ is judged
+    /// against; same file format).
+    pub rtn: bool,
 }
 
 /// One quantized linear.
@@ -44,10 +47,9 @@ pub struct GptqModuleMetrics {
     pub tensor: String,
     /// GPTQ's loss (its summed per-column losses).
     pub loss: f64,
-    /// Round-to-nearest on the same grid, measured the same way as the solver measures its own error
-    /// (`½ Σ (W − Ŵ) H (W − Ŵ)ᵀ`).
+    /// Round-to-nearest on the same grid: `½ Σ_rows (W − Ŵ) H_d (W − Ŵ)ᵀ` (`H_d` the damped Hessian).
     pub rtn_loss: f64,
-    /// `½ Σ (W − Ŵ) H (W − Ŵ)ᵀ` of GPTQ's result, comparable with `rtn_loss`.
+    /// The same measure of the written result (equal to `loss` up to rounding; `rtn_loss` for `--rtn`).
     pub gptq_output_loss: f64,
     /// ‖W − Ŵ‖ / ‖W‖.
     pub rel_rms_error: f64,
@@ -288,7 +290,11 @@ pub fn quantize_gptq(
                 let (n, k) = (w_ref.rows(), w_ref.cols());
                 let w = w_ref.to_f32();
                 let t = Instant::now();
-                let r = gptq_quantize(&w, n, k, h, &solver)?;
+                let r = if opts.rtn {
+                    rtn_quantize(&w, n, k, h, &solver)?
+                } else {
+                    gptq_quantize(&w, n, k, h, &solver)?
+                };
                 timings.solve_s += t.elapsed().as_secs_f64();
                 let p = pack_gptq(u32::from(r.bits), n, k, &r.q, &r.zeros, &r.scales, &r.g_idx)?;
                 let (mut e2, mut n2, mut max) = (0.0f64, 0.0f64, 0.0f64);
@@ -304,7 +310,7 @@ pub fn quantize_gptq(
                     tensor: name.clone(),
                     loss: r.loss,
                     rtn_loss: r.rtn_loss,
-                    gptq_output_loss: output_loss(&w, &r.dequantised, n, k, h),
+                    gptq_output_loss: r.loss,
                     rel_rms_error: if n2 > 0.0 { (e2 / n2).sqrt() } else { 0.0 },
                     max_error: max,
                     bits_per_weight: bytes as f64 * 8.0 / (n * k) as f64,
@@ -350,7 +356,8 @@ pub fn quantize_gptq(
         .sum();
     Ok(GptqReport {
         config: format!(
-            "GPTQ int{} {}{}{}",
+            "{} int{} {}{}{}",
+            if opts.rtn { "RTN" } else { "GPTQ" },
             cfg.bits,
             cfg.group_size
                 .map_or("per-channel".into(), |g| format!("g{g}")),
@@ -391,29 +398,6 @@ fn packed_tensor(
     )
 }
 
-/// `½ Σ_rows (W − Ŵ) H (W − Ŵ)ᵀ` with the undamped Hessian: the output error on the calibration inputs.
-fn output_loss(w: &[f32], q: &[f32], n: usize, k: usize, h: &Hessian) -> f64 {
-    use rayon::prelude::*;
-    let hm = h.matrix();
-    (0..n)
-        .into_par_iter()
-        .map(|r| {
-            let d: Vec<f64> = (0..k)
-                .map(|c| f64::from(w[r * k + c] - q[r * k + c]))
-                .collect();
-            let mut s = 0.0;
-            for (i, di) in d.iter().enumerate() {
-                if *di == 0.0 {
-                    continue;
-                }
-                let row = &hm[i * k..(i + 1) * k];
-                s += di * row.iter().zip(&d).map(|(a, b)| a * b).sum::<f64>();
-            }
-            0.5 * s
-        })
-        .sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,6 +430,7 @@ mod tests {
             },
             true_sequential: true,
             activation_budget_bytes: budget,
+            rtn: false,
         }
     }
 

@@ -137,6 +137,13 @@ pub enum Command {
         overrides: Vec<String>,
         imatrix: ImatrixSource,
     },
+    /// Quantize `model` with GPTQ into a Hugging Face GPTQ folder; a [`Event::LayerDone`] per linear, then
+    /// [`JobOutput::QuantizedGptq`].
+    QuantizeGptq {
+        model: PathBuf,
+        out: PathBuf,
+        options: Box<crate::quantize_gptq::GptqQuantizeOptions>,
+    },
     /// Compute `model`'s importance matrix on a calibration text and write it (llama.cpp's GGUF format, or
     /// the legacy `.dat` with `legacy_dat`) → [`JobOutput::Imatrix`].
     Imatrix {
@@ -169,6 +176,7 @@ pub enum JobKind {
     Convert,
     Bench,
     Quantize,
+    QuantizeGptq,
     Imatrix,
 }
 
@@ -186,6 +194,10 @@ pub struct LayerMetrics {
     pub rel_rms_error: f64,
     /// The same weighted by the importance of each input column, when an importance matrix was used.
     pub weighted_rel_rms_error: Option<f64>,
+    /// GPTQ: the output error `½ Σ (W − Ŵ) H (W − Ŵ)ᵀ` on the calibration inputs, and the same for
+    /// round-to-nearest on the same grid.
+    pub gptq_loss: Option<f64>,
+    pub rtn_loss: Option<f64>,
     /// max |W − Ŵ|.
     pub max_error: f64,
 }
@@ -205,6 +217,7 @@ pub enum JobOutput {
     },
     Bench(crate::bench::BenchReport),
     Quantized(Box<crate::quantize::QuantizeReport>),
+    QuantizedGptq(Box<crate::quantize_gptq::GptqReport>),
     /// An importance matrix was written to `path`.
     Imatrix {
         path: PathBuf,
@@ -466,6 +479,7 @@ fn job_kind(c: &Command) -> Option<JobKind> {
         Command::Bench { .. } => JobKind::Bench,
         Command::Quantize { .. } => JobKind::Quantize,
         Command::Imatrix { .. } => JobKind::Imatrix,
+        Command::QuantizeGptq { .. } => JobKind::QuantizeGptq,
         _ => return None,
     })
 }

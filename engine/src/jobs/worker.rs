@@ -84,6 +84,11 @@ pub(crate) enum JobRequest {
         out: PathBuf,
         legacy_dat: bool,
     },
+    QuantizeGptq {
+        model: PathBuf,
+        out: PathBuf,
+        options: Box<crate::quantize_gptq::GptqQuantizeOptions>,
+    },
 }
 
 impl JobRequest {
@@ -154,6 +159,18 @@ impl JobRequest {
                     format,
                     overrides,
                     imatrix,
+                },
+                None,
+            ),
+            Command::QuantizeGptq {
+                model,
+                out,
+                options,
+            } => (
+                Self::QuantizeGptq {
+                    model,
+                    out,
+                    options,
                 },
                 None,
             ),
@@ -301,6 +318,11 @@ fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOut
             overrides,
             imatrix,
         } => quantize(ctx, cache, &model, &out, &format, &overrides, imatrix),
+        JobRequest::QuantizeGptq {
+            model,
+            out,
+            options,
+        } => quantize_gptq(ctx, &model, &out, &options),
         JobRequest::Imatrix {
             model,
             text,
@@ -625,6 +647,8 @@ fn quantize(
                 bits_per_weight: m.bits_per_weight,
                 rel_rms_error: m.rel_rms_error,
                 weighted_rel_rms_error: m.weighted_rel_rms_error,
+                gptq_loss: None,
+                rtn_loss: None,
                 max_error: m.max_error,
             },
         });
@@ -634,4 +658,45 @@ fn quantize(
     };
     let report = crate::quantize::quantize_gguf(&src, &opts, out, &mut on_tensor)?;
     Ok(JobOutput::Quantized(Box::new(report)))
+}
+
+fn quantize_gptq(
+    ctx: &JobCtx,
+    model: &Path,
+    out: &Path,
+    options: &crate::quantize_gptq::GptqQuantizeOptions,
+) -> Result<JobOutput> {
+    let stage = format!("loading {}", model.display());
+    ctx.progress(&stage, 0, 1, None);
+    let src = SourceModel::open(model)?;
+    let codec = {
+        let s = &options.solver;
+        format!(
+            "GPTQ int{} {}",
+            s.bits,
+            s.group_size.map_or("pc".into(), |g| format!("g{g}"))
+        )
+    };
+    let start = Instant::now();
+    let mut on_module = |m: &crate::quantize_gptq::GptqModuleMetrics, done: usize, total: usize| {
+        ctx.emit(Event::LayerDone {
+            job: ctx.job,
+            metrics: super::LayerMetrics {
+                layer: Some(m.layer),
+                tensor: m.tensor.clone(),
+                codec: codec.clone(),
+                bits_per_weight: m.bits_per_weight,
+                rel_rms_error: m.rel_rms_error,
+                weighted_rel_rms_error: None,
+                gptq_loss: Some(m.gptq_output_loss),
+                rtn_loss: Some(m.rtn_loss),
+                max_error: m.max_error,
+            },
+        });
+        let eta = start.elapsed().as_secs_f64() / done as f64 * total.saturating_sub(done) as f64;
+        ctx.progress("GPTQ", done as u64, total as u64, Some(eta));
+        !ctx.cancelled()
+    };
+    let report = crate::quantize_gptq::quantize_gptq(&src, options, out, &mut on_module)?;
+    Ok(JobOutput::QuantizedGptq(Box::new(report)))
 }
