@@ -11,7 +11,9 @@ use crate::model::gguf::GgufValue;
 use crate::model::SourceModel;
 use crate::recipes::gguf::{plan_gguf_mix, GgufMix, TensorOverride};
 use crate::tensor::TensorRef;
-use crate::writers::gguf::{gguf_tensor_name, write_gguf_with, GgufPlanTensor};
+use crate::writers::gguf::{
+    gguf_tensor_name, quantized_row_bytes, write_gguf_with, GgufPlanTensor,
+};
 use crate::{Error, Result};
 
 /// What to make of a model as GGUF.
@@ -277,18 +279,8 @@ fn quantize_measured(
     out: &mut Vec<u8>,
 ) -> Result<TensorMetrics> {
     use rayon::prelude::*;
-    let tr = ty.traits();
-    let cols = t.cols();
-    let rows = t.rows();
-    let row_bytes = tr.row_bytes(cols).ok_or_else(|| {
-        Error::Invalid(format!(
-            "tensor {}: row length {cols} is not a multiple of {}'s block of {}",
-            t.name, tr.name, tr.block_elems
-        ))
-    })?;
-    if tr.quantize.is_none() {
-        return Err(Error::Invalid(format!("type {} has no quantizer", tr.name)));
-    }
+    let row_bytes = quantized_row_bytes(t, ty)?;
+    let (rows, cols) = (t.rows(), t.cols());
     out.clear();
     out.resize(rows * row_bytes, 0);
     let rows_per_task = (TASK_ELEMS / cols.max(1)).max(1);
@@ -424,6 +416,33 @@ mod tests {
         format!("{h:016x}")
     }
 
+    /// Every tensor of the GGUF file `out` has the type and FNV-1a-64 hash `want` (`name → [type, hash]`) gives.
+    fn assert_tensor_hashes(out: &Path, want: &serde_json::Value, mix: &str) {
+        let (file, _) = crate::model::gguf::GgufFile::read(out).expect("read back");
+        let data = std::fs::read(out).expect("bytes");
+        let want = want.as_object().expect("tensors");
+        assert_eq!(file.tensors().len(), want.len(), "{mix}: tensor count");
+        for t in file.tensors() {
+            let [ty, hash] = want[&t.name].as_array().expect("pair").as_slice() else {
+                panic!("{mix} {}: bad fixture entry", t.name)
+            };
+            let start = file.data_offset as usize + t.offset as usize;
+            let bytes = &data[start..start + t.n_bytes as usize];
+            assert_eq!(
+                t.type_name(),
+                ty.as_str().expect("type"),
+                "{mix} {}: type",
+                t.name
+            );
+            assert_eq!(
+                fnv1a64(bytes),
+                hash.as_str().expect("hash"),
+                "{mix} {}: bytes",
+                t.name
+            );
+        }
+    }
+
     /// The shipped Q4_1 SmolLM2 → F16 GGUF → each mix, compared tensor by tensor with llama-quantize's
     /// output on the same input (hashes in tests/fixtures/smollm2, made by make_mix_hashes.py).
     #[test]
@@ -455,29 +474,7 @@ mod tests {
                 imatrix: None,
             };
             quantize_gguf(&f16, &opts, &out, &mut |_, _, _| true).expect("quantize");
-            let (file, _) = crate::model::gguf::GgufFile::read(&out).expect("read back");
-            let data = std::fs::read(&out).expect("bytes");
-            let tensors = tensors.as_object().expect("tensors");
-            assert_eq!(file.tensors().len(), tensors.len(), "{mix}: tensor count");
-            for t in file.tensors() {
-                let [ty, hash] = tensors[&t.name].as_array().expect("pair").as_slice() else {
-                    panic!("{mix} {}: bad fixture entry", t.name)
-                };
-                let start = file.data_offset as usize + t.offset as usize;
-                let bytes = &data[start..start + t.n_bytes as usize];
-                assert_eq!(
-                    t.type_name(),
-                    ty.as_str().expect("type"),
-                    "{mix} {}: type",
-                    t.name
-                );
-                assert_eq!(
-                    fnv1a64(bytes),
-                    hash.as_str().expect("hash"),
-                    "{mix} {}: bytes",
-                    t.name
-                );
-            }
+            assert_tensor_hashes(&out, tensors, mix);
             std::fs::remove_file(&out).expect("rm");
         }
     }
@@ -531,7 +528,6 @@ mod tests {
                 "{mix}: tensors quantized with importance weights"
             );
             let (file, _) = crate::model::gguf::GgufFile::read(&out).expect("read back");
-            let data = std::fs::read(&out).expect("bytes");
             for (k, v) in w["kv"].as_object().expect("kv") {
                 let got = file.get(k).unwrap_or_else(|| panic!("{mix}: no {k}"));
                 match v {
@@ -546,27 +542,7 @@ mod tests {
                     .and_then(GgufValue::as_str),
                 Some("imatrix.gguf")
             );
-            let tensors = w["tensors"].as_object().expect("tensors");
-            assert_eq!(file.tensors().len(), tensors.len(), "{mix}: tensor count");
-            for t in file.tensors() {
-                let [ty, hash] = tensors[&t.name].as_array().expect("pair").as_slice() else {
-                    panic!("{mix} {}: bad fixture entry", t.name)
-                };
-                let start = file.data_offset as usize + t.offset as usize;
-                let bytes = &data[start..start + t.n_bytes as usize];
-                assert_eq!(
-                    t.type_name(),
-                    ty.as_str().expect("type"),
-                    "{mix} {}: type",
-                    t.name
-                );
-                assert_eq!(
-                    fnv1a64(bytes),
-                    hash.as_str().expect("hash"),
-                    "{mix} {}: bytes",
-                    t.name
-                );
-            }
+            assert_tensor_hashes(&out, &w["tensors"], mix);
             std::fs::remove_file(&out).expect("rm");
         }
     }

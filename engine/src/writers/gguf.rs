@@ -159,23 +159,29 @@ fn gguf_order(t: &TensorRef, heads: Option<usize>) -> Result<std::borrow::Cow<'_
     Ok(Cow::Owned(c))
 }
 
+/// Bytes of one row of `t` quantized to `ty`; an error when `ty` has no quantizer or the rows are not
+/// whole blocks.
+pub(crate) fn quantized_row_bytes(t: &TensorRef, ty: GgmlType) -> Result<usize> {
+    let tr = ty.traits();
+    let cols = t.cols();
+    if tr.quantize.is_none() {
+        return Err(Error::Invalid(format!("type {} has no quantizer", tr.name)));
+    }
+    tr.row_bytes(cols).ok_or_else(|| {
+        Error::Invalid(format!(
+            "tensor {}: row length {cols} is not a multiple of {}'s block of {}",
+            t.name, tr.name, tr.block_elems
+        ))
+    })
+}
+
 /// Fill `out` with the bytes of `t` as type `ty`, row by row in `t`'s row order: dequantise one row,
 /// quantise it with `ty`'s reference quantizer. [`write_gguf`] hands its callback llama Q/K tensors already
 /// in llama.cpp's interleaved row order (GGUF row `g·hd + 2i + j` = HF row `g·hd + j·hd/2 + i`), so this
 /// function writes them correctly when used as that callback.
 pub fn quantize_tensor_rows(t: &TensorRef, ty: GgmlType, out: &mut Vec<u8>) -> Result<()> {
-    let tr = ty.traits();
-    let cols = t.cols();
-    let rows = t.rows();
-    let row_bytes = tr.row_bytes(cols).ok_or_else(|| {
-        Error::Invalid(format!(
-            "tensor {}: row length {cols} is not a multiple of {}'s block of {}",
-            t.name, tr.name, tr.block_elems
-        ))
-    })?;
-    if tr.quantize.is_none() {
-        return Err(Error::Invalid(format!("type {} has no quantizer", tr.name)));
-    }
+    let row_bytes = quantized_row_bytes(t, ty)?;
+    let (rows, cols) = (t.rows(), t.cols());
     out.clear();
     out.resize(rows * row_bytes, 0);
     let mut buf = vec![0.0f32; cols];
@@ -726,6 +732,38 @@ fn plan_tensors<'a>(src: &'a SourceModel, plan: &[GgufPlanTensor]) -> Result<Vec
     Ok(v)
 }
 
+/// The header of a GGUF v3 file: magic, counts, `kvs`, the tensor infos with their offsets, padded to the
+/// alignment. `tensors` are `(name, ne, type, bytes)` in file order.
+fn gguf_header<'a>(
+    kvs: &[(String, GgufValue)],
+    tensors: impl ExactSizeIterator<Item = (&'a str, &'a [u64], GgmlType, u64)>,
+) -> Result<Vec<u8>> {
+    let mut head = Vec::new();
+    head.extend_from_slice(b"GGUF");
+    head.extend_from_slice(&3u32.to_le_bytes());
+    head.extend_from_slice(&(tensors.len() as i64).to_le_bytes());
+    head.extend_from_slice(&(kvs.len() as i64).to_le_bytes());
+    for (k, v) in kvs {
+        put_kv(&mut head, k, v);
+    }
+    let mut offset = 0u64;
+    for (name, ne, ty, nbytes) in tensors {
+        if name.len() >= 64 {
+            return Err(Error::Invalid(format!("tensor name {name} is too long")));
+        }
+        put_str(&mut head, name);
+        head.extend_from_slice(&(ne.len() as u32).to_le_bytes());
+        for &d in ne {
+            head.extend_from_slice(&(d as i64).to_le_bytes());
+        }
+        head.extend_from_slice(&ty.traits().ggml_id.to_le_bytes());
+        head.extend_from_slice(&offset.to_le_bytes());
+        offset += pad(nbytes);
+    }
+    head.resize(pad(head.len() as u64) as usize, 0);
+    Ok(head)
+}
+
 fn write_file(
     path: &Path,
     kvs: &[(String, GgufValue)],
@@ -736,32 +774,12 @@ fn write_file(
     let io = |e| Error::io(path, e);
     let file = std::fs::File::create(path).map_err(io)?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
-    let mut head = Vec::new();
-    head.extend_from_slice(b"GGUF");
-    head.extend_from_slice(&3u32.to_le_bytes());
-    head.extend_from_slice(&(tensors.len() as i64).to_le_bytes());
-    head.extend_from_slice(&(kvs.len() as i64).to_le_bytes());
-    for (k, v) in kvs {
-        put_kv(&mut head, k, v);
-    }
-    let mut offset = 0u64;
-    for t in tensors {
-        if t.gguf_name.len() >= 64 {
-            return Err(Error::Invalid(format!(
-                "tensor name {} is too long",
-                t.gguf_name
-            )));
-        }
-        put_str(&mut head, &t.gguf_name);
-        head.extend_from_slice(&(t.ne.len() as u32).to_le_bytes());
-        for &d in &t.ne {
-            head.extend_from_slice(&(d as i64).to_le_bytes());
-        }
-        head.extend_from_slice(&t.ty.traits().ggml_id.to_le_bytes());
-        head.extend_from_slice(&offset.to_le_bytes());
-        offset += pad(t.nbytes);
-    }
-    head.resize(pad(head.len() as u64) as usize, 0);
+    let head = gguf_header(
+        kvs,
+        tensors
+            .iter()
+            .map(|t| (t.gguf_name.as_str(), t.ne.as_slice(), t.ty, t.nbytes)),
+    )?;
     w.write_all(&head).map_err(io)?;
     drop(head);
 
@@ -824,38 +842,24 @@ pub fn write_gguf_blobs(
         let io = |e| Error::io(&partial, e);
         let file = std::fs::File::create(&partial).map_err(io)?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
-        let mut head = Vec::new();
-        head.extend_from_slice(b"GGUF");
-        head.extend_from_slice(&3u32.to_le_bytes());
-        head.extend_from_slice(&(tensors.len() as i64).to_le_bytes());
-        head.extend_from_slice(&(kvs.len() as i64).to_le_bytes());
-        for (k, v) in kvs {
-            put_kv(&mut head, k, v);
-        }
-        let mut offset = 0u64;
         for t in tensors {
             let elems: u64 = t.ne.iter().product();
             let tr = t.ty.traits();
-            let want = tr.row_bytes(elems as usize).unwrap_or(usize::MAX);
-            if t.name.len() >= 64 || want != t.data.len() {
+            if tr.row_bytes(elems as usize) != Some(t.data.len()) {
                 return Err(Error::Invalid(format!(
-                    "GGUF tensor {}: bad name length or {} bytes for {} elements of {}",
+                    "GGUF tensor {}: {} bytes for {elems} elements of {}",
                     t.name,
                     t.data.len(),
-                    elems,
                     tr.name
                 )));
             }
-            put_str(&mut head, t.name);
-            head.extend_from_slice(&(t.ne.len() as u32).to_le_bytes());
-            for &d in &t.ne {
-                head.extend_from_slice(&(d as i64).to_le_bytes());
-            }
-            head.extend_from_slice(&tr.ggml_id.to_le_bytes());
-            head.extend_from_slice(&offset.to_le_bytes());
-            offset += pad(t.data.len() as u64);
         }
-        head.resize(pad(head.len() as u64) as usize, 0);
+        let head = gguf_header(
+            kvs,
+            tensors
+                .iter()
+                .map(|t| (t.name, t.ne.as_slice(), t.ty, t.data.len() as u64)),
+        )?;
         w.write_all(&head).map_err(io)?;
         let zeros = [0u8; ALIGN as usize];
         for t in tensors {
