@@ -56,6 +56,8 @@ pub struct GptqModuleMetrics {
     pub max_error: f64,
     pub bits_per_weight: f64,
     pub damp_percent: f32,
+    /// Seconds the solver took for this linear.
+    pub solve_s: f64,
 }
 
 /// Where the time went.
@@ -295,7 +297,8 @@ pub fn quantize_gptq(
                 } else {
                     gptq_quantize(&w, n, k, h, &solver)?
                 };
-                timings.solve_s += t.elapsed().as_secs_f64();
+                let solve_s = t.elapsed().as_secs_f64();
+                timings.solve_s += solve_s;
                 let p = pack_gptq(u32::from(r.bits), n, k, &r.q, &r.zeros, &r.scales, &r.g_idx)?;
                 let (mut e2, mut n2, mut max) = (0.0f64, 0.0f64, 0.0f64);
                 for (a, b) in w.iter().zip(&r.dequantised) {
@@ -315,6 +318,7 @@ pub fn quantize_gptq(
                     max_error: max,
                     bits_per_weight: bytes as f64 * 8.0 / (n * k) as f64,
                     damp_percent: r.damp_percent,
+                    solve_s,
                 };
                 let t = packed_tensor(&name, u32::from(r.bits), n, k, r.n_groups, &p)?;
                 model.replace_linear(li, kind, t)?;

@@ -672,7 +672,8 @@ fn quantize_gptq(
     let codec = {
         let s = &options.solver;
         format!(
-            "GPTQ int{} {}",
+            "{} int{} {}",
+            if options.rtn { "RTN" } else { "GPTQ" },
             s.bits,
             s.group_size.map_or("pc".into(), |g| format!("g{g}"))
         )
