@@ -271,9 +271,16 @@ pub fn quantize_gptq(
                 error: None,
             };
             let t = Instant::now();
+            let qkv_only = col.wanted.iter().all(|&w| w == MatmulInput::Attention);
             for i in 0..rows.len() {
                 let mut x = store.get(i)?;
-                model.run_layer(li, &mut x, seq, &mut cache, Some(&mut col))?;
+                if qkv_only {
+                    // q/k/v read the normed layer input: no pass through the layer is needed.
+                    let xn = model.attention_input(li, &x)?;
+                    col.observe(li, MatmulInput::Attention, &xn, seq);
+                } else {
+                    model.run_layer(li, &mut x, seq, &mut cache, Some(&mut col))?;
+                }
                 if let Some(e) = col.error.take() {
                     return Err(e);
                 }

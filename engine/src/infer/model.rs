@@ -475,6 +475,18 @@ impl Model {
         Ok(())
     }
 
+    /// The input of layer `li`'s q/k/v projections for hidden states `x` (`[n, hidden]`): the RMS-normed
+    /// states, exactly as [`Model::run_layer`] computes them.
+    pub fn attention_input(&self, li: usize, x: &[f32]) -> Result<Vec<f32>> {
+        let layer = self
+            .layers
+            .get(li)
+            .ok_or_else(|| Error::Invalid(format!("no layer {li}")))?;
+        let mut xn = x.to_vec();
+        rms_norm(&mut xn, &layer.attn_norm, self.cfg.rms_norm_eps);
+        Ok(xn)
+    }
+
     /// The weight of one linear of layer `li`.
     pub fn linear(&self, li: usize, which: LinearKind) -> Option<&TensorRef> {
         let l = self.layers.get(li)?;
@@ -830,6 +842,8 @@ mod tests {
                 .expect("layer");
         }
         assert_eq!(whole.0, layered.0);
+        let x0 = m.embed_tokens(&toks);
+        assert_eq!(m.attention_input(0, &x0).expect("norm"), whole.0[0].2);
         // Replacing a linear changes what follows it, and only with a tensor of the same shape.
         let q = m.layers[1].q.w.clone();
         let zero = TensorRef::from_f32(q.name.clone(), q.shape.clone(), &vec![0.0; q.numel()])
