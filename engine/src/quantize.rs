@@ -455,15 +455,7 @@ mod tests {
         )
         .expect("json");
         let dir = tempfile::tempdir().expect("tempdir");
-        let q41 = SourceModel::open(&crate::testing::smollm2_gguf()).expect("open SmolLM2");
-        let f16_path = dir.path().join("f16.gguf");
-        let f16_opts = GgufQuantizeOptions {
-            mix: GgufMix::parse("f16").expect("mix"),
-            overrides: Vec::new(),
-            imatrix: None,
-        };
-        quantize_gguf(&q41, &f16_opts, &f16_path, &mut |_, _, _| true).expect("f16");
-        let f16 = SourceModel::open(&f16_path).expect("open f16");
+        let f16 = crate::testing::smollm2_f16(dir.path());
         let mixes = want.as_object().expect("object");
         assert_eq!(mixes.len(), 8);
         for (mix, tensors) in mixes {
@@ -494,15 +486,7 @@ mod tests {
         let matrix = Imatrix::read(&im_path).expect("imatrix");
         assert_eq!(matrix.entries.len(), 4 * 7);
         let dir = tempfile::tempdir().expect("tempdir");
-        let q41 = SourceModel::open(&crate::testing::smollm2_gguf()).expect("open SmolLM2");
-        let f16_path = dir.path().join("f16.gguf");
-        let f16_opts = GgufQuantizeOptions {
-            mix: GgufMix::parse("f16").expect("mix"),
-            overrides: Vec::new(),
-            imatrix: None,
-        };
-        quantize_gguf(&q41, &f16_opts, &f16_path, &mut |_, _, _| true).expect("f16");
-        let f16 = SourceModel::open(&f16_path).expect("open f16");
+        let f16 = crate::testing::smollm2_f16(dir.path());
         let mixes = want.as_object().expect("object");
         assert_eq!(mixes.len(), 7);
         for (mix, w) in mixes {

@@ -38,3 +38,18 @@ pub fn smollm2_gguf() -> PathBuf {
     );
     p
 }
+
+/// SmolLM2 requantised to F16 in `dir` (our F16 of the shipped Q4_1 file, byte-identical to
+/// `llama-quantize … F16`), opened: the source the llama.cpp comparison tests start from.
+pub fn smollm2_f16(dir: &std::path::Path) -> crate::model::SourceModel {
+    use crate::quantize::{quantize_gguf, GgufQuantizeOptions};
+    let q41 = crate::model::SourceModel::open(&smollm2_gguf()).expect("open SmolLM2");
+    let path = dir.join("f16.gguf");
+    let opts = GgufQuantizeOptions {
+        mix: crate::recipes::gguf::GgufMix::parse("f16").expect("mix"),
+        overrides: Vec::new(),
+        imatrix: None,
+    };
+    quantize_gguf(&q41, &opts, &path, &mut |_, _, _| true).expect("f16");
+    crate::model::SourceModel::open(&path).expect("open f16")
+}

@@ -294,15 +294,9 @@ pub fn quantize_q5_0(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
         let d = signed_absmax(x) / -16.0;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         put_f16(b, d);
-        let mut qh = 0u32;
-        for j in 0..16 {
-            let q0 = trunc_i8(x[j] * id + 16.5).min(31) as u8;
-            let q1 = trunc_i8(x[j + 16] * id + 16.5).min(31) as u8;
-            b[6 + j] = (q0 & 0x0F) | ((q1 & 0x0F) << 4);
-            qh |= ((q0 as u32 & 0x10) >> 4) << j;
-            qh |= ((q1 as u32 & 0x10) >> 4) << (j + 16);
-        }
-        b[2..6].copy_from_slice(&qh.to_le_bytes());
+        let l: [u8; QK] = std::array::from_fn(|j| trunc_i8(x[j] * id + 16.5).min(31) as u8);
+        let (qh, qs) = b[2..].split_at_mut(4);
+        pack_q5(&l, qh, qs);
     }
 }
 
@@ -331,16 +325,10 @@ pub fn quantize_q5_1(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         put_f16(b, d);
         put_f16(&mut b[2..], min);
-        let mut qh = 0u32;
-        for j in 0..16 {
-            // `(uint8_t)f`: the values are in 0..32.
-            let q0 = ((x[j] - min) * id + 0.5) as u8;
-            let q1 = ((x[j + 16] - min) * id + 0.5) as u8;
-            b[8 + j] = (q0 & 0x0F) | ((q1 & 0x0F) << 4);
-            qh |= ((q0 as u32 & 0x10) >> 4) << j;
-            qh |= ((q1 as u32 & 0x10) >> 4) << (j + 16);
-        }
-        b[4..8].copy_from_slice(&qh.to_le_bytes());
+        // `(uint8_t)f`: the values are in 0..32.
+        let l: [u8; QK] = std::array::from_fn(|j| ((x[j] - min) * id + 0.5) as u8);
+        let (qh, qs) = b[4..].split_at_mut(4);
+        pack_q5(&l, qh, qs);
     }
 }
 

@@ -232,22 +232,11 @@ mod tests {
     #[test]
     #[ignore = "needs SmolLM2 (fetch-smollm2.sh)"]
     fn smollm2_matches_llama_imatrix() {
-        use crate::model::SourceModel;
-        use crate::quantize::{quantize_gguf, GgufQuantizeOptions};
-        use crate::recipes::gguf::GgufMix;
         let fixture = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../tests/fixtures/smollm2/smollm2_imatrix_4chunks_l0_29.gguf");
         let want = Imatrix::read(&fixture).expect("fixture");
         let dir = tempfile::tempdir().expect("tempdir");
-        let q41 = SourceModel::open(&crate::testing::smollm2_gguf()).expect("open SmolLM2");
-        let f16_path = dir.path().join("f16.gguf");
-        let opts = GgufQuantizeOptions {
-            mix: GgufMix::parse("f16").expect("mix"),
-            overrides: Vec::new(),
-            imatrix: None,
-        };
-        quantize_gguf(&q41, &opts, &f16_path, &mut |_, _, _| true).expect("f16");
-        let src = SourceModel::open(&f16_path).expect("open f16");
+        let src = crate::testing::smollm2_f16(dir.path());
         let model = Model::load(&src).expect("load");
         let got = compute_imatrix(
             &model,
