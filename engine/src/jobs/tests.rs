@@ -114,6 +114,11 @@ fn commands_sent_raw_get_ids_in_order_and_a_waker_is_called() {
     let job2 = submit(&engine, Command::Inspect { path: model });
     assert_ne!(job, job2);
     collect(&engine, job2, Duration::from_secs(30));
+    // The waker runs just after each event is sent, so the last wake may trail the last event a little.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while woken.load(Ordering::Relaxed) < 4 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert!(woken.load(Ordering::Relaxed) >= 4);
     engine.shutdown();
 }
