@@ -388,6 +388,22 @@ impl EngineHandle {
         }
     }
 
+    /// A handle with no engine thread behind it: what the front end sends arrives on the returned
+    /// receiver, and what is sent on the returned sender arrives as events. For front-end tests that
+    /// check the commands a click sends and replay events without running jobs.
+    pub fn detached() -> (Self, Receiver<Command>, Sender<Event>) {
+        let (cmd_tx, cmd_rx) = bounded(COMMAND_CAPACITY);
+        let (ev_tx, ev_rx) = bounded(EVENT_CAPACITY);
+        let handle = Self {
+            commands: cmd_tx,
+            events: ev_rx,
+            waker: WakerSlot::default(),
+            next_id: Arc::new(AtomicU64::new(1)),
+            thread: None,
+        };
+        (handle, cmd_rx, ev_tx)
+    }
+
     /// Call `waker` after every event (replacing any earlier one).
     pub fn set_waker(&self, waker: Box<dyn Fn() + Send + Sync>) {
         self.waker.set(Some(Arc::from(waker)));
