@@ -204,6 +204,44 @@ pub struct GptqArgs {
     /// GPTQ format, but round-to-nearest on the same grid (the baseline GPTQ is compared with).
     #[arg(long)]
     pub rtn: bool,
+    /// GPTQ: largest weight file (5GB, 500MB, 2GiB, or bytes); more is written as
+    /// model-0000i-of-0000N.safetensors shards plus model.safetensors.index.json.
+    #[arg(long = "max-shard-size", value_name = "SIZE", default_value = "5GB", value_parser = parse_size)]
+    pub max_shard_size: u64,
+}
+
+/// A size as transformers' `max_shard_size` takes it: `5GB`, `500MB` (powers of 10), `2GiB` (powers of 2),
+/// or a number of bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        "tb" => 1_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        u => {
+            return Err(format!(
+                "unknown unit {u:?} (use B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            ))
+        }
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 5GB, 500MB or 2GiB"))?;
+    let bytes = (v * scale as f64).round();
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{s:?}: the size must be at least one byte"));
+    }
+    Ok(bytes as u64)
 }
 
 impl GptqArgs {
@@ -238,6 +276,7 @@ impl GptqArgs {
             true_sequential: !self.no_true_sequential,
             activation_budget_bytes: self.activation_budget_mib * 1024 * 1024,
             rtn: self.rtn,
+            max_shard_bytes: Some(self.max_shard_size),
         })
     }
 }
@@ -668,4 +707,22 @@ fn run_with_bars(
     });
     bars.finish();
     output
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn max_shard_sizes_parse_like_transformers() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5gb"), Ok(1_500_000_000));
+        assert_eq!(parse_size("64 KiB"), Ok(65_536));
+        assert_eq!(parse_size("123456"), Ok(123_456));
+        for bad in ["", "GB", "5XB", "0MB", "-1GB", "1e3MB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }

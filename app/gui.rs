@@ -1,147 +1,487 @@
-//! The desktop window. Until the studio issue lands: a drop zone that opens a model through the engine and
-//! shows its card. The UI thread never waits: it sends a `Command` and drains `Event`s once per frame.
+//! The desktop window: open a model, quantize it to several formats with live per-layer error plots,
+//! compare the variants, chat with them. Every piece of work is a `Command` to the engine thread; the UI
+//! drains `Event`s once per frame and never waits (file dialogs run on their own threads).
+//!
+//! Layout: a top bar (tabs, theme, shortcuts), a status bar (jobs, frame time), one central panel per tab
+//! (`model`, `quantize`, `compare`, `chat`), toasts for notifications. Each panel owns its state and the
+//! jobs it started; [`StudioApp`] routes events to the owner of their job.
 
-use std::path::PathBuf;
+pub mod chat;
+pub mod compare;
+pub mod dialogs;
+pub mod model;
+pub mod notify;
+pub mod plots;
+pub mod quantize;
+pub mod settings;
+pub mod theme;
+pub mod walkthrough;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use eframe::egui;
-use quant_engine::jobs::{Command, EngineHandle, Event, JobOutput};
+use quant_engine::jobs::{Command, EngineHandle, Event, JobId};
 
-/// Open the window, with `open` already loading if given. `demo` is reserved for the "get the demo
-/// model" flow of the studio issue.
-pub fn run(_demo: bool, open: Option<PathBuf>) -> anyhow::Result<()> {
+
+use self::dialogs::Dialogs;
+use self::notify::Notifications;
+use self::settings::Settings;
+
+/// Open the window, with `open` already loading if given; with `demo`, fetch (or reuse) the demo model and
+/// open it.
+pub fn run(demo: bool, open: Option<PathBuf>) -> anyhow::Result<()> {
+    let walkthrough = walkthrough::Walkthrough::from_env();
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("Quant Studio")
             .with_inner_size([1280.0, 800.0])
+            .with_min_inner_size([960.0, 600.0])
             .with_drag_and_drop(true),
         ..Default::default()
     };
     eframe::run_native(
         "Quant Studio",
         options,
-        Box::new(|cc| {
-            let mut app = StudioApp::new(&cc.egui_ctx);
+        Box::new(move |cc| {
+            let mut app = StudioApp::new(cc, EngineHandle::spawn());
             if let Some(path) = open {
-                app.open(path);
+                app.open_model(path);
+            } else if demo {
+                app.get_demo_model();
             }
+            app.walkthrough = walkthrough;
             Ok(Box::new(app))
         }),
     )
     .map_err(|e| anyhow::anyhow!("could not open the window: {e}"))
 }
 
-/// What the window shows about the model that was dropped.
-enum ModelState {
-    None,
-    Loading(PathBuf),
-    Loaded { path: PathBuf, card: String },
-    Failed { path: PathBuf, error: String },
+/// The tabs of the window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Tab {
+    Model,
+    Quantize,
+    Compare,
+    Chat,
 }
 
-struct StudioApp {
-    engine: EngineHandle,
-    model: ModelState,
-}
+impl Tab {
+    pub const ALL: [Tab; 4] = [Tab::Model, Tab::Quantize, Tab::Compare, Tab::Chat];
 
-impl StudioApp {
-    fn new(ctx: &egui::Context) -> Self {
-        let engine = EngineHandle::spawn();
-        let repaint = ctx.clone();
-        engine.set_waker(Box::new(move || repaint.request_repaint()));
-        Self {
-            engine,
-            model: ModelState::None,
+    pub fn title(self) -> &'static str {
+        match self {
+            Tab::Model => "Model",
+            Tab::Quantize => "Quantize",
+            Tab::Compare => "Compare",
+            Tab::Chat => "Chat",
         }
     }
+}
 
-    fn open(&mut self, path: PathBuf) {
-        let cmd = Command::Inspect { path: path.clone() };
-        self.model = match self.engine.commands.try_send(cmd) {
-            Ok(()) => ModelState::Loading(path),
-            Err(e) => ModelState::Failed {
-                path,
-                error: format!("the engine is busy: {e}"),
-            },
-        };
-    }
+/// Which panel started a job (and receives its events).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Owner {
+    Model,
+    Quantize,
+    Compare,
+    Chat,
+}
 
-    fn drain_events(&mut self) {
-        while let Ok(ev) = self.engine.events.try_recv() {
-            let path = match &self.model {
-                ModelState::Loading(p) => p.clone(),
-                _ => continue,
-            };
-            match ev {
-                Event::Finished {
-                    output: JobOutput::Summary(summary),
-                    ..
-                } => {
-                    self.model = ModelState::Loaded {
-                        path,
-                        card: summary.to_string(),
-                    };
-                }
-                Event::Failed { error, .. } => self.model = ModelState::Failed { path, error },
-                _ => {}
+/// A model the studio knows: the source or one of its quantized variants.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Variant {
+    /// Short label (`"source"`, `"Q4_K_M"`, `"GPTQ 4-bit g128"`).
+    pub label: String,
+    pub path: PathBuf,
+    pub is_source: bool,
+    /// Bits per weight, when known (from the quantize report or the file's size).
+    pub bpw: Option<f64>,
+    pub size_bytes: Option<u64>,
+}
+
+/// What every panel may use: the engine, settings, notifications, the open model and its variants.
+pub struct Shared {
+    pub engine: EngineHandle,
+    pub settings: Settings,
+    pub notes: Notifications,
+    pub dialogs: Dialogs,
+    /// The open model's card (`None` until one is open).
+    pub source: Option<model::OpenModel>,
+    /// The source first, then the variants found or made.
+    pub variants: Vec<Variant>,
+    owners: HashMap<JobId, Owner>,
+}
+
+impl Shared {
+    /// Send a command to the engine on behalf of `owner`; `None` (with a notification) if the engine is
+    /// busy or gone. Never waits.
+    pub fn submit(&mut self, owner: Owner, command: Command) -> Option<JobId> {
+        match self.engine.try_submit(command) {
+            Ok(Some(job)) => {
+                self.owners.insert(job, owner);
+                Some(job)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                self.notes
+                    .error("The engine did not take the command", e.to_string());
+                None
             }
         }
     }
 
-    fn drop_zone_ui(&mut self, ui: &mut egui::Ui, hovering: bool) {
-        let stroke = if hovering {
-            ui.visuals().selection.stroke
+    /// A command that starts no job (chat turns, cancel).
+    pub fn send(&mut self, command: Command) {
+        if let Err(e) = self.engine.try_submit(command) {
+            self.notes
+                .error("The engine did not take the command", e.to_string());
+        }
+    }
+
+    /// Add or refresh a variant (by path).
+    pub fn add_variant(&mut self, v: Variant) {
+        if let Some(old) = self.variants.iter_mut().find(|o| o.path == v.path) {
+            *old = v;
         } else {
-            ui.visuals().widgets.noninteractive.bg_stroke
+            self.variants.push(v);
+        }
+    }
+
+    /// The source model's path.
+    pub fn source_path(&self) -> Option<&Path> {
+        self.source.as_ref().map(|m| m.path.as_path())
+    }
+}
+
+/// Frame-time statistics (CPU time inside `update`), for the status bar and the responsiveness report.
+#[derive(Default)]
+pub struct FrameTimes {
+    pub frames: u64,
+    pub last_ms: f64,
+    pub max_ms: f64,
+    pub total_ms: f64,
+    /// Frames while a job was running.
+    pub busy_frames: u64,
+    pub busy_max_ms: f64,
+}
+
+impl FrameTimes {
+    fn record(&mut self, ms: f64, busy: bool) {
+        self.frames += 1;
+        self.last_ms = ms;
+        self.max_ms = self.max_ms.max(ms);
+        self.total_ms += ms;
+        if busy {
+            self.busy_frames += 1;
+            self.busy_max_ms = self.busy_max_ms.max(ms);
+        }
+    }
+
+    pub fn mean_ms(&self) -> f64 {
+        self.total_ms / self.frames.max(1) as f64
+    }
+}
+
+/// The application.
+pub struct StudioApp {
+    pub shared: Shared,
+    pub tab: Tab,
+    pub model: model::ModelPanel,
+    pub quantize: quantize::QuantizePanel,
+    pub compare: compare::ComparePanel,
+    pub chat: chat::ChatPanel,
+    pub frame_times: FrameTimes,
+    /// Show the frame time in the status bar (off in snapshot tests, where it would vary).
+    pub show_frame_time: bool,
+    walkthrough: Option<walkthrough::Walkthrough>,
+}
+
+impl StudioApp {
+    /// A studio talking to `engine` (the real engine, or [`EngineHandle::detached`] in tests), with the
+    /// settings eframe stored last time.
+    pub fn new(cc: &eframe::CreationContext<'_>, engine: EngineHandle) -> Self {
+        let settings: Settings = cc
+            .storage
+            .and_then(|s| eframe::get_value(s, eframe::APP_KEY))
+            .unwrap_or_default();
+        Self::with_settings(&cc.egui_ctx, engine, settings)
+    }
+
+    pub fn with_settings(ctx: &egui::Context, engine: EngineHandle, settings: Settings) -> Self {
+        let repaint = ctx.clone();
+        engine.set_waker(Box::new(move || repaint.request_repaint()));
+        theme::apply(ctx, settings.theme);
+        let dialogs = Dialogs::new(ctx.clone());
+        let quantize = quantize::QuantizePanel::from_settings(&settings);
+        Self {
+            shared: Shared {
+                engine,
+                settings,
+                notes: Notifications::default(),
+                dialogs,
+                source: None,
+                variants: Vec::new(),
+                owners: HashMap::new(),
+            },
+            tab: Tab::Model,
+            model: model::ModelPanel::default(),
+            quantize,
+            compare: compare::ComparePanel::default(),
+            chat: chat::ChatPanel::default(),
+            frame_times: FrameTimes::default(),
+            show_frame_time: true,
+            walkthrough: None,
+        }
+    }
+
+    /// Open a model (a folder or a .gguf): the card fills in when the engine has read it.
+    pub fn open_model(&mut self, path: PathBuf) {
+        self.tab = Tab::Model;
+        self.model.open(&mut self.shared, path);
+    }
+
+    /// Download (or reuse) SmolLM2-135M-Instruct and open it.
+    pub fn get_demo_model(&mut self) {
+        self.tab = Tab::Model;
+        self.model.get_demo(&mut self.shared);
+    }
+
+    /// Whether any job is running (for the frame-time statistics).
+    pub fn busy(&self) -> bool {
+        self.running_jobs() > 0
+    }
+
+    /// Jobs at work (an idle chat session is not).
+    pub fn running_jobs(&self) -> usize {
+        let chats_idle = !self.chat.writing();
+        self.shared
+            .owners
+            .values()
+            .filter(|o| !(chats_idle && **o == Owner::Chat))
+            .count()
+    }
+
+    fn drain_events(&mut self) {
+        // At most a bounded number per frame, so a flood of tokens cannot stall a frame.
+        for _ in 0..4096 {
+            let Ok(ev) = self.shared.engine.events.try_recv() else {
+                break;
+            };
+            self.route(ev);
+        }
+    }
+
+    /// Hand an event to the panel whose job it is about.
+    pub fn route(&mut self, ev: Event) {
+        let job = ev.job();
+        let Some(owner) = self.shared.owners.get(&job).copied() else {
+            return;
         };
-        egui::Frame::group(ui.style())
-            .stroke(stroke)
-            .inner_margin(48.0)
-            .show(ui, |ui| {
-                ui.set_min_width(ui.available_width());
-                ui.vertical_centered(|ui| {
-                    ui.heading("Drop a model here");
-                    ui.label("a Hugging Face folder (config.json + safetensors) or a .gguf file");
+        if ev.is_terminal() {
+            self.shared.owners.remove(&job);
+        }
+        match owner {
+            Owner::Model => self.model.on_event(&mut self.shared, ev),
+            Owner::Quantize => self.quantize.on_event(&mut self.shared, ev),
+            Owner::Compare => self.compare.on_event(&mut self.shared, ev),
+            Owner::Chat => self.chat.on_event(&mut self.shared, ev),
+        }
+    }
+
+    fn shortcuts(&mut self, ctx: &egui::Context) {
+        use egui::{Key, KeyboardShortcut, Modifiers};
+        let open_file = KeyboardShortcut::new(Modifiers::COMMAND, Key::O);
+        let open_folder = KeyboardShortcut::new(Modifiers::COMMAND | Modifiers::SHIFT, Key::O);
+        let quantize = KeyboardShortcut::new(Modifiers::COMMAND, Key::Q);
+        let (folder, file, quant, tabs) = ctx.input_mut(|i| {
+            let folder = i.consume_shortcut(&open_folder);
+            let file = i.consume_shortcut(&open_file);
+            let quant = i.consume_shortcut(&quantize);
+            let mut tab = None;
+            for (k, t) in [Key::Num1, Key::Num2, Key::Num3, Key::Num4]
+                .into_iter()
+                .zip(Tab::ALL)
+            {
+                if i.consume_shortcut(&KeyboardShortcut::new(Modifiers::COMMAND, k)) {
+                    tab = Some(t);
+                }
+            }
+            (folder, file, quant, tab)
+        });
+        if folder {
+            self.shared.dialogs.pick_model_folder();
+        }
+        if file {
+            self.shared.dialogs.pick_model_file();
+        }
+        if quant {
+            self.tab = Tab::Quantize;
+            self.quantize.start(&mut self.shared);
+        }
+        if let Some(t) = tabs {
+            self.tab = t;
+        }
+    }
+
+    fn top_bar(&mut self, ctx: &egui::Context) {
+        egui::TopBottomPanel::top("top").show(ctx, |ui| {
+            ui.horizontal(|ui| {
+                ui.heading("Quant Studio");
+                ui.separator();
+                for (i, t) in Tab::ALL.into_iter().enumerate() {
+                    ui.selectable_value(&mut self.tab, t, t.title())
+                        .on_hover_text(format!("Ctrl+{}", i + 1));
+                }
+                ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                    if let Some(t) = theme::switch(ui, self.shared.settings.theme) {
+                        self.shared.settings.theme = t;
+                        theme::apply(ui.ctx(), t);
+                    }
+                    if let Some(m) = &self.shared.source {
+                        ui.label(egui::RichText::new(&m.summary.name).strong());
+                    }
                 });
             });
+        });
+    }
+
+    fn status_bar(&mut self, ctx: &egui::Context) {
+        egui::TopBottomPanel::bottom("status").show(ctx, |ui| {
+            ui.horizontal(|ui| {
+                let running = self.running_jobs();
+                if running > 0 {
+                    ui.spinner();
+                    ui.label(format!("{running} job(s) running"));
+                } else {
+                    ui.label("idle");
+                }
+                ui.separator();
+                if let Some(s) = self.quantize.status_line() {
+                    ui.label(s);
+                }
+                if !self.show_frame_time {
+                    return;
+                }
+                ui.with_layout(egui::Layout::right_to_left(egui::Align::Center), |ui| {
+                    let f = &self.frame_times;
+                    ui.weak(format!(
+                        "frame {:.1} ms · busy max {:.1} ms",
+                        f.last_ms, f.busy_max_ms
+                    ))
+                    .on_hover_text(format!(
+                        "CPU time of the UI thread per frame: mean {:.2} ms, max {:.1} ms over {} frames; \
+                         max {:.1} ms over the {} frames drawn while a job ran",
+                        f.mean_ms(),
+                        f.max_ms,
+                        f.frames,
+                        f.busy_max_ms,
+                        f.busy_frames
+                    ));
+                });
+            });
+        });
+    }
+
+    fn handle_drops_and_dialogs(&mut self, ctx: &egui::Context) {
+        let dropped = ctx.input(|i| i.raw.dropped_files.iter().find_map(|f| f.path.clone()));
+        if let Some(path) = dropped {
+            self.open_model(path);
+        }
+        for result in self.shared.dialogs.poll() {
+            match result {
+                dialogs::Picked::Model(p) => self.open_model(p),
+                other => {
+                    self.quantize.on_dialog(&other);
+                    self.compare.on_dialog(&mut self.shared, &other);
+                    self.chat.on_dialog(&other);
+                    self.model.on_dialog(&mut self.shared, &other);
+                }
+            }
+        }
+    }
+
+    /// One frame of the UI (what eframe calls; tests call it through the harness).
+    pub fn ui(&mut self, ctx: &egui::Context) {
+        let t0 = Instant::now();
+        self.drain_events();
+        self.handle_drops_and_dialogs(ctx);
+        self.shortcuts(ctx);
+        self.top_bar(ctx);
+        self.status_bar(ctx);
+        egui::CentralPanel::default().show(ctx, |ui| match self.tab {
+            Tab::Model => {
+                if let Some(next) = self.model.ui(ui, &mut self.shared) {
+                    self.tab = next;
+                }
+            }
+            Tab::Quantize => self.quantize.ui(ui, &mut self.shared),
+            Tab::Compare => self.compare.ui(ui, &mut self.shared),
+            Tab::Chat => self.chat.ui(ui, &mut self.shared),
+        });
+        self.shared.notes.ui(ctx);
+        if let Some(mut w) = self.walkthrough.take() {
+            w.step(self, ctx);
+            self.walkthrough = Some(w);
+        }
+        // Running jobs report at least once a second; repaint anyway so ETAs and toasts age.
+        if self.busy() || self.shared.notes.any() {
+            ctx.request_repaint_after(Duration::from_millis(250));
+        }
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let busy = self.busy();
+        self.frame_times.record(ms, busy);
     }
 }
 
 impl eframe::App for StudioApp {
     fn update(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
-        self.drain_events();
-        let (hovering, dropped) = ctx.input(|i| {
-            (
-                !i.raw.hovered_files.is_empty(),
-                i.raw.dropped_files.iter().find_map(|f| f.path.clone()),
-            )
-        });
-        if let Some(path) = dropped {
-            self.open(path);
+        self.ui(ctx);
+    }
+
+    fn save(&mut self, storage: &mut dyn eframe::Storage) {
+        self.quantize.store_settings(&mut self.shared.settings);
+        eframe::set_value(storage, eframe::APP_KEY, &self.shared.settings);
+    }
+
+    fn on_exit(&mut self, _gl: Option<&eframe::glow::Context>) {
+        let f = &self.frame_times;
+        if std::env::var_os("QS_FRAME_STATS").is_some() {
+            eprintln!(
+                "frame time: {} frames, mean {:.2} ms, max {:.1} ms; while busy: {} frames, max {:.1} ms",
+                f.frames,
+                f.mean_ms(),
+                f.max_ms,
+                f.busy_frames,
+                f.busy_max_ms
+            );
         }
-        egui::CentralPanel::default().show(ctx, |ui| {
-            ui.heading("Quant Studio");
-            ui.add_space(12.0);
-            self.drop_zone_ui(ui, hovering);
-            ui.add_space(12.0);
-            match &self.model {
-                ModelState::None => {}
-                ModelState::Loading(p) => {
-                    ui.horizontal(|ui| {
-                        ui.spinner();
-                        ui.label(format!("Opening {}", p.display()));
-                    });
-                }
-                ModelState::Loaded { path, card } => {
-                    ui.strong(path.display().to_string());
-                    ui.monospace(card);
-                }
-                ModelState::Failed { path, error } => {
-                    ui.colored_label(
-                        ui.visuals().error_fg_color,
-                        format!("{}: {error}", path.display()),
-                    );
-                }
-            }
-        });
+    }
+}
+
+/// `1.2 GB`-style sizes.
+pub fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{b:.0} B")
+    }
+}
+
+/// `1 h 02 min`, `3 min 05 s`, `12 s`.
+pub fn human_secs(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    if s >= 3600 {
+        format!("{} h {:02} min", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{} min {:02} s", s / 60, s % 60)
+    } else {
+        format!("{s} s")
     }
 }

@@ -1,8 +1,7 @@
 //! Quant Studio: with no command, the desktop window; with one, the command line. Both drive the same
 //! engine thread (`quant_engine::jobs`).
 
-mod cli;
-mod gui;
+use quant_studio::{cli, gui};
 
 use std::process::ExitCode;
 

@@ -8,11 +8,13 @@
 //! * [`imatrix`] — importance matrices: computed on calibration text, llama.cpp's file formats.
 //! * [`solvers`] — calibration-based quantization solvers (GPTQ), independent of any model type.
 //! * [`calib`]  — calibration data: documents from text, JSON lines or Parquet files, seeded token rows.
+//! * [`demo`]   — the demo model (SmolLM2-135M-Instruct, Q4_1 GGUF) fetched from PyPI into the user cache.
 //! * [`jobs`]   — the engine thread: `Command`/`Event` over bounded channels, cancellation, progress.
 
 pub mod bench;
 pub mod calib;
 pub mod codecs;
+pub mod demo;
 pub mod error;
 pub mod eval;
 pub mod imatrix;

@@ -37,6 +37,10 @@ pub struct GptqQuantizeOptions {
     /// Round-to-nearest on the same grid instead of GPTQ's error feedback (the baseline GPTQ is judged
     /// against; same file format).
     pub rtn: bool,
+    /// Largest weight file of the output folder, in bytes of tensor data (`None`: 5 GB, see
+    /// [`DEFAULT_MAX_SHARD_BYTES`](crate::writers::gptq::DEFAULT_MAX_SHARD_BYTES)); above it the weights are
+    /// written as `model-0000i-of-0000N.safetensors` shards with `model.safetensors.index.json`.
+    pub max_shard_bytes: Option<u64>,
 }
 
 /// One quantized linear.
@@ -217,6 +221,7 @@ pub fn gptq_config(o: &GptqQuantizeOptions) -> GptqConfig {
         sym: o.solver.sym,
         damp_percent: o.solver.damp_percent,
         true_sequential: o.true_sequential,
+        max_shard_bytes: o.max_shard_bytes,
     }
 }
 
@@ -442,6 +447,7 @@ mod tests {
             true_sequential: true,
             activation_budget_bytes: budget,
             rtn: false,
+            max_shard_bytes: None,
         }
     }
 
@@ -500,13 +506,42 @@ mod tests {
             toks.len()
         );
 
-        // Spilling the activations to disk gives the same files.
+        // Spilling the activations to disk gives the same weights (written here as shards too).
+        let single = std::fs::read(out.join("model.safetensors")).expect("weights");
         let out2 = tmp.path().join("gptq-spilled");
-        let r2 =
-            quantize_gptq(&src, &opts(tmp.path(), 0), &out2, &mut |_, _, _| true).expect("spill");
+        let mut o2 = opts(tmp.path(), 0);
+        o2.max_shard_bytes = Some(single.len() as u64 / 4);
+        let r2 = quantize_gptq(&src, &o2, &out2, &mut |_, _, _| true).expect("spill");
         assert!(r2.spilled);
-        let read = |p: &Path| std::fs::read(p.join("model.safetensors")).expect("weights");
-        assert_eq!(read(&out), read(&out2));
+        assert!(!out2.join("model.safetensors").exists());
+        let index: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(out2.join("model.safetensors.index.json")).expect("index"),
+        )
+        .expect("index json");
+        let map = index["weight_map"].as_object().expect("weight_map");
+        let a = safetensors::SafeTensors::deserialize(&single).expect("single");
+        assert_eq!(map.len(), a.len());
+        let mut shards = HashMap::new();
+        for (name, ta) in a.tensors() {
+            let file = map[&name].as_str().expect("file name");
+            let bytes = shards
+                .entry(file.to_owned())
+                .or_insert_with(|| std::fs::read(out2.join(file)).expect("shard"));
+            let b = safetensors::SafeTensors::deserialize(bytes).expect("shard");
+            let tb = b.tensor(&name).expect("tensor in its shard");
+            assert_eq!(
+                (ta.dtype(), ta.shape(), ta.data()),
+                (tb.dtype(), tb.shape(), tb.data()),
+                "{name}"
+            );
+        }
+        assert!(shards.len() >= 3, "{} shards", shards.len());
+        let q2 = SourceModel::open(&out2).expect("open sharded");
+        let c = Model::load(&q2).expect("c");
+        let lc = c
+            .forward(&toks, &mut c.new_cache(128), Logits::All)
+            .expect("c");
+        assert!(lb.iter().zip(&lc).all(|(x, y)| x.to_bits() == y.to_bits()));
         assert!(!std::fs::read_dir(tmp.path())
             .expect("ls")
             .flatten()

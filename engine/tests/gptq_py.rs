@@ -1,6 +1,7 @@
 //! Our GPTQ folders, decoded by an independent numpy dequantiser written from the published layout
 //! (`tests/gptq_py/dequantize_gptq.py`), give bit for bit the weights our engine evaluates — for 2, 3, 4
-//! and 8 bits, grouped, per-channel and act-order `g_idx`. Needs `python3` with `numpy`.
+//! and 8 bits, grouped, per-channel and act-order `g_idx`, in one `model.safetensors` or in shards named by
+//! `model.safetensors.index.json`. Needs `python3` with `numpy`.
 
 use std::path::Path;
 use std::process::Command;
@@ -61,12 +62,14 @@ fn numpy_dequantizer_reproduces_the_weights_we_evaluate() {
         .forward(&toks, &mut base.new_cache(64), Logits::Last)
         .expect("fwd");
     let mut checked = 0;
-    for (bits, group_size, act_order) in [
-        (4, Some(32), false),
-        (4, Some(32), true),
-        (3, Some(32), false),
-        (2, None, false),
-        (8, Some(64), true),
+    // The last element: largest weight file (`None`: the 5 GB default, one file).
+    for (bits, group_size, act_order, max_shard_bytes) in [
+        (4, Some(32), false, None),
+        (4, Some(32), true, None),
+        (3, Some(32), false, None),
+        (2, None, false, None),
+        (8, Some(64), true, None),
+        (4, Some(32), true, Some(16 << 10)),
     ] {
         let cfg = GptqConfig {
             bits,
@@ -76,10 +79,10 @@ fn numpy_dequantizer_reproduces_the_weights_we_evaluate() {
             sym: false,
             damp_percent: 0.01,
             true_sequential: true,
+            max_shard_bytes,
         };
-        let out = tmp
-            .path()
-            .join(format!("gptq-{bits}-{group_size:?}-{act_order}"));
+        let tag = format!("{bits}-{group_size:?}-{act_order}-{max_shard_bytes:?}");
+        let out = tmp.path().join(format!("gptq-{tag}"));
         write_gptq_folder(
             &src,
             &cfg,
@@ -88,9 +91,19 @@ fn numpy_dequantizer_reproduces_the_weights_we_evaluate() {
             &mut |_, _| true,
         )
         .expect("write");
-        let dq = tmp
-            .path()
-            .join(format!("dq-{bits}-{group_size:?}-{act_order}"));
+        assert_eq!(
+            out.join("model.safetensors").is_file(),
+            max_shard_bytes.is_none()
+        );
+        if max_shard_bytes.is_some() {
+            let shards = std::fs::read_dir(&out)
+                .expect("ls")
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
+                .count();
+            assert!(shards >= 3, "{shards} shards");
+        }
+        let dq = tmp.path().join(format!("dq-{tag}"));
         std::fs::create_dir(&dq).expect("mkdir");
         let script =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/gptq_py/dequantize_gptq.py");
@@ -144,5 +157,5 @@ fn numpy_dequantizer_reproduces_the_weights_we_evaluate() {
         assert_eq!(cfg_json["quantization_config"]["checkpoint_format"], "gptq");
         assert!(out.join("quantize_config.json").is_file() && out.join("tokenizer.json").is_file());
     }
-    assert_eq!(checked, 5 * 14);
+    assert_eq!(checked, 6 * 14);
 }

@@ -4,8 +4,9 @@
 
 Usage: dequantize_gptq.py MODEL_DIR OUT_DIR
 
-Reads config.json's quantization_config and model.safetensors with numpy only (the safetensors header is
-parsed by hand), and for every layer P with P.qweight writes OUT_DIR/P.f32: W[out, in] as little-endian
+Reads config.json's quantization_config and model.safetensors (or the shards that
+model.safetensors.index.json's weight_map names) with numpy only (the safetensors header is parsed by hand),
+and for every layer P with P.qweight writes OUT_DIR/P.f32: W[out, in] as little-endian
 float32, W[n, k] = f32(scales[g_idx[k], n]) * (q[k, n] - (zs[g_idx[k], n] + 1)).
 """
 import json
@@ -29,6 +30,28 @@ def read_safetensors(path):
             continue
         a, b = info["data_offsets"]
         out[name] = np.frombuffer(data[a:b], dtype=DT[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def read_weights(model):
+    """Every tensor of the folder: model.safetensors, or the shards of model.safetensors.index.json."""
+    single = os.path.join(model, "model.safetensors")
+    if os.path.isfile(single):
+        return read_safetensors(single)
+    index = json.load(open(os.path.join(model, "model.safetensors.index.json")))
+    weight_map = index["weight_map"]
+    out = {}
+    total = 0
+    for shard in sorted(set(weight_map.values())):
+        assert "/" not in shard and shard.endswith(".safetensors"), shard
+        t = read_safetensors(os.path.join(model, shard))
+        for name, a in t.items():
+            assert weight_map.get(name) == shard, f"{name} is in {shard}, index says {weight_map.get(name)}"
+            assert name not in out, f"{name} is stored twice"
+            out[name] = a
+            total += a.nbytes
+    assert set(out) == set(weight_map), "index and shards list different tensors"
+    assert index["metadata"]["total_size"] == total, (index["metadata"]["total_size"], total)
     return out
 
 
@@ -59,7 +82,7 @@ def main():
     qc = json.load(open(os.path.join(model, "config.json")))["quantization_config"]
     assert qc["quant_method"] == "gptq" and qc.get("checkpoint_format", "gptq") == "gptq"
     bits = int(qc["bits"])
-    t = read_safetensors(os.path.join(model, "model.safetensors"))
+    t = read_weights(model)
     for name in sorted(t):
         if not name.endswith(".qweight"):
             continue

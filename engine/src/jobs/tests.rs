@@ -405,3 +405,37 @@ fn the_model_cache_keeps_the_most_recent_models() {
     let d = cache.get_or_load(&model).expect("load");
     assert!(!Arc::ptr_eq(&a, &d), "evicted, so loaded again");
 }
+
+#[test]
+fn fetch_demo_into_a_file_fails_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("not-a-folder");
+    std::fs::write(&file, b"x").expect("write");
+    let engine = EngineHandle::spawn();
+    let job = submit(
+        &engine,
+        Command::FetchDemo {
+            dest: Some(file.clone()),
+        },
+    );
+    let evs = collect(&engine, job, Duration::from_secs(10));
+    assert!(
+        matches!(
+            evs[0],
+            Event::Started {
+                kind: JobKind::FetchDemo,
+                ..
+            }
+        ),
+        "{evs:?}"
+    );
+    match evs.last() {
+        Some(Event::Failed { error, .. }) => {
+            assert!(error.contains("not a folder"), "{error}");
+            assert!(error.contains(&file.display().to_string()), "{error}");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(&file).expect("read"), b"x");
+    engine.shutdown();
+}

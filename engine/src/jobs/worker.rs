@@ -89,6 +89,9 @@ pub(crate) enum JobRequest {
         out: PathBuf,
         options: Box<crate::quantize_gptq::GptqQuantizeOptions>,
     },
+    FetchDemo {
+        dest: Option<PathBuf>,
+    },
 }
 
 impl JobRequest {
@@ -190,6 +193,7 @@ impl JobRequest {
                 },
                 None,
             ),
+            Command::FetchDemo { dest } => (Self::FetchDemo { dest }, None),
             _ => return None,
         })
     }
@@ -343,6 +347,7 @@ fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOut
                 tokens_per_chunk: m.chunk_size,
             })
         }
+        JobRequest::FetchDemo { dest } => fetch_demo(ctx, dest.as_deref()),
     }
 }
 
@@ -517,6 +522,27 @@ fn convert(ctx: &JobCtx, model: &Path, out: &Path, dtype: OutDtype) -> Result<Jo
     Ok(JobOutput::Converted {
         path: out.to_path_buf(),
     })
+}
+
+fn fetch_demo(ctx: &JobCtx, dest: Option<&Path>) -> Result<JobOutput> {
+    // Each stage's ETA is measured from the stage's start.
+    let mut stage_start: Option<(String, Instant)> = None;
+    let mut on_progress = |stage: &str, done: u64, total: u64| {
+        let start = match &stage_start {
+            Some((s, t)) if s == stage => *t,
+            _ => {
+                let t = Instant::now();
+                stage_start = Some((stage.to_owned(), t));
+                t
+            }
+        };
+        let eta = (done > 0 && total > 0).then(|| {
+            start.elapsed().as_secs_f64() / done as f64 * total.saturating_sub(done) as f64
+        });
+        ctx.progress(stage, done, total, eta);
+    };
+    let path = crate::demo::fetch_demo_model(dest, &mut on_progress, &ctx.cancel)?;
+    Ok(JobOutput::DemoModel { path })
 }
 
 fn bench(

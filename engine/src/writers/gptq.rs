@@ -2,10 +2,14 @@
 //! ExLlamaV2 load; `shared/reference/hf-formats.md` §1–2): every linear inside the decoder layers becomes
 //! `qweight`/`qzeros`/`scales`/`g_idx` (+ its bias in fp16), everything else is written in fp16;
 //! `config.json` carries `quantization_config`, `quantize_config.json` repeats it, tokenizer files and the
-//! chat template are written as `convert` writes them. One `model.safetensors`, written tensor by tensor
-//! (memory bounded by one layer), in a temporary folder renamed when complete.
+//! chat template are written as `convert` writes them. The weights are written tensor by tensor (memory
+//! bounded by one layer) as one `model.safetensors`, or, above [`GptqConfig::max_shard_bytes`], as
+//! `model-0000i-of-0000N.safetensors` shards plus `model.safetensors.index.json`, laid out as
+//! transformers' `save_pretrained(max_shard_size=…)` does; everything is written in a temporary folder
+//! renamed when complete.
 
 use std::io::{BufWriter, Write};
+use std::ops::Range;
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
@@ -18,7 +22,11 @@ use crate::model::SourceModel;
 use crate::tensor::TensorRef;
 use crate::{Error, Result};
 
-/// The GPTQ settings recorded in `quantization_config`.
+/// Default largest weight file: 5 GB, the `max_shard_size` of transformers 4.x's `save_pretrained` and of
+/// `huggingface_hub`'s `split_torch_state_dict_into_shards` (transformers 5 raised its own to 50 GB).
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// The GPTQ settings recorded in `quantization_config`, and how the weights are split into files.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GptqConfig {
     pub bits: u32,
@@ -29,6 +37,9 @@ pub struct GptqConfig {
     pub sym: bool,
     pub damp_percent: f32,
     pub true_sequential: bool,
+    /// Largest weight file in bytes of tensor data (`None`: [`DEFAULT_MAX_SHARD_BYTES`]); more data is
+    /// split into shards, a tensor larger than this getting a shard of its own. Not recorded in the config.
+    pub max_shard_bytes: Option<u64>,
 }
 
 impl GptqConfig {
@@ -133,6 +144,52 @@ fn plan<'a>(src: &'a SourceModel, cfg: &GptqConfig) -> Result<Vec<Entry<'a>>> {
     Ok(v)
 }
 
+/// The partial folder, removed when dropped unless kept (errors, cancellation and panics leave nothing).
+struct Partial {
+    path: std::path::PathBuf,
+    keep: bool,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Split entries of `sizes` bytes, in order, into runs of at most `limit` bytes (an entry larger than
+/// `limit` alone in its run), as `huggingface_hub`'s `split_torch_state_dict_into_shards` fills shards.
+fn shard_ranges(sizes: &[u64], limit: u64) -> Vec<Range<usize>> {
+    let mut shards: Vec<Range<usize>> = Vec::new();
+    let mut size = 0u64;
+    for (i, &b) in sizes.iter().enumerate() {
+        match shards.last_mut() {
+            Some(cur) if size.saturating_add(b) <= limit => {
+                cur.end = i + 1;
+                size += b;
+            }
+            _ => {
+                shards.push(i..i + 1);
+                size = b;
+            }
+        }
+    }
+    if shards.is_empty() {
+        shards.push(0..0);
+    }
+    shards
+}
+
+/// The weight file of shard `i` of `n` (transformers' names).
+fn shard_file_name(i: usize, n: usize) -> String {
+    if n == 1 {
+        "model.safetensors".into()
+    } else {
+        format!("model-{:05}-of-{n:05}.safetensors", i + 1)
+    }
+}
+
 /// Write `src` as a GPTQ folder at `out`. `quantize_linear` packs one decoder linear (given in PyTorch
 /// order `[out, in]`); `progress(done, total)` returning `false` cancels and removes the partial folder.
 pub fn write_gptq_folder(
@@ -159,49 +216,86 @@ pub fn write_gptq_folder(
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let res = (|| -> Result<()> {
-        write_weights(
-            &tmp.join("model.safetensors"),
+    let mut partial = Partial {
+        path: tmp.clone(),
+        keep: false,
+    };
+    let text = |name: &str, v: &Value| -> Result<()> {
+        let mut s = serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
+        s.push('\n');
+        let p = tmp.join(name);
+        std::fs::write(&p, s).map_err(|e| Error::io(&p, e))
+    };
+    let sizes: Vec<u64> = entries.iter().map(|e| e.nbytes as u64).collect();
+    let shards = shard_ranges(
+        &sizes,
+        cfg.max_shard_bytes.unwrap_or(DEFAULT_MAX_SHARD_BYTES),
+    );
+    let n = shards.len();
+    let mut stream = Stream {
+        total: entries.iter().filter(|e| e.part.unwrap_or(0) == 0).count(),
+        done: 0,
+        packed: None,
+        quantize_linear,
+        progress,
+    };
+    for (i, r) in shards.iter().enumerate() {
+        write_shard(
+            &tmp.join(shard_file_name(i, n)),
             cfg,
-            &entries,
-            quantize_linear,
-            progress,
+            &entries[r.clone()],
+            &mut stream,
         )?;
-        let text = |name: &str, v: &Value| -> Result<()> {
-            let mut s =
-                serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
-            s.push('\n');
-            let p = tmp.join(name);
-            std::fs::write(&p, s).map_err(|e| Error::io(&p, e))
-        };
-        text("config.json", &config)?;
-        text("quantize_config.json", &cfg.to_json())?;
-        text(
-            "generation_config.json",
-            &generation_config_json(&src.tokenizer),
-        )?;
-        text(
-            "tokenizer_config.json",
-            &tokenizer_config_json(src, add_bos),
-        )?;
-        let p = tmp.join("tokenizer.json");
-        std::fs::write(&p, &tok_json).map_err(|e| Error::io(&p, e))
-    })();
-    match res.and_then(|()| std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
     }
+    if n > 1 {
+        // As transformers writes it (`json.dumps(index, indent=2, sort_keys=True)`).
+        let mut names: Vec<(&str, usize)> = Vec::with_capacity(entries.len());
+        for (i, r) in shards.iter().enumerate() {
+            names.extend(entries[r.clone()].iter().map(|e| (e.name.as_str(), i)));
+        }
+        names.sort_unstable();
+        let mut weight_map = Map::new();
+        for (name, i) in names {
+            weight_map.insert(name.to_owned(), Value::from(shard_file_name(i, n)));
+        }
+        text(
+            "model.safetensors.index.json",
+            &json!({"metadata": {"total_size": sizes.iter().sum::<u64>()}, "weight_map": weight_map}),
+        )?;
+    }
+    text("config.json", &config)?;
+    text("quantize_config.json", &cfg.to_json())?;
+    text(
+        "generation_config.json",
+        &generation_config_json(&src.tokenizer),
+    )?;
+    text(
+        "tokenizer_config.json",
+        &tokenizer_config_json(src, add_bos),
+    )?;
+    let p = tmp.join("tokenizer.json");
+    std::fs::write(&p, &tok_json).map_err(|e| Error::io(&p, e))?;
+    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
+    partial.keep = true;
+    Ok(())
 }
 
-fn write_weights(
+/// What carries over from one weight file to the next.
+struct Stream<'f> {
+    /// GPTQ linears in all, and packed so far.
+    total: usize,
+    done: usize,
+    /// The linear being written (its four parts may straddle two shards).
+    packed: Option<GptqPacked>,
+    quantize_linear: &'f mut dyn FnMut(&TensorRef) -> Result<GptqPacked>,
+    progress: &'f mut dyn FnMut(usize, usize) -> bool,
+}
+
+fn write_shard(
     path: &Path,
     cfg: &GptqConfig,
     entries: &[Entry<'_>],
-    quantize_linear: &mut dyn FnMut(&TensorRef) -> Result<GptqPacked>,
-    progress: &mut dyn FnMut(usize, usize) -> bool,
+    st: &mut Stream<'_>,
 ) -> Result<()> {
     let mut header = Map::new();
     let mut meta = Map::new();
@@ -223,9 +317,6 @@ fn write_weights(
     let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path).map_err(io)?);
     w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
     w.write_all(&h).map_err(io)?;
-    let total = entries.iter().filter(|e| e.part.unwrap_or(0) == 0).count();
-    let mut done = 0;
-    let mut packed: Option<GptqPacked> = None;
     let mut row = Vec::new();
     for e in entries {
         let bytes: Vec<u8> = match e.part {
@@ -244,9 +335,10 @@ fn write_weights(
             }
             Some(part) => {
                 if part == 0 {
-                    packed = Some(quantize_linear(e.src)?);
+                    st.packed = Some((st.quantize_linear)(e.src)?);
                 }
-                let p = packed
+                let p = st
+                    .packed
                     .as_ref()
                     .ok_or_else(|| Error::Invalid("GPTQ parts out of order".into()))?;
                 [&p.qweight, &p.qzeros, &p.scales, &p.g_idx][part].clone()
@@ -262,12 +354,220 @@ fn write_weights(
         }
         w.write_all(&bytes).map_err(io)?;
         if e.part.unwrap_or(0) == 0 {
-            done += 1;
-            if !progress(done, total) {
+            st.done += 1;
+            if !(st.progress)(st.done, st.total) {
                 return Err(Error::Cancelled);
             }
         }
     }
     let f = w.into_inner().map_err(|e| io(e.into_error()))?;
     f.sync_all().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codecs::gptq::pack_gptq;
+    use crate::infer::{Logits, Model};
+    use crate::model::fixture::{write_fixture, FixtureSpec};
+
+    #[test]
+    fn shards_fill_in_order_like_huggingface_hub() {
+        // huggingface_hub's docstring example: [6, 6, 2, 6, 2, 2] under 10 → [6], [6+2], [6+2+2].
+        assert_eq!(
+            shard_ranges(&[6, 6, 2, 6, 2, 2], 10),
+            vec![0..1, 1..3, 3..6]
+        );
+        // A tensor over the limit gets a shard of its own.
+        assert_eq!(shard_ranges(&[3, 20, 3], 10), vec![0..1, 1..2, 2..3]);
+        assert_eq!(shard_ranges(&[3, 3, 4], 10), vec![0..3]);
+        assert_eq!(shard_ranges(&[], 10), vec![0..0]);
+        assert_eq!(shard_file_name(0, 1), "model.safetensors");
+        assert_eq!(shard_file_name(1, 12), "model-00002-of-00012.safetensors");
+    }
+
+    /// Round-to-nearest on GPTQ's asymmetric grid, groups of `gs` columns.
+    fn rtn(t: &TensorRef, cfg: &GptqConfig) -> Result<GptqPacked> {
+        let (n, k) = (t.rows(), t.cols());
+        let gs = cfg.group_size.unwrap_or(k);
+        let maxq = (1u32 << cfg.bits) - 1;
+        let w = t.to_f32();
+        let groups = k / gs;
+        let (mut q, mut zeros, mut scales) = (
+            vec![0u8; n * k],
+            vec![0u32; groups * n],
+            vec![0f32; groups * n],
+        );
+        for r in 0..n {
+            for g in 0..groups {
+                let cols = &w[r * k + g * gs..r * k + (g + 1) * gs];
+                let lo = cols.iter().copied().fold(0.0f32, f32::min);
+                let hi = cols.iter().copied().fold(0.0f32, f32::max);
+                let s = half::f16::from_f32(((hi - lo) / maxq as f32).max(1e-6)).to_f32();
+                let z = ((-lo / s).round() as u32).clamp(1, maxq);
+                (scales[g * n + r], zeros[g * n + r]) = (s, z);
+                for (c, &x) in cols.iter().enumerate() {
+                    q[r * k + g * gs + c] =
+                        ((x / s).round() + z as f32).clamp(0.0, maxq as f32) as u8;
+                }
+            }
+        }
+        let g_idx: Vec<u32> = (0..k).map(|c| (c / gs) as u32).collect();
+        pack_gptq(cfg.bits, n, k, &q, &zeros, &scales, &g_idx)
+    }
+
+    fn header(bytes: &[u8]) -> Map<String, Value> {
+        let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+        serde_json::from_slice(&bytes[8..8 + n]).expect("header")
+    }
+
+    #[test]
+    fn sharded_folder_holds_the_single_files_tensors_and_runs_the_same() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src_dir = tmp.path().join("src");
+        write_fixture(&FixtureSpec::tiny_llama(), &src_dir).expect("fixture");
+        let src = SourceModel::open(&src_dir).expect("open");
+        let mut cfg = GptqConfig {
+            bits: 4,
+            group_size: Some(32),
+            desc_act: false,
+            static_groups: false,
+            sym: false,
+            damp_percent: 0.01,
+            true_sequential: true,
+            max_shard_bytes: None,
+        };
+        let single = tmp.path().join("single");
+        let c = cfg.clone();
+        write_gptq_folder(&src, &cfg, &single, &mut |t| rtn(t, &c), &mut |_, _| true)
+            .expect("single");
+        let names = |d: &Path| -> Vec<String> {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .expect("ls")
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("model"))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&single), ["model.safetensors"]);
+        let one = std::fs::read(single.join("model.safetensors")).expect("read");
+        let one_header = header(&one);
+        let data_bytes =
+            (one.len() - 8 - (u64::from_le_bytes(one[..8].try_into().expect("8")) as usize)) as u64;
+
+        // A tenth of the data per shard.
+        let limit = data_bytes / 10;
+        cfg.max_shard_bytes = Some(limit);
+        let sharded = tmp.path().join("sharded");
+        let c = cfg.clone();
+        let mut calls = 0;
+        write_gptq_folder(
+            &src,
+            &cfg,
+            &sharded,
+            &mut |t| {
+                calls += 1;
+                rtn(t, &c)
+            },
+            &mut |_, _| true,
+        )
+        .expect("sharded");
+        assert_eq!(calls, 14, "each linear is packed once");
+        let files = names(&sharded);
+        let n = files.len() - 1;
+        assert!(n >= 5, "{files:?}");
+        assert_eq!(files[n], "model.safetensors.index.json");
+        for (i, f) in files[..n].iter().enumerate() {
+            assert_eq!(*f, format!("model-{:05}-of-{n:05}.safetensors", i + 1));
+        }
+        let index: Value = serde_json::from_slice(
+            &std::fs::read(sharded.join("model.safetensors.index.json")).expect("index"),
+        )
+        .expect("json");
+        assert_eq!(index["metadata"]["total_size"], data_bytes);
+        let map = index["weight_map"].as_object().expect("weight_map");
+        let keys: Vec<&String> = map.keys().collect();
+        assert!(
+            keys.windows(2).all(|w| w[0] < w[1]),
+            "sorted like sort_keys=True"
+        );
+        // Every tensor of the single file is in exactly one shard, the one the index names, with the same
+        // bytes; shards stay under the limit unless they hold one tensor.
+        let mut seen = std::collections::BTreeMap::new();
+        let mut total = 0u64;
+        for f in &files[..n] {
+            let bytes = std::fs::read(sharded.join(f)).expect("shard");
+            let st = safetensors::SafeTensors::deserialize(&bytes).expect("shard parses");
+            let size: u64 = st
+                .tensors()
+                .iter()
+                .map(|(_, t)| t.data().len() as u64)
+                .sum();
+            assert!(size <= limit || st.len() == 1, "{f}: {size} bytes");
+            total += size;
+            for (name, t) in st.tensors() {
+                assert_eq!(map[&name], Value::from(f.as_str()), "{name}");
+                assert!(
+                    seen.insert(name.clone(), t.data().to_vec()).is_none(),
+                    "{name} twice"
+                );
+            }
+            assert_eq!(header(&bytes)["__metadata__"]["format"], "pt");
+        }
+        assert_eq!(total, data_bytes);
+        let a = safetensors::SafeTensors::deserialize(&one).expect("single parses");
+        assert_eq!(seen.len(), a.len());
+        assert_eq!(map.len(), a.len());
+        assert_eq!(one_header.len(), a.len() + 1);
+        for (name, t) in a.tensors() {
+            assert_eq!(seen[&name], t.data(), "{name}");
+        }
+
+        // Our reader sees the same model.
+        let (p, q) = (
+            SourceModel::open(&single).expect("open single"),
+            SourceModel::open(&sharded).expect("open sharded"),
+        );
+        assert_eq!(
+            p.tensors.keys().collect::<Vec<_>>(),
+            q.tensors.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            q.tensors.values().filter(|t| t.packed.is_some()).count(),
+            14
+        );
+        for (x, y) in p.tensors.values().zip(q.tensors.values()) {
+            let (x, y) = (x.to_f32(), y.to_f32());
+            assert!(x.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        let toks = p
+            .tokenizer
+            .encode("the cat sat on the mat", false)
+            .expect("toks");
+        let (mp, mq) = (Model::load(&p).expect("p"), Model::load(&q).expect("q"));
+        let lp = mp
+            .forward(&toks, &mut mp.new_cache(64), Logits::All)
+            .expect("p");
+        let lq = mq
+            .forward(&toks, &mut mq.new_cache(64), Logits::All)
+            .expect("q");
+        assert!(lp.iter().zip(&lq).all(|(a, b)| a.to_bits() == b.to_bits()));
+
+        // Cancelled half way through the shards: nothing is left behind.
+        let cancelled = tmp.path().join("cancelled");
+        let c = cfg.clone();
+        let r = write_gptq_folder(&src, &cfg, &cancelled, &mut |t| rtn(t, &c), &mut |d, _| {
+            d < 8
+        });
+        assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
+        let mut left: Vec<String> = std::fs::read_dir(tmp.path())
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["sharded", "single", "src"]);
+    }
 }

@@ -1,0 +1,339 @@
+//! The chat tab: pick a variant, chat with it through its own chat template with streaming tokens, stop,
+//! sampling settings, a system prompt and tokens/s; in A/B mode one prompt goes to two variants and the
+//! answers stream side by side.
+
+use std::path::PathBuf;
+
+use eframe::egui;
+use quant_engine::infer::{GenerateOptions, SamplerConfig};
+use quant_engine::jobs::{Command, Event, JobId};
+
+use super::dialogs::Picked;
+use super::{Owner, Shared};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Message {
+    pub user: bool,
+    pub text: String,
+}
+
+/// One side of the chat (the only one, or A / B).
+#[derive(Clone, Debug, Default)]
+pub struct Side {
+    /// The variant chatted with.
+    pub model: Option<PathBuf>,
+    /// The engine's chat session and the model and system prompt it was started with.
+    pub session: Option<(JobId, PathBuf, String)>,
+    pub transcript: Vec<Message>,
+    pub writing: bool,
+    /// Decode speed of the last reply.
+    pub tokens_per_sec: Option<f64>,
+    pub generated: usize,
+}
+
+impl Side {
+    fn label(&self, shared: &Shared) -> String {
+        self.model
+            .as_ref()
+            .and_then(|p| shared.variants.iter().find(|v| &v.path == p))
+            .map_or("—".into(), |v| v.label.clone())
+    }
+}
+
+pub struct ChatPanel {
+    pub sides: [Side; 2],
+    pub ab: bool,
+    pub system: String,
+    pub sampler: SamplerConfig,
+    pub max_new_tokens: usize,
+    pub input: String,
+}
+
+impl Default for ChatPanel {
+    fn default() -> Self {
+        Self {
+            sides: [Side::default(), Side::default()],
+            ab: false,
+            system: String::new(),
+            sampler: SamplerConfig::default(),
+            max_new_tokens: 256,
+            input: String::new(),
+        }
+    }
+}
+
+impl ChatPanel {
+    pub fn on_dialog(&mut self, _p: &Picked) {}
+
+    /// Whether a reply is being written.
+    pub fn writing(&self) -> bool {
+        self.sides.iter().any(|s| s.writing)
+    }
+
+    fn options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            sampler: self.sampler.clone(),
+            ..GenerateOptions::default()
+        }
+    }
+
+    fn active(&self) -> usize {
+        if self.ab {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Send `text` to the active side(s), starting sessions as needed.
+    pub fn send(&mut self, shared: &mut Shared, text: String) {
+        if text.trim().is_empty() {
+            return;
+        }
+        let options = self.options();
+        for i in 0..self.active() {
+            let side = &mut self.sides[i];
+            let Some(model) = side.model.clone().or_else(|| shared.source_path().map(PathBuf::from))
+            else {
+                shared.notes.error("Open a model first", "");
+                return;
+            };
+            side.model = Some(model.clone());
+            let fresh = match &side.session {
+                Some((_, m, sys)) => m != &model || sys != &self.system,
+                None => true,
+            };
+            if fresh {
+                if let Some((job, _, _)) = side.session.take() {
+                    shared.send(Command::Cancel(job));
+                }
+                side.transcript.clear();
+                let system = (!self.system.trim().is_empty()).then(|| self.system.clone());
+                let cmd = Command::Chat {
+                    model: model.clone(),
+                    system,
+                    options: options.clone(),
+                    context_tokens: None,
+                };
+                match shared.submit(Owner::Chat, cmd) {
+                    Some(job) => side.session = Some((job, model, self.system.clone())),
+                    None => return,
+                }
+            }
+            if let Some((job, _, _)) = &side.session {
+                shared.send(Command::ChatSend {
+                    job: *job,
+                    text: text.clone(),
+                });
+                side.transcript.push(Message {
+                    user: true,
+                    text: text.clone(),
+                });
+                side.transcript.push(Message {
+                    user: false,
+                    text: String::new(),
+                });
+                side.writing = true;
+                side.generated = 0;
+            }
+        }
+    }
+
+    pub fn on_event(&mut self, shared: &mut Shared, ev: Event) {
+        let job = ev.job();
+        let Some(side) = self
+            .sides
+            .iter_mut()
+            .find(|s| s.session.as_ref().is_some_and(|(j, _, _)| *j == job))
+        else {
+            return;
+        };
+        match ev {
+            Event::Token { text, .. } => {
+                if let Some(m) = side.transcript.last_mut().filter(|m| !m.user) {
+                    m.text.push_str(&text);
+                }
+                side.generated += 1;
+            }
+            Event::TurnFinished { text, stats, .. } => {
+                if let Some(m) = side.transcript.last_mut().filter(|m| !m.user) {
+                    m.text = text;
+                }
+                side.writing = false;
+                side.tokens_per_sec = Some(stats.decode_tokens_per_sec());
+            }
+            Event::Failed { error, .. } => {
+                side.writing = false;
+                side.session = None;
+                shared.notes.error("The chat stopped", error);
+            }
+            Event::Cancelled { .. } | Event::Finished { .. } => {
+                side.writing = false;
+                side.session = None;
+            }
+            _ => {}
+        }
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        if shared.source.is_none() {
+            ui.heading("Open a model first");
+            return;
+        }
+        egui::SidePanel::right("chat-settings")
+            .default_width(280.0)
+            .show_inside(ui, |ui| self.settings_ui(ui, shared));
+        egui::TopBottomPanel::bottom("chat-input").show_inside(ui, |ui| {
+            ui.add_space(4.0);
+            ui.horizontal(|ui| {
+                let edit = ui.add(
+                    egui::TextEdit::multiline(&mut self.input)
+                        .desired_rows(2)
+                        .desired_width(ui.available_width() - 140.0)
+                        .hint_text("Message (Enter to send, Shift+Enter for a new line)"),
+                );
+                let enter = edit.has_focus()
+                    && ui.input(|i| i.key_pressed(egui::Key::Enter) && !i.modifiers.shift);
+                let writing = self.writing();
+                if writing {
+                    if ui.button("⏹ Stop").clicked() {
+                        for s in &self.sides {
+                            if let (true, Some((job, _, _))) = (s.writing, &s.session) {
+                                shared.send(Command::ChatStop { job: *job });
+                            }
+                        }
+                    }
+                } else if ui.button("Send").clicked() || enter {
+                    let text = std::mem::take(&mut self.input);
+                    self.send(shared, text.trim_end_matches('\n').to_string());
+                }
+            });
+            ui.add_space(4.0);
+        });
+        egui::CentralPanel::default().show_inside(ui, |ui| {
+            let n = self.active();
+            ui.columns(n, |cols| {
+                for (i, col) in cols.iter_mut().enumerate() {
+                    transcript(col, &self.sides[i], i, &self.sides[i].label(shared));
+                }
+            });
+        });
+    }
+
+    fn settings_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        ui.heading("Chat");
+        ui.checkbox(&mut self.ab, "A/B: two variants side by side");
+        for i in 0..self.active() {
+            let name = if self.ab { ["A", "B"][i] } else { "Model" };
+            let current = self.sides[i].label(shared);
+            egui::ComboBox::from_label(name)
+                .selected_text(current)
+                .show_ui(ui, |ui| {
+                    for v in &shared.variants {
+                        let on = self.sides[i].model.as_ref() == Some(&v.path);
+                        if ui.selectable_label(on, &v.label).clicked() {
+                            self.sides[i].model = Some(v.path.clone());
+                        }
+                    }
+                });
+        }
+        ui.add_space(6.0);
+        let label = ui.label("System prompt");
+        ui.add(egui::TextEdit::multiline(&mut self.system).desired_rows(3))
+            .labelled_by(label.id);
+        ui.add_space(6.0);
+        ui.label("Sampling");
+        let mut changed = false;
+        egui::Grid::new("sampling").num_columns(2).show(ui, |ui| {
+            ui.label("temperature");
+            changed |= ui
+                .add(egui::Slider::new(&mut self.sampler.temperature, 0.0..=2.0))
+                .changed();
+            ui.end_row();
+            ui.label("top-p");
+            changed |= ui
+                .add(egui::Slider::new(&mut self.sampler.top_p, 0.0..=1.0))
+                .changed();
+            ui.end_row();
+            ui.label("top-k");
+            changed |= ui
+                .add(egui::Slider::new(&mut self.sampler.top_k, 0..=200))
+                .changed();
+            ui.end_row();
+            ui.label("min-p");
+            changed |= ui
+                .add(egui::Slider::new(&mut self.sampler.min_p, 0.0..=1.0))
+                .changed();
+            ui.end_row();
+            ui.label("repeat penalty");
+            changed |= ui
+                .add(egui::Slider::new(&mut self.sampler.repetition_penalty, 1.0..=2.0))
+                .changed();
+            ui.end_row();
+            ui.label("max tokens");
+            changed |= ui
+                .add(egui::DragValue::new(&mut self.max_new_tokens).range(1..=8192))
+                .changed();
+            ui.end_row();
+            ui.label("seed");
+            changed |= ui.add(egui::DragValue::new(&mut self.sampler.seed)).changed();
+            ui.end_row();
+        });
+        if changed {
+            let options = self.options();
+            for s in &self.sides {
+                if let Some((job, _, _)) = &s.session {
+                    shared.send(Command::ChatOptions {
+                        job: *job,
+                        options: options.clone(),
+                    });
+                }
+            }
+        }
+        ui.add_space(6.0);
+        if ui.button("New conversation").clicked() {
+            for s in &mut self.sides {
+                if let Some((job, _, _)) = &s.session {
+                    shared.send(Command::ChatReset { job: *job });
+                }
+                s.transcript.clear();
+            }
+        }
+    }
+}
+
+fn transcript(ui: &mut egui::Ui, side: &Side, i: usize, label: &str) {
+    ui.horizontal(|ui| {
+        ui.strong(label);
+        if let Some(t) = side.tokens_per_sec {
+            ui.weak(format!("{t:.1} tokens/s"));
+        }
+        if side.writing {
+            ui.spinner();
+        }
+    });
+    egui::ScrollArea::vertical()
+        .id_salt(("transcript", i))
+        .stick_to_bottom(true)
+        .auto_shrink([false, false])
+        .show(ui, |ui| {
+            for m in &side.transcript {
+                let (who, fill) = if m.user {
+                    ("you", ui.visuals().faint_bg_color)
+                } else {
+                    ("model", ui.visuals().extreme_bg_color)
+                };
+                egui::Frame::new()
+                    .fill(fill)
+                    .inner_margin(8.0)
+                    .corner_radius(6.0)
+                    .show(ui, |ui| {
+                        ui.set_min_width(ui.available_width());
+                        ui.weak(who);
+                        ui.add(egui::Label::new(&m.text).wrap());
+                    });
+                ui.add_space(4.0);
+            }
+        });
+}

@@ -1,0 +1,743 @@
+//! The quantize tab: pick targets (GGUF mixes, GPTQ bit widths), calibration and output folder, see the
+//! estimated size, bpw, peak memory and time of each, then run them one after another with stage, progress,
+//! ETA and cancel, while the per-layer charts fill in.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use eframe::egui;
+use quant_engine::calib::{CalibOptions, CalibSource};
+use quant_engine::imatrix::ImatrixOptions;
+use quant_engine::jobs::{Command, EvalText, Event, ImatrixSource, JobId, JobOutput};
+use quant_engine::quantize_gptq::GptqQuantizeOptions;
+use quant_engine::recipes::gguf::GgufMix;
+use quant_engine::solvers::gptq::GptqOptions;
+
+use super::dialogs::Picked;
+use super::model::{model_stem, output_dir};
+use super::plots::{LayerPlots, LayerShape};
+use super::settings::Settings;
+use super::{human_bytes, human_secs, Owner, Shared, Variant};
+
+/// One thing to make.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Target {
+    Gguf {
+        /// llama-quantize's name (`"Q4_K_M"`).
+        mix: String,
+        /// Compute an importance matrix on the calibration text first.
+        imatrix: bool,
+    },
+    Gptq {
+        bits: u8,
+        group: Option<usize>,
+        act_order: bool,
+        sym: bool,
+    },
+}
+
+impl Target {
+    /// A short label, also the suffix of the output's name.
+    pub fn label(&self) -> String {
+        match self {
+            Target::Gguf { mix, imatrix } => {
+                if *imatrix {
+                    format!("{mix}-imat")
+                } else {
+                    mix.clone()
+                }
+            }
+            Target::Gptq {
+                bits,
+                group,
+                act_order,
+                sym,
+            } => {
+                let g = group.map_or("ch".to_string(), |g| format!("g{g}"));
+                let ao = if *act_order { "-ao" } else { "" };
+                let s = if *sym { "" } else { "-asym" };
+                format!("GPTQ-{bits}bit-{g}{ao}{s}")
+            }
+        }
+    }
+
+    /// Where the output goes.
+    pub fn output(&self, dir: &std::path::Path, stem: &str) -> PathBuf {
+        match self {
+            Target::Gguf { .. } => dir.join(format!("{stem}-{}.gguf", self.label())),
+            Target::Gptq { .. } => dir.join(format!("{stem}-{}", self.label())),
+        }
+    }
+
+    /// Whether it needs calibration data.
+    pub fn calibrated(&self) -> bool {
+        match self {
+            Target::Gguf { imatrix, .. } => *imatrix,
+            Target::Gptq { .. } => true,
+        }
+    }
+
+    /// Nominal bits per weight of the quantized linear layers (llama.cpp's table for the mixes, the
+    /// packing for GPTQ: codes + fp16 scale + packed zero per group).
+    pub fn linear_bpw(&self) -> f64 {
+        match self {
+            Target::Gguf { mix, .. } => nominal_mix_bpw(mix),
+            Target::Gptq { bits, group, .. } => {
+                let b = f64::from(*bits);
+                match group {
+                    Some(g) => b + (16.0 + b) / *g as f64,
+                    None => b,
+                }
+            }
+        }
+    }
+}
+
+/// Bits per weight of the linears of each named mix (llama.cpp's `llama-quantize --help` sizes).
+pub fn nominal_mix_bpw(mix: &str) -> f64 {
+    match mix {
+        "F32" => 32.0,
+        "F16" | "BF16" => 16.0,
+        "Q8_0" => 8.5,
+        "Q6_K" => 6.5625,
+        "Q5_K_M" => 5.69,
+        "Q5_K_S" => 5.54,
+        "Q5_1" => 6.0,
+        "Q5_0" => 5.5,
+        "Q4_K_M" => 4.89,
+        "Q4_K_S" => 4.58,
+        "Q4_1" => 5.0,
+        "Q4_0" | "IQ4_NL" => 4.5,
+        "IQ4_XS" => 4.25,
+        "Q3_K_L" => 4.27,
+        "Q3_K_M" => 3.91,
+        "Q3_K_S" => 3.5,
+        "Q2_K" => 3.35,
+        "Q2_K_S" => 3.0,
+        _ => 4.5,
+    }
+}
+
+/// What a target is expected to cost, before it runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Estimate {
+    pub bpw: f64,
+    pub size_bytes: u64,
+    pub peak_memory_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Calibration settings shared by every calibrated target.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Calibration {
+    /// `None`: the bundled text.
+    pub file: Option<PathBuf>,
+    pub rows: usize,
+    pub seq_len: usize,
+}
+
+impl Default for Calibration {
+    fn default() -> Self {
+        Self {
+            file: None,
+            rows: 128,
+            seq_len: 512,
+        }
+    }
+}
+
+/// Rough cost model, from measurements on a 2-core machine (README): quantizing ≈ 110 M weights/s, a
+/// forward pass over calibration tokens ≈ 1.6e10 weight·tokens/s.
+pub fn estimate(target: &Target, shape: &super::model::OpenModel, calib: &Calibration) -> Estimate {
+    let s = &shape.summary;
+    let embd = (s.vocab * s.hidden) as f64;
+    let heads = if s.tied { embd } else { 2.0 * embd };
+    let linears = (s.parameter_count as f64 - heads).max(0.0);
+    let head_bpw = match target {
+        // llama.cpp: the output (or a tied embedding) is Q6_K unless the mix is finer; the embedding of an
+        // untied model follows the mix.
+        Target::Gguf { mix, .. } => nominal_mix_bpw(mix).max(6.5625),
+        Target::Gptq { .. } => 16.0,
+    };
+    let bpw_lin = target.linear_bpw();
+    let bits = linears * bpw_lin + heads * head_bpw;
+    let size_bytes = (bits / 8.0) as u64;
+    let bpw = bits / s.parameter_count.max(1) as f64;
+    let largest = (s.vocab.max(s.intermediate) * s.hidden) as f64 * 4.0;
+    let tokens = (calib.rows * calib.seq_len) as f64;
+    let params = s.parameter_count as f64;
+    let (peak, seconds) = match target {
+        Target::Gguf { imatrix, .. } => {
+            let mut secs = params / 110e6;
+            if *imatrix {
+                secs += tokens * params / 1.6e10;
+            }
+            (3.0 * largest + 64e6, secs)
+        }
+        Target::Gptq { .. } => {
+            let acts = tokens * s.hidden as f64 * 4.0 * 2.0;
+            let hess = (s.intermediate * s.intermediate) as f64 * 8.0 * 2.0;
+            (acts + hess + 3.0 * largest + 64e6, tokens * params / 1.6e10 * 1.3)
+        }
+    };
+    Estimate {
+        bpw,
+        size_bytes,
+        peak_memory_bytes: peak as u64,
+        seconds,
+    }
+}
+
+/// A queued, running or finished target.
+#[derive(Clone, Debug)]
+pub struct QueueItem {
+    pub target: Target,
+    pub out: PathBuf,
+    pub status: Status,
+    pub job: Option<JobId>,
+    pub stage: String,
+    pub done: u64,
+    pub total: u64,
+    pub eta: Option<f64>,
+    pub started: Option<Instant>,
+    /// Index of this item's run in the charts.
+    pub run: Option<usize>,
+    /// Bits per weight and size, when finished.
+    pub result: Option<(f64, u64)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Status {
+    Waiting,
+    Running,
+    Done,
+    Failed(String),
+    Cancelled,
+}
+
+pub struct QuantizePanel {
+    /// Ticked GGUF mixes.
+    pub gguf: Vec<String>,
+    pub imatrix: bool,
+    /// Ticked GPTQ bit widths.
+    pub gptq_bits: Vec<u8>,
+    pub gptq_group: Option<usize>,
+    pub gptq_act_order: bool,
+    pub gptq_sym: bool,
+    pub calib: Calibration,
+    pub queue: Vec<QueueItem>,
+    pub plots: LayerPlots,
+}
+
+impl QuantizePanel {
+    pub fn from_settings(s: &Settings) -> Self {
+        Self {
+            gguf: if s.gguf_targets.is_empty() {
+                vec!["Q4_K_M".into()]
+            } else {
+                s.gguf_targets.clone()
+            },
+            imatrix: false,
+            gptq_bits: s.gptq_bits.clone(),
+            gptq_group: Some(128),
+            gptq_act_order: true,
+            gptq_sym: false,
+            calib: Calibration::default(),
+            queue: Vec::new(),
+            plots: LayerPlots::default(),
+        }
+    }
+
+    pub fn store_settings(&self, s: &mut Settings) {
+        s.gguf_targets = self.gguf.clone();
+        s.gptq_bits = self.gptq_bits.clone();
+    }
+
+    /// The targets ticked now, GGUF first.
+    pub fn targets(&self) -> Vec<Target> {
+        let mut t: Vec<Target> = GgufMix::all()
+            .map(|m| m.name())
+            .filter(|n| self.gguf.iter().any(|g| g == n))
+            .map(|mix| Target::Gguf {
+                mix: mix.to_string(),
+                imatrix: self.imatrix,
+            })
+            .collect();
+        let mut bits = self.gptq_bits.clone();
+        bits.sort_unstable();
+        bits.dedup();
+        t.extend(bits.into_iter().map(|bits| Target::Gptq {
+            bits,
+            group: self.gptq_group,
+            act_order: self.gptq_act_order,
+            sym: self.gptq_sym,
+        }));
+        t
+    }
+
+    pub fn on_dialog(&mut self, p: &Picked) {
+        if let Picked::CalibFile(f) = p {
+            self.calib.file = Some(f.clone());
+        }
+    }
+
+    /// Queue every ticked target (the first starts at once if nothing runs).
+    pub fn start(&mut self, shared: &mut Shared) {
+        let Some(src) = shared.source.as_ref() else {
+            shared
+                .notes
+                .error("Open a model first", "Drop a model on the window, or use Open model….");
+            return;
+        };
+        let targets = self.targets();
+        if targets.is_empty() {
+            shared.notes.error("Pick a target first", "Tick a GGUF mix or a GPTQ bit width.");
+            return;
+        }
+        let dir = output_dir(shared, &src.path);
+        let stem = model_stem(&src.path);
+        self.plots.shape = LayerShape {
+            hidden: src.summary.hidden,
+            kv_dim: src.summary.kv_heads * src.summary.head_dim,
+            intermediate: src.summary.intermediate,
+        };
+        for target in targets {
+            let out = target.output(&dir, &stem);
+            self.queue.push(QueueItem {
+                target,
+                out,
+                status: Status::Waiting,
+                job: None,
+                stage: "waiting".into(),
+                done: 0,
+                total: 0,
+                eta: None,
+                started: None,
+                run: None,
+                result: None,
+            });
+        }
+        self.pump(shared);
+    }
+
+    /// The engine command for a target.
+    pub fn command(&self, target: &Target, model: PathBuf, out: PathBuf) -> Command {
+        let text = match &self.calib.file {
+            Some(f) => EvalText::File(f.clone()),
+            None => EvalText::Bundled,
+        };
+        match target {
+            Target::Gguf { mix, imatrix } => Command::Quantize {
+                model,
+                out,
+                format: mix.clone(),
+                overrides: Vec::new(),
+                imatrix: if *imatrix {
+                    ImatrixSource::Compute {
+                        text,
+                        options: ImatrixOptions {
+                            n_ctx: self.calib.seq_len,
+                            max_chunks: Some(self.calib.rows),
+                        },
+                    }
+                } else {
+                    ImatrixSource::None
+                },
+            },
+            Target::Gptq {
+                bits,
+                group,
+                act_order,
+                sym,
+            } => Command::QuantizeGptq {
+                model,
+                out,
+                options: Box::new(GptqQuantizeOptions {
+                    solver: GptqOptions {
+                        bits: *bits,
+                        group_size: *group,
+                        act_order: *act_order,
+                        sym: *sym,
+                        ..GptqOptions::default()
+                    },
+                    calib: match &self.calib.file {
+                        Some(f) => CalibSource::File {
+                            path: f.clone(),
+                            column: None,
+                        },
+                        None => CalibSource::Bundled,
+                    },
+                    calib_opts: CalibOptions {
+                        rows: self.calib.rows,
+                        seq_len: self.calib.seq_len,
+                        seed: 0,
+                    },
+                    true_sequential: true,
+                    activation_budget_bytes: 2 << 30,
+                    rtn: false,
+                    max_shard_bytes: None,
+                }),
+            },
+        }
+    }
+
+    /// Start the next waiting item if none is running.
+    fn pump(&mut self, shared: &mut Shared) {
+        if self.queue.iter().any(|q| q.status == Status::Running) {
+            return;
+        }
+        let Some(src) = shared.source.as_ref().map(|s| s.path.clone()) else {
+            return;
+        };
+        let Some(i) = self.queue.iter().position(|q| q.status == Status::Waiting) else {
+            return;
+        };
+        if let Some(parent) = self.queue[i].out.parent().map(PathBuf::from) {
+            if let Err(e) = std::fs::create_dir_all(&parent) {
+                self.queue[i].status = Status::Failed(e.to_string());
+                shared.notes.error(
+                    format!("Cannot create {}", parent.display()),
+                    e.to_string(),
+                );
+                return;
+            }
+        }
+        let cmd = self.command(&self.queue[i].target, src, self.queue[i].out.clone());
+        if let Some(job) = shared.submit(Owner::Quantize, cmd) {
+            let run = self.plots.start_run(self.queue[i].target.label());
+            let item = &mut self.queue[i];
+            item.job = Some(job);
+            item.status = Status::Running;
+            item.stage = "starting".into();
+            item.started = Some(Instant::now());
+            item.run = Some(run);
+        }
+    }
+
+    pub fn on_event(&mut self, shared: &mut Shared, ev: Event) {
+        let job = ev.job();
+        let Some(i) = self.queue.iter().position(|q| q.job == Some(job)) else {
+            return;
+        };
+        let run = self.queue[i].run;
+        match ev {
+            Event::Progress {
+                stage,
+                done,
+                total,
+                eta_secs,
+                ..
+            } => {
+                let q = &mut self.queue[i];
+                q.stage = stage;
+                q.done = done;
+                q.total = total;
+                q.eta = eta_secs;
+            }
+            Event::LayerDone { metrics, .. } => {
+                if let Some(r) = run {
+                    self.plots.push(r, metrics);
+                }
+            }
+            Event::Finished { output, .. } => {
+                let (bpw, size) = match output {
+                    JobOutput::Quantized(r) => (r.bits_per_weight, r.file_size_bytes),
+                    JobOutput::QuantizedGptq(r) => {
+                        let params = shared
+                            .source
+                            .as_ref()
+                            .map_or(1, |s| s.summary.parameter_count.max(1));
+                        (r.folder_size_bytes as f64 * 8.0 / params as f64, r.folder_size_bytes)
+                    }
+                    _ => (0.0, 0),
+                };
+                let q = &mut self.queue[i];
+                q.status = Status::Done;
+                q.result = Some((bpw, size));
+                if let Some(r) = run {
+                    self.plots.finish(r);
+                }
+                shared.add_variant(Variant {
+                    label: q.target.label(),
+                    path: q.out.clone(),
+                    is_source: false,
+                    bpw: Some(bpw),
+                    size_bytes: Some(size),
+                });
+                shared
+                    .notes
+                    .info(format!("{} done", q.target.label()), q.out.display().to_string());
+                self.pump(shared);
+            }
+            Event::Failed { error, .. } => {
+                if let Some(r) = run {
+                    self.plots.finish(r);
+                }
+                let label = self.queue[i].target.label();
+                shared.notes.error(format!("{label} failed"), &error);
+                self.queue[i].status = Status::Failed(error);
+                self.pump(shared);
+            }
+            Event::Cancelled { .. } => {
+                if let Some(r) = run {
+                    self.plots.finish(r);
+                }
+                self.queue[i].status = Status::Cancelled;
+                self.pump(shared);
+            }
+            _ => {}
+        }
+    }
+
+    /// One line for the status bar about the running item.
+    pub fn status_line(&self) -> Option<String> {
+        let q = self.queue.iter().find(|q| q.status == Status::Running)?;
+        let waiting = self
+            .queue
+            .iter()
+            .filter(|q| q.status == Status::Waiting)
+            .count();
+        Some(format!(
+            "{}: {} {}/{}{}",
+            q.target.label(),
+            q.stage,
+            q.done,
+            q.total,
+            if waiting > 0 {
+                format!(" · {waiting} waiting")
+            } else {
+                String::new()
+            }
+        ))
+    }
+
+    pub fn ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        let Some(src) = shared.source.clone() else {
+            ui.heading("Open a model first");
+            ui.label("Drop a model on the window, or use the Model tab.");
+            return;
+        };
+        egui::SidePanel::left("quantize-options")
+            .resizable(true)
+            .default_width(440.0)
+            .show_inside(ui, |ui| {
+                egui::ScrollArea::vertical().show(ui, |ui| {
+                    self.options_ui(ui, shared, &src);
+                });
+            });
+        egui::CentralPanel::default().show_inside(ui, |ui| {
+            self.queue_ui(ui, shared);
+            ui.separator();
+            self.plots.ui(ui);
+        });
+    }
+
+    fn options_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared, src: &super::model::OpenModel) {
+        ui.heading("Targets");
+        ui.label("GGUF (llama.cpp) mixes:");
+        egui::Grid::new("gguf-mixes").num_columns(4).show(ui, |ui| {
+            for (i, mix) in GgufMix::all().enumerate() {
+                let name = mix.name();
+                let mut on = self.gguf.iter().any(|g| g == name);
+                if ui.checkbox(&mut on, name).changed() {
+                    if on {
+                        self.gguf.push(name.to_string());
+                    } else {
+                        self.gguf.retain(|g| g != name);
+                    }
+                }
+                if i % 4 == 3 {
+                    ui.end_row();
+                }
+            }
+        });
+        ui.checkbox(
+            &mut self.imatrix,
+            "Importance matrix from the calibration text (llama-imatrix's method)",
+        );
+        ui.add_space(6.0);
+        ui.label("GPTQ (transformers / vLLM / ExLlamaV2):");
+        ui.horizontal(|ui| {
+            for bits in [2u8, 3, 4, 8] {
+                let mut on = self.gptq_bits.contains(&bits);
+                if ui.checkbox(&mut on, format!("{bits}-bit")).changed() {
+                    if on {
+                        self.gptq_bits.push(bits);
+                    } else {
+                        self.gptq_bits.retain(|b| *b != bits);
+                    }
+                }
+            }
+        });
+        ui.horizontal(|ui| {
+            ui.label("group");
+            egui::ComboBox::from_id_salt("gptq-group")
+                .selected_text(self.gptq_group.map_or("per channel".into(), |g| g.to_string()))
+                .show_ui(ui, |ui| {
+                    for g in [Some(32), Some(64), Some(128), None] {
+                        ui.selectable_value(
+                            &mut self.gptq_group,
+                            g,
+                            g.map_or("per channel".into(), |g| g.to_string()),
+                        );
+                    }
+                });
+            ui.checkbox(&mut self.gptq_act_order, "act-order");
+            ui.checkbox(&mut self.gptq_sym, "symmetric");
+        });
+        ui.add_space(6.0);
+        ui.heading("Calibration");
+        ui.horizontal(|ui| {
+            let name = self
+                .calib
+                .file
+                .as_ref()
+                .map_or("bundled text (The Rust Programming Language)".into(), |f| {
+                    super::model::display_name(f)
+                });
+            ui.label(name);
+            if ui.button("File…").clicked() {
+                shared.dialogs.pick_calib_file();
+            }
+            if self.calib.file.is_some() && ui.button("Bundled").clicked() {
+                self.calib.file = None;
+            }
+        });
+        ui.horizontal(|ui| {
+            ui.label("rows");
+            ui.add(egui::DragValue::new(&mut self.calib.rows).range(1..=4096));
+            ui.label("× tokens");
+            ui.add(egui::DragValue::new(&mut self.calib.seq_len).range(16..=8192));
+        });
+        ui.horizontal(|ui| {
+            ui.label("Backend:");
+            ui.strong("CPU");
+            ui.weak(format!("({} threads)", quant_engine::jobs::thread_count()));
+        });
+        ui.horizontal(|ui| {
+            ui.label("Output folder:");
+            let dir = output_dir(shared, &src.path);
+            ui.monospace(dir.display().to_string());
+            if ui.button("Change…").clicked() {
+                shared.dialogs.pick_output_dir();
+            }
+        });
+        ui.add_space(6.0);
+        ui.heading("Estimates");
+        let targets = self.targets();
+        egui::Grid::new("estimates")
+            .num_columns(5)
+            .striped(true)
+            .show(ui, |ui| {
+                for h in ["target", "bpw", "size", "peak memory", "time"] {
+                    ui.strong(h);
+                }
+                ui.end_row();
+                for t in &targets {
+                    let e = estimate(t, src, &self.calib);
+                    ui.label(t.label());
+                    ui.label(format!("≈ {:.2}", e.bpw));
+                    ui.label(format!("≈ {}", human_bytes(e.size_bytes)));
+                    ui.label(format!("≈ {}", human_bytes(e.peak_memory_bytes)));
+                    ui.label(format!("≈ {}", human_secs(e.seconds)));
+                    ui.end_row();
+                }
+            });
+        ui.add_space(8.0);
+        let label = format!("Quantize {} target(s)  (Ctrl+Q)", targets.len());
+        if ui
+            .add_enabled(!targets.is_empty(), egui::Button::new(label))
+            .clicked()
+        {
+            self.start(shared);
+        }
+    }
+
+    fn queue_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
+        ui.heading("Jobs");
+        if self.queue.is_empty() {
+            ui.weak("Nothing queued.");
+            return;
+        }
+        let mut cancel = Vec::new();
+        egui::Grid::new("queue")
+            .num_columns(4)
+            .striped(true)
+            .show(ui, |ui| {
+                for (i, q) in self.queue.iter().enumerate() {
+                    ui.label(q.target.label());
+                    match &q.status {
+                        Status::Waiting => {
+                            ui.weak("waiting");
+                        }
+                        Status::Running => {
+                            let frac = if q.total > 0 {
+                                q.done as f32 / q.total as f32
+                            } else {
+                                0.0
+                            };
+                            let eta = q.eta.map(|s| format!(" · {} left", human_secs(s))).unwrap_or_default();
+                            ui.add(
+                                egui::ProgressBar::new(frac)
+                                    .desired_width(300.0)
+                                    .text(format!("{} {}/{}{eta}", q.stage, q.done, q.total)),
+                            );
+                        }
+                        Status::Done => {
+                            let (bpw, size) = q.result.unwrap_or_default();
+                            ui.label(format!("✔ {bpw:.2} bpw · {}", human_bytes(size)));
+                        }
+                        Status::Failed(e) => {
+                            ui.colored_label(ui.visuals().error_fg_color, "failed")
+                                .on_hover_text(e);
+                        }
+                        Status::Cancelled => {
+                            ui.weak("cancelled");
+                        }
+                    }
+                    ui.weak(super::model::display_name(&q.out))
+                        .on_hover_text(q.out.display().to_string());
+                    if matches!(q.status, Status::Waiting | Status::Running)
+                        && ui.small_button("Cancel").clicked()
+                    {
+                        cancel.push(i);
+                    }
+                    ui.end_row();
+                }
+            });
+        for i in cancel {
+            match (self.queue[i].status.clone(), self.queue[i].job) {
+                (Status::Running, Some(job)) => shared.send(Command::Cancel(job)),
+                _ => self.queue[i].status = Status::Cancelled,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_outputs_and_bpw() {
+        let g = Target::Gguf {
+            mix: "Q4_K_M".into(),
+            imatrix: true,
+        };
+        assert_eq!(g.label(), "Q4_K_M-imat");
+        assert_eq!(
+            g.output(std::path::Path::new("/o"), "m"),
+            PathBuf::from("/o/m-Q4_K_M-imat.gguf")
+        );
+        let q = Target::Gptq {
+            bits: 4,
+            group: Some(128),
+            act_order: true,
+            sym: false,
+        };
+        assert_eq!(q.label(), "GPTQ-4bit-g128-ao-asym");
+        // 4 bits + (16-bit scale + 4-bit zero) per 128 weights.
+        assert!((q.linear_bpw() - (4.0 + 20.0 / 128.0)).abs() < 1e-12);
+        assert!(!Target::Gguf { mix: "Q8_0".into(), imatrix: false }.calibrated());
+    }
+}

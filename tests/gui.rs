@@ -1,0 +1,378 @@
+//! The studio window driven through egui_kittest: clicks and typing through the accessibility tree,
+//! commands checked on a detached engine (no thread: the test reads what the UI sends and replays events),
+//! one run against the real engine on the tiny fixture model, and snapshot images of every panel rendered
+//! with wgpu (Mesa's lavapipe in CI) compared against `tests/snapshots/`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use eframe::egui;
+use egui_kittest::kittest::Queryable;
+use egui_kittest::Harness;
+use quant_engine::infer::{GenerateStats, StopReason};
+use quant_engine::jobs::{Command, EngineHandle, Event, JobOutput, LayerMetrics};
+use quant_engine::model::fixture::{write_fixture, FixtureSpec};
+use quant_engine::model::summary::ModelSummary;
+use quant_engine::model::SourceModel;
+use quant_studio::gui::model::OpenModel;
+use quant_studio::gui::quantize::Target;
+use quant_studio::gui::{StudioApp, Tab, Variant};
+
+const SIZE: egui::Vec2 = egui::vec2(1280.0, 800.0);
+
+fn fixture(dir: &Path) -> PathBuf {
+    let model = dir.join("tiny-llama");
+    write_fixture(&FixtureSpec::tiny_llama(), &model).expect("fixture");
+    model
+}
+
+/// A studio on a detached engine, with `model` already open under the stable name `display` (so
+/// snapshots do not depend on temporary paths).
+fn detached(model: Option<(&Path, &Path)>) -> (Harness<'static, StudioApp>, Receiver<Command>, Sender<Event>) {
+    let (engine, commands, events) = EngineHandle::detached();
+    let mut h = Harness::builder()
+        .with_size(SIZE)
+        .wgpu()
+        .build_eframe(move |cc| StudioApp::new(cc, engine));
+    h.state_mut().show_frame_time = false;
+    if let Some((path, display)) = model {
+        let summary = ModelSummary::of(&SourceModel::open(path).expect("open"));
+        let app = h.state_mut();
+        app.shared.source = Some(OpenModel {
+            path: display.to_path_buf(),
+            summary,
+        });
+        app.model.state = quant_studio::gui::model::ModelState::Open;
+        app.shared.variants = vec![Variant {
+            label: "source".into(),
+            path: display.to_path_buf(),
+            is_source: true,
+            bpw: Some(32.0),
+            size_bytes: Some(1_000_000),
+        }];
+    }
+    h.run_steps(2);
+    (h, commands, events)
+}
+
+/// The commands sent so far, with their job ids (untagged ones get 0).
+fn sent(rx: &Receiver<Command>) -> Vec<(u64, Command)> {
+    rx.try_iter()
+        .map(|c| match c {
+            Command::Tagged { job, command } => (job, *command),
+            other => (0, other),
+        })
+        .collect()
+}
+
+/// Step the harness (real time passing) until `done` holds.
+fn step_until(h: &mut Harness<'_, StudioApp>, secs: u64, done: impl Fn(&StudioApp) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done(h.state()) {
+        assert!(Instant::now() < deadline, "timed out");
+        h.step();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    h.run_steps(2);
+}
+
+fn metric(layer: usize, part: &str, err: f64) -> LayerMetrics {
+    LayerMetrics {
+        layer: Some(layer),
+        tensor: format!("model.layers.{layer}.{part}.weight"),
+        codec: "Q4_K".into(),
+        bits_per_weight: 4.5,
+        rel_rms_error: err,
+        weighted_rel_rms_error: None,
+        gptq_loss: None,
+        rtn_loss: None,
+        max_error: 0.1,
+    }
+}
+
+#[test]
+fn dropping_a_fixture_model_shows_its_card() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let mut h = Harness::builder()
+        .with_size(SIZE)
+        .build_eframe(|cc| StudioApp::new(cc, EngineHandle::spawn()));
+    h.input_mut().dropped_files.push(egui::DroppedFile {
+        path: Some(model.clone()),
+        ..Default::default()
+    });
+    h.step();
+    step_until(&mut h, 60, |app| app.shared.source.is_some());
+    let want = ModelSummary::of(&SourceModel::open(&model).expect("open"));
+    // The card's numbers are the model's.
+    h.get_by_label("Parameters");
+    h.get_by_label(&quant_studio::gui::model::format_params(want.parameter_count));
+    h.get_by_label("LlamaForCausalLM");
+    h.get_by_label(&format!("{} / {}", want.hidden, want.intermediate));
+    assert_eq!(want.layers, 2);
+    h.get_by_label("Layers");
+    // It is remembered, and is the only variant so far.
+    assert_eq!(h.state().shared.settings.recent, vec![model.clone()]);
+    assert_eq!(h.state().shared.variants.len(), 1);
+    h.get_by_label("Quantize this model »").click();
+    h.run_steps(2);
+    assert_eq!(h.state().tab, Tab::Quantize);
+}
+
+#[test]
+fn quantize_sends_each_target_in_turn_and_events_fill_the_plots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, commands, events) = detached(Some((&model, Path::new("/models/tiny-llama"))));
+    h.get_by_label("Quantize").click();
+    h.run_steps(2);
+    // Q4_K_M is ticked by default; add Q3_K_M and GPTQ 4-bit.
+    h.get_by_label("Q3_K_M").click();
+    h.get_by_label("4-bit").click();
+    h.run_steps(2);
+    assert_eq!(h.state().quantize.targets().len(), 3);
+    h.get_by_label("Quantize 3 target(s)  (Ctrl+Q)").click();
+    h.run_steps(2);
+    // One at a time: only the first is sent.
+    let first = sent(&commands);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let (job1, Command::Quantize { model: m, out, format, imatrix, .. }) = &first[0] else {
+        panic!("{first:?}");
+    };
+    assert_eq!(m, Path::new("/models/tiny-llama"));
+    // In llama-quantize's order of mixes.
+    assert_eq!(format, "Q3_K_M");
+    assert_eq!(*imatrix, quant_engine::jobs::ImatrixSource::None);
+    assert_eq!(out, Path::new("/models/tiny-llama-quants/tiny-llama-Q3_K_M.gguf"));
+    // Per-layer events fill the error-by-layer series.
+    for (l, e) in [(0, 0.01), (1, 0.02)] {
+        for (part, f) in [("self_attn.q_proj", 1.0), ("mlp.down_proj", 2.0)] {
+            events
+                .send(Event::LayerDone {
+                    job: *job1,
+                    metrics: metric(l, part, e * f),
+                })
+                .expect("event");
+        }
+    }
+    h.run_steps(2);
+    let series = h.state().quantize.plots.error_series();
+    assert_eq!(series.len(), 2);
+    assert_eq!(series[0].name, "q");
+    assert_eq!(series[0].points, vec![[0.0, 0.01], [1.0, 0.02]]);
+    assert_eq!(series[1].points, vec![[0.0, 0.02], [1.0, 0.04]]);
+    // Finishing the first sends the second.
+    events
+        .send(Event::Failed {
+            job: *job1,
+            error: "disk full".into(),
+        })
+        .expect("event");
+    h.run_steps(2);
+    assert!(h.state().shared.notes.errors().any(|n| n.details == "disk full"));
+    let second = sent(&commands);
+    let (job2, Command::Quantize { format, .. }) = &second[0] else {
+        panic!("{second:?}");
+    };
+    assert_eq!(format, "Q4_K_M");
+    events
+        .send(Event::Cancelled { job: *job2 })
+        .expect("event");
+    h.run_steps(2);
+    let third = sent(&commands);
+    let (_, Command::QuantizeGptq { out, options, .. }) = &third[0] else {
+        panic!("{third:?}");
+    };
+    assert_eq!(options.solver.bits, 4);
+    assert_eq!(options.solver.group_size, Some(128));
+    assert!(options.solver.act_order);
+    assert_eq!(out.file_name().and_then(|n| n.to_str()), Some("tiny-llama-GPTQ-4bit-g128-ao-asym"));
+    assert_eq!(
+        h.state().quantize.queue[2].target,
+        Target::Gptq {
+            bits: 4,
+            group: Some(128),
+            act_order: true,
+            sym: false
+        }
+    );
+    // Cancel the running one from its row.
+    h.get_by_label("Cancel").click();
+    h.run_steps(1);
+    assert!(matches!(sent(&commands).as_slice(), [(0, Command::Cancel(_))]));
+}
+
+#[test]
+fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, commands, events) = detached(Some((&model, Path::new("/models/tiny-llama"))));
+    h.state_mut().shared.add_variant(Variant {
+        label: "Q8_0".into(),
+        path: PathBuf::from("/models/tiny-llama-quants/tiny-llama-Q8_0.gguf"),
+        is_source: false,
+        bpw: Some(8.5),
+        size_bytes: Some(300_000),
+    });
+    h.get_by_label("Chat").click();
+    h.run_steps(2);
+    // The message box (the system prompt is the other, labelled, text box).
+    h.get_by(|n| n.role() == egui::accesskit::Role::MultilineTextInput && n.label().is_none())
+        .type_text("Hello there");
+    h.run_steps(1);
+    h.get_by_label("Send").click();
+    h.run_steps(2);
+    let cmds = sent(&commands);
+    assert_eq!(cmds.len(), 2, "{cmds:?}");
+    let (job, Command::Chat { model: m, .. }) = &cmds[0] else {
+        panic!("{cmds:?}");
+    };
+    assert_eq!(m, Path::new("/models/tiny-llama"));
+    assert!(matches!(&cmds[1].1, Command::ChatSend { job: j, text } if j == job && text == "Hello there"));
+    for t in ["Hi", ", how", " can I help?"] {
+        events
+            .send(Event::Token {
+                job: *job,
+                text: t.into(),
+            })
+            .expect("event");
+        h.run_steps(1);
+    }
+    h.get_by_label("Hi, how can I help?");
+    h.get_by_label("⏹ Stop").click();
+    h.run_steps(1);
+    assert!(matches!(sent(&commands).as_slice(), [(0, Command::ChatStop { job: j })] if j == job));
+    events
+        .send(Event::TurnFinished {
+            job: *job,
+            text: "Hi, how can I help?".into(),
+            stats: GenerateStats {
+                prompt_tokens: 10,
+                generated_tokens: 8,
+                prompt_secs: 0.1,
+                decode_secs: 0.5,
+                stop_reason: StopReason::Eos,
+            },
+        })
+        .expect("event");
+    h.run_steps(2);
+    h.get_by_label("16.0 tokens/s");
+    h.snapshot("chat");
+    // A/B: the same prompt to two variants, each in its own session.
+    h.get_by_label("A/B: two variants side by side").click();
+    h.run_steps(2);
+    let app = h.state_mut();
+    app.chat.sides[1].model = Some(PathBuf::from("/models/tiny-llama-quants/tiny-llama-Q8_0.gguf"));
+    app.chat.input = "Compare".into();
+    h.run_steps(1);
+    h.get_by_label("Send").click();
+    h.run_steps(2);
+    let cmds = sent(&commands);
+    // Side A reuses its session; side B starts one on the Q8_0 file.
+    assert!(matches!(&cmds[0].1, Command::ChatSend { job: j, text } if j == job && text == "Compare"), "{cmds:?}");
+    let (job_b, Command::Chat { model: mb, .. }) = &cmds[1] else {
+        panic!("{cmds:?}");
+    };
+    assert!(mb.ends_with("tiny-llama-Q8_0.gguf"));
+    assert!(matches!(&cmds[2].1, Command::ChatSend { job: j, .. } if j == job_b));
+    events.send(Event::Token { job: *job_b, text: "B says hi".into() }).expect("event");
+    events.send(Event::Token { job: *job, text: "A says hi".into() }).expect("event");
+    h.run_steps(2);
+    h.get_by_label("A says hi");
+    h.get_by_label("B says hi");
+}
+
+#[test]
+fn compare_evaluates_source_then_variants_against_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, commands, events) = detached(Some((&model, Path::new("/models/tiny-llama"))));
+    for (label, bpw) in [("Q4_K_M", 4.9), ("Q8_0", 8.5)] {
+        h.state_mut().shared.add_variant(Variant {
+            label: label.into(),
+            path: PathBuf::from(format!("/models/q/{label}.gguf")),
+            is_source: false,
+            bpw: Some(bpw),
+            size_bytes: Some(100_000),
+        });
+    }
+    h.get_by_label("Compare").click();
+    h.run_steps(2);
+    h.get_by_label("Q8_0").click();
+    h.get_by_label("Q4_K_M").click();
+    h.run_steps(1);
+    h.get_by_label("Evaluate").click();
+    h.run_steps(2);
+    let cmds = sent(&commands);
+    let (job, Command::Evaluate { model: m, base, .. }) = &cmds[0] else {
+        panic!("{cmds:?}");
+    };
+    assert_eq!(m, Path::new("/models/tiny-llama"));
+    assert_eq!(*base, None);
+    assert_eq!(cmds.len(), 1);
+    let chunk = |chunk: usize, ppl: f64| quant_engine::eval::ChunkProgress {
+        chunk,
+        n_chunks: 3,
+        ppl,
+        tokens_per_sec: 1000.0,
+        elapsed_secs: 0.1,
+        eta_secs: 0.2,
+        kld: None,
+    };
+    for (c, p) in [(0, 12.0), (1, 11.0)] {
+        events
+            .send(Event::EvalChunk {
+                job: *job,
+                progress: chunk(c, p),
+            })
+            .expect("event");
+    }
+    h.run_steps(2);
+    assert_eq!(h.state().compare.rows[0].ppl_curve, vec![[1.0, 12.0], [2.0, 11.0]]);
+    events.send(Event::Failed { job: *job, error: "text too short".into() }).expect("event");
+    h.run_steps(2);
+    // The variants follow, each against the source, in the order of the variant list.
+    let cmds = sent(&commands);
+    let (_, Command::Evaluate { model: m, base, .. }) = &cmds[0] else {
+        panic!("{cmds:?}");
+    };
+    assert_eq!(m, Path::new("/models/q/Q4_K_M.gguf"));
+    assert_eq!(base.as_deref(), Some(Path::new("/models/tiny-llama")));
+    h.get_by_label("Export CSV…");
+}
+
+#[test]
+fn panels_snapshots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, _commands, events) = detached(Some((&model, Path::new("/models/tiny-llama"))));
+    h.snapshot("model");
+    h.get_by_label("Quantize").click();
+    h.run_steps(2);
+    h.get_by_label("Quantize 1 target(s)  (Ctrl+Q)").click();
+    h.run_steps(2);
+    let job = h.state().quantize.queue[0].job.expect("job");
+    for l in 0..8 {
+        for (i, part) in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+            .iter()
+            .enumerate()
+        {
+            let e = 0.01 * (1.0 + l as f64 * 0.1) * (1.0 + i as f64 * 0.3);
+            events.send(Event::LayerDone { job, metrics: metric(l, part, e) }).expect("event");
+        }
+    }
+    events
+        .send(Event::Cancelled { job })
+        .expect("event");
+    h.run_steps(3);
+    h.snapshot("quantize");
+    h.state_mut().quantize.plots.view = quant_studio::gui::plots::View::HeatMap;
+    h.run_steps(2);
+    h.snapshot("quantize-heat-map");
+    h.get_by_label("Compare").click();
+    h.run_steps(2);
+    h.snapshot("compare");
+    let _ = JobOutput::ChatEnded;
+}
