@@ -165,6 +165,8 @@ pub struct FrameTimes {
     /// Frames while a job was running.
     pub busy_frames: u64,
     pub busy_max_ms: f64,
+    /// eframe's own measure of the previous frame (update, layout and tessellation), max while busy.
+    pub busy_max_egui_ms: f64,
 }
 
 impl FrameTimes {
@@ -436,7 +438,13 @@ impl StudioApp {
 }
 
 impl eframe::App for StudioApp {
-    fn update(&mut self, ctx: &egui::Context, _frame: &mut eframe::Frame) {
+    fn update(&mut self, ctx: &egui::Context, frame: &mut eframe::Frame) {
+        if let Some(s) = frame.info().cpu_usage {
+            if self.busy() {
+                let f = &mut self.frame_times;
+                f.busy_max_egui_ms = f.busy_max_egui_ms.max(f64::from(s) * 1e3);
+            }
+        }
         self.ui(ctx);
     }
 

@@ -348,6 +348,22 @@ fn panels_snapshots() {
     let model = fixture(dir.path());
     let (mut h, _commands, events) = detached(Some((&model, Path::new("/models/tiny-llama"))));
     h.snapshot("model");
+    // The light theme, from the top bar's switch; the choice is a setting that persists.
+    h.get_by_label("☀").click();
+    h.run_steps(2);
+    assert_eq!(
+        h.state().shared.settings.theme,
+        quant_studio::gui::theme::ThemeChoice::Light
+    );
+    h.snapshot("model-light");
+    h.get_by_label("🌙").click();
+    h.run_steps(2);
+    // Ctrl+2 is the quantize tab.
+    h.press_key_modifiers(egui::Modifiers::COMMAND, egui::Key::Num2);
+    h.run_steps(2);
+    assert_eq!(h.state().tab, Tab::Quantize);
+    h.get_by_label("Model").click();
+    h.run_steps(2);
     h.get_by_label("Quantize").click();
     h.run_steps(2);
     h.get_by_label("Quantize 1 target(s)  (Ctrl+Q)").click();

@@ -273,7 +273,7 @@ impl ComparePanel {
             ui.label(
                 self.text
                     .as_ref()
-                    .map_or("bundled".into(), |f| super::model::display_name(f)),
+                    .map_or("bundled (the calibration text)".into(), |f| super::model::display_name(f)),
             );
             if ui.button("File…").clicked() {
                 shared.dialogs.pick_eval_file();
@@ -366,12 +366,14 @@ impl ComparePanel {
 
     fn curves(&mut self, ui: &mut egui::Ui) {
         let half = (ui.available_width() - 8.0) / 2.0;
+        let height = ui.available_height().max(160.0);
         let rows = &self.rows;
         let r = ui
             .horizontal(|ui| {
                 Plot::new("ppl-curves")
                     .legend(Legend::default())
                     .width(half)
+                    .height(height)
                     .x_axis_label("chunks")
                     .y_axis_label("PPL")
                     .show(ui, |plot| {
@@ -386,6 +388,7 @@ impl ComparePanel {
                 Plot::new("kld-curves")
                     .legend(Legend::default())
                     .width(half)
+                    .height(height)
                     .x_axis_label("chunks")
                     .y_axis_label("KLD")
                     .show(ui, |plot| {
@@ -405,6 +408,7 @@ impl ComparePanel {
 
     fn bars(&mut self, ui: &mut egui::Ui) {
         let half = (ui.available_width() - 8.0) / 2.0;
+        let height = ui.available_height().max(160.0);
         let rows = &self.rows;
         let bar = |i: usize, r: &Row, v: f64| {
             Bar::new(i as f64, v)
@@ -428,11 +432,13 @@ impl ComparePanel {
                 let labels2 = labels.clone();
                 Plot::new("ppl-bars")
                     .width(half)
+                    .height(height)
                     .y_axis_label("PPL")
                     .x_axis_formatter(move |m, _| axis_label(&labels, m.value))
                     .show(ui, |plot| plot.bar_chart(BarChart::new(ppl).name("PPL")));
                 Plot::new("kld-bars")
                     .width(half)
+                    .height(height)
                     .y_axis_label("KLD vs source")
                     .x_axis_formatter(move |m, _| axis_label(&labels2, m.value))
                     .show(ui, |plot| plot.bar_chart(BarChart::new(kld).name("KLD")));
@@ -445,10 +451,23 @@ impl ComparePanel {
     fn scatter(&mut self, ui: &mut egui::Ui) {
         let front = pareto(&self.rows);
         let rows = &self.rows;
+        let (lo_bpw, hi_bpw) = rows
+            .iter()
+            .filter(|r| r.kld.is_some())
+            .filter_map(|r| r.bpw)
+            .fold((f64::MAX, f64::MIN), |(lo, hi), b| (lo.min(b), hi.max(b)));
+        let (lo_bpw, hi_bpw) = if lo_bpw <= hi_bpw {
+            (lo_bpw - 0.5, hi_bpw + 0.5)
+        } else {
+            (0.0, 16.0)
+        };
         let resp = Plot::new("kld-vs-bpw")
-            .legend(Legend::default())
+            .legend(Legend::default().position(egui_plot::Corner::LeftBottom))
             .x_axis_label("bits per weight")
             .y_axis_label("KLD vs source")
+            .include_y(0.0)
+            .include_x(lo_bpw)
+            .include_x(hi_bpw)
             .label_formatter(|name, p| {
                 if name.is_empty() {
                     String::new()
@@ -472,7 +491,12 @@ impl ComparePanel {
                     .filter_map(|&i| Some([rows[i].bpw?, rows[i].kld?.0]))
                     .collect();
                 if line.len() > 1 {
-                    plot.line(Line::new(PlotPoints::from(line)).name("Pareto frontier"));
+                    plot.line(
+                        Line::new(PlotPoints::from(line))
+                            .name("Pareto frontier")
+                            .color(egui::Color32::GRAY)
+                            .style(egui_plot::LineStyle::dashed_loose()),
+                    );
                 }
             });
         self.remember_rect("scatter", resp.response.rect);

@@ -79,7 +79,7 @@ impl Notifications {
                             };
                             ui.colored_label(color, icon);
                             ui.strong(&n.title);
-                            if ui.small_button("✕").on_hover_text("Dismiss").clicked() {
+                            if ui.small_button("x").on_hover_text("Dismiss").clicked() {
                                 close = Some(i);
                             }
                         });

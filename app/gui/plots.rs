@@ -233,7 +233,7 @@ impl LayerPlots {
                 let mark = if r.done { "" } else { " …" };
                 ui.checkbox(&mut r.shown, format!("{}{mark}", r.label))
                     .on_hover_text("Overlay this run's series");
-                if self.view == View::HeatMap && r.shown && ui.small_button("▦").clicked() {
+                if self.view == View::HeatMap && r.shown && ui.small_button("map").clicked() {
                     self.heat_run = i;
                 }
             }

@@ -2,7 +2,8 @@
 //! responsiveness report: `QS_WALKTHROUGH=DIR QS_WALKTHROUGH_MODEL=MODEL quant-studio` (under Xvfb or on a
 //! desktop) opens the model, quantizes it to Q4_K_M, Q3_K_M and GPTQ 4-bit in one go, compares the three
 //! with the source, chats with one and A/Bs two, saving a screenshot of each step into DIR and the frame
-//! times into DIR/frame-times.txt, then closes the window. It drives the app through the same methods the
+//! times into DIR/frame-times.txt, then closes the window. `QS_WALKTHROUGH_MODEL=demo` starts with "Get the demo
+//! model" instead. It drives the app through the same methods the
 //! buttons call; every engine job is real.
 
 use std::path::PathBuf;
@@ -96,7 +97,12 @@ impl Walkthrough {
         let q = &app.quantize;
         match self.stage {
             0 => {
-                app.open_model(self.model.clone());
+                // `demo`: the newcomer's path, through "Get the demo model".
+                if self.model.as_os_str() == "demo" {
+                    app.get_demo_model();
+                } else {
+                    app.open_model(self.model.clone());
+                }
                 self.next();
             }
             1 if app.shared.source.is_some() => {
@@ -222,12 +228,14 @@ impl Walkthrough {
             14 => {
                 let f = &app.frame_times;
                 let report = format!(
-                    "frames {}\nmean_ms {:.3}\nmax_ms {:.2}\nbusy_frames {}\nbusy_max_ms {:.2}\n",
+                    "frames {}\nmean_ms {:.3}\nmax_ms {:.2}\nbusy_frames {}\nbusy_max_ms {:.2}\n\
+                     busy_max_egui_frame_ms {:.2}\n",
                     f.frames,
                     f.mean_ms(),
                     f.max_ms,
                     f.busy_frames,
-                    f.busy_max_ms
+                    f.busy_max_ms,
+                    f.busy_max_egui_ms
                 );
                 let _ = std::fs::write(self.dir.join("frame-times.txt"), &report);
                 eprint!("walkthrough done\n{report}");
