@@ -160,7 +160,17 @@ pub fn estimate(target: &Target, shape: &super::model::OpenModel, calib: &Calibr
         Target::Gptq { .. } => 16.0,
     };
     let bpw_lin = target.linear_bpw();
-    let bits = linears * bpw_lin + heads * head_bpw;
+    // The engine's exact plan for this model when it has one (it knows llama-quantize's per-tensor
+    // rules and the fallbacks for rows that are no whole k-quant blocks); else the nominal bpw.
+    let planned = match target {
+        Target::Gguf { mix, .. } => s
+            .gguf_mix_bytes
+            .iter()
+            .find(|(m, _)| m == mix)
+            .map(|(_, b)| *b as f64 * 8.0),
+        Target::Gptq { .. } => None,
+    };
+    let bits = planned.unwrap_or(linears * bpw_lin + heads * head_bpw);
     let size_bytes = (bits / 8.0) as u64;
     let bpw = bits / s.parameter_count.max(1) as f64;
     let largest = (s.vocab.max(s.intermediate) * s.hidden) as f64 * 4.0;

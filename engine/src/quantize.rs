@@ -109,6 +109,35 @@ fn imatrix_kvs(im: &ImatrixInput) -> Vec<(String, GgufValue)> {
     kvs
 }
 
+/// Bytes of tensor data a GGUF file of `src` with `mix` (no overrides, no importance matrix) will hold,
+/// from llama-quantize's per-tensor plan — exact for the tensors, without the metadata. For estimates
+/// before quantizing; cheap (no tensor is read).
+pub fn gguf_tensor_bytes(src: &SourceModel, mix: &GgufMix) -> Result<u64> {
+    let mut entries: Vec<(String, Vec<u64>, &TensorRef)> = Vec::new();
+    for (hf, t) in &src.tensors {
+        let g = gguf_tensor_name(hf).ok_or_else(|| {
+            Error::unsupported(&src.path, format!("tensor {hf} has no GGUF name"))
+        })?;
+        entries.push((g, t.shape.iter().rev().map(|&d| d as u64).collect(), t));
+    }
+    entries.sort_by_key(|(g, _, t)| (gguf_order(g), layer_of(&t.name), g.clone()));
+    let list: Vec<(String, Vec<u64>)> = entries
+        .iter()
+        .map(|(g, ne, _)| (g.clone(), ne.clone()))
+        .collect();
+    let plan = plan_gguf_mix(mix, &src.config, &list, &[], false)?;
+    let mut total = 0u64;
+    for ((_, _, t), (_, ty)) in entries.iter().zip(&plan) {
+        let row = if *ty == GgmlType::F32 {
+            t.cols() * 4
+        } else {
+            quantized_row_bytes(t, *ty)?
+        };
+        total += row as u64 * t.rows() as u64;
+    }
+    Ok(total)
+}
+
 /// Quantize `src` to a GGUF file at `out` (written under a temporary name, renamed when complete).
 /// `on_tensor` is called after each tensor; returning `false` cancels (nothing is left behind).
 pub fn quantize_gguf(
@@ -359,6 +388,23 @@ mod tests {
         }
         // The file reopens, and the model's next-token choice is the source's.
         let q = SourceModel::open(&out).expect("reopen");
+        // The size plan is the file's tensor data, for this mix and for a k-mix with fallbacks.
+        let stored = |m: &SourceModel| -> u64 {
+            m.tensors
+                .iter()
+                .map(|(_, t)| (t.row_bytes() * t.rows()) as u64)
+                .sum()
+        };
+        assert_eq!(gguf_tensor_bytes(&src, &opts.mix).expect("plan"), stored(&q));
+        let km = GgufQuantizeOptions {
+            mix: GgufMix::parse("q4_k_m").expect("mix"),
+            ..opts.clone()
+        };
+        let out_km = dir.path().join("q4km.gguf");
+        quantize_gguf(&src, &km, &out_km, &mut |_, _, _| true).expect("quantize q4_k_m");
+        let q_km = SourceModel::open(&out_km).expect("reopen q4_k_m");
+        assert_eq!(gguf_tensor_bytes(&src, &km.mix).expect("plan"), stored(&q_km));
+        assert_ne!(stored(&q_km), stored(&q));
         let (a, b) = (
             Model::load(&src).expect("load"),
             Model::load(&q).expect("load q"),

@@ -282,7 +282,16 @@ fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOut
     match req {
         JobRequest::Inspect { path } => {
             let src = SourceModel::open(&path)?;
-            Ok(JobOutput::Summary(Box::new(ModelSummary::of(&src))))
+            let mut summary = ModelSummary::of(&src);
+            // What each named mix would weigh (a plan, no tensor is read); mixes a model cannot take
+            // (rows that are no whole blocks of any fallback) are left out.
+            summary.gguf_mix_bytes = crate::recipes::gguf::GgufMix::all()
+                .filter_map(|mix| {
+                    let bytes = crate::quantize::gguf_tensor_bytes(&src, &mix).ok()?;
+                    Some((mix.name().to_string(), bytes))
+                })
+                .collect();
+            Ok(JobOutput::Summary(Box::new(summary)))
         }
         JobRequest::Evaluate {
             model,

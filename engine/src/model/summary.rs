@@ -38,6 +38,10 @@ pub struct ModelSummary {
     /// `lm_head` shares the embedding.
     pub tied: bool,
     pub chat_template_present: bool,
+    /// Tensor bytes of each named GGUF mix (llama-quantize's plan for this model), when the engine
+    /// computed them (the inspect job does); for size estimates before quantizing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gguf_mix_bytes: Vec<(String, u64)>,
 }
 
 impl ModelSummary {
@@ -79,6 +83,7 @@ impl ModelSummary {
             rope_scaling,
             tied: c.tie_word_embeddings,
             chat_template_present: m.tokenizer.chat_template.is_some(),
+            gguf_mix_bytes: Vec::new(),
         }
     }
 }
