@@ -391,8 +391,8 @@ mod tests {
         // The size plan is the file's tensor data, for this mix and for a k-mix with fallbacks.
         let stored = |m: &SourceModel| -> u64 {
             m.tensors
-                .iter()
-                .map(|(_, t)| (t.row_bytes() * t.rows()) as u64)
+                .values()
+                .map(|t| (t.row_bytes() * t.rows()) as u64)
                 .sum()
         };
         assert_eq!(gguf_tensor_bytes(&src, &opts.mix).expect("plan"), stored(&q));
