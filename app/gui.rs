@@ -165,8 +165,10 @@ pub struct FrameTimes {
     /// Frames while a job was running.
     pub busy_frames: u64,
     pub busy_max_ms: f64,
-    /// eframe's own measure of the previous frame (update, layout and tessellation), max while busy.
+    /// eframe's own measure of the previous frame (update, tessellation and painting), max while busy.
     pub busy_max_egui_ms: f64,
+    /// The same for every busy frame (bounded), for percentiles.
+    pub busy_egui_ms: Vec<f32>,
 }
 
 impl FrameTimes {
@@ -183,6 +185,17 @@ impl FrameTimes {
 
     pub fn mean_ms(&self) -> f64 {
         self.total_ms / self.frames.max(1) as f64
+    }
+
+    /// The `q`-quantile (0‥1) of eframe's busy frame times, in ms.
+    pub fn busy_egui_quantile(&self, q: f64) -> f64 {
+        let mut v = self.busy_egui_ms.clone();
+        if v.is_empty() {
+            return 0.0;
+        }
+        v.sort_by(f32::total_cmp);
+        let i = ((v.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+        f64::from(v[i])
     }
 }
 
@@ -443,6 +456,9 @@ impl eframe::App for StudioApp {
             if self.busy() {
                 let f = &mut self.frame_times;
                 f.busy_max_egui_ms = f.busy_max_egui_ms.max(f64::from(s) * 1e3);
+                if f.busy_egui_ms.len() < 1_000_000 {
+                    f.busy_egui_ms.push(s * 1e3);
+                }
             }
         }
         self.ui(ctx);

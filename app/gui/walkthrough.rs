@@ -229,13 +229,18 @@ impl Walkthrough {
                 let f = &app.frame_times;
                 let report = format!(
                     "frames {}\nmean_ms {:.3}\nmax_ms {:.2}\nbusy_frames {}\nbusy_max_ms {:.2}\n\
-                     busy_max_egui_frame_ms {:.2}\n",
+                     busy_egui_frame_ms p50 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}\n\
+                     busy_egui_frames_over_50ms {}\n",
                     f.frames,
                     f.mean_ms(),
                     f.max_ms,
                     f.busy_frames,
                     f.busy_max_ms,
-                    f.busy_max_egui_ms
+                    f.busy_egui_quantile(0.5),
+                    f.busy_egui_quantile(0.99),
+                    f.busy_egui_quantile(0.999),
+                    f.busy_max_egui_ms,
+                    f.busy_egui_ms.iter().filter(|m| **m > 50.0).count()
                 );
                 let _ = std::fs::write(self.dir.join("frame-times.txt"), &report);
                 eprint!("walkthrough done\n{report}");
