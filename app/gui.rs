@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use eframe::egui;
 use quant_engine::jobs::{Command, EngineHandle, Event, JobId};
 
-
 use self::dialogs::Dialogs;
 use self::notify::Notifications;
 use self::settings::Settings;
@@ -482,6 +481,29 @@ impl eframe::App for StudioApp {
             );
         }
     }
+}
+
+/// A progress bar: `done` of `total`, `text`, and the time left when known.
+pub fn progress_bar(
+    ui: &mut egui::Ui,
+    (done, total): (u64, u64),
+    eta: Option<f64>,
+    text: String,
+    width: f32,
+) {
+    let frac = if total > 0 {
+        done as f32 / total as f32
+    } else {
+        0.0
+    };
+    let eta = eta
+        .map(|s| format!(" · {} left", human_secs(s)))
+        .unwrap_or_default();
+    ui.add(
+        egui::ProgressBar::new(frac)
+            .desired_width(width)
+            .text(format!("{text}{eta}")),
+    );
 }
 
 /// `1.2 GB`-style sizes.

@@ -29,7 +29,13 @@ fn fixture(dir: &Path) -> PathBuf {
 
 /// A studio on a detached engine, with `model` already open under the stable name `display` (so
 /// snapshots do not depend on temporary paths).
-fn detached(model: Option<(&Path, &Path)>) -> (Harness<'static, StudioApp>, Receiver<Command>, Sender<Event>) {
+fn detached(
+    model: Option<(&Path, &Path)>,
+) -> (
+    Harness<'static, StudioApp>,
+    Receiver<Command>,
+    Sender<Event>,
+) {
     let (engine, commands, events) = EngineHandle::detached();
     let mut h = Harness::builder()
         .with_size(SIZE)
@@ -107,7 +113,9 @@ fn dropping_a_fixture_model_shows_its_card() {
     let want = ModelSummary::of(&SourceModel::open(&model).expect("open"));
     // The card's numbers are the model's.
     h.get_by_label("Parameters");
-    h.get_by_label(&quant_studio::gui::model::format_params(want.parameter_count));
+    h.get_by_label(&quant_studio::gui::model::format_params(
+        want.parameter_count,
+    ));
     h.get_by_label("LlamaForCausalLM");
     h.get_by_label(&format!("{} / {}", want.hidden, want.intermediate));
     assert_eq!(want.layers, 2);
@@ -137,14 +145,27 @@ fn quantize_sends_each_target_in_turn_and_events_fill_the_plots() {
     // One at a time: only the first is sent.
     let first = sent(&commands);
     assert_eq!(first.len(), 1, "{first:?}");
-    let (job1, Command::Quantize { model: m, out, format, imatrix, .. }) = &first[0] else {
+    let (
+        job1,
+        Command::Quantize {
+            model: m,
+            out,
+            format,
+            imatrix,
+            ..
+        },
+    ) = &first[0]
+    else {
         panic!("{first:?}");
     };
     assert_eq!(m, Path::new("/models/tiny-llama"));
     // In llama-quantize's order of mixes.
     assert_eq!(format, "Q3_K_M");
     assert_eq!(*imatrix, quant_engine::jobs::ImatrixSource::None);
-    assert_eq!(out, Path::new("/models/tiny-llama-quants/tiny-llama-Q3_K_M.gguf"));
+    assert_eq!(
+        out,
+        Path::new("/models/tiny-llama-quants/tiny-llama-Q3_K_M.gguf")
+    );
     // Per-layer events fill the error-by-layer series.
     for (l, e) in [(0, 0.01), (1, 0.02)] {
         for (part, f) in [("self_attn.q_proj", 1.0), ("mlp.down_proj", 2.0)] {
@@ -170,15 +191,18 @@ fn quantize_sends_each_target_in_turn_and_events_fill_the_plots() {
         })
         .expect("event");
     h.run_steps(2);
-    assert!(h.state().shared.notes.errors().any(|n| n.details == "disk full"));
+    assert!(h
+        .state()
+        .shared
+        .notes
+        .errors()
+        .any(|n| n.details == "disk full"));
     let second = sent(&commands);
     let (job2, Command::Quantize { format, .. }) = &second[0] else {
         panic!("{second:?}");
     };
     assert_eq!(format, "Q4_K_M");
-    events
-        .send(Event::Cancelled { job: *job2 })
-        .expect("event");
+    events.send(Event::Cancelled { job: *job2 }).expect("event");
     h.run_steps(2);
     let third = sent(&commands);
     let (_, Command::QuantizeGptq { out, options, .. }) = &third[0] else {
@@ -187,7 +211,10 @@ fn quantize_sends_each_target_in_turn_and_events_fill_the_plots() {
     assert_eq!(options.solver.bits, 4);
     assert_eq!(options.solver.group_size, Some(128));
     assert!(options.solver.act_order);
-    assert_eq!(out.file_name().and_then(|n| n.to_str()), Some("tiny-llama-GPTQ-4bit-g128-ao-asym"));
+    assert_eq!(
+        out.file_name().and_then(|n| n.to_str()),
+        Some("tiny-llama-GPTQ-4bit-g128-ao-asym")
+    );
     assert_eq!(
         h.state().quantize.queue[2].target,
         Target::Gptq {
@@ -200,7 +227,10 @@ fn quantize_sends_each_target_in_turn_and_events_fill_the_plots() {
     // Cancel the running one from its row.
     h.get_by_label("Cancel").click();
     h.run_steps(1);
-    assert!(matches!(sent(&commands).as_slice(), [(0, Command::Cancel(_))]));
+    assert!(matches!(
+        sent(&commands).as_slice(),
+        [(0, Command::Cancel(_))]
+    ));
 }
 
 #[test]
@@ -229,7 +259,9 @@ fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
         panic!("{cmds:?}");
     };
     assert_eq!(m, Path::new("/models/tiny-llama"));
-    assert!(matches!(&cmds[1].1, Command::ChatSend { job: j, text } if j == job && text == "Hello there"));
+    assert!(
+        matches!(&cmds[1].1, Command::ChatSend { job: j, text } if j == job && text == "Hello there")
+    );
     for t in ["Hi", ", how", " can I help?"] {
         events
             .send(Event::Token {
@@ -263,21 +295,36 @@ fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
     h.get_by_label("A/B: two variants side by side").click();
     h.run_steps(2);
     let app = h.state_mut();
-    app.chat.sides[1].model = Some(PathBuf::from("/models/tiny-llama-quants/tiny-llama-Q8_0.gguf"));
+    app.chat.sides[1].model = Some(PathBuf::from(
+        "/models/tiny-llama-quants/tiny-llama-Q8_0.gguf",
+    ));
     app.chat.input = "Compare".into();
     h.run_steps(1);
     h.get_by_label("Send").click();
     h.run_steps(2);
     let cmds = sent(&commands);
     // Side A reuses its session; side B starts one on the Q8_0 file.
-    assert!(matches!(&cmds[0].1, Command::ChatSend { job: j, text } if j == job && text == "Compare"), "{cmds:?}");
+    assert!(
+        matches!(&cmds[0].1, Command::ChatSend { job: j, text } if j == job && text == "Compare"),
+        "{cmds:?}"
+    );
     let (job_b, Command::Chat { model: mb, .. }) = &cmds[1] else {
         panic!("{cmds:?}");
     };
     assert!(mb.ends_with("tiny-llama-Q8_0.gguf"));
     assert!(matches!(&cmds[2].1, Command::ChatSend { job: j, .. } if j == job_b));
-    events.send(Event::Token { job: *job_b, text: "B says hi".into() }).expect("event");
-    events.send(Event::Token { job: *job, text: "A says hi".into() }).expect("event");
+    events
+        .send(Event::Token {
+            job: *job_b,
+            text: "B says hi".into(),
+        })
+        .expect("event");
+    events
+        .send(Event::Token {
+            job: *job,
+            text: "A says hi".into(),
+        })
+        .expect("event");
     h.run_steps(2);
     h.get_by_label("A says hi");
     h.get_by_label("B says hi");
@@ -329,8 +376,16 @@ fn compare_evaluates_source_then_variants_against_it() {
             .expect("event");
     }
     h.run_steps(2);
-    assert_eq!(h.state().compare.rows[0].ppl_curve, vec![[1.0, 12.0], [2.0, 11.0]]);
-    events.send(Event::Failed { job: *job, error: "text too short".into() }).expect("event");
+    assert_eq!(
+        h.state().compare.rows[0].ppl_curve,
+        vec![[1.0, 12.0], [2.0, 11.0]]
+    );
+    events
+        .send(Event::Failed {
+            job: *job,
+            error: "text too short".into(),
+        })
+        .expect("event");
     h.run_steps(2);
     // The variants follow, each against the source, in the order of the variant list.
     let cmds = sent(&commands);
@@ -370,18 +425,28 @@ fn panels_snapshots() {
     h.run_steps(2);
     let job = h.state().quantize.queue[0].job.expect("job");
     for l in 0..8 {
-        for (i, part) in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-            .iter()
-            .enumerate()
+        for (i, part) in [
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        ]
+        .iter()
+        .enumerate()
         {
             let e = 0.01 * (1.0 + l as f64 * 0.1) * (1.0 + i as f64 * 0.3);
-            events.send(Event::LayerDone { job, metrics: metric(l, part, e) }).expect("event");
+            events
+                .send(Event::LayerDone {
+                    job,
+                    metrics: metric(l, part, e),
+                })
+                .expect("event");
         }
     }
-    events
-        .send(Event::Cancelled { job })
-        .expect("event");
+    events.send(Event::Cancelled { job }).expect("event");
     h.run_steps(3);
     h.snapshot("quantize");
     h.state_mut().quantize.plots.view = quant_studio::gui::plots::View::HeatMap;

@@ -94,7 +94,10 @@ impl ChatPanel {
         let options = self.options();
         for i in 0..self.active() {
             let side = &mut self.sides[i];
-            let Some(model) = side.model.clone().or_else(|| shared.source_path().map(PathBuf::from))
+            let Some(model) = side
+                .model
+                .clone()
+                .or_else(|| shared.source_path().map(PathBuf::from))
             else {
                 shared.notes.error("Open a model first", "");
                 return;
@@ -268,7 +271,10 @@ impl ChatPanel {
             ui.end_row();
             ui.label("repeat penalty");
             changed |= ui
-                .add(egui::Slider::new(&mut self.sampler.repetition_penalty, 1.0..=2.0))
+                .add(egui::Slider::new(
+                    &mut self.sampler.repetition_penalty,
+                    1.0..=2.0,
+                ))
                 .changed();
             ui.end_row();
             ui.label("max tokens");
@@ -277,7 +283,9 @@ impl ChatPanel {
                 .changed();
             ui.end_row();
             ui.label("seed");
-            changed |= ui.add(egui::DragValue::new(&mut self.sampler.seed)).changed();
+            changed |= ui
+                .add(egui::DragValue::new(&mut self.sampler.seed))
+                .changed();
             ui.end_row();
         });
         if changed {

@@ -97,7 +97,9 @@ pub fn pareto(rows: &[Row]) -> Vec<usize> {
 
 /// The table as CSV (one header line, one line per row; empty cells for what is not known).
 pub fn to_csv(rows: &[Row]) -> String {
-    let mut s = String::from("variant,path,size_bytes,bpw,ppl,ppl_err,kld,kld_err,same_top,tokens_per_sec\n");
+    let mut s = String::from(
+        "variant,path,size_bytes,bpw,ppl,ppl_err,kld,kld_err,same_top,tokens_per_sec\n",
+    );
     let f = |v: Option<f64>| v.map(|x| format!("{x:.6}")).unwrap_or_default();
     for r in rows {
         let quote = |t: &str| {
@@ -233,7 +235,9 @@ impl ComparePanel {
             }
             Event::Failed { error, .. } => {
                 r.running = false;
-                shared.notes.error(format!("Evaluating {} failed", r.label), &error);
+                shared
+                    .notes
+                    .error(format!("Evaluating {} failed", r.label), &error);
                 r.error = Some(error);
                 self.pump(shared);
             }
@@ -273,7 +277,9 @@ impl ComparePanel {
             ui.label(
                 self.text
                     .as_ref()
-                    .map_or("bundled (the calibration text)".into(), |f| super::model::display_name(f)),
+                    .map_or("bundled (the calibration text)".into(), |f| {
+                        super::model::display_name(f)
+                    }),
             );
             if ui.button("File…").clicked() {
                 shared.dialogs.pick_eval_file();
@@ -333,7 +339,9 @@ impl ComparePanel {
             .num_columns(8)
             .striped(true)
             .show(ui, |ui| {
-                for h in ["variant", "size", "bpw", "PPL", "KLD", "same top", "tokens/s", ""] {
+                for h in [
+                    "variant", "size", "bpw", "PPL", "KLD", "same top", "tokens/s", "",
+                ] {
                     ui.strong(h);
                 }
                 ui.end_row();
@@ -341,14 +349,31 @@ impl ComparePanel {
                     ui.label(&r.label);
                     ui.label(r.size_bytes.map(human_bytes).unwrap_or_default());
                     ui.label(r.bpw.map(|b| format!("{b:.2}")).unwrap_or_default());
-                    ui.label(r.ppl.map(|(p, e)| format!("{p:.3} ± {e:.3}")).unwrap_or_default());
-                    ui.label(r.kld.map(|(k, e)| format!("{k:.4} ± {e:.4}")).unwrap_or_default());
-                    ui.label(r.same_top.map(|s| format!("{:.1} %", s * 100.0)).unwrap_or_default());
-                    ui.label(r.tokens_per_sec.map(|t| format!("{t:.0}")).unwrap_or_default());
+                    ui.label(
+                        r.ppl
+                            .map(|(p, e)| format!("{p:.3} ± {e:.3}"))
+                            .unwrap_or_default(),
+                    );
+                    ui.label(
+                        r.kld
+                            .map(|(k, e)| format!("{k:.4} ± {e:.4}"))
+                            .unwrap_or_default(),
+                    );
+                    ui.label(
+                        r.same_top
+                            .map(|s| format!("{:.1} %", s * 100.0))
+                            .unwrap_or_default(),
+                    );
+                    ui.label(
+                        r.tokens_per_sec
+                            .map(|t| format!("{t:.0}"))
+                            .unwrap_or_default(),
+                    );
                     if r.running {
                         ui.spinner();
                     } else if let Some(e) = &r.error {
-                        ui.colored_label(ui.visuals().error_fg_color, "✗").on_hover_text(e);
+                        ui.colored_label(ui.visuals().error_fg_color, "✗")
+                            .on_hover_text(e);
                     } else {
                         ui.label("");
                     }
@@ -515,7 +540,10 @@ impl ComparePanel {
         });
         match shot {
             None => {
-                if !ctx.data(|d| d.get_temp::<bool>(egui::Id::new("png-requested")).unwrap_or(false)) {
+                if !ctx.data(|d| {
+                    d.get_temp::<bool>(egui::Id::new("png-requested"))
+                        .unwrap_or(false)
+                }) {
                     ctx.data_mut(|d| d.insert_temp(egui::Id::new("png-requested"), true));
                     ctx.send_viewport_cmd(egui::ViewportCommand::Screenshot(Default::default()));
                 }
@@ -584,8 +612,15 @@ mod tests {
         let csv = to_csv(&rows[..2]);
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines.len(), 3);
-        assert!(lines[2].starts_with("Q4_K_M,,,4.900000,,,0.050000,0.001000,,"), "{}", lines[2]);
+        assert!(
+            lines[2].starts_with("Q4_K_M,,,4.900000,,,0.050000,0.001000,,"),
+            "{}",
+            lines[2]
+        );
         let quoted = to_csv(&[row("a,b", 1.0, 1.0)]);
-        assert!(quoted.lines().nth(1).is_some_and(|l| l.starts_with("\"a,b\",")));
+        assert!(quoted
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.starts_with("\"a,b\",")));
     }
 }

@@ -8,7 +8,7 @@ use quant_engine::jobs::{Command, Event, JobId, JobOutput};
 use quant_engine::model::summary::ModelSummary;
 
 use super::dialogs::Picked;
-use super::{human_bytes, human_secs, Owner, Shared, Tab, Variant};
+use super::{human_bytes, Owner, Shared, Tab, Variant};
 
 /// The open model.
 #[derive(Clone, Debug)]
@@ -131,7 +131,9 @@ impl ModelPanel {
                 ..
             } => {
                 self.demo = None;
-                shared.notes.info("Demo model ready", path.display().to_string());
+                shared
+                    .notes
+                    .info("Demo model ready", path.display().to_string());
                 self.open(shared, path);
             }
             Event::Failed { error, .. } => {
@@ -178,22 +180,13 @@ impl ModelPanel {
         });
         if let Some(d) = &self.demo {
             ui.horizontal(|ui| {
-                let frac = if d.total > 0 {
-                    d.done as f32 / d.total as f32
-                } else {
-                    0.0
-                };
-                let eta = d.eta.map(|s| format!(" · {} left", human_secs(s))).unwrap_or_default();
-                ui.add(
-                    egui::ProgressBar::new(frac)
-                        .desired_width(360.0)
-                        .text(format!(
-                            "{}: {} of {}{eta}",
-                            d.stage,
-                            human_bytes(d.done),
-                            human_bytes(d.total)
-                        )),
+                let text = format!(
+                    "{}: {} of {}",
+                    d.stage,
+                    human_bytes(d.done),
+                    human_bytes(d.total)
                 );
+                super::progress_bar(ui, (d.done, d.total), d.eta, text, 360.0);
                 if ui.button("Cancel").clicked() {
                     shared.send(Command::Cancel(d.job));
                 }
@@ -286,7 +279,10 @@ fn card(ui: &mut egui::Ui, m: &OpenModel) {
             row("Hidden / FFN", format!("{} / {}", s.hidden, s.intermediate));
             row("Vocabulary", s.vocab.to_string());
             row("Context", s.context.to_string());
-            row("RoPE", format!("θ {} · scaling {}", s.rope_theta, s.rope_scaling));
+            row(
+                "RoPE",
+                format!("θ {} · scaling {}", s.rope_theta, s.rope_scaling),
+            );
             row("Tied embeddings", yes_no(s.tied).into());
             row("Chat template", yes_no(s.chat_template_present).into());
         });
@@ -361,7 +357,9 @@ pub fn display_name(p: &Path) -> String {
 /// A model's name without `.gguf` (the stem of variant names).
 pub fn model_stem(p: &Path) -> String {
     let name = display_name(p);
-    name.strip_suffix(".gguf").map(str::to_owned).unwrap_or(name)
+    name.strip_suffix(".gguf")
+        .map(str::to_owned)
+        .unwrap_or(name)
 }
 
 /// Where variants of the model at `source` go: the chosen folder, or `<name>-quants` beside the model.

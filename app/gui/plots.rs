@@ -158,11 +158,7 @@ impl LayerPlots {
                 } else {
                     kind.to_string()
                 };
-                out.push(Series {
-                    name,
-                    kind,
-                    points,
-                });
+                out.push(Series { name, kind, points });
             }
         }
         out
@@ -329,7 +325,10 @@ impl LayerPlots {
         let avail = ui.available_size();
         let cell_w = ((avail.x - label_w) / layers as f32).clamp(4.0, 40.0);
         let cell_h = ((avail.y - 40.0) / KINDS.len() as f32).clamp(10.0, 36.0);
-        let size = egui::vec2(label_w + cell_w * layers as f32, cell_h * KINDS.len() as f32 + 18.0);
+        let size = egui::vec2(
+            label_w + cell_w * layers as f32,
+            cell_h * KINDS.len() as f32 + 18.0,
+        );
         let (rect, response) = ui.allocate_exact_size(size, Sense::hover());
         let painter = ui.painter_at(rect);
         let text_color = ui.visuals().text_color();
@@ -354,7 +353,10 @@ impl LayerPlots {
         for l in (0..layers).step_by(((layers / 10).max(1)).max(1)) {
             painter.text(
                 rect.left_top()
-                    + egui::vec2(label_w + cell_w * (l as f32 + 0.5), cell_h * KINDS.len() as f32 + 2.0),
+                    + egui::vec2(
+                        label_w + cell_w * (l as f32 + 0.5),
+                        cell_h * KINDS.len() as f32 + 2.0,
+                    ),
                 egui::Align2::CENTER_TOP,
                 l.to_string(),
                 egui::FontId::monospace(10.0),
@@ -362,7 +364,10 @@ impl LayerPlots {
             );
         }
         if let Some(pos) = response.hover_pos() {
-            if let Some(&(l, k, v)) = cells.iter().find(|(l, k, _)| cell_rect(*l, *k).contains(pos)) {
+            if let Some(&(l, k, v)) = cells
+                .iter()
+                .find(|(l, k, _)| cell_rect(*l, *k).contains(pos))
+            {
                 let m = run
                     .metrics
                     .iter()

@@ -187,7 +187,10 @@ pub fn estimate(target: &Target, shape: &super::model::OpenModel, calib: &Calibr
         Target::Gptq { .. } => {
             let acts = tokens * s.hidden as f64 * 4.0 * 2.0;
             let hess = (s.intermediate * s.intermediate) as f64 * 8.0 * 2.0;
-            (acts + hess + 3.0 * largest + 64e6, tokens * params / 1.6e10 * 1.3)
+            (
+                acts + hess + 3.0 * largest + 64e6,
+                tokens * params / 1.6e10 * 1.3,
+            )
         }
     };
     Estimate {
@@ -294,14 +297,18 @@ impl QuantizePanel {
     /// Queue every ticked target (the first starts at once if nothing runs).
     pub fn start(&mut self, shared: &mut Shared) {
         let Some(src) = shared.source.as_ref() else {
-            shared
-                .notes
-                .error("Open a model first", "Drop a model on the window, or use Open model….");
+            shared.notes.error(
+                "Open a model first",
+                "Drop a model on the window, or use Open model….",
+            );
             return;
         };
         let targets = self.targets();
         if targets.is_empty() {
-            shared.notes.error("Pick a target first", "Tick a GGUF mix or a GPTQ bit width.");
+            shared.notes.error(
+                "Pick a target first",
+                "Tick a GGUF mix or a GPTQ bit width.",
+            );
             return;
         }
         let dir = output_dir(shared, &src.path);
@@ -405,10 +412,9 @@ impl QuantizePanel {
         if let Some(parent) = self.queue[i].out.parent().map(PathBuf::from) {
             if let Err(e) = std::fs::create_dir_all(&parent) {
                 self.queue[i].status = Status::Failed(e.to_string());
-                shared.notes.error(
-                    format!("Cannot create {}", parent.display()),
-                    e.to_string(),
-                );
+                shared
+                    .notes
+                    .error(format!("Cannot create {}", parent.display()), e.to_string());
                 return;
             }
         }
@@ -457,7 +463,10 @@ impl QuantizePanel {
                             .source
                             .as_ref()
                             .map_or(1, |s| s.summary.parameter_count.max(1));
-                        (r.folder_size_bytes as f64 * 8.0 / params as f64, r.folder_size_bytes)
+                        (
+                            r.folder_size_bytes as f64 * 8.0 / params as f64,
+                            r.folder_size_bytes,
+                        )
                     }
                     _ => (0.0, 0),
                 };
@@ -474,9 +483,10 @@ impl QuantizePanel {
                     bpw: Some(bpw),
                     size_bytes: Some(size),
                 });
-                shared
-                    .notes
-                    .info(format!("{} done", q.target.label()), q.out.display().to_string());
+                shared.notes.info(
+                    format!("{} done", q.target.label()),
+                    q.out.display().to_string(),
+                );
                 self.pump(shared);
             }
             Event::Failed { error, .. } => {
@@ -542,7 +552,12 @@ impl QuantizePanel {
         });
     }
 
-    fn options_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared, src: &super::model::OpenModel) {
+    fn options_ui(
+        &mut self,
+        ui: &mut egui::Ui,
+        shared: &mut Shared,
+        src: &super::model::OpenModel,
+    ) {
         ui.heading("Targets");
         ui.label("GGUF (llama.cpp) mixes:");
         egui::Grid::new("gguf-mixes").num_columns(4).show(ui, |ui| {
@@ -582,7 +597,10 @@ impl QuantizePanel {
         ui.horizontal(|ui| {
             ui.label("group");
             egui::ComboBox::from_id_salt("gptq-group")
-                .selected_text(self.gptq_group.map_or("per channel".into(), |g| g.to_string()))
+                .selected_text(
+                    self.gptq_group
+                        .map_or("per channel".into(), |g| g.to_string()),
+                )
                 .show_ui(ui, |ui| {
                     for g in [Some(32), Some(64), Some(128), None] {
                         ui.selectable_value(
@@ -681,17 +699,8 @@ impl QuantizePanel {
                             ui.weak("waiting");
                         }
                         Status::Running => {
-                            let frac = if q.total > 0 {
-                                q.done as f32 / q.total as f32
-                            } else {
-                                0.0
-                            };
-                            let eta = q.eta.map(|s| format!(" · {} left", human_secs(s))).unwrap_or_default();
-                            ui.add(
-                                egui::ProgressBar::new(frac)
-                                    .desired_width(300.0)
-                                    .text(format!("{} {}/{}{eta}", q.stage, q.done, q.total)),
-                            );
+                            let text = format!("{} {}/{}", q.stage, q.done, q.total);
+                            super::progress_bar(ui, (q.done, q.total), q.eta, text, 300.0);
                         }
                         Status::Done => {
                             let (bpw, size) = q.result.unwrap_or_default();
@@ -748,6 +757,10 @@ mod tests {
         assert_eq!(q.label(), "GPTQ-4bit-g128-ao-asym");
         // 4 bits + (16-bit scale + 4-bit zero) per 128 weights.
         assert!((q.linear_bpw() - (4.0 + 20.0 / 128.0)).abs() < 1e-12);
-        assert!(!Target::Gguf { mix: "Q8_0".into(), imatrix: false }.calibrated());
+        assert!(!Target::Gguf {
+            mix: "Q8_0".into(),
+            imatrix: false
+        }
+        .calibrated());
     }
 }

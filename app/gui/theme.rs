@@ -36,7 +36,10 @@ pub fn switch(ui: &mut egui::Ui, current: ThemeChoice) -> Option<ThemeChoice> {
         ThemeChoice::Dark => ("☀", ThemeChoice::Light, "Light theme"),
         ThemeChoice::Light => ("🌙", ThemeChoice::Dark, "Dark theme"),
     };
-    ui.button(icon).on_hover_text(hint).clicked().then_some(next)
+    ui.button(icon)
+        .on_hover_text(hint)
+        .clicked()
+        .then_some(next)
 }
 
 /// The tensor kinds the per-layer charts show, in the order of a decoder layer.
@@ -44,7 +47,15 @@ pub const KINDS: [&str; 7] = ["q", "k", "v", "o", "gate", "up", "down"];
 
 /// The kind of a Hugging Face tensor name (`model.layers.3.self_attn.q_proj.weight` → `q`).
 pub fn kind_of(tensor: &str) -> Option<&'static str> {
-    let parts = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let parts = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
     parts
         .iter()
         .position(|p| tensor.contains(p))
@@ -83,7 +94,11 @@ pub fn ramp(t: f64) -> Color32 {
         (0.75, [0x5d, 0xc8, 0x63]),
         (1.0, [0xfd, 0xe7, 0x25]),
     ];
-    let t = if t.is_finite() { t.clamp(0.0, 1.0) } else { 0.0 };
+    let t = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
     let k = STOPS
         .windows(2)
         .position(|w| t <= w[1].0)

@@ -138,10 +138,12 @@ impl Walkthrough {
                     self.next();
                 }
             }
-            5 if q
-                .queue
-                .iter()
-                .all(|i| matches!(i.status, Status::Done | Status::Failed(_) | Status::Cancelled)) =>
+            5 if q.queue.iter().all(|i| {
+                matches!(
+                    i.status,
+                    Status::Done | Status::Failed(_) | Status::Cancelled
+                )
+            }) =>
             {
                 app.quantize.plots.view = View::HeatMap;
                 app.quantize.plots.heat_run = 1;
@@ -178,7 +180,12 @@ impl Walkthrough {
                     self.next();
                 }
             }
-            9 if app.compare.rows.iter().all(|r| !r.running && r.job.is_some()) => {
+            9 if app
+                .compare
+                .rows
+                .iter()
+                .all(|r| !r.running && r.job.is_some()) =>
+            {
                 app.compare.chart = ChartView::Bars;
                 self.next();
             }
@@ -191,7 +198,11 @@ impl Walkthrough {
             11 => {
                 if self.shoot(ctx, "8-compare-scatter") {
                     app.tab = Tab::Chat;
-                    let v = app.shared.variants.iter().find(|v| v.label.starts_with("Q4_K_M"));
+                    let v = app
+                        .shared
+                        .variants
+                        .iter()
+                        .find(|v| v.label.starts_with("Q4_K_M"));
                     app.chat.sides[0].model = v.map(|v| v.path.clone());
                     app.chat.max_new_tokens = 96;
                     app.chat.send(

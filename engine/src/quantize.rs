@@ -395,7 +395,10 @@ mod tests {
                 .map(|t| (t.row_bytes() * t.rows()) as u64)
                 .sum()
         };
-        assert_eq!(gguf_tensor_bytes(&src, &opts.mix).expect("plan"), stored(&q));
+        assert_eq!(
+            gguf_tensor_bytes(&src, &opts.mix).expect("plan"),
+            stored(&q)
+        );
         let km = GgufQuantizeOptions {
             mix: GgufMix::parse("q4_k_m").expect("mix"),
             ..opts.clone()
@@ -403,7 +406,10 @@ mod tests {
         let out_km = dir.path().join("q4km.gguf");
         quantize_gguf(&src, &km, &out_km, &mut |_, _, _| true).expect("quantize q4_k_m");
         let q_km = SourceModel::open(&out_km).expect("reopen q4_k_m");
-        assert_eq!(gguf_tensor_bytes(&src, &km.mix).expect("plan"), stored(&q_km));
+        assert_eq!(
+            gguf_tensor_bytes(&src, &km.mix).expect("plan"),
+            stored(&q_km)
+        );
         assert_ne!(stored(&q_km), stored(&q));
         let (a, b) = (
             Model::load(&src).expect("load"),
