@@ -506,19 +506,7 @@ pub fn progress_bar(
     );
 }
 
-/// `1.2 GB`-style sizes.
-pub fn human_bytes(b: u64) -> String {
-    let b = b as f64;
-    if b >= 1e9 {
-        format!("{:.2} GB", b / 1e9)
-    } else if b >= 1e6 {
-        format!("{:.1} MB", b / 1e6)
-    } else if b >= 1e3 {
-        format!("{:.1} kB", b / 1e3)
-    } else {
-        format!("{b:.0} B")
-    }
-}
+pub use quant_engine::model::summary::{human_bytes, human_count};
 
 /// `1 h 02 min`, `3 min 05 s`, `12 s`.
 pub fn human_secs(s: f64) -> String {

@@ -11,7 +11,7 @@ use eframe::egui;
 use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
 use quant_engine::infer::{GenerateStats, StopReason};
-use quant_engine::jobs::{Command, EngineHandle, Event, JobOutput, LayerMetrics};
+use quant_engine::jobs::{Command, EngineHandle, Event, LayerMetrics};
 use quant_engine::model::fixture::{write_fixture, FixtureSpec};
 use quant_engine::model::summary::ModelSummary;
 use quant_engine::model::SourceModel;
@@ -113,9 +113,7 @@ fn dropping_a_fixture_model_shows_its_card() {
     let want = ModelSummary::of(&SourceModel::open(&model).expect("open"));
     // The card's numbers are the model's.
     h.get_by_label("Parameters");
-    h.get_by_label(&quant_studio::gui::model::format_params(
-        want.parameter_count,
-    ));
+    h.get_by_label(&quant_studio::gui::human_count(want.parameter_count));
     h.get_by_label("LlamaForCausalLM");
     h.get_by_label(&format!("{} / {}", want.hidden, want.intermediate));
     assert_eq!(want.layers, 2);
@@ -455,5 +453,4 @@ fn panels_snapshots() {
     h.get_by_label("Compare").click();
     h.run_steps(2);
     h.snapshot("compare");
-    let _ = JobOutput::ChatEnded;
 }

@@ -144,10 +144,10 @@ impl ComparePanel {
     /// Start evaluating every ticked variant (the source first: its perplexity; the others' KLD against
     /// it). Runs one at a time.
     pub fn run(&mut self, shared: &mut Shared) {
-        let Some(src) = shared.source_path().map(PathBuf::from) else {
+        if shared.source.is_none() {
             shared.notes.error("Open a model first", "");
             return;
-        };
+        }
         self.rows = shared
             .variants
             .iter()
@@ -161,7 +161,6 @@ impl ComparePanel {
                 ..Row::default()
             })
             .collect();
-        let _ = src;
         self.pump(shared);
     }
 

@@ -8,7 +8,7 @@ use quant_engine::jobs::{Command, Event, JobId, JobOutput};
 use quant_engine::model::summary::ModelSummary;
 
 use super::dialogs::Picked;
-use super::{human_bytes, Owner, Shared, Tab, Variant};
+use super::{human_bytes, human_count, Owner, Shared, Tab, Variant};
 
 /// The open model.
 #[derive(Clone, Debug)]
@@ -268,7 +268,7 @@ fn card(ui: &mut egui::Ui, m: &OpenModel) {
             };
             row("Architecture", s.arch.to_string());
             row("Format", s.format.to_string());
-            row("Parameters", format_params(s.parameter_count));
+            row("Parameters", human_count(s.parameter_count));
             row("Stored type", s.dtype.clone());
             row("Size on disk", human_bytes(s.size_on_disk_bytes));
             row("Layers", s.layers.to_string());
@@ -293,18 +293,6 @@ fn yes_no(b: bool) -> &'static str {
         "yes"
     } else {
         "no"
-    }
-}
-
-/// `134.5 M`, `7.24 B`.
-pub fn format_params(n: u64) -> String {
-    let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.2} B", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.1} M", n / 1e6)
-    } else {
-        format!("{:.1} k", n / 1e3)
     }
 }
 

@@ -2,7 +2,7 @@
 //! kind by layer (log scale, one series per kind, several runs overlaid), a heat map (layers × kinds),
 //! and bits per layer for mixed formats. Hovering shows the exact numbers.
 
-use eframe::egui::{self, Color32, Sense};
+use eframe::egui::{self, Sense};
 use egui_plot::{Legend, Line, LineStyle, Plot, PlotPoints};
 use quant_engine::jobs::LayerMetrics;
 
@@ -402,7 +402,6 @@ impl LayerPlots {
             }
             ui.weak(format!("{:.1e}", 10f64.powf(hi)));
         });
-        let _ = Color32::TRANSPARENT;
     }
 }
 
