@@ -146,6 +146,7 @@ fn eval_prints_llama_perplexity_lines_and_the_engines_number() {
     let opts = EvalOptions {
         n_ctx: 32,
         max_chunks: Some(3),
+        ..EvalOptions::default()
     };
     let text = std::fs::read_to_string(&f.text).expect("text");
     let direct = perplexity(&model, &src.tokenizer, &text, &opts, &mut |_| true).expect("ppl");

@@ -346,15 +346,27 @@ fn compare_evaluates_source_then_variants_against_it() {
     h.run_steps(2);
     h.get_by_label("Q8_0").click();
     h.get_by_label("Q4_K_M").click();
+    // llama.cpp's arithmetic, for numbers comparable with llama-perplexity's.
+    h.get_by_label("llama.cpp arithmetic").click();
     h.run_steps(1);
     h.get_by_label("Evaluate").click();
     h.run_steps(2);
     let cmds = sent(&commands);
-    let (job, Command::Evaluate { model: m, base, .. }) = &cmds[0] else {
+    let (
+        job,
+        Command::Evaluate {
+            model: m,
+            base,
+            options,
+            ..
+        },
+    ) = &cmds[0]
+    else {
         panic!("{cmds:?}");
     };
     assert_eq!(m, Path::new("/models/tiny-llama"));
     assert_eq!(*base, None);
+    assert_eq!(options.numerics, quant_engine::infer::Numerics::LlamaCpu);
     assert_eq!(cmds.len(), 1);
     let chunk = |chunk: usize, ppl: f64| quant_engine::eval::ChunkProgress {
         chunk,
@@ -387,10 +399,20 @@ fn compare_evaluates_source_then_variants_against_it() {
     h.run_steps(2);
     // The variants follow, each against the source, in the order of the variant list.
     let cmds = sent(&commands);
-    let (_, Command::Evaluate { model: m, base, .. }) = &cmds[0] else {
+    let (
+        _,
+        Command::Evaluate {
+            model: m,
+            base,
+            options,
+            ..
+        },
+    ) = &cmds[0]
+    else {
         panic!("{cmds:?}");
     };
     assert_eq!(m, Path::new("/models/q/Q4_K_M.gguf"));
+    assert_eq!(options.numerics, quant_engine::infer::Numerics::LlamaCpu);
     assert_eq!(base.as_deref(), Some(Path::new("/models/tiny-llama")));
     h.get_by_label("Export CSV…");
 }

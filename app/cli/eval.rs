@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Args;
 use quant_engine::eval::{EvalOptions, KldReport, KldStats, PerplexityReport, ValueUnc};
+use quant_engine::infer::Numerics;
 use quant_engine::jobs::{Command, EngineHandle, EvalText, Event, JobOutput};
 
 use super::progress::Bars;
@@ -28,15 +29,24 @@ pub struct EvalArgs {
     /// Evaluate at most N chunks.
     #[arg(long, value_name = "N")]
     pub chunks: Option<usize>,
+    /// Arithmetic: `exact` (f32 activations) or `llama-cpu` (activations rounded as llama.cpp's CPU backend
+    /// rounds them: Q8_0/Q8_1/Q8_K or f16 per weight type, f16 KV cache), to compare with llama-perplexity.
+    #[arg(long, default_value = "exact", value_parser = parse_numerics)]
+    pub numerics: Numerics,
     /// Print the report as JSON (no per-chunk lines).
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_numerics(s: &str) -> Result<Numerics, String> {
+    Numerics::parse(s).ok_or_else(|| format!("unknown arithmetic {s:?}: use exact or llama-cpu"))
 }
 
 pub fn run(engine: &EngineHandle, args: &EvalArgs) -> anyhow::Result<()> {
     let options = EvalOptions {
         n_ctx: args.n_ctx,
         max_chunks: args.chunks,
+        numerics: args.numerics,
     };
     let job = start(
         engine,

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use eframe::egui;
 use egui_plot::{Bar, BarChart, Legend, Line, Plot, PlotPoints, Points};
 use quant_engine::eval::EvalOptions;
+use quant_engine::infer::Numerics;
 use quant_engine::jobs::{Command, EvalText, Event, JobId, JobOutput};
 
 use super::dialogs::Picked;
@@ -51,6 +52,8 @@ pub struct ComparePanel {
     pub text: Option<PathBuf>,
     pub n_ctx: usize,
     pub max_chunks: usize,
+    /// Round activations as llama.cpp's CPU backend does (its `llama-perplexity` numbers), not exact f32.
+    pub llama_numerics: bool,
     pub rows: Vec<Row>,
     pub chart: ChartView,
     /// Where each chart was last drawn (for PNG export).
@@ -66,6 +69,7 @@ impl Default for ComparePanel {
             text: None,
             n_ctx: 512,
             max_chunks: 20,
+            llama_numerics: false,
             rows: Vec::new(),
             chart: ChartView::Curves,
             chart_rects: HashMap::new(),
@@ -190,6 +194,11 @@ impl ComparePanel {
             options: EvalOptions {
                 n_ctx: self.n_ctx,
                 max_chunks: Some(self.max_chunks),
+                numerics: if self.llama_numerics {
+                    Numerics::LlamaCpu
+                } else {
+                    Numerics::Exact
+                },
             },
         };
         match shared.submit(Owner::Compare, cmd) {
@@ -291,8 +300,16 @@ impl ComparePanel {
             ui.add(egui::DragValue::new(&mut self.n_ctx).range(16..=8192));
             ui.label("chunks");
             ui.add(egui::DragValue::new(&mut self.max_chunks).range(1..=10_000));
-            ui.separator();
             let running = self.rows.iter().any(|r| r.running);
+            ui.add_enabled(
+                !running,
+                egui::Checkbox::new(&mut self.llama_numerics, "llama.cpp arithmetic"),
+            )
+            .on_hover_text(
+                    "Round activations as llama.cpp's CPU backend does (8-bit or f16 per weight type, f16 KV \
+                     cache): the numbers llama-perplexity prints. Off: exact f32 activations.",
+            );
+            ui.separator();
             if ui
                 .add_enabled(!running, egui::Button::new("Evaluate"))
                 .clicked()

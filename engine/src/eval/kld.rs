@@ -158,6 +158,7 @@ mod tests {
         let opts = EvalOptions {
             n_ctx: 16,
             max_chunks: None,
+            ..EvalOptions::default()
         };
         let (mut fa, mut fb) = (Vec::new(), Vec::new());
         let r = {
@@ -185,6 +186,7 @@ mod tests {
         let opts = EvalOptions {
             n_ctx: 8,
             max_chunks: Some(3),
+            ..EvalOptions::default()
         };
         let (mut fa, mut fb) = (Vec::new(), Vec::new());
         let mut seen = Vec::new();
@@ -230,6 +232,7 @@ mod tests {
         let opts = EvalOptions {
             n_ctx: 32,
             max_chunks: Some(4),
+            ..EvalOptions::default()
         };
         let same = kl_divergence(&base, &base, &tok, &text, &opts, &mut |_| true).expect("kld");
         assert!(same.full_precision.kld.mean.value.abs() < 1e-6);
@@ -258,6 +261,7 @@ mod tests {
         let opts = EvalOptions {
             n_ctx: 8,
             max_chunks: None,
+            ..EvalOptions::default()
         };
         let (mut fa, mut fb) = (Vec::new(), Vec::new());
         let mut a = fake_forward(4, 1.0, &mut fa);

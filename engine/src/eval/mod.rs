@@ -22,6 +22,7 @@ pub use kld::{kl_divergence, KldReport};
 pub use perplexity::{perplexity, PerplexityReport};
 pub use stats::{BaseLogProbs, KldChunkLine, KldStats, ValueUnc};
 
+use crate::infer::Numerics;
 use crate::model::TextTokenizer;
 use crate::{Error, Result};
 
@@ -38,13 +39,17 @@ pub(crate) type ChunkForwardRows<'a> =
 /// Rows of logits perplexity asks for at a time (32 × a 128k vocabulary = 16 MiB).
 pub(crate) const LOGIT_ROWS_PER_PART: usize = 32;
 
-/// How the text is cut into chunks.
+/// How the text is cut into chunks, and the arithmetic the models run with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EvalOptions {
     /// Tokens per chunk (llama-perplexity's `-c`, default 512).
     pub n_ctx: usize,
     /// Evaluate at most this many chunks (`--chunks`).
     pub max_chunks: Option<usize>,
+    /// Exact f32 activations, or rounded as llama.cpp's CPU backend rounds them (to compare with
+    /// `llama-perplexity` to a few hundredths of a percent). Applies to the base of a KL-divergence too.
+    #[serde(default)]
+    pub numerics: Numerics,
 }
 
 impl Default for EvalOptions {
@@ -52,6 +57,7 @@ impl Default for EvalOptions {
         Self {
             n_ctx: 512,
             max_chunks: None,
+            numerics: Numerics::Exact,
         }
     }
 }
@@ -246,6 +252,7 @@ mod tests {
         let opts = EvalOptions {
             n_ctx: 8,
             max_chunks: None,
+            ..EvalOptions::default()
         };
         let p = ChunkPlan::new(&toks, &opts, Some(1)).expect("plan");
         assert_eq!(p.n_chunks, 4); // ⌊37/8⌋
@@ -259,6 +266,7 @@ mod tests {
             &EvalOptions {
                 n_ctx: 8,
                 max_chunks: Some(2),
+                ..EvalOptions::default()
             },
             None,
         )
@@ -275,6 +283,7 @@ mod tests {
             &EvalOptions {
                 n_ctx: 8,
                 max_chunks: None,
+                ..EvalOptions::default()
             },
             None,
         )
@@ -288,7 +297,8 @@ mod tests {
             &toks,
             &EvalOptions {
                 n_ctx: 2,
-                max_chunks: None
+                max_chunks: None,
+                ..EvalOptions::default()
             },
             None
         )
@@ -315,6 +325,7 @@ mod tests {
         let opts = EvalOptions {
             n_ctx: 512,
             max_chunks: Some(4),
+            ..EvalOptions::default()
         };
         let rel = |a: f64, b: f64| (a - b).abs() / b.abs();
 

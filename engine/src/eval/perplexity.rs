@@ -167,6 +167,7 @@ pub(crate) mod tests {
         let opts = EvalOptions {
             n_ctx: 10,
             max_chunks: None,
+            ..EvalOptions::default()
         };
         let mut fwd =
             |_: &[u32], _: usize, rows: std::ops::Range<usize>| Ok(vec![0.25f32; rows.len() * 7]);
@@ -196,6 +197,7 @@ pub(crate) mod tests {
         let opts = EvalOptions {
             n_ctx: 8,
             max_chunks: Some(2),
+            ..EvalOptions::default()
         };
         let mut fed = Vec::new();
         let boost = 3.0f32;
@@ -226,6 +228,7 @@ pub(crate) mod tests {
         let opts = EvalOptions {
             n_ctx: 4,
             max_chunks: None,
+            ..EvalOptions::default()
         };
         let mut calls = 0;
         let mut fwd = |_: &[u32], _: usize, rows: std::ops::Range<usize>| {
@@ -251,6 +254,7 @@ pub(crate) mod tests {
         let opts = EvalOptions {
             n_ctx: 8,
             max_chunks: None,
+            ..EvalOptions::default()
         };
         let mut fwd =
             |_: &[u32], _: usize, rows: std::ops::Range<usize>| Ok(vec![0.0f32; rows.len() * 3]);
@@ -299,6 +303,7 @@ pub(crate) mod tests {
         let opts = EvalOptions {
             n_ctx: 32,
             max_chunks: Some(4),
+            ..EvalOptions::default()
         };
         let r = perplexity(&model, &tok, &text, &opts, &mut |_| true).expect("ppl");
         assert_eq!(r.n_chunks, 4);
@@ -339,6 +344,7 @@ pub(crate) mod tests {
             &EvalOptions {
                 n_ctx: 32,
                 max_chunks: None,
+                ..EvalOptions::default()
             },
             &mut |_| true,
         )
@@ -352,6 +358,7 @@ pub(crate) mod tests {
         let opts = EvalOptions {
             n_ctx: 8,
             max_chunks: None,
+            ..EvalOptions::default()
         };
         let mut fwd =
             |_: &[u32], _: usize, rows: std::ops::Range<usize>| Ok(vec![0.0f32; rows.len() * 4]);

@@ -83,6 +83,7 @@ pub fn compute_imatrix(
     let eval_opts = EvalOptions {
         n_ctx: opts.n_ctx,
         max_chunks: opts.max_chunks,
+        ..EvalOptions::default()
     };
     let plan = crate::eval::ChunkPlan::new(&tokens, &eval_opts, crate::eval::chunk_bos(tok))
         .map_err(|e| Error::Invalid(e.to_string().replace("perplexity", "an importance matrix")))?;
@@ -159,6 +160,7 @@ mod tests {
             &EvalOptions {
                 n_ctx: 32,
                 max_chunks: Some(3),
+                ..EvalOptions::default()
             },
             crate::eval::chunk_bos(&tok),
         )

@@ -8,11 +8,13 @@
 mod generate;
 mod kv_cache;
 mod model;
+mod numerics;
 mod sampling;
 
 pub use generate::{generate, ChatSession, GenerateOptions, GenerateStats, StopReason};
 pub use kv_cache::KvCache;
 pub use model::{LinearKind, Logits, MatmulInput, MatmulObserver, Model};
+pub use numerics::{round_activations, vec_dot_type, Numerics, VecDotType};
 pub use sampling::{
     apply_repetition_penalty, argmax, min_p_filter, top_p_filter, Sampler, SamplerConfig,
 };

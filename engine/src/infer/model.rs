@@ -11,6 +11,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::kv_cache::KvCache;
+use super::numerics::{round_activations, round_f16, vec_dot_type, Numerics, VecDotType};
 use crate::model::{ModelConfig, SourceModel};
 use crate::tensor::{dot, sgemm_nn, sgemm_nt, TensorRef};
 use crate::{Error, Result};
@@ -147,9 +148,9 @@ struct Linear {
 }
 
 impl Linear {
-    /// `out[n, rows] = x[n, cols] · Wᵀ + b`.
-    fn forward(&self, x: &[f32], n: usize, out: &mut [f32]) {
-        self.w.matmul(x, n, out);
+    /// `out[n, rows] = x[n, cols] · Wᵀ + b`, with the activations rounded as `numerics` says.
+    fn forward(&self, x: &[f32], n: usize, out: &mut [f32], numerics: Numerics) {
+        matmul_with(&self.w, x, n, out, numerics);
         if let Some(b) = &self.b {
             for row in out.chunks_exact_mut(b.len()) {
                 for (o, &bb) in row.iter_mut().zip(b) {
@@ -186,6 +187,7 @@ pub struct Model {
     norm: Vec<f32>,
     lm_head: TensorRef,
     inv_freq: Vec<f32>,
+    numerics: Numerics,
 }
 
 impl std::fmt::Debug for Model {
@@ -195,6 +197,19 @@ impl std::fmt::Debug for Model {
             .field("embed", &self.embed.ty)
             .field("lm_head", &self.lm_head.name)
             .finish_non_exhaustive()
+    }
+}
+
+/// `w.matmul(x)`, first rounding a copy of the activations to what llama.cpp's CPU backend multiplies
+/// with `w`'s type when `numerics` asks for it (packed GPTQ weights have no llama.cpp counterpart).
+fn matmul_with(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32], numerics: Numerics) {
+    match numerics {
+        Numerics::LlamaCpu if w.packed.is_none() && vec_dot_type(w.ty) != VecDotType::F32 => {
+            let mut xr = x.to_vec();
+            round_activations(w.ty, &mut xr, w.cols());
+            w.matmul(&xr, n, out);
+        }
+        _ => w.matmul(x, n, out),
     }
 }
 
@@ -331,7 +346,18 @@ impl Model {
             norm,
             lm_head,
             inv_freq,
+            numerics: Numerics::Exact,
         })
+    }
+
+    /// How the forward pass rounds activations (exact f32 unless set).
+    pub fn numerics(&self) -> Numerics {
+        self.numerics
+    }
+
+    /// Round activations as `numerics` says from now on (a clone of a shared model can differ from it).
+    pub fn set_numerics(&mut self, numerics: Numerics) {
+        self.numerics = numerics;
     }
 
     /// The model's hyper-parameters.
@@ -412,7 +438,7 @@ impl Model {
                 let mut x = hidden[(w0 - c0) * h..].to_vec();
                 rms_norm(&mut x, &self.norm, c.rms_norm_eps);
                 let out = &mut logits[(w0 - from) * vocab..(c1 - from) * vocab];
-                self.lm_head.matmul(&x, k, out);
+                matmul_with(&self.lm_head, &x, k, out, self.numerics);
             }
             c0 = c1;
         }
@@ -547,17 +573,23 @@ impl Model {
         if let Some(o) = observer.as_deref_mut() {
             o.observe(li, MatmulInput::Attention, &s.xn, n);
         }
-        layer.q.forward(&s.xn, n, &mut s.q);
-        layer.k.forward(&s.xn, n, &mut s.k);
-        layer.v.forward(&s.xn, n, &mut s.v);
+        layer.q.forward(&s.xn, n, &mut s.q, self.numerics);
+        layer.k.forward(&s.xn, n, &mut s.k, self.numerics);
+        layer.v.forward(&s.xn, n, &mut s.v, self.numerics);
         apply_rope(&mut s.q, hd, cos, sin);
         apply_rope(&mut s.k, hd, cos, sin);
+        if self.numerics == Numerics::LlamaCpu {
+            // llama.cpp keeps its KV cache in f16 and converts the queries to f16 for `k · q`.
+            round_f16(&mut s.q);
+            round_f16(&mut s.k);
+            round_f16(&mut s.v);
+        }
         cache.write(li, p0, &s.k, &s.v);
         self.attention(&s.q, cache, li, p0, n, &mut s.attn);
         if let Some(o) = observer.as_deref_mut() {
             o.observe(li, MatmulInput::AttentionOutput, &s.attn, n);
         }
-        layer.o.forward(&s.attn, n, &mut s.proj);
+        layer.o.forward(&s.attn, n, &mut s.proj, self.numerics);
         add_into(x, &s.proj);
 
         s.xn.copy_from_slice(x);
@@ -566,15 +598,15 @@ impl Model {
         if let Some(o) = observer.as_deref_mut() {
             o.observe(li, MatmulInput::Ffn, &s.xn, n);
         }
-        layer.gate.forward(&s.xn, n, &mut s.gate);
-        layer.up.forward(&s.xn, n, &mut s.up);
+        layer.gate.forward(&s.xn, n, &mut s.gate, self.numerics);
+        layer.up.forward(&s.xn, n, &mut s.up, self.numerics);
         for (g, &u) in s.gate.iter_mut().zip(&s.up) {
             *g = silu(*g) * u;
         }
         if let Some(o) = observer.as_deref_mut() {
             o.observe(li, MatmulInput::FfnDown, &s.gate, n);
         }
-        layer.down.forward(&s.gate, n, &mut s.proj);
+        layer.down.forward(&s.gate, n, &mut s.proj, self.numerics);
         add_into(x, &s.proj);
     }
 
@@ -611,6 +643,8 @@ impl Model {
         let group = nh / c.num_kv_heads;
         let scale = (hd as f64).powf(-0.5) as f32;
         let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
+        // llama.cpp converts the probabilities to f16 before multiplying them with its f16 values.
+        let f16_probs = self.numerics == Numerics::LlamaCpu;
         let blocks = n.div_ceil(ATTN_ROWS);
         let parts: Vec<(usize, usize, Vec<f32>)> = (0..nh * blocks)
             .into_par_iter()
@@ -631,6 +665,9 @@ impl Model {
                         .map(|kr| dot(qrow, kr) * scale)
                         .collect();
                     softmax(&mut s);
+                    if f16_probs {
+                        round_f16(&mut s);
+                    }
                     for (&p, vr) in s.iter().zip(vals.chunks_exact(hd)) {
                         for (oo, &vv) in o.iter_mut().zip(vr) {
                             *oo += p * vv;
@@ -651,6 +688,9 @@ impl Model {
                             *x *= scale;
                         }
                         softmax(vis);
+                        if f16_probs {
+                            round_f16(vis);
+                        }
                         masked.fill(0.0);
                     }
                     sgemm_nn(rows, hd, len, &s, vals, &mut o);

@@ -130,6 +130,7 @@ fn evaluation_events_arrive_in_order() {
     let options = EvalOptions {
         n_ctx: 32,
         max_chunks: Some(3),
+        ..EvalOptions::default()
     };
     let job = submit(
         &engine,
@@ -221,6 +222,7 @@ fn a_job_is_cancelled_within_a_second() {
             options: EvalOptions {
                 n_ctx: 16,
                 max_chunks: None,
+                ..EvalOptions::default()
             },
         },
     );

@@ -379,6 +379,13 @@ fn evaluate(
 ) -> Result<JobOutput> {
     let (text, _) = read_text(text)?;
     let variant = load(ctx, cache, model)?;
+    // The cached models are shared: another arithmetic runs on a clone (weights stay shared).
+    let with_numerics = |m: &crate::infer::Model| {
+        let mut m = m.clone();
+        m.set_numerics(options.numerics);
+        m
+    };
+    let variant_model = with_numerics(&variant.model);
     let mut on_chunk = |p: &ChunkProgress| {
         ctx.emit(Event::EvalChunk {
             job: ctx.job,
@@ -389,7 +396,7 @@ fn evaluate(
     match base {
         None => {
             let r = perplexity(
-                &variant.model,
+                &variant_model,
                 &variant.source.tokenizer,
                 &text,
                 options,
@@ -400,8 +407,8 @@ fn evaluate(
         Some(base) => {
             let b = load(ctx, cache, base)?;
             let r = kl_divergence(
-                &b.model,
-                &variant.model,
+                &with_numerics(&b.model),
+                &variant_model,
                 &b.source.tokenizer,
                 &text,
                 options,

@@ -1,0 +1,190 @@
+//! How the forward pass rounds its intermediate values.
+//!
+//! [`Numerics::Exact`] keeps every activation in f32 (what transformers computes in float32). llama.cpp's CPU
+//! backend does not: before each matmul it converts the activations to the weight type's "vec_dot type" and
+//! multiplies in that form — F16 weights meet f16 activations, Q4_0/Q5_0/Q8_0/IQ4_NL weights meet Q8_0
+//! blocks, Q4_1/Q5_1 Q8_1 blocks, the k-quants and IQ4_XS Q8_K blocks — and it keeps the KV cache in f16, so
+//! the attention scores are `f16(q) · f16(k)` and the probabilities are rounded to f16 before they weight
+//! `f16(v)`. [`Numerics::LlamaCpu`] applies the same roundings (the block quantizers below follow
+//! `quantize_row_q8_0` on x86 and `quantize_row_q8_K_ref` to the bit) and then multiplies in f32, so its
+//! results differ from llama.cpp's only by the order of the sums: perplexities agree to a few hundredths of
+//! a percent, where exact f32 activations differ from llama.cpp by up to a few tenths on 2–3-bit files.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codecs::GgmlType;
+
+/// The arithmetic of a forward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Numerics {
+    /// f32 activations throughout (the reference; what transformers computes in float32).
+    #[default]
+    Exact,
+    /// Activations rounded as llama.cpp's CPU backend rounds them (vec_dot types, f16 KV cache).
+    LlamaCpu,
+}
+
+impl Numerics {
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Exact => "exact",
+            Self::LlamaCpu => "llama-cpu",
+        }
+    }
+
+    /// Parse [`Numerics::name`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "exact" => Some(Self::Exact),
+            "llama-cpu" | "llama.cpp" => Some(Self::LlamaCpu),
+            _ => None,
+        }
+    }
+}
+
+/// The form llama.cpp's CPU backend converts activations to before multiplying them with weights of `ty`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VecDotType {
+    F32,
+    F16,
+    BF16,
+    /// Q8_0 and Q8_1 (the same values; Q8_1 also stores the block sum).
+    Q8_0,
+    Q8K,
+}
+
+/// `type_traits_cpu[ty].vec_dot_type` of ggml's CPU backend.
+pub fn vec_dot_type(ty: GgmlType) -> VecDotType {
+    use GgmlType::*;
+    match ty {
+        F32 => VecDotType::F32,
+        F16 => VecDotType::F16,
+        BF16 => VecDotType::BF16,
+        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Iq4Nl => VecDotType::Q8_0,
+        Q2K | Q3K | Q4K | Q5K | Q6K | Iq4Xs => VecDotType::Q8K,
+    }
+}
+
+/// Round `x` (rows of `cols` values) in place to what llama.cpp multiplies with weights of type `ty`.
+/// `cols` must be a multiple of the vec_dot type's block (it is, for any row length `ty` can store).
+pub fn round_activations(ty: GgmlType, x: &mut [f32], cols: usize) {
+    match vec_dot_type(ty) {
+        VecDotType::F32 => {}
+        VecDotType::F16 => round_f16(x),
+        VecDotType::BF16 => {
+            for v in x.iter_mut() {
+                *v = half::bf16::from_f32(*v).to_f32();
+            }
+        }
+        VecDotType::Q8_0 => {
+            debug_assert!(cols.is_multiple_of(32));
+            x.chunks_exact_mut(32).for_each(round_q8_0_block);
+        }
+        VecDotType::Q8K => {
+            debug_assert!(cols.is_multiple_of(256));
+            x.chunks_exact_mut(256).for_each(round_q8_k_block);
+        }
+    }
+}
+
+/// Round every value to the nearest f16 (ties to even, as F16C's `vcvtps2ph` does).
+pub fn round_f16(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = half::f16::from_f32(*v).to_f32();
+    }
+}
+
+/// One Q8_0 block as ggml-cpu's x86 `quantize_row_q8_0` makes it, read back: `d = amax/127` stored as f16,
+/// `q = round_half_even(x · 127/amax)`, value `f16(d) · q`.
+fn round_q8_0_block(b: &mut [f32]) {
+    let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let d = half::f16::from_f32(amax / 127.0).to_f32();
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    for v in b.iter_mut() {
+        *v = d * (*v * id).round_ties_even();
+    }
+}
+
+/// One Q8_K block as `quantize_row_q8_K_ref` makes it, read back: the value of largest magnitude `max`
+/// maps to −127, `q = min(127, nearest_int(−127/max · x))`, value `(1/iscale) · q` in f32.
+fn round_q8_k_block(b: &mut [f32]) {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in b.iter() {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        b.fill(0.0);
+        return;
+    }
+    let iscale = -127.0 / max;
+    let d = 1.0 / iscale;
+    for v in b.iter_mut() {
+        // ggml's nearest_int: ties to even for |v| < 2^22 (always here: |iscale·x| ≤ 127).
+        let q = (iscale * *v).round_ties_even().min(127.0);
+        *v = d * q;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q8_0_rounding_follows_ggml() {
+        // amax 254 → d = 2, 127/amax = 0.5: ties go to even (−63.5 → −64, 0.5 → 0, 1.5 → 2, 2.5 → 2).
+        let mut b = [0.0f32; 32];
+        b[..5].copy_from_slice(&[254.0, -127.0, 1.0, 3.0, 5.0]);
+        round_activations(GgmlType::Q4_0, &mut b, 32);
+        assert_eq!(&b[..5], &[254.0, -128.0, 0.0, 4.0, 4.0]);
+        assert!(b[5..].iter().all(|&v| v == 0.0));
+        // d is stored as f16: amax 1 gives d = f16(1/127), not 1/127.
+        let mut c = [0.0f32; 32];
+        c[0] = 1.0;
+        c[1] = 0.5;
+        round_activations(GgmlType::Iq4Nl, &mut c, 32);
+        let d = half::f16::from_f32(1.0 / 127.0).to_f32();
+        assert_eq!(c[0], d * 127.0);
+        assert_eq!(c[1], d * 64.0); // 63.5 → 64
+        assert_ne!(c[0], 1.0);
+        // An all-zero block stays zero (no division by zero).
+        let mut z = [0.0f32; 32];
+        round_activations(GgmlType::Q8_0, &mut z, 32);
+        assert!(z.iter().all(|&v| v == 0.0));
+    }
+
+    #[test]
+    fn q8_k_rounding_follows_ggml() {
+        let mut b: Vec<f32> = (0..256).map(|i| (i as f32 - 100.0) / 50.0).collect();
+        let orig = b.clone();
+        round_activations(GgmlType::Q4K, &mut b, 256);
+        // The extreme (+3.1 at i = 255) maps to −127 with iscale = −127/3.1.
+        let iscale = -127.0f32 / orig[255];
+        for (i, (&r, &o)) in b.iter().zip(&orig).enumerate() {
+            let q = (iscale * o).round_ties_even().min(127.0);
+            assert_eq!(r, q / iscale, "element {i}");
+            assert!((r - o).abs() <= 0.5 / iscale.abs() + 1e-6);
+        }
+        // The largest magnitude is reproduced up to f32 rounding.
+        assert!((b[255] - orig[255]).abs() < 1e-6);
+        // Types that keep f32 activations are untouched; F16 rounds to f16.
+        let mut f = vec![0.1f32, 1.0 / 3.0];
+        round_activations(GgmlType::F32, &mut f, 2);
+        assert_eq!(f, [0.1, 1.0 / 3.0]);
+        round_activations(GgmlType::F16, &mut f, 2);
+        assert_eq!(f[1], half::f16::from_f32(1.0 / 3.0).to_f32());
+        assert_ne!(f[1], 1.0 / 3.0);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for n in [Numerics::Exact, Numerics::LlamaCpu] {
+            assert_eq!(Numerics::parse(n.name()), Some(n));
+        }
+        assert_eq!(Numerics::parse("fast"), None);
+    }
+}
