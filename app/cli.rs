@@ -180,8 +180,8 @@ pub struct GptqArgs {
     /// GPTQ: symmetric grid (zero point 2^(bits−1)); asymmetric without.
     #[arg(long)]
     pub sym: bool,
-    /// GPTQ: damping, a fraction of the mean Hessian diagonal.
-    #[arg(long, default_value_t = 0.01)]
+    /// GPTQ: damping, a fraction of the mean Hessian diagonal (GPTQModel's default; AutoGPTQ used 0.01).
+    #[arg(long, default_value_t = 0.05)]
     pub damp: f32,
     /// GPTQ: calibration rows (samples).
     #[arg(long, default_value_t = 128)]

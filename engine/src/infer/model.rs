@@ -11,7 +11,7 @@ use std::path::Path;
 use rayon::prelude::*;
 
 use super::kv_cache::KvCache;
-use super::numerics::{round_activations, round_f16, vec_dot_type, Numerics, VecDotType};
+use super::numerics::{matmul_with, round_f16, Numerics};
 use crate::model::{ModelConfig, SourceModel};
 use crate::tensor::{dot, sgemm_nn, sgemm_nt, TensorRef};
 use crate::{Error, Result};
@@ -197,19 +197,6 @@ impl std::fmt::Debug for Model {
             .field("embed", &self.embed.ty)
             .field("lm_head", &self.lm_head.name)
             .finish_non_exhaustive()
-    }
-}
-
-/// `w.matmul(x)`, first rounding a copy of the activations to what llama.cpp's CPU backend multiplies
-/// with `w`'s type when `numerics` asks for it (packed GPTQ weights have no llama.cpp counterpart).
-fn matmul_with(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32], numerics: Numerics) {
-    match numerics {
-        Numerics::LlamaCpu if w.packed.is_none() && vec_dot_type(w.ty) != VecDotType::F32 => {
-            let mut xr = x.to_vec();
-            round_activations(w.ty, &mut xr, w.cols());
-            w.matmul(&xr, n, out);
-        }
-        _ => w.matmul(x, n, out),
     }
 }
 

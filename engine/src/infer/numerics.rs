@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codecs::GgmlType;
+use crate::tensor::TensorRef;
 
 /// The arithmetic of a forward pass.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -130,6 +131,56 @@ fn round_q8_k_block(b: &mut [f32]) {
     }
 }
 
+/// `w.matmul(x)`, first rounding a copy of the activations to what llama.cpp's CPU backend multiplies
+/// with `w`'s type when `numerics` asks for it (packed GPTQ weights have no llama.cpp counterpart).
+pub(crate) fn matmul_with(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32], numerics: Numerics) {
+    match numerics {
+        Numerics::LlamaCpu if w.packed.is_none() && vec_dot_type(w.ty) != VecDotType::F32 => {
+            let mut xr = x.to_vec();
+            round_activations(w.ty, &mut xr, w.cols());
+            w.matmul(&xr, n, out);
+            add_q8_1_sum_terms(w, x, n, out);
+        }
+        _ => w.matmul(x, n, out),
+    }
+}
+
+/// The part of llama.cpp's Q4_1/Q5_1 × Q8_1 dot product that rounded activations cannot express: the weight
+/// block's offset `m` multiplies the activation block's stored sum `s = f16(d · Σq)` (with the unrounded
+/// `d`), where the dequantised product has `f16(d) · Σq`. Adds `Σ_b m[r, b] · (s_b − f16(d_b) · Σq_b)` to
+/// `out[t, r]` for the `n` rows of the *unrounded* activations `x`. A no-op for other types.
+pub(crate) fn add_q8_1_sum_terms(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
+    let block_bytes = match w.ty {
+        GgmlType::Q4_1 => 20,
+        GgmlType::Q5_1 => 24,
+        _ => return,
+    };
+    let (rows, cols) = (w.rows(), w.cols());
+    let blocks = cols / 32;
+    // δ[t, b] per activation row and block.
+    let mut delta = vec![0f32; n * blocks];
+    for (xb, dl) in x.chunks_exact(32).zip(delta.iter_mut()) {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let sq: f32 = xb.iter().map(|v| (v * id).round_ties_even()).sum();
+        let s = half::f16::from_f32(d * sq).to_f32();
+        *dl = s - half::f16::from_f32(d).to_f32() * sq;
+    }
+    let mut m = vec![0f32; blocks];
+    for r in 0..rows {
+        let data = w.row_data(r);
+        for (b, mv) in m.iter_mut().enumerate() {
+            let o = b * block_bytes + 2;
+            *mv = half::f16::from_le_bytes([data[o], data[o + 1]]).to_f32();
+        }
+        for t in 0..n {
+            let dl = &delta[t * blocks..(t + 1) * blocks];
+            out[t * rows + r] += m.iter().zip(dl).map(|(a, b)| a * b).sum::<f32>();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,7 +217,8 @@ mod tests {
         let iscale = -127.0f32 / orig[255];
         for (i, (&r, &o)) in b.iter().zip(&orig).enumerate() {
             let q = (iscale * o).round_ties_even().min(127.0);
-            assert_eq!(r, q / iscale, "element {i}");
+            // ggml stores d = 1/iscale and reads back d·q (not q/iscale, which rounds differently).
+            assert_eq!(r, (1.0 / iscale) * q, "element {i}");
             assert!((r - o).abs() <= 0.5 / iscale.abs() + 1e-6);
         }
         // The largest magnitude is reproduced up to f32 rounding.
@@ -178,6 +230,55 @@ mod tests {
         round_activations(GgmlType::F16, &mut f, 2);
         assert_eq!(f[1], half::f16::from_f32(1.0 / 3.0).to_f32());
         assert_ne!(f[1], 1.0 / 3.0);
+    }
+
+    /// ggml's own CPU matmuls (tests/fixtures/numerics/make_mul_mat_fixture.py: `ggml_mul_mat` of a weight in
+    /// each type with f32 activations, which ggml converts to the vec_dot type) against ours in llama-cpu
+    /// arithmetic: equal up to the order of the sums, where exact f32 activations are ~1e-3 away.
+    #[test]
+    fn llama_cpu_matmuls_equal_ggml() {
+        use crate::model::gguf::GgufFile;
+        use crate::tensor::Bytes;
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/numerics/mul_mat.gguf");
+        let (g, map) = GgufFile::read(&path).expect("read fixture");
+        let f32s = |name: &str| -> (Vec<f32>, Vec<usize>) {
+            let t = g.tensor(name).expect(name);
+            assert_eq!(t.ggml_type, 0, "{name}");
+            let v = map[g.tensor_range(t).expect("range")]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (v, t.ne.iter().map(|&d| d as usize).collect())
+        };
+        let mut seen = Vec::new();
+        for t in g.tensors().iter().filter(|t| t.name.ends_with(".w")) {
+            let ty = t.ty().expect("type");
+            let stem = t.name.trim_end_matches(".w");
+            let (k, m) = (t.ne[0] as usize, t.ne[1] as usize);
+            let raw = map[g.tensor_range(t).expect("range")].to_vec();
+            let w = TensorRef::new(stem, vec![m, k], ty, Bytes::owned(raw)).expect("weight");
+            let (x, xne) = f32s(&format!("{stem}.x"));
+            let (y, _) = f32s(&format!("{stem}.y"));
+            let n = xne[1];
+            let scale = y.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let err = |numerics| {
+                let mut out = vec![0f32; n * m];
+                matmul_with(&w, &x, n, &mut out, numerics);
+                out.iter()
+                    .zip(&y)
+                    .fold(0f32, |a, (o, e)| a.max((o - e).abs()))
+                    / scale
+            };
+            let (llama, exact) = (err(Numerics::LlamaCpu), err(Numerics::Exact));
+            assert!(llama < 1e-6, "{stem}: llama-cpu {llama:e} from ggml");
+            assert!(
+                exact > 3e-5,
+                "{stem}: exact {exact:e} from ggml (the fixture must show rounding)"
+            );
+            seen.push(ty);
+        }
+        assert_eq!(seen.len(), 14, "{seen:?}");
     }
 
     #[test]

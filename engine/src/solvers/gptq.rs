@@ -147,7 +147,8 @@ pub struct GptqOptions {
     pub static_groups: bool,
     /// Symmetric grid (zero point `(maxq+1)/2`).
     pub sym: bool,
-    /// Damping as a fraction of `mean(diag H)` (AutoGPTQ's `damp_percent`, default 0.01).
+    /// Damping as a fraction of `mean(diag H)` (`damp_percent`; 0.05 as GPTQModel's default, AutoGPTQ used 0.01:
+    /// on SmolLM2 with the bundled text 0.05 gives lower KLD on held-out text both in and out of its domain).
     pub damp_percent: f32,
     /// Added to the damping each time a Cholesky fails (GPTQModel's `damp_auto_increment`); 0 = fail at once.
     pub damp_auto_increment: f32,
@@ -167,7 +168,7 @@ impl Default for GptqOptions {
             act_order: false,
             static_groups: false,
             sym: true,
-            damp_percent: 0.01,
+            damp_percent: 0.05,
             damp_auto_increment: 0.01,
             block_size: 128,
             fp16_scales: false,
