@@ -10,7 +10,7 @@ use crossbeam_channel::{Receiver, Sender};
 use eframe::egui;
 use egui_kittest::kittest::Queryable;
 use egui_kittest::Harness;
-use quant_engine::infer::{GenerateStats, StopReason};
+use quant_engine::infer::{GenerateStats, Numerics, StopReason};
 use quant_engine::jobs::{Command, EngineHandle, Event, LayerMetrics};
 use quant_engine::model::fixture::{write_fixture, FixtureSpec};
 use quant_engine::model::summary::ModelSummary;
@@ -63,6 +63,22 @@ fn detached(
 }
 
 /// The commands sent so far, with their job ids (untagged ones get 0).
+/// The job, model, base and arithmetic of the first command in `cmds`, which must be an evaluation.
+fn evaluation(cmds: &[(u64, Command)]) -> (u64, PathBuf, Option<PathBuf>, Numerics) {
+    match cmds.first() {
+        Some((
+            job,
+            Command::Evaluate {
+                model,
+                base,
+                options,
+                ..
+            },
+        )) => (*job, model.clone(), base.clone(), options.numerics),
+        _ => panic!("expected an evaluation first: {cmds:?}"),
+    }
+}
+
 fn sent(rx: &Receiver<Command>) -> Vec<(u64, Command)> {
     rx.try_iter()
         .map(|c| match c {
@@ -352,21 +368,10 @@ fn compare_evaluates_source_then_variants_against_it() {
     h.get_by_label("Evaluate").click();
     h.run_steps(2);
     let cmds = sent(&commands);
-    let (
-        job,
-        Command::Evaluate {
-            model: m,
-            base,
-            options,
-            ..
-        },
-    ) = &cmds[0]
-    else {
-        panic!("{cmds:?}");
-    };
+    let (job, m, base, numerics) = evaluation(&cmds);
     assert_eq!(m, Path::new("/models/tiny-llama"));
-    assert_eq!(*base, None);
-    assert_eq!(options.numerics, quant_engine::infer::Numerics::LlamaCpu);
+    assert_eq!(base, None);
+    assert_eq!(numerics, Numerics::LlamaCpu);
     assert_eq!(cmds.len(), 1);
     let chunk = |chunk: usize, ppl: f64| quant_engine::eval::ChunkProgress {
         chunk,
@@ -380,7 +385,7 @@ fn compare_evaluates_source_then_variants_against_it() {
     for (c, p) in [(0, 12.0), (1, 11.0)] {
         events
             .send(Event::EvalChunk {
-                job: *job,
+                job,
                 progress: chunk(c, p),
             })
             .expect("event");
@@ -392,27 +397,15 @@ fn compare_evaluates_source_then_variants_against_it() {
     );
     events
         .send(Event::Failed {
-            job: *job,
+            job,
             error: "text too short".into(),
         })
         .expect("event");
     h.run_steps(2);
     // The variants follow, each against the source, in the order of the variant list.
-    let cmds = sent(&commands);
-    let (
-        _,
-        Command::Evaluate {
-            model: m,
-            base,
-            options,
-            ..
-        },
-    ) = &cmds[0]
-    else {
-        panic!("{cmds:?}");
-    };
+    let (_, m, base, numerics) = evaluation(&sent(&commands));
     assert_eq!(m, Path::new("/models/q/Q4_K_M.gguf"));
-    assert_eq!(options.numerics, quant_engine::infer::Numerics::LlamaCpu);
+    assert_eq!(numerics, Numerics::LlamaCpu);
     assert_eq!(base.as_deref(), Some(Path::new("/models/tiny-llama")));
     h.get_by_label("Export CSV…");
 }
