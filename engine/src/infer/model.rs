@@ -337,11 +337,6 @@ impl Model {
         })
     }
 
-    /// How the forward pass rounds activations (exact f32 unless set).
-    pub fn numerics(&self) -> Numerics {
-        self.numerics
-    }
-
     /// Round activations as `numerics` says from now on (a clone of a shared model can differ from it).
     pub fn set_numerics(&mut self, numerics: Numerics) {
         self.numerics = numerics;

@@ -100,12 +100,18 @@ pub fn round_f16(x: &mut [f32]) {
 /// One Q8_0 block as ggml-cpu's x86 `quantize_row_q8_0` makes it, read back: `d = amax/127` stored as f16,
 /// `q = round_half_even(x · 127/amax)`, value `f16(d) · q`.
 fn round_q8_0_block(b: &mut [f32]) {
-    let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    let d = half::f16::from_f32(amax / 127.0).to_f32();
-    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let (d, id) = q8_0_scales(b);
+    let d = half::f16::from_f32(d).to_f32();
     for v in b.iter_mut() {
         *v = d * (*v * id).round_ties_even();
     }
+}
+
+/// A Q8_0/Q8_1 block's unrounded scale `d = amax/127` and the multiplier `127/amax` (0 for an all-zero block).
+fn q8_0_scales(b: &[f32]) -> (f32, f32) {
+    let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    (amax / 127.0, id)
 }
 
 /// One Q8_K block as `quantize_row_q8_K_ref` makes it, read back: the value of largest magnitude `max`
@@ -160,9 +166,7 @@ pub(crate) fn add_q8_1_sum_terms(w: &TensorRef, x: &[f32], n: usize, out: &mut [
     // δ[t, b] per activation row and block.
     let mut delta = vec![0f32; n * blocks];
     for (xb, dl) in x.chunks_exact(32).zip(delta.iter_mut()) {
-        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let (d, id) = q8_0_scales(xb);
         let sq: f32 = xb.iter().map(|v| (v * id).round_ties_even()).sum();
         let s = half::f16::from_f32(d * sq).to_f32();
         *dl = s - half::f16::from_f32(d).to_f32() * sq;
