@@ -75,6 +75,9 @@ pub enum CliCommand {
         out: PathBuf,
         #[arg(long, value_enum, default_value_t = DtypeArg::F16)]
         dtype: DtypeArg,
+        /// Replace the output folder if it exists (never the input).
+        #[arg(long)]
+        force: bool,
     },
     /// Quantize to GGUF (llama-quantize mixes: q4_k_m, q8_0, …, pure:TYPE) or to a GPTQ folder (--format gptq); prints each tensor's error.
     Quantize {
@@ -102,6 +105,9 @@ pub enum CliCommand {
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
+        /// Replace the output if it exists (never the input).
+        #[arg(long)]
+        force: bool,
     },
     /// Compute an importance matrix as llama-imatrix does and write it (GGUF format, or .dat).
     Imatrix {
@@ -117,6 +123,9 @@ pub enum CliCommand {
         /// Write llama.cpp's legacy .dat format instead of GGUF.
         #[arg(long)]
         dat: bool,
+        /// Replace the output if it exists (never the input).
+        #[arg(long)]
+        force: bool,
     },
     /// Quantization time and peak memory, against a llama-quantize binary when given (ratio printed).
     BenchQuantize(bench_quantize::BenchQuantizeArgs),
@@ -326,6 +335,18 @@ pub struct SamplingArgs {
     /// Stop when this text appears (may be repeated).
     #[arg(long = "stop", value_name = "STR")]
     pub stop: Vec<String>,
+    /// Accept a context (prompt and reply, or --ctx) longer than the model's trained context
+    /// (max_position_embeddings); quality degrades past it.
+    #[arg(long)]
+    pub allow_long_context: bool,
+}
+
+/// Said whenever a command is allowed past the model's trained context.
+pub fn warn_long_context() {
+    eprintln!(
+        "warning: --allow-long-context: positions past the model's trained context (max_position_embeddings) \
+         give degraded output"
+    );
 }
 
 impl SamplingArgs {
@@ -342,6 +363,7 @@ impl SamplingArgs {
                 seed: self.seed,
             },
             stop_strings: self.stop.clone(),
+            allow_long_context: self.allow_long_context,
         }
     }
 }
@@ -354,7 +376,12 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
         CliCommand::Eval(args) => eval::run(&engine, &args),
         CliCommand::Generate(args) => generate::run_generate(&engine, &args),
         CliCommand::Chat(args) => generate::run_chat(&engine, &args),
-        CliCommand::Convert { model, out, dtype } => convert(&engine, model, out, dtype),
+        CliCommand::Convert {
+            model,
+            out,
+            dtype,
+            force,
+        } => convert(&engine, model, out, dtype, force),
         CliCommand::BenchQuantize(args) => bench_quantize::run(&engine, &args),
         CliCommand::Quantize {
             model,
@@ -366,13 +393,14 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             calib_opts,
             gptq,
             json,
+            force,
         } => {
             if format.eq_ignore_ascii_case("gptq") {
                 if imatrix.is_some() {
                     bail!("--imatrix is for GGUF formats; GPTQ computes Hessians from --calib");
                 }
                 let options = gptq.options(calib)?;
-                return quantize_gptq(&engine, model, out, options, json);
+                return quantize_gptq(&engine, model, out, options, json, force);
             }
             let imatrix = match (imatrix, calib) {
                 (Some(f), _) => ImatrixSource::File(f),
@@ -382,7 +410,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                 },
                 (None, None) => ImatrixSource::None,
             };
-            quantize(&engine, model, out, format, overrides, imatrix, json)
+            quantize(&engine, model, out, format, overrides, imatrix, json, force)
         }
         CliCommand::Imatrix {
             model,
@@ -390,6 +418,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             out,
             calib_opts,
             dat,
+            force,
         } => imatrix(
             &engine,
             model,
@@ -397,6 +426,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             out,
             calib_opts.options(),
             dat,
+            force,
         ),
         CliCommand::Bench {
             model,
@@ -476,6 +506,7 @@ fn convert(
     model: PathBuf,
     out: PathBuf,
     dtype: DtypeArg,
+    overwrite: bool,
 ) -> anyhow::Result<()> {
     let dtype = match dtype {
         DtypeArg::F16 => OutDtype::F16,
@@ -483,7 +514,12 @@ fn convert(
     };
     let output = run_with_bars(
         engine,
-        Command::Convert { model, out, dtype },
+        Command::Convert {
+            model,
+            out,
+            dtype,
+            overwrite,
+        },
         |_, _| Ok(()),
     );
     match output? {
@@ -523,6 +559,7 @@ fn quantize(
     overrides: Vec<String>,
     imatrix: ImatrixSource,
     json: bool,
+    overwrite: bool,
 ) -> anyhow::Result<()> {
     let weighted = imatrix != ImatrixSource::None;
     if !json {
@@ -546,6 +583,7 @@ fn quantize(
         format,
         overrides,
         imatrix,
+        overwrite,
     };
     let output = run_with_bars(engine, command, |bars, ev| {
         if let (false, Event::LayerDone { metrics: m, .. }) = (json, ev) {
@@ -592,6 +630,7 @@ fn quantize_gptq(
     out: PathBuf,
     options: GptqQuantizeOptions,
     json: bool,
+    overwrite: bool,
 ) -> anyhow::Result<()> {
     if !json {
         outln!(
@@ -609,6 +648,7 @@ fn quantize_gptq(
         model,
         out,
         options: Box::new(options),
+        overwrite,
     };
     let output = run_with_bars(engine, command, |bars, ev| {
         if let (false, Event::LayerDone { metrics: m, .. }) = (json, ev) {
@@ -667,6 +707,7 @@ fn imatrix(
     out: PathBuf,
     options: ImatrixOptions,
     legacy_dat: bool,
+    overwrite: bool,
 ) -> anyhow::Result<()> {
     let command = Command::Imatrix {
         model,
@@ -674,6 +715,7 @@ fn imatrix(
         options,
         out,
         legacy_dat,
+        overwrite,
     };
     match run_with_bars(engine, command, |_, _| Ok(()))? {
         JobOutput::Imatrix {

@@ -8,6 +8,18 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // SIGINT, SIGTERM (and SIGHUP): remove what is half written, then go. A second signal while the
+    // first is handled is ignored (the handler is already on its way out).
+    let _ = ctrlc::set_handler(|| {
+        let n = quant_engine::output::staged_count();
+        quant_engine::output::remove_all_staged();
+        if n > 0 {
+            eprintln!("\ninterrupted: removed {n} unfinished output(s)");
+        } else {
+            eprintln!("\ninterrupted");
+        }
+        std::process::exit(130);
+    });
     let args = cli::Cli::parse();
     let result = run(args);
     match result {

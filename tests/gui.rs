@@ -469,3 +469,47 @@ fn panels_snapshots() {
     h.run_steps(2);
     h.snapshot("compare");
 }
+
+#[test]
+fn an_existing_output_is_replaced_only_after_the_user_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, commands, _events) = detached(Some((&model, &model)));
+    let out_dir = dir.path().join("outs");
+    std::fs::create_dir(&out_dir).expect("mkdir");
+    h.state_mut().shared.settings.output_dir = Some(out_dir.clone());
+    h.get_by_label("Quantize").click();
+    h.run_steps(2);
+    // Q4_K_M is ticked by default: make its output exist already.
+    let targets = h.state().quantize.targets();
+    let existing = targets[0].output(&out_dir, &quant_studio::gui::model::model_stem(&model));
+    std::fs::write(&existing, b"an earlier run").expect("write");
+    h.get_by_label("Quantize 1 target(s)  (Ctrl+Q)").click();
+    h.run_steps(2);
+    // Nothing is sent; the question is asked.
+    assert!(sent(&commands).is_empty());
+    h.get_by_label("Replace existing outputs?");
+    h.get_by_label("Keep them").click();
+    h.run_steps(2);
+    assert!(h.state().quantize.confirm_replace.is_none());
+    assert!(sent(&commands).is_empty());
+    // Again, and replace: the command says so.
+    h.get_by_label("Quantize 1 target(s)  (Ctrl+Q)").click();
+    h.run_steps(2);
+    h.get_by_label("Replace").click();
+    h.run_steps(2);
+    let cmds = sent(&commands);
+    match cmds.first() {
+        Some((_, Command::Quantize { out, overwrite, .. })) => {
+            assert_eq!(out, &existing);
+            assert!(*overwrite);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A second click while it runs does not queue the same output twice.
+    h.get_by_label("Quantize 1 target(s)  (Ctrl+Q)").click();
+    h.run_steps(2);
+    assert!(sent(&commands).is_empty());
+    assert_eq!(h.state().quantize.queue.len(), 1);
+    assert_eq!(std::fs::read(&existing).expect("read"), b"an earlier run");
+}

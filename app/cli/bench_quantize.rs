@@ -82,6 +82,8 @@ pub fn run(engine: &EngineHandle, a: &BenchQuantizeArgs) -> anyhow::Result<()> {
                     .imatrix
                     .clone()
                     .map_or(ImatrixSource::None, ImatrixSource::File),
+                // Its own scratch folder, rewritten on every repetition.
+                overwrite: true,
             };
             match super::run_with_bars(engine, command, |_, _| Ok(()))? {
                 JobOutput::Quantized(_) => {}

@@ -36,6 +36,9 @@ pub struct EvalArgs {
     /// Print the report as JSON (no per-chunk lines).
     #[arg(long)]
     pub json: bool,
+    /// Accept a --ctx longer than the model's trained context (max_position_embeddings); quality degrades.
+    #[arg(long)]
+    pub allow_long_context: bool,
 }
 
 fn parse_numerics(s: &str) -> Result<Numerics, String> {
@@ -47,7 +50,11 @@ pub fn run(engine: &EngineHandle, args: &EvalArgs) -> anyhow::Result<()> {
         n_ctx: args.n_ctx,
         max_chunks: args.chunks,
         numerics: args.numerics,
+        allow_long_context: args.allow_long_context,
     };
+    if args.allow_long_context {
+        super::warn_long_context();
+    }
     let job = start(
         engine,
         Command::Evaluate {

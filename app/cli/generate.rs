@@ -68,6 +68,9 @@ fn print_piece(text: &str) -> anyhow::Result<()> {
 }
 
 pub fn run_generate(engine: &EngineHandle, args: &GenerateArgs) -> anyhow::Result<()> {
+    if args.sampling.allow_long_context {
+        super::warn_long_context();
+    }
     let job = start(
         engine,
         Command::Generate {
@@ -105,7 +108,9 @@ fn wait_loaded(engine: &EngineHandle, job: JobId, bars: &mut Bars) -> anyhow::Re
         }
         bars.on_event(&ev);
         match ev {
-            Event::Progress { done, total, .. } if done >= total => return Ok(()),
+            Event::Progress { stage, .. } if stage == quant_engine::jobs::STAGE_CHAT_READY => {
+                return Ok(())
+            }
             Event::Failed { error, .. } => bail!(error),
             Event::Cancelled { .. } => bail!("cancelled"),
             Event::Finished { .. } => bail!("the chat session ended"),
@@ -137,6 +142,9 @@ fn wait_reply(engine: &EngineHandle, job: JobId) -> anyhow::Result<()> {
 }
 
 pub fn run_chat(engine: &EngineHandle, args: &ChatArgs) -> anyhow::Result<()> {
+    if args.sampling.allow_long_context {
+        super::warn_long_context();
+    }
     let job = start(
         engine,
         Command::Chat {

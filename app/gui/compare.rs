@@ -199,6 +199,7 @@ impl ComparePanel {
                 } else {
                     Numerics::Exact
                 },
+                allow_long_context: false,
             },
         };
         match shared.submit(Owner::Compare, cmd) {

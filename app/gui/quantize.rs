@@ -206,6 +206,8 @@ pub fn estimate(target: &Target, shape: &super::model::OpenModel, calib: &Calibr
 pub struct QueueItem {
     pub target: Target,
     pub out: PathBuf,
+    /// The user agreed to replace an existing output.
+    pub overwrite: bool,
     pub status: Status,
     pub job: Option<JobId>,
     pub stage: String,
@@ -240,6 +242,8 @@ pub struct QuantizePanel {
     pub calib: Calibration,
     pub queue: Vec<QueueItem>,
     pub plots: LayerPlots,
+    /// Outputs that exist already, waiting for the user to say whether to replace them.
+    pub confirm_replace: Option<Vec<PathBuf>>,
 }
 
 impl QuantizePanel {
@@ -258,6 +262,7 @@ impl QuantizePanel {
             calib: Calibration::default(),
             queue: Vec::new(),
             plots: LayerPlots::default(),
+            confirm_replace: None,
         }
     }
 
@@ -294,8 +299,15 @@ impl QuantizePanel {
         }
     }
 
-    /// Queue every ticked target (the first starts at once if nothing runs).
+    /// Queue every ticked target (the first starts at once if nothing runs). Outputs that exist already
+    /// are not replaced without asking: the panel asks first ([`Self::confirm_replace`]).
     pub fn start(&mut self, shared: &mut Shared) {
+        self.start_with(shared, false);
+    }
+
+    /// [`start`](Self::start), replacing existing outputs when `overwrite`.
+    pub fn start_with(&mut self, shared: &mut Shared, overwrite: bool) {
+        self.confirm_replace = None;
         let Some(src) = shared.source.as_ref() else {
             shared.notes.error(
                 "Open a model first",
@@ -318,11 +330,37 @@ impl QuantizePanel {
             kv_dim: src.summary.kv_heads * src.summary.head_dim,
             intermediate: src.summary.intermediate,
         };
-        for target in targets {
-            let out = target.output(&dir, &stem);
+        // A target already waiting or running into the same output is not queued twice.
+        let busy = |q: &QueueItem| matches!(q.status, Status::Waiting | Status::Running);
+        let fresh: Vec<(Target, PathBuf)> = targets
+            .into_iter()
+            .map(|t| {
+                let out = t.output(&dir, &stem);
+                (t, out)
+            })
+            .filter(|(_, out)| !self.queue.iter().any(|q| busy(q) && q.out == *out))
+            .collect();
+        if fresh.is_empty() {
+            shared.notes.error(
+                "Already queued",
+                "Every ticked target is already waiting or running.",
+            );
+            return;
+        }
+        let existing: Vec<PathBuf> = fresh
+            .iter()
+            .map(|(_, out)| out.clone())
+            .filter(|out| out.exists())
+            .collect();
+        if !overwrite && !existing.is_empty() {
+            self.confirm_replace = Some(existing);
+            return;
+        }
+        for (target, out) in fresh {
             self.queue.push(QueueItem {
                 target,
                 out,
+                overwrite,
                 status: Status::Waiting,
                 job: None,
                 stage: "waiting".into(),
@@ -338,7 +376,13 @@ impl QuantizePanel {
     }
 
     /// The engine command for a target.
-    pub fn command(&self, target: &Target, model: PathBuf, out: PathBuf) -> Command {
+    pub fn command(
+        &self,
+        target: &Target,
+        model: PathBuf,
+        out: PathBuf,
+        overwrite: bool,
+    ) -> Command {
         let text = match &self.calib.file {
             Some(f) => EvalText::File(f.clone()),
             None => EvalText::Bundled,
@@ -360,6 +404,7 @@ impl QuantizePanel {
                 } else {
                     ImatrixSource::None
                 },
+                overwrite,
             },
             Target::Gptq {
                 bits,
@@ -394,6 +439,7 @@ impl QuantizePanel {
                     rtn: false,
                     max_shard_bytes: None,
                 }),
+                overwrite,
             },
         }
     }
@@ -418,7 +464,12 @@ impl QuantizePanel {
                 return;
             }
         }
-        let cmd = self.command(&self.queue[i].target, src, self.queue[i].out.clone());
+        let cmd = self.command(
+            &self.queue[i].target,
+            src,
+            self.queue[i].out.clone(),
+            self.queue[i].overwrite,
+        );
         if let Some(job) = shared.submit(Owner::Quantize, cmd) {
             let run = self.plots.start_run(self.queue[i].target.label());
             let item = &mut self.queue[i];
@@ -550,6 +601,41 @@ impl QuantizePanel {
             ui.separator();
             self.plots.ui(ui);
         });
+        self.confirm_ui(ui.ctx(), shared);
+    }
+
+    /// The question asked before existing outputs are replaced.
+    fn confirm_ui(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        let Some(existing) = self.confirm_replace.clone() else {
+            return;
+        };
+        let mut answer = None;
+        egui::Window::new("Replace existing outputs?")
+            .collapsible(false)
+            .resizable(false)
+            .anchor(egui::Align2::CENTER_CENTER, egui::vec2(0.0, 0.0))
+            .show(ctx, |ui| {
+                ui.label(format!(
+                    "{} output(s) exist already and would be replaced:",
+                    existing.len()
+                ));
+                for p in &existing {
+                    ui.monospace(p.display().to_string());
+                }
+                ui.horizontal(|ui| {
+                    if ui.button("Replace").clicked() {
+                        answer = Some(true);
+                    }
+                    if ui.button("Keep them").clicked() {
+                        answer = Some(false);
+                    }
+                });
+            });
+        match answer {
+            Some(true) => self.start_with(shared, true),
+            Some(false) => self.confirm_replace = None,
+            None => {}
+        }
     }
 
     fn options_ui(

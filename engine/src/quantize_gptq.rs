@@ -19,6 +19,7 @@ use crate::calib::{load_documents, sample_rows, CalibOptions, CalibSource};
 use crate::codecs::gptq::{pack_gptq, GptqPacked};
 use crate::infer::{LinearKind, MatmulInput, MatmulObserver, Model};
 use crate::model::SourceModel;
+use crate::output::OutputSpec;
 use crate::solvers::gptq::{gptq_quantize, rtn_quantize, GptqOptions, Hessian};
 use crate::tensor::{Bytes, PackedLinear, TensorRef};
 use crate::writers::gptq::{write_gptq_folder, GptqConfig};
@@ -225,12 +226,33 @@ pub fn gptq_config(o: &GptqQuantizeOptions) -> GptqConfig {
     }
 }
 
-/// Quantize `src` with GPTQ into a Hugging Face GPTQ folder at `out`. `on_module(metrics, done, total)` is
-/// called after each linear; `false` cancels (nothing is left behind).
+/// Bytes a GPTQ folder of `src` takes: packed decoder linears (codes, scales, zeros, g_idx), the rest in
+/// f16 — an estimate for the free-space check.
+pub fn estimated_folder_bytes(src: &SourceModel, opts: &GptqQuantizeOptions) -> u64 {
+    let bits = f64::from(opts.solver.bits);
+    let group = opts.solver.group_size.unwrap_or(4096).max(1) as f64;
+    src.tensors
+        .values()
+        .map(|t| {
+            let n = t.numel() as f64;
+            if t.name.contains(".layers.") && t.name.ends_with("_proj.weight") {
+                // codes + f16 scale and packed zero per group + int32 g_idx per input column.
+                (n * bits / 8.0 + n / group * (2.0 + bits / 8.0) + t.cols() as f64 * 4.0) as u64
+            } else {
+                t.numel() as u64 * 2
+            }
+        })
+        .sum()
+}
+
+/// Quantize `src` with GPTQ into a Hugging Face GPTQ folder at `out.path` (through [`crate::output`]:
+/// checked before calibration starts, written under a temporary name, renamed when complete; activations
+/// spilled to disk live inside that temporary). `on_module(metrics, done, total)` is called after each
+/// linear; `false` cancels (nothing is left behind).
 pub fn quantize_gptq(
     src: &SourceModel,
     opts: &GptqQuantizeOptions,
-    out: &Path,
+    out: &OutputSpec,
     on_module: &mut dyn FnMut(&GptqModuleMetrics, usize, usize) -> bool,
 ) -> Result<GptqReport> {
     // What the v1 file stores: f16 scales and zero points in 1..=maxq, seen by the solver's error feedback.
@@ -239,21 +261,42 @@ pub fn quantize_gptq(
         v1_safe_zeros: true,
         ..opts.solver.clone()
     };
-    if out.exists() {
-        return Err(Error::io(
-            out,
-            std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the output path exists"),
-        ));
+    let mut spec = out
+        .clone()
+        .input(&src.path)
+        .estimated_bytes(estimated_folder_bytes(src, opts));
+    spec.kind = crate::output::OutputKind::Folder;
+    if let crate::calib::CalibSource::File { path, .. } = &opts.calib {
+        spec = spec.input(path);
+    }
+    crate::output::preflight(&spec)?;
+    let trained = src.config.max_position_embeddings;
+    let seq = opts.calib_opts.seq_len;
+    if seq == 0 || (trained > 0 && seq > trained) {
+        return Err(Error::Invalid(format!(
+            "--seq-len {seq}: use 1..={trained} (the model's context, max_position_embeddings)"
+        )));
     }
     let cfg = gptq_config(opts);
     let docs = load_documents(&opts.calib)?;
     let rows = sample_rows(&src.tokenizer, &docs, &opts.calib_opts)?;
     drop(docs);
     let mut model = Model::load(src)?;
+    model.check_context(opts.calib_opts.seq_len, false)?;
     let c = model.config().clone();
     let seq = opts.calib_opts.seq_len;
     let row_len = seq * c.hidden_size;
-    let mut store = ActStore::new(rows.len(), row_len, opts.activation_budget_bytes, out)?;
+    let spill = (rows.len() * row_len * 4) as u64;
+    if spill > opts.activation_budget_bytes {
+        spec.estimated_bytes += spill;
+    }
+    let staged = crate::output::Staged::begin(spec)?;
+    let mut store = ActStore::new(
+        rows.len(),
+        row_len,
+        opts.activation_budget_bytes,
+        &staged.path().join("activations"),
+    )?;
     let activation_bytes = (rows.len() * row_len * 4) as u64;
     let spilled = matches!(store, ActStore::File { .. });
     let mut timings = GptqTimings::default();
@@ -355,7 +398,7 @@ pub fn quantize_gptq(
     write_gptq_folder(
         src,
         &cfg,
-        out,
+        staged.path(),
         &mut |t| {
             packed
                 .remove(&t.name)
@@ -363,6 +406,7 @@ pub fn quantize_gptq(
         },
         &mut |_, _| true,
     )?;
+    let out = &staged.commit()?;
     timings.write_s = t.elapsed().as_secs_f64();
     let folder_size_bytes = std::fs::read_dir(out)
         .map_err(|e| Error::io(out, e))?
@@ -460,7 +504,7 @@ mod tests {
         let out = tmp.path().join("gptq");
         let o = opts(tmp.path(), 1 << 30);
         let mut seen = 0;
-        let report = quantize_gptq(&src, &o, &out, &mut |_, done, total| {
+        let report = quantize_gptq(&src, &o, &OutputSpec::folder(&out), &mut |_, done, total| {
             seen = done;
             assert_eq!(total, 14);
             true
@@ -511,7 +555,7 @@ mod tests {
         let out2 = tmp.path().join("gptq-spilled");
         let mut o2 = opts(tmp.path(), 0);
         o2.max_shard_bytes = Some(single.len() as u64 / 4);
-        let r2 = quantize_gptq(&src, &o2, &out2, &mut |_, _, _| true).expect("spill");
+        let r2 = quantize_gptq(&src, &o2, &OutputSpec::folder(&out2), &mut |_, _, _| true).expect("spill");
         assert!(r2.spilled);
         assert!(!out2.join("model.safetensors").exists());
         let index: serde_json::Value = serde_json::from_slice(
@@ -555,7 +599,7 @@ mod tests {
         write_fixture(&FixtureSpec::tiny_llama(), &src_dir).expect("fixture");
         let src = SourceModel::open(&src_dir).expect("open");
         let out = tmp.path().join("gptq");
-        let r = quantize_gptq(&src, &opts(tmp.path(), 0), &out, &mut |_, done, _| done < 5);
+        let r = quantize_gptq(&src, &opts(tmp.path(), 0), &OutputSpec::folder(&out), &mut |_, done, _| done < 5);
         assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
         let left: Vec<_> = std::fs::read_dir(tmp.path())
             .expect("ls")

@@ -92,6 +92,12 @@ pub fn load_documents(src: &CalibSource) -> Result<Vec<String>> {
         CalibSource::Bundled => return Ok(vec![DEFAULT_CALIBRATION_TEXT.to_owned()]),
         CalibSource::File { path, column } => (path.as_path(), column.as_deref()),
     };
+    if let Some(why) = crate::bounded::irregular(path) {
+        return Err(Error::Invalid(format!(
+            "{}: the calibration file is {why}",
+            path.display()
+        )));
+    }
     let docs = match format_of(path) {
         Format::Text => {
             if let Some(c) = column {
@@ -456,6 +462,7 @@ mod tests {
             eos_token_ids: vec![2],
             add_bos,
             chat_template: None,
+            chat_template_origin: None,
             bos_token: None,
             eos_token: None,
         }

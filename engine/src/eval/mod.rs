@@ -50,6 +50,9 @@ pub struct EvalOptions {
     /// `llama-perplexity` to a few hundredths of a percent). Applies to the base of a KL-divergence too.
     #[serde(default)]
     pub numerics: Numerics,
+    /// Accept a context longer than the model's trained one.
+    #[serde(default)]
+    pub allow_long_context: bool,
 }
 
 impl Default for EvalOptions {
@@ -58,6 +61,7 @@ impl Default for EvalOptions {
             n_ctx: 512,
             max_chunks: None,
             numerics: Numerics::Exact,
+            allow_long_context: false,
         }
     }
 }

@@ -284,6 +284,7 @@ pub(crate) mod tests {
             eos_token_ids: vec![IM_END_ID],
             add_bos: true,
             chat_template: None,
+            chat_template_origin: None,
             bos_token: None,
             eos_token: None,
         };

@@ -17,6 +17,9 @@ use crate::model::gguf::{GgufArray, GgufFile, GgufValue};
 use crate::writers::gguf::{write_gguf_blobs, GgufBlob};
 use crate::{Error, Result};
 
+/// Largest importance matrix file read (a 405B model's is about 100 MiB).
+pub const MAX_IMATRIX_BYTES: u64 = 2 << 30;
+
 pub use collect::{compute_imatrix, ImatrixOptions};
 
 /// Statistics for one weight matrix (`n_mat` = 1 for dense weights, the number of experts for MoE).
@@ -84,7 +87,25 @@ impl Imatrix {
 
     /// Read either llama.cpp format (GGUF when the file starts with `GGUF`, else legacy `.dat`).
     pub fn read(path: &Path) -> Result<Imatrix> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        use std::io::Read as _;
+        if let Some(why) = crate::bounded::irregular(path) {
+            return Err(Error::Invalid(format!(
+                "{}: the importance matrix is {why}",
+                path.display()
+            )));
+        }
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut bytes = Vec::new();
+        file.take(MAX_IMATRIX_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::io(path, e))?;
+        if bytes.len() as u64 > MAX_IMATRIX_BYTES {
+            return Err(Error::malformed(
+                path,
+                "importance matrix",
+                format!("larger than {} MiB", MAX_IMATRIX_BYTES >> 20),
+            ));
+        }
         if bytes.starts_with(b"GGUF") {
             Self::parse_gguf(path, &bytes)
         } else {
@@ -325,7 +346,7 @@ impl Imatrix {
         let ds = self.datasets.last().map_or("", String::as_str);
         o.extend_from_slice(&(ds.len() as i32).to_le_bytes());
         o.extend_from_slice(ds.as_bytes());
-        crate::writers::write_atomically(path, &o)
+        std::fs::write(path, &o).map_err(|e| Error::io(path, e))
     }
 }
 

@@ -16,6 +16,8 @@ pub struct GenerateOptions {
     pub sampler: SamplerConfig,
     /// Generation ends at the first of these in the text; it and anything after it are dropped.
     pub stop_strings: Vec<String>,
+    /// Accept a context longer than the model's trained one.
+    pub allow_long_context: bool,
 }
 
 impl Default for GenerateOptions {
@@ -24,6 +26,7 @@ impl Default for GenerateOptions {
             max_new_tokens: 256,
             sampler: SamplerConfig::default(),
             stop_strings: Vec::new(),
+            allow_long_context: false,
         }
     }
 }
@@ -195,6 +198,7 @@ pub fn generate(
     opts: &GenerateOptions,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<(String, GenerateStats)> {
+    opts.sampler.validate()?;
     if prompt.is_empty() {
         return Err(Error::Invalid("the prompt is empty".into()));
     }
@@ -512,6 +516,7 @@ mod tests {
         let prompt = tok.encode("Once upon a time", false).expect("encode");
         let opts = GenerateOptions {
             max_new_tokens: 16,
+            allow_long_context: false,
             sampler: SamplerConfig {
                 temperature: 0.9,
                 top_k: 40,

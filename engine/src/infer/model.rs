@@ -352,6 +352,47 @@ impl Model {
         self.cfg.vocab_size
     }
 
+    /// Check that `tokens` positions fit the model and the machine, before anything that size is made:
+    /// at most the model's trained context (`max_position_embeddings`) unless `allow_long`, and the KV
+    /// cache plus a chunk's logits (sized with checked arithmetic) within the machine's memory.
+    pub fn check_context(&self, tokens: usize, allow_long: bool) -> Result<()> {
+        let trained = self.cfg.max_position_embeddings;
+        if tokens == 0 {
+            return Err(Error::Invalid("a context of 0 tokens: use at least 1".into()));
+        }
+        if !allow_long && trained > 0 && tokens > trained {
+            return Err(Error::Invalid(format!(
+                "a context of {tokens} tokens is longer than the model's {trained} \
+                 (max_position_embeddings): use 1..={trained}, or --allow-long-context to go past it \
+                 (quality degrades)"
+            )));
+        }
+        let c = &self.cfg;
+        let bytes = (|| {
+            let kv = (c.num_layers as u64)
+                .checked_mul(2)?
+                .checked_mul(c.num_kv_heads as u64)?
+                .checked_mul(c.head_dim as u64)?
+                .checked_mul(tokens as u64)?
+                .checked_mul(4)?;
+            let logits = (tokens as u64).checked_mul(c.vocab_size as u64)?.checked_mul(4)?;
+            kv.checked_add(logits)
+        })();
+        let memory = crate::bounded::total_memory_bytes();
+        match (bytes, memory) {
+            (None, _) => Err(Error::Invalid(format!(
+                "a context of {tokens} tokens is too large to size its KV cache"
+            ))),
+            (Some(b), Some(m)) if b > m => Err(Error::Invalid(format!(
+                "a context of {tokens} tokens needs {:.1} GiB for the KV cache and logits, more than \
+                 this machine's {:.1} GiB of memory: use a smaller context",
+                b as f64 / f64::from(1u32 << 30),
+                m as f64 / f64::from(1u32 << 30)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// An empty cache for up to `capacity_tokens` positions.
     pub fn new_cache(&self, capacity_tokens: usize) -> KvCache {
         KvCache::new(

@@ -26,6 +26,34 @@ pub struct SamplerConfig {
     pub seed: u64,
 }
 
+impl SamplerConfig {
+    /// Every setting within its range, with a message that gives the range.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |what: &str, v: f32, range: &str| {
+            Err(crate::Error::Invalid(format!(
+                "{what} {v}: use {range}"
+            )))
+        };
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad("temperature", self.temperature, "a number ≥ 0 (0 = greedy)");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top-p", self.top_p, "a number in (0, 1] (1 = off)");
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min-p", self.min_p, "a number in [0, 1] (0 = off)");
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(
+                "repeat-penalty",
+                self.repetition_penalty,
+                "a number > 0 (1 = off)",
+            );
+        }
+        Ok(())
+    }
+}
+
 impl Default for SamplerConfig {
     fn default() -> Self {
         Self {

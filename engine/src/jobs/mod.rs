@@ -51,6 +51,10 @@ pub const MODEL_CACHE_CAPACITY: usize = 2;
 /// Context of a chat session when the command does not say (capped by the model's trained length).
 pub const DEFAULT_CHAT_CONTEXT: usize = 4096;
 
+/// The [`Event::Progress`] stage a chat session reports (1 of 1) once its model is loaded and its
+/// context checked: turns can be sent.
+pub const STAGE_CHAT_READY: &str = "chat ready";
+
 /// The [`Event::Progress`] stage of a conversion; its units are bytes of weights written.
 pub const STAGE_CONVERT: &str = "writing weights";
 
@@ -123,10 +127,14 @@ pub enum Command {
         options: GenerateOptions,
     },
     /// Write `model` as a Hugging Face folder in `dtype` → [`JobOutput::Converted`].
+    ///
+    /// Every command that writes checks its output before any work starts ([`crate::output`]): never one
+    /// of its inputs, an existing output replaced only with `overwrite`, writable, room for it.
     Convert {
         model: PathBuf,
         out: PathBuf,
         dtype: OutDtype,
+        overwrite: bool,
     },
     /// Quantize `model` to a GGUF file with a llama-quantize mix (`"q4_k_m"`, `"q8_0"`, `"pure:q4_k"`, …)
     /// and per-tensor overrides `"PATTERN=TYPE"`; a [`Event::LayerDone`] per tensor, then
@@ -137,6 +145,7 @@ pub enum Command {
         format: String,
         overrides: Vec<String>,
         imatrix: ImatrixSource,
+        overwrite: bool,
     },
     /// Quantize `model` with GPTQ into a Hugging Face GPTQ folder; a [`Event::LayerDone`] per linear, then
     /// [`JobOutput::QuantizedGptq`].
@@ -144,6 +153,7 @@ pub enum Command {
         model: PathBuf,
         out: PathBuf,
         options: Box<crate::quantize_gptq::GptqQuantizeOptions>,
+        overwrite: bool,
     },
     /// Compute `model`'s importance matrix on a calibration text and write it (llama.cpp's GGUF format, or
     /// the legacy `.dat` with `legacy_dat`) → [`JobOutput::Imatrix`].
@@ -153,6 +163,7 @@ pub enum Command {
         options: crate::imatrix::ImatrixOptions,
         out: PathBuf,
         legacy_dat: bool,
+        overwrite: bool,
     },
     /// Measure prompt-processing and decoding speed of `model` → [`JobOutput::Bench`].
     Bench {
@@ -480,11 +491,28 @@ impl Drop for EngineHandle {
 /// Use `n` threads for the numerical work (the process-wide rayon pool). Call before any work starts;
 /// once the pool exists it cannot be resized.
 pub fn configure_threads(n: usize) -> Result<()> {
+    let max = max_threads();
+    if n == 0 || n > max {
+        return Err(Error::Invalid(format!(
+            "--threads {n}: use 1..={max} (up to 4 per core; this machine has {})",
+            cores()
+        )));
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .thread_name(|i| format!("quant-worker-{i}"))
         .build_global()
         .map_err(|e| Error::Invalid(format!("cannot set the thread count to {n}: {e}")))
+}
+
+/// Cores the OS lets this process use.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// Most threads [`configure_threads`] accepts: 4 per core.
+pub fn max_threads() -> usize {
+    4 * cores()
 }
 
 /// Threads the engine's parallel work uses.

@@ -11,13 +11,14 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
 use super::cache::{LoadedModel, ModelCache};
 use super::{Command, EvalText, Event, ImatrixSource, JobId, JobOutput, WakerSlot};
-use super::{DEFAULT_CHAT_CONTEXT, STAGE_CONVERT};
+use super::{DEFAULT_CHAT_CONTEXT, STAGE_CHAT_READY, STAGE_CONVERT};
 use crate::eval::{kl_divergence, perplexity, ChunkProgress, EvalOptions};
 use crate::imatrix::ImatrixOptions;
 use crate::infer::{generate, ChatSession, GenerateOptions, StopReason};
 use crate::model::convert::{write_hf_folder, OutDtype};
 use crate::model::summary::ModelSummary;
 use crate::model::{ChatMessage, SourceModel, TextTokenizer};
+use crate::output::OutputSpec;
 use crate::{Error, Result};
 
 /// Messages queued for a chat session.
@@ -65,6 +66,7 @@ pub(crate) enum JobRequest {
         model: PathBuf,
         out: PathBuf,
         dtype: OutDtype,
+        overwrite: bool,
     },
     Bench {
         model: PathBuf,
@@ -76,6 +78,7 @@ pub(crate) enum JobRequest {
         format: String,
         overrides: Vec<String>,
         imatrix: ImatrixSource,
+        overwrite: bool,
     },
     Imatrix {
         model: PathBuf,
@@ -83,11 +86,13 @@ pub(crate) enum JobRequest {
         options: ImatrixOptions,
         out: PathBuf,
         legacy_dat: bool,
+        overwrite: bool,
     },
     QuantizeGptq {
         model: PathBuf,
         out: PathBuf,
         options: Box<crate::quantize_gptq::GptqQuantizeOptions>,
+        overwrite: bool,
     },
     FetchDemo {
         dest: Option<PathBuf>,
@@ -147,7 +152,20 @@ impl JobRequest {
                     Some((tx, stop)),
                 )
             }
-            Command::Convert { model, out, dtype } => (Self::Convert { model, out, dtype }, None),
+            Command::Convert {
+                model,
+                out,
+                dtype,
+                overwrite,
+            } => (
+                Self::Convert {
+                    model,
+                    out,
+                    dtype,
+                    overwrite,
+                },
+                None,
+            ),
             Command::Bench { model, options } => (Self::Bench { model, options }, None),
             Command::Quantize {
                 model,
@@ -155,6 +173,7 @@ impl JobRequest {
                 format,
                 overrides,
                 imatrix,
+                overwrite,
             } => (
                 Self::Quantize {
                     model,
@@ -162,6 +181,7 @@ impl JobRequest {
                     format,
                     overrides,
                     imatrix,
+                    overwrite,
                 },
                 None,
             ),
@@ -169,11 +189,13 @@ impl JobRequest {
                 model,
                 out,
                 options,
+                overwrite,
             } => (
                 Self::QuantizeGptq {
                     model,
                     out,
                     options,
+                    overwrite,
                 },
                 None,
             ),
@@ -183,6 +205,7 @@ impl JobRequest {
                 options,
                 out,
                 legacy_dat,
+                overwrite,
             } => (
                 Self::Imatrix {
                     model,
@@ -190,6 +213,7 @@ impl JobRequest {
                     options,
                     out,
                     legacy_dat,
+                    overwrite,
                 },
                 None,
             ),
@@ -322,7 +346,12 @@ fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOut
             &turns,
             &stop_turn,
         ),
-        JobRequest::Convert { model, out, dtype } => convert(ctx, &model, &out, dtype),
+        JobRequest::Convert {
+            model,
+            out,
+            dtype,
+            overwrite,
+        } => convert(ctx, &model, &OutputSpec::folder(out).overwrite(overwrite), dtype),
         JobRequest::Bench { model, options } => bench(ctx, cache, &model, &options),
         JobRequest::Quantize {
             model,
@@ -330,27 +359,53 @@ fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOut
             format,
             overrides,
             imatrix,
-        } => quantize(ctx, cache, &model, &out, &format, &overrides, imatrix),
+            overwrite,
+        } => {
+            let mut out = OutputSpec::file(out).overwrite(overwrite).input(&model);
+            if let ImatrixSource::File(p) = &imatrix {
+                out = out.input(p);
+            }
+            if let ImatrixSource::Compute {
+                text: EvalText::File(p),
+                ..
+            } = &imatrix
+            {
+                out = out.input(p);
+            }
+            quantize(ctx, cache, &model, &out, &format, &overrides, imatrix)
+        }
         JobRequest::QuantizeGptq {
             model,
             out,
             options,
-        } => quantize_gptq(ctx, &model, &out, &options),
+            overwrite,
+        } => {
+            let out = OutputSpec::folder(out).overwrite(overwrite).input(&model);
+            quantize_gptq(ctx, &model, &out, &options)
+        }
         JobRequest::Imatrix {
             model,
             text,
             options,
             out,
             legacy_dat,
+            overwrite,
         } => {
-            let m = compute_imatrix(ctx, cache, &model, text, &options)?;
-            if legacy_dat {
-                m.write_dat(&out)?;
-            } else {
-                m.write_gguf(&out)?;
+            let mut spec = OutputSpec::file(&out).overwrite(overwrite).input(&model);
+            if let EvalText::File(p) = &text {
+                spec = spec.input(p);
             }
+            crate::output::preflight(&spec)?;
+            let m = compute_imatrix(ctx, cache, &model, text, &options)?;
+            let path = crate::output::write_staged(spec, |tmp| {
+                if legacy_dat {
+                    m.write_dat(tmp)
+                } else {
+                    m.write_gguf(tmp)
+                }
+            })?;
             Ok(JobOutput::Imatrix {
-                path: out,
+                path,
                 entries: m.entries.len(),
                 chunks: m.chunk_count,
                 tokens_per_chunk: m.chunk_size,
@@ -379,6 +434,9 @@ fn evaluate(
 ) -> Result<JobOutput> {
     let (text, _) = read_text(text)?;
     let variant = load(ctx, cache, model)?;
+    variant
+        .model
+        .check_context(options.n_ctx, options.allow_long_context)?;
     // The cached models are shared: another arithmetic runs on a clone (weights stay shared).
     let with_numerics = |m: &crate::infer::Model| {
         let mut m = m.clone();
@@ -406,6 +464,8 @@ fn evaluate(
         }
         Some(base) => {
             let b = load(ctx, cache, base)?;
+            b.model
+                .check_context(options.n_ctx, options.allow_long_context)?;
             let r = kl_divergence(
                 &with_numerics(&b.model),
                 &variant_model,
@@ -445,9 +505,25 @@ fn generate_job(
     let m = load(ctx, cache, model)?;
     let tok = &m.source.tokenizer;
     let ids = prompt_ids(tok, prompt, apply_chat_template)?;
-    // Room for the prompt and the reply, within the trained context unless the prompt alone exceeds it.
+    options.sampler.validate()?;
+    // Room for the prompt and the reply, within the trained context (or past it, when allowed, by what
+    // the reply asks for).
     let max_pos = m.model.config().max_position_embeddings.max(1);
-    let capacity = (ids.len() + options.max_new_tokens).min(max_pos.max(ids.len() + 1));
+    if ids.len() >= max_pos && !options.allow_long_context {
+        return Err(Error::Invalid(format!(
+            "the prompt has {} tokens; the model's context is {max_pos} (max_position_embeddings): \
+             shorten it, or --allow-long-context to go past it (quality degrades)",
+            ids.len()
+        )));
+    }
+    let wanted = ids.len().saturating_add(options.max_new_tokens);
+    let capacity = if options.allow_long_context {
+        wanted
+    } else {
+        wanted.min(max_pos)
+    };
+    m.model
+        .check_context(capacity, options.allow_long_context)?;
     let mut kv = m.model.new_cache(capacity);
     let mut on_text = |s: &str| {
         ctx.emit(Event::Token {
@@ -477,7 +553,11 @@ fn chat(
     let context = context_tokens.unwrap_or_else(|| {
         DEFAULT_CHAT_CONTEXT.min(m.model.config().max_position_embeddings.max(1))
     });
+    m.model
+        .check_context(context, options.allow_long_context)?;
+    options.sampler.validate()?;
     let mut session = ChatSession::new(&m.model, context, system);
+    ctx.progress(STAGE_CHAT_READY, 1, 1, Some(0.0));
     loop {
         ctx.check()?;
         let msg = match turns.recv_timeout(CHAT_POLL) {
@@ -497,7 +577,10 @@ fn chat(
                 session.clear();
                 stop_turn.store(false, Ordering::Relaxed);
             }
-            ChatMsg::Options(o) => options = o,
+            ChatMsg::Options(o) => {
+                // Settings out of range fail the next turn with a message that gives the range.
+                options = o;
+            }
             ChatMsg::Send(text) => {
                 stop_turn.store(false, Ordering::Relaxed);
                 let mut on_text = |s: &str| {
@@ -524,7 +607,8 @@ fn chat(
     }
 }
 
-fn convert(ctx: &JobCtx, model: &Path, out: &Path, dtype: OutDtype) -> Result<JobOutput> {
+fn convert(ctx: &JobCtx, model: &Path, out: &OutputSpec, dtype: OutDtype) -> Result<JobOutput> {
+    crate::output::preflight(&out.clone().input(model))?;
     let src = SourceModel::open(model)?;
     let start = Instant::now();
     let mut on_progress = |done: usize, total: usize| {
@@ -536,7 +620,7 @@ fn convert(ctx: &JobCtx, model: &Path, out: &Path, dtype: OutDtype) -> Result<Jo
     };
     write_hf_folder(&src, out, dtype, &mut on_progress)?;
     Ok(JobOutput::Converted {
-        path: out.to_path_buf(),
+        path: out.path.clone(),
     })
 }
 
@@ -568,6 +652,10 @@ fn bench(
     options: &BenchOptions,
 ) -> Result<JobOutput> {
     let m = load(ctx, cache, model)?;
+    m.model.check_context(
+        options.n_prompt.saturating_add(options.n_gen).max(1),
+        false,
+    )?;
     let total = 2 * (options.repetitions.max(1) as u64 + 1);
     let mut step = 0u64;
     let mut on_progress = |test: &str, _rep: usize| {
@@ -588,7 +676,7 @@ fn read_text(text: EvalText) -> Result<(String, String)> {
             crate::imatrix::DEFAULT_CALIBRATION_NAME.to_owned(),
         ),
         EvalText::File(p) => (
-            std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?,
+            crate::bounded::read_text_file(&p, crate::bounded::MAX_TEXT_BYTES, "text")?,
             p.display().to_string(),
         ),
     })
@@ -603,6 +691,7 @@ fn compute_imatrix(
 ) -> Result<crate::imatrix::Imatrix> {
     let (text, dataset) = read_text(text)?;
     let m = load(ctx, cache, model)?;
+    m.model.check_context(options.n_ctx, false)?;
     let start = Instant::now();
     let mut on_chunk = |done: usize, total: usize| {
         let eta = (done > 0).then(|| {
@@ -630,11 +719,15 @@ fn quantize(
     ctx: &JobCtx,
     cache: &ModelCache,
     model: &Path,
-    out: &Path,
+    out: &OutputSpec,
     format: &str,
     overrides: &[String],
     imatrix: ImatrixSource,
 ) -> Result<JobOutput> {
+    crate::output::preflight(out)?;
+    let stage = format!("loading {}", model.display());
+    ctx.progress(&stage, 0, 1, None);
+    let src = SourceModel::open(model)?;
     use crate::codecs::GgmlType;
     use crate::recipes::gguf::{GgufMix, TensorOverride};
     let mix = GgufMix::parse(format).ok_or_else(|| {
@@ -659,6 +752,10 @@ fn quantize(
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    // Room for the file, before an importance matrix is computed.
+    if let Ok(bytes) = crate::quantize::gguf_tensor_bytes(&src, &mix) {
+        crate::output::preflight(&out.clone().estimated_bytes(bytes))?;
+    }
     let imatrix = match imatrix {
         ImatrixSource::None => None,
         ImatrixSource::File(p) => Some(crate::quantize::ImatrixInput {
@@ -670,9 +767,6 @@ fn quantize(
             file: None,
         }),
     };
-    let stage = format!("loading {}", model.display());
-    ctx.progress(&stage, 0, 1, None);
-    let src = SourceModel::open(model)?;
     let opts = crate::quantize::GgufQuantizeOptions {
         mix,
         overrides,
@@ -705,9 +799,10 @@ fn quantize(
 fn quantize_gptq(
     ctx: &JobCtx,
     model: &Path,
-    out: &Path,
+    out: &OutputSpec,
     options: &crate::quantize_gptq::GptqQuantizeOptions,
 ) -> Result<JobOutput> {
+    crate::output::preflight(out)?;
     let stage = format!("loading {}", model.display());
     ctx.progress(&stage, 0, 1, None);
     let src = SourceModel::open(model)?;

@@ -4,16 +4,17 @@
 //!
 //! The weights are streamed: the safetensors header is computed from names and shapes alone, then each
 //! tensor is dequantised one row at a time and written, so memory stays bounded by a row and the output
-//! buffer whatever the model's size. The folder is built as `<out>.partial-<pid>` next to `out` and renamed
-//! to `out` only once complete; on error or cancellation the partial folder is removed.
+//! buffer whatever the model's size. The folder is built under a temporary name by [`crate::output`] and
+//! renamed only once complete; on error or cancellation it is removed.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
 use super::{Arch, ModelConfig, RopeScaling, SourceModel};
+use crate::output::OutputSpec;
 use crate::tensor::TensorRef;
 use crate::{Error, Result};
 
@@ -63,7 +64,8 @@ pub const SHARD_BYTES: u64 = 2_000_000_000;
 /// Bytes written between two progress reports inside a tensor.
 const PROGRESS_STEP: usize = 32 << 20;
 
-/// Write `src` as a Hugging Face folder at `out` (which must not exist, or be an empty folder), with every
+/// Write `src` as a Hugging Face folder at `out.path` (through [`crate::output`]: checked first, an
+/// existing folder replaced only with `out.overwrite`, written under a temporary name), with every
 /// tensor in `dtype`. `progress(done, total)` is called with bytes of weights written so far; returning
 /// `false` cancels (the result is then [`Error::Cancelled`] and nothing is left behind).
 ///
@@ -71,27 +73,31 @@ const PROGRESS_STEP: usize = 32 << 20;
 /// name, norms included, in `dtype` (as transformers' `save_pretrained` does after `.to(dtype)`).
 pub fn write_hf_folder(
     src: &SourceModel,
-    out: &Path,
+    out: &OutputSpec,
     dtype: OutDtype,
     progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<()> {
-    write_hf_folder_with(src, out, dtype, SHARD_BYTES, progress)
+    let spec = hf_folder_spec(src, out);
+    crate::output::write_staged(spec, |tmp| {
+        write_hf_folder_with(src, tmp, dtype, SHARD_BYTES, progress)
+    })?;
+    Ok(())
 }
 
-/// The partial folder that is removed when dropped, unless kept.
-struct Partial {
-    path: PathBuf,
-    keep: bool,
+/// `out` as a folder written from `src` (2 bytes per weight, F16 or BF16), with its size.
+pub fn hf_folder_spec(src: &SourceModel, out: &OutputSpec) -> OutputSpec {
+    let weights: u64 = src
+        .tensors
+        .values()
+        .map(|t| t.numel() as u64 * 2)
+        .sum();
+    let mut spec = out.clone().input(&src.path).estimated_bytes(weights);
+    spec.kind = crate::output::OutputKind::Folder;
+    spec
 }
 
-impl Drop for Partial {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
+/// Write `src` as a Hugging Face folder into `out` (created if missing), weight files of at most
+/// `shard_bytes`.
 pub(crate) fn write_hf_folder_with(
     src: &SourceModel,
     out: &Path,
@@ -99,54 +105,8 @@ pub(crate) fn write_hf_folder_with(
     shard_bytes: u64,
     progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<()> {
-    let out_exists_empty = match std::fs::read_dir(out) {
-        Ok(mut entries) => {
-            if entries.next().is_some() {
-                return Err(Error::io(
-                    out,
-                    std::io::Error::new(
-                        std::io::ErrorKind::AlreadyExists,
-                        "the output folder is not empty",
-                    ),
-                ));
-            }
-            true
-        }
-        Err(_) if out.exists() => {
-            return Err(Error::io(
-                out,
-                std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "the output path exists and is not a folder",
-                ),
-            ))
-        }
-        Err(_) => false,
-    };
-    let file_name = out.file_name().ok_or_else(|| {
-        Error::Invalid(format!(
-            "{}: not a usable output folder name",
-            out.display()
-        ))
-    })?;
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-    let tmp = parent.join(format!(
-        "{}.partial-{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let mut partial = Partial {
-        path: tmp.clone(),
-        keep: false,
-    };
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let tmp = out;
 
     // Everything that can fail on the model's content is checked before the weights are written.
     let config = config_json(&src.config, &src.tokenizer, dtype)?;
@@ -157,7 +117,7 @@ pub(crate) fn write_hf_folder_with(
         .values()
         .filter(|t| !(src.config.tie_word_embeddings && t.name == "lm_head.weight"))
         .collect();
-    write_weights(&tmp, &tensors, dtype, shard_bytes, progress)?;
+    write_weights(tmp, &tensors, dtype, shard_bytes, progress)?;
 
     write_text(&tmp.join("config.json"), &pretty(&config)?)?;
     write_text(
@@ -167,12 +127,6 @@ pub(crate) fn write_hf_folder_with(
     write_text(&tmp.join("tokenizer.json"), &tokenizer_json)?;
     let tc = tokenizer_config_json(src, add_bos);
     write_text(&tmp.join("tokenizer_config.json"), &pretty(&tc)?)?;
-
-    if out_exists_empty {
-        std::fs::remove_dir(out).map_err(|e| Error::io(out, e))?;
-    }
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-    partial.keep = true;
     Ok(())
 }
 
@@ -640,7 +594,7 @@ mod tests {
         for dtype in [OutDtype::F16, OutDtype::BF16] {
             let out = tmp.path().join(format!("out-{dtype:?}"));
             let mut calls = vec![];
-            write_hf_folder(&m, &out, dtype, &mut |d, t| {
+            write_hf_folder(&m, &OutputSpec::folder(&out), dtype, &mut |d, t| {
                 calls.push((d, t));
                 true
             })
@@ -704,7 +658,7 @@ mod tests {
         let (tmp, m) = tiny();
         let out = tmp.path().join("cancelled");
         let mut n = 0;
-        let r = write_hf_folder(&m, &out, OutDtype::F16, &mut |_, _| {
+        let r = write_hf_folder(&m, &OutputSpec::folder(&out), OutDtype::F16, &mut |_, _| {
             n += 1;
             n < 3
         });
@@ -719,16 +673,16 @@ mod tests {
         let busy = tmp.path().join("busy");
         std::fs::create_dir(&busy).expect("mkdir");
         std::fs::write(busy.join("keep.txt"), "x").expect("w");
-        let e = write_hf_folder(&m, &busy, OutDtype::F16, &mut |_, _| true).expect_err("refuse");
-        assert!(e.to_string().contains("not empty"), "{e}");
+        let e = write_hf_folder(&m, &OutputSpec::folder(&busy), OutDtype::F16, &mut |_, _| true).expect_err("refuse");
+        assert!(e.to_string().contains("already exists"), "{e}");
         assert!(busy.join("keep.txt").exists());
         let empty = tmp.path().join("empty");
         std::fs::create_dir(&empty).expect("mkdir");
-        write_hf_folder(&m, &empty, OutDtype::BF16, &mut |_, _| true).expect("convert into empty");
+        write_hf_folder(&m, &OutputSpec::folder(&empty), OutDtype::BF16, &mut |_, _| true).expect("convert into empty");
         assert!(empty.join("config.json").is_file());
         let file = tmp.path().join("file");
         std::fs::write(&file, "x").expect("w");
-        assert!(write_hf_folder(&m, &file, OutDtype::F16, &mut |_, _| true).is_err());
+        assert!(write_hf_folder(&m, &OutputSpec::folder(&file), OutDtype::F16, &mut |_, _| true).is_err());
     }
 
     /// A GGUF-like source: a Q8_0 tensor, rows stored in llama.cpp's interleaved order, RoPE factors
@@ -774,6 +728,7 @@ mod tests {
             eos_token_ids: vec![2],
             add_bos: true,
             chat_template: None,
+            chat_template_origin: None,
             bos_token: None,
             eos_token: None,
         };
@@ -788,7 +743,7 @@ mod tests {
             gguf_metadata: None,
         };
         let out = tmp.path().join("from-gguf");
-        write_hf_folder(&src, &out, OutDtype::F16, &mut |_, _| true).expect("convert");
+        write_hf_folder(&src, &OutputSpec::folder(&out), OutDtype::F16, &mut |_, _| true).expect("convert");
         let back = hf::open(&out).expect("reopen");
         let mut src_named = src;
         src_named.tokenizer.bos_token = Some("<s>".into());
@@ -815,7 +770,7 @@ mod tests {
             std::fs::remove_dir_all(&out).expect("clean");
         }
         let mut last = (0, 0);
-        write_hf_folder(&src, &out, OutDtype::BF16, &mut |d, t| {
+        write_hf_folder(&src, &OutputSpec::folder(&out), OutDtype::BF16, &mut |d, t| {
             last = (d, t);
             true
         })

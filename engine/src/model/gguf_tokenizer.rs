@@ -247,12 +247,16 @@ pub fn from_gguf(g: &GgufFile) -> Result<TextTokenizer> {
     }
 
     let chat_template = g.get_str("tokenizer.chat_template")?.map(str::to_string);
+    let chat_template_origin = chat_template
+        .as_ref()
+        .map(|_| format!("{}, key tokenizer.chat_template", g.path.display()));
     Ok(TextTokenizer {
         inner,
         bos_token_id: bos,
         eos_token_ids,
         add_bos,
         chat_template,
+        chat_template_origin,
         bos_token: bos.map(|i| tokens[i as usize].clone()),
         eos_token: eos.map(|i| tokens[i as usize].clone()),
     })

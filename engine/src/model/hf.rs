@@ -854,12 +854,16 @@ fn load_tokenizer(
     let config_path = dir.join("config.json");
 
     let mut chat_template = config_chat_template(&tc_path, tc.as_ref())?;
+    let mut chat_template_origin = chat_template
+        .as_ref()
+        .map(|_| tc_path.display().to_string());
     let jinja = dir.join("chat_template.jinja");
     if jinja.is_file() {
         let bytes = read_capped(&jinja, MAX_SIDE_FILE_BYTES)?;
         let text = String::from_utf8(bytes)
             .map_err(|_| Error::malformed(&jinja, "chat template", "not UTF-8 text"))?;
         chat_template = Some(text);
+        chat_template_origin = Some(jinja.display().to_string());
     }
 
     let mut bos_token = special_token(&tc_path, tc.as_ref(), "bos_token")?;
@@ -925,6 +929,7 @@ fn load_tokenizer(
         eos_token_ids: eos_ids,
         add_bos,
         chat_template,
+        chat_template_origin,
         bos_token,
         eos_token,
     })

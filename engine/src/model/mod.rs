@@ -53,6 +53,12 @@ pub struct SourceModel {
 impl SourceModel {
     /// Open a Hugging Face folder or a `.gguf` file.
     pub fn open(path: &Path) -> Result<Self> {
+        if let Some(why) = crate::bounded::irregular(path) {
+            return Err(Error::Invalid(format!(
+                "{}: {why}; a model is a Hugging Face folder or a .gguf file",
+                path.display()
+            )));
+        }
         if path.is_dir() {
             hf::open(path)
         } else if path.is_file() {

@@ -35,6 +35,8 @@ pub struct TextTokenizer {
     pub add_bos: bool,
     /// The Jinja chat template, if the model ships one.
     pub chat_template: Option<String>,
+    /// Where the chat template came from (a file, a GGUF key), for errors.
+    pub chat_template_origin: Option<String>,
     /// Token strings the template may reference (`bos_token`, `eos_token`).
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
@@ -147,8 +149,14 @@ impl TextTokenizer {
             .chat_template
             .as_deref()
             .unwrap_or(FALLBACK_CHATML_TEMPLATE);
+        let origin = match (&self.chat_template, &self.chat_template_origin) {
+            (None, _) => "the built-in ChatML fallback",
+            (Some(_), Some(o)) => o.as_str(),
+            (Some(_), None) => "shipped with the model",
+        };
         chat_template::render(
             template,
+            origin,
             &chat_template::RenderInput {
                 messages,
                 tools,
@@ -179,8 +187,139 @@ pub(crate) mod chat_template {
         pub now_unix: i64,
     }
 
-    /// Render `template` for `input`.
-    pub fn render(template: &str, input: &RenderInput<'_>) -> Result<String> {
+    /// Steps (minijinja fuel) a template may take for one rendering: a thousand-turn chat through the most
+    /// elaborate templates shipped takes well under a million.
+    pub const MAX_FUEL: u64 = 20_000_000;
+    /// Most text a rendering may produce (a million-token context is about 4 MiB of text).
+    pub const MAX_OUTPUT_BYTES: usize = 16 << 20;
+    /// Most memory a rendering may hold (values, strings built on the way).
+    pub const MAX_MEMORY_BYTES: usize = 128 << 20;
+    /// Wall-clock limit of one rendering.
+    pub const MAX_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Templates that already went over a limit (by hash): refused at once, so a hostile template costs
+    /// its budget only once.
+    static REFUSED: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+    fn template_hash(t: &str) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        t.hash(&mut h);
+        h.finish()
+    }
+
+    /// Render `template` (which came from `origin`, named in errors) for `input`, within the limits above:
+    /// a template that loops too long, writes too much or holds too much memory is an error, never a hang
+    /// or an abort.
+    pub fn render(template: &str, origin: &str, input: &RenderInput<'_>) -> Result<String> {
+        let key = template_hash(template);
+        let refused = |why: &str| {
+            Error::Template(format!(
+                "{origin}: stopped, {why}; this template cannot be used (fix or replace it)"
+            ))
+        };
+        let known_bad = match REFUSED.lock() {
+            Ok(v) => v.contains(&key),
+            Err(p) => p.into_inner().contains(&key),
+        };
+        if known_bad {
+            return Err(refused("it went over its limits before"));
+        }
+        let owned = OwnedInput {
+            template: template.to_owned(),
+            messages: input.messages.clone(),
+            tools: input.tools.cloned(),
+            add_generation_prompt: input.add_generation_prompt,
+            bos_token: input.bos_token.map(str::to_owned),
+            eos_token: input.eos_token.map(str::to_owned),
+            now_unix: input.now_unix,
+        };
+        let res = crate::bounded::run_bounded("quant-template", MAX_MEMORY_BYTES, MAX_TIME, move || {
+            owned.render()
+        });
+        let remember = || match REFUSED.lock() {
+            Ok(mut v) => v.push(key),
+            Err(p) => p.into_inner().push(key),
+        };
+        match res {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(RenderError::Fuel)) => {
+                remember();
+                Err(refused(&format!("it ran more than {MAX_FUEL} steps")))
+            }
+            Ok(Err(RenderError::Output)) => {
+                remember();
+                Err(refused(&format!(
+                    "it wrote more than {} MiB",
+                    MAX_OUTPUT_BYTES >> 20
+                )))
+            }
+            Ok(Err(RenderError::Other(e))) => Err(match e {
+                Error::Template(m) => Error::Template(format!("{origin}: {m}")),
+                e => e,
+            }),
+            Err(b) => {
+                remember();
+                Err(refused(&b.to_string()))
+            }
+        }
+    }
+
+    /// What one rendering needs, owned (it runs on its own thread).
+    struct OwnedInput {
+        template: String,
+        messages: serde_json::Value,
+        tools: Option<serde_json::Value>,
+        add_generation_prompt: bool,
+        bos_token: Option<String>,
+        eos_token: Option<String>,
+        now_unix: i64,
+    }
+
+    enum RenderError {
+        Fuel,
+        Output,
+        Other(Error),
+    }
+
+    impl OwnedInput {
+        fn render(&self) -> std::result::Result<String, RenderError> {
+            let input = RenderInput {
+                messages: &self.messages,
+                tools: self.tools.as_ref(),
+                add_generation_prompt: self.add_generation_prompt,
+                bos_token: self.bos_token.as_deref(),
+                eos_token: self.eos_token.as_deref(),
+                now_unix: self.now_unix,
+            };
+            render_unbounded(&self.template, &input)
+        }
+    }
+
+    /// Text written by a rendering, up to [`MAX_OUTPUT_BYTES`].
+    struct CappedOutput {
+        buf: Vec<u8>,
+        over: bool,
+    }
+
+    impl std::io::Write for CappedOutput {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            if self.buf.len() + b.len() > MAX_OUTPUT_BYTES {
+                self.over = true;
+                return Err(std::io::Error::other("output cap"));
+            }
+            self.buf.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn render_unbounded(
+        template: &str,
+        input: &RenderInput<'_>,
+    ) -> std::result::Result<String, RenderError> {
         let source = rewrite_generation_tags(template);
         let mut env = Environment::new();
         env.set_trim_blocks(true);
@@ -216,15 +355,20 @@ pub(crate) mod chat_template {
             strftime(&fmt, now)
         });
 
-        let tmpl = env
-            .template_from_str(&source)
-            .map_err(|e| Error::Template(format!("cannot parse the chat template: {e}")))?;
+        env.set_fuel(Some(MAX_FUEL));
+        let tmpl = env.template_from_str(&source).map_err(|e| {
+            RenderError::Other(Error::Template(format!("cannot parse it: {e}")))
+        })?;
 
-        let messages = normalize_messages(input.messages)?;
+        let messages = normalize_messages(input.messages).map_err(RenderError::Other)?;
         let tools = match input.tools {
             None | Some(serde_json::Value::Null) => Value::from(()),
             Some(t @ serde_json::Value::Array(_)) => Value::from_serialize(t),
-            Some(_) => return Err(Error::Template("tools must be a JSON list".into())),
+            Some(_) => {
+                return Err(RenderError::Other(Error::Template(
+                    "tools must be a JSON list".into(),
+                )))
+            }
         };
         let mut ctx: Vec<(&str, Value)> = vec![
             ("messages", messages),
@@ -242,7 +386,18 @@ pub(crate) mod chat_template {
             ctx.push(("eos_token", Value::from(e)));
         }
         let ctx: Value = ctx.into_iter().collect();
-        tmpl.render(ctx).map_err(|e| Error::Template(e.to_string()))
+        let mut out = CappedOutput {
+            buf: Vec::new(),
+            over: false,
+        };
+        let res = tmpl.render_captured_to(ctx, &mut out).map(|_| ());
+        match res {
+            Ok(_) => String::from_utf8(out.buf)
+                .map_err(|_| RenderError::Other(Error::Template("it wrote invalid UTF-8".into()))),
+            Err(_) if out.over => Err(RenderError::Output),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(RenderError::Fuel),
+            Err(e) => Err(RenderError::Other(Error::Template(e.to_string()))),
+        }
     }
 
     /// Messages as transformers hands them to the template: a list of objects with `null` values dropped,
@@ -850,6 +1005,62 @@ mod tests {
         serde_json::from_str(&text).expect("fixture json")
     }
 
+    /// Render `template` for one user turn, timed.
+    fn render_hostile(template: &str) -> (Result<String>, std::time::Duration) {
+        let tok = tiny_tokenizer(Some(template));
+        let t = std::time::Instant::now();
+        let r = tok.render_chat(&[ChatMessage::new("user", "hi")], true);
+        (r, t.elapsed())
+    }
+
+    #[test]
+    fn a_template_that_loops_for_ever_is_stopped_by_its_fuel() {
+        // Ten billion iterations, each writing ten bytes.
+        let (r, took) = render_hostile(
+            "{% for i in range(100000) %}{% for j in range(100000) %}xxxxxxxxxx{% endfor %}{% endfor %}",
+        );
+        let e = r.expect_err("must fail").to_string();
+        assert!(e.contains("chat template: test template: stopped"), "{e}");
+        assert!(e.contains("MiB") || e.contains("steps"), "{e}");
+        assert!(took < std::time::Duration::from_secs(30), "{took:?}");
+    }
+
+    #[test]
+    fn a_template_that_doubles_a_string_is_stopped_by_its_memory_budget() {
+        let (r, took) = render_hostile(
+            "{% set ns = namespace(s=\"x\") %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+        );
+        let e = r.expect_err("must fail").to_string();
+        assert!(e.contains("more than 128 MiB of memory"), "{e}");
+        assert!(took < std::time::Duration::from_secs(30), "{took:?}");
+        // Refused at once the second time, without rendering again.
+        let (r, took) = render_hostile(
+            "{% set ns = namespace(s=\"x\") %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+        );
+        assert!(r.expect_err("must fail").to_string().contains("before"));
+        assert!(took < std::time::Duration::from_millis(100), "{took:?}");
+    }
+
+    #[test]
+    fn a_template_that_writes_too_much_is_stopped_at_the_output_cap() {
+        // 100 MB of output in 1000 steps: neither fuel nor memory stops it first.
+        let (r, _) = render_hostile(
+            "{% for i in range(1000) %}{{ 'y' * 100000 }}{% endfor %}",
+        );
+        let e = r.expect_err("must fail").to_string();
+        assert!(e.contains("wrote more than 16 MiB"), "{e}");
+    }
+
+    #[test]
+    fn a_long_chat_renders_within_the_limits() {
+        let tok = tiny_tokenizer(Some(FALLBACK_CHATML_TEMPLATE));
+        let msgs: Vec<ChatMessage> = (0..2000)
+            .map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, "word ".repeat(200)))
+            .collect();
+        let text = tok.render_chat(&msgs, true).expect("render");
+        assert!(text.len() > 2000 * 1000);
+    }
+
     fn tiny_tokenizer(template: Option<&str>) -> TextTokenizer {
         let model = tokenizers::models::wordlevel::WordLevel::builder()
             .vocab([("<unk>".to_string(), 0u32)].into_iter().collect())
@@ -862,6 +1073,7 @@ mod tests {
             eos_token_ids: vec![],
             add_bos: false,
             chat_template: template.map(str::to_string),
+            chat_template_origin: Some("test template".into()),
             bos_token: Some("<s>".into()),
             eos_token: Some("</s>".into()),
         }
@@ -885,6 +1097,7 @@ mod tests {
             let tools = (!case["tools"].is_null()).then(|| &case["tools"]);
             let got = render(
                 &template,
+                name,
                 &RenderInput {
                     messages: &case["messages"],
                     tools,

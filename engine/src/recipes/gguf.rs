@@ -360,6 +360,23 @@ pub fn plan_gguf_mix(
     overrides: &[TensorOverride],
     has_imatrix: bool,
 ) -> Result<Vec<(String, GgmlType)>> {
+    // An override that matches nothing is a typo, not a no-op.
+    if let Some(o) = overrides
+        .iter()
+        .find(|o| !tensors.iter().any(|(n, _)| o.matches(n)))
+    {
+        let example = tensors
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .find(|n| n.contains("attn_v"))
+            .unwrap_or("blk.0.attn_v.weight");
+        return Err(Error::Invalid(format!(
+            "override {}={}: the pattern matches no tensor of this model (patterns match GGUF names, \
+             e.g. {example})",
+            o.pattern,
+            o.ty.name()
+        )));
+    }
     let default = mix.default_type();
     let n_gqa = cfg.num_heads.checked_div(cfg.num_kv_heads).unwrap_or(0);
     // llama.cpp's LLM_TYPE_70B: 80 layers (Llama: with grouped-query attention).
@@ -719,6 +736,14 @@ mod tests {
         assert_eq!(down0(&without), GgmlType::Q5K);
         let q40 = plan_gguf_mix(&GgufMix::Q4_0, &cfg, &t, &[], true).unwrap();
         assert_eq!(down0(&q40), GgmlType::Q4_1);
+        let typo = [TensorOverride {
+            pattern: "blk.*.atn_v.weight".into(),
+            ty: GgmlType::Q8_0,
+        }];
+        let e = plan_gguf_mix(&GgufMix::Q4KM, &cfg, &t, &typo, false)
+            .expect_err("no tensor matches")
+            .to_string();
+        assert!(e.contains("matches no tensor") && e.contains("blk.0.attn_v.weight"), "{e}");
     }
 
     #[test]

@@ -3,12 +3,11 @@
 //! Layout: header, metadata, tensor infos (offsets = running sum of sizes padded to 32), zero padding to
 //! 32, then each tensor followed by zero padding to 32 (the last one too). Every size is known from
 //! shapes and types, so the metadata is written first and tensors are streamed after it, one in memory
-//! at a time. The file is written under `<out>.partial-<pid>` and renamed when complete.
+//! at a time, to the path it is given: callers write through an [`crate::output::Staged`] temporary.
 
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use super::partial_path;
 use crate::codecs::GgmlType;
 use crate::model::gguf::{GgufArray, GgufValue};
 use crate::model::{Arch, RopeScaling, SourceFormat, SourceModel};
@@ -606,8 +605,8 @@ fn pad_token_id(src: &SourceModel, _tj: &Path) -> Option<u32> {
 
 /// Write `src` as a GGUF v3 file at `out`, each tensor in the type `plan` gives it (1-D tensors are always
 /// F32). `quantize_tensor` fills one tensor's bytes, row by row in the order of the tensor it is given
-/// (e.g. [`quantize_tensor_rows`]): llama Q/K tensors are handed over already in GGUF row order. `progress(done, total)` returning `false` cancels: the partial file is
-/// removed and `Error::Cancelled` returned.
+/// (e.g. [`quantize_tensor_rows`]): llama Q/K tensors are handed over already in GGUF row order. `progress(done, total)` returning `false` cancels
+/// with `Error::Cancelled` (the caller's [`crate::output::Staged`] removes what was written).
 pub fn write_gguf(
     src: &SourceModel,
     plan: &[GgufPlanTensor],
@@ -637,18 +636,7 @@ pub fn write_gguf_with(
     kvs.retain(|(k, _)| !extra_kvs.iter().any(|(e, _)| e == k));
     kvs.extend(extra_kvs.iter().cloned());
 
-    let partial = partial_path(out);
-    let res = write_file(&partial, &kvs, &tensors, quantize_tensor, progress);
-    match res {
-        Ok(()) => std::fs::rename(&partial, out).map_err(|e| {
-            let _ = std::fs::remove_file(&partial);
-            Error::io(out, e)
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            Err(e)
-        }
-    }
+    write_file(out, &kvs, &tensors, quantize_tensor, progress)
 }
 
 fn plan_tensors<'a>(src: &'a SourceModel, plan: &[GgufPlanTensor]) -> Result<Vec<OutTensor<'a>>> {
@@ -775,46 +763,46 @@ fn write_file(
     let file = std::fs::File::create(path).map_err(io)?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let head = gguf_header(
-        kvs,
-        tensors
-            .iter()
-            .map(|t| (t.gguf_name.as_str(), t.ne.as_slice(), t.ty, t.nbytes)),
+    kvs,
+    tensors
+        .iter()
+        .map(|t| (t.gguf_name.as_str(), t.ne.as_slice(), t.ty, t.nbytes)),
     )?;
     w.write_all(&head).map_err(io)?;
     drop(head);
 
     let total = tensors.len();
     if !progress(0, total) {
-        return Err(Error::Cancelled);
+    return Err(Error::Cancelled);
     }
     let mut buf = Vec::new();
     for (i, t) in tensors.iter().enumerate() {
-        match &t.src {
-            OutSource::Tensor(tr) => {
-                let view = gguf_order(tr, t.permute)?;
-                quantize_tensor(&view, t.ty, &mut buf)?;
-            }
-            OutSource::F32(v) => {
-                buf.clear();
-                v.iter()
-                    .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
-            }
+    match &t.src {
+        OutSource::Tensor(tr) => {
+            let view = gguf_order(tr, t.permute)?;
+            quantize_tensor(&view, t.ty, &mut buf)?;
         }
-        if buf.len() as u64 != t.nbytes {
-            return Err(Error::Invalid(format!(
-                "tensor {}: {} bytes produced, {} expected",
-                t.gguf_name,
-                buf.len(),
-                t.nbytes
-            )));
+        OutSource::F32(v) => {
+            buf.clear();
+            v.iter()
+                .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
         }
-        w.write_all(&buf).map_err(io)?;
-        let zeros = [0u8; ALIGN as usize];
-        w.write_all(&zeros[..(pad(t.nbytes) - t.nbytes) as usize])
-            .map_err(io)?;
-        if !progress(i + 1, total) {
-            return Err(Error::Cancelled);
-        }
+    }
+    if buf.len() as u64 != t.nbytes {
+        return Err(Error::Invalid(format!(
+            "tensor {}: {} bytes produced, {} expected",
+            t.gguf_name,
+            buf.len(),
+            t.nbytes
+        )));
+    }
+    w.write_all(&buf).map_err(io)?;
+    let zeros = [0u8; ALIGN as usize];
+    w.write_all(&zeros[..(pad(t.nbytes) - t.nbytes) as usize])
+        .map_err(io)?;
+    if !progress(i + 1, total) {
+        return Err(Error::Cancelled);
+    }
     }
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
@@ -831,56 +819,43 @@ pub struct GgufBlob<'a> {
 }
 
 /// Write a GGUF v3 file of `kvs` and in-memory `tensors` (for small files such as importance matrices),
-/// under a temporary name renamed when complete.
+/// at `path` (callers write through an [`crate::output::Staged`] temporary).
 pub fn write_gguf_blobs(
     path: &Path,
     kvs: &[(String, GgufValue)],
     tensors: &[GgufBlob<'_>],
 ) -> Result<()> {
-    let partial = partial_path(path);
-    let res = (|| -> Result<()> {
-        let io = |e| Error::io(&partial, e);
-        let file = std::fs::File::create(&partial).map_err(io)?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
-        for t in tensors {
-            let elems: u64 = t.ne.iter().product();
-            let tr = t.ty.traits();
-            if tr.row_bytes(elems as usize) != Some(t.data.len()) {
-                return Err(Error::Invalid(format!(
-                    "GGUF tensor {}: {} bytes for {elems} elements of {}",
-                    t.name,
-                    t.data.len(),
-                    tr.name
-                )));
-            }
-        }
-        let head = gguf_header(
-            kvs,
-            tensors
-                .iter()
-                .map(|t| (t.name, t.ne.as_slice(), t.ty, t.data.len() as u64)),
-        )?;
-        w.write_all(&head).map_err(io)?;
-        let zeros = [0u8; ALIGN as usize];
-        for t in tensors {
-            w.write_all(t.data).map_err(io)?;
-            let n = t.data.len() as u64;
-            w.write_all(&zeros[..(pad(n) - n) as usize]).map_err(io)?;
-        }
-        let file = w.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        Ok(())
-    })();
-    match res {
-        Ok(()) => std::fs::rename(&partial, path).map_err(|e| {
-            let _ = std::fs::remove_file(&partial);
-            Error::io(path, e)
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_file(&partial);
-            Err(e)
+    let io = |e| Error::io(path, e);
+    let file = std::fs::File::create(path).map_err(io)?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    for t in tensors {
+        let elems: u64 = t.ne.iter().product();
+        let tr = t.ty.traits();
+        if tr.row_bytes(elems as usize) != Some(t.data.len()) {
+            return Err(Error::Invalid(format!(
+                "GGUF tensor {}: {} bytes for {elems} elements of {}",
+                t.name,
+                t.data.len(),
+                tr.name
+            )));
         }
     }
+    let head = gguf_header(
+        kvs,
+        tensors
+            .iter()
+            .map(|t| (t.name, t.ne.as_slice(), t.ty, t.data.len() as u64)),
+    )?;
+    w.write_all(&head).map_err(io)?;
+    let zeros = [0u8; ALIGN as usize];
+    for t in tensors {
+        w.write_all(t.data).map_err(io)?;
+        let n = t.data.len() as u64;
+        w.write_all(&zeros[..(pad(n) - n) as usize]).map_err(io)?;
+    }
+    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -144,20 +144,6 @@ fn plan<'a>(src: &'a SourceModel, cfg: &GptqConfig) -> Result<Vec<Entry<'a>>> {
     Ok(v)
 }
 
-/// The partial folder, removed when dropped unless kept (errors, cancellation and panics leave nothing).
-struct Partial {
-    path: std::path::PathBuf,
-    keep: bool,
-}
-
-impl Drop for Partial {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 /// Split entries of `sizes` bytes, in order, into runs of at most `limit` bytes (an entry larger than
 /// `limit` alone in its run), as `huggingface_hub`'s `split_torch_state_dict_into_shards` fills shards.
 fn shard_ranges(sizes: &[u64], limit: u64) -> Vec<Range<usize>> {
@@ -190,8 +176,9 @@ fn shard_file_name(i: usize, n: usize) -> String {
     }
 }
 
-/// Write `src` as a GPTQ folder at `out`. `quantize_linear` packs one decoder linear (given in PyTorch
-/// order `[out, in]`); `progress(done, total)` returning `false` cancels and removes the partial folder.
+/// Write `src` as a GPTQ folder into `out` (created if missing; callers write through an
+/// [`crate::output::Staged`] temporary). `quantize_linear` packs one decoder linear (given in PyTorch
+/// order `[out, in]`); `progress(done, total)` returning `false` cancels.
 pub fn write_gptq_folder(
     src: &SourceModel,
     cfg: &GptqConfig,
@@ -199,27 +186,14 @@ pub fn write_gptq_folder(
     quantize_linear: &mut dyn FnMut(&TensorRef) -> Result<GptqPacked>,
     progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<()> {
-    if out.exists() {
-        return Err(Error::io(
-            out,
-            std::io::Error::new(std::io::ErrorKind::AlreadyExists, "the output path exists"),
-        ));
-    }
     let entries = plan(src, cfg)?;
     let mut config = config_json(&src.config, &src.tokenizer, OutDtype::F16)?;
     if let Value::Object(m) = &mut config {
         m.insert("quantization_config".into(), cfg.to_json());
     }
     let (tok_json, add_bos) = tokenizer_json(src)?;
-    let tmp = crate::writers::partial_path(out);
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let mut partial = Partial {
-        path: tmp.clone(),
-        keep: false,
-    };
+    let tmp = out;
+    std::fs::create_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
     let text = |name: &str, v: &Value| -> Result<()> {
         let mut s = serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
         s.push('\n');
@@ -275,8 +249,6 @@ pub fn write_gptq_folder(
     )?;
     let p = tmp.join("tokenizer.json");
     std::fs::write(&p, &tok_json).map_err(|e| Error::io(&p, e))?;
-    std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e))?;
-    partial.keep = true;
     Ok(())
 }
 
@@ -558,8 +530,8 @@ mod tests {
         // Cancelled half way through the shards: nothing is left behind.
         let cancelled = tmp.path().join("cancelled");
         let c = cfg.clone();
-        let r = write_gptq_folder(&src, &cfg, &cancelled, &mut |t| rtn(t, &c), &mut |d, _| {
-            d < 8
+        let r = crate::output::write_staged(crate::output::OutputSpec::folder(&cancelled), |tmp| {
+            write_gptq_folder(&src, &cfg, tmp, &mut |t| rtn(t, &c), &mut |d, _| d < 8)
         });
         assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
         let mut left: Vec<String> = std::fs::read_dir(tmp.path())
