@@ -199,7 +199,15 @@ fn a_bad_path_exits_1_with_one_error_line() {
 #[test]
 fn eval_on_too_short_a_text_says_how_many_tokens_are_needed() {
     let f = fixture();
-    let o = run(&["eval", s(&f.model), "--text", s(&f.text), "--ctx", "4096"]);
+    let o = run(&[
+        "eval",
+        s(&f.model),
+        "--text",
+        s(&f.text),
+        "--ctx",
+        "4096",
+        "--allow-long-context",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
     assert!(err.contains("at least 8192"), "{err}");

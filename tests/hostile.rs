@@ -400,3 +400,4 @@ fn special_files_are_named_as_such() {
         assert_error(&o, want);
     }
 }
+

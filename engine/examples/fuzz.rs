@@ -16,6 +16,23 @@ fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut targets = Vec::new();
     let (mut seconds, mut runs, mut seed, mut save) = (60u64, u64::MAX, 1u64, false);
+    if let Some(at) = args.iter().position(|a| a == "--replay") {
+        // Run one saved input with the panic message shown: `fuzz -- TARGET --replay FILE`.
+        let (Some(t), Some(file)) = (
+            args.first().and_then(|t| Target::parse(t)),
+            args.get(at + 1),
+        ) else {
+            eprintln!("usage: fuzz TARGET --replay FILE");
+            return std::process::ExitCode::FAILURE;
+        };
+        let data = std::fs::read(file).unwrap_or_default();
+        let ws = quant_engine::fuzz::Workspace::new().unwrap_or_else(|e| panic!("{e}"));
+        match quant_engine::fuzz::run_one(&ws, t, &data) {
+            Ok(r) => println!("{r:?}"),
+            Err(_) => return std::process::ExitCode::FAILURE,
+        }
+        return std::process::ExitCode::SUCCESS;
+    }
     let mut i = 0;
     while i < args.len() {
         let value = |i: usize| args.get(i + 1).and_then(|v| v.parse::<u64>().ok());
@@ -56,7 +73,7 @@ fn main() -> std::process::ExitCode {
                     "{:<12} {:>10} execs ({:.0}/s), {} ok, {} error kinds, corpus {}, slowest {:.1} ms, largest allocation {:.1} MiB, {} failing",
                     t.name(),
                     r.executions,
-                    r.executions as f64 / seconds.max(1) as f64,
+                    r.executions as f64 / r.elapsed.as_secs_f64().max(1e-9),
                     r.ok,
                     r.signatures,
                     r.corpus,

@@ -188,6 +188,37 @@ pub fn total_memory_bytes() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
+thread_local! {
+    /// Panics on this thread are being caught by [`catch_quietly`]: the hook stays silent.
+    static QUIET: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Run `f`, catching a panic without the default hook's message on stderr (for third-party parsers that
+/// panic on malformed input: the caller turns the panic into an error of its own).
+pub fn catch_quietly<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.try_with(Cell::get).unwrap_or(false) {
+                previous(info);
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was));
+    r
+}
+
+/// The message of a caught panic.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 /// Largest text file read whole (evaluation and calibration text): 1 GiB is several hundred million tokens.
 pub const MAX_TEXT_BYTES: u64 = 1 << 30;
 
@@ -293,7 +324,7 @@ pub fn run_bounded<T: Send + 'static>(
         .spawn(move || {
             let _ = FLAGS.try_with(|f| f.set(Some(flags)));
             set_thread_budget(max_bytes, Exceeded::Park);
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+            let r = catch_quietly(work);
             // The result may be large; it leaves the budget with the thread.
             set_thread_budget(0, Exceeded::Park);
             let _ = tx.send(r);

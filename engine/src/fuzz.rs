@@ -24,6 +24,8 @@ use crate::{Error, Result};
 pub const MAX_EXEC_BYTES: usize = 1 << 30;
 /// Longest one execution may run.
 pub const MAX_EXEC_TIME: Duration = Duration::from_secs(10);
+/// New corpus files one run saves at most (the corpus is committed: kept small).
+const MAX_SAVED: usize = 24;
 /// Largest input the mutator makes.
 const MAX_INPUT: usize = 1 << 20;
 
@@ -460,6 +462,7 @@ pub struct Report {
     /// Inputs that panicked or ran too long, saved under the crash folder.
     pub crashes: Vec<PathBuf>,
     pub slowest: Duration,
+    pub elapsed: Duration,
     /// The largest single allocation any execution asked for.
     pub largest_request: usize,
 }
@@ -491,6 +494,7 @@ pub fn fuzz(
     let mut seen: HashSet<String> = HashSet::new();
     let mut rng = Rng::new(seed);
     let mut report = Report::default();
+    let mut saved = 0usize;
     let start = Instant::now();
     // Hook panics quietly: they are counted and saved, not printed for every input.
     let prev_hook = std::panic::take_hook();
@@ -534,7 +538,8 @@ pub fn fuzz(
                 Err(_) => "panic".to_owned(),
             };
             if seen.insert(sig) && i > inputs.len() as u64 && inputs.len() < 4096 {
-                if save {
+                if save && saved < MAX_SAVED {
+                    saved += 1;
                     if let Some(dir) = corpus {
                         std::fs::create_dir_all(dir).map_err(io(dir))?;
                         let p = dir.join(format!("{:016x}", fnv(&input)));
@@ -549,6 +554,7 @@ pub fn fuzz(
     std::panic::set_hook(prev_hook);
     result?;
     report.signatures = seen.len();
+    report.elapsed = start.elapsed();
     report.corpus = inputs.len();
     report.largest_request = crate::bounded::take_largest_request();
     Ok(report)

@@ -833,13 +833,26 @@ fn load_tokenizer(
         ));
     }
     let bytes = read_capped(&tok_path, MAX_TOKENIZER_BYTES)?;
-    let mut inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| {
-        Error::malformed(
-            &tok_path,
-            "tokenizer",
-            format!("tokenizers cannot load it: {e}"),
-        )
-    })?;
+    // The tokenizers crate panics on some malformed files (its decoder deserialiser unwraps): fenced,
+    // so a hostile tokenizer.json is an error like any other.
+    let parsed = crate::bounded::catch_quietly(|| tokenizers::Tokenizer::from_bytes(&bytes));
+    let mut inner = match parsed {
+        Ok(r) => r.map_err(|e| {
+            Error::malformed(
+                &tok_path,
+                "tokenizer",
+                format!("tokenizers cannot load it: {e}"),
+            )
+        })?,
+        Err(panic) => {
+            let what = crate::bounded::panic_message(panic.as_ref());
+            return Err(Error::malformed(
+                &tok_path,
+                "tokenizer",
+                format!("tokenizers cannot load it: {what}"),
+            ));
+        }
+    };
     drop(bytes);
     // transformers encodes without the padding/truncation a tokenizer.json may carry; so do we.
     inner.with_padding(None);

@@ -1005,14 +1005,16 @@ mod tests {
         write_fixture(&FixtureSpec::tiny_llama(), &dir).expect("test step");
         let src = SourceModel::open(&dir).expect("test step");
         let out = tmp.path().join("c.gguf");
-        let err = write_gguf(
-            &src,
-            &plan_all(&src, GgmlType::F16),
-            1,
-            &out,
-            &mut quantize_tensor_rows,
-            &mut |done, _| done < 3,
-        )
+        let err = crate::output::write_staged(crate::output::OutputSpec::file(&out), |tmp| {
+            write_gguf(
+                &src,
+                &plan_all(&src, GgmlType::F16),
+                1,
+                tmp,
+                &mut quantize_tensor_rows,
+                &mut |done, _| done < 3,
+            )
+        })
         .expect_err("must fail");
         assert!(matches!(err, Error::Cancelled));
         let left: Vec<_> = std::fs::read_dir(tmp.path())
