@@ -205,7 +205,7 @@ pub struct GptqArgs {
     #[arg(long = "calib-column", value_name = "NAME")]
     pub calib_column: Option<String>,
     /// GPTQ: keep calibration activations in memory up to this many MiB, spill to disk above.
-    #[arg(long = "activation-budget", value_name = "MIB", default_value_t = 4096)]
+    #[arg(long = "activation-budget", value_name = "MIB", default_value_t = quant_engine::quantize_gptq::DEFAULT_ACTIVATION_BUDGET_MIB)]
     pub activation_budget_mib: u64,
     /// GPTQ: capture all of a layer's inputs from the unquantized layer (default: true sequential).
     #[arg(long = "no-true-sequential")]

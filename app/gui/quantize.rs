@@ -435,7 +435,8 @@ impl QuantizePanel {
                         seed: 0,
                     },
                     true_sequential: true,
-                    activation_budget_bytes: 2 << 30,
+                    activation_budget_bytes:
+                        quant_engine::quantize_gptq::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
                     rtn: false,
                     max_shard_bytes: None,
                 }),

@@ -26,6 +26,9 @@ use crate::writers::gptq::{write_gptq_folder, GptqConfig};
 use crate::{Error, Result};
 
 /// What to make of a model as GPTQ.
+/// Calibration activations kept in memory before they spill to disk, unless a front end says otherwise.
+pub const DEFAULT_ACTIVATION_BUDGET_MIB: u64 = 4096;
+
 #[derive(Clone, Debug)]
 pub struct GptqQuantizeOptions {
     pub solver: GptqOptions,

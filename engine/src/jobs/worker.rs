@@ -292,6 +292,11 @@ pub(crate) fn run(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) {
     ctx.emit(ev);
 }
 
+/// Seconds left when `done` of `total` units took the time since `start` (none before the first unit).
+fn eta(start: Instant, done: u64, total: u64) -> Option<f64> {
+    (done > 0).then(|| start.elapsed().as_secs_f64() / done as f64 * total.saturating_sub(done) as f64)
+}
+
 /// Newlines folded so an error is one line.
 fn one_line(s: &str) -> String {
     s.split('\n')
@@ -612,9 +617,7 @@ fn convert(ctx: &JobCtx, model: &Path, out: &OutputSpec, dtype: OutDtype) -> Res
     let src = SourceModel::open(model)?;
     let start = Instant::now();
     let mut on_progress = |done: usize, total: usize| {
-        let eta = (done > 0).then(|| {
-            start.elapsed().as_secs_f64() / done as f64 * total.saturating_sub(done) as f64
-        });
+        let eta = eta(start, done as u64, total as u64);
         ctx.progress(STAGE_CONVERT, done as u64, total as u64, eta);
         !ctx.cancelled()
     };
@@ -636,9 +639,7 @@ fn fetch_demo(ctx: &JobCtx, dest: Option<&Path>) -> Result<JobOutput> {
                 t
             }
         };
-        let eta = (done > 0 && total > 0).then(|| {
-            start.elapsed().as_secs_f64() / done as f64 * total.saturating_sub(done) as f64
-        });
+        let eta = eta(start, done, total);
         ctx.progress(stage, done, total, eta);
     };
     let path = crate::demo::fetch_demo_model(dest, &mut on_progress, &ctx.cancel)?;
@@ -694,9 +695,7 @@ fn compute_imatrix(
     m.model.check_context(options.n_ctx, false)?;
     let start = Instant::now();
     let mut on_chunk = |done: usize, total: usize| {
-        let eta = (done > 0).then(|| {
-            start.elapsed().as_secs_f64() / done as f64 * total.saturating_sub(done) as f64
-        });
+        let eta = eta(start, done as u64, total as u64);
         ctx.progress(
             "computing importance matrix",
             done as u64,
@@ -788,8 +787,8 @@ fn quantize(
                 max_error: m.max_error,
             },
         });
-        let eta = start.elapsed().as_secs_f64() / done as f64 * total.saturating_sub(done) as f64;
-        ctx.progress("quantizing", done as u64, total as u64, Some(eta));
+        let eta = eta(start, done as u64, total as u64);
+        ctx.progress("quantizing", done as u64, total as u64, eta);
         !ctx.cancelled()
     };
     let report = crate::quantize::quantize_gguf(&src, &opts, out, &mut on_tensor)?;
@@ -831,8 +830,8 @@ fn quantize_gptq(
                 max_error: m.max_error,
             },
         });
-        let eta = start.elapsed().as_secs_f64() / done as f64 * total.saturating_sub(done) as f64;
-        ctx.progress("GPTQ", done as u64, total as u64, Some(eta));
+        let eta = eta(start, done as u64, total as u64);
+        ctx.progress("GPTQ", done as u64, total as u64, eta);
         !ctx.cancelled()
     };
     let report = crate::quantize_gptq::quantize_gptq(&src, options, out, &mut on_module)?;
