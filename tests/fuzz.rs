@@ -35,8 +35,18 @@ fn every_parser_survives_a_short_fuzz_run() {
             r.signatures,
             r.slowest
         );
-        assert!(r.executions >= 20, "{}: only {} executions", t.name(), r.executions);
-        assert!(r.signatures >= 3, "{}: the mutations reached only {} checks", t.name(), r.signatures);
+        assert!(
+            r.executions >= 20,
+            "{}: only {} executions",
+            t.name(),
+            r.executions
+        );
+        assert!(
+            r.signatures >= 3,
+            "{}: the mutations reached only {} checks",
+            t.name(),
+            r.signatures
+        );
         for c in r.crashes {
             failures.push(format!("{}: {}", t.name(), c.display()));
         }

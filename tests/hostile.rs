@@ -142,7 +142,11 @@ fn quantize_never_writes_over_its_input_and_replaces_an_output_only_with_force()
         ]);
         assert_error(&o, "this is the input");
     }
-    assert_eq!(std::fs::read(&gguf).expect("read"), before, "the input changed");
+    assert_eq!(
+        std::fs::read(&gguf).expect("read"),
+        before,
+        "the input changed"
+    );
     // A file of an input folder.
     let (o, _) = run(&[
         "quantize",
@@ -161,7 +165,13 @@ fn quantize_never_writes_over_its_input_and_replaces_an_output_only_with_force()
     assert_error(&o, "already exists; pass --force");
     assert_eq!(std::fs::read(&out).expect("read"), b"keep me");
     let (o, _) = run(&[
-        "quantize", s(&gguf), "--format", "q8_0", "--out", s(&out), "--force",
+        "quantize",
+        s(&gguf),
+        "--format",
+        "q8_0",
+        "--out",
+        s(&out),
+        "--force",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(std::fs::read(&out).expect("read").starts_with(b"GGUF"));
@@ -171,7 +181,16 @@ fn quantize_never_writes_over_its_input_and_replaces_an_output_only_with_force()
     assert_error(&o, "holding the input");
     let (o, _) = run(&["convert", s(&gguf), "--out", s(&m)]);
     assert_error(&o, "already exists");
-    let (o, _) = run(&["imatrix", s(&gguf), "--out", s(&out), "--calib-chunks", "1", "--calib-ctx", "32"]);
+    let (o, _) = run(&[
+        "imatrix",
+        s(&gguf),
+        "--out",
+        s(&out),
+        "--calib-chunks",
+        "1",
+        "--calib-ctx",
+        "32",
+    ]);
     assert_error(&o, "already exists");
 }
 
@@ -184,7 +203,16 @@ fn gptq_refuses_a_bad_output_before_any_work() {
     std::fs::write(busy.join("x"), b"x").expect("write");
     // Thousands of calibration rows: it would take minutes if the check came after them.
     let (o, took) = run(&[
-        "quantize", s(&m), "--format", "gptq", "--rows", "4096", "--seq-len", "64", "--out", s(&busy),
+        "quantize",
+        s(&m),
+        "--format",
+        "gptq",
+        "--rows",
+        "4096",
+        "--seq-len",
+        "64",
+        "--out",
+        s(&busy),
     ]);
     assert_error(&o, "already exists");
     assert!(took < Duration::from_secs(10), "{took:?}");
@@ -234,7 +262,10 @@ fn start_and_wait_for_partial(args: &[&str], dir: &Path) -> Child {
         if let Some(st) = child.try_wait().expect("wait") {
             panic!("finished ({st}) before its temporary was seen");
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "no temporary appeared");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "no temporary appeared"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -256,8 +287,14 @@ fn sigint_and_sigterm_leave_nothing_half_written() {
     let q = out_dir.join("q.gguf");
     let c = out_dir.join("hf");
     let cases: [(&str, Vec<&str>); 3] = [
-        ("-INT", vec!["quantize", s(&m), "--format", "q4_k_m", "--out", s(&q)]),
-        ("-TERM", vec!["quantize", s(&m), "--format", "q4_k_m", "--out", s(&q)]),
+        (
+            "-INT",
+            vec!["quantize", s(&m), "--format", "q4_k_m", "--out", s(&q)],
+        ),
+        (
+            "-TERM",
+            vec!["quantize", s(&m), "--format", "q4_k_m", "--out", s(&q)],
+        ),
         ("-TERM", vec!["convert", s(&m), "--out", s(&c)]),
     ];
     for (sig, args) in cases {
@@ -266,7 +303,11 @@ fn sigint_and_sigterm_leave_nothing_half_written() {
         let o = child.wait_with_output().expect("wait");
         assert_eq!(o.status.code(), Some(130), "{sig} {args:?}: {}", stderr(&o));
         assert!(stderr(&o).contains("interrupted"), "{}", stderr(&o));
-        assert!(entries(&out_dir).is_empty(), "{sig} {args:?} left {:?}", entries(&out_dir));
+        assert!(
+            entries(&out_dir).is_empty(),
+            "{sig} {args:?} left {:?}",
+            entries(&out_dir)
+        );
     }
 }
 
@@ -282,7 +323,10 @@ fn the_leftover_of_a_killed_run_is_removed_by_the_next_run() {
     signal(&child, "-KILL");
     let _ = child.wait_with_output();
     let left = entries(&out_dir);
-    assert!(left.len() == 1 && left[0].starts_with("q.gguf.partial-"), "{left:?}");
+    assert!(
+        left.len() == 1 && left[0].starts_with("q.gguf.partial-"),
+        "{left:?}"
+    );
     // No finished-looking file was left.
     assert!(!q.exists());
     let (o, _) = run(&["quantize", s(&m), "--format", "q8_0", "--out", s(&q)]);
@@ -299,34 +343,91 @@ fn absurd_numbers_get_the_allowed_range() {
     let dir = tempfile::tempdir().expect("tmp");
     let m = tiny(dir.path());
     let text = dir.path().join("t.txt");
-    std::fs::write(&text, "one two three four five six seven eight nine ten. ".repeat(200))
-        .expect("text");
+    std::fs::write(
+        &text,
+        "one two three four five six seven eight nine ten. ".repeat(200),
+    )
+    .expect("text");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
-            vec!["eval", s(&m), "--text", s(&text), "--ctx", "18446744073709551615"],
+            vec![
+                "eval",
+                s(&m),
+                "--text",
+                s(&text),
+                "--ctx",
+                "18446744073709551615",
+            ],
             "longer than the model's",
         ),
-        (vec!["eval", s(&m), "--text", s(&text), "--ctx", "100000"], "use 1..="),
         (
-            vec!["eval", s(&m), "--text", s(&text), "--ctx", "18446744073709551615", "--allow-long-context"],
+            vec!["eval", s(&m), "--text", s(&text), "--ctx", "100000"],
+            "use 1..=",
+        ),
+        (
+            vec![
+                "eval",
+                s(&m),
+                "--text",
+                s(&text),
+                "--ctx",
+                "18446744073709551615",
+                "--allow-long-context",
+            ],
             "too large to size",
         ),
-        (vec!["chat", s(&m), "--ctx", "1000000000"], "longer than the model's"),
+        (
+            vec!["chat", s(&m), "--ctx", "1000000000"],
+            "longer than the model's",
+        ),
         (
             vec!["chat", s(&m), "--ctx", "1000000000", "--allow-long-context"],
             "more than this machine's",
         ),
-        (vec!["generate", s(&m), "--prompt", "hi", "--temp", "NaN"], "temperature NaN"),
-        (vec!["generate", s(&m), "--prompt", "hi", "--top-p", "NaN"], "top-p NaN"),
-        (vec!["generate", s(&m), "--prompt", "hi", "--min-p", "2"], "min-p 2"),
-        (vec!["--threads", "100000", "inspect", s(&m)], "--threads 100000: use 1..="),
-        (vec!["bench", s(&m), "-p", "1000000000"], "longer than the model's"),
         (
-            vec!["quantize", s(&m), "--format", "q4_k_m", "--override", "blk.*.atn_v.weight=q8_0", "--out", "/tmp/qs-never.gguf"],
+            vec!["generate", s(&m), "--prompt", "hi", "--temp", "NaN"],
+            "temperature NaN",
+        ),
+        (
+            vec!["generate", s(&m), "--prompt", "hi", "--top-p", "NaN"],
+            "top-p NaN",
+        ),
+        (
+            vec!["generate", s(&m), "--prompt", "hi", "--min-p", "2"],
+            "min-p 2",
+        ),
+        (
+            vec!["--threads", "100000", "inspect", s(&m)],
+            "--threads 100000: use 1..=",
+        ),
+        (
+            vec!["bench", s(&m), "-p", "1000000000"],
+            "longer than the model's",
+        ),
+        (
+            vec![
+                "quantize",
+                s(&m),
+                "--format",
+                "q4_k_m",
+                "--override",
+                "blk.*.atn_v.weight=q8_0",
+                "--out",
+                "/tmp/qs-never.gguf",
+            ],
             "matches no tensor",
         ),
         (
-            vec!["quantize", s(&m), "--format", "gptq", "--seq-len", "100000", "--out", "/tmp/qs-never-gptq"],
+            vec![
+                "quantize",
+                s(&m),
+                "--format",
+                "gptq",
+                "--seq-len",
+                "100000",
+                "--out",
+                "/tmp/qs-never-gptq",
+            ],
             "--seq-len 100000: use 1..=",
         ),
     ];
@@ -371,7 +472,11 @@ fn special_files_are_named_as_such() {
     let dir = tempfile::tempdir().expect("tmp");
     let m = tiny(dir.path());
     let fifo = dir.path().join("fifo");
-    assert!(Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo")
+        .success());
     let a = dir.path().join("a");
     let b = dir.path().join("b");
     std::os::unix::fs::symlink(&b, &a).expect("symlink");
@@ -385,11 +490,31 @@ fn special_files_are_named_as_such() {
         (vec!["eval", s(&m), "--text", "/dev/zero"], "a device"),
         (vec!["eval", s(&m), "--text", s(&fifo)], "named pipe"),
         (
-            vec!["quantize", s(&m), "--format", "q4_k_m", "--imatrix", "/dev/zero", "--out", "/tmp/qs-never.gguf"],
+            vec![
+                "quantize",
+                s(&m),
+                "--format",
+                "q4_k_m",
+                "--imatrix",
+                "/dev/zero",
+                "--out",
+                "/tmp/qs-never.gguf",
+            ],
             "a device",
         ),
         (
-            vec!["quantize", s(&m), "--format", "gptq", "--seq-len", "64", "--calib", s(&fifo), "--out", "/tmp/qs-never-gptq"],
+            vec![
+                "quantize",
+                s(&m),
+                "--format",
+                "gptq",
+                "--seq-len",
+                "64",
+                "--calib",
+                s(&fifo),
+                "--out",
+                "/tmp/qs-never-gptq",
+            ],
             "named pipe",
         ),
     ];
@@ -400,4 +525,3 @@ fn special_files_are_named_as_such() {
         assert_error(&o, want);
     }
 }
-

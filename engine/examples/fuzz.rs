@@ -67,7 +67,15 @@ fn main() -> std::process::ExitCode {
     let mut failed = false;
     for t in targets {
         let corpus = root.join("tests/fuzz/corpus").join(t.name());
-        match fuzz(t, seed, Duration::from_secs(seconds), runs, Some(&corpus), save, &crashes) {
+        match fuzz(
+            t,
+            seed,
+            Duration::from_secs(seconds),
+            runs,
+            Some(&corpus),
+            save,
+            &crashes,
+        ) {
             Ok(r) => {
                 println!(
                     "{:<12} {:>10} execs ({:.0}/s), {} ok, {} error kinds, corpus {}, slowest {:.1} ms, largest allocation {:.1} MiB, {} failing",

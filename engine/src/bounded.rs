@@ -169,11 +169,9 @@ pub enum Bounded {
 impl std::fmt::Display for Bounded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Bounded::Memory { limit_bytes } => write!(
-                f,
-                "it needed more than {} MiB of memory",
-                limit_bytes >> 20
-            ),
+            Bounded::Memory { limit_bytes } => {
+                write!(f, "it needed more than {} MiB of memory", limit_bytes >> 20)
+            }
             Bounded::Time { limit } => write!(f, "it ran longer than {:.0} s", limit.as_secs_f64()),
             Bounded::Panicked => write!(f, "it failed with an internal error"),
         }
@@ -393,9 +391,14 @@ mod tests {
 
     #[test]
     fn a_loop_that_allocates_is_stopped_at_the_time_limit() {
-        let r = run_bounded("bounded-test", 8 << 20, Duration::from_millis(50), || loop {
-            std::hint::black_box(vec![1u8; 16]);
-        });
+        let r = run_bounded(
+            "bounded-test",
+            8 << 20,
+            Duration::from_millis(50),
+            || loop {
+                std::hint::black_box(vec![1u8; 16]);
+            },
+        );
         assert_eq!(
             r,
             Err(Bounded::Time {

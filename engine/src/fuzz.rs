@@ -191,9 +191,8 @@ impl Workspace {
                 let mut v = Vec::new();
                 for mix in ["q8_0", "q4_k_m"] {
                     let opts = crate::quantize::GgufQuantizeOptions {
-                        mix: crate::recipes::gguf::GgufMix::parse(mix).ok_or_else(|| {
-                            Error::Invalid(format!("mix {mix}"))
-                        })?,
+                        mix: crate::recipes::gguf::GgufMix::parse(mix)
+                            .ok_or_else(|| Error::Invalid(format!("mix {mix}")))?,
                         overrides: Vec::new(),
                         imatrix: None,
                     };
@@ -295,7 +294,11 @@ fn run_placed(t: Target, open: &Path) -> Result<()> {
     let _ = tok.render_chat(&[ChatMessage::new("user", "hi")], true);
     // Run it when it is small enough to run quickly.
     let c = &src.config;
-    if c.hidden_size <= 4096 && c.num_layers <= 8 && c.vocab_size <= 1 << 17 && src.file_size_bytes < 64 << 20 {
+    if c.hidden_size <= 4096
+        && c.num_layers <= 8
+        && c.vocab_size <= 1 << 17
+        && src.file_size_bytes < 64 << 20
+    {
         let model = Model::load(&src)?;
         let ids: Vec<u32> = ids
             .into_iter()
@@ -318,7 +321,7 @@ impl Rng {
     pub fn new(seed: u64) -> Self {
         Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -330,7 +333,7 @@ impl Rng {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.next_u64() % n as u64) as usize
         }
     }
 }
@@ -365,7 +368,7 @@ pub fn mutate(rng: &mut Rng, data: &[u8], other: &[u8]) -> Vec<u8> {
             }
             1 if len > 0 => {
                 let i = rng.below(len);
-                d[i] = rng.next() as u8;
+                d[i] = rng.next_u64() as u8;
             }
             2 | 3 if len >= 8 => {
                 // An interesting integer, 1/2/4/8 bytes little-endian, maybe off by one.
@@ -387,7 +390,7 @@ pub fn mutate(rng: &mut Rng, data: &[u8], other: &[u8]) -> Vec<u8> {
             5 if len < MAX_INPUT => {
                 let at = rng.below(len + 1);
                 let k = 1 + rng.below(16);
-                let ins: Vec<u8> = (0..k).map(|_| rng.next() as u8).collect();
+                let ins: Vec<u8> = (0..k).map(|_| rng.next_u64() as u8).collect();
                 d.splice(at..at, ins);
             }
             6 if len > 1 && len < MAX_INPUT => {
@@ -411,8 +414,18 @@ pub fn mutate(rng: &mut Rng, data: &[u8], other: &[u8]) -> Vec<u8> {
             9 if len > 0 => {
                 // Text inputs: a JSON-ish token at a random place.
                 const TOKENS: [&[u8]; 12] = [
-                    b"null", b"-1", b"1e309", b"18446744073709551616", b"[]", b"{}", b"\"\"",
-                    b"\"F16\"", b"\"I64\"", b"0", b"true", b"\"\\u0000\"",
+                    b"null",
+                    b"-1",
+                    b"1e309",
+                    b"18446744073709551616",
+                    b"[]",
+                    b"{}",
+                    b"\"\"",
+                    b"\"F16\"",
+                    b"\"I64\"",
+                    b"0",
+                    b"true",
+                    b"\"\\u0000\"",
                 ];
                 let t = TOKENS[rng.below(TOKENS.len())];
                 let at = rng.below(len + 1);
@@ -422,10 +435,10 @@ pub fn mutate(rng: &mut Rng, data: &[u8], other: &[u8]) -> Vec<u8> {
                 // Overwrite a range with copies of one byte.
                 let a = rng.below(len);
                 let b = (a + 1 + rng.below(32)).min(len);
-                let v = rng.next() as u8;
+                let v = rng.next_u64() as u8;
                 d[a..b].iter_mut().for_each(|x| *x = v);
             }
-            _ => d.push(rng.next() as u8),
+            _ => d.push(rng.next_u64() as u8),
         }
     }
     d.truncate(MAX_INPUT);

@@ -161,14 +161,19 @@ pub fn preflight(spec: &OutputSpec) -> Result<()> {
         Ok(m) => {
             let ft = m.file_type();
             let is_dir = out.is_dir();
-            let empty_dir = is_dir
-                && std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_none());
+            let empty_dir = is_dir && std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_none());
             match spec.kind {
                 OutputKind::File if is_dir => {
-                    return Err(refuse(out, "is a folder; the output is a file (give a file name)"))
+                    return Err(refuse(
+                        out,
+                        "is a folder; the output is a file (give a file name)",
+                    ))
                 }
                 OutputKind::Folder if !is_dir => {
-                    return Err(refuse(out, "exists and is not a folder; the output is a folder"))
+                    return Err(refuse(
+                        out,
+                        "exists and is not a folder; the output is a folder",
+                    ))
                 }
                 OutputKind::File if !(ft.is_file() || ft.is_symlink() && out.is_file()) => {
                     return Err(refuse(out, "exists and is not a regular file"))
@@ -411,7 +416,9 @@ pub fn write_staged(spec: OutputSpec, write: impl FnOnce(&Path) -> Result<()>) -
 
 /// `data` written to the file `spec.path` through a temporary.
 pub fn write_bytes(spec: OutputSpec, data: &[u8]) -> Result<PathBuf> {
-    write_staged(spec, |tmp| std::fs::write(tmp, data).map_err(|e| Error::io(tmp, e)))
+    write_staged(spec, |tmp| {
+        std::fs::write(tmp, data).map_err(|e| Error::io(tmp, e))
+    })
 }
 
 #[cfg(test)]
@@ -435,14 +442,21 @@ mod tests {
         ];
         std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
         for out in spellings {
-            let spec = OutputSpec::new(&out, OutputKind::File).input(&m).overwrite(true);
-            assert!(err(preflight(&spec)).contains("this is the input"), "{out:?}");
+            let spec = OutputSpec::new(&out, OutputKind::File)
+                .input(&m)
+                .overwrite(true);
+            assert!(
+                err(preflight(&spec)).contains("this is the input"),
+                "{out:?}"
+            );
         }
         #[cfg(unix)]
         {
             let link = dir.path().join("link.gguf");
             std::os::unix::fs::symlink(&m, &link).expect("symlink");
-            let spec = OutputSpec::new(&link, OutputKind::File).input(&m).overwrite(true);
+            let spec = OutputSpec::new(&link, OutputKind::File)
+                .input(&m)
+                .overwrite(true);
             assert!(err(preflight(&spec)).contains("this is the input"));
         }
         assert_eq!(std::fs::read(&m).expect("read"), b"model");
@@ -476,13 +490,20 @@ mod tests {
         assert!(e.contains("already exists; pass --force"), "{e}");
         assert_eq!(std::fs::read(&out).expect("read"), b"old");
         // A failing writer keeps the old file and leaves no temporary.
-        let r = write_staged(OutputSpec::new(&out, OutputKind::File).overwrite(true), |tmp| {
-            std::fs::write(tmp, b"half").expect("write");
-            Err(Error::Cancelled)
-        });
+        let r = write_staged(
+            OutputSpec::new(&out, OutputKind::File).overwrite(true),
+            |tmp| {
+                std::fs::write(tmp, b"half").expect("write");
+                Err(Error::Cancelled)
+            },
+        );
         assert!(matches!(r, Err(Error::Cancelled)));
         assert_eq!(std::fs::read(&out).expect("read"), b"old");
-        write_bytes(OutputSpec::new(&out, OutputKind::File).overwrite(true), b"new").expect("ok");
+        write_bytes(
+            OutputSpec::new(&out, OutputKind::File).overwrite(true),
+            b"new",
+        )
+        .expect("ok");
         assert_eq!(std::fs::read(&out).expect("read"), b"new");
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .expect("ls")
@@ -508,9 +529,13 @@ mod tests {
         // A file where a folder goes (and the reverse) is refused even with overwrite.
         let f = dir.path().join("f");
         std::fs::write(&f, b"x").expect("write");
-        let e = err(preflight(&OutputSpec::new(&f, OutputKind::Folder).overwrite(true)));
+        let e = err(preflight(
+            &OutputSpec::new(&f, OutputKind::Folder).overwrite(true),
+        ));
         assert!(e.contains("not a folder"), "{e}");
-        let e = err(preflight(&OutputSpec::new(&out, OutputKind::File).overwrite(true)));
+        let e = err(preflight(
+            &OutputSpec::new(&out, OutputKind::File).overwrite(true),
+        ));
         assert!(e.contains("is a folder"), "{e}");
     }
 
@@ -520,14 +545,20 @@ mod tests {
         // pid 4194304 is above Linux's pid_max: never alive.
         let dead = dir.path().join("out.gguf.partial-4194304");
         let dead_dir = dir.path().join("out.gguf.old-4194304");
-        let mine = dir.path().join(format!("out.gguf.partial-{}", std::process::id()));
+        let mine = dir
+            .path()
+            .join(format!("out.gguf.partial-{}", std::process::id()));
         let other = dir.path().join("other.gguf.partial-4194304");
         std::fs::write(&dead, b"x").expect("write");
         std::fs::create_dir(&dead_dir).expect("mkdir");
         std::fs::write(dead_dir.join("a"), b"x").expect("write");
         std::fs::write(&mine, b"x").expect("write");
         std::fs::write(&other, b"x").expect("write");
-        preflight(&OutputSpec::new(dir.path().join("out.gguf"), OutputKind::File)).expect("ok");
+        preflight(&OutputSpec::new(
+            dir.path().join("out.gguf"),
+            OutputKind::File,
+        ))
+        .expect("ok");
         assert!(!dead.exists() && !dead_dir.exists());
         assert!(mine.exists() && other.exists());
     }

@@ -1,7 +1,6 @@
 //! Quantization jobs, end to end: source model → recipe plans each tensor → codec per tensor → writer,
 //! with per-tensor metrics as each tensor is done. Memory stays bounded by one tensor.
 
-
 use serde::Serialize;
 
 use crate::codecs::GgmlType;
@@ -418,7 +417,8 @@ mod tests {
             ..opts.clone()
         };
         let out_km = dir.path().join("q4km.gguf");
-        quantize_gguf(&src, &km, &OutputSpec::file(&out_km), &mut |_, _, _| true).expect("quantize q4_k_m");
+        quantize_gguf(&src, &km, &OutputSpec::file(&out_km), &mut |_, _, _| true)
+            .expect("quantize q4_k_m");
         let q_km = SourceModel::open(&out_km).expect("reopen q4_k_m");
         assert_eq!(
             gguf_tensor_bytes(&src, &km.mix).expect("plan"),
@@ -462,7 +462,9 @@ mod tests {
             overrides: Vec::new(),
             imatrix: None,
         };
-        let r = quantize_gguf(&src, &opts, &OutputSpec::file(&out), &mut |_, done, _| done < 3);
+        let r = quantize_gguf(&src, &opts, &OutputSpec::file(&out), &mut |_, done, _| {
+            done < 3
+        });
         assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .expect("ls")
@@ -531,7 +533,8 @@ mod tests {
                 overrides: Vec::new(),
                 imatrix: None,
             };
-            quantize_gguf(&f16, &opts, &OutputSpec::file(&out), &mut |_, _, _| true).expect("quantize");
+            quantize_gguf(&f16, &opts, &OutputSpec::file(&out), &mut |_, _, _| true)
+                .expect("quantize");
             assert_tensor_hashes(&out, tensors, mix);
             std::fs::remove_file(&out).expect("rm");
         }
@@ -617,7 +620,8 @@ mod tests {
             imatrix: Some(ImatrixInput { matrix, file: None }),
         };
         let out = dir.path().join("q.gguf");
-        let e = quantize_gguf(&src, &opts, &OutputSpec::file(&out), &mut |_, _, _| true).expect_err("mismatch");
+        let e = quantize_gguf(&src, &opts, &OutputSpec::file(&out), &mut |_, _, _| true)
+            .expect_err("mismatch");
         assert!(e.to_string().contains("another model"), "{e}");
         assert!(!out.exists());
     }

@@ -507,11 +507,16 @@ mod tests {
         let out = tmp.path().join("gptq");
         let o = opts(tmp.path(), 1 << 30);
         let mut seen = 0;
-        let report = quantize_gptq(&src, &o, &OutputSpec::folder(&out), &mut |_, done, total| {
-            seen = done;
-            assert_eq!(total, 14);
-            true
-        })
+        let report = quantize_gptq(
+            &src,
+            &o,
+            &OutputSpec::folder(&out),
+            &mut |_, done, total| {
+                seen = done;
+                assert_eq!(total, 14);
+                true
+            },
+        )
         .expect("gptq");
         assert_eq!(
             (seen, report.modules.len(), report.spilled),
@@ -558,7 +563,8 @@ mod tests {
         let out2 = tmp.path().join("gptq-spilled");
         let mut o2 = opts(tmp.path(), 0);
         o2.max_shard_bytes = Some(single.len() as u64 / 4);
-        let r2 = quantize_gptq(&src, &o2, &OutputSpec::folder(&out2), &mut |_, _, _| true).expect("spill");
+        let r2 = quantize_gptq(&src, &o2, &OutputSpec::folder(&out2), &mut |_, _, _| true)
+            .expect("spill");
         assert!(r2.spilled);
         assert!(!out2.join("model.safetensors").exists());
         let index: serde_json::Value = serde_json::from_slice(
@@ -602,7 +608,12 @@ mod tests {
         write_fixture(&FixtureSpec::tiny_llama(), &src_dir).expect("fixture");
         let src = SourceModel::open(&src_dir).expect("open");
         let out = tmp.path().join("gptq");
-        let r = quantize_gptq(&src, &opts(tmp.path(), 0), &OutputSpec::folder(&out), &mut |_, done, _| done < 5);
+        let r = quantize_gptq(
+            &src,
+            &opts(tmp.path(), 0),
+            &OutputSpec::folder(&out),
+            &mut |_, done, _| done < 5,
+        );
         assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
         let left: Vec<_> = std::fs::read_dir(tmp.path())
             .expect("ls")

@@ -50,6 +50,12 @@ pub fn smollm2_f16(dir: &std::path::Path) -> crate::model::SourceModel {
         overrides: Vec::new(),
         imatrix: None,
     };
-    quantize_gguf(&q41, &opts, &crate::output::OutputSpec::file(&path), &mut |_, _, _| true).expect("f16");
+    quantize_gguf(
+        &q41,
+        &opts,
+        &crate::output::OutputSpec::file(&path),
+        &mut |_, _, _| true,
+    )
+    .expect("f16");
     crate::model::SourceModel::open(&path).expect("open f16")
 }

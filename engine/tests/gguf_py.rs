@@ -34,7 +34,13 @@ fn quantize(src: &SourceModel, mix: &str, imatrix: Option<ImatrixInput>, out: &P
         overrides: Vec::new(),
         imatrix,
     };
-    quantize_gguf(src, &opts, &quant_engine::output::OutputSpec::file(out), &mut |_, _, _| true).unwrap_or_else(|e| panic!("{mix}: {e}"));
+    quantize_gguf(
+        src,
+        &opts,
+        &quant_engine::output::OutputSpec::file(out),
+        &mut |_, _, _| true,
+    )
+    .unwrap_or_else(|e| panic!("{mix}: {e}"));
 }
 
 /// Our value as the JSON the script writes.

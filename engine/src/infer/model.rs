@@ -358,7 +358,9 @@ impl Model {
     pub fn check_context(&self, tokens: usize, allow_long: bool) -> Result<()> {
         let trained = self.cfg.max_position_embeddings;
         if tokens == 0 {
-            return Err(Error::Invalid("a context of 0 tokens: use at least 1".into()));
+            return Err(Error::Invalid(
+                "a context of 0 tokens: use at least 1".into(),
+            ));
         }
         if !allow_long && trained > 0 && tokens > trained {
             return Err(Error::Invalid(format!(
@@ -375,7 +377,9 @@ impl Model {
                 .checked_mul(c.head_dim as u64)?
                 .checked_mul(tokens as u64)?
                 .checked_mul(4)?;
-            let logits = (tokens as u64).checked_mul(c.vocab_size as u64)?.checked_mul(4)?;
+            let logits = (tokens as u64)
+                .checked_mul(c.vocab_size as u64)?
+                .checked_mul(4)?;
             kv.checked_add(logits)
         })();
         let memory = crate::bounded::total_memory_bytes();

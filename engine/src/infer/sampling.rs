@@ -30,9 +30,7 @@ impl SamplerConfig {
     /// Every setting within its range, with a message that gives the range.
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |what: &str, v: f32, range: &str| {
-            Err(crate::Error::Invalid(format!(
-                "{what} {v}: use {range}"
-            )))
+            Err(crate::Error::Invalid(format!("{what} {v}: use {range}")))
         };
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return bad("temperature", self.temperature, "a number ≥ 0 (0 = greedy)");

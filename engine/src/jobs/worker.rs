@@ -294,7 +294,8 @@ pub(crate) fn run(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) {
 
 /// Seconds left when `done` of `total` units took the time since `start` (none before the first unit).
 fn eta(start: Instant, done: u64, total: u64) -> Option<f64> {
-    (done > 0).then(|| start.elapsed().as_secs_f64() / done as f64 * total.saturating_sub(done) as f64)
+    (done > 0)
+        .then(|| start.elapsed().as_secs_f64() / done as f64 * total.saturating_sub(done) as f64)
 }
 
 /// Newlines folded so an error is one line.
@@ -356,7 +357,12 @@ fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOut
             out,
             dtype,
             overwrite,
-        } => convert(ctx, &model, &OutputSpec::folder(out).overwrite(overwrite), dtype),
+        } => convert(
+            ctx,
+            &model,
+            &OutputSpec::folder(out).overwrite(overwrite),
+            dtype,
+        ),
         JobRequest::Bench { model, options } => bench(ctx, cache, &model, &options),
         JobRequest::Quantize {
             model,
@@ -558,8 +564,7 @@ fn chat(
     let context = context_tokens.unwrap_or_else(|| {
         DEFAULT_CHAT_CONTEXT.min(m.model.config().max_position_embeddings.max(1))
     });
-    m.model
-        .check_context(context, options.allow_long_context)?;
+    m.model.check_context(context, options.allow_long_context)?;
     options.sampler.validate()?;
     let mut session = ChatSession::new(&m.model, context, system);
     ctx.progress(STAGE_CHAT_READY, 1, 1, Some(0.0));
@@ -653,10 +658,8 @@ fn bench(
     options: &BenchOptions,
 ) -> Result<JobOutput> {
     let m = load(ctx, cache, model)?;
-    m.model.check_context(
-        options.n_prompt.saturating_add(options.n_gen).max(1),
-        false,
-    )?;
+    m.model
+        .check_context(options.n_prompt.saturating_add(options.n_gen).max(1), false)?;
     let total = 2 * (options.repetitions.max(1) as u64 + 1);
     let mut step = 0u64;
     let mut on_progress = |test: &str, _rep: usize| {

@@ -86,11 +86,7 @@ pub fn write_hf_folder(
 
 /// `out` as a folder written from `src` (2 bytes per weight, F16 or BF16), with its size.
 pub fn hf_folder_spec(src: &SourceModel, out: &OutputSpec) -> OutputSpec {
-    let weights: u64 = src
-        .tensors
-        .values()
-        .map(|t| t.numel() as u64 * 2)
-        .sum();
+    let weights: u64 = src.tensors.values().map(|t| t.numel() as u64 * 2).sum();
     let mut spec = out.clone().input(&src.path).estimated_bytes(weights);
     spec.kind = crate::output::OutputKind::Folder;
     spec
@@ -673,16 +669,34 @@ mod tests {
         let busy = tmp.path().join("busy");
         std::fs::create_dir(&busy).expect("mkdir");
         std::fs::write(busy.join("keep.txt"), "x").expect("w");
-        let e = write_hf_folder(&m, &OutputSpec::folder(&busy), OutDtype::F16, &mut |_, _| true).expect_err("refuse");
+        let e = write_hf_folder(
+            &m,
+            &OutputSpec::folder(&busy),
+            OutDtype::F16,
+            &mut |_, _| true,
+        )
+        .expect_err("refuse");
         assert!(e.to_string().contains("already exists"), "{e}");
         assert!(busy.join("keep.txt").exists());
         let empty = tmp.path().join("empty");
         std::fs::create_dir(&empty).expect("mkdir");
-        write_hf_folder(&m, &OutputSpec::folder(&empty), OutDtype::BF16, &mut |_, _| true).expect("convert into empty");
+        write_hf_folder(
+            &m,
+            &OutputSpec::folder(&empty),
+            OutDtype::BF16,
+            &mut |_, _| true,
+        )
+        .expect("convert into empty");
         assert!(empty.join("config.json").is_file());
         let file = tmp.path().join("file");
         std::fs::write(&file, "x").expect("w");
-        assert!(write_hf_folder(&m, &OutputSpec::folder(&file), OutDtype::F16, &mut |_, _| true).is_err());
+        assert!(write_hf_folder(
+            &m,
+            &OutputSpec::folder(&file),
+            OutDtype::F16,
+            &mut |_, _| true
+        )
+        .is_err());
     }
 
     /// A GGUF-like source: a Q8_0 tensor, rows stored in llama.cpp's interleaved order, RoPE factors
@@ -743,7 +757,13 @@ mod tests {
             gguf_metadata: None,
         };
         let out = tmp.path().join("from-gguf");
-        write_hf_folder(&src, &OutputSpec::folder(&out), OutDtype::F16, &mut |_, _| true).expect("convert");
+        write_hf_folder(
+            &src,
+            &OutputSpec::folder(&out),
+            OutDtype::F16,
+            &mut |_, _| true,
+        )
+        .expect("convert");
         let back = hf::open(&out).expect("reopen");
         let mut src_named = src;
         src_named.tokenizer.bos_token = Some("<s>".into());
@@ -770,10 +790,15 @@ mod tests {
             std::fs::remove_dir_all(&out).expect("clean");
         }
         let mut last = (0, 0);
-        write_hf_folder(&src, &OutputSpec::folder(&out), OutDtype::BF16, &mut |d, t| {
-            last = (d, t);
-            true
-        })
+        write_hf_folder(
+            &src,
+            &OutputSpec::folder(&out),
+            OutDtype::BF16,
+            &mut |d, t| {
+                last = (d, t);
+                true
+            },
+        )
         .expect("convert");
         assert_eq!(last.0, last.1);
         let back = hf::open(&out).expect("reopen");

@@ -234,9 +234,10 @@ pub(crate) mod chat_template {
             eos_token: input.eos_token.map(str::to_owned),
             now_unix: input.now_unix,
         };
-        let res = crate::bounded::run_bounded("quant-template", MAX_MEMORY_BYTES, MAX_TIME, move || {
-            owned.render()
-        });
+        let res =
+            crate::bounded::run_bounded("quant-template", MAX_MEMORY_BYTES, MAX_TIME, move || {
+                owned.render()
+            });
         let remember = || match REFUSED.lock() {
             Ok(mut v) => v.push(key),
             Err(p) => p.into_inner().push(key),
@@ -356,9 +357,9 @@ pub(crate) mod chat_template {
         });
 
         env.set_fuel(Some(MAX_FUEL));
-        let tmpl = env.template_from_str(&source).map_err(|e| {
-            RenderError::Other(Error::Template(format!("cannot parse it: {e}")))
-        })?;
+        let tmpl = env
+            .template_from_str(&source)
+            .map_err(|e| RenderError::Other(Error::Template(format!("cannot parse it: {e}"))))?;
 
         let messages = normalize_messages(input.messages).map_err(RenderError::Other)?;
         let tools = match input.tools {
@@ -1044,9 +1045,7 @@ mod tests {
     #[test]
     fn a_template_that_writes_too_much_is_stopped_at_the_output_cap() {
         // 100 MB of output in 1000 steps: neither fuel nor memory stops it first.
-        let (r, _) = render_hostile(
-            "{% for i in range(1000) %}{{ 'y' * 100000 }}{% endfor %}",
-        );
+        let (r, _) = render_hostile("{% for i in range(1000) %}{{ 'y' * 100000 }}{% endfor %}");
         let e = r.expect_err("must fail").to_string();
         assert!(e.contains("wrote more than 16 MiB"), "{e}");
     }
@@ -1055,7 +1054,12 @@ mod tests {
     fn a_long_chat_renders_within_the_limits() {
         let tok = tiny_tokenizer(Some(FALLBACK_CHATML_TEMPLATE));
         let msgs: Vec<ChatMessage> = (0..2000)
-            .map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, "word ".repeat(200)))
+            .map(|i| {
+                ChatMessage::new(
+                    if i % 2 == 0 { "user" } else { "assistant" },
+                    "word ".repeat(200),
+                )
+            })
             .collect();
         let text = tok.render_chat(&msgs, true).expect("render");
         assert!(text.len() > 2000 * 1000);

@@ -743,7 +743,10 @@ mod tests {
         let e = plan_gguf_mix(&GgufMix::Q4KM, &cfg, &t, &typo, false)
             .expect_err("no tensor matches")
             .to_string();
-        assert!(e.contains("matches no tensor") && e.contains("blk.0.attn_v.weight"), "{e}");
+        assert!(
+            e.contains("matches no tensor") && e.contains("blk.0.attn_v.weight"),
+            "{e}"
+        );
     }
 
     #[test]

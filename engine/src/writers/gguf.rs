@@ -700,46 +700,46 @@ fn write_file(
     let file = std::fs::File::create(path).map_err(io)?;
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let head = gguf_header(
-    kvs,
-    tensors
-        .iter()
-        .map(|t| (t.gguf_name.as_str(), t.ne.as_slice(), t.ty, t.nbytes)),
+        kvs,
+        tensors
+            .iter()
+            .map(|t| (t.gguf_name.as_str(), t.ne.as_slice(), t.ty, t.nbytes)),
     )?;
     w.write_all(&head).map_err(io)?;
     drop(head);
 
     let total = tensors.len();
     if !progress(0, total) {
-    return Err(Error::Cancelled);
+        return Err(Error::Cancelled);
     }
     let mut buf = Vec::new();
     for (i, t) in tensors.iter().enumerate() {
-    match &t.src {
-        OutSource::Tensor(tr) => {
-            let view = gguf_order(tr, t.permute)?;
-            quantize_tensor(&view, t.ty, &mut buf)?;
+        match &t.src {
+            OutSource::Tensor(tr) => {
+                let view = gguf_order(tr, t.permute)?;
+                quantize_tensor(&view, t.ty, &mut buf)?;
+            }
+            OutSource::F32(v) => {
+                buf.clear();
+                v.iter()
+                    .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+            }
         }
-        OutSource::F32(v) => {
-            buf.clear();
-            v.iter()
-                .for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+        if buf.len() as u64 != t.nbytes {
+            return Err(Error::Invalid(format!(
+                "tensor {}: {} bytes produced, {} expected",
+                t.gguf_name,
+                buf.len(),
+                t.nbytes
+            )));
         }
-    }
-    if buf.len() as u64 != t.nbytes {
-        return Err(Error::Invalid(format!(
-            "tensor {}: {} bytes produced, {} expected",
-            t.gguf_name,
-            buf.len(),
-            t.nbytes
-        )));
-    }
-    w.write_all(&buf).map_err(io)?;
-    let zeros = [0u8; ALIGN as usize];
-    w.write_all(&zeros[..(pad(t.nbytes) - t.nbytes) as usize])
-        .map_err(io)?;
-    if !progress(i + 1, total) {
-        return Err(Error::Cancelled);
-    }
+        w.write_all(&buf).map_err(io)?;
+        let zeros = [0u8; ALIGN as usize];
+        w.write_all(&zeros[..(pad(t.nbytes) - t.nbytes) as usize])
+            .map_err(io)?;
+        if !progress(i + 1, total) {
+            return Err(Error::Cancelled);
+        }
     }
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;

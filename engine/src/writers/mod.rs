@@ -5,4 +5,3 @@ pub mod gguf;
 pub mod gptq;
 
 pub use gguf::{quantize_tensor_rows, write_gguf, GgufPlanTensor};
-
