@@ -311,8 +311,11 @@ pub fn quantize_gptq(
     let mut cache = model.new_cache(seq);
     let total = c.num_layers * 7;
     let mut modules = Vec::with_capacity(total);
-    let mut packed: HashMap<String, GptqPacked> = HashMap::new();
+    // Finished layers go to disk at once: memory holds one layer's packed weights, not the model's.
+    let mut packed = PackedSpill::create(&staged.path().join(".packed-linears"))?;
     for li in 0..c.num_layers {
+        // The layer's original weights (mapped, not copied), put back once its outputs are computed.
+        let mut originals: Vec<(LinearKind, TensorRef)> = Vec::new();
         for stage in stages(opts.true_sequential) {
             let mut col = HessianCollector {
                 layer: li,
@@ -379,8 +382,10 @@ pub fn quantize_gptq(
                     solve_s,
                 };
                 let t = packed_tensor(&name, u32::from(r.bits), n, k, r.n_groups, &p)?;
+                originals.push((kind, w_ref.clone()));
+                drop(w);
                 model.replace_linear(li, kind, t)?;
-                packed.insert(name, p);
+                packed.put(&name, p)?;
                 modules.push(m);
                 if !on_module(&modules[modules.len() - 1], modules.len(), total) {
                     return Err(Error::Cancelled);
@@ -395,20 +400,21 @@ pub fn quantize_gptq(
             store.put(i, x)?;
         }
         timings.capture_s += t.elapsed().as_secs_f64();
+        for (kind, w) in originals {
+            model.replace_linear(li, kind, w)?;
+        }
     }
     drop(store);
+    drop(model);
     let t = Instant::now();
     write_gptq_folder(
         src,
         &cfg,
         staged.path(),
-        &mut |t| {
-            packed
-                .remove(&t.name)
-                .ok_or_else(|| Error::Invalid(format!("{} was not quantized", t.name)))
-        },
+        &mut |t| packed.take(&t.name),
         &mut |_, _| true,
     )?;
+    packed.remove()?;
     let out = &staged.commit()?;
     timings.write_s = t.elapsed().as_secs_f64();
     let folder_size_bytes = std::fs::read_dir(out)
@@ -438,6 +444,71 @@ pub fn quantize_gptq(
 }
 
 /// A packed linear owning its bytes.
+/// Packed linears kept on disk until the folder is written (in its own order), one read back at a time.
+struct PackedSpill {
+    path: std::path::PathBuf,
+    file: std::fs::File,
+    /// Offset and lengths of qweight, qzeros, scales, g_idx, by tensor name.
+    index: HashMap<String, (u64, [usize; 4])>,
+    end: u64,
+}
+
+impl PackedSpill {
+    fn create(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            index: HashMap::new(),
+            end: 0,
+        })
+    }
+
+    fn put(&mut self, name: &str, p: GptqPacked) -> Result<()> {
+        let io = |e| Error::io(&self.path, e);
+        self.file.seek(SeekFrom::Start(self.end)).map_err(io)?;
+        let parts = [&p.qweight, &p.qzeros, &p.scales, &p.g_idx];
+        for part in parts {
+            self.file.write_all(part).map_err(io)?;
+        }
+        let lens = parts.map(Vec::len);
+        self.index.insert(name.to_owned(), (self.end, lens));
+        self.end += lens.iter().sum::<usize>() as u64;
+        Ok(())
+    }
+
+    fn take(&mut self, name: &str) -> Result<GptqPacked> {
+        let (at, lens) = self
+            .index
+            .remove(name)
+            .ok_or_else(|| Error::Invalid(format!("{name} was not quantized")))?;
+        let io = |e| Error::io(&self.path, e);
+        self.file.seek(SeekFrom::Start(at)).map_err(io)?;
+        let mut read = |n: usize| -> Result<Vec<u8>> {
+            let mut v = vec![0u8; n];
+            self.file.read_exact(&mut v).map_err(io)?;
+            Ok(v)
+        };
+        Ok(GptqPacked {
+            qweight: read(lens[0])?,
+            qzeros: read(lens[1])?,
+            scales: read(lens[2])?,
+            g_idx: read(lens[3])?,
+        })
+    }
+
+    /// Delete the file (before the folder is put in place).
+    fn remove(self) -> Result<()> {
+        drop(self.file);
+        std::fs::remove_file(&self.path).map_err(|e| Error::io(&self.path, e))
+    }
+}
+
 fn packed_tensor(
     name: &str,
     bits: u32,
