@@ -325,15 +325,28 @@ pub fn quantize_gptq(
                 error: None,
             };
             let t = Instant::now();
-            let qkv_only = col.wanted.iter().all(|&w| w == MatmulInput::Attention);
+            // The layer runs only as far as the stage's last input (in layer order).
+            let order = |m: &MatmulInput| match m {
+                MatmulInput::Attention => 0,
+                MatmulInput::AttentionOutput => 1,
+                MatmulInput::Ffn => 2,
+                MatmulInput::FfnDown => 3,
+            };
+            let until = col
+                .wanted
+                .iter()
+                .copied()
+                .max_by_key(order)
+                .unwrap_or(MatmulInput::FfnDown);
+            // True sequential: the stage that reaches down's input runs after q/k/v/o are quantized, so it
+            // leaves in `x` the quantized layer's state after attention — all its output still needs (the
+            // MLP half): kept instead of the layer's input.
+            let keep_mid = opts.true_sequential && until == MatmulInput::FfnDown;
             for i in 0..rows.len() {
                 let mut x = store.get(i)?;
-                if qkv_only {
-                    // q/k/v read the normed layer input: no pass through the layer is needed.
-                    let xn = model.attention_input(li, &x)?;
-                    col.observe(li, MatmulInput::Attention, &xn, seq);
-                } else {
-                    model.run_layer(li, &mut x, seq, &mut cache, Some(&mut col))?;
+                model.run_layer_until(li, &mut x, seq, &mut cache, &mut col, until)?;
+                if keep_mid {
+                    store.put(i, x)?;
                 }
                 if let Some(e) = col.error.take() {
                     return Err(e);
@@ -392,11 +405,16 @@ pub fn quantize_gptq(
                 }
             }
         }
-        // The quantized layer's outputs are the next layer's inputs.
+        // The quantized layer's outputs are the next layer's inputs (true sequential: from the state after
+        // attention the store holds, only the MLP half runs).
         let t = Instant::now();
         for i in 0..rows.len() {
             let mut x = store.get(i)?;
-            model.run_layer(li, &mut x, seq, &mut cache, None)?;
+            if opts.true_sequential {
+                model.run_ffn(li, &mut x, seq)?;
+            } else {
+                model.run_layer(li, &mut x, seq, &mut cache, None)?;
+            }
             store.put(i, x)?;
         }
         timings.capture_s += t.elapsed().as_secs_f64();

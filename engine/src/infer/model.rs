@@ -486,7 +486,17 @@ impl Model {
         let (cos, sin) = self.rope_tables(p0, n);
         let mut s = Scratch::new(&self.cfg, n);
         for li in 0..self.layers.len() {
-            self.layer_step(li, &mut x, n, p0, (&cos, &sin), cache, &mut s, observer);
+            self.layer_step(
+                li,
+                &mut x,
+                n,
+                p0,
+                (&cos, &sin),
+                cache,
+                &mut s,
+                observer,
+                None,
+            );
         }
         cache.push_tokens(tokens);
         x
@@ -524,7 +534,74 @@ impl Model {
         }
         let (cos, sin) = self.rope_tables(0, n);
         let mut s = Scratch::new(&self.cfg, n);
-        self.layer_step(li, x, n, 0, (&cos, &sin), cache, &mut s, &mut observer);
+        self.layer_step(
+            li,
+            x,
+            n,
+            0,
+            (&cos, &sin),
+            cache,
+            &mut s,
+            &mut observer,
+            None,
+        );
+        Ok(())
+    }
+
+    /// The MLP half of layer `li` over `x`, the state after attention (`x` + o's output) — what
+    /// [`run_layer_until`](Self::run_layer_until) leaves in `x` when it stops at gate/up's or down's
+    /// input. Together they compute exactly what [`run_layer`](Self::run_layer) computes.
+    pub fn run_ffn(&self, li: usize, x: &mut [f32], n: usize) -> Result<()> {
+        if li >= self.layers.len() || x.len() != n * self.cfg.hidden_size {
+            return Err(Error::Invalid(format!(
+                "run_ffn: layer {li} of {}, {} values for {n} tokens",
+                self.layers.len(),
+                x.len()
+            )));
+        }
+        let mut s = Scratch::new(&self.cfg, n);
+        self.ffn_step(li, x, n, &mut s, &mut None, None);
+        Ok(())
+    }
+
+    /// [`run_layer`](Self::run_layer) only as far as the observer has seen `until` (calibration needs a
+    /// stage's inputs, not the layer's output: q/k/v's input needs no matmul, o's needs q/k/v and the
+    /// attention, gate/up's needs o too, down's needs gate/up). `x` is left part way.
+    pub fn run_layer_until(
+        &self,
+        li: usize,
+        x: &mut [f32],
+        n: usize,
+        cache: &mut KvCache,
+        observer: &mut dyn MatmulObserver,
+        until: MatmulInput,
+    ) -> Result<()> {
+        if li >= self.layers.len() || x.len() != n * self.cfg.hidden_size || n > cache.capacity() {
+            return Err(Error::Invalid(format!(
+                "run_layer_until: layer {li} of {}, {} values for {n} tokens, cache of {}",
+                self.layers.len(),
+                x.len(),
+                cache.capacity()
+            )));
+        }
+        let (cos, sin) = if until == MatmulInput::Attention {
+            (Vec::new(), Vec::new())
+        } else {
+            self.rope_tables(0, n)
+        };
+        let mut s = Scratch::new(&self.cfg, n);
+        let mut observer = Some(observer);
+        self.layer_step(
+            li,
+            x,
+            n,
+            0,
+            (&cos, &sin),
+            cache,
+            &mut s,
+            &mut observer,
+            Some(until),
+        );
         Ok(())
     }
 
@@ -591,6 +668,7 @@ impl Model {
         cache: &mut KvCache,
         s: &mut Scratch,
         observer: &mut Option<&mut dyn MatmulObserver>,
+        until: Option<MatmulInput>,
     ) {
         let c = &self.cfg;
         let hd = c.head_dim;
@@ -599,6 +677,9 @@ impl Model {
         rms_norm(&mut s.xn, &layer.attn_norm, c.rms_norm_eps);
         if let Some(o) = observer.as_deref_mut() {
             o.observe(li, MatmulInput::Attention, &s.xn, n);
+        }
+        if until == Some(MatmulInput::Attention) {
+            return;
         }
         layer.q.forward(&s.xn, n, &mut s.q, self.numerics);
         layer.k.forward(&s.xn, n, &mut s.k, self.numerics);
@@ -616,14 +697,34 @@ impl Model {
         if let Some(o) = observer.as_deref_mut() {
             o.observe(li, MatmulInput::AttentionOutput, &s.attn, n);
         }
+        if until == Some(MatmulInput::AttentionOutput) {
+            return;
+        }
         layer.o.forward(&s.attn, n, &mut s.proj, self.numerics);
         add_into(x, &s.proj);
+        self.ffn_step(li, x, n, s, observer, until);
+    }
 
+    /// The second half of layer `li`: `x += down(silu(gate(norm(x))) · up(norm(x)))`.
+    fn ffn_step(
+        &self,
+        li: usize,
+        x: &mut [f32],
+        n: usize,
+        s: &mut Scratch,
+        observer: &mut Option<&mut dyn MatmulObserver>,
+        until: Option<MatmulInput>,
+    ) {
+        let c = &self.cfg;
+        let layer = &self.layers[li];
         s.xn.copy_from_slice(x);
         rms_norm(&mut s.xn, &layer.ffn_norm, c.rms_norm_eps);
         debug_assert_eq!(layer.gate.rows(), c.intermediate_size);
         if let Some(o) = observer.as_deref_mut() {
             o.observe(li, MatmulInput::Ffn, &s.xn, n);
+        }
+        if until == Some(MatmulInput::Ffn) {
+            return;
         }
         layer.gate.forward(&s.xn, n, &mut s.gate, self.numerics);
         layer.up.forward(&s.xn, n, &mut s.up, self.numerics);
@@ -632,6 +733,9 @@ impl Model {
         }
         if let Some(o) = observer.as_deref_mut() {
             o.observe(li, MatmulInput::FfnDown, &s.gate, n);
+        }
+        if until == Some(MatmulInput::FfnDown) {
+            return;
         }
         layer.down.forward(&s.gate, n, &mut s.proj, self.numerics);
         add_into(x, &s.proj);
