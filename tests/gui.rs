@@ -513,3 +513,35 @@ fn an_existing_output_is_replaced_only_after_the_user_says_so() {
     assert_eq!(h.state().quantize.queue.len(), 1);
     assert_eq!(std::fs::read(&existing).expect("read"), b"an earlier run");
 }
+
+#[test]
+fn a_hostile_chat_template_ends_in_an_error_not_a_frozen_chat() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    std::fs::write(
+        model.join("chat_template.jinja"),
+        "{% set ns = namespace(s=\"x\") %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    )
+    .expect("template");
+    let mut h = Harness::builder()
+        .with_size(SIZE)
+        .build_eframe(|cc| StudioApp::new(cc, EngineHandle::spawn()));
+    h.input_mut().dropped_files.push(egui::DroppedFile {
+        path: Some(model.clone()),
+        ..Default::default()
+    });
+    h.step();
+    step_until(&mut h, 60, |app| app.shared.source.is_some());
+    h.get_by_label("Chat").click();
+    h.run_steps(2);
+    h.get_by(|n| n.role() == egui::accesskit::Role::MultilineTextInput && n.label().is_none())
+        .type_text("Hello");
+    h.run_steps(1);
+    h.get_by_label("Send").click();
+    h.run_steps(1);
+    step_until(&mut h, 60, |app| app.shared.notes.errors().next().is_some());
+    let e = h.state().shared.notes.errors().next().expect("an error").details.clone();
+    assert!(e.contains("chat_template.jinja: stopped") && e.contains("MiB of memory"), "{e}");
+    // The chat is usable again: nothing is being written.
+    assert!(!h.state().chat.sides[0].writing);
+}
