@@ -540,8 +540,19 @@ fn a_hostile_chat_template_ends_in_an_error_not_a_frozen_chat() {
     h.get_by_label("Send").click();
     h.run_steps(1);
     step_until(&mut h, 60, |app| app.shared.notes.errors().next().is_some());
-    let e = h.state().shared.notes.errors().next().expect("an error").details.clone();
-    assert!(e.contains("chat_template.jinja: stopped") && e.contains("MiB of memory"), "{e}");
+    let e = h
+        .state()
+        .shared
+        .notes
+        .errors()
+        .next()
+        .expect("an error")
+        .details
+        .clone();
+    assert!(
+        e.contains("chat_template.jinja: stopped") && e.contains("MiB of memory"),
+        "{e}"
+    );
     // The chat is usable again: nothing is being written.
     assert!(!h.state().chat.sides[0].writing);
 }

@@ -55,7 +55,7 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     match level() {
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => x86::dot_f32(a, b),
-        Level::Scalar => crate::tensor::dot(a, b),
+        Level::Scalar => dot(a, b),
     }
 }
 
@@ -71,7 +71,7 @@ fn dot_f16_scalar(w: &[u8], x: &[f32]) -> f32 {
     for (wc, xc) in w.chunks(128).zip(x.chunks(64)) {
         let b = &mut buf[..xc.len()];
         f16_to_f32_scalar(wc, b);
-        s += crate::tensor::dot(b, xc);
+        s += dot(b, xc);
     }
     s
 }
@@ -185,6 +185,26 @@ mod x86 {
     }
 }
 
+/// A dot product with eight independent accumulators, so it vectorises without fast-math.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 8];
+    let mut ca = a.chunks_exact(8);
+    let mut cb = b.chunks_exact(8);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = 0.0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        s += x * y;
+    }
+    s + ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,7 +234,7 @@ mod tests {
             assert_eq!(a, b, "conversion is exact, n={n}");
             let (d, r) = (dot_f16(&bytes, &x), dot_f16_scalar(&bytes, &x));
             assert!((d - r).abs() <= 1e-4 * (1.0 + r.abs()), "n={n}: {d} vs {r}");
-            let (d, r) = (dot_f32(&a, &x), crate::tensor::dot(&a, &x));
+            let (d, r) = (dot_f32(&a, &x), dot(&a, &x));
             assert!((d - r).abs() <= 1e-4 * (1.0 + r.abs()), "n={n}: {d} vs {r}");
         }
     }

@@ -5,21 +5,9 @@
 //! are bit-exact.
 
 use super::f16_at;
+use super::x86::scale_min_k4;
 
 const QK_K: usize = 256;
-
-/// Q4_K/Q5_K packed 6-bit scale and min of sub-block `j` (ggml's `get_scale_min_k4`).
-#[inline]
-pub(super) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (s[j] & 63, s[j + 4] & 63)
-    } else {
-        (
-            (s[j + 4] & 0x0F) | ((s[j - 4] >> 6) << 4),
-            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
-        )
-    }
-}
 
 /// `u8 scales[16]; u8 qs[64]; f16 d; f16 dmin`.
 pub fn dequant_q2_k(src: &[u8], dst: &mut [f32]) {

@@ -293,3 +293,170 @@ mod tests {
         assert_eq!(GgmlType::Q6K.traits().bits_per_weight(), 6.5625);
     }
 }
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod x86_tests {
+    //! The AVX2 dequantisers against the scalar references, bit for bit.
+    use super::{kquants, legacy, x86};
+
+    type Pair = (
+        &'static str,
+        usize,
+        usize,
+        &'static [usize],
+        fn(&[u8], &mut [f32]) -> bool,
+        fn(&[u8], &mut [f32]),
+    );
+
+    /// (name, block bytes, block elements, byte offsets of f16 scales, vector, scalar reference).
+    const PAIRS: [Pair; 7] = [
+        (
+            "Q4_0",
+            18,
+            32,
+            &[0],
+            x86::dequant_q4_0,
+            legacy::dequant_q4_0_scalar,
+        ),
+        (
+            "Q4_1",
+            20,
+            32,
+            &[0, 2],
+            x86::dequant_q4_1,
+            legacy::dequant_q4_1_scalar,
+        ),
+        (
+            "Q5_0",
+            22,
+            32,
+            &[0],
+            x86::dequant_q5_0,
+            legacy::dequant_q5_0_scalar,
+        ),
+        (
+            "Q5_1",
+            24,
+            32,
+            &[0, 2],
+            x86::dequant_q5_1,
+            legacy::dequant_q5_1_scalar,
+        ),
+        (
+            "Q8_0",
+            34,
+            32,
+            &[0],
+            x86::dequant_q8_0,
+            legacy::dequant_q8_0_scalar,
+        ),
+        (
+            "Q4_K",
+            144,
+            256,
+            &[0, 2],
+            x86::dequant_q4_k,
+            kquants::dequant_q4_k_scalar,
+        ),
+        (
+            "Q6_K",
+            210,
+            256,
+            &[208],
+            x86::dequant_q6_k,
+            kquants::dequant_q6_k_scalar,
+        ),
+    ];
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        /// Random finite f16 bits (any sign, subnormals and zeros included; no inf/NaN).
+        fn f16(&mut self) -> [u8; 2] {
+            let mut bits = self.next() as u16;
+            if (bits >> 10) & 0x1F == 0x1F {
+                bits &= !0x4000;
+            }
+            bits.to_le_bytes()
+        }
+    }
+
+    /// `nb` blocks: payload bytes from `fill`, then random finite f16 scales written over `scales`.
+    fn blocks(rng: &mut Rng, bb: usize, nb: usize, scales: &[usize], counter: bool) -> Vec<u8> {
+        let mut src: Vec<u8> = (0..bb * nb)
+            .map(|i| if counter { i as u8 } else { rng.next() as u8 })
+            .collect();
+        for b in src.chunks_exact_mut(bb) {
+            for &o in scales {
+                let h = rng.f16();
+                b[o..o + 2].copy_from_slice(&h);
+            }
+        }
+        src
+    }
+
+    #[test]
+    fn codecs_avx2_dequant_is_bit_identical_to_scalar() {
+        if !x86::avx2() {
+            eprintln!("no avx2+f16c on this CPU: vector dequantisers not tested");
+            return;
+        }
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        for (name, bb, be, scales, vector, scalar) in PAIRS {
+            for (nb, counter) in [
+                (0, false),
+                (1, false),
+                (3, true),
+                (300, true),
+                (1000, false),
+            ] {
+                let src = blocks(&mut rng, bb, nb, scales, counter);
+                let mut want = vec![f32::NAN; nb * be];
+                let mut got = vec![0.0f32; nb * be];
+                scalar(&src, &mut want);
+                assert!(vector(&src, &mut got), "{name}: vector path not taken");
+                for (e, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "{name}, {nb} blocks, element {e}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn codecs_table_dequant_takes_the_vector_path_bit_exactly() {
+        use crate::codecs::GgmlType;
+        let types = [
+            (GgmlType::Q4_0, 0),
+            (GgmlType::Q4_1, 1),
+            (GgmlType::Q5_0, 2),
+            (GgmlType::Q5_1, 3),
+            (GgmlType::Q8_0, 4),
+            (GgmlType::Q4K, 5),
+            (GgmlType::Q6K, 6),
+        ];
+        let mut rng = Rng(12345);
+        for (ty, i) in types {
+            let (name, bb, be, scales, _, scalar) = PAIRS[i];
+            assert_eq!(ty.name(), name);
+            let src = blocks(&mut rng, bb, 64, scales, false);
+            let mut want = vec![0.0f32; 64 * be];
+            let mut got = vec![0.0f32; 64 * be];
+            scalar(&src, &mut want);
+            ty.dequantize(&src, &mut got);
+            let same = got
+                .iter()
+                .zip(&want)
+                .all(|(g, w)| g.to_bits() == w.to_bits());
+            assert!(same, "{name}");
+        }
+    }
+}
