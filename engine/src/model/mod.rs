@@ -8,6 +8,7 @@ pub mod config;
 pub mod convert;
 pub mod fixture;
 pub mod gguf;
+pub mod gguf_model;
 pub mod gguf_tokenizer;
 pub mod hf;
 pub mod summary;
@@ -62,7 +63,7 @@ impl SourceModel {
         if path.is_dir() {
             hf::open(path)
         } else if path.is_file() {
-            gguf::open(path)
+            gguf_model::open(path)
         } else {
             Err(Error::io(
                 path,

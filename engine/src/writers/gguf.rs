@@ -826,7 +826,7 @@ mod tests {
             &mut |_, _| true,
         )
         .expect("test step");
-        let back = crate::model::gguf::open(&out).expect("test step");
+        let back = crate::model::gguf_model::open(&out).expect("test step");
         let mut want_cfg = src.config.clone();
         want_cfg.torch_dtype = None;
         assert_eq!(back.config, want_cfg);
@@ -876,7 +876,7 @@ mod tests {
             &mut |_, _| true,
         )
         .expect("test step");
-        let again = crate::model::gguf::open(&out2).expect("test step");
+        let again = crate::model::gguf_model::open(&out2).expect("test step");
         let tk = |m: &SourceModel| -> Vec<(String, GgufValue)> {
             m.gguf_metadata
                 .as_ref()
@@ -977,7 +977,8 @@ mod tests {
     #[test]
     #[ignore = "needs the SmolLM2 GGUF"]
     fn writers_smollm2_f16() {
-        let src = crate::model::gguf::open(&crate::testing::smollm2_gguf()).expect("test step");
+        let src =
+            crate::model::gguf_model::open(&crate::testing::smollm2_gguf()).expect("test step");
         let tmp = tempfile::tempdir().expect("test step");
         let out = std::env::var_os("QS_GGUF_OUT")
             .map_or_else(|| tmp.path().join("smollm2-f16.gguf"), PathBuf::from);
@@ -990,7 +991,7 @@ mod tests {
             &mut |_, _| true,
         )
         .expect("test step");
-        let back = crate::model::gguf::open(&out).expect("test step");
+        let back = crate::model::gguf_model::open(&out).expect("test step");
         assert_eq!(back.config, src.config);
         let text = "Hello, world! How are you today?";
         assert_eq!(
