@@ -37,7 +37,7 @@ use crate::model::summary::ModelSummary;
 use crate::{Error, Result};
 
 use cache::ModelCache;
-use worker::{ChatMsg, JobCtx, JobRequest};
+use worker::{ChatMsg, JobCtx};
 
 /// Identifies a job (unique within one engine).
 pub type JobId = u64;
@@ -655,12 +655,11 @@ impl EngineThread {
         };
         self.emit(Event::Started { job, kind });
         let cancel = Arc::new(AtomicBool::new(false));
-        let (request, chat) = match JobRequest::from_command(cmd) {
-            Some((req, chat_rx)) => {
-                let chat = chat_rx.map(|(turns, stop_turn)| ChatControl { turns, stop_turn });
-                (req, chat)
-            }
-            None => return,
+        let (chat, chat_turns) = if matches!(cmd, Command::Chat { .. }) {
+            let ((turns, stop_turn), worker_ends) = worker::chat_channels();
+            (Some(ChatControl { turns, stop_turn }), Some(worker_ends))
+        } else {
+            (None, None)
         };
         let ctx = JobCtx {
             job,
@@ -673,7 +672,7 @@ impl EngineThread {
         let spawned = std::thread::Builder::new()
             .name(format!("quant-job-{job}"))
             .spawn(move || {
-                worker::run(&ctx, &cache, request);
+                worker::run(&ctx, &cache, cmd, chat_turns);
                 let _ = done.send(ctx.job);
             });
         match spawned {

@@ -2,7 +2,7 @@
 
 use crate::bench::BenchOptions;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,190 +37,14 @@ const CHAT_POLL: Duration = Duration::from_millis(100);
 /// The engine's ends of a chat session: where turns go, and the flag that stops the current reply.
 pub(crate) type ChatEnds = (Sender<ChatMsg>, Arc<AtomicBool>);
 
-/// A job, as the worker thread runs it.
-pub(crate) enum JobRequest {
-    Inspect {
-        path: PathBuf,
-    },
-    Evaluate {
-        model: PathBuf,
-        base: Option<PathBuf>,
-        text: EvalText,
-        options: EvalOptions,
-    },
-    Generate {
-        model: PathBuf,
-        prompt: String,
-        options: GenerateOptions,
-        apply_chat_template: bool,
-    },
-    Chat {
-        model: PathBuf,
-        system: Option<String>,
-        options: GenerateOptions,
-        context_tokens: Option<usize>,
-        turns: Receiver<ChatMsg>,
-        stop_turn: Arc<AtomicBool>,
-    },
-    Convert {
-        model: PathBuf,
-        out: PathBuf,
-        dtype: OutDtype,
-        overwrite: bool,
-    },
-    Bench {
-        model: PathBuf,
-        options: BenchOptions,
-    },
-    Quantize {
-        model: PathBuf,
-        out: PathBuf,
-        format: String,
-        overrides: Vec<String>,
-        imatrix: ImatrixSource,
-        overwrite: bool,
-    },
-    Imatrix {
-        model: PathBuf,
-        text: EvalText,
-        options: ImatrixOptions,
-        out: PathBuf,
-        legacy_dat: bool,
-        overwrite: bool,
-    },
-    QuantizeGptq {
-        model: PathBuf,
-        out: PathBuf,
-        options: Box<crate::quantize_gptq::GptqQuantizeOptions>,
-        overwrite: bool,
-    },
-    FetchDemo {
-        dest: Option<PathBuf>,
-    },
-}
+/// The worker's ends of a chat session: the turns to answer, and the flag that stops the current reply.
+pub(crate) type ChatTurns = (Receiver<ChatMsg>, Arc<AtomicBool>);
 
-impl JobRequest {
-    /// The request for a job-starting command (with, for a chat, the engine's ends of its channel).
-    pub(crate) fn from_command(c: Command) -> Option<(Self, Option<ChatEnds>)> {
-        Some(match c {
-            Command::Inspect { path } => (Self::Inspect { path }, None),
-            Command::Evaluate {
-                model,
-                base,
-                text,
-                options,
-            } => (
-                Self::Evaluate {
-                    model,
-                    base,
-                    text,
-                    options,
-                },
-                None,
-            ),
-            Command::Generate {
-                model,
-                prompt,
-                options,
-                apply_chat_template,
-            } => (
-                Self::Generate {
-                    model,
-                    prompt,
-                    options,
-                    apply_chat_template,
-                },
-                None,
-            ),
-            Command::Chat {
-                model,
-                system,
-                options,
-                context_tokens,
-            } => {
-                let (tx, rx) = bounded(CHAT_QUEUE);
-                let stop = Arc::new(AtomicBool::new(false));
-                (
-                    Self::Chat {
-                        model,
-                        system,
-                        options,
-                        context_tokens,
-                        turns: rx,
-                        stop_turn: Arc::clone(&stop),
-                    },
-                    Some((tx, stop)),
-                )
-            }
-            Command::Convert {
-                model,
-                out,
-                dtype,
-                overwrite,
-            } => (
-                Self::Convert {
-                    model,
-                    out,
-                    dtype,
-                    overwrite,
-                },
-                None,
-            ),
-            Command::Bench { model, options } => (Self::Bench { model, options }, None),
-            Command::Quantize {
-                model,
-                out,
-                format,
-                overrides,
-                imatrix,
-                overwrite,
-            } => (
-                Self::Quantize {
-                    model,
-                    out,
-                    format,
-                    overrides,
-                    imatrix,
-                    overwrite,
-                },
-                None,
-            ),
-            Command::QuantizeGptq {
-                model,
-                out,
-                options,
-                overwrite,
-            } => (
-                Self::QuantizeGptq {
-                    model,
-                    out,
-                    options,
-                    overwrite,
-                },
-                None,
-            ),
-            Command::Imatrix {
-                model,
-                text,
-                options,
-                out,
-                legacy_dat,
-                overwrite,
-            } => (
-                Self::Imatrix {
-                    model,
-                    text,
-                    options,
-                    out,
-                    legacy_dat,
-                    overwrite,
-                },
-                None,
-            ),
-            Command::FetchDemo { dest } => (Self::FetchDemo { dest }, None),
-            _ => return None,
-        })
-    }
+/// A chat session's channels: the engine's ends and the worker's.
+pub(crate) fn chat_channels() -> (ChatEnds, ChatTurns) {
+    let (tx, rx) = bounded(CHAT_QUEUE);
+    let stop = Arc::new(AtomicBool::new(false));
+    ((tx, Arc::clone(&stop)), (rx, stop))
 }
 
 /// A job's view of the engine: its id, its cancel flag, where its events go.
@@ -267,8 +91,8 @@ impl JobCtx {
 
 /// Runs `req` and sends its last event (`Finished`, `Failed` or `Cancelled`). A panic in the job is
 /// reported as `Failed`, not propagated.
-pub(crate) fn run(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) {
-    let result = catch_unwind(AssertUnwindSafe(|| run_inner(ctx, cache, req)));
+pub(crate) fn run(ctx: &JobCtx, cache: &ModelCache, cmd: Command, chat: Option<ChatTurns>) {
+    let result = catch_unwind(AssertUnwindSafe(|| run_inner(ctx, cache, cmd, chat)));
     let job = ctx.job;
     let ev = match result {
         Ok(Ok(output)) => Event::Finished { job, output },
@@ -307,10 +131,15 @@ fn one_line(s: &str) -> String {
         .join(" — ")
 }
 
-fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOutput> {
+fn run_inner(
+    ctx: &JobCtx,
+    cache: &ModelCache,
+    cmd: Command,
+    chat_turns: Option<ChatTurns>,
+) -> Result<JobOutput> {
     ctx.check()?;
-    match req {
-        JobRequest::Inspect { path } => {
+    match cmd {
+        Command::Inspect { path } => {
             let src = SourceModel::open(&path)?;
             let mut summary = ModelSummary::of(&src);
             // What each named mix would weigh (a plan, no tensor is read); mixes a model cannot take
@@ -323,36 +152,39 @@ fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOut
                 .collect();
             Ok(JobOutput::Summary(Box::new(summary)))
         }
-        JobRequest::Evaluate {
+        Command::Evaluate {
             model,
             base,
             text,
             options,
         } => evaluate(ctx, cache, &model, base.as_deref(), text, &options),
-        JobRequest::Generate {
+        Command::Generate {
             model,
             prompt,
             options,
             apply_chat_template,
         } => generate_job(ctx, cache, &model, &prompt, &options, apply_chat_template),
-        JobRequest::Chat {
+        Command::Chat {
             model,
             system,
             options,
             context_tokens,
-            turns,
-            stop_turn,
-        } => chat(
-            ctx,
-            cache,
-            &model,
-            system,
-            options,
-            context_tokens,
-            &turns,
-            &stop_turn,
-        ),
-        JobRequest::Convert {
+        } => {
+            let (turns, stop_turn) = chat_turns.ok_or_else(|| {
+                Error::Invalid("internal error: a chat job without its channels".into())
+            })?;
+            chat(
+                ctx,
+                cache,
+                &model,
+                system,
+                options,
+                context_tokens,
+                &turns,
+                &stop_turn,
+            )
+        }
+        Command::Convert {
             model,
             out,
             dtype,
@@ -363,8 +195,8 @@ fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOut
             &OutputSpec::folder(out).overwrite(overwrite),
             dtype,
         ),
-        JobRequest::Bench { model, options } => bench(ctx, cache, &model, &options),
-        JobRequest::Quantize {
+        Command::Bench { model, options } => bench(ctx, cache, &model, &options),
+        Command::Quantize {
             model,
             out,
             format,
@@ -385,7 +217,7 @@ fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOut
             }
             quantize(ctx, cache, &model, &out, &format, &overrides, imatrix)
         }
-        JobRequest::QuantizeGptq {
+        Command::QuantizeGptq {
             model,
             out,
             options,
@@ -394,7 +226,7 @@ fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOut
             let out = OutputSpec::folder(out).overwrite(overwrite).input(&model);
             quantize_gptq(ctx, &model, &out, &options)
         }
-        JobRequest::Imatrix {
+        Command::Imatrix {
             model,
             text,
             options,
@@ -422,7 +254,10 @@ fn run_inner(ctx: &JobCtx, cache: &ModelCache, req: JobRequest) -> Result<JobOut
                 tokens_per_chunk: m.chunk_size,
             })
         }
-        JobRequest::FetchDemo { dest } => fetch_demo(ctx, dest.as_deref()),
+        Command::FetchDemo { dest } => fetch_demo(ctx, dest.as_deref()),
+        other => Err(Error::Invalid(format!(
+            "internal error: {other:?} is not a job"
+        ))),
     }
 }
 
