@@ -93,29 +93,9 @@ impl Target {
     }
 }
 
-/// Bits per weight of the linears of each named mix (llama.cpp's `llama-quantize --help` sizes).
+/// Bits per weight of the linears of a mix, as the engine's recipe gives it.
 pub fn nominal_mix_bpw(mix: &str) -> f64 {
-    match mix {
-        "F32" => 32.0,
-        "F16" | "BF16" => 16.0,
-        "Q8_0" => 8.5,
-        "Q6_K" => 6.5625,
-        "Q5_K_M" => 5.69,
-        "Q5_K_S" => 5.54,
-        "Q5_1" => 6.0,
-        "Q5_0" => 5.5,
-        "Q4_K_M" => 4.89,
-        "Q4_K_S" => 4.58,
-        "Q4_1" => 5.0,
-        "Q4_0" | "IQ4_NL" => 4.5,
-        "IQ4_XS" => 4.25,
-        "Q3_K_L" => 4.27,
-        "Q3_K_M" => 3.91,
-        "Q3_K_S" => 3.5,
-        "Q2_K" => 3.35,
-        "Q2_K_S" => 3.0,
-        _ => 4.5,
-    }
+    GgufMix::parse(mix).map_or(16.0, |m| m.nominal_bpw())
 }
 
 /// What a target is expected to cost, before it runs.

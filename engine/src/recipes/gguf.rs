@@ -40,26 +40,27 @@ pub enum GgufMix {
     Iq4Xs,
 }
 
-/// The named mixes: (mix, llama-quantize's name, `llama_ftype` value, default type).
-const NAMED: [(GgufMix, &str, u32, GgmlType); 18] = [
-    (GgufMix::F16, "F16", 1, GgmlType::F16),
-    (GgufMix::BF16, "BF16", 32, GgmlType::BF16),
-    (GgufMix::Q8_0, "Q8_0", 7, GgmlType::Q8_0),
-    (GgufMix::Q4_0, "Q4_0", 2, GgmlType::Q4_0),
-    (GgufMix::Q4_1, "Q4_1", 3, GgmlType::Q4_1),
-    (GgufMix::Q5_0, "Q5_0", 8, GgmlType::Q5_0),
-    (GgufMix::Q5_1, "Q5_1", 9, GgmlType::Q5_1),
-    (GgufMix::Q2K, "Q2_K", 10, GgmlType::Q2K),
-    (GgufMix::Q3KS, "Q3_K_S", 11, GgmlType::Q3K),
-    (GgufMix::Q3KM, "Q3_K_M", 12, GgmlType::Q3K),
-    (GgufMix::Q3KL, "Q3_K_L", 13, GgmlType::Q3K),
-    (GgufMix::Q4KS, "Q4_K_S", 14, GgmlType::Q4K),
-    (GgufMix::Q4KM, "Q4_K_M", 15, GgmlType::Q4K),
-    (GgufMix::Q5KS, "Q5_K_S", 16, GgmlType::Q5K),
-    (GgufMix::Q5KM, "Q5_K_M", 17, GgmlType::Q5K),
-    (GgufMix::Q6K, "Q6_K", 18, GgmlType::Q6K),
-    (GgufMix::Iq4Nl, "IQ4_NL", 25, GgmlType::Iq4Nl),
-    (GgufMix::Iq4Xs, "IQ4_XS", 30, GgmlType::Iq4Xs),
+/// The named mixes: (mix, llama-quantize's name, `llama_ftype` value, default type, nominal bits per
+/// weight of the linears as `llama-quantize --help` lists them).
+const NAMED: [(GgufMix, &str, u32, GgmlType, f64); 18] = [
+    (GgufMix::F16, "F16", 1, GgmlType::F16, 16.0),
+    (GgufMix::BF16, "BF16", 32, GgmlType::BF16, 16.0),
+    (GgufMix::Q8_0, "Q8_0", 7, GgmlType::Q8_0, 8.5),
+    (GgufMix::Q4_0, "Q4_0", 2, GgmlType::Q4_0, 4.5),
+    (GgufMix::Q4_1, "Q4_1", 3, GgmlType::Q4_1, 5.0),
+    (GgufMix::Q5_0, "Q5_0", 8, GgmlType::Q5_0, 5.5),
+    (GgufMix::Q5_1, "Q5_1", 9, GgmlType::Q5_1, 6.0),
+    (GgufMix::Q2K, "Q2_K", 10, GgmlType::Q2K, 3.35),
+    (GgufMix::Q3KS, "Q3_K_S", 11, GgmlType::Q3K, 3.5),
+    (GgufMix::Q3KM, "Q3_K_M", 12, GgmlType::Q3K, 3.91),
+    (GgufMix::Q3KL, "Q3_K_L", 13, GgmlType::Q3K, 4.27),
+    (GgufMix::Q4KS, "Q4_K_S", 14, GgmlType::Q4K, 4.58),
+    (GgufMix::Q4KM, "Q4_K_M", 15, GgmlType::Q4K, 4.89),
+    (GgufMix::Q5KS, "Q5_K_S", 16, GgmlType::Q5K, 5.54),
+    (GgufMix::Q5KM, "Q5_K_M", 17, GgmlType::Q5K, 5.69),
+    (GgufMix::Q6K, "Q6_K", 18, GgmlType::Q6K, 6.5625),
+    (GgufMix::Iq4Nl, "IQ4_NL", 25, GgmlType::Iq4Nl, 4.5),
+    (GgufMix::Iq4Xs, "IQ4_XS", 30, GgmlType::Iq4Xs, 4.25),
 ];
 
 impl GgufMix {
@@ -135,6 +136,15 @@ impl GgufMix {
     /// Every named mix (pure mixes excluded), in llama-quantize's listing order.
     pub fn all() -> impl Iterator<Item = GgufMix> {
         NAMED.iter().map(|e| e.0)
+    }
+
+    /// Bits per weight of the decoder's linears, nominally (llama-quantize's listed sizes; a pure mix: its
+    /// type's). For estimates before a model's exact plan is known.
+    pub fn nominal_bpw(&self) -> f64 {
+        match self {
+            GgufMix::Pure(t) => t.traits().bits_per_weight(),
+            named => NAMED.iter().find(|e| e.0 == *named).map_or(16.0, |e| e.4),
+        }
     }
 
     /// `llama_ftype_get_default_type`: the type of tensors no rule singles out.
