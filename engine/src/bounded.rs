@@ -256,16 +256,16 @@ pub fn irregular(path: &std::path::Path) -> Option<String> {
     Some("not a regular file or folder".into())
 }
 
-/// Read the UTF-8 text file `path` whole, refusing what is not a regular file and files over `max`
-/// bytes (`what` names it in errors).
-pub fn read_text_file(path: &std::path::Path, max: u64, what: &str) -> crate::Result<String> {
+/// The bytes of the file `path`, refusing what is not a regular file (a FIFO would block, a device never
+/// end) and files over `max` bytes, even ones that grow while read (`what` names it in errors).
+pub fn read_capped(path: &std::path::Path, max: u64, what: &str) -> crate::Result<Vec<u8>> {
     use std::io::Read as _;
     let invalid = |m: String| crate::Error::Invalid(format!("{}: {m}", path.display()));
     if let Some(why) = irregular(path) {
         return Err(invalid(format!("the {what} is {why}")));
     }
     if path.is_dir() {
-        return Err(invalid(format!("the {what} is a folder; give a text file")));
+        return Err(invalid(format!("the {what} is a folder; give a file")));
     }
     let file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
     let mut buf = Vec::new();
@@ -278,6 +278,13 @@ pub fn read_text_file(path: &std::path::Path, max: u64, what: &str) -> crate::Re
             max >> 20
         )));
     }
+    Ok(buf)
+}
+
+/// Read the UTF-8 text file `path` whole, through [`read_capped`].
+pub fn read_text_file(path: &std::path::Path, max: u64, what: &str) -> crate::Result<String> {
+    let invalid = |m: String| crate::Error::Invalid(format!("{}: {m}", path.display()));
+    let buf = read_capped(path, max, what)?;
     String::from_utf8(buf).map_err(|e| {
         invalid(format!(
             "the {what} is not UTF-8 text (invalid byte at offset {})",

@@ -87,25 +87,7 @@ impl Imatrix {
 
     /// Read either llama.cpp format (GGUF when the file starts with `GGUF`, else legacy `.dat`).
     pub fn read(path: &Path) -> Result<Imatrix> {
-        use std::io::Read as _;
-        if let Some(why) = crate::bounded::irregular(path) {
-            return Err(Error::Invalid(format!(
-                "{}: the importance matrix is {why}",
-                path.display()
-            )));
-        }
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        let mut bytes = Vec::new();
-        file.take(MAX_IMATRIX_BYTES + 1)
-            .read_to_end(&mut bytes)
-            .map_err(|e| Error::io(path, e))?;
-        if bytes.len() as u64 > MAX_IMATRIX_BYTES {
-            return Err(Error::malformed(
-                path,
-                "importance matrix",
-                format!("larger than {} MiB", MAX_IMATRIX_BYTES >> 20),
-            ));
-        }
+        let bytes = crate::bounded::read_capped(path, MAX_IMATRIX_BYTES, "importance matrix")?;
         if bytes.starts_with(b"GGUF") {
             Self::parse_gguf(path, &bytes)
         } else {

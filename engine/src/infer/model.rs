@@ -522,7 +522,20 @@ impl Model {
         x: &mut [f32],
         n: usize,
         cache: &mut KvCache,
-        mut observer: Option<&mut dyn MatmulObserver>,
+        observer: Option<&mut dyn MatmulObserver>,
+    ) -> Result<()> {
+        self.run_layer_to(li, x, n, cache, observer, None)
+    }
+
+    /// [`run_layer`](Self::run_layer), stopping once the observer has seen `until` (when given).
+    fn run_layer_to(
+        &self,
+        li: usize,
+        x: &mut [f32],
+        n: usize,
+        cache: &mut KvCache,
+        observer: Option<&mut dyn MatmulObserver>,
+        until: Option<MatmulInput>,
     ) -> Result<()> {
         if li >= self.layers.len() || x.len() != n * self.cfg.hidden_size || n > cache.capacity() {
             return Err(Error::Invalid(format!(
@@ -532,8 +545,14 @@ impl Model {
                 cache.capacity()
             )));
         }
-        let (cos, sin) = self.rope_tables(0, n);
+        // q/k/v's input comes before RoPE: no tables needed to stop there.
+        let (cos, sin) = if until == Some(MatmulInput::Attention) {
+            (Vec::new(), Vec::new())
+        } else {
+            self.rope_tables(0, n)
+        };
         let mut s = Scratch::new(&self.cfg, n);
+        let mut observer = observer;
         self.layer_step(
             li,
             x,
@@ -543,7 +562,7 @@ impl Model {
             cache,
             &mut s,
             &mut observer,
-            None,
+            until,
         );
         Ok(())
     }
@@ -576,33 +595,7 @@ impl Model {
         observer: &mut dyn MatmulObserver,
         until: MatmulInput,
     ) -> Result<()> {
-        if li >= self.layers.len() || x.len() != n * self.cfg.hidden_size || n > cache.capacity() {
-            return Err(Error::Invalid(format!(
-                "run_layer_until: layer {li} of {}, {} values for {n} tokens, cache of {}",
-                self.layers.len(),
-                x.len(),
-                cache.capacity()
-            )));
-        }
-        let (cos, sin) = if until == MatmulInput::Attention {
-            (Vec::new(), Vec::new())
-        } else {
-            self.rope_tables(0, n)
-        };
-        let mut s = Scratch::new(&self.cfg, n);
-        let mut observer = Some(observer);
-        self.layer_step(
-            li,
-            x,
-            n,
-            0,
-            (&cos, &sin),
-            cache,
-            &mut s,
-            &mut observer,
-            Some(until),
-        );
-        Ok(())
+        self.run_layer_to(li, x, n, cache, Some(observer), Some(until))
     }
 
     /// The input of layer `li`'s q/k/v projections for hidden states `x` (`[n, hidden]`): the RMS-normed

@@ -561,7 +561,6 @@ fn quantize(
     overrides: &[String],
     imatrix: ImatrixSource,
 ) -> Result<JobOutput> {
-    crate::output::preflight(out)?;
     let stage = format!("loading {}", model.display());
     ctx.progress(&stage, 0, 1, None);
     let src = SourceModel::open(model)?;
@@ -589,10 +588,9 @@ fn quantize(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    // Room for the file, before an importance matrix is computed.
-    if let Ok(bytes) = crate::quantize::gguf_tensor_bytes(&src, &mix) {
-        crate::output::preflight(&out.clone().estimated_bytes(bytes))?;
-    }
+    // The output checked (with room for the file) before an importance matrix is computed.
+    let bytes = crate::quantize::gguf_tensor_bytes(&src, &mix).unwrap_or(0);
+    crate::output::preflight(&out.clone().estimated_bytes(bytes))?;
     let imatrix = match imatrix {
         ImatrixSource::None => None,
         ImatrixSource::File(p) => Some(crate::quantize::ImatrixInput {

@@ -68,18 +68,7 @@ pub fn open(dir: &Path) -> Result<SourceModel> {
 // ---------------------------------------------------------------------------------------------------------
 
 fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if meta.len() > cap {
-        return Err(Error::malformed(
-            path,
-            "file",
-            format!(
-                "{} bytes is larger than the {cap}-byte limit for this file",
-                meta.len()
-            ),
-        ));
-    }
-    std::fs::read(path).map_err(|e| Error::io(path, e))
+    crate::bounded::read_capped(path, cap, "file")
 }
 
 /// A JSON object from `path` (which must exist).
