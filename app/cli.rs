@@ -23,14 +23,15 @@ mod progress;
 use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context as _};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use quant_engine::bench::BenchOptions;
 use quant_engine::calib::{CalibOptions, CalibSource};
 use quant_engine::imatrix::ImatrixOptions;
 use quant_engine::infer::{GenerateOptions, SamplerConfig};
 use quant_engine::jobs::OutDtype;
-use quant_engine::jobs::{Command, EngineHandle, EvalText, Event, ImatrixSource, JobId, JobOutput};
+use quant_engine::jobs::{Command, EngineHandle, Event, ImatrixSource, JobId, JobOutput};
 use quant_engine::quantize_gptq::GptqQuantizeOptions;
+use quant_engine::recipes::{self, GgufRecipe, Recipe};
 use quant_engine::solvers::gptq::GptqOptions;
 
 /// Quantize LLMs to GGUF, GPTQ, EXL2, AWQ, NF4 and HQQ, measure them, and chat with them.
@@ -82,11 +83,10 @@ pub enum CliCommand {
     /// Quantize to GGUF (llama-quantize mixes: q4_k_m, q8_0, …, pure:TYPE) or to a GPTQ folder (--format gptq); prints each tensor's error.
     Quantize {
         model: PathBuf,
-        /// The mix (GGUF): f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m,
-        /// q5_k_s, q5_k_m, q6_k, iq4_nl, iq4_xs, or pure:TYPE.
+        /// (Written at startup from the engine's recipe list: see `command()`.)
         #[arg(long)]
         format: String,
-        /// The output .gguf file.
+        /// The output: a .gguf file, or a folder for the Hugging Face formats.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
         /// Give tensors whose GGUF name matches PATTERN (glob or regex) the type TYPE, e.g. 'blk.*.attn_v.weight=q8_0'.
@@ -253,6 +253,21 @@ fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
+impl Cli {
+    /// The command line, with `quantize --format`'s help written from the engine's recipe list.
+    pub fn command_with_recipes() -> clap::Command {
+        Self::command().mut_subcommand("quantize", |c| {
+            c.mut_arg("format", |a| a.help(recipes::format_help()))
+        })
+    }
+
+    /// Parse the process arguments (exits with clap's message on a bad command line).
+    pub fn parse_args() -> Self {
+        let m = Self::command_with_recipes().get_matches();
+        Self::from_arg_matches(&m).unwrap_or_else(|e| e.exit())
+    }
+}
+
 impl GptqArgs {
     fn options(&self, calib: Option<PathBuf>) -> anyhow::Result<GptqQuantizeOptions> {
         let group_size = match self.group_size {
@@ -270,13 +285,9 @@ impl GptqArgs {
                 damp_percent: self.damp,
                 ..GptqOptions::default()
             },
-            calib: match calib {
-                Some(p) if p.as_os_str() != "default" => CalibSource::File {
-                    path: p,
-                    column: self.calib_column.clone(),
-                },
-                _ => CalibSource::Bundled,
-            },
+            calib: calib.map_or(CalibSource::Bundled, |p| {
+                calib_source(p, self.calib_column.clone())
+            }),
             calib_opts: CalibOptions {
                 rows: self.rows,
                 seq_len: self.seq_len,
@@ -290,12 +301,12 @@ impl GptqArgs {
     }
 }
 
-/// A calibration text argument: "default" is the bundled text.
-fn calib_text(p: PathBuf) -> EvalText {
+/// A calibration source from a path argument (`default`: the bundled text).
+fn calib_source(p: PathBuf, column: Option<String>) -> CalibSource {
     if p.as_os_str() == "default" {
-        EvalText::Bundled
+        CalibSource::Bundled
     } else {
-        EvalText::File(p)
+        CalibSource::File { path: p, column }
     }
 }
 
@@ -395,22 +406,30 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             json,
             force,
         } => {
-            if format.eq_ignore_ascii_case("gptq") {
+            let recipe = if format.eq_ignore_ascii_case("gptq") {
                 if imatrix.is_some() {
                     bail!("--imatrix is for GGUF formats; GPTQ computes Hessians from --calib");
                 }
-                let options = gptq.options(calib)?;
-                return quantize_gptq(&engine, model, out, options, json, force);
-            }
-            let imatrix = match (imatrix, calib) {
-                (Some(f), _) => ImatrixSource::File(f),
-                (None, Some(t)) => ImatrixSource::Compute {
-                    text: calib_text(t),
-                    options: calib_opts.options(),
-                },
-                (None, None) => ImatrixSource::None,
+                Recipe::Gptq(Box::new(gptq.options(calib)?))
+            } else {
+                let imatrix = match (imatrix, calib) {
+                    (Some(f), _) => ImatrixSource::File(f),
+                    (None, Some(t)) => ImatrixSource::Compute {
+                        source: calib_source(t, None),
+                        options: calib_opts.options(),
+                    },
+                    (None, None) => ImatrixSource::None,
+                };
+                Recipe::Gguf(GgufRecipe {
+                    mix: recipes::parse_mix(&format)?,
+                    overrides: recipes::parse_overrides(&overrides)?,
+                    imatrix,
+                })
             };
-            quantize(&engine, model, out, format, overrides, imatrix, json, force)
+            match recipe {
+                Recipe::Gguf(_) => quantize(&engine, model, out, recipe, json, force),
+                Recipe::Gptq(_) => quantize_gptq(&engine, model, out, recipe, json, force),
+            }
         }
         CliCommand::Imatrix {
             model,
@@ -422,7 +441,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
         } => imatrix(
             &engine,
             model,
-            calib_text(calib),
+            calib_source(calib, None),
             out,
             calib_opts.options(),
             dat,
@@ -555,13 +574,11 @@ fn quantize(
     engine: &EngineHandle,
     model: PathBuf,
     out: PathBuf,
-    format: String,
-    overrides: Vec<String>,
-    imatrix: ImatrixSource,
+    recipe: Recipe,
     json: bool,
     overwrite: bool,
 ) -> anyhow::Result<()> {
-    let weighted = imatrix != ImatrixSource::None;
+    let weighted = matches!(&recipe, Recipe::Gguf(g) if g.imatrix != ImatrixSource::None);
     if !json {
         outln!(
             "{:<34} {:>7} {:>6} {:>12} {:>11}{}",
@@ -580,9 +597,7 @@ fn quantize(
     let command = Command::Quantize {
         model,
         out,
-        format,
-        overrides,
-        imatrix,
+        recipe,
         overwrite,
     };
     let output = run_with_bars(engine, command, |bars, ev| {
@@ -628,7 +643,7 @@ fn quantize_gptq(
     engine: &EngineHandle,
     model: PathBuf,
     out: PathBuf,
-    options: GptqQuantizeOptions,
+    recipe: Recipe,
     json: bool,
     overwrite: bool,
 ) -> anyhow::Result<()> {
@@ -644,10 +659,10 @@ fn quantize_gptq(
             "rel. RMS err"
         )?;
     }
-    let command = Command::QuantizeGptq {
+    let command = Command::Quantize {
         model,
         out,
-        options: Box::new(options),
+        recipe,
         overwrite,
     };
     let output = run_with_bars(engine, command, |bars, ev| {
@@ -703,7 +718,7 @@ fn quantize_gptq(
 fn imatrix(
     engine: &EngineHandle,
     model: PathBuf,
-    text: EvalText,
+    source: CalibSource,
     out: PathBuf,
     options: ImatrixOptions,
     legacy_dat: bool,
@@ -711,7 +726,7 @@ fn imatrix(
 ) -> anyhow::Result<()> {
     let command = Command::Imatrix {
         model,
-        text,
+        source,
         options,
         out,
         legacy_dat,

@@ -5,8 +5,6 @@ use quant_studio::{cli, gui};
 
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
     // SIGINT, SIGTERM (and SIGHUP): remove what is half written, then go. A second signal while the
     // first is handled is ignored (the handler is already on its way out).
@@ -20,7 +18,7 @@ fn main() -> ExitCode {
         }
         std::process::exit(130);
     });
-    let args = cli::Cli::parse();
+    let args = cli::Cli::parse_args();
     let result = run(args);
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -462,10 +462,7 @@ fn quantize_gptq_writes_a_folder_that_evaluates() {
         (Some(true), Some(false))
     );
     let q = SourceModel::open(&out).expect("open");
-    assert_eq!(
-        q.tensors.values().filter(|t| t.packed.is_some()).count(),
-        14
-    );
+    assert_eq!(q.tensors.values().filter(|t| t.is_grouped()).count(), 14);
     let o = run(&[
         "eval",
         s(&out),
@@ -492,4 +489,27 @@ fn quantize_gptq_writes_a_folder_that_evaluates() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(stderr(&o).trim_end().lines().count(), 1, "{}", stderr(&o));
+}
+
+/// `quantize --help` lists every recipe the engine has, from the engine's catalogue.
+#[test]
+fn quantize_help_lists_the_engines_recipes() {
+    let o = run(&["quantize", "--help"]);
+    assert_ok(&o);
+    let help = stdout(&o);
+    for kind in quant_engine::recipes::catalogue() {
+        assert!(help.contains(&kind.id), "{} missing from:\n{help}", kind.id);
+    }
+    // An unknown format names the known ones.
+    let fx = fixture();
+    let o = run(&[
+        "quantize",
+        s(&fx.model),
+        "--format",
+        "q9_z",
+        "--out",
+        s(&fx.text.with_extension("gguf")),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("q4_k_m"), "{}", stderr(&o));
 }

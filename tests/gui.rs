@@ -15,8 +15,8 @@ use quant_engine::jobs::{Command, EngineHandle, Event, LayerMetrics};
 use quant_engine::model::fixture::{write_fixture, FixtureSpec};
 use quant_engine::model::summary::ModelSummary;
 use quant_engine::model::SourceModel;
+use quant_engine::recipes::Recipe;
 use quant_studio::gui::model::OpenModel;
-use quant_studio::gui::quantize::Target;
 use quant_studio::gui::{StudioApp, Tab, Variant};
 
 const SIZE: egui::Vec2 = egui::vec2(1280.0, 800.0);
@@ -164,8 +164,7 @@ fn quantize_sends_each_target_in_turn_and_events_fill_the_plots() {
         Command::Quantize {
             model: m,
             out,
-            format,
-            imatrix,
+            recipe: Recipe::Gguf(g),
             ..
         },
     ) = &first[0]
@@ -174,8 +173,8 @@ fn quantize_sends_each_target_in_turn_and_events_fill_the_plots() {
     };
     assert_eq!(m, Path::new("/models/tiny-llama"));
     // In llama-quantize's order of mixes.
-    assert_eq!(format, "Q3_K_M");
-    assert_eq!(*imatrix, quant_engine::jobs::ImatrixSource::None);
+    assert_eq!(g.mix.name(), "Q3_K_M");
+    assert_eq!(g.imatrix, quant_engine::jobs::ImatrixSource::None);
     assert_eq!(
         out,
         Path::new("/models/tiny-llama-quants/tiny-llama-Q3_K_M.gguf")
@@ -212,14 +211,29 @@ fn quantize_sends_each_target_in_turn_and_events_fill_the_plots() {
         .errors()
         .any(|n| n.details == "disk full"));
     let second = sent(&commands);
-    let (job2, Command::Quantize { format, .. }) = &second[0] else {
+    let (
+        job2,
+        Command::Quantize {
+            recipe: Recipe::Gguf(g),
+            ..
+        },
+    ) = &second[0]
+    else {
         panic!("{second:?}");
     };
-    assert_eq!(format, "Q4_K_M");
+    assert_eq!(g.mix.name(), "Q4_K_M");
     events.send(Event::Cancelled { job: *job2 }).expect("event");
     h.run_steps(2);
     let third = sent(&commands);
-    let (_, Command::QuantizeGptq { out, options, .. }) = &third[0] else {
+    let (
+        _,
+        Command::Quantize {
+            out,
+            recipe: Recipe::Gptq(options),
+            ..
+        },
+    ) = &third[0]
+    else {
         panic!("{third:?}");
     };
     assert_eq!(options.solver.bits, 4);
@@ -230,13 +244,8 @@ fn quantize_sends_each_target_in_turn_and_events_fill_the_plots() {
         Some("tiny-llama-GPTQ-4bit-g128-ao-asym")
     );
     assert_eq!(
-        h.state().quantize.queue[2].target,
-        Target::Gptq {
-            bits: 4,
-            group: Some(128),
-            act_order: true,
-            sym: false
-        }
+        h.state().quantize.queue[2].target.label(),
+        "GPTQ-4bit-g128-ao-asym"
     );
     // Cancel the running one from its row.
     h.get_by_label("Cancel").click();
@@ -482,7 +491,7 @@ fn an_existing_output_is_replaced_only_after_the_user_says_so() {
     h.run_steps(2);
     // Q4_K_M is ticked by default: make its output exist already.
     let targets = h.state().quantize.targets();
-    let existing = targets[0].output(&out_dir, &quant_studio::gui::model::model_stem(&model));
+    let existing = targets[0].output_in(&out_dir, &quant_studio::gui::model::model_stem(&model));
     std::fs::write(&existing, b"an earlier run").expect("write");
     h.get_by_label("Quantize 1 target(s)  (Ctrl+Q)").click();
     h.run_steps(2);

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::Args;
 use quant_engine::jobs::{Command, EngineHandle, ImatrixSource, JobOutput};
+use quant_engine::recipes::{GgufRecipe, Recipe};
 
 #[derive(Debug, Args)]
 pub struct BenchQuantizeArgs {
@@ -76,12 +77,14 @@ pub fn run(engine: &EngineHandle, a: &BenchQuantizeArgs) -> anyhow::Result<()> {
             let command = Command::Quantize {
                 model: a.model.clone(),
                 out: ours_out.clone(),
-                format: a.format.clone(),
-                overrides: Vec::new(),
-                imatrix: a
-                    .imatrix
-                    .clone()
-                    .map_or(ImatrixSource::None, ImatrixSource::File),
+                recipe: Recipe::Gguf(GgufRecipe {
+                    mix: quant_engine::recipes::parse_mix(&a.format)?,
+                    overrides: Vec::new(),
+                    imatrix: a
+                        .imatrix
+                        .clone()
+                        .map_or(ImatrixSource::None, ImatrixSource::File),
+                }),
                 // Its own scratch folder, rewritten on every repetition.
                 overwrite: true,
             };

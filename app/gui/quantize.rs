@@ -8,9 +8,9 @@ use std::time::Instant;
 use eframe::egui;
 use quant_engine::calib::{CalibOptions, CalibSource};
 use quant_engine::imatrix::ImatrixOptions;
-use quant_engine::jobs::{Command, EvalText, Event, ImatrixSource, JobId, JobOutput};
+use quant_engine::jobs::{Command, Event, ImatrixSource, JobId, JobOutput};
 use quant_engine::quantize_gptq::GptqQuantizeOptions;
-use quant_engine::recipes::gguf::GgufMix;
+use quant_engine::recipes::{self, GgufRecipe, Recipe};
 use quant_engine::solvers::gptq::GptqOptions;
 
 use super::dialogs::Picked;
@@ -18,94 +18,6 @@ use super::model::{model_stem, output_dir};
 use super::plots::{LayerPlots, LayerShape};
 use super::settings::Settings;
 use super::{human_bytes, human_secs, Owner, Shared, Variant};
-
-/// One thing to make.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Target {
-    Gguf {
-        /// llama-quantize's name (`"Q4_K_M"`).
-        mix: String,
-        /// Compute an importance matrix on the calibration text first.
-        imatrix: bool,
-    },
-    Gptq {
-        bits: u8,
-        group: Option<usize>,
-        act_order: bool,
-        sym: bool,
-    },
-}
-
-impl Target {
-    /// A short label, also the suffix of the output's name.
-    pub fn label(&self) -> String {
-        match self {
-            Target::Gguf { mix, imatrix } => {
-                if *imatrix {
-                    format!("{mix}-imat")
-                } else {
-                    mix.clone()
-                }
-            }
-            Target::Gptq {
-                bits,
-                group,
-                act_order,
-                sym,
-            } => {
-                let g = group.map_or("ch".to_string(), |g| format!("g{g}"));
-                let ao = if *act_order { "-ao" } else { "" };
-                let s = if *sym { "" } else { "-asym" };
-                format!("GPTQ-{bits}bit-{g}{ao}{s}")
-            }
-        }
-    }
-
-    /// Where the output goes.
-    pub fn output(&self, dir: &std::path::Path, stem: &str) -> PathBuf {
-        match self {
-            Target::Gguf { .. } => dir.join(format!("{stem}-{}.gguf", self.label())),
-            Target::Gptq { .. } => dir.join(format!("{stem}-{}", self.label())),
-        }
-    }
-
-    /// Whether it needs calibration data.
-    pub fn calibrated(&self) -> bool {
-        match self {
-            Target::Gguf { imatrix, .. } => *imatrix,
-            Target::Gptq { .. } => true,
-        }
-    }
-
-    /// Nominal bits per weight of the quantized linear layers (llama.cpp's table for the mixes, the
-    /// packing for GPTQ: codes + fp16 scale + packed zero per group).
-    pub fn linear_bpw(&self) -> f64 {
-        match self {
-            Target::Gguf { mix, .. } => nominal_mix_bpw(mix),
-            Target::Gptq { bits, group, .. } => {
-                let b = f64::from(*bits);
-                match group {
-                    Some(g) => b + (16.0 + b) / *g as f64,
-                    None => b,
-                }
-            }
-        }
-    }
-}
-
-/// Bits per weight of the linears of a mix, as the engine's recipe gives it.
-pub fn nominal_mix_bpw(mix: &str) -> f64 {
-    GgufMix::parse(mix).map_or(16.0, |m| m.nominal_bpw())
-}
-
-/// What a target is expected to cost, before it runs.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Estimate {
-    pub bpw: f64,
-    pub size_bytes: u64,
-    pub peak_memory_bytes: u64,
-    pub seconds: f64,
-}
 
 /// Calibration settings shared by every calibrated target.
 #[derive(Clone, Debug, PartialEq)]
@@ -126,65 +38,10 @@ impl Default for Calibration {
     }
 }
 
-/// Rough cost model, from measurements on a 2-core machine (README): quantizing ≈ 110 M weights/s, a
-/// forward pass over calibration tokens ≈ 1.6e10 weight·tokens/s.
-pub fn estimate(target: &Target, shape: &super::model::OpenModel, calib: &Calibration) -> Estimate {
-    let s = &shape.summary;
-    let embd = (s.vocab * s.hidden) as f64;
-    let heads = if s.tied { embd } else { 2.0 * embd };
-    let linears = (s.parameter_count as f64 - heads).max(0.0);
-    let head_bpw = match target {
-        // llama.cpp: the output (or a tied embedding) is Q6_K unless the mix is finer; the embedding of an
-        // untied model follows the mix.
-        Target::Gguf { mix, .. } => nominal_mix_bpw(mix).max(6.5625),
-        Target::Gptq { .. } => 16.0,
-    };
-    let bpw_lin = target.linear_bpw();
-    // The engine's exact plan for this model when it has one (it knows llama-quantize's per-tensor
-    // rules and the fallbacks for rows that are no whole k-quant blocks); else the nominal bpw.
-    let planned = match target {
-        Target::Gguf { mix, .. } => s
-            .gguf_mix_bytes
-            .iter()
-            .find(|(m, _)| m == mix)
-            .map(|(_, b)| *b as f64 * 8.0),
-        Target::Gptq { .. } => None,
-    };
-    let bits = planned.unwrap_or(linears * bpw_lin + heads * head_bpw);
-    let size_bytes = (bits / 8.0) as u64;
-    let bpw = bits / s.parameter_count.max(1) as f64;
-    let largest = (s.vocab.max(s.intermediate) * s.hidden) as f64 * 4.0;
-    let tokens = (calib.rows * calib.seq_len) as f64;
-    let params = s.parameter_count as f64;
-    let (peak, seconds) = match target {
-        Target::Gguf { imatrix, .. } => {
-            let mut secs = params / 110e6;
-            if *imatrix {
-                secs += tokens * params / 1.6e10;
-            }
-            (3.0 * largest + 64e6, secs)
-        }
-        Target::Gptq { .. } => {
-            let acts = tokens * s.hidden as f64 * 4.0 * 2.0;
-            let hess = (s.intermediate * s.intermediate) as f64 * 8.0 * 2.0;
-            (
-                acts + hess + 3.0 * largest + 64e6,
-                tokens * params / 1.6e10 * 1.3,
-            )
-        }
-    };
-    Estimate {
-        bpw,
-        size_bytes,
-        peak_memory_bytes: peak as u64,
-        seconds,
-    }
-}
-
 /// A queued, running or finished target.
 #[derive(Clone, Debug)]
 pub struct QueueItem {
-    pub target: Target,
+    pub target: Recipe,
     pub out: PathBuf,
     /// The user agreed to replace an existing output.
     pub overwrite: bool,
@@ -251,25 +108,71 @@ impl QuantizePanel {
         s.gptq_bits = self.gptq_bits.clone();
     }
 
-    /// The targets ticked now, GGUF first.
-    pub fn targets(&self) -> Vec<Target> {
-        let mut t: Vec<Target> = GgufMix::all()
-            .map(|m| m.name())
-            .filter(|n| self.gguf.iter().any(|g| g == n))
-            .map(|mix| Target::Gguf {
-                mix: mix.to_string(),
-                imatrix: self.imatrix,
-            })
-            .collect();
-        let mut bits = self.gptq_bits.clone();
-        bits.sort_unstable();
-        bits.dedup();
-        t.extend(bits.into_iter().map(|bits| Target::Gptq {
-            bits,
-            group: self.gptq_group,
-            act_order: self.gptq_act_order,
-            sym: self.gptq_sym,
-        }));
+    /// Where the ticked recipes read calibration data from.
+    fn calib_source(&self) -> CalibSource {
+        match &self.calib.file {
+            Some(f) => CalibSource::File {
+                path: f.clone(),
+                column: None,
+            },
+            None => CalibSource::Bundled,
+        }
+    }
+
+    /// The recipes ticked now, in the engine's catalogue order (GGUF mixes, then GPTQ by bit width).
+    pub fn targets(&self) -> Vec<Recipe> {
+        let mut t = Vec::new();
+        for kind in recipes::catalogue() {
+            match kind.container {
+                recipes::Container::GgufFile => {
+                    if !self.gguf.contains(&kind.label) {
+                        continue;
+                    }
+                    let Ok(mix) = recipes::parse_mix(&kind.id) else {
+                        continue;
+                    };
+                    let imatrix = if self.imatrix {
+                        ImatrixSource::Compute {
+                            source: self.calib_source(),
+                            options: ImatrixOptions {
+                                n_ctx: self.calib.seq_len,
+                                max_chunks: Some(self.calib.rows),
+                            },
+                        }
+                    } else {
+                        ImatrixSource::None
+                    };
+                    t.push(Recipe::Gguf(GgufRecipe {
+                        mix,
+                        overrides: Vec::new(),
+                        imatrix,
+                    }));
+                }
+                recipes::Container::HfFolder => {
+                    let mut bits = self.gptq_bits.clone();
+                    bits.sort_unstable();
+                    bits.dedup();
+                    t.extend(bits.into_iter().map(|bits| {
+                        Recipe::Gptq(Box::new(GptqQuantizeOptions {
+                            solver: GptqOptions {
+                                bits,
+                                group_size: self.gptq_group,
+                                act_order: self.gptq_act_order,
+                                sym: self.gptq_sym,
+                                ..GptqOptions::default()
+                            },
+                            calib: self.calib_source(),
+                            calib_opts: CalibOptions {
+                                rows: self.calib.rows,
+                                seq_len: self.calib.seq_len,
+                                seed: 0,
+                            },
+                            ..GptqQuantizeOptions::default()
+                        }))
+                    }));
+                }
+            }
+        }
         t
     }
 
@@ -312,10 +215,10 @@ impl QuantizePanel {
         };
         // A target already waiting or running into the same output is not queued twice.
         let busy = |q: &QueueItem| matches!(q.status, Status::Waiting | Status::Running);
-        let fresh: Vec<(Target, PathBuf)> = targets
+        let fresh: Vec<(Recipe, PathBuf)> = targets
             .into_iter()
             .map(|t| {
-                let out = t.output(&dir, &stem);
+                let out = t.output_in(&dir, &stem);
                 (t, out)
             })
             .filter(|(_, out)| !self.queue.iter().any(|q| busy(q) && q.out == *out))
@@ -358,70 +261,16 @@ impl QuantizePanel {
     /// The engine command for a target.
     pub fn command(
         &self,
-        target: &Target,
+        target: &Recipe,
         model: PathBuf,
         out: PathBuf,
         overwrite: bool,
     ) -> Command {
-        let text = match &self.calib.file {
-            Some(f) => EvalText::File(f.clone()),
-            None => EvalText::Bundled,
-        };
-        match target {
-            Target::Gguf { mix, imatrix } => Command::Quantize {
-                model,
-                out,
-                format: mix.clone(),
-                overrides: Vec::new(),
-                imatrix: if *imatrix {
-                    ImatrixSource::Compute {
-                        text,
-                        options: ImatrixOptions {
-                            n_ctx: self.calib.seq_len,
-                            max_chunks: Some(self.calib.rows),
-                        },
-                    }
-                } else {
-                    ImatrixSource::None
-                },
-                overwrite,
-            },
-            Target::Gptq {
-                bits,
-                group,
-                act_order,
-                sym,
-            } => Command::QuantizeGptq {
-                model,
-                out,
-                options: Box::new(GptqQuantizeOptions {
-                    solver: GptqOptions {
-                        bits: *bits,
-                        group_size: *group,
-                        act_order: *act_order,
-                        sym: *sym,
-                        ..GptqOptions::default()
-                    },
-                    calib: match &self.calib.file {
-                        Some(f) => CalibSource::File {
-                            path: f.clone(),
-                            column: None,
-                        },
-                        None => CalibSource::Bundled,
-                    },
-                    calib_opts: CalibOptions {
-                        rows: self.calib.rows,
-                        seq_len: self.calib.seq_len,
-                        seed: 0,
-                    },
-                    true_sequential: true,
-                    activation_budget_bytes:
-                        quant_engine::quantize_gptq::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
-                    rtn: false,
-                    max_shard_bytes: None,
-                }),
-                overwrite,
-            },
+        Command::Quantize {
+            model,
+            out,
+            recipe: target.clone(),
+            overwrite,
         }
     }
 
@@ -628,8 +477,11 @@ impl QuantizePanel {
         ui.heading("Targets");
         ui.label("GGUF (llama.cpp) mixes:");
         egui::Grid::new("gguf-mixes").num_columns(4).show(ui, |ui| {
-            for (i, mix) in GgufMix::all().enumerate() {
-                let name = mix.name();
+            let mixes = recipes::catalogue()
+                .into_iter()
+                .filter(|k| k.container == recipes::Container::GgufFile);
+            for (i, kind) in mixes.enumerate() {
+                let name = kind.label.as_str();
                 let mut on = self.gguf.iter().any(|g| g == name);
                 if ui.checkbox(&mut on, name).changed() {
                     if on {
@@ -650,7 +502,7 @@ impl QuantizePanel {
         ui.add_space(6.0);
         ui.label("GPTQ (transformers / vLLM / ExLlamaV2):");
         ui.horizontal(|ui| {
-            for bits in [2u8, 3, 4, 8] {
+            for bits in recipes::GPTQ_BITS {
                 let mut on = self.gptq_bits.contains(&bits);
                 if ui.checkbox(&mut on, format!("{bits}-bit")).changed() {
                     if on {
@@ -669,7 +521,7 @@ impl QuantizePanel {
                         .map_or("per channel".into(), |g| g.to_string()),
                 )
                 .show_ui(ui, |ui| {
-                    for g in [Some(32), Some(64), Some(128), None] {
+                    for g in recipes::GPTQ_GROUPS {
                         ui.selectable_value(
                             &mut self.gptq_group,
                             g,
@@ -729,7 +581,7 @@ impl QuantizePanel {
                 }
                 ui.end_row();
                 for t in &targets {
-                    let e = estimate(t, src, &self.calib);
+                    let e = t.estimate(&src.summary);
                     ui.label(t.label());
                     ui.label(format!("≈ {:.2}", e.bpw));
                     ui.label(format!("≈ {}", human_bytes(e.size_bytes)));
@@ -805,29 +657,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn labels_outputs_and_bpw() {
-        let g = Target::Gguf {
-            mix: "Q4_K_M".into(),
-            imatrix: true,
-        };
-        assert_eq!(g.label(), "Q4_K_M-imat");
+    fn ticked_boxes_become_engine_recipes() {
+        let mut p = QuantizePanel::from_settings(&Settings::default());
+        p.gguf = vec!["Q8_0".into(), "Q4_K_M".into()];
+        p.imatrix = true;
+        p.gptq_bits = vec![4, 2, 4];
+        let labels: Vec<String> = p.targets().iter().map(Recipe::label).collect();
+        // The engine's catalogue order, duplicates dropped.
         assert_eq!(
-            g.output(std::path::Path::new("/o"), "m"),
-            PathBuf::from("/o/m-Q4_K_M-imat.gguf")
+            labels,
+            [
+                "Q8_0-imat",
+                "Q4_K_M-imat",
+                "GPTQ-2bit-g128-ao-asym",
+                "GPTQ-4bit-g128-ao-asym"
+            ]
         );
-        let q = Target::Gptq {
-            bits: 4,
-            group: Some(128),
-            act_order: true,
-            sym: false,
-        };
-        assert_eq!(q.label(), "GPTQ-4bit-g128-ao-asym");
-        // 4 bits + (16-bit scale + 4-bit zero) per 128 weights.
-        assert!((q.linear_bpw() - (4.0 + 20.0 / 128.0)).abs() < 1e-12);
-        assert!(!Target::Gguf {
-            mix: "Q8_0".into(),
-            imatrix: false
-        }
-        .calibrated());
+        assert!(p.targets().iter().all(Recipe::calibrated));
     }
 }

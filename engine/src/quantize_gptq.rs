@@ -20,8 +20,10 @@ use crate::codecs::gptq::{pack_gptq, GptqPacked};
 use crate::infer::{LinearKind, MatmulInput, MatmulObserver, Model};
 use crate::model::SourceModel;
 use crate::output::OutputSpec;
-use crate::solvers::gptq::{gptq_quantize, rtn_quantize, GptqOptions, Hessian};
-use crate::tensor::{Bytes, PackedLinear, TensorRef};
+use crate::solvers::gptq::{
+    gptq_quantize, gptq_quantize_owned, rtn_quantize, GptqOptions, Hessian,
+};
+use crate::tensor::{Bytes, GptqLinear, Grouped, TensorRef};
 use crate::writers::gptq::{write_gptq_folder, GptqConfig};
 use crate::{Error, Result};
 
@@ -29,7 +31,7 @@ use crate::{Error, Result};
 /// Calibration activations kept in memory before they spill to disk, unless a front end says otherwise.
 pub const DEFAULT_ACTIVATION_BUDGET_MIB: u64 = 4096;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GptqQuantizeOptions {
     pub solver: GptqOptions,
     pub calib: CalibSource,
@@ -176,6 +178,12 @@ struct HessianCollector {
     hessians: HashMap<u8, Hessian>,
     seconds: f64,
     error: Option<Error>,
+}
+
+/// A stage's Hessian as one linear gets it.
+enum HessianUse<'a> {
+    Borrowed(&'a Hessian),
+    Owned(Hessian),
 }
 
 fn key(i: MatmulInput) -> u8 {
@@ -354,22 +362,32 @@ pub fn quantize_gptq(
             }
             timings.hessian_s += col.seconds;
             timings.capture_s += t.elapsed().as_secs_f64() - col.seconds;
-            for kind in stage {
+            for (si, &kind) in stage.iter().enumerate() {
                 let name = kind.hf_name(li);
-                let h = col
-                    .hessians
-                    .get(&key(kind.input()))
-                    .ok_or_else(|| Error::Invalid(format!("no inputs were captured for {name}")))?;
+                // The last linear of the stage that reads this input takes its Hessian (the solver frees
+                // it once factorised); earlier ones borrow it.
+                let last_user = !stage[si + 1..].iter().any(|k| k.input() == kind.input());
+                let missing = || Error::Invalid(format!("no inputs were captured for {name}"));
+                let h = if last_user {
+                    HessianUse::Owned(
+                        col.hessians
+                            .remove(&key(kind.input()))
+                            .ok_or_else(missing)?,
+                    )
+                } else {
+                    HessianUse::Borrowed(col.hessians.get(&key(kind.input())).ok_or_else(missing)?)
+                };
                 let w_ref = model
                     .linear(li, kind)
                     .ok_or_else(|| Error::Invalid(format!("no linear {name}")))?;
                 let (n, k) = (w_ref.rows(), w_ref.cols());
                 let w = w_ref.to_f32();
                 let t = Instant::now();
-                let r = if opts.rtn {
-                    rtn_quantize(&w, n, k, h, &solver)?
-                } else {
-                    gptq_quantize(&w, n, k, h, &solver)?
+                let r = match (opts.rtn, h) {
+                    (true, HessianUse::Borrowed(h)) => rtn_quantize(&w, n, k, h, &solver)?,
+                    (true, HessianUse::Owned(h)) => rtn_quantize(&w, n, k, &h, &solver)?,
+                    (false, HessianUse::Borrowed(h)) => gptq_quantize(&w, n, k, h, &solver)?,
+                    (false, HessianUse::Owned(h)) => gptq_quantize_owned(&w, n, k, h, &solver)?,
                 };
                 let solve_s = t.elapsed().as_secs_f64();
                 timings.solve_s += solve_s;
@@ -535,9 +553,9 @@ fn packed_tensor(
     groups: usize,
     p: &GptqPacked,
 ) -> Result<TensorRef> {
-    TensorRef::packed(
+    TensorRef::grouped(
         name,
-        PackedLinear {
+        Grouped::Gptq(GptqLinear {
             bits,
             in_features: k,
             out_features: n,
@@ -546,7 +564,7 @@ fn packed_tensor(
             qzeros: Bytes::owned(p.qzeros.clone()),
             scales: Bytes::owned(p.scales.clone()),
             g_idx: Bytes::owned(p.g_idx.clone()),
-        },
+        }),
     )
 }
 
@@ -623,10 +641,7 @@ mod tests {
         }
         // The folder opens as packed linears, runs, and mostly agrees with the source.
         let q = SourceModel::open(&out).expect("open GPTQ");
-        assert_eq!(
-            q.tensors.values().filter(|t| t.packed.is_some()).count(),
-            14
-        );
+        assert_eq!(q.tensors.values().filter(|t| t.is_grouped()).count(), 14);
         let (a, b) = (Model::load(&src).expect("a"), Model::load(&q).expect("b"));
         let toks = src.tokenizer.encode(TEXT, false).expect("toks");
         let la = a

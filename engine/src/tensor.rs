@@ -74,25 +74,77 @@ impl Deref for Bytes {
     }
 }
 
-/// One tensor of a model, in its stored type.
+/// How a tensor's weights are stored: the two families every format falls into.
+#[derive(Clone, Debug)]
+pub enum Storage {
+    /// Self-contained blocks of a ggml type (F32/F16/BF16 and every quantized block type): each row is a
+    /// whole number of blocks and dequantises on its own.
+    Blocks { ty: GgmlType, data: Bytes },
+    /// A grouped linear layer: integer codes plus side tensors (scales, zero points, a column
+    /// permutation), as the Hugging Face quantized formats store them.
+    Grouped(Arc<Grouped>),
+}
+
+/// A linear layer `[out, in]` in a grouped layout. One variant per layout; each dequantises a row and
+/// knows its exact size.
+#[derive(Debug)]
+pub enum Grouped {
+    /// GPTQ v1 (`qweight`/`qzeros`/`scales`/`g_idx`).
+    Gptq(GptqLinear),
+}
+
+impl Grouped {
+    /// `(out_features, in_features)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Grouped::Gptq(p) => (p.out_features, p.in_features),
+        }
+    }
+
+    /// Dequantise output row `r` (`out.len() == in_features`).
+    pub fn dequant_row(&self, r: usize, out: &mut [f32]) {
+        match self {
+            Grouped::Gptq(p) => p.parts().dequant_row(r, out),
+        }
+    }
+
+    /// Bytes of every stored part (codes and side tensors).
+    pub fn stored_bytes(&self) -> usize {
+        match self {
+            Grouped::Gptq(p) => p.qweight.len() + p.qzeros.len() + p.scales.len() + p.g_idx.len(),
+        }
+    }
+
+    /// A short label: `"GPTQ 4-bit"`.
+    pub fn label(&self) -> String {
+        match self {
+            Grouped::Gptq(p) => format!("GPTQ {}-bit", p.bits),
+        }
+    }
+
+    /// Check sizes and indices; called once when a checkpoint is opened.
+    pub fn validate(&self, name: &str) -> Result<()> {
+        match self {
+            Grouped::Gptq(p) => p.parts().validate(name),
+        }
+    }
+}
+
+/// One tensor of a model, in its stored form.
 #[derive(Clone, Debug)]
 pub struct TensorRef {
     /// Hugging Face name (`model.layers.0.self_attn.q_proj.weight`).
     pub name: String,
     /// PyTorch order, outermost first.
     pub shape: Vec<usize>,
-    pub ty: GgmlType,
-    pub data: Bytes,
+    pub storage: Storage,
     /// `Some(n_heads)` when rows are stored in llama.cpp's interleaved-RoPE order (a GGUF's attn_q/attn_k).
     pub rope_interleaved_heads: Option<usize>,
-    /// A linear layer stored in a packed checkpoint layout (GPTQ) rather than in ggml blocks: then `data`
-    /// is empty, `ty` is nominal (F32) and rows come from the packed tensors.
-    pub packed: Option<Arc<PackedLinear>>,
 }
 
 /// A GPTQ (v1) linear layer's tensors, kept in the mapped file.
 #[derive(Debug)]
-pub struct PackedLinear {
+pub struct GptqLinear {
     pub bits: u32,
     pub in_features: usize,
     pub out_features: usize,
@@ -103,7 +155,7 @@ pub struct PackedLinear {
     pub g_idx: Bytes,
 }
 
-impl PackedLinear {
+impl GptqLinear {
     /// Borrowed view for the codec.
     pub fn parts(&self) -> crate::codecs::gptq::GptqParts<'_> {
         crate::codecs::gptq::GptqParts {
@@ -150,25 +202,67 @@ impl TensorRef {
         Ok(Self {
             name,
             shape,
-            ty,
-            data,
+            storage: Storage::Blocks { ty, data },
             rope_interleaved_heads: None,
-            packed: None,
         })
     }
 
-    /// A GPTQ linear layer `[out, in]` (validated: sizes and group indices).
-    pub fn packed(name: impl Into<String>, p: PackedLinear) -> Result<Self> {
+    /// A grouped linear layer `[out, in]` (validated: sizes and group indices).
+    pub fn grouped(name: impl Into<String>, g: Grouped) -> Result<Self> {
         let name = name.into();
-        p.parts().validate(&name)?;
+        g.validate(&name)?;
+        let (out, inp) = g.shape();
         Ok(Self {
-            shape: vec![p.out_features, p.in_features],
+            shape: vec![out, inp],
             name,
-            ty: GgmlType::F32,
-            data: Bytes::owned(Vec::new()),
+            storage: Storage::Grouped(Arc::new(g)),
             rope_interleaved_heads: None,
-            packed: Some(Arc::new(p)),
         })
+    }
+
+    /// The ggml block type, or `None` for a grouped linear.
+    pub fn block_type(&self) -> Option<GgmlType> {
+        match &self.storage {
+            Storage::Blocks { ty, .. } => Some(*ty),
+            Storage::Grouped(_) => None,
+        }
+    }
+
+    /// The stored ggml blocks (all rows, in stored order), or `None` for a grouped linear.
+    pub fn block_bytes(&self) -> Option<&Bytes> {
+        match &self.storage {
+            Storage::Blocks { data, .. } => Some(data),
+            Storage::Grouped(_) => None,
+        }
+    }
+
+    /// The grouped layout, or `None` for ggml blocks.
+    pub fn as_grouped(&self) -> Option<&Grouped> {
+        match &self.storage {
+            Storage::Blocks { .. } => None,
+            Storage::Grouped(g) => Some(g),
+        }
+    }
+
+    /// Whether the weights are a grouped linear.
+    pub fn is_grouped(&self) -> bool {
+        matches!(self.storage, Storage::Grouped(_))
+    }
+
+    /// `"Q4_K"`, `"F16"`, `"GPTQ 4-bit"`.
+    pub fn type_label(&self) -> String {
+        match &self.storage {
+            Storage::Blocks { ty, .. } => ty.name().to_string(),
+            Storage::Grouped(g) => g.label(),
+        }
+    }
+
+    /// Bytes the weights occupy as stored (side tensors included).
+    pub fn stored_bytes(&self) -> usize {
+        match &self.storage {
+            Storage::Blocks { data, .. } => data.len(),
+            Storage::Grouped(g) => g.stored_bytes(),
+        }
     }
 
     /// f32 tensor owned by the handle.
@@ -191,9 +285,12 @@ impl TensorRef {
         self.shape.iter().rev().skip(1).product()
     }
 
-    /// Bytes of one stored row.
+    /// Bytes of one stored row of ggml blocks (0 for a grouped linear).
     pub fn row_bytes(&self) -> usize {
-        self.data.len() / self.rows().max(1)
+        match &self.storage {
+            Storage::Blocks { data, .. } => data.len() / self.rows().max(1),
+            Storage::Grouped(_) => 0,
+        }
     }
 
     /// The stored row that holds Hugging Face row `r`.
@@ -211,21 +308,26 @@ impl TensorRef {
         }
     }
 
-    /// The stored bytes of Hugging Face row `r`.
+    /// The stored blocks of Hugging Face row `r` (empty for a grouped linear, whose rows are spread over
+    /// several tensors: use [`TensorRef::dequant_row`]).
     #[inline]
     pub fn row_data(&self, r: usize) -> &[u8] {
-        let rb = self.row_bytes();
-        let s = self.stored_row(r) * rb;
-        &self.data[s..s + rb]
+        match &self.storage {
+            Storage::Blocks { data, .. } => {
+                let rb = self.row_bytes();
+                let s = self.stored_row(r) * rb;
+                &data[s..s + rb]
+            }
+            Storage::Grouped(_) => &[],
+        }
     }
 
     /// Dequantise Hugging Face row `r` into `out` (`out.len() == cols`).
     pub fn dequant_row(&self, r: usize, out: &mut [f32]) {
-        if let Some(p) = &self.packed {
-            p.parts().dequant_row(r, out);
-            return;
+        match &self.storage {
+            Storage::Blocks { ty, .. } => ty.dequantize(self.row_data(r), out),
+            Storage::Grouped(g) => g.dequant_row(r, out),
         }
-        self.ty.dequantize(self.row_data(r), out);
     }
 
     /// The whole tensor as f32 in Hugging Face order. Allocates `numel` floats: only for small tensors,
@@ -281,10 +383,8 @@ impl TensorRef {
             |scratch, (ci, o)| {
                 for (k, v) in o.iter_mut().enumerate() {
                     let r = ci * chunk + k;
-                    *v = match self.ty {
-                        GgmlType::F16 if self.packed.is_none() => {
-                            crate::simd::dot_f16(self.row_data(r), x)
-                        }
+                    *v = match self.block_type() {
+                        Some(GgmlType::F16) => crate::simd::dot_f16(self.row_data(r), x),
                         _ => {
                             self.dequant_row(r, scratch);
                             crate::simd::dot_f32(scratch, x)

@@ -120,7 +120,7 @@ fn numpy_dequantizer_reproduces_the_weights_we_evaluate() {
         );
 
         let q = SourceModel::open(&out).expect("open the GPTQ folder");
-        let packed: Vec<&TensorRef> = q.tensors.values().filter(|t| t.packed.is_some()).collect();
+        let packed: Vec<&TensorRef> = q.tensors.values().filter(|t| t.is_grouped()).collect();
         assert_eq!(packed.len(), 7 * 2, "every decoder linear is packed");
         for t in packed {
             let p = dq.join(format!("{}.f32", t.name.trim_end_matches(".weight")));

@@ -64,6 +64,20 @@ pub struct TypeTraits {
     pub dequantize: DequantFn,
     /// `None` while a type has no quantizer yet.
     pub quantize: Option<QuantizeFn>,
+    /// What llama.cpp's CPU backend converts activations to before multiplying them with this type
+    /// (`type_traits_cpu[ty].vec_dot_type`).
+    pub vec_dot: VecDotType,
+}
+
+/// The form llama.cpp's CPU backend converts activations to before multiplying them with weights of a type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VecDotType {
+    F32,
+    F16,
+    BF16,
+    /// Q8_0 and Q8_1 (the same values; Q8_1 also stores the block sum).
+    Q8_0,
+    Q8K,
 }
 
 impl TypeTraits {
@@ -82,6 +96,7 @@ impl TypeTraits {
 const TABLE: [TypeTraits; 15] = [
     TypeTraits {
         ty: GgmlType::F32,
+        vec_dot: VecDotType::F32,
         name: "F32",
         ggml_id: 0,
         block_elems: 1,
@@ -91,6 +106,7 @@ const TABLE: [TypeTraits; 15] = [
     },
     TypeTraits {
         ty: GgmlType::F16,
+        vec_dot: VecDotType::F16,
         name: "F16",
         ggml_id: 1,
         block_elems: 1,
@@ -100,6 +116,7 @@ const TABLE: [TypeTraits; 15] = [
     },
     TypeTraits {
         ty: GgmlType::BF16,
+        vec_dot: VecDotType::BF16,
         name: "BF16",
         ggml_id: 30,
         block_elems: 1,
@@ -109,6 +126,7 @@ const TABLE: [TypeTraits; 15] = [
     },
     TypeTraits {
         ty: GgmlType::Q4_0,
+        vec_dot: VecDotType::Q8_0,
         name: "Q4_0",
         ggml_id: 2,
         block_elems: 32,
@@ -118,6 +136,7 @@ const TABLE: [TypeTraits; 15] = [
     },
     TypeTraits {
         ty: GgmlType::Q4_1,
+        vec_dot: VecDotType::Q8_0,
         name: "Q4_1",
         ggml_id: 3,
         block_elems: 32,
@@ -127,6 +146,7 @@ const TABLE: [TypeTraits; 15] = [
     },
     TypeTraits {
         ty: GgmlType::Q5_0,
+        vec_dot: VecDotType::Q8_0,
         name: "Q5_0",
         ggml_id: 6,
         block_elems: 32,
@@ -136,6 +156,7 @@ const TABLE: [TypeTraits; 15] = [
     },
     TypeTraits {
         ty: GgmlType::Q5_1,
+        vec_dot: VecDotType::Q8_0,
         name: "Q5_1",
         ggml_id: 7,
         block_elems: 32,
@@ -145,6 +166,7 @@ const TABLE: [TypeTraits; 15] = [
     },
     TypeTraits {
         ty: GgmlType::Q8_0,
+        vec_dot: VecDotType::Q8_0,
         name: "Q8_0",
         ggml_id: 8,
         block_elems: 32,
@@ -154,6 +176,7 @@ const TABLE: [TypeTraits; 15] = [
     },
     TypeTraits {
         ty: GgmlType::Q2K,
+        vec_dot: VecDotType::Q8K,
         name: "Q2_K",
         ggml_id: 10,
         block_elems: 256,
@@ -163,6 +186,7 @@ const TABLE: [TypeTraits; 15] = [
     },
     TypeTraits {
         ty: GgmlType::Q3K,
+        vec_dot: VecDotType::Q8K,
         name: "Q3_K",
         ggml_id: 11,
         block_elems: 256,
@@ -172,6 +196,7 @@ const TABLE: [TypeTraits; 15] = [
     },
     TypeTraits {
         ty: GgmlType::Q4K,
+        vec_dot: VecDotType::Q8K,
         name: "Q4_K",
         ggml_id: 12,
         block_elems: 256,
@@ -181,6 +206,7 @@ const TABLE: [TypeTraits; 15] = [
     },
     TypeTraits {
         ty: GgmlType::Q5K,
+        vec_dot: VecDotType::Q8K,
         name: "Q5_K",
         ggml_id: 13,
         block_elems: 256,
@@ -190,6 +216,7 @@ const TABLE: [TypeTraits; 15] = [
     },
     TypeTraits {
         ty: GgmlType::Q6K,
+        vec_dot: VecDotType::Q8K,
         name: "Q6_K",
         ggml_id: 14,
         block_elems: 256,
@@ -199,6 +226,7 @@ const TABLE: [TypeTraits; 15] = [
     },
     TypeTraits {
         ty: GgmlType::Iq4Nl,
+        vec_dot: VecDotType::Q8_0,
         name: "IQ4_NL",
         ggml_id: 20,
         block_elems: 32,
@@ -208,6 +236,7 @@ const TABLE: [TypeTraits; 15] = [
     },
     TypeTraits {
         ty: GgmlType::Iq4Xs,
+        vec_dot: VecDotType::Q8K,
         name: "IQ4_XS",
         ggml_id: 23,
         block_elems: 256,

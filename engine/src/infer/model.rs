@@ -194,7 +194,7 @@ impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Model")
             .field("config", &self.cfg)
-            .field("embed", &self.embed.ty)
+            .field("embed", &self.embed.type_label())
             .field("lm_head", &self.lm_head.name)
             .finish_non_exhaustive()
     }

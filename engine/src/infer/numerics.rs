@@ -45,27 +45,11 @@ impl Numerics {
     }
 }
 
-/// The form llama.cpp's CPU backend converts activations to before multiplying them with weights of `ty`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum VecDotType {
-    F32,
-    F16,
-    BF16,
-    /// Q8_0 and Q8_1 (the same values; Q8_1 also stores the block sum).
-    Q8_0,
-    Q8K,
-}
+pub use crate::codecs::VecDotType;
 
-/// `type_traits_cpu[ty].vec_dot_type` of ggml's CPU backend.
+/// `type_traits_cpu[ty].vec_dot_type` of ggml's CPU backend (the codec table's `vec_dot`).
 pub fn vec_dot_type(ty: GgmlType) -> VecDotType {
-    use GgmlType::*;
-    match ty {
-        F32 => VecDotType::F32,
-        F16 => VecDotType::F16,
-        BF16 => VecDotType::BF16,
-        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Iq4Nl => VecDotType::Q8_0,
-        Q2K | Q3K | Q4K | Q5K | Q6K | Iq4Xs => VecDotType::Q8K,
-    }
+    ty.traits().vec_dot
 }
 
 /// Round `x` (rows of `cols` values) in place to what llama.cpp multiplies with weights of type `ty`.
@@ -141,9 +125,15 @@ fn round_q8_k_block(b: &mut [f32]) {
 /// with `w`'s type when `numerics` asks for it (packed GPTQ weights have no llama.cpp counterpart).
 pub(crate) fn matmul_with(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32], numerics: Numerics) {
     match numerics {
-        Numerics::LlamaCpu if w.packed.is_none() && vec_dot_type(w.ty) != VecDotType::F32 => {
+        Numerics::LlamaCpu
+            if w.block_type()
+                .is_some_and(|ty| vec_dot_type(ty) != VecDotType::F32) =>
+        {
+            let Some(ty) = w.block_type() else {
+                unreachable!("guarded above")
+            };
             let mut xr = x.to_vec();
-            round_activations(w.ty, &mut xr, w.cols());
+            round_activations(ty, &mut xr, w.cols());
             w.matmul(&xr, n, out);
             add_q8_1_sum_terms(w, x, n, out);
         }
@@ -156,9 +146,8 @@ pub(crate) fn matmul_with(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32], n
 /// `d`), where the dequantised product has `f16(d) · Σq`. Adds `Σ_b m[r, b] · (s_b − f16(d_b) · Σq_b)` to
 /// `out[t, r]` for the `n` rows of the *unrounded* activations `x`. A no-op for other types.
 pub(crate) fn add_q8_1_sum_terms(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
-    let block_bytes = match w.ty {
-        GgmlType::Q4_1 => 20,
-        GgmlType::Q5_1 => 24,
+    let block_bytes = match w.block_type() {
+        Some(ty @ (GgmlType::Q4_1 | GgmlType::Q5_1)) => ty.traits().block_bytes,
         _ => return,
     };
     let (rows, cols) = (w.rows(), w.cols());

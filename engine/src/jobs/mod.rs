@@ -69,20 +69,7 @@ pub enum EvalText {
     Bundled,
 }
 
-/// Where a quantization's importance matrix comes from.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub enum ImatrixSource {
-    /// None: the unweighted quantizers.
-    #[default]
-    None,
-    /// A llama.cpp imatrix file (GGUF or legacy `.dat`).
-    File(PathBuf),
-    /// Computed from calibration text before quantizing.
-    Compute {
-        text: EvalText,
-        options: crate::imatrix::ImatrixOptions,
-    },
-}
+pub use crate::recipes::{ImatrixSource, Recipe};
 
 /// What the front ends ask of the engine.
 #[derive(Clone, Debug)]
@@ -136,30 +123,19 @@ pub enum Command {
         dtype: OutDtype,
         overwrite: bool,
     },
-    /// Quantize `model` to a GGUF file with a llama-quantize mix (`"q4_k_m"`, `"q8_0"`, `"pure:q4_k"`, …)
-    /// and per-tensor overrides `"PATTERN=TYPE"`; a [`Event::LayerDone`] per tensor, then
-    /// [`JobOutput::Quantized`].
+    /// Quantize `model` with `recipe` (a GGUF mix, a GPTQ folder, …) into `out`; an [`Event::LayerDone`]
+    /// per quantized tensor, then [`JobOutput::Quantized`] (GGUF) or [`JobOutput::QuantizedGptq`].
     Quantize {
         model: PathBuf,
         out: PathBuf,
-        format: String,
-        overrides: Vec<String>,
-        imatrix: ImatrixSource,
-        overwrite: bool,
-    },
-    /// Quantize `model` with GPTQ into a Hugging Face GPTQ folder; a [`Event::LayerDone`] per linear, then
-    /// [`JobOutput::QuantizedGptq`].
-    QuantizeGptq {
-        model: PathBuf,
-        out: PathBuf,
-        options: Box<crate::quantize_gptq::GptqQuantizeOptions>,
+        recipe: Recipe,
         overwrite: bool,
     },
     /// Compute `model`'s importance matrix on a calibration text and write it (llama.cpp's GGUF format, or
     /// the legacy `.dat` with `legacy_dat`) → [`JobOutput::Imatrix`].
     Imatrix {
         model: PathBuf,
-        text: EvalText,
+        source: crate::calib::CalibSource,
         options: crate::imatrix::ImatrixOptions,
         out: PathBuf,
         legacy_dat: bool,
@@ -193,7 +169,6 @@ pub enum JobKind {
     Convert,
     Bench,
     Quantize,
-    QuantizeGptq,
     Imatrix,
     FetchDemo,
 }
@@ -534,7 +509,6 @@ fn job_kind(c: &Command) -> Option<JobKind> {
         Command::Bench { .. } => JobKind::Bench,
         Command::Quantize { .. } => JobKind::Quantize,
         Command::Imatrix { .. } => JobKind::Imatrix,
-        Command::QuantizeGptq { .. } => JobKind::QuantizeGptq,
         Command::FetchDemo { .. } => JobKind::FetchDemo,
         _ => return None,
     })

@@ -1,6 +1,7 @@
 //! What each job does, on its own thread.
 
 use crate::bench::BenchOptions;
+use crate::calib::CalibSource;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -199,47 +200,36 @@ fn run_inner(
         Command::Quantize {
             model,
             out,
-            format,
-            overrides,
-            imatrix,
+            recipe,
             overwrite,
         } => {
-            let mut out = OutputSpec::file(out).overwrite(overwrite).input(&model);
-            if let ImatrixSource::File(p) = &imatrix {
-                out = out.input(p);
+            let spec = match recipe.container() {
+                crate::recipes::Container::GgufFile => OutputSpec::file(out),
+                crate::recipes::Container::HfFolder => OutputSpec::folder(out),
+            };
+            let mut spec = spec.overwrite(overwrite).input(&model);
+            for p in recipe.inputs() {
+                spec = spec.input(p);
             }
-            if let ImatrixSource::Compute {
-                text: EvalText::File(p),
-                ..
-            } = &imatrix
-            {
-                out = out.input(p);
+            match recipe {
+                crate::recipes::Recipe::Gguf(g) => quantize(ctx, cache, &model, &spec, g),
+                crate::recipes::Recipe::Gptq(o) => quantize_gptq(ctx, &model, &spec, &o),
             }
-            quantize(ctx, cache, &model, &out, &format, &overrides, imatrix)
-        }
-        Command::QuantizeGptq {
-            model,
-            out,
-            options,
-            overwrite,
-        } => {
-            let out = OutputSpec::folder(out).overwrite(overwrite).input(&model);
-            quantize_gptq(ctx, &model, &out, &options)
         }
         Command::Imatrix {
             model,
-            text,
+            source,
             options,
             out,
             legacy_dat,
             overwrite,
         } => {
             let mut spec = OutputSpec::file(&out).overwrite(overwrite).input(&model);
-            if let EvalText::File(p) = &text {
-                spec = spec.input(p);
+            if let CalibSource::File { path, .. } = &source {
+                spec = spec.input(path);
             }
             crate::output::preflight(&spec)?;
-            let m = compute_imatrix(ctx, cache, &model, text, &options)?;
+            let m = compute_imatrix(ctx, cache, &model, &source, &options)?;
             let path = crate::output::write_staged(spec, |tmp| {
                 if legacy_dat {
                     m.write_dat(tmp)
@@ -525,10 +515,15 @@ fn compute_imatrix(
     ctx: &JobCtx,
     cache: &ModelCache,
     model: &Path,
-    text: EvalText,
+    source: &CalibSource,
     options: &ImatrixOptions,
 ) -> Result<crate::imatrix::Imatrix> {
-    let (text, dataset) = read_text(text)?;
+    // llama-imatrix reads one text and records its path: the documents joined, the path as given.
+    let text = crate::calib::load_documents(source)?.join("\n\n");
+    let dataset = match source {
+        CalibSource::Bundled => crate::imatrix::DEFAULT_CALIBRATION_NAME.to_owned(),
+        CalibSource::File { path, .. } => path.display().to_string(),
+    };
     let m = load(ctx, cache, model)?;
     m.model.check_context(options.n_ctx, false)?;
     let start = Instant::now();
@@ -557,37 +552,16 @@ fn quantize(
     cache: &ModelCache,
     model: &Path,
     out: &OutputSpec,
-    format: &str,
-    overrides: &[String],
-    imatrix: ImatrixSource,
+    recipe: crate::recipes::GgufRecipe,
 ) -> Result<JobOutput> {
     let stage = format!("loading {}", model.display());
     ctx.progress(&stage, 0, 1, None);
     let src = SourceModel::open(model)?;
-    use crate::codecs::GgmlType;
-    use crate::recipes::gguf::{GgufMix, TensorOverride};
-    let mix = GgufMix::parse(format).ok_or_else(|| {
-        let known: Vec<&str> = GgufMix::all().map(|m| m.name()).collect();
-        Error::Invalid(format!(
-            "unknown format {format:?} (known: {})",
-            known.join(", ")
-        ))
-    })?;
-    let overrides = overrides
-        .iter()
-        .map(|o| {
-            let (pattern, ty) = o
-                .rsplit_once('=')
-                .ok_or_else(|| Error::Invalid(format!("override {o:?} is not PATTERN=TYPE")))?;
-            let ty = GgmlType::all()
-                .find(|t| t.name().eq_ignore_ascii_case(ty))
-                .ok_or_else(|| Error::Invalid(format!("override {o:?}: unknown type {ty:?}")))?;
-            Ok(TensorOverride {
-                pattern: pattern.to_owned(),
-                ty,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let crate::recipes::GgufRecipe {
+        mix,
+        overrides,
+        imatrix,
+    } = recipe;
     // The output checked (with room for the file) before an importance matrix is computed.
     let bytes = crate::quantize::gguf_tensor_bytes(&src, &mix).unwrap_or(0);
     crate::output::preflight(&out.clone().estimated_bytes(bytes))?;
@@ -597,8 +571,8 @@ fn quantize(
             matrix: crate::imatrix::Imatrix::read(&p)?,
             file: Some(p.display().to_string()),
         }),
-        ImatrixSource::Compute { text, options } => Some(crate::quantize::ImatrixInput {
-            matrix: compute_imatrix(ctx, cache, model, text, &options)?,
+        ImatrixSource::Compute { source, options } => Some(crate::quantize::ImatrixInput {
+            matrix: compute_imatrix(ctx, cache, model, &source, &options)?,
             file: None,
         }),
     };

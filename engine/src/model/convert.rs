@@ -563,7 +563,7 @@ mod tests {
         for (name, t) in &b.tensors {
             let src = &a.tensors[name];
             assert_eq!(t.shape, src.shape, "{name}");
-            assert_eq!(t.ty.name(), dtype.safetensors_name(), "{name}");
+            assert_eq!(t.type_label(), dtype.safetensors_name(), "{name}");
             let want: Vec<f32> = src.to_f32().iter().map(|&x| round(x, dtype)).collect();
             assert_eq!(t.to_f32(), want, "{name}");
         }

@@ -715,8 +715,8 @@ mod tests {
         for (name, rows, sum, abs_sum, samples) in cases {
             let t = m.tensor(name).expect("tensor");
             assert_eq!(
-                (t.ty, t.shape.as_slice()),
-                (crate::codecs::GgmlType::Q4_1, &[rows, 576][..])
+                (t.block_type(), t.shape.as_slice()),
+                (Some(crate::codecs::GgmlType::Q4_1), &[rows, 576][..])
             );
             let v = t.to_f32();
             let s: f64 = v.iter().map(|&x| f64::from(x)).sum();

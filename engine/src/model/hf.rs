@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 use super::{Arch, ModelConfig, RopeScaling, SourceFormat, SourceModel, TextTokenizer};
 use crate::codecs::GgmlType;
-use crate::tensor::{Backing, Bytes, TensorRef};
+use crate::tensor::{Backing, Bytes, GptqLinear, Grouped, TensorRef};
 use crate::{Error, Result};
 
 /// Largest safetensors header we read (the JSON before the data).
@@ -557,23 +557,28 @@ fn gptq_linears(
             take("scales")?,
             take("g_idx")?,
         );
-        if scales.ty != GgmlType::F16 || scales.shape.len() != 2 {
+        if scales.block_type() != Some(GgmlType::F16) || scales.shape.len() != 2 {
             return Err(bad(format!(
                 "GPTQ layer {p}: scales must be a 2-D F16 tensor"
             )));
         }
-        let t = TensorRef::packed(
+        let raw = |t: &TensorRef| {
+            t.block_bytes()
+                .cloned()
+                .ok_or_else(|| bad(format!("GPTQ layer {p}: {} is not a plain tensor", t.name)))
+        };
+        let t = TensorRef::grouped(
             format!("{p}.weight"),
-            crate::tensor::PackedLinear {
+            Grouped::Gptq(GptqLinear {
                 bits,
                 in_features: g_idx.numel(),
                 out_features: scales.shape[1],
                 groups: scales.shape[0],
-                qweight: qweight.data,
-                qzeros: qzeros.data,
-                scales: scales.data,
-                g_idx: g_idx.data,
-            },
+                qweight: raw(&qweight)?,
+                qzeros: raw(&qzeros)?,
+                scales: raw(&scales)?,
+                g_idx: raw(&g_idx)?,
+            }),
         )
         .map_err(|e| bad(e.to_string()))?;
         tensors.insert(t.name.clone(), t);
@@ -1163,8 +1168,8 @@ mod tests {
             .tensor("model.layers.1.self_attn.k_proj.weight")
             .expect("k");
         assert_eq!(
-            (q.shape.as_slice(), q.ty),
-            ([4usize, 8].as_slice(), GgmlType::BF16)
+            (q.shape.as_slice(), q.block_type()),
+            ([4usize, 8].as_slice(), Some(GgmlType::BF16))
         );
         let want: Vec<f32> = tiny_tensors()
             .into_iter()

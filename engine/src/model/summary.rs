@@ -90,18 +90,18 @@ impl ModelSummary {
 
 /// The tensor type holding (nearly) all parameters, or the mix.
 fn dominant_dtype(m: &SourceModel) -> String {
-    let mut by_type: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut by_type: BTreeMap<String, u64> = BTreeMap::new();
     for t in m.tensors.values() {
-        *by_type.entry(t.ty.name()).or_default() += t.numel() as u64;
+        *by_type.entry(t.type_label()).or_default() += t.numel() as u64;
     }
     let total: u64 = by_type.values().sum();
     if total == 0 {
         return "none".to_string();
     }
-    let mut shares: Vec<(&str, u64)> = by_type.into_iter().collect();
-    shares.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let mut shares: Vec<(String, u64)> = by_type.into_iter().collect();
+    shares.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     if shares[0].1 as f64 >= 0.995 * total as f64 {
-        return shares[0].0.to_string();
+        return shares[0].0.clone();
     }
     let parts: Vec<String> = shares
         .iter()
@@ -271,7 +271,8 @@ mod tests {
         let dir = tmp.path().join("m");
         hf::testutil::write_tiny_llama(&dir);
         let mut m = hf::open(&dir).expect("open");
-        m.tensors.retain(|_, t| t.ty == GgmlType::BF16);
+        m.tensors
+            .retain(|_, t| t.block_type() == Some(GgmlType::BF16));
         assert_eq!(ModelSummary::of(&m).dtype, "BF16");
         let small = TensorRef::from_f32("x", vec![4], &[0.0; 4]).expect("f32");
         m.tensors.insert("x".into(), small);

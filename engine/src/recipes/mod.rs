@@ -1,7 +1,399 @@
-//! Recipes: which type each tensor of an output file gets.
+//! Recipes: what a quantize job makes. One [`Recipe`] value per output kind carries everything the job
+//! needs (the format's options and, for calibrated formats, where the calibration data comes from); the
+//! [`catalogue`] lists every kind with its CLI name, label, container, calibration needs and nominal bits
+//! per weight, and [`Recipe::estimate`] prices a run before it starts. The CLI's `--format` help and the
+//! studio's target list are built from here: no front end holds a format table of its own.
 //!
 //! * [`gguf`] — llama-quantize's per-tensor type mixes (`Q4_K_M`, `Q3_K_S`, `--pure`, `--tensor-type`).
+//! * GPTQ — [`crate::quantize_gptq::GptqQuantizeOptions`] (solver options, calibration, spill budget).
+//!
+//! Adding a format: a codec or packing (`codecs/`), a format module (reader in `model/`, writer in
+//! `writers/`), a variant here with its catalogue entry and estimate, and its job body in
+//! `jobs/worker.rs`'s one `Quantize` arm.
 
 pub mod gguf;
 
+use std::path::{Path, PathBuf};
+
 pub use gguf::{plan_gguf_mix, GgufMix, TensorOverride};
+
+use crate::calib::{CalibOptions, CalibSource};
+use crate::codecs::GgmlType;
+use crate::imatrix::ImatrixOptions;
+use crate::model::summary::ModelSummary;
+use crate::quantize_gptq::GptqQuantizeOptions;
+use crate::solvers::gptq::GptqOptions;
+use crate::{Error, Result};
+
+/// What a quantize job makes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Recipe {
+    /// A GGUF file with one of llama-quantize's mixes.
+    Gguf(GgufRecipe),
+    /// A Hugging Face GPTQ folder.
+    Gptq(Box<GptqQuantizeOptions>),
+}
+
+/// A GGUF mix with its per-tensor overrides and importance matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GgufRecipe {
+    pub mix: GgufMix,
+    pub overrides: Vec<TensorOverride>,
+    pub imatrix: ImatrixSource,
+}
+
+/// Where a GGUF quantization's importance matrix comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum ImatrixSource {
+    /// None: the unweighted quantizers.
+    #[default]
+    None,
+    /// A llama.cpp imatrix file (GGUF or legacy `.dat`).
+    File(PathBuf),
+    /// Computed on calibration data before quantizing (llama-imatrix's method).
+    Compute {
+        source: CalibSource,
+        options: ImatrixOptions,
+    },
+}
+
+/// What an output is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Container {
+    /// One `.gguf` file.
+    GgufFile,
+    /// A Hugging Face folder (`config.json`, safetensors, tokenizer files).
+    HfFolder,
+}
+
+/// Whether a recipe uses calibration data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CalibrationNeed {
+    /// Never.
+    None,
+    /// Optionally (an importance matrix for a GGUF mix).
+    Optional,
+    /// Always (GPTQ's Hessians).
+    Required,
+}
+
+/// One kind of output, as the front ends list it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RecipeKind {
+    /// The CLI's `--format` value (`"q4_k_m"`, `"gptq"`).
+    pub id: String,
+    /// Display name (`"Q4_K_M"`, `"GPTQ"`).
+    pub label: String,
+    /// The format family (`"GGUF"`, `"GPTQ"`).
+    pub family: &'static str,
+    pub container: Container,
+    pub calibration: CalibrationNeed,
+    /// Bits per weight of the quantized linears at the default options.
+    pub nominal_bpw: f64,
+    /// Which engines load the output.
+    pub loads_in: &'static str,
+}
+
+/// Bit widths a GPTQ recipe offers.
+pub const GPTQ_BITS: [u8; 4] = [2, 3, 4, 8];
+/// Group sizes a GPTQ recipe offers (`None`: one group per output channel).
+pub const GPTQ_GROUPS: [Option<usize>; 4] = [Some(32), Some(64), Some(128), None];
+
+/// Every output kind: the named GGUF mixes in llama-quantize's order, then GPTQ.
+pub fn catalogue() -> Vec<RecipeKind> {
+    let mut v: Vec<RecipeKind> = GgufMix::all()
+        .map(|mix| RecipeKind {
+            id: mix.name().to_ascii_lowercase(),
+            label: mix.name().to_string(),
+            family: "GGUF",
+            container: Container::GgufFile,
+            calibration: CalibrationNeed::Optional,
+            nominal_bpw: mix.nominal_bpw(),
+            loads_in: "llama.cpp, LM Studio, Ollama",
+        })
+        .collect();
+    v.push(RecipeKind {
+        id: "gptq".into(),
+        label: "GPTQ".into(),
+        family: "GPTQ",
+        container: Container::HfFolder,
+        calibration: CalibrationNeed::Required,
+        nominal_bpw: gptq_bpw(4, Some(128)),
+        loads_in: "transformers, vLLM, TGI, ExLlamaV2",
+    });
+    v
+}
+
+/// The `--format` help line, from the catalogue.
+pub fn format_help() -> String {
+    let gguf: Vec<String> = catalogue()
+        .iter()
+        .filter(|k| k.family == "GGUF")
+        .map(|k| k.id.clone())
+        .collect();
+    format!(
+        "What to make: a GGUF mix ({}, or pure:TYPE) or gptq (a Hugging Face GPTQ folder)",
+        gguf.join(", ")
+    )
+}
+
+/// Bits per weight of a GPTQ linear: codes, plus an fp16 scale and a packed zero point per group.
+pub fn gptq_bpw(bits: u8, group: Option<usize>) -> f64 {
+    let b = f64::from(bits);
+    match group {
+        Some(g) => b + (16.0 + b) / g.max(1) as f64,
+        None => b,
+    }
+}
+
+/// Parse `"PATTERN=TYPE"` overrides (llama-quantize's `--tensor-type`).
+pub fn parse_overrides(list: &[String]) -> Result<Vec<TensorOverride>> {
+    list.iter()
+        .map(|o| {
+            let (pattern, ty) = o
+                .rsplit_once('=')
+                .ok_or_else(|| Error::Invalid(format!("override {o:?} is not PATTERN=TYPE")))?;
+            let ty = GgmlType::all()
+                .find(|t| t.name().eq_ignore_ascii_case(ty))
+                .ok_or_else(|| Error::Invalid(format!("override {o:?}: unknown type {ty:?}")))?;
+            Ok(TensorOverride {
+                pattern: pattern.to_owned(),
+                ty,
+            })
+        })
+        .collect()
+}
+
+/// A GGUF mix by name, with the known names in the error.
+pub fn parse_mix(format: &str) -> Result<GgufMix> {
+    GgufMix::parse(format).ok_or_else(|| {
+        let known: Vec<String> = catalogue().into_iter().map(|k| k.id).collect();
+        Error::Invalid(format!(
+            "unknown format {format:?} (known: {}, pure:TYPE)",
+            known.join(", ")
+        ))
+    })
+}
+
+/// What a recipe is expected to cost, before it runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Estimate {
+    /// Bits per weight over every parameter (embeddings and norms included).
+    pub bpw: f64,
+    /// Bits per weight of the quantized linears alone.
+    pub linear_bpw: f64,
+    pub size_bytes: u64,
+    pub peak_memory_bytes: u64,
+    pub seconds: f64,
+}
+
+/// Rough throughputs of a 2-core machine (README): quantizing ≈ 110 M weights/s; a forward pass over
+/// calibration tokens ≈ 1.6e10 weight·tokens/s.
+const QUANTIZE_WEIGHTS_PER_S: f64 = 110e6;
+const FORWARD_WEIGHT_TOKENS_PER_S: f64 = 1.6e10;
+
+impl Recipe {
+    /// The GPTQ recipe with the engine's defaults (4-bit, group 128, act-order off, bundled text).
+    pub fn gptq_default() -> Self {
+        Recipe::Gptq(Box::default())
+    }
+
+    /// A short label, also the suffix of an output's name: `"Q4_K_M"`, `"Q4_K_M-imat"`,
+    /// `"GPTQ-4bit-g128-ao-asym"`.
+    pub fn label(&self) -> String {
+        match self {
+            Recipe::Gguf(g) => {
+                let imat = if g.imatrix == ImatrixSource::None {
+                    ""
+                } else {
+                    "-imat"
+                };
+                format!("{}{imat}", g.mix.name())
+            }
+            Recipe::Gptq(o) => {
+                let s = &o.solver;
+                let g = s.group_size.map_or("ch".to_string(), |g| format!("g{g}"));
+                let ao = if s.act_order { "-ao" } else { "" };
+                let sym = if s.sym { "" } else { "-asym" };
+                let rtn = if o.rtn { "-rtn" } else { "" };
+                format!("GPTQ-{}bit-{g}{ao}{sym}{rtn}", s.bits)
+            }
+        }
+    }
+
+    pub fn container(&self) -> Container {
+        match self {
+            Recipe::Gguf(_) => Container::GgufFile,
+            Recipe::Gptq(_) => Container::HfFolder,
+        }
+    }
+
+    /// Whether this run reads calibration data.
+    pub fn calibrated(&self) -> bool {
+        match self {
+            Recipe::Gguf(g) => matches!(g.imatrix, ImatrixSource::Compute { .. }),
+            Recipe::Gptq(_) => true,
+        }
+    }
+
+    /// Where the output goes in `dir` for a model named `stem`.
+    pub fn output_in(&self, dir: &Path, stem: &str) -> PathBuf {
+        match self.container() {
+            Container::GgufFile => dir.join(format!("{stem}-{}.gguf", self.label())),
+            Container::HfFolder => dir.join(format!("{stem}-{}", self.label())),
+        }
+    }
+
+    /// Files the run reads besides the model (calibration text, imatrix file): never to be overwritten.
+    pub fn inputs(&self) -> Vec<PathBuf> {
+        let calib = |s: &CalibSource| match s {
+            CalibSource::File { path, .. } => Some(path.clone()),
+            CalibSource::Bundled => None,
+        };
+        match self {
+            Recipe::Gguf(g) => match &g.imatrix {
+                ImatrixSource::None => None,
+                ImatrixSource::File(p) => Some(p.clone()),
+                ImatrixSource::Compute { source, .. } => calib(source),
+            },
+            Recipe::Gptq(o) => calib(&o.calib),
+        }
+        .into_iter()
+        .collect()
+    }
+
+    /// Bits per weight of the quantized linears (llama.cpp's listed sizes for a mix; the packing for GPTQ).
+    pub fn linear_bpw(&self) -> f64 {
+        match self {
+            Recipe::Gguf(g) => g.mix.nominal_bpw(),
+            Recipe::Gptq(o) => gptq_bpw(o.solver.bits, o.solver.group_size),
+        }
+    }
+
+    /// Calibration tokens the run pushes through the model.
+    fn calibration_tokens(&self) -> f64 {
+        match self {
+            Recipe::Gguf(GgufRecipe {
+                imatrix: ImatrixSource::Compute { options, .. },
+                ..
+            }) => (options.max_chunks.unwrap_or(64) * options.n_ctx) as f64,
+            Recipe::Gguf(_) => 0.0,
+            Recipe::Gptq(o) => (o.calib_opts.rows * o.calib_opts.seq_len) as f64,
+        }
+    }
+
+    /// Size, bits per weight, peak memory and time of this recipe on a model, before it runs. A GGUF mix
+    /// uses the engine's exact per-tensor plan when the summary has one.
+    pub fn estimate(&self, s: &ModelSummary) -> Estimate {
+        let embd = (s.vocab * s.hidden) as f64;
+        let heads = if s.tied { embd } else { 2.0 * embd };
+        let params = s.parameter_count as f64;
+        let linears = (params - heads).max(0.0);
+        let linear_bpw = self.linear_bpw();
+        let (head_bpw, planned) = match self {
+            // llama.cpp: the output (or a tied embedding) is Q6_K unless the mix is finer.
+            Recipe::Gguf(g) => (
+                linear_bpw.max(6.5625),
+                s.gguf_mix_bytes
+                    .iter()
+                    .find(|(m, _)| m == g.mix.name())
+                    .map(|(_, b)| *b as f64 * 8.0),
+            ),
+            // Embeddings and the head stay fp16.
+            Recipe::Gptq(_) => (16.0, None),
+        };
+        let bits = planned.unwrap_or(linears * linear_bpw + heads * head_bpw);
+        let largest = (s.vocab.max(s.intermediate) * s.hidden) as f64 * 4.0;
+        let tokens = self.calibration_tokens();
+        let forward = tokens * params / FORWARD_WEIGHT_TOKENS_PER_S;
+        let (peak, seconds) = match self {
+            Recipe::Gguf(_) => (
+                3.0 * largest + 64e6,
+                params / QUANTIZE_WEIGHTS_PER_S + forward,
+            ),
+            Recipe::Gptq(_) => {
+                let acts = tokens * s.hidden as f64 * 4.0 * 2.0;
+                // The widest Hessian (f64) and its factorisation's working copy.
+                let hess = (s.intermediate * s.intermediate) as f64 * 8.0 * 2.0;
+                (acts + hess + 3.0 * largest + 64e6, forward * 1.3)
+            }
+        };
+        Estimate {
+            bpw: bits / s.parameter_count.max(1) as f64,
+            linear_bpw,
+            size_bytes: (bits / 8.0) as u64,
+            peak_memory_bytes: peak as u64,
+            seconds,
+        }
+    }
+}
+
+impl Default for GptqQuantizeOptions {
+    fn default() -> Self {
+        Self {
+            solver: GptqOptions::default(),
+            calib: CalibSource::Bundled,
+            calib_opts: CalibOptions::default(),
+            true_sequential: true,
+            activation_budget_bytes: crate::quantize_gptq::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
+            rtn: false,
+            max_shard_bytes: None,
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalogue_lists_every_mix_then_gptq_and_parses_back() {
+        let c = catalogue();
+        assert_eq!(c.len(), GgufMix::all().count() + 1);
+        for k in &c[..c.len() - 1] {
+            assert_eq!(parse_mix(&k.id).unwrap().name(), k.label);
+        }
+        assert_eq!(c.last().unwrap().id, "gptq");
+        assert!((c.last().unwrap().nominal_bpw - 4.15625).abs() < 1e-12);
+        assert!(format_help().contains("q4_k_m") && format_help().contains("gptq"));
+        let e = parse_mix("q9_k").unwrap_err().to_string();
+        assert!(e.contains("q4_k_m") && e.contains("gptq"), "{e}");
+    }
+
+    #[test]
+    fn labels_and_outputs() {
+        let g = Recipe::Gguf(GgufRecipe {
+            mix: GgufMix::parse("q4_k_m").unwrap(),
+            overrides: Vec::new(),
+            imatrix: ImatrixSource::Compute {
+                source: CalibSource::Bundled,
+                options: ImatrixOptions::default(),
+            },
+        });
+        assert_eq!(g.label(), "Q4_K_M-imat");
+        assert!(g.calibrated());
+        assert_eq!(
+            g.output_in(Path::new("/o"), "m"),
+            PathBuf::from("/o/m-Q4_K_M-imat.gguf")
+        );
+        let mut o = GptqQuantizeOptions::default();
+        o.solver.act_order = true;
+        o.solver.sym = false;
+        let q = Recipe::Gptq(Box::new(o));
+        assert_eq!(q.label(), "GPTQ-4bit-g128-ao-asym");
+        assert_eq!(q.container(), Container::HfFolder);
+        assert_eq!(
+            q.output_in(Path::new("/o"), "m"),
+            PathBuf::from("/o/m-GPTQ-4bit-g128-ao-asym")
+        );
+    }
+
+    #[test]
+    fn overrides_parse_or_say_why() {
+        let o = parse_overrides(&["blk.*.attn_v.weight=q8_0".into()]).unwrap();
+        assert_eq!(o[0].ty, GgmlType::Q8_0);
+        assert!(parse_overrides(&["novalue".into()]).is_err());
+        assert!(parse_overrides(&["x=q9".into()]).is_err());
+    }
+}

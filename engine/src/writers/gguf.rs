@@ -114,8 +114,8 @@ fn gguf_order(t: &TensorRef, heads: Option<usize>) -> Result<std::borrow::Cow<'_
             t.name
         )));
     }
-    if t.shape.len() == 1 || t.packed.is_some() {
-        // Vectors, and packed (GPTQ) layers, whose rows are only available dequantised: one f32 tensor.
+    if t.shape.len() == 1 || t.is_grouped() {
+        // Vectors, and grouped (GPTQ) layers, whose rows are only available dequantised: one f32 tensor.
         let v = t.to_f32();
         if t.shape.len() > 1 {
             let cols = t.cols();
@@ -144,14 +144,17 @@ fn gguf_order(t: &TensorRef, heads: Option<usize>) -> Result<std::borrow::Cow<'_
         c.rope_interleaved_heads = None;
         return Ok(Cow::Owned(c));
     }
-    let mut bytes = Vec::with_capacity(t.data.len());
+    let Some(ty) = t.block_type() else {
+        unreachable!("grouped tensors are handled above")
+    };
+    let mut bytes = Vec::with_capacity(t.stored_bytes());
     for r in 0..n_rows {
         bytes.extend_from_slice(t.row_data(hf_row_of_gguf_row(r, n_rows, heads)));
     }
     let mut c = TensorRef::new(
         t.name.clone(),
         t.shape.clone(),
-        t.ty,
+        ty,
         crate::tensor::Bytes::owned(bytes),
     )?;
     c.rope_interleaved_heads = None;
@@ -845,7 +848,7 @@ mod tests {
             } else {
                 ty
             };
-            assert_eq!(b.ty, want_ty, "{name}");
+            assert_eq!(b.block_type(), Some(want_ty), "{name}");
             // The source after the type's rounding, row by row in HF order.
             let sv = s.to_f32();
             let mut q = vec![0u8; want_ty.traits().row_bytes(s.cols()).expect("test step")];

@@ -506,10 +506,7 @@ mod tests {
             p.tensors.keys().collect::<Vec<_>>(),
             q.tensors.keys().collect::<Vec<_>>()
         );
-        assert_eq!(
-            q.tensors.values().filter(|t| t.packed.is_some()).count(),
-            14
-        );
+        assert_eq!(q.tensors.values().filter(|t| t.is_grouped()).count(), 14);
         for (x, y) in p.tensors.values().zip(q.tensors.values()) {
             let (x, y) = (x.to_f32(), y.to_f32());
             assert!(x.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()));
