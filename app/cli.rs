@@ -297,6 +297,7 @@ impl GptqArgs {
             activation_budget_bytes: self.activation_budget_mib * 1024 * 1024,
             rtn: self.rtn,
             max_shard_bytes: Some(self.max_shard_size),
+            backend: quant_engine::backend::Backend::Cpu,
         })
     }
 }

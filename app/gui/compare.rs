@@ -200,6 +200,7 @@ impl ComparePanel {
                     Numerics::Exact
                 },
                 allow_long_context: false,
+                backend: quant_engine::backend::Backend::Cpu,
             },
         };
         match shared.submit(Owner::Compare, cmd) {

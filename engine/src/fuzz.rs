@@ -129,6 +129,7 @@ impl Workspace {
             activation_budget_bytes: 1 << 30,
             rtn: true,
             max_shard_bytes: None,
+            backend: crate::backend::Backend::Cpu,
         };
         crate::quantize_gptq::quantize_gptq(
             &src,

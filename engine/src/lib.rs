@@ -13,6 +13,7 @@
 //! * [`output`] — every output written under a temporary name, checked before work starts, renamed when complete.
 //! * [`jobs`]   — the engine thread: `Command`/`Event` over bounded channels, cancellation, progress.
 
+pub mod backend;
 pub mod bench;
 pub mod bounded;
 pub mod calib;

@@ -47,6 +47,8 @@ pub struct GptqQuantizeOptions {
     /// [`DEFAULT_MAX_SHARD_BYTES`](crate::writers::gptq::DEFAULT_MAX_SHARD_BYTES)); above it the weights are
     /// written as `model-0000i-of-0000N.safetensors` shards with `model.safetensors.index.json`.
     pub max_shard_bytes: Option<u64>,
+    /// Where calibration capture runs.
+    pub backend: crate::backend::Backend,
 }
 
 /// One quantized linear.
@@ -293,6 +295,7 @@ pub fn quantize_gptq(
     let rows = sample_rows(&src.tokenizer, &docs, &opts.calib_opts)?;
     drop(docs);
     let mut model = Model::load(src)?;
+    model.set_backend(opts.backend);
     model.check_context(opts.calib_opts.seq_len, false)?;
     let c = model.config().clone();
     let seq = opts.calib_opts.seq_len;
@@ -602,6 +605,7 @@ mod tests {
             activation_budget_bytes: budget,
             rtn: false,
             max_shard_bytes: None,
+            backend: crate::backend::Backend::Cpu,
         }
     }
 

@@ -53,6 +53,9 @@ pub struct EvalOptions {
     /// Accept a context longer than the model's trained one.
     #[serde(default)]
     pub allow_long_context: bool,
+    /// Where the arithmetic runs.
+    #[serde(default)]
+    pub backend: crate::backend::Backend,
 }
 
 impl Default for EvalOptions {
@@ -62,6 +65,7 @@ impl Default for EvalOptions {
             max_chunks: None,
             numerics: Numerics::Exact,
             allow_long_context: false,
+            backend: crate::backend::Backend::Cpu,
         }
     }
 }

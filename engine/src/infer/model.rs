@@ -12,8 +12,10 @@ use rayon::prelude::*;
 
 use super::kv_cache::KvCache;
 use super::numerics::{matmul_with, round_f16, Numerics};
+use crate::backend::Backend;
 use crate::model::{ModelConfig, SourceModel};
-use crate::tensor::{dot, sgemm_nn, sgemm_nt, TensorRef};
+use crate::simd::dot;
+use crate::tensor::TensorRef;
 use crate::{Error, Result};
 
 /// Which rows of logits [`Model::forward`] returns.
@@ -140,6 +142,13 @@ const UBATCH: usize = 512;
 /// Query rows per attention task.
 const ATTN_ROWS: usize = 32;
 
+/// How a linear runs: where, and with which activation rounding.
+#[derive(Clone, Copy, Debug)]
+struct Exec {
+    backend: Backend,
+    numerics: Numerics,
+}
+
 /// A linear layer: weight in its stored type, optional f32 bias.
 #[derive(Clone, Debug)]
 struct Linear {
@@ -148,9 +157,9 @@ struct Linear {
 }
 
 impl Linear {
-    /// `out[n, rows] = x[n, cols] · Wᵀ + b`, with the activations rounded as `numerics` says.
-    fn forward(&self, x: &[f32], n: usize, out: &mut [f32], numerics: Numerics) {
-        matmul_with(&self.w, x, n, out, numerics);
+    /// `out[n, rows] = x[n, cols] · Wᵀ + b` on `ex.backend`, activations rounded as `ex.numerics` says.
+    fn forward(&self, x: &[f32], n: usize, out: &mut [f32], ex: Exec) {
+        matmul_with(ex.backend, &self.w, x, n, out, ex.numerics);
         if let Some(b) = &self.b {
             for row in out.chunks_exact_mut(b.len()) {
                 for (o, &bb) in row.iter_mut().zip(b) {
@@ -188,6 +197,7 @@ pub struct Model {
     lm_head: TensorRef,
     inv_freq: Vec<f32>,
     numerics: Numerics,
+    backend: Backend,
 }
 
 impl std::fmt::Debug for Model {
@@ -334,12 +344,31 @@ impl Model {
             lm_head,
             inv_freq,
             numerics: Numerics::Exact,
+            backend: Backend::Cpu,
         })
     }
 
     /// Round activations as `numerics` says from now on (a clone of a shared model can differ from it).
     pub fn set_numerics(&mut self, numerics: Numerics) {
         self.numerics = numerics;
+    }
+
+    /// Run on `backend` from now on.
+    pub fn set_backend(&mut self, backend: Backend) {
+        self.backend = backend;
+    }
+
+    /// The backend the model runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// How the linears run: backend and activation rounding.
+    fn exec(&self) -> Exec {
+        Exec {
+            backend: self.backend,
+            numerics: self.numerics,
+        }
     }
 
     /// The model's hyper-parameters.
@@ -465,7 +494,7 @@ impl Model {
                 let mut x = hidden[(w0 - c0) * h..].to_vec();
                 rms_norm(&mut x, &self.norm, c.rms_norm_eps);
                 let out = &mut logits[(w0 - from) * vocab..(c1 - from) * vocab];
-                matmul_with(&self.lm_head, &x, k, out, self.numerics);
+                matmul_with(self.backend, &self.lm_head, &x, k, out, self.numerics);
             }
             c0 = c1;
         }
@@ -674,9 +703,9 @@ impl Model {
         if until == Some(MatmulInput::Attention) {
             return;
         }
-        layer.q.forward(&s.xn, n, &mut s.q, self.numerics);
-        layer.k.forward(&s.xn, n, &mut s.k, self.numerics);
-        layer.v.forward(&s.xn, n, &mut s.v, self.numerics);
+        layer.q.forward(&s.xn, n, &mut s.q, self.exec());
+        layer.k.forward(&s.xn, n, &mut s.k, self.exec());
+        layer.v.forward(&s.xn, n, &mut s.v, self.exec());
         apply_rope(&mut s.q, hd, cos, sin);
         apply_rope(&mut s.k, hd, cos, sin);
         if self.numerics == Numerics::LlamaCpu {
@@ -693,7 +722,7 @@ impl Model {
         if until == Some(MatmulInput::AttentionOutput) {
             return;
         }
-        layer.o.forward(&s.attn, n, &mut s.proj, self.numerics);
+        layer.o.forward(&s.attn, n, &mut s.proj, self.exec());
         add_into(x, &s.proj);
         self.ffn_step(li, x, n, s, observer, until);
     }
@@ -719,8 +748,8 @@ impl Model {
         if until == Some(MatmulInput::Ffn) {
             return;
         }
-        layer.gate.forward(&s.xn, n, &mut s.gate, self.numerics);
-        layer.up.forward(&s.xn, n, &mut s.up, self.numerics);
+        layer.gate.forward(&s.xn, n, &mut s.gate, self.exec());
+        layer.up.forward(&s.xn, n, &mut s.up, self.exec());
         for (g, &u) in s.gate.iter_mut().zip(&s.up) {
             *g = silu(*g) * u;
         }
@@ -730,7 +759,7 @@ impl Model {
         if until == Some(MatmulInput::FfnDown) {
             return;
         }
-        layer.down.forward(&s.gate, n, &mut s.proj, self.numerics);
+        layer.down.forward(&s.gate, n, &mut s.proj, self.exec());
         add_into(x, &s.proj);
     }
 
@@ -769,6 +798,7 @@ impl Model {
         let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
         // llama.cpp converts the probabilities to f16 before multiplying them with its f16 values.
         let f16_probs = self.numerics == Numerics::LlamaCpu;
+        let backend = self.backend;
         let blocks = n.div_ceil(ATTN_ROWS);
         let parts: Vec<(usize, usize, Vec<f32>)> = (0..nh * blocks)
             .into_par_iter()
@@ -804,7 +834,7 @@ impl Model {
                         dst.copy_from_slice(&q[src..src + hd]);
                     }
                     let mut s = vec![0.0f32; rows * len];
-                    sgemm_nt(rows, len, hd, &qb, keys, &mut s);
+                    backend.sgemm_nt(rows, len, hd, &qb, keys, &mut s);
                     for (r, srow) in s.chunks_exact_mut(len).enumerate() {
                         let visible = p0 + r0 + r + 1;
                         let (vis, masked) = srow.split_at_mut(visible);
@@ -817,7 +847,7 @@ impl Model {
                         }
                         masked.fill(0.0);
                     }
-                    sgemm_nn(rows, hd, len, &s, vals, &mut o);
+                    backend.sgemm_nn(rows, hd, len, &s, vals, &mut o);
                 }
                 (head, r0, o)
             })

@@ -12,6 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::backend::Backend;
 use crate::codecs::GgmlType;
 use crate::tensor::TensorRef;
 
@@ -123,7 +124,14 @@ fn round_q8_k_block(b: &mut [f32]) {
 
 /// `w.matmul(x)`, first rounding a copy of the activations to what llama.cpp's CPU backend multiplies
 /// with `w`'s type when `numerics` asks for it (packed GPTQ weights have no llama.cpp counterpart).
-pub(crate) fn matmul_with(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32], numerics: Numerics) {
+pub(crate) fn matmul_with(
+    backend: Backend,
+    w: &TensorRef,
+    x: &[f32],
+    n: usize,
+    out: &mut [f32],
+    numerics: Numerics,
+) {
     match numerics {
         Numerics::LlamaCpu
             if w.block_type()
@@ -134,10 +142,10 @@ pub(crate) fn matmul_with(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32], n
             };
             let mut xr = x.to_vec();
             round_activations(ty, &mut xr, w.cols());
-            w.matmul(&xr, n, out);
+            backend.matmul(w, &xr, n, out);
             add_q8_1_sum_terms(w, x, n, out);
         }
-        _ => w.matmul(x, n, out),
+        _ => backend.matmul(w, x, n, out),
     }
 }
 
@@ -257,7 +265,7 @@ mod tests {
             let scale = y.iter().fold(0f32, |a, v| a.max(v.abs()));
             let err = |numerics| {
                 let mut out = vec![0f32; n * m];
-                matmul_with(&w, &x, n, &mut out, numerics);
+                matmul_with(Backend::Cpu, &w, &x, n, &mut out, numerics);
                 out.iter()
                     .zip(&y)
                     .fold(0f32, |a, (o, e)| a.max((o - e).abs()))

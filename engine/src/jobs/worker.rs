@@ -277,6 +277,7 @@ fn evaluate(
     let with_numerics = |m: &crate::infer::Model| {
         let mut m = m.clone();
         m.set_numerics(options.numerics);
+        m.set_backend(options.backend);
         m
     };
     let variant_model = with_numerics(&variant.model);

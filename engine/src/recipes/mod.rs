@@ -338,6 +338,7 @@ impl Default for GptqQuantizeOptions {
             activation_budget_bytes: crate::quantize_gptq::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
             rtn: false,
             max_shard_bytes: None,
+            backend: crate::backend::Backend::Cpu,
         }
     }
 }

@@ -1,0 +1,204 @@
+//! The CPU backend's kernels: the matmul over weights in their stored form (tiles of rows dequantised into a
+//! per-thread scratch and multiplied with a GEMM for prompts, dotted directly for decoding) and the small
+//! f32 GEMMs of attention. SIMD primitives are in `crate::simd`.
+
+use rayon::prelude::*;
+
+use crate::codecs::GgmlType;
+use crate::tensor::TensorRef;
+
+/// `out[t, r] = Σ_c x[t, c] · W[r, c]` for `n` activation rows `x` (`[n, cols]`), `out` is `[n, rows]`.
+///
+/// The weight stays in its stored type: tiles of rows are dequantised into a per-thread scratch and
+/// multiplied with a GEMM (prompt processing) or dotted directly (decoding, `n == 1`).
+pub fn matmul(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
+    assert_eq!(x.len(), n * cols, "{}: activation size", w.name);
+    assert_eq!(out.len(), n * rows, "{}: output size", w.name);
+    if n == 1 {
+        matvec(w, x, out);
+        return;
+    }
+    let tile = tile_rows(rows, cols);
+    let dst = SharedOut(out.as_mut_ptr());
+    (0..rows.div_ceil(tile)).into_par_iter().for_each_init(
+        || Vec::with_capacity(tile * cols),
+        |tile_buf: &mut Vec<f32>, ti| {
+            let r0 = ti * tile;
+            let r1 = (r0 + tile).min(rows);
+            let m = r1 - r0;
+            tile_buf.resize(m * cols, 0.0);
+            for (i, row) in tile_buf.chunks_exact_mut(cols).enumerate() {
+                w.dequant_row(r0 + i, row);
+            }
+            // SAFETY: tiles are disjoint column ranges r0..r1 of the n×rows output, which outlives
+            // this parallel loop; each tile writes only its own columns.
+            #[allow(unsafe_code)]
+            unsafe {
+                sgemm_nt_strided(n, m, cols, x, tile_buf, dst.at(r0), rows);
+            }
+        },
+    );
+}
+
+fn matvec(w: &TensorRef, x: &[f32], out: &mut [f32]) {
+    let cols = w.cols();
+    let chunk = (out.len() / (rayon::current_num_threads() * 8)).clamp(8, 256);
+    out.par_chunks_mut(chunk).enumerate().for_each_init(
+        || vec![0.0f32; cols],
+        |scratch, (ci, o)| {
+            for (k, v) in o.iter_mut().enumerate() {
+                let r = ci * chunk + k;
+                *v = match w.block_type() {
+                    Some(GgmlType::F16) => crate::simd::dot_f16(w.row_data(r), x),
+                    _ => {
+                        w.dequant_row(r, scratch);
+                        crate::simd::dot_f32(scratch, x)
+                    }
+                };
+            }
+        },
+    );
+}
+
+/// Rows per tile so a dequantised tile stays around 256 KiB (L2-sized).
+fn tile_rows(rows: usize, cols: usize) -> usize {
+    ((256 * 1024 / 4) / cols.max(1))
+        .clamp(16, 512)
+        .min(rows.max(1))
+}
+
+/// `y[n, m] = x[n, k] · w[m, k]ᵀ`, single-threaded (callers parallelise over tiles).
+#[allow(unsafe_code)]
+pub fn sgemm_nt(n: usize, m: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
+    assert!(y.len() >= n * m);
+    // SAFETY: `y` holds n rows of m (asserted) and is borrowed exclusively.
+    unsafe { sgemm_nt_strided(n, m, k, x, w, y.as_mut_ptr(), m) }
+}
+
+/// The output of a parallel matmul, written by disjoint tiles.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+impl SharedOut {
+    /// The pointer `i` elements in (captured as a whole struct by closures, so it stays `Sync`).
+    #[allow(unsafe_code)]
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+// SAFETY: each tile writes a disjoint set of columns; see `TensorRef::matmul`.
+#[allow(unsafe_code)]
+unsafe impl Send for SharedOut {}
+#[allow(unsafe_code)]
+unsafe impl Sync for SharedOut {}
+
+/// `y = x[n, k] · w[m, k]ᵀ` written into `y` with row stride `ldy` (a column block of a wider matrix).
+///
+/// # Safety
+/// `y` must be valid for writes at `y + t·ldy + j` for `t < n`, `j < m`, and no other thread may touch
+/// those elements meanwhile.
+#[allow(unsafe_code)]
+unsafe fn sgemm_nt_strided(
+    n: usize,
+    m: usize,
+    k: usize,
+    x: &[f32],
+    w: &[f32],
+    y: *mut f32,
+    ldy: usize,
+) {
+    assert!(x.len() >= n * k && w.len() >= m * k && ldy >= m);
+    // SAFETY: the caller guarantees the output; the inputs are bounded by the assert.
+    unsafe {
+        gemm::gemm(
+            n,
+            m,
+            k,
+            y,
+            1,
+            ldy as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+/// `y[n, m] = x[n, k] · w[k, m]` with row-major `w`, parallel over threads. For activations × activations
+/// (attention).
+#[allow(unsafe_code)]
+pub fn sgemm_nn(n: usize, m: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
+    assert!(x.len() >= n * k && w.len() >= k * m && y.len() >= n * m);
+    // SAFETY: bounds asserted above; all three matrices are row-major with unit column stride.
+    unsafe {
+        gemm::gemm(
+            n,
+            m,
+            k,
+            y.as_mut_ptr(),
+            1,
+            m as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            1,
+            m as isize,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], n: usize, w: &[f32], m: usize, k: usize) -> Vec<f32> {
+        let mut y = vec![0.0; n * m];
+        for t in 0..n {
+            for r in 0..m {
+                y[t * m + r] = (0..k).map(|c| x[t * k + c] * w[r * k + c]).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matmul_matches_naive_for_batches_and_vectors() {
+        // 1100 rows of 64 make three tiles, the last one partial.
+        let (m, k) = (1100, 64);
+        let w: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let t = TensorRef::from_f32("w", vec![m, k], &w).unwrap();
+        for n in [1, 5] {
+            let x: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+                .collect();
+            let mut y = vec![0.0; n * m];
+            matmul(&t, &x, n, &mut y);
+            let want = naive(&x, n, &w, m, k);
+            for (a, b) in y.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+            }
+        }
+    }
+}
