@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::eval::{ChunkProgress, EvalOptions, KldReport, PerplexityReport};
 use crate::infer::{GenerateOptions, GenerateStats};
-pub use crate::model::convert::OutDtype;
 use crate::model::summary::ModelSummary;
+pub use crate::writers::hf::OutDtype;
 use crate::{Error, Result};
 
 use cache::ModelCache;

@@ -16,10 +16,10 @@ use super::{DEFAULT_CHAT_CONTEXT, STAGE_CHAT_READY, STAGE_CONVERT};
 use crate::eval::{kl_divergence, perplexity, ChunkProgress, EvalOptions};
 use crate::imatrix::ImatrixOptions;
 use crate::infer::{generate, ChatSession, GenerateOptions, StopReason};
-use crate::model::convert::{write_hf_folder, OutDtype};
 use crate::model::summary::ModelSummary;
 use crate::model::{ChatMessage, SourceModel, TextTokenizer};
 use crate::output::OutputSpec;
+use crate::writers::hf::{write_hf_folder, OutDtype};
 use crate::{Error, Result};
 
 /// Messages queued for a chat session.

@@ -5,7 +5,6 @@
 //! stored type, read one at a time), and a [`TextTokenizer`] with the chat template.
 
 pub mod config;
-pub mod convert;
 pub mod fixture;
 pub mod gguf;
 pub mod gguf_model;

@@ -8,16 +8,15 @@
 //! transformers' `save_pretrained(max_shard_size=…)` does; everything is written in a temporary folder
 //! renamed when complete.
 
-use std::io::{BufWriter, Write};
-use std::ops::Range;
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use crate::codecs::gptq::{packed_len, GptqPacked};
-use crate::model::convert::{
+use super::hf::{
     config_json, generation_config_json, tokenizer_config_json, tokenizer_json, OutDtype,
 };
+use super::safetensors::{PlannedTensor, SafetensorsSink};
+use crate::codecs::gptq::{packed_len, GptqPacked};
 use crate::model::SourceModel;
 use crate::tensor::TensorRef;
 use crate::{Error, Result};
@@ -144,38 +143,6 @@ fn plan<'a>(src: &'a SourceModel, cfg: &GptqConfig) -> Result<Vec<Entry<'a>>> {
     Ok(v)
 }
 
-/// Split entries of `sizes` bytes, in order, into runs of at most `limit` bytes (an entry larger than
-/// `limit` alone in its run), as `huggingface_hub`'s `split_torch_state_dict_into_shards` fills shards.
-fn shard_ranges(sizes: &[u64], limit: u64) -> Vec<Range<usize>> {
-    let mut shards: Vec<Range<usize>> = Vec::new();
-    let mut size = 0u64;
-    for (i, &b) in sizes.iter().enumerate() {
-        match shards.last_mut() {
-            Some(cur) if size.saturating_add(b) <= limit => {
-                cur.end = i + 1;
-                size += b;
-            }
-            _ => {
-                shards.push(i..i + 1);
-                size = b;
-            }
-        }
-    }
-    if shards.is_empty() {
-        shards.push(0..0);
-    }
-    shards
-}
-
-/// The weight file of shard `i` of `n` (transformers' names).
-fn shard_file_name(i: usize, n: usize) -> String {
-    if n == 1 {
-        "model.safetensors".into()
-    } else {
-        format!("model-{:05}-of-{n:05}.safetensors", i + 1)
-    }
-}
-
 /// Write `src` as a GPTQ folder into `out` (created if missing; callers write through an
 /// [`crate::output::Staged`] temporary). `quantize_linear` packs one decoder linear (given in PyTorch
 /// order `[out, in]`); `progress(done, total)` returning `false` cancels.
@@ -200,43 +167,74 @@ pub fn write_gptq_folder(
         let p = tmp.join(name);
         std::fs::write(&p, s).map_err(|e| Error::io(&p, e))
     };
-    let sizes: Vec<u64> = entries.iter().map(|e| e.nbytes as u64).collect();
-    let shards = shard_ranges(
-        &sizes,
+    let mut meta = Map::new();
+    meta.insert("format".into(), json!("pt"));
+    meta.insert("gptq_bits".into(), json!(cfg.bits.to_string()));
+    let planned = entries
+        .iter()
+        .map(|e| PlannedTensor {
+            name: e.name.clone(),
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+            nbytes: e.nbytes as u64,
+        })
+        .collect();
+    let mut sink = SafetensorsSink::new(
+        tmp,
+        planned,
         cfg.max_shard_bytes.unwrap_or(DEFAULT_MAX_SHARD_BYTES),
+        meta,
     );
-    let n = shards.len();
-    let mut stream = Stream {
-        total: entries.iter().filter(|e| e.part.unwrap_or(0) == 0).count(),
-        done: 0,
-        packed: None,
-        quantize_linear,
-        progress,
-    };
-    for (i, r) in shards.iter().enumerate() {
-        write_shard(
-            &tmp.join(shard_file_name(i, n)),
-            cfg,
-            &entries[r.clone()],
-            &mut stream,
-        )?;
-    }
-    if n > 1 {
-        // As transformers writes it (`json.dumps(index, indent=2, sort_keys=True)`).
-        let mut names: Vec<(&str, usize)> = Vec::with_capacity(entries.len());
-        for (i, r) in shards.iter().enumerate() {
-            names.extend(entries[r.clone()].iter().map(|e| (e.name.as_str(), i)));
+    let total = entries.iter().filter(|e| e.part.unwrap_or(0) == 0).count();
+    let mut done = 0;
+    // The linear being written: its four parts are appended one after the other.
+    let mut packed: Option<GptqPacked> = None;
+    let mut row = Vec::new();
+    let mut bytes = Vec::new();
+    for e in &entries {
+        match e.part {
+            None => {
+                row.resize(e.src.cols(), 0.0f32);
+                for r in 0..e.src.rows() {
+                    e.src.dequant_row(r, &mut row);
+                    bytes.clear();
+                    bytes.extend(
+                        row.iter()
+                            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes()),
+                    );
+                    sink.write(&e.name, &bytes)?;
+                }
+            }
+            Some(part) => {
+                if part == 0 {
+                    packed = Some(quantize_linear(e.src)?);
+                }
+                let p = packed
+                    .as_ref()
+                    .ok_or_else(|| Error::Invalid("GPTQ parts out of order".into()))?;
+                let b = [&p.qweight, &p.qzeros, &p.scales, &p.g_idx][part];
+                if b.len() != e.nbytes {
+                    return Err(Error::Invalid(format!(
+                        "{}: {} bytes produced, {} expected",
+                        e.name,
+                        b.len(),
+                        e.nbytes
+                    )));
+                }
+                sink.write(&e.name, b)?;
+                if part == 3 {
+                    packed = None;
+                }
+            }
         }
-        names.sort_unstable();
-        let mut weight_map = Map::new();
-        for (name, i) in names {
-            weight_map.insert(name.to_owned(), Value::from(shard_file_name(i, n)));
+        if e.part.unwrap_or(0) == 0 {
+            done += 1;
+            if !progress(done, total) {
+                return Err(Error::Cancelled);
+            }
         }
-        text(
-            "model.safetensors.index.json",
-            &json!({"metadata": {"total_size": sizes.iter().sum::<u64>()}, "weight_map": weight_map}),
-        )?;
     }
+    sink.finish()?;
     text("config.json", &config)?;
     text("quantize_config.json", &cfg.to_json())?;
     text(
@@ -252,90 +250,6 @@ pub fn write_gptq_folder(
     Ok(())
 }
 
-/// What carries over from one weight file to the next.
-struct Stream<'f> {
-    /// GPTQ linears in all, and packed so far.
-    total: usize,
-    done: usize,
-    /// The linear being written (its four parts may straddle two shards).
-    packed: Option<GptqPacked>,
-    quantize_linear: &'f mut dyn FnMut(&TensorRef) -> Result<GptqPacked>,
-    progress: &'f mut dyn FnMut(usize, usize) -> bool,
-}
-
-fn write_shard(
-    path: &Path,
-    cfg: &GptqConfig,
-    entries: &[Entry<'_>],
-    st: &mut Stream<'_>,
-) -> Result<()> {
-    let mut header = Map::new();
-    let mut meta = Map::new();
-    meta.insert("format".into(), json!("pt"));
-    meta.insert("gptq_bits".into(), json!(cfg.bits.to_string()));
-    header.insert("__metadata__".into(), Value::Object(meta));
-    let mut offset = 0usize;
-    for e in entries {
-        header.insert(
-            e.name.clone(),
-            json!({"dtype": e.dtype, "shape": e.shape, "data_offsets": [offset, offset + e.nbytes]}),
-        );
-        offset += e.nbytes;
-    }
-    let mut h =
-        serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Invalid(e.to_string()))?;
-    h.resize(h.len().next_multiple_of(8), b' ');
-    let io = |e| Error::io(path, e);
-    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path).map_err(io)?);
-    w.write_all(&(h.len() as u64).to_le_bytes()).map_err(io)?;
-    w.write_all(&h).map_err(io)?;
-    let mut row = Vec::new();
-    for e in entries {
-        let bytes: Vec<u8> = match e.part {
-            None => {
-                let cols = e.src.cols();
-                row.resize(cols, 0.0f32);
-                let mut b = Vec::with_capacity(e.nbytes);
-                for r in 0..e.src.rows() {
-                    e.src.dequant_row(r, &mut row);
-                    b.extend(
-                        row.iter()
-                            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes()),
-                    );
-                }
-                b
-            }
-            Some(part) => {
-                if part == 0 {
-                    st.packed = Some((st.quantize_linear)(e.src)?);
-                }
-                let p = st
-                    .packed
-                    .as_ref()
-                    .ok_or_else(|| Error::Invalid("GPTQ parts out of order".into()))?;
-                [&p.qweight, &p.qzeros, &p.scales, &p.g_idx][part].clone()
-            }
-        };
-        if bytes.len() != e.nbytes {
-            return Err(Error::Invalid(format!(
-                "{}: {} bytes produced, {} expected",
-                e.name,
-                bytes.len(),
-                e.nbytes
-            )));
-        }
-        w.write_all(&bytes).map_err(io)?;
-        if e.part.unwrap_or(0) == 0 {
-            st.done += 1;
-            if !(st.progress)(st.done, st.total) {
-                return Err(Error::Cancelled);
-            }
-        }
-    }
-    let f = w.into_inner().map_err(|e| io(e.into_error()))?;
-    f.sync_all().map_err(io)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,22 +257,6 @@ mod tests {
     use crate::infer::{Logits, Model};
     use crate::model::fixture::{write_fixture, FixtureSpec};
 
-    #[test]
-    fn shards_fill_in_order_like_huggingface_hub() {
-        // huggingface_hub's docstring example: [6, 6, 2, 6, 2, 2] under 10 → [6], [6+2], [6+2+2].
-        assert_eq!(
-            shard_ranges(&[6, 6, 2, 6, 2, 2], 10),
-            vec![0..1, 1..3, 3..6]
-        );
-        // A tensor over the limit gets a shard of its own.
-        assert_eq!(shard_ranges(&[3, 20, 3], 10), vec![0..1, 1..2, 2..3]);
-        assert_eq!(shard_ranges(&[3, 3, 4], 10), vec![0..3]);
-        assert_eq!(shard_ranges(&[], 10), vec![0..0]);
-        assert_eq!(shard_file_name(0, 1), "model.safetensors");
-        assert_eq!(shard_file_name(1, 12), "model-00002-of-00012.safetensors");
-    }
-
-    /// Round-to-nearest on GPTQ's asymmetric grid, groups of `gs` columns.
     fn rtn(t: &TensorRef, cfg: &GptqConfig) -> Result<GptqPacked> {
         let (n, k) = (t.rows(), t.cols());
         let gs = cfg.group_size.unwrap_or(k);

@@ -3,5 +3,7 @@
 
 pub mod gguf;
 pub mod gptq;
+pub mod hf;
+pub mod safetensors;
 
 pub use gguf::{quantize_tensor_rows, write_gguf, GgufPlanTensor};

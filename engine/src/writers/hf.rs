@@ -8,12 +8,12 @@
 //! renamed only once complete; on error or cancellation it is removed.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use super::{Arch, ModelConfig, RopeScaling, SourceModel};
+use super::safetensors::{PlannedTensor, SafetensorsSink};
+use crate::model::{Arch, ModelConfig, RopeScaling, SourceModel};
 use crate::output::OutputSpec;
 use crate::tensor::TensorRef;
 use crate::{Error, Result};
@@ -145,48 +145,6 @@ fn out_bytes(t: &TensorRef) -> u64 {
     t.numel() as u64 * 2
 }
 
-/// Split `tensors` (in order) into shards of at most `limit` bytes.
-fn plan_shards<'a>(tensors: &[&'a TensorRef], limit: u64) -> Vec<Vec<&'a TensorRef>> {
-    let mut shards: Vec<Vec<&TensorRef>> = vec![];
-    let mut size = 0u64;
-    for &t in tensors {
-        let b = out_bytes(t);
-        match shards.last_mut() {
-            Some(cur) if !cur.is_empty() && size + b <= limit => {
-                cur.push(t);
-                size += b;
-            }
-            _ => {
-                shards.push(vec![t]);
-                size = b;
-            }
-        }
-    }
-    if shards.is_empty() {
-        shards.push(vec![]);
-    }
-    shards
-}
-
-/// The safetensors header for `tensors` laid out back to back, padded with spaces to 8 bytes.
-fn safetensors_header(tensors: &[&TensorRef], dtype: OutDtype) -> Result<Vec<u8>> {
-    let mut header = Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut offset = 0u64;
-    for t in tensors {
-        let end = offset + out_bytes(t);
-        header.insert(
-            t.name.clone(),
-            json!({"dtype": dtype.safetensors_name(), "shape": t.shape, "data_offsets": [offset, end]}),
-        );
-        offset = end;
-    }
-    let mut h =
-        serde_json::to_vec(&Value::Object(header)).map_err(|e| Error::Invalid(e.to_string()))?;
-    h.resize(h.len().next_multiple_of(8), b' ');
-    Ok(h)
-}
-
 fn write_weights(
     dir: &Path,
     tensors: &[&TensorRef],
@@ -194,64 +152,47 @@ fn write_weights(
     shard_bytes: u64,
     progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<()> {
-    let shards = plan_shards(tensors, shard_bytes);
-    let n = shards.len();
-    let total: u64 = tensors.iter().map(|t| out_bytes(t)).sum();
-    let file_name = |i: usize| {
-        if n == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{n:05}.safetensors", i + 1)
-        }
-    };
+    let plan = tensors
+        .iter()
+        .map(|t| PlannedTensor {
+            name: t.name.clone(),
+            dtype: dtype.safetensors_name(),
+            shape: t.shape.clone(),
+            nbytes: out_bytes(t),
+        })
+        .collect();
+    let mut meta = Map::new();
+    meta.insert("format".into(), json!("pt"));
+    let mut sink = SafetensorsSink::new(dir, plan, shard_bytes, meta);
+    let total = sink.total_bytes() as usize;
     let mut done = 0usize;
-    if !progress(0, total as usize) {
+    if !progress(0, total) {
         return Err(Error::Cancelled);
     }
-    let mut weight_map = Map::new();
-    for (i, shard) in shards.iter().enumerate() {
-        let path = dir.join(file_name(i));
-        let header = safetensors_header(shard, dtype)?;
-        let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?;
-        let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
-        let io = |e: std::io::Error| Error::io(&path, e);
-        w.write_all(&(header.len() as u64).to_le_bytes())
-            .map_err(io)?;
-        w.write_all(&header).map_err(io)?;
-        let mut row = Vec::new();
-        let mut bytes = Vec::new();
-        for t in shard {
-            let (rows, cols) = (t.rows(), t.cols());
-            row.resize(cols, 0.0f32);
-            let mut since_report = 0usize;
-            for r in 0..rows {
-                t.dequant_row(r, &mut row);
-                dtype.encode(&row, &mut bytes);
-                w.write_all(&bytes).map_err(io)?;
-                done += bytes.len();
-                since_report += bytes.len();
-                if since_report >= PROGRESS_STEP {
-                    since_report = 0;
-                    if !progress(done, total as usize) {
-                        return Err(Error::Cancelled);
-                    }
+    let mut row = Vec::new();
+    let mut bytes = Vec::new();
+    for t in tensors {
+        let (rows, cols) = (t.rows(), t.cols());
+        row.resize(cols, 0.0f32);
+        let mut since_report = 0usize;
+        for r in 0..rows {
+            t.dequant_row(r, &mut row);
+            dtype.encode(&row, &mut bytes);
+            sink.write(&t.name, &bytes)?;
+            done += bytes.len();
+            since_report += bytes.len();
+            if since_report >= PROGRESS_STEP {
+                since_report = 0;
+                if !progress(done, total) {
+                    return Err(Error::Cancelled);
                 }
             }
-            if !progress(done, total as usize) {
-                return Err(Error::Cancelled);
-            }
-            weight_map.insert(t.name.clone(), Value::from(file_name(i)));
         }
-        let file = w
-            .into_inner()
-            .map_err(|e| Error::io(&path, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&path, e))?;
+        if !progress(done, total) {
+            return Err(Error::Cancelled);
+        }
     }
-    if n > 1 {
-        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        write_text(&dir.join("model.safetensors.index.json"), &pretty(&index)?)?;
-    }
-    Ok(())
+    sink.finish()
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -343,7 +284,7 @@ fn eos_value(ids: &[u32]) -> Value {
 /// config.json in transformers' (4.x-compatible) form.
 pub(crate) fn config_json(
     cfg: &ModelConfig,
-    tok: &super::TextTokenizer,
+    tok: &crate::model::TextTokenizer,
     dtype: OutDtype,
 ) -> Result<Value> {
     let mut c = Map::new();
@@ -405,7 +346,7 @@ pub(crate) fn config_json(
     Ok(Value::Object(c))
 }
 
-pub(crate) fn generation_config_json(tok: &super::TextTokenizer) -> Value {
+pub(crate) fn generation_config_json(tok: &crate::model::TextTokenizer) -> Value {
     let mut g = Map::new();
     if let Some(b) = tok.bos_token_id {
         g.insert("bos_token_id".into(), json!(b));
@@ -431,7 +372,7 @@ pub(crate) fn tokenizer_json(src: &SourceModel) -> Result<(String, bool)> {
     let tok = &src.tokenizer;
     let bad = |e: String| Error::Tokenizer(format!("cannot serialise the tokenizer: {e}"));
     let text = tok.inner.to_string(false).map_err(|e| bad(e.to_string()))?;
-    let inserts = super::hf::post_processor_adds_bos(&tok.inner, tok.bos_token_id);
+    let inserts = crate::model::hf::post_processor_adds_bos(&tok.inner, tok.bos_token_id);
     let bos = tok
         .bos_token_id
         .and_then(|id| tok.inner.id_to_token(id).map(|t| (id, t)));
@@ -483,7 +424,7 @@ pub(crate) fn tokenizer_json(src: &SourceModel) -> Result<(String, bool)> {
     let check: tokenizers::Tokenizer = text
         .parse()
         .map_err(|e: tokenizers::Error| bad(e.to_string()))?;
-    let now_inserts = super::hf::post_processor_adds_bos(&check, tok.bos_token_id);
+    let now_inserts = crate::model::hf::post_processor_adds_bos(&check, tok.bos_token_id);
     Ok((text, now_inserts))
 }
 
