@@ -339,8 +339,8 @@ impl StudioApp {
         }
     }
 
-    fn top_bar(&mut self, ctx: &egui::Context) {
-        egui::TopBottomPanel::top("top").show(ctx, |ui| {
+    fn top_bar(&mut self, ui: &mut egui::Ui) {
+        egui::Panel::top("top").show(ui, |ui| {
             ui.horizontal(|ui| {
                 ui.heading("Quant Studio");
                 ui.separator();
@@ -361,8 +361,8 @@ impl StudioApp {
         });
     }
 
-    fn status_bar(&mut self, ctx: &egui::Context) {
-        egui::TopBottomPanel::bottom("status").show(ctx, |ui| {
+    fn status_bar(&mut self, ui: &mut egui::Ui) {
+        egui::Panel::bottom("status").show(ui, |ui| {
             ui.horizontal(|ui| {
                 let running = self.running_jobs();
                 if running > 0 {
@@ -399,7 +399,7 @@ impl StudioApp {
     }
 
     fn handle_drops_and_dialogs(&mut self, ctx: &egui::Context) {
-        let dropped = ctx.input(|i| i.raw.dropped_files.iter().find_map(|f| f.path.clone()));
+        let dropped = ctx.input(|i| i.raw.dropped_files.first().map(|f| f.path().to_path_buf()));
         if let Some(path) = dropped {
             self.open_model(path);
         }
@@ -416,15 +416,16 @@ impl StudioApp {
         }
     }
 
-    /// One frame of the UI (what eframe calls; tests call it through the harness).
-    pub fn ui(&mut self, ctx: &egui::Context) {
+    /// One frame of the UI in the window's root `ui` (what eframe calls; tests call it through the harness).
+    pub fn ui(&mut self, ui: &mut egui::Ui) {
         let t0 = Instant::now();
+        let ctx = &ui.ctx().clone();
         self.drain_events();
         self.handle_drops_and_dialogs(ctx);
         self.shortcuts(ctx);
-        self.top_bar(ctx);
-        self.status_bar(ctx);
-        egui::CentralPanel::default().show(ctx, |ui| match self.tab {
+        self.top_bar(ui);
+        self.status_bar(ui);
+        egui::CentralPanel::default().show(ui, |ui| match self.tab {
             Tab::Model => {
                 if let Some(next) = self.model.ui(ui, &mut self.shared) {
                     self.tab = next;
@@ -450,7 +451,7 @@ impl StudioApp {
 }
 
 impl eframe::App for StudioApp {
-    fn update(&mut self, ctx: &egui::Context, frame: &mut eframe::Frame) {
+    fn ui(&mut self, ui: &mut egui::Ui, frame: &mut eframe::Frame) {
         if let Some(s) = frame.info().cpu_usage {
             if self.busy() {
                 let f = &mut self.frame_times;
@@ -460,7 +461,7 @@ impl eframe::App for StudioApp {
                 }
             }
         }
-        self.ui(ctx);
+        StudioApp::ui(self, ui);
     }
 
     fn save(&mut self, storage: &mut dyn eframe::Storage) {

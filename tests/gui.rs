@@ -4,11 +4,12 @@
 //! with wgpu (Mesa's lavapipe in CI) compared against `tests/snapshots/`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use eframe::egui;
-use egui_kittest::kittest::Queryable;
+use egui_kittest::kittest::{AccessKitNode, Queryable};
 use egui_kittest::Harness;
 use quant_engine::infer::{GenerateStats, Numerics, StopReason};
 use quant_engine::jobs::{Command, EngineHandle, Event, LayerMetrics};
@@ -20,6 +21,20 @@ use quant_studio::gui::model::OpenModel;
 use quant_studio::gui::{StudioApp, Tab, Variant};
 
 const SIZE: egui::Vec2 = egui::vec2(1280.0, 800.0);
+
+/// A file dropped on the window, as a windowing integration hands it to egui.
+#[derive(Debug)]
+struct Dropped(PathBuf);
+
+impl egui::DroppedFile for Dropped {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn bytes(&self) -> Result<Vec<u8>, String> {
+        std::fs::read(&self.0).map_err(|e| e.to_string())
+    }
+}
 
 fn fixture(dir: &Path) -> PathBuf {
     let model = dir.join("tiny-llama");
@@ -99,6 +114,17 @@ fn step_until(h: &mut Harness<'_, StudioApp>, secs: u64, done: impl Fn(&StudioAp
     h.run_steps(2);
 }
 
+/// Focus the chat's message box (the system prompt is the other, labelled, text box), then type into it.
+fn type_message(h: &mut Harness<'_, StudioApp>, text: &str) {
+    fn message_box(n: &AccessKitNode<'_>) -> bool {
+        n.role() == egui::accesskit::Role::MultilineTextInput && n.label().is_none()
+    }
+    h.get_by(message_box).focus();
+    h.run_steps(1);
+    h.get_by(message_box).type_text(text);
+    h.run_steps(1);
+}
+
 fn metric(layer: usize, part: &str, err: f64) -> LayerMetrics {
     LayerMetrics {
         layer: Some(layer),
@@ -120,10 +146,9 @@ fn dropping_a_fixture_model_shows_its_card() {
     let mut h = Harness::builder()
         .with_size(SIZE)
         .build_eframe(|cc| StudioApp::new(cc, EngineHandle::spawn()));
-    h.input_mut().dropped_files.push(egui::DroppedFile {
-        path: Some(model.clone()),
-        ..Default::default()
-    });
+    h.input_mut()
+        .dropped_files
+        .push(Arc::new(Dropped(model.clone())));
     h.step();
     step_until(&mut h, 60, |app| app.shared.source.is_some());
     let want = ModelSummary::of(&SourceModel::open(&model).expect("open"));
@@ -270,10 +295,7 @@ fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
     });
     h.get_by_label("Chat").click();
     h.run_steps(2);
-    // The message box (the system prompt is the other, labelled, text box).
-    h.get_by(|n| n.role() == egui::accesskit::Role::MultilineTextInput && n.label().is_none())
-        .type_text("Hello there");
-    h.run_steps(1);
+    type_message(&mut h, "Hello there");
     h.get_by_label("Send").click();
     h.run_steps(2);
     let cmds = sent(&commands);
@@ -436,7 +458,7 @@ fn panels_snapshots() {
     h.get_by_label("🌙").click();
     h.run_steps(2);
     // Ctrl+2 is the quantize tab.
-    h.press_key_modifiers(egui::Modifiers::COMMAND, egui::Key::Num2);
+    h.key_press_modifiers(egui::Modifiers::COMMAND, egui::Key::Num2);
     h.run_steps(2);
     assert_eq!(h.state().tab, Tab::Quantize);
     h.get_by_label("Model").click();
@@ -535,17 +557,14 @@ fn a_hostile_chat_template_ends_in_an_error_not_a_frozen_chat() {
     let mut h = Harness::builder()
         .with_size(SIZE)
         .build_eframe(|cc| StudioApp::new(cc, EngineHandle::spawn()));
-    h.input_mut().dropped_files.push(egui::DroppedFile {
-        path: Some(model.clone()),
-        ..Default::default()
-    });
+    h.input_mut()
+        .dropped_files
+        .push(Arc::new(Dropped(model.clone())));
     h.step();
     step_until(&mut h, 60, |app| app.shared.source.is_some());
     h.get_by_label("Chat").click();
     h.run_steps(2);
-    h.get_by(|n| n.role() == egui::accesskit::Role::MultilineTextInput && n.label().is_none())
-        .type_text("Hello");
-    h.run_steps(1);
+    type_message(&mut h, "Hello");
     h.get_by_label("Send").click();
     h.run_steps(1);
     step_until(&mut h, 60, |app| app.shared.notes.errors().next().is_some());

@@ -184,10 +184,10 @@ impl ChatPanel {
             ui.heading("Open a model first");
             return;
         }
-        egui::SidePanel::right("chat-settings")
-            .default_width(280.0)
-            .show_inside(ui, |ui| self.settings_ui(ui, shared));
-        egui::TopBottomPanel::bottom("chat-input").show_inside(ui, |ui| {
+        egui::Panel::right("chat-settings")
+            .default_size(280.0)
+            .show(ui, |ui| self.settings_ui(ui, shared));
+        egui::Panel::bottom("chat-input").show(ui, |ui| {
             ui.add_space(4.0);
             ui.horizontal(|ui| {
                 let edit = ui.add(
@@ -214,7 +214,7 @@ impl ChatPanel {
             });
             ui.add_space(4.0);
         });
-        egui::CentralPanel::default().show_inside(ui, |ui| {
+        egui::CentralPanel::default().show(ui, |ui| {
             let n = self.active();
             ui.columns(n, |cols| {
                 for (i, col) in cols.iter_mut().enumerate() {
@@ -249,42 +249,49 @@ impl ChatPanel {
         ui.label("Sampling");
         let mut changed = false;
         egui::Grid::new("sampling").num_columns(2).show(ui, |ui| {
-            ui.label("temperature");
+            let label = ui.label("temperature");
             changed |= ui
                 .add(egui::Slider::new(&mut self.sampler.temperature, 0.0..=2.0))
+                .labelled_by(label.id)
                 .changed();
             ui.end_row();
-            ui.label("top-p");
+            let label = ui.label("top-p");
             changed |= ui
                 .add(egui::Slider::new(&mut self.sampler.top_p, 0.0..=1.0))
+                .labelled_by(label.id)
                 .changed();
             ui.end_row();
-            ui.label("top-k");
+            let label = ui.label("top-k");
             changed |= ui
                 .add(egui::Slider::new(&mut self.sampler.top_k, 0..=200))
+                .labelled_by(label.id)
                 .changed();
             ui.end_row();
-            ui.label("min-p");
+            let label = ui.label("min-p");
             changed |= ui
                 .add(egui::Slider::new(&mut self.sampler.min_p, 0.0..=1.0))
+                .labelled_by(label.id)
                 .changed();
             ui.end_row();
-            ui.label("repeat penalty");
+            let label = ui.label("repeat penalty");
             changed |= ui
                 .add(egui::Slider::new(
                     &mut self.sampler.repetition_penalty,
                     1.0..=2.0,
                 ))
+                .labelled_by(label.id)
                 .changed();
             ui.end_row();
-            ui.label("max tokens");
+            let label = ui.label("max tokens");
             changed |= ui
                 .add(egui::DragValue::new(&mut self.max_new_tokens).range(1..=8192))
+                .labelled_by(label.id)
                 .changed();
             ui.end_row();
-            ui.label("seed");
+            let label = ui.label("seed");
             changed |= ui
                 .add(egui::DragValue::new(&mut self.sampler.seed))
+                .labelled_by(label.id)
                 .changed();
             ui.end_row();
         });

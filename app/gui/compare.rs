@@ -5,9 +5,11 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use crossbeam_channel::{Receiver, TryRecvError};
 use eframe::egui;
-use egui_plot::{Bar, BarChart, Legend, Line, Plot, PlotPoints, Points};
+use egui_plot::{Bar, BarChart, HoverPosition, Legend, Line, Plot, PlotPoints, Points};
 use quant_engine::eval::EvalOptions;
 use quant_engine::infer::Numerics;
 use quant_engine::jobs::{Command, EvalText, Event, JobId, JobOutput};
@@ -60,6 +62,8 @@ pub struct ComparePanel {
     chart_rects: HashMap<String, egui::Rect>,
     /// A PNG export waiting for its screenshot.
     pending_png: Option<(PathBuf, String)>,
+    /// The screenshot asked for that export.
+    screenshot: Option<Screenshot>,
 }
 
 impl Default for ComparePanel {
@@ -74,6 +78,7 @@ impl Default for ComparePanel {
             chart: ChartView::Curves,
             chart_rects: HashMap::new(),
             pending_png: None,
+            screenshot: None,
         }
     }
 }
@@ -298,10 +303,12 @@ impl ComparePanel {
                 self.text = None;
             }
             ui.separator();
-            ui.label("context");
-            ui.add(egui::DragValue::new(&mut self.n_ctx).range(16..=8192));
-            ui.label("chunks");
-            ui.add(egui::DragValue::new(&mut self.max_chunks).range(1..=10_000));
+            let label = ui.label("context");
+            ui.add(egui::DragValue::new(&mut self.n_ctx).range(16..=8192))
+                .labelled_by(label.id);
+            let label = ui.label("chunks");
+            ui.add(egui::DragValue::new(&mut self.max_chunks).range(1..=10_000))
+                .labelled_by(label.id);
             let running = self.rows.iter().any(|r| r.running);
             ui.add_enabled(
                 !running,
@@ -390,7 +397,7 @@ impl ComparePanel {
                     if r.running {
                         ui.spinner();
                     } else if let Some(e) = &r.error {
-                        ui.colored_label(ui.visuals().error_fg_color, "✗")
+                        ui.colored_label(ui.visuals().error_fg_color, "✖")
                             .on_hover_text(e);
                     } else {
                         ui.label("");
@@ -422,8 +429,7 @@ impl ComparePanel {
                     .show(ui, |plot| {
                         for (i, r) in rows.iter().enumerate() {
                             plot.line(
-                                Line::new(PlotPoints::from(r.ppl_curve.clone()))
-                                    .name(&r.label)
+                                Line::new(&r.label, PlotPoints::from(r.ppl_curve.clone()))
                                     .color(series_color(i)),
                             );
                         }
@@ -437,8 +443,7 @@ impl ComparePanel {
                     .show(ui, |plot| {
                         for (i, r) in rows.iter().enumerate().filter(|(_, r)| !r.is_source) {
                             plot.line(
-                                Line::new(PlotPoints::from(r.kld_curve.clone()))
-                                    .name(&r.label)
+                                Line::new(&r.label, PlotPoints::from(r.kld_curve.clone()))
                                     .color(series_color(i)),
                             );
                         }
@@ -478,13 +483,13 @@ impl ComparePanel {
                     .height(height)
                     .y_axis_label("PPL")
                     .x_axis_formatter(move |m, _| axis_label(&labels, m.value))
-                    .show(ui, |plot| plot.bar_chart(BarChart::new(ppl).name("PPL")));
+                    .show(ui, |plot| plot.bar_chart(BarChart::new("PPL", ppl)));
                 Plot::new("kld-bars")
                     .width(half)
                     .height(height)
                     .y_axis_label("KLD vs source")
                     .x_axis_formatter(move |m, _| axis_label(&labels2, m.value))
-                    .show(ui, |plot| plot.bar_chart(BarChart::new(kld).name("KLD")));
+                    .show(ui, |plot| plot.bar_chart(BarChart::new("KLD", kld)));
             })
             .response
             .rect;
@@ -511,20 +516,22 @@ impl ComparePanel {
             .include_y(0.0)
             .include_x(lo_bpw)
             .include_x(hi_bpw)
-            .label_formatter(|name, p| {
-                if name.is_empty() {
-                    String::new()
-                } else {
-                    format!("{name}\n{:.2} bpw\nKLD {:.4}", p.x, p.y)
+            .label_formatter(|pos| match pos {
+                HoverPosition::NearDataPoint {
+                    plot_name,
+                    position: p,
+                    ..
+                } if !plot_name.is_empty() => {
+                    Some(format!("{plot_name}\n{:.2} bpw\nKLD {:.4}", p.x, p.y))
                 }
+                _ => None,
             })
             .show(ui, |plot| {
                 for (i, r) in rows.iter().enumerate() {
                     if let (Some(b), Some(k)) = (r.bpw, r.kld) {
                         plot.points(
-                            Points::new(vec![[b, k.0]])
+                            Points::new(&r.label, vec![[b, k.0]])
                                 .radius(6.0)
-                                .name(&r.label)
                                 .color(series_color(i)),
                         );
                     }
@@ -535,8 +542,7 @@ impl ComparePanel {
                     .collect();
                 if line.len() > 1 {
                     plot.line(
-                        Line::new(PlotPoints::from(line))
-                            .name("Pareto frontier")
+                        Line::new("Pareto frontier", PlotPoints::from(line))
                             .color(egui::Color32::GRAY)
                             .style(egui_plot::LineStyle::dashed_loose()),
                     );
@@ -550,35 +556,55 @@ impl ComparePanel {
         let Some((path, chart)) = self.pending_png.clone() else {
             return;
         };
-        let shot = ctx.input(|i| {
-            i.raw.events.iter().find_map(|e| match e {
-                egui::Event::Screenshot { image, .. } => Some(image.clone()),
-                _ => None,
-            })
-        });
-        match shot {
-            None => {
-                if !ctx.data(|d| {
-                    d.get_temp::<bool>(egui::Id::new("png-requested"))
-                        .unwrap_or(false)
-                }) {
-                    ctx.data_mut(|d| d.insert_temp(egui::Id::new("png-requested"), true));
-                    ctx.send_viewport_cmd(egui::ViewportCommand::Screenshot(Default::default()));
-                }
-            }
-            Some(image) => {
-                ctx.data_mut(|d| d.insert_temp(egui::Id::new("png-requested"), false));
+        let shot = self
+            .screenshot
+            .get_or_insert_with(|| Screenshot::request(ctx))
+            .poll();
+        let image = match shot {
+            Ok(None) => return,
+            Ok(Some(image)) => image,
+            Err(e) => {
+                self.screenshot = None;
                 self.pending_png = None;
-                let rect = self.chart_rects.get(&chart).copied();
-                let img = match rect {
-                    Some(r) => image.region(&r, Some(ctx.pixels_per_point())),
-                    None => (*image).clone(),
-                };
-                match save_png(&img, &path) {
-                    Ok(()) => shared.notes.info("Chart saved", path.display().to_string()),
-                    Err(e) => shared.notes.error("Could not save the chart", e),
-                }
+                shared.notes.error("Could not save the chart", e);
+                return;
             }
+        };
+        self.screenshot = None;
+        self.pending_png = None;
+        let rect = self.chart_rects.get(&chart).copied();
+        let img = match rect {
+            Some(r) => image.region(&r, Some(ctx.pixels_per_point())),
+            None => (*image).clone(),
+        };
+        match save_png(&img, &path) {
+            Ok(()) => shared.notes.info("Chart saved", path.display().to_string()),
+            Err(e) => shared.notes.error("Could not save the chart", e),
+        }
+    }
+}
+
+/// A screenshot of the window asked for on one frame, delivered after a later one.
+pub struct Screenshot(Receiver<Arc<egui::ColorImage>>);
+
+impl Screenshot {
+    /// Ask for a screenshot of the next frame (and a repaint once it has come).
+    pub fn request(ctx: &egui::Context) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let repaint = ctx.clone();
+        ctx.request_screenshot(move |image| {
+            let _ = tx.send(image);
+            repaint.request_repaint();
+        });
+        Self(rx)
+    }
+
+    /// The image once it has come; `Ok(None)` while it has not; an error if it never will.
+    pub fn poll(&self) -> Result<Option<Arc<egui::ColorImage>>, String> {
+        match self.0.try_recv() {
+            Ok(image) => Ok(Some(image)),
+            Err(TryRecvError::Empty) => Ok(None),
+            Err(TryRecvError::Disconnected) => Err("the window gave no screenshot".to_string()),
         }
     }
 }

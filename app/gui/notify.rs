@@ -65,7 +65,7 @@ impl Notifications {
             return;
         }
         let mut close = None;
-        egui::Area::new(egui::Id::new("notifications"))
+        egui::Area::new(egui::Id::unique("notifications"))
             .anchor(egui::Align2::RIGHT_BOTTOM, [-12.0, -36.0])
             .order(egui::Order::Foreground)
             .show(ctx, |ui| {

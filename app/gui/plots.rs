@@ -3,7 +3,7 @@
 //! and bits per layer for mixed formats. Hovering shows the exact numbers.
 
 use eframe::egui::{self, Sense};
-use egui_plot::{Legend, Line, LineStyle, Plot, PlotPoints};
+use egui_plot::{HoverPosition, Legend, Line, LineStyle, Plot, PlotPoints};
 use quant_engine::jobs::LayerMetrics;
 
 use super::theme::{kind_color, kind_of, ramp, KINDS};
@@ -217,7 +217,9 @@ impl LayerPlots {
                     for m in Metric::ALL {
                         ui.selectable_value(&mut self.metric, m, m.name());
                     }
-                });
+                })
+                .response
+                .on_hover_text("Error metric");
         });
         if self.runs.is_empty() {
             ui.weak("The charts fill in as tensors are quantized.");
@@ -255,12 +257,17 @@ impl LayerPlots {
             .x_axis_label("layer")
             .y_axis_label(format!("{metric} (log)"))
             .y_axis_formatter(|mark, _| short_number(10f64.powf(mark.value)))
-            .label_formatter(move |name, p| {
-                if name.is_empty() {
-                    String::new()
-                } else {
-                    format!("{name}\nlayer {:.0}\n{:.4e}", p.x, 10f64.powf(p.y))
-                }
+            .label_formatter(|pos| match pos {
+                HoverPosition::NearDataPoint {
+                    plot_name,
+                    position: p,
+                    ..
+                } if !plot_name.is_empty() => Some(format!(
+                    "{plot_name}\nlayer {:.0}\n{:.4e}",
+                    p.x,
+                    10f64.powf(p.y)
+                )),
+                _ => None,
             })
             .show(ui, |plot| {
                 for s in series {
@@ -280,8 +287,7 @@ impl LayerPlots {
                         .collect::<Vec<_>>()
                         .into();
                     plot.line(
-                        Line::new(pts)
-                            .name(&s.name)
+                        Line::new(&s.name, pts)
                             .color(kind_color(s.kind))
                             .style(style),
                     );
@@ -298,8 +304,7 @@ impl LayerPlots {
             .show(ui, |plot| {
                 for (i, s) in series.into_iter().enumerate() {
                     plot.line(
-                        Line::new(PlotPoints::from(s.points))
-                            .name(&s.name)
+                        Line::new(&s.name, PlotPoints::from(s.points))
                             .color(super::theme::series_color(i)),
                     );
                 }

@@ -418,15 +418,15 @@ impl QuantizePanel {
             ui.label("Drop a model on the window, or use the Model tab.");
             return;
         };
-        egui::SidePanel::left("quantize-options")
+        egui::Panel::left("quantize-options")
             .resizable(true)
-            .default_width(440.0)
-            .show_inside(ui, |ui| {
+            .default_size(440.0)
+            .show(ui, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| {
                     self.options_ui(ui, shared, &src);
                 });
             });
-        egui::CentralPanel::default().show_inside(ui, |ui| {
+        egui::CentralPanel::default().show(ui, |ui| {
             self.queue_ui(ui, shared);
             ui.separator();
             self.plots.ui(ui);
@@ -514,7 +514,7 @@ impl QuantizePanel {
             }
         });
         ui.horizontal(|ui| {
-            ui.label("group");
+            let label = ui.label("group");
             egui::ComboBox::from_id_salt("gptq-group")
                 .selected_text(
                     self.gptq_group
@@ -528,7 +528,9 @@ impl QuantizePanel {
                             g.map_or("per channel".into(), |g| g.to_string()),
                         );
                     }
-                });
+                })
+                .response
+                .labelled_by(label.id);
             ui.checkbox(&mut self.gptq_act_order, "act-order");
             ui.checkbox(&mut self.gptq_sym, "symmetric");
         });
@@ -551,10 +553,12 @@ impl QuantizePanel {
             }
         });
         ui.horizontal(|ui| {
-            ui.label("rows");
-            ui.add(egui::DragValue::new(&mut self.calib.rows).range(1..=4096));
-            ui.label("× tokens");
-            ui.add(egui::DragValue::new(&mut self.calib.seq_len).range(16..=8192));
+            let label = ui.label("rows");
+            ui.add(egui::DragValue::new(&mut self.calib.rows).range(1..=4096))
+                .labelled_by(label.id);
+            let label = ui.label("× tokens");
+            ui.add(egui::DragValue::new(&mut self.calib.seq_len).range(16..=8192))
+                .labelled_by(label.id);
         });
         ui.horizontal(|ui| {
             ui.label("Backend:");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use eframe::egui;
 
-use super::compare::{save_png, ChartView};
+use super::compare::{save_png, ChartView, Screenshot};
 use super::plots::View;
 use super::quantize::Status;
 use super::{StudioApp, Tab};
@@ -20,8 +20,8 @@ pub struct Walkthrough {
     dir: PathBuf,
     model: PathBuf,
     stage: usize,
-    /// A screenshot asked for, with its file name.
-    shot: Option<String>,
+    /// The screenshot asked for.
+    shot: Option<Screenshot>,
     since: Instant,
     /// Calibration rows × tokens for GPTQ (small, so the walkthrough takes minutes).
     rows: usize,
@@ -65,19 +65,21 @@ impl Walkthrough {
                     ctx.request_repaint_after(Duration::from_millis(100));
                     return false;
                 }
-                self.shot = Some(name.to_string());
-                ctx.send_viewport_cmd(egui::ViewportCommand::Screenshot(Default::default()));
+                self.shot = Some(Screenshot::request(ctx));
                 false
             }
-            Some(_) => {
-                let img = ctx.input(|i| {
-                    i.raw.events.iter().find_map(|e| match e {
-                        egui::Event::Screenshot { image, .. } => Some(image.clone()),
-                        _ => None,
-                    })
-                });
+            Some(shot) => {
                 ctx.request_repaint_after(Duration::from_millis(50));
-                let Some(img) = img else { return false };
+                let img = match shot.poll() {
+                    Ok(None) => return false,
+                    Ok(Some(img)) => img,
+                    Err(e) => {
+                        // Ask again.
+                        eprintln!("walkthrough: {e}");
+                        self.shot = None;
+                        return false;
+                    }
+                };
                 let path = self.dir.join(format!("{name}.png"));
                 if let Err(e) = save_png(&img, &path) {
                     eprintln!("walkthrough: {e}");
