@@ -71,6 +71,28 @@ impl Deref for Bytes {
     }
 }
 
+/// llama.cpp's interleaved-RoPE row order of a Q/K weight with `rows` rows and `heads` heads (head dim
+/// `hd = rows/heads`): Hugging Face row `g·hd + j·hd/2 + i` is stored as row `g·hd + 2i + j`. The one
+/// definition of the permutation; [`hf_row_of_interleaved`] is its inverse.
+#[inline]
+pub fn interleaved_row(hf_row: usize, rows: usize, heads: usize) -> usize {
+    let hd = rows / heads;
+    let half = hd / 2;
+    let (g, w) = (hf_row / hd, hf_row % hd);
+    let (j, i) = (w / half, w % half);
+    g * hd + 2 * i + j
+}
+
+/// The Hugging Face row held by interleaved row `r` (the inverse of [`interleaved_row`]).
+#[inline]
+pub fn hf_row_of_interleaved(r: usize, rows: usize, heads: usize) -> usize {
+    let hd = rows / heads;
+    let half = hd / 2;
+    let (g, w) = (r / hd, r % hd);
+    let (i, j) = (w / 2, w % 2);
+    g * hd + j * half + i
+}
+
 /// How a tensor's weights are stored: the two families every format falls into.
 #[derive(Clone, Debug)]
 pub enum Storage {
@@ -295,13 +317,7 @@ impl TensorRef {
     pub fn stored_row(&self, r: usize) -> usize {
         match self.rope_interleaved_heads {
             None => r,
-            Some(heads) => {
-                let hd = self.rows() / heads;
-                let half = hd / 2;
-                let (g, w) = (r / hd, r % hd);
-                let (j, i) = (w / half, w % half);
-                g * hd + 2 * i + j
-            }
+            Some(heads) => interleaved_row(r, self.rows(), heads),
         }
     }
 
@@ -343,6 +359,21 @@ impl TensorRef {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleaved_row_and_its_inverse() {
+        for (rows, heads) in [(16, 2), (64, 8), (12, 3)] {
+            let mut seen = vec![false; rows];
+            for r in 0..rows {
+                let s = interleaved_row(r, rows, heads);
+                assert!(!seen[s], "a permutation");
+                seen[s] = true;
+                assert_eq!(hf_row_of_interleaved(s, rows, heads), r);
+            }
+        }
+        // Head dim 8: HF row 4 (j = 1, i = 0) is stored second.
+        assert_eq!(interleaved_row(4, 16, 2), 1);
+    }
 
     #[test]
     fn interleaved_rows_map_back_to_hf_order() {

@@ -951,47 +951,66 @@ impl<'a> Parser<'a, '_> {
     }
 }
 
+/// GGUF ↔ Hugging Face tensor names (llama/qwen2 naming), one table for both directions: whole-model
+/// tensors, then the parts of decoder layer `N` (`blk.N.<gguf>.{weight,bias}` ↔
+/// `model.layers.N.<hf>.{weight,bias}`).
+const GLOBAL_NAMES: [(&str, &str); 3] = [
+    ("token_embd.weight", "model.embed_tokens.weight"),
+    ("output_norm.weight", "model.norm.weight"),
+    ("output.weight", "lm_head.weight"),
+];
+const LAYER_NAMES: [(&str, &str); 9] = [
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// A layer index as written in a tensor name: digits, no leading zero.
+fn layer_index(s: &str) -> Option<&str> {
+    let ok = !s.is_empty()
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && !(s.len() > 1 && s.starts_with('0'));
+    ok.then_some(s)
+}
+
 /// The Hugging Face name of GGUF tensor `name` (llama/qwen2 naming), `None` if it has none.
 pub fn hf_tensor_name(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
+    if let Some((_, hf)) = GLOBAL_NAMES.iter().find(|(g, _)| *g == name) {
+        return Some((*hf).to_string());
     }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    if layer.is_empty()
-        || !layer.bytes().all(|b| b.is_ascii_digit())
-        || (layer.len() > 1 && layer.starts_with('0'))
-    {
-        return None;
-    }
+    let (layer, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+    let layer = layer_index(layer)?;
     let (part, suffix) = rest.rsplit_once('.')?;
     if suffix != "weight" && suffix != "bias" {
         return None;
     }
-    let hf = match part {
-        "attn_norm" => "input_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
+    let (_, hf) = LAYER_NAMES.iter().find(|(g, _)| *g == part)?;
     Some(format!("model.layers.{layer}.{hf}.{suffix}"))
 }
 
-/// Undo llama.cpp's Q/K row permutation for `rows × cols` values stored row-major: stored row
-/// `g·hd + 2i + j` holds Hugging Face row `g·hd + j·hd/2 + i`. `None` if the rows do not split into
-/// `heads` heads of even size.
+/// The GGUF name of Hugging Face tensor `hf` (llama/qwen2 naming), `None` if it has none.
+pub fn gguf_tensor_name(hf: &str) -> Option<String> {
+    if let Some((g, _)) = GLOBAL_NAMES.iter().find(|(_, h)| *h == hf) {
+        return Some((*g).to_string());
+    }
+    let (layer, rest) = hf.strip_prefix("model.layers.")?.split_once('.')?;
+    let layer = layer_index(layer)?;
+    let (part, suffix) = rest.rsplit_once('.')?;
+    if suffix != "weight" && suffix != "bias" {
+        return None;
+    }
+    let (g, _) = LAYER_NAMES.iter().find(|(_, h)| *h == part)?;
+    Some(format!("blk.{layer}.{g}.{suffix}"))
+}
+
+/// Undo llama.cpp's Q/K row permutation for `rows × cols` values stored row-major (see
+/// [`crate::tensor::interleaved_row`]). `None` if the rows do not split into `heads` heads of even size.
 pub fn unpermute_rows(stored: &[f32], heads: usize, cols: usize) -> Option<Vec<f32>> {
     if heads == 0 || cols == 0 || !stored.len().is_multiple_of(cols) {
         return None;
@@ -1000,18 +1019,10 @@ pub fn unpermute_rows(stored: &[f32], heads: usize, cols: usize) -> Option<Vec<f
     if !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
         return None;
     }
-    let hd = rows / heads;
-    let half = hd / 2;
     let mut out = vec![0.0f32; stored.len()];
-    for g in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = g * hd + 2 * i + j;
-                let dst = g * hd + j * half + i;
-                out[dst * cols..(dst + 1) * cols]
-                    .copy_from_slice(&stored[src * cols..(src + 1) * cols]);
-            }
-        }
+    for (dst, row) in out.chunks_exact_mut(cols).enumerate() {
+        let src = crate::tensor::interleaved_row(dst, rows, heads);
+        row.copy_from_slice(&stored[src * cols..(src + 1) * cols]);
     }
     Some(out)
 }
@@ -1503,6 +1514,7 @@ mod tests {
             ),
         ] {
             assert_eq!(hf_tensor_name(g).as_deref(), Some(h), "{g}");
+            assert_eq!(gguf_tensor_name(h).as_deref(), Some(g), "{h}");
         }
         for bad in [
             "blk.x.attn_q.weight",

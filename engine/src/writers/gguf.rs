@@ -44,32 +44,7 @@ enum OutSource<'a> {
     F32(Vec<f32>),
 }
 
-/// The GGUF name of Hugging Face tensor `hf` (llama/qwen2 naming).
-pub fn gguf_tensor_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    layer.parse::<usize>().ok()?;
-    let (part, suffix) = rest.rsplit_once('.')?;
-    let g = match part {
-        "input_layernorm" => "attn_norm",
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "post_attention_layernorm" => "ffn_norm",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{suffix}"))
-}
+pub use crate::model::gguf::gguf_tensor_name;
 
 /// `Some(heads)` when `t` must be written in llama.cpp's interleaved-RoPE row order.
 fn permute_heads(src: &SourceModel, hf_name: &str) -> Option<usize> {
@@ -85,14 +60,7 @@ fn permute_heads(src: &SourceModel, hf_name: &str) -> Option<usize> {
     }
 }
 
-/// The Hugging Face row held by GGUF row `r` of a permuted tensor with `rows` rows and `heads` heads.
-fn hf_row_of_gguf_row(r: usize, rows: usize, heads: usize) -> usize {
-    let hd = rows / heads;
-    let half = hd / 2;
-    let (g, w) = (r / hd, r % hd);
-    let (i, j) = (w / 2, w % 2);
-    g * hd + j * half + i
-}
+use crate::tensor::hf_row_of_interleaved as hf_row_of_gguf_row;
 
 /// The tensor handed to `quantize_tensor`: `t` with its rows in GGUF order. Only a llama Q/K tensor
 /// differs: a GGUF source's rows are already stored interleaved (the read-side mapping is dropped, no
