@@ -364,6 +364,27 @@ pub fn run_bounded<T: Send + 'static>(
     }
 }
 
+/// Make the C allocator give large blocks back to the OS when they are freed. glibc raises its mmap
+/// threshold each time a large block is freed (up to 32 MiB), after which blocks of that size come from the
+/// heap and stay in the process when freed: a layer-by-layer job then grows with depth although it holds
+/// only one layer (GPTQ on a 24-layer model kept ~40 MiB more than on a 4-layer one of the same width, all
+/// of it freed memory). A fixed threshold of 128 KiB turns the adjustment off. Idempotent; a no-op off
+/// glibc.
+pub fn return_large_frees_to_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes allocator parameters; it is called once, before the engine's
+            // threads start allocating, and takes plain integers.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+            }
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -359,6 +359,7 @@ impl EngineHandle {
     /// # Panics
     /// If the OS cannot start a thread.
     pub fn spawn() -> Self {
+        crate::bounded::return_large_frees_to_os();
         let (cmd_tx, cmd_rx) = bounded(COMMAND_CAPACITY);
         let (ev_tx, ev_rx) = bounded(EVENT_CAPACITY);
         let waker = WakerSlot::default();
