@@ -151,7 +151,7 @@ pub enum CliCommand {
 #[derive(Clone, Copy, Debug, Args)]
 pub struct CalibArgs {
     /// Tokens per calibration chunk.
-    #[arg(long = "calib-ctx", value_name = "N", default_value_t = 512)]
+    #[arg(long = "calib-ctx", value_name = "N", default_value_t = ImatrixOptions::default().n_ctx)]
     pub n_ctx: usize,
     /// Use at most N calibration chunks.
     #[arg(long = "calib-chunks", value_name = "N")]
@@ -171,12 +171,12 @@ impl CalibArgs {
 #[derive(Clone, Debug, Args)]
 pub struct GptqArgs {
     /// GPTQ: bits per weight (2, 3, 4, 8).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = GptqOptions::default().bits)]
     pub bits: u8,
     /// GPTQ: columns per group (-1: one group per output channel).
     #[arg(
         long = "group-size",
-        default_value_t = 128,
+        default_value_t = GptqOptions::default().group_size.map_or(-1, |g| g as i64),
         allow_negative_numbers = true
     )]
     pub group_size: i64,
@@ -190,13 +190,13 @@ pub struct GptqArgs {
     #[arg(long)]
     pub sym: bool,
     /// GPTQ: damping, a fraction of the mean Hessian diagonal (GPTQModel's default; AutoGPTQ used 0.01).
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = GptqOptions::default().damp_percent)]
     pub damp: f32,
     /// GPTQ: calibration rows (samples).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = CalibOptions::default().rows)]
     pub rows: usize,
     /// GPTQ: tokens per calibration row.
-    #[arg(long = "seq-len", default_value_t = 2048)]
+    #[arg(long = "seq-len", default_value_t = CalibOptions::default().seq_len)]
     pub seq_len: usize,
     /// GPTQ: seed of the calibration row offsets.
     #[arg(long, default_value_t = 0)]

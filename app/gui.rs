@@ -509,6 +509,14 @@ pub fn progress_bar(
 
 pub use quant_engine::model::summary::{human_bytes, human_count};
 
+/// A path as one truncated monospace line (its end is cut with "…" when the room is short), the whole path
+/// on hover: long default paths never widen a panel.
+pub fn path_label(ui: &mut egui::Ui, path: &std::path::Path) -> egui::Response {
+    let full = path.display().to_string();
+    ui.add(egui::Label::new(egui::RichText::new(&full).monospace().weak()).truncate())
+        .on_hover_text(full)
+}
+
 /// `1 h 02 min`, `3 min 05 s`, `12 s`.
 pub fn human_secs(s: f64) -> String {
     let s = s.max(0.0).round() as u64;

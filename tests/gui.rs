@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 use eframe::egui;
-use egui_kittest::kittest::{AccessKitNode, Queryable};
+use egui_kittest::kittest::{AccessKitNode, NodeT, Queryable};
 use egui_kittest::Harness;
 use quant_engine::infer::{GenerateStats, Numerics, StopReason};
 use quant_engine::jobs::{Command, EngineHandle, Event, LayerMetrics};
@@ -583,4 +583,59 @@ fn a_hostile_chat_template_ends_in_an_error_not_a_frozen_chat() {
     );
     // The chat is usable again: nothing is being written.
     assert!(!h.state().chat.sides[0].writing);
+}
+
+/// Every control of every tab lies inside the window, at the smallest size we support and the usual one,
+/// with the long default output path a newcomer gets (`~/.cache/quant-studio/models/…-quants`): nothing
+/// pushed off to the right, nothing under the window's bottom edge except inside a scroll area.
+#[test]
+fn every_control_fits_the_window_at_1024x700_and_1280x800() {
+    use egui::accesskit::Role;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let long = Path::new(
+        "/home/a-new-user/.cache/quant-studio/models/SmolLM2-135M-Instruct-with-a-long-name.Q4_1.gguf",
+    );
+    for size in [egui::vec2(1024.0, 700.0), egui::vec2(1280.0, 800.0)] {
+        let (mut h, _commands, _events) = detached(Some((&model, long)));
+        h.set_size(size);
+        h.run_steps(2);
+        // Two targets running or waiting: the queue shows progress, output names and Cancel buttons.
+        h.state_mut().tab = Tab::Quantize;
+        h.state_mut().quantize.gptq_bits = vec![4];
+        h.run_steps(2);
+        h.get_by_label("Quantize 2 target(s)  (Ctrl+Q)").click();
+        h.run_steps(3);
+        assert_eq!(h.state().quantize.queue.len(), 2);
+        for tab in Tab::ALL {
+            h.state_mut().tab = tab;
+            h.run_steps(3);
+            let mut outside = Vec::new();
+            for role in [
+                Role::Button,
+                Role::CheckBox,
+                Role::ComboBox,
+                Role::TextInput,
+            ] {
+                for n in h.query_all_by_role(role) {
+                    let r = n.rect();
+                    if r.width() <= 0.0 || r.height() <= 0.0 {
+                        continue;
+                    }
+                    if r.min.x < -0.5 || r.max.x > size.x + 0.5 || r.min.y < -0.5 {
+                        outside.push(format!(
+                            "{:?} {:?} at {r:?}",
+                            role,
+                            n.accesskit_node().label()
+                        ));
+                    }
+                }
+            }
+            assert!(
+                outside.is_empty(),
+                "{tab:?} at {size:?}: controls outside the window:\n{}",
+                outside.join("\n")
+            );
+        }
+    }
 }

@@ -255,7 +255,7 @@ fn drop_zone(ui: &mut egui::Ui, hovering: bool) {
 fn card(ui: &mut egui::Ui, m: &OpenModel) {
     let s = &m.summary;
     ui.heading(&s.name);
-    ui.weak(m.path.display().to_string());
+    super::path_label(ui, &m.path);
     egui::Grid::new("model-card")
         .num_columns(2)
         .striped(true)

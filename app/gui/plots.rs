@@ -206,7 +206,7 @@ impl LayerPlots {
     }
 
     pub fn ui(&mut self, ui: &mut egui::Ui) {
-        ui.horizontal(|ui| {
+        ui.horizontal_wrapped(|ui| {
             ui.selectable_value(&mut self.view, View::ErrorByLayer, "Error by layer");
             ui.selectable_value(&mut self.view, View::HeatMap, "Heat map");
             ui.selectable_value(&mut self.view, View::BitsByLayer, "Bits by layer");

@@ -418,9 +418,14 @@ impl QuantizePanel {
             ui.label("Drop a model on the window, or use the Model tab.");
             return;
         };
+        // Bounded: at most 45 % of the window, so the queue and the charts keep their room whatever the
+        // paths in the options are (they are truncated, with the whole path on hover).
+        let max = (ui.available_width() * 0.45).max(300.0);
         egui::Panel::left("quantize-options")
             .resizable(true)
-            .default_size(440.0)
+            .default_size(400.0_f32.min(max))
+            .min_size(280.0)
+            .max_size(max)
             .show(ui, |ui| {
                 egui::ScrollArea::vertical().show(ui, |ui| {
                     self.options_ui(ui, shared, &src);
@@ -450,7 +455,7 @@ impl QuantizePanel {
                     existing.len()
                 ));
                 for p in &existing {
-                    ui.monospace(p.display().to_string());
+                    super::path_label(ui, p);
                 }
                 ui.horizontal(|ui| {
                     if ui.button("Replace").clicked() {
@@ -567,12 +572,12 @@ impl QuantizePanel {
         });
         ui.horizontal(|ui| {
             ui.label("Output folder:");
-            let dir = output_dir(shared, &src.path);
-            ui.monospace(dir.display().to_string());
             if ui.button("Change…").clicked() {
                 shared.dialogs.pick_output_dir();
             }
         });
+        let dir = output_dir(shared, &src.path);
+        super::path_label(ui, &dir);
         ui.add_space(6.0);
         ui.heading("Estimates");
         let targets = self.targets();
@@ -611,42 +616,46 @@ impl QuantizePanel {
             return;
         }
         let mut cancel = Vec::new();
-        egui::Grid::new("queue")
-            .num_columns(4)
-            .striped(true)
-            .show(ui, |ui| {
-                for (i, q) in self.queue.iter().enumerate() {
-                    ui.label(q.target.label());
-                    match &q.status {
-                        Status::Waiting => {
-                            ui.weak("waiting");
-                        }
-                        Status::Running => {
-                            let text = format!("{} {}/{}", q.stage, q.done, q.total);
-                            super::progress_bar(ui, (q.done, q.total), q.eta, text, 300.0);
-                        }
-                        Status::Done => {
-                            let (bpw, size) = q.result.unwrap_or_default();
-                            ui.label(format!("✔ {bpw:.2} bpw · {}", human_bytes(size)));
-                        }
-                        Status::Failed(e) => {
-                            ui.colored_label(ui.visuals().error_fg_color, "failed")
-                                .on_hover_text(e);
-                        }
-                        Status::Cancelled => {
-                            ui.weak("cancelled");
-                        }
-                    }
-                    ui.weak(super::model::display_name(&q.out))
-                        .on_hover_text(q.out.display().to_string());
-                    if matches!(q.status, Status::Waiting | Status::Running)
-                        && ui.small_button("Cancel").clicked()
-                    {
-                        cancel.push(i);
-                    }
-                    ui.end_row();
+        // One line per item, Cancel first so it is always reachable; the progress bar takes at most 40 % of
+        // the width and the output's name whatever is left (truncated, the whole path on hover).
+        let bar = (ui.available_width() * 0.4).clamp(120.0, 300.0);
+        for (i, q) in self.queue.iter().enumerate() {
+            ui.horizontal(|ui| {
+                if matches!(q.status, Status::Waiting | Status::Running)
+                    && ui.small_button("Cancel").clicked()
+                {
+                    cancel.push(i);
                 }
+                ui.label(q.target.label());
+                match &q.status {
+                    Status::Waiting => {
+                        ui.weak("waiting");
+                    }
+                    Status::Running => {
+                        let text = format!("{} {}/{}", q.stage, q.done, q.total);
+                        super::progress_bar(ui, (q.done, q.total), q.eta, text, bar);
+                    }
+                    Status::Done => {
+                        let (bpw, size) = q.result.unwrap_or_default();
+                        ui.label(format!("✔ {bpw:.2} bpw · {}", human_bytes(size)));
+                    }
+                    Status::Failed(e) => {
+                        ui.colored_label(ui.visuals().error_fg_color, "failed")
+                            .on_hover_text(e);
+                    }
+                    Status::Cancelled => {
+                        ui.weak("cancelled");
+                    }
+                }
+                ui.add(
+                    egui::Label::new(
+                        egui::RichText::new(super::model::display_name(&q.out)).weak(),
+                    )
+                    .truncate(),
+                )
+                .on_hover_text(q.out.display().to_string());
             });
+        }
         for i in cancel {
             match (self.queue[i].status.clone(), self.queue[i].job) {
                 (Status::Running, Some(job)) => shared.send(Command::Cancel(job)),

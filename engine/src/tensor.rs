@@ -276,6 +276,12 @@ impl TensorRef {
         }
     }
 
+    /// Bits per weight as stored, side tensors included (the same measure for ggml blocks and grouped
+    /// linears).
+    pub fn bits_per_weight(&self) -> f64 {
+        self.stored_bytes() as f64 * 8.0 / self.numel().max(1) as f64
+    }
+
     /// Bytes the weights occupy as stored (side tensors included).
     pub fn stored_bytes(&self) -> usize {
         match &self.storage {
@@ -359,6 +365,36 @@ impl TensorRef {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bits_per_weight_of_blocks_and_grouped_linears() {
+        let t = TensorRef::new(
+            "w",
+            vec![2, 32],
+            GgmlType::Q4_0,
+            Bytes::owned(vec![0; 2 * 18]),
+        )
+        .unwrap();
+        assert_eq!(t.bits_per_weight(), 4.5);
+        // GPTQ 4-bit, 32 in × 32 out, one group: codes 512 B, zeros 16 B, scales 64 B, g_idx 128 B.
+        let g = GptqLinear {
+            bits: 4,
+            in_features: 32,
+            out_features: 32,
+            groups: 1,
+            qweight: Bytes::owned(vec![0; 512]),
+            qzeros: Bytes::owned(vec![0; 16]),
+            scales: Bytes::owned(vec![0; 64]),
+            g_idx: Bytes::owned(vec![0; 128]),
+        };
+        let t = TensorRef::grouped("g", Grouped::Gptq(g)).unwrap();
+        assert_eq!(
+            t.bits_per_weight(),
+            (512.0 + 16.0 + 64.0 + 128.0) * 8.0 / 1024.0
+        );
+        assert_eq!(t.type_label(), "GPTQ 4-bit");
+        assert!(t.is_grouped() && t.block_type().is_none());
+    }
 
     #[test]
     fn interleaved_row_and_its_inverse() {
