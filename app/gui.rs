@@ -405,8 +405,16 @@ impl StudioApp {
         }
         for result in self.shared.dialogs.poll() {
             match result {
-                dialogs::Picked::Model(p) => self.open_model(p),
-                other => {
+                Err(kind) => self.shared.notes.error(
+                    "The file dialog could not open",
+                    format!(
+                        "{}: no file chooser is available here (it needs xdg-desktop-portal or \
+                         zenity). Type the path in the window instead.",
+                        kind.title()
+                    ),
+                ),
+                Ok(dialogs::Picked::Model(p)) => self.open_model(p),
+                Ok(other) => {
                     self.quantize.on_dialog(&other);
                     self.compare.on_dialog(&mut self.shared, &other);
                     self.chat.on_dialog(&other);
@@ -414,6 +422,7 @@ impl StudioApp {
                 }
             }
         }
+        self.shared.dialogs.ui(ctx);
     }
 
     /// One frame of the UI in the window's root `ui` (what eframe calls; tests call it through the harness).

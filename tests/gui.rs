@@ -639,3 +639,44 @@ fn every_control_fits_the_window_at_1024x700_and_1280x800() {
         }
     }
 }
+
+/// A file dialog that cannot open is reported, and the path can be typed instead: the typed output folder
+/// becomes the setting the quantize tab writes to.
+#[test]
+fn a_dialog_that_cannot_open_is_reported_and_the_path_can_be_typed() {
+    use quant_studio::gui::dialogs::PickKind;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, _commands, _events) = detached(Some((&model, Path::new("/models/tiny-llama"))));
+    h.state_mut().tab = Tab::Quantize;
+    h.state().shared.dialogs.inject_failure(PickKind::OutputDir);
+    h.run_steps(3);
+    assert!(h
+        .state()
+        .shared
+        .notes
+        .errors()
+        .any(|n| n.title == "The file dialog could not open" && n.details.contains("zenity")));
+    h.get_by_label("Where to write the quantized models");
+    let field = |n: &AccessKitNode<'_>| n.role() == egui::accesskit::Role::TextInput;
+    h.get_by(field).focus();
+    h.run_steps(1);
+    h.get_by(field).type_text("/tmp/typed-outputs");
+    h.run_steps(1);
+    h.get_by_label("Use this path").click();
+    h.run_steps(3);
+    assert_eq!(
+        h.state().shared.settings.output_dir.as_deref(),
+        Some(Path::new("/tmp/typed-outputs"))
+    );
+    assert!(h.state().shared.dialogs.typed.is_none());
+    // The same window on purpose, from the picker's "Type…" entry; Cancel closes it.
+    h.get_all_by_label("Type…").next().expect("Type…").click();
+    h.run_steps(2);
+    assert!(h.state().shared.dialogs.typed.is_some());
+    // (A window anchored at the centre takes a frame or two to find its place.)
+    h.run_steps(2);
+    h.get_by_label("Cancel").click();
+    h.run_steps(2);
+    assert!(h.state().shared.dialogs.typed.is_none());
+}

@@ -299,6 +299,13 @@ impl ComparePanel {
             if ui.button("File…").clicked() {
                 shared.dialogs.pick_eval_file();
             }
+            if ui
+                .small_button("Type…")
+                .on_hover_text("Type a path instead of using the file dialog")
+                .clicked()
+            {
+                shared.dialogs.type_path(super::dialogs::PickKind::EvalFile);
+            }
             if self.text.is_some() && ui.button("Bundled").clicked() {
                 self.text = None;
             }

@@ -71,7 +71,12 @@ impl ModelPanel {
         }
     }
 
-    pub fn on_dialog(&mut self, _shared: &mut Shared, _p: &Picked) {}
+    pub fn on_dialog(&mut self, shared: &mut Shared, p: &Picked) {
+        // The output folder is a setting (remembered), shown on the quantize tab.
+        if let Picked::OutputDir(dir) = p {
+            shared.settings.output_dir = Some(dir.clone());
+        }
+    }
 
     pub fn on_event(&mut self, shared: &mut Shared, ev: Event) {
         let job = ev.job();
@@ -163,6 +168,15 @@ impl ModelPanel {
                 .clicked()
             {
                 shared.dialogs.pick_model_folder();
+            }
+            if ui
+                .small_button("Type…")
+                .on_hover_text("Type a path instead of using the file dialog")
+                .clicked()
+            {
+                shared
+                    .dialogs
+                    .type_path(super::dialogs::PickKind::ModelFile);
             }
             let demo_button = ui.add_enabled(
                 self.demo.is_none(),

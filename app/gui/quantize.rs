@@ -553,6 +553,15 @@ impl QuantizePanel {
             if ui.button("File…").clicked() {
                 shared.dialogs.pick_calib_file();
             }
+            if ui
+                .small_button("Type…")
+                .on_hover_text("Type a path instead of using the file dialog")
+                .clicked()
+            {
+                shared
+                    .dialogs
+                    .type_path(super::dialogs::PickKind::CalibFile);
+            }
             if self.calib.file.is_some() && ui.button("Bundled").clicked() {
                 self.calib.file = None;
             }
@@ -574,6 +583,15 @@ impl QuantizePanel {
             ui.label("Output folder:");
             if ui.button("Change…").clicked() {
                 shared.dialogs.pick_output_dir();
+            }
+            if ui
+                .small_button("Type…")
+                .on_hover_text("Type a path instead of using the file dialog")
+                .clicked()
+            {
+                shared
+                    .dialogs
+                    .type_path(super::dialogs::PickKind::OutputDir);
             }
         });
         let dir = output_dir(shared, &src.path);
