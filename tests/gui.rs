@@ -680,3 +680,38 @@ fn a_dialog_that_cannot_open_is_reported_and_the_path_can_be_typed() {
     h.run_steps(2);
     assert!(h.state().shared.dialogs.typed.is_none());
 }
+
+/// A finished quantization teaches the time estimate: the measured/estimated ratio is kept per kind of run
+/// in the settings (so it persists) and the estimate shown uses it.
+#[test]
+fn finished_runs_teach_the_time_estimates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, commands, events) = detached(Some((&model, Path::new("/models/tiny-llama"))));
+    h.state_mut().tab = Tab::Quantize;
+    h.run_steps(2);
+    assert!(h.state().shared.settings.time_factors.is_empty());
+    h.get_by_label("Quantize 1 target(s)  (Ctrl+Q)").click();
+    h.run_steps(2);
+    let (job, _) = sent(&commands).into_iter().next().expect("sent");
+    std::thread::sleep(Duration::from_millis(50));
+    events
+        .send(Event::Finished {
+            job,
+            output: quant_engine::jobs::JobOutput::Quantized(Box::new(
+                quant_engine::quantize::QuantizeReport {
+                    mix: "Q4_K_M",
+                    tensors: Vec::new(),
+                    file_size_bytes: 60_000,
+                    bits_per_weight: 5.3,
+                    imatrix: false,
+                },
+            )),
+        })
+        .expect("event");
+    h.run_steps(3);
+    let f = h.state().shared.settings.time_factors["gguf"];
+    assert_eq!(f.runs, 1);
+    // The tiny model's estimate is about a millisecond; the run took at least 50 ms.
+    assert!(f.factor > 10.0, "{f:?}");
+}

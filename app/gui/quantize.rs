@@ -16,7 +16,7 @@ use quant_engine::solvers::gptq::GptqOptions;
 use super::dialogs::Picked;
 use super::model::{model_stem, output_dir};
 use super::plots::{LayerPlots, LayerShape};
-use super::settings::Settings;
+use super::settings::{Settings, TimeFactor};
 use super::{human_bytes, human_secs, Owner, Shared, Variant};
 
 /// Calibration settings shared by every calibrated target.
@@ -354,6 +354,19 @@ impl QuantizePanel {
                 let q = &mut self.queue[i];
                 q.status = Status::Done;
                 q.result = Some((bpw, size));
+                // The estimates learn from the run (kept between sessions in the settings).
+                if let (Some(started), Some(src)) = (q.started, shared.source.as_ref()) {
+                    let key = q.target.timing_key().to_string();
+                    let estimated = q.target.estimate(&src.summary).seconds;
+                    let learned = TimeFactor::learn(
+                        shared.settings.time_factors.get(&key).copied(),
+                        started.elapsed().as_secs_f64(),
+                        estimated,
+                    );
+                    if let Some(f) = learned {
+                        shared.settings.time_factors.insert(key, f);
+                    }
+                }
                 if let Some(r) = run {
                     self.plots.finish(r);
                 }
@@ -636,7 +649,20 @@ impl QuantizePanel {
                     ui.label(format!("≈ {:.2}", e.bpw));
                     ui.label(format!("{:.2}", e.linear_bpw));
                     ui.label(format!("≈ {}", human_bytes(e.peak_memory_bytes)));
-                    ui.label(format!("≈ {}", human_secs(e.seconds)));
+                    match shared.settings.time_factors.get(t.timing_key()) {
+                        Some(f) => {
+                            ui.label(format!("≈ {}", human_secs(e.seconds * f.factor)))
+                                .on_hover_text(format!(
+                                    "learned from {} finished run(s) on this machine (×{:.2} the \
+                                     built-in model)",
+                                    f.runs, f.factor
+                                ));
+                        }
+                        None => {
+                            ui.label(format!("≈ {}", human_secs(e.seconds)))
+                                .on_hover_text("built-in model; learns from finished runs");
+                        }
+                    }
                     ui.end_row();
                 }
             });

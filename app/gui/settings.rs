@@ -22,6 +22,36 @@ pub struct Settings {
     pub gguf_targets: Vec<String>,
     /// GPTQ bit widths ticked last time.
     pub gptq_bits: Vec<u8>,
+    /// Time estimates learned on this machine: per recipe timing key (`"gguf"`, `"gguf-imatrix"`,
+    /// `"gptq"`), the measured / estimated ratio of finished runs.
+    pub time_factors: std::collections::BTreeMap<String, TimeFactor>,
+}
+
+/// A learned correction of the time estimates for one kind of run.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TimeFactor {
+    /// Measured / estimated, averaged in log space (each new run weighs a half: the machine's load
+    /// changes).
+    pub factor: f64,
+    /// Finished runs it was learned from.
+    pub runs: u32,
+}
+
+impl TimeFactor {
+    /// The factor after a run that took `measured` seconds where `estimated` were expected.
+    pub fn learn(prev: Option<TimeFactor>, measured: f64, estimated: f64) -> Option<TimeFactor> {
+        if !(measured > 0.0 && estimated > 0.0 && measured.is_finite() && estimated.is_finite()) {
+            return prev;
+        }
+        let r = (measured / estimated).clamp(1e-3, 1e3);
+        Some(match prev {
+            None => TimeFactor { factor: r, runs: 1 },
+            Some(p) => TimeFactor {
+                factor: (0.5 * p.factor.ln() + 0.5 * r.ln()).exp(),
+                runs: p.runs.saturating_add(1),
+            },
+        })
+    }
 }
 
 impl Settings {
@@ -52,5 +82,25 @@ mod tests {
         let old: Settings = serde_json::from_str(r#"{"recent": ["/a"]}"#).expect("parse");
         assert_eq!(old.recent, vec![PathBuf::from("/a")]);
         assert_eq!(old.theme, ThemeChoice::Dark);
+    }
+
+    #[test]
+    fn time_factors_learn_from_runs() {
+        let t = TimeFactor::learn(None, 20.0, 10.0).expect("first");
+        assert_eq!(
+            t,
+            TimeFactor {
+                factor: 2.0,
+                runs: 1
+            }
+        );
+        let t = TimeFactor::learn(Some(t), 80.0, 10.0).expect("second");
+        assert!((t.factor - 4.0).abs() < 1e-9, "geometric mean of 2 and 8");
+        assert_eq!(t.runs, 2);
+        assert_eq!(
+            TimeFactor::learn(Some(t), 0.0, 10.0),
+            Some(t),
+            "a zero time teaches nothing"
+        );
     }
 }

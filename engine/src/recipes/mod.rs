@@ -221,6 +221,15 @@ impl Recipe {
         }
     }
 
+    /// Which runs share a time model (the estimates' throughputs): learned corrections are kept per key.
+    pub fn timing_key(&self) -> &'static str {
+        match self {
+            Recipe::Gguf(g) if matches!(g.imatrix, ImatrixSource::Compute { .. }) => "gguf-imatrix",
+            Recipe::Gguf(_) => "gguf",
+            Recipe::Gptq(_) => "gptq",
+        }
+    }
+
     pub fn container(&self) -> Container {
         match self {
             Recipe::Gguf(_) => Container::GgufFile,
