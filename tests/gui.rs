@@ -336,9 +336,20 @@ fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
     h.run_steps(2);
     h.get_by_label("16.0 tokens/s");
     h.snapshot("chat");
-    // A/B: the same prompt to two variants, each in its own session.
+    // A/B: the same prompt to two variants, each in its own session, both from the same (empty) history:
+    // turning A/B on starts A's conversation afresh.
     h.get_by_label("A/B: two variants side by side").click();
     h.run_steps(2);
+    assert!(
+        matches!(sent(&commands).as_slice(), [(0, Command::ChatReset { job: j })] if j == job),
+        "A's session is reset"
+    );
+    assert!(h.state().chat.sides[0].transcript.is_empty());
+    // B defaults to the newest variant.
+    assert_eq!(
+        h.state().chat.sides[1].model.as_deref(),
+        Some(Path::new("/models/tiny-llama-quants/tiny-llama-Q8_0.gguf"))
+    );
     let app = h.state_mut();
     app.chat.sides[1].model = Some(PathBuf::from(
         "/models/tiny-llama-quants/tiny-llama-Q8_0.gguf",

@@ -29,6 +29,9 @@ pub struct Side {
     /// Decode speed of the last reply.
     pub tokens_per_sec: Option<f64>,
     pub generated: usize,
+    /// Tokens of the session's context in use (prompts and replies so far; approximate: chat-template
+    /// tokens between turns are counted with the prompts).
+    pub context_used: usize,
 }
 
 impl Side {
@@ -112,6 +115,7 @@ impl ChatPanel {
                     shared.send(Command::Cancel(job));
                 }
                 side.transcript.clear();
+                side.context_used = 0;
                 let system = (!self.system.trim().is_empty()).then(|| self.system.clone());
                 let cmd = Command::Chat {
                     model: model.clone(),
@@ -165,6 +169,7 @@ impl ChatPanel {
                 }
                 side.writing = false;
                 side.tokens_per_sec = Some(stats.decode_tokens_per_sec());
+                side.context_used += stats.prompt_tokens + stats.generated_tokens + 1;
             }
             Event::Failed { error, .. } => {
                 side.writing = false;
@@ -224,9 +229,45 @@ impl ChatPanel {
         });
     }
 
+    /// Start both sides' conversations afresh (their system prompts stay).
+    fn new_conversation(&mut self, shared: &mut Shared) {
+        for s in &mut self.sides {
+            if let Some((job, _, _)) = &s.session {
+                shared.send(Command::ChatReset { job: *job });
+            }
+            s.transcript.clear();
+            s.context_used = 0;
+            s.tokens_per_sec = None;
+        }
+    }
+
+    /// A side with no model chosen gets one: A the source, B the newest variant made from it (or the
+    /// source), so the tab never opens on an empty choice.
+    fn choose_defaults(&mut self, shared: &Shared) {
+        let source = shared.source_path().map(PathBuf::from);
+        let newest = shared
+            .variants
+            .iter()
+            .rev()
+            .find(|v| !v.is_source)
+            .map(|v| v.path.clone());
+        if self.sides[0].model.is_none() {
+            self.sides[0].model = source.clone();
+        }
+        if self.sides[1].model.is_none() {
+            self.sides[1].model = newest.or(source);
+        }
+    }
+
     fn settings_ui(&mut self, ui: &mut egui::Ui, shared: &mut Shared) {
         ui.heading("Chat");
+        self.choose_defaults(shared);
+        let was_ab = self.ab;
         ui.checkbox(&mut self.ab, "A/B: two variants side by side");
+        if self.ab != was_ab {
+            // Both sides start from the same (empty) history, or the comparison is not fair.
+            self.new_conversation(shared);
+        }
         for i in 0..self.active() {
             let name = if self.ab { ["A", "B"][i] } else { "Model" };
             let current = self.sides[i].label(shared);
@@ -307,15 +348,70 @@ impl ChatPanel {
             }
         }
         ui.add_space(6.0);
-        if ui.button("New conversation").clicked() {
-            for s in &mut self.sides {
-                if let Some((job, _, _)) = &s.session {
-                    shared.send(Command::ChatReset { job: *job });
-                }
-                s.transcript.clear();
+        ui.horizontal(|ui| {
+            if ui.button("New conversation").clicked() {
+                self.new_conversation(shared);
+            }
+            if ui
+                .button("Copy transcript")
+                .on_hover_text("The conversation as text, to the clipboard")
+                .clicked()
+            {
+                let labels: Vec<String> = self.sides.iter().map(|s| s.label(shared)).collect();
+                let text = (0..self.active())
+                    .map(|i| transcript_text(&self.sides[i], &labels[i]))
+                    .collect::<Vec<_>>()
+                    .join("\n\n");
+                ui.ctx().copy_text(text);
+            }
+        });
+        if let Some(src) = &shared.source {
+            let max = quant_engine::jobs::DEFAULT_CHAT_CONTEXT.min(src.summary.context.max(1));
+            for i in 0..self.active() {
+                ui.weak(format!(
+                    "{}context: ≈ {} of {max} tokens",
+                    if self.ab { ["A ", "B "][i] } else { "" },
+                    self.sides[i].context_used
+                ));
             }
         }
     }
+}
+
+/// A side's conversation as plain text (`you:` / `model:` turns).
+fn transcript_text(side: &Side, label: &str) -> String {
+    let mut out = format!("# {label}\n");
+    for m in &side.transcript {
+        let who = if m.user { "you" } else { "model" };
+        out.push_str(&format!("\n{who}:\n{}\n", m.text));
+    }
+    out
+}
+
+/// A message: plain left-aligned text, with ``` fenced code blocks kept exactly as written, in monospace.
+fn message_body(ui: &mut egui::Ui, text: &str) {
+    ui.with_layout(egui::Layout::top_down(egui::Align::LEFT), |ui| {
+        for (k, part) in text.split("```").enumerate() {
+            if k % 2 == 1 {
+                // A fence's first line names the language; the code follows.
+                let code = part.split_once('\n').map_or(part, |(_, c)| c);
+                egui::Frame::new()
+                    .fill(ui.visuals().code_bg_color)
+                    .inner_margin(6.0)
+                    .corner_radius(4.0)
+                    .show(ui, |ui| {
+                        ui.add(
+                            egui::Label::new(
+                                egui::RichText::new(code.trim_end_matches('\n')).monospace(),
+                            )
+                            .extend(),
+                        );
+                    });
+            } else if !part.trim().is_empty() {
+                ui.add(egui::Label::new(part.trim_matches('\n')).wrap());
+            }
+        }
+    });
 }
 
 fn transcript(ui: &mut egui::Ui, side: &Side, i: usize, label: &str) {
@@ -345,10 +441,47 @@ fn transcript(ui: &mut egui::Ui, side: &Side, i: usize, label: &str) {
                     .corner_radius(6.0)
                     .show(ui, |ui| {
                         ui.set_min_width(ui.available_width());
-                        ui.weak(who);
-                        ui.add(egui::Label::new(&m.text).wrap());
+                        ui.horizontal(|ui| {
+                            ui.weak(who);
+                            if !m.user
+                                && !m.text.is_empty()
+                                && ui
+                                    .small_button("Copy")
+                                    .on_hover_text("This answer, to the clipboard")
+                                    .clicked()
+                            {
+                                ui.ctx().copy_text(m.text.clone());
+                            }
+                        });
+                        message_body(ui, &m.text);
                     });
                 ui.add_space(4.0);
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transcript_text_has_every_turn() {
+        let side = Side {
+            transcript: vec![
+                Message {
+                    user: true,
+                    text: "hi".into(),
+                },
+                Message {
+                    user: false,
+                    text: "```rust\nfn main() {}\n```".into(),
+                },
+            ],
+            ..Side::default()
+        };
+        assert_eq!(
+            transcript_text(&side, "Q8_0"),
+            "# Q8_0\n\nyou:\nhi\n\nmodel:\n```rust\nfn main() {}\n```\n"
+        );
+    }
 }
