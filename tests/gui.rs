@@ -726,3 +726,52 @@ fn finished_runs_teach_the_time_estimates() {
     // The tiny model's estimate is about a millisecond; the run took at least 50 ms.
     assert!(f.factor > 10.0, "{f:?}");
 }
+
+/// Variants are managed from the model tab: deleting one asks first and removes it from disk and the list;
+/// "Use as source" opens it as the model.
+#[test]
+fn variants_can_be_deleted_after_asking_and_used_as_the_source() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, commands, _events) = detached(Some((&model, Path::new("/models/tiny-llama"))));
+    let file = dir.path().join("tiny-llama-Q8_0.gguf");
+    std::fs::write(&file, b"a variant").expect("write");
+    h.state_mut().shared.add_variant(Variant {
+        label: "Q8_0".into(),
+        path: file.clone(),
+        is_source: false,
+        bpw: Some(8.5),
+        size_bytes: Some(9),
+    });
+    h.run_steps(2);
+    // The source has no Delete; the variant has.
+    assert_eq!(h.get_all_by_label("Delete…").count(), 1);
+    h.get_by_label("Delete…").click();
+    h.run_steps(2);
+    h.get_by_label("Keep it").click();
+    h.run_steps(2);
+    assert!(file.is_file(), "kept");
+    h.get_by_label("Delete…").click();
+    h.run_steps(4);
+    h.get_by_label("Delete").click();
+    h.run_steps(2);
+    assert!(!file.exists(), "deleted from disk");
+    assert!(h.state().shared.variants.iter().all(|v| v.path != file));
+    // Use as source: the other variant is opened (inspected) as the model.
+    let other = dir.path().join("tiny-llama-Q4_0.gguf");
+    h.state_mut().shared.add_variant(Variant {
+        label: "Q4_0".into(),
+        path: other.clone(),
+        is_source: false,
+        bpw: Some(4.5),
+        size_bytes: Some(9),
+    });
+    h.run_steps(2);
+    let _ = sent(&commands);
+    h.get_by_label("Use as source").click();
+    h.run_steps(2);
+    assert!(
+        matches!(sent(&commands).as_slice(), [(_, Command::Inspect { path })] if *path == other),
+        "opened as the source"
+    );
+}

@@ -47,6 +47,19 @@ pub struct DemoFetch {
 pub struct ModelPanel {
     pub state: ModelState,
     pub demo: Option<DemoFetch>,
+    /// A variant the user asked to delete, waiting for "Delete" or "Keep".
+    pub confirm_delete: Option<PathBuf>,
+}
+
+/// What a click in the variants list asks for.
+#[derive(Clone, Debug, PartialEq)]
+pub enum VariantAction {
+    /// Open it as the source (quantize it, compare against it).
+    UseAsSource(PathBuf),
+    /// Show its folder in the file manager.
+    ShowFolder(PathBuf),
+    /// Delete it from disk (asks first).
+    Delete(PathBuf),
 }
 
 impl ModelPanel {
@@ -235,14 +248,113 @@ impl ModelPanel {
                     }
                 }
             }
-            variants_list(&mut cols[1], shared);
+            if let Some(a) = variants_list(&mut cols[1], shared) {
+                self.variant_action(shared, a);
+            }
             cols[1].add_space(12.0);
             if let Some(p) = recent_list(&mut cols[1], shared) {
                 self.open(shared, p);
             }
         });
+        self.confirm_delete_ui(ui.ctx(), shared);
         next
     }
+
+    pub fn variant_action(&mut self, shared: &mut Shared, a: VariantAction) {
+        match a {
+            VariantAction::UseAsSource(p) => self.open(shared, p),
+            VariantAction::ShowFolder(p) => {
+                let dir = if p.is_dir() {
+                    p
+                } else {
+                    p.parent().map(PathBuf::from).unwrap_or(p)
+                };
+                if let Err(e) = show_in_file_manager(&dir) {
+                    shared.notes.error(
+                        format!("Could not show {}", dir.display()),
+                        format!("{e}: open the folder yourself"),
+                    );
+                }
+            }
+            VariantAction::Delete(p) => self.confirm_delete = Some(p),
+        }
+    }
+
+    /// Delete `path` (a variant, never the source) from disk and from the list.
+    pub fn delete_variant(&mut self, shared: &mut Shared, path: &Path) {
+        if shared.source_path() == Some(path) {
+            shared.notes.error(
+                "The source is not deleted from here",
+                path.display().to_string(),
+            );
+            return;
+        }
+        let r = if path.is_dir() {
+            std::fs::remove_dir_all(path)
+        } else {
+            std::fs::remove_file(path)
+        };
+        match r {
+            Ok(()) => {
+                shared.variants.retain(|v| v.path != path);
+                shared.notes.info("Deleted", path.display().to_string());
+            }
+            Err(e) => shared.notes.error(
+                format!("Could not delete {}", display_name(path)),
+                format!("{}: {e}", path.display()),
+            ),
+        }
+    }
+
+    fn confirm_delete_ui(&mut self, ctx: &egui::Context, shared: &mut Shared) {
+        let Some(path) = self.confirm_delete.clone() else {
+            return;
+        };
+        let mut answer = None;
+        egui::Window::new("Delete this variant?")
+            .collapsible(false)
+            .resizable(false)
+            .anchor(egui::Align2::CENTER_CENTER, egui::vec2(0.0, 0.0))
+            .show(ctx, |ui| {
+                ui.label("This removes it from disk:");
+                super::path_label(ui, &path);
+                ui.horizontal(|ui| {
+                    if ui.button("Delete").clicked() {
+                        answer = Some(true);
+                    }
+                    if ui.button("Keep it").clicked() {
+                        answer = Some(false);
+                    }
+                });
+            });
+        match answer {
+            Some(true) => {
+                self.confirm_delete = None;
+                self.delete_variant(shared, &path);
+            }
+            Some(false) => self.confirm_delete = None,
+            None => {}
+        }
+    }
+}
+
+/// Show `dir` in the desktop's file manager (without waiting for it).
+fn show_in_file_manager(dir: &Path) -> std::io::Result<()> {
+    let opener = if cfg!(target_os = "macos") {
+        "open"
+    } else if cfg!(windows) {
+        "explorer"
+    } else {
+        "xdg-open"
+    };
+    std::process::Command::new(opener)
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map(|_| ())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{opener}: {e}")))
 }
 
 fn drop_zone(ui: &mut egui::Ui, hovering: bool) {
@@ -321,25 +433,51 @@ fn yes_no(b: bool) -> &'static str {
     }
 }
 
-fn variants_list(ui: &mut egui::Ui, shared: &Shared) {
-    if shared.source.is_none() {
-        return;
-    }
+fn variants_list(ui: &mut egui::Ui, shared: &Shared) -> Option<VariantAction> {
+    shared.source.as_ref()?;
+    let mut action = None;
     ui.heading("Variants");
     if shared.variants.len() <= 1 {
         ui.weak("None yet — quantize the model to make some.");
     }
     egui::Grid::new("variants")
-        .num_columns(3)
+        .num_columns(4)
         .striped(true)
         .show(ui, |ui| {
             for v in &shared.variants {
-                ui.label(&v.label);
+                ui.label(&v.label)
+                    .on_hover_text(v.path.display().to_string());
                 ui.label(v.size_bytes.map(human_bytes).unwrap_or_default());
                 ui.label(v.bpw.map(|b| format!("{b:.2} bpw")).unwrap_or_default());
+                ui.horizontal(|ui| {
+                    if ui
+                        .small_button("Folder")
+                        .on_hover_text("Show it in the file manager")
+                        .clicked()
+                    {
+                        action = Some(VariantAction::ShowFolder(v.path.clone()));
+                    }
+                    if !v.is_source {
+                        if ui
+                            .small_button("Use as source")
+                            .on_hover_text("Open it as the model to quantize and compare against")
+                            .clicked()
+                        {
+                            action = Some(VariantAction::UseAsSource(v.path.clone()));
+                        }
+                        if ui
+                            .small_button("Delete…")
+                            .on_hover_text("Remove it from disk (asks first)")
+                            .clicked()
+                        {
+                            action = Some(VariantAction::Delete(v.path.clone()));
+                        }
+                    }
+                });
                 ui.end_row();
             }
         });
+    action
 }
 
 fn recent_list(ui: &mut egui::Ui, shared: &Shared) -> Option<PathBuf> {
