@@ -12,7 +12,7 @@ use eframe::egui;
 use egui_kittest::kittest::{AccessKitNode, NodeT, Queryable};
 use egui_kittest::Harness;
 use quant_engine::infer::{GenerateStats, Numerics, StopReason};
-use quant_engine::jobs::{Command, EngineHandle, Event, LayerMetrics};
+use quant_engine::jobs::{Command, EngineHandle, Event, JobOutput, LayerMetrics};
 use quant_engine::model::fixture::{write_fixture, FixtureSpec};
 use quant_engine::model::summary::ModelSummary;
 use quant_engine::model::SourceModel;
@@ -709,15 +709,13 @@ fn finished_runs_teach_the_time_estimates() {
     events
         .send(Event::Finished {
             job,
-            output: quant_engine::jobs::JobOutput::Quantized(Box::new(
-                quant_engine::quantize::QuantizeReport {
-                    mix: "Q4_K_M",
-                    tensors: Vec::new(),
-                    file_size_bytes: 60_000,
-                    bits_per_weight: 5.3,
-                    imatrix: false,
-                },
-            )),
+            output: JobOutput::Quantized(Box::new(quant_engine::quantize::QuantizeReport {
+                mix: "Q4_K_M",
+                tensors: Vec::new(),
+                file_size_bytes: 60_000,
+                bits_per_weight: 5.3,
+                imatrix: false,
+            })),
         })
         .expect("event");
     h.run_steps(3);
@@ -774,4 +772,79 @@ fn variants_can_be_deleted_after_asking_and_used_as_the_source() {
         matches!(sent(&commands).as_slice(), [(_, Command::Inspect { path })] if *path == other),
         "opened as the source"
     );
+}
+
+/// Compare is a results store: adding a variant to a finished comparison evaluates only that variant, and
+/// the results are remembered (in the settings) for the next session.
+#[test]
+fn adding_a_variant_to_a_finished_comparison_evaluates_only_that_variant() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, commands, events) = detached(Some((&model, Path::new("/models/tiny-llama"))));
+    for label in ["Q4_K_M", "Q8_0"] {
+        h.state_mut().shared.add_variant(Variant {
+            label: label.into(),
+            path: PathBuf::from(format!("/models/q/{label}.gguf")),
+            is_source: false,
+            bpw: Some(5.0),
+            size_bytes: Some(100_000),
+        });
+    }
+    h.get_by_label("Compare").click();
+    h.run_steps(2);
+    h.get_by_label("Q8_0").click();
+    h.run_steps(1);
+    // Each evaluation finishes as soon as it is sent.
+    let finish = |h: &mut Harness<'static, StudioApp>, n: usize| {
+        let mut paths = Vec::new();
+        for _ in 0..n {
+            let (job, m, _, _) = evaluation(&sent(&commands));
+            paths.push(m.clone());
+            let output = JobOutput::Perplexity(Box::new(quant_engine::eval::PerplexityReport {
+                n_ctx: 512,
+                n_chunks: 1,
+                n_text_tokens: 600,
+                n_scored: 255,
+                mean_nll: 2.3,
+                ppl: 10.0,
+                ppl_err: 0.1,
+                chunk_ppl: vec![10.0],
+                elapsed_secs: 0.1,
+                tokens_per_sec: 5000.0,
+            }));
+            events.send(Event::Finished { job, output }).expect("event");
+            h.run_steps(2);
+        }
+        assert!(sent(&commands).is_empty(), "nothing more is evaluated");
+        paths
+    };
+    h.get_by_label("Evaluate").click();
+    h.run_steps(2);
+    let first = finish(&mut h, 2);
+    assert_eq!(
+        first,
+        [
+            PathBuf::from("/models/tiny-llama"),
+            PathBuf::from("/models/q/Q8_0.gguf")
+        ]
+    );
+    // One more variant: only it is evaluated.
+    h.get_by_label("Q4_K_M").click();
+    h.run_steps(1);
+    h.get_by_label("Evaluate").click();
+    h.run_steps(2);
+    assert_eq!(finish(&mut h, 1), [PathBuf::from("/models/q/Q4_K_M.gguf")]);
+    assert_eq!(h.state().compare.rows.len(), 3);
+    assert_eq!(h.state().shared.settings.evals.len(), 3);
+    // A new session (the settings carried over) evaluates nothing again.
+    let settings = h.state().shared.settings.clone();
+    let rows = {
+        let app = h.state_mut();
+        app.compare.rows.clear();
+        app.shared.settings = settings;
+        app.compare.run(&mut app.shared);
+        app.compare.rows.clone()
+    };
+    assert!(rows.iter().all(|r| r.remembered), "{rows:?}");
+    assert!(sent(&commands).is_empty());
 }

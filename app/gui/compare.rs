@@ -38,6 +38,63 @@ pub struct Row {
     pub ppl_curve: Vec<[f64; 2]>,
     /// (chunk, running KLD).
     pub kld_curve: Vec<[f64; 2]>,
+    /// What was evaluated ([`eval_key`]); results are remembered under it.
+    pub key: String,
+    /// The numbers came from an earlier evaluation of exactly this (not run again).
+    pub remembered: bool,
+}
+
+/// A file's (or folder's) identity for the results store: size and modification time of the file, or of
+/// every file in the folder. Cheap (no hashing of gigabytes) and changes whenever the file is rewritten.
+fn fingerprint(p: &std::path::Path) -> String {
+    let one = |m: std::fs::Metadata| {
+        let t = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        format!("{}@{t}", m.len())
+    };
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_dir() => {
+            let mut parts: Vec<String> = std::fs::read_dir(p)
+                .map(|rd| {
+                    rd.flatten()
+                        .filter_map(|e| Some((e.file_name(), e.metadata().ok()?)))
+                        .filter(|(_, m)| m.is_file())
+                        .map(|(n, m)| format!("{}={}", n.to_string_lossy(), one(m)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            parts.sort();
+            parts.join(",")
+        }
+        Ok(m) => one(m),
+        Err(_) => "missing".into(),
+    }
+}
+
+/// The results store's key of evaluating `model` (against `base` for KLD) on `text` with these options.
+pub fn eval_key(
+    model: &std::path::Path,
+    base: Option<&std::path::Path>,
+    text: Option<&std::path::Path>,
+    n_ctx: usize,
+    max_chunks: usize,
+    numerics: Numerics,
+) -> String {
+    let base = base.map_or_else(String::new, |b| {
+        format!("{}#{}", b.display(), fingerprint(b))
+    });
+    let text = text.map_or_else(
+        || "bundled".to_string(),
+        |t| format!("{}#{}", t.display(), fingerprint(t)),
+    );
+    format!(
+        "{}#{}|base={base}|text={text}|ctx={n_ctx}|chunks={max_chunks}|{numerics:?}",
+        model.display(),
+        fingerprint(model)
+    )
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,6 +207,14 @@ impl ComparePanel {
         }
     }
 
+    fn numerics(&self) -> Numerics {
+        if self.llama_numerics {
+            Numerics::LlamaCpu
+        } else {
+            Numerics::Exact
+        }
+    }
+
     /// Start evaluating every ticked variant (the source first: its perplexity; the others' KLD against
     /// it). Runs one at a time.
     pub fn run(&mut self, shared: &mut Shared) {
@@ -157,17 +222,48 @@ impl ComparePanel {
             shared.notes.error("Open a model first", "");
             return;
         }
+        let src = shared.source_path().map(PathBuf::from);
+        let numerics = self.numerics();
+        let previous = std::mem::take(&mut self.rows);
         self.rows = shared
             .variants
             .iter()
             .filter(|v| v.is_source || self.picked.contains(&v.path))
-            .map(|v| Row {
-                label: v.label.clone(),
-                path: v.path.clone(),
-                is_source: v.is_source,
-                size_bytes: v.size_bytes,
-                bpw: v.bpw,
-                ..Row::default()
+            .map(|v| {
+                let base = (!v.is_source).then_some(src.as_deref()).flatten();
+                let key = eval_key(
+                    &v.path,
+                    base,
+                    self.text.as_deref(),
+                    self.n_ctx,
+                    self.max_chunks,
+                    numerics,
+                );
+                // A row evaluated in this session with the same key keeps everything (curves too); else
+                // a remembered result fills it in; else it is evaluated.
+                if let Some(r) = previous
+                    .iter()
+                    .find(|r| r.key == key && r.error.is_none() && !r.running && r.job.is_some())
+                {
+                    return r.clone();
+                }
+                let mut row = Row {
+                    label: v.label.clone(),
+                    path: v.path.clone(),
+                    is_source: v.is_source,
+                    size_bytes: v.size_bytes,
+                    bpw: v.bpw,
+                    key: key.clone(),
+                    ..Row::default()
+                };
+                if let Some(e) = shared.settings.evals.get(&key) {
+                    row.ppl = e.ppl;
+                    row.kld = e.kld;
+                    row.same_top = e.same_top;
+                    row.tokens_per_sec = e.tokens_per_sec;
+                    row.remembered = true;
+                }
+                row
             })
             .collect();
         self.pump(shared);
@@ -183,7 +279,7 @@ impl ComparePanel {
         let Some(i) = self
             .rows
             .iter()
-            .position(|r| r.job.is_none() && r.error.is_none())
+            .position(|r| r.job.is_none() && r.error.is_none() && !r.remembered)
         else {
             return;
         };
@@ -199,11 +295,7 @@ impl ComparePanel {
             options: EvalOptions {
                 n_ctx: self.n_ctx,
                 max_chunks: Some(self.max_chunks),
-                numerics: if self.llama_numerics {
-                    Numerics::LlamaCpu
-                } else {
-                    Numerics::Exact
-                },
+                numerics: self.numerics(),
                 allow_long_context: false,
                 backend: quant_engine::backend::Backend::Cpu,
             },
@@ -246,6 +338,19 @@ impl ComparePanel {
                     }
                     _ => {}
                 }
+                let stored = &mut shared.settings.evals;
+                if stored.len() >= super::settings::MAX_STORED_EVALS {
+                    stored.clear();
+                }
+                stored.insert(
+                    r.key.clone(),
+                    super::settings::StoredEval {
+                        ppl: r.ppl,
+                        kld: r.kld,
+                        same_top: r.same_top,
+                        tokens_per_sec: r.tokens_per_sec,
+                    },
+                );
                 self.pump(shared);
             }
             Event::Failed { error, .. } => {
@@ -378,7 +483,12 @@ impl ComparePanel {
                 }
                 ui.end_row();
                 for r in &self.rows {
-                    ui.label(&r.label);
+                    let l = ui.label(&r.label);
+                    if r.remembered {
+                        l.on_hover_text(
+                            "remembered: this exact file, text and settings were evaluated before",
+                        );
+                    }
                     ui.label(r.size_bytes.map(human_bytes).unwrap_or_default());
                     ui.label(r.bpw.map(|b| format!("{b:.2}")).unwrap_or_default());
                     ui.label(

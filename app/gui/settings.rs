@@ -25,6 +25,21 @@ pub struct Settings {
     /// Time estimates learned on this machine: per recipe timing key (`"gguf"`, `"gguf-imatrix"`,
     /// `"gptq"`), the measured / estimated ratio of finished runs.
     pub time_factors: std::collections::BTreeMap<String, TimeFactor>,
+    /// Evaluation results by what was evaluated (variant and base files, text, context, chunks,
+    /// arithmetic: [`super::compare::eval_key`]), so nothing is evaluated twice, across sessions too.
+    pub evals: std::collections::BTreeMap<String, StoredEval>,
+}
+
+/// At most this many evaluation results are remembered.
+pub const MAX_STORED_EVALS: usize = 2000;
+
+/// One remembered evaluation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StoredEval {
+    pub ppl: Option<(f64, f64)>,
+    pub kld: Option<(f64, f64)>,
+    pub same_top: Option<f64>,
+    pub tokens_per_sec: Option<f64>,
 }
 
 /// A learned correction of the time estimates for one kind of run.
