@@ -437,6 +437,8 @@ fn compare_evaluates_source_then_variants_against_it() {
         h.state().compare.rows[0].ppl_curve,
         vec![[1.0, 12.0], [2.0, 11.0]]
     );
+    // The row shows its progress and time left.
+    assert_eq!(h.state().compare.rows[0].progress, Some((2, 3, 0.2)));
     events
         .send(Event::Failed {
             job,
@@ -836,6 +838,10 @@ fn adding_a_variant_to_a_finished_comparison_evaluates_only_that_variant() {
     assert_eq!(finish(&mut h, 1), [PathBuf::from("/models/q/Q4_K_M.gguf")]);
     assert_eq!(h.state().compare.rows.len(), 3);
     assert_eq!(h.state().shared.settings.evals.len(), 3);
+    // The scatter draws the source at KLD 0 and labels every point (a render without a missing glyph).
+    h.state_mut().compare.rows[1].kld = Some((0.05, 0.004));
+    h.state_mut().compare.chart = quant_studio::gui::compare::ChartView::Scatter;
+    h.run_steps(2);
     // A new session (the settings carried over) evaluates nothing again.
     let settings = h.state().shared.settings.clone();
     let rows = {

@@ -42,6 +42,8 @@ pub struct Row {
     pub key: String,
     /// The numbers came from an earlier evaluation of exactly this (not run again).
     pub remembered: bool,
+    /// While running: chunks done, chunks in all, seconds left.
+    pub progress: Option<(u64, u64, f64)>,
 }
 
 /// A file's (or folder's) identity for the results store: size and modification time of the file, or of
@@ -322,6 +324,11 @@ impl ComparePanel {
                     r.kld_curve.push([x, k.kld.value]);
                 }
                 r.tokens_per_sec = Some(progress.tokens_per_sec);
+                r.progress = Some((
+                    progress.done() as u64,
+                    progress.n_chunks as u64,
+                    progress.eta_secs,
+                ));
             }
             Event::Finished { output, .. } => {
                 r.running = false;
@@ -512,7 +519,18 @@ impl ComparePanel {
                             .unwrap_or_default(),
                     );
                     if r.running {
-                        ui.spinner();
+                        match r.progress {
+                            Some((done, total, eta)) => super::progress_bar(
+                                ui,
+                                (done, total),
+                                Some(eta),
+                                format!("chunk {done}/{total}"),
+                                200.0,
+                            ),
+                            None => {
+                                ui.spinner();
+                            }
+                        }
                     } else if let Some(e) = &r.error {
                         ui.colored_label(ui.visuals().error_fg_color, "✖")
                             .on_hover_text(e);
@@ -618,7 +636,7 @@ impl ComparePanel {
         let rows = &self.rows;
         let (lo_bpw, hi_bpw) = rows
             .iter()
-            .filter(|r| r.kld.is_some())
+            .filter(|r| r.kld.is_some() || r.is_source)
             .filter_map(|r| r.bpw)
             .fold((f64::MAX, f64::MIN), |(lo, hi), b| (lo.min(b), hi.max(b)));
         let (lo_bpw, hi_bpw) = if lo_bpw <= hi_bpw {
@@ -645,11 +663,33 @@ impl ComparePanel {
             })
             .show(ui, |plot| {
                 for (i, r) in rows.iter().enumerate() {
-                    if let (Some(b), Some(k)) = (r.bpw, r.kld) {
+                    // The source sits at KLD 0 (by definition), at its own bpw.
+                    let kld = if r.is_source { Some((0.0, 0.0)) } else { r.kld };
+                    if let (Some(b), Some(k)) = (r.bpw, kld) {
                         plot.points(
                             Points::new(&r.label, vec![[b, k.0]])
                                 .radius(6.0)
                                 .color(series_color(i)),
+                        );
+                        // Error bar: ± one standard uncertainty of the mean KLD.
+                        if k.1 > 0.0 && k.1.is_finite() {
+                            plot.line(
+                                Line::new(
+                                    "",
+                                    PlotPoints::from(vec![[b, k.0 - k.1], [b, k.0 + k.1]]),
+                                )
+                                .color(series_color(i)),
+                            );
+                        }
+                        // Every point says what it is, without hovering.
+                        plot.text(
+                            egui_plot::Text::new(
+                                "",
+                                egui_plot::PlotPoint::new(b, k.0),
+                                format!("  {}", r.label),
+                            )
+                            .anchor(egui::Align2::LEFT_BOTTOM)
+                            .color(series_color(i)),
                         );
                     }
                 }
