@@ -838,6 +838,21 @@ fn adding_a_variant_to_a_finished_comparison_evaluates_only_that_variant() {
     assert_eq!(finish(&mut h, 1), [PathBuf::from("/models/q/Q4_K_M.gguf")]);
     assert_eq!(h.state().compare.rows.len(), 3);
     assert_eq!(h.state().shared.settings.evals.len(), 3);
+    // A calibrated variant scored on the bundled (default calibration) text gets a warning.
+    assert!(h.query_by_label_contains("flatters them").is_none());
+    h.state_mut().shared.add_variant(Variant {
+        label: "GPTQ-4bit-g128-ao-asym".into(),
+        path: PathBuf::from("/models/q/gptq"),
+        is_source: false,
+        bpw: Some(4.6),
+        size_bytes: Some(100_000),
+    });
+    h.state_mut()
+        .compare
+        .picked
+        .push(PathBuf::from("/models/q/gptq"));
+    h.run_steps(2);
+    h.get_by_label_contains("flatters them");
     // The scatter draws the source at KLD 0 and labels every point (a render without a missing glyph).
     h.state_mut().compare.rows[1].kld = Some((0.05, 0.004));
     h.state_mut().compare.chart = quant_studio::gui::compare::ChartView::Scatter;

@@ -455,6 +455,24 @@ impl ComparePanel {
                 }
             }
         });
+        // A calibrated variant scored on its own calibration text looks better than it is.
+        let calibrated: Vec<&str> = shared
+            .variants
+            .iter()
+            .filter(|v| self.picked.contains(&v.path))
+            .filter(|v| v.label.contains("-imat") || v.label.starts_with("GPTQ"))
+            .map(|v| v.label.as_str())
+            .collect();
+        if self.text.is_none() && !calibrated.is_empty() {
+            ui.colored_label(
+                ui.visuals().warn_fg_color,
+                format!(
+                    "⚠ {} calibrated on a text; if that was the bundled text (the default), scoring on it \
+                     flatters them. Pick held-out text with File….",
+                    calibrated.join(", ")
+                ),
+            );
+        }
         ui.separator();
         self.table(ui, shared);
         ui.separator();
