@@ -417,7 +417,7 @@ impl StudioApp {
                 Ok(other) => {
                     self.quantize.on_dialog(&other);
                     self.compare.on_dialog(&mut self.shared, &other);
-                    self.chat.on_dialog(&other);
+                    self.chat.on_dialog(&mut self.shared, &other);
                     self.model.on_dialog(&mut self.shared, &other);
                 }
             }

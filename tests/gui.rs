@@ -336,6 +336,19 @@ fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
     h.run_steps(2);
     h.get_by_label("16.0 tokens/s");
     h.snapshot("chat");
+    // Save…: the conversation goes to the file the dialog (here injected) names.
+    let saved = dir.path().join("conversation.md");
+    h.state()
+        .shared
+        .dialogs
+        .inject(quant_studio::gui::dialogs::Picked::SaveTranscript(
+            saved.clone(),
+        ));
+    h.run_steps(2);
+    assert_eq!(
+        std::fs::read_to_string(&saved).expect("saved"),
+        "# source\n\nyou:\nHello there\n\nmodel:\nHi, how can I help?\n"
+    );
     // A/B: the same prompt to two variants, each in its own session, both from the same (empty) history:
     // turning A/B on starts A's conversation afresh.
     h.get_by_label("A/B: two variants side by side").click();

@@ -66,7 +66,27 @@ impl Default for ChatPanel {
 }
 
 impl ChatPanel {
-    pub fn on_dialog(&mut self, _p: &Picked) {}
+    /// Every active side's conversation as text.
+    pub fn transcript(&self, shared: &Shared) -> String {
+        (0..self.active())
+            .map(|i| transcript_text(&self.sides[i], &self.sides[i].label(shared)))
+            .collect::<Vec<_>>()
+            .join("\n\n")
+    }
+
+    pub fn on_dialog(&mut self, shared: &mut Shared, p: &Picked) {
+        if let Picked::SaveTranscript(path) = p {
+            match std::fs::write(path, self.transcript(shared)) {
+                Ok(()) => shared
+                    .notes
+                    .info("Conversation saved", path.display().to_string()),
+                Err(e) => shared.notes.error(
+                    "Could not save the conversation",
+                    format!("{}: {e}", path.display()),
+                ),
+            }
+        }
+    }
 
     /// Whether a reply is being written.
     pub fn writing(&self) -> bool {
@@ -357,12 +377,16 @@ impl ChatPanel {
                 .on_hover_text("The conversation as text, to the clipboard")
                 .clicked()
             {
-                let labels: Vec<String> = self.sides.iter().map(|s| s.label(shared)).collect();
-                let text = (0..self.active())
-                    .map(|i| transcript_text(&self.sides[i], &labels[i]))
-                    .collect::<Vec<_>>()
-                    .join("\n\n");
-                ui.ctx().copy_text(text);
+                ui.ctx().copy_text(self.transcript(shared));
+            }
+            if ui
+                .button("Save…")
+                .on_hover_text("The conversation as a text file")
+                .clicked()
+            {
+                shared
+                    .dialogs
+                    .open(super::dialogs::PickKind::SaveTranscript);
             }
         });
         if let Some(src) = &shared.source {

@@ -27,6 +27,8 @@ pub enum Picked {
     SaveCsv(PathBuf),
     /// Where to save a chart as PNG (with the chart's id).
     SavePng(PathBuf, String),
+    /// Where to save the chat transcript.
+    SaveTranscript(PathBuf),
 }
 
 /// What a picker asks for (the path still to come).
@@ -40,6 +42,7 @@ pub enum PickKind {
     SaveCsv,
     /// A chart's PNG (the chart's id).
     SavePng(String),
+    SaveTranscript,
 }
 
 impl PickKind {
@@ -53,6 +56,7 @@ impl PickKind {
             PickKind::EvalFile => "Evaluation text",
             PickKind::SaveCsv => "Save the comparison table",
             PickKind::SavePng(_) => "Save the chart",
+            PickKind::SaveTranscript => "Save the conversation",
         }
     }
 
@@ -72,6 +76,7 @@ impl PickKind {
             PickKind::EvalFile => Picked::EvalFile(path),
             PickKind::SaveCsv => Picked::SaveCsv(path),
             PickKind::SavePng(chart) => Picked::SavePng(path, chart.clone()),
+            PickKind::SaveTranscript => Picked::SaveTranscript(path),
         }
     }
 
@@ -87,6 +92,7 @@ impl PickKind {
             PickKind::EvalFile => d.add_filter("text", &["txt", "raw"]),
             PickKind::SaveCsv => d.set_file_name("comparison.csv"),
             PickKind::SavePng(chart) => d.set_file_name(format!("{chart}.png")),
+            PickKind::SaveTranscript => d.set_file_name("conversation.md"),
             PickKind::ModelFolder | PickKind::OutputDir => d,
         }
     }
@@ -97,7 +103,7 @@ impl PickKind {
         match self {
             PickKind::ModelFolder | PickKind::OutputDir => d.pick_folder(),
             PickKind::ModelFile | PickKind::CalibFile | PickKind::EvalFile => d.pick_file(),
-            PickKind::SaveCsv | PickKind::SavePng(_) => d.save_file(),
+            PickKind::SaveCsv | PickKind::SavePng(_) | PickKind::SaveTranscript => d.save_file(),
         }
     }
 }
