@@ -349,6 +349,30 @@ fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
         std::fs::read_to_string(&saved).expect("saved"),
         "# source\n\nyou:\nHello there\n\nmodel:\nHi, how can I help?\n"
     );
+    // Regenerate: the last answer is asked for again and streams into the same place.
+    h.get_by_label("Regenerate").click();
+    h.run_steps(2);
+    assert!(
+        matches!(sent(&commands).as_slice(), [(0, Command::ChatRegenerate { job: j })] if j == job)
+    );
+    assert!(h.state().chat.sides[0].writing);
+    events
+        .send(Event::TurnFinished {
+            job: *job,
+            text: "Hello! What do you need?".into(),
+            stats: GenerateStats {
+                prompt_tokens: 2,
+                generated_tokens: 8,
+                prompt_secs: 0.1,
+                decode_secs: 0.5,
+                stop_reason: StopReason::Eos,
+            },
+        })
+        .expect("event");
+    h.run_steps(2);
+    let t = &h.state().chat.sides[0].transcript;
+    assert_eq!(t.len(), 2);
+    assert_eq!(t[1].text, "Hello! What do you need?");
     // A/B: the same prompt to two variants, each in its own session, both from the same (empty) history:
     // turning A/B on starts A's conversation afresh.
     h.get_by_label("A/B: two variants side by side").click();

@@ -239,14 +239,27 @@ impl ChatPanel {
             });
             ui.add_space(4.0);
         });
+        let mut regenerate = [false; 2];
         egui::CentralPanel::default().show(ui, |ui| {
             let n = self.active();
             ui.columns(n, |cols| {
                 for (i, col) in cols.iter_mut().enumerate() {
-                    transcript(col, &self.sides[i], i, &self.sides[i].label(shared));
+                    regenerate[i] =
+                        transcript(col, &self.sides[i], i, &self.sides[i].label(shared));
                 }
             });
         });
+        for (i, side) in self.sides.iter_mut().enumerate() {
+            if !regenerate[i] {
+                continue;
+            }
+            if let (Some((job, _, _)), Some(last)) = (&side.session, side.transcript.last_mut()) {
+                shared.send(Command::ChatRegenerate { job: *job });
+                last.text.clear();
+                side.writing = true;
+                side.generated = 0;
+            }
+        }
     }
 
     /// Start both sides' conversations afresh (their system prompts stay).
@@ -438,7 +451,10 @@ fn message_body(ui: &mut egui::Ui, text: &str) {
     });
 }
 
-fn transcript(ui: &mut egui::Ui, side: &Side, i: usize, label: &str) {
+/// One side's conversation; `true` when its last reply's Regenerate was clicked.
+fn transcript(ui: &mut egui::Ui, side: &Side, i: usize, label: &str) -> bool {
+    let mut regenerate = false;
+    let last = side.transcript.len().saturating_sub(1);
     ui.horizontal(|ui| {
         ui.strong(label);
         if let Some(t) = side.tokens_per_sec {
@@ -453,7 +469,7 @@ fn transcript(ui: &mut egui::Ui, side: &Side, i: usize, label: &str) {
         .stick_to_bottom(true)
         .auto_shrink([false, false])
         .show(ui, |ui| {
-            for m in &side.transcript {
+            for (k, m) in side.transcript.iter().enumerate() {
                 let (who, fill) = if m.user {
                     ("you", ui.visuals().faint_bg_color)
                 } else {
@@ -476,12 +492,27 @@ fn transcript(ui: &mut egui::Ui, side: &Side, i: usize, label: &str) {
                             {
                                 ui.ctx().copy_text(m.text.clone());
                             }
+                            if !m.user
+                                && k == last
+                                && !side.writing
+                                && side.session.is_some()
+                                && ui
+                                    .small_button("Regenerate")
+                                    .on_hover_text(
+                                        "A new answer to the same message (sampled answers draw again; \
+                                         at temperature 0 it is the same answer)",
+                                    )
+                                    .clicked()
+                            {
+                                regenerate = true;
+                            }
                         });
                         message_body(ui, &m.text);
                     });
                 ui.add_space(4.0);
             }
         });
+    regenerate
 }
 
 #[cfg(test)]

@@ -281,6 +281,8 @@ pub struct ChatSession {
     system_prompt: Option<String>,
     messages: Vec<ChatMessage>,
     cache: KvCache,
+    /// Replies regenerated so far (each draws with a seed this much past the configured one).
+    regenerations: u64,
 }
 
 impl ChatSession {
@@ -290,6 +292,7 @@ impl ChatSession {
             system_prompt,
             messages: Vec::new(),
             cache: model.new_cache(context_tokens),
+            regenerations: 0,
         }
     }
 
@@ -337,6 +340,40 @@ impl ChatSession {
             .as_deref()
             .is_some_and(|b| !b.is_empty() && text.starts_with(b));
         tok.encode(&text, !has_bos)
+    }
+
+    /// Replace the last reply with a new one for the same user message (streamed to `on_text`). Sampling
+    /// draws with the configured seed plus the number of regenerations so far, so a sampled reply changes;
+    /// greedy decoding (temperature 0) gives the same reply again. `Ok(None)` when there is no reply yet.
+    pub fn regenerate(
+        &mut self,
+        model: &Model,
+        tok: &TextTokenizer,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Option<(String, GenerateStats)>> {
+        let n = self.messages.len();
+        if n < 2 || self.messages[n - 1].role != "assistant" || self.messages[n - 2].role != "user"
+        {
+            return Ok(None);
+        }
+        let reply = self.messages.pop();
+        let user = self.messages.pop();
+        let Some(user) = user else {
+            return Ok(None);
+        };
+        self.regenerations += 1;
+        let mut opts = opts.clone();
+        opts.sampler.seed = opts.sampler.seed.wrapping_add(self.regenerations);
+        match self.send(model, tok, &user.content, &opts, on_text) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) => {
+                // The conversation stays as it was.
+                self.messages.push(user);
+                self.messages.extend(reply);
+                Err(e)
+            }
+        }
     }
 
     /// Add the user's message, generate the reply (streamed to `on_text`), and add the reply.
@@ -575,6 +612,57 @@ mod tests {
         assert!(s1.prompt_tokens > 10);
         chat.clear();
         assert!(chat.messages().is_empty() && chat.cache().is_empty());
+    }
+
+    #[test]
+    fn regenerate_replaces_the_last_reply() {
+        let (_d, model, tok) = fixture();
+        let greedy = GenerateOptions {
+            max_new_tokens: 8,
+            ..Default::default()
+        };
+        let mut chat = ChatSession::new(&model, 256, None);
+        assert!(chat
+            .regenerate(&model, &tok, &greedy, &mut |_| true)
+            .expect("nothing to redo")
+            .is_none());
+        let (r1, _) = chat
+            .send(&model, &tok, "Hello there", &greedy, &mut |_| true)
+            .expect("turn");
+        // Greedy: the same reply again, in place of the first.
+        let (r2, _) = chat
+            .regenerate(&model, &tok, &greedy, &mut |_| true)
+            .expect("regenerate")
+            .expect("a reply");
+        assert_eq!(r1, r2);
+        assert_eq!(chat.messages().len(), 2);
+        assert_eq!(chat.messages()[0].content, "Hello there");
+        assert_eq!(chat.messages()[1].content, r2);
+        // Sampled: each regeneration draws with the next seed, so the replies differ from a plain resend.
+        let sampled = GenerateOptions {
+            max_new_tokens: 12,
+            sampler: SamplerConfig {
+                temperature: 1.5,
+                seed: 7,
+                ..SamplerConfig::default()
+            },
+            ..Default::default()
+        };
+        let mut fresh = ChatSession::new(&model, 256, None);
+        let (s1, _) = fresh
+            .send(&model, &tok, "Hello there", &sampled, &mut |_| true)
+            .expect("turn");
+        let replies: Vec<String> = (0..3)
+            .map(|_| {
+                fresh
+                    .regenerate(&model, &tok, &sampled, &mut |_| true)
+                    .expect("regenerate")
+                    .expect("a reply")
+                    .0
+            })
+            .collect();
+        assert!(replies.iter().any(|r| *r != s1), "{s1:?} {replies:?}");
+        assert_eq!(fresh.messages().len(), 2);
     }
 
     /// Speed and sanity on the real SmolLM2-135M-Instruct Q4_1 GGUF:

@@ -108,6 +108,9 @@ pub enum Command {
     ChatStop { job: JobId },
     /// Forget chat session `job`'s conversation (its system prompt stays).
     ChatReset { job: JobId },
+    /// Replace the last reply of chat session `job` with a new one (streamed like a turn; sampled replies
+    /// draw with the next seed). Ignored when there is no reply yet.
+    ChatRegenerate { job: JobId },
     /// Sampling options for the next turns of chat session `job`.
     ChatOptions {
         job: JobId,
@@ -594,6 +597,7 @@ impl EngineThread {
             }
             Command::ChatSend { job, text } => self.to_chat(job, ChatMsg::Send(text)),
             Command::ChatReset { job } => self.to_chat(job, ChatMsg::Reset),
+            Command::ChatRegenerate { job } => self.to_chat(job, ChatMsg::Regenerate),
             Command::ChatOptions { job, options } => self.to_chat(job, ChatMsg::Options(options)),
             Command::ChatStop { job } => {
                 if let Some(chat) = self.jobs.get(&job).and_then(|e| e.chat.as_ref()) {

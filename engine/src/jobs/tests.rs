@@ -374,6 +374,23 @@ fn chat_session_keeps_the_model_between_turns() {
     engine.submit(Command::ChatReset { job }).expect("engine");
     let c = turn("Hello");
     assert_eq!(a, c, "greedy replies to the same conversation are the same");
+    // Regenerate the last reply: greedy, so the same text again, streamed as a turn.
+    engine
+        .submit(Command::ChatRegenerate { job })
+        .expect("engine");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let again = loop {
+        match engine
+            .events
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("event")
+        {
+            Event::TurnFinished { text, .. } => break text,
+            e if e.is_terminal() => panic!("chat ended: {e:?}"),
+            _ => {}
+        }
+    };
+    assert_eq!(again, c);
     engine.submit(Command::Cancel(job)).expect("engine");
     let evs = collect(&engine, job, Duration::from_secs(5));
     assert!(matches!(evs.last(), Some(Event::Cancelled { .. })));

@@ -26,6 +26,7 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub(crate) enum ChatMsg {
     Send(String),
+    Regenerate,
     Reset,
     Options(GenerateOptions),
 }
@@ -417,7 +418,7 @@ fn chat(
                 // Settings out of range fail the next turn with a message that gives the range.
                 options = o;
             }
-            ChatMsg::Send(text) => {
+            msg @ (ChatMsg::Send(_) | ChatMsg::Regenerate) => {
                 stop_turn.store(false, Ordering::Relaxed);
                 let mut on_text = |s: &str| {
                     ctx.emit(Event::Token {
@@ -426,8 +427,16 @@ fn chat(
                     });
                     !ctx.cancelled() && !stop_turn.load(Ordering::Relaxed)
                 };
-                match session.send(&m.model, &m.source.tokenizer, &text, &options, &mut on_text) {
-                    Ok((text, stats)) => {
+                let tok = &m.source.tokenizer;
+                let turn = match msg {
+                    ChatMsg::Send(text) => session
+                        .send(&m.model, tok, &text, &options, &mut on_text)
+                        .map(Some),
+                    _ => session.regenerate(&m.model, tok, &options, &mut on_text),
+                };
+                match turn {
+                    Ok(None) => {}
+                    Ok(Some((text, stats))) => {
                         ctx.check()?;
                         ctx.emit(Event::TurnFinished {
                             job: ctx.job,
