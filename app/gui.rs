@@ -32,10 +32,15 @@ use self::settings::Settings;
 /// open it.
 pub fn run(demo: bool, open: Option<PathBuf>) -> anyhow::Result<()> {
     let walkthrough = walkthrough::Walkthrough::from_env();
+    // The walkthrough can run at another size (`QS_WALKTHROUGH_SIZE=1024x700`) to check the layout there.
+    let size = walkthrough
+        .as_ref()
+        .and_then(|w| w.window_size())
+        .unwrap_or([1280.0, 800.0]);
     let options = eframe::NativeOptions {
         viewport: egui::ViewportBuilder::default()
             .with_title("Quant Studio")
-            .with_inner_size([1280.0, 800.0])
+            .with_inner_size(size)
             .with_min_inner_size([960.0, 600.0])
             .with_drag_and_drop(true),
         ..Default::default()

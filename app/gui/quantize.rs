@@ -431,9 +431,9 @@ impl QuantizePanel {
             ui.label("Drop a model on the window, or use the Model tab.");
             return;
         };
-        // Bounded: at most 45 % of the window, so the queue and the charts keep their room whatever the
+        // Bounded: at most half the window, so the queue and the charts keep their room whatever the
         // paths in the options are (they are truncated, with the whole path on hover).
-        let max = (ui.available_width() * 0.45).max(300.0);
+        let max = (ui.available_width() * 0.5).max(300.0);
         egui::Panel::left("quantize-options")
             .resizable(true)
             .default_size(400.0_f32.min(max))
@@ -633,7 +633,7 @@ impl QuantizePanel {
                         "linear bpw",
                         "bits per weight of the quantized decoder linears",
                     ),
-                    ("peak memory", "while quantizing"),
+                    ("memory", "peak memory while quantizing"),
                     ("time", "on this machine"),
                 ] {
                     let r = ui.strong(h);

@@ -51,6 +51,13 @@ impl Walkthrough {
         })
     }
 
+    /// `QS_WALKTHROUGH_SIZE=WxH`: the window's size for this walkthrough.
+    pub fn window_size(&self) -> Option<[f32; 2]> {
+        let v = std::env::var("QS_WALKTHROUGH_SIZE").ok()?;
+        let (w, h) = v.split_once('x')?;
+        Some([w.trim().parse().ok()?, h.trim().parse().ok()?])
+    }
+
     fn next(&mut self) {
         self.stage += 1;
         self.since = Instant::now();
