@@ -134,7 +134,8 @@ impl Walkthrough {
             }
             3 => {
                 if self.shoot(ctx, "2-targets") {
-                    app.quantize.start(&mut app.shared);
+                    // A rerun replaces what an earlier walkthrough wrote (the studio would ask).
+                    app.quantize.start_with(&mut app.shared, true);
                     self.next();
                 }
             }
