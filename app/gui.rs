@@ -523,6 +523,34 @@ pub fn progress_bar(
 
 pub use quant_engine::model::summary::{human_bytes, human_count};
 
+/// A centred question with two answers: `Some(true)` for `yes`, `Some(false)` for `no`, `None` while
+/// unanswered. `body` draws what is asked about.
+pub fn confirm(
+    ctx: &egui::Context,
+    title: &str,
+    yes: &str,
+    no: &str,
+    body: impl FnOnce(&mut egui::Ui),
+) -> Option<bool> {
+    let mut answer = None;
+    egui::Window::new(title)
+        .collapsible(false)
+        .resizable(false)
+        .anchor(egui::Align2::CENTER_CENTER, egui::vec2(0.0, 0.0))
+        .show(ctx, |ui| {
+            body(ui);
+            ui.horizontal(|ui| {
+                if ui.button(yes).clicked() {
+                    answer = Some(true);
+                }
+                if ui.button(no).clicked() {
+                    answer = Some(false);
+                }
+            });
+        });
+    answer
+}
+
 /// A path as one truncated monospace line (its end is cut with "…" when the room is short), the whole path
 /// on hover: long default paths never widen a panel.
 pub fn path_label(ui: &mut egui::Ui, path: &std::path::Path) -> egui::Response {

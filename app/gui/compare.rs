@@ -411,13 +411,9 @@ impl ComparePanel {
             if ui.button("File…").clicked() {
                 shared.dialogs.pick_eval_file();
             }
-            if ui
-                .small_button("Type…")
-                .on_hover_text("Type a path instead of using the file dialog")
-                .clicked()
-            {
-                shared.dialogs.type_path(super::dialogs::PickKind::EvalFile);
-            }
+            shared
+                .dialogs
+                .type_button(ui, super::dialogs::PickKind::EvalFile);
             if self.text.is_some() && ui.button("Bundled").clicked() {
                 self.text = None;
             }

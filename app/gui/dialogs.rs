@@ -183,6 +183,17 @@ impl Dialogs {
         });
     }
 
+    /// A picker's "Type…" entry: opens the typed-path window for `kind`.
+    pub fn type_button(&mut self, ui: &mut egui::Ui, kind: PickKind) {
+        if ui
+            .small_button("Type…")
+            .on_hover_text("Type a path instead of using the file dialog")
+            .clicked()
+        {
+            self.type_path(kind);
+        }
+    }
+
     /// Open the native dialog for `kind` on its own thread.
     pub fn open(&self, kind: PickKind) {
         let tx = self.tx.clone();

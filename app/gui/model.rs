@@ -182,15 +182,9 @@ impl ModelPanel {
             {
                 shared.dialogs.pick_model_folder();
             }
-            if ui
-                .small_button("Type…")
-                .on_hover_text("Type a path instead of using the file dialog")
-                .clicked()
-            {
-                shared
-                    .dialogs
-                    .type_path(super::dialogs::PickKind::ModelFile);
-            }
+            shared
+                .dialogs
+                .type_button(ui, super::dialogs::PickKind::ModelFile);
             let demo_button = ui.add_enabled(
                 self.demo.is_none(),
                 egui::Button::new("⬇ Get the demo model"),
@@ -310,23 +304,10 @@ impl ModelPanel {
         let Some(path) = self.confirm_delete.clone() else {
             return;
         };
-        let mut answer = None;
-        egui::Window::new("Delete this variant?")
-            .collapsible(false)
-            .resizable(false)
-            .anchor(egui::Align2::CENTER_CENTER, egui::vec2(0.0, 0.0))
-            .show(ctx, |ui| {
-                ui.label("This removes it from disk:");
-                super::path_label(ui, &path);
-                ui.horizontal(|ui| {
-                    if ui.button("Delete").clicked() {
-                        answer = Some(true);
-                    }
-                    if ui.button("Keep it").clicked() {
-                        answer = Some(false);
-                    }
-                });
-            });
+        let answer = super::confirm(ctx, "Delete this variant?", "Delete", "Keep it", |ui| {
+            ui.label("This removes it from disk:");
+            super::path_label(ui, &path);
+        });
         match answer {
             Some(true) => {
                 self.confirm_delete = None;

@@ -457,12 +457,12 @@ impl QuantizePanel {
         let Some(existing) = self.confirm_replace.clone() else {
             return;
         };
-        let mut answer = None;
-        egui::Window::new("Replace existing outputs?")
-            .collapsible(false)
-            .resizable(false)
-            .anchor(egui::Align2::CENTER_CENTER, egui::vec2(0.0, 0.0))
-            .show(ctx, |ui| {
+        let answer = super::confirm(
+            ctx,
+            "Replace existing outputs?",
+            "Replace",
+            "Keep them",
+            |ui| {
                 ui.label(format!(
                     "{} output(s) exist already and would be replaced:",
                     existing.len()
@@ -470,15 +470,8 @@ impl QuantizePanel {
                 for p in &existing {
                     super::path_label(ui, p);
                 }
-                ui.horizontal(|ui| {
-                    if ui.button("Replace").clicked() {
-                        answer = Some(true);
-                    }
-                    if ui.button("Keep them").clicked() {
-                        answer = Some(false);
-                    }
-                });
-            });
+            },
+        );
         match answer {
             Some(true) => self.start_with(shared, true),
             Some(false) => self.confirm_replace = None,
@@ -570,15 +563,9 @@ impl QuantizePanel {
             if ui.button("File…").clicked() {
                 shared.dialogs.pick_calib_file();
             }
-            if ui
-                .small_button("Type…")
-                .on_hover_text("Type a path instead of using the file dialog")
-                .clicked()
-            {
-                shared
-                    .dialogs
-                    .type_path(super::dialogs::PickKind::CalibFile);
-            }
+            shared
+                .dialogs
+                .type_button(ui, super::dialogs::PickKind::CalibFile);
             if self.calib.file.is_some() && ui.button("Bundled").clicked() {
                 self.calib.file = None;
             }
@@ -601,15 +588,9 @@ impl QuantizePanel {
             if ui.button("Change…").clicked() {
                 shared.dialogs.pick_output_dir();
             }
-            if ui
-                .small_button("Type…")
-                .on_hover_text("Type a path instead of using the file dialog")
-                .clicked()
-            {
-                shared
-                    .dialogs
-                    .type_path(super::dialogs::PickKind::OutputDir);
-            }
+            shared
+                .dialogs
+                .type_button(ui, super::dialogs::PickKind::OutputDir);
         });
         let dir = output_dir(shared, &src.path);
         super::path_label(ui, &dir);
