@@ -34,7 +34,7 @@ use quant_engine::quantize_gptq::GptqQuantizeOptions;
 use quant_engine::recipes::{self, GgufRecipe, Recipe};
 use quant_engine::solvers::gptq::GptqOptions;
 
-/// Quantize LLMs to GGUF, GPTQ, EXL2, AWQ, NF4 and HQQ, measure them, and chat with them.
+/// Quantize LLMs to GGUF and GPTQ, measure them, and chat with them.
 /// Without a command, opens the window.
 #[derive(Debug, Parser)]
 #[command(name = "quant-studio", version, about)]

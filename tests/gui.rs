@@ -839,6 +839,11 @@ fn adding_a_variant_to_a_finished_comparison_evaluates_only_that_variant() {
         for _ in 0..n {
             let (job, m, _, _) = evaluation(&sent(&commands));
             paths.push(m.clone());
+            if m.ends_with("gptq") {
+                // The engine finds the variant calibrated on the evaluation text.
+                let message = "gptq was calibrated on calib.txt, the text it is now evaluated on".into();
+                events.send(Event::Notice { job, message }).expect("event");
+            }
             let output = JobOutput::Perplexity(Box::new(quant_engine::eval::PerplexityReport {
                 n_ctx: 512,
                 n_chunks: 1,
@@ -875,8 +880,8 @@ fn adding_a_variant_to_a_finished_comparison_evaluates_only_that_variant() {
     assert_eq!(finish(&mut h, 1), [PathBuf::from("/models/q/Q4_K_M.gguf")]);
     assert_eq!(h.state().compare.rows.len(), 3);
     assert_eq!(h.state().shared.settings.evals.len(), 3);
-    // A calibrated variant scored on the bundled (default calibration) text gets a warning.
-    assert!(h.query_by_label_contains("flatters them").is_none());
+    // A variant the engine finds calibrated on the evaluation text gets a warning, in its row and above.
+    assert!(h.query_by_label_contains("flatter them").is_none());
     h.state_mut().shared.add_variant(Variant {
         label: "GPTQ-4bit-g128-ao-asym".into(),
         path: PathBuf::from("/models/q/gptq"),
@@ -889,7 +894,13 @@ fn adding_a_variant_to_a_finished_comparison_evaluates_only_that_variant() {
         .picked
         .push(PathBuf::from("/models/q/gptq"));
     h.run_steps(2);
-    h.get_by_label_contains("flatters them");
+    h.get_by_label("Evaluate").click();
+    h.run_steps(2);
+    assert_eq!(finish(&mut h, 1), [PathBuf::from("/models/q/gptq")]);
+    h.run_steps(2);
+    h.get_by_label_contains("flatter them");
+    h.get_by_label("⚠ calibration text");
+    assert!(h.state().shared.settings.evals.values().any(|e| e.notice.is_some()), "remembered");
     // The scatter draws the source at KLD 0 and labels every point (a render without a missing glyph).
     h.state_mut().compare.rows[1].kld = Some((0.05, 0.004));
     h.state_mut().compare.chart = quant_studio::gui::compare::ChartView::Scatter;

@@ -505,7 +505,7 @@ fn special_files_are_named_as_such() {
         (vec!["inspect", s(&fifo)], "named pipe"),
         (vec!["inspect", "/dev/zero"], "a device"),
         (vec!["inspect", s(&a)], "symbolic-link loop"),
-        (vec!["inspect", s(&missing)], "no such file or folder"),
+        (vec!["inspect", s(&missing)], "does not exist"),
         (vec!["eval", s(&m), "--text", "/dev/zero"], "a device"),
         (vec!["eval", s(&m), "--text", s(&fifo)], "named pipe"),
         (
@@ -542,5 +542,39 @@ fn special_files_are_named_as_such() {
         assert!(took < Duration::from_secs(20), "{args:?} took {took:?}");
         eprintln!("{args:?}");
         assert_error(&o, want);
+    }
+}
+
+/// A wrong file or folder opened as a model: the message says what a model is, what was found and what to
+/// open instead, and names the path once.
+#[test]
+fn wrong_files_opened_as_models_say_what_to_open() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "hello notes, not a model").expect("write");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).expect("mkdir");
+    let with_gguf = dir.path().join("downloads");
+    std::fs::create_dir(&with_gguf).expect("mkdir");
+    std::fs::write(with_gguf.join("model-Q4_K_M.gguf"), b"GGUF").expect("write");
+    let parent = dir.path().join("parent");
+    std::fs::create_dir_all(parent.join("Llama-3-8B")).expect("mkdir");
+    std::fs::write(parent.join("Llama-3-8B/config.json"), "{}").expect("write");
+    let st = dir.path().join("model.safetensors");
+    let mut bytes = 2u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{}");
+    std::fs::write(&st, bytes).expect("write");
+    let cases: Vec<(&std::path::Path, &str)> = vec![
+        (&notes, "this one holds text (\"hello notes, not a model…\")"),
+        (&empty, "this one has no config.json"),
+        (&with_gguf, "it holds GGUF files (model-Q4_K_M.gguf): open one of them"),
+        (&parent, "open the model folder inside it (Llama-3-8B)"),
+        (&st, "is a safetensors file"),
+    ];
+    for (path, want) in cases {
+        let (o, _) = run(&["inspect", s(path)]);
+        assert_error(&o, want);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(err.matches(s(path)).count(), 1, "the path once: {err}");
     }
 }

@@ -18,9 +18,10 @@ use super::{start, wait};
 pub struct EvalArgs {
     /// The model to evaluate (with --base: the variant, e.g. a quantized file).
     pub model: PathBuf,
-    /// The evaluation text (UTF-8; one trailing newline is dropped).
+    /// The evaluation text (UTF-8; one trailing newline is dropped); omitted or "default": the bundled
+    /// held-out text (chapters of the Rust book that the bundled calibration text does not contain).
     #[arg(long, value_name = "FILE")]
-    pub text: PathBuf,
+    pub text: Option<PathBuf>,
     /// The reference model: report KL-divergence of MODEL from it.
     #[arg(long, value_name = "MODEL")]
     pub base: Option<PathBuf>,
@@ -72,7 +73,10 @@ pub fn run(engine: &EngineHandle, args: &EvalArgs) -> anyhow::Result<()> {
         Command::Evaluate {
             model: args.model.clone(),
             base: args.base.clone(),
-            text: EvalText::File(args.text.clone()),
+            text: match &args.text {
+                Some(p) if p.as_os_str() != "default" => EvalText::File(p.clone()),
+                _ => EvalText::Bundled,
+            },
             options,
         },
     )?;

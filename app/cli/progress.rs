@@ -81,6 +81,7 @@ impl Bars {
                     self.finish();
                 }
             }
+            Event::Notice { message, .. } => self.suspend(|| eprintln!("warning: {message}")),
             _ => {}
         }
     }

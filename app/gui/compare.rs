@@ -44,6 +44,8 @@ pub struct Row {
     pub remembered: bool,
     /// While running: chunks done, chunks in all, seconds left.
     pub progress: Option<(u64, u64, f64)>,
+    /// The engine's warning about this evaluation ([`Event::Notice`]).
+    pub notice: Option<String>,
 }
 
 /// A file's (or folder's) identity for the results store: size and modification time of the file, or of
@@ -89,7 +91,7 @@ pub fn eval_key(
         format!("{}#{}", b.display(), fingerprint(b))
     });
     let text = text.map_or_else(
-        || "bundled".to_string(),
+        || quant_engine::eval::DEFAULT_EVAL_NAME.to_string(),
         |t| format!("{}#{}", t.display(), fingerprint(t)),
     );
     format!(
@@ -263,6 +265,7 @@ impl ComparePanel {
                     row.kld = e.kld;
                     row.same_top = e.same_top;
                     row.tokens_per_sec = e.tokens_per_sec;
+                    row.notice = e.notice.clone();
                     row.remembered = true;
                 }
                 row
@@ -356,6 +359,7 @@ impl ComparePanel {
                         kld: r.kld,
                         same_top: r.same_top,
                         tokens_per_sec: r.tokens_per_sec,
+                        notice: r.notice.clone(),
                     },
                 );
                 self.pump(shared);
@@ -373,6 +377,7 @@ impl ComparePanel {
                 r.error = Some("cancelled".into());
                 self.pump(shared);
             }
+            Event::Notice { message, .. } => r.notice = Some(message),
             _ => {}
         }
     }
@@ -404,7 +409,7 @@ impl ComparePanel {
             ui.label(
                 self.text
                     .as_ref()
-                    .map_or("bundled (the calibration text)".into(), |f| {
+                    .map_or("bundled (held out from calibration)".into(), |f| {
                         super::model::display_name(f)
                     }),
             );
@@ -451,21 +456,22 @@ impl ComparePanel {
                 }
             }
         });
-        // A calibrated variant scored on its own calibration text looks better than it is.
-        let calibrated: Vec<&str> = shared
-            .variants
+        // A calibrated variant scored on its own calibration text looks better than it is: the engine says
+        // so per variant (from what the file records); gather the warnings here.
+        let flattered: Vec<&str> = self
+            .rows
             .iter()
-            .filter(|v| self.picked.contains(&v.path))
-            .filter(|v| v.label.contains("-imat") || v.label.starts_with("GPTQ"))
-            .map(|v| v.label.as_str())
+            .filter(|r| r.notice.is_some())
+            .map(|r| r.label.as_str())
             .collect();
-        if self.text.is_none() && !calibrated.is_empty() {
+        if !flattered.is_empty() {
             ui.colored_label(
                 ui.visuals().warn_fg_color,
                 format!(
-                    "⚠ {} calibrated on a text; if that was the bundled text (the default), scoring on it \
-                     flatters them. Pick held-out text with File….",
-                    calibrated.join(", ")
+                    "⚠ {} evaluated on the text {} calibrated on: the numbers flatter them. Pick held-out \
+                     text (the bundled default is held out).",
+                    flattered.join(", "),
+                    if flattered.len() == 1 { "it was" } else { "they were" }
                 ),
             );
         }
@@ -548,6 +554,9 @@ impl ComparePanel {
                     } else if let Some(e) = &r.error {
                         ui.colored_label(ui.visuals().error_fg_color, "✖")
                             .on_hover_text(e);
+                    } else if let Some(n) = &r.notice {
+                        ui.colored_label(ui.visuals().warn_fg_color, "⚠ calibration text")
+                            .on_hover_text(n);
                     } else {
                         ui.label("");
                     }

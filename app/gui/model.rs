@@ -225,10 +225,12 @@ impl ModelPanel {
                 });
             }
             ModelState::Failed { path, error } => {
+                // The engine's message names the path itself; say it once.
                 ui.colored_label(
                     ui.visuals().error_fg_color,
-                    format!("{}: {error}", path.display()),
+                    egui::RichText::new(format!("Could not open {}", display_name(path))).strong(),
                 );
+                ui.add(egui::Label::new(error.as_str()).wrap());
             }
             ModelState::Open => {}
         }

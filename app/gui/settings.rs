@@ -34,12 +34,15 @@ pub struct Settings {
 pub const MAX_STORED_EVALS: usize = 2000;
 
 /// One remembered evaluation.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct StoredEval {
     pub ppl: Option<(f64, f64)>,
     pub kld: Option<(f64, f64)>,
     pub same_top: Option<f64>,
     pub tokens_per_sec: Option<f64>,
+    /// The engine's warning about this evaluation (the text is the variant's calibration text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notice: Option<String>,
 }
 
 /// A learned correction of the time estimates for one kind of run.

@@ -220,18 +220,18 @@ pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 /// Largest text file read whole (evaluation and calibration text): 1 GiB is several hundred million tokens.
 pub const MAX_TEXT_BYTES: u64 = 1 << 30;
 
-/// What `path` is, when it is not a regular file or folder (a FIFO, a device, a socket), or why it cannot
-/// be looked at (missing, a symbolic-link loop, no permission); `None` for a regular file or folder.
+/// What is wrong with `path` as a predicate ("does not exist", "is a device, not a file", …), when it is not
+/// a regular file or folder or cannot be looked at; `None` for a regular file or folder.
 pub fn irregular(path: &std::path::Path) -> Option<String> {
     let m = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) => {
             return Some(match e.kind() {
                 std::io::ErrorKind::NotFound => match std::fs::symlink_metadata(path) {
-                    Ok(_) => "a broken symbolic link".into(),
-                    Err(_) => "no such file or folder".into(),
+                    Ok(_) => "is a broken symbolic link".into(),
+                    Err(_) => "does not exist".into(),
                 },
-                _ if e.raw_os_error() == Some(40) => "a symbolic-link loop".into(),
+                _ if e.raw_os_error() == Some(40) => "is a symbolic-link loop".into(),
                 _ => format!("cannot be read: {e}"),
             })
         }
@@ -244,16 +244,16 @@ pub fn irregular(path: &std::path::Path) -> Option<String> {
     {
         use std::os::unix::fs::FileTypeExt as _;
         if ft.is_fifo() {
-            return Some("a named pipe (FIFO), not a file".into());
+            return Some("is a named pipe (FIFO), not a file".into());
         }
         if ft.is_char_device() || ft.is_block_device() {
-            return Some("a device, not a file".into());
+            return Some("is a device, not a file".into());
         }
         if ft.is_socket() {
-            return Some("a socket, not a file".into());
+            return Some("is a socket, not a file".into());
         }
     }
-    Some("not a regular file or folder".into())
+    Some("is not a regular file or folder".into())
 }
 
 /// The bytes of the file `path`, refusing what is not a regular file (a FIFO would block, a device never
@@ -262,7 +262,7 @@ pub fn read_capped(path: &std::path::Path, max: u64, what: &str) -> crate::Resul
     use std::io::Read as _;
     let invalid = |m: String| crate::Error::Invalid(format!("{}: {m}", path.display()));
     if let Some(why) = irregular(path) {
-        return Err(invalid(format!("the {what} is {why}")));
+        return Err(invalid(format!("the {what} {why}")));
     }
     if path.is_dir() {
         return Err(invalid(format!("the {what} is a folder; give a file")));

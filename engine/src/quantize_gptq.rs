@@ -235,6 +235,7 @@ pub fn gptq_config(o: &GptqQuantizeOptions) -> GptqConfig {
         sym: o.solver.sym,
         damp_percent: o.solver.damp_percent,
         true_sequential: o.true_sequential,
+        calibration_dataset: Some(o.calib.dataset_name()),
         max_shard_bytes: o.max_shard_bytes,
     }
 }

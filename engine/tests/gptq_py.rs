@@ -79,6 +79,7 @@ fn numpy_dequantizer_reproduces_the_weights_we_evaluate() {
             sym: false,
             damp_percent: 0.01,
             true_sequential: true,
+            calibration_dataset: None,
             max_shard_bytes,
         };
         let tag = format!("{bits}-{group_size:?}-{act_order}-{max_shard_bytes:?}");

@@ -95,7 +95,7 @@ pub fn load_documents(src: &CalibSource) -> Result<Vec<String>> {
     // (A missing file is left to the read below, which says so.)
     if let Some(why) = crate::bounded::irregular(path).filter(|_| path.symlink_metadata().is_ok()) {
         return Err(Error::Invalid(format!(
-            "{}: the calibration file is {why}",
+            "{}: the calibration file {why}",
             path.display()
         )));
     }

@@ -73,6 +73,27 @@ impl Default for EvalOptions {
 /// Smallest context we accept: at least one scored token per chunk (`n_ctx − 1 − n_ctx/2 ≥ 1`).
 pub const MIN_N_CTX: usize = 4;
 
+/// The bundled evaluation text: chapters 16 and 17 of *The Rust Programming Language* (MIT licence,
+/// `assets/calibration/README.md`), about 120 kB — held out: the bundled calibration text stops in chapter 10.
+pub const DEFAULT_EVAL_TEXT: &str =
+    include_str!("../../../assets/calibration/rust-book-heldout.txt");
+
+/// The name evaluations on [`DEFAULT_EVAL_TEXT`] report.
+pub const DEFAULT_EVAL_NAME: &str = "quant-studio:rust-book-heldout.txt";
+
+/// Whether `calibration` (the dataset name a quantized file records) and `text` (an evaluation text's name)
+/// name the same text: equal, or the same file name (files record a path or a bare name).
+pub fn same_text(calibration: &str, text: &str) -> bool {
+    let file_name = |s: &str| {
+        let s = s.strip_prefix("quant-studio:").unwrap_or(s);
+        std::path::Path::new(s)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| s.to_owned())
+    };
+    calibration == text || (!text.is_empty() && file_name(calibration) == file_name(text))
+}
+
 /// Progress after each chunk (perplexity or KL-divergence).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChunkProgress {
@@ -253,6 +274,31 @@ impl ChunkClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bundled_evaluation_text_is_held_out_from_the_calibration_text() {
+        let calib = crate::imatrix::DEFAULT_CALIBRATION_TEXT;
+        let paragraphs: Vec<&str> = DEFAULT_EVAL_TEXT
+            .split("\n\n")
+            .map(str::trim)
+            .filter(|p| p.len() > 80)
+            .collect();
+        assert!(paragraphs.len() > 200, "{}", paragraphs.len());
+        let shared: Vec<&&str> = paragraphs.iter().filter(|p| calib.contains(**p)).collect();
+        assert!(shared.is_empty(), "{shared:?}");
+        assert!(DEFAULT_EVAL_TEXT.len() > 100_000);
+        assert!(!same_text(
+            crate::imatrix::DEFAULT_CALIBRATION_NAME,
+            DEFAULT_EVAL_NAME
+        ));
+        assert!(same_text(
+            crate::imatrix::DEFAULT_CALIBRATION_NAME,
+            crate::imatrix::DEFAULT_CALIBRATION_NAME
+        ));
+        assert!(same_text("/data/groups_merged.txt", "groups_merged.txt"));
+        assert!(same_text("groups_merged.txt", "/tmp/x/groups_merged.txt"));
+        assert!(!same_text("groups_merged.txt", "wiki.test.raw"));
+    }
 
     #[test]
     fn plan_counts_chunks_and_substitutes_bos() {

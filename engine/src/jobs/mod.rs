@@ -65,7 +65,7 @@ pub enum EvalText {
     File(PathBuf),
     /// The text itself.
     Inline(String),
-    /// The bundled calibration text ([`crate::imatrix::DEFAULT_CALIBRATION_TEXT`]).
+    /// The bundled held-out text ([`crate::eval::DEFAULT_EVAL_TEXT`]), which no bundled calibration uses.
     Bundled,
 }
 
@@ -272,6 +272,12 @@ pub enum Event {
         job: JobId,
         output: JobOutput,
     },
+    /// Something the user should know about a job that goes on (a flattering evaluation text, a fallback
+    /// taken); front ends show it as a warning.
+    Notice {
+        job: JobId,
+        message: String,
+    },
     /// The job failed; `error` is one line that says what and where.
     Failed {
         job: JobId,
@@ -293,6 +299,7 @@ impl Event {
             | Event::TurnFinished { job, .. }
             | Event::LayerDone { job, .. }
             | Event::Finished { job, .. }
+            | Event::Notice { job, .. }
             | Event::Failed { job, .. }
             | Event::Cancelled { job } => *job,
         }

@@ -269,8 +269,20 @@ fn evaluate(
     text: EvalText,
     options: &EvalOptions,
 ) -> Result<JobOutput> {
-    let (text, _) = read_text(text)?;
+    let (text, text_name) = read_text(text)?;
     let variant = load(ctx, cache, model)?;
+    if let Some(d) = variant.source.calibration_dataset.as_deref() {
+        if crate::eval::same_text(d, &text_name) {
+            ctx.emit(Event::Notice {
+                job: ctx.job,
+                message: format!(
+                    "{} was calibrated on {d}, the text it is now evaluated on: its numbers are flattering. \
+                     Evaluate on held-out text (the bundled default is held out).",
+                    model.file_name().map_or_else(|| model.display().to_string(), |n| n.to_string_lossy().into_owned())
+                ),
+            });
+        }
+    }
     variant
         .model
         .check_context(options.n_ctx, options.allow_long_context)?;
@@ -533,13 +545,13 @@ fn bench(
     Ok(JobOutput::Bench(report))
 }
 
-/// Read the calibration text.
+/// Read the evaluation text and name it.
 fn read_text(text: EvalText) -> Result<(String, String)> {
     Ok(match text {
         EvalText::Inline(s) => (s, "inline text".to_owned()),
         EvalText::Bundled => (
-            crate::imatrix::DEFAULT_CALIBRATION_TEXT.to_owned(),
-            crate::imatrix::DEFAULT_CALIBRATION_NAME.to_owned(),
+            crate::eval::DEFAULT_EVAL_TEXT.to_owned(),
+            crate::eval::DEFAULT_EVAL_NAME.to_owned(),
         ),
         EvalText::File(p) => (
             crate::bounded::read_text_file(&p, crate::bounded::MAX_TEXT_BYTES, "text")?,

@@ -355,11 +355,104 @@ pub struct GgufFile {
     tensor_index: HashMap<String, usize>,
 }
 
+/// Up to `buf.len()` bytes from the start of `file`.
+fn read_head(mut file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read as _;
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// The error for a file that is not a GGUF file, judged by its first bytes `head`: what was expected, what the
+/// file looks like instead, and what to open. `None` when `head` starts with the GGUF magic.
+pub fn not_gguf(path: &Path, head: &[u8]) -> Option<Error> {
+    if head.starts_with(&GGUF_MAGIC) {
+        return None;
+    }
+    let found = describe_head(head);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_lowercase())
+        .unwrap_or_default();
+    let folder_file = name == "config.json"
+        || name.ends_with(".safetensors")
+        || name.starts_with("tokenizer")
+        || name == "generation_config.json"
+        || name.ends_with(".safetensors.index.json");
+    let what_to_do = match path
+        .parent()
+        .filter(|p| folder_file && !p.as_os_str().is_empty())
+    {
+        Some(dir) => format!(
+            "it belongs to a Hugging Face model folder: open the folder itself ({})",
+            dir.display()
+        ),
+        None => {
+            "open a .gguf file, or a Hugging Face model folder (the folder that holds config.json, \
+                 tokenizer.json and *.safetensors)"
+                .to_owned()
+        }
+    };
+    Some(Error::Invalid(format!(
+        "{}: not a model file. A .gguf file starts with the letters \"GGUF\"; this one {found}. To fix: \
+         {what_to_do}.",
+        path.display()
+    )))
+}
+
+/// A short description of what a file starting with `head` looks like, for error messages.
+fn describe_head(head: &[u8]) -> String {
+    if head.is_empty() {
+        return "is empty".into();
+    }
+    if head.len() >= 9 && head[8] == b'{' {
+        let n = u64::from_le_bytes(head[..8].try_into().unwrap_or_default());
+        if n > 1 && n < 1 << 30 {
+            return "is a safetensors file (weights only)".into();
+        }
+    }
+    if head.starts_with(b"PK\x03\x04") {
+        return "is a zip archive (a .zip, a .whl, or a PyTorch .bin/.pt checkpoint); unpack it, or convert a \
+                PyTorch checkpoint to safetensors first"
+            .into();
+    }
+    if head.starts_with(&[0x1f, 0x8b]) || head.starts_with(b"7z") || head.starts_with(b"\xfd7zXZ") {
+        return "is a compressed archive; unpack it first".into();
+    }
+    let text = String::from_utf8_lossy(head);
+    let printable = text
+        .chars()
+        .filter(|c| *c != char::REPLACEMENT_CHARACTER)
+        .all(|c| !c.is_control() || c.is_whitespace());
+    if printable && !text.starts_with(char::REPLACEMENT_CHARACTER) {
+        let start: String = text
+            .chars()
+            .take(24)
+            .map(|c| if c.is_whitespace() { ' ' } else { c })
+            .collect();
+        return format!("holds text (\"{}…\")", start.trim_end());
+    }
+    let hex: Vec<String> = head.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    format!("starts with the bytes {}", hex.join(" "))
+}
+
 impl GgufFile {
     /// Memory-map `path` and parse its header. The map is returned for zero-copy tensor access.
     pub fn read(path: &Path) -> Result<(GgufFile, Arc<Backing>)> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let mut head = [0u8; 64];
+        let n = read_head(&file, &mut head).map_err(|e| Error::io(path, e))?;
+        if let Some(e) = not_gguf(path, &head[..n]) {
+            return Err(e);
+        }
         if len < HEADER_BYTES as u64 {
             return Err(Error::malformed(
                 path,
@@ -823,9 +916,9 @@ impl<'a> Parser<'a, '_> {
         let file_size = self.r.buf.len() as u64;
         let magic: [u8; 4] = self.r.array().ok_or_else(|| self.truncated("the magic"))?;
         if magic != GGUF_MAGIC {
-            return Err(self.err(format!(
-                "not a GGUF file: starts with {magic:02x?}, expected \"GGUF\""
-            )));
+            let head = &self.r.buf[..self.r.buf.len().min(64)];
+            return Err(not_gguf(self.path, head)
+                .unwrap_or_else(|| self.err("not a GGUF file: it does not start with \"GGUF\"")));
         }
         let version = self.u32("the version")?;
         match version {
@@ -1350,7 +1443,7 @@ mod tests {
     fn gguf_bad_magic_and_versions_fail() {
         let mut s = base();
         s.magic = *b"GGUG";
-        assert!(fails(&s.bytes()).contains("not a GGUF file"));
+        assert!(fails(&s.bytes()).contains("not a model file"));
         for (v, want) in [
             (1, "version 1"),
             (4, "version 4"),

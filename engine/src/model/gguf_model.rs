@@ -249,6 +249,11 @@ pub fn from_parsed(g: &GgufFile, backing: &Arc<Backing>) -> Result<SourceModel> 
         tensors,
         tokenizer,
         file_size_bytes: g.file_size,
+        calibration_dataset: g
+            .get_str("quantize.imatrix.dataset")
+            .ok()
+            .flatten()
+            .map(str::to_owned),
         gguf_metadata: Some(Arc::new(g.metadata().to_vec())),
     })
 }

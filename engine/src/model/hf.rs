@@ -31,9 +31,51 @@ const MAX_HEADS: usize = 1 << 16;
 const MAX_VOCAB: usize = 1 << 24;
 const MAX_CONTEXT: usize = u32::MAX as usize;
 
+/// The error for a folder without `config.json`: what a model folder holds, and what in this folder (a
+/// `.gguf` file, a model folder one level down) could be opened instead.
+fn not_a_model_folder(dir: &Path) -> Error {
+    let mut ggufs = Vec::new();
+    let mut folders = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten().take(10_000) {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.to_lowercase().ends_with(".gguf") && p.is_file() {
+                ggufs.push(name);
+            } else if p.is_dir() && p.join("config.json").is_file() {
+                folders.push(name);
+            }
+        }
+    }
+    ggufs.sort();
+    folders.sort();
+    let list = |v: &[String]| {
+        let mut s = v.iter().take(3).cloned().collect::<Vec<_>>().join(", ");
+        if v.len() > 3 {
+            s.push_str(&format!(" and {} more", v.len() - 3));
+        }
+        s
+    };
+    let what_to_do = if !ggufs.is_empty() {
+        format!("it holds GGUF files ({}): open one of them", list(&ggufs))
+    } else if !folders.is_empty() {
+        format!("open the model folder inside it ({})", list(&folders))
+    } else {
+        "open the folder that holds the model's config.json, or a .gguf file".to_owned()
+    };
+    Error::Invalid(format!(
+        "{}: not a model folder. A Hugging Face model folder holds config.json, tokenizer.json and \
+         *.safetensors; this one has no config.json. To fix: {what_to_do}.",
+        dir.display()
+    ))
+}
+
 /// Open the Hugging Face model folder `dir`.
 pub fn open(dir: &Path) -> Result<SourceModel> {
     let config_path = dir.join("config.json");
+    if !config_path.exists() {
+        return Err(not_a_model_folder(dir));
+    }
     let config_json = read_json(&config_path, "config")?;
     let mut config = parse_config(&config_path, &config_json)?;
 
@@ -60,6 +102,12 @@ pub fn open(dir: &Path) -> Result<SourceModel> {
         tokenizer,
         file_size_bytes,
         gguf_metadata: None,
+        calibration_dataset: config_json
+            .get("quantization_config")
+            .and_then(|q| q.get("meta"))
+            .and_then(|m| m.get("calibration_dataset"))
+            .and_then(Value::as_str)
+            .map(|s| s.chars().take(1024).collect()),
     })
 }
 

@@ -48,6 +48,9 @@ pub struct SourceModel {
     /// A GGUF source's raw metadata, in file order (the writers copy its `tokenizer.*` keys verbatim);
     /// `None` for other containers.
     pub gguf_metadata: Option<std::sync::Arc<Vec<(String, gguf::GgufValue)>>>,
+    /// The text a quantized model was calibrated on, as its file records it (a GGUF's
+    /// `quantize.imatrix.dataset`, our GPTQ folders' `quantization_config.meta.calibration_dataset`).
+    pub calibration_dataset: Option<String>,
 }
 
 impl SourceModel {
@@ -55,7 +58,8 @@ impl SourceModel {
     pub fn open(path: &Path) -> Result<Self> {
         if let Some(why) = crate::bounded::irregular(path) {
             return Err(Error::Invalid(format!(
-                "{}: {why}; a model is a Hugging Face folder or a .gguf file",
+                "{}: the model {why}; open a .gguf file, or a Hugging Face model folder (the folder that \
+                 holds config.json, tokenizer.json and *.safetensors)",
                 path.display()
             )));
         }

@@ -36,6 +36,9 @@ pub struct GptqConfig {
     pub sym: bool,
     pub damp_percent: f32,
     pub true_sequential: bool,
+    /// The calibration text's name (recorded in `meta.calibration_dataset`, so that an evaluation on the same
+    /// text can say that it flatters the model).
+    pub calibration_dataset: Option<String>,
     /// Largest weight file in bytes of tensor data (`None`: [`DEFAULT_MAX_SHARD_BYTES`]); more data is
     /// split into shards, a tensor larger than this getting a shard of its own. Not recorded in the config.
     pub max_shard_bytes: Option<u64>,
@@ -44,6 +47,11 @@ pub struct GptqConfig {
 impl GptqConfig {
     /// The `quantization_config` object, as the reference recommends for the widest compatibility.
     pub fn to_json(&self) -> Value {
+        let mut meta =
+            json!({"quantizer": [format!("quant-studio:{}", env!("CARGO_PKG_VERSION"))]});
+        if let Some(d) = &self.calibration_dataset {
+            meta["calibration_dataset"] = json!(d);
+        }
         json!({
             "quant_method": "gptq",
             "bits": self.bits,
@@ -59,7 +67,7 @@ impl GptqConfig {
             "pack_dtype": "int32",
             "model_name_or_path": null,
             "model_file_base_name": "model",
-            "meta": {"quantizer": [format!("quant-studio:{}", env!("CARGO_PKG_VERSION"))]},
+            "meta": meta,
         })
     }
 
@@ -305,6 +313,7 @@ mod tests {
             sym: false,
             damp_percent: 0.01,
             true_sequential: true,
+            calibration_dataset: Some("calib.txt".into()),
             max_shard_bytes: None,
         };
         let single = tmp.path().join("single");
@@ -322,6 +331,9 @@ mod tests {
             v
         };
         assert_eq!(names(&single), ["model.safetensors"]);
+        // The calibration text is recorded and read back (for the evaluation's overlap notice).
+        let back = SourceModel::open(&single).expect("reopen");
+        assert_eq!(back.calibration_dataset.as_deref(), Some("calib.txt"));
         let one = std::fs::read(single.join("model.safetensors")).expect("read");
         let one_header = header(&one);
         let data_bytes =

@@ -696,6 +696,7 @@ mod tests {
             tokenizer,
             file_size_bytes: 0,
             gguf_metadata: None,
+            calibration_dataset: None,
         };
         let out = tmp.path().join("from-gguf");
         write_hf_folder(
