@@ -87,8 +87,11 @@ pub enum CliCommand {
         #[arg(long)]
         format: String,
         /// The output: a .gguf file, or a folder for the Hugging Face formats.
-        #[arg(long, value_name = "FILE")]
-        out: PathBuf,
+        #[arg(long, value_name = "FILE", required_unless_present = "estimate")]
+        out: Option<PathBuf>,
+        /// Print the estimate (size, bits per weight, peak memory, time on a 2-core machine) and stop.
+        #[arg(long)]
+        estimate: bool,
         /// Give tensors whose GGUF name matches PATTERN (glob or regex) the type TYPE, e.g. 'blk.*.attn_v.weight=q8_0'.
         #[arg(long = "override", value_name = "PATTERN=TYPE")]
         overrides: Vec<String>,
@@ -102,6 +105,9 @@ pub enum CliCommand {
         calib_opts: CalibArgs,
         #[command(flatten)]
         gptq: GptqArgs,
+        /// NF4/FP4: quantize the block scales to 8 bits too (bitsandbytes' double quantization).
+        #[arg(long)]
+        double_quant: bool,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
@@ -406,8 +412,19 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             gptq,
             json,
             force,
+            estimate,
+            double_quant,
         } => {
-            let recipe = if format.eq_ignore_ascii_case("gptq") {
+            let packed = recipes::parse_packed(&format, double_quant);
+            if double_quant && packed.is_none() {
+                bail!("--double-quant is for nf4 and fp4");
+            }
+            let recipe = if let Some(p) = packed {
+                if imatrix.is_some() || calib.is_some() {
+                    bail!("{format} needs no calibration: drop --imatrix/--calib");
+                }
+                Recipe::Packed(p)
+            } else if format.eq_ignore_ascii_case("gptq") {
                 if imatrix.is_some() {
                     bail!("--imatrix is for GGUF formats; GPTQ computes Hessians from --calib");
                 }
@@ -427,9 +444,14 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                     imatrix,
                 })
             };
+            let out = match out {
+                Some(out) if !estimate => out,
+                _ => return print_estimate(&engine, model, &recipe, json),
+            };
             match recipe {
                 Recipe::Gguf(_) => quantize(&engine, model, out, recipe, json, force),
                 Recipe::Gptq(_) => quantize_gptq(&engine, model, out, recipe, json, force),
+                Recipe::Packed(_) => quantize_packed(&engine, model, out, recipe, json, force),
             }
         }
         CliCommand::Imatrix {
@@ -519,6 +541,36 @@ fn inspect(engine: &EngineHandle, path: PathBuf, json: bool) -> anyhow::Result<(
         }
         other => bail!("internal error: unexpected output {other:?}"),
     }
+}
+
+/// `quantize --estimate`: what the recipe would make of the model, from its summary (nothing is quantized).
+fn print_estimate(
+    engine: &EngineHandle,
+    model: PathBuf,
+    recipe: &Recipe,
+    json: bool,
+) -> anyhow::Result<()> {
+    let job = start(engine, Command::Inspect { path: model })?;
+    let summary = match wait(engine, job, |_| Ok(()))? {
+        JobOutput::Summary(s) => s,
+        other => bail!("internal error: unexpected output {other:?}"),
+    };
+    let e = recipe.estimate(&summary);
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&e)?)?;
+    } else {
+        outln!(
+            "{}: {:.1} MiB, {:.3} bits per weight ({:.3} for the quantized linears), peak memory ~{:.0} MiB, \
+             ~{:.0} s on a 2-core machine",
+            recipe.label(),
+            e.size_bytes as f64 / (1024.0 * 1024.0),
+            e.bpw,
+            e.linear_bpw,
+            e.peak_memory_bytes as f64 / (1024.0 * 1024.0),
+            e.seconds
+        )?;
+    }
+    Ok(())
 }
 
 fn convert(
@@ -708,6 +760,66 @@ fn quantize_gptq(
                     t.hessian_s,
                     t.solve_s,
                     t.write_s
+                )?;
+            }
+            Ok(())
+        }
+        other => bail!("internal error: unexpected output {other:?}"),
+    }
+}
+
+fn quantize_packed(
+    engine: &EngineHandle,
+    model: PathBuf,
+    out: PathBuf,
+    recipe: Recipe,
+    json: bool,
+    overwrite: bool,
+) -> anyhow::Result<()> {
+    if !json {
+        outln!(
+            "{:<34} {:>8} {:>6} {:>12} {:>11}",
+            "tensor",
+            "codec",
+            "bpw",
+            "rel. RMS err",
+            "max err"
+        )?;
+    }
+    let command = Command::Quantize {
+        model,
+        out,
+        recipe,
+        overwrite,
+    };
+    let output = run_with_bars(engine, command, |bars, ev| {
+        if let (false, Event::LayerDone { metrics: m, .. }) = (json, ev) {
+            bars.suspend(|| {
+                outln!(
+                    "{:<34} {:>8} {:>6.3} {:>12.3e} {:>11.3e}",
+                    m.tensor.trim_start_matches("model."),
+                    m.codec,
+                    m.bits_per_weight,
+                    m.rel_rms_error,
+                    m.max_error
+                )
+            })?;
+        }
+        Ok(())
+    });
+    match output? {
+        JobOutput::QuantizedPacked(r) => {
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&r)?)?;
+            } else {
+                outln!(
+                    "{}: {} linears at {:.3} bits per weight; {:.2} MiB folder, {:.3} bits per parameter; {:.1} s",
+                    r.codec,
+                    r.modules.len(),
+                    r.linear_bits_per_weight,
+                    r.folder_size_bytes as f64 / (1024.0 * 1024.0),
+                    r.bits_per_weight,
+                    r.seconds
                 )?;
             }
             Ok(())

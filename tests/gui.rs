@@ -841,7 +841,8 @@ fn adding_a_variant_to_a_finished_comparison_evaluates_only_that_variant() {
             paths.push(m.clone());
             if m.ends_with("gptq") {
                 // The engine finds the variant calibrated on the evaluation text.
-                let message = "gptq was calibrated on calib.txt, the text it is now evaluated on".into();
+                let message =
+                    "gptq was calibrated on calib.txt, the text it is now evaluated on".into();
                 events.send(Event::Notice { job, message }).expect("event");
             }
             let output = JobOutput::Perplexity(Box::new(quant_engine::eval::PerplexityReport {
@@ -900,7 +901,15 @@ fn adding_a_variant_to_a_finished_comparison_evaluates_only_that_variant() {
     h.run_steps(2);
     h.get_by_label_contains("flatter them");
     h.get_by_label("⚠ calibration text");
-    assert!(h.state().shared.settings.evals.values().any(|e| e.notice.is_some()), "remembered");
+    assert!(
+        h.state()
+            .shared
+            .settings
+            .evals
+            .values()
+            .any(|e| e.notice.is_some()),
+        "remembered"
+    );
     // The scatter draws the source at KLD 0 and labels every point (a render without a missing glyph).
     h.state_mut().compare.rows[1].kld = Some((0.05, 0.004));
     h.state_mut().compare.chart = quant_studio::gui::compare::ChartView::Scatter;

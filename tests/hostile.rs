@@ -565,9 +565,15 @@ fn wrong_files_opened_as_models_say_what_to_open() {
     bytes.extend_from_slice(b"{}");
     std::fs::write(&st, bytes).expect("write");
     let cases: Vec<(&std::path::Path, &str)> = vec![
-        (&notes, "this one holds text (\"hello notes, not a model…\")"),
+        (
+            &notes,
+            "this one holds text (\"hello notes, not a model…\")",
+        ),
         (&empty, "this one has no config.json"),
-        (&with_gguf, "it holds GGUF files (model-Q4_K_M.gguf): open one of them"),
+        (
+            &with_gguf,
+            "it holds GGUF files (model-Q4_K_M.gguf): open one of them",
+        ),
         (&parent, "open the model folder inside it (Llama-3-8B)"),
         (&st, "is a safetensors file"),
     ];

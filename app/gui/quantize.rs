@@ -8,7 +8,7 @@ use std::time::Instant;
 use eframe::egui;
 use quant_engine::calib::{CalibOptions, CalibSource};
 use quant_engine::imatrix::ImatrixOptions;
-use quant_engine::jobs::{Command, Event, ImatrixSource, JobId, JobOutput};
+use quant_engine::jobs::{Command, Event, ImatrixSource, JobId};
 use quant_engine::quantize_gptq::GptqQuantizeOptions;
 use quant_engine::recipes::{self, GgufRecipe, Recipe};
 use quant_engine::solvers::gptq::GptqOptions;
@@ -76,6 +76,10 @@ pub struct QuantizePanel {
     pub gptq_group: Option<usize>,
     pub gptq_act_order: bool,
     pub gptq_sym: bool,
+    /// Ticked calibration-free packed formats (catalogue ids: `nf4`, `fp4`).
+    pub packed: Vec<String>,
+    /// bitsandbytes double quantization for the NF4/FP4 targets.
+    pub double_quant: bool,
     pub calib: Calibration,
     pub queue: Vec<QueueItem>,
     pub plots: LayerPlots,
@@ -96,6 +100,8 @@ impl QuantizePanel {
             gptq_group: Some(128),
             gptq_act_order: true,
             gptq_sym: false,
+            packed: s.packed_targets.clone(),
+            double_quant: false,
             calib: Calibration::default(),
             queue: Vec::new(),
             plots: LayerPlots::default(),
@@ -106,6 +112,7 @@ impl QuantizePanel {
     pub fn store_settings(&self, s: &mut Settings) {
         s.gguf_targets = self.gguf.clone();
         s.gptq_bits = self.gptq_bits.clone();
+        s.packed_targets = self.packed.clone();
     }
 
     /// Where the ticked recipes read calibration data from.
@@ -147,6 +154,15 @@ impl QuantizePanel {
                         overrides: Vec::new(),
                         imatrix,
                     }));
+                }
+                recipes::Container::HfFolder
+                    if kind.calibration == recipes::CalibrationNeed::None =>
+                {
+                    if self.packed.contains(&kind.id) {
+                        t.extend(
+                            recipes::parse_packed(&kind.id, self.double_quant).map(Recipe::Packed),
+                        );
+                    }
                 }
                 recipes::Container::HfFolder => {
                     let mut bits = self.gptq_bits.clone();
@@ -337,20 +353,11 @@ impl QuantizePanel {
                 }
             }
             Event::Finished { output, .. } => {
-                let (bpw, size) = match output {
-                    JobOutput::Quantized(r) => (r.bits_per_weight, r.file_size_bytes),
-                    JobOutput::QuantizedGptq(r) => {
-                        let params = shared
-                            .source
-                            .as_ref()
-                            .map_or(1, |s| s.summary.parameter_count.max(1));
-                        (
-                            r.folder_size_bytes as f64 * 8.0 / params as f64,
-                            r.folder_size_bytes,
-                        )
-                    }
-                    _ => (0.0, 0),
-                };
+                let params = shared
+                    .source
+                    .as_ref()
+                    .map_or(1, |s| s.summary.parameter_count);
+                let (size, bpw) = output.quantized_size(params).unwrap_or((0, 0.0));
                 let q = &mut self.queue[i];
                 q.status = Status::Done;
                 q.result = Some((bpw, size));
@@ -548,6 +555,32 @@ impl QuantizePanel {
                 .labelled_by(label.id);
             ui.checkbox(&mut self.gptq_act_order, "act-order");
             ui.checkbox(&mut self.gptq_sym, "symmetric");
+        });
+        ui.add_space(6.0);
+        ui.label("Calibration-free (transformers):");
+        ui.horizontal(|ui| {
+            let kinds = recipes::catalogue()
+                .into_iter()
+                .filter(|k| k.container == recipes::Container::HfFolder)
+                .filter(|k| k.calibration == recipes::CalibrationNeed::None);
+            for kind in kinds {
+                let mut on = self.packed.contains(&kind.id);
+                if ui
+                    .checkbox(&mut on, &kind.label)
+                    .on_hover_text(format!("{}: loads in {}", kind.family, kind.loads_in))
+                    .changed()
+                {
+                    if on {
+                        self.packed.push(kind.id.clone());
+                    } else {
+                        self.packed.retain(|p| *p != kind.id);
+                    }
+                }
+            }
+            ui.checkbox(&mut self.double_quant, "double quant")
+                .on_hover_text(
+                    "Quantize the block scales to 8 bits too (bitsandbytes' double quantization)",
+                );
         });
         ui.add_space(6.0);
         ui.heading("Calibration");

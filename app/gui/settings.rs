@@ -22,6 +22,9 @@ pub struct Settings {
     pub gguf_targets: Vec<String>,
     /// GPTQ bit widths ticked last time.
     pub gptq_bits: Vec<u8>,
+    /// Calibration-free packed formats ticked last time (`"nf4"`).
+    #[serde(default)]
+    pub packed_targets: Vec<String>,
     /// Time estimates learned on this machine: per recipe timing key (`"gguf"`, `"gguf-imatrix"`,
     /// `"gptq"`), the measured / estimated ratio of finished runs.
     pub time_factors: std::collections::BTreeMap<String, TimeFactor>,

@@ -30,6 +30,7 @@ pub mod model;
 pub mod output;
 pub mod quantize;
 pub mod quantize_gptq;
+pub mod quantize_packed;
 pub mod recipes;
 mod simd;
 pub mod solvers;

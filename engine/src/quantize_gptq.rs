@@ -24,7 +24,8 @@ use crate::solvers::gptq::{
     gptq_quantize, gptq_quantize_owned, rtn_quantize, GptqOptions, Hessian,
 };
 use crate::tensor::{Bytes, GptqLinear, Grouped, TensorRef};
-use crate::writers::gptq::{write_gptq_folder, GptqConfig};
+use crate::writers::gptq::{check_gptq_shape, gptq_folder, gptq_parts, is_gptq_linear, GptqConfig};
+use crate::writers::packed::{write_packed_folder, PackedSpill};
 use crate::{Error, Result};
 
 /// What to make of a model as GPTQ.
@@ -292,6 +293,9 @@ pub fn quantize_gptq(
         )));
     }
     let cfg = gptq_config(opts);
+    for t in src.tensors.values().filter(|t| is_gptq_linear(&t.name)) {
+        check_gptq_shape(t)?;
+    }
     let docs = load_documents(&opts.calib)?;
     let rows = sample_rows(&src.tokenizer, &docs, &opts.calib_opts)?;
     drop(docs);
@@ -420,7 +424,7 @@ pub fn quantize_gptq(
                 originals.push((kind, w_ref.clone()));
                 drop(w);
                 model.replace_linear(li, kind, t)?;
-                packed.put(&name, p)?;
+                packed.put(&name, gptq_parts(&cfg, n, k, p))?;
                 modules.push(m);
                 if !on_module(&modules[modules.len() - 1], modules.len(), total) {
                     return Err(Error::Cancelled);
@@ -447,11 +451,11 @@ pub fn quantize_gptq(
     drop(store);
     drop(model);
     let t = Instant::now();
-    write_gptq_folder(
+    write_packed_folder(
         src,
-        &cfg,
+        &gptq_folder(&cfg),
         staged.path(),
-        &mut |t| packed.take(&t.name),
+        &mut packed,
         &mut |_, _| true,
     )?;
     packed.remove()?;
@@ -481,72 +485,6 @@ pub fn quantize_gptq(
         spilled,
         folder_size_bytes,
     })
-}
-
-/// A packed linear owning its bytes.
-/// Packed linears kept on disk until the folder is written (in its own order), one read back at a time.
-struct PackedSpill {
-    path: std::path::PathBuf,
-    file: std::fs::File,
-    /// Offset and lengths of qweight, qzeros, scales, g_idx, by tensor name.
-    index: HashMap<String, (u64, [usize; 4])>,
-    end: u64,
-}
-
-impl PackedSpill {
-    fn create(path: &Path) -> Result<Self> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
-        Ok(Self {
-            path: path.to_path_buf(),
-            file,
-            index: HashMap::new(),
-            end: 0,
-        })
-    }
-
-    fn put(&mut self, name: &str, p: GptqPacked) -> Result<()> {
-        let io = |e| Error::io(&self.path, e);
-        self.file.seek(SeekFrom::Start(self.end)).map_err(io)?;
-        let parts = [&p.qweight, &p.qzeros, &p.scales, &p.g_idx];
-        for part in parts {
-            self.file.write_all(part).map_err(io)?;
-        }
-        let lens = parts.map(Vec::len);
-        self.index.insert(name.to_owned(), (self.end, lens));
-        self.end += lens.iter().sum::<usize>() as u64;
-        Ok(())
-    }
-
-    fn take(&mut self, name: &str) -> Result<GptqPacked> {
-        let (at, lens) = self
-            .index
-            .remove(name)
-            .ok_or_else(|| Error::Invalid(format!("{name} was not quantized")))?;
-        let io = |e| Error::io(&self.path, e);
-        self.file.seek(SeekFrom::Start(at)).map_err(io)?;
-        let mut read = |n: usize| -> Result<Vec<u8>> {
-            let mut v = vec![0u8; n];
-            self.file.read_exact(&mut v).map_err(io)?;
-            Ok(v)
-        };
-        Ok(GptqPacked {
-            qweight: read(lens[0])?,
-            qzeros: read(lens[1])?,
-            scales: read(lens[2])?,
-            g_idx: read(lens[3])?,
-        })
-    }
-
-    /// Delete the file (before the folder is put in place).
-    fn remove(self) -> Result<()> {
-        drop(self.file);
-        std::fs::remove_file(&self.path).map_err(|e| Error::io(&self.path, e))
-    }
 }
 
 fn packed_tensor(

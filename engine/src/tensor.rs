@@ -110,6 +110,8 @@ pub enum Storage {
 pub enum Grouped {
     /// GPTQ v1 (`qweight`/`qzeros`/`scales`/`g_idx`).
     Gptq(GptqLinear),
+    /// bitsandbytes 4-bit (NF4/FP4), blockwise over the flattened weight.
+    Bnb4(Bnb4Linear),
 }
 
 impl Grouped {
@@ -117,6 +119,7 @@ impl Grouped {
     pub fn shape(&self) -> (usize, usize) {
         match self {
             Grouped::Gptq(p) => (p.out_features, p.in_features),
+            Grouped::Bnb4(p) => (p.out_features, p.in_features),
         }
     }
 
@@ -124,6 +127,7 @@ impl Grouped {
     pub fn dequant_row(&self, r: usize, out: &mut [f32]) {
         match self {
             Grouped::Gptq(p) => p.parts().dequant_row(r, out),
+            Grouped::Bnb4(p) => p.parts().dequant_row(r, out),
         }
     }
 
@@ -131,6 +135,14 @@ impl Grouped {
     pub fn stored_bytes(&self) -> usize {
         match self {
             Grouped::Gptq(p) => p.qweight.len() + p.qzeros.len() + p.scales.len() + p.g_idx.len(),
+            Grouped::Bnb4(p) => {
+                p.codes.len()
+                    + p.absmax.len()
+                    + 16 * 4
+                    + p.nested
+                        .as_ref()
+                        .map_or(0, |n| n.absmax.len() * 4 + 256 * 4)
+            }
         }
     }
 
@@ -138,6 +150,11 @@ impl Grouped {
     pub fn label(&self) -> String {
         match self {
             Grouped::Gptq(p) => format!("GPTQ {}-bit", p.bits),
+            Grouped::Bnb4(p) => format!(
+                "{}{}",
+                p.kind.name().to_uppercase(),
+                if p.nested.is_some() { " dq" } else { "" }
+            ),
         }
     }
 
@@ -145,6 +162,7 @@ impl Grouped {
     pub fn validate(&self, name: &str) -> Result<()> {
         match self {
             Grouped::Gptq(p) => p.parts().validate(name),
+            Grouped::Bnb4(p) => p.parts().validate(name),
         }
     }
 }
@@ -172,6 +190,58 @@ pub struct GptqLinear {
     pub qzeros: Bytes,
     pub scales: Bytes,
     pub g_idx: Bytes,
+}
+
+/// A bitsandbytes 4-bit linear layer: codes and block scales kept in the mapped file.
+#[derive(Debug)]
+pub struct Bnb4Linear {
+    pub kind: crate::codecs::bnb::Bnb4Kind,
+    pub out_features: usize,
+    pub in_features: usize,
+    /// The dtype dequantized values are rounded to (the quant state's `dtype`).
+    pub dtype: crate::codecs::bnb::Bnb4Dtype,
+    pub blocksize: usize,
+    /// The 16 levels as stored (`quant_map`).
+    pub levels: [f32; 16],
+    /// Packed 4-bit codes, two per byte, high nibble first.
+    pub codes: Bytes,
+    /// f32 per block, or with `nested` one 8-bit code per block.
+    pub absmax: Bytes,
+    pub nested: Option<Bnb4Nested>,
+}
+
+/// The double quantization of a [`Bnb4Linear`]'s block scales.
+#[derive(Debug)]
+pub struct Bnb4Nested {
+    pub absmax: Vec<f32>,
+    pub blocksize: usize,
+    pub offset: f32,
+    pub map: [f32; 256],
+}
+
+impl Bnb4Linear {
+    /// Borrowed view for the codec.
+    pub fn parts(&self) -> crate::codecs::bnb::Bnb4Parts<'_> {
+        use crate::codecs::bnb::{Bnb4Parts, StoredAbsmax};
+        Bnb4Parts {
+            levels: &self.levels,
+            dtype: self.dtype,
+            blocksize: self.blocksize,
+            out_features: self.out_features,
+            in_features: self.in_features,
+            codes: &self.codes,
+            absmax: match &self.nested {
+                None => StoredAbsmax::F32(&self.absmax),
+                Some(n) => StoredAbsmax::Double {
+                    codes: &self.absmax,
+                    nested_absmax: &n.absmax,
+                    nested_block: n.blocksize,
+                    offset: n.offset,
+                    map: &n.map,
+                },
+            },
+        }
+    }
 }
 
 impl GptqLinear {

@@ -127,7 +127,8 @@ pub enum Command {
         overwrite: bool,
     },
     /// Quantize `model` with `recipe` (a GGUF mix, a GPTQ folder, …) into `out`; an [`Event::LayerDone`]
-    /// per quantized tensor, then [`JobOutput::Quantized`] (GGUF) or [`JobOutput::QuantizedGptq`].
+    /// per quantized tensor, then [`JobOutput::Quantized`] (GGUF), [`JobOutput::QuantizedGptq`] or
+    /// [`JobOutput::QuantizedPacked`].
     Quantize {
         model: PathBuf,
         out: PathBuf,
@@ -215,6 +216,8 @@ pub enum JobOutput {
     Bench(crate::bench::BenchReport),
     Quantized(Box<crate::quantize::QuantizeReport>),
     QuantizedGptq(Box<crate::quantize_gptq::GptqReport>),
+    /// A calibration-free packed folder (NF4/FP4).
+    QuantizedPacked(Box<crate::quantize_packed::PackedReport>),
     /// An importance matrix was written to `path`.
     Imatrix {
         path: PathBuf,
@@ -286,6 +289,20 @@ pub enum Event {
     Cancelled {
         job: JobId,
     },
+}
+
+impl JobOutput {
+    /// For a quantize job's output: its size in bytes and bits per parameter over the whole model
+    /// (`params` parameters).
+    pub fn quantized_size(&self, params: u64) -> Option<(u64, f64)> {
+        let size = match self {
+            JobOutput::Quantized(r) => return Some((r.file_size_bytes, r.bits_per_weight)),
+            JobOutput::QuantizedGptq(r) => r.folder_size_bytes,
+            JobOutput::QuantizedPacked(r) => r.folder_size_bytes,
+            _ => return None,
+        };
+        Some((size, size as f64 * 8.0 / params.max(1) as f64))
+    }
 }
 
 impl Event {

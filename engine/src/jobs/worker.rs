@@ -215,6 +215,7 @@ fn run_inner(
             match recipe {
                 crate::recipes::Recipe::Gguf(g) => quantize(ctx, cache, &model, &spec, g),
                 crate::recipes::Recipe::Gptq(o) => quantize_gptq(ctx, &model, &spec, &o),
+                crate::recipes::Recipe::Packed(p) => quantize_packed(ctx, &model, &spec, &p),
             }
         }
         Command::Imatrix {
@@ -652,6 +653,43 @@ fn quantize(
     };
     let report = crate::quantize::quantize_gguf(&src, &opts, out, &mut on_tensor)?;
     Ok(JobOutput::Quantized(Box::new(report)))
+}
+
+fn quantize_packed(
+    ctx: &JobCtx,
+    model: &Path,
+    out: &OutputSpec,
+    recipe: &crate::recipes::PackedRecipe,
+) -> Result<JobOutput> {
+    crate::output::preflight(out)?;
+    let stage = format!("loading {}", model.display());
+    ctx.progress(&stage, 0, 1, None);
+    let src = SourceModel::open(model)?;
+    let packer = recipe.packer();
+    let codec = packer.codec();
+    let start = Instant::now();
+    let mut on_module =
+        |m: &crate::quantize_packed::PackedModuleMetrics, done: usize, total: usize| {
+            ctx.emit(Event::LayerDone {
+                job: ctx.job,
+                metrics: super::LayerMetrics {
+                    layer: Some(m.layer),
+                    tensor: m.tensor.clone(),
+                    codec: codec.clone(),
+                    bits_per_weight: m.bits_per_weight,
+                    rel_rms_error: m.rel_rms_error,
+                    weighted_rel_rms_error: None,
+                    gptq_loss: None,
+                    rtn_loss: None,
+                    max_error: m.max_error,
+                },
+            });
+            let eta = eta(start, done as u64, total as u64);
+            ctx.progress("quantizing", done as u64, total as u64, eta);
+            !ctx.cancelled()
+        };
+    let report = crate::quantize_packed::quantize_packed(&src, packer, out, &mut on_module)?;
+    Ok(JobOutput::QuantizedPacked(Box::new(report)))
 }
 
 fn quantize_gptq(

@@ -79,8 +79,18 @@ pub fn open(dir: &Path) -> Result<SourceModel> {
     let config_json = read_json(&config_path, "config")?;
     let mut config = parse_config(&config_path, &config_json)?;
 
-    let (mut tensors, file_size_bytes) = load_weights(dir)?;
-    gptq_linears(&config_path, &config_json, &mut tensors)?;
+    let (mut tensors, mut raw, file_size_bytes) = load_weights(dir)?;
+    gptq_linears(&config_path, &config_json, &mut tensors, &mut raw)?;
+    bnb4_linears(&config_path, &config_json, &mut tensors, &mut raw)?;
+    if let Some(r) = raw.values().next() {
+        return Err(Error::unsupported(
+            &config_path,
+            format!(
+                "tensor {} ({} {:?}) belongs to no quantized layer this reader knows (GPTQ, bitsandbytes 4-bit)",
+                r.name, r.dtype, r.shape
+            ),
+        ));
+    }
     if !config.tie_word_embeddings && !tensors.contains_key("lm_head.weight") {
         // Checkpoints that share the embedding often leave lm_head out without saying so.
         config.tie_word_embeddings = true;
@@ -444,16 +454,21 @@ pub(crate) fn parse_config(path: &Path, obj: &Map<String, Value>) -> Result<Mode
 // ---------------------------------------------------------------------------------------------------------
 
 /// Every tensor of the folder's weight files, and the files' total size.
-fn load_weights(dir: &Path) -> Result<(BTreeMap<String, TensorRef>, u64)> {
+/// A folder's weights: float tensors by name, the integer tensors of packed formats by name, total size.
+type Weights = (
+    BTreeMap<String, TensorRef>,
+    BTreeMap<String, RawTensor>,
+    u64,
+);
+
+fn load_weights(dir: &Path) -> Result<Weights> {
     let single = dir.join("model.safetensors");
     let index_path = dir.join("model.safetensors.index.json");
     if single.is_file() {
-        let (list, size) = read_safetensors(&single)?;
-        let mut tensors = BTreeMap::new();
-        for t in list {
-            tensors.insert(t.name.clone(), t);
-        }
-        return Ok((tensors, size));
+        let (list, raw_list, size) = read_safetensors_all(&single)?;
+        let tensors = list.into_iter().map(|t| (t.name.clone(), t)).collect();
+        let raw = raw_list.into_iter().map(|t| (t.name.clone(), t)).collect();
+        return Ok((tensors, raw, size));
     }
     if index_path.is_file() {
         return load_sharded(dir, &index_path);
@@ -474,7 +489,7 @@ fn load_weights(dir: &Path) -> Result<(BTreeMap<String, TensorRef>, u64)> {
     ))
 }
 
-fn load_sharded(dir: &Path, index_path: &Path) -> Result<(BTreeMap<String, TensorRef>, u64)> {
+fn load_sharded(dir: &Path, index_path: &Path) -> Result<Weights> {
     let index = read_json(index_path, "safetensors index")?;
     let map = index
         .get("weight_map")
@@ -514,6 +529,7 @@ fn load_sharded(dir: &Path, index_path: &Path) -> Result<(BTreeMap<String, Tenso
         ));
     }
     let mut tensors = BTreeMap::new();
+    let mut raw = BTreeMap::new();
     let mut total = 0u64;
     for (file, names) in wanted {
         let shard = dir.join(file);
@@ -524,9 +540,13 @@ fn load_sharded(dir: &Path, index_path: &Path) -> Result<(BTreeMap<String, Tenso
                 format!("shard {file} (holding {}) is missing", names[0]),
             ));
         }
-        let (list, size) = read_safetensors(&shard)?;
+        let (list, raw_list, size) = read_safetensors_all(&shard)?;
         total += size;
-        let have: BTreeSet<&str> = list.iter().map(|t| t.name.as_str()).collect();
+        let have: BTreeSet<&str> = list
+            .iter()
+            .map(|t| t.name.as_str())
+            .chain(raw_list.iter().map(|t| t.name.as_str()))
+            .collect();
         if let Some(missing) = names.iter().find(|n| !have.contains(**n)) {
             return Err(Error::malformed(
                 index_path,
@@ -534,18 +554,27 @@ fn load_sharded(dir: &Path, index_path: &Path) -> Result<(BTreeMap<String, Tenso
                 format!("tensor {missing} is listed in {file} but that shard does not hold it"),
             ));
         }
+        let twice = |name: &str| {
+            Error::malformed(
+                &shard,
+                "safetensors",
+                format!("tensor {name} is stored in two shards"),
+            )
+        };
         for t in list {
-            if tensors.contains_key(&t.name) {
-                return Err(Error::malformed(
-                    &shard,
-                    "safetensors",
-                    format!("tensor {} is stored in two shards", t.name),
-                ));
+            if tensors.contains_key(&t.name) || raw.contains_key(&t.name) {
+                return Err(twice(&t.name));
             }
             tensors.insert(t.name.clone(), t);
         }
+        for t in raw_list {
+            if tensors.contains_key(&t.name) || raw.contains_key(&t.name) {
+                return Err(twice(&t.name));
+            }
+            raw.insert(t.name.clone(), t);
+        }
     }
-    Ok((tensors, total))
+    Ok((tensors, raw, total))
 }
 
 /// Names of the int32 tensors of a GPTQ linear.
@@ -557,8 +586,9 @@ fn gptq_linears(
     config_path: &Path,
     cfg: &Map<String, Value>,
     tensors: &mut BTreeMap<String, TensorRef>,
+    raw: &mut BTreeMap<String, RawTensor>,
 ) -> Result<()> {
-    let has_packed = tensors.keys().any(|k| k.ends_with(".qweight"));
+    let has_packed = raw.keys().any(|k| k.ends_with(".qweight"));
     let qc = cfg.get("quantization_config").and_then(Value::as_object);
     let method = qc
         .and_then(|q| q.get("quant_method"))
@@ -569,7 +599,8 @@ fn gptq_linears(
     let bad = |d: String| Error::unsupported(config_path, d);
     let (Some(qc), Some("gptq")) = (qc, method) else {
         return Err(bad(format!(
-            "the weights are packed (*.qweight) but quantization_config.quant_method is {method:?};              only GPTQ checkpoints are read"
+            "the weights are packed (*.qweight) but quantization_config.quant_method is {method:?}; \
+             only GPTQ checkpoints are read"
         )));
     };
     let format = qc
@@ -589,32 +620,40 @@ fn gptq_linears(
         .filter(|b| crate::codecs::gptq::GPTQ_BITS.contains(&(*b as u32)))
         .ok_or_else(|| bad("quantization_config.bits must be 2, 3, 4 or 8".into()))?
         as u32;
-    let prefixes: Vec<String> = tensors
+    let prefixes: Vec<String> = raw
         .keys()
         .filter_map(|k| k.strip_suffix(".qweight").map(str::to_owned))
         .collect();
     for p in prefixes {
-        let mut take = |suffix: &str| {
-            tensors
+        let mut take_raw = |suffix: &str| {
+            let t = raw
                 .remove(&format!("{p}.{suffix}"))
-                .ok_or_else(|| bad(format!("GPTQ layer {p} has no {suffix}")))
+                .ok_or_else(|| bad(format!("GPTQ layer {p} has no {suffix}")))?;
+            if t.dtype != "I32" {
+                return Err(bad(format!(
+                    "GPTQ layer {p}: {suffix} must be I32, not {}",
+                    t.dtype
+                )));
+            }
+            Ok(t)
         };
-        let (qweight, qzeros, scales, g_idx) = (
-            take("qweight")?,
-            take("qzeros")?,
-            take("scales")?,
-            take("g_idx")?,
+        let (qweight, qzeros, g_idx) = (
+            take_raw("qweight")?,
+            take_raw("qzeros")?,
+            take_raw("g_idx")?,
         );
+        let scales = tensors
+            .remove(&format!("{p}.scales"))
+            .ok_or_else(|| bad(format!("GPTQ layer {p} has no scales")))?;
         if scales.block_type() != Some(GgmlType::F16) || scales.shape.len() != 2 {
             return Err(bad(format!(
                 "GPTQ layer {p}: scales must be a 2-D F16 tensor"
             )));
         }
-        let raw = |t: &TensorRef| {
-            t.block_bytes()
-                .cloned()
-                .ok_or_else(|| bad(format!("GPTQ layer {p}: {} is not a plain tensor", t.name)))
-        };
+        let scales_bytes = scales
+            .block_bytes()
+            .cloned()
+            .ok_or_else(|| bad(format!("GPTQ layer {p}: scales is not a plain tensor")))?;
         let t = TensorRef::grouped(
             format!("{p}.weight"),
             Grouped::Gptq(GptqLinear {
@@ -622,16 +661,16 @@ fn gptq_linears(
                 in_features: g_idx.numel(),
                 out_features: scales.shape[1],
                 groups: scales.shape[0],
-                qweight: raw(&qweight)?,
-                qzeros: raw(&qzeros)?,
-                scales: raw(&scales)?,
-                g_idx: raw(&g_idx)?,
+                qweight: qweight.data,
+                qzeros: qzeros.data,
+                scales: scales_bytes,
+                g_idx: g_idx.data,
             }),
         )
         .map_err(|e| bad(e.to_string()))?;
         tensors.insert(t.name.clone(), t);
     }
-    if let Some(k) = tensors
+    if let Some(k) = raw
         .keys()
         .find(|k| GPTQ_INT_SUFFIXES.iter().any(|s| k.ends_with(s)))
     {
@@ -640,25 +679,235 @@ fn gptq_linears(
     Ok(())
 }
 
-/// The ggml type and element size of a safetensors dtype we read.
-fn safetensors_dtype(path: &Path, name: &str, dtype: &str) -> Result<(GgmlType, usize)> {
+/// Regroup bitsandbytes 4-bit linears (`P.weight` codes, `P.weight.absmax`, `P.weight.quant_map`, nested
+/// scales, `P.weight.quant_state.bitsandbytes__nf4|fp4`) into [`Grouped::Bnb4`] tensors.
+fn bnb4_linears(
+    config_path: &Path,
+    cfg: &Map<String, Value>,
+    tensors: &mut BTreeMap<String, TensorRef>,
+    raw: &mut BTreeMap<String, RawTensor>,
+) -> Result<()> {
+    use crate::codecs::bnb::{Bnb4Dtype, Bnb4Kind};
+    use crate::tensor::{Bnb4Linear, Bnb4Nested};
+    const STATE: &str = ".weight.quant_state.bitsandbytes__";
+    let states: Vec<String> = raw.keys().filter(|k| k.contains(STATE)).cloned().collect();
+    if states.is_empty() {
+        return Ok(());
+    }
+    let bad = |d: String| Error::unsupported(config_path, d);
+    let method = cfg
+        .get("quantization_config")
+        .and_then(|q| q.get("quant_method"))
+        .and_then(Value::as_str);
+    if method != Some("bitsandbytes") {
+        return Err(bad(format!(
+            "the weights hold bitsandbytes quant states but quantization_config.quant_method is {method:?}"
+        )));
+    }
+    let f32s = |t: &TensorRef, what: &str, p: &str| -> Result<Vec<f32>> {
+        if t.block_type() != Some(GgmlType::F32) {
+            return Err(bad(format!("bitsandbytes layer {p}: {what} must be F32")));
+        }
+        Ok(t.to_f32())
+    };
+    for key in states {
+        let Some((p, kind)) = key.split_once(STATE) else {
+            continue;
+        };
+        let p = p.to_owned();
+        let kind = Bnb4Kind::parse(kind)
+            .ok_or_else(|| bad(format!("{key}: unknown 4-bit type {kind:?} (nf4 or fp4)")))?;
+        let state = raw
+            .remove(&key)
+            .map(|t| t.data)
+            .unwrap_or_else(|| Bytes::owned(Vec::new()));
+        let state: Value = serde_json::from_slice(&state)
+            .map_err(|e| bad(format!("{key}: the quant state is not JSON: {e}")))?;
+        let field = |k: &str| state.get(k);
+        let usize_of = |k: &str| {
+            field(k)
+                .and_then(Value::as_u64)
+                .and_then(|v| usize::try_from(v).ok())
+                .filter(|v| *v > 0 && *v <= 1 << 20)
+                .ok_or_else(|| bad(format!("{key}: {k} is missing or not a size")))
+        };
+        let blocksize = usize_of("blocksize")?;
+        let shape: Vec<usize> = field("shape")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_u64)
+                    .map(|v| v as usize)
+                    .collect()
+            })
+            .filter(|s: &Vec<usize>| s.len() == 2 && s.iter().all(|&d| d > 0 && d <= 1 << 24))
+            .ok_or_else(|| bad(format!("{key}: shape is missing or not [out, in]")))?;
+        let dtype = field("dtype")
+            .and_then(Value::as_str)
+            .and_then(Bnb4Dtype::parse)
+            .ok_or_else(|| bad(format!("{key}: dtype must be float32, float16 or bfloat16")))?;
+        let codes = raw.remove(&format!("{p}.weight")).ok_or_else(|| {
+            bad(format!(
+                "bitsandbytes layer {p} has no packed weight (uint8 storage)"
+            ))
+        })?;
+        if codes.dtype != "U8" {
+            return Err(bad(format!(
+                "bitsandbytes layer {p}: the packed weight is {}; only bnb_4bit_quant_storage uint8 is read",
+                codes.dtype
+            )));
+        }
+        let quant_map = tensors
+            .remove(&format!("{p}.weight.quant_map"))
+            .ok_or_else(|| bad(format!("bitsandbytes layer {p} has no weight.quant_map")))?;
+        let levels: [f32; 16] = f32s(&quant_map, "quant_map", &p)?.try_into().map_err(|_| {
+            bad(format!(
+                "bitsandbytes layer {p}: quant_map must hold 16 values"
+            ))
+        })?;
+        let nested = match field("nested_blocksize") {
+            None => None,
+            Some(_) => {
+                let nb = usize_of("nested_blocksize")?;
+                let offset = field("nested_offset")
+                    .and_then(Value::as_f64)
+                    .ok_or_else(|| bad(format!("{key}: nested_offset is missing")))?
+                    as f32;
+                let na = tensors
+                    .remove(&format!("{p}.weight.nested_absmax"))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "bitsandbytes layer {p} has no weight.nested_absmax"
+                        ))
+                    })?;
+                let nm = tensors
+                    .remove(&format!("{p}.weight.nested_quant_map"))
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "bitsandbytes layer {p} has no weight.nested_quant_map"
+                        ))
+                    })?;
+                let map: [f32; 256] =
+                    f32s(&nm, "nested_quant_map", &p)?.try_into().map_err(|_| {
+                        bad(format!(
+                            "bitsandbytes layer {p}: nested_quant_map must hold 256 values"
+                        ))
+                    })?;
+                Some(Bnb4Nested {
+                    absmax: f32s(&na, "nested_absmax", &p)?,
+                    blocksize: nb,
+                    offset,
+                    map,
+                })
+            }
+        };
+        let absmax = match &nested {
+            Some(_) => {
+                let a = raw
+                    .remove(&format!("{p}.weight.absmax"))
+                    .ok_or_else(|| bad(format!("bitsandbytes layer {p} has no weight.absmax")))?;
+                if a.dtype != "U8" {
+                    return Err(bad(format!(
+                        "bitsandbytes layer {p}: double-quantized absmax must be U8"
+                    )));
+                }
+                a.data
+            }
+            None => {
+                let a = tensors
+                    .remove(&format!("{p}.weight.absmax"))
+                    .ok_or_else(|| bad(format!("bitsandbytes layer {p} has no weight.absmax")))?;
+                if a.block_type() != Some(GgmlType::F32) {
+                    return Err(bad(format!("bitsandbytes layer {p}: absmax must be F32")));
+                }
+                a.block_bytes().cloned().ok_or_else(|| {
+                    bad(format!(
+                        "bitsandbytes layer {p}: absmax is not a plain tensor"
+                    ))
+                })?
+            }
+        };
+        let t = TensorRef::grouped(
+            format!("{p}.weight"),
+            Grouped::Bnb4(Bnb4Linear {
+                kind,
+                out_features: shape[0],
+                in_features: shape[1],
+                dtype,
+                blocksize,
+                levels,
+                codes: codes.data,
+                absmax,
+                nested,
+            }),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        tensors.insert(t.name.clone(), t);
+    }
+    Ok(())
+}
+
+/// The ggml type (`None` for an integer tensor, kept raw for a packed format's reader) and element size of
+/// a safetensors dtype we read.
+fn safetensors_dtype(path: &Path, name: &str, dtype: &str) -> Result<(Option<GgmlType>, usize)> {
     match dtype {
-        "F32" => Ok((GgmlType::F32, 4)),
-        // GPTQ's packed tensors: raw words, regrouped into packed linears by `gptq_linears`.
-        "I32" if GPTQ_INT_SUFFIXES.iter().any(|s| name.ends_with(s)) => Ok((GgmlType::F32, 4)),
-        "F16" => Ok((GgmlType::F16, 2)),
-        "BF16" => Ok((GgmlType::BF16, 2)),
+        "F32" => Ok((Some(GgmlType::F32), 4)),
+        "F16" => Ok((Some(GgmlType::F16), 2)),
+        "BF16" => Ok((Some(GgmlType::BF16), 2)),
+        "I64" | "U64" => Ok((None, 8)),
+        "I32" | "U32" => Ok((None, 4)),
+        "I16" | "U16" => Ok((None, 2)),
+        "I8" | "U8" | "BOOL" => Ok((None, 1)),
         other => Err(Error::unsupported(
             path,
             format!(
-                "tensor {name} has dtype {other}; only F32, F16 and BF16 safetensors are supported"
+                "tensor {name} has dtype {other}; only F32, F16, BF16 and the integer types of packed \
+                 formats are read"
             ),
         )),
     }
 }
 
+fn raw_dtype_name(dtype: &str) -> &'static str {
+    const NAMES: [&str; 9] = ["I64", "U64", "I32", "U32", "I16", "U16", "I8", "U8", "BOOL"];
+    NAMES.iter().find(|n| **n == dtype).copied().unwrap_or("?")
+}
+
 /// Map the safetensors file at `path` and check every tensor of its header against the file.
+#[cfg(test)]
 pub(crate) fn read_safetensors(path: &Path) -> Result<(Vec<TensorRef>, u64)> {
+    let (tensors, raw, size) = read_safetensors_all(path)?;
+    if let Some(r) = raw.first() {
+        return Err(Error::unsupported(
+            path,
+            format!(
+                "tensor {} has dtype {}; only F32, F16 and BF16 tensors are read here",
+                r.name, r.dtype
+            ),
+        ));
+    }
+    Ok((tensors, size))
+}
+
+/// An integer tensor of a packed format (codes, zero points, indices, encoded metadata), as stored: the
+/// format's reader regroups it into a [`Grouped`] linear.
+#[derive(Debug)]
+pub(crate) struct RawTensor {
+    pub name: String,
+    /// The safetensors dtype (`"I32"`, `"U8"`, `"I64"`, …).
+    pub dtype: &'static str,
+    pub shape: Vec<usize>,
+    pub data: Bytes,
+}
+
+impl RawTensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Map the safetensors file at `path`: its float tensors, its integer tensors, and its size.
+pub(crate) fn read_safetensors_all(path: &Path) -> Result<(Vec<TensorRef>, Vec<RawTensor>, u64)> {
     let bad = |detail: String| Error::malformed(path, "safetensors", detail);
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -697,6 +946,7 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<(Vec<TensorRef>, u64)> {
 
     let mut spans: Vec<(usize, usize, &str)> = Vec::with_capacity(header.len());
     let mut tensors = Vec::with_capacity(header.len());
+    let mut raw = Vec::new();
     for (name, info) in &header {
         if name == "__metadata__" {
             continue;
@@ -750,9 +1000,18 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<(Vec<TensorRef>, u64)> {
         }
         let data = Bytes::slice_of(&backing, data_start + begin, end - begin)
             .ok_or_else(|| bad(format!("tensor {name}: data outside the file")))?;
-        let t = TensorRef::new(name.clone(), shape, ty, data).map_err(|e| bad(e.to_string()))?;
         spans.push((begin, end, name));
-        tensors.push(t);
+        match ty {
+            Some(ty) => tensors.push(
+                TensorRef::new(name.clone(), shape, ty, data).map_err(|e| bad(e.to_string()))?,
+            ),
+            None => raw.push(RawTensor {
+                name: name.clone(),
+                dtype: raw_dtype_name(dtype),
+                shape,
+                data,
+            }),
+        }
     }
     spans.sort_unstable();
     for w in spans.windows(2) {
@@ -761,7 +1020,7 @@ pub(crate) fn read_safetensors(path: &Path) -> Result<(Vec<TensorRef>, u64)> {
             return Err(bad(format!("tensors {prev} and {name} overlap")));
         }
     }
-    Ok((tensors, file_len))
+    Ok((tensors, raw, file_len))
 }
 
 // ---------------------------------------------------------------------------------------------------------

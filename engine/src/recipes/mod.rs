@@ -18,11 +18,14 @@ use std::path::{Path, PathBuf};
 pub use gguf::{plan_gguf_mix, GgufMix, TensorOverride};
 
 use crate::calib::{CalibOptions, CalibSource};
+use crate::codecs::bnb::Bnb4Kind;
 use crate::codecs::GgmlType;
 use crate::imatrix::ImatrixOptions;
 use crate::model::summary::ModelSummary;
 use crate::quantize_gptq::GptqQuantizeOptions;
 use crate::solvers::gptq::GptqOptions;
+use crate::writers::bnb::Bnb4Options;
+use crate::writers::packed::LinearPacker;
 use crate::{Error, Result};
 
 /// What a quantize job makes.
@@ -32,6 +35,42 @@ pub enum Recipe {
     Gguf(GgufRecipe),
     /// A Hugging Face GPTQ folder.
     Gptq(Box<GptqQuantizeOptions>),
+    /// A Hugging Face folder of a calibration-free packed format (bitsandbytes NF4/FP4).
+    Packed(PackedRecipe),
+}
+
+/// The calibration-free packed formats: each linear quantized on its own.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum PackedRecipe {
+    /// bitsandbytes 4-bit (NF4/FP4), optionally double-quantized.
+    Bnb4(Bnb4Options),
+}
+
+impl PackedRecipe {
+    /// The packer the pipeline runs.
+    pub fn packer(&self) -> &dyn LinearPacker {
+        match self {
+            PackedRecipe::Bnb4(o) => o,
+        }
+    }
+
+    /// Bits per weight of a packed linear.
+    pub fn linear_bpw(&self) -> f64 {
+        match self {
+            PackedRecipe::Bnb4(o) => o.bpw(),
+        }
+    }
+
+    /// `"NF4"`, `"NF4-dq"`.
+    pub fn label(&self) -> String {
+        match self {
+            PackedRecipe::Bnb4(o) => format!(
+                "{}{}",
+                o.kind.name().to_uppercase(),
+                if o.double_quant { "-dq" } else { "" }
+            ),
+        }
+    }
 }
 
 /// A GGUF mix with its per-tensor overrides and importance matrix.
@@ -121,7 +160,28 @@ pub fn catalogue() -> Vec<RecipeKind> {
         nominal_bpw: gptq_bpw(4, Some(128)),
         loads_in: "transformers, vLLM, TGI, ExLlamaV2",
     });
+    for (id, kind) in [("nf4", Bnb4Kind::Nf4), ("fp4", Bnb4Kind::Fp4)] {
+        let o = Bnb4Options {
+            kind,
+            double_quant: false,
+        };
+        v.push(RecipeKind {
+            id: id.into(),
+            label: id.to_uppercase(),
+            family: "bitsandbytes",
+            container: Container::HfFolder,
+            calibration: CalibrationNeed::None,
+            nominal_bpw: o.bpw(),
+            loads_in: "transformers + bitsandbytes, vLLM",
+        });
+    }
     v
+}
+
+/// The packed recipe named `format` (`nf4`, `fp4`), if it is one.
+pub fn parse_packed(format: &str, double_quant: bool) -> Option<PackedRecipe> {
+    let kind = Bnb4Kind::parse(&format.to_ascii_lowercase())?;
+    Some(PackedRecipe::Bnb4(Bnb4Options { kind, double_quant }))
 }
 
 /// The `--format` help line, from the catalogue.
@@ -132,7 +192,8 @@ pub fn format_help() -> String {
         .map(|k| k.id.clone())
         .collect();
     format!(
-        "What to make: a GGUF mix ({}, or pure:TYPE) or gptq (a Hugging Face GPTQ folder)",
+        "What to make: a GGUF mix ({}, or pure:TYPE), gptq (a Hugging Face GPTQ folder), or nf4 / fp4 (a \
+         bitsandbytes 4-bit folder; --double-quant)",
         gguf.join(", ")
     )
 }
@@ -176,7 +237,7 @@ pub fn parse_mix(format: &str) -> Result<GgufMix> {
 }
 
 /// What a recipe is expected to cost, before it runs.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Estimate {
     /// Bits per weight over every parameter (embeddings and norms included).
     pub bpw: f64,
@@ -187,11 +248,16 @@ pub struct Estimate {
     pub seconds: f64,
 }
 
-/// Rough throughputs of a 2-core machine: quantizing a GGUF mix end to end (reading, quantizing, writing)
-/// ≈ 45 M weights/s (SmolLM2 Q4_K_M/Q3_K_M from the studio: about 3 s for 135 M weights); a forward pass
-/// over calibration tokens ≈ 1.6e10 weight·tokens/s. The studio corrects both from finished runs.
-const QUANTIZE_WEIGHTS_PER_S: f64 = 45e6;
-const FORWARD_WEIGHT_TOKENS_PER_S: f64 = 1.6e10;
+/// Throughputs of a 2-core machine, measured with the CLI on SmolLM2-135M (F16 GGUF source; 128 chunks or
+/// rows of 512 tokens): a GGUF mix end to end (read, quantize, write) ≈ 70 M weights/s (Q4_K_M: 1.3 s from
+/// the CLI, ~3 s from the studio); an importance matrix's forward passes ≈ 5e10 weight·tokens/s (168 s);
+/// GPTQ's layer-sequential capture, Hessians and solve ≈ 1.6e10 weight·tokens/s (542 s). The studio
+/// corrects each from its finished runs.
+const QUANTIZE_WEIGHTS_PER_S: f64 = 70e6;
+const IMATRIX_WEIGHT_TOKENS_PER_S: f64 = 5e10;
+const GPTQ_WEIGHT_TOKENS_PER_S: f64 = 1.6e10;
+/// Quantizing, measuring and writing a calibration-free packed format (NF4) end to end.
+const PACKED_WEIGHTS_PER_S: f64 = 30e6;
 
 impl Recipe {
     /// The GPTQ recipe with the engine's defaults (4-bit, group 128, act-order off, bundled text).
@@ -219,6 +285,7 @@ impl Recipe {
                 let rtn = if o.rtn { "-rtn" } else { "" };
                 format!("GPTQ-{}bit-{g}{ao}{sym}{rtn}", s.bits)
             }
+            Recipe::Packed(p) => p.label(),
         }
     }
 
@@ -228,13 +295,14 @@ impl Recipe {
             Recipe::Gguf(g) if matches!(g.imatrix, ImatrixSource::Compute { .. }) => "gguf-imatrix",
             Recipe::Gguf(_) => "gguf",
             Recipe::Gptq(_) => "gptq",
+            Recipe::Packed(_) => "packed",
         }
     }
 
     pub fn container(&self) -> Container {
         match self {
             Recipe::Gguf(_) => Container::GgufFile,
-            Recipe::Gptq(_) => Container::HfFolder,
+            Recipe::Gptq(_) | Recipe::Packed(_) => Container::HfFolder,
         }
     }
 
@@ -243,6 +311,7 @@ impl Recipe {
         match self {
             Recipe::Gguf(g) => matches!(g.imatrix, ImatrixSource::Compute { .. }),
             Recipe::Gptq(_) => true,
+            Recipe::Packed(_) => false,
         }
     }
 
@@ -267,6 +336,7 @@ impl Recipe {
                 ImatrixSource::Compute { source, .. } => calib(source),
             },
             Recipe::Gptq(o) => calib(&o.calib),
+            Recipe::Packed(_) => None,
         }
         .into_iter()
         .collect()
@@ -277,6 +347,7 @@ impl Recipe {
         match self {
             Recipe::Gguf(g) => g.mix.nominal_bpw(),
             Recipe::Gptq(o) => gptq_bpw(o.solver.bits, o.solver.group_size),
+            Recipe::Packed(p) => p.linear_bpw(),
         }
     }
 
@@ -284,10 +355,21 @@ impl Recipe {
     fn calibration_tokens(&self) -> f64 {
         match self {
             Recipe::Gguf(GgufRecipe {
-                imatrix: ImatrixSource::Compute { options, .. },
+                imatrix: ImatrixSource::Compute { options, source },
                 ..
-            }) => (options.max_chunks.unwrap_or(64) * options.n_ctx) as f64,
-            Recipe::Gguf(_) => 0.0,
+            }) => match options.max_chunks {
+                Some(c) => (c * options.n_ctx) as f64,
+                // All of the text: the bundled one is ~100k tokens (4 bytes a token); a file's size says.
+                None => match source {
+                    CalibSource::Bundled => {
+                        crate::imatrix::DEFAULT_CALIBRATION_TEXT.len() as f64 / 4.0
+                    }
+                    CalibSource::File { path, .. } => {
+                        std::fs::metadata(path).map_or(64.0 * 512.0, |m| m.len() as f64 / 4.0)
+                    }
+                },
+            },
+            Recipe::Gguf(_) | Recipe::Packed(_) => 0.0,
             Recipe::Gptq(o) => (o.calib_opts.rows * o.calib_opts.seq_len) as f64,
         }
     }
@@ -310,22 +392,25 @@ impl Recipe {
                     .map(|(_, b)| *b as f64 * 8.0),
             ),
             // Embeddings and the head stay fp16.
-            Recipe::Gptq(_) => (16.0, None),
+            Recipe::Gptq(_) | Recipe::Packed(_) => (16.0, None),
         };
         let bits = planned.unwrap_or(linears * linear_bpw + heads * head_bpw);
         let largest = (s.vocab.max(s.intermediate) * s.hidden) as f64 * 4.0;
         let tokens = self.calibration_tokens();
-        let forward = tokens * params / FORWARD_WEIGHT_TOKENS_PER_S;
         let (peak, seconds) = match self {
             Recipe::Gguf(_) => (
                 3.0 * largest + 64e6,
-                params / QUANTIZE_WEIGHTS_PER_S + forward,
+                params / QUANTIZE_WEIGHTS_PER_S + tokens * params / IMATRIX_WEIGHT_TOKENS_PER_S,
             ),
+            Recipe::Packed(_) => (3.0 * largest + 64e6, params / PACKED_WEIGHTS_PER_S),
             Recipe::Gptq(_) => {
                 let acts = tokens * s.hidden as f64 * 4.0 * 2.0;
                 // The widest Hessian (f64) and its factorisation's working copy.
                 let hess = (s.intermediate * s.intermediate) as f64 * 8.0 * 2.0;
-                (acts + hess + 3.0 * largest + 64e6, forward * 1.3)
+                (
+                    acts + hess + 3.0 * largest + 64e6,
+                    tokens * params / GPTQ_WEIGHT_TOKENS_PER_S,
+                )
             }
         };
         Estimate {

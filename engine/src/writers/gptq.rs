@@ -12,10 +12,9 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use super::hf::{
-    config_json, generation_config_json, tokenizer_config_json, tokenizer_json, OutDtype,
+use super::packed::{
+    is_decoder_linear, pack_linears, write_packed_folder, PackedFolder, PackedSpill, PackedTensor,
 };
-use super::safetensors::{PlannedTensor, SafetensorsSink};
 use crate::codecs::gptq::{packed_len, GptqPacked};
 use crate::model::SourceModel;
 use crate::tensor::TensorRef;
@@ -77,78 +76,45 @@ impl GptqConfig {
     }
 }
 
-/// Whether GPTQ quantizes this tensor: a linear weight inside the decoder layers.
+/// Whether `hf_name` is a linear GPTQ quantizes (the decoder layers' seven).
 pub fn is_gptq_linear(hf_name: &str) -> bool {
-    const LINEARS: [&str; 7] = [
-        "self_attn.q_proj.weight",
-        "self_attn.k_proj.weight",
-        "self_attn.v_proj.weight",
-        "self_attn.o_proj.weight",
-        "mlp.gate_proj.weight",
-        "mlp.up_proj.weight",
-        "mlp.down_proj.weight",
-    ];
-    hf_name.starts_with("model.layers.") && LINEARS.iter().any(|l| hf_name.ends_with(l))
+    is_decoder_linear(hf_name)
 }
 
-/// One tensor of the output file.
-struct Entry<'a> {
-    name: String,
-    dtype: &'static str,
-    shape: Vec<usize>,
-    nbytes: usize,
-    src: &'a TensorRef,
-    /// For GPTQ linears: which of the four packed tensors.
-    part: Option<usize>,
-}
-
-fn plan<'a>(src: &'a SourceModel, cfg: &GptqConfig) -> Result<Vec<Entry<'a>>> {
-    let mut v = Vec::new();
-    for t in src.tensors.values() {
-        if src.config.tie_word_embeddings && t.name == "lm_head.weight" {
-            continue;
-        }
-        if !is_gptq_linear(&t.name) {
-            v.push(Entry {
-                name: t.name.clone(),
-                dtype: "F16",
-                shape: t.shape.clone(),
-                nbytes: t.numel() * 2,
-                src: t,
-                part: None,
-            });
-            continue;
-        }
-        let (n, k) = (t.rows(), t.cols());
-        if n % 32 != 0 || k % 32 != 0 {
-            return Err(Error::Invalid(format!(
-                "{}: GPTQ needs input and output sizes that are multiples of 32 (got {n}×{k})",
-                t.name
-            )));
-        }
-        let p = t.name.trim_end_matches(".weight");
-        let g = cfg.groups(k);
-        let b = cfg.bits;
-        for (i, (suffix, dtype, shape, elem)) in [
-            ("qweight", "I32", vec![packed_len(k, b), n], 4),
-            ("qzeros", "I32", vec![g, packed_len(n, b)], 4),
-            ("scales", "F16", vec![g, n], 2),
-            ("g_idx", "I32", vec![k], 4),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            v.push(Entry {
-                name: format!("{p}.{suffix}"),
-                dtype,
-                nbytes: shape.iter().product::<usize>() * elem,
-                shape,
-                src: t,
-                part: Some(i),
-            });
-        }
+/// GPTQ's packing needs input and output sizes that are multiples of 32.
+pub fn check_gptq_shape(t: &TensorRef) -> Result<()> {
+    let (n, k) = (t.rows(), t.cols());
+    if n % 32 != 0 || k % 32 != 0 {
+        return Err(Error::Invalid(format!(
+            "{}: GPTQ needs input and output sizes that are multiples of 32 (got {n}×{k})",
+            t.name
+        )));
     }
-    Ok(v)
+    Ok(())
+}
+
+/// The folder format: `quantization_config`, `quantize_config.json`, the linears packed.
+pub fn gptq_folder(cfg: &GptqConfig) -> PackedFolder {
+    let mut metadata = Map::new();
+    metadata.insert("gptq_bits".into(), json!(cfg.bits.to_string()));
+    PackedFolder {
+        quantization_config: cfg.to_json(),
+        side_files: vec![("quantize_config.json", cfg.to_json())],
+        metadata,
+        max_shard_bytes: cfg.max_shard_bytes.unwrap_or(DEFAULT_MAX_SHARD_BYTES),
+        packs: is_gptq_linear,
+    }
+}
+
+/// The stored tensors of a packed `[n, k]` linear: `qweight`, `qzeros`, `scales`, `g_idx`.
+pub fn gptq_parts(cfg: &GptqConfig, n: usize, k: usize, p: GptqPacked) -> Vec<PackedTensor> {
+    let (g, b) = (cfg.groups(k), cfg.bits);
+    vec![
+        PackedTensor::new("qweight", "I32", vec![packed_len(k, b), n], p.qweight),
+        PackedTensor::new("qzeros", "I32", vec![g, packed_len(n, b)], p.qzeros),
+        PackedTensor::new("scales", "F16", vec![g, n], p.scales),
+        PackedTensor::new("g_idx", "I32", vec![k], p.g_idx),
+    ]
 }
 
 /// Write `src` as a GPTQ folder into `out` (created if missing; callers write through an
@@ -161,101 +127,21 @@ pub fn write_gptq_folder(
     quantize_linear: &mut dyn FnMut(&TensorRef) -> Result<GptqPacked>,
     progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<()> {
-    let entries = plan(src, cfg)?;
-    let mut config = config_json(&src.config, &src.tokenizer, OutDtype::F16)?;
-    if let Value::Object(m) = &mut config {
-        m.insert("quantization_config".into(), cfg.to_json());
+    for t in src.tensors.values().filter(|t| is_gptq_linear(&t.name)) {
+        check_gptq_shape(t)?;
     }
-    let (tok_json, add_bos) = tokenizer_json(src)?;
-    let tmp = out;
-    std::fs::create_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
-    let text = |name: &str, v: &Value| -> Result<()> {
-        let mut s = serde_json::to_string_pretty(v).map_err(|e| Error::Invalid(e.to_string()))?;
-        s.push('\n');
-        let p = tmp.join(name);
-        std::fs::write(&p, s).map_err(|e| Error::io(&p, e))
-    };
-    let mut meta = Map::new();
-    meta.insert("format".into(), json!("pt"));
-    meta.insert("gptq_bits".into(), json!(cfg.bits.to_string()));
-    let planned = entries
-        .iter()
-        .map(|e| PlannedTensor {
-            name: e.name.clone(),
-            dtype: e.dtype,
-            shape: e.shape.clone(),
-            nbytes: e.nbytes as u64,
-        })
-        .collect();
-    let mut sink = SafetensorsSink::new(
-        tmp,
-        planned,
-        cfg.max_shard_bytes.unwrap_or(DEFAULT_MAX_SHARD_BYTES),
-        meta,
-    );
-    let total = entries.iter().filter(|e| e.part.unwrap_or(0) == 0).count();
-    let mut done = 0;
-    // The linear being written: its four parts are appended one after the other.
-    let mut packed: Option<GptqPacked> = None;
-    let mut row = Vec::new();
-    let mut bytes = Vec::new();
-    for e in &entries {
-        match e.part {
-            None => {
-                row.resize(e.src.cols(), 0.0f32);
-                for r in 0..e.src.rows() {
-                    e.src.dequant_row(r, &mut row);
-                    bytes.clear();
-                    bytes.extend(
-                        row.iter()
-                            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes()),
-                    );
-                    sink.write(&e.name, &bytes)?;
-                }
-            }
-            Some(part) => {
-                if part == 0 {
-                    packed = Some(quantize_linear(e.src)?);
-                }
-                let p = packed
-                    .as_ref()
-                    .ok_or_else(|| Error::Invalid("GPTQ parts out of order".into()))?;
-                let b = [&p.qweight, &p.qzeros, &p.scales, &p.g_idx][part];
-                if b.len() != e.nbytes {
-                    return Err(Error::Invalid(format!(
-                        "{}: {} bytes produced, {} expected",
-                        e.name,
-                        b.len(),
-                        e.nbytes
-                    )));
-                }
-                sink.write(&e.name, b)?;
-                if part == 3 {
-                    packed = None;
-                }
-            }
-        }
-        if e.part.unwrap_or(0) == 0 {
-            done += 1;
-            if !progress(done, total) {
-                return Err(Error::Cancelled);
-            }
-        }
-    }
-    sink.finish()?;
-    text("config.json", &config)?;
-    text("quantize_config.json", &cfg.to_json())?;
-    text(
-        "generation_config.json",
-        &generation_config_json(&src.tokenizer),
+    let fmt = gptq_folder(cfg);
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut spill = PackedSpill::create(&out.join(".packed-linears"))?;
+    pack_linears(
+        src,
+        &fmt,
+        &mut spill,
+        &mut |t| Ok(gptq_parts(cfg, t.rows(), t.cols(), quantize_linear(t)?)),
+        &mut |_, _| true,
     )?;
-    text(
-        "tokenizer_config.json",
-        &tokenizer_config_json(src, add_bos),
-    )?;
-    let p = tmp.join("tokenizer.json");
-    std::fs::write(&p, &tok_json).map_err(|e| Error::io(&p, e))?;
-    Ok(())
+    write_packed_folder(src, &fmt, out, &mut spill, progress)?;
+    spill.remove()
 }
 
 #[cfg(test)]

@@ -1,9 +1,11 @@
 //! Output containers written from a [`SourceModel`](crate::model::SourceModel), streaming one tensor at a
 //! time.
 
+pub mod bnb;
 pub mod gguf;
 pub mod gptq;
 pub mod hf;
+pub mod packed;
 pub mod safetensors;
 
 pub use gguf::{quantize_tensor_rows, write_gguf, GgufPlanTensor};
