@@ -68,7 +68,7 @@ def main():
     with torch.no_grad():
         lq = F.log_softmax(q(ids).logits[0].float(), -1)
         lb = F.log_softmax(b(ids).logits[0].float(), -1)
-    first = n // 2 - 1  # logits at positions n/2-1 .. n-2 predict tokens n/2 .. n-1
+    first = n // 2  # as llama-perplexity: logits at positions n/2 .. n-2 predict tokens n/2+1 .. n-1
     target = ids[0, first + 1:]
 
     def ppl(lp):

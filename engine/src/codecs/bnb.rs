@@ -46,20 +46,47 @@ pub const NF4_LEVELS: [f32; 16] = [
 ];
 
 /// FP4 levels, index → value: bit 3 is the sign; the magnitudes of codes 0..8 are
-/// `0, 0.0625, 8, 12, 4, 6, 2, 3` (exponent bias 3, one mantissa bit) divided by 12, the largest.
+/// `0, 0.0625, 8, 12, 4, 6, 2, 3` (exponent bias 3, one mantissa bit) divided by 12 in f32, the largest
+/// (code 8, "−0", is +0.0, as bitsandbytes builds it).
 pub const FP4_LEVELS: [f32; 16] = fp4_levels();
 
 const fn fp4_levels() -> [f32; 16] {
-    let mags = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0];
+    let mags: [f32; 8] = [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0];
     let mut out = [0.0f32; 16];
     let mut i = 0;
     while i < 16 {
-        let m = (mags[i & 7] / 12.0) as f32;
-        out[i] = if i >= 8 { -m } else { m };
+        let m = mags[i & 7] / 12.0;
+        out[i] = if i >= 8 && m != 0.0 { -m } else { m };
         i += 1;
     }
     out
 }
+
+/// The levels sorted (stably) by value, the midpoints between neighbours, and each sorted position's code:
+/// bitsandbytes' `bucketize` quantizer.
+struct Buckets {
+    bounds: [f32; 15],
+    code_of: [u8; 16],
+}
+
+fn buckets(levels: &[f32; 16]) -> Buckets {
+    let mut order: Vec<usize> = (0..16).collect();
+    order.sort_by(|&a, &b| levels[a].total_cmp(&levels[b]));
+    let mut bounds = [0.0f32; 15];
+    for i in 0..15 {
+        bounds[i] = (levels[order[i]] + levels[order[i + 1]]) / 2.0;
+    }
+    let mut code_of = [0u8; 16];
+    for (i, &o) in order.iter().enumerate() {
+        code_of[i] = o as u8;
+    }
+    Buckets { bounds, code_of }
+}
+
+static NF4_BUCKETS: std::sync::LazyLock<Buckets> =
+    std::sync::LazyLock::new(|| buckets(&NF4_LEVELS));
+static FP4_BUCKETS: std::sync::LazyLock<Buckets> =
+    std::sync::LazyLock::new(|| buckets(&FP4_LEVELS));
 
 impl Bnb4Kind {
     /// `"nf4"` / `"fp4"`, as `bnb_4bit_quant_type` and the quant-state key spell it.
@@ -86,22 +113,15 @@ impl Bnb4Kind {
         }
     }
 
-    /// The code of `v` (already divided by the block's absmax): the nearest level, ties to the lower
-    /// value.
+    /// The code of `v` (already divided by the block's absmax): as bitsandbytes' `bucketize` over the
+    /// midpoints of the sorted levels, a value on a midpoint going to the lower level.
     #[inline]
     pub fn encode(self, v: f32) -> u8 {
-        let lv = self.levels();
-        let mut best = 0usize;
-        let mut best_d = f32::INFINITY;
-        for (i, &l) in lv.iter().enumerate() {
-            let d = (v - l).abs();
-            // Ties to the lower value: levels are visited in value order below.
-            if d < best_d || (d == best_d && l < lv[best]) {
-                best = i;
-                best_d = d;
-            }
-        }
-        best as u8
+        let b = match self {
+            Bnb4Kind::Nf4 => &*NF4_BUCKETS,
+            Bnb4Kind::Fp4 => &*FP4_BUCKETS,
+        };
+        b.code_of[b.bounds.partition_point(|&m| m < v)]
     }
 }
 
@@ -127,8 +147,8 @@ pub fn dynamic_map() -> [f32; 256] {
     out
 }
 
-/// `torch.linspace(start, end, n, dtype=float32)`: the first half stepped from the start, the second from
-/// the end.
+/// `torch.linspace(start, end, n, dtype=float32)` on the CPU: the first half stepped from the start, the
+/// second from the end, each a fused multiply-add.
 fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     if n == 1 {
         return vec![start];
@@ -138,28 +158,42 @@ fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     (0..n)
         .map(|i| {
             if i < half {
-                start + step * i as f32
+                step.mul_add(i as f32, start)
             } else {
-                end - step * (n - 1 - i) as f32
+                (-step).mul_add((n - 1 - i) as f32, end)
             }
         })
         .collect()
 }
 
-/// The index of the nearest entry of the sorted `map` to `v` (ties to the lower index).
-fn nearest_sorted(map: &[f32; 256], v: f32) -> u8 {
-    let i = map.partition_point(|&m| m < v);
-    if i == 0 {
-        return 0;
+/// bitsandbytes' CPU 8-bit quantizer (`quantize_cpu`): `[-1, 1]` cut into 65 536 bins, each mapped once to
+/// the entry of `map` whose midpoints enclose the bin's left edge; a value takes its bin's entry.
+struct Lut8 {
+    lut: Vec<u8>,
+}
+
+impl Lut8 {
+    const BINS: usize = 65_536;
+
+    fn new(map: &[f32; 256]) -> Self {
+        let mid: Vec<f32> = map.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
+        let mut lut = Vec::with_capacity(Self::BINS);
+        let mut code = 0usize;
+        for i in 0..Self::BINS {
+            let val = -1.0 + (2.0 * i as f32) / (Self::BINS - 1) as f32;
+            while code < mid.len() && mid[code] < val {
+                code += 1;
+            }
+            lut.push(code as u8);
+        }
+        Self { lut }
     }
-    if i >= map.len() {
-        return 255;
-    }
-    let (lo, hi) = (map[i - 1], map[i]);
-    if (v - lo).abs() <= (hi - v).abs() {
-        (i - 1) as u8
-    } else {
-        i as u8
+
+    #[inline]
+    fn code(&self, v: f32) -> u8 {
+        let t = (v.clamp(-1.0, 1.0) + 1.0) * 0.5;
+        let i = t.mul_add((Self::BINS - 1) as f32, 0.5) as usize;
+        self.lut[i.min(Self::BINS - 1)]
     }
 }
 
@@ -178,20 +212,19 @@ impl DoubleQuant {
         let offset =
             (absmax.iter().map(|&a| f64::from(a)).sum::<f64>() / absmax.len().max(1) as f64) as f32;
         let map = dynamic_map();
+        let lut = Lut8::new(&map);
         let mut codes = Vec::with_capacity(absmax.len());
         let mut nested = Vec::with_capacity(absmax.len().div_ceil(NESTED_BLOCK));
         for block in absmax.chunks(NESTED_BLOCK) {
             let centred: Vec<f32> = block.iter().map(|&a| a - offset).collect();
             let m = centred.iter().fold(0.0f32, |m, &x| m.max(x.abs()));
             nested.push(m);
-            for &x in &centred {
-                let v = if m > 0.0 {
-                    (x / m).clamp(-1.0, 1.0)
-                } else {
-                    0.0
-                };
-                codes.push(nearest_sorted(&map, v));
+            if m == 0.0 {
+                codes.extend(std::iter::repeat_n(0u8, centred.len()));
+                continue;
             }
+            let inv = 1.0 / m;
+            codes.extend(centred.iter().map(|&x| lut.code(x * inv)));
         }
         DoubleQuant {
             codes,
@@ -215,9 +248,13 @@ pub fn quantize(x: &[f32], kind: Bnb4Kind) -> (Vec<u8>, Vec<f32>) {
     for (b, block) in x.chunks(BLOCK).enumerate() {
         let m = block.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
         absmax.push(m);
-        let inv = if m > 0.0 { 1.0 / m } else { 0.0 };
+        // As bitsandbytes: whole blocks multiply by the reciprocal, a partial last block divides.
+        let partial = block.len() < BLOCK;
+        let d = m.max(1e-38);
+        let inv = 1.0 / d;
         for (j, &v) in block.iter().enumerate() {
-            let c = kind.encode((v * inv).clamp(-1.0, 1.0));
+            let s = if partial { v / d } else { v * inv };
+            let c = kind.encode(s.clamp(-1.0, 1.0));
             let i = b * BLOCK + j;
             codes[i / 2] |= if i % 2 == 0 { c << 4 } else { c };
         }
@@ -394,7 +431,15 @@ mod tests {
         assert_eq!(FP4_LEVELS[11], -1.0);
         assert_eq!(FP4_LEVELS[1], 0.0625 / 12.0);
         assert_eq!(FP4_LEVELS[7], 0.25);
-        assert_eq!(FP4_LEVELS[2], (8.0f64 / 12.0) as f32);
+        assert_eq!(FP4_LEVELS[2], 8.0f32 / 12.0);
+        assert_eq!(FP4_LEVELS[8].to_bits(), 0, "+0.0, not −0.0");
+        // bitsandbytes' bucketize over the stably sorted levels: zero and tiny negatives take code 0, tiny
+        // positives the second zero (code 8).
+        assert_eq!(Bnb4Kind::Fp4.encode(0.0), 0);
+        assert_eq!(Bnb4Kind::Fp4.encode(-0.001), 0);
+        assert_eq!(Bnb4Kind::Fp4.encode(0.001), 8);
+        assert_eq!(Bnb4Kind::Fp4.encode(0.004), 1);
+        assert_eq!(Bnb4Kind::Fp4.encode(-1.0), 11);
     }
 
     #[test]
