@@ -176,16 +176,16 @@ impl CalibArgs {
 /// GPTQ settings (`quantize --format gptq`).
 #[derive(Clone, Debug, Args)]
 pub struct GptqArgs {
-    /// GPTQ: bits per weight (2, 3, 4, 8).
-    #[arg(long, default_value_t = GptqOptions::default().bits)]
-    pub bits: u8,
-    /// GPTQ: columns per group (-1: one group per output channel).
-    #[arg(
-        long = "group-size",
-        default_value_t = GptqOptions::default().group_size.map_or(-1, |g| g as i64),
-        allow_negative_numbers = true
-    )]
-    pub group_size: i64,
+    /// Bits per weight: GPTQ 2, 3, 4, 8; HQQ 8, 4, 3, 2, 1 (default 4).
+    #[arg(long)]
+    pub bits: Option<u8>,
+    /// Columns per group: GPTQ (-1: one group per output channel; default 128), HQQ (a multiple of 8;
+    /// default 64).
+    #[arg(long = "group-size", allow_negative_numbers = true)]
+    pub group_size: Option<i64>,
+    /// HQQ: 1 groups runs of the input dimension, 0 strided groups down the flattened weight (default 1).
+    #[arg(long)]
+    pub axis: Option<u8>,
     /// GPTQ: act-order (desc_act), columns by decreasing Hessian diagonal.
     #[arg(long = "act-order")]
     pub act_order: bool,
@@ -276,14 +276,19 @@ impl Cli {
 
 impl GptqArgs {
     fn options(&self, calib: Option<PathBuf>) -> anyhow::Result<GptqQuantizeOptions> {
+        let defaults = GptqOptions::default();
         let group_size = match self.group_size {
-            -1 => None,
-            g if g > 0 => Some(g as usize),
-            g => bail!("--group-size {g}: use a positive size or -1"),
+            None => defaults.group_size,
+            Some(-1) => None,
+            Some(g) if g > 0 => Some(g as usize),
+            Some(g) => bail!("--group-size {g}: use a positive size or -1"),
         };
+        if self.axis.is_some() {
+            bail!("--axis is for hqq");
+        }
         Ok(GptqQuantizeOptions {
             solver: GptqOptions {
-                bits: self.bits,
+                bits: self.bits.unwrap_or(defaults.bits),
                 group_size,
                 act_order: self.act_order,
                 static_groups: self.static_groups,
@@ -415,7 +420,19 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             estimate,
             double_quant,
         } => {
-            let packed = recipes::parse_packed(&format, double_quant);
+            let group = match gptq.group_size {
+                Some(g) if g > 0 => Some(g as usize),
+                Some(g) if format.eq_ignore_ascii_case("hqq") => {
+                    bail!("--group-size {g}: HQQ takes a positive multiple of 8")
+                }
+                _ => None,
+            };
+            let packed = recipes::parse_packed(&format, double_quant, gptq.bits, group, gptq.axis);
+            if let Some(recipes::PackedRecipe::Bnb4(_)) = packed {
+                if gptq.bits.is_some() || gptq.group_size.is_some() || gptq.axis.is_some() {
+                    bail!("{format}: bitsandbytes 4-bit has fixed bits and blocks of 64 (no --bits/--group-size/--axis)");
+                }
+            }
             if double_quant && packed.is_none() {
                 bail!("--double-quant is for nf4 and fp4");
             }

@@ -160,7 +160,8 @@ impl QuantizePanel {
                 {
                     if self.packed.contains(&kind.id) {
                         t.extend(
-                            recipes::parse_packed(&kind.id, self.double_quant).map(Recipe::Packed),
+                            recipes::parse_packed(&kind.id, self.double_quant, None, None, None)
+                                .map(Recipe::Packed),
                         );
                     }
                 }

@@ -112,6 +112,8 @@ pub enum Grouped {
     Gptq(GptqLinear),
     /// bitsandbytes 4-bit (NF4/FP4), blockwise over the flattened weight.
     Bnb4(Bnb4Linear),
+    /// HQQ: asymmetric groups with optimised float zeros, 1–8 bits.
+    Hqq(HqqLinear),
 }
 
 impl Grouped {
@@ -120,6 +122,7 @@ impl Grouped {
         match self {
             Grouped::Gptq(p) => (p.out_features, p.in_features),
             Grouped::Bnb4(p) => (p.out_features, p.in_features),
+            Grouped::Hqq(p) => (p.out_features, p.in_features),
         }
     }
 
@@ -128,6 +131,7 @@ impl Grouped {
         match self {
             Grouped::Gptq(p) => p.parts().dequant_row(r, out),
             Grouped::Bnb4(p) => p.parts().dequant_row(r, out),
+            Grouped::Hqq(p) => p.parts().dequant_row(r, out),
         }
     }
 
@@ -143,6 +147,7 @@ impl Grouped {
                         .as_ref()
                         .map_or(0, |n| n.absmax.len() * 4 + 256 * 4)
             }
+            Grouped::Hqq(p) => p.packed.len() + p.scale.len() + p.zero.len(),
         }
     }
 
@@ -155,6 +160,7 @@ impl Grouped {
                 p.kind.name().to_uppercase(),
                 if p.nested.is_some() { " dq" } else { "" }
             ),
+            Grouped::Hqq(p) => format!("HQQ {}-bit g{}", p.params.nbits, p.params.group_size),
         }
     }
 
@@ -163,6 +169,7 @@ impl Grouped {
         match self {
             Grouped::Gptq(p) => p.parts().validate(name),
             Grouped::Bnb4(p) => p.parts().validate(name),
+            Grouped::Hqq(p) => p.parts().validate(name),
         }
     }
 }
@@ -240,6 +247,33 @@ impl Bnb4Linear {
                     map: &n.map,
                 },
             },
+        }
+    }
+}
+
+/// An HQQ linear layer: packed codes, and per group a scale and a zero in the compute dtype.
+#[derive(Debug)]
+pub struct HqqLinear {
+    pub params: crate::codecs::hqq::HqqParams,
+    pub out_features: usize,
+    pub in_features: usize,
+    pub dtype: crate::codecs::hqq::HqqDtype,
+    pub packed: Bytes,
+    pub scale: Bytes,
+    pub zero: Bytes,
+}
+
+impl HqqLinear {
+    /// Borrowed view for the codec.
+    pub fn parts(&self) -> crate::codecs::hqq::HqqParts<'_> {
+        crate::codecs::hqq::HqqParts {
+            params: self.params,
+            out_features: self.out_features,
+            in_features: self.in_features,
+            packed: &self.packed,
+            scale: &self.scale,
+            zero: &self.zero,
+            dtype: self.dtype,
         }
     }
 }

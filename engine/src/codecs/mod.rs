@@ -7,6 +7,7 @@
 pub mod bnb;
 mod float;
 pub mod gptq;
+pub mod hqq;
 mod iquants;
 mod kquants;
 mod legacy;

@@ -82,11 +82,12 @@ pub fn open(dir: &Path) -> Result<SourceModel> {
     let (mut tensors, mut raw, file_size_bytes) = load_weights(dir)?;
     gptq_linears(&config_path, &config_json, &mut tensors, &mut raw)?;
     bnb4_linears(&config_path, &config_json, &mut tensors, &mut raw)?;
+    hqq_linears(&config_path, &config_json, &mut tensors, &mut raw)?;
     if let Some(r) = raw.values().next() {
         return Err(Error::unsupported(
             &config_path,
             format!(
-                "tensor {} ({} {:?}) belongs to no quantized layer this reader knows (GPTQ, bitsandbytes 4-bit)",
+                "tensor {} ({} {:?}) belongs to no quantized layer this reader knows (GPTQ, bitsandbytes 4-bit, HQQ)",
                 r.name, r.dtype, r.shape
             ),
         ));
@@ -839,6 +840,159 @@ fn bnb4_linears(
                 codes: codes.data,
                 absmax,
                 nested,
+            }),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        tensors.insert(t.name.clone(), t);
+    }
+    Ok(())
+}
+
+/// Regroup HQQ linears (`P.W_q`, `P.scale`, `P.zero` and hqq's encoded metadata tensors, as transformers'
+/// HQQ integration saves them) into [`Grouped::Hqq`] tensors.
+fn hqq_linears(
+    config_path: &Path,
+    cfg: &Map<String, Value>,
+    tensors: &mut BTreeMap<String, TensorRef>,
+    raw: &mut BTreeMap<String, RawTensor>,
+) -> Result<()> {
+    use crate::codecs::hqq::{HqqDtype, HqqParams};
+    use crate::tensor::HqqLinear;
+    let prefixes: Vec<String> = raw
+        .keys()
+        .filter_map(|k| k.strip_suffix(".W_q").map(str::to_owned))
+        .collect();
+    if prefixes.is_empty() {
+        return Ok(());
+    }
+    let bad = |d: String| Error::unsupported(config_path, d);
+    let method = cfg
+        .get("quantization_config")
+        .and_then(|q| q.get("quant_method"))
+        .and_then(Value::as_str);
+    if method != Some("hqq") {
+        return Err(bad(format!(
+            "the weights hold HQQ tensors (*.W_q) but quantization_config.quant_method is {method:?}"
+        )));
+    }
+    const FLAGS: [&str; 10] = [
+        "view_as_float",
+        "quant_scale",
+        "quant_zero",
+        "offload_meta",
+        "encoded_state_dict",
+        "stores_quant_config",
+        "channel_wise",
+        "optimize",
+        "round_zero",
+        "unpack_view_dtype",
+    ];
+    for p in prefixes {
+        let mut take = |k: &str| {
+            raw.remove(&format!("{p}.{k}"))
+                .ok_or_else(|| bad(format!("HQQ layer {p} has no {k}")))
+        };
+        let int = |t: &RawTensor, k: &str| -> Result<i64> {
+            let b: &[u8] = &t.data;
+            match (t.dtype, b.len()) {
+                ("I32", 4) => Ok(i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+                ("I64", 8) => Ok(i64::from_le_bytes(b.try_into().unwrap_or([0; 8]))),
+                _ => Err(bad(format!("HQQ layer {p}: {k} is not an integer scalar"))),
+            }
+        };
+        let text = |t: &RawTensor| String::from_utf8_lossy(&t.data).into_owned();
+        let wq = take("W_q")?;
+        let nbits = int(&take("nbits")?, "nbits")?;
+        let group_size = int(&take("group_size")?, "group_size")?;
+        let axis = int(&take("axis")?, "axis")?;
+        let shape_t = take("shape")?;
+        let packing = text(&take("packing")?);
+        let compute = text(&take("compute_dtype")?);
+        let flags: Vec<(String, bool)> = FLAGS
+            .iter()
+            .filter_map(|k| {
+                raw.remove(&format!("{p}.{k}"))
+                    .map(|t| ((*k).to_owned(), t.data.first() == Some(&1)))
+            })
+            .collect();
+        let flag = |k: &str| flags.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+        if flag("quant_scale") == Some(true) || flag("quant_zero") == Some(true) {
+            return Err(bad(format!(
+                "HQQ layer {p}: quantized scales or zeros are not read"
+            )));
+        }
+        if flag("view_as_float") == Some(true) {
+            return Err(bad(format!(
+                "HQQ layer {p}: view_as_float packing is not read"
+            )));
+        }
+        if shape_t.dtype != "I64" || shape_t.data.len() != 16 {
+            return Err(bad(format!(
+                "HQQ layer {p}: shape must be two int64 values"
+            )));
+        }
+        let dim = |i: usize| {
+            let b = &shape_t.data[8 * i..8 * i + 8];
+            usize::try_from(i64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).unwrap_or(0)
+        };
+        let (out_f, in_f) = (dim(0), dim(1));
+        let params = HqqParams {
+            nbits: u8::try_from(nbits).map_err(|_| bad(format!("HQQ layer {p}: nbits {nbits}")))?,
+            group_size: usize::try_from(group_size)
+                .map_err(|_| bad(format!("HQQ layer {p}: group_size {group_size}")))?,
+            axis: u8::try_from(axis).map_err(|_| bad(format!("HQQ layer {p}: axis {axis}")))?,
+            optimize: flag("optimize").unwrap_or(true),
+            round_zero: flag("round_zero").unwrap_or(false),
+        };
+        if packing != params.packing() {
+            return Err(bad(format!(
+                "HQQ layer {p}: packing {packing:?} for {}-bit (only 8bit_u8, 4bit_u8, 3bit_32, 2bit_u8, 1bit_u8 are read)",
+                params.nbits
+            )));
+        }
+        let dtype = HqqDtype::parse(&compute)
+            .ok_or_else(|| bad(format!("HQQ layer {p}: compute_dtype {compute:?}")))?;
+        // Scales and zeros in the compute dtype (hqq converts them when it loads).
+        let mut side = |k: &str| -> Result<Bytes> {
+            let t = tensors
+                .remove(&format!("{p}.{k}"))
+                .ok_or_else(|| bad(format!("HQQ layer {p} has no {k}")))?;
+            let same = matches!(
+                (t.block_type(), dtype),
+                (Some(GgmlType::F16), HqqDtype::F16)
+                    | (Some(GgmlType::BF16), HqqDtype::BF16)
+                    | (Some(GgmlType::F32), HqqDtype::F32)
+            );
+            if same {
+                return t
+                    .block_bytes()
+                    .cloned()
+                    .ok_or_else(|| bad(format!("HQQ layer {p}: {k} is not a plain tensor")));
+            }
+            let v = t.to_f32();
+            Ok(Bytes::owned(match dtype {
+                HqqDtype::F16 => v
+                    .iter()
+                    .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                    .collect(),
+                HqqDtype::BF16 => v
+                    .iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                    .collect(),
+                HqqDtype::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            }))
+        };
+        let (scale, zero) = (side("scale")?, side("zero")?);
+        let t = TensorRef::grouped(
+            format!("{p}.weight"),
+            Grouped::Hqq(HqqLinear {
+                params,
+                out_features: out_f,
+                in_features: in_f,
+                dtype,
+                packed: wq.data,
+                scale,
+                zero,
             }),
         )
         .map_err(|e| bad(e.to_string()))?;

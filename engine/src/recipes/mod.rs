@@ -25,6 +25,7 @@ use crate::model::summary::ModelSummary;
 use crate::quantize_gptq::GptqQuantizeOptions;
 use crate::solvers::gptq::GptqOptions;
 use crate::writers::bnb::Bnb4Options;
+use crate::writers::hqq::HqqOptions;
 use crate::writers::packed::LinearPacker;
 use crate::{Error, Result};
 
@@ -44,6 +45,8 @@ pub enum Recipe {
 pub enum PackedRecipe {
     /// bitsandbytes 4-bit (NF4/FP4), optionally double-quantized.
     Bnb4(Bnb4Options),
+    /// HQQ at 1–8 bits.
+    Hqq(HqqOptions),
 }
 
 impl PackedRecipe {
@@ -51,6 +54,7 @@ impl PackedRecipe {
     pub fn packer(&self) -> &dyn LinearPacker {
         match self {
             PackedRecipe::Bnb4(o) => o,
+            PackedRecipe::Hqq(o) => o,
         }
     }
 
@@ -58,6 +62,7 @@ impl PackedRecipe {
     pub fn linear_bpw(&self) -> f64 {
         match self {
             PackedRecipe::Bnb4(o) => o.bpw(),
+            PackedRecipe::Hqq(o) => o.params.bpw(),
         }
     }
 
@@ -68,6 +73,12 @@ impl PackedRecipe {
                 "{}{}",
                 o.kind.name().to_uppercase(),
                 if o.double_quant { "-dq" } else { "" }
+            ),
+            PackedRecipe::Hqq(o) => format!(
+                "HQQ-{}bit-g{}{}",
+                o.params.nbits,
+                o.params.group_size,
+                if o.params.axis == 0 { "-axis0" } else { "" }
             ),
         }
     }
@@ -175,12 +186,37 @@ pub fn catalogue() -> Vec<RecipeKind> {
             loads_in: "transformers + bitsandbytes, vLLM",
         });
     }
+    v.push(RecipeKind {
+        id: "hqq".into(),
+        label: "HQQ".into(),
+        family: "HQQ",
+        container: Container::HfFolder,
+        calibration: CalibrationNeed::None,
+        nominal_bpw: crate::codecs::hqq::HqqParams::new(4, 64, 1).bpw(),
+        loads_in: "hqq (HQQLinear), transformers 4.x, vLLM (4-bit g64)",
+    });
     v
 }
 
-/// The packed recipe named `format` (`nf4`, `fp4`), if it is one.
-pub fn parse_packed(format: &str, double_quant: bool) -> Option<PackedRecipe> {
-    let kind = Bnb4Kind::parse(&format.to_ascii_lowercase())?;
+/// The packed recipe named `format` (`nf4`, `fp4`, `hqq`), if it is one. `bits`/`group_size`/`axis` apply
+/// to HQQ (`None`: 4 bits, groups of 64, axis 1).
+pub fn parse_packed(
+    format: &str,
+    double_quant: bool,
+    bits: Option<u8>,
+    group_size: Option<usize>,
+    axis: Option<u8>,
+) -> Option<PackedRecipe> {
+    let f = format.to_ascii_lowercase();
+    if f == "hqq" {
+        let params = crate::codecs::hqq::HqqParams::new(
+            bits.unwrap_or(4),
+            group_size.unwrap_or(64),
+            axis.unwrap_or(1),
+        );
+        return Some(PackedRecipe::Hqq(HqqOptions { params }));
+    }
+    let kind = Bnb4Kind::parse(&f)?;
     Some(PackedRecipe::Bnb4(Bnb4Options { kind, double_quant }))
 }
 
@@ -192,8 +228,8 @@ pub fn format_help() -> String {
         .map(|k| k.id.clone())
         .collect();
     format!(
-        "What to make: a GGUF mix ({}, or pure:TYPE), gptq (a Hugging Face GPTQ folder), or nf4 / fp4 (a \
-         bitsandbytes 4-bit folder; --double-quant)",
+        "What to make: a GGUF mix ({}, or pure:TYPE), gptq (a Hugging Face GPTQ folder), nf4 / fp4 (a \
+         bitsandbytes 4-bit folder; --double-quant) or hqq (--bits 8/4/3/2/1, --group-size, --axis)",
         gguf.join(", ")
     )
 }

@@ -5,6 +5,7 @@ pub mod bnb;
 pub mod gguf;
 pub mod gptq;
 pub mod hf;
+pub mod hqq;
 pub mod packed;
 pub mod safetensors;
 

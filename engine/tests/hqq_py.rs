@@ -1,0 +1,113 @@
+//! Our HQQ folders, decoded by an independent numpy dequantiser written from the published layout
+//! (`tests/hqq_py/dequantize_hqq.py`), give bit for bit the weights our engine evaluates — 8, 4, 3, 2 and 1
+//! bits, both grouping axes; the folder reads back into a model that runs near the source. Needs `python3`
+//! with `numpy`.
+
+use std::path::Path;
+use std::process::Command;
+
+use quant_engine::codecs::hqq::HqqParams;
+use quant_engine::infer::{Logits, Model};
+use quant_engine::model::fixture::{write_fixture, FixtureSpec};
+use quant_engine::model::SourceModel;
+use quant_engine::output::OutputSpec;
+use quant_engine::quantize_packed::quantize_packed;
+use quant_engine::tensor::TensorRef;
+use quant_engine::writers::hqq::HqqOptions;
+
+#[test]
+fn numpy_dequantizer_reproduces_the_weights_we_evaluate() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src_dir = tmp.path().join("src");
+    write_fixture(&FixtureSpec::tiny_llama(), &src_dir).expect("fixture");
+    let src = SourceModel::open(&src_dir).expect("open");
+    let base = Model::load(&src).expect("load");
+    let toks = src
+        .tokenizer
+        .encode("the cat sat on the mat", false)
+        .expect("encode");
+    let want = base
+        .forward(&toks, &mut base.new_cache(64), Logits::Last)
+        .expect("fwd");
+    for (nbits, group, axis) in [
+        (8, 64, 1),
+        (4, 64, 1),
+        (3, 64, 1),
+        (2, 32, 1),
+        (1, 16, 1),
+        (4, 32, 0),
+        (3, 16, 0),
+    ] {
+        let o = HqqOptions {
+            params: HqqParams::new(nbits, group, axis),
+        };
+        let tag = format!("{nbits}-g{group}-axis{axis}");
+        let out = tmp.path().join(format!("hqq-{tag}"));
+        let report = quantize_packed(&src, &o, &OutputSpec::folder(&out), &mut |_, _, _| true)
+            .expect("quantize");
+        assert_eq!(report.modules.len(), 14, "{tag}");
+        let dq = tmp.path().join(format!("dq-{tag}"));
+        std::fs::create_dir(&dq).expect("mkdir");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/hqq_py/dequantize_hqq.py");
+        let run = Command::new("python3")
+            .arg(&script)
+            .arg(&out)
+            .arg(&dq)
+            .output()
+            .expect("python3 must be installed (with numpy)");
+        assert!(
+            run.status.success(),
+            "numpy dequantiser failed:\n{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let q = SourceModel::open(&out).expect("open the HQQ folder");
+        let packed: Vec<&TensorRef> = q.tensors.values().filter(|t| t.is_grouped()).collect();
+        assert_eq!(packed.len(), 14, "{tag}: every decoder linear is packed");
+        let mut worst = 0.0f64;
+        for t in packed {
+            let p = dq.join(format!("{}.f32", t.name.trim_end_matches(".weight")));
+            let theirs: Vec<f32> = std::fs::read(&p)
+                .expect("numpy output")
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let ours = t.to_f32();
+            assert_eq!(ours.len(), theirs.len(), "{}", t.name);
+            if let Some(i) = (0..ours.len()).find(|&i| ours[i].to_bits() != theirs[i].to_bits()) {
+                panic!(
+                    "{tag} {}: element {i}: ours {} numpy {}",
+                    t.name, ours[i], theirs[i]
+                );
+            }
+            let s = src.tensor(&t.name).expect("source").to_f32();
+            let (e2, n2) = s
+                .iter()
+                .zip(&ours)
+                .fold((0.0f64, 0.0f64), |(e, n), (a, b)| {
+                    (e + f64::from(a - b).powi(2), n + f64::from(*a).powi(2))
+                });
+            worst = worst.max((e2 / n2).sqrt());
+        }
+        // Error grows as bits shrink; 8 bits is nearly exact.
+        let limit = match nbits {
+            8 => 0.01,
+            4 => 0.15,
+            3 => 0.3,
+            _ => 1.0,
+        };
+        assert!(worst < limit, "{tag}: rel. error {worst}");
+        let m = Model::load(&q).expect("load packed");
+        let got = m
+            .forward(&toks, &mut m.new_cache(64), Logits::Last)
+            .expect("fwd");
+        assert!(got.iter().all(|x| x.is_finite()), "{tag}");
+        if nbits == 8 {
+            assert_eq!(
+                quant_engine::infer::argmax(&got),
+                quant_engine::infer::argmax(&want),
+                "{tag}"
+            );
+        }
+    }
+}
