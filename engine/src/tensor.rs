@@ -214,7 +214,7 @@ pub struct Bnb4Linear {
     pub codes: Bytes,
     /// f32 per block, or with `nested` one 8-bit code per block.
     pub absmax: Bytes,
-    pub nested: Option<Bnb4Nested>,
+    pub nested: Option<Box<Bnb4Nested>>,
 }
 
 /// The double quantization of a [`Bnb4Linear`]'s block scales.

@@ -25,7 +25,8 @@ pub enum Bnb4Kind {
     Fp4,
 }
 
-/// NF4 levels, index → value (bitsandbytes' table, float32).
+/// NF4 levels, index → value (bitsandbytes' table, float32; written with the digits bitsandbytes lists).
+#[allow(clippy::excessive_precision)]
 pub const NF4_LEVELS: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -256,7 +257,7 @@ pub fn quantize(x: &[f32], kind: Bnb4Kind) -> (Vec<u8>, Vec<f32>) {
             let s = if partial { v / d } else { v * inv };
             let c = kind.encode(s.clamp(-1.0, 1.0));
             let i = b * BLOCK + j;
-            codes[i / 2] |= if i % 2 == 0 { c << 4 } else { c };
+            codes[i / 2] |= if i.is_multiple_of(2) { c << 4 } else { c };
         }
     }
     (codes, absmax)
@@ -266,7 +267,7 @@ pub fn quantize(x: &[f32], kind: Bnb4Kind) -> (Vec<u8>, Vec<f32>) {
 #[inline]
 pub fn code_at(codes: &[u8], i: usize) -> u8 {
     let byte = codes[i / 2];
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         byte >> 4
     } else {
         byte & 0x0f

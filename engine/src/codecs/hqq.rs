@@ -105,13 +105,13 @@ impl HqqParams {
             return Err(format!("HQQ axis {}: use 0 or 1", self.axis));
         }
         let gs = self.group_size;
-        if gs == 0 || gs % 8 != 0 {
+        if gs == 0 || !gs.is_multiple_of(8) {
             return Err(format!(
                 "HQQ group size {gs}: use a multiple of 8 (64 is the default)"
             ));
         }
         let numel = out * inp;
-        if numel % gs != 0 {
+        if !numel.is_multiple_of(gs) {
             return Err(format!(
                 "its {out}×{inp} weights are not a multiple of the group size {gs}; pick a group size that divides {numel}"
             ));

@@ -794,12 +794,12 @@ fn bnb4_linears(
                             "bitsandbytes layer {p}: nested_quant_map must hold 256 values"
                         ))
                     })?;
-                Some(Bnb4Nested {
+                Some(Box::new(Bnb4Nested {
                     absmax: f32s(&na, "nested_absmax", &p)?,
                     blocksize: nb,
                     offset,
                     map,
-                })
+                }))
             }
         };
         let absmax = match &nested {

@@ -154,12 +154,12 @@ impl LinearPacker for Bnb4Options {
             ));
             (
                 dq.codes.clone(),
-                Some(Bnb4Nested {
+                Some(Box::new(Bnb4Nested {
                     absmax: dq.nested_absmax.clone(),
                     blocksize: NESTED_BLOCK,
                     offset: dq.offset,
                     map: dq.map,
-                }),
+                })),
                 Some(dq),
             )
         } else {
