@@ -216,7 +216,7 @@ pub struct GptqArgs {
     /// GPTQ: capture all of a layer's inputs from the unquantized layer (default: true sequential).
     #[arg(long = "no-true-sequential")]
     pub no_true_sequential: bool,
-    /// GPTQ format, but round-to-nearest on the same grid (the baseline GPTQ is compared with).
+    /// Round-to-nearest on the same grid, the baseline the solver is compared with (GPTQ, HQQ).
     #[arg(long)]
     pub rtn: bool,
     /// GPTQ: largest weight file (5GB, 500MB, 2GiB, or bytes); more is written as
@@ -427,7 +427,12 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            let packed = recipes::parse_packed(&format, double_quant, gptq.bits, group, gptq.axis);
+            let mut packed =
+                recipes::parse_packed(&format, double_quant, gptq.bits, group, gptq.axis);
+            if let Some(recipes::PackedRecipe::Hqq(o)) = &mut packed {
+                // Round-to-nearest on HQQ's grid: the baseline its solver is measured against.
+                o.params.optimize = !gptq.rtn;
+            }
             if let Some(recipes::PackedRecipe::Bnb4(_)) = packed {
                 if gptq.bits.is_some() || gptq.group_size.is_some() || gptq.axis.is_some() {
                     bail!("{format}: bitsandbytes 4-bit has fixed bits and blocks of 64 (no --bits/--group-size/--axis)");

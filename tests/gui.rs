@@ -929,3 +929,32 @@ fn adding_a_variant_to_a_finished_comparison_evaluates_only_that_variant() {
     assert!(rows.iter().all(|r| r.remembered), "{rows:?}");
     assert!(sent(&commands).is_empty());
 }
+
+/// The calibration-free targets come from the catalogue: ticking NF4 (double quant) and HQQ at 3 bits in the
+/// Quantize tab makes exactly those recipes.
+#[test]
+fn calibration_free_targets_make_their_recipes() {
+    use quant_engine::recipes::PackedRecipe;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, _commands, _events) = detached(Some((&model, Path::new("/models/tiny-llama"))));
+    h.get_by_label("Quantize").click();
+    h.run_steps(2);
+    h.get_by_label("NF4").click();
+    h.get_by_label("double quant").click();
+    h.get_by_label("HQQ").click();
+    h.run_steps(2);
+    h.state_mut().quantize.hqq_bits = 3;
+    let targets = h.state().quantize.targets();
+    let packed: Vec<String> = targets
+        .iter()
+        .filter_map(|r| match r {
+            Recipe::Packed(p) => Some(p.label()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(packed, ["NF4-dq", "HQQ-3bit-g64"]);
+    assert!(targets
+        .iter()
+        .any(|r| matches!(r, Recipe::Packed(PackedRecipe::Bnb4(o)) if o.double_quant)));
+}

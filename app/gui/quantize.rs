@@ -80,6 +80,9 @@ pub struct QuantizePanel {
     pub packed: Vec<String>,
     /// bitsandbytes double quantization for the NF4/FP4 targets.
     pub double_quant: bool,
+    /// HQQ's bit width and group size.
+    pub hqq_bits: u8,
+    pub hqq_group: usize,
     pub calib: Calibration,
     pub queue: Vec<QueueItem>,
     pub plots: LayerPlots,
@@ -102,6 +105,8 @@ impl QuantizePanel {
             gptq_sym: false,
             packed: s.packed_targets.clone(),
             double_quant: false,
+            hqq_bits: 4,
+            hqq_group: 64,
             calib: Calibration::default(),
             queue: Vec::new(),
             plots: LayerPlots::default(),
@@ -160,8 +165,14 @@ impl QuantizePanel {
                 {
                     if self.packed.contains(&kind.id) {
                         t.extend(
-                            recipes::parse_packed(&kind.id, self.double_quant, None, None, None)
-                                .map(Recipe::Packed),
+                            recipes::parse_packed(
+                                &kind.id,
+                                self.double_quant,
+                                Some(self.hqq_bits),
+                                Some(self.hqq_group),
+                                None,
+                            )
+                            .map(Recipe::Packed),
                         );
                     }
                 }
@@ -582,6 +593,28 @@ impl QuantizePanel {
                 .on_hover_text(
                     "Quantize the block scales to 8 bits too (bitsandbytes' double quantization)",
                 );
+        });
+        ui.horizontal(|ui| {
+            let label = ui.label("HQQ bits");
+            egui::ComboBox::from_id_salt("hqq-bits")
+                .selected_text(self.hqq_bits.to_string())
+                .show_ui(ui, |ui| {
+                    for b in quant_engine::codecs::hqq::HQQ_BITS {
+                        ui.selectable_value(&mut self.hqq_bits, b, b.to_string());
+                    }
+                })
+                .response
+                .labelled_by(label.id);
+            let label = ui.label("group");
+            egui::ComboBox::from_id_salt("hqq-group")
+                .selected_text(self.hqq_group.to_string())
+                .show_ui(ui, |ui| {
+                    for g in [16usize, 32, 64, 128] {
+                        ui.selectable_value(&mut self.hqq_group, g, g.to_string());
+                    }
+                })
+                .response
+                .labelled_by(label.id);
         });
         ui.add_space(6.0);
         ui.heading("Calibration");

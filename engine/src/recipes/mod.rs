@@ -75,10 +75,11 @@ impl PackedRecipe {
                 if o.double_quant { "-dq" } else { "" }
             ),
             PackedRecipe::Hqq(o) => format!(
-                "HQQ-{}bit-g{}{}",
+                "HQQ-{}bit-g{}{}{}",
                 o.params.nbits,
                 o.params.group_size,
-                if o.params.axis == 0 { "-axis0" } else { "" }
+                if o.params.axis == 0 { "-axis0" } else { "" },
+                if o.params.optimize { "" } else { "-rtn" }
             ),
         }
     }

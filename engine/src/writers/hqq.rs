@@ -67,10 +67,11 @@ impl LinearPacker for HqqOptions {
     fn codec(&self) -> String {
         let p = &self.params;
         format!(
-            "HQQ {}-bit g{}{}",
+            "HQQ {}-bit g{}{}{}",
             p.nbits,
             p.group_size,
-            if p.axis == 0 { " axis 0" } else { "" }
+            if p.axis == 0 { " axis 0" } else { "" },
+            if p.optimize { "" } else { " RTN" }
         )
     }
 
