@@ -85,7 +85,7 @@ pub fn open(dir: &Path) -> Result<SourceModel> {
     hqq_linears(&config_path, &config_json, &mut tensors, &mut raw)?;
     if let Some(r) = raw.values().next() {
         return Err(Error::unsupported(
-            &config_path,
+            &r.file,
             format!(
                 "tensor {} ({} {:?}) belongs to no quantized layer this reader knows (GPTQ, bitsandbytes 4-bit, HQQ)",
                 r.name, r.dtype, r.shape
@@ -1050,6 +1050,8 @@ pub(crate) struct RawTensor {
     pub name: String,
     /// The safetensors dtype (`"I32"`, `"U8"`, `"I64"`, …).
     pub dtype: &'static str,
+    /// The file holding it (for errors).
+    pub file: std::path::PathBuf,
     pub shape: Vec<usize>,
     pub data: Bytes,
 }
@@ -1162,6 +1164,7 @@ pub(crate) fn read_safetensors_all(path: &Path) -> Result<(Vec<TensorRef>, Vec<R
             None => raw.push(RawTensor {
                 name: name.clone(),
                 dtype: raw_dtype_name(dtype),
+                file: path.to_path_buf(),
                 shape,
                 data,
             }),
