@@ -958,3 +958,101 @@ fn calibration_free_targets_make_their_recipes() {
         .iter()
         .any(|r| matches!(r, Recipe::Packed(PackedRecipe::Bnb4(o)) if o.double_quant)));
 }
+
+/// Timing (manual, `cargo test --release --test gui -- --ignored compare_timing --nocapture`): with the real
+/// engine on SmolLM2, a comparison of two variants, then a third added: the second Evaluate runs one
+/// evaluation and takes about a third of the first's time.
+#[test]
+#[ignore = "minutes: the real engine on SmolLM2"]
+fn compare_timing_adding_a_variant_evaluates_only_it() {
+    use quant_engine::jobs::{Command as EngineCommand, ImatrixSource};
+    use quant_engine::recipes::{parse_mix, GgufRecipe};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = quant_engine::testing::smollm2_gguf();
+    let engine = EngineHandle::spawn();
+    let mut variants = Vec::new();
+    for mix in ["q8_0", "q4_0", "q5_0"] {
+        let out = dir.path().join(format!("smol-{mix}.gguf"));
+        let job = engine
+            .submit(EngineCommand::Quantize {
+                model: src.clone(),
+                out: out.clone(),
+                recipe: Recipe::Gguf(GgufRecipe {
+                    mix: parse_mix(mix).expect("mix"),
+                    overrides: Vec::new(),
+                    imatrix: ImatrixSource::None,
+                }),
+                overwrite: false,
+            })
+            .expect("submit")
+            .expect("job");
+        loop {
+            match engine.events.recv().expect("event") {
+                Event::Finished { job: j, .. } if j == job => break,
+                Event::Failed { job: j, error } if j == job => panic!("{error}"),
+                _ => {}
+            }
+        }
+        variants.push((mix.to_uppercase(), out));
+    }
+    let mut h = Harness::builder()
+        .with_size(SIZE)
+        .build_eframe(|cc| StudioApp::new(cc, EngineHandle::spawn()));
+    h.input_mut()
+        .dropped_files
+        .push(Arc::new(Dropped(src.clone())));
+    h.step();
+    step_until(&mut h, 120, |app| app.shared.source.is_some());
+    for (label, path) in &variants {
+        h.state_mut().shared.add_variant(Variant {
+            label: label.clone(),
+            path: path.clone(),
+            is_source: false,
+            bpw: None,
+            size_bytes: None,
+        });
+    }
+    {
+        let c = &mut h.state_mut().compare;
+        c.n_ctx = 256;
+        c.max_chunks = 6;
+        c.picked = vec![variants[0].1.clone(), variants[1].1.clone()];
+    }
+    let done =
+        |app: &StudioApp| {
+            !app.compare.rows.is_empty()
+                && app.compare.rows.iter().all(|r| {
+                    !r.running && (r.kld.is_some() || r.ppl.is_some() || r.error.is_some())
+                })
+        };
+    h.state_mut().tab = Tab::Compare;
+    h.run_steps(2);
+    let t = Instant::now();
+    h.get_by_label("Evaluate").click();
+    h.run_steps(2);
+    step_until(&mut h, 1200, done);
+    let first = t.elapsed();
+    let evaluated_first = h
+        .state()
+        .compare
+        .rows
+        .iter()
+        .filter(|r| !r.remembered)
+        .count();
+    h.state_mut().compare.picked.push(variants[2].1.clone());
+    h.run_steps(2);
+    let t = Instant::now();
+    h.get_by_label("Evaluate").click();
+    h.run_steps(2);
+    step_until(&mut h, 1200, done);
+    let second = t.elapsed();
+    let rows = &h.state().compare.rows;
+    assert_eq!(rows.len(), 4, "source and three variants");
+    assert!(rows.iter().all(|r| r.error.is_none()), "{rows:?}");
+    eprintln!(
+        "first Evaluate (source + 2 variants, {evaluated_first} rows): {:.1} s; adding a third variant: {:.1} s",
+        first.as_secs_f64(),
+        second.as_secs_f64()
+    );
+    assert!(second < first, "adding one variant re-ran the others");
+}
