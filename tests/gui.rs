@@ -1056,3 +1056,40 @@ fn compare_timing_adding_a_variant_evaluates_only_it() {
     );
     assert!(second < first, "adding one variant re-ran the others");
 }
+
+/// Reopening a model lists what is already in its output folder: GGUF files and every kind of Hugging Face
+/// folder (GPTQ, bitsandbytes, HQQ), not stray files.
+#[test]
+fn existing_variants_of_every_format_are_found_in_the_output_folder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, _commands, _events) = detached(Some((&model, &model)));
+    let out = quant_studio::gui::model::output_dir(&h.state().shared, &model);
+    std::fs::create_dir_all(&out).expect("mkdir");
+    std::fs::write(out.join("tiny-llama-Q4_K_M.gguf"), b"gguf").expect("write");
+    for folder in [
+        "tiny-llama-NF4-dq",
+        "tiny-llama-HQQ-4bit-g64",
+        "tiny-llama-GPTQ-4bit-g128-asym",
+    ] {
+        std::fs::create_dir_all(out.join(folder)).expect("mkdir");
+        std::fs::write(out.join(folder).join("config.json"), b"{}").expect("write");
+        std::fs::write(out.join(folder).join("model.safetensors"), [0u8; 64]).expect("write");
+    }
+    std::fs::write(out.join("tiny-llama-notes.txt"), b"not a variant").expect("write");
+    std::fs::create_dir_all(out.join("tiny-llama-empty")).expect("mkdir");
+    let found = quant_studio::gui::model::discover_variants(&h.state().shared);
+    let labels: Vec<&str> = found.iter().map(|v| v.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "source",
+            "GPTQ-4bit-g128-asym",
+            "HQQ-4bit-g64",
+            "NF4-dq",
+            "Q4_K_M"
+        ]
+    );
+    assert_eq!(found[3].size_bytes, Some(64));
+    h.run_steps(1);
+}

@@ -506,7 +506,7 @@ pub fn output_dir(shared: &Shared, source: &Path) -> PathBuf {
 }
 
 /// The source, then every variant of it already in the output folder (`<stem>-<label>.gguf` files and
-/// `<stem>-<label>` GPTQ folders).
+/// `<stem>-<label>` Hugging Face folders: GPTQ, NF4/FP4, HQQ).
 pub fn discover_variants(shared: &Shared) -> Vec<Variant> {
     let Some(m) = &shared.source else {
         return Vec::new();
@@ -533,7 +533,8 @@ pub fn discover_variants(shared: &Shared) -> Vec<Variant> {
         };
         let (label, size) = if let Some(mix) = rest.strip_suffix(".gguf") {
             (mix.to_string(), e.metadata().map(|m| m.len()).ok())
-        } else if path.join("quantize_config.json").is_file() {
+        } else if path.join("config.json").is_file() {
+            // A Hugging Face folder: GPTQ, bitsandbytes, HQQ, or an f16/bf16 conversion.
             (rest.to_string(), Some(folder_size(&path)))
         } else {
             continue;
