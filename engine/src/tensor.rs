@@ -114,6 +114,8 @@ pub enum Grouped {
     Bnb4(Bnb4Linear),
     /// HQQ: asymmetric groups with optimised float zeros, 1–8 bits.
     Hqq(HqqLinear),
+    /// AWQ GEMM (AutoAWQ's 4-bit layout, packed along the output dimension).
+    Awq(AwqLinear),
 }
 
 impl Grouped {
@@ -123,6 +125,7 @@ impl Grouped {
             Grouped::Gptq(p) => (p.out_features, p.in_features),
             Grouped::Bnb4(p) => (p.out_features, p.in_features),
             Grouped::Hqq(p) => (p.out_features, p.in_features),
+            Grouped::Awq(p) => (p.out_features, p.in_features),
         }
     }
 
@@ -132,6 +135,7 @@ impl Grouped {
             Grouped::Gptq(p) => p.parts().dequant_row(r, out),
             Grouped::Bnb4(p) => p.parts().dequant_row(r, out),
             Grouped::Hqq(p) => p.parts().dequant_row(r, out),
+            Grouped::Awq(p) => p.parts().dequant_row(r, out),
         }
     }
 
@@ -148,6 +152,7 @@ impl Grouped {
                         .map_or(0, |n| n.absmax.len() * 4 + 256 * 4)
             }
             Grouped::Hqq(p) => p.packed.len() + p.scale.len() + p.zero.len(),
+            Grouped::Awq(p) => p.qweight.len() + p.qzeros.len() + p.scales.len(),
         }
     }
 
@@ -161,6 +166,7 @@ impl Grouped {
                 if p.nested.is_some() { " dq" } else { "" }
             ),
             Grouped::Hqq(p) => format!("HQQ {}-bit g{}", p.params.nbits, p.params.group_size),
+            Grouped::Awq(p) => format!("AWQ 4-bit g{}", p.group_size),
         }
     }
 
@@ -170,6 +176,7 @@ impl Grouped {
             Grouped::Gptq(p) => p.parts().validate(name),
             Grouped::Bnb4(p) => p.parts().validate(name),
             Grouped::Hqq(p) => p.parts().validate(name),
+            Grouped::Awq(p) => p.parts().validate(name),
         }
     }
 }
@@ -274,6 +281,31 @@ impl HqqLinear {
             scale: &self.scale,
             zero: &self.zero,
             dtype: self.dtype,
+        }
+    }
+}
+
+/// An AWQ GEMM linear layer's tensors, kept in the mapped file.
+#[derive(Debug)]
+pub struct AwqLinear {
+    pub in_features: usize,
+    pub out_features: usize,
+    pub group_size: usize,
+    pub qweight: Bytes,
+    pub qzeros: Bytes,
+    pub scales: Bytes,
+}
+
+impl AwqLinear {
+    /// Borrowed view for the codec.
+    pub fn parts(&self) -> crate::codecs::awq::AwqParts<'_> {
+        crate::codecs::awq::AwqParts {
+            in_features: self.in_features,
+            out_features: self.out_features,
+            group_size: self.group_size,
+            qweight: &self.qweight,
+            qzeros: &self.qzeros,
+            scales: &self.scales,
         }
     }
 }

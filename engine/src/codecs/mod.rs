@@ -4,6 +4,7 @@
 //! code never switches on a type's name: it asks the table for the block geometry and the dequantiser.
 //! Later formats (GPTQ, EXL2, NF4, HQQ, AWQ) join the same table.
 
+pub mod awq;
 pub mod bnb;
 mod float;
 pub mod gptq;

@@ -87,7 +87,7 @@ pub fn open(dir: &Path) -> Result<SourceModel> {
         return Err(Error::unsupported(
             &r.file,
             format!(
-                "tensor {} ({} {:?}) belongs to no quantized layer this reader knows (GPTQ, bitsandbytes 4-bit, HQQ)",
+                "tensor {} ({} {:?}) belongs to no quantized layer this reader knows (GPTQ, AWQ, bitsandbytes 4-bit, HQQ)",
                 r.name, r.dtype, r.shape
             ),
         ));
@@ -598,10 +598,13 @@ fn gptq_linears(
         return Ok(());
     }
     let bad = |d: String| Error::unsupported(config_path, d);
+    if method == Some("awq") {
+        return awq_linears(config_path, qc, tensors, raw);
+    }
     let (Some(qc), Some("gptq")) = (qc, method) else {
         return Err(bad(format!(
             "the weights are packed (*.qweight) but quantization_config.quant_method is {method:?}; \
-             only GPTQ checkpoints are read"
+             GPTQ and AWQ checkpoints are read"
         )));
     };
     let format = qc
@@ -676,6 +679,93 @@ fn gptq_linears(
         .find(|k| GPTQ_INT_SUFFIXES.iter().any(|s| k.ends_with(s)))
     {
         return Err(bad(format!("tensor {k} belongs to no complete GPTQ layer")));
+    }
+    Ok(())
+}
+
+/// Regroup AutoAWQ GEMM linears (`P.qweight [in, out/8]`, `P.qzeros [in/gs, out/8]` int32, `P.scales
+/// [in/gs, out]` fp16) into [`Grouped::Awq`] tensors.
+fn awq_linears(
+    config_path: &Path,
+    qc: Option<&Map<String, Value>>,
+    tensors: &mut BTreeMap<String, TensorRef>,
+    raw: &mut BTreeMap<String, RawTensor>,
+) -> Result<()> {
+    use crate::tensor::AwqLinear;
+    let bad = |d: String| Error::unsupported(config_path, d);
+    let qc = qc.ok_or_else(|| bad("quantization_config is missing".into()))?;
+    let field = |a: &str, b: &str| qc.get(a).or_else(|| qc.get(b));
+    let version = field("version", "format")
+        .and_then(Value::as_str)
+        .unwrap_or("gemm")
+        .to_ascii_lowercase();
+    if version != "gemm" {
+        return Err(bad(format!(
+            "AWQ version {version:?}: only the GEMM layout is read (GEMV and Marlin pack differently)"
+        )));
+    }
+    let bits = field("bits", "w_bit").and_then(Value::as_u64).unwrap_or(4);
+    if bits != 4 {
+        return Err(bad(format!(
+            "AWQ bits {bits}: only 4-bit checkpoints exist in the GEMM layout"
+        )));
+    }
+    if field("zero_point", "zero_point").and_then(Value::as_bool) == Some(false) {
+        return Err(bad(
+            "AWQ without zero points is not read (GEMM stores them)".into(),
+        ));
+    }
+    let prefixes: Vec<String> = raw
+        .keys()
+        .filter_map(|k| k.strip_suffix(".qweight").map(str::to_owned))
+        .collect();
+    for p in prefixes {
+        let mut take = |suffix: &str| {
+            let t = raw
+                .remove(&format!("{p}.{suffix}"))
+                .ok_or_else(|| bad(format!("AWQ layer {p} has no {suffix}")))?;
+            if t.dtype != "I32" || t.shape.len() != 2 {
+                return Err(bad(format!(
+                    "AWQ layer {p}: {suffix} must be a 2-D I32 tensor"
+                )));
+            }
+            Ok(t)
+        };
+        let (qweight, qzeros) = (take("qweight")?, take("qzeros")?);
+        let scales = tensors
+            .remove(&format!("{p}.scales"))
+            .ok_or_else(|| bad(format!("AWQ layer {p} has no scales")))?;
+        if scales.block_type() != Some(GgmlType::F16) || scales.shape.len() != 2 {
+            return Err(bad(format!(
+                "AWQ layer {p}: scales must be a 2-D F16 tensor"
+            )));
+        }
+        let (in_f, out_f, groups) = (qweight.shape[0], scales.shape[1], scales.shape[0]);
+        if groups == 0 || in_f % groups != 0 {
+            return Err(bad(format!(
+                "AWQ layer {p}: {groups} groups do not divide {in_f} inputs"
+            )));
+        }
+        let scales_bytes = scales
+            .block_bytes()
+            .cloned()
+            .ok_or_else(|| bad(format!("AWQ layer {p}: scales is not a plain tensor")))?;
+        let t = TensorRef::grouped(
+            format!("{p}.weight"),
+            Grouped::Awq(AwqLinear {
+                in_features: in_f,
+                out_features: out_f,
+                group_size: in_f / groups,
+                qweight: qweight.data,
+                qzeros: qzeros.data,
+                scales: scales_bytes,
+            }),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        tensors.insert(t.name.clone(), t);
+    }
+    if let Some(k) = raw.keys().find(|k| k.ends_with(".qzeros")) {
+        return Err(bad(format!("tensor {k} belongs to no complete AWQ layer")));
     }
     Ok(())
 }
