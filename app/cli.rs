@@ -471,9 +471,10 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                 _ => return print_estimate(&engine, model, &recipe, json),
             };
             match recipe {
-                Recipe::Gguf(_) => quantize(&engine, model, out, recipe, json, force),
+                Recipe::Gguf(_) | Recipe::Packed(_) => {
+                    quantize(&engine, model, out, recipe, json, force)
+                }
                 Recipe::Gptq(_) => quantize_gptq(&engine, model, out, recipe, json, force),
-                Recipe::Packed(_) => quantize_packed(&engine, model, out, recipe, json, force),
             }
         }
         CliCommand::Imatrix {
@@ -645,6 +646,8 @@ fn bench(
     }
 }
 
+/// `quantize` for the per-tensor formats (GGUF mixes, the calibration-free folders): a line per tensor, then a
+/// summary.
 fn quantize(
     engine: &EngineHandle,
     model: PathBuf,
@@ -706,6 +709,22 @@ fn quantize(
                     report.tensors.len(),
                     report.file_size_bytes as f64 / (1024.0 * 1024.0),
                     report.bits_per_weight
+                )?;
+            }
+            Ok(())
+        }
+        JobOutput::QuantizedPacked(r) => {
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&r)?)?;
+            } else {
+                outln!(
+                    "{}: {} linears at {:.3} bits per weight; {:.2} MiB folder, {:.3} bits per parameter; {:.1} s",
+                    r.codec,
+                    r.modules.len(),
+                    r.linear_bits_per_weight,
+                    r.folder_size_bytes as f64 / (1024.0 * 1024.0),
+                    r.bits_per_weight,
+                    r.seconds
                 )?;
             }
             Ok(())
@@ -782,66 +801,6 @@ fn quantize_gptq(
                     t.hessian_s,
                     t.solve_s,
                     t.write_s
-                )?;
-            }
-            Ok(())
-        }
-        other => bail!("internal error: unexpected output {other:?}"),
-    }
-}
-
-fn quantize_packed(
-    engine: &EngineHandle,
-    model: PathBuf,
-    out: PathBuf,
-    recipe: Recipe,
-    json: bool,
-    overwrite: bool,
-) -> anyhow::Result<()> {
-    if !json {
-        outln!(
-            "{:<34} {:>8} {:>6} {:>12} {:>11}",
-            "tensor",
-            "codec",
-            "bpw",
-            "rel. RMS err",
-            "max err"
-        )?;
-    }
-    let command = Command::Quantize {
-        model,
-        out,
-        recipe,
-        overwrite,
-    };
-    let output = run_with_bars(engine, command, |bars, ev| {
-        if let (false, Event::LayerDone { metrics: m, .. }) = (json, ev) {
-            bars.suspend(|| {
-                outln!(
-                    "{:<34} {:>8} {:>6.3} {:>12.3e} {:>11.3e}",
-                    m.tensor.trim_start_matches("model."),
-                    m.codec,
-                    m.bits_per_weight,
-                    m.rel_rms_error,
-                    m.max_error
-                )
-            })?;
-        }
-        Ok(())
-    });
-    match output? {
-        JobOutput::QuantizedPacked(r) => {
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&r)?)?;
-            } else {
-                outln!(
-                    "{}: {} linears at {:.3} bits per weight; {:.2} MiB folder, {:.3} bits per parameter; {:.1} s",
-                    r.codec,
-                    r.modules.len(),
-                    r.linear_bits_per_weight,
-                    r.folder_size_bytes as f64 / (1024.0 * 1024.0),
-                    r.bits_per_weight,
-                    r.seconds
                 )?;
             }
             Ok(())

@@ -24,8 +24,8 @@ use crate::solvers::gptq::{
     gptq_quantize, gptq_quantize_owned, rtn_quantize, GptqOptions, Hessian,
 };
 use crate::tensor::{Bytes, GptqLinear, Grouped, TensorRef};
-use crate::writers::gptq::{check_gptq_shape, gptq_folder, gptq_parts, is_gptq_linear, GptqConfig};
-use crate::writers::packed::{write_packed_folder, PackedSpill};
+use crate::writers::gptq::{check_gptq_shape, gptq_folder, gptq_parts, GptqConfig};
+use crate::writers::packed::{is_decoder_linear, write_packed_folder, PackedSpill};
 use crate::{Error, Result};
 
 /// What to make of a model as GPTQ.
@@ -293,7 +293,7 @@ pub fn quantize_gptq(
         )));
     }
     let cfg = gptq_config(opts);
-    for t in src.tensors.values().filter(|t| is_gptq_linear(&t.name)) {
+    for t in src.tensors.values().filter(|t| is_decoder_linear(&t.name)) {
         check_gptq_shape(t)?;
     }
     let docs = load_documents(&opts.calib)?;

@@ -66,3 +66,41 @@ pub fn smollm2_f16(dir: &std::path::Path) -> crate::model::SourceModel {
     .expect("f16");
     crate::model::SourceModel::open(&path).expect("open f16")
 }
+
+/// Run the Python oracle `tests/<script>` (relative to the repository) with `args`; panics with its stderr
+/// when it fails. Needs `python3` with `numpy`.
+pub fn run_python_oracle(script: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests")
+        .join(script);
+    let out = Command::new("python3")
+        .arg(&path)
+        .args(args.iter().map(|a| a.as_ref()))
+        .output()
+        .expect("python3 must be installed (with numpy)");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The little-endian f32 values a Python oracle wrote to `path`.
+pub fn read_f32_file(path: &std::path::Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Panics naming `what` and the first element whose bits differ.
+pub fn assert_bits_equal(what: &str, ours: &[f32], theirs: &[f32]) {
+    assert_eq!(ours.len(), theirs.len(), "{what}: lengths");
+    if let Some(i) = (0..ours.len()).find(|&i| ours[i].to_bits() != theirs[i].to_bits()) {
+        panic!(
+            "{what}: element {i}: ours {} the oracle's {}",
+            ours[i], theirs[i]
+        );
+    }
+}

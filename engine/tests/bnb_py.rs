@@ -3,9 +3,6 @@
 //! bit for bit the weights our engine evaluates; the folder reads back into a model whose output is close to
 //! the source's. Needs `python3` with `numpy`.
 
-use std::path::Path;
-use std::process::Command;
-
 use quant_engine::codecs::bnb::Bnb4Kind;
 use quant_engine::infer::{Logits, Model};
 use quant_engine::model::fixture::{write_fixture, FixtureSpec};
@@ -13,6 +10,7 @@ use quant_engine::model::SourceModel;
 use quant_engine::output::OutputSpec;
 use quant_engine::quantize_packed::quantize_packed;
 use quant_engine::tensor::TensorRef;
+use quant_engine::testing::{assert_bits_equal, read_f32_file, run_python_oracle};
 use quant_engine::writers::bnb::Bnb4Options;
 
 #[test]
@@ -73,39 +71,16 @@ fn numpy_dequantizer_reproduces_the_weights_we_evaluate() {
 
             let dq = tmp.path().join(format!("dq-{tag}"));
             std::fs::create_dir(&dq).expect("mkdir");
-            let script =
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/bnb_py/dequantize_bnb.py");
-            let o = Command::new("python3")
-                .arg(&script)
-                .arg(&out)
-                .arg(&dq)
-                .output()
-                .expect("python3 must be installed (with numpy)");
-            assert!(
-                o.status.success(),
-                "numpy dequantiser failed:\n{}",
-                String::from_utf8_lossy(&o.stderr)
-            );
+            run_python_oracle("bnb_py/dequantize_bnb.py", &[&out, &dq]);
 
             let q = SourceModel::open(&out).expect("open the bitsandbytes folder");
             let packed: Vec<&TensorRef> = q.tensors.values().filter(|t| t.is_grouped()).collect();
             assert_eq!(packed.len(), 14, "every decoder linear is packed");
             for t in packed {
                 let p = dq.join(format!("{}.f32", t.name.trim_end_matches(".weight")));
-                let theirs: Vec<f32> = std::fs::read(&p)
-                    .expect("numpy output")
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
+                let theirs = read_f32_file(&p);
                 let ours = t.to_f32();
-                assert_eq!(ours.len(), theirs.len(), "{}", t.name);
-                if let Some(i) = (0..ours.len()).find(|&i| ours[i].to_bits() != theirs[i].to_bits())
-                {
-                    panic!(
-                        "{tag} {}: element {i}: ours {} numpy {}",
-                        t.name, ours[i], theirs[i]
-                    );
-                }
+                assert_bits_equal(&format!("{tag} {}", t.name), &ours, &theirs);
                 // And close to the source.
                 let s = src.tensor(&t.name).expect("source").to_f32();
                 let (e2, n2) = s

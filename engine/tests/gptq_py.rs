@@ -3,14 +3,12 @@
 //! and 8 bits, grouped, per-channel and act-order `g_idx`, in one `model.safetensors` or in shards named by
 //! `model.safetensors.index.json`. Needs `python3` with `numpy`.
 
-use std::path::Path;
-use std::process::Command;
-
 use quant_engine::codecs::gptq::{pack_gptq, GptqPacked};
 use quant_engine::infer::{Logits, Model};
 use quant_engine::model::fixture::{write_fixture, FixtureSpec};
 use quant_engine::model::SourceModel;
 use quant_engine::tensor::TensorRef;
+use quant_engine::testing::{assert_bits_equal, read_f32_file, run_python_oracle};
 use quant_engine::writers::gptq::{write_gptq_folder, GptqConfig};
 
 /// Round-to-nearest on GPTQ's asymmetric grid (zero kept in 1..=maxq), groups in `g_idx` order.
@@ -106,38 +104,16 @@ fn numpy_dequantizer_reproduces_the_weights_we_evaluate() {
         }
         let dq = tmp.path().join(format!("dq-{tag}"));
         std::fs::create_dir(&dq).expect("mkdir");
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/gptq_py/dequantize_gptq.py");
-        let o = Command::new("python3")
-            .arg(&script)
-            .arg(&out)
-            .arg(&dq)
-            .output()
-            .expect("python3 must be installed (with numpy)");
-        assert!(
-            o.status.success(),
-            "numpy dequantiser failed:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        run_python_oracle("gptq_py/dequantize_gptq.py", &[&out, &dq]);
 
         let q = SourceModel::open(&out).expect("open the GPTQ folder");
         let packed: Vec<&TensorRef> = q.tensors.values().filter(|t| t.is_grouped()).collect();
         assert_eq!(packed.len(), 7 * 2, "every decoder linear is packed");
         for t in packed {
             let p = dq.join(format!("{}.f32", t.name.trim_end_matches(".weight")));
-            let theirs: Vec<f32> = std::fs::read(&p)
-                .expect("numpy output")
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+            let theirs = read_f32_file(&p);
             let ours = t.to_f32();
-            assert_eq!(ours.len(), theirs.len(), "{}", t.name);
-            if let Some(i) = (0..ours.len()).find(|&i| ours[i].to_bits() != theirs[i].to_bits()) {
-                panic!(
-                    "{bits}-bit {}: element {i}: ours {} numpy {}",
-                    t.name, ours[i], theirs[i]
-                );
-            }
+            assert_bits_equal(&format!("{bits}-bit {}", t.name), &ours, &theirs);
             checked += 1;
         }
         // The folder runs; at 8 bits the next-token choice is the source's.

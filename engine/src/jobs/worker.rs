@@ -655,38 +655,56 @@ fn quantize(
     Ok(JobOutput::Quantized(Box::new(report)))
 }
 
+/// Check the output, then open the source (a progress stage while it loads).
+fn open_source_for(ctx: &JobCtx, model: &Path, out: &OutputSpec) -> Result<SourceModel> {
+    crate::output::preflight(out)?;
+    let stage = format!("loading {}", model.display());
+    ctx.progress(&stage, 0, 1, None);
+    SourceModel::open(model)
+}
+
+/// A quantized module: its metrics as an event and the job's progress; `false` when the job is cancelled.
+fn module_done(
+    ctx: &JobCtx,
+    start: Instant,
+    stage: &str,
+    metrics: super::LayerMetrics,
+    done: usize,
+    total: usize,
+) -> bool {
+    ctx.emit(Event::LayerDone {
+        job: ctx.job,
+        metrics,
+    });
+    let eta = eta(start, done as u64, total as u64);
+    ctx.progress(stage, done as u64, total as u64, eta);
+    !ctx.cancelled()
+}
+
 fn quantize_packed(
     ctx: &JobCtx,
     model: &Path,
     out: &OutputSpec,
     recipe: &crate::recipes::PackedRecipe,
 ) -> Result<JobOutput> {
-    crate::output::preflight(out)?;
-    let stage = format!("loading {}", model.display());
-    ctx.progress(&stage, 0, 1, None);
-    let src = SourceModel::open(model)?;
+    let src = open_source_for(ctx, model, out)?;
     let packer = recipe.packer();
     let codec = packer.codec();
     let start = Instant::now();
     let mut on_module =
         |m: &crate::quantize_packed::PackedModuleMetrics, done: usize, total: usize| {
-            ctx.emit(Event::LayerDone {
-                job: ctx.job,
-                metrics: super::LayerMetrics {
-                    layer: Some(m.layer),
-                    tensor: m.tensor.clone(),
-                    codec: codec.clone(),
-                    bits_per_weight: m.bits_per_weight,
-                    rel_rms_error: m.rel_rms_error,
-                    weighted_rel_rms_error: None,
-                    gptq_loss: None,
-                    rtn_loss: None,
-                    max_error: m.max_error,
-                },
-            });
-            let eta = eta(start, done as u64, total as u64);
-            ctx.progress("quantizing", done as u64, total as u64, eta);
-            !ctx.cancelled()
+            let metrics = super::LayerMetrics {
+                layer: Some(m.layer),
+                tensor: m.tensor.clone(),
+                codec: codec.clone(),
+                bits_per_weight: m.bits_per_weight,
+                rel_rms_error: m.rel_rms_error,
+                weighted_rel_rms_error: None,
+                gptq_loss: None,
+                rtn_loss: None,
+                max_error: m.max_error,
+            };
+            module_done(ctx, start, "quantizing", metrics, done, total)
         };
     let report = crate::quantize_packed::quantize_packed(&src, packer, out, &mut on_module)?;
     Ok(JobOutput::QuantizedPacked(Box::new(report)))
@@ -698,10 +716,7 @@ fn quantize_gptq(
     out: &OutputSpec,
     options: &crate::quantize_gptq::GptqQuantizeOptions,
 ) -> Result<JobOutput> {
-    crate::output::preflight(out)?;
-    let stage = format!("loading {}", model.display());
-    ctx.progress(&stage, 0, 1, None);
-    let src = SourceModel::open(model)?;
+    let src = open_source_for(ctx, model, out)?;
     let codec = {
         let s = &options.solver;
         format!(
@@ -713,23 +728,18 @@ fn quantize_gptq(
     };
     let start = Instant::now();
     let mut on_module = |m: &crate::quantize_gptq::GptqModuleMetrics, done: usize, total: usize| {
-        ctx.emit(Event::LayerDone {
-            job: ctx.job,
-            metrics: super::LayerMetrics {
-                layer: Some(m.layer),
-                tensor: m.tensor.clone(),
-                codec: codec.clone(),
-                bits_per_weight: m.bits_per_weight,
-                rel_rms_error: m.rel_rms_error,
-                weighted_rel_rms_error: None,
-                gptq_loss: Some(m.gptq_output_loss),
-                rtn_loss: Some(m.rtn_loss),
-                max_error: m.max_error,
-            },
-        });
-        let eta = eta(start, done as u64, total as u64);
-        ctx.progress("GPTQ", done as u64, total as u64, eta);
-        !ctx.cancelled()
+        let metrics = super::LayerMetrics {
+            layer: Some(m.layer),
+            tensor: m.tensor.clone(),
+            codec: codec.clone(),
+            bits_per_weight: m.bits_per_weight,
+            rel_rms_error: m.rel_rms_error,
+            weighted_rel_rms_error: None,
+            gptq_loss: Some(m.gptq_output_loss),
+            rtn_loss: Some(m.rtn_loss),
+            max_error: m.max_error,
+        };
+        module_done(ctx, start, "GPTQ", metrics, done, total)
     };
     let report = crate::quantize_gptq::quantize_gptq(&src, options, out, &mut on_module)?;
     Ok(JobOutput::QuantizedGptq(Box::new(report)))

@@ -80,18 +80,7 @@ pub fn open(dir: &Path) -> Result<SourceModel> {
     let mut config = parse_config(&config_path, &config_json)?;
 
     let (mut tensors, mut raw, file_size_bytes) = load_weights(dir)?;
-    gptq_linears(&config_path, &config_json, &mut tensors, &mut raw)?;
-    bnb4_linears(&config_path, &config_json, &mut tensors, &mut raw)?;
-    hqq_linears(&config_path, &config_json, &mut tensors, &mut raw)?;
-    if let Some(r) = raw.values().next() {
-        return Err(Error::unsupported(
-            &r.file,
-            format!(
-                "tensor {} ({} {:?}) belongs to no quantized layer this reader knows (GPTQ, AWQ, bitsandbytes 4-bit, HQQ)",
-                r.name, r.dtype, r.shape
-            ),
-        ));
-    }
+    quantized_linears(&config_path, &config_json, &mut tensors, &mut raw)?;
     if !config.tie_word_embeddings && !tensors.contains_key("lm_head.weight") {
         // Checkpoints that share the embedding often leave lm_head out without saying so.
         config.tie_word_embeddings = true;
@@ -583,30 +572,45 @@ const GPTQ_INT_SUFFIXES: [&str; 3] = [".qweight", ".qzeros", ".g_idx"];
 
 /// Replace each GPTQ linear's `qweight`/`qzeros`/`scales`/`g_idx` with one packed `P.weight` tensor, as
 /// `quantization_config` in config.json describes them (v1 `"gptq"` checkpoints).
-fn gptq_linears(
+/// Regroup a quantized checkpoint's linears as its `quantization_config.quant_method` says (GPTQ, AWQ,
+/// bitsandbytes 4-bit, HQQ); every integer tensor must end up in a layer.
+fn quantized_linears(
     config_path: &Path,
     cfg: &Map<String, Value>,
     tensors: &mut BTreeMap<String, TensorRef>,
     raw: &mut BTreeMap<String, RawTensor>,
 ) -> Result<()> {
-    let has_packed = raw.keys().any(|k| k.ends_with(".qweight"));
     let qc = cfg.get("quantization_config").and_then(Value::as_object);
     let method = qc
         .and_then(|q| q.get("quant_method"))
         .and_then(Value::as_str);
-    if !has_packed {
-        return Ok(());
+    match (method, qc) {
+        (Some("gptq"), Some(qc)) => gptq_linears(config_path, qc, tensors, raw)?,
+        (Some("awq"), Some(qc)) => awq_linears(config_path, qc, tensors, raw)?,
+        (Some("bitsandbytes"), _) => bnb4_linears(config_path, tensors, raw)?,
+        (Some("hqq"), _) => hqq_linears(config_path, tensors, raw)?,
+        _ => {}
     }
+    match raw.values().next() {
+        Some(r) => Err(Error::unsupported(
+            &r.file,
+            format!(
+                "tensor {} ({} {:?}) belongs to no quantized layer: quantization_config.quant_method is \
+                 {method:?}, and GPTQ, AWQ, bitsandbytes 4-bit and HQQ checkpoints are read",
+                r.name, r.dtype, r.shape
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn gptq_linears(
+    config_path: &Path,
+    qc: &Map<String, Value>,
+    tensors: &mut BTreeMap<String, TensorRef>,
+    raw: &mut BTreeMap<String, RawTensor>,
+) -> Result<()> {
     let bad = |d: String| Error::unsupported(config_path, d);
-    if method == Some("awq") {
-        return awq_linears(config_path, qc, tensors, raw);
-    }
-    let (Some(qc), Some("gptq")) = (qc, method) else {
-        return Err(bad(format!(
-            "the weights are packed (*.qweight) but quantization_config.quant_method is {method:?}; \
-             GPTQ and AWQ checkpoints are read"
-        )));
-    };
     let format = qc
         .get("checkpoint_format")
         .or_else(|| qc.get("format"))
@@ -687,13 +691,12 @@ fn gptq_linears(
 /// [in/gs, out]` fp16) into [`Grouped::Awq`] tensors.
 fn awq_linears(
     config_path: &Path,
-    qc: Option<&Map<String, Value>>,
+    qc: &Map<String, Value>,
     tensors: &mut BTreeMap<String, TensorRef>,
     raw: &mut BTreeMap<String, RawTensor>,
 ) -> Result<()> {
     use crate::tensor::AwqLinear;
     let bad = |d: String| Error::unsupported(config_path, d);
-    let qc = qc.ok_or_else(|| bad("quantization_config is missing".into()))?;
     let field = |a: &str, b: &str| qc.get(a).or_else(|| qc.get(b));
     let version = field("version", "format")
         .and_then(Value::as_str)
@@ -774,7 +777,6 @@ fn awq_linears(
 /// scales, `P.weight.quant_state.bitsandbytes__nf4|fp4`) into [`Grouped::Bnb4`] tensors.
 fn bnb4_linears(
     config_path: &Path,
-    cfg: &Map<String, Value>,
     tensors: &mut BTreeMap<String, TensorRef>,
     raw: &mut BTreeMap<String, RawTensor>,
 ) -> Result<()> {
@@ -782,19 +784,7 @@ fn bnb4_linears(
     use crate::tensor::{Bnb4Linear, Bnb4Nested};
     const STATE: &str = ".weight.quant_state.bitsandbytes__";
     let states: Vec<String> = raw.keys().filter(|k| k.contains(STATE)).cloned().collect();
-    if states.is_empty() {
-        return Ok(());
-    }
     let bad = |d: String| Error::unsupported(config_path, d);
-    let method = cfg
-        .get("quantization_config")
-        .and_then(|q| q.get("quant_method"))
-        .and_then(Value::as_str);
-    if method != Some("bitsandbytes") {
-        return Err(bad(format!(
-            "the weights hold bitsandbytes quant states but quantization_config.quant_method is {method:?}"
-        )));
-    }
     let f32s = |t: &TensorRef, what: &str, p: &str| -> Result<Vec<f32>> {
         if t.block_type() != Some(GgmlType::F32) {
             return Err(bad(format!("bitsandbytes layer {p}: {what} must be F32")));
@@ -942,7 +932,6 @@ fn bnb4_linears(
 /// HQQ integration saves them) into [`Grouped::Hqq`] tensors.
 fn hqq_linears(
     config_path: &Path,
-    cfg: &Map<String, Value>,
     tensors: &mut BTreeMap<String, TensorRef>,
     raw: &mut BTreeMap<String, RawTensor>,
 ) -> Result<()> {
@@ -952,19 +941,7 @@ fn hqq_linears(
         .keys()
         .filter_map(|k| k.strip_suffix(".W_q").map(str::to_owned))
         .collect();
-    if prefixes.is_empty() {
-        return Ok(());
-    }
     let bad = |d: String| Error::unsupported(config_path, d);
-    let method = cfg
-        .get("quantization_config")
-        .and_then(|q| q.get("quant_method"))
-        .and_then(Value::as_str);
-    if method != Some("hqq") {
-        return Err(bad(format!(
-            "the weights hold HQQ tensors (*.W_q) but quantization_config.quant_method is {method:?}"
-        )));
-    }
     const FLAGS: [&str; 10] = [
         "view_as_float",
         "quant_scale",

@@ -76,11 +76,6 @@ impl GptqConfig {
     }
 }
 
-/// Whether `hf_name` is a linear GPTQ quantizes (the decoder layers' seven).
-pub fn is_gptq_linear(hf_name: &str) -> bool {
-    is_decoder_linear(hf_name)
-}
-
 /// GPTQ's packing needs input and output sizes that are multiples of 32.
 pub fn check_gptq_shape(t: &TensorRef) -> Result<()> {
     let (n, k) = (t.rows(), t.cols());
@@ -102,7 +97,7 @@ pub fn gptq_folder(cfg: &GptqConfig) -> PackedFolder {
         side_files: vec![("quantize_config.json", cfg.to_json())],
         metadata,
         max_shard_bytes: cfg.max_shard_bytes.unwrap_or(DEFAULT_MAX_SHARD_BYTES),
-        packs: is_gptq_linear,
+        packs: is_decoder_linear,
     }
 }
 
@@ -127,7 +122,7 @@ pub fn write_gptq_folder(
     quantize_linear: &mut dyn FnMut(&TensorRef) -> Result<GptqPacked>,
     progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<()> {
-    for t in src.tensors.values().filter(|t| is_gptq_linear(&t.name)) {
+    for t in src.tensors.values().filter(|t| is_decoder_linear(&t.name)) {
         check_gptq_shape(t)?;
     }
     let fmt = gptq_folder(cfg);
