@@ -610,6 +610,10 @@ fn gptq_linears(
     tensors: &mut BTreeMap<String, TensorRef>,
     raw: &mut BTreeMap<String, RawTensor>,
 ) -> Result<()> {
+    if !raw.keys().any(|k| k.ends_with(".qweight")) {
+        // Nothing GPTQ-packed: whatever integer tensors there are, the caller reports.
+        return Ok(());
+    }
     let bad = |d: String| Error::unsupported(config_path, d);
     let format = qc
         .get("checkpoint_format")
