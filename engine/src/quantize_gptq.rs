@@ -9,12 +9,11 @@
 //! input and the packed outputs.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::Path;
 use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::calib::activations::ActStore;
 use crate::calib::{load_documents, sample_rows, CalibOptions, CalibSource};
 use crate::codecs::gptq::{pack_gptq, GptqPacked};
 use crate::infer::{LinearKind, MatmulInput, MatmulObserver, Model};
@@ -95,83 +94,6 @@ pub struct GptqReport {
     pub activation_bytes: u64,
     pub spilled: bool,
     pub folder_size_bytes: u64,
-}
-
-/// Calibration activations of one layer boundary, one row (sequence) at a time.
-enum ActStore {
-    Memory(Vec<Vec<f32>>),
-    File {
-        file: std::fs::File,
-        _dir: tempfile_dir::TempDir,
-        row_len: usize,
-    },
-}
-
-/// A temporary directory removed on drop (std only).
-mod tempfile_dir {
-    pub struct TempDir(pub std::path::PathBuf);
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-impl ActStore {
-    fn new(rows: usize, row_len: usize, budget: u64, near: &Path) -> Result<Self> {
-        let bytes = (rows * row_len * 4) as u64;
-        if bytes <= budget {
-            return Ok(Self::Memory(vec![Vec::new(); rows]));
-        }
-        let dir = near.with_file_name(format!(
-            ".{}.activations-{}",
-            near.file_name()
-                .map_or("gptq".into(), |n| n.to_string_lossy()),
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        let path = dir.join("rows.f32");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
-        Ok(Self::File {
-            file,
-            _dir: tempfile_dir::TempDir(dir),
-            row_len,
-        })
-    }
-
-    fn put(&mut self, i: usize, x: Vec<f32>) -> Result<()> {
-        match self {
-            Self::Memory(v) => v[i] = x,
-            Self::File { file, row_len, .. } => {
-                let b: Vec<u8> = x.iter().flat_map(|v| v.to_le_bytes()).collect();
-                file.seek(SeekFrom::Start((i * *row_len * 4) as u64))
-                    .and_then(|_| file.write_all(&b))
-                    .map_err(|e| Error::io("activation spill file", e))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn get(&mut self, i: usize) -> Result<Vec<f32>> {
-        match self {
-            Self::Memory(v) => Ok(v[i].clone()),
-            Self::File { file, row_len, .. } => {
-                let mut b = vec![0u8; *row_len * 4];
-                file.seek(SeekFrom::Start((i * *row_len * 4) as u64))
-                    .and_then(|_| file.read_exact(&mut b))
-                    .map_err(|e| Error::io("activation spill file", e))?;
-                Ok(b.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect())
-            }
-        }
-    }
 }
 
 /// Accumulates the Hessians of the inputs a stage needs.
@@ -317,7 +239,7 @@ pub fn quantize_gptq(
         &staged.path().join("activations"),
     )?;
     let activation_bytes = (rows.len() * row_len * 4) as u64;
-    let spilled = matches!(store, ActStore::File { .. });
+    let spilled = store.spilled();
     let mut timings = GptqTimings::default();
     let t = Instant::now();
     for (i, r) in rows.iter().enumerate() {
@@ -513,6 +435,7 @@ fn packed_tensor(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
     use crate::infer::Logits;
     use crate::model::fixture::{write_fixture, FixtureSpec};
 

@@ -116,6 +116,8 @@ pub enum Grouped {
     Hqq(HqqLinear),
     /// AWQ GEMM (AutoAWQ's 4-bit layout, packed along the output dimension).
     Awq(AwqLinear),
+    /// compressed-tensors `pack-quantized` (llm-compressor's integer layout, 1–8 bits).
+    Ct(CtLinear),
 }
 
 impl Grouped {
@@ -126,6 +128,7 @@ impl Grouped {
             Grouped::Bnb4(p) => (p.out_features, p.in_features),
             Grouped::Hqq(p) => (p.out_features, p.in_features),
             Grouped::Awq(p) => (p.out_features, p.in_features),
+            Grouped::Ct(p) => (p.out_features, p.in_features),
         }
     }
 
@@ -136,6 +139,7 @@ impl Grouped {
             Grouped::Bnb4(p) => p.parts().dequant_row(r, out),
             Grouped::Hqq(p) => p.parts().dequant_row(r, out),
             Grouped::Awq(p) => p.parts().dequant_row(r, out),
+            Grouped::Ct(p) => p.parts().dequant_row(r, out),
         }
     }
 
@@ -153,6 +157,12 @@ impl Grouped {
             }
             Grouped::Hqq(p) => p.packed.len() + p.scale.len() + p.zero.len(),
             Grouped::Awq(p) => p.qweight.len() + p.qzeros.len() + p.scales.len(),
+            Grouped::Ct(p) => {
+                p.packed.len()
+                    + p.scale.len()
+                    + p.zero_point.as_ref().map_or(0, |z| z.len())
+                    + p.g_idx.as_ref().map_or(0, |g| g.len())
+            }
         }
     }
 
@@ -167,6 +177,12 @@ impl Grouped {
             ),
             Grouped::Hqq(p) => format!("HQQ {}-bit g{}", p.params.nbits, p.params.group_size),
             Grouped::Awq(p) => format!("AWQ 4-bit g{}", p.group_size),
+            Grouped::Ct(p) => format!(
+                "int{} g{}{} (compressed-tensors)",
+                p.bits,
+                p.group_size,
+                if p.zero_point.is_some() { " asym" } else { "" }
+            ),
         }
     }
 
@@ -177,6 +193,7 @@ impl Grouped {
             Grouped::Bnb4(p) => p.parts().validate(name),
             Grouped::Hqq(p) => p.parts().validate(name),
             Grouped::Awq(p) => p.parts().validate(name),
+            Grouped::Ct(p) => p.parts().validate(name),
         }
     }
 }
@@ -306,6 +323,37 @@ impl AwqLinear {
             qweight: &self.qweight,
             qzeros: &self.qzeros,
             scales: &self.scales,
+        }
+    }
+}
+
+/// A compressed-tensors `pack-quantized` linear layer's tensors, kept in the mapped file.
+#[derive(Debug)]
+pub struct CtLinear {
+    pub bits: u32,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub group_size: usize,
+    pub packed: Bytes,
+    pub scale: Bytes,
+    pub scale_type: crate::codecs::ct::ScaleType,
+    pub zero_point: Option<Bytes>,
+    pub g_idx: Option<Bytes>,
+}
+
+impl CtLinear {
+    /// Borrowed view for the codec.
+    pub fn parts(&self) -> crate::codecs::ct::CtParts<'_> {
+        crate::codecs::ct::CtParts {
+            bits: self.bits,
+            in_features: self.in_features,
+            out_features: self.out_features,
+            group_size: self.group_size,
+            packed: &self.packed,
+            scale: &self.scale,
+            scale_type: self.scale_type,
+            zero_point: self.zero_point.as_deref(),
+            g_idx: self.g_idx.as_deref(),
         }
     }
 }

@@ -14,6 +14,8 @@
 //! Files are hostile: sizes are bounded before reading, and the Parquet reader is fenced so that a file it
 //! chokes on becomes an error, not a crash.
 
+pub(crate) mod activations;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 

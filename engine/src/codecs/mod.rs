@@ -6,6 +6,7 @@
 
 pub mod awq;
 pub mod bnb;
+pub mod ct;
 mod float;
 pub mod gptq;
 pub mod hqq;

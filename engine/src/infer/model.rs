@@ -639,6 +639,67 @@ impl Model {
         Ok(xn)
     }
 
+    /// The output of layer `li`'s attention block (o_proj's output, before the residual) for its normed
+    /// input `xn` (`[n, hidden]`, positions `0..n` of one sequence), with the layer's current linears; `cache`
+    /// as for [`run_layer`](Self::run_layer). What AWQ scores q/k/v's candidate scales on.
+    pub fn attention_output(
+        &self,
+        li: usize,
+        xn: &[f32],
+        n: usize,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        if li >= self.layers.len() || xn.len() != n * c.hidden_size || n > cache.capacity() {
+            return Err(Error::Invalid(format!(
+                "attention_output: layer {li} of {}, {} values for {n} tokens, cache of {}",
+                self.layers.len(),
+                xn.len(),
+                cache.capacity()
+            )));
+        }
+        let layer = &self.layers[li];
+        let (cos, sin) = self.rope_tables(0, n);
+        let mut s = Scratch::new(c, n);
+        layer.q.forward(xn, n, &mut s.q, self.exec());
+        layer.k.forward(xn, n, &mut s.k, self.exec());
+        layer.v.forward(xn, n, &mut s.v, self.exec());
+        apply_rope(&mut s.q, c.head_dim, &cos, &sin);
+        apply_rope(&mut s.k, c.head_dim, &cos, &sin);
+        cache.write(li, 0, &s.k, &s.v);
+        self.attention(&s.q, cache, li, 0, n, &mut s.attn);
+        layer.o.forward(&s.attn, n, &mut s.proj, self.exec());
+        Ok(s.proj)
+    }
+
+    /// The output of layer `li`'s MLP (`down(silu(gate(xn)) · up(xn))`, before the residual) for its normed
+    /// input `xn` (`[n, hidden]`), with the layer's current linears.
+    pub fn mlp_output(&self, li: usize, xn: &[f32], n: usize) -> Result<Vec<f32>> {
+        let c = &self.cfg;
+        if li >= self.layers.len() || xn.len() != n * c.hidden_size {
+            return Err(Error::Invalid(format!(
+                "mlp_output: layer {li} of {}, {} values for {n} tokens",
+                self.layers.len(),
+                xn.len()
+            )));
+        }
+        let layer = &self.layers[li];
+        let mut s = Scratch::new(c, n);
+        layer.gate.forward(xn, n, &mut s.gate, self.exec());
+        layer.up.forward(xn, n, &mut s.up, self.exec());
+        for (g, &u) in s.gate.iter_mut().zip(&s.up) {
+            *g = silu(*g) * u;
+        }
+        layer.down.forward(&s.gate, n, &mut s.proj, self.exec());
+        Ok(s.proj)
+    }
+
+    /// The RMSNorm weights of layer `li`: `(input_layernorm, post_attention_layernorm)`.
+    pub fn norm_weights(&self, li: usize) -> Option<(&[f32], &[f32])> {
+        let l = self.layers.get(li)?;
+        Some((&l.attn_norm, &l.ffn_norm))
+    }
+
     /// The weight of one linear of layer `li`.
     pub fn linear(&self, li: usize, which: LinearKind) -> Option<&TensorRef> {
         let l = self.layers.get(li)?;

@@ -589,6 +589,7 @@ fn quantized_linears(
         (Some("awq"), Some(qc)) => awq_linears(config_path, qc, tensors, raw)?,
         (Some("bitsandbytes"), _) => bnb4_linears(config_path, tensors, raw)?,
         (Some("hqq"), _) => hqq_linears(config_path, tensors, raw)?,
+        (Some("compressed-tensors"), Some(qc)) => ct_linears(config_path, qc, tensors, raw)?,
         _ => {}
     }
     match raw.values().next() {
@@ -596,7 +597,8 @@ fn quantized_linears(
             &r.file,
             format!(
                 "tensor {} ({} {:?}) belongs to no quantized layer: quantization_config.quant_method is \
-                 {method:?}, and GPTQ, AWQ, bitsandbytes 4-bit and HQQ checkpoints are read",
+                 {method:?}, and GPTQ, AWQ, compressed-tensors pack-quantized, bitsandbytes 4-bit and HQQ \
+                 checkpoints are read",
                 r.name, r.dtype, r.shape
             ),
         )),
@@ -773,6 +775,159 @@ fn awq_linears(
     }
     if let Some(k) = raw.keys().find(|k| k.ends_with(".qzeros")) {
         return Err(bad(format!("tensor {k} belongs to no complete AWQ layer")));
+    }
+    Ok(())
+}
+
+/// Regroup compressed-tensors `pack-quantized` linears (`P.weight_packed`, `P.weight_scale`,
+/// `P.weight_zero_point`, `P.weight_shape`, `P.weight_g_idx`) into [`Grouped::Ct`] tensors, as the
+/// weights scheme of `quantization_config.config_groups` describes them.
+fn ct_linears(
+    config_path: &Path,
+    qc: &Map<String, Value>,
+    tensors: &mut BTreeMap<String, TensorRef>,
+    raw: &mut BTreeMap<String, RawTensor>,
+) -> Result<()> {
+    use crate::codecs::ct::ScaleType;
+    use crate::tensor::CtLinear;
+    let bad = |d: String| Error::unsupported(config_path, d);
+    let format = qc.get("format").and_then(Value::as_str).unwrap_or("dense");
+    if !raw.keys().any(|k| k.ends_with(".weight_packed")) {
+        if format != "pack-quantized" && raw.values().next().is_some() {
+            return Err(bad(format!(
+                "compressed-tensors format {format:?}: only \"pack-quantized\" (integer weights packed in \
+                 int32) is read"
+            )));
+        }
+        return Ok(());
+    }
+    if format != "pack-quantized" {
+        return Err(bad(format!(
+            "compressed-tensors format {format:?} with weight_packed tensors: only \"pack-quantized\" is read"
+        )));
+    }
+    let groups = qc
+        .get("config_groups")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("quantization_config has no config_groups".into()))?;
+    let mut schemes = groups.values().filter_map(|g| g.get("weights"));
+    let w = match (schemes.next(), schemes.next()) {
+        (Some(w), None) => w,
+        (None, _) => return Err(bad("no config group quantizes weights".into())),
+        (Some(_), Some(_)) => {
+            return Err(bad(
+                "several weight schemes in config_groups (mixed-precision compressed-tensors) are not read"
+                    .into(),
+            ))
+        }
+    };
+    let get = |k: &str| w.get(k).filter(|v| !v.is_null());
+    let ty = get("type").and_then(Value::as_str).unwrap_or("int");
+    if ty != "int" {
+        return Err(bad(format!("weights type {ty:?}: only integer weights are read")));
+    }
+    let bits = get("num_bits")
+        .and_then(Value::as_u64)
+        .filter(|b| (1..=8).contains(b))
+        .ok_or_else(|| bad("weights.num_bits must be 1..=8".into()))? as u32;
+    let symmetric = get("symmetric").and_then(Value::as_bool).unwrap_or(true);
+    let strategy = get("strategy").and_then(Value::as_str).unwrap_or("group");
+    let group = match strategy {
+        "group" => Some(
+            get("group_size")
+                .and_then(Value::as_u64)
+                .filter(|g| *g > 0)
+                .ok_or_else(|| bad("weights.strategy \"group\" needs a group_size".into()))?
+                as usize,
+        ),
+        "channel" => None,
+        other => {
+            return Err(bad(format!(
+                "weights.strategy {other:?}: group and channel strategies are read"
+            )))
+        }
+    };
+    let prefixes: Vec<String> = raw
+        .keys()
+        .filter_map(|k| k.strip_suffix(".weight_packed").map(str::to_owned))
+        .collect();
+    for p in prefixes {
+        let take_int = |raw: &mut BTreeMap<String, RawTensor>, suffix: &str, dtype: &str| {
+            raw.remove(&format!("{p}.{suffix}"))
+                .map(|t| {
+                    if t.dtype != dtype {
+                        return Err(bad(format!("{p}.{suffix} must be {dtype}, not {}", t.dtype)));
+                    }
+                    Ok(t)
+                })
+                .transpose()
+        };
+        let packed = take_int(raw, "weight_packed", "I32")?
+            .ok_or_else(|| bad(format!("{p} has no weight_packed")))?;
+        let shape = take_int(raw, "weight_shape", "I64")?
+            .ok_or_else(|| bad(format!("{p} has no weight_shape")))?;
+        let zero = take_int(raw, "weight_zero_point", "I32")?;
+        let g_idx = take_int(raw, "weight_g_idx", "I32")?;
+        if shape.numel() != 2 || packed.shape.len() != 2 {
+            return Err(bad(format!("{p}: weight_shape must hold 2 values, weight_packed be 2-D")));
+        }
+        let dim = |i: usize| {
+            let b = &shape.data[8 * i..8 * i + 8];
+            let v = i64::from_le_bytes(b.try_into().unwrap_or([0; 8]));
+            usize::try_from(v)
+                .ok()
+                .filter(|v| *v > 0 && *v <= 1 << 24)
+                .ok_or_else(|| bad(format!("{p}: weight_shape holds {v}")))
+        };
+        let (out_f, in_f) = (dim(0)?, dim(1)?);
+        if zero.is_some() == symmetric {
+            return Err(bad(format!(
+                "{p}: the scheme is {}symmetric but weight_zero_point is {}",
+                if symmetric { "" } else { "a" },
+                if zero.is_some() { "present" } else { "missing" }
+            )));
+        }
+        let scale = tensors
+            .remove(&format!("{p}.weight_scale"))
+            .ok_or_else(|| bad(format!("{p} has no weight_scale")))?;
+        let scale_type = match scale.block_type() {
+            Some(GgmlType::F16) => ScaleType::F16,
+            Some(GgmlType::BF16) => ScaleType::BF16,
+            Some(GgmlType::F32) => ScaleType::F32,
+            _ => return Err(bad(format!("{p}: weight_scale must be F16, BF16 or F32"))),
+        };
+        let n_groups = scale.shape.last().copied().unwrap_or(0);
+        let group_size = group.unwrap_or(in_f);
+        if g_idx.is_none() && n_groups != in_f.div_ceil(group_size) {
+            return Err(bad(format!(
+                "{p}: weight_scale has {n_groups} groups, {} expected for {in_f} inputs in groups of \
+                 {group_size}",
+                in_f.div_ceil(group_size)
+            )));
+        }
+        let scale_bytes = scale
+            .block_bytes()
+            .cloned()
+            .ok_or_else(|| bad(format!("{p}: weight_scale is not a plain tensor")))?;
+        let t = TensorRef::grouped(
+            format!("{p}.weight"),
+            Grouped::Ct(CtLinear {
+                bits,
+                in_features: in_f,
+                out_features: out_f,
+                group_size,
+                packed: packed.data,
+                scale: scale_bytes,
+                scale_type,
+                zero_point: zero.map(|z| z.data),
+                g_idx: g_idx.map(|g| g.data),
+            }),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        tensors.insert(t.name.clone(), t);
+    }
+    if let Some(k) = raw.keys().find(|k| k.contains(".weight_")) {
+        return Err(bad(format!("tensor {k} belongs to no complete pack-quantized layer")));
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Output containers written from a [`SourceModel`](crate::model::SourceModel), streaming one tensor at a
 //! time.
 
+pub mod awq;
 pub mod bnb;
 pub mod gguf;
 pub mod gptq;

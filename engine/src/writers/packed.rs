@@ -106,7 +106,8 @@ impl PackedSpill {
         })
     }
 
-    /// Keep the packed tensors of the linear `name` (its Hugging Face weight name).
+    /// Keep the packed tensors of the linear `name` (its Hugging Face weight name), or the replacement of a
+    /// float tensor (one part whose suffix is the name's last component, e.g. `weight` or `bias`).
     pub fn put(&mut self, name: &str, parts: Vec<PackedTensor>) -> Result<()> {
         let io = |e| Error::io(&self.path, e);
         self.file.seek(SeekFrom::Start(self.end)).map_err(io)?;
@@ -134,6 +135,16 @@ impl PackedSpill {
         }
         self.index.insert(name.to_owned(), (at, meta));
         Ok(())
+    }
+
+    /// Replace the float tensor `name` (a norm's weight, a bias) with `values`, written in fp16.
+    pub fn put_f16(&mut self, name: &str, shape: Vec<usize>, values: &[f32]) -> Result<()> {
+        let suffix = name.rsplit('.').next().unwrap_or(name);
+        let bytes = values
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect();
+        self.put(name, vec![PackedTensor::new(suffix, "F16", shape, bytes)])
     }
 
     fn parts(&self, name: &str) -> Option<&[SpilledPart]> {
@@ -182,7 +193,9 @@ fn plan<'a>(
         if src.config.tie_word_embeddings && t.name == "lm_head.weight" {
             continue;
         }
-        if !(fmt.packs)(&t.name) {
+        // A float tensor a format changed (AWQ folds its scales into the norms) is in the spill as its
+        // own `weight`-suffixed part; every other float tensor is the source's, in fp16.
+        if !(fmt.packs)(&t.name) && spill.parts(&t.name).is_none() {
             v.push(Entry {
                 planned: PlannedTensor {
                     name: t.name.clone(),
@@ -198,7 +211,11 @@ fn plan<'a>(
         let parts = spill
             .parts(&t.name)
             .ok_or_else(|| Error::Invalid(format!("{} was not quantized", t.name)))?;
-        let prefix = t.name.trim_end_matches(".weight");
+        let prefix = t
+            .name
+            .strip_suffix(".weight")
+            .or_else(|| t.name.strip_suffix(".bias"))
+            .unwrap_or(&t.name);
         for (i, p) in parts.iter().enumerate() {
             v.push(Entry {
                 planned: PlannedTensor {

@@ -1,0 +1,687 @@
+//! AWQ end to end (activation-aware weight quantization, as AutoAWQ and llm-compressor run it): calibration
+//! rows → layer by layer, one pass of the float layer that records each linear input's mean magnitude per
+//! channel (all rows) and the inputs of a few "search" rows, and leaves the next layer's inputs → per group of
+//! linears sharing an input, the per-channel scale `s = x̄^α / w̄^(1−α)` whose quantized weights best
+//! reproduce the group's module output on the search rows (q/k/v: the attention block; o: o_proj, when v
+//! can take the inverse scale; gate/up: the MLP; down: down_proj) → the scales folded into what precedes
+//! the group (the RMSNorm weights, v_proj's or up_proj's rows) → the clipping search (all but q/k) → min–max
+//! 4-bit (2–8) groups with zero points → an AutoAWQ GEMM or compressed-tensors folder.
+//!
+//! As in AutoAWQ, every layer is searched on the float model's activations (the next layer's inputs come
+//! from the float layer), so the searches of one layer are independent of the others' quantization.
+//! Memory: the calibration hidden states of one layer boundary (spilled to disk above a budget), the
+//! search rows' linear inputs, and one layer's weights in f32.
+
+use std::time::Instant;
+
+use crate::calib::activations::ActStore;
+use crate::calib::{load_documents, sample_rows, CalibOptions, CalibSource};
+use crate::infer::{LinearKind, MatmulInput, MatmulObserver, Model};
+use crate::model::SourceModel;
+use crate::output::OutputSpec;
+use crate::quantize_packed::{PackedModuleMetrics, PackedReport};
+use crate::solvers::awq::{
+    apply_clip, candidate_scales, clip_search, scaled_fake_quantize, weight_mean, AwqGrid,
+};
+use crate::tensor::TensorRef;
+use crate::writers::awq::{AwqFolderConfig, AwqLayout};
+use crate::writers::packed::{is_decoder_linear, write_packed_folder, PackedSpill};
+use crate::{Error, Result};
+
+/// What to make of a model as AWQ.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AwqQuantizeOptions {
+    pub grid: AwqGrid,
+    pub layout: AwqLayout,
+    pub calib: CalibSource,
+    /// Calibration rows: all of them give the activation statistics.
+    pub calib_opts: CalibOptions,
+    /// How many of the rows the scale and clipping searches score candidates on.
+    pub search_rows: usize,
+    /// Ratios tried: `α = i / n_grid`, `i < n_grid` (AutoAWQ: 20).
+    pub n_grid: usize,
+    /// Divide by the weights' normalised magnitude too (`x̄^α / w̄^(1−α)`, AutoAWQ's default) instead of
+    /// `x̄^α` alone.
+    pub duo_scaling: bool,
+    /// Run the clipping search.
+    pub clip: bool,
+    /// Round-to-nearest on the same grid, no scales, no clipping, no calibration (the baseline AWQ is
+    /// judged against; same files).
+    pub rtn: bool,
+    /// Keep calibration hidden states in memory up to this many bytes; spill to a temporary file above.
+    pub activation_budget_bytes: u64,
+    /// Largest weight file of the folder in bytes of tensor data (`None`: 5 GB).
+    pub max_shard_bytes: Option<u64>,
+    pub backend: crate::backend::Backend,
+}
+
+impl Default for AwqQuantizeOptions {
+    fn default() -> Self {
+        Self {
+            grid: AwqGrid {
+                bits: 4,
+                group_size: 128,
+            },
+            layout: AwqLayout::Gemm,
+            calib: CalibSource::Bundled,
+            // AutoAWQ's defaults: 128 samples of 512 tokens.
+            calib_opts: CalibOptions {
+                rows: 128,
+                seq_len: 512,
+                seed: 0,
+            },
+            search_rows: 8,
+            n_grid: 20,
+            duo_scaling: true,
+            clip: true,
+            rtn: false,
+            activation_budget_bytes: crate::quantize_gptq::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
+            max_shard_bytes: None,
+            backend: crate::backend::Backend::Cpu,
+        }
+    }
+}
+
+impl AwqQuantizeOptions {
+    /// The folder these options write.
+    pub fn folder_config(&self) -> AwqFolderConfig {
+        AwqFolderConfig {
+            layout: self.layout,
+            bits: self.grid.bits,
+            group_size: self.grid.group_size,
+            calibration_dataset: (!self.rtn).then(|| self.calib.dataset_name()),
+            max_shard_bytes: self.max_shard_bytes,
+        }
+    }
+
+    /// `"AWQ int4 g128"`, `"RTN int4 g128 (AWQ grid)"`.
+    pub fn codec(&self) -> String {
+        format!(
+            "{} int{} g{}{}",
+            if self.rtn { "RTN" } else { "AWQ" },
+            self.grid.bits,
+            self.grid.group_size,
+            match self.layout {
+                AwqLayout::Gemm => "",
+                AwqLayout::CompressedTensors => " (compressed-tensors)",
+            }
+        )
+    }
+}
+
+fn slot(i: MatmulInput) -> usize {
+    match i {
+        MatmulInput::Attention => 0,
+        MatmulInput::AttentionOutput => 1,
+        MatmulInput::Ffn => 2,
+        MatmulInput::FfnDown => 3,
+    }
+}
+
+/// Per-channel Σ|x| of each linear input over every row, and the inputs themselves for the search rows.
+struct Capture {
+    layer: usize,
+    /// The row being run; rows below `search_rows` are kept.
+    row: usize,
+    search_rows: usize,
+    abs_sum: [Vec<f64>; 4],
+    tokens: usize,
+    kept: [Vec<f32>; 4],
+}
+
+impl MatmulObserver for Capture {
+    fn observe(&mut self, layer: usize, input: MatmulInput, x: &[f32], n: usize) {
+        if layer != self.layer {
+            return;
+        }
+        let s = slot(input);
+        let cols = x.len() / n.max(1);
+        let sum = &mut self.abs_sum[s];
+        sum.resize(cols, 0.0);
+        for row in x.chunks_exact(cols) {
+            for (a, v) in sum.iter_mut().zip(row) {
+                *a += f64::from(v.abs());
+            }
+        }
+        if s == 0 {
+            self.tokens += n;
+        }
+        if self.row < self.search_rows {
+            self.kept[s].extend_from_slice(x);
+        }
+    }
+}
+
+/// A group of linears sharing an input, searched together.
+struct Group {
+    linears: &'static [LinearKind],
+    input: MatmulInput,
+    /// Where the inverse scale goes.
+    prev: Prev,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Prev {
+    AttnNorm,
+    FfnNorm,
+    Linear(LinearKind),
+}
+
+const GROUPS: [Group; 4] = [
+    Group {
+        linears: &[LinearKind::Q, LinearKind::K, LinearKind::V],
+        input: MatmulInput::Attention,
+        prev: Prev::AttnNorm,
+    },
+    Group {
+        linears: &[LinearKind::O],
+        input: MatmulInput::AttentionOutput,
+        prev: Prev::Linear(LinearKind::V),
+    },
+    Group {
+        linears: &[LinearKind::Gate, LinearKind::Up],
+        input: MatmulInput::Ffn,
+        prev: Prev::FfnNorm,
+    },
+    Group {
+        linears: &[LinearKind::Down],
+        input: MatmulInput::FfnDown,
+        prev: Prev::Linear(LinearKind::Up),
+    },
+];
+
+const ALL: [LinearKind; 7] = [
+    LinearKind::Q,
+    LinearKind::K,
+    LinearKind::V,
+    LinearKind::O,
+    LinearKind::Gate,
+    LinearKind::Up,
+    LinearKind::Down,
+];
+
+/// One linear of the layer being quantized: its float weight as it will be quantized (scaled, clipped),
+/// and the scales folded into its columns (`col`) and rows (`row`) so the effective weight can be compared
+/// with the original.
+struct Work {
+    kind: LinearKind,
+    rows: usize,
+    cols: usize,
+    w: Vec<f32>,
+    col: Option<Vec<f32>>,
+    row: Option<Vec<f32>>,
+}
+
+fn mse(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum::<f64>()
+        / a.len().max(1) as f64
+}
+
+/// An estimate of the folder's size for the free-space check: the packed linears at their bits plus an
+/// fp16 scale and a zero point per group, the rest in fp16.
+pub fn estimated_folder_bytes(src: &SourceModel, opts: &AwqQuantizeOptions) -> u64 {
+    let bits = f64::from(opts.grid.bits);
+    let group = opts.grid.group_size.max(1) as f64;
+    src.tensors
+        .values()
+        .map(|t| {
+            let n = t.numel() as f64;
+            if is_decoder_linear(&t.name) {
+                (n * bits / 8.0 + n / group * (2.0 + bits / 8.0)) as u64
+            } else {
+                t.numel() as u64 * 2
+            }
+        })
+        .sum()
+}
+
+/// Quantize `src` with AWQ into a folder at `out.path` (checked before calibration starts, written under a
+/// temporary name, renamed when complete). `on_module(metrics, done, total)` is called after each linear;
+/// `false` cancels (nothing is left behind).
+pub fn quantize_awq(
+    src: &SourceModel,
+    opts: &AwqQuantizeOptions,
+    out: &OutputSpec,
+    on_module: &mut dyn FnMut(&PackedModuleMetrics, usize, usize) -> bool,
+) -> Result<PackedReport> {
+    let start = Instant::now();
+    let cfg = opts.folder_config();
+    let grid = opts.grid;
+    let mut linears = 0usize;
+    for t in src.tensors.values().filter(|t| is_decoder_linear(&t.name)) {
+        if t.is_grouped() {
+            return Err(Error::Invalid(format!(
+                "{}: {} is already quantized ({}); start from a float model",
+                src.path.display(),
+                t.name,
+                t.type_label()
+            )));
+        }
+        cfg.check_shape(&t.name, t.rows(), t.cols())?;
+        linears += 1;
+    }
+    if linears == 0 {
+        return Err(Error::Invalid(format!(
+            "{}: no decoder linears to quantize",
+            src.path.display()
+        )));
+    }
+    if opts.n_grid == 0 || opts.search_rows == 0 {
+        return Err(Error::Invalid(
+            "AWQ needs a ratio grid of at least one point and at least one search row".into(),
+        ));
+    }
+    let mut spec = out
+        .clone()
+        .input(&src.path)
+        .estimated_bytes(estimated_folder_bytes(src, opts));
+    spec.kind = crate::output::OutputKind::Folder;
+    if let (CalibSource::File { path, .. }, false) = (&opts.calib, opts.rtn) {
+        spec = spec.input(path);
+    }
+    crate::output::preflight(&spec)?;
+    let mut model = Model::load(src)?;
+    model.set_backend(opts.backend);
+    let c = model.config().clone();
+    let seq = opts.calib_opts.seq_len;
+    let rows = if opts.rtn {
+        Vec::new()
+    } else {
+        let trained = c.max_position_embeddings;
+        if seq == 0 || (trained > 0 && seq > trained) {
+            return Err(Error::Invalid(format!(
+                "--seq-len {seq}: use 1..={trained} (the model's context, max_position_embeddings)"
+            )));
+        }
+        model.check_context(seq, false)?;
+        let docs = load_documents(&opts.calib)?;
+        sample_rows(&src.tokenizer, &docs, &opts.calib_opts)?
+    };
+    let row_len = seq * c.hidden_size;
+    if (rows.len() * row_len * 4) as u64 > opts.activation_budget_bytes {
+        spec.estimated_bytes += (rows.len() * row_len * 4) as u64;
+    }
+    let staged = crate::output::Staged::begin(spec)?;
+    let mut store = ActStore::new(
+        rows.len(),
+        row_len,
+        opts.activation_budget_bytes,
+        &staged.path().join("activations"),
+    )?;
+    for (i, r) in rows.iter().enumerate() {
+        store.put(i, model.embed_tokens(r))?;
+    }
+    let search_rows = opts.search_rows.min(rows.len());
+    let mut cache = model.new_cache(seq.max(1));
+    let mut packed = PackedSpill::create(&staged.path().join(".packed-linears"))?;
+    let total = c.num_layers * ALL.len();
+    let mut modules: Vec<PackedModuleMetrics> = Vec::with_capacity(total);
+    let (mut stored_bits, mut weights) = (0.0f64, 0usize);
+    for li in 0..c.num_layers {
+        let mut work: Vec<Work> = ALL
+            .iter()
+            .map(|&kind| {
+                let t = model
+                    .linear(li, kind)
+                    .ok_or_else(|| Error::Invalid(format!("no linear {}", kind.hf_name(li))))?;
+                Ok(Work {
+                    kind,
+                    rows: t.rows(),
+                    cols: t.cols(),
+                    w: t.to_f32(),
+                    col: None,
+                    row: None,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let idx = |k: LinearKind| ALL.iter().position(|&a| a == k).unwrap_or(0);
+        let (attn_norm, ffn_norm) = model
+            .norm_weights(li)
+            .map(|(a, f)| (a.to_vec(), f.to_vec()))
+            .ok_or_else(|| Error::Invalid(format!("no layer {li}")))?;
+        let (mut attn_norm, mut ffn_norm) = (attn_norm, ffn_norm);
+        let v_bias_name = format!("model.layers.{li}.self_attn.v_proj.bias");
+        let mut v_bias: Option<Vec<f32>> = src.tensors.get(&v_bias_name).map(TensorRef::to_f32);
+        if !opts.rtn {
+            // One pass of the float layer: statistics, search inputs, and the next layer's inputs.
+            let mut cap = Capture {
+                layer: li,
+                row: 0,
+                search_rows,
+                abs_sum: Default::default(),
+                tokens: 0,
+                kept: Default::default(),
+            };
+            for i in 0..rows.len() {
+                cap.row = i;
+                let mut x = store.get(i)?;
+                model.run_layer(li, &mut x, seq, &mut cache, Some(&mut cap))?;
+                store.put(i, x)?;
+            }
+            let x_mean: Vec<Vec<f32>> = cap
+                .abs_sum
+                .iter()
+                .map(|s| s.iter().map(|v| (v / cap.tokens.max(1) as f64) as f32).collect())
+                .collect();
+            let originals: Vec<TensorRef> = ALL
+                .iter()
+                .filter_map(|&k| model.linear(li, k).cloned())
+                .collect();
+            let mut scales: Vec<Option<Vec<f32>>> = vec![None; GROUPS.len()];
+            for (gi, g) in GROUPS.iter().enumerate() {
+                if let Prev::Linear(p) = g.prev {
+                    // v (or up) must produce exactly the inputs the scale divides.
+                    if work[idx(p)].rows != work[idx(g.linears[0])].cols {
+                        continue;
+                    }
+                }
+                let x = &cap.kept[slot(g.input)];
+                let cols = work[idx(g.linears[0])].cols;
+                let n_tok = x.len() / cols;
+                // What the group's module computes on the search rows, in float.
+                let inspect = |model: &Model, cache: &mut crate::infer::KvCache| -> Result<Vec<f32>> {
+                    match g.input {
+                        MatmulInput::Attention => {
+                            let mut out = Vec::with_capacity(n_tok * c.hidden_size);
+                            for r in x.chunks_exact(seq * cols) {
+                                out.extend(model.attention_output(li, r, seq, cache)?);
+                            }
+                            Ok(out)
+                        }
+                        MatmulInput::Ffn => model.mlp_output(li, x, n_tok),
+                        MatmulInput::AttentionOutput | MatmulInput::FfnDown => {
+                            let w = model
+                                .linear(li, g.linears[0])
+                                .ok_or_else(|| Error::Invalid("no linear".into()))?;
+                            let mut out = vec![0.0f32; n_tok * w.rows()];
+                            opts.backend.matmul(w, x, n_tok, &mut out);
+                            Ok(out)
+                        }
+                    }
+                };
+                let reference = inspect(&model, &mut cache)?;
+                let ws: Vec<&[f32]> = g.linears.iter().map(|&k| work[idx(k)].w.as_slice()).collect();
+                let w_mean = opts
+                    .duo_scaling
+                    .then(|| weight_mean(&ws, cols, grid.group_size));
+                let (mut best, mut best_loss) = (None, f64::INFINITY);
+                for i in 0..opts.n_grid {
+                    let ratio = i as f32 / opts.n_grid as f32;
+                    let s = candidate_scales(&x_mean[slot(g.input)], w_mean.as_deref(), ratio);
+                    for &k in g.linears {
+                        let wk = &work[idx(k)];
+                        let q = scaled_fake_quantize(&wk.w, wk.cols, &s, grid);
+                        let t = TensorRef::from_f32(k.hf_name(li), vec![wk.rows, wk.cols], &q)?;
+                        model.replace_linear(li, k, t)?;
+                    }
+                    let loss = mse(&reference, &inspect(&model, &mut cache)?);
+                    if loss < best_loss {
+                        best_loss = loss;
+                        best = Some(s);
+                    }
+                }
+                for &k in g.linears {
+                    model.replace_linear(li, k, originals[idx(k)].clone())?;
+                }
+                scales[gi] = Some(best.ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "layer {li}: no AWQ scale gave a finite loss (the calibration activations hold \
+                         NaN or infinity)"
+                    ))
+                })?);
+            }
+            // Fold: the group's columns × s, what precedes it ÷ s (and the search inputs ÷ s for clipping).
+            for (g, s) in GROUPS.iter().zip(&scales) {
+                let Some(s) = s else { continue };
+                for &k in g.linears {
+                    let wk = &mut work[idx(k)];
+                    for row in wk.w.chunks_exact_mut(wk.cols) {
+                        for (v, f) in row.iter_mut().zip(s) {
+                            *v *= f;
+                        }
+                    }
+                    wk.col = Some(s.clone());
+                }
+                match g.prev {
+                    Prev::AttnNorm => attn_norm.iter_mut().zip(s).for_each(|(v, f)| *v /= f),
+                    Prev::FfnNorm => ffn_norm.iter_mut().zip(s).for_each(|(v, f)| *v /= f),
+                    Prev::Linear(p) => {
+                        let wp = &mut work[idx(p)];
+                        for (row, f) in wp.w.chunks_exact_mut(wp.cols).zip(s) {
+                            row.iter_mut().for_each(|v| *v /= f);
+                        }
+                        wp.row = Some(s.clone());
+                        if p == LinearKind::V {
+                            if let Some(b) = &mut v_bias {
+                                b.iter_mut().zip(s).for_each(|(v, f)| *v /= f);
+                            }
+                        }
+                    }
+                }
+                let x = &mut cap.kept[slot(g.input)];
+                for row in x.chunks_exact_mut(s.len()) {
+                    row.iter_mut().zip(s).for_each(|(v, f)| *v /= f);
+                }
+            }
+            if opts.clip {
+                for wk in work.iter_mut() {
+                    if matches!(wk.kind, LinearKind::Q | LinearKind::K) {
+                        continue;
+                    }
+                    let x = &cap.kept[slot(wk.kind.input())];
+                    // About 512 tokens, evenly spaced (AutoAWQ's `n_sample_token`).
+                    let n_tok = x.len() / wk.cols;
+                    let step = (n_tok / 512).max(1);
+                    let sample: Vec<f32> = x
+                        .chunks_exact(wk.cols)
+                        .step_by(step)
+                        .flatten()
+                        .copied()
+                        .collect();
+                    let bounds = clip_search(&wk.w, wk.cols, &sample, grid, opts.n_grid, 0.5);
+                    apply_clip(&mut wk.w, wk.cols, grid.group_size, &bounds);
+                }
+            }
+            let prefix = format!("model.layers.{li}.");
+            for (name, v) in [
+                ("input_layernorm.weight", &attn_norm),
+                ("post_attention_layernorm.weight", &ffn_norm),
+            ] {
+                packed.put_f16(&format!("{prefix}{name}"), vec![v.len()], v)?;
+            }
+            if let Some(b) = &v_bias {
+                packed.put_f16(&v_bias_name, vec![b.len()], b)?;
+            }
+        }
+        for wk in &work {
+            let name = wk.kind.hf_name(li);
+            let q = grid.quantize(&wk.w, wk.cols);
+            let parts = cfg.parts(wk.rows, wk.cols, &q);
+            // The effective weight (scales undone) against the original.
+            let orig = model
+                .linear(li, wk.kind)
+                .ok_or_else(|| Error::Invalid(format!("no linear {name}")))?
+                .to_f32();
+            let gs = grid.group_size;
+            let groups = wk.cols / gs;
+            let (mut e2, mut n2, mut max) = (0.0f64, 0.0f64, 0.0f64);
+            for r in 0..wk.rows {
+                let rs = wk.row.as_ref().map_or(1.0, |s| s[r]);
+                for k in 0..wk.cols {
+                    let g = r * groups + k / gs;
+                    let (s, z) = (q.scales[g], f32::from(q.zeros[g]));
+                    let deq = half::f16::from_f32(s * (f32::from(q.codes[r * wk.cols + k]) - z)).to_f32();
+                    let cs = wk.col.as_ref().map_or(1.0, |s| s[k]);
+                    let d = f64::from(orig[r * wk.cols + k] - deq / cs * rs);
+                    e2 += d * d;
+                    n2 += f64::from(orig[r * wk.cols + k]).powi(2);
+                    max = max.max(d.abs());
+                }
+            }
+            let bytes: usize = parts.iter().map(|p| p.bytes.len()).sum();
+            stored_bits += bytes as f64 * 8.0;
+            weights += wk.rows * wk.cols;
+            packed.put(&name, parts)?;
+            modules.push(PackedModuleMetrics {
+                layer: li,
+                tensor: name,
+                bits_per_weight: bytes as f64 * 8.0 / (wk.rows * wk.cols).max(1) as f64,
+                rel_rms_error: if n2 > 0.0 { (e2 / n2).sqrt() } else { 0.0 },
+                max_error: max,
+            });
+            if !on_module(&modules[modules.len() - 1], modules.len(), total) {
+                return Err(Error::Cancelled);
+            }
+        }
+    }
+    drop(store);
+    drop(model);
+    write_packed_folder(src, &cfg.folder(), staged.path(), &mut packed, &mut |_, _| true)?;
+    packed.remove()?;
+    let out = staged.commit()?;
+    let folder_size_bytes: u64 = std::fs::read_dir(&out)
+        .map_err(|e| Error::io(&out, e))?
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    let params: usize = src.tensors.values().map(TensorRef::numel).sum();
+    Ok(PackedReport {
+        codec: opts.codec(),
+        modules,
+        linear_bits_per_weight: stored_bits / weights.max(1) as f64,
+        bits_per_weight: folder_size_bytes as f64 * 8.0 / params.max(1) as f64,
+        folder_size_bytes,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infer::Logits;
+    use crate::model::fixture::{write_fixture, FixtureSpec};
+    use std::path::Path;
+
+    const TEXT: &str = "The keeper counted the boats in the harbour every evening, and wrote the number \
+        in a small book. Some nights the wind came from the sea and the boats knocked together like wooden \
+        bells; other nights the water lay still and the lamps on the pier shone in it. ";
+
+    fn opts(dir: &Path, layout: AwqLayout, rtn: bool) -> AwqQuantizeOptions {
+        let text = dir.join("calib.txt");
+        std::fs::write(&text, TEXT.repeat(20)).expect("text");
+        AwqQuantizeOptions {
+            grid: AwqGrid {
+                bits: 4,
+                group_size: 32,
+            },
+            layout,
+            calib: CalibSource::File {
+                path: text,
+                column: None,
+            },
+            calib_opts: CalibOptions {
+                rows: 8,
+                seq_len: 48,
+                seed: 3,
+            },
+            search_rows: 4,
+            rtn,
+            ..AwqQuantizeOptions::default()
+        }
+    }
+
+    /// Mean KL divergence of `b`'s next-token distributions from `a`'s over `toks`.
+    fn kld(a: &Model, b: &Model, toks: &[u32]) -> f64 {
+        let la = a.forward(toks, &mut a.new_cache(256), Logits::All).expect("a");
+        let lb = b.forward(toks, &mut b.new_cache(256), Logits::All).expect("b");
+        let v = a.vocab_size();
+        let lsm = |x: &[f32]| {
+            let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let z: f64 = x.iter().map(|&v| f64::from(v - m).exp()).sum();
+            x.iter().map(|&v| f64::from(v - m) - z.ln()).collect::<Vec<f64>>()
+        };
+        la.chunks(v)
+            .zip(lb.chunks(v))
+            .map(|(x, y)| {
+                let (p, q) = (lsm(x), lsm(y));
+                p.iter().zip(&q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>()
+            })
+            .sum::<f64>()
+            / toks.len() as f64
+    }
+
+    #[test]
+    fn awq_beats_round_to_nearest_in_both_layouts_and_the_folders_read_back() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src_dir = tmp.path().join("src");
+        write_fixture(&FixtureSpec::tiny_llama(), &src_dir).expect("fixture");
+        let src = SourceModel::open(&src_dir).expect("open");
+        let float = Model::load(&src).expect("float");
+        let toks = src.tokenizer.encode(&TEXT.repeat(2), false).expect("toks");
+        let mut results = Vec::new();
+        for (name, layout, rtn) in [
+            ("rtn", AwqLayout::Gemm, true),
+            ("gemm", AwqLayout::Gemm, false),
+            ("ct", AwqLayout::CompressedTensors, false),
+        ] {
+            let out = tmp.path().join(name);
+            let mut seen = 0;
+            let r = quantize_awq(
+                &src,
+                &opts(tmp.path(), layout, rtn),
+                &OutputSpec::folder(&out),
+                &mut |_, done, total| {
+                    seen = done;
+                    assert_eq!(total, 14);
+                    true
+                },
+            )
+            .expect(name);
+            assert_eq!((seen, r.modules.len()), (14, 14));
+            assert!((r.linear_bits_per_weight - 4.0 - 20.0 / 32.0).abs() < 0.2, "{r:?}");
+            let q = SourceModel::open(&out).expect("open AWQ folder");
+            assert_eq!(q.tensors.values().filter(|t| t.is_grouped()).count(), 14);
+            results.push((name, kld(&float, &Model::load(&q).expect("load"), &toks), q));
+        }
+        let (rtn, gemm, ct) = (results[0].1, results[1].1, results[2].1);
+        eprintln!("KLD from the float model: RTN {rtn:.5}, AWQ {gemm:.5}");
+        assert!(gemm < 0.9 * rtn, "AWQ {gemm} vs RTN {rtn}");
+        // Same numbers, two layouts: the models the readers build are identical.
+        assert!((gemm - ct).abs() < 1e-12, "GEMM {gemm} vs compressed-tensors {ct}");
+        let (g, c) = (&results[1].2, &results[2].2);
+        for (name, t) in &g.tensors {
+            let u = c.tensors.get(name).expect("same tensors");
+            assert_eq!(t.to_f32(), u.to_f32(), "{name}");
+        }
+        // The scales went into the norms.
+        let n0 = "model.layers.0.input_layernorm.weight";
+        assert_ne!(src.tensors[n0].to_f32(), g.tensors[n0].to_f32());
+        assert_eq!(
+            g.calibration_dataset.as_deref(),
+            Some(opts(tmp.path(), AwqLayout::Gemm, false).calib.dataset_name().as_str())
+        );
+    }
+
+    #[test]
+    fn shapes_awq_cannot_take_are_refused_before_any_work() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src_dir = tmp.path().join("src");
+        write_fixture(&FixtureSpec::tiny_llama(), &src_dir).expect("fixture");
+        let src = SourceModel::open(&src_dir).expect("open");
+        let mut o = opts(tmp.path(), AwqLayout::Gemm, false);
+        o.grid.group_size = 48;
+        let e = quantize_awq(&src, &o, &OutputSpec::folder(tmp.path().join("x")), &mut |_, _, _| true)
+            .expect_err("group 48");
+        assert!(e.to_string().contains("not a multiple of the group size 48"), "{e}");
+        o.grid.group_size = 32;
+        o.grid.bits = 3;
+        let e = quantize_awq(&src, &o, &OutputSpec::folder(tmp.path().join("x")), &mut |_, _, _| true)
+            .expect_err("3-bit GEMM");
+        assert!(e.to_string().contains("awq-ct"), "{e}");
+        assert!(!tmp.path().join("x").exists());
+    }
+}
