@@ -30,6 +30,7 @@ use quant_engine::imatrix::ImatrixOptions;
 use quant_engine::infer::{GenerateOptions, SamplerConfig};
 use quant_engine::jobs::OutDtype;
 use quant_engine::jobs::{Command, EngineHandle, Event, ImatrixSource, JobId, JobOutput};
+use quant_engine::quantize_awq::AwqQuantizeOptions;
 use quant_engine::quantize_gptq::GptqQuantizeOptions;
 use quant_engine::recipes::{self, GgufRecipe, Recipe};
 use quant_engine::solvers::gptq::GptqOptions;
@@ -198,12 +199,19 @@ pub struct GptqArgs {
     /// GPTQ: damping, a fraction of the mean Hessian diagonal (GPTQModel's default; AutoGPTQ used 0.01).
     #[arg(long, default_value_t = GptqOptions::default().damp_percent)]
     pub damp: f32,
-    /// GPTQ: calibration rows (samples).
-    #[arg(long, default_value_t = CalibOptions::default().rows)]
-    pub rows: usize,
-    /// GPTQ: tokens per calibration row.
-    #[arg(long = "seq-len", default_value_t = CalibOptions::default().seq_len)]
-    pub seq_len: usize,
+    /// GPTQ, AWQ: calibration rows (samples; default 128).
+    #[arg(long)]
+    pub rows: Option<usize>,
+    /// GPTQ, AWQ: tokens per calibration row (default: GPTQ 2048, AWQ 512).
+    #[arg(long = "seq-len")]
+    pub seq_len: Option<usize>,
+    /// AWQ: how many calibration rows the scale and clipping searches score candidates on (the
+    /// activation statistics use all of them).
+    #[arg(long = "search-rows", default_value_t = AwqQuantizeOptions::default().search_rows)]
+    pub search_rows: usize,
+    /// AWQ: skip the clipping search.
+    #[arg(long = "no-clip")]
+    pub no_clip: bool,
     /// GPTQ: seed of the calibration row offsets.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -216,7 +224,7 @@ pub struct GptqArgs {
     /// GPTQ: capture all of a layer's inputs from the unquantized layer (default: true sequential).
     #[arg(long = "no-true-sequential")]
     pub no_true_sequential: bool,
-    /// Round-to-nearest on the same grid, the baseline the solver is compared with (GPTQ, HQQ).
+    /// Round-to-nearest on the same grid, the baseline the solver is compared with (GPTQ, AWQ, HQQ).
     #[arg(long)]
     pub rtn: bool,
     /// GPTQ: largest weight file (5GB, 500MB, 2GiB, or bytes); more is written as
@@ -300,8 +308,8 @@ impl GptqArgs {
                 calib_source(p, self.calib_column.clone())
             }),
             calib_opts: CalibOptions {
-                rows: self.rows,
-                seq_len: self.seq_len,
+                rows: self.rows.unwrap_or(CalibOptions::default().rows),
+                seq_len: self.seq_len.unwrap_or(CalibOptions::default().seq_len),
                 seed: self.seed,
             },
             true_sequential: !self.no_true_sequential,
@@ -309,6 +317,46 @@ impl GptqArgs {
             rtn: self.rtn,
             max_shard_bytes: Some(self.max_shard_size),
             backend: quant_engine::backend::Backend::Cpu,
+        })
+    }
+}
+
+impl GptqArgs {
+    /// AWQ's options (`--format awq|awq-ct`): 4 bits, groups of 128, 128 rows of 512 tokens unless told.
+    fn awq_options(
+        &self,
+        calib: Option<PathBuf>,
+        layout: quant_engine::writers::awq::AwqLayout,
+    ) -> anyhow::Result<AwqQuantizeOptions> {
+        let d = AwqQuantizeOptions::default();
+        let group_size = match self.group_size {
+            None => d.grid.group_size,
+            Some(g) if g > 0 => g as usize,
+            Some(g) => bail!("--group-size {g}: AWQ takes a positive group size (e.g. 128)"),
+        };
+        if self.axis.is_some() || self.act_order || self.static_groups || self.sym {
+            bail!("--axis, --act-order, --static-groups and --sym are not AWQ options");
+        }
+        Ok(AwqQuantizeOptions {
+            grid: quant_engine::solvers::awq::AwqGrid {
+                bits: self.bits.unwrap_or(d.grid.bits),
+                group_size,
+            },
+            layout,
+            calib: calib.map_or(CalibSource::Bundled, |p| {
+                calib_source(p, self.calib_column.clone())
+            }),
+            calib_opts: CalibOptions {
+                rows: self.rows.unwrap_or(d.calib_opts.rows),
+                seq_len: self.seq_len.unwrap_or(d.calib_opts.seq_len),
+                seed: self.seed,
+            },
+            search_rows: self.search_rows,
+            clip: !self.no_clip,
+            rtn: self.rtn,
+            activation_budget_bytes: self.activation_budget_mib * 1024 * 1024,
+            max_shard_bytes: Some(self.max_shard_size),
+            ..d
         })
     }
 }
@@ -446,6 +494,11 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                     bail!("{format} needs no calibration: drop --imatrix/--calib");
                 }
                 Recipe::Packed(p)
+            } else if let Some(layout) = recipes::parse_awq(&format) {
+                if imatrix.is_some() {
+                    bail!("--imatrix is for GGUF formats; AWQ measures activations on --calib");
+                }
+                Recipe::Awq(Box::new(gptq.awq_options(calib, layout)?))
             } else if format.eq_ignore_ascii_case("gptq") {
                 if imatrix.is_some() {
                     bail!("--imatrix is for GGUF formats; GPTQ computes Hessians from --calib");
@@ -471,7 +524,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                 _ => return print_estimate(&engine, model, &recipe, json),
             };
             match recipe {
-                Recipe::Gguf(_) | Recipe::Packed(_) => {
+                Recipe::Gguf(_) | Recipe::Packed(_) | Recipe::Awq(_) => {
                     quantize(&engine, model, out, recipe, json, force)
                 }
                 Recipe::Gptq(_) => quantize_gptq(&engine, model, out, recipe, json, force),

@@ -215,6 +215,7 @@ fn run_inner(
             match recipe {
                 crate::recipes::Recipe::Gguf(g) => quantize(ctx, cache, &model, &spec, g),
                 crate::recipes::Recipe::Gptq(o) => quantize_gptq(ctx, &model, &spec, &o),
+                crate::recipes::Recipe::Awq(o) => quantize_awq(ctx, &model, &spec, &o),
                 crate::recipes::Recipe::Packed(p) => quantize_packed(ctx, &model, &spec, &p),
             }
         }
@@ -707,6 +708,35 @@ fn quantize_packed(
             module_done(ctx, start, "quantizing", metrics, done, total)
         };
     let report = crate::quantize_packed::quantize_packed(&src, packer, out, &mut on_module)?;
+    Ok(JobOutput::QuantizedPacked(Box::new(report)))
+}
+
+fn quantize_awq(
+    ctx: &JobCtx,
+    model: &Path,
+    out: &OutputSpec,
+    options: &crate::quantize_awq::AwqQuantizeOptions,
+) -> Result<JobOutput> {
+    let src = open_source_for(ctx, model, out)?;
+    let codec = options.codec();
+    let start = Instant::now();
+    let stage = if options.rtn { "quantizing" } else { "AWQ" };
+    let mut on_module =
+        |m: &crate::quantize_packed::PackedModuleMetrics, done: usize, total: usize| {
+            let metrics = super::LayerMetrics {
+                layer: Some(m.layer),
+                tensor: m.tensor.clone(),
+                codec: codec.clone(),
+                bits_per_weight: m.bits_per_weight,
+                rel_rms_error: m.rel_rms_error,
+                weighted_rel_rms_error: None,
+                gptq_loss: None,
+                rtn_loss: None,
+                max_error: m.max_error,
+            };
+            module_done(ctx, start, stage, metrics, done, total)
+        };
+    let report = crate::quantize_awq::quantize_awq(&src, options, out, &mut on_module)?;
     Ok(JobOutput::QuantizedPacked(Box::new(report)))
 }
 

@@ -6,6 +6,7 @@
 //!
 //! * [`gguf`] — llama-quantize's per-tensor type mixes (`Q4_K_M`, `Q3_K_S`, `--pure`, `--tensor-type`).
 //! * GPTQ — [`crate::quantize_gptq::GptqQuantizeOptions`] (solver options, calibration, spill budget).
+//! * AWQ — [`crate::quantize_awq::AwqQuantizeOptions`] (grid, layout, calibration, search settings).
 //!
 //! Adding a format: a codec or packing (`codecs/`), a format module (reader in `model/`, writer in
 //! `writers/`), a variant here with its catalogue entry and estimate, and its job body in
@@ -22,8 +23,10 @@ use crate::codecs::bnb::Bnb4Kind;
 use crate::codecs::GgmlType;
 use crate::imatrix::ImatrixOptions;
 use crate::model::summary::ModelSummary;
+use crate::quantize_awq::AwqQuantizeOptions;
 use crate::quantize_gptq::GptqQuantizeOptions;
 use crate::solvers::gptq::GptqOptions;
+use crate::writers::awq::AwqLayout;
 use crate::writers::bnb::Bnb4Options;
 use crate::writers::hqq::HqqOptions;
 use crate::writers::packed::LinearPacker;
@@ -36,6 +39,8 @@ pub enum Recipe {
     Gguf(GgufRecipe),
     /// A Hugging Face GPTQ folder.
     Gptq(Box<GptqQuantizeOptions>),
+    /// A Hugging Face AWQ folder (AutoAWQ GEMM or compressed-tensors).
+    Awq(Box<AwqQuantizeOptions>),
     /// A Hugging Face folder of a calibration-free packed format (bitsandbytes NF4/FP4).
     Packed(PackedRecipe),
 }
@@ -182,6 +187,24 @@ pub fn catalogue() -> Vec<RecipeKind> {
         nominal_bpw: gptq_bpw(4, Some(128)),
         loads_in: "transformers, vLLM, TGI, ExLlamaV2",
     });
+    for (id, label, loads_in) in [
+        ("awq", "AWQ", "transformers (gptqmodel), vLLM, TGI, SGLang"),
+        (
+            "awq-ct",
+            "AWQ (compressed-tensors)",
+            "vLLM (its default for llm-compressor), transformers + compressed-tensors",
+        ),
+    ] {
+        v.push(RecipeKind {
+            id: id.into(),
+            label: label.into(),
+            family: "AWQ",
+            container: Container::HfFolder,
+            calibration: CalibrationNeed::Required,
+            nominal_bpw: gptq_bpw(4, Some(128)),
+            loads_in,
+        });
+    }
     for (id, kind) in [("nf4", Bnb4Kind::Nf4), ("fp4", Bnb4Kind::Fp4)] {
         let o = Bnb4Options {
             kind,
@@ -231,6 +254,15 @@ pub fn parse_packed(
     Some(PackedRecipe::Bnb4(Bnb4Options { kind, double_quant }))
 }
 
+/// The AWQ layout a `--format` names (`awq`: AutoAWQ GEMM, `awq-ct`: compressed-tensors), if it is one.
+pub fn parse_awq(format: &str) -> Option<AwqLayout> {
+    match format.to_ascii_lowercase().as_str() {
+        "awq" | "awq-gemm" => Some(AwqLayout::Gemm),
+        "awq-ct" | "compressed-tensors" => Some(AwqLayout::CompressedTensors),
+        _ => None,
+    }
+}
+
 /// The `--format` help line, from the catalogue.
 pub fn format_help() -> String {
     let gguf: Vec<String> = catalogue()
@@ -239,7 +271,8 @@ pub fn format_help() -> String {
         .map(|k| k.id.clone())
         .collect();
     format!(
-        "What to make: a GGUF mix ({}, or pure:TYPE), gptq (a Hugging Face GPTQ folder), nf4 / fp4 (a \
+        "What to make: a GGUF mix ({}, or pure:TYPE), gptq (a Hugging Face GPTQ folder), awq / awq-ct (AWQ as AutoAWQ's GEMM layout or \
+         compressed-tensors' pack-quantized), nf4 / fp4 (a \
          bitsandbytes 4-bit folder; --double-quant) or hqq (--bits 8/4/3/2/1, --group-size, --axis)",
         gguf.join(", ")
     )
@@ -303,6 +336,9 @@ pub struct Estimate {
 const QUANTIZE_WEIGHTS_PER_S: f64 = 70e6;
 const IMATRIX_WEIGHT_TOKENS_PER_S: f64 = 5e10;
 const GPTQ_WEIGHT_TOKENS_PER_S: f64 = 1.6e10;
+/// AWQ's scale search: every ratio of the grid runs the group's module over the search rows once, plus
+/// the clipping search — in weight·tokens·ratios per second (fitted on SmolLM2, 8 search rows × 512).
+const AWQ_SEARCH_WEIGHT_TOKENS_PER_S: f64 = 4e10;
 
 impl Recipe {
     /// The GPTQ recipe with the engine's defaults (4-bit, group 128, act-order off, bundled text).
@@ -330,6 +366,16 @@ impl Recipe {
                 let rtn = if o.rtn { "-rtn" } else { "" };
                 format!("GPTQ-{}bit-{g}{ao}{sym}{rtn}", s.bits)
             }
+            Recipe::Awq(o) => format!(
+                "AWQ{}-{}bit-g{}{}",
+                match o.layout {
+                    AwqLayout::Gemm => "",
+                    AwqLayout::CompressedTensors => "-CT",
+                },
+                o.grid.bits,
+                o.grid.group_size,
+                if o.rtn { "-rtn" } else { "" }
+            ),
             Recipe::Packed(p) => p.label(),
         }
     }
@@ -340,6 +386,7 @@ impl Recipe {
             Recipe::Gguf(g) if matches!(g.imatrix, ImatrixSource::Compute { .. }) => "gguf-imatrix",
             Recipe::Gguf(_) => "gguf",
             Recipe::Gptq(_) => "gptq",
+            Recipe::Awq(_) => "awq",
             Recipe::Packed(PackedRecipe::Bnb4(_)) => "bnb4",
             Recipe::Packed(PackedRecipe::Hqq(_)) => "hqq",
         }
@@ -348,7 +395,7 @@ impl Recipe {
     pub fn container(&self) -> Container {
         match self {
             Recipe::Gguf(_) => Container::GgufFile,
-            Recipe::Gptq(_) | Recipe::Packed(_) => Container::HfFolder,
+            Recipe::Gptq(_) | Recipe::Awq(_) | Recipe::Packed(_) => Container::HfFolder,
         }
     }
 
@@ -357,6 +404,7 @@ impl Recipe {
         match self {
             Recipe::Gguf(g) => matches!(g.imatrix, ImatrixSource::Compute { .. }),
             Recipe::Gptq(_) => true,
+            Recipe::Awq(o) => !o.rtn,
             Recipe::Packed(_) => false,
         }
     }
@@ -382,7 +430,8 @@ impl Recipe {
                 ImatrixSource::Compute { source, .. } => calib(source),
             },
             Recipe::Gptq(o) => calib(&o.calib),
-            Recipe::Packed(_) => None,
+            Recipe::Awq(o) if !o.rtn => calib(&o.calib),
+            Recipe::Awq(_) | Recipe::Packed(_) => None,
         }
         .into_iter()
         .collect()
@@ -393,6 +442,7 @@ impl Recipe {
         match self {
             Recipe::Gguf(g) => g.mix.nominal_bpw(),
             Recipe::Gptq(o) => gptq_bpw(o.solver.bits, o.solver.group_size),
+            Recipe::Awq(o) => gptq_bpw(o.grid.bits, Some(o.grid.group_size)),
             Recipe::Packed(p) => p.linear_bpw(),
         }
     }
@@ -417,6 +467,8 @@ impl Recipe {
             },
             Recipe::Gguf(_) | Recipe::Packed(_) => 0.0,
             Recipe::Gptq(o) => (o.calib_opts.rows * o.calib_opts.seq_len) as f64,
+            Recipe::Awq(o) if o.rtn => 0.0,
+            Recipe::Awq(o) => (o.calib_opts.rows * o.calib_opts.seq_len) as f64,
         }
     }
 
@@ -438,7 +490,7 @@ impl Recipe {
                     .map(|(_, b)| *b as f64 * 8.0),
             ),
             // Embeddings and the head stay fp16.
-            Recipe::Gptq(_) | Recipe::Packed(_) => (16.0, None),
+            Recipe::Gptq(_) | Recipe::Awq(_) | Recipe::Packed(_) => (16.0, None),
         };
         let bits = planned.unwrap_or(linears * linear_bpw + heads * head_bpw);
         let largest = (s.vocab.max(s.intermediate) * s.hidden) as f64 * 4.0;
@@ -449,6 +501,24 @@ impl Recipe {
                 params / QUANTIZE_WEIGHTS_PER_S + tokens * params / IMATRIX_WEIGHT_TOKENS_PER_S,
             ),
             Recipe::Packed(p) => (3.0 * largest + 64e6, params / p.weights_per_s()),
+            Recipe::Awq(o) => {
+                let acts = tokens * s.hidden as f64 * 4.0;
+                // The search rows' inputs of the four linear inputs, the layer's weights in f32 twice.
+                let search = (o.search_rows * o.calib_opts.seq_len) as f64;
+                let kept = search * (3 * s.hidden + s.intermediate) as f64 * 4.0;
+                let layer = (linears / s.layers.max(1) as f64) * 4.0 * 2.0;
+                let search_s = if o.rtn {
+                    0.0
+                } else {
+                    search * linears * o.n_grid as f64 / AWQ_SEARCH_WEIGHT_TOKENS_PER_S
+                };
+                (
+                    acts + kept + layer + 3.0 * largest + 64e6,
+                    params / QUANTIZE_WEIGHTS_PER_S
+                        + tokens * params / IMATRIX_WEIGHT_TOKENS_PER_S
+                        + search_s,
+                )
+            }
             Recipe::Gptq(_) => {
                 let acts = tokens * s.hidden as f64 * 4.0 * 2.0;
                 // The widest Hessian (f64) and its factorisation's working copy.

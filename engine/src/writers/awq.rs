@@ -103,9 +103,19 @@ impl AwqFolderConfig {
     pub fn check_shape(&self, name: &str, out: usize, inp: usize) -> Result<()> {
         let gs = self.group_size;
         if gs == 0 || inp % gs != 0 {
+            let fits: Vec<String> = [32usize, 64, 128, 256]
+                .iter()
+                .filter(|g| inp % *g == 0)
+                .map(ToString::to_string)
+                .collect();
             return Err(Error::Invalid(format!(
-                "{name}: {inp} inputs are not a multiple of the group size {gs}; choose a --group-size that \
-                 divides {inp} (e.g. 32, 64 or 128)"
+                "{name}: {inp} inputs are not a multiple of the group size {gs} (AWQ's loaders need whole \
+                 groups); choose a --group-size that divides every linear's inputs{}",
+                if fits.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} divide {inp})", fits.join(", "))
+                }
             )));
         }
         match self.layout {
