@@ -9,8 +9,10 @@ use eframe::egui;
 use quant_engine::calib::{CalibOptions, CalibSource};
 use quant_engine::imatrix::ImatrixOptions;
 use quant_engine::jobs::{Command, Event, ImatrixSource, JobId};
+use quant_engine::quantize_awq::AwqQuantizeOptions;
 use quant_engine::quantize_gptq::GptqQuantizeOptions;
 use quant_engine::recipes::{self, GgufRecipe, Recipe};
+use quant_engine::solvers::awq::AwqGrid;
 use quant_engine::solvers::gptq::GptqOptions;
 
 use super::dialogs::Picked;
@@ -76,8 +78,10 @@ pub struct QuantizePanel {
     pub gptq_group: Option<usize>,
     pub gptq_act_order: bool,
     pub gptq_sym: bool,
-    /// Ticked calibration-free packed formats (catalogue ids: `nf4`, `fp4`).
+    /// Ticked Hugging Face formats besides GPTQ (catalogue ids: `awq`, `awq-ct`, `nf4`, `fp4`, `hqq`).
     pub packed: Vec<String>,
+    /// AWQ's group size.
+    pub awq_group: usize,
     /// bitsandbytes double quantization for the NF4/FP4 targets.
     pub double_quant: bool,
     /// HQQ's bit width and group size.
@@ -104,6 +108,7 @@ impl QuantizePanel {
             gptq_act_order: true,
             gptq_sym: false,
             packed: s.packed_targets.clone(),
+            awq_group: 128,
             double_quant: false,
             hqq_bits: 4,
             hqq_group: 64,
@@ -174,6 +179,27 @@ impl QuantizePanel {
                             )
                             .map(Recipe::Packed),
                         );
+                    }
+                }
+                recipes::Container::HfFolder if kind.family == "AWQ" => {
+                    if let (true, Some(layout)) =
+                        (self.packed.contains(&kind.id), recipes::parse_awq(&kind.id))
+                    {
+                        let d = AwqQuantizeOptions::default();
+                        t.push(Recipe::Awq(Box::new(AwqQuantizeOptions {
+                            grid: AwqGrid {
+                                bits: 4,
+                                group_size: self.awq_group,
+                            },
+                            layout,
+                            calib: self.calib_source(),
+                            calib_opts: CalibOptions {
+                                rows: self.calib.rows,
+                                seq_len: self.calib.seq_len,
+                                seed: 0,
+                            },
+                            ..d
+                        })));
                     }
                 }
                 recipes::Container::HfFolder => {
@@ -567,6 +593,46 @@ impl QuantizePanel {
                 .labelled_by(label.id);
             ui.checkbox(&mut self.gptq_act_order, "act-order");
             ui.checkbox(&mut self.gptq_sym, "symmetric");
+        });
+        ui.horizontal(|ui| {
+            ui.label("AWQ 4-bit:");
+            let kinds = recipes::catalogue()
+                .into_iter()
+                .filter(|k| k.family == "AWQ");
+            for kind in kinds {
+                let mut on = self.packed.contains(&kind.id);
+                let label = kind.label.replace("AWQ (compressed-tensors)", "compressed-tensors");
+                if ui
+                    .checkbox(&mut on, label)
+                    .on_hover_text(format!("{}: loads in {}", kind.label, kind.loads_in))
+                    .changed()
+                {
+                    if on {
+                        self.packed.push(kind.id.clone());
+                    } else {
+                        self.packed.retain(|p| *p != kind.id);
+                    }
+                }
+            }
+            let label = ui.label("group");
+            egui::ComboBox::from_id_salt("awq-group")
+                .selected_text(self.awq_group.to_string())
+                .show_ui(ui, |ui| {
+                    for g in [32usize, 64, 128] {
+                        ui.selectable_value(&mut self.awq_group, g, g.to_string());
+                    }
+                })
+                .response
+                .labelled_by(label.id);
+            let s = &src.summary;
+            let ticked = self.packed.iter().any(|p| p.starts_with("awq"));
+            if ticked && (s.hidden % self.awq_group != 0 || s.intermediate % self.awq_group != 0) {
+                ui.colored_label(ui.visuals().warn_fg_color, "⚠ must divide the widths")
+                    .on_hover_text(format!(
+                        "AWQ's loaders need whole groups: this model's widths are {} and {}",
+                        s.hidden, s.intermediate
+                    ));
+            }
         });
         ui.add_space(6.0);
         ui.label("Calibration-free (transformers):");

@@ -1,8 +1,14 @@
 #!/usr/bin/env python3
-"""Independent AutoAWQ GEMM packer, written from the published layout (shared/reference/hf-formats.md §3), for
-`engine/tests/awq_py.rs`: it makes an AWQ checkpoint the way AutoAWQ lays one out, for our reader to load.
+"""Independent AutoAWQ GEMM and compressed-tensors pack-quantized packer, written from the published layouts
+(shared/reference/hf-formats.md §3; compressed-tensors' pack_to_int32), for `engine/tests/awq_py.rs`: it makes
+a checkpoint the way AutoAWQ (or llm-compressor) lays one out, for our reader to load.
 
-Usage: pack_awq.py SRC_DIR OUT_DIR GROUP_SIZE
+Usage: pack_awq.py SRC_DIR OUT_DIR GROUP_SIZE [gemm | ct BITS | ct-sym BITS]
+
+ct: weight_packed [out, ceil(in*B/32)] int32, element j of a row at bit j*B of the row's bit stream, stored as
+q + 2^(B-1) of the signed code; weight_zero_point packed the same way along the output dimension
+([ceil(out*B/32), groups]); weight_scale [out, groups] fp16; weight_shape int64. ct-sym: no zero point,
+s = max|w| / (2^(B-1) - 1), q = clamp(round(w/s), -2^(B-1), 2^(B-1) - 1).
 
 SRC_DIR is a Hugging Face folder with one F16/F32 model.safetensors. Every decoder linear is quantized on
 AutoAWQ's grid (per group of GROUP_SIZE inputs of each output row, in fp16: s = max(max − min, 1e-5)/15,
@@ -43,7 +49,8 @@ def write(path, tensors):
     header, offset, blobs = {"__metadata__": {"format": "pt"}}, 0, []
     for k in names:
         a = np.ascontiguousarray(tensors[k])
-        dtype = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32"}[a.dtype]
+        dtype = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32",
+                 np.dtype(np.int64): "I64"}[a.dtype]
         b = a.tobytes()
         header[k] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
         offset += len(b)
@@ -65,8 +72,50 @@ def pack(q):
     return out.view(np.int32)
 
 
+def pack_bits(v, bits):
+    """[rows, cols] unsigned codes → [rows, ceil(cols*bits/32)] int32, element j at bit j*bits."""
+    rows, cols = v.shape
+    words = (cols * bits + 31) // 32
+    out = np.zeros((rows, words + 1), dtype=np.uint64)
+    for j in range(cols):
+        bit = j * bits
+        w, off = bit // 32, bit % 32
+        x = v[:, j].astype(np.uint64) << np.uint64(off)
+        out[:, w] |= x & np.uint64(0xFFFFFFFF)
+        out[:, w + 1] |= x >> np.uint64(32)
+    return out[:, :words].astype(np.uint32).view(np.int32)
+
+
+def ct_linear(w16, gs, bits, sym):
+    n, k = w16.shape
+    g = w16.reshape(n, k // gs, gs)
+    if sym:
+        qmax = 2 ** (bits - 1) - 1
+        s = (np.maximum(np.abs(g).max(-1), 1e-5) / qmax).astype(np.float16).astype(np.float32)
+        q = np.clip(np.round(g / s[..., None]), -(qmax + 1), qmax)
+        z = np.zeros_like(s)
+    else:
+        qmax = 2 ** bits - 1
+        lo, hi = g.min(-1), g.max(-1)
+        s = (np.maximum(hi - lo, 1e-5) / qmax).astype(np.float16).astype(np.float32)
+        z = np.clip(-np.round(lo / s), 0, qmax)
+        q = np.clip(np.round(g / s[..., None]) + z[..., None], 0, qmax)
+        q, z = q - 2 ** (bits - 1), z - 2 ** (bits - 1)   # signed, as compressed-tensors stores them
+    q, z = q.astype(np.int64), z.astype(np.int64)           # integers, as stored (no −0)
+    off = 2 ** (bits - 1)
+    parts = {"weight_packed": pack_bits((q.reshape(n, k) + off).astype(np.uint8), bits),
+             "weight_scale": s.astype(np.float16),
+             "weight_shape": np.array([n, k], dtype=np.int64)}
+    if not sym:
+        parts["weight_zero_point"] = pack_bits((z + off).astype(np.uint8).T.copy(), bits).T.copy()
+    deq = (s[..., None] * (q - z[..., None]).astype(np.float32)).reshape(n, k)
+    return parts, deq
+
+
 def main():
     src, out, gs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    layout = sys.argv[4] if len(sys.argv) > 4 else "gemm"
+    bits = int(sys.argv[5]) if len(sys.argv) > 5 else 4
     os.makedirs(os.path.join(out, "dequant"), exist_ok=True)
     t = read(os.path.join(src, "model.safetensors"))
     res = {}
@@ -78,6 +127,12 @@ def main():
         p = name[: -len(".weight")]
         w16 = w.astype(np.float16).astype(np.float32)          # [out, in]
         n, k = w16.shape
+        if layout != "gemm":
+            parts, deq = ct_linear(w16, gs, bits, layout == "ct-sym")
+            for suffix, v in parts.items():
+                res[p + "." + suffix] = v
+            deq.astype(np.float16).astype("<f4").tofile(os.path.join(out, "dequant", p + ".f32"))
+            continue
         g = w16.reshape(n, k // gs, gs)
         lo, hi = g.min(-1), g.max(-1)
         s = (np.maximum(hi - lo, 1e-5) / 15).astype(np.float16).astype(np.float32)   # [out, groups]
@@ -90,8 +145,16 @@ def main():
         deq.astype(np.float16).astype("<f4").tofile(os.path.join(out, "dequant", p + ".f32"))
     write(os.path.join(out, "model.safetensors"), res)
     cfg = json.load(open(os.path.join(src, "config.json")))
-    cfg["quantization_config"] = {"quant_method": "awq", "zero_point": True, "group_size": gs, "bits": 4,
-                                  "version": "gemm", "modules_to_not_convert": None}
+    if layout == "gemm":
+        cfg["quantization_config"] = {"quant_method": "awq", "zero_point": True, "group_size": gs, "bits": 4,
+                                      "version": "gemm", "modules_to_not_convert": None}
+    else:
+        cfg["quantization_config"] = {
+            "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+            "ignore": ["lm_head"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+                "num_bits": bits, "type": "int", "symmetric": layout == "ct-sym", "strategy": "group",
+                "group_size": gs, "dynamic": False}}}}
     json.dump(cfg, open(os.path.join(out, "config.json"), "w"), indent=2)
     for f in os.listdir(src):
         if f.endswith(".json") and f != "config.json" and f != "model.safetensors.index.json":
