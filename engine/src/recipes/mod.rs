@@ -338,7 +338,7 @@ const IMATRIX_WEIGHT_TOKENS_PER_S: f64 = 5e10;
 const GPTQ_WEIGHT_TOKENS_PER_S: f64 = 1.6e10;
 /// AWQ's scale search: every ratio of the grid runs the group's module over the search rows once, plus
 /// the clipping search — in weight·tokens·ratios per second (fitted on SmolLM2, 8 search rows × 512).
-const AWQ_SEARCH_WEIGHT_TOKENS_PER_S: f64 = 4e10;
+const AWQ_SEARCH_WEIGHT_TOKENS_PER_S: f64 = 2.8e10;
 
 impl Recipe {
     /// The GPTQ recipe with the engine's defaults (4-bit, group 128, act-order off, bundled text).
