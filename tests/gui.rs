@@ -959,6 +959,41 @@ fn calibration_free_targets_make_their_recipes() {
         .any(|r| matches!(r, Recipe::Packed(PackedRecipe::Bnb4(o)) if o.double_quant)));
 }
 
+#[test]
+fn awq_targets_make_their_recipes_with_the_chosen_group() {
+    use quant_engine::writers::awq::AwqLayout;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, _commands, _events) = detached(Some((&model, Path::new("/models/tiny-llama"))));
+    h.get_by_label("Quantize").click();
+    h.run_steps(2);
+    h.get_by_label("AWQ").click();
+    h.get_by_label("compressed-tensors").click();
+    h.run_steps(2);
+    h.state_mut().quantize.awq_group = 32;
+    let awq: Vec<(AwqLayout, usize, String)> = h
+        .state()
+        .quantize
+        .targets()
+        .iter()
+        .filter_map(|r| match r {
+            Recipe::Awq(o) => Some((o.layout, o.grid.group_size, r.label())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        awq,
+        [
+            (AwqLayout::Gemm, 32, "AWQ-4bit-g32".to_string()),
+            (
+                AwqLayout::CompressedTensors,
+                32,
+                "AWQ-CT-4bit-g32".to_string()
+            )
+        ]
+    );
+}
+
 /// Timing (manual, `cargo test --release --test gui -- --ignored compare_timing --nocapture`): with the real
 /// engine on SmolLM2, a comparison of two variants, then a third added: the second Evaluate runs one
 /// evaluation and takes about a third of the first's time.

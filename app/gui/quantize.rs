@@ -601,7 +601,9 @@ impl QuantizePanel {
                 .filter(|k| k.family == "AWQ");
             for kind in kinds {
                 let mut on = self.packed.contains(&kind.id);
-                let label = kind.label.replace("AWQ (compressed-tensors)", "compressed-tensors");
+                let label = kind
+                    .label
+                    .replace("AWQ (compressed-tensors)", "compressed-tensors");
                 if ui
                     .checkbox(&mut on, label)
                     .on_hover_text(format!("{}: loads in {}", kind.label, kind.loads_in))

@@ -364,7 +364,11 @@ pub fn quantize_awq(
             let x_mean: Vec<Vec<f32>> = cap
                 .abs_sum
                 .iter()
-                .map(|s| s.iter().map(|v| (v / cap.tokens.max(1) as f64) as f32).collect())
+                .map(|s| {
+                    s.iter()
+                        .map(|v| (v / cap.tokens.max(1) as f64) as f32)
+                        .collect()
+                })
                 .collect();
             let originals: Vec<TensorRef> = ALL
                 .iter()
@@ -382,28 +386,33 @@ pub fn quantize_awq(
                 let cols = work[idx(g.linears[0])].cols;
                 let n_tok = x.len() / cols;
                 // What the group's module computes on the search rows, in float.
-                let inspect = |model: &Model, cache: &mut crate::infer::KvCache| -> Result<Vec<f32>> {
-                    match g.input {
-                        MatmulInput::Attention => {
-                            let mut out = Vec::with_capacity(n_tok * c.hidden_size);
-                            for r in x.chunks_exact(seq * cols) {
-                                out.extend(model.attention_output(li, r, seq, cache)?);
+                let inspect =
+                    |model: &Model, cache: &mut crate::infer::KvCache| -> Result<Vec<f32>> {
+                        match g.input {
+                            MatmulInput::Attention => {
+                                let mut out = Vec::with_capacity(n_tok * c.hidden_size);
+                                for r in x.chunks_exact(seq * cols) {
+                                    out.extend(model.attention_output(li, r, seq, cache)?);
+                                }
+                                Ok(out)
                             }
-                            Ok(out)
+                            MatmulInput::Ffn => model.mlp_output(li, x, n_tok),
+                            MatmulInput::AttentionOutput | MatmulInput::FfnDown => {
+                                let w = model
+                                    .linear(li, g.linears[0])
+                                    .ok_or_else(|| Error::Invalid("no linear".into()))?;
+                                let mut out = vec![0.0f32; n_tok * w.rows()];
+                                opts.backend.matmul(w, x, n_tok, &mut out);
+                                Ok(out)
+                            }
                         }
-                        MatmulInput::Ffn => model.mlp_output(li, x, n_tok),
-                        MatmulInput::AttentionOutput | MatmulInput::FfnDown => {
-                            let w = model
-                                .linear(li, g.linears[0])
-                                .ok_or_else(|| Error::Invalid("no linear".into()))?;
-                            let mut out = vec![0.0f32; n_tok * w.rows()];
-                            opts.backend.matmul(w, x, n_tok, &mut out);
-                            Ok(out)
-                        }
-                    }
-                };
+                    };
                 let reference = inspect(&model, &mut cache)?;
-                let ws: Vec<&[f32]> = g.linears.iter().map(|&k| work[idx(k)].w.as_slice()).collect();
+                let ws: Vec<&[f32]> = g
+                    .linears
+                    .iter()
+                    .map(|&k| work[idx(k)].w.as_slice())
+                    .collect();
                 let w_mean = opts
                     .duo_scaling
                     .then(|| weight_mean(&ws, cols, grid.group_size));
@@ -513,7 +522,8 @@ pub fn quantize_awq(
                 for k in 0..wk.cols {
                     let g = r * groups + k / gs;
                     let (s, z) = (q.scales[g], f32::from(q.zeros[g]));
-                    let deq = half::f16::from_f32(s * (f32::from(q.codes[r * wk.cols + k]) - z)).to_f32();
+                    let deq =
+                        half::f16::from_f32(s * (f32::from(q.codes[r * wk.cols + k]) - z)).to_f32();
                     let cs = wk.col.as_ref().map_or(1.0, |s| s[k]);
                     let d = f64::from(orig[r * wk.cols + k] - deq / cs * rs);
                     e2 += d * d;
@@ -539,7 +549,13 @@ pub fn quantize_awq(
     }
     drop(store);
     drop(model);
-    write_packed_folder(src, &cfg.folder(), staged.path(), &mut packed, &mut |_, _| true)?;
+    write_packed_folder(
+        src,
+        &cfg.folder(),
+        staged.path(),
+        &mut packed,
+        &mut |_, _| true,
+    )?;
     packed.remove()?;
     let out = staged.commit()?;
     let folder_size_bytes: u64 = std::fs::read_dir(&out)
@@ -596,19 +612,28 @@ mod tests {
 
     /// Mean KL divergence of `b`'s next-token distributions from `a`'s over `toks`.
     fn kld(a: &Model, b: &Model, toks: &[u32]) -> f64 {
-        let la = a.forward(toks, &mut a.new_cache(256), Logits::All).expect("a");
-        let lb = b.forward(toks, &mut b.new_cache(256), Logits::All).expect("b");
+        let la = a
+            .forward(toks, &mut a.new_cache(256), Logits::All)
+            .expect("a");
+        let lb = b
+            .forward(toks, &mut b.new_cache(256), Logits::All)
+            .expect("b");
         let v = a.vocab_size();
         let lsm = |x: &[f32]| {
             let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let z: f64 = x.iter().map(|&v| f64::from(v - m).exp()).sum();
-            x.iter().map(|&v| f64::from(v - m) - z.ln()).collect::<Vec<f64>>()
+            x.iter()
+                .map(|&v| f64::from(v - m) - z.ln())
+                .collect::<Vec<f64>>()
         };
         la.chunks(v)
             .zip(lb.chunks(v))
             .map(|(x, y)| {
                 let (p, q) = (lsm(x), lsm(y));
-                p.iter().zip(&q).map(|(a, b)| a.exp() * (a - b)).sum::<f64>()
+                p.iter()
+                    .zip(&q)
+                    .map(|(a, b)| a.exp() * (a - b))
+                    .sum::<f64>()
             })
             .sum::<f64>()
             / toks.len() as f64
@@ -642,7 +667,10 @@ mod tests {
             )
             .expect(name);
             assert_eq!((seen, r.modules.len()), (14, 14));
-            assert!((r.linear_bits_per_weight - 4.0 - 20.0 / 32.0).abs() < 0.2, "{r:?}");
+            assert!(
+                (r.linear_bits_per_weight - 4.0 - 20.0 / 32.0).abs() < 0.2,
+                "{r:?}"
+            );
             let q = SourceModel::open(&out).expect("open AWQ folder");
             assert_eq!(q.tensors.values().filter(|t| t.is_grouped()).count(), 14);
             results.push((name, kld(&float, &Model::load(&q).expect("load"), &toks), q));
@@ -651,7 +679,10 @@ mod tests {
         eprintln!("KLD from the float model: RTN {rtn:.5}, AWQ {gemm:.5}");
         assert!(gemm < 0.9 * rtn, "AWQ {gemm} vs RTN {rtn}");
         // Same numbers, two layouts: the models the readers build are identical.
-        assert!((gemm - ct).abs() < 1e-12, "GEMM {gemm} vs compressed-tensors {ct}");
+        assert!(
+            (gemm - ct).abs() < 1e-12,
+            "GEMM {gemm} vs compressed-tensors {ct}"
+        );
         let (g, c) = (&results[1].2, &results[2].2);
         for (name, t) in &g.tensors {
             let u = c.tensors.get(name).expect("same tensors");
@@ -662,7 +693,12 @@ mod tests {
         assert_ne!(src.tensors[n0].to_f32(), g.tensors[n0].to_f32());
         assert_eq!(
             g.calibration_dataset.as_deref(),
-            Some(opts(tmp.path(), AwqLayout::Gemm, false).calib.dataset_name().as_str())
+            Some(
+                opts(tmp.path(), AwqLayout::Gemm, false)
+                    .calib
+                    .dataset_name()
+                    .as_str()
+            )
         );
     }
 
@@ -674,13 +710,27 @@ mod tests {
         let src = SourceModel::open(&src_dir).expect("open");
         let mut o = opts(tmp.path(), AwqLayout::Gemm, false);
         o.grid.group_size = 48;
-        let e = quantize_awq(&src, &o, &OutputSpec::folder(tmp.path().join("x")), &mut |_, _, _| true)
-            .expect_err("group 48");
-        assert!(e.to_string().contains("not a multiple of the group size 48"), "{e}");
+        let e = quantize_awq(
+            &src,
+            &o,
+            &OutputSpec::folder(tmp.path().join("x")),
+            &mut |_, _, _| true,
+        )
+        .expect_err("group 48");
+        assert!(
+            e.to_string()
+                .contains("not a multiple of the group size 48"),
+            "{e}"
+        );
         o.grid.group_size = 32;
         o.grid.bits = 3;
-        let e = quantize_awq(&src, &o, &OutputSpec::folder(tmp.path().join("x")), &mut |_, _, _| true)
-            .expect_err("3-bit GEMM");
+        let e = quantize_awq(
+            &src,
+            &o,
+            &OutputSpec::folder(tmp.path().join("x")),
+            &mut |_, _, _| true,
+        )
+        .expect_err("3-bit GEMM");
         assert!(e.to_string().contains("awq-ct"), "{e}");
         assert!(!tmp.path().join("x").exists());
     }

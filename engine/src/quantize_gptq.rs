@@ -435,9 +435,9 @@ fn packed_tensor(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
     use crate::infer::Logits;
     use crate::model::fixture::{write_fixture, FixtureSpec};
+    use std::path::Path;
 
     const TEXT: &str = "The keeper counted the boats in the harbour every evening, and wrote the number \
         in a small book. Some nights the wind came from the sea and the boats knocked together like wooden \

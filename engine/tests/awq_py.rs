@@ -6,14 +6,14 @@
 
 use quant_engine::calib::{CalibOptions, CalibSource};
 use quant_engine::infer::{Logits, Model};
+use quant_engine::model::fixture::{write_fixture, FixtureSpec};
+use quant_engine::model::SourceModel;
 use quant_engine::output::OutputSpec;
 use quant_engine::quantize_awq::{quantize_awq, AwqQuantizeOptions};
 use quant_engine::solvers::awq::AwqGrid;
-use quant_engine::writers::awq::AwqLayout;
-use quant_engine::model::fixture::{write_fixture, FixtureSpec};
-use quant_engine::model::SourceModel;
 use quant_engine::tensor::TensorRef;
 use quant_engine::testing::{assert_bits_equal, read_f32_file, run_python_oracle};
+use quant_engine::writers::awq::AwqLayout;
 
 #[test]
 fn awq_gemm_checkpoints_read_with_the_weights_their_layout_defines() {
@@ -62,7 +62,10 @@ fn compressed_tensors_checkpoints_read_with_the_weights_their_layout_defines() {
         ("ct-sym", "8", "int8 g32"),
     ] {
         let out = tmp.path().join(format!("{layout}-{bits}"));
-        run_python_oracle("awq_py/pack_awq.py", &[&src_dir, &out, &"32", &layout, &bits]);
+        run_python_oracle(
+            "awq_py/pack_awq.py",
+            &[&src_dir, &out, &"32", &layout, &bits],
+        );
         let q = SourceModel::open(&out).expect("open the compressed-tensors folder");
         let packed: Vec<&TensorRef> = q.tensors.values().filter(|t| t.is_grouped()).collect();
         assert_eq!(packed.len(), 14);
@@ -71,10 +74,16 @@ fn compressed_tensors_checkpoints_read_with_the_weights_their_layout_defines() {
             let p = out
                 .join("dequant")
                 .join(format!("{}.f32", t.name.trim_end_matches(".weight")));
-            assert_bits_equal(&format!("{layout} {bits} {}", t.name), &t.to_f32(), &read_f32_file(&p));
+            assert_bits_equal(
+                &format!("{layout} {bits} {}", t.name),
+                &t.to_f32(),
+                &read_f32_file(&p),
+            );
         }
         let m = Model::load(&q).expect("load");
-        let got = m.forward(&toks, &mut m.new_cache(16), Logits::Last).expect("fwd");
+        let got = m
+            .forward(&toks, &mut m.new_cache(16), Logits::Last)
+            .expect("fwd");
         assert!(got.iter().all(|x| x.is_finite()));
     }
 }
@@ -88,7 +97,8 @@ fn our_awq_folders_decode_independently_to_the_weights_we_evaluate() {
     let text = tmp.path().join("calib.txt");
     std::fs::write(
         &text,
-        "A lighthouse keeper wrote down the ships that passed, the weather and the tides. ".repeat(40),
+        "A lighthouse keeper wrote down the ships that passed, the weather and the tides. "
+            .repeat(40),
     )
     .expect("text");
     for (layout, bits) in [
@@ -123,7 +133,11 @@ fn our_awq_folders_decode_independently_to_the_weights_we_evaluate() {
         assert_eq!(packed.len(), 14);
         for t in packed {
             let p = dq.join(format!("{}.f32", t.name.trim_end_matches(".weight")));
-            assert_bits_equal(&format!("{layout:?} {bits} {}", t.name), &t.to_f32(), &read_f32_file(&p));
+            assert_bits_equal(
+                &format!("{layout:?} {bits} {}", t.name),
+                &t.to_f32(),
+                &read_f32_file(&p),
+            );
         }
     }
 }

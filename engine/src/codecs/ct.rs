@@ -159,7 +159,9 @@ impl CtParts<'_> {
     #[inline]
     fn group_of(&self, k: usize) -> usize {
         match self.g_idx {
-            Some(g) => i32::from_le_bytes([g[4 * k], g[4 * k + 1], g[4 * k + 2], g[4 * k + 3]]) as usize,
+            Some(g) => {
+                i32::from_le_bytes([g[4 * k], g[4 * k + 1], g[4 * k + 2], g[4 * k + 3]]) as usize
+            }
             None => k / self.group_size,
         }
     }
@@ -171,7 +173,8 @@ impl CtParts<'_> {
         let words = packed_words(self.in_features, self.bits);
         for (k, o) in out.iter_mut().enumerate() {
             let g = self.group_of(k);
-            let q = field(self.packed, n * words, 1, k * self.bits as usize, self.bits) as i32 - offset;
+            let q =
+                field(self.packed, n * words, 1, k * self.bits as usize, self.bits) as i32 - offset;
             let z = match self.zero_point {
                 Some(zp) => field(zp, g, groups, n * self.bits as usize, self.bits) as i32 - offset,
                 None => 0,
@@ -192,9 +195,13 @@ impl CtParts<'_> {
             ));
         }
         let groups = self.groups();
-        if groups == 0 || (self.g_idx.is_none() && k % self.group_size != 0 && groups * self.group_size < k)
+        if groups == 0
+            || (self.g_idx.is_none() && k % self.group_size != 0 && groups * self.group_size < k)
         {
-            return bad(format!("{groups} groups for {k} inputs, group {}", self.group_size));
+            return bad(format!(
+                "{groups} groups for {k} inputs, group {}",
+                self.group_size
+            ));
         }
         let want_packed = n * packed_words(k, b) * 4;
         let want_scale = n * groups * self.scale_type.size();
@@ -217,7 +224,11 @@ impl CtParts<'_> {
         }
         if let Some(g) = self.g_idx {
             if g.len() != 4 * k {
-                return bad(format!("weight_g_idx holds {} bytes, {} expected", g.len(), 4 * k));
+                return bad(format!(
+                    "weight_g_idx holds {} bytes, {} expected",
+                    g.len(),
+                    4 * k
+                ));
             }
             if let Some(bad_k) = (0..k).find(|&i| self.group_of(i) >= groups) {
                 return bad(format!(
@@ -255,10 +266,17 @@ mod tests {
             let (n, k, gs) = (24usize, 64usize, 16usize);
             let groups = k / gs;
             let maxq = (1u32 << bits) - 1;
-            let q: Vec<u8> = (0..n * k).map(|i| ((i * 7 + 3) as u32 % (maxq + 1)) as u8).collect();
-            let z: Vec<u8> = (0..n * groups).map(|i| ((i * 5) as u32 % (maxq + 1)) as u8).collect();
+            let q: Vec<u8> = (0..n * k)
+                .map(|i| ((i * 7 + 3) as u32 % (maxq + 1)) as u8)
+                .collect();
+            let z: Vec<u8> = (0..n * groups)
+                .map(|i| ((i * 5) as u32 % (maxq + 1)) as u8)
+                .collect();
             let s: Vec<f32> = (0..n * groups).map(|i| 0.01 * (i + 1) as f32).collect();
-            let sb: Vec<u8> = s.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect();
+            let sb: Vec<u8> = s
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect();
             let packed = pack_rows(&q, n, k, bits);
             let zp = pack_columns(&z, n, groups, bits);
             let p = CtParts {

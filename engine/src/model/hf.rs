@@ -824,7 +824,9 @@ fn ct_linears(
     let get = |k: &str| w.get(k).filter(|v| !v.is_null());
     let ty = get("type").and_then(Value::as_str).unwrap_or("int");
     if ty != "int" {
-        return Err(bad(format!("weights type {ty:?}: only integer weights are read")));
+        return Err(bad(format!(
+            "weights type {ty:?}: only integer weights are read"
+        )));
     }
     let bits = get("num_bits")
         .and_then(Value::as_u64)
@@ -856,7 +858,10 @@ fn ct_linears(
             raw.remove(&format!("{p}.{suffix}"))
                 .map(|t| {
                     if t.dtype != dtype {
-                        return Err(bad(format!("{p}.{suffix} must be {dtype}, not {}", t.dtype)));
+                        return Err(bad(format!(
+                            "{p}.{suffix} must be {dtype}, not {}",
+                            t.dtype
+                        )));
                     }
                     Ok(t)
                 })
@@ -869,7 +874,9 @@ fn ct_linears(
         let zero = take_int(raw, "weight_zero_point", "I32")?;
         let g_idx = take_int(raw, "weight_g_idx", "I32")?;
         if shape.numel() != 2 || packed.shape.len() != 2 {
-            return Err(bad(format!("{p}: weight_shape must hold 2 values, weight_packed be 2-D")));
+            return Err(bad(format!(
+                "{p}: weight_shape must hold 2 values, weight_packed be 2-D"
+            )));
         }
         let dim = |i: usize| {
             let b = &shape.data[8 * i..8 * i + 8];
@@ -927,7 +934,9 @@ fn ct_linears(
         tensors.insert(t.name.clone(), t);
     }
     if let Some(k) = raw.keys().find(|k| k.contains(".weight_")) {
-        return Err(bad(format!("tensor {k} belongs to no complete pack-quantized layer")));
+        return Err(bad(format!(
+            "tensor {k} belongs to no complete pack-quantized layer"
+        )));
     }
     Ok(())
 }

@@ -114,7 +114,9 @@ pub fn weight_mean(ws: &[&[f32]], cols: usize, group_size: usize) -> Vec<f32> {
             }
         }
     }
-    sum.iter().map(|s| (s / rows.max(1) as f64) as f32).collect()
+    sum.iter()
+        .map(|s| (s / rows.max(1) as f64) as f32)
+        .collect()
 }
 
 /// The per-input-channel scales tried at `ratio` (AutoAWQ's duo scaling:
@@ -128,9 +130,9 @@ pub fn candidate_scales(x_mean: &[f32], w_mean: Option<&[f32]>, ratio: f32) -> V
             .collect(),
         None => x_mean.iter().map(|&x| x.powf(ratio).max(1e-4)).collect(),
     };
-    let (lo, hi) = s
-        .iter()
-        .fold((f32::INFINITY, 0.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = s.iter().fold((f32::INFINITY, 0.0f32), |(lo, hi), &v| {
+        (lo.min(v), hi.max(v))
+    });
     let norm = (hi * lo).sqrt();
     if norm > 0.0 && norm.is_finite() {
         for v in &mut s {
@@ -266,7 +268,15 @@ mod tests {
         };
         let w: Vec<f32> = vec![0.1, -0.2, 0.15, 0.3, -0.25, 0.05, -0.1, 1.0];
         let x: Vec<f32> = (0..64)
-            .flat_map(|t| (0..8).map(move |j| if j == 7 { 0.0 } else { ((t * 7 + j * 3) % 11) as f32 - 5.0 }))
+            .flat_map(|t| {
+                (0..8).map(move |j| {
+                    if j == 7 {
+                        0.0
+                    } else {
+                        ((t * 7 + j * 3) % 11) as f32 - 5.0
+                    }
+                })
+            })
             .collect();
         let b = clip_search(&w, 8, &x, grid, 20, 0.5);
         assert!(b[0] < 1.0, "{b:?}");
