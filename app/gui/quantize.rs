@@ -628,7 +628,10 @@ impl QuantizePanel {
                 .labelled_by(label.id);
             let s = &src.summary;
             let ticked = self.packed.iter().any(|p| p.starts_with("awq"));
-            if ticked && (s.hidden % self.awq_group != 0 || s.intermediate % self.awq_group != 0) {
+            if ticked
+                && !(s.hidden.is_multiple_of(self.awq_group)
+                    && s.intermediate.is_multiple_of(self.awq_group))
+            {
                 ui.colored_label(ui.visuals().warn_fg_color, "⚠ must divide the widths")
                     .on_hover_text(format!(
                         "AWQ's loaders need whole groups: this model's widths are {} and {}",

@@ -195,9 +195,7 @@ impl CtParts<'_> {
             ));
         }
         let groups = self.groups();
-        if groups == 0
-            || (self.g_idx.is_none() && k % self.group_size != 0 && groups * self.group_size < k)
-        {
+        if groups == 0 {
             return bad(format!(
                 "{groups} groups for {k} inputs, group {}",
                 self.group_size

@@ -102,10 +102,10 @@ impl AwqFolderConfig {
     /// Check that a `[out, in]` linear named `name` fits the layout, naming the fix otherwise.
     pub fn check_shape(&self, name: &str, out: usize, inp: usize) -> Result<()> {
         let gs = self.group_size;
-        if gs == 0 || inp % gs != 0 {
+        if gs == 0 || !inp.is_multiple_of(gs) {
             let fits: Vec<String> = [32usize, 64, 128, 256]
                 .iter()
-                .filter(|g| inp % *g == 0)
+                .filter(|g| inp.is_multiple_of(**g))
                 .map(ToString::to_string)
                 .collect();
             return Err(Error::Invalid(format!(
@@ -123,7 +123,7 @@ impl AwqFolderConfig {
                 "AWQ's GEMM layout is 4-bit only (asked for {} bits); use --format awq-ct for other widths",
                 self.bits
             ))),
-            AwqLayout::Gemm if out % 8 != 0 => Err(Error::Invalid(format!(
+            AwqLayout::Gemm if !out.is_multiple_of(8) => Err(Error::Invalid(format!(
                 "{name}: {out} outputs are not a multiple of 8, which AWQ's GEMM packing needs; use \
                  --format awq-ct"
             ))),
