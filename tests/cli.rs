@@ -491,6 +491,79 @@ fn quantize_gptq_writes_a_folder_that_evaluates() {
     assert_eq!(stderr(&o).trim_end().lines().count(), 1, "{}", stderr(&o));
 }
 
+#[test]
+fn quantize_awq_writes_both_layouts_that_evaluate() {
+    let f = fixture();
+    for (format, method) in [("awq", "awq"), ("awq-ct", "compressed-tensors")] {
+        let out = f.model.with_file_name(format);
+        let o = run(&[
+            "quantize",
+            s(&f.model),
+            "--format",
+            format,
+            "--group-size",
+            "32",
+            "--calib",
+            s(&f.text),
+            "--rows",
+            "4",
+            "--seq-len",
+            "32",
+            "--search-rows",
+            "2",
+            "--out",
+            s(&out),
+        ]);
+        assert_ok(&o);
+        let text = stdout(&o);
+        let rows = text
+            .lines()
+            .filter(|l| l.starts_with("layers.") && l.contains("AWQ int4 g32"));
+        assert_eq!(rows.count(), 14, "{text}");
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("config.json")).expect("config"))
+                .expect("json");
+        assert_eq!(
+            cfg["quantization_config"]["quant_method"].as_str(),
+            Some(method)
+        );
+        let q = SourceModel::open(&out).expect("open");
+        assert_eq!(q.tensors.values().filter(|t| t.is_grouped()).count(), 14);
+        let o = run(&[
+            "eval",
+            s(&out),
+            "--base",
+            s(&f.model),
+            "--text",
+            s(&f.text),
+            "--ctx",
+            "32",
+        ]);
+        assert_ok(&o);
+    }
+    // GEMM is 4-bit only; a group that does not divide the widths is refused before any work.
+    for (extra, says) in [
+        (["--bits", "3"], "awq-ct"),
+        (["--group-size", "48"], "group size 48"),
+    ] {
+        let mut args = vec![
+            "quantize",
+            s(&f.model),
+            "--format",
+            "awq",
+            "--calib",
+            s(&f.text),
+        ];
+        args.extend(extra);
+        let out = f.model.with_file_name("refused");
+        args.extend(["--out", s(&out)]);
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(1));
+        assert!(stderr(&o).contains(says), "{}", stderr(&o));
+        assert!(!out.exists());
+    }
+}
+
 /// `quantize --help` lists every recipe the engine has, from the engine's catalogue.
 #[test]
 fn quantize_help_lists_the_engines_recipes() {
