@@ -30,6 +30,7 @@ use quant_engine::imatrix::ImatrixOptions;
 use quant_engine::infer::{GenerateOptions, SamplerConfig};
 use quant_engine::jobs::OutDtype;
 use quant_engine::jobs::{Command, EngineHandle, Event, ImatrixSource, JobId, JobOutput};
+use quant_engine::quantize_automix::MixBudget;
 use quant_engine::quantize_awq::AwqQuantizeOptions;
 use quant_engine::quantize_gptq::GptqQuantizeOptions;
 use quant_engine::recipes::{self, GgufRecipe, Recipe};
@@ -109,6 +110,12 @@ pub enum CliCommand {
         /// NF4/FP4: quantize the block scales to 8 bits too (bitsandbytes' double quantization).
         #[arg(long)]
         double_quant: bool,
+        /// --format auto: the bits per weight the file may spend (tensor data over every parameter).
+        #[arg(long, conflicts_with = "size")]
+        bpw: Option<f64>,
+        /// --format auto: the size the file may take (5GB, 500MB, 2GiB, or bytes).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
@@ -467,7 +474,16 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             force,
             estimate,
             double_quant,
+            bpw,
+            size,
         } => {
+            let auto = match (format.eq_ignore_ascii_case("auto"), bpw, size) {
+                (true, Some(b), None) => Some(MixBudget::Bpw(b)),
+                (true, None, Some(n)) => Some(MixBudget::FileBytes(n)),
+                (true, _, _) => bail!("--format auto needs --bpw B or --size SIZE"),
+                (false, None, None) => None,
+                (false, _, _) => bail!("--bpw and --size are for --format auto"),
+            };
             let group = match gptq.group_size {
                 Some(g) if g > 0 => Some(g as usize),
                 Some(g) if format.eq_ignore_ascii_case("hqq") => {
@@ -514,9 +530,13 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                     (None, None) => ImatrixSource::None,
                 };
                 Recipe::Gguf(GgufRecipe {
-                    mix: recipes::parse_mix(&format)?,
+                    mix: match auto {
+                        Some(_) => quant_engine::quantize_automix::AUTOMIX_BASE,
+                        None => recipes::parse_mix(&format)?,
+                    },
                     overrides: recipes::parse_overrides(&overrides)?,
                     imatrix,
+                    auto,
                 })
             };
             let out = match out {
@@ -757,12 +777,30 @@ fn quantize(
                 outln!("{}", serde_json::to_string_pretty(&report)?)?;
             } else {
                 outln!(
-                    "{}: {} tensors, {:.2} MiB, {:.3} bits per weight",
-                    report.mix,
+                    "{}: {} tensors, {:.2} MiB ({} bytes), {:.3} bits per weight",
+                    if report.tensor_type_args.is_empty() {
+                        report.mix
+                    } else {
+                        "auto mix"
+                    },
                     report.tensors.len(),
                     report.file_size_bytes as f64 / (1024.0 * 1024.0),
+                    report.file_size_bytes,
                     report.bits_per_weight
                 )?;
+                if !report.tensor_type_args.is_empty() {
+                    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+                    for t in &report.tensors {
+                        *counts.entry(t.ty).or_default() += 1;
+                    }
+                    let list: Vec<String> =
+                        counts.iter().map(|(t, n)| format!("{t} ×{n}")).collect();
+                    outln!("types: {}", list.join(", "))?;
+                    outln!(
+                        "the same mix with llama.cpp: llama-quantize --imatrix IMATRIX {} MODEL-F16.gguf OUT.gguf q4_k_m",
+                        report.tensor_type_args.join(" ")
+                    )?;
+                }
             }
             Ok(())
         }

@@ -1016,6 +1016,7 @@ fn compare_timing_adding_a_variant_evaluates_only_it() {
                     mix: parse_mix(mix).expect("mix"),
                     overrides: Vec::new(),
                     imatrix: ImatrixSource::None,
+                    auto: None,
                 }),
                 overwrite: false,
             })

@@ -84,6 +84,7 @@ pub fn run(engine: &EngineHandle, a: &BenchQuantizeArgs) -> anyhow::Result<()> {
                         .imatrix
                         .clone()
                         .map_or(ImatrixSource::None, ImatrixSource::File),
+                    auto: None,
                 }),
                 // Its own scratch folder, rewritten on every repetition.
                 overwrite: true,

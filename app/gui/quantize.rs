@@ -73,6 +73,9 @@ pub struct QuantizePanel {
     /// Ticked GGUF mixes.
     pub gguf: Vec<String>,
     pub imatrix: bool,
+    /// An error-aware GGUF mix at `auto_bpw` bits per weight.
+    pub auto_mix: bool,
+    pub auto_bpw: f64,
     /// Ticked GPTQ bit widths.
     pub gptq_bits: Vec<u8>,
     pub gptq_group: Option<usize>,
@@ -103,6 +106,8 @@ impl QuantizePanel {
                 s.gguf_targets.clone()
             },
             imatrix: false,
+            auto_mix: false,
+            auto_bpw: 5.0,
             gptq_bits: s.gptq_bits.clone(),
             gptq_group: Some(128),
             gptq_act_order: true,
@@ -163,6 +168,7 @@ impl QuantizePanel {
                         mix,
                         overrides: Vec::new(),
                         imatrix,
+                        auto: None,
                     }));
                 }
                 recipes::Container::HfFolder
@@ -226,6 +232,22 @@ impl QuantizePanel {
                     }));
                 }
             }
+        }
+        if self.auto_mix {
+            t.push(Recipe::Gguf(GgufRecipe {
+                mix: quant_engine::quantize_automix::AUTOMIX_BASE,
+                overrides: Vec::new(),
+                imatrix: ImatrixSource::Compute {
+                    source: self.calib_source(),
+                    options: ImatrixOptions {
+                        n_ctx: self.calib.seq_len,
+                        max_chunks: Some(self.calib.rows),
+                    },
+                },
+                auto: Some(quant_engine::quantize_automix::MixBudget::Bpw(
+                    self.auto_bpw,
+                )),
+            }));
         }
         t
     }
@@ -559,6 +581,24 @@ impl QuantizePanel {
             &mut self.imatrix,
             "Importance matrix from the calibration text (llama-imatrix's method)",
         );
+        ui.horizontal(|ui| {
+            ui.checkbox(&mut self.auto_mix, "Error-aware mix at")
+                .on_hover_text(
+                    "Every decoder tensor's type chosen by its measured error (imatrix-weighted) so the \
+                     whole file spends this many bits per weight; it loads in llama.cpp unchanged. \
+                     Needs an importance matrix: computed from the calibration text.",
+                );
+            ui.add(
+                egui::DragValue::new(&mut self.auto_bpw)
+                    .range(2.0..=9.0)
+                    .speed(0.05)
+                    .fixed_decimals(2),
+            );
+            ui.label("bits per weight");
+            if self.auto_mix && !self.imatrix {
+                ui.weak("(importance matrix computed for it)");
+            }
+        });
         ui.add_space(6.0);
         ui.label("GPTQ (transformers / vLLM / ExLlamaV2):");
         ui.horizontal(|ui| {

@@ -29,6 +29,7 @@ pub mod jobs;
 pub mod model;
 pub mod output;
 pub mod quantize;
+pub mod quantize_automix;
 pub mod quantize_awq;
 pub mod quantize_gptq;
 pub mod quantize_packed;

@@ -64,6 +64,8 @@ pub struct QuantizeReport {
     pub bits_per_weight: f64,
     /// Whether an importance matrix was used.
     pub imatrix: bool,
+    /// For an auto mix: the chosen types as `llama-quantize --tensor-type` arguments.
+    pub tensor_type_args: Vec<String>,
 }
 
 /// Decoder layer index of a Hugging Face tensor name.
@@ -77,7 +79,7 @@ pub fn layer_of(hf_name: &str) -> Option<usize> {
 }
 
 /// llama-quantize's `quantize.imatrix.*` keys (strings cut to 127 bytes as its `strncpy` does).
-fn imatrix_kvs(im: &ImatrixInput) -> Vec<(String, GgufValue)> {
+pub(crate) fn imatrix_kvs(im: &ImatrixInput) -> Vec<(String, GgufValue)> {
     fn cut(s: &str) -> String {
         let mut n = s.len().min(127);
         while !s.is_char_boundary(n) {
@@ -137,16 +139,9 @@ pub fn gguf_tensor_bytes(src: &SourceModel, mix: &GgufMix) -> Result<u64> {
     Ok(total)
 }
 
-/// Quantize `src` to a GGUF file at `out.path` (through [`crate::output`]: checked first, written under a
-/// temporary name, renamed when complete). `on_tensor` is called after each tensor; returning `false`
-/// cancels (nothing is left behind).
-pub fn quantize_gguf(
-    src: &SourceModel,
-    opts: &GgufQuantizeOptions,
-    out: &OutputSpec,
-    on_tensor: &mut dyn FnMut(&TensorMetrics, usize, usize) -> bool,
-) -> Result<QuantizeReport> {
-    // The tensors that go into the file, in the writer's order, with GGUF names and ne (row length first).
+/// The tensors that go into a GGUF file of `src`, in llama-quantize's visiting order: `(Hugging Face name,
+/// GGUF name, ne (row length first))`.
+pub(crate) fn gguf_entries(src: &SourceModel) -> Result<Vec<(String, String, Vec<u64>)>> {
     let mut entries: Vec<(String, String, Vec<u64>)> = Vec::new();
     for (hf, t) in &src.tensors {
         let g = gguf_tensor_name(hf).ok_or_else(|| {
@@ -159,6 +154,19 @@ pub fn quantize_gguf(
         ));
     }
     entries.sort_by_key(|(hf, g, _)| (gguf_order(g), layer_of(hf), g.clone()));
+    Ok(entries)
+}
+
+/// Quantize `src` to a GGUF file at `out.path` (through [`crate::output`]: checked first, written under a
+/// temporary name, renamed when complete). `on_tensor` is called after each tensor; returning `false`
+/// cancels (nothing is left behind).
+pub fn quantize_gguf(
+    src: &SourceModel,
+    opts: &GgufQuantizeOptions,
+    out: &OutputSpec,
+    on_tensor: &mut dyn FnMut(&TensorMetrics, usize, usize) -> bool,
+) -> Result<QuantizeReport> {
+    let entries = gguf_entries(src)?;
     let list: Vec<(String, Vec<u64>)> = entries
         .iter()
         .map(|(_, g, ne)| (g.clone(), ne.clone()))
@@ -248,11 +256,12 @@ pub fn quantize_gguf(
         file_size_bytes,
         bits_per_weight: bits / elems.max(1) as f64,
         imatrix: imatrix.is_some(),
+        tensor_type_args: Vec::new(),
     })
 }
 
 /// token_embd first, then the layers, then the final norm and the output head (the writer's order).
-fn gguf_order(g: &str) -> u8 {
+pub(crate) fn gguf_order(g: &str) -> u8 {
     if g.starts_with("token_embd") {
         0
     } else if g.starts_with("blk.") {
@@ -313,7 +322,7 @@ const TASK_ELEMS: usize = 1 << 16;
 
 /// Quantize `t` to `ty` into `out` (rows in `t`'s order), rows in parallel, each row with `weights` as
 /// its importance when given, and measure the error of each row while it is at hand.
-fn quantize_measured(
+pub(crate) fn quantize_measured(
     t: &TensorRef,
     ty: GgmlType,
     weights: Option<&[f32]>,

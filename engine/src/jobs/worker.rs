@@ -612,7 +612,20 @@ fn quantize(
         mix,
         overrides,
         imatrix,
+        auto,
     } = recipe;
+    if auto.is_some() && !overrides.is_empty() {
+        return Err(Error::Invalid(
+            "an auto mix chooses every decoder tensor's type itself: drop --override".into(),
+        ));
+    }
+    if auto.is_some() && imatrix == ImatrixSource::None {
+        return Err(Error::Invalid(
+            "an auto mix measures each tensor's error with an importance matrix: give --imatrix FILE, or \
+             --calib TEXT (`default` for the bundled text) to compute one first"
+                .into(),
+        ));
+    }
     // The output checked (with room for the file) before an importance matrix is computed.
     let bytes = crate::quantize::gguf_tensor_bytes(&src, &mix).unwrap_or(0);
     crate::output::preflight(&out.clone().estimated_bytes(bytes))?;
@@ -626,6 +639,25 @@ fn quantize(
             matrix: compute_imatrix(ctx, cache, model, &source, &options)?,
             file: None,
         }),
+    };
+    let (mix, overrides, tensor_types) = match (auto, &imatrix) {
+        (Some(budget), Some(im)) => {
+            let start = Instant::now();
+            let stage = "measuring every tensor under every type";
+            let m = crate::quantize_automix::measure_mix(&src, im, &mut |done, total| {
+                ctx.progress(
+                    stage,
+                    done as u64,
+                    total as u64,
+                    eta(start, done as u64, total as u64),
+                );
+                !ctx.cancelled()
+            })?;
+            let plan = crate::quantize_automix::plan_mix(&m, budget)?;
+            let args = crate::quantize_automix::tensor_type_args(&plan.overrides);
+            (crate::quantize_automix::AUTOMIX_BASE, plan.overrides, args)
+        }
+        _ => (mix, overrides, Vec::new()),
     };
     let opts = crate::quantize::GgufQuantizeOptions {
         mix,
@@ -652,7 +684,8 @@ fn quantize(
         ctx.progress("quantizing", done as u64, total as u64, eta);
         !ctx.cancelled()
     };
-    let report = crate::quantize::quantize_gguf(&src, &opts, out, &mut on_tensor)?;
+    let mut report = crate::quantize::quantize_gguf(&src, &opts, out, &mut on_tensor)?;
+    report.tensor_type_args = tensor_types;
     Ok(JobOutput::Quantized(Box::new(report)))
 }
 

@@ -106,6 +106,9 @@ pub struct GgufRecipe {
     pub mix: GgufMix,
     pub overrides: Vec<TensorOverride>,
     pub imatrix: ImatrixSource,
+    /// An error-aware mix instead of `mix`'s rules: every decoder linear's type chosen by measured error
+    /// to fit this budget (`mix` then types the rest; see [`crate::quantize_automix`]).
+    pub auto: Option<crate::quantize_automix::MixBudget>,
 }
 
 /// Where a GGUF quantization's importance matrix comes from.
@@ -272,7 +275,8 @@ pub fn format_help() -> String {
         .collect();
     format!(
         "What to make: a GGUF mix ({}, or pure:TYPE), gptq (a Hugging Face GPTQ folder), awq / awq-ct (AWQ as AutoAWQ's GEMM layout or \
-         compressed-tensors' pack-quantized), nf4 / fp4 (a \
+         compressed-tensors' pack-quantized), auto (a GGUF mix whose per-tensor types are chosen by \
+         measured error to fit --bpw or --size; needs --imatrix or --calib), nf4 / fp4 (a \
          bitsandbytes 4-bit folder; --double-quant) or hqq (--bits 8/4/3/2/1, --group-size, --axis)",
         gguf.join(", ")
     )
@@ -356,7 +360,10 @@ impl Recipe {
                 } else {
                     "-imat"
                 };
-                format!("{}{imat}", g.mix.name())
+                match g.auto {
+                    Some(b) => format!("AUTO-{}", b.label()),
+                    None => format!("{}{imat}", g.mix.name()),
+                }
             }
             Recipe::Gptq(o) => {
                 let s = &o.solver;
@@ -440,6 +447,10 @@ impl Recipe {
     /// Bits per weight of the quantized linears (llama.cpp's listed sizes for a mix; the packing for GPTQ).
     pub fn linear_bpw(&self) -> f64 {
         match self {
+            Recipe::Gguf(GgufRecipe {
+                auto: Some(crate::quantize_automix::MixBudget::Bpw(b)),
+                ..
+            }) => *b,
             Recipe::Gguf(g) => g.mix.nominal_bpw(),
             Recipe::Gptq(o) => gptq_bpw(o.solver.bits, o.solver.group_size),
             Recipe::Awq(o) => gptq_bpw(o.grid.bits, Some(o.grid.group_size)),
@@ -492,13 +503,30 @@ impl Recipe {
             // Embeddings and the head stay fp16.
             Recipe::Gptq(_) | Recipe::Awq(_) | Recipe::Packed(_) => (16.0, None),
         };
-        let bits = planned.unwrap_or(linears * linear_bpw + heads * head_bpw);
+        let bits = match self {
+            Recipe::Gguf(GgufRecipe {
+                auto: Some(crate::quantize_automix::MixBudget::FileBytes(n)),
+                ..
+            }) => *n as f64 * 8.0,
+            Recipe::Gguf(GgufRecipe {
+                auto: Some(crate::quantize_automix::MixBudget::Bpw(b)),
+                ..
+            }) => *b * params,
+            _ => planned.unwrap_or(linears * linear_bpw + heads * head_bpw),
+        };
         let largest = (s.vocab.max(s.intermediate) * s.hidden) as f64 * 4.0;
         let tokens = self.calibration_tokens();
         let (peak, seconds) = match self {
-            Recipe::Gguf(_) => (
+            Recipe::Gguf(g) => (
                 3.0 * largest + 64e6,
-                params / QUANTIZE_WEIGHTS_PER_S + tokens * params / IMATRIX_WEIGHT_TOKENS_PER_S,
+                params / QUANTIZE_WEIGHTS_PER_S
+                    + tokens * params / IMATRIX_WEIGHT_TOKENS_PER_S
+                    // An auto mix first quantizes every linear to each candidate type (~9 on average).
+                    + if g.auto.is_some() {
+                        9.0 * linears / QUANTIZE_WEIGHTS_PER_S
+                    } else {
+                        0.0
+                    },
             ),
             Recipe::Packed(p) => (3.0 * largest + 64e6, params / p.weights_per_s()),
             Recipe::Awq(o) => {
@@ -560,18 +588,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn catalogue_lists_every_mix_then_gptq_then_the_packed_formats_and_parses_back() {
+    fn catalogue_lists_every_mix_then_gptq_awq_then_the_packed_formats_and_parses_back() {
         let c = catalogue();
         let mixes = GgufMix::all().count();
-        assert_eq!(c.len(), mixes + 4);
+        assert_eq!(c.len(), mixes + 6);
         for k in &c[..mixes] {
             assert_eq!(parse_mix(&k.id).unwrap().name(), k.label);
         }
         assert_eq!(c[mixes].id, "gptq");
         assert!((c[mixes].nominal_bpw - 4.15625).abs() < 1e-12);
-        let ids: Vec<&str> = c[mixes + 1..].iter().map(|k| k.id.as_str()).collect();
+        let awq: Vec<&str> = c[mixes + 1..mixes + 3]
+            .iter()
+            .map(|k| k.id.as_str())
+            .collect();
+        assert_eq!(awq, ["awq", "awq-ct"]);
+        for k in &c[mixes + 1..mixes + 3] {
+            assert_eq!(k.calibration, CalibrationNeed::Required);
+            assert!(parse_awq(&k.id).is_some());
+            assert!((k.nominal_bpw - 4.15625).abs() < 1e-12);
+        }
+        let ids: Vec<&str> = c[mixes + 3..].iter().map(|k| k.id.as_str()).collect();
         assert_eq!(ids, ["nf4", "fp4", "hqq"]);
-        for k in &c[mixes + 1..] {
+        for k in &c[mixes + 3..] {
             let p = parse_packed(&k.id, false, None, None, None).unwrap();
             assert!((p.linear_bpw() - k.nominal_bpw).abs() < 1e-12, "{}", k.id);
             assert_eq!(k.calibration, CalibrationNeed::None);
@@ -605,6 +643,7 @@ mod tests {
                 source: CalibSource::Bundled,
                 options: ImatrixOptions::default(),
             },
+            auto: None,
         });
         assert_eq!(g.label(), "Q4_K_M-imat");
         assert!(g.calibrated());

@@ -12,5 +12,6 @@
 
 pub mod awq;
 pub mod gptq;
+pub mod mix;
 
 pub use gptq::{gptq_quantize, rtn_quantize, GptqOptions, GptqResult, Hessian};

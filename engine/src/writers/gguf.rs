@@ -547,6 +547,34 @@ pub fn write_gguf_with(
     write_file(out, &kvs, &tensors, quantize_tensor, progress)
 }
 
+/// The exact size in bytes of the file [`write_gguf_with`] writes for `plan` (header with every key and
+/// tensor info, each tensor's data padded to the alignment) — without reading or quantizing any tensor.
+pub fn gguf_file_bytes(
+    src: &SourceModel,
+    plan: &[GgufPlanTensor],
+    file_type: u32,
+    extra_kvs: &[(String, GgufValue)],
+) -> Result<u64> {
+    let tensors = plan_tensors(src, plan)?;
+    let mut kvs = model_metadata(src, file_type)?;
+    kvs.extend(tokenizer_metadata(src)?);
+    let mut kvs = in_source_order(src, kvs);
+    kvs.retain(|(k, _)| !extra_kvs.iter().any(|(e, _)| e == k));
+    kvs.extend(extra_kvs.iter().cloned());
+    let head = gguf_header(
+        &kvs,
+        tensors
+            .iter()
+            .map(|t| (t.gguf_name.as_str(), t.ne.as_slice(), t.ty, t.nbytes)),
+    )?;
+    Ok(head.len() as u64 + tensors.iter().map(|t| pad(t.nbytes)).sum::<u64>())
+}
+
+/// `n` bytes of tensor data as they lie in a GGUF file: padded to the alignment.
+pub fn padded_bytes(n: u64) -> u64 {
+    pad(n)
+}
+
 fn plan_tensors<'a>(src: &'a SourceModel, plan: &[GgufPlanTensor]) -> Result<Vec<OutTensor<'a>>> {
     let mut v = Vec::new();
     let mut push = |hf: &str, t: &'a TensorRef, ty: GgmlType| -> Result<()> {

@@ -1,0 +1,380 @@
+//! Error-aware GGUF mixes: measure every decoder linear under every ggml type its rows can take, then choose
+//! one type per tensor so the file meets a budget (bits per weight or bytes) with the least total error
+//! ([`crate::solvers::mix`]), instead of llama-quantize's fixed rules. The result is an ordinary GGUF file
+//! (per-tensor types are free in GGUF: llama.cpp loads it unchanged), written by the same pipeline as every
+//! mix with the chosen types as anchored per-tensor overrides — which also reproduce the mix in llama.cpp as
+//! `llama-quantize --tensor-type` arguments.
+//!
+//! The error of a tensor `W` quantized to `Ŵ` is what it adds to its layer's output on calibration data,
+//! `E‖(W − Ŵ)x‖² ≈ Σ_j E[x_j²] Σ_i (W − Ŵ)²_ij` with `E[x_j²]` the importance matrix (the diagonal of the input
+//! covariance, as llama-imatrix collects it); each type is quantized exactly as the file will hold it (the
+//! imatrix-weighted quantizers). Tensors outside the decoder layers (embeddings, output head, norms) keep
+//! the base mix's types.
+
+use crate::codecs::GgmlType;
+use crate::model::SourceModel;
+use crate::quantize::{gguf_entries, imatrix_kvs, quantize_measured, ImatrixInput};
+use crate::recipes::{plan_gguf_mix, GgufMix, TensorOverride};
+use crate::solvers::mix::{choose, reachable, Choice};
+use crate::writers::gguf::{gguf_file_bytes, padded_bytes, GgufPlanTensor};
+use crate::{Error, Result};
+
+/// The types an auto mix chooses from (each tensor: those whose block divides its rows).
+pub const AUTOMIX_TYPES: [GgmlType; 12] = [
+    GgmlType::Q2K,
+    GgmlType::Q3K,
+    GgmlType::Iq4Xs,
+    GgmlType::Q4K,
+    GgmlType::Q4_0,
+    GgmlType::Iq4Nl,
+    GgmlType::Q4_1,
+    GgmlType::Q5K,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q6K,
+    GgmlType::Q8_0,
+];
+
+/// The mix whose rules type what the optimiser does not choose (embeddings, output head) and whose
+/// `general.file_type` the file records.
+pub const AUTOMIX_BASE: GgufMix = GgufMix::Q4KM;
+
+/// What an auto mix must fit.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum MixBudget {
+    /// Bits per weight over every parameter (tensor data bits / parameters, as the quantize report counts).
+    Bpw(f64),
+    /// The whole file, in bytes.
+    FileBytes(u64),
+}
+
+impl MixBudget {
+    /// `"4.50bpw"`, `"95MB"`.
+    pub fn label(&self) -> String {
+        match self {
+            MixBudget::Bpw(b) => format!("{b:.2}bpw"),
+            MixBudget::FileBytes(n) if *n >= 10_000_000 => format!("{}MB", n / 1_000_000),
+            MixBudget::FileBytes(n) => format!("{n}B"),
+        }
+    }
+}
+
+/// One tensor the optimiser types: each candidate type with its bytes in the file and its error.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MixSlot {
+    pub gguf_name: String,
+    pub hf_name: String,
+    /// `(type, padded bytes, error)`.
+    pub options: Vec<(GgmlType, u64, f64)>,
+}
+
+/// Every slot's measured options, and what the rest of the file takes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MixMeasurement {
+    pub slots: Vec<MixSlot>,
+    /// Header and the tensors outside the slots, in bytes.
+    pub fixed_bytes: u64,
+    /// The header alone (keys, tensor infos, padding) and any tensor the source does not hold.
+    pub header_bytes: u64,
+    /// Parameters of the model (for bits per weight).
+    pub params: u64,
+}
+
+/// The chosen types.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MixPlan {
+    /// One anchored override per slot (`^blk\.3\.attn_v\.weight$` → type).
+    pub overrides: Vec<TensorOverride>,
+    /// The file's exact size.
+    pub file_bytes: u64,
+    /// Summed error of the choice.
+    pub err: f64,
+    /// The smallest and largest files the candidates allow.
+    pub reachable_bytes: (u64, u64),
+}
+
+fn escape(name: &str) -> String {
+    name.replace('.', "\\.")
+}
+
+/// Measure every decoder linear of `src` under every candidate type (quantized with `imatrix`, as the file
+/// will be). `progress(done, total)` after each tensor; `false` cancels.
+pub fn measure_mix(
+    src: &SourceModel,
+    imatrix: &ImatrixInput,
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<MixMeasurement> {
+    let entries = gguf_entries(src)?;
+    let list: Vec<(String, Vec<u64>)> = entries
+        .iter()
+        .map(|(_, g, ne)| (g.clone(), ne.clone()))
+        .collect();
+    let base = plan_gguf_mix(&AUTOMIX_BASE, &src.config, &list, &[], true)?;
+    let plan: Vec<GgufPlanTensor> = entries
+        .iter()
+        .zip(&base)
+        .map(|((hf, _, _), (_, ty))| GgufPlanTensor {
+            hf_name: hf.clone(),
+            ty: *ty,
+        })
+        .collect();
+    let whole = gguf_file_bytes(src, &plan, AUTOMIX_BASE.file_type(), &imatrix_kvs(imatrix))?;
+    let is_slot = |g: &str, ne: &[u64], ty: GgmlType| {
+        g.starts_with("blk.") && ne.len() == 2 && ty != GgmlType::F32 && ty != GgmlType::F16
+    };
+    let total = entries
+        .iter()
+        .zip(&base)
+        .filter(|((_, g, ne), (_, ty))| is_slot(g, ne, *ty))
+        .count();
+    let data: u64 = entries
+        .iter()
+        .zip(&base)
+        .filter(|((hf, _, _), _)| !(hf == "lm_head.weight" && src.config.tie_word_embeddings))
+        .map(|((hf, _, _), (_, ty))| {
+            let t = &src.tensors[hf];
+            let ty = if t.shape.len() <= 1 {
+                GgmlType::F32
+            } else {
+                *ty
+            };
+            let row = ty.traits().row_bytes(t.cols()).unwrap_or(t.cols() * 4);
+            padded_bytes((row * t.rows()) as u64)
+        })
+        .sum();
+    let header_bytes = whole.saturating_sub(data);
+    let mut slots = Vec::with_capacity(total);
+    let mut fixed = whole;
+    let mut buf = Vec::new();
+    for ((hf, g, ne), (_, base_ty)) in entries.iter().zip(&base) {
+        if !is_slot(g, ne, *base_ty) {
+            continue;
+        }
+        let t = &src.tensors[hf];
+        let (rows, cols) = (t.rows(), t.cols());
+        fixed -= padded_bytes((base_ty.traits().row_bytes(cols).unwrap_or(cols * 4) * rows) as u64);
+        let weights = imatrix.matrix.weights(g).filter(|w| w.len() == cols).ok_or_else(|| {
+            Error::Invalid(format!(
+                "the importance matrix has no entry for {g} (or one of another width): it was computed \
+                 for another model"
+            ))
+        })?;
+        // Σ_j w_j Σ_i W²_ij: the weighted error is relative to it.
+        let mut wnorm2 = 0.0f64;
+        let mut row = vec![0.0f32; cols];
+        for r in 0..rows {
+            t.dequant_row(r, &mut row);
+            wnorm2 += row
+                .iter()
+                .zip(&weights)
+                .map(|(v, w)| f64::from(w * v * v))
+                .sum::<f64>();
+        }
+        let mut options = Vec::new();
+        for ty in AUTOMIX_TYPES {
+            if !cols.is_multiple_of(ty.traits().block_elems) {
+                continue;
+            }
+            let m = quantize_measured(t, ty, Some(&weights), g, &mut buf)?;
+            let rel = m.weighted_rel_rms_error.unwrap_or(m.rel_rms_error);
+            options.push((ty, padded_bytes(m.bytes), rel * rel * wnorm2));
+        }
+        if options.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{g}: rows of {cols} fit no block type of an auto mix"
+            )));
+        }
+        slots.push(MixSlot {
+            gguf_name: g.clone(),
+            hf_name: hf.clone(),
+            options,
+        });
+        if !progress(slots.len(), total) {
+            return Err(Error::Cancelled);
+        }
+    }
+    Ok(MixMeasurement {
+        slots,
+        fixed_bytes: fixed,
+        header_bytes,
+        params: src.tensors.values().map(|t| t.numel() as u64).sum(),
+    })
+}
+
+/// Choose a type per slot so the file fits `budget` with the least total error.
+pub fn plan_mix(m: &MixMeasurement, budget: MixBudget) -> Result<MixPlan> {
+    let choices: Vec<Vec<Choice>> = m
+        .slots
+        .iter()
+        .map(|s| {
+            s.options
+                .iter()
+                .map(|&(_, bits, err)| Choice { bits, err })
+                .collect()
+        })
+        .collect();
+    let (lo, hi) = reachable(&choices);
+    let (lo, hi) = (lo + m.fixed_bytes, hi + m.fixed_bytes);
+    let bpw = |bytes: u64| bytes as f64 * 8.0 / m.params.max(1) as f64;
+    let target = match budget {
+        MixBudget::FileBytes(n) => n,
+        // Tensor data bits per parameter: the header is not counted.
+        MixBudget::Bpw(b) if b.is_finite() && b > 0.0 => {
+            (b * m.params as f64 / 8.0) as u64 + m.header_bytes
+        }
+        MixBudget::Bpw(b) => {
+            return Err(Error::Invalid(format!("--bpw {b}: give a positive number")))
+        }
+    };
+    if target < lo {
+        return Err(Error::Invalid(format!(
+            "an auto mix of {} cannot be made: the smallest these types allow is {:.2} bpw ({} bytes), the \
+             largest {:.2} bpw ({} bytes)",
+            budget.label(),
+            bpw(lo - m.header_bytes),
+            lo,
+            bpw(hi - m.header_bytes),
+            hi
+        )));
+    }
+    let sel = choose(&choices, target.saturating_sub(m.fixed_bytes))?;
+    let overrides = m
+        .slots
+        .iter()
+        .zip(&sel.picks)
+        .map(|(s, &p)| TensorOverride {
+            pattern: format!("^{}$", escape(&s.gguf_name)),
+            ty: s.options[p].0,
+        })
+        .collect();
+    Ok(MixPlan {
+        overrides,
+        file_bytes: sel.bits + m.fixed_bytes,
+        err: sel.err,
+        reachable_bytes: (lo, hi),
+    })
+}
+
+/// The chosen types as `llama-quantize` arguments (`--tensor-type PATTERN=TYPE` each), so the same mix can
+/// be made with llama.cpp from the same importance matrix.
+pub fn tensor_type_args(overrides: &[TensorOverride]) -> Vec<String> {
+    overrides
+        .iter()
+        .map(|o| format!("--tensor-type {}={}", o.pattern, o.ty.name().to_lowercase()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imatrix::{Imatrix, ImatrixEntry};
+    use crate::model::fixture::{write_fixture, FixtureSpec};
+    use crate::output::OutputSpec;
+    use crate::quantize::{quantize_gguf, GgufQuantizeOptions};
+
+    /// A deterministic importance matrix for every decoder linear of `src`: uneven column weights.
+    fn imatrix(src: &SourceModel) -> ImatrixInput {
+        let mut m = Imatrix::default();
+        for (hf, g, ne) in gguf_entries(src).expect("entries") {
+            if g.starts_with("blk.") && ne.len() == 2 && hf.ends_with("_proj.weight") {
+                let cols = ne[0] as usize;
+                let sums = (0..cols)
+                    .map(|j| 1.0 + ((j * 37 + g.len() * 11) % 17) as f32)
+                    .collect();
+                m.entries.insert(
+                    g,
+                    ImatrixEntry {
+                        sums,
+                        counts: vec![1.0],
+                    },
+                );
+            }
+        }
+        m.datasets.push("test".into());
+        ImatrixInput {
+            matrix: m,
+            file: None,
+        }
+    }
+
+    #[test]
+    fn auto_mixes_fit_their_budget_exactly_as_predicted_and_beat_uniform_types() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("src");
+        write_fixture(&FixtureSpec::tiny_llama(), &dir).expect("fixture");
+        let src = SourceModel::open(&dir).expect("open");
+        let im = imatrix(&src);
+        let m = measure_mix(&src, &im, &mut |_, _| true).expect("measure");
+        assert_eq!(m.slots.len(), 14);
+        for s in &m.slots {
+            assert!(s.options.len() >= 6, "{s:?}");
+            let q8 = s
+                .options
+                .iter()
+                .find(|o| o.0 == GgmlType::Q8_0)
+                .expect("q8_0");
+            let q4 = s
+                .options
+                .iter()
+                .find(|o| o.0 == GgmlType::Q4_0)
+                .expect("q4_0");
+            assert!(q8.2 < q4.2 && q8.1 > q4.1, "{s:?}");
+        }
+        // Uniform choices at their own sizes: the auto mix of the same size has no more error.
+        for ty in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q4_1] {
+            let (bytes, err) = m.slots.iter().fold((m.fixed_bytes, 0.0), |(b, e), s| {
+                let o = s.options.iter().find(|o| o.0 == ty).expect("type");
+                (b + o.1, e + o.2)
+            });
+            let plan = plan_mix(&m, MixBudget::FileBytes(bytes)).expect("plan");
+            assert!(plan.file_bytes <= bytes);
+            assert!(
+                plan.err <= err * (1.0 + 1e-9),
+                "{ty:?}: auto {} vs uniform {err}",
+                plan.err
+            );
+        }
+        // The file written from a plan is exactly the predicted size, its types those chosen.
+        let budget = MixBudget::Bpw(6.0);
+        let plan = plan_mix(&m, budget).expect("plan");
+        let out = tmp.path().join("auto.gguf");
+        let r = quantize_gguf(
+            &src,
+            &GgufQuantizeOptions {
+                mix: AUTOMIX_BASE,
+                overrides: plan.overrides.clone(),
+                imatrix: Some(im.clone()),
+            },
+            &OutputSpec::file(&out),
+            &mut |_, _, _| true,
+        )
+        .expect("write");
+        assert_eq!(r.file_size_bytes, plan.file_bytes);
+        assert!(r.bits_per_weight <= 6.0, "{}", r.bits_per_weight);
+        let types: std::collections::HashMap<&str, &str> = r
+            .tensors
+            .iter()
+            .map(|t| (t.gguf_name.as_str(), t.ty))
+            .collect();
+        for o in &plan.overrides {
+            let name = o
+                .pattern
+                .trim_start_matches('^')
+                .trim_end_matches('$')
+                .replace("\\.", ".");
+            assert_eq!(types[name.as_str()], o.ty.name(), "{name}");
+        }
+        let args = tensor_type_args(&plan.overrides);
+        assert_eq!(args.len(), 14);
+        assert!(
+            args[0].starts_with("--tensor-type ^blk\\.0\\."),
+            "{}",
+            args[0]
+        );
+        // Budgets outside the reachable range say what is reachable.
+        let e = plan_mix(&m, MixBudget::Bpw(1.0))
+            .expect_err("too small")
+            .to_string();
+        assert!(e.contains("smallest these types allow"), "{e}");
+    }
+}
