@@ -255,12 +255,42 @@ pub fn plan_mix(m: &MixMeasurement, budget: MixBudget) -> Result<MixPlan> {
     })
 }
 
-/// The chosen types as `llama-quantize` arguments (`--tensor-type PATTERN=TYPE` each), so the same mix can
-/// be made with llama.cpp from the same importance matrix.
+/// The chosen types as `llama-quantize` arguments, so the same mix can be made with llama.cpp from the same
+/// importance matrix: one `--tensor-type PATTERN=TYPE` per tensor kind and type, the layers as an
+/// alternation (`'^blk\.(0|3|7)\.ffn_down\.weight$=q4_k'`; llama-quantize matches with `std::regex_search`).
 pub fn tensor_type_args(overrides: &[TensorOverride]) -> Vec<String> {
-    overrides
-        .iter()
-        .map(|o| format!("--tensor-type {}={}", o.pattern, o.ty.name().to_lowercase()))
+    // (kind, type) → layers, in first-seen order.
+    let mut groups: Vec<((String, GgmlType), Vec<String>)> = Vec::new();
+    for o in overrides {
+        let name = o
+            .pattern
+            .trim_start_matches('^')
+            .trim_end_matches('$')
+            .replace("\\.", ".");
+        let Some((layer, kind)) = name.strip_prefix("blk.").and_then(|r| r.split_once('.')) else {
+            groups.push(((o.pattern.clone(), o.ty), Vec::new()));
+            continue;
+        };
+        let key = (kind.to_owned(), o.ty);
+        match groups.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, layers)) => layers.push(layer.to_owned()),
+            None => groups.push((key, vec![layer.to_owned()])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|((kind, ty), layers)| {
+            let ty = ty.name().to_lowercase();
+            if layers.is_empty() {
+                format!("--tensor-type '{kind}={ty}'")
+            } else {
+                format!(
+                    "--tensor-type '^blk\\.({})\\.{}$={ty}'",
+                    layers.join("|"),
+                    escape(&kind)
+                )
+            }
+        })
         .collect()
 }
 
@@ -364,13 +394,30 @@ mod tests {
                 .replace("\\.", ".");
             assert_eq!(types[name.as_str()], o.ty.name(), "{name}");
         }
+        // The llama-quantize arguments name every tensor once, with its type.
         let args = tensor_type_args(&plan.overrides);
-        assert_eq!(args.len(), 14);
-        assert!(
-            args[0].starts_with("--tensor-type ^blk\\.0\\."),
-            "{}",
-            args[0]
-        );
+        let mut named = std::collections::HashMap::new();
+        for a in &args {
+            let (pat, ty) = a
+                .trim_start_matches("--tensor-type '^blk\\.(")
+                .trim_end_matches('\'')
+                .split_once("$=")
+                .expect("PATTERN=TYPE");
+            let (layers, kind) = pat.split_once(")\\.").expect("layers");
+            for l in layers.split('|') {
+                let name = format!("blk.{l}.{}", kind.replace("\\.", "."));
+                assert!(named.insert(name, ty.to_owned()).is_none(), "{a}");
+            }
+        }
+        assert_eq!(named.len(), 14);
+        for o in &plan.overrides {
+            let name = o
+                .pattern
+                .trim_start_matches('^')
+                .trim_end_matches('$')
+                .replace("\\.", ".");
+            assert_eq!(named[&name], o.ty.name().to_lowercase(), "{name}");
+        }
         // Budgets outside the reachable range say what is reachable.
         let e = plan_mix(&m, MixBudget::Bpw(1.0))
             .expect_err("too small")
