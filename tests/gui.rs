@@ -754,6 +754,7 @@ fn finished_runs_teach_the_time_estimates() {
                 file_size_bytes: 60_000,
                 bits_per_weight: 5.3,
                 imatrix: false,
+                tensor_type_args: Vec::new(),
             })),
         })
         .expect("event");
@@ -992,6 +993,33 @@ fn awq_targets_make_their_recipes_with_the_chosen_group() {
             )
         ]
     );
+}
+
+#[test]
+fn the_error_aware_mix_target_computes_its_importance_matrix() {
+    use quant_engine::quantize_automix::MixBudget;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, _commands, _events) = detached(Some((&model, Path::new("/models/tiny-llama"))));
+    h.get_by_label("Quantize").click();
+    h.run_steps(2);
+    h.get_by_label("Error-aware mix at").click();
+    h.run_steps(2);
+    h.state_mut().quantize.auto_bpw = 4.25;
+    let auto: Vec<(String, bool)> = h
+        .state()
+        .quantize
+        .targets()
+        .iter()
+        .filter_map(|r| match r {
+            Recipe::Gguf(g) if g.auto == Some(MixBudget::Bpw(4.25)) => Some((
+                r.label(),
+                matches!(g.imatrix, quant_engine::jobs::ImatrixSource::Compute { .. }),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(auto, [("AUTO-4.25bpw".to_string(), true)]);
 }
 
 /// Timing (manual, `cargo test --release --test gui -- --ignored compare_timing --nocapture`): with the real

@@ -588,13 +588,14 @@ impl QuantizePanel {
                      whole file spends this many bits per weight; it loads in llama.cpp unchanged. \
                      Needs an importance matrix: computed from the calibration text.",
                 );
-            ui.add(
+            let value = ui.add(
                 egui::DragValue::new(&mut self.auto_bpw)
                     .range(2.0..=9.0)
                     .speed(0.05)
                     .fixed_decimals(2),
             );
-            ui.label("bits per weight");
+            let label = ui.label("bits per weight");
+            value.labelled_by(label.id);
             if self.auto_mix && !self.imatrix {
                 ui.weak("(importance matrix computed for it)");
             }
