@@ -564,6 +564,71 @@ fn quantize_awq_writes_both_layouts_that_evaluate() {
     }
 }
 
+#[test]
+fn quantize_auto_chooses_types_within_the_budget_and_prints_the_llama_quantize_arguments() {
+    let f = fixture();
+    let out = f.model.with_file_name("auto.gguf");
+    let o = run(&[
+        "quantize",
+        s(&f.model),
+        "--format",
+        "auto",
+        "--bpw",
+        "6",
+        "--calib",
+        s(&f.text),
+        "--calib-ctx",
+        "32",
+        "--out",
+        s(&out),
+    ]);
+    assert_ok(&o);
+    let text = stdout(&o);
+    assert!(text.contains("auto mix:"), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("auto mix:"))
+        .expect("summary");
+    let reported: f64 = line
+        .split(", ")
+        .last()
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("bits per weight");
+    assert!(reported <= 6.0, "{line}");
+    assert!(
+        text.contains("llama-quantize --imatrix IMATRIX --tensor-type '^blk"),
+        "{text}"
+    );
+    let q = SourceModel::open(&out).expect("open");
+    assert!(q.tensors.len() > 14);
+    // A budget is required, overrides do not mix, and no importance matrix is refused with the fix.
+    for (extra, says) in [
+        (vec!["--calib", s(&f.text)], "--bpw"),
+        (vec!["--bpw", "5"], "importance matrix"),
+        (
+            vec![
+                "--bpw",
+                "5",
+                "--calib",
+                s(&f.text),
+                "--override",
+                "blk.0.attn_v.weight=q8_0",
+            ],
+            "drop --override",
+        ),
+    ] {
+        let mut args = vec!["quantize", s(&f.model), "--format", "auto"];
+        args.extend(extra);
+        let out = f.model.with_file_name("refused.gguf");
+        args.extend(["--out", s(&out)]);
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains(says), "{}", stderr(&o));
+        assert!(!out.exists());
+    }
+}
+
 /// `quantize --help` lists every recipe the engine has, from the engine's catalogue.
 #[test]
 fn quantize_help_lists_the_engines_recipes() {
