@@ -116,6 +116,10 @@ pub enum CliCommand {
         /// --format auto: the size the file may take (5GB, 500MB, 2GiB, or bytes).
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// --format auto: the types to choose from, comma-separated (default: q2_k, q3_k, iq4_xs, q4_k,
+        /// q4_0, iq4_nl, q4_1, q5_k, q5_0, q5_1, q6_k, q8_0).
+        #[arg(long = "auto-types", value_name = "TYPES", value_delimiter = ',')]
+        auto_types: Vec<String>,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
@@ -368,6 +372,18 @@ impl GptqArgs {
     }
 }
 
+/// ggml type names (`q4_k,iq4_nl`).
+fn parse_types(names: &[String]) -> anyhow::Result<Vec<quant_engine::codecs::GgmlType>> {
+    names
+        .iter()
+        .map(|n| {
+            quant_engine::codecs::GgmlType::all()
+                .find(|t| t.name().eq_ignore_ascii_case(n.trim()))
+                .ok_or_else(|| anyhow!("--auto-types: unknown type {n:?}"))
+        })
+        .collect()
+}
+
 /// A calibration source from a path argument (`default`: the bundled text).
 fn calib_source(p: PathBuf, column: Option<String>) -> CalibSource {
     if p.as_os_str() == "default" {
@@ -476,13 +492,14 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             double_quant,
             bpw,
             size,
+            auto_types,
         } => {
             let auto = match (format.eq_ignore_ascii_case("auto"), bpw, size) {
                 (true, Some(b), None) => Some(MixBudget::Bpw(b)),
                 (true, None, Some(n)) => Some(MixBudget::FileBytes(n)),
                 (true, _, _) => bail!("--format auto needs --bpw B or --size SIZE"),
-                (false, None, None) => None,
-                (false, _, _) => bail!("--bpw and --size are for --format auto"),
+                (false, None, None) if auto_types.is_empty() => None,
+                (false, _, _) => bail!("--bpw, --size and --auto-types are for --format auto"),
             };
             let group = match gptq.group_size {
                 Some(g) if g > 0 => Some(g as usize),
@@ -537,6 +554,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                     overrides: recipes::parse_overrides(&overrides)?,
                     imatrix,
                     auto,
+                    auto_types: parse_types(&auto_types)?,
                 })
             };
             let out = match out {

@@ -1045,6 +1045,7 @@ fn compare_timing_adding_a_variant_evaluates_only_it() {
                     overrides: Vec::new(),
                     imatrix: ImatrixSource::None,
                     auto: None,
+                    auto_types: Vec::new(),
                 }),
                 overwrite: false,
             })

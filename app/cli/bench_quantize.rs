@@ -85,6 +85,7 @@ pub fn run(engine: &EngineHandle, a: &BenchQuantizeArgs) -> anyhow::Result<()> {
                         .clone()
                         .map_or(ImatrixSource::None, ImatrixSource::File),
                     auto: None,
+                    auto_types: Vec::new(),
                 }),
                 // Its own scratch folder, rewritten on every repetition.
                 overwrite: true,

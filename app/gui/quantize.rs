@@ -169,6 +169,7 @@ impl QuantizePanel {
                         overrides: Vec::new(),
                         imatrix,
                         auto: None,
+                        auto_types: Vec::new(),
                     }));
                 }
                 recipes::Container::HfFolder
@@ -247,6 +248,7 @@ impl QuantizePanel {
                 auto: Some(quant_engine::quantize_automix::MixBudget::Bpw(
                     self.auto_bpw,
                 )),
+                auto_types: Vec::new(),
             }));
         }
         t

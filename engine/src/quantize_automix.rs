@@ -97,11 +97,12 @@ fn escape(name: &str) -> String {
     name.replace('.', "\\.")
 }
 
-/// Measure every decoder linear of `src` under every candidate type (quantized with `imatrix`, as the file
+/// Measure every decoder linear of `src` under each of `types` its rows can take (quantized with `imatrix`, as the file
 /// will be). `progress(done, total)` after each tensor; `false` cancels.
 pub fn measure_mix(
     src: &SourceModel,
     imatrix: &ImatrixInput,
+    types: &[GgmlType],
     progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<MixMeasurement> {
     let entries = gguf_entries(src)?;
@@ -171,7 +172,7 @@ pub fn measure_mix(
                 .sum::<f64>();
         }
         let mut options = Vec::new();
-        for ty in AUTOMIX_TYPES {
+        for &ty in types {
             if !cols.is_multiple_of(ty.traits().block_elems) {
                 continue;
             }
@@ -334,7 +335,7 @@ mod tests {
         write_fixture(&FixtureSpec::tiny_llama(), &dir).expect("fixture");
         let src = SourceModel::open(&dir).expect("open");
         let im = imatrix(&src);
-        let m = measure_mix(&src, &im, &mut |_, _| true).expect("measure");
+        let m = measure_mix(&src, &im, &AUTOMIX_TYPES, &mut |_, _| true).expect("measure");
         assert_eq!(m.slots.len(), 14);
         for s in &m.slots {
             assert!(s.options.len() >= 6, "{s:?}");

@@ -613,6 +613,7 @@ fn quantize(
         overrides,
         imatrix,
         auto,
+        auto_types,
     } = recipe;
     if auto.is_some() && !overrides.is_empty() {
         return Err(Error::Invalid(
@@ -644,7 +645,12 @@ fn quantize(
         (Some(budget), Some(im)) => {
             let start = Instant::now();
             let stage = "measuring every tensor under every type";
-            let m = crate::quantize_automix::measure_mix(&src, im, &mut |done, total| {
+            let types = if auto_types.is_empty() {
+                crate::quantize_automix::AUTOMIX_TYPES.to_vec()
+            } else {
+                auto_types
+            };
+            let m = crate::quantize_automix::measure_mix(&src, im, &types, &mut |done, total| {
                 ctx.progress(
                     stage,
                     done as u64,

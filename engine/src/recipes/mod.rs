@@ -109,6 +109,8 @@ pub struct GgufRecipe {
     /// An error-aware mix instead of `mix`'s rules: every decoder linear's type chosen by measured error
     /// to fit this budget (`mix` then types the rest; see [`crate::quantize_automix`]).
     pub auto: Option<crate::quantize_automix::MixBudget>,
+    /// The types an auto mix chooses from (empty: [`crate::quantize_automix::AUTOMIX_TYPES`]).
+    pub auto_types: Vec<GgmlType>,
 }
 
 /// Where a GGUF quantization's importance matrix comes from.
@@ -644,6 +646,7 @@ mod tests {
                 options: ImatrixOptions::default(),
             },
             auto: None,
+            auto_types: Vec::new(),
         });
         assert_eq!(g.label(), "Q4_K_M-imat");
         assert!(g.calibrated());
