@@ -55,6 +55,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per run: the size of the quantize variant (all its flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum CliCommand {
     /// Summarise a model: architecture, sizes, tensors, tokenizer.
     Inspect {
