@@ -118,6 +118,12 @@ pub enum CliCommand {
         /// --format auto: the size the file may take (5GB, 500MB, 2GiB, or bytes).
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// --format auto: the memory llama.cpp may use for the weights and an f16 KV cache of --ctx tokens.
+        #[arg(long, value_parser = parse_size, requires = "ctx")]
+        memory: Option<u64>,
+        /// --format auto with --memory: the context the KV cache must hold.
+        #[arg(long)]
+        ctx: Option<u64>,
         /// --format auto: the types to choose from, comma-separated (default: q2_k, q3_k, iq4_xs, q4_k,
         /// q4_0, iq4_nl, q4_1, q5_k, q5_0, q5_1, q6_k, q8_0).
         #[arg(long = "auto-types", value_name = "TYPES", value_delimiter = ',')]
@@ -494,14 +500,26 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             double_quant,
             bpw,
             size,
+            memory,
+            ctx,
             auto_types,
         } => {
-            let auto = match (format.eq_ignore_ascii_case("auto"), bpw, size) {
-                (true, Some(b), None) => Some(MixBudget::Bpw(b)),
-                (true, None, Some(n)) => Some(MixBudget::FileBytes(n)),
-                (true, _, _) => bail!("--format auto needs --bpw B or --size SIZE"),
-                (false, None, None) if auto_types.is_empty() => None,
-                (false, _, _) => bail!("--bpw, --size and --auto-types are for --format auto"),
+            let auto = match (format.eq_ignore_ascii_case("auto"), bpw, size, memory) {
+                (true, Some(b), None, None) => Some(MixBudget::Bpw(b)),
+                (true, None, Some(n), None) => Some(MixBudget::FileBytes(n)),
+                (true, None, None, Some(bytes)) => Some(MixBudget::Memory {
+                    bytes,
+                    ctx: ctx.unwrap_or(0),
+                }),
+                (true, _, _, _) => {
+                    bail!(
+                        "--format auto needs one of --bpw B, --size SIZE or --memory SIZE --ctx N"
+                    )
+                }
+                (false, None, None, None) if auto_types.is_empty() && ctx.is_none() => None,
+                (false, _, _, _) => {
+                    bail!("--bpw, --size, --memory, --ctx and --auto-types are for --format auto")
+                }
             };
             let group = match gptq.group_size {
                 Some(g) if g > 0 => Some(g as usize),

@@ -46,6 +46,9 @@ pub enum MixBudget {
     Bpw(f64),
     /// The whole file, in bytes.
     FileBytes(u64),
+    /// What llama.cpp holds in memory: the weights plus an f16 KV cache of `ctx` tokens (keys and values of
+    /// every layer), in bytes.
+    Memory { bytes: u64, ctx: u64 },
 }
 
 impl MixBudget {
@@ -55,6 +58,7 @@ impl MixBudget {
             MixBudget::Bpw(b) => format!("{b:.2}bpw"),
             MixBudget::FileBytes(n) if *n >= 10_000_000 => format!("{}MB", n / 1_000_000),
             MixBudget::FileBytes(n) => format!("{n}B"),
+            MixBudget::Memory { bytes, ctx } => format!("{}MB-mem-ctx{ctx}", bytes / 1_000_000),
         }
     }
 }
@@ -78,6 +82,8 @@ pub struct MixMeasurement {
     pub header_bytes: u64,
     /// Parameters of the model (for bits per weight).
     pub params: u64,
+    /// Bytes of llama.cpp's default f16 KV cache per token of context (keys and values, every layer).
+    pub kv_bytes_per_token: u64,
 }
 
 /// The chosen types.
@@ -199,6 +205,11 @@ pub fn measure_mix(
         fixed_bytes: fixed,
         header_bytes,
         params: src.tensors.values().map(|t| t.numel() as u64).sum(),
+        kv_bytes_per_token: (2
+            * src.config.num_layers
+            * src.config.num_kv_heads
+            * src.config.head_dim
+            * 2) as u64,
     })
 }
 
@@ -225,6 +236,17 @@ pub fn plan_mix(m: &MixMeasurement, budget: MixBudget) -> Result<MixPlan> {
         }
         MixBudget::Bpw(b) => {
             return Err(Error::Invalid(format!("--bpw {b}: give a positive number")))
+        }
+        // The weights in memory are the file's tensor data.
+        MixBudget::Memory { bytes, ctx } => {
+            let kv = ctx.saturating_mul(m.kv_bytes_per_token);
+            if kv >= bytes {
+                return Err(Error::Invalid(format!(
+                    "a memory budget of {bytes} bytes cannot hold the KV cache of {ctx} tokens alone ({kv} \
+                     bytes in f16)"
+                )));
+            }
+            bytes - kv + m.header_bytes
         }
     };
     if target < lo {
@@ -419,6 +441,18 @@ mod tests {
                 .replace("\\.", ".");
             assert_eq!(named[&name], o.ty.name().to_lowercase(), "{name}");
         }
+        // A memory budget leaves room for the KV cache: weights + cache fit.
+        let kv = 64 * m.kv_bytes_per_token;
+        let mem = plan_mix(
+            &m,
+            MixBudget::Memory {
+                bytes: plan.file_bytes + kv,
+                ctx: 64,
+            },
+        )
+        .expect("memory plan");
+        assert!(mem.file_bytes - m.header_bytes + kv <= plan.file_bytes + kv);
+        assert!(plan_mix(&m, MixBudget::Memory { bytes: kv, ctx: 64 }).is_err());
         // Budgets outside the reachable range say what is reachable.
         let e = plan_mix(&m, MixBudget::Bpw(1.0))
             .expect_err("too small")

@@ -514,6 +514,13 @@ impl Recipe {
                 auto: Some(crate::quantize_automix::MixBudget::Bpw(b)),
                 ..
             }) => *b * params,
+            Recipe::Gguf(GgufRecipe {
+                auto: Some(crate::quantize_automix::MixBudget::Memory { bytes, ctx }),
+                ..
+            }) => {
+                let kv = (2 * s.layers * s.kv_heads * s.head_dim * 2) as f64 * *ctx as f64;
+                (*bytes as f64 - kv).max(0.0) * 8.0
+            }
             _ => planned.unwrap_or(linears * linear_bpw + heads * head_bpw),
         };
         let largest = (s.vocab.max(s.intermediate) * s.hidden) as f64 * 4.0;
