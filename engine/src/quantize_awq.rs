@@ -703,6 +703,48 @@ mod tests {
     }
 
     #[test]
+    fn with_full_attention_o_proj_is_scaled_into_v_and_its_bias() {
+        // Qwen2 with as many KV heads as heads: v's outputs are o's inputs, so o's scale folds into v's rows
+        // and bias.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src_dir = tmp.path().join("src");
+        let spec = FixtureSpec {
+            kv_heads: 4,
+            ..FixtureSpec::tiny_qwen2()
+        };
+        write_fixture(&spec, &src_dir).expect("fixture");
+        let src = SourceModel::open(&src_dir).expect("open");
+        let float = Model::load(&src).expect("float");
+        let toks = src.tokenizer.encode(&TEXT.repeat(2), false).expect("toks");
+        let mut kl = Vec::new();
+        for rtn in [true, false] {
+            let out = tmp.path().join(format!("awq-{rtn}"));
+            quantize_awq(
+                &src,
+                &opts(tmp.path(), AwqLayout::CompressedTensors, rtn),
+                &OutputSpec::folder(&out),
+                &mut |_, _, _| true,
+            )
+            .expect("awq");
+            let q = SourceModel::open(&out).expect("open");
+            let vb = "model.layers.1.self_attn.v_proj.bias";
+            // (Float tensors are written in fp16.)
+            let written: Vec<f32> = src.tensors[vb]
+                .to_f32()
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect();
+            let changed = written != q.tensors[vb].to_f32();
+            assert_eq!(
+                changed, !rtn,
+                "v's bias carries o's scale only when AWQ runs"
+            );
+            kl.push(kld(&float, &Model::load(&q).expect("load"), &toks));
+        }
+        assert!(kl[1] < 0.9 * kl[0], "AWQ {} vs RTN {}", kl[1], kl[0]);
+    }
+
+    #[test]
     fn shapes_awq_cannot_take_are_refused_before_any_work() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let src_dir = tmp.path().join("src");
