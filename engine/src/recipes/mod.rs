@@ -16,7 +16,7 @@ pub mod gguf;
 
 use std::path::{Path, PathBuf};
 
-pub use gguf::{plan_gguf_mix, GgufMix, TensorOverride};
+pub use gguf::{plan_gguf_mix, GgufMix, MixBudget, TensorOverride};
 
 use crate::calib::{CalibOptions, CalibSource};
 use crate::codecs::bnb::Bnb4Kind;
@@ -108,7 +108,7 @@ pub struct GgufRecipe {
     pub imatrix: ImatrixSource,
     /// An error-aware mix instead of `mix`'s rules: every decoder linear's type chosen by measured error
     /// to fit this budget (`mix` then types the rest; see [`crate::quantize_automix`]).
-    pub auto: Option<crate::quantize_automix::MixBudget>,
+    pub auto: Option<MixBudget>,
     /// The types an auto mix chooses from (empty: [`crate::quantize_automix::AUTOMIX_TYPES`]).
     pub auto_types: Vec<GgmlType>,
 }
@@ -450,7 +450,7 @@ impl Recipe {
     pub fn linear_bpw(&self) -> f64 {
         match self {
             Recipe::Gguf(GgufRecipe {
-                auto: Some(crate::quantize_automix::MixBudget::Bpw(b)),
+                auto: Some(MixBudget::Bpw(b)),
                 ..
             }) => *b,
             Recipe::Gguf(g) => g.mix.nominal_bpw(),
@@ -507,15 +507,15 @@ impl Recipe {
         };
         let bits = match self {
             Recipe::Gguf(GgufRecipe {
-                auto: Some(crate::quantize_automix::MixBudget::FileBytes(n)),
+                auto: Some(MixBudget::FileBytes(n)),
                 ..
             }) => *n as f64 * 8.0,
             Recipe::Gguf(GgufRecipe {
-                auto: Some(crate::quantize_automix::MixBudget::Bpw(b)),
+                auto: Some(MixBudget::Bpw(b)),
                 ..
             }) => *b * params,
             Recipe::Gguf(GgufRecipe {
-                auto: Some(crate::quantize_automix::MixBudget::Memory { bytes, ctx }),
+                auto: Some(MixBudget::Memory { bytes, ctx }),
                 ..
             }) => {
                 let kv = (2 * s.layers * s.kv_heads * s.head_dim * 2) as f64 * *ctx as f64;
