@@ -45,16 +45,20 @@ pub enum Target {
     Gptq,
     /// An importance matrix file (llama.cpp's GGUF format or the legacy `.dat`).
     Imatrix,
+    /// A compressed-tensors pack-quantized folder (our AWQ writer's): the first byte picks
+    /// `model.safetensors` or `config.json`.
+    CompressedTensors,
 }
 
 impl Target {
-    pub const ALL: [Target; 6] = [
+    pub const ALL: [Target; 7] = [
         Target::Gguf,
         Target::Safetensors,
         Target::Config,
         Target::Tokenizer,
         Target::Gptq,
         Target::Imatrix,
+        Target::CompressedTensors,
     ];
 
     pub fn name(self) -> &'static str {
@@ -65,6 +69,7 @@ impl Target {
             Target::Tokenizer => "tokenizer",
             Target::Gptq => "gptq",
             Target::Imatrix => "imatrix",
+            Target::CompressedTensors => "compressed-tensors",
         }
     }
 
@@ -80,6 +85,8 @@ pub struct Workspace {
     hf: PathBuf,
     /// A valid GPTQ folder.
     gptq: PathBuf,
+    /// A valid compressed-tensors folder.
+    ct: PathBuf,
     /// The valid files of both folders, to put back after each input.
     originals: Vec<(PathBuf, Vec<u8>)>,
 }
@@ -107,6 +114,7 @@ impl Workspace {
         let ws = Self {
             hf: dir.join("hf"),
             gptq: dir.join("gptq"),
+            ct: dir.join("ct"),
             dir,
             originals: Vec::new(),
         };
@@ -137,8 +145,24 @@ impl Workspace {
             &crate::output::OutputSpec::folder(&ws.gptq),
             &mut |_, _, _| true,
         )?;
+        // Round-to-nearest AWQ in compressed-tensors' layout: no calibration, a moment to write.
+        let awq = crate::quantize_awq::AwqQuantizeOptions {
+            grid: crate::solvers::awq::AwqGrid {
+                bits: 4,
+                group_size: 32,
+            },
+            layout: crate::writers::awq::AwqLayout::CompressedTensors,
+            rtn: true,
+            ..crate::quantize_awq::AwqQuantizeOptions::default()
+        };
+        crate::quantize_awq::quantize_awq(
+            &src,
+            &awq,
+            &crate::output::OutputSpec::folder(&ws.ct),
+            &mut |_, _, _| true,
+        )?;
         let mut originals = Vec::new();
-        for d in [&ws.hf, &ws.gptq] {
+        for d in [&ws.hf, &ws.gptq, &ws.ct] {
             for e in std::fs::read_dir(d).map_err(io(d))?.flatten() {
                 let p = e.path();
                 let b = std::fs::read(&p).map_err(io(&p))?;
@@ -173,9 +197,18 @@ impl Workspace {
                 };
                 (self.gptq.join(name), self.gptq.clone())
             }
+            Target::CompressedTensors => {
+                let name = match data.first().map_or(0, |b| b % 2) {
+                    0 => "model.safetensors",
+                    _ => "config.json",
+                };
+                (self.ct.join(name), self.ct.clone())
+            }
         };
         let body = match t {
-            Target::Tokenizer | Target::Gptq => data.get(1..).unwrap_or(&[]),
+            Target::Tokenizer | Target::Gptq | Target::CompressedTensors => {
+                data.get(1..).unwrap_or(&[])
+            }
             _ => data,
         };
         std::fs::write(&file, body).map_err(io(&file))?;
@@ -222,6 +255,15 @@ impl Workspace {
                 .map(|(i, n)| {
                     let mut v = vec![i as u8];
                     v.extend(read(self.gptq.join(n))?);
+                    Ok(v)
+                })
+                .collect::<Result<_>>()?,
+            Target::CompressedTensors => ["model.safetensors", "config.json"]
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    let mut v = vec![i as u8];
+                    v.extend(read(self.ct.join(n))?);
                     Ok(v)
                 })
                 .collect::<Result<_>>()?,
