@@ -114,21 +114,15 @@ pub(crate) fn imatrix_kvs(im: &ImatrixInput) -> Vec<(String, GgufValue)> {
 /// from llama-quantize's per-tensor plan — exact for the tensors, without the metadata. For estimates
 /// before quantizing; cheap (no tensor is read).
 pub fn gguf_tensor_bytes(src: &SourceModel, mix: &GgufMix) -> Result<u64> {
-    let mut entries: Vec<(String, Vec<u64>, &TensorRef)> = Vec::new();
-    for (hf, t) in &src.tensors {
-        let g = gguf_tensor_name(hf).ok_or_else(|| {
-            Error::unsupported(&src.path, format!("tensor {hf} has no GGUF name"))
-        })?;
-        entries.push((g, t.shape.iter().rev().map(|&d| d as u64).collect(), t));
-    }
-    entries.sort_by_key(|(g, _, t)| (gguf_order(g), layer_of(&t.name), g.clone()));
+    let entries = gguf_entries(src)?;
     let list: Vec<(String, Vec<u64>)> = entries
         .iter()
-        .map(|(g, ne, _)| (g.clone(), ne.clone()))
+        .map(|(_, g, ne)| (g.clone(), ne.clone()))
         .collect();
     let plan = plan_gguf_mix(mix, &src.config, &list, &[], false)?;
     let mut total = 0u64;
-    for ((_, _, t), (_, ty)) in entries.iter().zip(&plan) {
+    for ((hf, _, _), (_, ty)) in entries.iter().zip(&plan) {
+        let t = &src.tensors[hf];
         let row = if *ty == GgmlType::F32 {
             t.cols() * 4
         } else {

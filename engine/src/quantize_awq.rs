@@ -25,7 +25,7 @@ use crate::solvers::awq::{
 };
 use crate::tensor::TensorRef;
 use crate::writers::awq::{AwqFolderConfig, AwqLayout};
-use crate::writers::packed::{is_decoder_linear, write_packed_folder, PackedSpill};
+use crate::writers::packed::{folder_bytes, is_decoder_linear, write_packed_folder, PackedSpill};
 use crate::{Error, Result};
 
 /// What to make of a model as AWQ.
@@ -558,12 +558,7 @@ pub fn quantize_awq(
     )?;
     packed.remove()?;
     let out = staged.commit()?;
-    let folder_size_bytes: u64 = std::fs::read_dir(&out)
-        .map_err(|e| Error::io(&out, e))?
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let folder_size_bytes = folder_bytes(&out, false)?;
     let params: usize = src.tensors.values().map(TensorRef::numel).sum();
     Ok(PackedReport {
         codec: opts.codec(),

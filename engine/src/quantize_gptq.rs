@@ -24,7 +24,7 @@ use crate::solvers::gptq::{
 };
 use crate::tensor::{Bytes, GptqLinear, Grouped, TensorRef};
 use crate::writers::gptq::{check_gptq_shape, gptq_folder, gptq_parts, GptqConfig};
-use crate::writers::packed::{is_decoder_linear, write_packed_folder, PackedSpill};
+use crate::writers::packed::{folder_bytes, is_decoder_linear, write_packed_folder, PackedSpill};
 use crate::{Error, Result};
 
 /// What to make of a model as GPTQ.
@@ -383,12 +383,7 @@ pub fn quantize_gptq(
     packed.remove()?;
     let out = &staged.commit()?;
     timings.write_s = t.elapsed().as_secs_f64();
-    let folder_size_bytes = std::fs::read_dir(out)
-        .map_err(|e| Error::io(out, e))?
-        .flatten()
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let folder_size_bytes = folder_bytes(out, false)?;
     Ok(GptqReport {
         config: format!(
             "{} int{} {}{}{}",

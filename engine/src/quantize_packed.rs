@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::SourceModel;
 use crate::output::OutputSpec;
-use crate::writers::packed::{pack_linears, write_packed_folder, LinearPacker, PackedSpill};
+use crate::writers::packed::{
+    folder_bytes, pack_linears, write_packed_folder, LinearPacker, PackedSpill,
+};
 use crate::{Error, Result};
 
 /// The error of one quantized linear.
@@ -141,13 +143,7 @@ pub fn quantize_packed(
     write_packed_folder(src, &fmt, staged.path(), &mut spill, &mut |_, _| true)?;
     spill.remove()?;
     let out = staged.commit()?;
-    let folder_size_bytes: u64 = std::fs::read_dir(&out)
-        .map_err(|e| Error::io(&out, e))?
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().ends_with(".safetensors"))
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let folder_size_bytes = folder_bytes(&out, true)?;
     Ok(PackedReport {
         codec: packer.codec(),
         modules,

@@ -88,24 +88,27 @@ pub fn pack_rows(v: &[u8], rows: usize, cols: usize, bits: u32) -> Vec<u8> {
 /// Pack `v` (`[rows, cols]`, unsigned codes) along its *rows*, as compressed-tensors packs zero points:
 /// `[⌈rows·bits/32⌉, cols]` int32 words.
 pub fn pack_columns(v: &[u8], rows: usize, cols: usize, bits: u32) -> Vec<u8> {
-    let mut t = vec![0u8; rows * cols];
+    // Packed [cols, words], then transposed to [words, cols].
+    let p = pack_rows(&transpose(v, rows, cols), cols, rows, bits);
+    let words: Vec<[u8; 4]> = p
+        .chunks_exact(4)
+        .map(|w| [w[0], w[1], w[2], w[3]])
+        .collect();
+    transpose(&words, cols, packed_words(rows, bits))
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// `[rows, cols]` → `[cols, rows]`.
+pub fn transpose<T: Copy + Default>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+    let mut t = vec![T::default(); v.len()];
     for r in 0..rows {
         for c in 0..cols {
             t[c * rows + r] = v[r * cols + c];
         }
     }
-    // Packed [cols, words], then transposed to [words, cols].
-    let p = pack_rows(&t, cols, rows, bits);
-    let words = packed_words(rows, bits);
-    let mut out = vec![0u8; p.len()];
-    for c in 0..cols {
-        for w in 0..words {
-            let s = 4 * (c * words + w);
-            let d = 4 * (w * cols + c);
-            out[d..d + 4].copy_from_slice(&p[s..s + 4]);
-        }
-    }
-    out
+    t
 }
 
 /// Bits `bit..bit+bits` of a little-endian word stream, where consecutive words lie `stride` words apart.

@@ -721,6 +721,24 @@ fn module_done(
     !ctx.cancelled()
 }
 
+/// A packed-format module's metrics as the front ends get them.
+fn packed_metrics(
+    m: &crate::quantize_packed::PackedModuleMetrics,
+    codec: &str,
+) -> super::LayerMetrics {
+    super::LayerMetrics {
+        layer: Some(m.layer),
+        tensor: m.tensor.clone(),
+        codec: codec.to_owned(),
+        bits_per_weight: m.bits_per_weight,
+        rel_rms_error: m.rel_rms_error,
+        weighted_rel_rms_error: None,
+        gptq_loss: None,
+        rtn_loss: None,
+        max_error: m.max_error,
+    }
+}
+
 fn quantize_packed(
     ctx: &JobCtx,
     model: &Path,
@@ -733,17 +751,7 @@ fn quantize_packed(
     let start = Instant::now();
     let mut on_module =
         |m: &crate::quantize_packed::PackedModuleMetrics, done: usize, total: usize| {
-            let metrics = super::LayerMetrics {
-                layer: Some(m.layer),
-                tensor: m.tensor.clone(),
-                codec: codec.clone(),
-                bits_per_weight: m.bits_per_weight,
-                rel_rms_error: m.rel_rms_error,
-                weighted_rel_rms_error: None,
-                gptq_loss: None,
-                rtn_loss: None,
-                max_error: m.max_error,
-            };
+            let metrics = packed_metrics(m, &codec);
             module_done(ctx, start, "quantizing", metrics, done, total)
         };
     let report = crate::quantize_packed::quantize_packed(&src, packer, out, &mut on_module)?;
@@ -762,17 +770,7 @@ fn quantize_awq(
     let stage = if options.rtn { "quantizing" } else { "AWQ" };
     let mut on_module =
         |m: &crate::quantize_packed::PackedModuleMetrics, done: usize, total: usize| {
-            let metrics = super::LayerMetrics {
-                layer: Some(m.layer),
-                tensor: m.tensor.clone(),
-                codec: codec.clone(),
-                bits_per_weight: m.bits_per_weight,
-                rel_rms_error: m.rel_rms_error,
-                weighted_rel_rms_error: None,
-                gptq_loss: None,
-                rtn_loss: None,
-                max_error: m.max_error,
-            };
+            let metrics = packed_metrics(m, &codec);
             module_done(ctx, start, stage, metrics, done, total)
         };
     let report = crate::quantize_awq::quantize_awq(&src, options, out, &mut on_module)?;

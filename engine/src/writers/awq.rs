@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 
 use super::packed::{is_decoder_linear, PackedFolder, PackedTensor};
 use crate::codecs::awq::pack_interleaved;
-use crate::codecs::ct::{pack_columns, pack_rows, packed_words};
+use crate::codecs::ct::{pack_columns, pack_rows, packed_words, transpose};
 use crate::solvers::awq::QuantizedRows;
 use crate::{Error, Result};
 
@@ -189,15 +189,4 @@ impl AwqFolderConfig {
             }
         }
     }
-}
-
-/// `[rows, cols]` → `[cols, rows]`.
-fn transpose<T: Copy + Default>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
-    let mut t = vec![T::default(); v.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = v[r * cols + c];
-        }
-    }
-    t
 }

@@ -342,6 +342,17 @@ pub fn write_packed_folder(
     Ok(())
 }
 
+/// Bytes of the files in the folder `dir` (only its `.safetensors` files when `weights_only`).
+pub fn folder_bytes(dir: &Path, weights_only: bool) -> Result<u64> {
+    Ok(std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+        .filter(|e| !weights_only || e.file_name().to_string_lossy().ends_with(".safetensors"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum())
+}
+
 /// The decoder linears every packed format quantizes (embeddings, norms and the output head stay float).
 pub fn is_decoder_linear(hf_name: &str) -> bool {
     const LINEARS: [&str; 7] = [
