@@ -118,6 +118,8 @@ pub enum Grouped {
     Awq(AwqLinear),
     /// compressed-tensors `pack-quantized` (llm-compressor's integer layout, 1–8 bits).
     Ct(CtLinear),
+    /// ExLlamaV2's EXL2: act-ordered groups of 2–8 bits, 4-bit scale codes under an fp16 maximum.
+    Exl2(Exl2Linear),
 }
 
 impl Grouped {
@@ -129,6 +131,7 @@ impl Grouped {
             Grouped::Hqq(p) => (p.out_features, p.in_features),
             Grouped::Awq(p) => (p.out_features, p.in_features),
             Grouped::Ct(p) => (p.out_features, p.in_features),
+            Grouped::Exl2(p) => (p.out_features, p.in_features),
         }
     }
 
@@ -140,6 +143,7 @@ impl Grouped {
             Grouped::Hqq(p) => p.parts().dequant_row(r, out),
             Grouped::Awq(p) => p.parts().dequant_row(r, out),
             Grouped::Ct(p) => p.parts().dequant_row(r, out),
+            Grouped::Exl2(p) => p.parts().dequant_row(r, out),
         }
     }
 
@@ -163,6 +167,9 @@ impl Grouped {
                     + p.zero_point.as_ref().map_or(0, |z| z.len())
                     + p.g_idx.as_ref().map_or(0, |g| g.len())
             }
+            Grouped::Exl2(p) => {
+                p.q_weight.len() + p.q_scale.len() + p.q_scale_max.len() + p.index_bytes
+            }
         }
     }
 
@@ -183,6 +190,7 @@ impl Grouped {
                 p.group_size,
                 if p.zero_point.is_some() { " asym" } else { "" }
             ),
+            Grouped::Exl2(p) => format!("EXL2 {:.2} bpw", p.bits_per_weight()),
         }
     }
 
@@ -194,6 +202,7 @@ impl Grouped {
             Grouped::Hqq(p) => p.parts().validate(name),
             Grouped::Awq(p) => p.parts().validate(name),
             Grouped::Ct(p) => p.parts().validate(name),
+            Grouped::Exl2(p) => p.parts().validate(name),
         }
     }
 }
@@ -324,6 +333,46 @@ impl AwqLinear {
             qzeros: &self.qzeros,
             scales: &self.scales,
         }
+    }
+}
+
+/// An EXL2 linear layer: packed codes and scales kept in the mapped file, its groups and permutation decoded.
+#[derive(Debug)]
+pub struct Exl2Linear {
+    pub in_features: usize,
+    pub out_features: usize,
+    /// `q_weight`'s width: `out_features` rounded up to 32.
+    pub n_pad: usize,
+    pub groups: Vec<crate::codecs::exl2::Exl2Group>,
+    /// Permuted row → input feature (`argsort(q_invperm)`).
+    pub perm: Vec<u32>,
+    pub q_weight: Bytes,
+    pub q_scale: Bytes,
+    pub q_scale_max: Bytes,
+    /// Bytes of `q_groups` and `q_invperm` as stored.
+    pub index_bytes: usize,
+}
+
+impl Exl2Linear {
+    /// Borrowed view for the codec.
+    pub fn parts(&self) -> crate::codecs::exl2::Exl2Parts<'_> {
+        crate::codecs::exl2::Exl2Parts {
+            in_features: self.in_features,
+            out_features: self.out_features,
+            n_pad: self.n_pad,
+            groups: &self.groups,
+            perm: &self.perm,
+            q_weight: &self.q_weight,
+            q_scale: &self.q_scale,
+            q_scale_max: &self.q_scale_max,
+        }
+    }
+
+    /// Stored bits per weight of the real (unpadded) matrix, everything counted.
+    pub fn bits_per_weight(&self) -> f64 {
+        let bytes =
+            self.q_weight.len() + self.q_scale.len() + self.q_scale_max.len() + self.index_bytes;
+        bytes as f64 * 8.0 / (self.in_features * self.out_features).max(1) as f64
     }
 }
 

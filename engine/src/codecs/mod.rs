@@ -7,6 +7,7 @@
 pub mod awq;
 pub mod bnb;
 pub mod ct;
+pub mod exl2;
 mod float;
 pub mod gptq;
 pub mod hqq;

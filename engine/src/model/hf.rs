@@ -80,7 +80,7 @@ pub fn open(dir: &Path) -> Result<SourceModel> {
     let mut config = parse_config(&config_path, &config_json)?;
 
     let (mut tensors, mut raw, file_size_bytes) = load_weights(dir)?;
-    quantized_linears(&config_path, &config_json, &mut tensors, &mut raw)?;
+    quantized_linears(&config_path, &config_json, &config, &mut tensors, &mut raw)?;
     if !config.tie_word_embeddings && !tensors.contains_key("lm_head.weight") {
         // Checkpoints that share the embedding often leave lm_head out without saying so.
         config.tie_word_embeddings = true;
@@ -463,6 +463,43 @@ fn load_weights(dir: &Path) -> Result<Weights> {
     if index_path.is_file() {
         return load_sharded(dir, &index_path);
     }
+    // No `model.safetensors` and no index: every `*.safetensors` of the folder, as ExLlamaV2's loader reads
+    // its `output.safetensors` / `output-0000i-of-0000N.safetensors`.
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    if !files.is_empty() {
+        files.sort();
+        let (mut tensors, mut raw, mut size) = (BTreeMap::new(), BTreeMap::new(), 0u64);
+        for f in &files {
+            let (list, raw_list, n) = read_safetensors_all(f)?;
+            size += n;
+            for t in list {
+                if tensors.contains_key(&t.name) || raw.contains_key(&t.name) {
+                    return Err(Error::malformed(
+                        f,
+                        "safetensors",
+                        format!("tensor {} is in two files", t.name),
+                    ));
+                }
+                tensors.insert(t.name.clone(), t);
+            }
+            for t in raw_list {
+                if tensors.contains_key(&t.name) || raw.contains_key(&t.name) {
+                    return Err(Error::malformed(
+                        f,
+                        "safetensors",
+                        format!("tensor {} is in two files", t.name),
+                    ));
+                }
+                raw.insert(t.name.clone(), t);
+            }
+        }
+        return Ok((tensors, raw, size));
+    }
     if dir.join("pytorch_model.bin").exists() || dir.join("pytorch_model.bin.index.json").exists() {
         return Err(Error::unsupported(
             dir,
@@ -474,7 +511,7 @@ fn load_weights(dir: &Path) -> Result<Weights> {
         &single,
         std::io::Error::new(
             std::io::ErrorKind::NotFound,
-            "no model.safetensors or model.safetensors.index.json in this folder",
+            "no model.safetensors, model.safetensors.index.json or other *.safetensors in this folder",
         ),
     ))
 }
@@ -577,6 +614,7 @@ const GPTQ_INT_SUFFIXES: [&str; 3] = [".qweight", ".qzeros", ".g_idx"];
 fn quantized_linears(
     config_path: &Path,
     cfg: &Map<String, Value>,
+    model: &ModelConfig,
     tensors: &mut BTreeMap<String, TensorRef>,
     raw: &mut BTreeMap<String, RawTensor>,
 ) -> Result<()> {
@@ -590,6 +628,7 @@ fn quantized_linears(
         (Some("bitsandbytes"), _) => bnb4_linears(config_path, tensors, raw)?,
         (Some("hqq"), _) => hqq_linears(config_path, tensors, raw)?,
         (Some("compressed-tensors"), Some(qc)) => ct_linears(config_path, qc, tensors, raw)?,
+        (Some("exl2"), _) => exl2_linears(config_path, model, tensors, raw)?,
         _ => {}
     }
     match raw.values().next() {
@@ -597,8 +636,8 @@ fn quantized_linears(
             &r.file,
             format!(
                 "tensor {} ({} {:?}) belongs to no quantized layer: quantization_config.quant_method is \
-                 {method:?}, and GPTQ, AWQ, compressed-tensors pack-quantized, bitsandbytes 4-bit and HQQ \
-                 checkpoints are read",
+                 {method:?}, and GPTQ, AWQ, compressed-tensors pack-quantized, bitsandbytes 4-bit, HQQ and \
+                 EXL2 checkpoints are read",
                 r.name, r.dtype, r.shape
             ),
         )),
@@ -689,6 +728,142 @@ fn gptq_linears(
         .find(|k| GPTQ_INT_SUFFIXES.iter().any(|s| k.ends_with(s)))
     {
         return Err(bad(format!("tensor {k} belongs to no complete GPTQ layer")));
+    }
+    Ok(())
+}
+
+/// The output width the model expects of the linear `prefix` (`model.layers.3.mlp.down_proj`, `lm_head`).
+fn expected_out_features(c: &ModelConfig, prefix: &str) -> Option<usize> {
+    let last = prefix.rsplit('.').next()?;
+    Some(match last {
+        "q_proj" => c.num_heads * c.head_dim,
+        "k_proj" | "v_proj" => c.num_kv_heads * c.head_dim,
+        "o_proj" | "down_proj" => c.hidden_size,
+        "gate_proj" | "up_proj" => c.intermediate_size,
+        "lm_head" => c.vocab_size,
+        _ => return None,
+    })
+}
+
+/// Regroup ExLlamaV2 EXL2 linears (`P.q_weight` / `P.q_scale` int32, `P.q_scale_max` fp16, `P.q_groups`
+/// int16, `P.q_invperm` int32/int64; `exl2.md` §1.2) into [`Grouped::Exl2`] tensors. Output widths padded to
+/// 32 are cut back to the model's.
+fn exl2_linears(
+    config_path: &Path,
+    model: &ModelConfig,
+    tensors: &mut BTreeMap<String, TensorRef>,
+    raw: &mut BTreeMap<String, RawTensor>,
+) -> Result<()> {
+    use crate::tensor::Exl2Linear;
+    let bad = |d: String| Error::unsupported(config_path, d);
+    let prefixes: Vec<String> = raw
+        .keys()
+        .filter_map(|k| k.strip_suffix(".q_weight").map(str::to_owned))
+        .collect();
+    for p in prefixes {
+        let mut take = |suffix: &str, dtypes: &[&str], dims: usize| {
+            let t = raw
+                .remove(&format!("{p}.{suffix}"))
+                .ok_or_else(|| bad(format!("EXL2 layer {p} has no {suffix}")))?;
+            if !dtypes.contains(&t.dtype) || t.shape.len() != dims {
+                return Err(bad(format!(
+                    "EXL2 layer {p}: {suffix} is {} {:?}, a {dims}-D {} tensor expected",
+                    t.dtype,
+                    t.shape,
+                    dtypes.join("/")
+                )));
+            }
+            Ok(t)
+        };
+        let q_weight = take("q_weight", &["I32"], 2)?;
+        let q_scale = take("q_scale", &["I32"], 2)?;
+        let q_groups = take("q_groups", &["I16"], 1)?;
+        let q_invperm = take("q_invperm", &["I32", "I64", "I16"], 1)?;
+        // A stored q_perm is ignored by ExLlamaV2 (rebuilt from q_invperm); so here.
+        raw.remove(&format!("{p}.q_perm"));
+        let q_scale_max = tensors
+            .remove(&format!("{p}.q_scale_max"))
+            .ok_or_else(|| bad(format!("EXL2 layer {p} has no q_scale_max")))?;
+        let scale_max = q_scale_max
+            .block_bytes()
+            .filter(|_| {
+                q_scale_max.block_type() == Some(GgmlType::F16) && q_scale_max.shape.len() == 1
+            })
+            .cloned()
+            .ok_or_else(|| {
+                bad(format!(
+                    "EXL2 layer {p}: q_scale_max must be a 1-D F16 tensor"
+                ))
+            })?;
+        let groups: Vec<i16> = q_groups
+            .data
+            .chunks_exact(2)
+            .map(|b| i16::from_le_bytes([b[0], b[1]]))
+            .collect();
+        let invperm: Vec<i64> = match q_invperm.dtype {
+            "I64" => q_invperm
+                .data
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+                .collect(),
+            "I16" => q_invperm
+                .data
+                .chunks_exact(2)
+                .map(|b| i64::from(u16::from_le_bytes([b[0], b[1]])))
+                .collect(),
+            _ => q_invperm
+                .data
+                .chunks_exact(4)
+                .map(|b| i64::from(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                .collect(),
+        };
+        let (layout, perm) = crate::codecs::exl2::exl2_layout(&groups, q_weight.shape[0], &invperm)
+            .map_err(|e| bad(format!("layer {p}: {e}")))?;
+        let n_pad = q_weight.shape[1];
+        if q_scale.shape != [layout.len(), n_pad / 8] {
+            return Err(bad(format!(
+                "EXL2 layer {p}: q_scale is {:?}, [{}, {}] expected",
+                q_scale.shape,
+                layout.len(),
+                n_pad / 8
+            )));
+        }
+        let out_features = expected_out_features(model, &p).unwrap_or(n_pad);
+        let t = TensorRef::grouped(
+            format!("{p}.weight"),
+            Grouped::Exl2(Exl2Linear {
+                in_features: perm.len(),
+                out_features,
+                n_pad,
+                groups: layout,
+                perm,
+                q_weight: q_weight.data,
+                q_scale: q_scale.data,
+                q_scale_max: scale_max,
+                index_bytes: q_groups.data.len() + q_invperm.data.len(),
+            }),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+        tensors.insert(t.name.clone(), t);
+        // ExLlamaV2 pads a bias to the padded width too.
+        let bias_name = format!("{p}.bias");
+        if let Some(b) = tensors.get(&bias_name) {
+            if b.shape.len() == 1 && b.shape[0] == n_pad && n_pad != out_features {
+                let mut v = vec![0f32; n_pad];
+                b.dequant_row(0, &mut v);
+                v.truncate(out_features);
+                let t = TensorRef::from_f32(bias_name.clone(), vec![out_features], &v)
+                    .map_err(|e| bad(e.to_string()))?;
+                tensors.insert(bias_name, t);
+            }
+        }
+    }
+    if let Some(k) = raw.keys().find(|k| {
+        [".q_scale", ".q_groups", ".q_invperm"]
+            .iter()
+            .any(|s| k.ends_with(s))
+    }) {
+        return Err(bad(format!("tensor {k} belongs to no complete EXL2 layer")));
     }
     Ok(())
 }

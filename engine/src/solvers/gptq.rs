@@ -661,7 +661,7 @@ fn fit_table(w: &[f32], rows: usize, cols: usize, gs: usize, grid: &Grid) -> Par
 /// Cholesky of the inverse): with `J` the exchange matrix and `JHJ = L̃L̃ᵀ`, `H = ŨŨᵀ` for the upper
 /// triangular `Ũ = JL̃J`, so `H⁻¹ = Ũ⁻ᵀŨ⁻¹` and, by uniqueness of the Cholesky factor, `U = Ũ⁻¹ = JL̃⁻¹J`.
 /// That is 2n³/3 flops instead of 5n³/3, in place, in f64.
-fn hessian_inverse_upper(
+pub(crate) fn hessian_inverse_upper(
     h: Cow<'_, Hessian>,
     diag: &[f64],
     cols: usize,
@@ -847,7 +847,7 @@ impl SweepCtx<'_> {
 
 /// A row-major `[nrows, ncols]` view with row stride `row_stride`. (faer 0.22's own
 /// `MatMut::from_row_major_slice_with_stride_mut` builds a column-major view by mistake, so it is not used.)
-fn row_major_mut(
+pub(crate) fn row_major_mut(
     slice: &mut [f32],
     nrows: usize,
     ncols: usize,

@@ -11,6 +11,7 @@
 //! activations (or their Hessian) of that layer's input, and return integer codes with their group parameters.
 
 pub mod awq;
+pub mod exl2;
 pub mod gptq;
 pub mod mix;
 
