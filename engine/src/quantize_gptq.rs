@@ -97,7 +97,7 @@ pub struct GptqReport {
 }
 
 /// Accumulates the Hessians of the inputs a stage needs.
-struct HessianCollector {
+pub(crate) struct HessianCollector {
     layer: usize,
     wanted: Vec<MatmulInput>,
     hessians: HashMap<u8, Hessian>,
@@ -106,7 +106,7 @@ struct HessianCollector {
 }
 
 /// A stage's Hessian as one linear gets it.
-enum HessianUse<'a> {
+pub(crate) enum HessianUse<'a> {
     Borrowed(&'a Hessian),
     Owned(Hessian),
 }
@@ -246,130 +246,64 @@ pub fn quantize_gptq(
         store.put(i, model.embed_tokens(r))?;
     }
     timings.capture_s += t.elapsed().as_secs_f64();
-    let mut cache = model.new_cache(seq);
     let total = c.num_layers * 7;
     let mut modules = Vec::with_capacity(total);
     // Finished layers go to disk at once: memory holds one layer's packed weights, not the model's.
     let mut packed = PackedSpill::create(&staged.path().join(".packed-linears"))?;
-    for li in 0..c.num_layers {
-        // The layer's original weights (mapped, not copied), put back once its outputs are computed.
-        let mut originals: Vec<(LinearKind, TensorRef)> = Vec::new();
-        for stage in stages(opts.true_sequential) {
-            let mut col = HessianCollector {
-                layer: li,
-                wanted: stage.iter().map(|k| k.input()).collect(),
-                hessians: HashMap::new(),
-                seconds: 0.0,
-                error: None,
-            };
-            let t = Instant::now();
-            // The layer runs only as far as the stage's last input (in layer order).
-            let order = |m: &MatmulInput| match m {
-                MatmulInput::Attention => 0,
-                MatmulInput::AttentionOutput => 1,
-                MatmulInput::Ffn => 2,
-                MatmulInput::FfnDown => 3,
-            };
-            let until = col
-                .wanted
-                .iter()
-                .copied()
-                .max_by_key(order)
-                .unwrap_or(MatmulInput::FfnDown);
-            // True sequential: the stage that reaches down's input runs after q/k/v/o are quantized, so it
-            // leaves in `x` the quantized layer's state after attention — all its output still needs (the
-            // MLP half): kept instead of the layer's input.
-            let keep_mid = opts.true_sequential && until == MatmulInput::FfnDown;
-            for i in 0..rows.len() {
-                let mut x = store.get(i)?;
-                model.run_layer_until(li, &mut x, seq, &mut cache, &mut col, until)?;
-                if keep_mid {
-                    store.put(i, x)?;
-                }
-                if let Some(e) = col.error.take() {
-                    return Err(e);
-                }
-            }
-            timings.hessian_s += col.seconds;
-            timings.capture_s += t.elapsed().as_secs_f64() - col.seconds;
-            for (si, &kind) in stage.iter().enumerate() {
-                let name = kind.hf_name(li);
-                // The last linear of the stage that reads this input takes its Hessian (the solver frees
-                // it once factorised); earlier ones borrow it.
-                let last_user = !stage[si + 1..].iter().any(|k| k.input() == kind.input());
-                let missing = || Error::Invalid(format!("no inputs were captured for {name}"));
-                let h = if last_user {
-                    HessianUse::Owned(
-                        col.hessians
-                            .remove(&key(kind.input()))
-                            .ok_or_else(missing)?,
-                    )
-                } else {
-                    HessianUse::Borrowed(col.hessians.get(&key(kind.input())).ok_or_else(missing)?)
-                };
-                let w_ref = model
-                    .linear(li, kind)
-                    .ok_or_else(|| Error::Invalid(format!("no linear {name}")))?;
-                let (n, k) = (w_ref.rows(), w_ref.cols());
-                let w = w_ref.to_f32();
-                let t = Instant::now();
-                let r = match (opts.rtn, h) {
-                    (true, HessianUse::Borrowed(h)) => rtn_quantize(&w, n, k, h, &solver)?,
-                    (true, HessianUse::Owned(h)) => rtn_quantize(&w, n, k, &h, &solver)?,
-                    (false, HessianUse::Borrowed(h)) => gptq_quantize(&w, n, k, h, &solver)?,
-                    (false, HessianUse::Owned(h)) => gptq_quantize_owned(&w, n, k, h, &solver)?,
-                };
-                let solve_s = t.elapsed().as_secs_f64();
-                timings.solve_s += solve_s;
-                let p = pack_gptq(u32::from(r.bits), n, k, &r.q, &r.zeros, &r.scales, &r.g_idx)?;
-                let (mut e2, mut n2, mut max) = (0.0f64, 0.0f64, 0.0f64);
-                for (a, b) in w.iter().zip(&r.dequantised) {
-                    let d = f64::from(a - b);
-                    e2 += d * d;
-                    n2 += f64::from(*a).powi(2);
-                    max = max.max(d.abs());
-                }
-                let bytes = p.qweight.len() + p.qzeros.len() + p.scales.len() + p.g_idx.len();
-                let m = GptqModuleMetrics {
-                    layer: li,
-                    tensor: name.clone(),
-                    loss: r.loss,
-                    rtn_loss: r.rtn_loss,
-                    gptq_output_loss: r.loss,
-                    rel_rms_error: if n2 > 0.0 { (e2 / n2).sqrt() } else { 0.0 },
-                    max_error: max,
-                    bits_per_weight: bytes as f64 * 8.0 / (n * k) as f64,
-                    damp_percent: r.damp_percent,
-                    solve_s,
-                };
-                let t = packed_tensor(&name, u32::from(r.bits), n, k, r.n_groups, &p)?;
-                originals.push((kind, w_ref.clone()));
-                drop(w);
-                model.replace_linear(li, kind, t)?;
-                packed.put(&name, gptq_parts(&cfg, n, k, p))?;
-                modules.push(m);
-                if !on_module(&modules[modules.len() - 1], modules.len(), total) {
-                    return Err(Error::Cancelled);
-                }
-            }
-        }
-        // The quantized layer's outputs are the next layer's inputs (true sequential: from the state after
-        // attention the store holds, only the MLP half runs).
+    let mut solve = |model: &Model, li: usize, kind: LinearKind, h: HessianUse<'_>| -> Result<TensorRef> {
+        let name = kind.hf_name(li);
+        let w_ref = model
+            .linear(li, kind)
+            .ok_or_else(|| Error::Invalid(format!("no linear {name}")))?;
+        let (n, k) = (w_ref.rows(), w_ref.cols());
+        let w = w_ref.to_f32();
         let t = Instant::now();
-        for i in 0..rows.len() {
-            let mut x = store.get(i)?;
-            if opts.true_sequential {
-                model.run_ffn(li, &mut x, seq)?;
-            } else {
-                model.run_layer(li, &mut x, seq, &mut cache, None)?;
-            }
-            store.put(i, x)?;
+        let r = match (opts.rtn, h) {
+            (true, HessianUse::Borrowed(h)) => rtn_quantize(&w, n, k, h, &solver)?,
+            (true, HessianUse::Owned(h)) => rtn_quantize(&w, n, k, &h, &solver)?,
+            (false, HessianUse::Borrowed(h)) => gptq_quantize(&w, n, k, h, &solver)?,
+            (false, HessianUse::Owned(h)) => gptq_quantize_owned(&w, n, k, h, &solver)?,
+        };
+        let solve_s = t.elapsed().as_secs_f64();
+        let p = pack_gptq(u32::from(r.bits), n, k, &r.q, &r.zeros, &r.scales, &r.g_idx)?;
+        let (mut e2, mut n2, mut max) = (0.0f64, 0.0f64, 0.0f64);
+        for (a, b) in w.iter().zip(&r.dequantised) {
+            let d = f64::from(a - b);
+            e2 += d * d;
+            n2 += f64::from(*a).powi(2);
+            max = max.max(d.abs());
         }
-        timings.capture_s += t.elapsed().as_secs_f64();
-        for (kind, w) in originals {
-            model.replace_linear(li, kind, w)?;
+        let bytes = p.qweight.len() + p.qzeros.len() + p.scales.len() + p.g_idx.len();
+        let m = GptqModuleMetrics {
+            layer: li,
+            tensor: name.clone(),
+            loss: r.loss,
+            rtn_loss: r.rtn_loss,
+            gptq_output_loss: r.loss,
+            rel_rms_error: if n2 > 0.0 { (e2 / n2).sqrt() } else { 0.0 },
+            max_error: max,
+            bits_per_weight: bytes as f64 * 8.0 / (n * k) as f64,
+            damp_percent: r.damp_percent,
+            solve_s,
+        };
+        let t = packed_tensor(&name, u32::from(r.bits), n, k, r.n_groups, &p)?;
+        packed.put(&name, gptq_parts(&cfg, n, k, p))?;
+        modules.push(m);
+        if !on_module(&modules[modules.len() - 1], modules.len(), total) {
+            return Err(Error::Cancelled);
         }
-    }
+        Ok(t)
+    };
+    run_sequential(
+        &mut model,
+        &mut store,
+        rows.len(),
+        seq,
+        &stages(opts.true_sequential),
+        &mut timings,
+        &mut solve,
+    )?;
+    timings.solve_s = modules.iter().map(|m| m.solve_s).sum();
     drop(store);
     drop(model);
     let t = Instant::now();
@@ -402,6 +336,101 @@ pub fn quantize_gptq(
         spilled,
         folder_size_bytes,
     })
+}
+
+/// The layer-sequential calibration loop GPTQ and EXL2 share. For every layer, each stage's inputs are
+/// captured (through the linears of earlier stages, already replaced) as Hessians, `solve` turns each of
+/// the stage's linears into its quantized replacement, and the fully quantized layer produces the next
+/// layer's inputs from `store` (`n_rows` sequences of `seq` tokens). With more than one stage, the stage
+/// that reaches down's input keeps the state after attention, and only the MLP half runs at the end. The
+/// layer's original weights are put back once its outputs are computed.
+pub(crate) fn run_sequential(
+    model: &mut Model,
+    store: &mut ActStore,
+    n_rows: usize,
+    seq: usize,
+    stages: &[Vec<LinearKind>],
+    timings: &mut GptqTimings,
+    solve: &mut dyn FnMut(&Model, usize, LinearKind, HessianUse<'_>) -> Result<TensorRef>,
+) -> Result<()> {
+    let mut cache = model.new_cache(seq);
+    let split = stages.len() > 1;
+    for li in 0..model.config().num_layers {
+        // The layer's original weights (mapped, not copied), put back once its outputs are computed.
+        let mut originals: Vec<(LinearKind, TensorRef)> = Vec::new();
+        for stage in stages {
+            let mut col = HessianCollector {
+                layer: li,
+                wanted: stage.iter().map(|k| k.input()).collect(),
+                hessians: HashMap::new(),
+                seconds: 0.0,
+                error: None,
+            };
+            let t = Instant::now();
+            // The layer runs only as far as the stage's last input (in layer order).
+            let until = col
+                .wanted
+                .iter()
+                .copied()
+                .max_by_key(|m| key(*m))
+                .unwrap_or(MatmulInput::FfnDown);
+            // The stage that reaches down's input runs after q/k/v/o are quantized, so it leaves in `x` the
+            // quantized layer's state after attention — all its output still needs (the MLP half): kept
+            // instead of the layer's input.
+            let keep_mid = split && until == MatmulInput::FfnDown;
+            for i in 0..n_rows {
+                let mut x = store.get(i)?;
+                model.run_layer_until(li, &mut x, seq, &mut cache, &mut col, until)?;
+                if keep_mid {
+                    store.put(i, x)?;
+                }
+                if let Some(e) = col.error.take() {
+                    return Err(e);
+                }
+            }
+            timings.hessian_s += col.seconds;
+            timings.capture_s += t.elapsed().as_secs_f64() - col.seconds;
+            for (si, &kind) in stage.iter().enumerate() {
+                let name = kind.hf_name(li);
+                // The last linear of the stage that reads this input takes its Hessian (the solver frees
+                // it once factorised); earlier ones borrow it.
+                let last_user = !stage[si + 1..].iter().any(|k| k.input() == kind.input());
+                let missing = || Error::Invalid(format!("no inputs were captured for {name}"));
+                let h = if last_user {
+                    HessianUse::Owned(
+                        col.hessians
+                            .remove(&key(kind.input()))
+                            .ok_or_else(missing)?,
+                    )
+                } else {
+                    HessianUse::Borrowed(col.hessians.get(&key(kind.input())).ok_or_else(missing)?)
+                };
+                let t = solve(model, li, kind, h)?;
+                let original = model
+                    .linear(li, kind)
+                    .ok_or_else(|| Error::Invalid(format!("no linear {name}")))?
+                    .clone();
+                originals.push((kind, original));
+                model.replace_linear(li, kind, t)?;
+            }
+        }
+        // The quantized layer's outputs are the next layer's inputs.
+        let t = Instant::now();
+        for i in 0..n_rows {
+            let mut x = store.get(i)?;
+            if split {
+                model.run_ffn(li, &mut x, seq)?;
+            } else {
+                model.run_layer(li, &mut x, seq, &mut cache, None)?;
+            }
+            store.put(i, x)?;
+        }
+        timings.capture_s += t.elapsed().as_secs_f64();
+        for (kind, w) in originals {
+            model.replace_linear(li, kind, w)?;
+        }
+    }
+    Ok(())
 }
 
 fn packed_tensor(
