@@ -31,6 +31,7 @@ pub mod output;
 pub mod quantize;
 pub mod quantize_automix;
 pub mod quantize_awq;
+pub mod quantize_exl2;
 pub mod quantize_gptq;
 pub mod quantize_packed;
 pub mod recipes;

@@ -98,11 +98,11 @@ pub struct GptqReport {
 
 /// Accumulates the Hessians of the inputs a stage needs.
 pub(crate) struct HessianCollector {
-    layer: usize,
-    wanted: Vec<MatmulInput>,
-    hessians: HashMap<u8, Hessian>,
-    seconds: f64,
-    error: Option<Error>,
+    pub(crate) layer: usize,
+    pub(crate) wanted: Vec<MatmulInput>,
+    pub(crate) hessians: HashMap<u8, Hessian>,
+    pub(crate) seconds: f64,
+    pub(crate) error: Option<Error>,
 }
 
 /// A stage's Hessian as one linear gets it.
@@ -111,7 +111,7 @@ pub(crate) enum HessianUse<'a> {
     Owned(Hessian),
 }
 
-fn key(i: MatmulInput) -> u8 {
+pub(crate) fn input_key(i: MatmulInput) -> u8 {
     match i {
         MatmulInput::Attention => 0,
         MatmulInput::AttentionOutput => 1,
@@ -129,7 +129,7 @@ impl MatmulObserver for HessianCollector {
         let cols = x.len() / n.max(1);
         let h = self
             .hessians
-            .entry(key(input))
+            .entry(input_key(input))
             .or_insert_with(|| Hessian::new(cols));
         if let Err(e) = h.add_batch(x, n) {
             self.error = Some(e);
@@ -250,50 +250,51 @@ pub fn quantize_gptq(
     let mut modules = Vec::with_capacity(total);
     // Finished layers go to disk at once: memory holds one layer's packed weights, not the model's.
     let mut packed = PackedSpill::create(&staged.path().join(".packed-linears"))?;
-    let mut solve = |model: &Model, li: usize, kind: LinearKind, h: HessianUse<'_>| -> Result<TensorRef> {
-        let name = kind.hf_name(li);
-        let w_ref = model
-            .linear(li, kind)
-            .ok_or_else(|| Error::Invalid(format!("no linear {name}")))?;
-        let (n, k) = (w_ref.rows(), w_ref.cols());
-        let w = w_ref.to_f32();
-        let t = Instant::now();
-        let r = match (opts.rtn, h) {
-            (true, HessianUse::Borrowed(h)) => rtn_quantize(&w, n, k, h, &solver)?,
-            (true, HessianUse::Owned(h)) => rtn_quantize(&w, n, k, &h, &solver)?,
-            (false, HessianUse::Borrowed(h)) => gptq_quantize(&w, n, k, h, &solver)?,
-            (false, HessianUse::Owned(h)) => gptq_quantize_owned(&w, n, k, h, &solver)?,
+    let mut solve =
+        |model: &Model, li: usize, kind: LinearKind, h: HessianUse<'_>| -> Result<TensorRef> {
+            let name = kind.hf_name(li);
+            let w_ref = model
+                .linear(li, kind)
+                .ok_or_else(|| Error::Invalid(format!("no linear {name}")))?;
+            let (n, k) = (w_ref.rows(), w_ref.cols());
+            let w = w_ref.to_f32();
+            let t = Instant::now();
+            let r = match (opts.rtn, h) {
+                (true, HessianUse::Borrowed(h)) => rtn_quantize(&w, n, k, h, &solver)?,
+                (true, HessianUse::Owned(h)) => rtn_quantize(&w, n, k, &h, &solver)?,
+                (false, HessianUse::Borrowed(h)) => gptq_quantize(&w, n, k, h, &solver)?,
+                (false, HessianUse::Owned(h)) => gptq_quantize_owned(&w, n, k, h, &solver)?,
+            };
+            let solve_s = t.elapsed().as_secs_f64();
+            let p = pack_gptq(u32::from(r.bits), n, k, &r.q, &r.zeros, &r.scales, &r.g_idx)?;
+            let (mut e2, mut n2, mut max) = (0.0f64, 0.0f64, 0.0f64);
+            for (a, b) in w.iter().zip(&r.dequantised) {
+                let d = f64::from(a - b);
+                e2 += d * d;
+                n2 += f64::from(*a).powi(2);
+                max = max.max(d.abs());
+            }
+            let bytes = p.qweight.len() + p.qzeros.len() + p.scales.len() + p.g_idx.len();
+            let m = GptqModuleMetrics {
+                layer: li,
+                tensor: name.clone(),
+                loss: r.loss,
+                rtn_loss: r.rtn_loss,
+                gptq_output_loss: r.loss,
+                rel_rms_error: if n2 > 0.0 { (e2 / n2).sqrt() } else { 0.0 },
+                max_error: max,
+                bits_per_weight: bytes as f64 * 8.0 / (n * k) as f64,
+                damp_percent: r.damp_percent,
+                solve_s,
+            };
+            let t = packed_tensor(&name, u32::from(r.bits), n, k, r.n_groups, &p)?;
+            packed.put(&name, gptq_parts(&cfg, n, k, p))?;
+            modules.push(m);
+            if !on_module(&modules[modules.len() - 1], modules.len(), total) {
+                return Err(Error::Cancelled);
+            }
+            Ok(t)
         };
-        let solve_s = t.elapsed().as_secs_f64();
-        let p = pack_gptq(u32::from(r.bits), n, k, &r.q, &r.zeros, &r.scales, &r.g_idx)?;
-        let (mut e2, mut n2, mut max) = (0.0f64, 0.0f64, 0.0f64);
-        for (a, b) in w.iter().zip(&r.dequantised) {
-            let d = f64::from(a - b);
-            e2 += d * d;
-            n2 += f64::from(*a).powi(2);
-            max = max.max(d.abs());
-        }
-        let bytes = p.qweight.len() + p.qzeros.len() + p.scales.len() + p.g_idx.len();
-        let m = GptqModuleMetrics {
-            layer: li,
-            tensor: name.clone(),
-            loss: r.loss,
-            rtn_loss: r.rtn_loss,
-            gptq_output_loss: r.loss,
-            rel_rms_error: if n2 > 0.0 { (e2 / n2).sqrt() } else { 0.0 },
-            max_error: max,
-            bits_per_weight: bytes as f64 * 8.0 / (n * k) as f64,
-            damp_percent: r.damp_percent,
-            solve_s,
-        };
-        let t = packed_tensor(&name, u32::from(r.bits), n, k, r.n_groups, &p)?;
-        packed.put(&name, gptq_parts(&cfg, n, k, p))?;
-        modules.push(m);
-        if !on_module(&modules[modules.len() - 1], modules.len(), total) {
-            return Err(Error::Cancelled);
-        }
-        Ok(t)
-    };
     run_sequential(
         &mut model,
         &mut store,
@@ -372,7 +373,7 @@ pub(crate) fn run_sequential(
                 .wanted
                 .iter()
                 .copied()
-                .max_by_key(|m| key(*m))
+                .max_by_key(|m| input_key(*m))
                 .unwrap_or(MatmulInput::FfnDown);
             // The stage that reaches down's input runs after q/k/v/o are quantized, so it leaves in `x` the
             // quantized layer's state after attention — all its output still needs (the MLP half): kept
@@ -399,11 +400,15 @@ pub(crate) fn run_sequential(
                 let h = if last_user {
                     HessianUse::Owned(
                         col.hessians
-                            .remove(&key(kind.input()))
+                            .remove(&input_key(kind.input()))
                             .ok_or_else(missing)?,
                     )
                 } else {
-                    HessianUse::Borrowed(col.hessians.get(&key(kind.input())).ok_or_else(missing)?)
+                    HessianUse::Borrowed(
+                        col.hessians
+                            .get(&input_key(kind.input()))
+                            .ok_or_else(missing)?,
+                    )
                 };
                 let t = solve(model, li, kind, h)?;
                 let original = model

@@ -639,6 +639,29 @@ impl Model {
         Ok(xn)
     }
 
+    /// The input of layer `li`'s gate/up projections for the state after attention `x` (`[n, hidden]`).
+    pub fn ffn_input(&self, li: usize, x: &[f32]) -> Result<Vec<f32>> {
+        let layer = self
+            .layers
+            .get(li)
+            .ok_or_else(|| Error::Invalid(format!("no layer {li}")))?;
+        let mut xn = x.to_vec();
+        rms_norm(&mut xn, &layer.ffn_norm, self.cfg.rms_norm_eps);
+        Ok(xn)
+    }
+
+    /// The output head's input for the last layer's states `x` (`[n, hidden]`): the final RMSNorm.
+    pub fn head_input(&self, x: &[f32]) -> Vec<f32> {
+        let mut xn = x.to_vec();
+        rms_norm(&mut xn, &self.norm, self.cfg.rms_norm_eps);
+        xn
+    }
+
+    /// The output head's weight (the embedding when they are tied).
+    pub fn lm_head(&self) -> &TensorRef {
+        &self.lm_head
+    }
+
     /// The output of layer `li`'s attention block (o_proj's output, before the residual) for its normed
     /// input `xn` (`[n, hidden]`, positions `0..n` of one sequence), with the layer's current linears; `cache`
     /// as for [`run_layer`](Self::run_layer). What AWQ scores q/k/v's candidate scales on.

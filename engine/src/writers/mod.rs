@@ -3,6 +3,7 @@
 
 pub mod awq;
 pub mod bnb;
+pub mod exl2;
 pub mod gguf;
 pub mod gptq;
 pub mod hf;

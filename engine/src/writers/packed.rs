@@ -229,6 +229,31 @@ fn plan<'a>(
             });
         }
     }
+    // A format that packs the output head (EXL2) stores it even when it shares the embedding.
+    let head = "lm_head.weight";
+    if (fmt.packs)(head) && !v.iter().any(|e| e.src.name == head) {
+        let embed = src
+            .tensors
+            .get("model.embed_tokens.weight")
+            .ok_or_else(|| {
+                Error::Invalid("no model.embed_tokens.weight for the output head".into())
+            })?;
+        let parts = spill
+            .parts(head)
+            .ok_or_else(|| Error::Invalid(format!("{head} was not quantized")))?;
+        for (i, p) in parts.iter().enumerate() {
+            v.push(Entry {
+                planned: PlannedTensor {
+                    name: format!("lm_head.{}", p.suffix),
+                    dtype: p.dtype,
+                    shape: p.shape.clone(),
+                    nbytes: p.len as u64,
+                },
+                src: embed,
+                part: Some(i),
+            });
+        }
+    }
     Ok(v)
 }
 
@@ -309,7 +334,13 @@ pub fn write_packed_folder(
             }
             Some(part) => {
                 if part == 0 {
-                    packed = spill.take(&e.src.name)?;
+                    // The packed head of a tied model is stored under its own name.
+                    let name = if e.planned.name.starts_with("lm_head.") {
+                        "lm_head.weight"
+                    } else {
+                        e.src.name.as_str()
+                    };
+                    packed = spill.take(name)?;
                 }
                 let p = packed.get(part).ok_or_else(|| {
                     Error::Invalid(format!("{}: packed parts out of order", e.planned.name))

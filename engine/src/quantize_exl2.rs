@@ -1,0 +1,981 @@
+//! EXL2 end to end (`shared/reference/exl2.md` §3): measure, choose, quantize, write.
+//!
+//! 1. **Measurement** (skipped when a `measurement.json` is given, ours or ExLlamaV2's): layer by layer on the
+//!    float model's own states, each linear is quantized once per distinct option of ExLlamaV2's tables
+//!    (adaptive GPTQ against the Hessian of its inputs), and for each of the 19 attention and 17 MLP option rows
+//!    the block runs with those packed weights; its error is `1 − accuracy`, accuracy being ExLlamaV2's
+//!    `1 − mean_rows ‖y_q − y‖ / ‖y‖` on the residual stream after the block.
+//! 2. **Choice**: one option row per block under the budget `⌊bpw · Σ K·N'⌋` bits (the decoder linears, every
+//!    side tensor counted, as ExLlamaV2 counts), minimising `Σ err²` with the exact multiple-choice knapsack of
+//!    [`crate::solvers::mix`] instead of ExLlamaV2's simulated annealing. Budgets out of reach are refused with
+//!    the reachable range before any quantization.
+//! 3. **Quantization**: layer-sequential on the quantized model's states (attention, then the MLP on the
+//!    quantized attention's output), each linear with its chosen option; the output head with the head option
+//!    on the final norm's outputs; packed, checked against the weights the solver evaluated (ExLlamaV2's repack
+//!    check, here exact), and written with `measurement.json`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::calib::activations::ActStore;
+use crate::calib::{load_documents, sample_rows, CalibOptions, CalibSource};
+use crate::codecs::exl2::Exl2Packed;
+use crate::infer::{LinearKind, MatmulInput, Model};
+use crate::model::SourceModel;
+use crate::output::OutputSpec;
+use crate::quantize_gptq::{run_sequential, GptqTimings, HessianCollector, HessianUse};
+use crate::quantize_packed::{PackedModuleMetrics, PackedReport};
+use crate::solvers::exl2::{attn_options, head_option, mlp_options, Exl2Prepared, QParams};
+use crate::solvers::gptq::Hessian;
+use crate::solvers::mix::{choose, reachable, Choice};
+use crate::tensor::{Bytes, Exl2Linear, Grouped, TensorRef};
+use crate::writers::exl2::{exl2_parts, Exl2FolderConfig};
+use crate::writers::packed::{folder_bytes, is_decoder_linear, write_packed_folder, PackedSpill};
+use crate::{Error, Result};
+
+/// What to make of a model as EXL2.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Exl2QuantizeOptions {
+    /// Target bits per weight of the decoder linears (side tensors included).
+    pub bpw: f64,
+    /// The output head's option: 2, 3, 4, 5, 6 or 8.
+    pub head_bits: u8,
+    /// Calibration of the quantization pass (`rows × seq_len`); the measurement uses its first
+    /// `measure_rows` rows.
+    pub calib: CalibSource,
+    pub calib_opts: CalibOptions,
+    pub measure_rows: usize,
+    /// A saved `measurement.json` (ours or ExLlamaV2's): no measuring.
+    pub measurement: Option<PathBuf>,
+    pub activation_budget_bytes: u64,
+    pub max_shard_bytes: Option<u64>,
+    pub backend: crate::backend::Backend,
+}
+
+impl Default for Exl2QuantizeOptions {
+    fn default() -> Self {
+        Self {
+            bpw: 4.0,
+            head_bits: 6,
+            calib: CalibSource::Bundled,
+            calib_opts: CalibOptions {
+                rows: 64,
+                seq_len: 512,
+                seed: 0,
+            },
+            measure_rows: 8,
+            measurement: None,
+            activation_budget_bytes: crate::quantize_gptq::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
+            max_shard_bytes: None,
+            backend: crate::backend::Backend::Cpu,
+        }
+    }
+}
+
+impl Exl2QuantizeOptions {
+    /// `"EXL2 4.00 bpw h6"`.
+    pub fn codec(&self) -> String {
+        format!("EXL2 {:.2} bpw h{}", self.bpw, self.head_bits)
+    }
+}
+
+/// One measured option row of a block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OptionMeasurement {
+    pub accuracy: f64,
+    pub total_bits: u64,
+    /// `(projection, option)`: `q_proj`… or `gate_proj`….
+    pub options: Vec<(String, QParams)>,
+}
+
+/// Every block's measured options: `blocks[2·l]` layer `l`'s attention, `blocks[2·l + 1]` its MLP.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Exl2Measurement {
+    pub blocks: Vec<Vec<OptionMeasurement>>,
+}
+
+fn block_key(i: usize) -> String {
+    format!(
+        "model.layers.{}.{}",
+        i / 2,
+        if i % 2 == 0 { "self_attn" } else { "mlp" }
+    )
+}
+
+impl Exl2Measurement {
+    /// ExLlamaV2's `measurement.json`.
+    pub fn to_json(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        for (i, opts) in self.blocks.iter().enumerate() {
+            let rows: Vec<Value> = opts
+                .iter()
+                .map(|o| {
+                    let mut e = serde_json::Map::new();
+                    e.insert("accuracy".into(), json!(o.accuracy));
+                    e.insert("total_bits".into(), json!(o.total_bits));
+                    for (p, q) in &o.options {
+                        e.insert(p.clone(), q.to_json());
+                    }
+                    Value::Object(e)
+                })
+                .collect();
+            m.insert(block_key(i), Value::Array(rows));
+        }
+        json!({ "measurement": m, "last_module_idx": self.blocks.len() })
+    }
+
+    /// Read a `measurement.json` for a model of `layers` layers (keys may carry a prefix, as ExLlamaV2's
+    /// multimodal models write them).
+    pub fn from_json(v: &Value, layers: usize, path: &Path) -> Result<Self> {
+        let bad = |d: String| Error::malformed(path, "EXL2 measurement", d);
+        let m = v
+            .get("measurement")
+            .and_then(Value::as_object)
+            .ok_or_else(|| bad("no \"measurement\" object".into()))?;
+        let mut blocks = Vec::with_capacity(2 * layers);
+        for i in 0..2 * layers {
+            let key = block_key(i);
+            let rows = m
+                .iter()
+                .find(|(k, _)| k.as_str() == key || k.ends_with(&format!(".{key}")))
+                .and_then(|(_, v)| v.as_array())
+                .ok_or_else(|| {
+                    bad(format!(
+                        "no measurement of {key} (was it made for this model?)"
+                    ))
+                })?;
+            let projections: &[&str] = if i % 2 == 0 {
+                &["q_proj", "k_proj", "v_proj", "o_proj"]
+            } else {
+                &["gate_proj", "up_proj", "down_proj"]
+            };
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let accuracy = r["accuracy"]
+                    .as_f64()
+                    .filter(|a| a.is_finite())
+                    .ok_or_else(|| bad(format!("{key}: an entry has no accuracy")))?;
+                let mut options = Vec::new();
+                for p in projections {
+                    let q =
+                        QParams::from_json(&r[*p]).map_err(|e| bad(format!("{key}.{p}: {e}")))?;
+                    options.push(((*p).to_owned(), q));
+                }
+                out.push(OptionMeasurement {
+                    accuracy,
+                    total_bits: r["total_bits"].as_u64().unwrap_or(0),
+                    options,
+                });
+            }
+            if out.is_empty() {
+                return Err(bad(format!("{key} has no options")));
+            }
+            blocks.push(out);
+        }
+        Ok(Self { blocks })
+    }
+}
+
+const ATTN: [LinearKind; 4] = [LinearKind::Q, LinearKind::K, LinearKind::V, LinearKind::O];
+const MLP: [LinearKind; 3] = [LinearKind::Gate, LinearKind::Up, LinearKind::Down];
+
+fn proj_name(kind: LinearKind) -> &'static str {
+    match kind {
+        LinearKind::Q => "q_proj",
+        LinearKind::K => "k_proj",
+        LinearKind::V => "v_proj",
+        LinearKind::O => "o_proj",
+        LinearKind::Gate => "gate_proj",
+        LinearKind::Up => "up_proj",
+        LinearKind::Down => "down_proj",
+    }
+}
+
+/// A packed linear as the model runs it.
+fn exl2_tensor(name: &str, p: &Exl2Packed, out_features: usize) -> Result<TensorRef> {
+    TensorRef::grouped(
+        name,
+        Grouped::Exl2(Exl2Linear {
+            in_features: p.in_features,
+            out_features,
+            n_pad: p.n_pad,
+            groups: p.groups.clone(),
+            perm: p.perm.clone(),
+            q_weight: Bytes::owned(p.q_weight.clone()),
+            q_scale: Bytes::owned(p.q_scale.clone()),
+            q_scale_max: Bytes::owned(p.q_scale_max.clone()),
+            index_bytes: p.q_groups.len() + p.q_invperm.len(),
+        }),
+    )
+}
+
+/// `(K, N', bias length)` of a linear of the model.
+fn shape_of(model: &Model, li: usize, kind: LinearKind) -> Result<(usize, usize, usize)> {
+    let w = model
+        .linear(li, kind)
+        .ok_or_else(|| Error::Invalid(format!("no linear {}", kind.hf_name(li))))?;
+    let bias = if model.config().attention_bias
+        && matches!(kind, LinearKind::Q | LinearKind::K | LinearKind::V)
+    {
+        w.rows()
+    } else {
+        0
+    };
+    Ok((w.cols(), w.rows().div_ceil(32) * 32, bias))
+}
+
+/// `Σ ‖a − b‖ / ‖b‖` parts: the relative error of one row.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let (mut e, mut n) = (0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        e += f64::from(x - y).powi(2);
+        n += f64::from(*y).powi(2);
+    }
+    if n > 0.0 {
+        (e / n).sqrt()
+    } else {
+        0.0
+    }
+}
+
+/// The per-row references one block's options are judged against.
+struct BlockRefs {
+    /// The block's normed input, per row.
+    inputs: Vec<Vec<f32>>,
+    /// The residual stream before the block, per row.
+    before: Vec<Vec<f32>>,
+    /// … and after it, with the float weights.
+    after: Vec<Vec<f32>>,
+}
+
+/// Measure every block of `model` on the float model's states over `rows`.
+fn measure(
+    model: &mut Model,
+    rows: &[Vec<u32>],
+    on_block: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<Exl2Measurement> {
+    let c = model.config().clone();
+    let seq = rows.first().map_or(0, Vec::len);
+    let mut states: Vec<Vec<f32>> = rows.iter().map(|r| model.embed_tokens(r)).collect();
+    let mut cache = model.new_cache(seq.max(1));
+    let attn_rows = attn_options();
+    let mlp_rows = mlp_options();
+    let mut blocks = Vec::with_capacity(2 * c.num_layers);
+    for li in 0..c.num_layers {
+        let mut col = HessianCollector {
+            layer: li,
+            wanted: vec![
+                MatmulInput::Attention,
+                MatmulInput::AttentionOutput,
+                MatmulInput::Ffn,
+                MatmulInput::FfnDown,
+            ],
+            hessians: HashMap::new(),
+            seconds: 0.0,
+            error: None,
+        };
+        let mut attn = BlockRefs {
+            inputs: Vec::new(),
+            before: Vec::new(),
+            after: Vec::new(),
+        };
+        let mut mlp = BlockRefs {
+            inputs: Vec::new(),
+            before: Vec::new(),
+            after: Vec::new(),
+        };
+        for x in states.iter_mut() {
+            let xn = model.attention_input(li, x)?;
+            let a = model.attention_output(li, &xn, seq, &mut cache)?;
+            let mid: Vec<f32> = x.iter().zip(&a).map(|(u, v)| u + v).collect();
+            let xn2 = model.ffn_input(li, &mid)?;
+            let m = model.mlp_output(li, &xn2, seq)?;
+            let out: Vec<f32> = mid.iter().zip(&m).map(|(u, v)| u + v).collect();
+            let before = x.clone();
+            // The Hessians of the four inputs (x becomes the layer's output, `out`).
+            model.run_layer(li, x, seq, &mut cache, Some(&mut col))?;
+            if let Some(e) = col.error.take() {
+                return Err(e);
+            }
+            attn.inputs.push(xn);
+            attn.before.push(before);
+            attn.after.push(mid.clone());
+            mlp.inputs.push(xn2);
+            mlp.before.push(mid);
+            mlp.after.push(out.clone());
+            *x = out;
+        }
+        let hess = |k: MatmulInput| {
+            col.hessians
+                .get(&crate::quantize_gptq::input_key(k))
+                .ok_or_else(|| Error::Invalid(format!("no inputs were captured for layer {li}")))
+        };
+        for (bi, (kinds, table_len)) in [(&ATTN[..], attn_rows.len()), (&MLP[..], mlp_rows.len())]
+            .into_iter()
+            .enumerate()
+        {
+            let refs = if bi == 0 { &attn } else { &mlp };
+            // Each projection quantized once per distinct option, as packed tensors the model runs.
+            let mut packed: Vec<HashMap<String, TensorRef>> = Vec::new();
+            let mut prepared: HashMap<u8, Exl2Prepared> = HashMap::new();
+            for (pi, &kind) in kinds.iter().enumerate() {
+                let input = kind.input();
+                let key = crate::quantize_gptq::input_key(input);
+                if let std::collections::hash_map::Entry::Vacant(e) = prepared.entry(key) {
+                    e.insert(Exl2Prepared::new(hess(input)?)?);
+                }
+                let prep = &prepared[&key];
+                let w_ref = model
+                    .linear(li, kind)
+                    .ok_or_else(|| Error::Invalid(format!("no linear {}", kind.hf_name(li))))?;
+                let (n, w) = (w_ref.rows(), w_ref.to_f32());
+                let mut by_desc = HashMap::new();
+                for r in 0..table_len {
+                    let q = if bi == 0 {
+                        &attn_rows[r][pi]
+                    } else {
+                        &mlp_rows[r][pi]
+                    };
+                    if by_desc.contains_key(&q.desc()) {
+                        continue;
+                    }
+                    let p = prep.quantize(&w, n, q)?.packed;
+                    by_desc.insert(q.desc(), exl2_tensor(&kind.hf_name(li), &p, n)?);
+                }
+                packed.push(by_desc);
+            }
+            let originals: Vec<TensorRef> = kinds
+                .iter()
+                .map(|&k| model.linear(li, k).cloned())
+                .collect::<Option<_>>()
+                .ok_or_else(|| Error::Invalid(format!("layer {li} lacks a linear")))?;
+            let mut measured = Vec::with_capacity(table_len);
+            for r in 0..table_len {
+                let row: Vec<QParams> = if bi == 0 {
+                    attn_rows[r].to_vec()
+                } else {
+                    mlp_rows[r].to_vec()
+                };
+                let mut total_bits = 0u64;
+                for (pi, &kind) in kinds.iter().enumerate() {
+                    let (k, n_pad, bias) = shape_of(model, li, kind)?;
+                    total_bits += row[pi].total_bits(k, n_pad, bias);
+                    model.replace_linear(li, kind, packed[pi][&row[pi].desc()].clone())?;
+                }
+                let mut err = 0f64;
+                for i in 0..refs.inputs.len() {
+                    let y = if bi == 0 {
+                        model.attention_output(li, &refs.inputs[i], seq, &mut cache)?
+                    } else {
+                        model.mlp_output(li, &refs.inputs[i], seq)?
+                    };
+                    let yq: Vec<f32> = refs.before[i].iter().zip(&y).map(|(u, v)| u + v).collect();
+                    err += rel_err(&yq, &refs.after[i]);
+                }
+                let accuracy = (1.0 - err / refs.inputs.len().max(1) as f64).max(1e-6);
+                measured.push(OptionMeasurement {
+                    accuracy,
+                    total_bits,
+                    options: kinds
+                        .iter()
+                        .zip(row)
+                        .map(|(&k, q)| (proj_name(k).to_owned(), q))
+                        .collect(),
+                });
+            }
+            for (&k, t) in kinds.iter().zip(originals) {
+                model.replace_linear(li, k, t)?;
+            }
+            blocks.push(measured);
+            if !on_block(blocks.len(), 2 * c.num_layers) {
+                return Err(Error::Cancelled);
+            }
+        }
+    }
+    Ok(Exl2Measurement { blocks })
+}
+
+/// The option row chosen for every block, and the bits they take.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Exl2Strategy {
+    pub picks: Vec<usize>,
+    pub bits: u64,
+    /// `Σ K·N'` of the decoder linears.
+    pub weights: u64,
+}
+
+/// Choose one measured option per block so that `bits ≤ ⌊bpw · Σ K·N'⌋` and `Σ (1 − accuracy)²` is least.
+pub fn choose_strategy(
+    m: &Exl2Measurement,
+    costs: &[Vec<u64>],
+    weights: u64,
+    bpw: f64,
+) -> Result<Exl2Strategy> {
+    let slots: Vec<Vec<Choice>> = m
+        .blocks
+        .iter()
+        .zip(costs)
+        .map(|(b, c)| {
+            b.iter()
+                .zip(c)
+                .map(|(o, &bits)| Choice {
+                    bits,
+                    err: (1.0 - o.accuracy).max(0.0).powi(2),
+                })
+                .collect()
+        })
+        .collect();
+    let (lo, hi) = reachable(&slots);
+    let budget = (bpw * weights as f64).floor();
+    if !(bpw.is_finite() && budget >= lo as f64) {
+        return Err(Error::Invalid(format!(
+            "EXL2 at {bpw} bits per weight is out of reach for this model: its options give {:.3} to {:.3} bpw",
+            lo as f64 / weights as f64,
+            hi as f64 / weights as f64
+        )));
+    }
+    let s = choose(&slots, budget.min(u64::MAX as f64) as u64)?;
+    Ok(Exl2Strategy {
+        picks: s.picks,
+        bits: s.bits,
+        weights,
+    })
+}
+
+/// Bytes an EXL2 folder of `src` at `bpw` takes (an estimate for the free-space check).
+pub fn estimated_folder_bytes(src: &SourceModel, opts: &Exl2QuantizeOptions) -> u64 {
+    let head = f64::from(opts.head_bits) + 0.4;
+    src.tensors
+        .values()
+        .map(|t| {
+            let n = t.numel() as f64;
+            if is_decoder_linear(&t.name) {
+                (n * opts.bpw / 8.0) as u64
+            } else if t.name == "lm_head.weight" {
+                (n * head / 8.0) as u64
+            } else if t.name == "model.embed_tokens.weight" && src.config.tie_word_embeddings {
+                (n * 2.0 + n * head / 8.0) as u64
+            } else {
+                t.numel() as u64 * 2
+            }
+        })
+        .sum()
+}
+
+/// Quantize `src` to EXL2 into a folder at `out.path` (checked before any work, written under a temporary
+/// name, renamed when complete). `on_step(phase, metrics, done, total)` is called after each measured block
+/// (`"measuring"`, no metrics) and each quantized linear (`"EXL2"`); `false` cancels.
+pub fn quantize_exl2(
+    src: &SourceModel,
+    opts: &Exl2QuantizeOptions,
+    out: &OutputSpec,
+    on_step: &mut dyn FnMut(&str, Option<&PackedModuleMetrics>, usize, usize) -> bool,
+) -> Result<PackedReport> {
+    let start = Instant::now();
+    let head = head_option(opts.head_bits).ok_or_else(|| {
+        Error::Invalid(format!(
+            "--head-bits {}: use 2, 3, 4, 5, 6 or 8",
+            opts.head_bits
+        ))
+    })?;
+    if !(opts.bpw.is_finite() && opts.bpw > 0.0 && opts.bpw <= 16.0) {
+        return Err(Error::Invalid(format!(
+            "--bpw {}: EXL2 targets lie between about 2.1 and 8.1 bits per weight",
+            opts.bpw
+        )));
+    }
+    for t in src.tensors.values().filter(|t| is_decoder_linear(&t.name)) {
+        if t.is_grouped() {
+            return Err(Error::Invalid(format!(
+                "{}: {} is already quantized ({}); start from a float model",
+                src.path.display(),
+                t.name,
+                t.type_label()
+            )));
+        }
+        if t.cols() % 32 != 0 {
+            return Err(Error::Invalid(format!(
+                "{}: {} has {} inputs; EXL2 needs input widths that are multiples of 32",
+                src.path.display(),
+                t.name,
+                t.cols()
+            )));
+        }
+        if src.config.attention_bias && t.rows() % 32 != 0 {
+            return Err(Error::Invalid(format!(
+                "{}: {} has a bias and {} outputs; EXL2 pads outputs to 32, which ExLlamaV2 cannot do for biased layers",
+                src.path.display(),
+                t.name,
+                t.rows()
+            )));
+        }
+    }
+    let given = match &opts.measurement {
+        Some(p) => {
+            let text = crate::bounded::read_text_file(p, 64 << 20, "EXL2 measurement")?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| Error::malformed(p, "EXL2 measurement", e.to_string()))?;
+            Some(Exl2Measurement::from_json(&v, src.config.num_layers, p)?)
+        }
+        None => None,
+    };
+    let mut spec = out
+        .clone()
+        .input(&src.path)
+        .estimated_bytes(estimated_folder_bytes(src, opts));
+    spec.kind = crate::output::OutputKind::Folder;
+    if let CalibSource::File { path, .. } = &opts.calib {
+        spec = spec.input(path);
+    }
+    if let Some(p) = &opts.measurement {
+        spec = spec.input(p);
+    }
+    crate::output::preflight(&spec)?;
+    let mut model = Model::load(src)?;
+    model.set_backend(opts.backend);
+    let c = model.config().clone();
+    let seq = opts.calib_opts.seq_len;
+    let trained = c.max_position_embeddings;
+    if seq == 0 || (trained > 0 && seq > trained) {
+        return Err(Error::Invalid(format!(
+            "--seq-len {seq}: use 1..={trained} (the model's context, max_position_embeddings)"
+        )));
+    }
+    model.check_context(seq, false)?;
+    // The cost of every option of every block, on this model's shapes.
+    let mut weights = 0u64;
+    for li in 0..c.num_layers {
+        for kind in ATTN.iter().chain(&MLP) {
+            let (k, n_pad, _) = shape_of(&model, li, *kind)?;
+            weights += (k * n_pad) as u64;
+        }
+    }
+    let docs = load_documents(&opts.calib)?;
+    let rows = sample_rows(&src.tokenizer, &docs, &opts.calib_opts)?;
+    drop(docs);
+    let measure_rows = opts.measure_rows.clamp(1, rows.len().max(1));
+    let measurement = match given {
+        Some(m) => m,
+        None => measure(
+            &mut model,
+            &rows[..measure_rows.min(rows.len())],
+            &mut |done, total| on_step("measuring", None, done, total),
+        )?,
+    };
+    let mut costs = Vec::with_capacity(measurement.blocks.len());
+    for (i, b) in measurement.blocks.iter().enumerate() {
+        let kinds: &[LinearKind] = if i % 2 == 0 { &ATTN } else { &MLP };
+        let mut v = Vec::with_capacity(b.len());
+        for o in b {
+            let mut bits = 0u64;
+            for (kind, (_, q)) in kinds.iter().zip(&o.options) {
+                let (k, n_pad, bias) = shape_of(&model, i / 2, *kind)?;
+                bits += q.total_bits(k, n_pad, bias);
+            }
+            v.push(bits);
+        }
+        costs.push(v);
+    }
+    let strategy = choose_strategy(&measurement, &costs, weights, opts.bpw)?;
+
+    let row_len = seq * c.hidden_size;
+    if (rows.len() * row_len * 4) as u64 > opts.activation_budget_bytes {
+        spec.estimated_bytes += (rows.len() * row_len * 4) as u64;
+    }
+    let staged = crate::output::Staged::begin(spec)?;
+    let mut store = ActStore::new(
+        rows.len(),
+        row_len,
+        opts.activation_budget_bytes,
+        &staged.path().join("activations"),
+    )?;
+    for (i, r) in rows.iter().enumerate() {
+        store.put(i, model.embed_tokens(r))?;
+    }
+    let mut packed = PackedSpill::create(&staged.path().join(".packed-linears"))?;
+    let total = c.num_layers * 7 + 1;
+    let mut modules: Vec<PackedModuleMetrics> = Vec::with_capacity(total);
+    let mut stored_bits = 0f64;
+    let mut linear_weights = 0usize;
+    let record = |name: &str,
+                  layer: usize,
+                  w: &[f32],
+                  r: &crate::solvers::exl2::Exl2Quantized,
+                  n: usize,
+                  packed: &mut PackedSpill,
+                  modules: &mut Vec<PackedModuleMetrics>|
+     -> Result<TensorRef> {
+        let p = &r.packed;
+        // The repack check: the stored tensors decode to exactly what the solver evaluated.
+        let t = exl2_tensor(name, p, n)?;
+        let k = p.in_features;
+        let mut row = vec![0f32; k];
+        for probe in [0, n / 2, n.saturating_sub(1)] {
+            t.dequant_row(probe, &mut row);
+            if row != r.dequantised[probe * k..(probe + 1) * k] {
+                return Err(Error::Invalid(format!(
+                    "{name}: the packed EXL2 tensors do not decode to the quantized weights (row {probe})"
+                )));
+            }
+        }
+        let bytes = p.q_weight.len()
+            + p.q_scale.len()
+            + p.q_scale_max.len()
+            + p.q_groups.len()
+            + p.q_invperm.len();
+        let (mut e2, mut n2, mut max) = (0f64, 0f64, 0f64);
+        for (a, b) in w.iter().zip(&r.dequantised) {
+            let d = f64::from(a - b);
+            e2 += d * d;
+            n2 += f64::from(*a).powi(2);
+            max = max.max(d.abs());
+        }
+        let m = PackedModuleMetrics {
+            layer,
+            tensor: name.to_owned(),
+            bits_per_weight: bytes as f64 * 8.0 / (n * k) as f64,
+            rel_rms_error: if n2 > 0.0 { (e2 / n2).sqrt() } else { 0.0 },
+            max_error: max,
+        };
+        packed.put(name, exl2_parts(p.clone()))?;
+        modules.push(m);
+        Ok(t)
+    };
+    let mut timings = GptqTimings::default();
+    {
+        let mut prepared: Option<(usize, u8, Exl2Prepared)> = None;
+        let mut solve =
+            |model: &Model, li: usize, kind: LinearKind, h: HessianUse<'_>| -> Result<TensorRef> {
+                let name = kind.hf_name(li);
+                let key = crate::quantize_gptq::input_key(kind.input());
+                if !matches!(&prepared, Some((l, k, _)) if *l == li && *k == key) {
+                    let h = match &h {
+                        HessianUse::Borrowed(h) => *h,
+                        HessianUse::Owned(h) => h,
+                    };
+                    prepared = Some((li, key, Exl2Prepared::new(h)?));
+                }
+                let Some((_, _, prep)) = &prepared else {
+                    unreachable!("prepared above")
+                };
+                let block = 2 * li + usize::from(!ATTN.contains(&kind));
+                let pick = strategy.picks[block];
+                let pi = if block % 2 == 0 {
+                    ATTN.iter().position(|&k| k == kind)
+                } else {
+                    MLP.iter().position(|&k| k == kind)
+                }
+                .unwrap_or(0);
+                let q = &measurement.blocks[block][pick].options[pi].1;
+                let w_ref = model
+                    .linear(li, kind)
+                    .ok_or_else(|| Error::Invalid(format!("no linear {name}")))?;
+                let (n, w) = (w_ref.rows(), w_ref.to_f32());
+                let r = prep.quantize(&w, n, q)?;
+                stored_bits += (r.packed.q_weight.len()
+                    + r.packed.q_scale.len()
+                    + r.packed.q_scale_max.len()
+                    + r.packed.q_groups.len()
+                    + r.packed.q_invperm.len()) as f64
+                    * 8.0;
+                linear_weights += w.len();
+                let t = record(&name, li, &w, &r, n, &mut packed, &mut modules)?;
+                let last = modules.last().cloned();
+                if !on_step("EXL2", last.as_ref(), modules.len(), total) {
+                    return Err(Error::Cancelled);
+                }
+                Ok(t)
+            };
+        run_sequential(
+            &mut model,
+            &mut store,
+            rows.len(),
+            seq,
+            &[ATTN.to_vec(), MLP.to_vec()],
+            &mut timings,
+            &mut solve,
+        )?;
+    }
+    // The output head, on the final norm's outputs of the quantized model.
+    let mut h = Hessian::new(c.hidden_size);
+    for i in 0..rows.len() {
+        let x = store.get(i)?;
+        h.add_batch(&model.head_input(&x), seq)?;
+    }
+    drop(store);
+    let head_w = model.lm_head().to_f32();
+    let n_vocab = model.lm_head().rows();
+    let r = Exl2Prepared::new(&h)?.quantize(&head_w, n_vocab, &head)?;
+    record(
+        "lm_head.weight",
+        c.num_layers,
+        &head_w,
+        &r,
+        n_vocab,
+        &mut packed,
+        &mut modules,
+    )?;
+    drop((head_w, r));
+    let last = modules.last().cloned();
+    if !on_step("EXL2", last.as_ref(), modules.len(), total) {
+        return Err(Error::Cancelled);
+    }
+    drop(model);
+    let cfg = Exl2FolderConfig {
+        bits: opts.bpw,
+        head_bits: opts.head_bits,
+        calib_rows: rows.len(),
+        calib_length: seq,
+        dataset: opts.calib.dataset_name(),
+        max_shard_bytes: opts.max_shard_bytes,
+    };
+    write_packed_folder(
+        src,
+        &cfg.folder(),
+        staged.path(),
+        &mut packed,
+        &mut |_, _| true,
+    )?;
+    packed.remove()?;
+    let mut mj = serde_json::to_string_pretty(&measurement.to_json())
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    mj.push('\n');
+    let mp = staged.path().join("measurement.json");
+    std::fs::write(&mp, mj).map_err(|e| Error::io(&mp, e))?;
+    let out_dir = staged.commit()?;
+    let folder_size_bytes = folder_bytes(&out_dir, false)?;
+    let weight_bytes = folder_bytes(&out_dir, true)?;
+    let params: usize = src.tensors.values().map(TensorRef::numel).sum::<usize>()
+        + if src.config.tie_word_embeddings && !src.tensors.contains_key("lm_head.weight") {
+            c.vocab_size * c.hidden_size
+        } else {
+            0
+        };
+    Ok(PackedReport {
+        codec: format!(
+            "{} ({:.3} bpw chosen)",
+            opts.codec(),
+            strategy.bits as f64 / strategy.weights as f64
+        ),
+        modules,
+        linear_bits_per_weight: stored_bits / linear_weights.max(1) as f64,
+        bits_per_weight: weight_bytes as f64 * 8.0 / params.max(1) as f64,
+        folder_size_bytes,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::infer::Logits;
+    use crate::model::fixture::{write_fixture, FixtureSpec};
+
+    const TEXT: &str = "The keeper counted the boats in the harbour every evening, and wrote the number \
+        in a small book. Some nights the wind came from the sea and the boats knocked together like wooden \
+        bells; other nights the water lay still and the lamps on the pier shone in it. ";
+
+    fn opts(dir: &Path, bpw: f64) -> Exl2QuantizeOptions {
+        let text = dir.join("calib.txt");
+        std::fs::write(&text, TEXT.repeat(20)).unwrap();
+        Exl2QuantizeOptions {
+            bpw,
+            calib: CalibSource::File {
+                path: text,
+                column: None,
+            },
+            calib_opts: CalibOptions {
+                rows: 8,
+                seq_len: 48,
+                seed: 3,
+            },
+            measure_rows: 4,
+            ..Exl2QuantizeOptions::default()
+        }
+    }
+
+    /// Mean KL divergence of `b`'s next-token distributions from `a`'s.
+    fn kld(a: &Model, b: &Model, toks: &[u32]) -> f64 {
+        let la = a.forward(toks, &mut a.new_cache(256), Logits::All).unwrap();
+        let lb = b.forward(toks, &mut b.new_cache(256), Logits::All).unwrap();
+        let v = a.vocab_size();
+        let lsm = |x: &[f32]| -> Vec<f64> {
+            let m = x.iter().fold(f32::MIN, |m, &y| m.max(y)) as f64;
+            let s: f64 = x.iter().map(|&y| (y as f64 - m).exp()).sum();
+            x.iter().map(|&y| y as f64 - m - s.ln()).collect()
+        };
+        let mut tot = 0.0;
+        for (x, y) in la.chunks(v).zip(lb.chunks(v)) {
+            let (p, q) = (lsm(x), lsm(y));
+            tot += p
+                .iter()
+                .zip(&q)
+                .map(|(a, b)| a.exp() * (a - b))
+                .sum::<f64>();
+        }
+        tot / toks.len() as f64
+    }
+
+    #[test]
+    fn measures_chooses_quantizes_and_requantizes_from_the_measurement() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src_dir = tmp.path().join("src");
+        write_fixture(&FixtureSpec::tiny_llama(), &src_dir).unwrap();
+        let src = SourceModel::open(&src_dir).unwrap();
+        let float = Model::load(&src).unwrap();
+        let toks = src.tokenizer.encode(TEXT, false).unwrap();
+
+        let out4 = tmp.path().join("exl2-4");
+        let mut measured = 0;
+        let r4 = quantize_exl2(
+            &src,
+            &opts(tmp.path(), 4.0),
+            &OutputSpec::folder(&out4),
+            &mut |phase, _, _, _| {
+                measured += usize::from(phase == "measuring");
+                true
+            },
+        )
+        .unwrap();
+        assert_eq!(measured, 4, "two layers × (attention, MLP)");
+        assert_eq!(r4.modules.len(), 15, "14 linears and the head");
+        // The measurement: ExLlamaV2's schema, 19 and 17 rows, accuracy rising with the bits overall.
+        let mj: Value =
+            serde_json::from_slice(&std::fs::read(out4.join("measurement.json")).unwrap()).unwrap();
+        let m = Exl2Measurement::from_json(&mj, 2, &out4).unwrap();
+        assert_eq!(
+            m.blocks.iter().map(Vec::len).collect::<Vec<_>>(),
+            vec![19, 17, 19, 17]
+        );
+        for b in &m.blocks {
+            assert!(
+                b[0].accuracy < b[b.len() - 1].accuracy,
+                "{:?}",
+                b.iter().map(|o| o.accuracy).collect::<Vec<_>>()
+            );
+            assert!(b[b.len() - 1].accuracy > 0.99);
+        }
+        assert_eq!(
+            mj["measurement"]["model.layers.1.mlp"][3]["down_proj"]["bits"],
+            json!([5, 4])
+        );
+        // The folder: EXL2 tensors with ExLlamaV2's names and dtypes, the tied head stored as lm_head.*.
+        let st = std::fs::read(out4.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+        let dtype = |n: &str| format!("{:?}", st.tensor(n).unwrap().dtype());
+        assert_eq!(dtype("model.layers.0.mlp.down_proj.q_weight"), "I32");
+        assert_eq!(dtype("model.layers.0.mlp.down_proj.q_groups"), "I16");
+        assert_eq!(dtype("model.layers.0.mlp.down_proj.q_scale_max"), "F16");
+        assert_eq!(dtype("lm_head.q_weight"), "I32");
+        assert_eq!(
+            st.tensor("model.layers.0.self_attn.k_proj.q_invperm")
+                .unwrap()
+                .shape(),
+            [64]
+        );
+        let cfg: Value =
+            serde_json::from_slice(&std::fs::read(out4.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["quantization_config"]["quant_method"], "exl2");
+        assert_eq!(cfg["quantization_config"]["head_bits"], 6);
+        // It reads back and runs close to the float model; the decoder bits fit the budget.
+        let q = SourceModel::open(&out4).unwrap();
+        assert_eq!(q.tensors.values().filter(|t| t.is_grouped()).count(), 15);
+        let q4 = Model::load(&q).unwrap();
+        let k4 = kld(&float, &q4, &toks);
+        assert!(k4 < 0.05, "KLD {k4}");
+        let chosen: f64 = r4
+            .codec
+            .split('(')
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(chosen <= 4.0 && chosen > 3.0, "{}", r4.codec);
+        assert!(r4.codec.contains("EXL2 4.00 bpw h6"), "{}", r4.codec);
+
+        // Requantized at the cheapest reachable rate and at 8 bpw from the saved measurement (the tiny model's
+        // side tensors weigh much): nothing is measured again.
+        let mut o = opts(tmp.path(), 3.64);
+        o.measurement = Some(out4.join("measurement.json"));
+        let mut kl = Vec::new();
+        for bpw in [3.64, 8.0] {
+            o.bpw = bpw;
+            let out = tmp.path().join(format!("exl2-{bpw}"));
+            quantize_exl2(
+                &src,
+                &o,
+                &OutputSpec::folder(&out),
+                &mut |phase, _, _, _| {
+                    assert_ne!(phase, "measuring");
+                    true
+                },
+            )
+            .unwrap();
+            let q = Model::load(&SourceModel::open(&out).unwrap()).unwrap();
+            kl.push(kld(&float, &q, &toks));
+        }
+        assert!(
+            kl[0] > kl[1] && k4 > kl[1],
+            "KLD at 3.64 / 4 / 8 bpw: {} {k4} {}",
+            kl[0],
+            kl[1]
+        );
+
+        // Out of reach: refused before anything is written, naming the range.
+        o.bpw = 1.5;
+        let out = tmp.path().join("exl2-1.5");
+        let e =
+            quantize_exl2(&src, &o, &OutputSpec::folder(&out), &mut |_, _, _, _| true).unwrap_err();
+        assert!(
+            e.to_string().contains("out of reach") && e.to_string().contains("bpw"),
+            "{e}"
+        );
+        assert!(!out.exists());
+    }
+
+    #[test]
+    fn biased_untied_models_and_cancelling() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src_dir = tmp.path().join("src");
+        write_fixture(&FixtureSpec::tiny_qwen2(), &src_dir).unwrap();
+        let src = SourceModel::open(&src_dir).unwrap();
+        let out = tmp.path().join("exl2");
+        quantize_exl2(
+            &src,
+            &opts(tmp.path(), 5.0),
+            &OutputSpec::folder(&out),
+            &mut |_, _, _, _| true,
+        )
+        .unwrap();
+        let q = SourceModel::open(&out).unwrap();
+        assert!(q
+            .tensors
+            .contains_key("model.layers.0.self_attn.q_proj.bias"));
+        let (a, b) = (Model::load(&src).unwrap(), Model::load(&q).unwrap());
+        let toks = src.tokenizer.encode(TEXT, false).unwrap();
+        assert!(kld(&a, &b, &toks) < 0.05);
+        // Cancelled part way: nothing left behind.
+        let out2 = tmp.path().join("exl2-cancelled");
+        let r = quantize_exl2(
+            &src,
+            &opts(tmp.path(), 5.0),
+            &OutputSpec::folder(&out2),
+            &mut |p, _, done, _| p == "measuring" || done < 3,
+        );
+        assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
+        let left: Vec<_> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != "src" && n != "calib.txt" && n != "exl2")
+            .collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+}
