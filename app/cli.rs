@@ -32,6 +32,7 @@ use quant_engine::jobs::OutDtype;
 use quant_engine::jobs::{Command, EngineHandle, Event, ImatrixSource, JobId, JobOutput};
 use quant_engine::quantize_automix::MixBudget;
 use quant_engine::quantize_awq::AwqQuantizeOptions;
+use quant_engine::quantize_exl2::Exl2QuantizeOptions;
 use quant_engine::quantize_gptq::GptqQuantizeOptions;
 use quant_engine::recipes::{self, GgufRecipe, Recipe};
 use quant_engine::solvers::gptq::GptqOptions;
@@ -112,7 +113,8 @@ pub enum CliCommand {
         /// NF4/FP4: quantize the block scales to 8 bits too (bitsandbytes' double quantization).
         #[arg(long)]
         double_quant: bool,
-        /// --format auto: the bits per weight the file may spend (tensor data over every parameter).
+        /// --format auto: the bits per weight the file may spend (tensor data over every parameter); --format
+        /// exl2: the decoder linears' target (side tensors counted, as ExLlamaV2 counts; default 4.0).
         #[arg(long, conflicts_with = "size")]
         bpw: Option<f64>,
         /// --format auto: the size the file may take (5GB, 500MB, 2GiB, or bytes).
@@ -231,6 +233,15 @@ pub struct GptqArgs {
     /// AWQ: skip the clipping search.
     #[arg(long = "no-clip")]
     pub no_clip: bool,
+    /// EXL2: the output head's bits (2, 3, 4, 5, 6 or 8).
+    #[arg(long = "head-bits", default_value_t = Exl2QuantizeOptions::default().head_bits)]
+    pub head_bits: u8,
+    /// EXL2: reuse a measurement.json (ours or ExLlamaV2's) instead of measuring.
+    #[arg(long, value_name = "FILE")]
+    pub measurement: Option<PathBuf>,
+    /// EXL2: calibration rows the measurement runs each option on (the first of --rows).
+    #[arg(long = "measure-rows", default_value_t = Exl2QuantizeOptions::default().measure_rows)]
+    pub measure_rows: usize,
     /// GPTQ: seed of the calibration row offsets.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -341,6 +352,29 @@ impl GptqArgs {
 }
 
 impl GptqArgs {
+    /// EXL2's options (`--format exl2`): 64 rows of 512 tokens, 8 of them measured, unless told.
+    fn exl2_options(&self, calib: Option<PathBuf>, bpw: Option<f64>) -> anyhow::Result<Exl2QuantizeOptions> {
+        let d = Exl2QuantizeOptions::default();
+        if self.bits.is_some() || self.group_size.is_some() || self.axis.is_some() || self.act_order || self.static_groups || self.sym || self.rtn {
+            bail!("--bits, --group-size, --axis, --act-order, --static-groups, --sym and --rtn are not EXL2 options: EXL2 mixes bit widths to fit --bpw");
+        }
+        Ok(Exl2QuantizeOptions {
+            bpw: bpw.unwrap_or(d.bpw),
+            head_bits: self.head_bits,
+            calib: calib.map_or(CalibSource::Bundled, |p| calib_source(p, self.calib_column.clone())),
+            calib_opts: CalibOptions {
+                rows: self.rows.unwrap_or(d.calib_opts.rows),
+                seq_len: self.seq_len.unwrap_or(d.calib_opts.seq_len),
+                seed: self.seed,
+            },
+            measure_rows: self.measure_rows,
+            measurement: self.measurement.clone(),
+            activation_budget_bytes: self.activation_budget_mib * 1024 * 1024,
+            max_shard_bytes: Some(self.max_shard_size),
+            ..d
+        })
+    }
+
     /// AWQ's options (`--format awq|awq-ct`): 4 bits, groups of 128, 128 rows of 512 tokens unless told.
     fn awq_options(
         &self,
@@ -504,6 +538,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             ctx,
             auto_types,
         } => {
+            let is_exl2 = format.eq_ignore_ascii_case("exl2");
             let auto = match (format.eq_ignore_ascii_case("auto"), bpw, size, memory) {
                 (true, Some(b), None, None) => Some(MixBudget::Bpw(b)),
                 (true, None, Some(n), None) => Some(MixBudget::FileBytes(n)),
@@ -517,8 +552,11 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                     )
                 }
                 (false, None, None, None) if auto_types.is_empty() && ctx.is_none() => None,
+                (false, Some(_), None, None) if is_exl2 && auto_types.is_empty() && ctx.is_none() => {
+                    None
+                }
                 (false, _, _, _) => {
-                    bail!("--bpw, --size, --memory, --ctx and --auto-types are for --format auto")
+                    bail!("--bpw, --size, --memory, --ctx and --auto-types are for --format auto (and --bpw for exl2)")
                 }
             };
             let group = match gptq.group_size {
@@ -547,6 +585,11 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                     bail!("{format} needs no calibration: drop --imatrix/--calib");
                 }
                 Recipe::Packed(p)
+            } else if is_exl2 {
+                if imatrix.is_some() {
+                    bail!("--imatrix is for GGUF formats; EXL2 measures its options on --calib");
+                }
+                Recipe::Exl2(Box::new(gptq.exl2_options(calib, bpw)?))
             } else if let Some(layout) = recipes::parse_awq(&format) {
                 if imatrix.is_some() {
                     bail!("--imatrix is for GGUF formats; AWQ measures activations on --calib");
@@ -582,7 +625,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                 _ => return print_estimate(&engine, model, &recipe, json),
             };
             match recipe {
-                Recipe::Gguf(_) | Recipe::Packed(_) | Recipe::Awq(_) => {
+                Recipe::Gguf(_) | Recipe::Packed(_) | Recipe::Awq(_) | Recipe::Exl2(_) => {
                     quantize(&engine, model, out, recipe, json, force)
                 }
                 Recipe::Gptq(_) => quantize_gptq(&engine, model, out, recipe, json, force),

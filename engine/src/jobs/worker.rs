@@ -216,6 +216,7 @@ fn run_inner(
                 crate::recipes::Recipe::Gguf(g) => quantize(ctx, cache, &model, &spec, g),
                 crate::recipes::Recipe::Gptq(o) => quantize_gptq(ctx, &model, &spec, &o),
                 crate::recipes::Recipe::Awq(o) => quantize_awq(ctx, &model, &spec, &o),
+                crate::recipes::Recipe::Exl2(o) => quantize_exl2(ctx, &model, &spec, &o),
                 crate::recipes::Recipe::Packed(p) => quantize_packed(ctx, &model, &spec, &p),
             }
         }
@@ -774,6 +775,33 @@ fn quantize_awq(
             module_done(ctx, start, stage, metrics, done, total)
         };
     let report = crate::quantize_awq::quantize_awq(&src, options, out, &mut on_module)?;
+    Ok(JobOutput::QuantizedPacked(Box::new(report)))
+}
+
+fn quantize_exl2(
+    ctx: &JobCtx,
+    model: &Path,
+    out: &OutputSpec,
+    options: &crate::quantize_exl2::Exl2QuantizeOptions,
+) -> Result<JobOutput> {
+    let src = open_source_for(ctx, model, out)?;
+    let codec = options.codec();
+    let start = Instant::now();
+    let mut on_step = |phase: &str,
+                       m: Option<&crate::quantize_packed::PackedModuleMetrics>,
+                       done: usize,
+                       total: usize| {
+        match m {
+            Some(m) => module_done(ctx, start, phase, packed_metrics(m, &codec), done, total),
+            None => {
+                // A measured block: progress only (its options' errors land in measurement.json).
+                let eta = eta(start, done as u64, total as u64);
+                ctx.progress(phase, done as u64, total as u64, eta);
+                !ctx.cancelled()
+            }
+        }
+    };
+    let report = crate::quantize_exl2::quantize_exl2(&src, options, out, &mut on_step)?;
     Ok(JobOutput::QuantizedPacked(Box::new(report)))
 }
 

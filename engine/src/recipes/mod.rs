@@ -7,6 +7,7 @@
 //! * [`gguf`] — llama-quantize's per-tensor type mixes (`Q4_K_M`, `Q3_K_S`, `--pure`, `--tensor-type`).
 //! * GPTQ — [`crate::quantize_gptq::GptqQuantizeOptions`] (solver options, calibration, spill budget).
 //! * AWQ — [`crate::quantize_awq::AwqQuantizeOptions`] (grid, layout, calibration, search settings).
+//! * EXL2 — [`crate::quantize_exl2::Exl2QuantizeOptions`] (target bpw, head bits, calibration, measurement).
 //!
 //! Adding a format: a codec or packing (`codecs/`), a format module (reader in `model/`, writer in
 //! `writers/`), a variant here with its catalogue entry and estimate, and its job body in
@@ -24,6 +25,7 @@ use crate::codecs::GgmlType;
 use crate::imatrix::ImatrixOptions;
 use crate::model::summary::ModelSummary;
 use crate::quantize_awq::AwqQuantizeOptions;
+use crate::quantize_exl2::Exl2QuantizeOptions;
 use crate::quantize_gptq::GptqQuantizeOptions;
 use crate::solvers::gptq::GptqOptions;
 use crate::writers::awq::AwqLayout;
@@ -41,6 +43,8 @@ pub enum Recipe {
     Gptq(Box<GptqQuantizeOptions>),
     /// A Hugging Face AWQ folder (AutoAWQ GEMM or compressed-tensors).
     Awq(Box<AwqQuantizeOptions>),
+    /// An ExLlamaV2 EXL2 folder at a target bits per weight, its mix chosen by measured error.
+    Exl2(Box<Exl2QuantizeOptions>),
     /// A Hugging Face folder of a calibration-free packed format (bitsandbytes NF4/FP4).
     Packed(PackedRecipe),
 }
@@ -226,6 +230,15 @@ pub fn catalogue() -> Vec<RecipeKind> {
         });
     }
     v.push(RecipeKind {
+        id: "exl2".into(),
+        label: "EXL2".into(),
+        family: "EXL2",
+        container: Container::HfFolder,
+        calibration: CalibrationNeed::Required,
+        nominal_bpw: 4.0,
+        loads_in: "ExLlamaV2, TabbyAPI, text-generation-webui",
+    });
+    v.push(RecipeKind {
         id: "hqq".into(),
         label: "HQQ".into(),
         family: "HQQ",
@@ -277,7 +290,8 @@ pub fn format_help() -> String {
         .collect();
     format!(
         "What to make: a GGUF mix ({}, or pure:TYPE), gptq (a Hugging Face GPTQ folder), awq / awq-ct (AWQ as AutoAWQ's GEMM layout or \
-         compressed-tensors' pack-quantized), auto (a GGUF mix whose per-tensor types are chosen by \
+         compressed-tensors' pack-quantized), exl2 (an ExLlamaV2 folder at --bpw, 2.1–8.1, mixed by measured \
+         error; --head-bits, --measurement to reuse one), auto (a GGUF mix whose per-tensor types are chosen by \
          measured error to fit --bpw or --size; needs --imatrix or --calib), nf4 / fp4 (a \
          bitsandbytes 4-bit folder; --double-quant) or hqq (--bits 8/4/3/2/1, --group-size, --axis)",
         gguf.join(", ")
@@ -385,6 +399,7 @@ impl Recipe {
                 o.grid.group_size,
                 if o.rtn { "-rtn" } else { "" }
             ),
+            Recipe::Exl2(o) => format!("EXL2-{:.2}bpw-h{}", o.bpw, o.head_bits),
             Recipe::Packed(p) => p.label(),
         }
     }
@@ -396,6 +411,7 @@ impl Recipe {
             Recipe::Gguf(_) => "gguf",
             Recipe::Gptq(_) => "gptq",
             Recipe::Awq(_) => "awq",
+            Recipe::Exl2(_) => "exl2",
             Recipe::Packed(PackedRecipe::Bnb4(_)) => "bnb4",
             Recipe::Packed(PackedRecipe::Hqq(_)) => "hqq",
         }
@@ -404,7 +420,9 @@ impl Recipe {
     pub fn container(&self) -> Container {
         match self {
             Recipe::Gguf(_) => Container::GgufFile,
-            Recipe::Gptq(_) | Recipe::Awq(_) | Recipe::Packed(_) => Container::HfFolder,
+            Recipe::Gptq(_) | Recipe::Awq(_) | Recipe::Exl2(_) | Recipe::Packed(_) => {
+                Container::HfFolder
+            }
         }
     }
 
@@ -414,6 +432,7 @@ impl Recipe {
             Recipe::Gguf(g) => matches!(g.imatrix, ImatrixSource::Compute { .. }),
             Recipe::Gptq(_) => true,
             Recipe::Awq(o) => !o.rtn,
+            Recipe::Exl2(_) => true,
             Recipe::Packed(_) => false,
         }
     }
@@ -440,6 +459,12 @@ impl Recipe {
             },
             Recipe::Gptq(o) => calib(&o.calib),
             Recipe::Awq(o) if !o.rtn => calib(&o.calib),
+            Recipe::Exl2(o) => {
+                return calib(&o.calib)
+                    .into_iter()
+                    .chain(o.measurement.clone())
+                    .collect()
+            }
             Recipe::Awq(_) | Recipe::Packed(_) => None,
         }
         .into_iter()
@@ -456,6 +481,7 @@ impl Recipe {
             Recipe::Gguf(g) => g.mix.nominal_bpw(),
             Recipe::Gptq(o) => gptq_bpw(o.solver.bits, o.solver.group_size),
             Recipe::Awq(o) => gptq_bpw(o.grid.bits, Some(o.grid.group_size)),
+            Recipe::Exl2(o) => o.bpw,
             Recipe::Packed(p) => p.linear_bpw(),
         }
     }
@@ -482,6 +508,7 @@ impl Recipe {
             Recipe::Gptq(o) => (o.calib_opts.rows * o.calib_opts.seq_len) as f64,
             Recipe::Awq(o) if o.rtn => 0.0,
             Recipe::Awq(o) => (o.calib_opts.rows * o.calib_opts.seq_len) as f64,
+            Recipe::Exl2(o) => (o.calib_opts.rows * o.calib_opts.seq_len) as f64,
         }
     }
 
@@ -503,6 +530,7 @@ impl Recipe {
                     .map(|(_, b)| *b as f64 * 8.0),
             ),
             // Embeddings and the head stay fp16.
+            Recipe::Exl2(o) => (f64::from(o.head_bits) + 0.4, None),
             Recipe::Gptq(_) | Recipe::Awq(_) | Recipe::Packed(_) => (16.0, None),
         };
         let bits = match self {
@@ -555,6 +583,22 @@ impl Recipe {
                     params / QUANTIZE_WEIGHTS_PER_S
                         + tokens * params / IMATRIX_WEIGHT_TOKENS_PER_S
                         + search_s,
+                )
+            }
+            Recipe::Exl2(o) => {
+                // The measurement: ~97 GPTQ solves per layer and 36 runs of a block over its rows.
+                let acts = tokens * s.hidden as f64 * 4.0 * 2.0;
+                let hess = (s.intermediate * s.intermediate) as f64 * 8.0 * 2.0;
+                let measured = if o.measurement.is_some() {
+                    0.0
+                } else {
+                    let mt = (o.measure_rows * o.calib_opts.seq_len) as f64;
+                    36.0 * mt * linears / 2.0 / GPTQ_WEIGHT_TOKENS_PER_S * 4.0
+                        + 14.0 * linears * s.hidden as f64 / GPTQ_WEIGHT_TOKENS_PER_S
+                };
+                (
+                    acts + hess + 4.0 * largest + 64e6,
+                    tokens * params / GPTQ_WEIGHT_TOKENS_PER_S + measured,
                 )
             }
             Recipe::Gptq(_) => {
