@@ -353,15 +353,28 @@ impl GptqArgs {
 
 impl GptqArgs {
     /// EXL2's options (`--format exl2`): 64 rows of 512 tokens, 8 of them measured, unless told.
-    fn exl2_options(&self, calib: Option<PathBuf>, bpw: Option<f64>) -> anyhow::Result<Exl2QuantizeOptions> {
+    fn exl2_options(
+        &self,
+        calib: Option<PathBuf>,
+        bpw: Option<f64>,
+    ) -> anyhow::Result<Exl2QuantizeOptions> {
         let d = Exl2QuantizeOptions::default();
-        if self.bits.is_some() || self.group_size.is_some() || self.axis.is_some() || self.act_order || self.static_groups || self.sym || self.rtn {
+        if self.bits.is_some()
+            || self.group_size.is_some()
+            || self.axis.is_some()
+            || self.act_order
+            || self.static_groups
+            || self.sym
+            || self.rtn
+        {
             bail!("--bits, --group-size, --axis, --act-order, --static-groups, --sym and --rtn are not EXL2 options: EXL2 mixes bit widths to fit --bpw");
         }
         Ok(Exl2QuantizeOptions {
             bpw: bpw.unwrap_or(d.bpw),
             head_bits: self.head_bits,
-            calib: calib.map_or(CalibSource::Bundled, |p| calib_source(p, self.calib_column.clone())),
+            calib: calib.map_or(CalibSource::Bundled, |p| {
+                calib_source(p, self.calib_column.clone())
+            }),
             calib_opts: CalibOptions {
                 rows: self.rows.unwrap_or(d.calib_opts.rows),
                 seq_len: self.seq_len.unwrap_or(d.calib_opts.seq_len),
@@ -552,7 +565,9 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                     )
                 }
                 (false, None, None, None) if auto_types.is_empty() && ctx.is_none() => None,
-                (false, Some(_), None, None) if is_exl2 && auto_types.is_empty() && ctx.is_none() => {
+                (false, Some(_), None, None)
+                    if is_exl2 && auto_types.is_empty() && ctx.is_none() =>
+                {
                     None
                 }
                 (false, _, _, _) => {

@@ -996,6 +996,38 @@ fn awq_targets_make_their_recipes_with_the_chosen_group() {
 }
 
 #[test]
+fn the_exl2_target_makes_its_recipe_at_the_chosen_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, _commands, _events) = detached(Some((&model, Path::new("/models/tiny-llama"))));
+    h.get_by_label("Quantize").click();
+    h.run_steps(2);
+    h.get_by_label("EXL2 at").click();
+    h.run_steps(2);
+    h.state_mut().quantize.exl2_bpw = 3.5;
+    let exl2: Vec<(f64, u8, String)> = h
+        .state()
+        .quantize
+        .targets()
+        .iter()
+        .filter_map(|r| match r {
+            Recipe::Exl2(o) => Some((o.bpw, o.head_bits, r.label())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(exl2, [(3.5, 6, "EXL2-3.50bpw-h6".to_string())]);
+    // Ticking EXL2 adds no GPTQ targets of its own.
+    let gptq = h
+        .state()
+        .quantize
+        .targets()
+        .iter()
+        .filter(|r| matches!(r, Recipe::Gptq(_)))
+        .count();
+    assert_eq!(gptq, h.state().quantize.gptq_bits.len());
+}
+
+#[test]
 fn the_error_aware_mix_target_computes_its_importance_matrix() {
     use quant_engine::quantize_automix::MixBudget;
     let dir = tempfile::tempdir().expect("tempdir");

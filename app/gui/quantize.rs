@@ -10,6 +10,7 @@ use quant_engine::calib::{CalibOptions, CalibSource};
 use quant_engine::imatrix::ImatrixOptions;
 use quant_engine::jobs::{Command, Event, ImatrixSource, JobId};
 use quant_engine::quantize_awq::AwqQuantizeOptions;
+use quant_engine::quantize_exl2::Exl2QuantizeOptions;
 use quant_engine::quantize_gptq::GptqQuantizeOptions;
 use quant_engine::recipes::{self, GgufRecipe, Recipe};
 use quant_engine::solvers::awq::AwqGrid;
@@ -85,6 +86,9 @@ pub struct QuantizePanel {
     pub packed: Vec<String>,
     /// AWQ's group size.
     pub awq_group: usize,
+    /// EXL2's target bits per weight and head bits (ticked as `exl2` in `packed`).
+    pub exl2_bpw: f64,
+    pub exl2_head_bits: u8,
     /// bitsandbytes double quantization for the NF4/FP4 targets.
     pub double_quant: bool,
     /// HQQ's bit width and group size.
@@ -114,6 +118,8 @@ impl QuantizePanel {
             gptq_sym: false,
             packed: s.packed_targets.clone(),
             awq_group: 128,
+            exl2_bpw: 4.0,
+            exl2_head_bits: 6,
             double_quant: false,
             hqq_bits: 4,
             hqq_group: 64,
@@ -199,6 +205,22 @@ impl QuantizePanel {
                                 group_size: self.awq_group,
                             },
                             layout,
+                            calib: self.calib_source(),
+                            calib_opts: CalibOptions {
+                                rows: self.calib.rows,
+                                seq_len: self.calib.seq_len,
+                                seed: 0,
+                            },
+                            ..d
+                        })));
+                    }
+                }
+                recipes::Container::HfFolder if kind.family == "EXL2" => {
+                    if self.packed.contains(&kind.id) {
+                        let d = Exl2QuantizeOptions::default();
+                        t.push(Recipe::Exl2(Box::new(Exl2QuantizeOptions {
+                            bpw: self.exl2_bpw,
+                            head_bits: self.exl2_head_bits,
                             calib: self.calib_source(),
                             calib_opts: CalibOptions {
                                 rows: self.calib.rows,
@@ -682,9 +704,51 @@ impl QuantizePanel {
                     ));
             }
         });
-        ui.add_space(6.0);
-        ui.label("Calibration-free (transformers):");
         ui.horizontal(|ui| {
+            let mut on = self.packed.iter().any(|p| p == "exl2");
+            if ui
+                .checkbox(&mut on, "EXL2 at")
+                .on_hover_text(
+                    "ExLlamaV2's format: each attention and MLP block's bit mix (2–8 bits) chosen by its measured \
+                     output error so the decoder spends this many bits per weight; loads in ExLlamaV2, TabbyAPI, \
+                     text-generation-webui. Measures 36 options per layer first (slow on a CPU).",
+                )
+                .changed()
+            {
+                if on {
+                    self.packed.push("exl2".into());
+                } else {
+                    self.packed.retain(|p| p != "exl2");
+                }
+            }
+            let value = ui.add(
+                egui::DragValue::new(&mut self.exl2_bpw)
+                    .range(2.2..=8.0)
+                    .speed(0.05)
+                    .fixed_decimals(2),
+            );
+            let label = ui.label("bits per weight, head");
+            value.labelled_by(label.id);
+            let head = egui::ComboBox::from_id_salt("exl2-head")
+                .selected_text(format!("{}-bit", self.exl2_head_bits))
+                .show_ui(ui, |ui| {
+                    for b in [2u8, 3, 4, 5, 6, 8] {
+                        ui.selectable_value(&mut self.exl2_head_bits, b, format!("{b}-bit"));
+                    }
+                })
+                .response;
+            head.labelled_by(label.id);
+            let s = &src.summary;
+            if on && !(s.hidden.is_multiple_of(32) && s.intermediate.is_multiple_of(32)) {
+                ui.colored_label(ui.visuals().warn_fg_color, "⚠ widths must be multiples of 32")
+                    .on_hover_text(format!(
+                        "EXL2 stores input rows in groups of 32: this model's widths are {} and {}",
+                        s.hidden, s.intermediate
+                    ));
+            }
+        });
+        ui.horizontal(|ui| {
+            ui.label("Calibration-free:");
             let kinds = recipes::catalogue()
                 .into_iter()
                 .filter(|k| k.container == recipes::Container::HfFolder)

@@ -35,17 +35,34 @@ fn exl2_folders_from_an_independent_packer_read_exactly() {
     for (name, spec) in [
         ("llama", FixtureSpec::tiny_llama()),
         ("qwen2", FixtureSpec::tiny_qwen2()),
+        // One KV head of 16: k/v have 16 outputs, padded to 32 in the file.
+        (
+            "llama-kv1",
+            FixtureSpec {
+                kv_heads: 1,
+                ..FixtureSpec::tiny_llama()
+            },
+        ),
     ] {
         let src_dir = tmp.path().join(name);
         write_fixture(&spec, &src_dir).expect("fixture");
         let out = tmp.path().join(format!("{name}-exl2"));
         run_python_oracle("exl2_py/exl2_np.py", &[&"pack", &src_dir, &out]);
         assert!(out.join("output.safetensors").exists());
-        assert_eq!(check_against_numpy(&out, &out.join("dequant")), 15, "{name}");
+        assert_eq!(
+            check_against_numpy(&out, &out.join("dequant")),
+            15,
+            "{name}"
+        );
         let src = SourceModel::open(&src_dir).expect("open");
-        let toks = src.tokenizer.encode("the cat sat on the mat", false).expect("encode");
+        let toks = src
+            .tokenizer
+            .encode("the cat sat on the mat", false)
+            .expect("encode");
         let m = Model::load(&SourceModel::open(&out).expect("open")).expect("load EXL2");
-        let got = m.forward(&toks, &mut m.new_cache(64), Logits::Last).expect("fwd");
+        let got = m
+            .forward(&toks, &mut m.new_cache(64), Logits::Last)
+            .expect("fwd");
         assert!(got.iter().all(|x| x.is_finite()));
     }
 }
@@ -54,24 +71,40 @@ fn exl2_folders_from_an_independent_packer_read_exactly() {
 fn our_exl2_folders_decode_in_numpy_to_what_we_evaluate() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let src_dir = tmp.path().join("src");
-    write_fixture(&FixtureSpec::tiny_llama(), &src_dir).expect("fixture");
+    // One KV head: k/v's 16 outputs are padded to 32 in the file.
+    let spec = FixtureSpec {
+        kv_heads: 1,
+        ..FixtureSpec::tiny_llama()
+    };
+    write_fixture(&spec, &src_dir).expect("fixture");
     let src = SourceModel::open(&src_dir).expect("open");
     let text = tmp.path().join("calib.txt");
     std::fs::write(
         &text,
-        "The keeper counted the boats in the harbour every evening and wrote the number down. ".repeat(40),
+        "The keeper counted the boats in the harbour every evening and wrote the number down. "
+            .repeat(40),
     )
     .expect("text");
     let out = tmp.path().join("exl2");
     let opts = Exl2QuantizeOptions {
         bpw: 4.5,
         head_bits: 4,
-        calib: CalibSource::File { path: text, column: None },
-        calib_opts: CalibOptions { rows: 6, seq_len: 40, seed: 1 },
+        calib: CalibSource::File {
+            path: text,
+            column: None,
+        },
+        calib_opts: CalibOptions {
+            rows: 6,
+            seq_len: 40,
+            seed: 1,
+        },
         measure_rows: 3,
         ..Exl2QuantizeOptions::default()
     };
-    quantize_exl2(&src, &opts, &OutputSpec::folder(&out), &mut |_, _, _, _| true).expect("exl2");
+    quantize_exl2(&src, &opts, &OutputSpec::folder(&out), &mut |_, _, _, _| {
+        true
+    })
+    .expect("exl2");
     let deq = tmp.path().join("deq");
     run_python_oracle("exl2_py/exl2_np.py", &[&"dequant", &out, &deq]);
     assert_eq!(check_against_numpy(&out, &deq), 15);
