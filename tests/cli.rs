@@ -565,6 +565,87 @@ fn quantize_awq_writes_both_layouts_that_evaluate() {
 }
 
 #[test]
+fn quantize_exl2_measures_writes_evaluates_and_requantizes_from_its_measurement() {
+    let f = fixture();
+    let out = f.model.with_file_name("exl2");
+    let common = [
+        "--calib",
+        s(&f.text),
+        "--rows",
+        "4",
+        "--seq-len",
+        "32",
+        "--measure-rows",
+        "2",
+    ];
+    let mut args = vec!["quantize", s(&f.model), "--format", "exl2", "--bpw", "4.5"];
+    args.extend(common);
+    args.extend(["--out", s(&out)]);
+    let o = run(&args);
+    assert_ok(&o);
+    let text = stdout(&o);
+    assert_eq!(
+        text.lines()
+            .filter(|l| (l.starts_with("layers.") || l.starts_with("lm_head"))
+                && l.contains("EXL2 4.50 bpw h6"))
+            .count(),
+        15,
+        "{text}"
+    );
+    assert!(out.join("measurement.json").exists());
+    let o = run(&[
+        "eval",
+        s(&out),
+        "--base",
+        s(&f.model),
+        "--text",
+        s(&f.text),
+        "--ctx",
+        "32",
+    ]);
+    assert_ok(&o);
+    // From the saved measurement, at another rate and head; a rate out of reach is refused up front.
+    let out2 = f.model.with_file_name("exl2-b");
+    let m = out.join("measurement.json");
+    let mut args = vec![
+        "quantize",
+        s(&f.model),
+        "--format",
+        "exl2",
+        "--bpw",
+        "6",
+        "--head-bits",
+        "8",
+        "--measurement",
+        s(&m),
+    ];
+    args.extend(common);
+    args.extend(["--out", s(&out2)]);
+    assert_ok(&run(&args));
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out2.join("config.json")).expect("config"))
+            .expect("json");
+    assert_eq!(cfg["quantization_config"]["head_bits"], 8);
+    let out3 = f.model.with_file_name("exl2-c");
+    let mut args = vec![
+        "quantize",
+        s(&f.model),
+        "--format",
+        "exl2",
+        "--bpw",
+        "1.0",
+        "--measurement",
+        s(&m),
+    ];
+    args.extend(common);
+    args.extend(["--out", s(&out3)]);
+    let o = run(&args);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("out of reach"), "{}", stderr(&o));
+    assert!(!out3.exists());
+}
+
+#[test]
 fn quantize_auto_chooses_types_within_the_budget_and_prints_the_llama_quantize_arguments() {
     let f = fixture();
     let out = f.model.with_file_name("auto.gguf");
