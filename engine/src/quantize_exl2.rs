@@ -101,7 +101,11 @@ fn block_key(i: usize) -> String {
     format!(
         "model.layers.{}.{}",
         i / 2,
-        if i % 2 == 0 { "self_attn" } else { "mlp" }
+        if i.is_multiple_of(2) {
+            "self_attn"
+        } else {
+            "mlp"
+        }
     )
 }
 
@@ -465,6 +469,9 @@ pub fn estimated_folder_bytes(src: &SourceModel, opts: &Exl2QuantizeOptions) -> 
         .sum()
 }
 
+/// Progress of an EXL2 run: `(phase, the linear just quantized, done, total)`; `false` cancels.
+pub type OnStep<'a> = dyn FnMut(&str, Option<&PackedModuleMetrics>, usize, usize) -> bool + 'a;
+
 /// Quantize `src` to EXL2 into a folder at `out.path` (checked before any work, written under a temporary
 /// name, renamed when complete). `on_step(phase, metrics, done, total)` is called after each measured block
 /// (`"measuring"`, no metrics) and each quantized linear (`"EXL2"`); `false` cancels.
@@ -472,7 +479,7 @@ pub fn quantize_exl2(
     src: &SourceModel,
     opts: &Exl2QuantizeOptions,
     out: &OutputSpec,
-    on_step: &mut dyn FnMut(&str, Option<&PackedModuleMetrics>, usize, usize) -> bool,
+    on_step: &mut OnStep<'_>,
 ) -> Result<PackedReport> {
     let start = Instant::now();
     let head = head_option(opts.head_bits).ok_or_else(|| {
@@ -663,7 +670,7 @@ pub fn quantize_exl2(
                 };
                 let block = 2 * li + usize::from(!ATTN.contains(&kind));
                 let pick = strategy.picks[block];
-                let pi = if block % 2 == 0 {
+                let pi = if block.is_multiple_of(2) {
                     ATTN.iter().position(|&k| k == kind)
                 } else {
                     MLP.iter().position(|&k| k == kind)

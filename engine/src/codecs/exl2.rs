@@ -52,7 +52,7 @@ pub fn exl2_layout(
     q_invperm: &[i64],
 ) -> Result<(Vec<Exl2Group>, Vec<u32>)> {
     let bad = |d: String| Err(Error::Invalid(format!("EXL2: {d}")));
-    if q_groups.is_empty() || q_groups.len() % 2 != 0 {
+    if q_groups.is_empty() || !q_groups.len().is_multiple_of(2) {
         return bad(format!("q_groups has {} entries", q_groups.len()));
     }
     let n = q_groups.len() / 2;
@@ -79,7 +79,7 @@ pub fn exl2_layout(
         }
         let bits = b as usize;
         let span = (end - start) as usize * 32;
-        if span % bits != 0 || span == 0 {
+        if !span.is_multiple_of(bits) || span == 0 {
             return bad(format!(
                 "group {g}: {} words do not hold whole {bits}-bit rows",
                 end - start
@@ -250,7 +250,7 @@ pub fn pack_exl2(
     let bad = |d: String| Err(Error::Invalid(format!("EXL2 pack: {d}")));
     let k = perm.len();
     let g_count = group_rows.len();
-    if n_pad % 32 != 0
+    if !n_pad.is_multiple_of(32)
         || codes.len() != k * n_pad
         || scale_codes.len() != g_count * n_pad
         || scale_max.len() != g_count

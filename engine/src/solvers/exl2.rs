@@ -336,7 +336,7 @@ impl Exl2Prepared {
                 w.len()
             )));
         }
-        if k % 32 != 0 {
+        if !k.is_multiple_of(32) {
             return Err(Error::Invalid(format!(
                 "EXL2 needs input widths that are multiples of 32 (this one is {k})"
             )));
