@@ -721,12 +721,17 @@ impl QuantizePanel {
                     self.packed.retain(|p| p != "exl2");
                 }
             }
-            let value = ui.add(
-                egui::DragValue::new(&mut self.exl2_bpw)
-                    .range(2.2..=8.0)
-                    .speed(0.05)
-                    .fixed_decimals(2),
-            );
+            // The option tables' reach on this model's shapes (exact before measuring).
+            let (lo, hi) = quant_engine::quantize_exl2::reachable_bpw(&src.summary);
+            let (lo, hi) = ((lo * 100.0).ceil() / 100.0, (hi * 100.0).floor() / 100.0);
+            let value = ui
+                .add(
+                    egui::DragValue::new(&mut self.exl2_bpw)
+                        .range(lo..=hi.max(lo))
+                        .speed(0.05)
+                        .fixed_decimals(2),
+                )
+                .on_hover_text(format!("This model's decoder can take {lo:.2} to {hi:.2} bits per weight"));
             let label = ui.label("bits per weight, head");
             value.labelled_by(label.id);
             let head = egui::ComboBox::from_id_salt("exl2-head")

@@ -449,6 +449,68 @@ pub fn choose_strategy(
     })
 }
 
+/// The decoder bits per weight EXL2's option tables can reach on a model of this shape: `(cheapest,
+/// dearest)`, exact (costs depend only on shapes), for front ends to bound their inputs before measuring.
+pub fn reachable_bpw(s: &crate::model::summary::ModelSummary) -> (f64, f64) {
+    let pad = |n: usize| n.div_ceil(32) * 32;
+    let (h, q, kv, i) = (
+        s.hidden,
+        s.heads * s.head_dim,
+        s.kv_heads * s.head_dim,
+        s.intermediate,
+    );
+    let bias = s.arch.starts_with("Qwen2");
+    let attn_shapes = [
+        (h, pad(q), if bias { pad(q) } else { 0 }),
+        (h, pad(kv), if bias { pad(kv) } else { 0 }),
+        (h, pad(kv), if bias { pad(kv) } else { 0 }),
+        (q, pad(h), 0),
+    ];
+    let mlp_shapes = [(h, pad(i), 0), (h, pad(i), 0), (i, pad(h), 0)];
+    let range = |rows: Vec<Vec<u64>>| {
+        let lo = rows
+            .iter()
+            .map(|r| r.iter().sum::<u64>())
+            .min()
+            .unwrap_or(0);
+        let hi = rows
+            .iter()
+            .map(|r| r.iter().sum::<u64>())
+            .max()
+            .unwrap_or(0);
+        (lo, hi)
+    };
+    let a = range(
+        attn_options()
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .zip(&attn_shapes)
+                    .map(|(q, &(k, n, b))| q.total_bits(k, n, b))
+                    .collect()
+            })
+            .collect(),
+    );
+    let m = range(
+        mlp_options()
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .zip(&mlp_shapes)
+                    .map(|(q, &(k, n, b))| q.total_bits(k, n, b))
+                    .collect()
+            })
+            .collect(),
+    );
+    let weights: usize = attn_shapes
+        .iter()
+        .chain(&mlp_shapes)
+        .map(|&(k, n, _)| k * n)
+        .sum();
+    let w = weights.max(1) as f64;
+    ((a.0 + m.0) as f64 / w, (a.1 + m.1) as f64 / w)
+}
+
 /// Bytes an EXL2 folder of `src` at `bpw` takes (an estimate for the free-space check).
 pub fn estimated_folder_bytes(src: &SourceModel, opts: &Exl2QuantizeOptions) -> u64 {
     let head = f64::from(opts.head_bits) + 0.4;
@@ -945,6 +1007,20 @@ mod tests {
             "{e}"
         );
         assert!(!out.exists());
+    }
+
+    #[test]
+    fn the_reachable_range_is_what_the_optimiser_can_reach() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src_dir = tmp.path().join("src");
+        write_fixture(&FixtureSpec::tiny_llama(), &src_dir).unwrap();
+        let src = SourceModel::open(&src_dir).unwrap();
+        let (lo, hi) = reachable_bpw(&crate::model::summary::ModelSummary::of(&src));
+        // The measured run's refusal names the same range (3.637 to 8.509 on this shape).
+        assert!(
+            (lo - 3.637).abs() < 5e-4 && (hi - 8.509).abs() < 5e-4,
+            "{lo} {hi}"
+        );
     }
 
     #[test]
