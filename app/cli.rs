@@ -117,10 +117,11 @@ pub enum CliCommand {
         /// exl2: the decoder linears' target (side tensors counted, as ExLlamaV2 counts; default 4.0).
         #[arg(long, conflicts_with = "size")]
         bpw: Option<f64>,
-        /// --format auto: the size the file may take (5GB, 500MB, 2GiB, or bytes).
+        /// --format auto: the size the file may take; exl2: the weight files' (5GB, 500MB, 2GiB, or bytes).
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
-        /// --format auto: the memory llama.cpp may use for the weights and an f16 KV cache of --ctx tokens.
+        /// --format auto: the memory llama.cpp may use for the weights and an f16 KV cache of --ctx tokens;
+        /// exl2: the GPU memory ExLlamaV2 needs for them (its embedding stays in system memory).
         #[arg(long, value_parser = parse_size, requires = "ctx")]
         memory: Option<u64>,
         /// --format auto with --memory: the context the KV cache must hold.
@@ -356,7 +357,7 @@ impl GptqArgs {
     fn exl2_options(
         &self,
         calib: Option<PathBuf>,
-        bpw: Option<f64>,
+        budget: Option<MixBudget>,
     ) -> anyhow::Result<Exl2QuantizeOptions> {
         let d = Exl2QuantizeOptions::default();
         if self.bits.is_some()
@@ -370,7 +371,7 @@ impl GptqArgs {
             bail!("--bits, --group-size, --axis, --act-order, --static-groups, --sym and --rtn are not EXL2 options: EXL2 mixes bit widths to fit --bpw");
         }
         Ok(Exl2QuantizeOptions {
-            bpw: bpw.unwrap_or(d.bpw),
+            budget: budget.unwrap_or(d.budget),
             head_bits: self.head_bits,
             calib: calib.map_or(CalibSource::Bundled, |p| {
                 calib_source(p, self.calib_column.clone())
@@ -552,26 +553,30 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             auto_types,
         } => {
             let is_exl2 = format.eq_ignore_ascii_case("exl2");
-            let auto = match (format.eq_ignore_ascii_case("auto"), bpw, size, memory) {
-                (true, Some(b), None, None) => Some(MixBudget::Bpw(b)),
-                (true, None, Some(n), None) => Some(MixBudget::FileBytes(n)),
-                (true, None, None, Some(bytes)) => Some(MixBudget::Memory {
+            let budget = match (bpw, size, memory) {
+                (Some(b), None, None) => Some(MixBudget::Bpw(b)),
+                (None, Some(n), None) => Some(MixBudget::FileBytes(n)),
+                (None, None, Some(bytes)) => Some(MixBudget::Memory {
                     bytes,
                     ctx: ctx.unwrap_or(0),
                 }),
-                (true, _, _, _) => {
+                (None, None, None) => None,
+                _ => bail!("give one of --bpw B, --size SIZE or --memory SIZE --ctx N"),
+            };
+            if budget.is_none() && ctx.is_some() {
+                bail!("--ctx goes with --memory");
+            }
+            let auto = match (format.eq_ignore_ascii_case("auto"), budget) {
+                (true, Some(b)) => Some(b),
+                (true, None) => {
                     bail!(
                         "--format auto needs one of --bpw B, --size SIZE or --memory SIZE --ctx N"
                     )
                 }
-                (false, None, None, None) if auto_types.is_empty() && ctx.is_none() => None,
-                (false, Some(_), None, None)
-                    if is_exl2 && auto_types.is_empty() && ctx.is_none() =>
-                {
-                    None
-                }
-                (false, _, _, _) => {
-                    bail!("--bpw, --size, --memory, --ctx and --auto-types are for --format auto (and --bpw for exl2)")
+                (false, None) if auto_types.is_empty() => None,
+                (false, Some(_)) if is_exl2 && auto_types.is_empty() => None,
+                (false, _) => {
+                    bail!("--bpw, --size, --memory, --ctx and --auto-types are for --format auto (and the first three for exl2)")
                 }
             };
             let group = match gptq.group_size {
@@ -604,7 +609,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                 if imatrix.is_some() {
                     bail!("--imatrix is for GGUF formats; EXL2 measures its options on --calib");
                 }
-                Recipe::Exl2(Box::new(gptq.exl2_options(calib, bpw)?))
+                Recipe::Exl2(Box::new(gptq.exl2_options(calib, budget)?))
             } else if let Some(layout) = recipes::parse_awq(&format) {
                 if imatrix.is_some() {
                     bail!("--imatrix is for GGUF formats; AWQ measures activations on --calib");

@@ -1011,7 +1011,10 @@ fn the_exl2_target_makes_its_recipe_at_the_chosen_rate() {
         .targets()
         .iter()
         .filter_map(|r| match r {
-            Recipe::Exl2(o) => Some((o.bpw, o.head_bits, r.label())),
+            Recipe::Exl2(o) => match o.budget {
+                quant_engine::recipes::MixBudget::Bpw(b) => Some((b, o.head_bits, r.label())),
+                _ => None,
+            },
             _ => None,
         })
         .collect();

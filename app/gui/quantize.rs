@@ -219,7 +219,7 @@ impl QuantizePanel {
                     if self.packed.contains(&kind.id) {
                         let d = Exl2QuantizeOptions::default();
                         t.push(Recipe::Exl2(Box::new(Exl2QuantizeOptions {
-                            bpw: self.exl2_bpw,
+                            budget: quant_engine::recipes::MixBudget::Bpw(self.exl2_bpw),
                             head_bits: self.exl2_head_bits,
                             calib: self.calib_source(),
                             calib_opts: CalibOptions {

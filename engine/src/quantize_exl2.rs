@@ -28,6 +28,7 @@ use crate::model::SourceModel;
 use crate::output::OutputSpec;
 use crate::quantize_gptq::{run_sequential, GptqTimings, HessianCollector, HessianUse};
 use crate::quantize_packed::{PackedModuleMetrics, PackedReport};
+use crate::recipes::MixBudget;
 use crate::solvers::exl2::{attn_options, head_option, mlp_options, Exl2Prepared, QParams};
 use crate::solvers::gptq::Hessian;
 use crate::solvers::mix::{choose, reachable, Choice};
@@ -39,8 +40,10 @@ use crate::{Error, Result};
 /// What to make of a model as EXL2.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Exl2QuantizeOptions {
-    /// Target bits per weight of the decoder linears (side tensors included).
-    pub bpw: f64,
+    /// What the choice must fit: bits per weight of the decoder linears (side tensors included, as ExLlamaV2
+    /// counts), the weight files' bytes, or the GPU memory ExLlamaV2 needs (everything but the embedding,
+    /// which it keeps in system memory, plus an f16 KV cache of `ctx` tokens).
+    pub budget: MixBudget,
     /// The output head's option: 2, 3, 4, 5, 6 or 8.
     pub head_bits: u8,
     /// Calibration of the quantization pass (`rows × seq_len`); the measurement uses its first
@@ -58,7 +61,7 @@ pub struct Exl2QuantizeOptions {
 impl Default for Exl2QuantizeOptions {
     fn default() -> Self {
         Self {
-            bpw: 4.0,
+            budget: MixBudget::Bpw(4.0),
             head_bits: 6,
             calib: CalibSource::Bundled,
             calib_opts: CalibOptions {
@@ -76,9 +79,12 @@ impl Default for Exl2QuantizeOptions {
 }
 
 impl Exl2QuantizeOptions {
-    /// `"EXL2 4.00 bpw h6"`.
+    /// `"EXL2 4.00 bpw h6"`, `"EXL2 95MB h6"`.
     pub fn codec(&self) -> String {
-        format!("EXL2 {:.2} bpw h{}", self.bpw, self.head_bits)
+        match self.budget {
+            MixBudget::Bpw(b) => format!("EXL2 {b:.2} bpw h{}", self.head_bits),
+            other => format!("EXL2 {} h{}", other.label(), self.head_bits),
+        }
     }
 }
 
@@ -411,12 +417,15 @@ pub struct Exl2Strategy {
     pub weights: u64,
 }
 
-/// Choose one measured option per block so that `bits ≤ ⌊bpw · Σ K·N'⌋` and `Σ (1 − accuracy)²` is least.
+/// Choose one measured option per block so that its bits fit `budget_bits` (for the decoder linears) and
+/// `Σ (1 − accuracy)²` is least; `what` names the budget in the user's terms for an out-of-reach error, given
+/// the reachable decoder bits.
 pub fn choose_strategy(
     m: &Exl2Measurement,
     costs: &[Vec<u64>],
     weights: u64,
-    bpw: f64,
+    budget_bits: f64,
+    what: &dyn Fn(u64, u64) -> String,
 ) -> Result<Exl2Strategy> {
     let slots: Vec<Vec<Choice>> = m
         .blocks
@@ -433,13 +442,9 @@ pub fn choose_strategy(
         })
         .collect();
     let (lo, hi) = reachable(&slots);
-    let budget = (bpw * weights as f64).floor();
-    if !(bpw.is_finite() && budget >= lo as f64) {
-        return Err(Error::Invalid(format!(
-            "EXL2 at {bpw} bits per weight is out of reach for this model: its options give {:.3} to {:.3} bpw",
-            lo as f64 / weights as f64,
-            hi as f64 / weights as f64
-        )));
+    let budget = budget_bits.floor();
+    if !(budget.is_finite() && budget >= lo as f64) {
+        return Err(Error::Invalid(what(lo, hi)));
     }
     let s = choose(&slots, budget.min(u64::MAX as f64) as u64)?;
     Ok(Exl2Strategy {
@@ -519,7 +524,11 @@ pub fn estimated_folder_bytes(src: &SourceModel, opts: &Exl2QuantizeOptions) -> 
         .map(|t| {
             let n = t.numel() as f64;
             if is_decoder_linear(&t.name) {
-                (n * opts.bpw / 8.0) as u64
+                let bpw = match opts.budget {
+                    MixBudget::Bpw(b) => b,
+                    _ => 8.0,
+                };
+                (n * bpw / 8.0) as u64
             } else if t.name == "lm_head.weight" {
                 (n * head / 8.0) as u64
             } else if t.name == "model.embed_tokens.weight" && src.config.tie_word_embeddings {
@@ -550,11 +559,12 @@ pub fn quantize_exl2(
             opts.head_bits
         ))
     })?;
-    if !(opts.bpw.is_finite() && opts.bpw > 0.0 && opts.bpw <= 16.0) {
-        return Err(Error::Invalid(format!(
-            "--bpw {}: EXL2 targets lie between about 2.1 and 8.1 bits per weight",
-            opts.bpw
-        )));
+    if let MixBudget::Bpw(b) = opts.budget {
+        if !(b.is_finite() && b > 0.0 && b <= 16.0) {
+            return Err(Error::Invalid(format!(
+                "--bpw {b}: EXL2 targets lie between about 2.1 and 8.1 bits per weight"
+            )));
+        }
     }
     for t in src.tensors.values().filter(|t| is_decoder_linear(&t.name)) {
         if t.is_grouped() {
@@ -648,7 +658,59 @@ pub fn quantize_exl2(
         }
         costs.push(v);
     }
-    let strategy = choose_strategy(&measurement, &costs, weights, opts.bpw)?;
+    // What the rest of the folder takes: fp16 tensors, the packed head, the safetensors header (bounded).
+    let pad = |n: usize| n.div_ceil(32) * 32;
+    let head_bytes = head.total_bits(c.hidden_size, pad(c.vocab_size), 0) / 8;
+    // (The head's five tensor names counted here; a tied model has no lm_head.weight below.)
+    let (mut fixed, mut embed) = (head_bytes + 5 * 110, 0u64);
+    for t in src.tensors.values() {
+        let stored = if is_decoder_linear(&t.name) || t.name == "lm_head.weight" {
+            5
+        } else {
+            fixed += t.numel() as u64 * 2;
+            if t.name == "model.embed_tokens.weight" {
+                embed = t.numel() as u64 * 2;
+            }
+            1
+        };
+        fixed += stored * (t.name.len() as u64 + 96);
+    }
+    let kv_per_token = (2 * c.num_layers * c.num_kv_heads * c.head_dim * 2) as u64;
+    let budget_bits = match opts.budget {
+        MixBudget::Bpw(b) => b * weights as f64,
+        MixBudget::FileBytes(n) => (n as f64 - fixed as f64) * 8.0,
+        MixBudget::Memory { bytes, ctx } => {
+            (bytes as f64 - (fixed - embed) as f64 - (kv_per_token * ctx) as f64) * 8.0
+        }
+    };
+    let what = |lo: u64, hi: u64| -> String {
+        let bpw = |b: u64| b as f64 / weights as f64;
+        let size = |b: u64| b / 8 + fixed;
+        match opts.budget {
+            MixBudget::Bpw(b) => format!(
+                "EXL2 at {b} bits per weight is out of reach for this model: its options give {:.3} to {:.3} bpw",
+                bpw(lo),
+                bpw(hi)
+            ),
+            MixBudget::FileBytes(n) => format!(
+                "an EXL2 folder of {n} bytes is out of reach for this model: its weights take {} to {} bytes \
+                 ({:.3} to {:.3} bpw)",
+                size(lo),
+                size(hi),
+                bpw(lo),
+                bpw(hi)
+            ),
+            MixBudget::Memory { bytes, ctx } => format!(
+                "{bytes} bytes of GPU memory is out of reach for this model with a {ctx}-token f16 KV cache: \
+                 ExLlamaV2 needs {} to {} bytes ({:.3} to {:.3} bpw)",
+                size(lo) - embed + kv_per_token * ctx,
+                size(hi) - embed + kv_per_token * ctx,
+                bpw(lo),
+                bpw(hi)
+            ),
+        }
+    };
+    let strategy = choose_strategy(&measurement, &costs, weights, budget_bits, &what)?;
 
     let row_len = seq * c.hidden_size;
     if (rows.len() * row_len * 4) as u64 > opts.activation_budget_bytes {
@@ -794,7 +856,10 @@ pub fn quantize_exl2(
     }
     drop(model);
     let cfg = Exl2FolderConfig {
-        bits: opts.bpw,
+        bits: match opts.budget {
+            MixBudget::Bpw(b) => b,
+            _ => strategy.bits as f64 / strategy.weights as f64,
+        },
         head_bits: opts.head_bits,
         calib_rows: rows.len(),
         calib_length: seq,
@@ -849,10 +914,11 @@ mod tests {
         bells; other nights the water lay still and the lamps on the pier shone in it. ";
 
     fn opts(dir: &Path, bpw: f64) -> Exl2QuantizeOptions {
+        let budget = MixBudget::Bpw(bpw);
         let text = dir.join("calib.txt");
         std::fs::write(&text, TEXT.repeat(20)).unwrap();
         Exl2QuantizeOptions {
-            bpw,
+            budget,
             calib: CalibSource::File {
                 path: text,
                 column: None,
@@ -975,7 +1041,7 @@ mod tests {
         o.measurement = Some(out4.join("measurement.json"));
         let mut kl = Vec::new();
         for bpw in [3.64, 8.0] {
-            o.bpw = bpw;
+            o.budget = MixBudget::Bpw(bpw);
             let out = tmp.path().join(format!("exl2-{bpw}"));
             quantize_exl2(
                 &src,
@@ -997,8 +1063,39 @@ mod tests {
             kl[1]
         );
 
+        // A size budget: the weight file fits it (the header bounded from above) and is not far under.
+        let target = std::fs::metadata(out4.join("model.safetensors"))
+            .unwrap()
+            .len()
+            + 20_000;
+        o.budget = MixBudget::FileBytes(target);
+        let out = tmp.path().join("exl2-size");
+        quantize_exl2(&src, &o, &OutputSpec::folder(&out), &mut |_, _, _, _| true).unwrap();
+        let got = std::fs::metadata(out.join("model.safetensors"))
+            .unwrap()
+            .len();
+        assert!(
+            got <= target && got + 60_000 > target,
+            "{got} for a budget of {target}"
+        );
+        o.budget = MixBudget::Memory {
+            bytes: 1000,
+            ctx: 64,
+        };
+        let e = quantize_exl2(
+            &src,
+            &o,
+            &OutputSpec::folder(tmp.path().join("m")),
+            &mut |_, _, _, _| true,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("GPU memory") && e.to_string().contains("KV cache"),
+            "{e}"
+        );
+
         // Out of reach: refused before anything is written, naming the range.
-        o.bpw = 1.5;
+        o.budget = MixBudget::Bpw(1.5);
         let out = tmp.path().join("exl2-1.5");
         let e =
             quantize_exl2(&src, &o, &OutputSpec::folder(&out), &mut |_, _, _, _| true).unwrap_err();

@@ -87,7 +87,7 @@ fn our_exl2_folders_decode_in_numpy_to_what_we_evaluate() {
     .expect("text");
     let out = tmp.path().join("exl2");
     let opts = Exl2QuantizeOptions {
-        bpw: 4.5,
+        budget: quant_engine::recipes::MixBudget::Bpw(4.5),
         head_bits: 4,
         calib: CalibSource::File {
             path: text,

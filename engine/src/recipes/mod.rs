@@ -399,7 +399,10 @@ impl Recipe {
                 o.grid.group_size,
                 if o.rtn { "-rtn" } else { "" }
             ),
-            Recipe::Exl2(o) => format!("EXL2-{:.2}bpw-h{}", o.bpw, o.head_bits),
+            Recipe::Exl2(o) => match o.budget {
+                MixBudget::Bpw(b) => format!("EXL2-{b:.2}bpw-h{}", o.head_bits),
+                other => format!("EXL2-{}-h{}", other.label(), o.head_bits),
+            },
             Recipe::Packed(p) => p.label(),
         }
     }
@@ -481,7 +484,11 @@ impl Recipe {
             Recipe::Gguf(g) => g.mix.nominal_bpw(),
             Recipe::Gptq(o) => gptq_bpw(o.solver.bits, o.solver.group_size),
             Recipe::Awq(o) => gptq_bpw(o.grid.bits, Some(o.grid.group_size)),
-            Recipe::Exl2(o) => o.bpw,
+            Recipe::Exl2(o) => match o.budget {
+                MixBudget::Bpw(b) => b,
+                // Sized by bytes: the estimate below works from the budget itself.
+                _ => 4.0,
+            },
             Recipe::Packed(p) => p.linear_bpw(),
         }
     }
@@ -549,6 +556,15 @@ impl Recipe {
                 let kv = (2 * s.layers * s.kv_heads * s.head_dim * 2) as f64 * *ctx as f64;
                 (*bytes as f64 - kv).max(0.0) * 8.0
             }
+            Recipe::Exl2(o) => match o.budget {
+                MixBudget::FileBytes(n) => n as f64 * 8.0,
+                MixBudget::Memory { bytes, ctx } => {
+                    let kv = (2 * s.layers * s.kv_heads * s.head_dim * 2) as f64 * ctx as f64;
+                    (bytes as f64 - kv).max(0.0) * 8.0 + embd * 16.0
+                }
+                // The embedding stays fp16 and the head is quantized, tied or not.
+                MixBudget::Bpw(_) => linears * linear_bpw + embd * (16.0 + head_bpw),
+            },
             _ => planned.unwrap_or(linears * linear_bpw + heads * head_bpw),
         };
         let largest = (s.vocab.max(s.intermediate) * s.hidden) as f64 * 4.0;
