@@ -566,11 +566,14 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             if budget.is_none() && ctx.is_some() {
                 bail!("--ctx goes with --memory");
             }
-            let auto = match (format.eq_ignore_ascii_case("auto"), budget) {
+            // `--format gguf` with a budget is the error-aware GGUF mix too.
+            let is_auto =
+                format.eq_ignore_ascii_case("auto") || format.eq_ignore_ascii_case("gguf");
+            let auto = match (is_auto, budget) {
                 (true, Some(b)) => Some(b),
                 (true, None) => {
                     bail!(
-                        "--format auto needs one of --bpw B, --size SIZE or --memory SIZE --ctx N"
+                        "--format {format} needs one of --bpw B, --size SIZE or --memory SIZE --ctx N"
                     )
                 }
                 (false, None) if auto_types.is_empty() => None,

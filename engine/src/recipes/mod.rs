@@ -291,7 +291,7 @@ pub fn format_help() -> String {
     format!(
         "What to make: a GGUF mix ({}, or pure:TYPE), gptq (a Hugging Face GPTQ folder), awq / awq-ct (AWQ as AutoAWQ's GEMM layout or \
          compressed-tensors' pack-quantized), exl2 (an ExLlamaV2 folder at --bpw, 2.1–8.1, mixed by measured \
-         error; --head-bits, --measurement to reuse one), auto (a GGUF mix whose per-tensor types are chosen by \
+         error; --head-bits, --measurement to reuse one), auto or gguf (a GGUF mix whose per-tensor types are chosen by \
          measured error to fit --bpw or --size; needs --imatrix or --calib), nf4 / fp4 (a \
          bitsandbytes 4-bit folder; --double-quant) or hqq (--bits 8/4/3/2/1, --group-size, --axis)",
         gguf.join(", ")
