@@ -612,12 +612,27 @@ impl QuantizePanel {
                      whole file spends this many bits per weight; it loads in llama.cpp unchanged. \
                      Needs an importance matrix: computed from the calibration text.",
                 );
-            let value = ui.add(
-                egui::DragValue::new(&mut self.auto_bpw)
-                    .range(2.0..=9.0)
-                    .speed(0.05)
-                    .fixed_decimals(2),
-            );
+            // What the candidate types can reach on this model (tensor bits over every parameter), when the
+            // inspect job computed it.
+            let params = src.summary.parameter_count.max(1) as f64;
+            let (lo, hi) = src.summary.auto_mix_bytes.map_or((2.0, 9.0), |(lo, hi)| {
+                (
+                    (lo as f64 * 8.0 / params * 100.0).ceil() / 100.0,
+                    (hi as f64 * 8.0 / params * 100.0).floor() / 100.0,
+                )
+            });
+            let value = ui
+                .add(
+                    egui::DragValue::new(&mut self.auto_bpw)
+                        .range(lo..=hi.max(lo))
+                        .speed(0.05)
+                        .fixed_decimals(2),
+                )
+                .on_hover_text(format!(
+                    "This model's mixes can take {lo:.2} to {hi:.2} bits per weight (about {:.1} to {:.1} MB)",
+                    lo * params / 8e6,
+                    hi * params / 8e6
+                ));
             let label = ui.label("bits per weight");
             value.labelled_by(label.id);
             if self.auto_mix && !self.imatrix {

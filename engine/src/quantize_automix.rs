@@ -81,6 +81,50 @@ fn escape(name: &str) -> String {
     name.replace('.', "\\.")
 }
 
+/// A tensor the optimiser types: a decoder matrix that the base mix quantizes.
+fn is_slot(g: &str, ne: &[u64], ty: GgmlType) -> bool {
+    g.starts_with("blk.") && ne.len() == 2 && ty != GgmlType::F32 && ty != GgmlType::F16
+}
+
+/// The tensor bytes the smallest and the largest auto mix of `src` over `types` take (every slot at its
+/// cheapest, or dearest, type its rows allow; the rest as the base mix has it): front ends bound their
+/// budgets with it before anything is measured.
+pub fn reachable_bytes(src: &SourceModel, types: &[GgmlType]) -> Result<(u64, u64)> {
+    let entries = gguf_entries(src)?;
+    let list: Vec<(String, Vec<u64>)> = entries
+        .iter()
+        .map(|(_, g, ne)| (g.clone(), ne.clone()))
+        .collect();
+    let base = plan_gguf_mix(&AUTOMIX_BASE, &src.config, &list, &[], true)?;
+    let (mut lo, mut hi) = (0u64, 0u64);
+    for ((hf, g, ne), (_, ty)) in entries.iter().zip(&base) {
+        if hf == "lm_head.weight" && src.config.tie_word_embeddings {
+            continue;
+        }
+        let t = &src.tensors[hf];
+        let ty = if t.shape.len() <= 1 {
+            GgmlType::F32
+        } else {
+            *ty
+        };
+        let bytes = |ty: GgmlType| {
+            ty.traits()
+                .row_bytes(t.cols())
+                .map(|r| (r * t.rows()) as u64)
+        };
+        if is_slot(g, ne, ty) {
+            let costs: Vec<u64> = types.iter().filter_map(|&c| bytes(c)).collect();
+            lo += costs.iter().min().copied().unwrap_or(0);
+            hi += costs.iter().max().copied().unwrap_or(0);
+        } else {
+            let b = bytes(ty).unwrap_or((t.cols() * 4 * t.rows()) as u64);
+            lo += b;
+            hi += b;
+        }
+    }
+    Ok((lo, hi))
+}
+
 /// Measure every decoder linear of `src` under each of `types` its rows can take (quantized with `imatrix`, as the file
 /// will be). `progress(done, total)` after each tensor; `false` cancels.
 pub fn measure_mix(
@@ -104,9 +148,6 @@ pub fn measure_mix(
         })
         .collect();
     let whole = gguf_file_bytes(src, &plan, AUTOMIX_BASE.file_type(), &imatrix_kvs(imatrix))?;
-    let is_slot = |g: &str, ne: &[u64], ty: GgmlType| {
-        g.starts_with("blk.") && ne.len() == 2 && ty != GgmlType::F32 && ty != GgmlType::F16
-    };
     let total = entries
         .iter()
         .zip(&base)
@@ -368,6 +409,13 @@ mod tests {
         // The file written from a plan is exactly the predicted size, its types those chosen.
         let budget = MixBudget::Bpw(6.0);
         let plan = plan_mix(&m, budget).expect("plan");
+        // The reach computed without measuring is the measured one's tensor data (header and alignment
+        // padding aside).
+        let (lo, hi) = reachable_bytes(&src, &AUTOMIX_TYPES).expect("reach");
+        let slack = m.header_bytes + 32 * (src.tensors.len() as u64 + 1);
+        for (ours, file) in [(lo, plan.reachable_bytes.0), (hi, plan.reachable_bytes.1)] {
+            assert!(ours <= file && file - ours <= slack, "{ours} vs {file}");
+        }
         let out = tmp.path().join("auto.gguf");
         let r = quantize_gguf(
             &src,

@@ -152,6 +152,11 @@ fn run_inner(
                     Some((mix.name().to_string(), bytes))
                 })
                 .collect();
+            summary.auto_mix_bytes = crate::quantize_automix::reachable_bytes(
+                &src,
+                &crate::quantize_automix::AUTOMIX_TYPES,
+            )
+            .ok();
             Ok(JobOutput::Summary(Box::new(summary)))
         }
         Command::Evaluate {

@@ -42,6 +42,9 @@ pub struct ModelSummary {
     /// computed them (the inspect job does); for size estimates before quantizing.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub gguf_mix_bytes: Vec<(String, u64)>,
+    /// Tensor bytes of the smallest and largest error-aware GGUF mix (default candidates), when computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_mix_bytes: Option<(u64, u64)>,
 }
 
 impl ModelSummary {
@@ -106,6 +109,7 @@ impl ModelSummary {
             tied: c.tie_word_embeddings,
             chat_template_present: m.tokenizer.chat_template.is_some(),
             gguf_mix_bytes: Vec::new(),
+            auto_mix_bytes: None,
         }
     }
 }

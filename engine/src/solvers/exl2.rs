@@ -484,13 +484,16 @@ fn find_params(
             let mut total = 0f64;
             for r in 0..n {
                 let s = sw[r] * p;
-                let mut acc = 0f32;
-                for &x in &wp[r * k + a..r * k + b] {
-                    let q = (x / s).round_ties_even().clamp(-z, maxq - z);
-                    let e = (q * s - x).abs();
-                    acc += e * e * e * e.sqrt();
+                // 16 independent lanes (groups are multiples of 32 wide), so the loop vectorises.
+                let mut acc = [0f32; 16];
+                for xs in wp[r * k + a..r * k + b].chunks_exact(16) {
+                    for (l, &x) in acc.iter_mut().zip(xs) {
+                        let q = (x / s).round_ties_even().clamp(-z, maxq - z);
+                        let e = (q * s - x).abs();
+                        *l += e * e * e * e.sqrt();
+                    }
                 }
-                total += f64::from(acc);
+                total += acc.iter().map(|&v| f64::from(v)).sum::<f64>();
             }
             total
         })
