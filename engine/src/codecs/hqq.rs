@@ -195,7 +195,8 @@ pub fn quantize(w: &[f32], p: &HqqParams) -> HqqQuantized {
             }
         })
         .collect();
-    let code = |x: f32, s: f32, z: f32| (x * s + z).round_ties_even().clamp(0.0, max_v);
+    // = round(x·s + z) clamped to 0..=max_v, without a libm call.
+    let code = |x: f32, s: f32, z: f32| crate::simd::round_even((x * s + z).clamp(0.0, max_v));
     if p.optimize {
         use rayon::prelude::*;
         let mut best = f32::INFINITY;

@@ -214,6 +214,15 @@ pub fn catalogue() -> Vec<RecipeKind> {
             loads_in,
         });
     }
+    v.push(RecipeKind {
+        id: "exl2".into(),
+        label: "EXL2".into(),
+        family: "EXL2",
+        container: Container::HfFolder,
+        calibration: CalibrationNeed::Required,
+        nominal_bpw: 4.0,
+        loads_in: "ExLlamaV2, TabbyAPI, text-generation-webui",
+    });
     for (id, kind) in [("nf4", Bnb4Kind::Nf4), ("fp4", Bnb4Kind::Fp4)] {
         let o = Bnb4Options {
             kind,
@@ -229,15 +238,6 @@ pub fn catalogue() -> Vec<RecipeKind> {
             loads_in: "transformers + bitsandbytes, vLLM",
         });
     }
-    v.push(RecipeKind {
-        id: "exl2".into(),
-        label: "EXL2".into(),
-        family: "EXL2",
-        container: Container::HfFolder,
-        calibration: CalibrationNeed::Required,
-        nominal_bpw: 4.0,
-        loads_in: "ExLlamaV2, TabbyAPI, text-generation-webui",
-    });
     v.push(RecipeKind {
         id: "hqq".into(),
         label: "HQQ".into(),
@@ -658,10 +658,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn catalogue_lists_every_mix_then_gptq_awq_then_the_packed_formats_and_parses_back() {
+    fn catalogue_lists_every_mix_then_gptq_awq_exl2_then_the_packed_formats_and_parses_back() {
         let c = catalogue();
         let mixes = GgufMix::all().count();
-        assert_eq!(c.len(), mixes + 6);
+        assert_eq!(c.len(), mixes + 7);
         for k in &c[..mixes] {
             assert_eq!(parse_mix(&k.id).unwrap().name(), k.label);
         }
@@ -677,9 +677,13 @@ mod tests {
             assert!(parse_awq(&k.id).is_some());
             assert!((k.nominal_bpw - 4.15625).abs() < 1e-12);
         }
-        let ids: Vec<&str> = c[mixes + 3..].iter().map(|k| k.id.as_str()).collect();
+        assert_eq!(
+            (c[mixes + 3].id.as_str(), c[mixes + 3].calibration),
+            ("exl2", CalibrationNeed::Required)
+        );
+        let ids: Vec<&str> = c[mixes + 4..].iter().map(|k| k.id.as_str()).collect();
         assert_eq!(ids, ["nf4", "fp4", "hqq"]);
-        for k in &c[mixes + 3..] {
+        for k in &c[mixes + 4..] {
             let p = parse_packed(&k.id, false, None, None, None).unwrap();
             assert!((p.linear_bpw() - k.nominal_bpw).abs() < 1e-12, "{}", k.id);
             assert_eq!(k.calibration, CalibrationNeed::None);

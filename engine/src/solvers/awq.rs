@@ -46,7 +46,8 @@ impl AwqGrid {
     /// The code of `v` in a group with scale `s` and zero `z`.
     #[inline]
     pub fn code(self, v: f32, s: f32, z: f32) -> f32 {
-        ((v / s).round_ties_even() + z).clamp(0.0, self.maxq())
+        // = (round(v/s) + z) clamped to 0..=maxq (z is a whole number), without a libm call.
+        crate::simd::round_even((v / s).clamp(-z, self.maxq() - z)) + z
     }
 
     /// Quantize then dequantise one group in place, rounding each value to f16 as the loaders'

@@ -19,6 +19,7 @@ use std::borrow::Cow;
 
 use super::gptq::{hessian_inverse_upper, row_major_mut, GptqOptions, Hessian};
 use crate::codecs::exl2::{exl2_scale, exl2_value, pack_exl2, Exl2Packed};
+use crate::simd::round_even;
 use crate::{Error, Result};
 
 /// One quantization option of a linear: `(bits, proportion, group size)` parts, widths descending.
@@ -444,15 +445,6 @@ impl Exl2Prepared {
 }
 
 const P_GRID: usize = 96;
-
-/// Round half to even for `|x| ≤ 2²²` (the codes, clamped first): adding and removing 1.5·2²³ leaves the
-/// rounding to the FPU's default mode. `f32::round_ties_even` is a libm call without SSE4.1 in the target
-/// (98 % of the scale search's time on the default x86-64 target); this inlines and vectorises.
-#[inline(always)]
-fn round_even(x: f32) -> f32 {
-    const MAGIC: f32 = 12_582_912.0;
-    (x + MAGIC) - MAGIC
-}
 
 /// ExLlamaV2's `find_params` for the group `wp[:, a..b]` (`[n, k]`): per column scale codes `1..=16` and the
 /// group's fp16 maximum.

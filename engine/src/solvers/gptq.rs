@@ -464,7 +464,8 @@ impl Grid {
     /// `(code, value)` of `w` on the grid `(scale, zero)`.
     #[inline]
     fn quantize(&self, w: f32, scale: f32, zero: f32) -> (f32, f32) {
-        let q = ((w / scale).round_ties_even() + zero).clamp(0.0, self.maxq);
+        // = (round(w/scale) + zero) clamped to 0..=maxq (zero is a whole number), without a libm call.
+        let q = crate::simd::round_even((w / scale).clamp(-zero, self.maxq - zero)) + zero;
         (q, scale * (q - zero))
     }
 }
