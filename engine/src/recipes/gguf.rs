@@ -574,29 +574,7 @@ fn regex_search(pattern: &str, name: &str) -> bool {
     }
 }
 
-/// What an auto mix must fit.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub enum MixBudget {
-    /// Bits per weight over every parameter (tensor data bits / parameters, as the quantize report counts).
-    Bpw(f64),
-    /// The whole file, in bytes.
-    FileBytes(u64),
-    /// What llama.cpp holds in memory: the weights plus an f16 KV cache of `ctx` tokens (keys and values of
-    /// every layer), in bytes.
-    Memory { bytes: u64, ctx: u64 },
-}
-
-impl MixBudget {
-    /// `"4.50bpw"`, `"95MB"`.
-    pub fn label(&self) -> String {
-        match self {
-            MixBudget::Bpw(b) => format!("{b:.2}bpw"),
-            MixBudget::FileBytes(n) if *n >= 10_000_000 => format!("{}MB", n / 1_000_000),
-            MixBudget::FileBytes(n) => format!("{n}B"),
-            MixBudget::Memory { bytes, ctx } => format!("{}MB-mem-ctx{ctx}", bytes / 1_000_000),
-        }
-    }
-}
+pub use crate::solvers::mix::MixBudget;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
