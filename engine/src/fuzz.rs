@@ -48,10 +48,12 @@ pub enum Target {
     /// A compressed-tensors pack-quantized folder (our AWQ writer's): the first byte picks
     /// `model.safetensors` or `config.json`.
     CompressedTensors,
+    /// An EXL2 folder (our writer's): the first byte picks `model.safetensors` or `config.json`.
+    Exl2,
 }
 
 impl Target {
-    pub const ALL: [Target; 7] = [
+    pub const ALL: [Target; 8] = [
         Target::Gguf,
         Target::Safetensors,
         Target::Config,
@@ -59,6 +61,7 @@ impl Target {
         Target::Gptq,
         Target::Imatrix,
         Target::CompressedTensors,
+        Target::Exl2,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +73,7 @@ impl Target {
             Target::Gptq => "gptq",
             Target::Imatrix => "imatrix",
             Target::CompressedTensors => "compressed-tensors",
+            Target::Exl2 => "exl2",
         }
     }
 
@@ -87,6 +91,8 @@ pub struct Workspace {
     gptq: PathBuf,
     /// A valid compressed-tensors folder.
     ct: PathBuf,
+    /// A valid EXL2 folder.
+    exl2: PathBuf,
     /// The valid files of both folders, to put back after each input.
     originals: Vec<(PathBuf, Vec<u8>)>,
 }
@@ -115,6 +121,7 @@ impl Workspace {
             hf: dir.join("hf"),
             gptq: dir.join("gptq"),
             ct: dir.join("ct"),
+            exl2: dir.join("exl2"),
             dir,
             originals: Vec::new(),
         };
@@ -161,8 +168,27 @@ impl Workspace {
             &crate::output::OutputSpec::folder(&ws.ct),
             &mut |_, _, _| true,
         )?;
+        // EXL2 on two rows of 16 tokens: measured and written in a moment.
+        let exl2 = crate::quantize_exl2::Exl2QuantizeOptions {
+            calib_opts: crate::calib::CalibOptions {
+                rows: 2,
+                seq_len: 16,
+                seed: 0,
+            },
+            measure_rows: 1,
+            budget: crate::solvers::mix::MixBudget::Bpw(5.0),
+            ..crate::quantize_exl2::Exl2QuantizeOptions::default()
+        };
+        crate::quantize_exl2::quantize_exl2(
+            &src,
+            &exl2,
+            &crate::output::OutputSpec::folder(&ws.exl2),
+            &mut |_, _, _, _| true,
+        )?;
+        // measurement.json is not read when a folder is opened.
+        let _ = std::fs::remove_file(ws.exl2.join("measurement.json"));
         let mut originals = Vec::new();
-        for d in [&ws.hf, &ws.gptq, &ws.ct] {
+        for d in [&ws.hf, &ws.gptq, &ws.ct, &ws.exl2] {
             for e in std::fs::read_dir(d).map_err(io(d))?.flatten() {
                 let p = e.path();
                 let b = std::fs::read(&p).map_err(io(&p))?;
@@ -197,16 +223,21 @@ impl Workspace {
                 };
                 (self.gptq.join(name), self.gptq.clone())
             }
-            Target::CompressedTensors => {
+            Target::CompressedTensors | Target::Exl2 => {
                 let name = match data.first().map_or(0, |b| b % 2) {
                     0 => "model.safetensors",
                     _ => "config.json",
                 };
-                (self.ct.join(name), self.ct.clone())
+                let dir = if t == Target::Exl2 {
+                    &self.exl2
+                } else {
+                    &self.ct
+                };
+                (dir.join(name), dir.clone())
             }
         };
         let body = match t {
-            Target::Tokenizer | Target::Gptq | Target::CompressedTensors => {
+            Target::Tokenizer | Target::Gptq | Target::CompressedTensors | Target::Exl2 => {
                 data.get(1..).unwrap_or(&[])
             }
             _ => data,
@@ -258,12 +289,17 @@ impl Workspace {
                     Ok(v)
                 })
                 .collect::<Result<_>>()?,
-            Target::CompressedTensors => ["model.safetensors", "config.json"]
+            Target::CompressedTensors | Target::Exl2 => ["model.safetensors", "config.json"]
                 .iter()
                 .enumerate()
                 .map(|(i, n)| {
+                    let dir = if t == Target::Exl2 {
+                        &self.exl2
+                    } else {
+                        &self.ct
+                    };
                     let mut v = vec![i as u8];
-                    v.extend(read(self.ct.join(n))?);
+                    v.extend(read(dir.join(n))?);
                     Ok(v)
                 })
                 .collect::<Result<_>>()?,
