@@ -14,7 +14,6 @@
 
 use std::time::Instant;
 
-use crate::calib::activations::ActStore;
 use crate::calib::{load_documents, sample_rows, CalibOptions, CalibSource};
 use crate::infer::{LinearKind, MatmulInput, MatmulObserver, Model};
 use crate::model::SourceModel;
@@ -300,20 +299,8 @@ pub fn quantize_awq(
         let docs = load_documents(&opts.calib)?;
         sample_rows(&src.tokenizer, &docs, &opts.calib_opts)?
     };
-    let row_len = seq * c.hidden_size;
-    if (rows.len() * row_len * 4) as u64 > opts.activation_budget_bytes {
-        spec.estimated_bytes += (rows.len() * row_len * 4) as u64;
-    }
-    let staged = crate::output::Staged::begin(spec)?;
-    let mut store = ActStore::new(
-        rows.len(),
-        row_len,
-        opts.activation_budget_bytes,
-        &staged.path().join("activations"),
-    )?;
-    for (i, r) in rows.iter().enumerate() {
-        store.put(i, model.embed_tokens(r))?;
-    }
+    let (staged, mut store) =
+        crate::quantize_gptq::stage_embeddings(&model, &rows, spec, opts.activation_budget_bytes)?;
     let search_rows = opts.search_rows.min(rows.len());
     let mut cache = model.new_cache(seq.max(1));
     let mut packed = PackedSpill::create(&staged.path().join(".packed-linears"))?;

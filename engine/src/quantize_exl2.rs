@@ -20,7 +20,6 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::calib::activations::ActStore;
 use crate::calib::{load_documents, sample_rows, CalibOptions, CalibSource};
 use crate::codecs::exl2::Exl2Packed;
 use crate::infer::{LinearKind, MatmulInput, Model};
@@ -712,20 +711,8 @@ pub fn quantize_exl2(
     };
     let strategy = choose_strategy(&measurement, &costs, weights, budget_bits, &what)?;
 
-    let row_len = seq * c.hidden_size;
-    if (rows.len() * row_len * 4) as u64 > opts.activation_budget_bytes {
-        spec.estimated_bytes += (rows.len() * row_len * 4) as u64;
-    }
-    let staged = crate::output::Staged::begin(spec)?;
-    let mut store = ActStore::new(
-        rows.len(),
-        row_len,
-        opts.activation_budget_bytes,
-        &staged.path().join("activations"),
-    )?;
-    for (i, r) in rows.iter().enumerate() {
-        store.put(i, model.embed_tokens(r))?;
-    }
+    let (staged, mut store) =
+        crate::quantize_gptq::stage_embeddings(&model, &rows, spec, opts.activation_budget_bytes)?;
     let mut packed = PackedSpill::create(&staged.path().join(".packed-linears"))?;
     let total = c.num_layers * 7 + 1;
     let mut modules: Vec<PackedModuleMetrics> = Vec::with_capacity(total);
@@ -752,11 +739,7 @@ pub fn quantize_exl2(
                 )));
             }
         }
-        let bytes = p.q_weight.len()
-            + p.q_scale.len()
-            + p.q_scale_max.len()
-            + p.q_groups.len()
-            + p.q_invperm.len();
+        let bytes = p.stored_bytes();
         let (mut e2, mut n2, mut max) = (0f64, 0f64, 0f64);
         for (a, b) in w.iter().zip(&r.dequantised) {
             let d = f64::from(a - b);
@@ -806,12 +789,7 @@ pub fn quantize_exl2(
                     .ok_or_else(|| Error::Invalid(format!("no linear {name}")))?;
                 let (n, w) = (w_ref.rows(), w_ref.to_f32());
                 let r = prep.quantize(&w, n, q)?;
-                stored_bits += (r.packed.q_weight.len()
-                    + r.packed.q_scale.len()
-                    + r.packed.q_scale_max.len()
-                    + r.packed.q_groups.len()
-                    + r.packed.q_invperm.len()) as f64
-                    * 8.0;
+                stored_bits += r.packed.stored_bytes() as f64 * 8.0;
                 linear_weights += w.len();
                 let t = record(&name, li, &w, &r, n, &mut packed, &mut modules)?;
                 let last = modules.last().cloned();

@@ -226,25 +226,11 @@ pub fn quantize_gptq(
     model.check_context(opts.calib_opts.seq_len, false)?;
     let c = model.config().clone();
     let seq = opts.calib_opts.seq_len;
-    let row_len = seq * c.hidden_size;
-    let spill = (rows.len() * row_len * 4) as u64;
-    if spill > opts.activation_budget_bytes {
-        spec.estimated_bytes += spill;
-    }
-    let staged = crate::output::Staged::begin(spec)?;
-    let mut store = ActStore::new(
-        rows.len(),
-        row_len,
-        opts.activation_budget_bytes,
-        &staged.path().join("activations"),
-    )?;
-    let activation_bytes = (rows.len() * row_len * 4) as u64;
-    let spilled = store.spilled();
+    let activation_bytes = (rows.len() * seq * c.hidden_size * 4) as u64;
     let mut timings = GptqTimings::default();
     let t = Instant::now();
-    for (i, r) in rows.iter().enumerate() {
-        store.put(i, model.embed_tokens(r))?;
-    }
+    let (staged, mut store) = stage_embeddings(&model, &rows, spec, opts.activation_budget_bytes)?;
+    let spilled = store.spilled();
     timings.capture_s += t.elapsed().as_secs_f64();
     let total = c.num_layers * 7;
     let mut modules = Vec::with_capacity(total);
@@ -337,6 +323,33 @@ pub fn quantize_gptq(
         spilled,
         folder_size_bytes,
     })
+}
+
+/// Begin the staged output `spec` and put the calibration rows' embeddings into an activation store inside it
+/// (kept in memory up to `budget` bytes, spilled to a file in the staged output above; the free-space check
+/// then counts the spill). What the calibrated pipelines (GPTQ, AWQ, EXL2) start from.
+pub(crate) fn stage_embeddings(
+    model: &Model,
+    rows: &[Vec<u32>],
+    mut spec: crate::output::OutputSpec,
+    budget: u64,
+) -> Result<(crate::output::Staged, ActStore)> {
+    let row_len = rows.first().map_or(0, Vec::len) * model.config().hidden_size;
+    let spill = (rows.len() * row_len * 4) as u64;
+    if spill > budget {
+        spec.estimated_bytes += spill;
+    }
+    let staged = crate::output::Staged::begin(spec)?;
+    let mut store = ActStore::new(
+        rows.len(),
+        row_len,
+        budget,
+        &staged.path().join("activations"),
+    )?;
+    for (i, r) in rows.iter().enumerate() {
+        store.put(i, model.embed_tokens(r))?;
+    }
+    Ok((staged, store))
 }
 
 /// The layer-sequential calibration loop GPTQ and EXL2 share. For every layer, each stage's inputs are

@@ -221,6 +221,15 @@ impl Exl2Packed {
             .sum()
     }
 
+    /// Bytes of the five stored tensors.
+    pub fn stored_bytes(&self) -> usize {
+        self.q_weight.len()
+            + self.q_scale.len()
+            + self.q_scale_max.len()
+            + self.q_groups.len()
+            + self.q_invperm.len()
+    }
+
     /// A borrowed view (`out_features` the model's width).
     pub fn parts(&self, out_features: usize) -> Exl2Parts<'_> {
         Exl2Parts {
