@@ -1,0 +1,478 @@
+//! What llama.cpp's low-bit i-quants (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) share: the
+//! lattices their 8- or 4-element groups snap to, in two forms.
+//!
+//! * **Dequantisation grids** (ggml-common.h's `iq2xxs_grid` …): the byte magnitudes a stored grid index
+//!   expands to — {8, 25, 43} for the 2-bit IQ2 lattices, {4, 12, …, 52, 62} for IQ3_XXS, the odd numbers
+//!   1..15 for IQ3_S, {−1, 0, 1} for IQ1.
+//! * **Quantizer lattices** (`iq2xs_init_impl` / `iq3xs_init_impl`): the same points in odd integer
+//!   "positions" `2l + 1`, a map from a packed level vector to its grid index, and for every level vector
+//!   that is not a grid point the list of grid points nearest it (all points at the `nwant` smallest
+//!   distinct squared distances, ordered by (distance, index)). The quantizers search in positions and
+//!   store indices; the mismatch with the dequantisation bytes is llama.cpp's, kept on purpose.
+//!
+//! Both come from the six point lists in [`super::iq_grids`] (data, MIT, the ggml authors) by the rules
+//! of `shared/reference/iquants-lowbit.md` §2 and §4.1; tests check the derived grids against the sha256
+//! sums of ggml-common.h's tables.
+
+use std::sync::OnceLock;
+
+use super::iq_grids::{
+    KGRID_1BIT_2048, KGRID_256, KGRID_2BIT_1024, KGRID_2BIT_256, KGRID_2BIT_512, KGRID_512,
+};
+
+/// Bytes of a 2-bit-per-coordinate point list expanded through `map` (one byte per coordinate).
+const fn expand2<const N: usize>(k: &[u16; N], map: [u8; 3]) -> [[u8; 8]; N] {
+    let mut t = [[0u8; 8]; N];
+    let mut i = 0;
+    while i < N {
+        let mut j = 0;
+        while j < 8 {
+            t[i][j] = map[((k[i] >> (2 * j)) & 3) as usize];
+            j += 1;
+        }
+        i += 1;
+    }
+    t
+}
+
+/// Bytes of a 3-bit-per-coordinate point list expanded through `map`.
+const fn expand3<const N: usize>(k: &[u16; N], map: [u8; 8]) -> [[u8; 4]; N] {
+    let mut t = [[0u8; 4]; N];
+    let mut i = 0;
+    while i < N {
+        let mut j = 0;
+        while j < 4 {
+            t[i][j] = map[((k[i] >> (3 * j)) & 7) as usize];
+            j += 1;
+        }
+        i += 1;
+    }
+    t
+}
+
+/// `iq2xxs_grid`: IQ2_XXS's 256 points.
+pub(super) static IQ2XXS_GRID: [[u8; 8]; 256] = expand2(&KGRID_2BIT_256, [8, 25, 43]);
+/// `iq2xs_grid`: IQ2_XS's 512 points.
+pub(super) static IQ2XS_GRID: [[u8; 8]; 512] = expand2(&KGRID_2BIT_512, [8, 25, 43]);
+/// `iq2s_grid`: IQ2_S's 1024 points.
+pub(super) static IQ2S_GRID: [[u8; 8]; 1024] = expand2(&KGRID_2BIT_1024, [8, 25, 43]);
+/// `iq3xxs_grid`: IQ3_XXS's 256 points (level 7 is 62, not 60).
+pub(super) static IQ3XXS_GRID: [[u8; 4]; 256] =
+    expand3(&KGRID_256, [4, 12, 20, 28, 36, 44, 52, 62]);
+/// `iq3s_grid`: IQ3_S's 512 points.
+pub(super) static IQ3S_GRID: [[u8; 4]; 512] = expand3(&KGRID_512, [1, 3, 5, 7, 9, 11, 13, 15]);
+/// `iq1s_grid`: IQ1_S/IQ1_M's 2048 points, each byte an int8 in {−1, 0, 1} (stored as its two's
+/// complement byte).
+pub(super) static IQ1S_GRID: [[u8; 8]; 2048] = expand2(&KGRID_1BIT_2048, [0xFF, 0, 1]);
+
+/// `ksigns_iq2xs`: 7 explicit sign bits and the parity bit that makes their count even.
+pub(super) static KSIGNS_IQ2XS: [u8; 128] = {
+    let mut t = [0u8; 128];
+    let mut i = 0;
+    while i < 128 {
+        t[i] = i as u8 | (((i as u32).count_ones() & 1) << 7) as u8;
+        i += 1;
+    }
+    t
+};
+
+/// The lattices the quantizers search, one per grid (IQ1_S and IQ1_M share one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Which {
+    Iq2xxs,
+    Iq2xs,
+    Iq2s,
+    Iq1,
+    Iq3xxs,
+    Iq3s,
+}
+
+/// A quantizer lattice: grid points as positions, the level-vector map and the neighbour lists.
+pub(super) struct Lattice {
+    /// Coordinates per point (8 or 4).
+    dim: usize,
+    /// Bits per coordinate in a packed level vector (2 or 3).
+    bits: u32,
+    /// Grid point `k`'s positions `2l + 1`; only the first `dim` are used.
+    pos: Vec<[i8; 8]>,
+    /// Packed level vector → grid index (≥ 0), or `−(offset + 1)` of its neighbour list in
+    /// `neighbours` (`[n, index_1, …, index_n]`); `i32::MIN` where no list was built (unreachable levels).
+    map: Vec<i32>,
+    neighbours: Vec<u16>,
+}
+
+impl Lattice {
+    /// `iq2xs_init_impl` / `iq3xs_init_impl`: `levels` is the largest level the quantizer ever packs
+    /// (its `kMaxQ − 1`); level vectors beyond it are never looked up and get no neighbour list.
+    fn build(kgrid: &[u16], dim: usize, bits: u32, nwant: usize, levels: u16) -> Self {
+        let mask = (1u16 << bits) - 1;
+        let pos: Vec<[i8; 8]> = kgrid
+            .iter()
+            .map(|&k| {
+                let mut p = [0i8; 8];
+                for (c, v) in p.iter_mut().enumerate().take(dim) {
+                    *v = 2 * ((k >> (bits as usize * c)) & mask) as i8 + 1;
+                }
+                p
+            })
+            .collect();
+        let size = 1usize << (bits as usize * dim);
+        let mut map = vec![i32::MIN; size];
+        for (i, &k) in kgrid.iter().enumerate() {
+            map[k as usize] = i as i32;
+        }
+        let mut neighbours = Vec::new();
+        let mut dist: Vec<(i32, u16)> = Vec::with_capacity(kgrid.len());
+        for u in 0..size {
+            if map[u] >= 0 {
+                continue;
+            }
+            let fields = (0..dim).map(|c| (u >> (bits as usize * c)) as u16 & mask);
+            if fields.clone().any(|f| f > levels) {
+                continue;
+            }
+            let mut p = [0i32; 8];
+            for (c, f) in fields.enumerate() {
+                p[c] = 2 * f as i32 + 1;
+            }
+            dist.clear();
+            dist.extend(pos.iter().enumerate().map(|(j, g)| {
+                let d2: i32 = (0..dim).map(|c| (g[c] as i32 - p[c]).pow(2)).sum();
+                (d2, j as u16)
+            }));
+            dist.sort_unstable();
+            // Every point at the `nwant` smallest distinct distances, in (distance, index) order.
+            let (mut have, mut last, mut n) = (1, dist[0].0, 0);
+            for &(d, _) in &dist {
+                if d > last {
+                    if have == nwant {
+                        break;
+                    }
+                    last = d;
+                    have += 1;
+                }
+                n += 1;
+            }
+            map[u] = -(neighbours.len() as i32 + 1);
+            neighbours.push(n as u16);
+            neighbours.extend(dist[..n].iter().map(|&(_, j)| j));
+        }
+        Lattice {
+            dim,
+            bits,
+            pos,
+            map,
+            neighbours,
+        }
+    }
+
+    /// The lattice for `which`, built on first use.
+    pub(super) fn get(which: Which) -> &'static Lattice {
+        static CELLS: [OnceLock<Lattice>; 6] = [const { OnceLock::new() }; 6];
+        CELLS[which as usize].get_or_init(|| match which {
+            Which::Iq2xxs => Lattice::build(&KGRID_2BIT_256, 8, 2, 2, 2),
+            Which::Iq2xs => Lattice::build(&KGRID_2BIT_512, 8, 2, 2, 2),
+            Which::Iq2s => Lattice::build(&KGRID_2BIT_1024, 8, 2, 1, 2),
+            Which::Iq1 => Lattice::build(&KGRID_1BIT_2048, 8, 2, 3, 2),
+            Which::Iq3xxs => Lattice::build(&KGRID_256, 4, 3, 2, 7),
+            Which::Iq3s => Lattice::build(&KGRID_512, 4, 3, 3, 7),
+        })
+    }
+
+    /// The packed level vector of `levels` (`dim` levels, coordinate 0 lowest).
+    #[inline]
+    pub(super) fn pack(&self, levels: &[i8]) -> usize {
+        levels[..self.dim]
+            .iter()
+            .enumerate()
+            .fold(0, |u, (c, &l)| u | (l as usize) << (self.bits as usize * c))
+    }
+
+    /// The grid index of packed level vector `u`, or the neighbour list to search when `u` is not a point.
+    #[inline]
+    pub(super) fn lookup(&self, u: usize) -> Result<usize, &[u16]> {
+        let m = self.map[u];
+        if m >= 0 {
+            return Ok(m as usize);
+        }
+        assert!(m != i32::MIN, "level vector {u:#x} beyond the lattice");
+        let off = (-(m + 1)) as usize;
+        let n = self.neighbours[off] as usize;
+        Err(&self.neighbours[off + 1..off + 1 + n])
+    }
+
+    /// Grid point `k` as positions `2l + 1`.
+    #[inline]
+    pub(super) fn positions(&self, k: usize) -> &[i8] {
+        &self.pos[k][..self.dim]
+    }
+
+    /// Write grid point `k`'s levels `(pos − 1)/2` into `l`.
+    #[inline]
+    pub(super) fn levels_of(&self, k: usize, l: &mut [i8]) {
+        for (o, &p) in l.iter_mut().zip(self.positions(k)) {
+            *o = (p - 1) / 2;
+        }
+    }
+
+    /// `iq2_find_best_neighbour` / `iq3_find_best_neighbour`: the listed point minimising
+    /// `Σ (w·(scale·pos − x))·(scale·pos − x)` (the first on ties); its levels go to `l`.
+    pub(super) fn best_neighbour(
+        &self,
+        list: &[u16],
+        xval: &[f32],
+        w: &[f32],
+        scale: f32,
+        l: &mut [i8],
+    ) -> usize {
+        let mut best = f32::MAX;
+        let mut index = usize::MAX;
+        for &j in list {
+            let pg = self.positions(j as usize);
+            let mut d2 = 0.0f32;
+            for c in 0..self.dim {
+                let diff = scale * pg[c] as f32 - xval[c];
+                d2 += w[c] * diff * diff;
+            }
+            if d2 < best {
+                best = d2;
+                index = j as usize;
+            }
+        }
+        assert!(index != usize::MAX, "no neighbour at a finite distance");
+        self.levels_of(index, l);
+        index
+    }
+
+    /// Number of grid points.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.pos.len()
+    }
+}
+
+#[cfg(test)]
+pub(super) mod fixture {
+    //! The oracle fixture `tests/fixtures/quants/iq_lowbit.bin`, written by `make_iq_lowbit_fixtures.py`
+    //! from llama.cpp's `ggml_quantize_chunk`: 213 rows of 512 (real SmolLM2 weights, then edge cases)
+    //! with a real imatrix, and llama.cpp's bytes for each low-bit type with and without it.
+
+    /// The quantizer contract (`codecs::QuantizeFn`): one row, importance per element or none.
+    pub type Quantize = fn(&[f32], &mut [u8], Option<&[f32]>);
+
+    pub struct Fixture {
+        pub nrows: usize,
+        pub n_per_row: usize,
+        pub src: Vec<f32>,
+        pub imatrix: Vec<f32>,
+        /// (ggml type id, with imatrix, llama.cpp's bytes for all rows).
+        pub cases: Vec<(u32, bool, Vec<u8>)>,
+    }
+
+    pub fn load() -> Fixture {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/quants/iq_lowbit.bin");
+        let b = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(&b[..4], b"QSIQ");
+        let mut p = 4;
+        let u32_at = |p: &mut usize| {
+            let v = u32::from_le_bytes(b[*p..*p + 4].try_into().expect("4 bytes"));
+            *p += 4;
+            v
+        };
+        assert_eq!(u32_at(&mut p), 1);
+        let nrows = u32_at(&mut p) as usize;
+        let n_per_row = u32_at(&mut p) as usize;
+        let n = nrows * n_per_row;
+        let src = b[p..p + 2 * n]
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
+        p += 2 * n;
+        let imatrix = b[p..p + 4 * n_per_row]
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        p += 4 * n_per_row;
+        let ncases = u32_at(&mut p);
+        let mut cases = Vec::new();
+        for _ in 0..ncases {
+            let ty = u32_at(&mut p);
+            let with = u32_at(&mut p) != 0;
+            let len = u32_at(&mut p) as usize;
+            cases.push((ty, with, b[p..p + len].to_vec()));
+            p += len;
+        }
+        assert_eq!(p, b.len());
+        Fixture {
+            nrows,
+            n_per_row,
+            src,
+            imatrix,
+            cases,
+        }
+    }
+
+    /// Quantise every row with `q` (ggml type `ggml_id`, `block_bytes` per 256 elements), with and
+    /// without the imatrix as the fixture has cases, and assert llama.cpp's bytes; returns the number of
+    /// cases checked. A mismatch names the row and the first differing byte of its block.
+    pub fn check(ggml_id: u32, block_bytes: usize, q: Quantize) -> usize {
+        let f = load();
+        let row_bytes = f.n_per_row / 256 * block_bytes;
+        let mut checked = 0;
+        for (ty, with, want) in &f.cases {
+            if *ty != ggml_id {
+                continue;
+            }
+            assert_eq!(want.len(), row_bytes * f.nrows);
+            let mut got = vec![0u8; row_bytes];
+            let mut bad = Vec::new();
+            for r in 0..f.nrows {
+                let x = &f.src[r * f.n_per_row..(r + 1) * f.n_per_row];
+                got.fill(0xA5);
+                q(x, &mut got, with.then_some(&f.imatrix[..]));
+                let w = &want[r * row_bytes..(r + 1) * row_bytes];
+                if let Some(i) = (0..row_bytes).find(|&i| got[i] != w[i]) {
+                    bad.push(format!(
+                        "row {r} block {} byte {}: {} vs llama.cpp {}",
+                        i / block_bytes,
+                        i % block_bytes,
+                        got[i],
+                        w[i]
+                    ));
+                }
+            }
+            assert!(
+                bad.is_empty(),
+                "type {ty}, imatrix {with}: {} of {} rows differ, e.g. {:?}",
+                bad.len(),
+                f.nrows,
+                &bad[..bad.len().min(5)]
+            );
+            checked += 1;
+        }
+        checked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    fn sha(bytes: &[u8]) -> String {
+        Sha256::digest(bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    #[test]
+    fn derived_grids_equal_ggml_common_tables() {
+        // sha256 of ggml-common.h's little-endian arrays (iquants-lowbit.md §2): the u64/u32 entries' byte j
+        // is coordinate j, so the flattened byte arrays hash the same.
+        let h8 = |t: &[[u8; 8]]| sha(&t.concat());
+        let h4 = |t: &[[u8; 4]]| sha(&t.concat());
+        assert_eq!(
+            h8(&IQ2XXS_GRID),
+            "05826b5d3e472a3a78f196be62ac78acf81df0f909626e12ab9fa2a5d490dd54"
+        );
+        assert_eq!(
+            h8(&IQ2XS_GRID),
+            "06e47aaca60b4dc1d9b5a3f34540437058a6b142b4d7a59d5ded769b4d1bf1de"
+        );
+        assert_eq!(
+            h8(&IQ2S_GRID),
+            "e1aa1473412b0552c2174c30ef22ab4073f6a181b85a17056e8249bd2932fd88"
+        );
+        assert_eq!(
+            h4(&IQ3XXS_GRID),
+            "46e35f5a997efdee6c99ce57854c8a0d4f0ff8ca57e5e8a60c0793ea580acf5d"
+        );
+        assert_eq!(
+            h4(&IQ3S_GRID),
+            "bd1af4945a1717c65610b0284e4628b9a1ba3b306fae3a06f6e5f597356e349f"
+        );
+        assert_eq!(
+            h8(&IQ1S_GRID),
+            "07540ffc1aeaf6ad4d97e96b0fcc765aae39671d4ae4a27bbd0e796fde167c6a"
+        );
+        assert_eq!(
+            sha(&KSIGNS_IQ2XS),
+            "a76742a603f8beca5212ecce0f1f02f11a4887fd2f7c8b15aca0ea3eb3380c31"
+        );
+        let lists: [(&[u16], &str); 6] = [
+            (&KGRID_2BIT_256, "915952ebc4af8ddba8113583ca1316fc818843f7b825bbf1a25ae1c39bf0e16d"),
+            (&KGRID_2BIT_512, "f66435966ca8d64e9e4a6e3c91e64afcf9015e700ec85962f527283ebae207b9"),
+            (&KGRID_1BIT_2048, "e9ffebfc997ad6023063a667c0bf4eedd8ebf7f56b3da399cbc7d1b1f7ea52c6"),
+            (&KGRID_2BIT_1024, "e6e75e121b65e8afa5c1f92b71463cfbe217b83893f438acde22fd5db06a43f7"),
+            (&KGRID_256, "c9678803c61b2210fbd8cbbb3f965a835409cd7d88a04d086d236261bd221d11"),
+            (&KGRID_512, "353274c58dd7d8dc5ee960dc8fc54ff9164eaf2b49206b841cd49415cf393f81"),
+        ];
+        for (list, want) in lists {
+            let bytes: Vec<u8> = list.iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert_eq!(sha(&bytes), want);
+        }
+        // Spot values (§2).
+        assert_eq!(u64::from_le_bytes(IQ2XXS_GRID[0]), 0x0808_0808_0808_0808);
+        assert_eq!(u64::from_le_bytes(IQ2XXS_GRID[255]), 0x2b2b_2b19_0808_1908);
+        assert_eq!(u64::from_le_bytes(IQ1S_GRID[2047]), 0x0101_0101_0101_0101);
+    }
+
+    #[test]
+    fn lattices_map_points_and_list_nearest_neighbours() {
+        for (which, n, nwant) in [
+            (Which::Iq2xxs, 256, 2),
+            (Which::Iq2xs, 512, 2),
+            (Which::Iq2s, 1024, 1),
+            (Which::Iq1, 2048, 3),
+            (Which::Iq3xxs, 256, 2),
+            (Which::Iq3s, 512, 3),
+        ] {
+            let lat = Lattice::get(which);
+            assert_eq!(lat.len(), n);
+            let mut l = [0i8; 8];
+            for k in 0..n {
+                lat.levels_of(k, &mut l);
+                assert_eq!(lat.lookup(lat.pack(&l)), Ok(k), "{which:?} point {k}");
+            }
+            // An off-grid vector's list holds exactly the points at its nwant nearest distinct distances.
+            let levels = if lat.dim == 8 { 3 } else { 8 };
+            let mut off = 0;
+            for u in 0..lat.map.len() {
+                let fields: Vec<i32> = (0..lat.dim)
+                    .map(|c| ((u >> (lat.bits as usize * c)) & ((1 << lat.bits) - 1)) as i32)
+                    .collect();
+                if fields.iter().any(|&f| f >= levels) || lat.map[u] >= 0 {
+                    continue;
+                }
+                off += 1;
+                let Err(list) = lat.lookup(u) else {
+                    panic!("{which:?}: {u:#x} has no list")
+                };
+                let d = |k: usize| -> i32 {
+                    (0..lat.dim)
+                        .map(|c| (lat.pos[k][c] as i32 - (2 * fields[c] + 1)).pow(2))
+                        .sum()
+                };
+                let mut all: Vec<i32> = (0..n).map(d).collect();
+                all.sort_unstable();
+                all.dedup();
+                let cut = all[nwant - 1];
+                let want: Vec<u16> = {
+                    let mut v: Vec<(i32, u16)> = (0..n)
+                        .filter(|&k| d(k) <= cut)
+                        .map(|k| (d(k), k as u16))
+                        .collect();
+                    v.sort_unstable();
+                    v.into_iter().map(|(_, k)| k).collect()
+                };
+                assert_eq!(list, &want[..], "{which:?} {u:#x}");
+                if off > 300 {
+                    break;
+                }
+            }
+            assert!(off > 0);
+        }
+    }
+}
