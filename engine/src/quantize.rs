@@ -8,7 +8,7 @@ use crate::imatrix::Imatrix;
 use crate::model::gguf::GgufValue;
 use crate::model::SourceModel;
 use crate::output::OutputSpec;
-use crate::recipes::gguf::{plan_gguf_mix, GgufMix, TensorOverride};
+use crate::recipes::gguf::{plan_gguf_mix, tensor_requires_imatrix, GgufMix, TensorOverride};
 use crate::tensor::TensorRef;
 use crate::writers::gguf::{
     gguf_tensor_name, quantized_row_bytes, write_gguf_with, GgufPlanTensor,
@@ -119,7 +119,8 @@ pub fn gguf_tensor_bytes(src: &SourceModel, mix: &GgufMix) -> Result<u64> {
         .iter()
         .map(|(_, g, ne)| (g.clone(), ne.clone()))
         .collect();
-    let plan = plan_gguf_mix(mix, &src.config, &list, &[], false)?;
+    // A mix that needs an importance matrix is only ever made with one.
+    let plan = plan_gguf_mix(mix, &src.config, &list, &[], mix.needs_imatrix())?;
     let mut total = 0u64;
     for ((hf, _, _), (_, ty)) in entries.iter().zip(&plan) {
         let t = &src.tensors[hf];
@@ -182,6 +183,33 @@ pub fn quantize_gguf(
         &opts.overrides,
         imatrix.is_some(),
     )?;
+    // llama-quantize's imatrix requirement (the lattice searches of IQ1/IQ2/IQ3_XXS weigh every element
+    // by it): refused before any work, with the way to get one.
+    for (name, ty) in &chosen {
+        if !tensor_requires_imatrix(name, *ty) {
+            continue;
+        }
+        match imatrix {
+            None => {
+                return Err(Error::Invalid(format!(
+                    "{} needs an importance matrix ({name} is {}): pass --imatrix FILE (from \
+                     `quant-studio imatrix` or llama-imatrix) or --calib TEXT (or --calib default) to \
+                     compute one first",
+                    opts.mix.name(),
+                    ty.name()
+                )))
+            }
+            Some(im) if !im.matrix.entries.contains_key(name.as_str()) => {
+                return Err(Error::Invalid(format!(
+                    "the importance matrix has no data for {name}, which {} quantizes to {}: it was \
+                     computed for another model or on too little text",
+                    opts.mix.name(),
+                    ty.name()
+                )))
+            }
+            Some(_) => {}
+        }
+    }
     let plan: Vec<GgufPlanTensor> = entries
         .iter()
         .zip(&chosen)
@@ -599,6 +627,70 @@ mod tests {
                 Some("imatrix.gguf")
             );
             assert_tensor_hashes(&out, &w["tensors"], mix);
+            std::fs::remove_file(&out).expect("rm");
+        }
+    }
+
+    /// The ten low-bit mixes (IQ1_S … IQ3_M) with one importance matrix (llama-imatrix's, covering every
+    /// ffn_down — SmolLM2's only linears with rows of whole 256-blocks — and all of layers 0 and 29):
+    /// every tensor equals llama-quantize's output with the same imatrix, and so does `general.file_type`.
+    #[test]
+    #[ignore = "needs SmolLM2 (fetch-smollm2.sh)"]
+    fn smollm2_lowbit_mixes_match_llama_quantize() {
+        let root =
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/smollm2");
+        let want: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(root.join("smollm2_lowbit_hashes.json")).expect("hashes"),
+        )
+        .expect("json");
+        let matrix = Imatrix::read(&root.join("smollm2_imatrix_lowbit.gguf")).expect("imatrix");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f16 = crate::testing::smollm2_f16(dir.path());
+        let mixes = want.as_object().expect("object");
+        assert_eq!(mixes.len(), 10);
+        for (mix, w) in mixes {
+            let out = dir.path().join(format!("{mix}.gguf"));
+            let mix = GgufMix::parse(mix).expect("mix");
+            assert!(mix.needs_imatrix() || mix.name().starts_with("IQ3_"));
+            let no_imatrix = GgufQuantizeOptions {
+                mix,
+                overrides: Vec::new(),
+                imatrix: None,
+            };
+            // Without the imatrix the IQ1/IQ2 mixes are refused (their ffn_down types need one); SmolLM2's
+            // IQ3_XXS and IQ3_XS put no imatrix-only type on a tensor whose rows fit its blocks.
+            if !matches!(mix, GgufMix::Iq3Xxs | GgufMix::Iq3Xs) && mix.needs_imatrix() {
+                let r = quantize_gguf(
+                    &f16,
+                    &no_imatrix,
+                    &OutputSpec::file(&out),
+                    &mut |_, _, _| true,
+                );
+                let Err(e) = r else {
+                    panic!("{}: quantized without an imatrix", mix.name())
+                };
+                assert!(e.to_string().contains("--imatrix"), "{e}");
+                assert!(!out.exists());
+            }
+            let opts = GgufQuantizeOptions {
+                imatrix: Some(ImatrixInput {
+                    matrix: matrix.clone(),
+                    file: Some("imatrix.gguf".into()),
+                }),
+                ..no_imatrix
+            };
+            quantize_gguf(&f16, &opts, &OutputSpec::file(&out), &mut |_, _, _| true)
+                .expect("quantize");
+            let (file, _) = crate::model::gguf::GgufFile::read(&out).expect("read back");
+            assert_eq!(
+                file.get("general.file_type"),
+                Some(&GgufValue::U32(
+                    w["file_type"].as_u64().expect("ftype") as u32
+                )),
+                "{}",
+                mix.name()
+            );
+            assert_tensor_hashes(&out, &w["tensors"], mix.name());
             std::fs::remove_file(&out).expect("rm");
         }
     }

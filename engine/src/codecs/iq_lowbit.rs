@@ -16,6 +16,8 @@
 
 use std::sync::OnceLock;
 
+use super::kquants::nearest_int;
+
 use super::iq_grids::{
     KGRID_1BIT_2048, KGRID_256, KGRID_2BIT_1024, KGRID_2BIT_256, KGRID_2BIT_512, KGRID_512,
 };
@@ -251,6 +253,196 @@ impl Lattice {
     }
 }
 
+/// Which subgroups the second pass (at the chosen scale) revisits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Repass {
+    /// Every subgroup, whenever the scale is positive (IQ2_XXS).
+    Always,
+    /// Only the subgroups the winning candidate had off the grid (IQ2_XS, IQ2_S, IQ3_XXS).
+    OffGrid,
+    /// Every subgroup when any was off the grid (IQ3_S).
+    AllIfAnyOffGrid,
+}
+
+/// The scale search of the IQ2/IQ3 quantizers (`quantize_row_iq2_*_impl`, `quantize_row_iq3_*_impl`) for
+/// one group of magnitudes `xval` (signs already taken out) made of subgroups of the lattice's dimension.
+pub(super) struct GroupSearch {
+    pub lat: &'static Lattice,
+    /// Levels per coordinate (`kMaxQ`): 3 for the IQ2 lattices, 8 for IQ3.
+    pub kmaxq: i32,
+    /// Candidate steps `is` (inclusive) and their size: `id = (2·kMaxQ − 1 + is·step)/den`.
+    pub is_lo: i32,
+    pub is_hi: i32,
+    pub step: f32,
+    /// Whether subgroups count as on the grid before any candidate is accepted.
+    pub on_grid_init: bool,
+    pub repass: Repass,
+}
+
+impl GroupSearch {
+    /// Levels of `x` at inverse scale `id`: `clamp(nearest_int(0.5·(id·x − 1)), 0, kMaxQ − 1)`.
+    #[inline]
+    fn levels(&self, id: f32, x: &[f32], l: &mut [i8]) {
+        for (o, &v) in l.iter_mut().zip(x) {
+            *o = nearest_int(0.5 * (id * v - 1.0)).clamp(0, self.kmaxq - 1) as i8;
+        }
+    }
+
+    /// Snap subgroup levels `l` to the lattice at `scale`: unchanged when they are a grid point,
+    /// else the best listed neighbour. Returns whether they were on the grid.
+    #[inline]
+    fn snap(&self, x: &[f32], waux: &[f32], scale: f32, l: &mut [i8]) -> bool {
+        match self.lat.lookup(self.lat.pack(l)) {
+            Ok(_) => true,
+            Err(list) => {
+                self.lat.best_neighbour(list, x, waux, scale, l);
+                false
+            }
+        }
+    }
+
+    /// `Σ (w·x)·q` and `Σ (w·q)·q` with `q = 2l + 1`, in element order.
+    #[inline]
+    fn sums(xval: &[f32], w: &[f32], l: &[i8]) -> (f32, f32) {
+        let (mut sumqx, mut sumq2) = (0.0f32, 0.0f32);
+        for i in 0..xval.len() {
+            let q = (2 * l[i] as i32 + 1) as f32;
+            sumqx += w[i] * xval[i] * q;
+            sumq2 += w[i] * q * q;
+        }
+        (sumqx, sumq2)
+    }
+
+    /// Search the group: candidates `is_lo..=is_hi` from `den` (the group's maximum, or IQ2_XXS's
+    /// `eff_max`), then the second pass at the chosen scale and a least-squares refit. `scale` and `l`
+    /// enter as the fallbacks used when no candidate is accepted; `l` leaves holding grid points only
+    /// (as levels) and `idx` their grid indices, one per subgroup. Returns the group's scale.
+    pub(super) fn run(
+        &self,
+        xval: &[f32],
+        w: &[f32],
+        waux: &[f32],
+        den: f32,
+        mut scale: f32,
+        l: &mut [i8],
+        idx: &mut [u16],
+    ) -> f32 {
+        let g = self.lat.dim;
+        let n = xval.len();
+        let nsub = n / g;
+        let mut laux = [0i8; 32];
+        let mut on_grid = [self.on_grid_init; 8];
+        let mut on_grid_aux = [true; 8];
+        let mut best = 0.0f32;
+        let base = (2 * self.kmaxq - 1) as f32;
+        for is in self.is_lo..=self.is_hi {
+            let id = (base + is as f32 * self.step) / den;
+            let this_scale = 1.0 / id;
+            for k in 0..nsub {
+                let r = g * k..g * k + g;
+                self.levels(id, &xval[r.clone()], &mut laux[r.clone()]);
+                on_grid_aux[k] =
+                    self.snap(&xval[r.clone()], &waux[r.clone()], this_scale, &mut laux[r]);
+            }
+            let (sumqx, sumq2) = Self::sums(xval, w, &laux[..n]);
+            if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+                scale = sumqx / sumq2;
+                best = scale * sumqx;
+                l[..n].copy_from_slice(&laux[..n]);
+                on_grid[..nsub].copy_from_slice(&on_grid_aux[..nsub]);
+            }
+        }
+        let any_off = on_grid[..nsub].iter().any(|&o| !o);
+        let repass = match self.repass {
+            Repass::Always => scale > 0.0,
+            Repass::OffGrid | Repass::AllIfAnyOffGrid => any_off && scale > 0.0,
+        };
+        if repass {
+            let id = 1.0 / scale;
+            for k in 0..nsub {
+                if self.repass == Repass::OffGrid && on_grid[k] {
+                    continue;
+                }
+                let r = g * k..g * k + g;
+                self.levels(id, &xval[r.clone()], &mut l[r.clone()]);
+                self.snap(&xval[r.clone()], &waux[r.clone()], scale, &mut l[r]);
+            }
+            let (sumqx, sumq2) = Self::sums(xval, w, &l[..n]);
+            if sumq2 > 0.0 {
+                scale = sumqx / sumq2;
+            }
+        }
+        for k in 0..nsub {
+            match self.lat.lookup(self.lat.pack(&l[g * k..g * k + g])) {
+                Ok(i) => idx[k] = i as u16,
+                // llama.cpp aborts here ("found point not on grid"); only reachable from levels that
+                // never came out of the searches above.
+                Err(_) => panic!("i-quant search left a subgroup off the grid"),
+            }
+        }
+        scale
+    }
+}
+
+/// `Σ x²` of a super-block, in element order from +0.
+#[inline]
+pub(super) fn sum_sq(x: &[f32]) -> f32 {
+    let mut s = 0.0f32;
+    for &v in x {
+        s += v * v;
+    }
+    s
+}
+
+/// Take the signs out of 8 values: magnitudes into `xval`, bit i set where `x[i] < 0` (−0.0 counts as
+/// non-negative). With `parity`, an odd number of negatives flips the element of least `(w·x)·x` (the
+/// first on ties) so the count is even — the 8th bit is then implied and only the low 7 are returned.
+#[inline]
+pub(super) fn take_signs(x: &[f32], w: &[f32], xval: &mut [f32], parity: bool) -> u8 {
+    let mut s = 0u8;
+    for i in 0..8 {
+        if x[i] >= 0.0 {
+            xval[i] = x[i];
+        } else {
+            xval[i] = -x[i];
+            s |= 1 << i;
+        }
+    }
+    if !parity {
+        return s;
+    }
+    if s.count_ones() % 2 == 1 {
+        let mut imin = 0;
+        let mut min = w[0] * x[0] * x[0];
+        for i in 1..8 {
+            let ax = w[i] * x[i] * x[i];
+            if ax < min {
+                min = ax;
+                imin = i;
+            }
+        }
+        xval[imin] = -xval[imin];
+        s ^= 1 << imin;
+    }
+    s & 127
+}
+
+/// ggml's `MAX(a, b)`: `a > b ? a : b`.
+#[inline]
+pub(super) fn gmax(a: f32, b: f32) -> f32 {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+/// A group scale's 4-bit code under super-block scale `id = 1/d`: `clamp(nearest_int(0.5·(id·s − 1)), 0, 15)`.
+#[inline]
+pub(super) fn scale_code(id: f32, s: f32) -> u8 {
+    nearest_int(0.5 * (id * s - 1.0)).clamp(0, 15) as u8
+}
+
 #[cfg(test)]
 pub(super) mod fixture {
     //! The oracle fixture `tests/fixtures/quants/iq_lowbit.bin`, written by `make_iq_lowbit_fixtures.py`
@@ -402,12 +594,30 @@ mod tests {
             "a76742a603f8beca5212ecce0f1f02f11a4887fd2f7c8b15aca0ea3eb3380c31"
         );
         let lists: [(&[u16], &str); 6] = [
-            (&KGRID_2BIT_256, "915952ebc4af8ddba8113583ca1316fc818843f7b825bbf1a25ae1c39bf0e16d"),
-            (&KGRID_2BIT_512, "f66435966ca8d64e9e4a6e3c91e64afcf9015e700ec85962f527283ebae207b9"),
-            (&KGRID_1BIT_2048, "e9ffebfc997ad6023063a667c0bf4eedd8ebf7f56b3da399cbc7d1b1f7ea52c6"),
-            (&KGRID_2BIT_1024, "e6e75e121b65e8afa5c1f92b71463cfbe217b83893f438acde22fd5db06a43f7"),
-            (&KGRID_256, "c9678803c61b2210fbd8cbbb3f965a835409cd7d88a04d086d236261bd221d11"),
-            (&KGRID_512, "353274c58dd7d8dc5ee960dc8fc54ff9164eaf2b49206b841cd49415cf393f81"),
+            (
+                &KGRID_2BIT_256,
+                "915952ebc4af8ddba8113583ca1316fc818843f7b825bbf1a25ae1c39bf0e16d",
+            ),
+            (
+                &KGRID_2BIT_512,
+                "f66435966ca8d64e9e4a6e3c91e64afcf9015e700ec85962f527283ebae207b9",
+            ),
+            (
+                &KGRID_1BIT_2048,
+                "e9ffebfc997ad6023063a667c0bf4eedd8ebf7f56b3da399cbc7d1b1f7ea52c6",
+            ),
+            (
+                &KGRID_2BIT_1024,
+                "e6e75e121b65e8afa5c1f92b71463cfbe217b83893f438acde22fd5db06a43f7",
+            ),
+            (
+                &KGRID_256,
+                "c9678803c61b2210fbd8cbbb3f965a835409cd7d88a04d086d236261bd221d11",
+            ),
+            (
+                &KGRID_512,
+                "353274c58dd7d8dc5ee960dc8fc54ff9164eaf2b49206b841cd49415cf393f81",
+            ),
         ];
         for (list, want) in lists {
             let bytes: Vec<u8> = list.iter().flat_map(|v| v.to_le_bytes()).collect();

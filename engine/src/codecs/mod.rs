@@ -41,6 +41,13 @@ pub enum GgmlType {
     Q6K,
     Iq4Nl,
     Iq4Xs,
+    Iq2Xxs,
+    Iq2Xs,
+    Iq2S,
+    Iq3Xxs,
+    Iq3S,
+    Iq1S,
+    Iq1M,
 }
 
 /// Quantise whole blocks with llama.cpp's reference quantizer: `src.len()` is a multiple of
@@ -103,7 +110,7 @@ impl TypeTraits {
     }
 }
 
-const TABLE: [TypeTraits; 15] = [
+const TABLE: [TypeTraits; 22] = [
     TypeTraits {
         ty: GgmlType::F32,
         vec_dot: VecDotType::F32,
@@ -253,6 +260,76 @@ const TABLE: [TypeTraits; 15] = [
         block_bytes: 136,
         dequantize: iquants::dequant_iq4_xs,
         quantize: Some(iquants::quantize_iq4_xs),
+    },
+    TypeTraits {
+        ty: GgmlType::Iq2Xxs,
+        vec_dot: VecDotType::Q8K,
+        name: "IQ2_XXS",
+        ggml_id: 16,
+        block_elems: 256,
+        block_bytes: 66,
+        dequantize: iq2::dequant_iq2_xxs,
+        quantize: Some(iq2::quantize_iq2_xxs),
+    },
+    TypeTraits {
+        ty: GgmlType::Iq2Xs,
+        vec_dot: VecDotType::Q8K,
+        name: "IQ2_XS",
+        ggml_id: 17,
+        block_elems: 256,
+        block_bytes: 74,
+        dequantize: iq2::dequant_iq2_xs,
+        quantize: Some(iq2::quantize_iq2_xs),
+    },
+    TypeTraits {
+        ty: GgmlType::Iq2S,
+        vec_dot: VecDotType::Q8K,
+        name: "IQ2_S",
+        ggml_id: 22,
+        block_elems: 256,
+        block_bytes: 82,
+        dequantize: iq2::dequant_iq2_s,
+        quantize: Some(iq2::quantize_iq2_s),
+    },
+    TypeTraits {
+        ty: GgmlType::Iq3Xxs,
+        vec_dot: VecDotType::Q8K,
+        name: "IQ3_XXS",
+        ggml_id: 18,
+        block_elems: 256,
+        block_bytes: 98,
+        dequantize: iq3::dequant_iq3_xxs,
+        quantize: Some(iq3::quantize_iq3_xxs),
+    },
+    TypeTraits {
+        ty: GgmlType::Iq3S,
+        vec_dot: VecDotType::Q8K,
+        name: "IQ3_S",
+        ggml_id: 21,
+        block_elems: 256,
+        block_bytes: 110,
+        dequantize: iq3::dequant_iq3_s,
+        quantize: Some(iq3::quantize_iq3_s),
+    },
+    TypeTraits {
+        ty: GgmlType::Iq1S,
+        vec_dot: VecDotType::Q8K,
+        name: "IQ1_S",
+        ggml_id: 19,
+        block_elems: 256,
+        block_bytes: 50,
+        dequantize: iq1::dequant_iq1_s,
+        quantize: Some(iq1::quantize_iq1_s),
+    },
+    TypeTraits {
+        ty: GgmlType::Iq1M,
+        vec_dot: VecDotType::Q8K,
+        name: "IQ1_M",
+        ggml_id: 29,
+        block_elems: 256,
+        block_bytes: 56,
+        dequantize: iq1::dequant_iq1_m,
+        quantize: Some(iq1::quantize_iq1_m),
     },
 ];
 

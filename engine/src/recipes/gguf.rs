@@ -38,11 +38,21 @@ pub enum GgufMix {
     Q6K,
     Iq4Nl,
     Iq4Xs,
+    Iq2Xxs,
+    Iq2Xs,
+    Iq2S,
+    Iq2M,
+    Iq3Xxs,
+    Iq3Xs,
+    Iq3S,
+    Iq3M,
+    Iq1S,
+    Iq1M,
 }
 
 /// The named mixes: (mix, llama-quantize's name, `llama_ftype` value, default type, nominal bits per
 /// weight of the linears as `llama-quantize --help` lists them).
-const NAMED: [(GgufMix, &str, u32, GgmlType, f64); 18] = [
+const NAMED: [(GgufMix, &str, u32, GgmlType, f64); 28] = [
     (GgufMix::F16, "F16", 1, GgmlType::F16, 16.0),
     (GgufMix::BF16, "BF16", 32, GgmlType::BF16, 16.0),
     (GgufMix::Q8_0, "Q8_0", 7, GgmlType::Q8_0, 8.5),
@@ -61,6 +71,17 @@ const NAMED: [(GgufMix, &str, u32, GgmlType, f64); 18] = [
     (GgufMix::Q6K, "Q6_K", 18, GgmlType::Q6K, 6.5625),
     (GgufMix::Iq4Nl, "IQ4_NL", 25, GgmlType::Iq4Nl, 4.5),
     (GgufMix::Iq4Xs, "IQ4_XS", 30, GgmlType::Iq4Xs, 4.25),
+    (GgufMix::Iq2Xxs, "IQ2_XXS", 19, GgmlType::Iq2Xxs, 2.06),
+    (GgufMix::Iq2Xs, "IQ2_XS", 20, GgmlType::Iq2Xs, 2.31),
+    // llama-quantize's IQ2_S mix is IQ2_XS by default and IQ2_M is IQ2_S (lq.cpp's default types).
+    (GgufMix::Iq2S, "IQ2_S", 28, GgmlType::Iq2Xs, 2.5),
+    (GgufMix::Iq2M, "IQ2_M", 29, GgmlType::Iq2S, 2.7),
+    (GgufMix::Iq3Xxs, "IQ3_XXS", 23, GgmlType::Iq3Xxs, 3.06),
+    (GgufMix::Iq3Xs, "IQ3_XS", 22, GgmlType::Iq3S, 3.3),
+    (GgufMix::Iq3S, "IQ3_S", 26, GgmlType::Iq3S, 3.44),
+    (GgufMix::Iq3M, "IQ3_M", 27, GgmlType::Iq3S, 3.66),
+    (GgufMix::Iq1S, "IQ1_S", 24, GgmlType::Iq1S, 1.56),
+    (GgufMix::Iq1M, "IQ1_M", 31, GgmlType::Iq1M, 1.75),
 ];
 
 impl GgufMix {
@@ -110,6 +131,13 @@ impl GgufMix {
                 GgmlType::Q6K => "pure:Q6_K",
                 GgmlType::Iq4Nl => "pure:IQ4_NL",
                 GgmlType::Iq4Xs => "pure:IQ4_XS",
+                GgmlType::Iq2Xxs => "pure:IQ2_XXS",
+                GgmlType::Iq2Xs => "pure:IQ2_XS",
+                GgmlType::Iq2S => "pure:IQ2_S",
+                GgmlType::Iq3Xxs => "pure:IQ3_XXS",
+                GgmlType::Iq3S => "pure:IQ3_S",
+                GgmlType::Iq1S => "pure:IQ1_S",
+                GgmlType::Iq1M => "pure:IQ1_M",
             },
             named => NAMED.iter().find(|e| e.0 == *named).map_or("?", |e| e.1),
         }
@@ -125,6 +153,7 @@ impl GgufMix {
                     GgmlType::Q3K => Some(12),
                     GgmlType::Q4K => Some(15),
                     GgmlType::Q5K => Some(17),
+                    GgmlType::Iq3S => Some(26),
                     _ => None,
                 };
                 alias.unwrap_or_else(|| NAMED.iter().find(|e| e.3 == *t).map_or(0, |e| e.2))
@@ -144,6 +173,25 @@ impl GgufMix {
         match self {
             GgufMix::Pure(t) => t.traits().bits_per_weight(),
             named => NAMED.iter().find(|e| e.0 == *named).map_or(16.0, |e| e.4),
+        }
+    }
+
+    /// Whether llama-quantize refuses this mix without an importance matrix (some of its tensors get a
+    /// type [`tensor_requires_imatrix`] names, on any model whose rows fit the type's blocks).
+    pub fn needs_imatrix(&self) -> bool {
+        match self {
+            GgufMix::Pure(t) => tensor_requires_imatrix("blk.0.attn_q.weight", *t),
+            m => matches!(
+                m,
+                GgufMix::Iq1S
+                    | GgufMix::Iq1M
+                    | GgufMix::Iq2Xxs
+                    | GgufMix::Iq2Xs
+                    | GgufMix::Iq2S
+                    | GgufMix::Iq2M
+                    | GgufMix::Iq3Xxs
+                    | GgufMix::Iq3Xs
+            ),
         }
     }
 
@@ -262,38 +310,93 @@ struct State {
     has_imatrix: bool,
     i_attention_wv: usize,
     i_ffn_down: usize,
+    i_ffn_gate: usize,
+    i_ffn_up: usize,
 }
 
 impl State {
-    /// `llama_tensor_get_type_impl` for the ftypes of [`GgufMix`] on a dense, non-Falcon model.
+    /// `llama_tensor_get_type_impl` for the ftypes of [`GgufMix`] on a dense, non-Falcon model: one
+    /// else-if chain, like llama.cpp's, so the IQ1/IQ2 mixes only ever see their own group of rules.
     fn rules(&mut self, ty: GgmlType, cat: Category, ne0: u64) -> GgmlType {
         use GgmlType as T;
         use GgufMix as M;
         let mix = self.mix;
-        match cat {
-            Category::Output | Category::TokenEmbd if cat == Category::Output || self.tied => {
-                if !ne0.is_multiple_of(ty.traits().block_elems as u64) {
-                    T::Q8_0
-                } else if ty != T::Q8_0 {
-                    T::Q6K
-                } else {
-                    ty
+        let gqa4 = self.n_gqa >= 4;
+        // Mixes whose tied output / embedding gets Q5_K instead of Q6_K.
+        let q5k_output = matches!(
+            mix,
+            M::Iq2Xxs | M::Iq2Xs | M::Iq3Xxs | M::Iq1S | M::Iq2S | M::Iq2M | M::Iq1M
+        );
+        // The IQ1/IQ2 ftypes (their own branch of the chain).
+        let low = matches!(
+            mix,
+            M::Iq2Xxs | M::Iq2Xs | M::Iq1S | M::Iq2S | M::Iq2M | M::Iq1M
+        );
+        let s_or_m = matches!(mix, M::Iq2S | M::Iq2M);
+        if cat == Category::Output || (self.tied && cat == Category::TokenEmbd) {
+            return if !ne0.is_multiple_of(ty.traits().block_elems as u64) {
+                T::Q8_0
+            } else if q5k_output {
+                T::Q5K
+            } else if ty != T::Q8_0 {
+                T::Q6K
+            } else {
+                ty
+            };
+        }
+        if cat == Category::TokenEmbd {
+            return match mix {
+                M::Iq2Xxs | M::Iq2Xs | M::Iq1S | M::Iq1M => T::Q2K,
+                M::Iq2S | M::Iq2M | M::Iq3Xxs => T::Iq3S,
+                _ => ty,
+            };
+        }
+        if low {
+            return match cat {
+                Category::AttnV => {
+                    self.i_attention_wv += 1;
+                    if gqa4 {
+                        T::Q4K
+                    } else if s_or_m {
+                        T::Iq3S
+                    } else {
+                        T::Q2K
+                    }
                 }
-            }
+                Category::FfnDown => {
+                    let i = self.i_ffn_down;
+                    self.i_ffn_down += 1;
+                    match () {
+                        _ if i < self.n_layer / 8 && s_or_m => T::Iq3S,
+                        _ if i < self.n_layer / 8 => T::Q2K,
+                        _ => ty,
+                    }
+                }
+                Category::AttnOutput if matches!(mix, M::Iq1S | M::Iq1M) => T::Iq2Xxs,
+                Category::AttnOutput if s_or_m => T::Iq3S,
+                _ => ty,
+            };
+        }
+        match cat {
             Category::AttnV => {
                 let i = self.i_attention_wv;
                 let mut t = match mix {
                     M::Q2K => {
-                        if self.n_gqa >= 4 {
+                        if gqa4 {
                             T::Q4K
                         } else {
                             T::Q3K
                         }
                     }
+                    M::Iq3Xxs if gqa4 => T::Q4K,
+                    M::Iq3Xxs if !self.has_imatrix => T::Iq3S,
+                    M::Iq3Xxs => T::Iq3Xxs,
+                    M::Iq3Xs | M::Iq3S if gqa4 => T::Q4K,
+                    M::Iq3M => T::Q4K,
                     M::Q3KM if i < 2 => T::Q5K,
                     M::Q3KM => T::Q4K,
                     M::Q3KL => T::Q5K,
-                    M::Iq4Nl | M::Iq4Xs if self.n_gqa >= 4 => T::Q5K,
+                    M::Iq4Nl | M::Iq4Xs if gqa4 => T::Q5K,
                     M::Q4KM | M::Q5KM if use_more_bits(i, self.n_attention_wv) => T::Q6K,
                     M::Q4KS if i < 4 => T::Q5K,
                     _ => ty,
@@ -304,12 +407,20 @@ impl State {
                 self.i_attention_wv += 1;
                 t
             }
+            Category::AttnK | Category::AttnQ => match mix {
+                M::Iq3Xs => T::Iq3Xxs,
+                M::Iq3Xxs => T::Iq2S,
+                _ => ty,
+            },
             Category::FfnDown => {
                 let (i, n) = (self.i_ffn_down, self.n_layer);
                 let t = match mix {
                     M::Q2K => T::Q3K,
+                    M::Iq3Xxs if !self.has_imatrix && i < n / 8 => T::Q4K,
+                    M::Iq3Xxs if !self.has_imatrix => T::Q3K,
                     M::Q3KM if i < n / 16 => T::Q5K,
                     M::Q3KM => T::Q4K,
+                    M::Iq3M if i < n / 8 => T::Q4K,
                     M::Q3KL => T::Q5K,
                     M::Q4KM | M::Q5KM if use_more_bits(i, n) => T::Q6K,
                     M::Iq4Nl | M::Iq4Xs if i < n / 8 && !self.has_imatrix => T::Q5K,
@@ -323,13 +434,44 @@ impl State {
             }
             Category::AttnOutput => match mix {
                 M::Q2K => T::Q3K,
-                M::Q3KM => T::Q4K,
+                M::Iq3Xxs => T::Iq3S,
+                M::Q3KM | M::Iq3M => T::Q4K,
                 M::Q3KL => T::Q5K,
                 _ => ty,
             },
+            Category::FfnGate | Category::FfnUp => {
+                let counter = if cat == Category::FfnGate {
+                    &mut self.i_ffn_gate
+                } else {
+                    &mut self.i_ffn_up
+                };
+                let (i, n) = (*counter, self.n_layer);
+                *counter += 1;
+                if mix == M::Iq3Xs && i >= n / 8 && i < 7 * n / 8 {
+                    T::Iq3Xxs
+                } else {
+                    ty
+                }
+            }
             _ => ty,
         }
     }
+}
+
+/// llama-quantize's `tensor_requires_imatrix`: tensors of these types need importance data (the lattice
+/// searches weigh every element by it), except the token embedding and the output head.
+pub fn tensor_requires_imatrix(name: &str, ty: GgmlType) -> bool {
+    let exempt = name.starts_with("token_embd.") || name.starts_with("output.");
+    !exempt
+        && matches!(
+            ty,
+            GgmlType::Iq3Xxs
+                | GgmlType::Iq2Xxs
+                | GgmlType::Iq2Xs
+                | GgmlType::Iq2S
+                | GgmlType::Iq1M
+                | GgmlType::Iq1S
+        )
 }
 
 /// `tensor_type_fallback`: a type whose block does not divide the row length `ne0` is replaced.
@@ -339,7 +481,9 @@ fn fallback(name: &str, ne0: u64, ty: GgmlType) -> Result<GgmlType> {
         return Ok(ty);
     }
     let alt = match ty {
-        T::Iq4Xs => T::Iq4Nl,
+        T::Iq4Xs | T::Iq2Xxs | T::Iq2Xs | T::Iq2S | T::Iq3Xxs | T::Iq3S | T::Iq1S | T::Iq1M => {
+            T::Iq4Nl
+        }
         T::Q2K | T::Q3K => T::Q4_0,
         T::Q4K => T::Q5_0,
         T::Q5K => T::Q5_1,
@@ -405,6 +549,8 @@ pub fn plan_gguf_mix(
         has_imatrix,
         i_attention_wv: 0,
         i_ffn_down: 0,
+        i_ffn_gate: 0,
+        i_ffn_up: 0,
     };
     let mut out = Vec::with_capacity(tensors.len());
     for (name, ne) in tensors {
