@@ -780,8 +780,13 @@ mod tests {
             if ftype.starts_with('_') {
                 continue;
             }
-            let mix = GgufMix::parse(ftype).unwrap_or_else(|| panic!("unknown ftype {ftype}"));
-            let plan = plan_gguf_mix(&mix, cfg, &tensors, &[], false).unwrap();
+            // "<FTYPE>+imatrix": llama-quantize ran with an importance matrix.
+            let (name, imatrix) = match ftype.strip_suffix("+imatrix") {
+                Some(n) => (n, true),
+                None => (ftype.as_str(), false),
+            };
+            let mix = GgufMix::parse(name).unwrap_or_else(|| panic!("unknown ftype {ftype}"));
+            let plan = plan_gguf_mix(&mix, cfg, &tensors, &[], imatrix).unwrap();
             assert_eq!(plan.len(), expected.as_object().unwrap().len(), "{ftype}");
             for (name, ty) in &plan {
                 assert_eq!(
@@ -808,7 +813,16 @@ mod tests {
         // Random llama written by the fixture script: hidden 512, ffn 1024, 8 layers, n_gqa 4, untied.
         let cfg = config(Arch::Llama, 512, 1024, 8, 8, 2);
         let json = include_str!("../../../tests/fixtures/mixes/synthetic512_llama_quantize.json");
-        assert_eq!(check_fixture(json, &cfg), 13);
+        assert_eq!(check_fixture(json, &cfg), 13 + 10);
+    }
+
+    #[test]
+    fn synthetic_512_mha_matches_llama_quantize() {
+        // The second random llama: 16 layers, n_gqa 1, tied output (the low-bit mixes' other branches).
+        let cfg = config(Arch::Llama, 512, 1024, 16, 8, 8);
+        let json =
+            include_str!("../../../tests/fixtures/mixes/synthetic512mha_llama_quantize.json");
+        assert_eq!(check_fixture(json, &cfg), 13 + 10);
     }
 
     #[test]
