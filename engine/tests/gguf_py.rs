@@ -146,13 +146,6 @@ fn gguf_py_reads_every_file_we_write_and_dequantizes_like_us() {
         let src_dir = tmp.path().join(arch);
         write_fixture(&spec(base), &src_dir).expect("fixture");
         let src = SourceModel::open(&src_dir).expect("open");
-        if arch == "llama" {
-            for ty in GgmlType::all() {
-                let out = tmp.path().join(format!("{arch}-pure-{}.gguf", ty.name()));
-                quantize(&src, &format!("pure:{}", ty.name()), None, &out);
-                files.push(out);
-            }
-        }
         let model = Model::load(&src).expect("load");
         let text = "Importance matrices weigh each column by how much it matters. ".repeat(30);
         let matrix = compute_imatrix(
@@ -167,13 +160,22 @@ fn gguf_py_reads_every_file_we_write_and_dequantizes_like_us() {
             &mut |_, _| true,
         )
         .expect("imatrix");
-        for mix in ["q4_k_m", "q3_k_s", "iq4_xs", "q5_1"] {
+        let im = || ImatrixInput {
+            matrix: matrix.clone(),
+            file: Some("fixture.imatrix".into()),
+        };
+        if arch == "llama" {
+            for ty in GgmlType::all() {
+                let out = tmp.path().join(format!("{arch}-pure-{}.gguf", ty.name()));
+                // The low-bit i-quants need importance weights (as in llama-quantize).
+                let pure = GgufMix::Pure(ty);
+                quantize(&src, pure.name(), pure.needs_imatrix().then(im), &out);
+                files.push(out);
+            }
+        }
+        for mix in ["q4_k_m", "q3_k_s", "iq4_xs", "q5_1", "iq1_m", "iq2_m", "iq3_xs"] {
             let out = tmp.path().join(format!("{arch}-{mix}-imatrix.gguf"));
-            let im = ImatrixInput {
-                matrix: matrix.clone(),
-                file: Some("fixture.imatrix".into()),
-            };
-            quantize(&src, mix, Some(im), &out);
+            quantize(&src, mix, Some(im()), &out);
             files.push(out);
         }
     }
@@ -193,6 +195,6 @@ fn gguf_py_reads_every_file_we_write_and_dequantizes_like_us() {
     for f in &files {
         checked += check_file(f, tmp.path());
     }
-    // 15 pure files and 8 mixes, each with token_embd, output (qwen2) and 9 tensors per layer + norm.
-    assert!(checked >= 15 * 20, "{checked} tensors checked");
+    // 22 pure files and 14 mixes, each with token_embd, output (qwen2) and 9 tensors per layer + norm.
+    assert!(checked >= 36 * 20, "{checked} tensors checked");
 }
