@@ -552,6 +552,40 @@ fn panels_snapshots() {
 }
 
 #[test]
+fn a_low_bit_mix_turns_the_importance_matrix_on_and_says_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(dir.path());
+    let (mut h, _commands, _events) = detached(Some((&model, &model)));
+    h.get_by_label("Quantize").click();
+    h.run_steps(2);
+    assert!(!h.state().quantize.imatrix);
+    h.get_by_label("IQ1–IQ3 +").click();
+    h.run_steps(2);
+    h.get_by_label("IQ2_XXS").click();
+    h.run_steps(2);
+    assert!(
+        h.state().quantize.imatrix,
+        "ticking IQ2_XXS turns the importance matrix on"
+    );
+    h.get_by_label("(required by IQ2_XXS: their lattice searches weigh every weight by it)");
+    // Even with the box turned off again, the mix that needs one gets one; Q4_K_M does not.
+    h.state_mut().quantize.imatrix = false;
+    h.run_steps(1);
+    let targets = h.state().quantize.targets();
+    let imatrix_of = |name: &str| {
+        targets.iter().find_map(|t| match t {
+            Recipe::Gguf(g) if g.mix.name() == name => Some(matches!(
+                g.imatrix,
+                quant_engine::jobs::ImatrixSource::Compute { .. }
+            )),
+            _ => None,
+        })
+    };
+    assert_eq!(imatrix_of("IQ2_XXS"), Some(true));
+    assert_eq!(imatrix_of("Q4_K_M"), Some(false));
+}
+
+#[test]
 fn an_existing_output_is_replaced_only_after_the_user_says_so() {
     let dir = tempfile::tempdir().expect("tempdir");
     let model = fixture(dir.path());

@@ -74,6 +74,8 @@ pub struct QuantizePanel {
     /// Ticked GGUF mixes.
     pub gguf: Vec<String>,
     pub imatrix: bool,
+    /// The low-bit i-quant mixes are shown (they also show whenever one is ticked).
+    pub show_lowbit: bool,
     /// An error-aware GGUF mix at `auto_bpw` bits per weight.
     pub auto_mix: bool,
     pub auto_bpw: f64,
@@ -110,6 +112,7 @@ impl QuantizePanel {
                 s.gguf_targets.clone()
             },
             imatrix: false,
+            show_lowbit: false,
             auto_mix: false,
             auto_bpw: 5.0,
             gptq_bits: s.gptq_bits.clone(),
@@ -159,7 +162,8 @@ impl QuantizePanel {
                     let Ok(mix) = recipes::parse_mix(&kind.id) else {
                         continue;
                     };
-                    let imatrix = if self.imatrix {
+                    // A mix llama-quantize refuses without an importance matrix always gets one.
+                    let imatrix = if self.imatrix || mix.needs_imatrix() {
                         ImatrixSource::Compute {
                             source: self.calib_source(),
                             options: ImatrixOptions {
@@ -570,6 +574,35 @@ impl QuantizePanel {
         }
     }
 
+    /// One checkbox per GGUF mix, `cols` to a row of the enclosing grid; ticking a mix that needs an
+    /// importance matrix turns the importance-matrix option on.
+    fn mix_boxes(&mut self, ui: &mut egui::Ui, kinds: &[recipes::RecipeKind]) {
+        let cols = if kinds.len() <= 10 { 5 } else { 4 };
+        for (i, kind) in kinds.iter().enumerate() {
+            let name = kind.label.as_str();
+            let mut on = self.gguf.iter().any(|g| g == name);
+            let needs = kind.calibration == recipes::CalibrationNeed::Required;
+            let mut box_ = ui.checkbox(&mut on, name);
+            if needs {
+                box_ = box_.on_hover_text(format!(
+                    "{name} needs an importance matrix: llama.cpp's low-bit lattice searches weigh \
+                     every weight by it (computed from the calibration text)"
+                ));
+            }
+            if box_.changed() {
+                if on {
+                    self.gguf.push(name.to_string());
+                    self.imatrix |= needs;
+                } else {
+                    self.gguf.retain(|g| g != name);
+                }
+            }
+            if i % cols == cols - 1 {
+                ui.end_row();
+            }
+        }
+    }
+
     fn options_ui(
         &mut self,
         ui: &mut egui::Ui,
@@ -582,29 +615,50 @@ impl QuantizePanel {
         }
         ui.heading("Targets");
         ui.label("GGUF (llama.cpp) mixes:");
+        // The low-bit i-quant mixes (IQ1_S … IQ3_M) in their own section, folded unless one is ticked.
+        let (low, common): (Vec<_>, Vec<_>) = recipes::catalogue()
+            .into_iter()
+            .filter(|k| k.container == recipes::Container::GgufFile)
+            .partition(|k| k.label.starts_with("IQ") && k.nominal_bpw < 4.0);
+        let any_low = low.iter().any(|k| self.gguf.contains(&k.label));
         egui::Grid::new("gguf-mixes").num_columns(4).show(ui, |ui| {
-            let mixes = recipes::catalogue()
-                .into_iter()
-                .filter(|k| k.container == recipes::Container::GgufFile);
-            for (i, kind) in mixes.enumerate() {
-                let name = kind.label.as_str();
-                let mut on = self.gguf.iter().any(|g| g == name);
-                if ui.checkbox(&mut on, name).changed() {
-                    if on {
-                        self.gguf.push(name.to_string());
-                    } else {
-                        self.gguf.retain(|g| g != name);
-                    }
-                }
-                if i % 4 == 3 {
-                    ui.end_row();
-                }
+            self.mix_boxes(ui, &common);
+            // The fold-out for the low-bit mixes takes the next free cell (no extra row when folded).
+            let open = self.show_lowbit || any_low;
+            let mut want = open;
+            ui.toggle_value(&mut want, if open { "IQ1–IQ3 −" } else { "IQ1–IQ3 +" })
+                .on_hover_text(
+                    "The low-bit i-quant mixes, 1.6–3.7 bpw: they need an importance matrix (turned on \
+                     when you tick one)",
+                );
+            if want != open {
+                self.show_lowbit = want;
             }
         });
-        ui.checkbox(
-            &mut self.imatrix,
-            "Importance matrix from the calibration text (llama-imatrix's method)",
-        );
+        if self.show_lowbit || any_low {
+            egui::Grid::new("gguf-lowbit-mixes")
+                .num_columns(5)
+                .show(ui, |ui| self.mix_boxes(ui, &low));
+        }
+        ui.horizontal(|ui| {
+            ui.checkbox(
+                &mut self.imatrix,
+                "Importance matrix from the calibration text (llama-imatrix's method)",
+            );
+            // The ticked mixes that need one get one whatever the box says: say so.
+            let needing: Vec<&str> = self
+                .gguf
+                .iter()
+                .filter(|g| recipes::parse_mix(g).is_ok_and(|m| m.needs_imatrix()))
+                .map(String::as_str)
+                .collect();
+            if !needing.is_empty() {
+                ui.weak(format!(
+                    "(required by {}: their lattice searches weigh every weight by it)",
+                    needing.join(", ")
+                ));
+            }
+        });
         ui.horizontal(|ui| {
             ui.checkbox(&mut self.auto_mix, "Error-aware mix at")
                 .on_hover_text(

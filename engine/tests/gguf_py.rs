@@ -173,7 +173,9 @@ fn gguf_py_reads_every_file_we_write_and_dequantizes_like_us() {
                 files.push(out);
             }
         }
-        for mix in ["q4_k_m", "q3_k_s", "iq4_xs", "q5_1", "iq1_m", "iq2_m", "iq3_xs"] {
+        for mix in [
+            "q4_k_m", "q3_k_s", "iq4_xs", "q5_1", "iq1_m", "iq2_m", "iq3_xs",
+        ] {
             let out = tmp.path().join(format!("{arch}-{mix}-imatrix.gguf"));
             quantize(&src, mix, Some(im()), &out);
             files.push(out);

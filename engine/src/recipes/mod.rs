@@ -182,7 +182,12 @@ pub fn catalogue() -> Vec<RecipeKind> {
             label: mix.name().to_string(),
             family: "GGUF",
             container: Container::GgufFile,
-            calibration: CalibrationNeed::Optional,
+            // The low-bit i-quant mixes need an importance matrix (llama-quantize refuses without one).
+            calibration: if mix.needs_imatrix() {
+                CalibrationNeed::Required
+            } else {
+                CalibrationNeed::Optional
+            },
             nominal_bpw: mix.nominal_bpw(),
             loads_in: "llama.cpp, LM Studio, Ollama",
         })
