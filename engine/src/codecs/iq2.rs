@@ -18,20 +18,11 @@
 
 use super::f16_at;
 use super::iq_lowbit::{
-    gmax, scale_code, sum_sq, take_signs, GroupSearch, Lattice, Repass, Which, IQ2S_GRID,
-    IQ2XS_GRID, IQ2XXS_GRID, KSIGNS_IQ2XS,
+    gmax, scale_code, signed8, sum_sq, take_signs, GroupSearch, Lattice, Repass, Which,
+    IQ2S_GRID_F32, IQ2XS_GRID_F32, IQ2XXS_GRID_F32, KSIGNS_IQ2XS,
 };
 use super::kquants::make_qp_quants;
 use super::legacy::put_f16;
-
-/// 8 values `db · grid[j]`, negated where bit j of `signs` is set.
-#[inline]
-fn signed8(db: f32, grid: &[u8; 8], signs: u8, y: &mut [f32]) {
-    for j in 0..8 {
-        let v = db * grid[j] as f32;
-        y[j] = if signs & (1 << j) != 0 { -v } else { v };
-    }
-}
 
 /// `f16 d; u16 qs[32]`.
 pub(super) fn dequant_iq2_xxs(src: &[u8], dst: &mut [f32]) {
@@ -43,7 +34,7 @@ pub(super) fn dequant_iq2_xxs(src: &[u8], dst: &mut [f32]) {
             let db = d * (0.5 + (a1 >> 28) as f32) * 0.25;
             for (l, y) in y.chunks_exact_mut(8).enumerate() {
                 let signs = KSIGNS_IQ2XS[((a1 >> (7 * l)) & 127) as usize];
-                signed8(db, &IQ2XXS_GRID[q[l] as usize], signs, y);
+                signed8(db, &IQ2XXS_GRID_F32[q[l] as usize], signs, y);
             }
         }
     }
@@ -63,7 +54,7 @@ pub(super) fn dequant_iq2_xs(src: &[u8], dst: &mut [f32]) {
                 let o = 2 + 2 * (4 * g + l);
                 let v = u16::from_le_bytes([b[o], b[o + 1]]);
                 let signs = KSIGNS_IQ2XS[(v >> 9) as usize];
-                signed8(db[l / 2], &IQ2XS_GRID[(v & 511) as usize], signs, y);
+                signed8(db[l / 2], &IQ2XS_GRID_F32[(v & 511) as usize], signs, y);
             }
         }
     }
@@ -82,7 +73,7 @@ pub(super) fn dequant_iq2_s(src: &[u8], dst: &mut [f32]) {
             for (l, y) in y.chunks_exact_mut(8).enumerate() {
                 let t = 4 * g + l;
                 let idx = qs[t] as usize | ((qh[g] as usize) << (8 - 2 * l) & 0x300);
-                signed8(db[l / 2], &IQ2S_GRID[idx], signs[t], y);
+                signed8(db[l / 2], &IQ2S_GRID_F32[idx], signs[t], y);
             }
         }
     }

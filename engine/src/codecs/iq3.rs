@@ -13,20 +13,10 @@
 
 use super::f16_at;
 use super::iq_lowbit::{
-    gmax, scale_code, sum_sq, take_signs, GroupSearch, Lattice, Repass, Which, IQ3S_GRID,
-    IQ3XXS_GRID, KSIGNS_IQ2XS,
+    gmax, scale_code, signed4x2, sum_sq, take_signs, GroupSearch, Lattice, Repass, Which,
+    IQ3S_GRID_F32, IQ3XXS_GRID_F32, KSIGNS_IQ2XS,
 };
 use super::legacy::put_f16;
-
-/// 8 values from two 4-element grid points, `db · grid`, negated where bit j of `signs` is set.
-#[inline]
-fn signed4x2(db: f32, g1: &[u8; 4], g2: &[u8; 4], signs: u8, y: &mut [f32]) {
-    for j in 0..8 {
-        let q = if j < 4 { g1[j] } else { g2[j - 4] };
-        let v = db * q as f32;
-        y[j] = if signs & (1 << j) != 0 { -v } else { v };
-    }
-}
 
 /// `f16 d; u8 qs[64]; u32 scales_and_signs[8]`.
 pub(super) fn dequant_iq3_xxs(src: &[u8], dst: &mut [f32]) {
@@ -39,8 +29,8 @@ pub(super) fn dequant_iq3_xxs(src: &[u8], dst: &mut [f32]) {
             let db = d * (0.5 + (a >> 28) as f32) * 0.5;
             for (l, y) in y.chunks_exact_mut(8).enumerate() {
                 let signs = KSIGNS_IQ2XS[((a >> (7 * l)) & 127) as usize];
-                let g1 = &IQ3XXS_GRID[qs[8 * g + 2 * l] as usize];
-                let g2 = &IQ3XXS_GRID[qs[8 * g + 2 * l + 1] as usize];
+                let g1 = &IQ3XXS_GRID_F32[qs[8 * g + 2 * l] as usize];
+                let g2 = &IQ3XXS_GRID_F32[qs[8 * g + 2 * l + 1] as usize];
                 signed4x2(db, g1, g2, signs, y);
             }
         }
@@ -59,7 +49,13 @@ pub(super) fn dequant_iq3_s(src: &[u8], dst: &mut [f32]) {
                 let k = 2 * l;
                 let i1 = qs[8 * g + k] as usize | ((qh[g] as usize >> k) & 1) << 8;
                 let i2 = qs[8 * g + k + 1] as usize | ((qh[g] as usize >> (k + 1)) & 1) << 8;
-                signed4x2(db, &IQ3S_GRID[i1], &IQ3S_GRID[i2], signs[4 * g + l], y);
+                signed4x2(
+                    db,
+                    &IQ3S_GRID_F32[i1],
+                    &IQ3S_GRID_F32[i2],
+                    signs[4 * g + l],
+                    y,
+                );
             }
         }
     }

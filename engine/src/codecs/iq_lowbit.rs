@@ -78,6 +78,62 @@ pub(super) static KSIGNS_IQ2XS: [u8; 128] = {
     t
 };
 
+/// A dequantisation grid as f32 (exact: the bytes are small integers), so expanding a point is a load.
+const fn grid_f32<const N: usize, const D: usize>(t: &[[u8; D]; N]) -> [[f32; D]; N] {
+    let mut o = [[0.0f32; D]; N];
+    let mut i = 0;
+    while i < N {
+        let mut j = 0;
+        while j < D {
+            o[i][j] = t[i][j] as f32;
+            j += 1;
+        }
+        i += 1;
+    }
+    o
+}
+
+pub(super) static IQ2XXS_GRID_F32: [[f32; 8]; 256] = grid_f32(&IQ2XXS_GRID);
+pub(super) static IQ2XS_GRID_F32: [[f32; 8]; 512] = grid_f32(&IQ2XS_GRID);
+pub(super) static IQ2S_GRID_F32: [[f32; 8]; 1024] = grid_f32(&IQ2S_GRID);
+pub(super) static IQ3XXS_GRID_F32: [[f32; 4]; 256] = grid_f32(&IQ3XXS_GRID);
+pub(super) static IQ3S_GRID_F32: [[f32; 4]; 512] = grid_f32(&IQ3S_GRID);
+
+/// For a sign byte, the f32 sign bit of each of its 8 elements (bit j set → negate element j).
+static SIGN_BITS: [[u32; 8]; 256] = {
+    let mut t = [[0u32; 8]; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut j = 0;
+        while j < 8 {
+            t[i][j] = ((i as u32 >> j) & 1) << 31;
+            j += 1;
+        }
+        i += 1;
+    }
+    t
+};
+
+/// 8 values `db · g[j]`, negated where bit j of `signs` is set: the dequantisers' inner step, branch-free
+/// (flipping the sign bit is exactly ggml's `· −1.f`).
+#[inline(always)]
+pub(super) fn signed8(db: f32, g: &[f32; 8], signs: u8, y: &mut [f32]) {
+    let m = &SIGN_BITS[signs as usize];
+    for j in 0..8 {
+        y[j] = f32::from_bits((db * g[j]).to_bits() ^ m[j]);
+    }
+}
+
+/// As [`signed8`] for two 4-element points (the IQ3 grids).
+#[inline(always)]
+pub(super) fn signed4x2(db: f32, g1: &[f32; 4], g2: &[f32; 4], signs: u8, y: &mut [f32]) {
+    let m = &SIGN_BITS[signs as usize];
+    for j in 0..4 {
+        y[j] = f32::from_bits((db * g1[j]).to_bits() ^ m[j]);
+        y[j + 4] = f32::from_bits((db * g2[j]).to_bits() ^ m[j + 4]);
+    }
+}
+
 /// The lattices the quantizers search, one per grid (IQ1_S and IQ1_M share one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Which {
@@ -627,6 +683,108 @@ mod tests {
         assert_eq!(u64::from_le_bytes(IQ2XXS_GRID[0]), 0x0808_0808_0808_0808);
         assert_eq!(u64::from_le_bytes(IQ2XXS_GRID[255]), 0x2b2b_2b19_0808_1908);
         assert_eq!(u64::from_le_bytes(IQ1S_GRID[2047]), 0x0101_0101_0101_0101);
+    }
+
+    /// ggml's `dequantize_row_iq2_xxs` … `_iq3_s`, element by element as the C code writes them (byte
+    /// grids, `db · grid · (sign ? −1 : 1)`): the reference the table-driven dequantisers must equal.
+    fn reference(ty: crate::codecs::GgmlType, b: &[u8]) -> Vec<f32> {
+        use crate::codecs::GgmlType as T;
+        let d = crate::codecs::f16_at(b);
+        let sgn = |s: u8, j: usize| if s & (1 << j) != 0 { -1.0f32 } else { 1.0 };
+        let mut y = Vec::with_capacity(256);
+        for g in 0..8 {
+            match ty {
+                T::Iq2Xxs => {
+                    let q = &b[2 + 8 * g..10 + 8 * g];
+                    let a1 = u32::from_le_bytes([q[4], q[5], q[6], q[7]]);
+                    let db = d * (0.5 + (a1 >> 28) as f32) * 0.25;
+                    for l in 0..4 {
+                        let s = KSIGNS_IQ2XS[((a1 >> (7 * l)) & 127) as usize];
+                        let grid = IQ2XXS_GRID[q[l] as usize];
+                        y.extend((0..8).map(|j| db * grid[j] as f32 * sgn(s, j)));
+                    }
+                }
+                T::Iq2Xs | T::Iq2S => {
+                    let sc = if ty == T::Iq2Xs { b[66 + g] } else { b[74 + g] };
+                    let db = [
+                        d * (0.5 + (sc & 15) as f32) * 0.25,
+                        d * (0.5 + (sc >> 4) as f32) * 0.25,
+                    ];
+                    for l in 0..4 {
+                        let t = 4 * g + l;
+                        let (grid, s) = if ty == T::Iq2Xs {
+                            let v = u16::from_le_bytes([b[2 + 2 * t], b[3 + 2 * t]]);
+                            (
+                                IQ2XS_GRID[(v & 511) as usize],
+                                KSIGNS_IQ2XS[(v >> 9) as usize],
+                            )
+                        } else {
+                            let idx =
+                                b[2 + t] as usize | ((b[66 + g] as usize) << (8 - 2 * l) & 0x300);
+                            (IQ2S_GRID[idx], b[34 + t])
+                        };
+                        y.extend((0..8).map(|j| db[l / 2] * grid[j] as f32 * sgn(s, j)));
+                    }
+                }
+                T::Iq3Xxs => {
+                    let o = 66 + 4 * g;
+                    let a = u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+                    let db = d * (0.5 + (a >> 28) as f32) * 0.5;
+                    for l in 0..4 {
+                        let s = KSIGNS_IQ2XS[((a >> (7 * l)) & 127) as usize];
+                        let g1 = IQ3XXS_GRID[b[2 + 8 * g + 2 * l] as usize];
+                        let g2 = IQ3XXS_GRID[b[2 + 8 * g + 2 * l + 1] as usize];
+                        y.extend((0..4).map(|j| db * g1[j] as f32 * sgn(s, j)));
+                        y.extend((0..4).map(|j| db * g2[j] as f32 * sgn(s, j + 4)));
+                    }
+                }
+                T::Iq3S => {
+                    let sc = (b[106 + g / 2] >> (4 * (g % 2))) & 15;
+                    let db = d * (1 + 2 * sc as i32) as f32;
+                    let qh = b[66 + g] as usize;
+                    for l in 0..4 {
+                        let i1 = b[2 + 8 * g + 2 * l] as usize | ((qh << (8 - 2 * l)) & 256);
+                        let i2 = b[2 + 8 * g + 2 * l + 1] as usize | ((qh << (7 - 2 * l)) & 256);
+                        let s = b[74 + 4 * g + l];
+                        let (g1, g2) = (IQ3S_GRID[i1], IQ3S_GRID[i2]);
+                        y.extend((0..4).map(|j| db * g1[j] as f32 * sgn(s, j)));
+                        y.extend((0..4).map(|j| db * g2[j] as f32 * sgn(s, j + 4)));
+                    }
+                }
+                _ => unreachable!(),
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn table_dequantisers_equal_ggmls_formulas_bit_for_bit() {
+        use crate::codecs::GgmlType as T;
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for ty in [T::Iq2Xxs, T::Iq2Xs, T::Iq2S, T::Iq3Xxs, T::Iq3S] {
+            let bb = ty.traits().block_bytes;
+            for _ in 0..200 {
+                let mut b: Vec<u8> = (0..bb).map(|_| next() as u8).collect();
+                // A random finite f16 d (subnormals and both zeros included).
+                let mut h = next() as u16;
+                if (h >> 10) & 0x1F == 0x1F {
+                    h &= !0x4000;
+                }
+                b[..2].copy_from_slice(&h.to_le_bytes());
+                let mut got = vec![0.0f32; 256];
+                ty.dequantize(&b, &mut got);
+                let want = reference(ty, &b);
+                for (e, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.to_bits(), w.to_bits(), "{} element {e}", ty.name());
+                }
+            }
+        }
     }
 
     #[test]
