@@ -844,3 +844,42 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod speed {
+    /// Weights per second of each low-bit quantizer on the oracle fixture's rows (with the imatrix),
+    /// against Q4_K's: `cargo test -p quant_engine --release --lib iq_quantizer_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a timing, not a check"]
+    fn iq_quantizer_speed() {
+        use crate::codecs::GgmlType as T;
+        let f = super::fixture::load();
+        for ty in [
+            T::Q4K,
+            T::Iq4Xs,
+            T::Iq3S,
+            T::Iq3Xxs,
+            T::Iq2S,
+            T::Iq2Xs,
+            T::Iq2Xxs,
+            T::Iq1M,
+            T::Iq1S,
+        ] {
+            let rb = f.n_per_row / 256 * ty.traits().block_bytes;
+            let mut out = vec![0u8; rb];
+            // Build the lattice first (once per process, as in a real run).
+            ty.quantize(&f.src[..f.n_per_row], &mut out, Some(&f.imatrix));
+            let t = std::time::Instant::now();
+            for r in 0..f.nrows {
+                let x = &f.src[r * f.n_per_row..(r + 1) * f.n_per_row];
+                ty.quantize(x, &mut out, Some(&f.imatrix));
+            }
+            let s = t.elapsed().as_secs_f64();
+            println!(
+                "{:8} {:>8.2} M weights/s",
+                ty.name(),
+                (f.nrows * f.n_per_row) as f64 / s / 1e6
+            );
+        }
+    }
+}

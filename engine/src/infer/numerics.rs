@@ -279,7 +279,7 @@ mod tests {
             );
             seen.push(ty);
         }
-        assert_eq!(seen.len(), 14, "{seen:?}");
+        assert_eq!(seen.len(), 21, "{seen:?}");
     }
 
     #[test]

@@ -341,6 +341,22 @@ pub fn parse_mix(format: &str) -> Result<GgufMix> {
     })
 }
 
+/// How much slower than the k-quants llama.cpp's quantizer for `ty` runs (the low-bit i-quants search
+/// lattices for every 8 or 4 weights): measured single-threaded on real weights with an imatrix, relative
+/// to Q4_K (`codecs::iq_lowbit::speed`).
+fn lattice_search_cost(ty: crate::codecs::GgmlType) -> f64 {
+    use crate::codecs::GgmlType as T;
+    match ty {
+        T::Iq2Xs => 8.0,
+        T::Iq3Xxs => 4.3,
+        T::Iq2Xxs => 3.4,
+        T::Iq3S => 2.6,
+        T::Iq1M | T::Iq2S => 1.8,
+        T::Iq1S | T::Iq4Xs => 1.5,
+        _ => 1.0,
+    }
+}
+
 /// What a recipe is expected to cost, before it runs.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Estimate {
@@ -577,7 +593,7 @@ impl Recipe {
         let (peak, seconds) = match self {
             Recipe::Gguf(g) => (
                 3.0 * largest + 64e6,
-                params / QUANTIZE_WEIGHTS_PER_S
+                params / QUANTIZE_WEIGHTS_PER_S * lattice_search_cost(g.mix.default_type())
                     + tokens * params / IMATRIX_WEIGHT_TOKENS_PER_S
                     // An auto mix first quantizes every linear to each candidate type (~9 on average, the
                     // weighted quantizers slower than the plain ones: 14 passes measured on SmolLM2).
