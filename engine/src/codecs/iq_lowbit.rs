@@ -297,7 +297,11 @@ impl Lattice {
                 index = j as usize;
             }
         }
-        assert!(index != usize::MAX, "no neighbour at a finite distance");
+        // Only non-finite input (NaN or overflowing distances) leaves no strict minimum; llama.cpp aborts
+        // there, we take the first listed point so a hostile tensor cannot crash a run.
+        if index == usize::MAX {
+            index = list.first().map_or(0, |&j| j as usize);
+        }
         self.levels_of(index, l);
         index
     }
@@ -428,13 +432,25 @@ impl GroupSearch {
                 scale = sumqx / sumq2;
             }
         }
+        // Levels outside the lattice only come from a fallback no candidate replaced (IQ2_XXS's
+        // make_qp_quants levels, on non-finite input where llama.cpp aborts): clamp them first.
+        for v in l[..n].iter_mut() {
+            *v = (*v).clamp(0, (self.kmaxq - 1) as i8);
+        }
         for k in 0..nsub {
-            match self.lat.lookup(self.lat.pack(&l[g * k..g * k + g])) {
-                Ok(i) => idx[k] = i as u16,
-                // llama.cpp aborts here ("found point not on grid"); only reachable from levels that
-                // never came out of the searches above.
-                Err(_) => panic!("i-quant search left a subgroup off the grid"),
-            }
+            let r = g * k..g * k + g;
+            idx[k] = match self.lat.lookup(self.lat.pack(&l[r.clone()])) {
+                Ok(i) => i as u16,
+                // Only levels that never came out of the searches above (llama.cpp aborts: "found point
+                // not on grid"): snap them like any other off-grid vector.
+                Err(list) => self.lat.best_neighbour(
+                    list,
+                    &xval[r.clone()],
+                    &waux[r.clone()],
+                    scale,
+                    &mut l[r],
+                ) as u16,
+            };
         }
         scale
     }
@@ -783,6 +799,48 @@ mod tests {
                 for (e, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(g.to_bits(), w.to_bits(), "{} element {e}", ty.name());
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_weights_quantize_without_panicking() {
+        use crate::codecs::GgmlType as T;
+        let mut x: Vec<f32> = (0..512)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3)
+            .collect();
+        for (i, v) in [
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            3e38,
+            -3e38,
+            1e-40,
+            -0.0,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            x[40 * i + 3] = v;
+        }
+        x[300..332].fill(f32::NAN);
+        let imatrix: Vec<f32> = (0..512)
+            .map(|i| if i % 7 == 0 { 0.0 } else { 1.5 })
+            .collect();
+        for ty in [
+            T::Iq2Xxs,
+            T::Iq2Xs,
+            T::Iq2S,
+            T::Iq3Xxs,
+            T::Iq3S,
+            T::Iq1S,
+            T::Iq1M,
+        ] {
+            let mut out = vec![0u8; 2 * ty.traits().block_bytes];
+            for w in [Some(&imatrix[..]), None] {
+                ty.quantize(&x, &mut out, w).expect("quantizer");
+                let mut y = vec![0.0f32; 512];
+                ty.dequantize(&out, &mut y);
             }
         }
     }
