@@ -18,7 +18,7 @@
 
 use super::f16_at;
 use super::iq_lowbit::{
-    gmax, scale_code, signed8, sum_sq, take_signs, GroupSearch, Lattice, Repass, Which,
+    gmax, group_weights, scale_code, signed8, sum_sq, take_signs, GroupSearch, Repass, Which,
     IQ2S_GRID_F32, IQ2XS_GRID_F32, IQ2XXS_GRID_F32, KSIGNS_IQ2XS,
 };
 use super::kquants::make_qp_quants;
@@ -79,37 +79,10 @@ pub(super) fn dequant_iq2_s(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// Importance weights of a group: `qw·sqrt(σ² + x²)` with an imatrix, else `fallback(x)`.
-#[inline]
-fn group_weights(
-    x: &[f32],
-    qw: Option<&[f32]>,
-    sigma2: f32,
-    fallback: impl Fn(f32) -> f32,
-    w: &mut [f32],
-    waux: &mut [f32],
-) {
-    for i in 0..x.len() {
-        w[i] = match qw {
-            Some(q) => q[i] * (sigma2 + x[i] * x[i]).sqrt(),
-            None => fallback(x[i]),
-        };
-        waux[i] = w[i].sqrt();
-    }
-}
-
 /// llama.cpp's IQ2_XXS quantizer. Needs importance weights (see the module notes).
 pub(super) fn quantize_iq2_xxs(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
     const EPS: f32 = 1e-15;
-    let search = GroupSearch {
-        lat: Lattice::get(Which::Iq2xxs),
-        kmaxq: 3,
-        is_lo: -6,
-        is_hi: 6,
-        step: 0.1,
-        on_grid_init: true,
-        repass: Repass::Always,
-    };
+    let search = GroupSearch::iq2(Which::Iq2xxs, -6, Repass::Always);
     let (mut w, mut waux, mut xval) = ([0f32; 32], [0f32; 32], [0f32; 32]);
     let mut l = [0i8; 32];
     let mut lu = [0u8; 32];
@@ -246,15 +219,7 @@ impl Iq2Pair {
 /// llama.cpp's IQ2_XS quantizer. Needs importance weights (see the module notes).
 pub(super) fn quantize_iq2_xs(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
     let pair = Iq2Pair {
-        search: GroupSearch {
-            lat: Lattice::get(Which::Iq2xs),
-            kmaxq: 3,
-            is_lo: -9,
-            is_hi: 9,
-            step: 0.1,
-            on_grid_init: true,
-            repass: Repass::OffGrid,
-        },
+        search: GroupSearch::iq2(Which::Iq2xs, -9, Repass::OffGrid),
         eps: 1e-15,
         sigma_mul: 1.0,
         parity: true,
@@ -287,15 +252,7 @@ pub(super) fn quantize_iq2_xs(src: &[f32], dst: &mut [u8], importance: Option<&[
 /// llama.cpp's IQ2_S quantizer, with or without importance weights.
 pub(super) fn quantize_iq2_s(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
     let pair = Iq2Pair {
-        search: GroupSearch {
-            lat: Lattice::get(Which::Iq2s),
-            kmaxq: 3,
-            is_lo: -9,
-            is_hi: 9,
-            step: 0.1,
-            on_grid_init: true,
-            repass: Repass::OffGrid,
-        },
+        search: GroupSearch::iq2(Which::Iq2s, -9, Repass::OffGrid),
         eps: 1e-8,
         sigma_mul: 2.0,
         parity: false,

@@ -13,8 +13,8 @@
 
 use super::f16_at;
 use super::iq_lowbit::{
-    gmax, scale_code, signed4x2, sum_sq, take_signs, GroupSearch, Lattice, Repass, Which,
-    IQ3S_GRID_F32, IQ3XXS_GRID_F32, KSIGNS_IQ2XS,
+    gmax, group_weights, scale_code, signed4x2, sum_sq, take_signs, GroupSearch, Lattice, Repass,
+    Which, IQ3S_GRID_F32, IQ3XXS_GRID_F32, KSIGNS_IQ2XS,
 };
 use super::legacy::put_f16;
 
@@ -61,18 +61,6 @@ pub(super) fn dequant_iq3_s(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// A 32-element group's weights: `qw·sqrt(σ² + x²)` with an imatrix, else `x²`; and their square roots.
-#[inline]
-fn group_weights(x: &[f32], qw: Option<&[f32]>, sigma2: f32, w: &mut [f32], waux: &mut [f32]) {
-    for i in 0..x.len() {
-        w[i] = match qw {
-            Some(q) => q[i] * (sigma2 + x[i] * x[i]).sqrt(),
-            None => x[i] * x[i],
-        };
-        waux[i] = w[i].sqrt();
-    }
-}
-
 /// llama.cpp's IQ3_XXS quantizer, with or without importance weights.
 pub(super) fn quantize_iq3_xxs(src: &[f32], dst: &mut [u8], importance: Option<&[f32]>) {
     let search = GroupSearch {
@@ -101,7 +89,7 @@ pub(super) fn quantize_iq3_xxs(src: &[f32], dst: &mut [u8], importance: Option<&
         for ib in 0..8 {
             let xb = &x[32 * ib..32 * ib + 32];
             let qw = importance.map(|q| &q[256 * ibl + 32 * ib..256 * ibl + 32 * ib + 32]);
-            group_weights(xb, qw, sigma2, &mut w, &mut waux);
+            group_weights(xb, qw, sigma2, |v| v * v, &mut w, &mut waux);
             let mut signs = [0u8; 4];
             for k in 0..4 {
                 let r = 8 * k..8 * k + 8;
@@ -171,7 +159,7 @@ pub(super) fn quantize_iq3_s(src: &[f32], dst: &mut [u8], importance: Option<&[f
         for ib in 0..8 {
             let xb = &x[32 * ib..32 * ib + 32];
             let qw = importance.map(|q| &q[256 * ibl + 32 * ib..256 * ibl + 32 * ib + 32]);
-            group_weights(xb, qw, sigma2, &mut w, &mut waux);
+            group_weights(xb, qw, sigma2, |v| v * v, &mut w, &mut waux);
             let mut signs = [0u8; 4];
             for k in 0..4 {
                 let r = 8 * k..8 * k + 8;

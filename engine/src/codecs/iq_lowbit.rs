@@ -340,6 +340,19 @@ pub(super) struct GroupSearch {
 }
 
 impl GroupSearch {
+    /// The IQ2 lattices' search: 3 levels, candidates `is_lo..=−is_lo` in steps of 0.1.
+    pub(super) fn iq2(which: Which, is_lo: i32, repass: Repass) -> Self {
+        GroupSearch {
+            lat: Lattice::get(which),
+            kmaxq: 3,
+            is_lo,
+            is_hi: -is_lo,
+            step: 0.1,
+            on_grid_init: true,
+            repass,
+        }
+    }
+
     /// Levels of `x` at inverse scale `id`: `clamp(nearest_int(0.5·(id·x − 1)), 0, kMaxQ − 1)`.
     #[inline]
     fn levels(&self, id: f32, x: &[f32], l: &mut [i8]) {
@@ -453,6 +466,26 @@ impl GroupSearch {
             };
         }
         scale
+    }
+}
+
+/// A group's importance weights, `qw·sqrt(σ² + x²)` with an imatrix, else `fallback(x)` (`x²`, or IQ2_S's
+/// `σ²/4 + x²`), and their square roots (the neighbour searches' weights).
+#[inline]
+pub(super) fn group_weights(
+    x: &[f32],
+    qw: Option<&[f32]>,
+    sigma2: f32,
+    fallback: impl Fn(f32) -> f32,
+    w: &mut [f32],
+    waux: &mut [f32],
+) {
+    for i in 0..x.len() {
+        w[i] = match qw {
+            Some(q) => q[i] * (sigma2 + x[i] * x[i]).sqrt(),
+            None => fallback(x[i]),
+        };
+        waux[i] = w[i].sqrt();
     }
 }
 
