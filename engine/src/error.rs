@@ -27,6 +27,9 @@ pub enum Error {
     Template(String),
     #[error("{0}")]
     Invalid(String),
+    /// The GPU backend failed (no adapter, out of device memory, a lost device, a timeout).
+    #[error("GPU: {0}")]
+    Gpu(String),
     #[error("cancelled")]
     Cancelled,
 }

@@ -58,6 +58,11 @@ impl Bytes {
         }
     }
 
+    /// What identifies this range for caches: the shared backing, start and length.
+    pub fn identity(&self) -> (&Arc<Backing>, usize, usize) {
+        (&self.backing, self.start, self.len)
+    }
+
     /// f32 values as little-endian bytes.
     pub fn from_f32(v: &[f32]) -> Self {
         Self::owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())

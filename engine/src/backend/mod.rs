@@ -2,7 +2,12 @@
 //! kernels through a [`Backend`] value (the model carries one), so a GPU backend is a new variant with its
 //! own module beside [`cpu`], not a rewrite of the callers.
 
+#[cfg(test)]
+mod conformance;
 pub mod cpu;
+pub mod wgpu;
+
+use std::sync::OnceLock;
 
 use crate::tensor::TensorRef;
 
@@ -13,21 +18,73 @@ pub enum Backend {
     /// The CPU kernels ([`cpu`]): rayon threads, AVX2 where the CPU has it.
     #[default]
     Cpu,
+    /// The wgpu kernels ([`wgpu`]) on the process's GPU. A call the GPU cannot complete (out of memory,
+    /// a lost device) is computed on the CPU instead and the reason kept in [`gpu_fallback`].
+    Gpu,
+}
+
+static FALLBACK: OnceLock<String> = OnceLock::new();
+
+/// Why GPU work went to the CPU, once it has (the GPU is then left alone for the rest of the process).
+pub fn gpu_fallback() -> Option<&'static str> {
+    FALLBACK.get().map(String::as_str)
+}
+
+/// Run `f` on the GPU unless it has failed before; on failure record why (once, also on stderr) and
+/// return `false` so the caller computes on the CPU.
+fn on_gpu(f: impl FnOnce(&wgpu::Gpu) -> crate::Result<()>) -> bool {
+    if FALLBACK.get().is_some() {
+        return false;
+    }
+    match wgpu::gpu().and_then(f) {
+        Ok(()) => true,
+        Err(e) => {
+            let msg = format!("{e}; continuing on the CPU");
+            if FALLBACK.set(msg.clone()).is_ok() {
+                eprintln!("warning: {msg}");
+            }
+            false
+        }
+    }
 }
 
 impl Backend {
     /// Every backend this build has.
-    pub const ALL: [Backend; 1] = [Backend::Cpu];
+    pub const ALL: [Backend; 2] = [Backend::Cpu, Backend::Gpu];
 
-    /// `"cpu"`.
+    /// `"cpu"`, `"gpu"`.
     pub fn name(self) -> &'static str {
         match self {
             Backend::Cpu => "cpu",
+            Backend::Gpu => "gpu",
         }
     }
 
-    /// A backend by name (`"cpu"`).
+    /// `auto`: the GPU when a hardware adapter is present (a software one such as lavapipe is slower than
+    /// the CPU kernels), else the CPU.
+    pub fn auto() -> Self {
+        match wgpu::adapter() {
+            Ok(a) if !a.is_software() => Backend::Gpu,
+            _ => Backend::Cpu,
+        }
+    }
+
+    /// What to tell the user about where the arithmetic runs: `"cpu"`, `"gpu: NVIDIA H100 (Vulkan)"`.
+    pub fn describe(self) -> String {
+        match self {
+            Backend::Cpu => "cpu".into(),
+            Backend::Gpu => match wgpu::adapter() {
+                Ok(a) => format!("gpu: {}", a.label()),
+                Err(e) => format!("gpu unavailable ({e})"),
+            },
+        }
+    }
+
+    /// A backend by name (`"cpu"`, `"gpu"`; `"auto"` chooses with [`Backend::auto`]).
     pub fn parse(s: &str) -> Option<Self> {
+        if s.trim().eq_ignore_ascii_case("auto") {
+            return Some(Self::auto());
+        }
         Self::ALL
             .into_iter()
             .find(|b| b.name().eq_ignore_ascii_case(s.trim()))
@@ -38,6 +95,11 @@ impl Backend {
     pub fn matmul(self, w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
         match self {
             Backend::Cpu => cpu::matmul(w, x, n, out),
+            Backend::Gpu => {
+                if !on_gpu(|g| g.matmul(w, x, n, out)) {
+                    cpu::matmul(w, x, n, out);
+                }
+            }
         }
     }
 
@@ -45,6 +107,11 @@ impl Backend {
     pub fn sgemm_nt(self, n: usize, m: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
         match self {
             Backend::Cpu => cpu::sgemm_nt(n, m, k, x, w, y),
+            Backend::Gpu => {
+                if !on_gpu(|g| g.sgemm(n, m, k, x, w, y, false)) {
+                    cpu::sgemm_nt(n, m, k, x, w, y);
+                }
+            }
         }
     }
 
@@ -52,6 +119,11 @@ impl Backend {
     pub fn sgemm_nn(self, n: usize, m: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
         match self {
             Backend::Cpu => cpu::sgemm_nn(n, m, k, x, w, y),
+            Backend::Gpu => {
+                if !on_gpu(|g| g.sgemm(n, m, k, x, w, y, true)) {
+                    cpu::sgemm_nn(n, m, k, x, w, y);
+                }
+            }
         }
     }
 }

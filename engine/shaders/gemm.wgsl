@@ -1,0 +1,106 @@
+// y[t, j] = Σ_k x[t, k] · W(j, k) in f32: 64 × 64 output tiles per workgroup of 16 × 16 invocations, each
+// computing 4 × 4 outputs from 16-deep slices of x and W staged in workgroup memory. Any n, m, k (edges are
+// masked). W(j, k) is `w[w_off + j·ldw + k]` (a weight, rows of k: the "NT" product) or, with
+// `W_KMAJOR`, `w[w_off + k·ldw + j]` (attention's values: the "NN" product).
+
+override W_KMAJOR: bool = false;
+
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> w: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+
+struct Params {
+    n: u32,
+    m: u32,
+    k: u32,
+    // Element offset of W(0, 0) in `w`, and the stride between its rows (or its k-slices with W_KMAJOR).
+    w_off: u32,
+    ldw: u32,
+    // Element offset of y[0, 0] in `y`, and the stride between its rows.
+    y_off: u32,
+    ldy: u32,
+    // Element offset of x[0, 0] in `x` (rows of k).
+    x_off: u32,
+}
+@group(0) @binding(3) var<uniform> p: Params;
+
+const BM: u32 = 64u;
+const BN: u32 = 64u;
+const BK: u32 = 16u;
+
+var<workgroup> xs: array<f32, 1024>; // [BK][BM]
+var<workgroup> ws: array<f32, 1024>; // [BK][BN]
+
+fn w_at(j: u32, kk: u32) -> f32 {
+    if (W_KMAJOR) {
+        return w[p.w_off + kk * p.ldw + j];
+    }
+    return w[p.w_off + j * p.ldw + kk];
+}
+
+@compute @workgroup_size(16, 16)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let t0 = wg.y * BM;
+    let j0 = wg.x * BN;
+    var acc: array<f32, 16>;
+    for (var i = 0u; i < 16u; i++) {
+        acc[i] = 0.0;
+    }
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        // Stage x[t0.., k0..] and W(j0.., k0..): 1024 values each, 4 per invocation.
+        for (var e = 0u; e < 4u; e++) {
+            let idx = li + 256u * e;
+            // x: 16 consecutive k for each of 64 rows, so neighbouring invocations read neighbouring k.
+            let r = idx / BK;
+            let kk = idx % BK;
+            var xv = 0.0;
+            if (t0 + r < p.n && k0 + kk < p.k) {
+                xv = x[p.x_off + (t0 + r) * p.k + k0 + kk];
+            }
+            xs[kk * BM + r] = xv;
+            var wv = 0.0;
+            if (W_KMAJOR) {
+                let c = idx % BN;
+                let kr = idx / BN;
+                if (j0 + c < p.m && k0 + kr < p.k) {
+                    wv = w_at(j0 + c, k0 + kr);
+                }
+                ws[kr * BN + c] = wv;
+            } else {
+                if (j0 + r < p.m && k0 + kk < p.k) {
+                    wv = w_at(j0 + r, k0 + kk);
+                }
+                ws[kk * BN + r] = wv;
+            }
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            var xr: array<f32, 4>;
+            var wr: array<f32, 4>;
+            for (var a = 0u; a < 4u; a++) {
+                xr[a] = xs[kk * BM + lid.y * 4u + a];
+                wr[a] = ws[kk * BN + lid.x * 4u + a];
+            }
+            for (var a = 0u; a < 4u; a++) {
+                for (var c = 0u; c < 4u; c++) {
+                    acc[a * 4u + c] = fma(xr[a], wr[c], acc[a * 4u + c]);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var a = 0u; a < 4u; a++) {
+        let t = t0 + lid.y * 4u + a;
+        if (t >= p.n) { continue; }
+        for (var c = 0u; c < 4u; c++) {
+            let j = j0 + lid.x * 4u + c;
+            if (j < p.m) {
+                y[p.y_off + t * p.ldy + j] = acc[a * 4u + c];
+            }
+        }
+    }
+}

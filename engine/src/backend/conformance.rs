@@ -1,0 +1,209 @@
+//! Conformance of every backend with the CPU reference, written once and run per backend: the weights a
+//! backend multiplies with (bit for bit, for every block type), its matmuls over stored weights (any shape,
+//! tile edges, llama.cpp's interleaved Q/K rows, the types dequantised on the host), the attention
+//! products, and a whole evaluation. On this machine and in CI the GPU is Mesa's lavapipe: a missing
+//! adapter fails these tests rather than skipping them, and the sizes stay small.
+
+use rand::{Rng, SeedableRng};
+
+use super::{wgpu, Backend};
+use crate::codecs::GgmlType;
+use crate::tensor::{Bytes, TensorRef};
+
+/// The backends checked against [`Backend::Cpu`].
+const OTHERS: [Backend; 1] = [Backend::Gpu];
+
+fn gpu() -> &'static wgpu::Gpu {
+    wgpu::gpu().unwrap_or_else(|e| {
+        panic!("{e}: the GPU tests need an adapter (Debian: apt-get install mesa-vulkan-drivers)")
+    })
+}
+
+fn normal(rng: &mut impl Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            // Sum of uniforms: close enough to normal, with the odd outlier from the scale below.
+            let s: f32 = (0..4).map(|_| rng.gen::<f32>() - 0.5).sum();
+            s * scale
+        })
+        .collect()
+}
+
+/// A `[rows, cols]` tensor of `ty` quantized from random values by the type's own quantizer.
+fn tensor(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> TensorRef {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let t = ty.traits();
+    let mut v = normal(&mut rng, rows * cols, 0.05);
+    // A few outliers per row, as real weights have.
+    for r in 0..rows {
+        let c = rng.gen_range(0..cols);
+        v[r * cols + c] *= 20.0;
+    }
+    let row_bytes = t.row_bytes(cols).expect("whole blocks");
+    let mut data = vec![0u8; rows * row_bytes];
+    let quantize = t.quantize.expect("a quantizer");
+    let ones = vec![1.0f32; cols];
+    let lowbit = matches!(
+        ty,
+        GgmlType::Iq2Xxs
+            | GgmlType::Iq2Xs
+            | GgmlType::Iq2S
+            | GgmlType::Iq3Xxs
+            | GgmlType::Iq3S
+            | GgmlType::Iq1S
+            | GgmlType::Iq1M
+    );
+    let imatrix = lowbit.then_some(ones.as_slice());
+    for (src, dst) in v.chunks_exact(cols).zip(data.chunks_exact_mut(row_bytes)) {
+        quantize(src, dst, imatrix);
+    }
+    TensorRef::new(
+        format!("w.{}", t.name),
+        vec![rows, cols],
+        ty,
+        Bytes::owned(data),
+    )
+    .expect("valid tensor")
+}
+
+/// Normalised error `‖a − b‖² / ‖b‖²` (llama.cpp's test-backend-ops measure).
+fn nmse(a: &[f32], b: &[f32]) -> f64 {
+    let (mut e, mut n) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        e += ((x - y) as f64).powi(2);
+        n += (y as f64).powi(2);
+    }
+    e / n.max(1e-30)
+}
+
+#[test]
+fn every_shader_parses_and_validates_with_naga() {
+    for (name, ..) in wgpu::kernels::SHADERS {
+        let src = wgpu::kernels::source(name).expect("listed");
+        let module = naga::front::wgsl::parse_str(&src)
+            .unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(&src)));
+        naga::valid::Validator::new(
+            naga::valid::ValidationFlags::all(),
+            naga::valid::Capabilities::empty(),
+        )
+        .validate(&module)
+        .unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(&src)));
+    }
+}
+
+#[test]
+fn the_gpu_dequantises_every_kernel_type_exactly_as_the_cpu() {
+    let g = gpu();
+    let mut covered = 0;
+    for ty in GgmlType::all() {
+        if wgpu::kernels::dequant_kernel(ty).is_none() {
+            continue;
+        }
+        covered += 1;
+        let w = tensor(ty, 5, 512, ty as u64);
+        let want = w.to_f32();
+        let got = wgpu::weights::dequantize(g, &w).expect("gpu dequantisation");
+        let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            bad,
+            0,
+            "{}: {bad} of {} values differ from the CPU's (first: {:?})",
+            ty.traits().name,
+            want.len(),
+            got.iter().zip(&want).find(|(a, b)| a != b)
+        );
+    }
+    assert_eq!(covered, 15, "types with a GPU dequantisation kernel");
+}
+
+#[test]
+fn matmuls_agree_with_the_cpu_for_every_type_and_awkward_shapes() {
+    let _ = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    // Rows and token counts that are not multiples of the 64 × 64 tiles; 1 token is decoding.
+    let shapes = [(70usize, 256usize, 1usize), (33, 512, 5), (130, 256, 67)];
+    for ty in GgmlType::all() {
+        for (i, &(rows, cols, n)) in shapes.iter().enumerate() {
+            if ty.traits().block_elems > cols {
+                continue;
+            }
+            let w = tensor(ty, rows, cols, 100 + i as u64);
+            let x = normal(&mut rng, n * cols, 1.0);
+            let mut want = vec![0.0f32; n * rows];
+            Backend::Cpu.matmul(&w, &x, n, &mut want);
+            for b in OTHERS {
+                let mut got = vec![f32::NAN; n * rows];
+                b.matmul(&w, &x, n, &mut got);
+                let e = nmse(&got, &want);
+                assert!(
+                    e < 1e-10,
+                    "{} {}: {rows}×{cols} · {n} tokens: normalised error {e:e}",
+                    b.name(),
+                    ty.traits().name
+                );
+            }
+        }
+    }
+    assert_eq!(super::gpu_fallback(), None, "no call fell back to the CPU");
+}
+
+#[test]
+fn interleaved_qk_rows_come_out_in_hugging_face_order() {
+    let _ = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let (rows, cols, n) = (128, 256, 3);
+    for ty in [GgmlType::F16, GgmlType::Q4K] {
+        let mut w = tensor(ty, rows, cols, 5);
+        w.rope_interleaved_heads = Some(2);
+        let x = normal(&mut rng, n * cols, 1.0);
+        let mut want = vec![0.0f32; n * rows];
+        Backend::Cpu.matmul(&w, &x, n, &mut want);
+        for b in OTHERS {
+            let mut got = vec![0.0f32; n * rows];
+            b.matmul(&w, &x, n, &mut got);
+            assert!(
+                nmse(&got, &want) < 1e-10,
+                "{} {}",
+                b.name(),
+                ty.traits().name
+            );
+        }
+    }
+}
+
+#[test]
+fn attention_products_agree_with_the_cpu() {
+    let _ = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for &(n, m, k) in &[
+        (1usize, 1usize, 1usize),
+        (7, 65, 64),
+        (64, 130, 48),
+        (33, 64, 129),
+    ] {
+        let x = normal(&mut rng, n * k, 1.0);
+        let w = normal(&mut rng, m * k, 1.0);
+        let (mut nt, mut nn) = (vec![0.0f32; n * m], vec![0.0f32; n * m]);
+        Backend::Cpu.sgemm_nt(n, m, k, &x, &w, &mut nt);
+        Backend::Cpu.sgemm_nn(n, m, k, &x, &w, &mut nn);
+        for b in OTHERS {
+            let (mut g_nt, mut g_nn) = (vec![0.0f32; n * m], vec![0.0f32; n * m]);
+            b.sgemm_nt(n, m, k, &x, &w, &mut g_nt);
+            b.sgemm_nn(n, m, k, &x, &w, &mut g_nn);
+            assert!(nmse(&g_nt, &nt) < 1e-10, "{} nt {n}×{m}×{k}", b.name());
+            assert!(nmse(&g_nn, &nn) < 1e-10, "{} nn {n}×{m}×{k}", b.name());
+        }
+    }
+}
+
+#[test]
+fn a_weight_is_uploaded_once() {
+    let g = gpu();
+    let w = tensor(GgmlType::Q8_0, 64, 256, 9);
+    let a = g.weight(&w).expect("upload");
+    let b = g.weight(&w).expect("cached");
+    assert!(
+        std::sync::Arc::ptr_eq(&a, &b),
+        "the second use finds the first upload"
+    );
+}

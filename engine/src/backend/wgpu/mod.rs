@@ -1,0 +1,265 @@
+//! The GPU backend on wgpu (Vulkan, Metal, DX12): one device per process, chosen once (discrete GPUs
+//! first; `prefer_adapter` or `QS_GPU` picks another), with every limit the adapter offers. Kernels are
+//! WGSL files in `engine/shaders/` compiled once per (kernel, entry point, constants) and cached
+//! ([`kernels`]); weights are uploaded once in their stored form and kept under a byte budget
+//! ([`weights`]). Failures (no adapter, out of memory, a lost device, a wait that never ends) are engine
+//! errors; [`super::Backend`] turns a failed GPU call into the CPU's result and a notice.
+
+pub mod kernels;
+pub mod weights;
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use ::wgpu as wg;
+
+use crate::{Error, Result};
+
+/// What a user sees of an adapter.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AdapterSummary {
+    pub name: String,
+    /// `"Vulkan"`, `"Metal"`, `"Dx12"`.
+    pub api: String,
+    /// `"DiscreteGpu"`, `"IntegratedGpu"`, `"Cpu"` (a software rasteriser such as lavapipe), …
+    pub kind: String,
+    pub driver: String,
+}
+
+impl AdapterSummary {
+    fn of(info: &wg::AdapterInfo) -> Self {
+        Self {
+            name: info.name.clone(),
+            api: format!("{:?}", info.backend),
+            kind: format!("{:?}", info.device_type),
+            driver: format!("{} {}", info.driver, info.driver_info)
+                .trim()
+                .to_string(),
+        }
+    }
+
+    /// Whether this is a software implementation (lavapipe, WARP, SwiftShader): correct, slower than our
+    /// CPU kernels.
+    pub fn is_software(&self) -> bool {
+        self.kind == "Cpu"
+    }
+
+    /// `"NVIDIA H100 (Vulkan)"`.
+    pub fn label(&self) -> String {
+        format!("{} ({})", self.name, self.api)
+    }
+}
+
+/// The process's GPU: device, queue, what it allows, and the caches every call shares.
+pub struct Gpu {
+    pub(crate) device: wg::Device,
+    pub(crate) queue: wg::Queue,
+    pub summary: AdapterSummary,
+    pub(crate) limits: wg::Limits,
+    pub(crate) pipelines: Mutex<HashMap<kernels::Key, wg::ComputePipeline>>,
+    pub(crate) weights: Mutex<weights::WeightCache>,
+    lost: std::sync::Arc<Mutex<Option<String>>>,
+    /// One GPU call at a time: the caches and scratch buffers are shared.
+    work: Mutex<()>,
+}
+
+static PREFERENCE: Mutex<Option<String>> = Mutex::new(None);
+static GPU: OnceLock<std::result::Result<Gpu, String>> = OnceLock::new();
+
+/// How long one wait for the device may take before the call fails (software adapters are slow; a hung
+/// driver must not hang the program).
+pub(crate) const WAIT: Duration = Duration::from_secs(300);
+
+/// Choose the adapter by name (a case-insensitive part of it) or by its index in [`adapters`]; must be
+/// called before the GPU is first used. `QS_GPU` in the environment does the same.
+pub fn prefer_adapter(name: &str) {
+    *lock(&PREFERENCE) = Some(name.trim().to_string());
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn instance() -> wg::Instance {
+    let mut desc = wg::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wg::Backends::PRIMARY;
+    wg::Instance::new(desc)
+}
+
+fn rank(t: wg::DeviceType) -> u8 {
+    match t {
+        wg::DeviceType::DiscreteGpu => 0,
+        wg::DeviceType::IntegratedGpu => 1,
+        wg::DeviceType::VirtualGpu => 2,
+        wg::DeviceType::Other => 3,
+        wg::DeviceType::Cpu => 4,
+    }
+}
+
+/// Every adapter wgpu finds (Vulkan, Metal, DX12), best first: discrete, integrated, virtual, software.
+pub fn adapters() -> Vec<AdapterSummary> {
+    sorted_adapters(&instance())
+        .iter()
+        .map(|a| AdapterSummary::of(&a.get_info()))
+        .collect()
+}
+
+fn sorted_adapters(inst: &wg::Instance) -> Vec<wg::Adapter> {
+    let mut v = pollster::block_on(inst.enumerate_adapters(wg::Backends::PRIMARY));
+    v.sort_by_key(|a| {
+        let i = a.get_info();
+        (rank(i.device_type), i.backend != wg::Backend::Vulkan)
+    });
+    v
+}
+
+/// The GPU, opened on first use.
+pub fn gpu() -> Result<&'static Gpu> {
+    GPU.get_or_init(open)
+        .as_ref()
+        .map_err(|e| Error::Gpu(e.clone()))
+}
+
+/// The adapter the GPU backend uses (opening it), or why there is none.
+pub fn adapter() -> Result<AdapterSummary> {
+    gpu().map(|g| g.summary.clone())
+}
+
+fn open() -> std::result::Result<Gpu, String> {
+    let inst = instance();
+    let all = sorted_adapters(&inst);
+    if all.is_empty() {
+        return Err("no GPU adapter found (Vulkan, Metal or DX12); on Linux without a GPU, Mesa's lavapipe \
+                    (Debian package mesa-vulkan-drivers) provides a software one"
+            .into());
+    }
+    let want = lock(&PREFERENCE)
+        .clone()
+        .or_else(|| std::env::var("QS_GPU").ok())
+        .filter(|s| !s.trim().is_empty());
+    let adapter = match want {
+        None => all.into_iter().next(),
+        Some(w) => {
+            let names: Vec<String> = all.iter().map(|a| a.get_info().name).collect();
+            let pick = match w.parse::<usize>() {
+                Ok(i) => all.into_iter().nth(i),
+                Err(_) => {
+                    let w = w.to_lowercase();
+                    all.into_iter()
+                        .find(|a| a.get_info().name.to_lowercase().contains(&w))
+                }
+            };
+            if pick.is_none() {
+                return Err(format!(
+                    "no GPU adapter matches {w:?}; found: {}",
+                    names.join(", ")
+                ));
+            }
+            pick
+        }
+    }
+    .ok_or("no GPU adapter")?;
+    let info = adapter.get_info();
+    let limits = adapter.limits();
+    let desc = wg::DeviceDescriptor {
+        label: Some("quant-studio"),
+        required_features: wg::Features::empty(),
+        required_limits: limits.clone(),
+        experimental_features: wg::ExperimentalFeatures::disabled(),
+        memory_hints: wg::MemoryHints::Performance,
+        trace: wg::Trace::Off,
+    };
+    let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+        .map_err(|e| format!("{}: cannot open the device: {e}", info.name))?;
+    let lost = std::sync::Arc::new(Mutex::new(None));
+    let flag = std::sync::Arc::clone(&lost);
+    device.set_device_lost_callback(move |reason, msg| {
+        *lock(&flag) = Some(format!("device lost ({reason:?}): {msg}"));
+    });
+    let budget = std::env::var("QS_GPU_WEIGHT_CACHE_MB")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or(weights::DEFAULT_BUDGET, |mb| mb << 20);
+    Ok(Gpu {
+        device,
+        queue,
+        summary: AdapterSummary::of(&info),
+        limits,
+        pipelines: Mutex::new(HashMap::new()),
+        weights: Mutex::new(weights::WeightCache::new(budget)),
+        lost,
+        work: Mutex::new(()),
+    })
+}
+
+impl Gpu {
+    /// The largest storage binding (bytes) a kernel can see: tensors beyond it are split.
+    pub(crate) fn max_binding(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size) & !255
+    }
+
+    /// Workgroups a dispatch may have along one dimension.
+    pub(crate) fn max_groups(&self) -> u32 {
+        self.limits.max_compute_workgroups_per_dimension
+    }
+
+    /// Exclusive use of the device's shared state for one call.
+    pub(crate) fn begin(&self) -> Result<MutexGuard<'_, ()>> {
+        if let Some(e) = lock(&self.lost).clone() {
+            return Err(Error::Gpu(e));
+        }
+        Ok(lock(&self.work))
+    }
+
+    /// Run `f` (which records and submits work) and turn validation and out-of-memory errors raised
+    /// meanwhile into an engine error.
+    pub(crate) fn checked<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let oom = self.device.push_error_scope(wg::ErrorFilter::OutOfMemory);
+        let val = self.device.push_error_scope(wg::ErrorFilter::Validation);
+        let r = f();
+        let v = pollster::block_on(val.pop());
+        let o = pollster::block_on(oom.pop());
+        if let Some(e) = o {
+            return Err(Error::Gpu(format!(
+                "{what}: out of GPU memory ({e}); set QS_GPU_WEIGHT_CACHE_MB lower or use --backend cpu"
+            )));
+        }
+        if let Some(e) = v {
+            return Err(Error::Gpu(format!("{what}: {e}")));
+        }
+        if let Some(e) = lock(&self.lost).clone() {
+            return Err(Error::Gpu(format!("{what}: {e}")));
+        }
+        r
+    }
+
+    /// Copy `len` bytes of `buf` (a MAP_READ buffer whose copy has been submitted) back, waiting at most
+    /// [`WAIT`].
+    pub(crate) fn read_back(&self, buf: &wg::Buffer, len: u64) -> Result<Vec<u8>> {
+        let slice = buf.slice(0..len);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wg::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wg::PollType::Wait {
+                submission_index: None,
+                timeout: Some(WAIT),
+            })
+            .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error::Gpu(format!("reading results back: {e}"))),
+            Err(_) => return Err(Error::Gpu("the GPU never finished (timed out)".into())),
+        }
+        let out = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| Error::Gpu(format!("reading results back: {e}")))?;
+            view.to_vec()
+        };
+        buf.unmap();
+        Ok(out)
+    }
+}

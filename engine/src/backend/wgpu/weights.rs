@@ -1,0 +1,423 @@
+//! Weights on the device and the operations over them: a tensor is uploaded once in its stored form, in
+//! chunks of whole rows no larger than a storage binding, and kept in a cache under a byte budget (least
+//! recently used first out), so device memory is bounded however large the model. A matmul dequantises a
+//! tile of rows into a scratch buffer with the type's kernel and multiplies it with the tiled GEMM; the
+//! types without a kernel are dequantised on the CPU once and kept as f32 rows.
+
+use std::sync::{Arc, Weak};
+
+use ::wgpu as wg;
+use rayon::prelude::*;
+use wg::util::DeviceExt;
+
+use super::kernels::{dequant_kernel, Gemm};
+use super::{lock, Gpu};
+use crate::tensor::{interleaved_row, Backing, Grouped, Storage, TensorRef};
+use crate::{Error, Result};
+
+/// Device bytes kept for weights unless `QS_GPU_WEIGHT_CACHE_MB` says otherwise.
+pub(crate) const DEFAULT_BUDGET: u64 = 6 << 30;
+
+/// Bytes of dequantised weights one GEMM reads at a time.
+const SCRATCH: u64 = 64 << 20;
+
+/// What a cached weight was made from. The cache holds only weak references, so it never keeps a file
+/// mapped; while an entry exists its allocation cannot be reused, so a match is the same tensor.
+enum Owner {
+    Bytes(Weak<Backing>, usize, usize),
+    Grouped(Weak<Grouped>),
+}
+
+impl Owner {
+    fn of(w: &TensorRef) -> Self {
+        match &w.storage {
+            Storage::Blocks { data, .. } => {
+                let (b, s, l) = data.identity();
+                Owner::Bytes(Arc::downgrade(b), s, l)
+            }
+            Storage::Grouped(g) => Owner::Grouped(Arc::downgrade(g)),
+        }
+    }
+
+    fn same(&self, other: &Owner) -> bool {
+        match (self, other) {
+            (Owner::Bytes(a, s, l), Owner::Bytes(b, t, m)) => a.ptr_eq(b) && s == t && l == m,
+            (Owner::Grouped(a), Owner::Grouped(b)) => a.ptr_eq(b),
+            _ => false,
+        }
+    }
+
+    fn alive(&self) -> bool {
+        match self {
+            Owner::Bytes(a, ..) => a.strong_count() > 0,
+            Owner::Grouped(a) => a.strong_count() > 0,
+        }
+    }
+}
+
+/// Whole rows `row0..row0 + rows` of a weight on the device.
+pub(crate) struct Chunk {
+    row0: usize,
+    rows: usize,
+    buf: wg::Buffer,
+}
+
+/// A weight on the device.
+pub(crate) struct DeviceWeight {
+    chunks: Vec<Chunk>,
+    /// The dequantisation kernel and the type's block size in elements, or `None` for f32 rows.
+    kernel: Option<((&'static str, &'static str), usize)>,
+    /// `Some(heads)` when rows are in llama.cpp's interleaved-RoPE order.
+    interleaved: Option<usize>,
+    bytes: u64,
+}
+
+struct Entry {
+    owner: Owner,
+    weight: Arc<DeviceWeight>,
+    last: u64,
+}
+
+/// Uploaded weights, least recently used dropped first once over budget.
+pub(crate) struct WeightCache {
+    entries: Vec<Entry>,
+    budget: u64,
+    clock: u64,
+}
+
+impl WeightCache {
+    pub(crate) fn new(budget: u64) -> Self {
+        Self {
+            entries: Vec::new(),
+            budget,
+            clock: 0,
+        }
+    }
+
+    fn used(&self) -> u64 {
+        self.entries.iter().map(|e| e.weight.bytes).sum()
+    }
+
+    fn get(&mut self, owner: &Owner) -> Option<Arc<DeviceWeight>> {
+        self.entries.retain(|e| e.owner.alive());
+        self.clock += 1;
+        let now = self.clock;
+        self.entries
+            .iter_mut()
+            .find(|e| e.owner.same(owner))
+            .map(|e| {
+                e.last = now;
+                Arc::clone(&e.weight)
+            })
+    }
+
+    /// Make room for `bytes` more.
+    fn evict_for(&mut self, bytes: u64) {
+        while !self.entries.is_empty() && self.used() + bytes > self.budget {
+            let oldest = self
+                .entries
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, e)| e.last)
+                .map_or(0, |(i, _)| i);
+            self.entries.swap_remove(oldest);
+        }
+    }
+
+    fn insert(&mut self, owner: Owner, weight: Arc<DeviceWeight>) {
+        self.clock += 1;
+        self.entries.push(Entry {
+            owner,
+            weight,
+            last: self.clock,
+        });
+    }
+}
+
+impl Gpu {
+    /// Bytes of weights resident on the device now.
+    pub fn resident_weight_bytes(&self) -> u64 {
+        lock(&self.weights).used()
+    }
+
+    fn storage(&self, label: &str, size: u64, extra: wg::BufferUsages) -> wg::Buffer {
+        self.device.create_buffer(&wg::BufferDescriptor {
+            label: Some(label),
+            size: size.max(4).next_multiple_of(4),
+            usage: wg::BufferUsages::STORAGE | extra,
+            mapped_at_creation: false,
+        })
+    }
+
+    fn upload(&self, label: &str, bytes: &[u8]) -> wg::Buffer {
+        if bytes.len().is_multiple_of(4) && !bytes.is_empty() {
+            return self
+                .device
+                .create_buffer_init(&wg::util::BufferInitDescriptor {
+                    label: Some(label),
+                    contents: bytes,
+                    usage: wg::BufferUsages::STORAGE,
+                });
+        }
+        let mut padded = bytes.to_vec();
+        padded.resize(bytes.len().next_multiple_of(4).max(4), 0);
+        self.device
+            .create_buffer_init(&wg::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: &padded,
+                usage: wg::BufferUsages::STORAGE,
+            })
+    }
+
+    /// `w` on the device, uploaded now if it is not cached.
+    pub(crate) fn weight(&self, w: &TensorRef) -> Result<Arc<DeviceWeight>> {
+        let owner = Owner::of(w);
+        if let Some(d) = lock(&self.weights).get(&owner) {
+            return Ok(d);
+        }
+        let (rows, cols) = (w.rows(), w.cols());
+        let max = self.max_binding();
+        let native = w.block_type().and_then(|t| {
+            dequant_kernel(t).map(|k| (k, t.traits().block_elems, t.traits().block_bytes))
+        });
+        let row_bytes = match native {
+            Some(_) => w.row_bytes() as u64,
+            None => cols as u64 * 4,
+        };
+        if row_bytes == 0 || row_bytes > max {
+            return Err(Error::Gpu(format!(
+                "{}: a row of {row_bytes} bytes does not fit a storage binding ({max} bytes)",
+                w.name
+            )));
+        }
+        let per_chunk = ((max / row_bytes) as usize).max(1);
+        let bytes = row_bytes * rows as u64;
+        lock(&self.weights).evict_for(bytes);
+        let weight = self.checked(&format!("uploading {}", w.name), || {
+            let mut chunks = Vec::new();
+            for row0 in (0..rows).step_by(per_chunk) {
+                let n = per_chunk.min(rows - row0);
+                let buf = match (&native, &w.storage) {
+                    (Some(_), Storage::Blocks { data, .. }) => {
+                        let rb = row_bytes as usize;
+                        self.upload(&w.name, &data[row0 * rb..(row0 + n) * rb])
+                    }
+                    _ => {
+                        let mut f = vec![0.0f32; n * cols];
+                        f.par_chunks_mut(cols)
+                            .enumerate()
+                            .for_each(|(i, row)| w.dequant_row(row0 + i, row));
+                        self.upload(&w.name, bytemuck::cast_slice(&f))
+                    }
+                };
+                chunks.push(Chunk { row0, rows: n, buf });
+            }
+            Ok(DeviceWeight {
+                chunks,
+                kernel: native.map(|(k, be, _)| (k, be)),
+                interleaved: if native.is_some() {
+                    w.rope_interleaved_heads
+                } else {
+                    None
+                },
+                bytes,
+            })
+        })?;
+        let weight = Arc::new(weight);
+        lock(&self.weights).insert(owner, Arc::clone(&weight));
+        Ok(weight)
+    }
+
+    /// `out[t, r] = Σ_c x[t, c] · W[r, c]` on the device (see [`crate::backend::Backend::matmul`]).
+    pub fn matmul(&self, w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) -> Result<()> {
+        let (rows, cols) = (w.rows(), w.cols());
+        if x.len() != n * cols || out.len() != n * rows {
+            return Err(Error::Invalid(format!("{}: matmul sizes", w.name)));
+        }
+        let _guard = self.begin()?;
+        let dw = self.weight(w)?;
+        let max = self.max_binding();
+        let row_f32 = (rows.max(cols) as u64) * 4;
+        let n_step = ((max / row_f32) as usize).clamp(1, n.max(1));
+        let tile = ((SCRATCH.min(max) / (cols as u64 * 4)) as usize).max(1);
+        let scratch = dw.kernel.map(|_| {
+            self.storage(
+                "scratch",
+                (tile.min(rows) * cols * 4) as u64,
+                wg::BufferUsages::empty(),
+            )
+        });
+        for t0 in (0..n).step_by(n_step) {
+            let nt = n_step.min(n - t0);
+            let xb = self.upload("x", bytemuck::cast_slice(&x[t0 * cols..(t0 + nt) * cols]));
+            let yb = self.storage("y", (nt * rows * 4) as u64, wg::BufferUsages::COPY_SRC);
+            let staging = self.device.create_buffer(&wg::BufferDescriptor {
+                label: Some("read back"),
+                size: (nt * rows * 4) as u64,
+                usage: wg::BufferUsages::MAP_READ | wg::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            let y = self.checked(&format!("matmul {}", w.name), || {
+                let mut enc = self.device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = enc.begin_compute_pass(&Default::default());
+                    for ch in &dw.chunks {
+                        for r0 in (0..ch.rows).step_by(tile) {
+                            let m = tile.min(ch.rows - r0);
+                            let mut g = Gemm {
+                                n: nt as u32,
+                                m: m as u32,
+                                k: cols as u32,
+                                ldw: cols as u32,
+                                y_off: (ch.row0 + r0) as u32,
+                                ldy: rows as u32,
+                                ..Gemm::default()
+                            };
+                            match (dw.kernel, &scratch) {
+                                (Some((k, block)), Some(s)) => {
+                                    let first = (r0 * cols / block) as u32;
+                                    let count = (m * cols / block) as u32;
+                                    self.record_dequant(&mut pass, k, &ch.buf, first, count, s);
+                                    self.record_gemm(&mut pass, [&xb, s, &yb], g);
+                                }
+                                _ => {
+                                    g.w_off = (r0 * cols) as u32;
+                                    self.record_gemm(&mut pass, [&xb, &ch.buf, &yb], g);
+                                }
+                            }
+                        }
+                    }
+                }
+                enc.copy_buffer_to_buffer(&yb, 0, &staging, 0, (nt * rows * 4) as u64);
+                self.queue.submit([enc.finish()]);
+                self.read_back(&staging, (nt * rows * 4) as u64)
+            })?;
+            let dst = &mut out[t0 * rows..(t0 + nt) * rows];
+            let vals: Vec<f32> = bytemuck::pod_collect_to_vec(&y);
+            match dw.interleaved {
+                Some(heads) => {
+                    for (o, v) in dst.chunks_exact_mut(rows).zip(vals.chunks_exact(rows)) {
+                        for (r, oo) in o.iter_mut().enumerate() {
+                            *oo = v[interleaved_row(r, rows, heads)];
+                        }
+                    }
+                }
+                None => dst.copy_from_slice(&vals),
+            }
+        }
+        Ok(())
+    }
+
+    /// `y[n, m] = x[n, k] · Wᵀ` with `w` as `[m, k]` (`kmajor == false`) or `W` as `w[k, m]`
+    /// (`kmajor == true`), all f32 in host memory.
+    pub fn sgemm(
+        &self,
+        n: usize,
+        m: usize,
+        k: usize,
+        x: &[f32],
+        w: &[f32],
+        y: &mut [f32],
+        kmajor: bool,
+    ) -> Result<()> {
+        let max = self.max_binding() as usize;
+        if [n * k, m * k, n * m].iter().any(|&e| e * 4 > max) {
+            return Err(Error::Gpu(format!(
+                "a {n}×{m}×{k} product does not fit a storage binding"
+            )));
+        }
+        let _guard = self.begin()?;
+        let xb = self.upload("x", bytemuck::cast_slice(&x[..n * k]));
+        let wb = self.upload("w", bytemuck::cast_slice(&w[..m * k]));
+        let bytes = (n * m * 4) as u64;
+        let yb = self.storage("y", bytes, wg::BufferUsages::COPY_SRC);
+        let staging = self.device.create_buffer(&wg::BufferDescriptor {
+            label: Some("read back"),
+            size: bytes.max(4),
+            usage: wg::BufferUsages::MAP_READ | wg::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let out = self.checked("attention product", || {
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                let g = Gemm {
+                    n: n as u32,
+                    m: m as u32,
+                    k: k as u32,
+                    ldw: if kmajor { m as u32 } else { k as u32 },
+                    ldy: m as u32,
+                    kmajor,
+                    ..Gemm::default()
+                };
+                self.record_gemm(&mut pass, [&xb, &wb, &yb], g);
+            }
+            enc.copy_buffer_to_buffer(&yb, 0, &staging, 0, bytes.max(4));
+            self.queue.submit([enc.finish()]);
+            self.read_back(&staging, bytes.max(4))
+        })?;
+        let vals: Vec<f32> = bytemuck::pod_collect_to_vec(&out);
+        y[..n * m].copy_from_slice(&vals[..n * m]);
+        Ok(())
+    }
+}
+
+/// Dequantise `w` on the device (every row, Hugging Face order): what the matmul multiplies with.
+/// The conformance tests compare it with the CPU's dequantisation.
+pub fn dequantize(gpu: &Gpu, w: &TensorRef) -> Result<Vec<f32>> {
+    let (rows, cols) = (w.rows(), w.cols());
+    let mut eye = vec![0.0f32; cols * cols];
+    for i in 0..cols {
+        eye[i * cols + i] = 1.0;
+    }
+    // Wᵀ = I · Wᵀ: exact, every product is 1·w or 0·w.
+    let mut t = vec![0.0f32; cols * rows];
+    gpu.matmul(w, &eye, cols, &mut t)?;
+    let mut out = vec![0.0f32; rows * cols];
+    for c in 0..cols {
+        for r in 0..rows {
+            out[r * cols + c] = t[c * rows + r];
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(bytes: u64) -> Arc<DeviceWeight> {
+        Arc::new(DeviceWeight {
+            chunks: Vec::new(),
+            kernel: None,
+            interleaved: None,
+            bytes,
+        })
+    }
+
+    fn tensor(n: usize) -> TensorRef {
+        TensorRef::from_f32("t", vec![n], &vec![0.5; n]).expect("tensor")
+    }
+
+    #[test]
+    fn the_cache_keeps_the_budget_and_forgets_dropped_tensors() {
+        let mut c = WeightCache::new(1000);
+        let (a, b, d) = (tensor(4), tensor(4), tensor(4));
+        c.insert(Owner::of(&a), entry(400));
+        c.insert(Owner::of(&b), entry(400));
+        assert!(c.get(&Owner::of(&a)).is_some(), "a is now the most recent");
+        assert!(
+            c.get(&Owner::of(&d)).is_none(),
+            "another tensor's bytes are not a's"
+        );
+        c.evict_for(400);
+        assert!(
+            c.get(&Owner::of(&b)).is_none(),
+            "b, least recently used, made room"
+        );
+        assert_eq!(c.used(), 400);
+        drop(a);
+        assert!(c.get(&Owner::of(&d)).is_none());
+        assert_eq!(c.used(), 0, "the dropped tensor's upload is released");
+    }
+}
