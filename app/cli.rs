@@ -24,6 +24,7 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use quant_engine::backend::Backend;
 use quant_engine::bench::BenchOptions;
 use quant_engine::calib::{CalibOptions, CalibSource};
 use quant_engine::imatrix::ImatrixOptions;
@@ -45,6 +46,14 @@ pub struct Cli {
     /// Threads for the numerical work (default: one per core).
     #[arg(long, global = true, value_name = "N", value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub threads: Option<usize>,
+    /// Where the arithmetic runs: cpu, gpu (wgpu: Vulkan, Metal or DX12), or auto (a hardware GPU when
+    /// there is one, else the CPU).
+    #[arg(long, global = true, value_enum, default_value_t = BackendArg::Cpu)]
+    pub backend: BackendArg,
+    /// The GPU to use: part of its name, or its number in `quant-studio gpus` (default: a discrete GPU
+    /// first).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub gpu: Option<String>,
     /// Open the window with the demo flow.
     #[arg(long)]
     pub demo: bool,
@@ -53,6 +62,42 @@ pub struct Cli {
     pub open: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Option<CliCommand>,
+}
+
+/// `--backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+static BACKEND: std::sync::OnceLock<Backend> = std::sync::OnceLock::new();
+
+/// Resolve `--backend`/`--gpu` once, before any command runs: an explicit `gpu` without a usable adapter
+/// is an error here, not a silent CPU run.
+pub fn configure_backend(arg: BackendArg, gpu: Option<&str>) -> anyhow::Result<Backend> {
+    if let Some(g) = gpu {
+        quant_engine::backend::wgpu::prefer_adapter(g);
+    }
+    let b = match arg {
+        BackendArg::Cpu => Backend::Cpu,
+        BackendArg::Auto => Backend::auto(),
+        BackendArg::Gpu => {
+            quant_engine::backend::wgpu::adapter()?;
+            Backend::Gpu
+        }
+    };
+    if b == Backend::Gpu {
+        eprintln!("backend: {}", b.describe());
+    }
+    let _ = BACKEND.set(b);
+    Ok(b)
+}
+
+/// Where this run's arithmetic goes (`--backend`).
+pub fn backend() -> Backend {
+    BACKEND.get().copied().unwrap_or_default()
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,6 +203,12 @@ pub enum CliCommand {
     },
     /// Quantization time and peak memory, against a llama-quantize binary when given (ratio printed).
     BenchQuantize(bench_quantize::BenchQuantizeArgs),
+    /// List the GPUs the GPU backend can use (`--gpu NAME|NUMBER` picks one).
+    Gpus {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Prompt-processing and decoding speed, as llama-bench measures it (pp512, tg128).
     Bench {
         model: PathBuf,
@@ -192,6 +243,7 @@ impl CalibArgs {
         ImatrixOptions {
             n_ctx: self.n_ctx,
             max_chunks: self.chunks,
+            backend: backend(),
         }
     }
 }
@@ -347,7 +399,7 @@ impl GptqArgs {
             activation_budget_bytes: self.activation_budget_mib * 1024 * 1024,
             rtn: self.rtn,
             max_shard_bytes: Some(self.max_shard_size),
-            backend: quant_engine::backend::Backend::Cpu,
+            backend: backend(),
         })
     }
 }
@@ -385,7 +437,7 @@ impl GptqArgs {
             measurement: self.measurement.clone(),
             activation_budget_bytes: self.activation_budget_mib * 1024 * 1024,
             max_shard_bytes: Some(self.max_shard_size),
-            ..d
+            backend: backend(),
         })
     }
 
@@ -423,6 +475,7 @@ impl GptqArgs {
             rtn: self.rtn,
             activation_budget_bytes: self.activation_budget_mib * 1024 * 1024,
             max_shard_bytes: Some(self.max_shard_size),
+            backend: backend(),
             ..d
         })
     }
@@ -513,6 +566,7 @@ impl SamplingArgs {
                 seed: self.seed,
             },
             stop_strings: self.stop.clone(),
+            backend: backend(),
             allow_long_context: self.allow_long_context,
         }
     }
@@ -681,12 +735,35 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                 n_prompt,
                 n_gen,
                 repetitions,
+                backend: backend(),
             };
             bench(&engine, model, options, json)
         }
+        CliCommand::Gpus { json } => gpus(json),
     };
     engine.shutdown();
     result
+}
+
+/// `gpus`: every adapter, best first, numbered for `--gpu`.
+fn gpus(json: bool) -> anyhow::Result<()> {
+    let all = quant_engine::backend::wgpu::adapters();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    if all.is_empty() {
+        bail!("no GPU adapter found (Vulkan, Metal or DX12); on Linux without a GPU, Mesa's lavapipe (Debian: mesa-vulkan-drivers) provides a software one");
+    }
+    for (i, a) in all.iter().enumerate() {
+        let note = if a.is_software() {
+            "  (software: slower than --backend cpu)"
+        } else {
+            ""
+        };
+        println!("{i}  {}  [{}; {}]{note}", a.label(), a.kind, a.driver);
+    }
+    Ok(())
 }
 
 /// Newlines folded, so an error prints as one line.

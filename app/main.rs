@@ -42,6 +42,7 @@ fn run(args: cli::Cli) -> anyhow::Result<()> {
     if let Some(n) = args.threads {
         quant_engine::jobs::configure_threads(n)?;
     }
+    cli::configure_backend(args.backend, args.gpu.as_deref())?;
     match args.command {
         None => gui::run(args.demo, args.open),
         Some(command) => cli::run(command),

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use clap::Args;
-use quant_engine::backend::Backend;
 use quant_engine::eval::{EvalOptions, KldReport, KldStats, PerplexityReport, ValueUnc};
 use quant_engine::infer::Numerics;
 use quant_engine::jobs::{Command, EngineHandle, EvalText, Event, JobOutput};
@@ -35,9 +34,6 @@ pub struct EvalArgs {
     /// rounds them: Q8_0/Q8_1/Q8_K or f16 per weight type, f16 KV cache), to compare with llama-perplexity.
     #[arg(long, default_value = "exact", value_parser = parse_numerics)]
     pub numerics: Numerics,
-    /// Where the arithmetic runs (the engine's backends: cpu).
-    #[arg(long, default_value = "cpu", value_parser = parse_backend)]
-    pub backend: Backend,
     /// Print the report as JSON (no per-chunk lines).
     #[arg(long)]
     pub json: bool,
@@ -50,20 +46,13 @@ fn parse_numerics(s: &str) -> Result<Numerics, String> {
     Numerics::parse(s).ok_or_else(|| format!("unknown arithmetic {s:?}: use exact or llama-cpu"))
 }
 
-fn parse_backend(s: &str) -> Result<Backend, String> {
-    Backend::parse(s).ok_or_else(|| {
-        let known: Vec<&str> = Backend::ALL.iter().map(|b| b.name()).collect();
-        format!("unknown backend {s:?}: use {}", known.join(" or "))
-    })
-}
-
 pub fn run(engine: &EngineHandle, args: &EvalArgs) -> anyhow::Result<()> {
     let options = EvalOptions {
         n_ctx: args.n_ctx,
         max_chunks: args.chunks,
         numerics: args.numerics,
         allow_long_context: args.allow_long_context,
-        backend: args.backend,
+        backend: super::backend(),
     };
     if args.allow_long_context {
         super::warn_long_context();

@@ -169,6 +169,7 @@ impl QuantizePanel {
                             options: ImatrixOptions {
                                 n_ctx: self.calib.seq_len,
                                 max_chunks: Some(self.calib.rows),
+                                ..ImatrixOptions::default()
                             },
                         }
                     } else {
@@ -269,6 +270,7 @@ impl QuantizePanel {
                     options: ImatrixOptions {
                         n_ctx: self.calib.seq_len,
                         max_chunks: Some(self.calib.rows),
+                        ..ImatrixOptions::default()
                     },
                 },
                 auto: Some(quant_engine::quantize_automix::MixBudget::Bpw(

@@ -21,6 +21,8 @@ pub struct BenchOptions {
     pub n_gen: usize,
     /// Repetitions of each test (after one untimed warm-up run).
     pub repetitions: usize,
+    /// Where the arithmetic runs.
+    pub backend: crate::backend::Backend,
 }
 
 impl Default for BenchOptions {
@@ -29,6 +31,7 @@ impl Default for BenchOptions {
             n_prompt: 512,
             n_gen: 128,
             repetitions: 3,
+            backend: crate::backend::Backend::Cpu,
         }
     }
 }

@@ -156,6 +156,7 @@ fn gguf_py_reads_every_file_we_write_and_dequantizes_like_us() {
             &ImatrixOptions {
                 n_ctx: 64,
                 max_chunks: Some(4),
+                ..ImatrixOptions::default()
             },
             &mut |_, _| true,
         )

@@ -207,3 +207,74 @@ fn a_weight_is_uploaded_once() {
         "the second use finds the first upload"
     );
 }
+
+/// The fixture Llama with its linears quantized to `ty` (the rest as the fixture stores it).
+fn quantized_fixture(ty: GgmlType) -> crate::infer::Model {
+    use crate::model::fixture::{fixture_tensor_refs, FixtureSpec};
+    let spec = FixtureSpec::tiny_llama();
+    let mut tensors = fixture_tensor_refs(&spec).expect("tensors");
+    for (name, t) in tensors.iter_mut() {
+        if name.ends_with("proj.weight") && t.cols() % ty.traits().block_elems == 0 {
+            let (rows, cols) = (t.rows(), t.cols());
+            let v = t.to_f32();
+            let rb = ty.traits().row_bytes(cols).expect("blocks");
+            let mut data = vec![0u8; rows * rb];
+            let q = ty.traits().quantize.expect("quantizer");
+            for (src, dst) in v.chunks_exact(cols).zip(data.chunks_exact_mut(rb)) {
+                q(src, dst, None);
+            }
+            *t = TensorRef::new(name.clone(), vec![rows, cols], ty, Bytes::owned(data))
+                .expect("tensor");
+        }
+    }
+    crate::infer::Model::from_parts(std::path::Path::new("fixture"), &spec.config(), &tensors)
+        .expect("model")
+}
+
+#[test]
+fn evaluation_gives_the_cpus_perplexity_and_kld() {
+    use crate::eval::perplexity::tests::{fixture_model, TEXT};
+    use crate::eval::{kl_divergence, perplexity, EvalOptions};
+    let _ = gpu();
+    let (base, tok) = fixture_model(1);
+    let variant = quantized_fixture(GgmlType::Q4_0);
+    let text = TEXT.repeat(3);
+    let opts = EvalOptions {
+        n_ctx: 64,
+        max_chunks: Some(2),
+        ..EvalOptions::default()
+    };
+    let ppl = |m: &crate::infer::Model| {
+        perplexity(m, &tok, &text, &opts, &mut |_| true)
+            .expect("ppl")
+            .ppl
+    };
+    let kld = |b: &crate::infer::Model, v: &crate::infer::Model| {
+        kl_divergence(b, v, &tok, &text, &opts, &mut |_| true)
+            .expect("kld")
+            .stats
+            .kld
+            .mean
+            .value
+    };
+    let (ppl_cpu, kld_cpu) = (ppl(&base), kld(&base, &variant));
+    assert!(
+        kld_cpu > 1e-4,
+        "the Q4_0 variant differs from its base ({kld_cpu})"
+    );
+    for b in OTHERS {
+        let ppl_b = ppl(&base.on_backend(b));
+        assert!(
+            ((ppl_b - ppl_cpu) / ppl_cpu).abs() < 1e-5,
+            "{}: PPL {ppl_b} against the CPU's {ppl_cpu}",
+            b.name()
+        );
+        let kld_b = kld(&base.on_backend(b), &variant.on_backend(b));
+        assert!(
+            ((kld_b - kld_cpu) / kld_cpu).abs() < 1e-3,
+            "{}: KLD {kld_b} against the CPU's {kld_cpu}",
+            b.name()
+        );
+    }
+    assert_eq!(super::gpu_fallback(), None, "no call fell back to the CPU");
+}

@@ -20,6 +20,8 @@ pub struct ImatrixOptions {
     pub n_ctx: usize,
     /// At most this many chunks (`--chunks`).
     pub max_chunks: Option<usize>,
+    /// Where the arithmetic runs.
+    pub backend: crate::backend::Backend,
 }
 
 impl Default for ImatrixOptions {
@@ -27,6 +29,7 @@ impl Default for ImatrixOptions {
         Self {
             n_ctx: 512,
             max_chunks: None,
+            backend: crate::backend::Backend::Cpu,
         }
     }
 }
@@ -135,6 +138,7 @@ mod tests {
         let (model, tok) = fixture_model(7);
         let text = "The quick brown fox jumps over the lazy dog. ".repeat(40);
         let opts = ImatrixOptions {
+            backend: crate::backend::Backend::Cpu,
             n_ctx: 32,
             max_chunks: Some(3),
         };
@@ -216,6 +220,7 @@ mod tests {
     fn short_text_and_cancel_are_errors() {
         let (model, tok) = fixture_model(7);
         let opts = ImatrixOptions {
+            backend: crate::backend::Backend::Cpu,
             n_ctx: 64,
             max_chunks: None,
         };
@@ -246,6 +251,7 @@ mod tests {
             super::super::DEFAULT_CALIBRATION_TEXT,
             "rust-book.txt",
             &ImatrixOptions {
+                backend: crate::backend::Backend::Cpu,
                 n_ctx: 512,
                 max_chunks: Some(4),
             },

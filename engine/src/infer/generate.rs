@@ -18,6 +18,8 @@ pub struct GenerateOptions {
     pub stop_strings: Vec<String>,
     /// Accept a context longer than the model's trained one.
     pub allow_long_context: bool,
+    /// Where the arithmetic runs.
+    pub backend: crate::backend::Backend,
 }
 
 impl Default for GenerateOptions {
@@ -27,6 +29,7 @@ impl Default for GenerateOptions {
             sampler: SamplerConfig::default(),
             stop_strings: Vec::new(),
             allow_long_context: false,
+            backend: crate::backend::Backend::Cpu,
         }
     }
 }
@@ -552,6 +555,7 @@ mod tests {
         let (_d, model, tok) = fixture();
         let prompt = tok.encode("Once upon a time", false).expect("encode");
         let opts = GenerateOptions {
+            backend: crate::backend::Backend::Cpu,
             max_new_tokens: 16,
             allow_long_context: false,
             sampler: SamplerConfig {

@@ -358,6 +358,13 @@ impl Model {
         self.backend = backend;
     }
 
+    /// A copy of this model (weights shared) that runs on `backend`.
+    pub fn on_backend(&self, backend: Backend) -> Self {
+        let mut m = self.clone();
+        m.backend = backend;
+        m
+    }
+
     /// The backend the model runs on.
     pub fn backend(&self) -> Backend {
         self.backend

@@ -296,6 +296,7 @@ fn generation_streams_tokens_and_can_be_cancelled() {
                 max_new_tokens: 1_000_000,
                 stop_strings: Vec::new(),
                 allow_long_context: false,
+                backend: crate::backend::Backend::Cpu,
                 sampler: crate::infer::SamplerConfig {
                     temperature: 1.0,
                     seed: 7,

@@ -361,6 +361,7 @@ fn generate_job(
     apply_chat_template: bool,
 ) -> Result<JobOutput> {
     let m = load(ctx, cache, model)?;
+    let model_on = m.model.on_backend(options.backend);
     let tok = &m.source.tokenizer;
     let ids = prompt_ids(tok, prompt, apply_chat_template)?;
     options.sampler.validate()?;
@@ -390,7 +391,7 @@ fn generate_job(
         });
         !ctx.cancelled()
     };
-    let (text, stats) = generate(&m.model, tok, &ids, &mut kv, options, &mut on_text)?;
+    let (text, stats) = generate(&model_on, tok, &ids, &mut kv, options, &mut on_text)?;
     if stats.stop_reason == StopReason::Cancelled {
         return Err(Error::Cancelled);
     }
@@ -413,7 +414,8 @@ fn chat(
     });
     m.model.check_context(context, options.allow_long_context)?;
     options.sampler.validate()?;
-    let mut session = ChatSession::new(&m.model, context, system);
+    let model_on = m.model.on_backend(options.backend);
+    let mut session = ChatSession::new(&model_on, context, system);
     ctx.progress(STAGE_CHAT_READY, 1, 1, Some(0.0));
     loop {
         ctx.check()?;
@@ -549,7 +551,11 @@ fn bench(
         step += 1;
         !ctx.cancelled()
     };
-    let report = crate::bench::run(&m.model, options, &mut on_progress)?;
+    let report = crate::bench::run(
+        &m.model.on_backend(options.backend),
+        options,
+        &mut on_progress,
+    )?;
     Ok(JobOutput::Bench(report))
 }
 
@@ -595,7 +601,7 @@ fn compute_imatrix(
         !ctx.cancelled()
     };
     crate::imatrix::compute_imatrix(
-        &m.model,
+        &m.model.on_backend(options.backend),
         &m.source.tokenizer,
         &text,
         &dataset,

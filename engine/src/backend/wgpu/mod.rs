@@ -196,7 +196,10 @@ fn open() -> std::result::Result<Gpu, String> {
 impl Gpu {
     /// The largest storage binding (bytes) a kernel can see: tensors beyond it are split.
     pub(crate) fn max_binding(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size) & !255
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
+            & !255
     }
 
     /// Workgroups a dispatch may have along one dimension.
