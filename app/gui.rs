@@ -22,6 +22,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use eframe::egui;
+use quant_engine::backend::wgpu::AdapterSummary;
+use quant_engine::backend::Backend;
 use quant_engine::jobs::{Command, EngineHandle, Event, JobId};
 
 use self::dialogs::Dialogs;
@@ -121,7 +123,8 @@ pub struct Shared {
 impl Shared {
     /// Send a command to the engine on behalf of `owner`; `None` (with a notification) if the engine is
     /// busy or gone. Never waits.
-    pub fn submit(&mut self, owner: Owner, command: Command) -> Option<JobId> {
+    pub fn submit(&mut self, owner: Owner, mut command: Command) -> Option<JobId> {
+        command.set_backend(self.settings.backend);
         match self.engine.try_submit(command) {
             Ok(Some(job)) => {
                 self.owners.insert(job, owner);
@@ -137,7 +140,8 @@ impl Shared {
     }
 
     /// A command that starts no job (chat turns, cancel).
-    pub fn send(&mut self, command: Command) {
+    pub fn send(&mut self, mut command: Command) {
+        command.set_backend(self.settings.backend);
         if let Err(e) = self.engine.try_submit(command) {
             self.notes
                 .error("The engine did not take the command", e.to_string());
@@ -215,6 +219,42 @@ pub struct StudioApp {
     /// Show the frame time in the status bar (off in snapshot tests, where it would vary).
     pub show_frame_time: bool,
     walkthrough: Option<walkthrough::Walkthrough>,
+    gpu: GpuProbe,
+}
+
+/// The GPU the studio can offer: opened on a background thread (it can take a moment, and the UI thread
+/// never waits) the first time the compute menu opens, or at start when the GPU was chosen last time.
+#[derive(Default)]
+pub struct GpuProbe(
+    Option<std::sync::Arc<std::sync::Mutex<Option<Result<AdapterSummary, String>>>>>,
+);
+
+impl GpuProbe {
+    fn start(&mut self, ctx: &egui::Context) {
+        if self.0.is_some() {
+            return;
+        }
+        let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let (out, ctx) = (std::sync::Arc::clone(&slot), ctx.clone());
+        let spawned = std::thread::Builder::new()
+            .name("gpu-probe".into())
+            .spawn(move || {
+                let r = quant_engine::backend::wgpu::adapter().map_err(|e| e.to_string());
+                *out.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                ctx.request_repaint();
+            });
+        if spawned.is_err() {
+            *slot.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some(Err("could not start the GPU probe".into()));
+        }
+        self.0 = Some(slot);
+    }
+
+    fn result(&self) -> Option<Result<AdapterSummary, String>> {
+        self.0
+            .as_ref()
+            .and_then(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
 }
 
 impl StudioApp {
@@ -234,6 +274,10 @@ impl StudioApp {
         theme::apply(ctx, settings.theme);
         let dialogs = Dialogs::new(ctx.clone());
         let quantize = quantize::QuantizePanel::from_settings(&settings);
+        let mut gpu = GpuProbe::default();
+        if settings.backend == Backend::Gpu {
+            gpu.start(ctx);
+        }
         Self {
             shared: Shared {
                 engine,
@@ -252,6 +296,7 @@ impl StudioApp {
             frame_times: FrameTimes::default(),
             show_frame_time: true,
             walkthrough: None,
+            gpu,
         }
     }
 
@@ -377,6 +422,8 @@ impl StudioApp {
                     ui.label("idle");
                 }
                 ui.separator();
+                self.compute_menu(ui);
+                ui.separator();
                 if let Some(s) = self.quantize.status_line() {
                     ui.label(s);
                 }
@@ -401,6 +448,54 @@ impl StudioApp {
                 });
             });
         });
+    }
+
+    /// "Compute: CPU | GPU (name)": where jobs started from now on run.
+    fn compute_menu(&mut self, ui: &mut egui::Ui) {
+        let probe = self.gpu.result();
+        let backend = &mut self.shared.settings.backend;
+        let current = match (*backend, &probe) {
+            (Backend::Cpu, _) => "CPU".to_string(),
+            (Backend::Gpu, Some(Ok(a))) => format!("GPU ({})", a.name),
+            (Backend::Gpu, Some(Err(_))) => "GPU (unavailable: CPU used)".to_string(),
+            (Backend::Gpu, None) => "GPU".to_string(),
+        };
+        let mut opened = false;
+        let label = ui.label("Compute:");
+        egui::ComboBox::from_id_salt("compute")
+            .selected_text(current)
+            .show_ui(ui, |ui| {
+                opened = true;
+                ui.selectable_value(backend, Backend::Cpu, "CPU");
+                match &probe {
+                    None => {
+                        ui.horizontal(|ui| {
+                            ui.spinner();
+                            ui.label("looking for a GPU...");
+                        });
+                    }
+                    Some(Ok(a)) => {
+                        ui.selectable_value(backend, Backend::Gpu, format!("GPU: {}", a.label()));
+                        if a.is_software() {
+                            ui.weak("a software adapter: correct, but slower than the CPU");
+                        }
+                    }
+                    Some(Err(e)) => {
+                        ui.add_enabled(false, egui::Button::new("GPU: none found"))
+                            .on_disabled_hover_text(e);
+                    }
+                }
+                ui.separator();
+                ui.weak(
+                    "Where evaluation, chat, importance matrices and calibrated quantization \
+                     (GPTQ, AWQ, EXL2) run from now on; the GPU through wgpu (Vulkan, Metal, DX12).",
+                );
+            })
+            .response
+            .labelled_by(label.id);
+        if opened {
+            self.gpu.start(ui.ctx());
+        }
     }
 
     fn handle_drops_and_dialogs(&mut self, ctx: &egui::Context) {

@@ -901,8 +901,18 @@ impl QuantizePanel {
         });
         ui.horizontal(|ui| {
             ui.label("Backend:");
-            ui.strong("CPU");
-            ui.weak(format!("({} threads)", quant_engine::jobs::thread_count()));
+            match shared.settings.backend {
+                quant_engine::backend::Backend::Cpu => {
+                    ui.strong("CPU");
+                    ui.weak(format!("({} threads)", quant_engine::jobs::thread_count()));
+                }
+                quant_engine::backend::Backend::Gpu => {
+                    ui.strong("GPU");
+                    ui.weak(
+                        "(model passes and GPTQ/AWQ/EXL2 calibration; change under Compute below)",
+                    );
+                }
+            }
         });
         ui.horizontal(|ui| {
             ui.label("Output folder:");

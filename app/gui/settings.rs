@@ -14,6 +14,8 @@ pub const MAX_RECENT: usize = 10;
 #[serde(default)]
 pub struct Settings {
     pub theme: ThemeChoice,
+    /// Where evaluation, chat, importance matrices and calibrated quantization run.
+    pub backend: quant_engine::backend::Backend,
     /// Most recent first.
     pub recent: Vec<PathBuf>,
     /// Where quantized variants go (`None`: beside the model, in `<name>-quants/`).

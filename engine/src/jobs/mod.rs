@@ -165,6 +165,31 @@ pub enum Command {
 }
 
 /// What kind of job an id names.
+impl Command {
+    /// Make every computation this command starts run on `backend` (the front ends' one setting).
+    pub fn set_backend(&mut self, backend: crate::backend::Backend) {
+        match self {
+            Command::Evaluate { options, .. } => options.backend = backend,
+            Command::Generate { options, .. }
+            | Command::Chat { options, .. }
+            | Command::ChatOptions { options, .. } => options.backend = backend,
+            Command::Quantize { recipe, .. } => recipe.set_backend(backend),
+            Command::Imatrix { options, .. } => options.backend = backend,
+            Command::Bench { options, .. } => options.backend = backend,
+            Command::Tagged { command, .. } => command.set_backend(backend),
+            Command::Inspect { .. }
+            | Command::ChatSend { .. }
+            | Command::ChatStop { .. }
+            | Command::ChatReset { .. }
+            | Command::ChatRegenerate { .. }
+            | Command::Convert { .. }
+            | Command::FetchDemo { .. }
+            | Command::Cancel(_)
+            | Command::Shutdown => {}
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum JobKind {
     Inspect,

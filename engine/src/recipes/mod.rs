@@ -49,6 +49,24 @@ pub enum Recipe {
     Packed(PackedRecipe),
 }
 
+impl Recipe {
+    /// Run the recipe's model passes (calibration capture, importance matrix, GPTQ/AWQ/EXL2 forward
+    /// passes) on `backend`.
+    pub fn set_backend(&mut self, backend: crate::backend::Backend) {
+        match self {
+            Recipe::Gguf(g) => {
+                if let ImatrixSource::Compute { options, .. } = &mut g.imatrix {
+                    options.backend = backend;
+                }
+            }
+            Recipe::Gptq(o) => o.backend = backend,
+            Recipe::Awq(o) => o.backend = backend,
+            Recipe::Exl2(o) => o.backend = backend,
+            Recipe::Packed(_) => {}
+        }
+    }
+}
+
 /// The calibration-free packed formats: each linear quantized on its own.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum PackedRecipe {
