@@ -1,21 +1,11 @@
-// Shared by the dequantisation kernels: a weight chunk's raw bytes as `array<u32>` (ggml blocks are not
-// 4-byte aligned), read a byte, a little-endian u16/u32 or an f16 at any byte offset. f16 is decoded with
-// integer operations, so subnormals, infinities and NaNs come out exactly as the CPU's `half` gives them,
-// with or without the adapter's shader-f16.
-
-@group(0) @binding(0) var<storage, read> src: array<u32>;
-@group(0) @binding(1) var<storage, read_write> dst: array<f32>;
-
-struct Params {
-    // First block (element for F32/F16/BF16) of the weight chunk to dequantise.
-    first: u32,
-    // Blocks to dequantise.
-    count: u32,
-    // Invocations per row of the dispatch grid (workgroups along x times the workgroup size).
-    stride: u32,
-    _pad: u32,
-}
-@group(0) @binding(2) var<uniform> p: Params;
+// Shared by every kernel that reads stored blocks: the weight chunk's raw bytes as `array<u32>` named
+// `src` (declared by the driver; ggml blocks are not 4-byte aligned), read as a byte, a little-endian
+// u16/u32 or an f16 at any byte offset. f16 is decoded with integer operations, so subnormals, infinities
+// and NaNs come out exactly as the CPU's `half` gives them, with or without the adapter's shader-f16.
+//
+// A kernel is assembled from this file, a driver (`dequant.wgsl`, `matvec.wgsl`) and a block type
+// (`types/*.wgsl`): the type defines BLOCK_ELEMS, BLOCK_BYTES and `dequant_block(b)`, which hands every
+// value of the block at byte offset b to the driver's `emit(j, value)`.
 
 fn u8_at(off: u32) -> u32 {
     return (src[off >> 2u] >> ((off & 3u) * 8u)) & 0xffu;
@@ -50,9 +40,4 @@ fn f16_bits_to_f32(h: u32) -> f32 {
 
 fn f16_at(off: u32) -> f32 {
     return f16_bits_to_f32(u16_at(off));
-}
-
-// The block this invocation dequantises, or `count` or more when it has none.
-fn block_id(gid: vec3<u32>) -> u32 {
-    return gid.x + gid.y * p.stride;
 }

@@ -2,14 +2,18 @@
 //! tokens decoded one at a time), tokens per second, mean ± standard deviation over repetitions.
 //!
 //! Like llama-bench, the tokens are random ids (the speed does not depend on them) and each repetition
-//! starts from an empty KV cache.
+//! starts from an empty KV cache. After them, the kernels on the model's own first `ffn_gate` weight: the
+//! matmul of a 512-token batch (GFLOP/s), the decoding matvec (weight GB/s) and dequantisation (GB/s of
+//! stored weights), on the backend the model runs on.
 
 use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::infer::{Logits, Model};
+use crate::backend::Backend;
+use crate::infer::{LinearKind, Logits, Model};
+use crate::tensor::TensorRef;
 use crate::{Error, Result};
 
 /// What to measure.
@@ -46,11 +50,24 @@ pub struct BenchLine {
     pub repetitions: usize,
 }
 
+/// One kernel's throughput.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelLine {
+    /// `"matmul Q4_K 1536×576 · 512 tokens"`.
+    pub test: String,
+    pub value: f64,
+    /// `"GFLOP/s"` or `"GB/s"`.
+    pub unit: &'static str,
+}
+
 /// The whole report.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
     pub threads: usize,
+    /// `"cpu"`, `"gpu: NVIDIA H100 (Vulkan)"`.
+    pub backend: String,
     pub lines: Vec<BenchLine>,
+    pub kernels: Vec<KernelLine>,
 }
 
 /// Run the benchmark. `progress(test, rep)` is called before each timed run; returning false cancels.
@@ -104,10 +121,75 @@ pub fn run(
         }
         lines.push(line(test, &speeds));
     }
+    let kernels = match model.linear(0, LinearKind::Gate) {
+        Some(w) if opts.n_prompt > 0 => kernel_lines(model.backend(), w, opts.n_prompt, reps)?,
+        _ => Vec::new(),
+    };
     Ok(BenchReport {
         threads: rayon::current_num_threads(),
+        backend: model.backend().describe(),
         lines,
+        kernels,
     })
+}
+
+/// Best of `reps` timings of `f` (after one warm-up run, which also uploads the weight to a GPU).
+fn best_secs(reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f()?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+fn kernel_lines(backend: Backend, w: &TensorRef, n: usize, reps: usize) -> Result<Vec<KernelLine>> {
+    let (rows, cols) = (w.rows(), w.cols());
+    let ty = w.type_label();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let x: Vec<f32> = (0..n * cols).map(|_| rng.gen::<f32>() - 0.5).collect();
+    let mut out = vec![0.0f32; n * rows];
+    let mm = best_secs(reps, || {
+        backend.matmul(w, &x, n, &mut out);
+        Ok(())
+    })?;
+    let mv = best_secs(reps, || {
+        backend.matmul(w, &x[..cols], 1, &mut out[..rows]);
+        Ok(())
+    })?;
+    let dq = match backend {
+        Backend::Cpu => best_secs(reps, || {
+            let mut row = vec![0.0f32; cols];
+            for r in 0..rows {
+                w.dequant_row(r, &mut row);
+            }
+            Ok(())
+        })?,
+        Backend::Gpu => {
+            let g = crate::backend::wgpu::gpu()?;
+            best_secs(reps, || g.time_dequant(w).map(|_| ()))?
+        }
+    };
+    let bytes = w.stored_bytes() as f64;
+    Ok(vec![
+        KernelLine {
+            test: format!("matmul {ty} {rows}×{cols} · {n} tokens"),
+            value: 2.0 * (n * rows * cols) as f64 / mm / 1e9,
+            unit: "GFLOP/s",
+        },
+        KernelLine {
+            test: format!("matvec {ty} {rows}×{cols} (decoding)"),
+            value: bytes / mv / 1e9,
+            unit: "GB/s",
+        },
+        KernelLine {
+            test: format!("dequantise {ty} {rows}×{cols}"),
+            value: bytes / dq / 1e9,
+            unit: "GB/s",
+        },
+    ])
 }
 
 fn line(test: String, speeds: &[f64]) -> BenchLine {
@@ -128,6 +210,7 @@ fn line(test: String, speeds: &[f64]) -> BenchLine {
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "backend: {}", self.backend)?;
         writeln!(f, "| test   | threads |          t/s |")?;
         writeln!(f, "| ------ | ------: | -----------: |")?;
         for l in &self.lines {
@@ -136,6 +219,9 @@ impl std::fmt::Display for BenchReport {
                 "| {:6} | {:7} | {:7.2} ± {:.2} |",
                 l.test, self.threads, l.tokens_per_sec_mean, l.tokens_per_sec_std
             )?;
+        }
+        for k in &self.kernels {
+            writeln!(f, "{:48} {:10.2} {}", k.test, k.value, k.unit)?;
         }
         Ok(())
     }

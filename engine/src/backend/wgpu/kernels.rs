@@ -1,6 +1,7 @@
-//! The WGSL kernels (`engine/shaders/`, one file per kernel family), their pipelines — compiled once per
-//! (file, entry point, constants) and cached on the [`Gpu`] — and the dispatch helpers the backend's
-//! operations are recorded with.
+//! The WGSL kernels (`engine/shaders/`): each block type is one file (`types/*.wgsl`) that emits its
+//! values, and drivers (dequantise, fused matvec) turn it into kernels, so every type gets every driver;
+//! the tiled GEMM. Pipelines are compiled once per (driver, type) or GEMM variant and cached on the
+//! [`Gpu`]; the dispatch helpers the backend's operations are recorded with.
 
 use std::borrow::Cow;
 
@@ -10,82 +11,120 @@ use wg::util::DeviceExt;
 use super::{lock, Gpu};
 use crate::codecs::GgmlType;
 
-/// Byte readers and f16 decoding, prepended to every dequantisation kernel.
+/// Byte readers and f16 decoding, the first part of every kernel that reads stored blocks.
 const COMMON: &str = include_str!("../../../shaders/common.wgsl");
 
-/// Every kernel file: (name, source, whether it starts with [`COMMON`]).
-pub const SHADERS: [(&str, &str, bool); 5] = [
+/// Drivers: what is done with the values a block type emits.
+const DEQUANT: &str = include_str!("../../../shaders/dequant.wgsl");
+const MATVEC: &str = include_str!("../../../shaders/matvec.wgsl");
+const GEMM: &str = include_str!("../../../shaders/gemm.wgsl");
+
+/// The block types' files (`shaders/types/`), and the helpers some of them share.
+const TYPE_FILES: [(&str, &str); 17] = [
+    ("f32", include_str!("../../../shaders/types/f32.wgsl")),
+    ("f16", include_str!("../../../shaders/types/f16.wgsl")),
+    ("bf16", include_str!("../../../shaders/types/bf16.wgsl")),
+    ("q4_0", include_str!("../../../shaders/types/q4_0.wgsl")),
+    ("q4_1", include_str!("../../../shaders/types/q4_1.wgsl")),
+    ("q5_0", include_str!("../../../shaders/types/q5_0.wgsl")),
+    ("q5_1", include_str!("../../../shaders/types/q5_1.wgsl")),
+    ("q8_0", include_str!("../../../shaders/types/q8_0.wgsl")),
     (
-        "dequant_float",
-        include_str!("../../../shaders/dequant_float.wgsl"),
-        true,
+        "kquant_scales",
+        include_str!("../../../shaders/types/kquant_scales.wgsl"),
     ),
+    ("q2_k", include_str!("../../../shaders/types/q2_k.wgsl")),
+    ("q3_k", include_str!("../../../shaders/types/q3_k.wgsl")),
+    ("q4_k", include_str!("../../../shaders/types/q4_k.wgsl")),
+    ("q5_k", include_str!("../../../shaders/types/q5_k.wgsl")),
+    ("q6_k", include_str!("../../../shaders/types/q6_k.wgsl")),
     (
-        "dequant_legacy",
-        include_str!("../../../shaders/dequant_legacy.wgsl"),
-        true,
+        "iq4_grid",
+        include_str!("../../../shaders/types/iq4_grid.wgsl"),
     ),
-    (
-        "dequant_kquants",
-        include_str!("../../../shaders/dequant_kquants.wgsl"),
-        true,
-    ),
-    (
-        "dequant_iq4",
-        include_str!("../../../shaders/dequant_iq4.wgsl"),
-        true,
-    ),
-    ("gemm", include_str!("../../../shaders/gemm.wgsl"), false),
+    ("iq4_nl", include_str!("../../../shaders/types/iq4_nl.wgsl")),
+    ("iq4_xs", include_str!("../../../shaders/types/iq4_xs.wgsl")),
 ];
 
-/// The full WGSL text of kernel file `name`.
-pub fn source(name: &str) -> Option<String> {
-    SHADERS
-        .iter()
-        .find(|(n, ..)| *n == name)
-        .map(|(_, src, common)| {
-            if *common {
-                format!("{COMMON}\n{src}")
-            } else {
-                (*src).to_string()
-            }
-        })
+/// What a kernel does with stored blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Driver {
+    /// Write the values out as f32 (before the tiled GEMM).
+    Dequant,
+    /// Fused dequantisation × vector (decoding).
+    Matvec,
 }
 
-/// Invocations per workgroup of the dequantisation kernels.
-const DEQUANT_WG: u32 = 64;
+impl Driver {
+    pub const ALL: [Driver; 2] = [Driver::Dequant, Driver::Matvec];
 
-/// The kernel that dequantises blocks of `ty` into f32: (file, entry point), or `None` for the types that
-/// have none yet (their rows are dequantised on the CPU and uploaded as f32).
-pub fn dequant_kernel(ty: GgmlType) -> Option<(&'static str, &'static str)> {
+    fn source(self) -> &'static str {
+        match self {
+            Driver::Dequant => DEQUANT,
+            Driver::Matvec => MATVEC,
+        }
+    }
+}
+
+/// The WGSL files of block type `ty` (helpers first), or `None` for the types that have none yet (their
+/// rows are dequantised on the CPU and uploaded as f32).
+pub fn block_files(ty: GgmlType) -> Option<&'static [&'static str]> {
     use GgmlType as T;
     Some(match ty {
-        T::F32 => ("dequant_float", "f32_"),
-        T::F16 => ("dequant_float", "f16_"),
-        T::BF16 => ("dequant_float", "bf16"),
-        T::Q4_0 => ("dequant_legacy", "q4_0"),
-        T::Q4_1 => ("dequant_legacy", "q4_1"),
-        T::Q5_0 => ("dequant_legacy", "q5_0"),
-        T::Q5_1 => ("dequant_legacy", "q5_1"),
-        T::Q8_0 => ("dequant_legacy", "q8_0"),
-        T::Q2K => ("dequant_kquants", "q2_k"),
-        T::Q3K => ("dequant_kquants", "q3_k"),
-        T::Q4K => ("dequant_kquants", "q4_k"),
-        T::Q5K => ("dequant_kquants", "q5_k"),
-        T::Q6K => ("dequant_kquants", "q6_k"),
-        T::Iq4Nl => ("dequant_iq4", "iq4_nl"),
-        T::Iq4Xs => ("dequant_iq4", "iq4_xs"),
+        T::F32 => &["f32"],
+        T::F16 => &["f16"],
+        T::BF16 => &["bf16"],
+        T::Q4_0 => &["q4_0"],
+        T::Q4_1 => &["q4_1"],
+        T::Q5_0 => &["q5_0"],
+        T::Q5_1 => &["q5_1"],
+        T::Q8_0 => &["q8_0"],
+        T::Q2K => &["q2_k"],
+        T::Q3K => &["q3_k"],
+        T::Q4K => &["kquant_scales", "q4_k"],
+        T::Q5K => &["kquant_scales", "q5_k"],
+        T::Q6K => &["q6_k"],
+        T::Iq4Nl => &["iq4_grid", "iq4_nl"],
+        T::Iq4Xs => &["iq4_grid", "iq4_xs"],
         T::Iq2Xxs | T::Iq2Xs | T::Iq2S | T::Iq3Xxs | T::Iq3S | T::Iq1S | T::Iq1M => return None,
     })
 }
 
+/// The WGSL text of `driver` over block type `ty`.
+pub fn block_source(driver: Driver, ty: GgmlType) -> Option<String> {
+    let files = block_files(ty)?;
+    let mut s = format!("{COMMON}\n{}\n", driver.source());
+    for f in files {
+        let (_, text) = TYPE_FILES.iter().find(|(n, _)| n == f)?;
+        s.push_str(text);
+        s.push('\n');
+    }
+    Some(s)
+}
+
+/// Every kernel's full WGSL text with a name: each driver over each block type, and the GEMM.
+pub fn all_sources() -> Vec<(String, String)> {
+    let mut v = vec![("gemm".to_string(), GEMM.to_string())];
+    for ty in GgmlType::all() {
+        for d in Driver::ALL {
+            if let Some(src) = block_source(d, ty) {
+                v.push((format!("{d:?} {}", ty.traits().name), src));
+            }
+        }
+    }
+    v
+}
+
+/// Invocations per workgroup of the block kernels.
+const BLOCK_WG: u32 = 64;
+
 /// A compiled pipeline's identity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct Key {
-    pub file: &'static str,
-    pub entry: &'static str,
-    /// `W_KMAJOR` of the GEMM.
-    pub kmajor: bool,
+pub enum Key {
+    /// A driver over a block type.
+    Block(Driver, GgmlType),
+    /// The tiled GEMM, with `W_KMAJOR`.
+    Gemm { kmajor: bool },
 }
 
 impl Gpu {
@@ -95,25 +134,30 @@ impl Gpu {
         if let Some(p) = cache.get(&key) {
             return p.clone();
         }
-        let src = source(key.file).unwrap_or_default();
+        let (src, constants): (String, &[(&str, f64)]) = match key {
+            Key::Block(d, ty) => (block_source(d, ty).unwrap_or_default(), &[]),
+            Key::Gemm { kmajor } => (
+                GEMM.to_string(),
+                if kmajor {
+                    &[("W_KMAJOR", 1.0)]
+                } else {
+                    &[("W_KMAJOR", 0.0)]
+                },
+            ),
+        };
         let module = self
             .device
             .create_shader_module(wg::ShaderModuleDescriptor {
-                label: Some(key.file),
+                label: Some("kernel"),
                 source: wg::ShaderSource::Wgsl(Cow::Owned(src)),
             });
-        let constants: &[(&str, f64)] = if key.file == "gemm" {
-            &[("W_KMAJOR", if key.kmajor { 1.0 } else { 0.0 })]
-        } else {
-            &[]
-        };
         let p = self
             .device
             .create_compute_pipeline(&wg::ComputePipelineDescriptor {
-                label: Some(key.entry),
+                label: Some("kernel"),
                 layout: None,
                 module: &module,
-                entry_point: Some(key.entry),
+                entry_point: Some("main"),
                 compilation_options: wg::PipelineCompilationOptions {
                     constants,
                     ..Default::default()
@@ -150,26 +194,22 @@ impl Gpu {
         })
     }
 
-    /// Record: dequantise `count` blocks of `kernel`'s type starting at block `first` of `src` into `dst`
+    /// Record: dequantise `count` blocks of `ty` starting at block `first` of `src` into `dst`
     /// (f32, from element 0).
     pub(crate) fn record_dequant(
         &self,
         pass: &mut wg::ComputePass<'_>,
-        kernel: (&'static str, &'static str),
+        ty: GgmlType,
         src: &wg::Buffer,
         first: u32,
         count: u32,
         dst: &wg::Buffer,
     ) {
-        let p = self.pipeline(Key {
-            file: kernel.0,
-            entry: kernel.1,
-            kmajor: false,
-        });
-        let groups = count.div_ceil(DEQUANT_WG).max(1);
+        let p = self.pipeline(Key::Block(Driver::Dequant, ty));
+        let groups = count.div_ceil(BLOCK_WG).max(1);
         let gx = groups.min(self.max_groups());
         let gy = groups.div_ceil(gx);
-        let params = self.uniform(&[first, count, gx * DEQUANT_WG, 0]);
+        let params = self.uniform(&[first, count, gx * BLOCK_WG, 0]);
         let bg = self.bind(&p, &[src, dst, &params]);
         pass.set_pipeline(&p);
         pass.set_bind_group(0, &bg, &[]);
@@ -184,17 +224,45 @@ impl Gpu {
         bufs: [&wg::Buffer; 3],
         g: Gemm,
     ) {
-        let p = self.pipeline(Key {
-            file: "gemm",
-            entry: "main",
-            kmajor: g.kmajor,
-        });
+        let p = self.pipeline(Key::Gemm { kmajor: g.kmajor });
         let params = self.uniform(&[g.n, g.m, g.k, g.w_off, g.ldw, g.y_off, g.ldy, g.x_off]);
         let bg = self.bind(&p, &[bufs[0], bufs[1], bufs[2], &params]);
         pass.set_pipeline(&p);
         pass.set_bind_group(0, &bg, &[]);
         pass.dispatch_workgroups(g.m.div_ceil(64), g.n.div_ceil(64), 1);
     }
+}
+
+impl Gpu {
+    /// Record `y[y_off + t·ldy + r] = Σ_c W[row0 + r, c] · x[t·cols + c]` for `r < rows`, `t < n`, from
+    /// the blocks of `ty` in `src` (rows of `cols`).
+    pub(crate) fn record_matvec(
+        &self,
+        pass: &mut wg::ComputePass<'_>,
+        ty: GgmlType,
+        bufs: [&wg::Buffer; 3],
+        mv: Matvec,
+    ) {
+        let p = self.pipeline(Key::Block(Driver::Matvec, ty));
+        let gx = mv.rows.min(self.max_groups()).max(1);
+        let gy = mv.rows.div_ceil(gx).max(1);
+        let params = self.uniform(&[mv.row0, mv.rows, mv.cols, gx, mv.y_off, mv.ldy, 0, 0]);
+        let bg = self.bind(&p, &[bufs[0], bufs[1], bufs[2], &params]);
+        pass.set_pipeline(&p);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(gx, gy, mv.n);
+    }
+}
+
+/// One fused matvec's shape (rows and elements).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Matvec {
+    pub row0: u32,
+    pub rows: u32,
+    pub cols: u32,
+    pub n: u32,
+    pub y_off: u32,
+    pub ldy: u32,
 }
 
 /// One GEMM's shape and offsets (elements).

@@ -10,13 +10,18 @@ use ::wgpu as wg;
 use rayon::prelude::*;
 use wg::util::DeviceExt;
 
-use super::kernels::{dequant_kernel, Gemm};
+use super::kernels::{block_files, Gemm, Matvec};
 use super::{lock, Gpu};
+use crate::codecs::GgmlType;
 use crate::tensor::{interleaved_row, Backing, Grouped, Storage, TensorRef};
 use crate::{Error, Result};
 
 /// Device bytes kept for weights unless `QS_GPU_WEIGHT_CACHE_MB` says otherwise.
 pub(crate) const DEFAULT_BUDGET: u64 = 6 << 30;
+
+/// Up to this many tokens a matmul is the fused dequantisation × vector kernel (decoding); more go
+/// through dequantisation and the tiled GEMM.
+pub(crate) const MATVEC_TOKENS: usize = 4;
 
 /// Bytes of dequantised weights one GEMM reads at a time.
 const SCRATCH: u64 = 64 << 20;
@@ -65,8 +70,8 @@ pub(crate) struct Chunk {
 /// A weight on the device.
 pub(crate) struct DeviceWeight {
     chunks: Vec<Chunk>,
-    /// The dequantisation kernel and the type's block size in elements, or `None` for f32 rows.
-    kernel: Option<((&'static str, &'static str), usize)>,
+    /// The stored type and its block size in elements (F32 for the types dequantised on the host).
+    kernel: (GgmlType, usize),
     /// `Some(heads)` when rows are in llama.cpp's interleaved-RoPE order.
     interleaved: Option<usize>,
     bytes: u64,
@@ -177,9 +182,10 @@ impl Gpu {
         }
         let (rows, cols) = (w.rows(), w.cols());
         let max = self.max_binding();
-        let native = w.block_type().and_then(|t| {
-            dequant_kernel(t).map(|k| (k, t.traits().block_elems, t.traits().block_bytes))
-        });
+        let native = w
+            .block_type()
+            .filter(|&t| block_files(t).is_some())
+            .map(|t| (t, t.traits().block_elems));
         let row_bytes = match native {
             Some(_) => w.row_bytes() as u64,
             None => cols as u64 * 4,
@@ -214,7 +220,7 @@ impl Gpu {
             }
             Ok(DeviceWeight {
                 chunks,
-                kernel: native.map(|(k, be, _)| (k, be)),
+                kernel: native.unwrap_or((GgmlType::F32, 1)),
                 interleaved: if native.is_some() {
                     w.rope_interleaved_heads
                 } else {
@@ -240,7 +246,9 @@ impl Gpu {
         let row_f32 = (rows.max(cols) as u64) * 4;
         let n_step = ((max / row_f32) as usize).clamp(1, n.max(1));
         let tile = ((SCRATCH.min(max) / (cols as u64 * 4)) as usize).max(1);
-        let scratch = dw.kernel.map(|_| {
+        let (ty, block) = dw.kernel;
+        let fused = n <= MATVEC_TOKENS;
+        let scratch = (!fused && ty != GgmlType::F32).then(|| {
             self.storage(
                 "scratch",
                 (tile.min(rows) * cols * 4) as u64,
@@ -262,6 +270,18 @@ impl Gpu {
                 {
                     let mut pass = enc.begin_compute_pass(&Default::default());
                     for ch in &dw.chunks {
+                        if fused {
+                            let mv = Matvec {
+                                row0: 0,
+                                rows: ch.rows as u32,
+                                cols: cols as u32,
+                                n: nt as u32,
+                                y_off: ch.row0 as u32,
+                                ldy: rows as u32,
+                            };
+                            self.record_matvec(&mut pass, ty, [&ch.buf, &xb, &yb], mv);
+                            continue;
+                        }
                         for r0 in (0..ch.rows).step_by(tile) {
                             let m = tile.min(ch.rows - r0);
                             let mut g = Gemm {
@@ -273,14 +293,14 @@ impl Gpu {
                                 ldy: rows as u32,
                                 ..Gemm::default()
                             };
-                            match (dw.kernel, &scratch) {
-                                (Some((k, block)), Some(s)) => {
+                            match &scratch {
+                                Some(s) => {
                                     let first = (r0 * cols / block) as u32;
                                     let count = (m * cols / block) as u32;
-                                    self.record_dequant(&mut pass, k, &ch.buf, first, count, s);
+                                    self.record_dequant(&mut pass, ty, &ch.buf, first, count, s);
                                     self.record_gemm(&mut pass, [&xb, s, &yb], g);
                                 }
-                                _ => {
+                                None => {
                                     g.w_off = (r0 * cols) as u32;
                                     self.record_gemm(&mut pass, [&xb, &ch.buf, &yb], g);
                                 }
@@ -362,6 +382,47 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// Dequantise every row of `w` (uploaded first if needed) into scratch on the device and wait: the
+    /// seconds it took, for the benchmark.
+    pub fn time_dequant(&self, w: &TensorRef) -> Result<f64> {
+        let _guard = self.begin()?;
+        let dw = self.weight(w)?;
+        let (ty, block) = dw.kernel;
+        let cols = w.cols();
+        let tile = ((SCRATCH.min(self.max_binding()) / (cols as u64 * 4)) as usize).max(1);
+        let scratch = self.storage(
+            "scratch",
+            (tile.min(w.rows()) * cols * 4) as u64,
+            wg::BufferUsages::empty(),
+        );
+        let t0 = std::time::Instant::now();
+        self.checked("dequantisation", || {
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                for ch in &dw.chunks {
+                    for r0 in (0..ch.rows).step_by(tile) {
+                        let m = tile.min(ch.rows - r0);
+                        let (first, count) =
+                            ((r0 * cols / block) as u32, (m * cols / block) as u32);
+                        self.record_dequant(&mut pass, ty, &ch.buf, first, count, &scratch);
+                    }
+                }
+            }
+            let idx = self.queue.submit([enc.finish()]);
+            self.device
+                .poll(wg::PollType::Wait {
+                    submission_index: Some(idx),
+                    timeout: Some(super::WAIT),
+                })
+                .map_err(|e| Error::Gpu(format!("waiting for the GPU: {e}")))?;
+            Ok(())
+        })?;
+        Ok(t0.elapsed().as_secs_f64())
+    }
+}
+
 /// Dequantise `w` on the device (every row, Hugging Face order): what the matmul multiplies with.
 /// The conformance tests compare it with the CPU's dequantisation.
 pub fn dequantize(gpu: &Gpu, w: &TensorRef) -> Result<Vec<f32>> {
@@ -389,7 +450,7 @@ mod tests {
     fn entry(bytes: u64) -> Arc<DeviceWeight> {
         Arc::new(DeviceWeight {
             chunks: Vec::new(),
-            kernel: None,
+            kernel: (GgmlType::F32, 1),
             interleaved: None,
             bytes,
         })

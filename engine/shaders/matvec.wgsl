@@ -1,0 +1,56 @@
+// Driver: fused dequantisation × vector for decoding (and a few tokens at once): y[t, r] = Σ_c W[r, c] ·
+// x[t, c] straight from the stored blocks, one workgroup per (row, token); its 64 invocations take every
+// 64th block of the row and their partial sums are added in workgroup memory.
+
+@group(0) @binding(0) var<storage, read> src: array<u32>;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+
+struct Params {
+    // First row (within the chunk) and rows in this dispatch.
+    row0: u32,
+    rows: u32,
+    cols: u32,
+    // Workgroups along x (rows are wg.x + wg.y · gx).
+    gx: u32,
+    // y[y_off + t · ldy + r].
+    y_off: u32,
+    ldy: u32,
+    _a: u32,
+    _b: u32,
+}
+@group(0) @binding(3) var<uniform> p: Params;
+
+var<private> acc: f32;
+var<private> x_base: u32;
+var<workgroup> partial: array<f32, 64>;
+
+fn emit(j: u32, v: f32) {
+    acc = fma(v, x[x_base + j], acc);
+}
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+    let r = wg.x + wg.y * p.gx;
+    let t = wg.z;
+    if (r >= p.rows) {
+        return;
+    }
+    let nb = p.cols / BLOCK_ELEMS;
+    acc = 0.0;
+    for (var blk = li; blk < nb; blk += 64u) {
+        x_base = t * p.cols + blk * BLOCK_ELEMS;
+        dequant_block(((p.row0 + r) * nb + blk) * BLOCK_BYTES);
+    }
+    partial[li] = acc;
+    workgroupBarrier();
+    for (var s = 32u; s > 0u; s >>= 1u) {
+        if (li < s) {
+            partial[li] += partial[li + s];
+        }
+        workgroupBarrier();
+    }
+    if (li == 0u) {
+        y[p.y_off + t * p.ldy + r] = partial[0];
+    }
+}

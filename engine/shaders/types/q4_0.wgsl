@@ -1,0 +1,14 @@
+// Q4_0: 32-element blocks of 18 bytes.
+
+const BLOCK_ELEMS: u32 = 32u;
+const BLOCK_BYTES: u32 = 18u;
+
+// Emit the block at byte offset `b`: `emit(j, value)` for every element j.
+fn dequant_block(b: u32) {
+    let d = f16_at(b);
+    for (var j = 0u; j < 16u; j++) {
+        let q = u8_at(b + 2u + j);
+        emit(j, f32(i32(q & 15u) - 8) * d);
+        emit(j + 16u, f32(i32(q >> 4u) - 8) * d);
+    }
+}

@@ -1,0 +1,15 @@
+// Q4_1: 32-element blocks of 20 bytes.
+
+const BLOCK_ELEMS: u32 = 32u;
+const BLOCK_BYTES: u32 = 20u;
+
+// Emit the block at byte offset `b`: `emit(j, value)` for every element j.
+fn dequant_block(b: u32) {
+    let d = f16_at(b);
+    let m = f16_at(b + 2u);
+    for (var j = 0u; j < 16u; j++) {
+        let q = u8_at(b + 4u + j);
+        emit(j, f32(q & 15u) * d + m);
+        emit(j + 16u, f32(q >> 4u) * d + m);
+    }
+}
