@@ -225,9 +225,10 @@ pub struct StudioApp {
 /// The GPU the studio can offer: opened on a background thread (it can take a moment, and the UI thread
 /// never waits) the first time the compute menu opens, or at start when the GPU was chosen last time.
 #[derive(Default)]
-pub struct GpuProbe(
-    Option<std::sync::Arc<std::sync::Mutex<Option<Result<AdapterSummary, String>>>>>,
-);
+pub struct GpuProbe(Option<std::sync::Arc<std::sync::Mutex<Option<ProbeResult>>>>);
+
+/// The adapter, or why there is none.
+type ProbeResult = Result<AdapterSummary, String>;
 
 impl GpuProbe {
     fn start(&mut self, ctx: &egui::Context) {
@@ -250,7 +251,7 @@ impl GpuProbe {
         self.0 = Some(slot);
     }
 
-    fn result(&self) -> Option<Result<AdapterSummary, String>> {
+    fn result(&self) -> Option<ProbeResult> {
         self.0
             .as_ref()
             .and_then(|s| s.lock().unwrap_or_else(|e| e.into_inner()).clone())
