@@ -1,7 +1,10 @@
-// y[t, j] = Σ_k x[t, k] · W(j, k) in f32: 64 × 64 output tiles per workgroup of 16 × 16 invocations, each
-// computing 4 × 4 outputs from 16-deep slices of x and W staged in workgroup memory. Any n, m, k (edges are
-// masked). W(j, k) is `w[w_off + j·ldw + k]` (a weight, rows of k: the "NT" product) or, with
-// `W_KMAJOR`, `w[w_off + k·ldw + j]` (attention's values: the "NN" product).
+// y[t, c(j)] = Σ_k x[t, k] · W(j, k) in f32: 64 × 64 output tiles per workgroup of 16 × 16 invocations,
+// each computing 4 × 4 outputs from 16-deep slices of x and W staged in workgroup memory. Any n, m, k
+// (edges are masked). W(j, k) is `w[w_off + j·ldw + k]` (a weight, rows of k: the "NT" product) or, with
+// `W_KMAJOR`, `w[w_off + k·ldw + j]` (attention's values: the "NN" product). The z dimension of the
+// dispatch is a batch (attention heads): batch z reads x and y at z·x_bz and z·y_bz and W at
+// (z / group)·w_bz (grouped-query attention). Output column c(j) = col0 + j, or its Hugging Face row when
+// the weight's rows are in llama.cpp's interleaved-RoPE order (perm_heads > 0).
 
 override W_KMAJOR: bool = false;
 
@@ -19,8 +22,18 @@ struct Params {
     // Element offset of y[0, 0] in `y`, and the stride between its rows.
     y_off: u32,
     ldy: u32,
-    // Element offset of x[0, 0] in `x` (rows of k).
+    // Element offset of x[0, 0] in `x`, and the stride between its rows.
     x_off: u32,
+    ldx: u32,
+    // Batch strides (elements) and query heads per W batch.
+    x_bz: u32,
+    w_bz: u32,
+    y_bz: u32,
+    group: u32,
+    // The first output column, and the interleaved-row permutation (rows, heads; heads 0: none).
+    col0: u32,
+    perm_rows: u32,
+    perm_heads: u32,
 }
 @group(0) @binding(3) var<uniform> p: Params;
 
@@ -31,11 +44,22 @@ const BK: u32 = 16u;
 var<workgroup> xs: array<f32, 1024>; // [BK][BM]
 var<workgroup> ws: array<f32, 1024>; // [BK][BN]
 
-fn w_at(j: u32, kk: u32) -> f32 {
+fn w_at(base: u32, j: u32, kk: u32) -> f32 {
     if (W_KMAJOR) {
-        return w[p.w_off + kk * p.ldw + j];
+        return w[base + kk * p.ldw + j];
     }
-    return w[p.w_off + j * p.ldw + kk];
+    return w[base + j * p.ldw + kk];
+}
+
+// The Hugging Face row held by interleaved row r (`tensor::hf_row_of_interleaved`).
+fn out_col(j: u32) -> u32 {
+    let c = p.col0 + j;
+    if (p.perm_heads == 0u) {
+        return c;
+    }
+    let hd = p.perm_rows / p.perm_heads;
+    let w = c % hd;
+    return (c / hd) * hd + (w % 2u) * (hd / 2u) + w / 2u;
 }
 
 @compute @workgroup_size(16, 16)
@@ -46,6 +70,9 @@ fn main(
 ) {
     let t0 = wg.y * BM;
     let j0 = wg.x * BN;
+    let xb = p.x_off + wg.z * p.x_bz;
+    let wb = p.w_off + (wg.z / max(p.group, 1u)) * p.w_bz;
+    let yb = p.y_off + wg.z * p.y_bz;
     var acc: array<f32, 16>;
     for (var i = 0u; i < 16u; i++) {
         acc[i] = 0.0;
@@ -59,7 +86,7 @@ fn main(
             let kk = idx % BK;
             var xv = 0.0;
             if (t0 + r < p.n && k0 + kk < p.k) {
-                xv = x[p.x_off + (t0 + r) * p.k + k0 + kk];
+                xv = x[xb + (t0 + r) * p.ldx + k0 + kk];
             }
             xs[kk * BM + r] = xv;
             var wv = 0.0;
@@ -67,12 +94,12 @@ fn main(
                 let c = idx % BN;
                 let kr = idx / BN;
                 if (j0 + c < p.m && k0 + kr < p.k) {
-                    wv = w_at(j0 + c, k0 + kr);
+                    wv = w_at(wb, j0 + c, k0 + kr);
                 }
                 ws[kr * BN + c] = wv;
             } else {
                 if (j0 + r < p.m && k0 + kk < p.k) {
-                    wv = w_at(j0 + r, k0 + kk);
+                    wv = w_at(wb, j0 + r, k0 + kk);
                 }
                 ws[kk * BN + r] = wv;
             }
@@ -99,7 +126,7 @@ fn main(
         for (var c = 0u; c < 4u; c++) {
             let j = j0 + lid.x * 4u + c;
             if (j < p.m) {
-                y[p.y_off + t * p.ldy + j] = acc[a * 4u + c];
+                y[yb + t * p.ldy + out_col(j)] = acc[a * 4u + c];
             }
         }
     }

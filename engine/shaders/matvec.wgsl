@@ -13,17 +13,29 @@ struct Params {
     cols: u32,
     // Workgroups along x (rows are wg.x + wg.y · gx).
     gx: u32,
-    // y[y_off + t · ldy + r].
+    // y[y_off + t · ldy + c(r)]: c(r) = col0 + r, or its Hugging Face row for interleaved Q/K weights.
     y_off: u32,
     ldy: u32,
-    _a: u32,
-    _b: u32,
+    col0: u32,
+    perm_rows: u32,
+    perm_heads: u32,
+    _pad: u32,
 }
 @group(0) @binding(3) var<uniform> p: Params;
 
 var<private> acc: f32;
 var<private> x_base: u32;
 var<workgroup> partial: array<f32, 64>;
+
+fn out_col(r: u32) -> u32 {
+    let c = p.col0 + r;
+    if (p.perm_heads == 0u) {
+        return c;
+    }
+    let hd = p.perm_rows / p.perm_heads;
+    let w = c % hd;
+    return (c / hd) * hd + (w % 2u) * (hd / 2u) + w / 2u;
+}
 
 fn emit(j: u32, v: f32) {
     acc = fma(v, x[x_base + j], acc);
@@ -51,6 +63,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (li == 0u) {
-        y[p.y_off + t * p.ldy + r] = partial[0];
+        y[p.y_off + t * p.ldy + out_col(r)] = partial[0];
     }
 }

@@ -81,8 +81,8 @@ fn every_shader_parses_and_validates_with_naga() {
     let all = wgpu::kernels::all_sources();
     assert_eq!(
         all.len(),
-        1 + 2 * 15,
-        "the GEMM and two drivers over 15 block types"
+        1 + 5 + 2 * 15,
+        "the GEMM, five ops and two drivers over 15 block types"
     );
     for (name, src) in all {
         let module = naga::front::wgsl::parse_str(&src)
@@ -286,5 +286,72 @@ fn evaluation_gives_the_cpus_perplexity_and_kld() {
             b.name()
         );
     }
+    assert_eq!(super::gpu_fallback(), None, "no call fell back to the CPU");
+}
+
+/// Largest |a − b| relative to the largest |b|.
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    let m = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |e, (x, y)| e.max((x - y).abs()))
+        / m.max(1e-30)
+}
+
+#[test]
+fn the_forward_pass_on_the_device_gives_the_cpus_logits() {
+    use crate::infer::{Logits, Model};
+    use crate::model::fixture::{fixture_tensor_refs, FixtureSpec};
+    let _ = gpu();
+    let batches = || crate::infer::gpu::DEVICE_BATCHES.load(std::sync::atomic::Ordering::Relaxed);
+    let before = batches();
+    let specs = [
+        ("llama", FixtureSpec::tiny_llama()),
+        ("qwen2 (q/k/v biases)", FixtureSpec::tiny_qwen2()),
+        ("mistral", FixtureSpec::tiny_mistral()),
+        ("llama3 rope scaling", FixtureSpec::tiny_llama3_rope()),
+    ];
+    for (what, spec) in specs {
+        let tensors = fixture_tensor_refs(&spec).expect("tensors");
+        let cpu = Model::from_parts(std::path::Path::new("fixture"), &spec.config(), &tensors)
+            .expect("model");
+        let vocab = cpu.vocab_size() as u32;
+        let prompt: Vec<u32> = (0..23).map(|i| (i * 37 + 5) % vocab).collect();
+        let next: Vec<u32> = (0..4).map(|i| (i * 11 + 3) % vocab).collect();
+        let run = |m: &Model, switch: Option<&Model>| -> Vec<f32> {
+            let mut cache = m.new_cache(40);
+            let mut out = m.forward(&prompt, &mut cache, Logits::All).expect("prompt");
+            // Decoding one token at a time, optionally on the other backend (the cache moves along).
+            let d = switch.unwrap_or(m);
+            for &t in &next {
+                out.extend(d.forward(&[t], &mut cache, Logits::Last).expect("step"));
+            }
+            out
+        };
+        let want = run(&cpu, None);
+        for b in OTHERS {
+            let dev = cpu.on_backend(b);
+            for (case, got) in [
+                ("all on the device", run(&dev, None)),
+                (
+                    "prompt on the CPU, decoding on the device",
+                    run(&cpu, Some(&dev)),
+                ),
+                (
+                    "prompt on the device, decoding on the CPU",
+                    run(&dev, Some(&cpu)),
+                ),
+            ] {
+                let e = max_rel(&got, &want);
+                assert!(
+                    e < 1e-4,
+                    "{} {what}, {case}: logits differ by {e:e}",
+                    b.name()
+                );
+            }
+        }
+    }
+    // 4 models × (1 + 4 + 1 + 4) device micro-batches, at least (other tests may add theirs).
+    assert!(batches() - before >= 40, "the device path ran");
     assert_eq!(super::gpu_fallback(), None, "no call fell back to the CPU");
 }

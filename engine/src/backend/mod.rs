@@ -30,6 +30,19 @@ pub fn gpu_fallback() -> Option<&'static str> {
     FALLBACK.get().map(String::as_str)
 }
 
+/// Whether GPU work may still be tried (it has not failed in this process).
+pub fn gpu_usable() -> bool {
+    FALLBACK.get().is_none()
+}
+
+/// Record that GPU work failed with `e` (once, also on stderr): from now on the CPU computes.
+pub fn gpu_failed(e: &crate::Error) {
+    let msg = format!("{e}; continuing on the CPU");
+    if FALLBACK.set(msg.clone()).is_ok() {
+        eprintln!("warning: {msg}");
+    }
+}
+
 /// Run `f` on the GPU unless it has failed before; on failure record why (once, also on stderr) and
 /// return `false` so the caller computes on the CPU.
 fn on_gpu(f: impl FnOnce(&wgpu::Gpu) -> crate::Result<()>) -> bool {
@@ -39,10 +52,7 @@ fn on_gpu(f: impl FnOnce(&wgpu::Gpu) -> crate::Result<()>) -> bool {
     match wgpu::gpu().and_then(f) {
         Ok(()) => true,
         Err(e) => {
-            let msg = format!("{e}; continuing on the CPU");
-            if FALLBACK.set(msg.clone()).is_ok() {
-                eprintln!("warning: {msg}");
-            }
+            gpu_failed(&e);
             false
         }
     }

@@ -6,10 +6,15 @@
 /// Layout per layer: `[kv_head][position][head_dim]`, so one KV head's keys are a contiguous
 /// `positions × head_dim` matrix for the attention GEMMs. The buffers are allocated zeroed for the whole
 /// capacity up front; the OS only commits the pages that get written.
-#[derive(Clone)]
+///
+/// On the GPU backend a copy lives on the device too ([`KvCache::device`]): the first `device_len`
+/// positions there equal the host's. The host copy is always complete (the GPU forward reads its new rows
+/// back), so a cache moves between backends freely and a clone simply starts without a device copy.
 pub struct KvCache {
     pub(crate) k: Vec<Vec<f32>>,
     pub(crate) v: Vec<Vec<f32>>,
+    pub(crate) device: Option<crate::backend::wgpu::ops::DeviceKv>,
+    pub(crate) device_len: usize,
     pub(crate) kv_heads: usize,
     pub(crate) head_dim: usize,
     capacity: usize,
@@ -28,12 +33,29 @@ impl std::fmt::Debug for KvCache {
     }
 }
 
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        Self {
+            k: self.k.clone(),
+            v: self.v.clone(),
+            device: None,
+            device_len: 0,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            capacity: self.capacity,
+            tokens: self.tokens.clone(),
+        }
+    }
+}
+
 impl KvCache {
     pub(crate) fn new(layers: usize, kv_heads: usize, head_dim: usize, capacity: usize) -> Self {
         let per_layer = kv_heads * capacity * head_dim;
         Self {
             k: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
             v: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
+            device: None,
+            device_len: 0,
             kv_heads,
             head_dim,
             capacity,
@@ -54,11 +76,13 @@ impl KvCache {
     /// Forget every position.
     pub fn clear(&mut self) {
         self.tokens.clear();
+        self.device_len = 0;
     }
 
     /// Keep only the first `n` positions (no-op when `n >= len`).
     pub fn truncate(&mut self, n: usize) {
         self.tokens.truncate(n);
+        self.device_len = self.device_len.min(n);
     }
 
     /// Most positions this cache can hold.
@@ -92,6 +116,7 @@ impl KvCache {
 
     /// Store keys and values of `n` new positions from `pos` on for `layer`: `k`/`v` are `[n, kv_heads·head_dim]`.
     pub(crate) fn write(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        self.device_len = self.device_len.min(pos);
         let (hd, kvh, cap) = (self.head_dim, self.kv_heads, self.capacity);
         let n = k.len() / (kvh * hd);
         debug_assert!(pos + n <= cap);

@@ -6,6 +6,7 @@
 //! * [`generate`] — prompt → streamed text; [`ChatSession`] — multi-turn chat reusing the cache.
 
 mod generate;
+pub(crate) mod gpu;
 mod kv_cache;
 mod model;
 mod numerics;

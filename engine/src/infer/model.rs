@@ -138,7 +138,7 @@ impl Scratch {
 }
 
 /// Tokens per internal micro-batch: bounds the activation buffers of long prompts.
-const UBATCH: usize = 512;
+pub(super) const UBATCH: usize = 512;
 /// Query rows per attention task.
 const ATTN_ROWS: usize = 32;
 
@@ -198,6 +198,8 @@ pub struct Model {
     inv_freq: Vec<f32>,
     numerics: Numerics,
     backend: Backend,
+    /// Norms and biases on the GPU, made on first use there (shared by clones).
+    gpu: super::gpu::ConstsSlot,
 }
 
 impl std::fmt::Debug for Model {
@@ -345,7 +347,24 @@ impl Model {
             inv_freq,
             numerics: Numerics::Exact,
             backend: Backend::Cpu,
+            gpu: Default::default(),
         })
+    }
+
+    /// Where the GPU forward keeps this model's norms and biases.
+    pub(crate) fn gpu_consts(&self) -> &super::gpu::ConstsSlot {
+        &self.gpu
+    }
+
+    /// The q, k and v biases of layer `li` (Qwen2), where present.
+    pub(crate) fn qkv_biases(&self, li: usize) -> [Option<&[f32]>; 3] {
+        let l = &self.layers[li];
+        [&l.q, &l.k, &l.v].map(|lin| lin.b.as_deref())
+    }
+
+    /// The final norm's weights.
+    pub(crate) fn final_norm(&self) -> &[f32] {
+        &self.norm
     }
 
     /// Round activations as `numerics` says from now on (a clone of a shared model can differ from it).
@@ -491,8 +510,22 @@ impl Model {
         let vocab = c.vocab_size;
         let mut logits = vec![0.0f32; (n - from) * vocab];
         let mut c0 = 0;
+        // The GPU runs whole micro-batches on the device when nothing needs to see inside them.
+        let on_device =
+            self.backend == Backend::Gpu && self.numerics == Numerics::Exact && observer.is_none();
         while c0 < n {
             let c1 = (c0 + UBATCH).min(n);
+            if on_device && crate::backend::gpu_usable() {
+                let w0 = from.max(c0);
+                match self.forward_gpu_batch(&tokens[c0..c1], cache, w0 - c0) {
+                    Ok(l) => {
+                        logits[(w0 - from) * vocab..(c1 - from) * vocab].copy_from_slice(&l);
+                        c0 = c1;
+                        continue;
+                    }
+                    Err(e) => crate::backend::gpu_failed(&e),
+                }
+            }
             let hidden = self.run_batch(&tokens[c0..c1], cache, &mut observer);
             let w0 = from.max(c0);
             if w0 < c1 {
@@ -856,7 +889,7 @@ impl Model {
 
     /// cos/sin of `position · inv_freq` for positions `p0..p0+n`, `[n, head_dim/2]` each, computed as
     /// transformers does (f32 product, f32 cos/sin).
-    fn rope_tables(&self, p0: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+    pub(super) fn rope_tables(&self, p0: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);

@@ -19,6 +19,18 @@ const DEQUANT: &str = include_str!("../../../shaders/dequant.wgsl");
 const MATVEC: &str = include_str!("../../../shaders/matvec.wgsl");
 const GEMM: &str = include_str!("../../../shaders/gemm.wgsl");
 
+/// The decoder layer's other steps, one file each.
+const OPS: [(&str, &str); 5] = [
+    ("rms_norm", include_str!("../../../shaders/rms_norm.wgsl")),
+    ("rope", include_str!("../../../shaders/rope.wgsl")),
+    (
+        "elementwise",
+        include_str!("../../../shaders/elementwise.wgsl"),
+    ),
+    ("kv_write", include_str!("../../../shaders/kv_write.wgsl")),
+    ("softmax", include_str!("../../../shaders/softmax.wgsl")),
+];
+
 /// The block types' files (`shaders/types/`), and the helpers some of them share.
 const TYPE_FILES: [(&str, &str); 17] = [
     ("f32", include_str!("../../../shaders/types/f32.wgsl")),
@@ -105,6 +117,10 @@ pub fn block_source(driver: Driver, ty: GgmlType) -> Option<String> {
 /// Every kernel's full WGSL text with a name: each driver over each block type, and the GEMM.
 pub fn all_sources() -> Vec<(String, String)> {
     let mut v = vec![("gemm".to_string(), GEMM.to_string())];
+    v.extend(
+        OPS.iter()
+            .map(|(n, s)| ((*n).to_string(), (*s).to_string())),
+    );
     for ty in GgmlType::all() {
         for d in Driver::ALL {
             if let Some(src) = block_source(d, ty) {
@@ -125,6 +141,8 @@ pub enum Key {
     Block(Driver, GgmlType),
     /// The tiled GEMM, with `W_KMAJOR`.
     Gemm { kmajor: bool },
+    /// Entry point `entry` of op file `file` ([`OPS`]).
+    Op(&'static str, &'static str),
 }
 
 impl Gpu {
@@ -136,6 +154,12 @@ impl Gpu {
         }
         let (src, constants): (String, &[(&str, f64)]) = match key {
             Key::Block(d, ty) => (block_source(d, ty).unwrap_or_default(), &[]),
+            Key::Op(file, _) => (
+                OPS.iter()
+                    .find(|(n, _)| *n == file)
+                    .map_or_else(String::new, |(_, s)| (*s).to_string()),
+                &[],
+            ),
             Key::Gemm { kmajor } => (
                 GEMM.to_string(),
                 if kmajor {
@@ -157,7 +181,10 @@ impl Gpu {
                 label: Some("kernel"),
                 layout: None,
                 module: &module,
-                entry_point: Some("main"),
+                entry_point: Some(match key {
+                    Key::Op(_, entry) => entry,
+                    _ => "main",
+                }),
                 compilation_options: wg::PipelineCompilationOptions {
                     constants,
                     ..Default::default()
@@ -168,7 +195,7 @@ impl Gpu {
         p
     }
 
-    fn uniform(&self, words: &[u32]) -> wg::Buffer {
+    pub(crate) fn uniform(&self, words: &[u32]) -> wg::Buffer {
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         self.device
             .create_buffer_init(&wg::util::BufferInitDescriptor {
@@ -178,7 +205,11 @@ impl Gpu {
             })
     }
 
-    fn bind(&self, pipeline: &wg::ComputePipeline, buffers: &[&wg::Buffer]) -> wg::BindGroup {
+    pub(crate) fn bind(
+        &self,
+        pipeline: &wg::ComputePipeline,
+        buffers: &[&wg::Buffer],
+    ) -> wg::BindGroup {
         let entries: Vec<wg::BindGroupEntry> = buffers
             .iter()
             .enumerate()
@@ -225,11 +256,29 @@ impl Gpu {
         g: Gemm,
     ) {
         let p = self.pipeline(Key::Gemm { kmajor: g.kmajor });
-        let params = self.uniform(&[g.n, g.m, g.k, g.w_off, g.ldw, g.y_off, g.ldy, g.x_off]);
+        let ldx = if g.ldx == 0 { g.k } else { g.ldx };
+        let params = self.uniform(&[
+            g.n,
+            g.m,
+            g.k,
+            g.w_off,
+            g.ldw,
+            g.y_off,
+            g.ldy,
+            g.x_off,
+            ldx,
+            g.x_bz,
+            g.w_bz,
+            g.y_bz,
+            g.group.max(1),
+            g.col0,
+            g.perm_rows,
+            g.perm_heads,
+        ]);
         let bg = self.bind(&p, &[bufs[0], bufs[1], bufs[2], &params]);
         pass.set_pipeline(&p);
         pass.set_bind_group(0, &bg, &[]);
-        pass.dispatch_workgroups(g.m.div_ceil(64), g.n.div_ceil(64), 1);
+        pass.dispatch_workgroups(g.m.div_ceil(64), g.n.div_ceil(64), g.batch.max(1));
     }
 }
 
@@ -246,7 +295,20 @@ impl Gpu {
         let p = self.pipeline(Key::Block(Driver::Matvec, ty));
         let gx = mv.rows.min(self.max_groups()).max(1);
         let gy = mv.rows.div_ceil(gx).max(1);
-        let params = self.uniform(&[mv.row0, mv.rows, mv.cols, gx, mv.y_off, mv.ldy, 0, 0]);
+        let params = self.uniform(&[
+            mv.row0,
+            mv.rows,
+            mv.cols,
+            gx,
+            mv.y_off,
+            mv.ldy,
+            mv.col0,
+            mv.perm_rows,
+            mv.perm_heads,
+            0,
+            0,
+            0,
+        ]);
         let bg = self.bind(&p, &[bufs[0], bufs[1], bufs[2], &params]);
         pass.set_pipeline(&p);
         pass.set_bind_group(0, &bg, &[]);
@@ -263,6 +325,9 @@ pub(crate) struct Matvec {
     pub n: u32,
     pub y_off: u32,
     pub ldy: u32,
+    pub col0: u32,
+    pub perm_rows: u32,
+    pub perm_heads: u32,
 }
 
 /// One GEMM's shape and offsets (elements).
@@ -277,4 +342,16 @@ pub(crate) struct Gemm {
     pub y_off: u32,
     pub ldy: u32,
     pub kmajor: bool,
+    /// Row stride of x (0: k).
+    pub ldx: u32,
+    /// Batches (the dispatch's z), their strides, and query heads per W batch.
+    pub batch: u32,
+    pub x_bz: u32,
+    pub w_bz: u32,
+    pub y_bz: u32,
+    pub group: u32,
+    /// First output column; interleaved-row permutation (rows, heads; 0 heads: none).
+    pub col0: u32,
+    pub perm_rows: u32,
+    pub perm_heads: u32,
 }

@@ -6,6 +6,7 @@
 //! errors; [`super::Backend`] turns a failed GPU call into the CPU's result and a notice.
 
 pub mod kernels;
+pub mod ops;
 pub mod weights;
 
 use std::collections::HashMap;
@@ -177,6 +178,14 @@ fn open() -> std::result::Result<Gpu, String> {
     device.set_device_lost_callback(move |reason, msg| {
         *lock(&flag) = Some(format!("device lost ({reason:?}): {msg}"));
     });
+    // An error outside an error scope (wgpu's default handler panics) fails the GPU for this process.
+    let flag = std::sync::Arc::clone(&lost);
+    device.on_uncaptured_error(std::sync::Arc::new(move |e: wg::Error| {
+        let mut slot = lock(&flag);
+        if slot.is_none() {
+            *slot = Some(format!("GPU error: {e}"));
+        }
+    }));
     let budget = std::env::var("QS_GPU_WEIGHT_CACHE_MB")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())

@@ -13,7 +13,7 @@ use wg::util::DeviceExt;
 use super::kernels::{block_files, Gemm, Matvec};
 use super::{lock, Gpu};
 use crate::codecs::GgmlType;
-use crate::tensor::{interleaved_row, Backing, Grouped, Storage, TensorRef};
+use crate::tensor::{Backing, Grouped, Storage, TensorRef};
 use crate::{Error, Result};
 
 /// Device bytes kept for weights unless `QS_GPU_WEIGHT_CACHE_MB` says otherwise.
@@ -24,7 +24,7 @@ pub(crate) const DEFAULT_BUDGET: u64 = 6 << 30;
 pub(crate) const MATVEC_TOKENS: usize = 4;
 
 /// Bytes of dequantised weights one GEMM reads at a time.
-const SCRATCH: u64 = 64 << 20;
+pub(crate) const SCRATCH: u64 = 64 << 20;
 
 /// What a cached weight was made from. The cache holds only weak references, so it never keeps a file
 /// mapped; while an entry exists its allocation cannot be reused, so a match is the same tensor.
@@ -246,9 +246,8 @@ impl Gpu {
         let row_f32 = (rows.max(cols) as u64) * 4;
         let n_step = ((max / row_f32) as usize).clamp(1, n.max(1));
         let tile = ((SCRATCH.min(max) / (cols as u64 * 4)) as usize).max(1);
-        let (ty, block) = dw.kernel;
         let fused = n <= MATVEC_TOKENS;
-        let scratch = (!fused && ty != GgmlType::F32).then(|| {
+        let scratch = (!fused && dw.kernel.0 != GgmlType::F32).then(|| {
             self.storage(
                 "scratch",
                 (tile.min(rows) * cols * 4) as u64,
@@ -269,63 +268,88 @@ impl Gpu {
                 let mut enc = self.device.create_command_encoder(&Default::default());
                 {
                     let mut pass = enc.begin_compute_pass(&Default::default());
-                    for ch in &dw.chunks {
-                        if fused {
-                            let mv = Matvec {
-                                row0: 0,
-                                rows: ch.rows as u32,
-                                cols: cols as u32,
-                                n: nt as u32,
-                                y_off: ch.row0 as u32,
-                                ldy: rows as u32,
-                            };
-                            self.record_matvec(&mut pass, ty, [&ch.buf, &xb, &yb], mv);
-                            continue;
-                        }
-                        for r0 in (0..ch.rows).step_by(tile) {
-                            let m = tile.min(ch.rows - r0);
-                            let mut g = Gemm {
-                                n: nt as u32,
-                                m: m as u32,
-                                k: cols as u32,
-                                ldw: cols as u32,
-                                y_off: (ch.row0 + r0) as u32,
-                                ldy: rows as u32,
-                                ..Gemm::default()
-                            };
-                            match &scratch {
-                                Some(s) => {
-                                    let first = (r0 * cols / block) as u32;
-                                    let count = (m * cols / block) as u32;
-                                    self.record_dequant(&mut pass, ty, &ch.buf, first, count, s);
-                                    self.record_gemm(&mut pass, [&xb, s, &yb], g);
-                                }
-                                None => {
-                                    g.w_off = (r0 * cols) as u32;
-                                    self.record_gemm(&mut pass, [&xb, &ch.buf, &yb], g);
-                                }
-                            }
-                        }
-                    }
+                    self.record_linear(
+                        &mut pass,
+                        &dw,
+                        cols,
+                        nt,
+                        [&xb, &yb],
+                        scratch.as_ref(),
+                        tile,
+                    );
                 }
                 enc.copy_buffer_to_buffer(&yb, 0, &staging, 0, (nt * rows * 4) as u64);
                 self.queue.submit([enc.finish()]);
                 self.read_back(&staging, (nt * rows * 4) as u64)
             })?;
-            let dst = &mut out[t0 * rows..(t0 + nt) * rows];
             let vals: Vec<f32> = bytemuck::pod_collect_to_vec(&y);
-            match dw.interleaved {
-                Some(heads) => {
-                    for (o, v) in dst.chunks_exact_mut(rows).zip(vals.chunks_exact(rows)) {
-                        for (r, oo) in o.iter_mut().enumerate() {
-                            *oo = v[interleaved_row(r, rows, heads)];
-                        }
-                    }
-                }
-                None => dst.copy_from_slice(&vals),
-            }
+            out[t0 * rows..(t0 + nt) * rows].copy_from_slice(&vals);
         }
         Ok(())
+    }
+
+    /// Record `y[t, r] = Σ_c x[t, c] · W[r, c]` for `nt` tokens (Hugging Face row order), from device
+    /// buffers `[x, y]`: the fused matvec up to [`MATVEC_TOKENS`] tokens, else tiles of `tile` rows
+    /// dequantised into `scratch` (absent for f32 weights, read directly) and the tiled GEMM.
+    pub(crate) fn record_linear(
+        &self,
+        pass: &mut wg::ComputePass<'_>,
+        dw: &DeviceWeight,
+        cols: usize,
+        nt: usize,
+        [xb, yb]: [&wg::Buffer; 2],
+        scratch: Option<&wg::Buffer>,
+        tile: usize,
+    ) {
+        let (ty, block) = dw.kernel;
+        let rows: usize = dw.chunks.iter().map(|c| c.rows).sum();
+        let (perm_rows, perm_heads) = match dw.interleaved {
+            Some(h) => (rows as u32, h as u32),
+            None => (0, 0),
+        };
+        for ch in &dw.chunks {
+            if nt <= MATVEC_TOKENS {
+                let mv = Matvec {
+                    row0: 0,
+                    rows: ch.rows as u32,
+                    cols: cols as u32,
+                    n: nt as u32,
+                    y_off: 0,
+                    ldy: rows as u32,
+                    col0: ch.row0 as u32,
+                    perm_rows,
+                    perm_heads,
+                };
+                self.record_matvec(pass, ty, [&ch.buf, xb, yb], mv);
+                continue;
+            }
+            for r0 in (0..ch.rows).step_by(tile) {
+                let m = tile.min(ch.rows - r0);
+                let mut g = Gemm {
+                    n: nt as u32,
+                    m: m as u32,
+                    k: cols as u32,
+                    ldw: cols as u32,
+                    ldy: rows as u32,
+                    col0: (ch.row0 + r0) as u32,
+                    perm_rows,
+                    perm_heads,
+                    ..Gemm::default()
+                };
+                match (scratch, ty) {
+                    (Some(s), t) if t != GgmlType::F32 => {
+                        let first = (r0 * cols / block) as u32;
+                        let count = (m * cols / block) as u32;
+                        self.record_dequant(pass, ty, &ch.buf, first, count, s);
+                        self.record_gemm(pass, [xb, s, yb], g);
+                    }
+                    _ => {
+                        g.w_off = (r0 * cols) as u32;
+                        self.record_gemm(pass, [xb, &ch.buf, yb], g);
+                    }
+                }
+            }
+        }
     }
 
     /// `y[n, m] = x[n, k] · Wᵀ` with `w` as `[m, k]` (`kmajor == false`) or `W` as `w[k, m]`

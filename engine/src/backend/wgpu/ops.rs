@@ -1,0 +1,452 @@
+//! A decoder forward pass recorded on the device: [`Session`] holds one command encoder, so a whole batch
+//! of tokens (a decoding step, a prompt chunk) is one submission, and the hidden states, the layer's
+//! intermediates and the KV cache ([`DeviceKv`]) stay on the device; only the wanted logits come back.
+
+use ::wgpu as wg;
+
+use super::kernels::{Gemm, Key};
+use super::weights::SCRATCH;
+use super::Gpu;
+use crate::tensor::TensorRef;
+use crate::{Error, Result};
+
+/// An f32 array on the device.
+pub struct Buf {
+    pub(crate) buf: wg::Buffer,
+    pub len: usize,
+}
+
+/// One model's keys and values on the device, per layer `[kv_heads][capacity][head_dim]` (the host
+/// cache's layout, so the two copy into each other directly).
+pub struct DeviceKv {
+    pub(crate) k: Vec<Buf>,
+    pub(crate) v: Vec<Buf>,
+}
+
+const WG: u32 = 64;
+
+impl Gpu {
+    /// A zeroed f32 array of `len` elements (usable as storage, copied from and to).
+    pub fn alloc(&self, len: usize) -> Buf {
+        let buf = self.device.create_buffer(&wg::BufferDescriptor {
+            label: Some("f32"),
+            size: (len.max(1) * 4) as u64,
+            usage: wg::BufferUsages::STORAGE
+                | wg::BufferUsages::COPY_SRC
+                | wg::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Buf { buf, len }
+    }
+
+    /// `data` on the device.
+    pub fn upload_f32(&self, data: &[f32]) -> Buf {
+        let b = self.alloc(data.len());
+        if !data.is_empty() {
+            self.queue
+                .write_buffer(&b.buf, 0, bytemuck::cast_slice(data));
+        }
+        b
+    }
+
+    /// Overwrite `dst[off..off + data.len()]`.
+    pub fn write_f32(&self, dst: &Buf, off: usize, data: &[f32]) {
+        if !data.is_empty() {
+            self.queue
+                .write_buffer(&dst.buf, (off * 4) as u64, bytemuck::cast_slice(data));
+        }
+    }
+
+    /// A device KV cache for `layers` layers of `per_layer` floats, each a single storage binding.
+    pub fn alloc_kv(&self, layers: usize, per_layer: usize) -> Result<DeviceKv> {
+        if (per_layer * 4) as u64 > self.max_binding() {
+            return Err(Error::Gpu(format!(
+                "a KV cache layer of {} MiB does not fit a storage binding",
+                (per_layer * 4) >> 20
+            )));
+        }
+        let _guard = self.begin()?;
+        self.checked("allocating the KV cache", || {
+            Ok(DeviceKv {
+                k: (0..layers).map(|_| self.alloc(per_layer)).collect(),
+                v: (0..layers).map(|_| self.alloc(per_layer)).collect(),
+            })
+        })
+    }
+
+    /// Start recording.
+    pub fn session(&self) -> Result<Session<'_>> {
+        let guard = self.begin()?;
+        Ok(Session {
+            gpu: self,
+            enc: Some(self.device.create_command_encoder(&Default::default())),
+            _guard: guard,
+            scratch: None,
+        })
+    }
+
+    /// Read `buf[off..off + len]` back (waits for everything submitted).
+    pub fn read_f32(&self, buf: &Buf, off: usize, len: usize) -> Result<Vec<f32>> {
+        let _guard = self.begin()?;
+        self.read_unlocked(buf, off, len)
+    }
+
+    fn read_unlocked(&self, buf: &Buf, off: usize, len: usize) -> Result<Vec<f32>> {
+        let bytes = (len.max(1) * 4) as u64;
+        let staging = self.device.create_buffer(&wg::BufferDescriptor {
+            label: Some("read back"),
+            size: bytes,
+            usage: wg::BufferUsages::MAP_READ | wg::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let out = self.checked("reading back", || {
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&buf.buf, (off * 4) as u64, &staging, 0, bytes);
+            self.queue.submit([enc.finish()]);
+            self.read_back(&staging, bytes)
+        })?;
+        let mut v: Vec<f32> = bytemuck::pod_collect_to_vec(&out);
+        v.truncate(len);
+        Ok(v)
+    }
+
+    fn grid(&self, count: u32) -> (u32, u32, u32) {
+        let groups = count.div_ceil(WG).max(1);
+        let gx = groups.min(self.max_groups());
+        (gx, groups.div_ceil(gx), gx * WG)
+    }
+}
+
+/// Work recorded for one submission. Each step is its own compute pass (wgpu orders them).
+pub struct Session<'g> {
+    gpu: &'g Gpu,
+    enc: Option<wg::CommandEncoder>,
+    _guard: std::sync::MutexGuard<'g, ()>,
+    scratch: Option<wg::Buffer>,
+}
+
+impl Session<'_> {
+    fn dispatch(
+        &mut self,
+        key: Key,
+        bufs: &[&wg::Buffer],
+        params: &[u32],
+        groups: (u32, u32, u32),
+    ) {
+        let g = self.gpu;
+        let p = g.pipeline(key);
+        let u = g.uniform(params);
+        let mut all: Vec<&wg::Buffer> = bufs.to_vec();
+        all.push(&u);
+        let bg = g.bind(&p, &all);
+        let Some(enc) = self.enc.as_mut() else { return };
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&p);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
+    }
+
+    /// `y[n, rows] = x[n, cols] · Wᵀ` (Hugging Face row order), the weight uploaded on first use.
+    pub fn linear(&mut self, w: &TensorRef, x: &Buf, n: usize, y: &Buf) -> Result<()> {
+        let g = self.gpu;
+        let dw = g.weight(w)?;
+        let cols = w.cols();
+        let tile = ((SCRATCH.min(g.max_binding()) / (cols as u64 * 4)) as usize).max(1);
+        let need = (tile.min(w.rows()) * cols * 4) as u64;
+        if self.scratch.as_ref().is_none_or(|s| s.size() < need) {
+            self.scratch = Some(g.device.create_buffer(&wg::BufferDescriptor {
+                label: Some("scratch"),
+                size: need.max(4),
+                usage: wg::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            }));
+        }
+        let Some(enc) = self.enc.as_mut() else {
+            return Ok(());
+        };
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        g.record_linear(
+            &mut pass,
+            &dw,
+            cols,
+            n,
+            [&x.buf, &y.buf],
+            self.scratch.as_ref(),
+            tile,
+        );
+        Ok(())
+    }
+
+    /// `y = rms_norm(x) · w` over rows of `h`.
+    pub fn rms_norm(&mut self, x: &Buf, w: &Buf, y: &Buf, n: usize, h: usize, eps: f32) {
+        self.dispatch(
+            Key::Op("rms_norm", "main"),
+            &[&x.buf, &w.buf, &y.buf],
+            &[h as u32, eps.to_bits(), 0, 0],
+            (n as u32, 1, 1),
+        );
+    }
+
+    /// Rotate-half RoPE in place on `x` = `[n, heads · hd]`, tables `[n, hd/2]`.
+    pub fn rope(&mut self, x: &Buf, cos: &Buf, sin: &Buf, n: usize, heads: usize, hd: usize) {
+        let total = (n * heads * hd / 2) as u32;
+        let (gx, gy, stride) = self.gpu.grid(total);
+        self.dispatch(
+            Key::Op("rope", "main"),
+            &[&x.buf, &cos.buf, &sin.buf],
+            &[total, heads as u32, hd as u32, stride],
+            (gx, gy, 1),
+        );
+    }
+
+    fn elementwise(&mut self, entry: &'static str, y: &Buf, x: &Buf, count: usize, m: usize) {
+        let (gx, gy, stride) = self.gpu.grid(count as u32);
+        self.dispatch(
+            Key::Op("elementwise", entry),
+            &[&y.buf, &x.buf],
+            &[count as u32, m.max(1) as u32, stride, 0],
+            (gx, gy, 1),
+        );
+    }
+
+    /// `y += x` (first `count` elements).
+    pub fn add(&mut self, y: &Buf, x: &Buf, count: usize) {
+        self.elementwise("add", y, x, count, 1);
+    }
+
+    /// `y[t, j] += b[j]` over `count` elements of rows of `b.len`.
+    pub fn bias(&mut self, y: &Buf, b: &Buf, count: usize) {
+        self.elementwise("bias", y, b, count, b.len);
+    }
+
+    /// `gate = silu(gate) · up`.
+    pub fn swiglu(&mut self, gate: &Buf, up: &Buf, count: usize) {
+        self.elementwise("swiglu", gate, up, count, 1);
+    }
+
+    /// Store `n` keys and values (`[n, kv_heads · hd]`) at positions `pos..` of layer `layer`.
+    pub fn kv_write(
+        &mut self,
+        kv: &DeviceKv,
+        layer: usize,
+        (k, v): (&Buf, &Buf),
+        n: usize,
+        (kv_heads, hd, cap, pos): (usize, usize, usize, usize),
+    ) {
+        let total = (n * kv_heads * hd) as u32;
+        let (gx, gy, stride) = self.gpu.grid(total);
+        self.dispatch(
+            Key::Op("kv_write", "main"),
+            &[&k.buf, &v.buf, &kv.k[layer].buf, &kv.v[layer].buf],
+            &[
+                total,
+                (kv_heads * hd) as u32,
+                hd as u32,
+                cap as u32,
+                pos as u32,
+                stride,
+                0,
+                0,
+            ],
+            (gx, gy, 1),
+        );
+    }
+
+    /// Causal attention of `n` queries `q` (`[n, heads · hd]`, positions `pos0..`) over positions
+    /// `0..pos0 + n` of layer `layer`'s cache: `out` = `[n, heads · hd]`. `scores` holds
+    /// `[heads][n][pos0 + n]` (heads are done in groups when it is smaller).
+    pub fn attention(
+        &mut self,
+        kv: &DeviceKv,
+        layer: usize,
+        (q, out, scores): (&Buf, &Buf, &Buf),
+        n: usize,
+        pos0: usize,
+        (heads, kv_heads, hd, cap): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let len = pos0 + n;
+        let group = heads / kv_heads.max(1);
+        let per_head = n * len;
+        let fit = (scores.len / per_head.max(1)).min(heads);
+        // Whole KV groups per pass, so a pass's heads map onto whole cached heads.
+        let chunk = (fit / group.max(1)) * group.max(1);
+        if chunk == 0 {
+            return Err(Error::Gpu(format!(
+                "attention scores of {n} × {len} per head do not fit the scratch of {} floats",
+                scores.len
+            )));
+        }
+        let scale = (hd as f64).powf(-0.5) as f32;
+        let (kc, vc) = (&kv.k[layer], &kv.v[layer]);
+        for h0 in (0..heads).step_by(chunk) {
+            let hs = chunk.min(heads - h0);
+            let qk = Gemm {
+                n: n as u32,
+                m: len as u32,
+                k: hd as u32,
+                x_off: (h0 * hd) as u32,
+                ldx: (heads * hd) as u32,
+                w_off: ((h0 / group) * cap * hd) as u32,
+                ldw: hd as u32,
+                ldy: len as u32,
+                batch: hs as u32,
+                x_bz: hd as u32,
+                w_bz: (cap * hd) as u32,
+                y_bz: per_head as u32,
+                group: group as u32,
+                ..Gemm::default()
+            };
+            self.gemm([q, kc, scores], qk);
+            let rows = (hs * n) as u32;
+            self.dispatch(
+                Key::Op("softmax", "main"),
+                &[&scores.buf],
+                &[
+                    n as u32,
+                    len as u32,
+                    pos0 as u32,
+                    scale.to_bits(),
+                    rows,
+                    0,
+                    0,
+                    0,
+                ],
+                (rows.min(65535), rows.div_ceil(65535), 1),
+            );
+            let pv = Gemm {
+                n: n as u32,
+                m: hd as u32,
+                k: len as u32,
+                ldx: len as u32,
+                w_off: ((h0 / group) * cap * hd) as u32,
+                ldw: hd as u32,
+                y_off: (h0 * hd) as u32,
+                ldy: (heads * hd) as u32,
+                kmajor: true,
+                batch: hs as u32,
+                x_bz: per_head as u32,
+                w_bz: (cap * hd) as u32,
+                y_bz: hd as u32,
+                group: group as u32,
+                ..Gemm::default()
+            };
+            self.gemm([scores, vc, out], pv);
+        }
+        Ok(())
+    }
+
+    fn gemm(&mut self, [x, w, y]: [&Buf; 3], g: Gemm) {
+        let gpu = self.gpu;
+        let Some(enc) = self.enc.as_mut() else { return };
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        gpu.record_gemm(&mut pass, [&x.buf, &w.buf, &y.buf], g);
+    }
+
+    /// `dst[dst_off..][..len] = src[src_off..][..len]`.
+    pub fn copy(&mut self, src: &Buf, src_off: usize, dst: &Buf, dst_off: usize, len: usize) {
+        if let Some(enc) = self.enc.as_mut() {
+            enc.copy_buffer_to_buffer(
+                &src.buf,
+                (src_off * 4) as u64,
+                &dst.buf,
+                (dst_off * 4) as u64,
+                (len * 4) as u64,
+            );
+        }
+    }
+
+    /// Submit everything recorded.
+    pub fn submit(mut self) -> Result<()> {
+        let gpu = self.gpu;
+        let enc = self
+            .enc
+            .take()
+            .ok_or_else(|| Error::Gpu("session used twice".into()))?;
+        gpu.checked("forward pass", || {
+            gpu.queue.submit([enc.finish()]);
+            Ok(())
+        })
+    }
+
+    /// Submit everything recorded and read `buf[off..off + len]` back.
+    pub fn finish_read(mut self, buf: &Buf, off: usize, len: usize) -> Result<Vec<f32>> {
+        let gpu = self.gpu;
+        let enc = self
+            .enc
+            .take()
+            .ok_or_else(|| Error::Gpu("session used twice".into()))?;
+        gpu.checked("forward pass", || {
+            gpu.queue.submit([enc.finish()]);
+            Ok(())
+        })?;
+        gpu.read_unlocked(buf, off, len)
+    }
+}
+
+impl Gpu {
+    /// Copy host cache positions `from..to` of every layer (`[kv_heads][cap][hd]` per layer) to `kv`.
+    pub fn upload_kv(
+        &self,
+        kv: &DeviceKv,
+        (k, v): (&[Vec<f32>], &[Vec<f32>]),
+        (kv_heads, hd, cap): (usize, usize, usize),
+        (from, to): (usize, usize),
+    ) {
+        if to <= from {
+            return;
+        }
+        for (l, (kl, vl)) in k.iter().zip(v).enumerate() {
+            for g in 0..kv_heads {
+                let a = (g * cap + from) * hd;
+                let b = (g * cap + to) * hd;
+                self.write_f32(&kv.k[l], a, &kl[a..b]);
+                self.write_f32(&kv.v[l], a, &vl[a..b]);
+            }
+        }
+    }
+
+    /// Read positions `pos..pos + n` of every layer back into the host cache arrays.
+    pub fn download_kv(
+        &self,
+        kv: &DeviceKv,
+        (k, v): (&mut [Vec<f32>], &mut [Vec<f32>]),
+        (kv_heads, hd, cap): (usize, usize, usize),
+        (pos, n): (usize, usize),
+    ) -> Result<()> {
+        let run = n * hd;
+        let per_layer = 2 * kv_heads * run;
+        let total = (k.len() * per_layer).max(1);
+        let _guard = self.begin()?;
+        let staging = self.device.create_buffer(&wg::BufferDescriptor {
+            label: Some("kv read back"),
+            size: (total * 4) as u64,
+            usage: wg::BufferUsages::MAP_READ | wg::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let bytes = self.checked("reading the KV cache back", || {
+            let mut enc = self.device.create_command_encoder(&Default::default());
+            for l in 0..k.len() {
+                for g in 0..kv_heads {
+                    let src = ((g * cap + pos) * hd * 4) as u64;
+                    let dk = ((l * per_layer + g * run) * 4) as u64;
+                    let dv = ((l * per_layer + (kv_heads + g) * run) * 4) as u64;
+                    enc.copy_buffer_to_buffer(&kv.k[l].buf, src, &staging, dk, (run * 4) as u64);
+                    enc.copy_buffer_to_buffer(&kv.v[l].buf, src, &staging, dv, (run * 4) as u64);
+                }
+            }
+            self.queue.submit([enc.finish()]);
+            self.read_back(&staging, (total * 4) as u64)
+        })?;
+        let vals: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+        for (l, (kl, vl)) in k.iter_mut().zip(v.iter_mut()).enumerate() {
+            for g in 0..kv_heads {
+                let dst = (g * cap + pos) * hd;
+                let sk = l * per_layer + g * run;
+                let sv = l * per_layer + (kv_heads + g) * run;
+                kl[dst..dst + run].copy_from_slice(&vals[sk..sk + run]);
+                vl[dst..dst + run].copy_from_slice(&vals[sv..sv + run]);
+            }
+        }
+        Ok(())
+    }
+}
