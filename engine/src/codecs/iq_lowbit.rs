@@ -99,6 +99,32 @@ pub(super) static IQ2S_GRID_F32: [[f32; 8]; 1024] = grid_f32(&IQ2S_GRID);
 pub(super) static IQ3XXS_GRID_F32: [[f32; 4]; 256] = grid_f32(&IQ3XXS_GRID);
 pub(super) static IQ3S_GRID_F32: [[f32; 4]; 512] = grid_f32(&IQ3S_GRID);
 
+/// The grid (and, after it, `KSIGNS_IQ2XS`) a GPU kernel of `ty` reads, as little-endian u32 words: the
+/// layout `shaders/types/iq_tables.wgsl` documents. `None` for the other types.
+pub(super) fn gpu_table(ty: super::GgmlType) -> Option<Vec<u32>> {
+    use super::GgmlType as T;
+    fn words<const N: usize>(grid: &[[u8; N]]) -> Vec<u32> {
+        grid.iter()
+            .flat_map(|p| {
+                p.chunks(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+    let mut w = match ty {
+        T::Iq2Xxs => words(&IQ2XXS_GRID),
+        T::Iq2Xs => words(&IQ2XS_GRID),
+        T::Iq2S => words(&IQ2S_GRID),
+        T::Iq3Xxs => words(&IQ3XXS_GRID),
+        T::Iq3S => words(&IQ3S_GRID),
+        T::Iq1S | T::Iq1M => return Some(words(&IQ1S_GRID)),
+        _ => return None,
+    };
+    w.extend(KSIGNS_IQ2XS.iter().map(|&s| s as u32));
+    Some(w)
+}
+
 /// For a sign byte, the f32 sign bit of each of its 8 elements (bit j set → negate element j).
 static SIGN_BITS: [[u32; 8]; 256] = {
     let mut t = [[0u32; 8]; 256];

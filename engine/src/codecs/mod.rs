@@ -23,6 +23,12 @@ mod x86;
 
 pub use iquants::KVALUES_IQ4NL;
 
+/// The lookup table (lattice grid and sign table) the GPU kernels of a low-bit i-quant read, as u32 words;
+/// `None` for types without one.
+pub fn gpu_table(ty: GgmlType) -> Option<Vec<u32>> {
+    iq_lowbit::gpu_table(ty)
+}
+
 /// A ggml tensor type, with its stable on-disk id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum GgmlType {

@@ -32,7 +32,28 @@ const OPS: [(&str, &str); 5] = [
 ];
 
 /// The block types' files (`shaders/types/`), and the helpers some of them share.
-const TYPE_FILES: [(&str, &str); 17] = [
+const TYPE_FILES: [(&str, &str); 26] = [
+    (
+        "iq_tables",
+        include_str!("../../../shaders/types/iq_tables.wgsl"),
+    ),
+    (
+        "iq2_xxs",
+        include_str!("../../../shaders/types/iq2_xxs.wgsl"),
+    ),
+    ("iq2_xs", include_str!("../../../shaders/types/iq2_xs.wgsl")),
+    ("iq2_s", include_str!("../../../shaders/types/iq2_s.wgsl")),
+    (
+        "iq3_xxs",
+        include_str!("../../../shaders/types/iq3_xxs.wgsl"),
+    ),
+    ("iq3_s", include_str!("../../../shaders/types/iq3_s.wgsl")),
+    (
+        "iq1_grid",
+        include_str!("../../../shaders/types/iq1_grid.wgsl"),
+    ),
+    ("iq1_s", include_str!("../../../shaders/types/iq1_s.wgsl")),
+    ("iq1_m", include_str!("../../../shaders/types/iq1_m.wgsl")),
     ("f32", include_str!("../../../shaders/types/f32.wgsl")),
     ("f16", include_str!("../../../shaders/types/f16.wgsl")),
     ("bf16", include_str!("../../../shaders/types/bf16.wgsl")),
@@ -78,8 +99,8 @@ impl Driver {
     }
 }
 
-/// The WGSL files of block type `ty` (helpers first), or `None` for the types that have none yet (their
-/// rows are dequantised on the CPU and uploaded as f32).
+/// The WGSL files of block type `ty` (helpers first). Every ggml type has them; the grouped formats do
+/// not yet (their rows are dequantised on the CPU and uploaded as f32).
 pub fn block_files(ty: GgmlType) -> Option<&'static [&'static str]> {
     use GgmlType as T;
     Some(match ty {
@@ -98,7 +119,13 @@ pub fn block_files(ty: GgmlType) -> Option<&'static [&'static str]> {
         T::Q6K => &["q6_k"],
         T::Iq4Nl => &["iq4_grid", "iq4_nl"],
         T::Iq4Xs => &["iq4_grid", "iq4_xs"],
-        T::Iq2Xxs | T::Iq2Xs | T::Iq2S | T::Iq3Xxs | T::Iq3S | T::Iq1S | T::Iq1M => return None,
+        T::Iq2Xxs => &["iq_tables", "iq2_xxs"],
+        T::Iq2Xs => &["iq_tables", "iq2_xs"],
+        T::Iq2S => &["iq_tables", "iq2_s"],
+        T::Iq3Xxs => &["iq_tables", "iq3_xxs"],
+        T::Iq3S => &["iq_tables", "iq3_s"],
+        T::Iq1S => &["iq_tables", "iq1_grid", "iq1_s"],
+        T::Iq1M => &["iq_tables", "iq1_grid", "iq1_m"],
     })
 }
 
@@ -195,6 +222,24 @@ impl Gpu {
         p
     }
 
+    /// The lookup table of a low-bit type on the device (uploaded once).
+    fn table(&self, ty: GgmlType) -> Option<wg::Buffer> {
+        let mut tables = lock(&self.tables);
+        if let Some(t) = tables.get(&ty) {
+            return Some(t.clone());
+        }
+        let words = crate::codecs::gpu_table(ty)?;
+        let buf = self
+            .device
+            .create_buffer_init(&wg::util::BufferInitDescriptor {
+                label: Some("lookup table"),
+                contents: bytemuck::cast_slice(&words),
+                usage: wg::BufferUsages::STORAGE,
+            });
+        tables.insert(ty, buf.clone());
+        Some(buf)
+    }
+
     pub(crate) fn uniform(&self, words: &[u32]) -> wg::Buffer {
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         self.device
@@ -210,11 +255,23 @@ impl Gpu {
         pipeline: &wg::ComputePipeline,
         buffers: &[&wg::Buffer],
     ) -> wg::BindGroup {
+        self.bind_with_table(pipeline, buffers, None)
+    }
+
+    /// [`Gpu::bind`], plus a low-bit type's lookup table at binding 7.
+    fn bind_with_table(
+        &self,
+        pipeline: &wg::ComputePipeline,
+        buffers: &[&wg::Buffer],
+        table: Option<&wg::Buffer>,
+    ) -> wg::BindGroup {
         let entries: Vec<wg::BindGroupEntry> = buffers
             .iter()
             .enumerate()
+            .map(|(i, b)| (i as u32, *b))
+            .chain(table.map(|t| (7, t)))
             .map(|(i, b)| wg::BindGroupEntry {
-                binding: i as u32,
+                binding: i,
                 resource: b.as_entire_binding(),
             })
             .collect();
@@ -241,7 +298,8 @@ impl Gpu {
         let gx = groups.min(self.max_groups());
         let gy = groups.div_ceil(gx);
         let params = self.uniform(&[first, count, gx * BLOCK_WG, 0]);
-        let bg = self.bind(&p, &[src, dst, &params]);
+        let table = self.table(ty);
+        let bg = self.bind_with_table(&p, &[src, dst, &params], table.as_ref());
         pass.set_pipeline(&p);
         pass.set_bind_group(0, &bg, &[]);
         pass.dispatch_workgroups(gx, gy, 1);
@@ -309,7 +367,8 @@ impl Gpu {
             0,
             0,
         ]);
-        let bg = self.bind(&p, &[bufs[0], bufs[1], bufs[2], &params]);
+        let table = self.table(ty);
+        let bg = self.bind_with_table(&p, &[bufs[0], bufs[1], bufs[2], &params], table.as_ref());
         pass.set_pipeline(&p);
         pass.set_bind_group(0, &bg, &[]);
         pass.dispatch_workgroups(gx, gy, mv.n);

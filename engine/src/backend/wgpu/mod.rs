@@ -60,6 +60,8 @@ pub struct Gpu {
     pub(crate) limits: wg::Limits,
     pub(crate) pipelines: Mutex<HashMap<kernels::Key, wg::ComputePipeline>>,
     pub(crate) weights: Mutex<weights::WeightCache>,
+    /// The low-bit types' lookup tables on the device.
+    pub(crate) tables: Mutex<HashMap<crate::codecs::GgmlType, wg::Buffer>>,
     lost: std::sync::Arc<Mutex<Option<String>>>,
     /// One GPU call at a time: the caches and scratch buffers are shared.
     work: Mutex<()>,
@@ -197,6 +199,7 @@ fn open() -> std::result::Result<Gpu, String> {
         limits,
         pipelines: Mutex::new(HashMap::new()),
         weights: Mutex::new(weights::WeightCache::new(budget)),
+        tables: Mutex::new(HashMap::new()),
         lost,
         work: Mutex::new(()),
     })
