@@ -451,7 +451,7 @@ pub(crate) fn run_sequential(
     Ok(())
 }
 
-fn packed_tensor(
+pub(crate) fn packed_tensor(
     name: &str,
     bits: u32,
     n: usize,

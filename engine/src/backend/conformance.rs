@@ -81,8 +81,8 @@ fn every_shader_parses_and_validates_with_naga() {
     let all = wgpu::kernels::all_sources();
     assert_eq!(
         all.len(),
-        1 + 5 + 2 * 22,
-        "the GEMM, five ops and two drivers over 22 block types"
+        1 + 6 + 2 * 22,
+        "the GEMM, six ops and two drivers over 22 block types"
     );
     for (name, src) in all {
         let module = naga::front::wgsl::parse_str(&src)
@@ -356,5 +356,62 @@ fn the_forward_pass_on_the_device_gives_the_cpus_logits() {
     }
     // 4 models × (1 + 4 + 1 + 4) device micro-batches, at least (other tests may add theirs).
     assert!(batches() - before >= 40, "the device path ran");
+    assert_eq!(super::gpu_fallback(), None, "no call fell back to the CPU");
+}
+
+/// A GPTQ linear `[rows, cols]` with random codes, zero points and scales, act-order group indices.
+fn gptq_tensor(bits: u32, rows: usize, cols: usize, group: usize, seed: u64) -> TensorRef {
+    use crate::codecs::gptq::pack_gptq;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let maxq = (1u32 << bits) - 1;
+    let groups = cols / group;
+    let q: Vec<u8> = (0..rows * cols)
+        .map(|_| rng.gen_range(0..=maxq) as u8)
+        .collect();
+    let zeros: Vec<u32> = (0..groups * rows)
+        .map(|_| rng.gen_range(1..=maxq))
+        .collect();
+    let scales: Vec<f32> = (0..groups * rows)
+        .map(|_| half::f16::from_f32(rng.gen_range(0.001..0.05)).to_f32())
+        .collect();
+    // Act-order: columns visit the groups in a shuffled order.
+    let g_idx: Vec<u32> = (0..cols)
+        .map(|c| ((c * 7 + 3) % cols / group) as u32)
+        .collect();
+    let p = pack_gptq(bits, rows, cols, &q, &zeros, &scales, &g_idx).expect("pack");
+    crate::quantize_gptq::packed_tensor("w.gptq", bits, rows, cols, groups, &p).expect("tensor")
+}
+
+#[test]
+fn gptq_linears_run_in_place_as_on_the_cpu() {
+    let g = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    for bits in [2u32, 3, 4, 8] {
+        let w = gptq_tensor(bits, 96, 256, 64, u64::from(bits));
+        let dw = g.weight(&w).expect("upload");
+        assert_eq!(
+            dw.device_bytes(),
+            w.stored_bytes() as u64,
+            "GPTQ {bits}-bit is kept packed on the device"
+        );
+        let want = w.to_f32();
+        let got = wgpu::weights::dequantize(g, &w).expect("gpu dequantisation");
+        let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            bad, 0,
+            "GPTQ {bits}-bit: {bad} weights differ from the CPU's"
+        );
+        for n in [1usize, 3, 70] {
+            let x = normal(&mut rng, n * 256, 1.0);
+            let mut cpu = vec![0.0f32; n * 96];
+            Backend::Cpu.matmul(&w, &x, n, &mut cpu);
+            for b in OTHERS {
+                let mut out = vec![f32::NAN; n * 96];
+                b.matmul(&w, &x, n, &mut out);
+                let e = nmse(&out, &cpu);
+                assert!(e < 1e-10, "{} GPTQ {bits}-bit, {n} tokens: {e:e}", b.name());
+            }
+        }
+    }
     assert_eq!(super::gpu_fallback(), None, "no call fell back to the CPU");
 }

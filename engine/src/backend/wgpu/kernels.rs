@@ -20,7 +20,8 @@ const MATVEC: &str = include_str!("../../../shaders/matvec.wgsl");
 const GEMM: &str = include_str!("../../../shaders/gemm.wgsl");
 
 /// The decoder layer's other steps, one file each.
-const OPS: [(&str, &str); 5] = [
+const OPS: [(&str, &str); 6] = [
+    ("gptq", include_str!("../../../shaders/gptq.wgsl")),
     ("rms_norm", include_str!("../../../shaders/rms_norm.wgsl")),
     ("rope", include_str!("../../../shaders/rope.wgsl")),
     (
@@ -256,6 +257,26 @@ impl Gpu {
         buffers: &[&wg::Buffer],
     ) -> wg::BindGroup {
         self.bind_with_table(pipeline, buffers, None)
+    }
+
+    /// A bind group with explicit binding numbers.
+    pub(crate) fn bind_at(
+        &self,
+        pipeline: &wg::ComputePipeline,
+        buffers: &[(u32, &wg::Buffer)],
+    ) -> wg::BindGroup {
+        let entries: Vec<wg::BindGroupEntry> = buffers
+            .iter()
+            .map(|&(i, b)| wg::BindGroupEntry {
+                binding: i,
+                resource: b.as_entire_binding(),
+            })
+            .collect();
+        self.device.create_bind_group(&wg::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        })
     }
 
     /// [`Gpu::bind`], plus a low-bit type's lookup table at binding 7.

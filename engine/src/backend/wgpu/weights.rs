@@ -67,6 +67,13 @@ pub(crate) struct Chunk {
     buf: wg::Buffer,
 }
 
+/// A GPTQ linear's four tensors on the device.
+pub(crate) struct GptqDevice {
+    bufs: [wg::Buffer; 4],
+    bits: u32,
+    rows: usize,
+}
+
 /// A weight on the device.
 pub(crate) struct DeviceWeight {
     chunks: Vec<Chunk>,
@@ -74,7 +81,16 @@ pub(crate) struct DeviceWeight {
     kernel: (GgmlType, usize),
     /// `Some(heads)` when rows are in llama.cpp's interleaved-RoPE order.
     interleaved: Option<usize>,
+    /// A GPTQ linear read in place (`chunks` is then empty).
+    gptq: Option<GptqDevice>,
     bytes: u64,
+}
+
+impl DeviceWeight {
+    /// Bytes it occupies on the device.
+    pub fn device_bytes(&self) -> u64 {
+        self.bytes
+    }
 }
 
 struct Entry {
@@ -182,6 +198,31 @@ impl Gpu {
         }
         let (rows, cols) = (w.rows(), w.cols());
         let max = self.max_binding();
+        if let Storage::Grouped(g) = &w.storage {
+            if let Grouped::Gptq(p) = g.as_ref() {
+                let parts = [&p.qweight, &p.qzeros, &p.scales, &p.g_idx];
+                if parts.iter().all(|b| (b.len() as u64) <= max) {
+                    let bytes: u64 = parts.iter().map(|b| b.len() as u64).sum();
+                    lock(&self.weights).evict_for(bytes);
+                    let weight = self.checked(&format!("uploading {}", w.name), || {
+                        Ok(DeviceWeight {
+                            chunks: Vec::new(),
+                            kernel: (GgmlType::F32, 1),
+                            interleaved: None,
+                            gptq: Some(GptqDevice {
+                                bufs: parts.map(|b| self.upload(&w.name, b)),
+                                bits: p.bits,
+                                rows,
+                            }),
+                            bytes,
+                        })
+                    })?;
+                    let weight = Arc::new(weight);
+                    lock(&self.weights).insert(owner, Arc::clone(&weight));
+                    return Ok(weight);
+                }
+            }
+        }
         let native = w
             .block_type()
             .filter(|&t| block_files(t).is_some())
@@ -226,6 +267,7 @@ impl Gpu {
                 } else {
                     None
                 },
+                gptq: None,
                 bytes,
             })
         })?;
@@ -247,7 +289,7 @@ impl Gpu {
         let n_step = ((max / row_f32) as usize).clamp(1, n.max(1));
         let tile = ((SCRATCH.min(max) / (cols as u64 * 4)) as usize).max(1);
         let fused = n <= MATVEC_TOKENS;
-        let scratch = (!fused && dw.kernel.0 != GgmlType::F32).then(|| {
+        let scratch = (!fused && (dw.kernel.0 != GgmlType::F32 || dw.gptq.is_some())).then(|| {
             self.storage(
                 "scratch",
                 (tile.min(rows) * cols * 4) as u64,
@@ -301,6 +343,10 @@ impl Gpu {
         scratch: Option<&wg::Buffer>,
         tile: usize,
     ) {
+        if let Some(gq) = &dw.gptq {
+            self.record_gptq(pass, gq, cols, nt, [xb, yb], scratch, tile);
+            return;
+        }
         let (ty, block) = dw.kernel;
         let rows: usize = dw.chunks.iter().map(|c| c.rows).sum();
         let (perm_rows, perm_heads) = match dw.interleaved {
@@ -349,6 +395,89 @@ impl Gpu {
                     }
                 }
             }
+        }
+    }
+
+    /// [`Gpu::record_linear`] for a GPTQ linear: the fused matvec, or tiles dequantised by `gptq.wgsl`
+    /// into `scratch` and the tiled GEMM.
+    fn record_gptq(
+        &self,
+        pass: &mut wg::ComputePass<'_>,
+        gq: &GptqDevice,
+        cols: usize,
+        nt: usize,
+        [xb, yb]: [&wg::Buffer; 2],
+        scratch: Option<&wg::Buffer>,
+        tile: usize,
+    ) {
+        let rows = gq.rows;
+        let [qw, qz, sc, gi] = &gq.bufs;
+        if nt <= MATVEC_TOKENS || scratch.is_none() {
+            let p = self.pipeline(super::kernels::Key::Op("gptq", "matvec"));
+            let gx = (rows as u32).min(self.max_groups()).max(1);
+            let gy = (rows as u32).div_ceil(gx);
+            let params = self.uniform(&[
+                rows as u32,
+                cols as u32,
+                gq.bits,
+                0,
+                rows as u32,
+                gx,
+                0,
+                rows as u32,
+            ]);
+            let bg = self.bind_at(
+                &p,
+                &[
+                    (0, qw),
+                    (1, qz),
+                    (2, sc),
+                    (3, gi),
+                    (4, xb),
+                    (5, yb),
+                    (6, &params),
+                ],
+            );
+            pass.set_pipeline(&p);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(gx, gy, nt as u32);
+            return;
+        }
+        let Some(s) = scratch else { return };
+        let p = self.pipeline(super::kernels::Key::Op("gptq", "dequant"));
+        for r0 in (0..rows).step_by(tile) {
+            let m = tile.min(rows - r0);
+            let count = (m * cols) as u32;
+            let groups = count.div_ceil(64).max(1);
+            let gx = groups.min(self.max_groups());
+            let gy = groups.div_ceil(gx);
+            let params = self.uniform(&[
+                rows as u32,
+                cols as u32,
+                gq.bits,
+                r0 as u32,
+                m as u32,
+                gx * 64,
+                0,
+                0,
+            ]);
+            let bg = self.bind_at(
+                &p,
+                &[(0, qw), (1, qz), (2, sc), (3, gi), (4, s), (6, &params)],
+            );
+            pass.set_pipeline(&p);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(gx, gy, 1);
+            let g = Gemm {
+                n: nt as u32,
+                m: m as u32,
+                k: cols as u32,
+                ldw: cols as u32,
+                ldy: rows as u32,
+                col0: r0 as u32,
+                ..Gemm::default()
+            };
+            self.record_gemm(pass, [xb, s, yb], g);
         }
     }
 
@@ -476,6 +605,7 @@ mod tests {
             chunks: Vec::new(),
             kernel: (GgmlType::F32, 1),
             interleaved: None,
+            gptq: None,
             bytes,
         })
     }
