@@ -88,6 +88,7 @@ pub(crate) struct DeviceWeight {
 
 impl DeviceWeight {
     /// Bytes it occupies on the device.
+    #[cfg(test)]
     pub fn device_bytes(&self) -> u64 {
         self.bytes
     }
