@@ -12,12 +12,15 @@
 //! * [`bounded`] — the allocator's per-thread budgets: untrusted work (chat templates) with bounded memory and time.
 //! * [`output`] — every output written under a temporary name, checked before work starts, renamed when complete.
 //! * [`jobs`]   — the engine thread: `Command`/`Event` over bounded channels, cancellation, progress.
+//! * [`backend`] — where the arithmetic runs: the CPU kernels, or the GPU through wgpu (`engine/shaders/`).
 
 pub mod backend;
 pub mod bench;
 pub mod bounded;
 pub mod calib;
 pub mod codecs;
+#[cfg(test)]
+mod conformance;
 pub mod demo;
 pub mod error;
 pub mod eval;

@@ -2,8 +2,6 @@
 //! kernels through a [`Backend`] value (the model carries one), so a GPU backend is a new variant with its
 //! own module beside [`cpu`], not a rewrite of the callers.
 
-#[cfg(test)]
-mod conformance;
 pub mod cpu;
 pub mod wgpu;
 

@@ -4,33 +4,15 @@
 //! tables (so every RoPE scaling type is the host's). Used for exact arithmetic without an observer;
 //! `llama-cpu` rounding and importance-matrix observation run the per-matmul path.
 
-use std::sync::{Arc, OnceLock};
-
 use super::kv_cache::KvCache;
 use super::model::Model;
-use crate::backend::wgpu::ops::{Buf, Session};
+use crate::backend::wgpu::ops::{Buf, DeviceConsts, LayerConsts, Session};
 use crate::backend::wgpu::{self, Gpu};
 use crate::{Error, Result};
-
-/// The norms and biases of a model on the device, made once per model (shared by its clones).
-pub(crate) struct DeviceConsts {
-    /// Per layer: attention norm, FFN norm, q/k/v biases.
-    layers: Vec<LayerConsts>,
-    norm: Buf,
-}
-
-struct LayerConsts {
-    attn_norm: Buf,
-    ffn_norm: Buf,
-    bias: [Option<Buf>; 3],
-}
 
 /// Micro-batches run on the device so far (tests check the device path really ran).
 pub(crate) static DEVICE_BATCHES: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(0);
-
-/// Where a model keeps its [`DeviceConsts`].
-pub(crate) type ConstsSlot = Arc<OnceLock<DeviceConsts>>;
 
 impl Model {
     fn device_consts(&self, gpu: &Gpu) -> &DeviceConsts {

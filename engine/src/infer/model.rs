@@ -199,7 +199,7 @@ pub struct Model {
     numerics: Numerics,
     backend: Backend,
     /// Norms and biases on the GPU, made on first use there (shared by clones).
-    gpu: super::gpu::ConstsSlot,
+    gpu: crate::backend::wgpu::ops::ConstsSlot,
 }
 
 impl std::fmt::Debug for Model {
@@ -352,7 +352,7 @@ impl Model {
     }
 
     /// Where the GPU forward keeps this model's norms and biases.
-    pub(crate) fn gpu_consts(&self) -> &super::gpu::ConstsSlot {
+    pub(crate) fn gpu_consts(&self) -> &crate::backend::wgpu::ops::ConstsSlot {
         &self.gpu
     }
 

@@ -23,6 +23,23 @@ pub struct DeviceKv {
     pub(crate) v: Vec<Buf>,
 }
 
+/// The norms and biases of a model on the device, made once per model (shared by its clones).
+pub struct DeviceConsts {
+    /// Per layer: attention norm, FFN norm, q/k/v biases.
+    pub layers: Vec<LayerConsts>,
+    pub norm: Buf,
+}
+
+/// One decoder layer's norms and q/k/v biases on the device.
+pub struct LayerConsts {
+    pub attn_norm: Buf,
+    pub ffn_norm: Buf,
+    pub bias: [Option<Buf>; 3],
+}
+
+/// Where a model keeps its [`DeviceConsts`] (made on first use on the GPU, shared by the model's clones).
+pub type ConstsSlot = std::sync::Arc<std::sync::OnceLock<DeviceConsts>>;
+
 const WG: u32 = 64;
 
 impl Gpu {

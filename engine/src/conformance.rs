@@ -6,7 +6,7 @@
 
 use rand::{Rng, SeedableRng};
 
-use super::{wgpu, Backend};
+use crate::backend::{wgpu, Backend};
 use crate::codecs::GgmlType;
 use crate::tensor::{Bytes, TensorRef};
 
@@ -157,7 +157,11 @@ fn matmuls_agree_with_the_cpu_for_every_type_and_awkward_shapes() {
             }
         }
     }
-    assert_eq!(super::gpu_fallback(), None, "no call fell back to the CPU");
+    assert_eq!(
+        crate::backend::gpu_fallback(),
+        None,
+        "no call fell back to the CPU"
+    );
 }
 
 #[test]
@@ -289,7 +293,11 @@ fn evaluation_gives_the_cpus_perplexity_and_kld() {
             b.name()
         );
     }
-    assert_eq!(super::gpu_fallback(), None, "no call fell back to the CPU");
+    assert_eq!(
+        crate::backend::gpu_fallback(),
+        None,
+        "no call fell back to the CPU"
+    );
 }
 
 /// Largest |a − b| relative to the largest |b|.
@@ -356,7 +364,11 @@ fn the_forward_pass_on_the_device_gives_the_cpus_logits() {
     }
     // 4 models × (1 + 4 + 1 + 4) device micro-batches, at least (other tests may add theirs).
     assert!(batches() - before >= 40, "the device path ran");
-    assert_eq!(super::gpu_fallback(), None, "no call fell back to the CPU");
+    assert_eq!(
+        crate::backend::gpu_fallback(),
+        None,
+        "no call fell back to the CPU"
+    );
 }
 
 /// A GPTQ linear `[rows, cols]` with random codes, zero points and scales, act-order group indices.
@@ -413,5 +425,9 @@ fn gptq_linears_run_in_place_as_on_the_cpu() {
             }
         }
     }
-    assert_eq!(super::gpu_fallback(), None, "no call fell back to the CPU");
+    assert_eq!(
+        crate::backend::gpu_fallback(),
+        None,
+        "no call fell back to the CPU"
+    );
 }
