@@ -7,6 +7,9 @@
 // the weight's rows are in llama.cpp's interleaved-RoPE order (perm_heads > 0).
 
 override W_KMAJOR: bool = false;
+// x(t, k) = `x[x_off + k·ldx + t]` instead (a transposed left operand: the Gram matrix XᵀX of a
+// Hessian).
+override X_KMAJOR: bool = false;
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> w: array<f32>;
@@ -85,10 +88,19 @@ fn main(
             let r = idx / BK;
             let kk = idx % BK;
             var xv = 0.0;
-            if (t0 + r < p.n && k0 + kk < p.k) {
-                xv = x[xb + (t0 + r) * p.ldx + k0 + kk];
+            if (X_KMAJOR) {
+                let c = idx % BM;
+                let kr = idx / BM;
+                if (t0 + c < p.n && k0 + kr < p.k) {
+                    xv = x[xb + (k0 + kr) * p.ldx + t0 + c];
+                }
+                xs[kr * BM + c] = xv;
+            } else {
+                if (t0 + r < p.n && k0 + kk < p.k) {
+                    xv = x[xb + (t0 + r) * p.ldx + k0 + kk];
+                }
+                xs[kk * BM + r] = xv;
             }
-            xs[kk * BM + r] = xv;
             var wv = 0.0;
             if (W_KMAJOR) {
                 let c = idx % BN;

@@ -431,3 +431,108 @@ fn gptq_linears_run_in_place_as_on_the_cpu() {
         "no call fell back to the CPU"
     );
 }
+
+#[test]
+fn the_hessians_gram_matrix_agrees_with_the_cpu() {
+    use crate::solvers::gptq::Hessian;
+    let g = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for &(n, cols) in &[(1usize, 64usize), (70, 96), (300, 128)] {
+        let x = normal(&mut rng, n * cols, 1.0);
+        let mut cpu = Hessian::new(cols);
+        cpu.add_batch(&x, n).expect("cpu");
+        cpu.add_batch(&x[..cols], 1).expect("cpu");
+        let mut dev = Hessian::new(cols);
+        dev.add_gram(&g.gram(&x, n, cols).expect("gram"), n)
+            .expect("gpu");
+        dev.add_gram(&g.gram(&x[..cols], 1, cols).expect("gram"), 1)
+            .expect("gpu");
+        let (a, b): (Vec<f32>, Vec<f32>) = dev
+            .matrix()
+            .iter()
+            .zip(cpu.matrix())
+            .map(|(&a, &b)| (a as f32, b as f32))
+            .unzip();
+        assert_eq!(dev.nsamples(), cpu.nsamples());
+        let e = nmse(&a, &b);
+        assert!(e < 1e-10, "{n} rows × {cols}: normalised error {e:e}");
+    }
+}
+
+#[test]
+fn gptq_on_the_device_makes_the_cpus_layers() {
+    use crate::calib::{CalibOptions, CalibSource};
+    use crate::model::fixture::{write_fixture, FixtureSpec};
+    use crate::model::SourceModel;
+    use crate::quantize_gptq::{quantize_gptq, GptqQuantizeOptions};
+    use crate::solvers::gptq::GptqOptions;
+    let _ = gpu();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src_dir = tmp.path().join("src");
+    write_fixture(&FixtureSpec::tiny_llama(), &src_dir).expect("fixture");
+    let src = SourceModel::open(&src_dir).expect("open");
+    let text = tmp.path().join("calib.txt");
+    std::fs::write(&text, crate::eval::perplexity::tests::TEXT.repeat(20)).expect("text");
+    let opts = |backend| GptqQuantizeOptions {
+        solver: GptqOptions {
+            bits: 4,
+            group_size: Some(32),
+            act_order: true,
+            ..GptqOptions::default()
+        },
+        calib: CalibSource::File {
+            path: text.clone(),
+            column: None,
+        },
+        calib_opts: CalibOptions {
+            rows: 8,
+            seq_len: 48,
+            seed: 3,
+        },
+        max_shard_bytes: None,
+        backend,
+        ..GptqQuantizeOptions::default()
+    };
+    let run = |b: Backend| {
+        let out = tmp.path().join(b.name());
+        let r = quantize_gptq(
+            &src,
+            &opts(b),
+            &crate::output::OutputSpec::folder(&out),
+            &mut |_, _, _| true,
+        )
+        .expect("gptq");
+        let m = SourceModel::open(&out).expect("open");
+        let w: Vec<Vec<f32>> = m
+            .tensors
+            .values()
+            .filter(|t| t.is_grouped())
+            .map(TensorRef::to_f32)
+            .collect();
+        let loss: f64 = r.modules.iter().map(|m| m.gptq_output_loss).sum();
+        (w, loss)
+    };
+    let (cw, closs) = run(Backend::Cpu);
+    for b in OTHERS {
+        let (gw, gloss) = run(b);
+        assert_eq!(gw.len(), 14);
+        for (g, c) in gw.iter().zip(&cw) {
+            let e = nmse(g, c);
+            assert!(
+                e < 1e-3,
+                "{}: a GPTQ layer differs from the CPU's by {e:e}",
+                b.name()
+            );
+        }
+        assert!(
+            (gloss - closs).abs() <= 0.02 * closs,
+            "{}: GPTQ loss {gloss} against the CPU's {closs}",
+            b.name()
+        );
+    }
+    assert_eq!(
+        crate::backend::gpu_fallback(),
+        None,
+        "no call fell back to the CPU"
+    );
+}

@@ -285,6 +285,7 @@ fn measure(
             hessians: HashMap::new(),
             seconds: 0.0,
             error: None,
+            backend: model.backend(),
         };
         let mut attn = BlockRefs {
             inputs: Vec::new(),

@@ -103,6 +103,8 @@ pub(crate) struct HessianCollector {
     pub(crate) hessians: HashMap<u8, Hessian>,
     pub(crate) seconds: f64,
     pub(crate) error: Option<Error>,
+    /// Where `XᵀX` is computed: on the GPU backend, the GPU (the CPU if it fails).
+    pub(crate) backend: crate::backend::Backend,
 }
 
 /// A stage's Hessian as one linear gets it.
@@ -131,7 +133,19 @@ impl MatmulObserver for HessianCollector {
             .hessians
             .entry(input_key(input))
             .or_insert_with(|| Hessian::new(cols));
-        if let Err(e) = h.add_batch(x, n) {
+        let r = match self.backend {
+            crate::backend::Backend::Gpu if crate::backend::gpu_usable() => {
+                match crate::backend::wgpu::gpu().and_then(|g| g.gram(x, n, cols)) {
+                    Ok(g) => h.add_gram(&g, n),
+                    Err(e) => {
+                        crate::backend::gpu_failed(&e);
+                        h.add_batch(x, n)
+                    }
+                }
+            }
+            _ => h.add_batch(x, n),
+        };
+        if let Err(e) = r {
             self.error = Some(e);
         }
         self.seconds += t.elapsed().as_secs_f64();
@@ -379,6 +393,7 @@ pub(crate) fn run_sequential(
                 hessians: HashMap::new(),
                 seconds: 0.0,
                 error: None,
+                backend: model.backend(),
             };
             let t = Instant::now();
             // The layer runs only as far as the stage's last input (in layer order).

@@ -92,6 +92,34 @@ impl Hessian {
         &self.h
     }
 
+    /// Adds `n_rows` input rows whose Gram matrix `Σ x xᵀ` is `g` (`[cols, cols]`, computed elsewhere: on
+    /// a GPU), keeping `H = 2/n Σ x xᵀ` over all rows so far.
+    pub fn add_gram(&mut self, g: &[f32], n_rows: usize) -> Result<()> {
+        let cols = self.cols;
+        if g.len() != cols * cols {
+            return Err(Error::Invalid(format!(
+                "GPTQ Hessian: a Gram matrix of {} values for {cols} columns",
+                g.len()
+            )));
+        }
+        if n_rows == 0 {
+            return Ok(());
+        }
+        let total = self.nsamples + n_rows;
+        let beta = self.nsamples as f64 / total as f64;
+        let alpha = 2.0 / total as f64;
+        for i in 0..cols {
+            for j in 0..=i {
+                // The lower triangle, mirrored: the two halves of a GPU sum may differ in the last bit.
+                let v = self.h[i * cols + j] * beta + alpha * f64::from(g[i * cols + j]);
+                self.h[i * cols + j] = v;
+                self.h[j * cols + i] = v;
+            }
+        }
+        self.nsamples = total;
+        Ok(())
+    }
+
     /// Adds `n_rows` input rows `x` (`[n_rows, cols]`, row-major), keeping `H = 2/n Σ x xᵀ` over all rows so far.
     pub fn add_batch(&mut self, x: &[f32], n_rows: usize) -> Result<()> {
         let cols = self.cols;

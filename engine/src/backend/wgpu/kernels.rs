@@ -167,8 +167,8 @@ const BLOCK_WG: u32 = 64;
 pub enum Key {
     /// A driver over a block type.
     Block(Driver, GgmlType),
-    /// The tiled GEMM, with `W_KMAJOR`.
-    Gemm { kmajor: bool },
+    /// The tiled GEMM, with `W_KMAJOR` and `X_KMAJOR`.
+    Gemm { kmajor: bool, xkmajor: bool },
     /// Entry point `entry` of op file `file` ([`OPS`]).
     Op(&'static str, &'static str),
 }
@@ -188,12 +188,13 @@ impl Gpu {
                     .map_or_else(String::new, |(_, s)| (*s).to_string()),
                 &[],
             ),
-            Key::Gemm { kmajor } => (
+            Key::Gemm { kmajor, xkmajor } => (
                 GEMM.to_string(),
-                if kmajor {
-                    &[("W_KMAJOR", 1.0)]
-                } else {
-                    &[("W_KMAJOR", 0.0)]
+                match (kmajor, xkmajor) {
+                    (false, false) => &[("W_KMAJOR", 0.0), ("X_KMAJOR", 0.0)],
+                    (true, false) => &[("W_KMAJOR", 1.0), ("X_KMAJOR", 0.0)],
+                    (false, true) => &[("W_KMAJOR", 0.0), ("X_KMAJOR", 1.0)],
+                    (true, true) => &[("W_KMAJOR", 1.0), ("X_KMAJOR", 1.0)],
                 },
             ),
         };
@@ -334,8 +335,15 @@ impl Gpu {
         bufs: [&wg::Buffer; 3],
         g: Gemm,
     ) {
-        let p = self.pipeline(Key::Gemm { kmajor: g.kmajor });
-        let ldx = if g.ldx == 0 { g.k } else { g.ldx };
+        let p = self.pipeline(Key::Gemm {
+            kmajor: g.kmajor,
+            xkmajor: g.xkmajor,
+        });
+        let ldx = match (g.ldx, g.xkmajor) {
+            (0, false) => g.k,
+            (0, true) => g.n,
+            (l, _) => l,
+        };
         let params = self.uniform(&[
             g.n,
             g.m,
@@ -422,6 +430,8 @@ pub(crate) struct Gemm {
     pub y_off: u32,
     pub ldy: u32,
     pub kmajor: bool,
+    /// x read transposed (see `gemm.wgsl`).
+    pub xkmajor: bool,
     /// Row stride of x (0: k).
     pub ldx: u32,
     /// Batches (the dispatch's z), their strides, and query heads per W batch.

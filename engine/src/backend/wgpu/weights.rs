@@ -577,6 +577,63 @@ impl Gpu {
     }
 }
 
+impl Gpu {
+    /// The Gram matrix `XᵀX` (`[cols, cols]`, f32 products and sums) of `n` rows `x` (`[n, cols]`): the
+    /// GPTQ Hessian's accumulation. Rows of tokens and of the result are split to fit the bindings.
+    pub fn gram(&self, x: &[f32], n: usize, cols: usize) -> Result<Vec<f32>> {
+        if x.len() != n * cols || cols == 0 {
+            return Err(Error::Invalid("gram: sizes".into()));
+        }
+        let max = (self.max_binding() / 4) as usize;
+        let tok_step = (max / cols).max(1).min(n.max(1));
+        let row_step = (max / cols).max(1).min(cols);
+        let mut g = vec![0.0f32; cols * cols];
+        let _guard = self.begin()?;
+        for t0 in (0..n).step_by(tok_step) {
+            let nt = tok_step.min(n - t0);
+            let xb = self.upload("x", bytemuck::cast_slice(&x[t0 * cols..(t0 + nt) * cols]));
+            for i0 in (0..cols).step_by(row_step) {
+                let ni = row_step.min(cols - i0);
+                let bytes = (ni * cols * 4) as u64;
+                let yb = self.storage("gram", bytes, wg::BufferUsages::COPY_SRC);
+                let staging = self.device.create_buffer(&wg::BufferDescriptor {
+                    label: Some("read back"),
+                    size: bytes,
+                    usage: wg::BufferUsages::MAP_READ | wg::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                });
+                let part = self.checked("Hessian", || {
+                    let mut enc = self.device.create_command_encoder(&Default::default());
+                    {
+                        let mut pass = enc.begin_compute_pass(&Default::default());
+                        let gm = Gemm {
+                            n: ni as u32,
+                            m: cols as u32,
+                            k: nt as u32,
+                            x_off: i0 as u32,
+                            ldx: cols as u32,
+                            xkmajor: true,
+                            ldw: cols as u32,
+                            kmajor: true,
+                            ldy: cols as u32,
+                            ..Gemm::default()
+                        };
+                        self.record_gemm(&mut pass, [&xb, &xb, &yb], gm);
+                    }
+                    enc.copy_buffer_to_buffer(&yb, 0, &staging, 0, bytes);
+                    self.queue.submit([enc.finish()]);
+                    self.read_back(&staging, bytes)
+                })?;
+                let vals: Vec<f32> = bytemuck::pod_collect_to_vec(&part);
+                for (dst, src) in g[i0 * cols..(i0 + ni) * cols].iter_mut().zip(&vals) {
+                    *dst += src;
+                }
+            }
+        }
+        Ok(g)
+    }
+}
+
 /// Dequantise `w` on the device (every row, Hugging Face order): what the matmul multiplies with.
 /// The conformance tests compare it with the CPU's dequantisation.
 pub fn dequantize(gpu: &Gpu, w: &TensorRef) -> Result<Vec<f32>> {
