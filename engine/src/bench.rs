@@ -3,8 +3,9 @@
 //!
 //! Like llama-bench, the tokens are random ids (the speed does not depend on them) and each repetition
 //! starts from an empty KV cache. After them, the kernels on the model's own first `ffn_gate` weight: the
-//! matmul of a 512-token batch (GFLOP/s), the decoding matvec (weight GB/s) and dequantisation (GB/s of
-//! stored weights), on the backend the model runs on.
+//! matmul of a 512-token batch (GFLOP/s), the decoding matvec (weight GB/s), dequantisation (GB/s of
+//! stored weights) and GPTQ of it (seconds; ×7 per layer is the projection), on the backend the model runs
+//! on.
 
 use std::time::Instant;
 
@@ -56,7 +57,7 @@ pub struct KernelLine {
     /// `"matmul Q4_K 1536×576 · 512 tokens"`.
     pub test: String,
     pub value: f64,
-    /// `"GFLOP/s"` or `"GB/s"`.
+    /// `"GFLOP/s"`, `"GB/s"` or `"s"`.
     pub unit: &'static str,
 }
 
@@ -172,8 +173,34 @@ fn kernel_lines(backend: Backend, w: &TensorRef, n: usize, reps: usize) -> Resul
             best_secs(reps, || g.time_dequant(w).map(|_| ()))?
         }
     };
+    // GPTQ of this weight as a layer's worth: the Hessian of n random input rows on this backend, then the
+    // solver (4-bit, groups of 128 or the whole row, act-order).
+    let gptq = {
+        let t0 = Instant::now();
+        let mut h = crate::solvers::gptq::Hessian::new(cols);
+        match backend {
+            Backend::Gpu => {
+                let g = crate::backend::wgpu::gpu()?.gram(&x, n, cols)?;
+                h.add_gram(&g, n)?;
+            }
+            Backend::Cpu => h.add_batch(&x, n)?,
+        }
+        let opts = crate::solvers::gptq::GptqOptions {
+            bits: 4,
+            group_size: (cols % 128 == 0).then_some(128),
+            act_order: true,
+            ..Default::default()
+        };
+        crate::solvers::gptq::gptq_quantize(&w.to_f32(), rows, cols, &h, &opts)?;
+        t0.elapsed().as_secs_f64()
+    };
     let bytes = w.stored_bytes() as f64;
     Ok(vec![
+        KernelLine {
+            test: format!("GPTQ 4-bit of {rows}×{cols} ({n} input rows, Hessian on this backend)"),
+            value: gptq,
+            unit: "s",
+        },
         KernelLine {
             test: format!("matmul {ty} {rows}×{cols} · {n} tokens"),
             value: 2.0 * (n * rows * cols) as f64 / mm / 1e9,
@@ -221,7 +248,7 @@ impl std::fmt::Display for BenchReport {
             )?;
         }
         for k in &self.kernels {
-            writeln!(f, "{:48} {:10.2} {}", k.test, k.value, k.unit)?;
+            writeln!(f, "{:66} {:10.2} {}", k.test, k.value, k.unit)?;
         }
         Ok(())
     }
