@@ -81,8 +81,8 @@ fn every_shader_parses_and_validates_with_naga() {
     let all = wgpu::kernels::all_sources();
     assert_eq!(
         all.len(),
-        1 + 6 + 2 * 22,
-        "the GEMM, six ops and two drivers over 22 block types"
+        1 + 7 + 2 * 22,
+        "the GEMM, seven ops and two drivers over 22 block types"
     );
     for (name, src) in all {
         let module = naga::front::wgsl::parse_str(&src)
@@ -529,6 +529,63 @@ fn gptq_on_the_device_makes_the_cpus_layers() {
             "{}: GPTQ loss {gloss} against the CPU's {closs}",
             b.name()
         );
+    }
+    assert_eq!(
+        crate::backend::gpu_fallback(),
+        None,
+        "no call fell back to the CPU"
+    );
+}
+
+/// An AutoAWQ GEMM linear `[rows, cols]` with random codes, zero points and scales.
+fn awq_tensor(rows: usize, cols: usize, group: usize, seed: u64) -> TensorRef {
+    use crate::codecs::awq::pack_interleaved;
+    use crate::tensor::{AwqLinear, Grouped};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let groups = cols / group;
+    // Stored [in, out]: codes q[c][r], zeros [groups][r], scales [groups][r].
+    let q: Vec<u8> = (0..cols * rows).map(|_| rng.gen_range(0..16)).collect();
+    let z: Vec<u8> = (0..groups * rows).map(|_| rng.gen_range(0..16)).collect();
+    let s: Vec<u8> = (0..groups * rows)
+        .flat_map(|_| half::f16::from_f32(rng.gen_range(0.001..0.05)).to_le_bytes())
+        .collect();
+    TensorRef::grouped(
+        "w.awq",
+        Grouped::Awq(AwqLinear {
+            in_features: cols,
+            out_features: rows,
+            group_size: group,
+            qweight: Bytes::owned(pack_interleaved(&q, cols, rows)),
+            qzeros: Bytes::owned(pack_interleaved(&z, groups, rows)),
+            scales: Bytes::owned(s),
+        }),
+    )
+    .expect("tensor")
+}
+
+#[test]
+fn awq_linears_run_in_place_as_on_the_cpu() {
+    let g = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    for group in [32usize, 128] {
+        let w = awq_tensor(96, 256, group, group as u64);
+        let dw = g.weight(&w).expect("upload");
+        assert_eq!(dw.device_bytes(), w.stored_bytes() as u64, "kept packed");
+        let want = w.to_f32();
+        let got = wgpu::weights::dequantize(g, &w).expect("gpu dequantisation");
+        let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(bad, 0, "AWQ g{group}: {bad} weights differ from the CPU's");
+        for n in [1usize, 3, 70] {
+            let x = normal(&mut rng, n * 256, 1.0);
+            let mut cpu = vec![0.0f32; n * 96];
+            Backend::Cpu.matmul(&w, &x, n, &mut cpu);
+            for b in OTHERS {
+                let mut out = vec![f32::NAN; n * 96];
+                b.matmul(&w, &x, n, &mut out);
+                let e = nmse(&out, &cpu);
+                assert!(e < 1e-10, "{} AWQ g{group}, {n} tokens: {e:e}", b.name());
+            }
+        }
     }
     assert_eq!(
         crate::backend::gpu_fallback(),

@@ -20,7 +20,8 @@ const MATVEC: &str = include_str!("../../../shaders/matvec.wgsl");
 const GEMM: &str = include_str!("../../../shaders/gemm.wgsl");
 
 /// The decoder layer's other steps, one file each.
-const OPS: [(&str, &str); 6] = [
+const OPS: [(&str, &str); 7] = [
+    ("awq", include_str!("../../../shaders/awq.wgsl")),
     ("gptq", include_str!("../../../shaders/gptq.wgsl")),
     ("rms_norm", include_str!("../../../shaders/rms_norm.wgsl")),
     ("rope", include_str!("../../../shaders/rope.wgsl")),

@@ -67,10 +67,12 @@ pub(crate) struct Chunk {
     buf: wg::Buffer,
 }
 
-/// A GPTQ linear's four tensors on the device.
-pub(crate) struct GptqDevice {
-    bufs: [wg::Buffer; 4],
-    bits: u32,
+/// A grouped linear read in place by its own kernel file (`gptq.wgsl`, `awq.wgsl`): its tensors at bindings
+/// 0.., and the format's parameter (GPTQ's bits, AWQ's group size).
+pub(crate) struct GroupedDevice {
+    file: &'static str,
+    bufs: Vec<wg::Buffer>,
+    param: u32,
     rows: usize,
 }
 
@@ -81,8 +83,8 @@ pub(crate) struct DeviceWeight {
     kernel: (GgmlType, usize),
     /// `Some(heads)` when rows are in llama.cpp's interleaved-RoPE order.
     interleaved: Option<usize>,
-    /// A GPTQ linear read in place (`chunks` is then empty).
-    gptq: Option<GptqDevice>,
+    /// A grouped linear read in place (`chunks` is then empty).
+    gptq: Option<GroupedDevice>,
     bytes: u64,
 }
 
@@ -200,8 +202,21 @@ impl Gpu {
         let (rows, cols) = (w.rows(), w.cols());
         let max = self.max_binding();
         if let Storage::Grouped(g) = &w.storage {
-            if let Grouped::Gptq(p) = g.as_ref() {
-                let parts = [&p.qweight, &p.qzeros, &p.scales, &p.g_idx];
+            let in_place: Option<(&'static str, Vec<&crate::tensor::Bytes>, u32)> = match g.as_ref()
+            {
+                Grouped::Gptq(p) => Some((
+                    "gptq",
+                    vec![&p.qweight, &p.qzeros, &p.scales, &p.g_idx],
+                    p.bits,
+                )),
+                Grouped::Awq(p) => Some((
+                    "awq",
+                    vec![&p.qweight, &p.qzeros, &p.scales],
+                    p.group_size as u32,
+                )),
+                _ => None,
+            };
+            if let Some((file, parts, param)) = in_place {
                 if parts.iter().all(|b| (b.len() as u64) <= max) {
                     let bytes: u64 = parts.iter().map(|b| b.len() as u64).sum();
                     lock(&self.weights).evict_for(bytes);
@@ -210,9 +225,10 @@ impl Gpu {
                             chunks: Vec::new(),
                             kernel: (GgmlType::F32, 1),
                             interleaved: None,
-                            gptq: Some(GptqDevice {
-                                bufs: parts.map(|b| self.upload(&w.name, b)),
-                                bits: p.bits,
+                            gptq: Some(GroupedDevice {
+                                file,
+                                bufs: parts.iter().map(|b| self.upload(&w.name, b)).collect(),
+                                param,
                                 rows,
                             }),
                             bytes,
@@ -399,12 +415,12 @@ impl Gpu {
         }
     }
 
-    /// [`Gpu::record_linear`] for a GPTQ linear: the fused matvec, or tiles dequantised by `gptq.wgsl`
-    /// into `scratch` and the tiled GEMM.
+    /// [`Gpu::record_linear`] for a grouped linear: the fused matvec, or tiles dequantised by its kernel
+    /// file into `scratch` and the tiled GEMM.
     fn record_gptq(
         &self,
         pass: &mut wg::ComputePass<'_>,
-        gq: &GptqDevice,
+        gq: &GroupedDevice,
         cols: usize,
         nt: usize,
         [xb, yb]: [&wg::Buffer; 2],
@@ -412,40 +428,35 @@ impl Gpu {
         tile: usize,
     ) {
         let rows = gq.rows;
-        let [qw, qz, sc, gi] = &gq.bufs;
         if nt <= MATVEC_TOKENS || scratch.is_none() {
-            let p = self.pipeline(super::kernels::Key::Op("gptq", "matvec"));
+            let p = self.pipeline(super::kernels::Key::Op(gq.file, "matvec"));
             let gx = (rows as u32).min(self.max_groups()).max(1);
             let gy = (rows as u32).div_ceil(gx);
             let params = self.uniform(&[
                 rows as u32,
                 cols as u32,
-                gq.bits,
+                gq.param,
                 0,
                 rows as u32,
                 gx,
                 0,
                 rows as u32,
             ]);
-            let bg = self.bind_at(
-                &p,
-                &[
-                    (0, qw),
-                    (1, qz),
-                    (2, sc),
-                    (3, gi),
-                    (4, xb),
-                    (5, yb),
-                    (6, &params),
-                ],
-            );
+            let mut entries: Vec<(u32, &wg::Buffer)> = gq
+                .bufs
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (i as u32, b))
+                .collect();
+            entries.extend([(4, xb), (5, yb), (6, &params)]);
+            let bg = self.bind_at(&p, &entries);
             pass.set_pipeline(&p);
             pass.set_bind_group(0, &bg, &[]);
             pass.dispatch_workgroups(gx, gy, nt as u32);
             return;
         }
         let Some(s) = scratch else { return };
-        let p = self.pipeline(super::kernels::Key::Op("gptq", "dequant"));
+        let p = self.pipeline(super::kernels::Key::Op(gq.file, "dequant"));
         for r0 in (0..rows).step_by(tile) {
             let m = tile.min(rows - r0);
             let count = (m * cols) as u32;
@@ -455,17 +466,21 @@ impl Gpu {
             let params = self.uniform(&[
                 rows as u32,
                 cols as u32,
-                gq.bits,
+                gq.param,
                 r0 as u32,
                 m as u32,
                 gx * 64,
                 0,
                 0,
             ]);
-            let bg = self.bind_at(
-                &p,
-                &[(0, qw), (1, qz), (2, sc), (3, gi), (4, s), (6, &params)],
-            );
+            let mut entries: Vec<(u32, &wg::Buffer)> = gq
+                .bufs
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (i as u32, b))
+                .collect();
+            entries.extend([(4, s), (6, &params)]);
+            let bg = self.bind_at(&p, &entries);
             pass.set_pipeline(&p);
             pass.set_bind_group(0, &bg, &[]);
             pass.dispatch_workgroups(gx, gy, 1);
