@@ -7,14 +7,12 @@
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 
 struct Params {
-    // First row (within the chunk) and rows in this dispatch.
-    row0: u32,
+    // Rows of the chunk (all of them are computed).
     rows: u32,
     cols: u32,
     // Workgroups along x (rows are wg.x + wg.y · gx).
     gx: u32,
-    // y[y_off + t · ldy + c(r)]: c(r) = col0 + r, or its Hugging Face row for interleaved Q/K weights.
-    y_off: u32,
+    // y[t · ldy + c(r)]: c(r) = col0 + r, or its Hugging Face row for interleaved Q/K weights.
     ldy: u32,
     col0: u32,
     perm_rows: u32,
@@ -52,7 +50,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     acc = 0.0;
     for (var blk = li; blk < nb; blk += 64u) {
         x_base = t * p.cols + blk * BLOCK_ELEMS;
-        dequant_block(((p.row0 + r) * nb + blk) * BLOCK_BYTES);
+        dequant_block((r * nb + blk) * BLOCK_BYTES);
     }
     partial[li] = acc;
     workgroupBarrier();
@@ -63,6 +61,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         workgroupBarrier();
     }
     if (li == 0u) {
-        y[p.y_off + t * p.ldy + out_col(r)] = partial[0];
+        y[t * p.ldy + out_col(r)] = partial[0];
     }
 }

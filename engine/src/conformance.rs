@@ -394,36 +394,39 @@ fn gptq_tensor(bits: u32, rows: usize, cols: usize, group: usize, seed: u64) -> 
     crate::quantize_gptq::packed_tensor("w.gptq", bits, rows, cols, groups, &p).expect("tensor")
 }
 
+/// A grouped linear `[96, 256]` kept packed on the device, dequantised there bit for bit as on the CPU, and
+/// multiplied as on the CPU at 1, 3 and 70 tokens.
+fn grouped_matches_the_cpu(w: &TensorRef, what: &str, rng: &mut impl Rng) {
+    let g = gpu();
+    let dw = g.weight(w).expect("upload");
+    assert_eq!(
+        dw.device_bytes(),
+        w.stored_bytes() as u64,
+        "{what} is kept packed"
+    );
+    let want = w.to_f32();
+    let got = wgpu::weights::dequantize(g, w).expect("gpu dequantisation");
+    let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+    assert_eq!(bad, 0, "{what}: {bad} weights differ from the CPU's");
+    for n in [1usize, 3, 70] {
+        let x = normal(rng, n * 256, 1.0);
+        let mut cpu = vec![0.0f32; n * 96];
+        Backend::Cpu.matmul(w, &x, n, &mut cpu);
+        for b in OTHERS {
+            let mut out = vec![f32::NAN; n * 96];
+            b.matmul(w, &x, n, &mut out);
+            let e = nmse(&out, &cpu);
+            assert!(e < 1e-10, "{} {what}, {n} tokens: {e:e}", b.name());
+        }
+    }
+}
+
 #[test]
 fn gptq_linears_run_in_place_as_on_the_cpu() {
-    let g = gpu();
     let mut rng = rand::rngs::StdRng::seed_from_u64(5);
     for bits in [2u32, 3, 4, 8] {
         let w = gptq_tensor(bits, 96, 256, 64, u64::from(bits));
-        let dw = g.weight(&w).expect("upload");
-        assert_eq!(
-            dw.device_bytes(),
-            w.stored_bytes() as u64,
-            "GPTQ {bits}-bit is kept packed on the device"
-        );
-        let want = w.to_f32();
-        let got = wgpu::weights::dequantize(g, &w).expect("gpu dequantisation");
-        let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
-        assert_eq!(
-            bad, 0,
-            "GPTQ {bits}-bit: {bad} weights differ from the CPU's"
-        );
-        for n in [1usize, 3, 70] {
-            let x = normal(&mut rng, n * 256, 1.0);
-            let mut cpu = vec![0.0f32; n * 96];
-            Backend::Cpu.matmul(&w, &x, n, &mut cpu);
-            for b in OTHERS {
-                let mut out = vec![f32::NAN; n * 96];
-                b.matmul(&w, &x, n, &mut out);
-                let e = nmse(&out, &cpu);
-                assert!(e < 1e-10, "{} GPTQ {bits}-bit, {n} tokens: {e:e}", b.name());
-            }
-        }
+        grouped_matches_the_cpu(&w, &format!("GPTQ {bits}-bit"), &mut rng);
     }
     assert_eq!(
         crate::backend::gpu_fallback(),
@@ -565,27 +568,10 @@ fn awq_tensor(rows: usize, cols: usize, group: usize, seed: u64) -> TensorRef {
 
 #[test]
 fn awq_linears_run_in_place_as_on_the_cpu() {
-    let g = gpu();
     let mut rng = rand::rngs::StdRng::seed_from_u64(6);
     for group in [32usize, 128] {
         let w = awq_tensor(96, 256, group, group as u64);
-        let dw = g.weight(&w).expect("upload");
-        assert_eq!(dw.device_bytes(), w.stored_bytes() as u64, "kept packed");
-        let want = w.to_f32();
-        let got = wgpu::weights::dequantize(g, &w).expect("gpu dequantisation");
-        let bad = got.iter().zip(&want).filter(|(a, b)| a != b).count();
-        assert_eq!(bad, 0, "AWQ g{group}: {bad} weights differ from the CPU's");
-        for n in [1usize, 3, 70] {
-            let x = normal(&mut rng, n * 256, 1.0);
-            let mut cpu = vec![0.0f32; n * 96];
-            Backend::Cpu.matmul(&w, &x, n, &mut cpu);
-            for b in OTHERS {
-                let mut out = vec![f32::NAN; n * 96];
-                b.matmul(&w, &x, n, &mut out);
-                let e = nmse(&out, &cpu);
-                assert!(e < 1e-10, "{} AWQ g{group}, {n} tokens: {e:e}", b.name());
-            }
-        }
+        grouped_matches_the_cpu(&w, &format!("AWQ g{group}"), &mut rng);
     }
     assert_eq!(
         crate::backend::gpu_fallback(),

@@ -11,8 +11,16 @@ use wg::util::DeviceExt;
 use super::{lock, Gpu};
 use crate::codecs::GgmlType;
 
-/// Byte readers and f16 decoding, the first part of every kernel that reads stored blocks.
+/// Exact f16 decoding, the first part of every kernel that reads stored weights.
+const HALF: &str = include_str!("../../../shaders/half.wgsl");
+/// Byte readers, after [`HALF`] in every block-type kernel.
 const COMMON: &str = include_str!("../../../shaders/common.wgsl");
+/// The driver of the grouped linears read in place, and their format files (each after [`HALF`] and it).
+const GROUPED: &str = include_str!("../../../shaders/grouped.wgsl");
+const GROUPED_FORMATS: [(&str, &str); 2] = [
+    ("awq", include_str!("../../../shaders/awq.wgsl")),
+    ("gptq", include_str!("../../../shaders/gptq.wgsl")),
+];
 
 /// Drivers: what is done with the values a block type emits.
 const DEQUANT: &str = include_str!("../../../shaders/dequant.wgsl");
@@ -20,9 +28,7 @@ const MATVEC: &str = include_str!("../../../shaders/matvec.wgsl");
 const GEMM: &str = include_str!("../../../shaders/gemm.wgsl");
 
 /// The decoder layer's other steps, one file each.
-const OPS: [(&str, &str); 7] = [
-    ("awq", include_str!("../../../shaders/awq.wgsl")),
-    ("gptq", include_str!("../../../shaders/gptq.wgsl")),
+const OPS: [(&str, &str); 5] = [
     ("rms_norm", include_str!("../../../shaders/rms_norm.wgsl")),
     ("rope", include_str!("../../../shaders/rope.wgsl")),
     (
@@ -134,7 +140,7 @@ pub fn block_files(ty: GgmlType) -> Option<&'static [&'static str]> {
 /// The WGSL text of `driver` over block type `ty`.
 pub fn block_source(driver: Driver, ty: GgmlType) -> Option<String> {
     let files = block_files(ty)?;
-    let mut s = format!("{COMMON}\n{}\n", driver.source());
+    let mut s = format!("{HALF}\n{COMMON}\n{}\n", driver.source());
     for f in files {
         let (_, text) = TYPE_FILES.iter().find(|(n, _)| n == f)?;
         s.push_str(text);
@@ -143,13 +149,23 @@ pub fn block_source(driver: Driver, ty: GgmlType) -> Option<String> {
     Some(s)
 }
 
-/// Every kernel's full WGSL text with a name: each driver over each block type, and the GEMM.
+/// The WGSL text of op or grouped-format file `file`.
+fn op_source(file: &str) -> Option<String> {
+    if let Some((_, s)) = GROUPED_FORMATS.iter().find(|(n, _)| *n == file) {
+        return Some(format!("{HALF}\n{GROUPED}\n{s}"));
+    }
+    OPS.iter()
+        .find(|(n, _)| *n == file)
+        .map(|(_, s)| (*s).to_string())
+}
+
+/// Every kernel's full WGSL text with a name: each driver over each block type, the ops, the grouped
+/// formats and the GEMM.
 pub fn all_sources() -> Vec<(String, String)> {
     let mut v = vec![("gemm".to_string(), GEMM.to_string())];
-    v.extend(
-        OPS.iter()
-            .map(|(n, s)| ((*n).to_string(), (*s).to_string())),
-    );
+    for (n, _) in OPS.iter().chain(&GROUPED_FORMATS) {
+        v.push(((*n).to_string(), op_source(n).unwrap_or_default()));
+    }
     for ty in GgmlType::all() {
         for d in Driver::ALL {
             if let Some(src) = block_source(d, ty) {
@@ -170,7 +186,7 @@ pub enum Key {
     Block(Driver, GgmlType),
     /// The tiled GEMM, with `W_KMAJOR` and `X_KMAJOR`.
     Gemm { kmajor: bool, xkmajor: bool },
-    /// Entry point `entry` of op file `file` ([`OPS`]).
+    /// Entry point `entry` of op file `file` ([`OPS`], or a grouped format run by `grouped.wgsl`).
     Op(&'static str, &'static str),
 }
 
@@ -183,12 +199,7 @@ impl Gpu {
         }
         let (src, constants): (String, &[(&str, f64)]) = match key {
             Key::Block(d, ty) => (block_source(d, ty).unwrap_or_default(), &[]),
-            Key::Op(file, _) => (
-                OPS.iter()
-                    .find(|(n, _)| *n == file)
-                    .map_or_else(String::new, |(_, s)| (*s).to_string()),
-                &[],
-            ),
+            Key::Op(file, _) => (op_source(file).unwrap_or_default(), &[]),
             Key::Gemm { kmajor, xkmajor } => (
                 GEMM.to_string(),
                 match (kmajor, xkmajor) {
@@ -371,8 +382,8 @@ impl Gpu {
 }
 
 impl Gpu {
-    /// Record `y[y_off + t·ldy + r] = Σ_c W[row0 + r, c] · x[t·cols + c]` for `r < rows`, `t < n`, from
-    /// the blocks of `ty` in `src` (rows of `cols`).
+    /// Record `y[t·ldy + c(r)] = Σ_c W[r, c] · x[t·cols + c]` for every row `r` of the chunk `src` (blocks
+    /// of `ty`, rows of `cols`) and `t < n`; `c(r)` as `matvec.wgsl` says.
     pub(crate) fn record_matvec(
         &self,
         pass: &mut wg::ComputePass<'_>,
@@ -384,17 +395,13 @@ impl Gpu {
         let gx = mv.rows.min(self.max_groups()).max(1);
         let gy = mv.rows.div_ceil(gx).max(1);
         let params = self.uniform(&[
-            mv.row0,
             mv.rows,
             mv.cols,
             gx,
-            mv.y_off,
             mv.ldy,
             mv.col0,
             mv.perm_rows,
             mv.perm_heads,
-            0,
-            0,
             0,
         ]);
         let table = self.table(ty);
@@ -408,11 +415,9 @@ impl Gpu {
 /// One fused matvec's shape (rows and elements).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Matvec {
-    pub row0: u32,
     pub rows: u32,
     pub cols: u32,
     pub n: u32,
-    pub y_off: u32,
     pub ldy: u32,
     pub col0: u32,
     pub perm_rows: u32,

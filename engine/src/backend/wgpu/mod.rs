@@ -249,9 +249,47 @@ impl Gpu {
         r
     }
 
+    /// Every read-back path: `record` records work and copies `floats` f32 results into the staging buffer it
+    /// is given; the work is submitted inside [`Gpu::checked`] and the results come back (waiting at most
+    /// [`WAIT`]).
+    pub(crate) fn record_and_read(
+        &self,
+        what: &str,
+        floats: usize,
+        record: impl FnOnce(&mut wg::CommandEncoder, &wg::Buffer),
+    ) -> Result<Vec<f32>> {
+        let enc = self.device.create_command_encoder(&Default::default());
+        self.read_after(what, floats, enc, record)
+    }
+
+    /// [`Gpu::record_and_read`] appending to `enc`, which may already hold work (a recorded forward pass).
+    pub(crate) fn read_after(
+        &self,
+        what: &str,
+        floats: usize,
+        mut enc: wg::CommandEncoder,
+        record: impl FnOnce(&mut wg::CommandEncoder, &wg::Buffer),
+    ) -> Result<Vec<f32>> {
+        let bytes = (floats.max(1) * 4) as u64;
+        let staging = self.device.create_buffer(&wg::BufferDescriptor {
+            label: Some("read back"),
+            size: bytes,
+            usage: wg::BufferUsages::MAP_READ | wg::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let raw = self.checked(what, || {
+            record(&mut enc, &staging);
+            self.queue.submit([enc.finish()]);
+            self.read_back(&staging, bytes)
+        })?;
+        let mut v: Vec<f32> = bytemuck::pod_collect_to_vec(&raw);
+        v.truncate(floats);
+        Ok(v)
+    }
+
     /// Copy `len` bytes of `buf` (a MAP_READ buffer whose copy has been submitted) back, waiting at most
     /// [`WAIT`].
-    pub(crate) fn read_back(&self, buf: &wg::Buffer, len: u64) -> Result<Vec<u8>> {
+    fn read_back(&self, buf: &wg::Buffer, len: u64) -> Result<Vec<u8>> {
         let slice = buf.slice(0..len);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wg::MapMode::Read, move |r| {

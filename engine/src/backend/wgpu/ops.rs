@@ -5,7 +5,6 @@
 use ::wgpu as wg;
 
 use super::kernels::{Gemm, Key};
-use super::weights::SCRATCH;
 use super::Gpu;
 use crate::tensor::TensorRef;
 use crate::{Error, Result};
@@ -102,31 +101,6 @@ impl Gpu {
         })
     }
 
-    /// Read `buf[off..off + len]` back (waits for everything submitted).
-    pub fn read_f32(&self, buf: &Buf, off: usize, len: usize) -> Result<Vec<f32>> {
-        let _guard = self.begin()?;
-        self.read_unlocked(buf, off, len)
-    }
-
-    fn read_unlocked(&self, buf: &Buf, off: usize, len: usize) -> Result<Vec<f32>> {
-        let bytes = (len.max(1) * 4) as u64;
-        let staging = self.device.create_buffer(&wg::BufferDescriptor {
-            label: Some("read back"),
-            size: bytes,
-            usage: wg::BufferUsages::MAP_READ | wg::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let out = self.checked("reading back", || {
-            let mut enc = self.device.create_command_encoder(&Default::default());
-            enc.copy_buffer_to_buffer(&buf.buf, (off * 4) as u64, &staging, 0, bytes);
-            self.queue.submit([enc.finish()]);
-            self.read_back(&staging, bytes)
-        })?;
-        let mut v: Vec<f32> = bytemuck::pod_collect_to_vec(&out);
-        v.truncate(len);
-        Ok(v)
-    }
-
     fn grid(&self, count: u32) -> (u32, u32, u32) {
         let groups = count.div_ceil(WG).max(1);
         let gx = groups.min(self.max_groups());
@@ -168,7 +142,7 @@ impl Session<'_> {
         let g = self.gpu;
         let dw = g.weight(w)?;
         let cols = w.cols();
-        let tile = ((SCRATCH.min(g.max_binding()) / (cols as u64 * 4)) as usize).max(1);
+        let tile = g.tile_rows(cols);
         let need = (tile.min(w.rows()) * cols * 4) as u64;
         if self.scratch.as_ref().is_none_or(|s| s.size() < need) {
             self.scratch = Some(g.device.create_buffer(&wg::BufferDescriptor {
@@ -392,11 +366,9 @@ impl Session<'_> {
             .enc
             .take()
             .ok_or_else(|| Error::Gpu("session used twice".into()))?;
-        gpu.checked("forward pass", || {
-            gpu.queue.submit([enc.finish()]);
-            Ok(())
-        })?;
-        gpu.read_unlocked(buf, off, len)
+        gpu.read_after("forward pass", len, enc, |enc, staging| {
+            enc.copy_buffer_to_buffer(&buf.buf, (off * 4) as u64, staging, 0, (len * 4) as u64);
+        })
     }
 }
 
@@ -434,27 +406,17 @@ impl Gpu {
         let per_layer = 2 * kv_heads * run;
         let total = (k.len() * per_layer).max(1);
         let _guard = self.begin()?;
-        let staging = self.device.create_buffer(&wg::BufferDescriptor {
-            label: Some("kv read back"),
-            size: (total * 4) as u64,
-            usage: wg::BufferUsages::MAP_READ | wg::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let bytes = self.checked("reading the KV cache back", || {
-            let mut enc = self.device.create_command_encoder(&Default::default());
+        let vals = self.record_and_read("reading the KV cache back", total, |enc, staging| {
             for l in 0..k.len() {
                 for g in 0..kv_heads {
                     let src = ((g * cap + pos) * hd * 4) as u64;
                     let dk = ((l * per_layer + g * run) * 4) as u64;
                     let dv = ((l * per_layer + (kv_heads + g) * run) * 4) as u64;
-                    enc.copy_buffer_to_buffer(&kv.k[l].buf, src, &staging, dk, (run * 4) as u64);
-                    enc.copy_buffer_to_buffer(&kv.v[l].buf, src, &staging, dv, (run * 4) as u64);
+                    enc.copy_buffer_to_buffer(&kv.k[l].buf, src, staging, dk, (run * 4) as u64);
+                    enc.copy_buffer_to_buffer(&kv.v[l].buf, src, staging, dv, (run * 4) as u64);
                 }
             }
-            self.queue.submit([enc.finish()]);
-            self.read_back(&staging, (total * 4) as u64)
         })?;
-        let vals: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
         for (l, (kl, vl)) in k.iter_mut().zip(v.iter_mut()).enumerate() {
             for g in 0..kv_heads {
                 let dst = (g * cap + pos) * hd;

@@ -24,7 +24,7 @@ pub(crate) const DEFAULT_BUDGET: u64 = 6 << 30;
 pub(crate) const MATVEC_TOKENS: usize = 4;
 
 /// Bytes of dequantised weights one GEMM reads at a time.
-pub(crate) const SCRATCH: u64 = 64 << 20;
+const SCRATCH: u64 = 64 << 20;
 
 /// What a cached weight was made from. The cache holds only weak references, so it never keeps a file
 /// mapped; while an entry exists its allocation cannot be reused, so a match is the same tensor.
@@ -84,8 +84,15 @@ pub(crate) struct DeviceWeight {
     /// `Some(heads)` when rows are in llama.cpp's interleaved-RoPE order.
     interleaved: Option<usize>,
     /// A grouped linear read in place (`chunks` is then empty).
-    gptq: Option<GroupedDevice>,
+    grouped: Option<GroupedDevice>,
     bytes: u64,
+}
+
+impl Gpu {
+    /// Rows of a `cols`-wide weight dequantised per GEMM tile (the scratch holds `tile · cols` floats).
+    pub(crate) fn tile_rows(&self, cols: usize) -> usize {
+        ((SCRATCH.min(self.max_binding()) / (cols.max(1) as u64 * 4)) as usize).max(1)
+    }
 }
 
 impl DeviceWeight {
@@ -225,7 +232,7 @@ impl Gpu {
                             chunks: Vec::new(),
                             kernel: (GgmlType::F32, 1),
                             interleaved: None,
-                            gptq: Some(GroupedDevice {
+                            grouped: Some(GroupedDevice {
                                 file,
                                 bufs: parts.iter().map(|b| self.upload(&w.name, b)).collect(),
                                 param,
@@ -284,7 +291,7 @@ impl Gpu {
                 } else {
                     None
                 },
-                gptq: None,
+                grouped: None,
                 bytes,
             })
         })?;
@@ -304,27 +311,22 @@ impl Gpu {
         let max = self.max_binding();
         let row_f32 = (rows.max(cols) as u64) * 4;
         let n_step = ((max / row_f32) as usize).clamp(1, n.max(1));
-        let tile = ((SCRATCH.min(max) / (cols as u64 * 4)) as usize).max(1);
+        let tile = self.tile_rows(cols);
         let fused = n <= MATVEC_TOKENS;
-        let scratch = (!fused && (dw.kernel.0 != GgmlType::F32 || dw.gptq.is_some())).then(|| {
-            self.storage(
-                "scratch",
-                (tile.min(rows) * cols * 4) as u64,
-                wg::BufferUsages::empty(),
-            )
-        });
+        let scratch =
+            (!fused && (dw.kernel.0 != GgmlType::F32 || dw.grouped.is_some())).then(|| {
+                self.storage(
+                    "scratch",
+                    (tile.min(rows) * cols * 4) as u64,
+                    wg::BufferUsages::empty(),
+                )
+            });
         for t0 in (0..n).step_by(n_step) {
             let nt = n_step.min(n - t0);
             let xb = self.upload("x", bytemuck::cast_slice(&x[t0 * cols..(t0 + nt) * cols]));
             let yb = self.storage("y", (nt * rows * 4) as u64, wg::BufferUsages::COPY_SRC);
-            let staging = self.device.create_buffer(&wg::BufferDescriptor {
-                label: Some("read back"),
-                size: (nt * rows * 4) as u64,
-                usage: wg::BufferUsages::MAP_READ | wg::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            let y = self.checked(&format!("matmul {}", w.name), || {
-                let mut enc = self.device.create_command_encoder(&Default::default());
+            let what = format!("matmul {}", w.name);
+            let vals = self.record_and_read(&what, nt * rows, |enc, staging| {
                 {
                     let mut pass = enc.begin_compute_pass(&Default::default());
                     self.record_linear(
@@ -337,11 +339,8 @@ impl Gpu {
                         tile,
                     );
                 }
-                enc.copy_buffer_to_buffer(&yb, 0, &staging, 0, (nt * rows * 4) as u64);
-                self.queue.submit([enc.finish()]);
-                self.read_back(&staging, (nt * rows * 4) as u64)
+                enc.copy_buffer_to_buffer(&yb, 0, staging, 0, (nt * rows * 4) as u64);
             })?;
-            let vals: Vec<f32> = bytemuck::pod_collect_to_vec(&y);
             out[t0 * rows..(t0 + nt) * rows].copy_from_slice(&vals);
         }
         Ok(())
@@ -360,8 +359,8 @@ impl Gpu {
         scratch: Option<&wg::Buffer>,
         tile: usize,
     ) {
-        if let Some(gq) = &dw.gptq {
-            self.record_gptq(pass, gq, cols, nt, [xb, yb], scratch, tile);
+        if let Some(gq) = &dw.grouped {
+            self.record_grouped(pass, gq, cols, nt, [xb, yb], scratch, tile);
             return;
         }
         let (ty, block) = dw.kernel;
@@ -373,11 +372,9 @@ impl Gpu {
         for ch in &dw.chunks {
             if nt <= MATVEC_TOKENS {
                 let mv = Matvec {
-                    row0: 0,
                     rows: ch.rows as u32,
                     cols: cols as u32,
                     n: nt as u32,
-                    y_off: 0,
                     ldy: rows as u32,
                     col0: ch.row0 as u32,
                     perm_rows,
@@ -417,7 +414,7 @@ impl Gpu {
 
     /// [`Gpu::record_linear`] for a grouped linear: the fused matvec, or tiles dequantised by its kernel
     /// file into `scratch` and the tiled GEMM.
-    fn record_gptq(
+    fn record_grouped(
         &self,
         pass: &mut wg::ComputePass<'_>,
         gq: &GroupedDevice,
@@ -520,14 +517,7 @@ impl Gpu {
         let wb = self.upload("w", bytemuck::cast_slice(&w[..m * k]));
         let bytes = (n * m * 4) as u64;
         let yb = self.storage("y", bytes, wg::BufferUsages::COPY_SRC);
-        let staging = self.device.create_buffer(&wg::BufferDescriptor {
-            label: Some("read back"),
-            size: bytes.max(4),
-            usage: wg::BufferUsages::MAP_READ | wg::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let out = self.checked("attention product", || {
-            let mut enc = self.device.create_command_encoder(&Default::default());
+        let vals = self.record_and_read("attention product", n * m, |enc, staging| {
             {
                 let mut pass = enc.begin_compute_pass(&Default::default());
                 let g = Gemm {
@@ -541,11 +531,8 @@ impl Gpu {
                 };
                 self.record_gemm(&mut pass, [&xb, &wb, &yb], g);
             }
-            enc.copy_buffer_to_buffer(&yb, 0, &staging, 0, bytes.max(4));
-            self.queue.submit([enc.finish()]);
-            self.read_back(&staging, bytes.max(4))
+            enc.copy_buffer_to_buffer(&yb, 0, staging, 0, bytes.max(4));
         })?;
-        let vals: Vec<f32> = bytemuck::pod_collect_to_vec(&out);
         y[..n * m].copy_from_slice(&vals[..n * m]);
         Ok(())
     }
@@ -559,7 +546,7 @@ impl Gpu {
         let dw = self.weight(w)?;
         let (ty, block) = dw.kernel;
         let cols = w.cols();
-        let tile = ((SCRATCH.min(self.max_binding()) / (cols as u64 * 4)) as usize).max(1);
+        let tile = self.tile_rows(cols);
         let scratch = self.storage(
             "scratch",
             (tile.min(w.rows()) * cols * 4) as u64,
@@ -611,14 +598,7 @@ impl Gpu {
                 let ni = row_step.min(cols - i0);
                 let bytes = (ni * cols * 4) as u64;
                 let yb = self.storage("gram", bytes, wg::BufferUsages::COPY_SRC);
-                let staging = self.device.create_buffer(&wg::BufferDescriptor {
-                    label: Some("read back"),
-                    size: bytes,
-                    usage: wg::BufferUsages::MAP_READ | wg::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                });
-                let part = self.checked("Hessian", || {
-                    let mut enc = self.device.create_command_encoder(&Default::default());
+                let vals = self.record_and_read("Hessian", ni * cols, |enc, staging| {
                     {
                         let mut pass = enc.begin_compute_pass(&Default::default());
                         let gm = Gemm {
@@ -635,11 +615,8 @@ impl Gpu {
                         };
                         self.record_gemm(&mut pass, [&xb, &xb, &yb], gm);
                     }
-                    enc.copy_buffer_to_buffer(&yb, 0, &staging, 0, bytes);
-                    self.queue.submit([enc.finish()]);
-                    self.read_back(&staging, bytes)
+                    enc.copy_buffer_to_buffer(&yb, 0, staging, 0, bytes);
                 })?;
-                let vals: Vec<f32> = bytemuck::pod_collect_to_vec(&part);
                 for (dst, src) in g[i0 * cols..(i0 + ni) * cols].iter_mut().zip(&vals) {
                     *dst += src;
                 }
@@ -678,7 +655,7 @@ mod tests {
             chunks: Vec::new(),
             kernel: (GgmlType::F32, 1),
             interleaved: None,
-            gptq: None,
+            grouped: None,
             bytes,
         })
     }
