@@ -3,7 +3,16 @@
 // Codes of 2, 3, 4 or 8 bits (`p.format`) lie contiguously in runs of `bits` words per 32 values (3-bit
 // values may straddle two words).
 
+@group(0) @binding(0) var<storage, read> qweight: array<u32>;
+@group(0) @binding(1) var<storage, read> qzeros: array<u32>;
+@group(0) @binding(2) var<storage, read> scales: array<u32>;
 @group(0) @binding(3) var<storage, read> g_idx: array<u32>;
+
+// fp16 scale number i.
+fn scale_at(i: u32) -> f32 {
+    return dtype_value(1u, scales[i / 2u], i);
+}
+
 
 // Value i of a packed sequence whose word w is at `base + w · stride` of qweight (or of qzeros).
 fn unpack(i: u32, base: u32, stride: u32, from_qweight: bool) -> u32 {

@@ -1,19 +1,14 @@
 // Driver for the grouped linears read in place (assembled after `half.wgsl`, before a format file such as
-// `gptq.wgsl` or `awq.wgsl`). The format declares its tensors at bindings 0–3 — qweight, qzeros and fp16
-// scales at 0–2 are common to both — and defines `weight(r, c)`, the value of W[r, c] exactly as the CPU's
-// dequantiser computes it. Entry points: `dequant` (a tile of rows into f32, before the GEMM) and `matvec`
-// (decoding: one workgroup per output row and token).
-
-@group(0) @binding(0) var<storage, read> qweight: array<u32>;
-@group(0) @binding(1) var<storage, read> qzeros: array<u32>;
-@group(0) @binding(2) var<storage, read> scales: array<u32>;
+// `gptq.wgsl`). The format declares its tensors at bindings 0–3 (as u32 words) and defines `weight(r, c)`,
+// the value of W[r, c] exactly as the CPU's dequantiser computes it. Entry points: `dequant` (a tile of rows
+// into f32, before the GEMM) and `matvec` (decoding: one workgroup per output row and token).
 @group(0) @binding(4) var<storage, read_write> io: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 
 struct Params {
     out_features: u32,
     in_features: u32,
-    // The format's parameter: GPTQ's bits, AWQ's group size.
+    // The format's parameter: GPTQ's bits, AWQ's group size (the others read theirs from binding 3).
     format: u32,
     // First row of the tile (dequant) or of the dispatch (matvec), and its row count.
     row0: u32,
@@ -25,11 +20,6 @@ struct Params {
     ldy: u32,
 }
 @group(0) @binding(6) var<uniform> p: Params;
-
-// fp16 scale number i.
-fn scale_at(i: u32) -> f32 {
-    return f16_bits_to_f32((scales[i / 2u] >> (16u * (i % 2u))) & 0xffffu);
-}
 
 @compute @workgroup_size(64)
 fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {

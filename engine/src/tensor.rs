@@ -238,7 +238,7 @@ pub struct GptqLinear {
 }
 
 /// A bitsandbytes 4-bit linear layer: codes and block scales kept in the mapped file.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Bnb4Linear {
     pub kind: crate::codecs::bnb::Bnb4Kind,
     pub out_features: usize,
@@ -256,7 +256,7 @@ pub struct Bnb4Linear {
 }
 
 /// The double quantization of a [`Bnb4Linear`]'s block scales.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Bnb4Nested {
     pub absmax: Vec<f32>,
     pub blocksize: usize,
@@ -290,7 +290,7 @@ impl Bnb4Linear {
 }
 
 /// An HQQ linear layer: packed codes, and per group a scale and a zero in the compute dtype.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct HqqLinear {
     pub params: crate::codecs::hqq::HqqParams,
     pub out_features: usize,

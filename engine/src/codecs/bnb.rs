@@ -328,7 +328,7 @@ pub enum StoredAbsmax<'a> {
 
 impl StoredAbsmax<'_> {
     #[inline]
-    fn get(&self, b: usize) -> f32 {
+    pub fn get(&self, b: usize) -> f32 {
         match *self {
             StoredAbsmax::F32(bytes) => {
                 let mut w = [0u8; 4];
@@ -345,7 +345,7 @@ impl StoredAbsmax<'_> {
         }
     }
 
-    fn blocks(&self) -> usize {
+    pub fn blocks(&self) -> usize {
         match *self {
             StoredAbsmax::F32(bytes) => bytes.len() / 4,
             StoredAbsmax::Double { codes, .. } => codes.len(),

@@ -76,7 +76,7 @@ impl HqqParams {
     }
 
     /// Fields per packed word, and the word's bytes.
-    fn fields(&self) -> (usize, usize) {
+    pub fn fields(&self) -> (usize, usize) {
         match self.nbits {
             8 => (1, 1),
             4 => (2, 1),

@@ -17,9 +17,13 @@ const HALF: &str = include_str!("../../../shaders/half.wgsl");
 const COMMON: &str = include_str!("../../../shaders/common.wgsl");
 /// The driver of the grouped linears read in place, and their format files (each after [`HALF`] and it).
 const GROUPED: &str = include_str!("../../../shaders/grouped.wgsl");
-const GROUPED_FORMATS: [(&str, &str); 2] = [
+const GROUPED_FORMATS: [(&str, &str); 6] = [
     ("awq", include_str!("../../../shaders/awq.wgsl")),
+    ("bnb4", include_str!("../../../shaders/bnb4.wgsl")),
+    ("ct", include_str!("../../../shaders/ct.wgsl")),
+    ("exl2", include_str!("../../../shaders/exl2.wgsl")),
     ("gptq", include_str!("../../../shaders/gptq.wgsl")),
+    ("hqq", include_str!("../../../shaders/hqq.wgsl")),
 ];
 
 /// Drivers: what is done with the values a block type emits.

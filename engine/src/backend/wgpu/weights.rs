@@ -67,11 +67,11 @@ pub(crate) struct Chunk {
     buf: wg::Buffer,
 }
 
-/// A grouped linear read in place by its own kernel file (`gptq.wgsl`, `awq.wgsl`): its tensors at bindings
-/// 0.., and the format's parameter (GPTQ's bits, AWQ's group size).
+/// A grouped linear read in place by its own kernel file (`gptq.wgsl`, …): its buffers by binding
+/// ([`super::grouped::layout`]), and the format's parameter (GPTQ's bits, AWQ's group size).
 pub(crate) struct GroupedDevice {
     file: &'static str,
-    bufs: Vec<wg::Buffer>,
+    bufs: Vec<(u32, wg::Buffer)>,
     param: u32,
     rows: usize,
 }
@@ -209,42 +209,31 @@ impl Gpu {
         let (rows, cols) = (w.rows(), w.cols());
         let max = self.max_binding();
         if let Storage::Grouped(g) = &w.storage {
-            let in_place: Option<(&'static str, Vec<&crate::tensor::Bytes>, u32)> = match g.as_ref()
-            {
-                Grouped::Gptq(p) => Some((
-                    "gptq",
-                    vec![&p.qweight, &p.qzeros, &p.scales, &p.g_idx],
-                    p.bits,
-                )),
-                Grouped::Awq(p) => Some((
-                    "awq",
-                    vec![&p.qweight, &p.qzeros, &p.scales],
-                    p.group_size as u32,
-                )),
-                _ => None,
-            };
-            if let Some((file, parts, param)) = in_place {
-                if parts.iter().all(|b| (b.len() as u64) <= max) {
-                    let bytes: u64 = parts.iter().map(|b| b.len() as u64).sum();
-                    lock(&self.weights).evict_for(bytes);
-                    let weight = self.checked(&format!("uploading {}", w.name), || {
-                        Ok(DeviceWeight {
-                            chunks: Vec::new(),
-                            kernel: (GgmlType::F32, 1),
-                            interleaved: None,
-                            grouped: Some(GroupedDevice {
-                                file,
-                                bufs: parts.iter().map(|b| self.upload(&w.name, b)).collect(),
-                                param,
-                                rows,
-                            }),
-                            bytes,
-                        })
-                    })?;
-                    let weight = Arc::new(weight);
-                    lock(&self.weights).insert(owner, Arc::clone(&weight));
-                    return Ok(weight);
-                }
+            let l = super::grouped::layout(g);
+            if l.parts.iter().all(|(_, b)| (b.len() as u64) <= max) {
+                let bytes: u64 = l.parts.iter().map(|(_, b)| b.len() as u64).sum();
+                lock(&self.weights).evict_for(bytes);
+                let weight = self.checked(&format!("uploading {}", w.name), || {
+                    Ok(DeviceWeight {
+                        chunks: Vec::new(),
+                        kernel: (GgmlType::F32, 1),
+                        interleaved: None,
+                        grouped: Some(GroupedDevice {
+                            file: l.file,
+                            bufs: l
+                                .parts
+                                .iter()
+                                .map(|(i, b)| (*i, self.upload(&w.name, b)))
+                                .collect(),
+                            param: l.param,
+                            rows,
+                        }),
+                        bytes,
+                    })
+                })?;
+                let weight = Arc::new(weight);
+                lock(&self.weights).insert(owner, Arc::clone(&weight));
+                return Ok(weight);
             }
         }
         let native = w
@@ -439,12 +428,8 @@ impl Gpu {
                 0,
                 rows as u32,
             ]);
-            let mut entries: Vec<(u32, &wg::Buffer)> = gq
-                .bufs
-                .iter()
-                .enumerate()
-                .map(|(i, b)| (i as u32, b))
-                .collect();
+            let mut entries: Vec<(u32, &wg::Buffer)> =
+                gq.bufs.iter().map(|(i, b)| (*i, b)).collect();
             entries.extend([(4, xb), (5, yb), (6, &params)]);
             let bg = self.bind_at(&p, &entries);
             pass.set_pipeline(&p);
@@ -470,12 +455,8 @@ impl Gpu {
                 0,
                 0,
             ]);
-            let mut entries: Vec<(u32, &wg::Buffer)> = gq
-                .bufs
-                .iter()
-                .enumerate()
-                .map(|(i, b)| (i as u32, b))
-                .collect();
+            let mut entries: Vec<(u32, &wg::Buffer)> =
+                gq.bufs.iter().map(|(i, b)| (*i, b)).collect();
             entries.extend([(4, s), (6, &params)]);
             let bg = self.bind_at(&p, &entries);
             pass.set_pipeline(&p);
