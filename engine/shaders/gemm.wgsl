@@ -10,6 +10,8 @@ override W_KMAJOR: bool = false;
 // x(t, k) = `x[x_off + k·ldx + t]` instead (a transposed left operand: the Gram matrix XᵀX of a
 // Hessian).
 override X_KMAJOR: bool = false;
+// y −= the product instead of y = it (GPTQ's lazy-batch update of the later columns).
+override SUBTRACT: bool = false;
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> w: array<f32>;
@@ -138,7 +140,12 @@ fn main(
         for (var c = 0u; c < 4u; c++) {
             let j = j0 + lid.x * 4u + c;
             if (j < p.m) {
-                y[yb + t * p.ldy + out_col(j)] = acc[a * 4u + c];
+                let at = yb + t * p.ldy + out_col(j);
+                if (SUBTRACT) {
+                    y[at] = y[at] - acc[a * 4u + c];
+                } else {
+                    y[at] = acc[a * 4u + c];
+                }
             }
         }
     }

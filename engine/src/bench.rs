@@ -189,6 +189,7 @@ fn kernel_lines(backend: Backend, w: &TensorRef, n: usize, reps: usize) -> Resul
             bits: 4,
             group_size: (cols % 128 == 0).then_some(128),
             act_order: true,
+            backend,
             ..Default::default()
         };
         crate::solvers::gptq::gptq_quantize(&w.to_f32(), rows, cols, &h, &opts)?;
@@ -197,7 +198,7 @@ fn kernel_lines(backend: Backend, w: &TensorRef, n: usize, reps: usize) -> Resul
     let bytes = w.stored_bytes() as f64;
     Ok(vec![
         KernelLine {
-            test: format!("GPTQ 4-bit of {rows}×{cols} ({n} input rows, Hessian on this backend)"),
+            test: format!("GPTQ 4-bit of {rows}×{cols} ({n} input rows, Hessian and lazy updates on this backend)"),
             value: gptq,
             unit: "s",
         },

@@ -808,3 +808,70 @@ fn exl2_linears_run_in_place_as_on_the_cpu() {
     }
     assert_eq!(crate::backend::gpu_fallback(), None);
 }
+
+#[test]
+fn gptq_lazy_batch_updates_on_the_device_agree_with_the_cpu() {
+    use crate::solvers::gptq::{gptq_quantize, GptqOptions, Hessian, DEVICE_ROWS_CAP};
+    let _ = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+    let (rows, cols, n) = (80usize, 320usize, 400usize);
+    let w = normal(&mut rng, rows * cols, 0.05);
+    // Correlated inputs: a shared component per token plus noise.
+    let mut x = normal(&mut rng, n * cols, 1.0);
+    for t in 0..n {
+        let common = x[t * cols];
+        for c in 1..cols {
+            x[t * cols + c] += 0.7 * common;
+        }
+    }
+    let mut h = Hessian::new(cols);
+    h.add_batch(&x, n).expect("hessian");
+    // Two device chunks of rows (the sweep's own chunks are 16 rows here).
+    DEVICE_ROWS_CAP.store(48, std::sync::atomic::Ordering::Relaxed);
+    let cases = [
+        (4u8, Some(32usize), true, false, 128usize),
+        (4, Some(256), false, false, 128),
+        (3, Some(64), true, true, 64),
+        (2, None, false, false, 100),
+        (8, Some(128), true, false, 128),
+    ];
+    for (bits, group_size, act_order, static_groups, block_size) in cases {
+        let o = |backend| GptqOptions {
+            bits,
+            group_size,
+            act_order,
+            static_groups,
+            block_size,
+            backend,
+            ..GptqOptions::default()
+        };
+        let cpu = gptq_quantize(&w, rows, cols, &h, &o(Backend::Cpu)).expect("cpu");
+        let dev = gptq_quantize(&w, rows, cols, &h, &o(Backend::Gpu)).expect("gpu");
+        let what = format!("{bits}-bit g{group_size:?} act_order={act_order} static={static_groups} block {block_size}");
+        let same = cpu.q.iter().zip(&dev.q).filter(|(a, b)| a == b).count();
+        assert!(
+            same * 1000 >= cpu.q.len() * 995,
+            "{what}: {} of {} codes differ",
+            cpu.q.len() - same,
+            cpu.q.len()
+        );
+        let rel = (dev.loss - cpu.loss).abs() / cpu.loss;
+        assert!(
+            rel < 2e-3,
+            "{what}: loss {} on the GPU, {} on the CPU",
+            dev.loss,
+            cpu.loss
+        );
+        assert!(
+            dev.loss < dev.rtn_loss,
+            "{what}: GPTQ beats round-to-nearest"
+        );
+        assert_eq!(cpu.g_idx, dev.g_idx, "{what}");
+    }
+    DEVICE_ROWS_CAP.store(0, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        crate::backend::gpu_fallback(),
+        None,
+        "no call fell back to the CPU"
+    );
+}

@@ -210,6 +210,7 @@ pub fn quantize_gptq(
     let solver = GptqOptions {
         fp16_scales: true,
         v1_safe_zeros: true,
+        backend: opts.backend,
         ..opts.solver.clone()
     };
     let mut spec = out

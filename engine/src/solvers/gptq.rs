@@ -187,6 +187,8 @@ pub struct GptqOptions {
     pub fp16_scales: bool,
     /// Keep asymmetric zero points in `1..=maxq` for the GPTQ v1 format (not in GPTQ; off by default).
     pub v1_safe_zeros: bool,
+    /// Where the lazy-batch updates run (the in-block sweep and the Cholesky stay on the CPU).
+    pub backend: crate::backend::Backend,
 }
 
 impl Default for GptqOptions {
@@ -202,6 +204,7 @@ impl Default for GptqOptions {
             block_size: 128,
             fp16_scales: false,
             v1_safe_zeros: false,
+            backend: crate::backend::Backend::Cpu,
         }
     }
 }
@@ -334,7 +337,23 @@ fn gptq_with(
         perm: &perm,
         block: opts.block_size,
     };
-    let outs: Vec<ChunkOut> = if rows == 0 || cols == 0 {
+    let on_device = match opts.backend {
+        crate::backend::Backend::Gpu if rows > 0 && cols > 0 && crate::backend::gpu_usable() => {
+            match crate::backend::wgpu::gpu()
+                .and_then(|g| ctx.sweep_on_device(g, &wp, &mut qp, chunk_rows))
+            {
+                Ok(outs) => Some(outs),
+                Err(e) => {
+                    crate::backend::gpu_failed(&e);
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    let outs: Vec<ChunkOut> = if let Some(outs) = on_device {
+        outs
+    } else if rows == 0 || cols == 0 {
         Vec::new()
     } else {
         wp.par_chunks_mut(chunk_rows * cols)
@@ -792,69 +811,140 @@ struct SweepCtx<'a> {
     block: usize,
 }
 
+/// Tests cap the rows kept on the device at once, to run several device chunks on small matrices.
+#[cfg(test)]
+pub(crate) static DEVICE_ROWS_CAP: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// A chunk of rows' state through the sweep.
+struct ChunkState {
+    /// Rows in the chunk.
+    nr: usize,
+    dyn_scale: Vec<f32>,
+    dyn_zero: Vec<f32>,
+    w1: Vec<f32>,
+    /// The block's scaled errors `[nr, block]`.
+    err: Vec<f32>,
+    loss: f64,
+}
+
+impl ChunkState {
+    fn finish(self) -> ChunkOut {
+        ChunkOut {
+            scale: self.dyn_scale,
+            zero: self.dyn_zero,
+            loss: self.loss / 2.0,
+        }
+    }
+}
+
 impl SweepCtx<'_> {
-    /// GPTQ's column sweep over rows `r0..r0+nr` (`wc`, `qc` hold those rows in processing order).
-    fn sweep(&self, r0: usize, wc: &mut [f32], qc: &mut [u8]) -> ChunkOut {
+    fn state(&self, nr: usize) -> ChunkState {
+        let bs = self.block.min(self.cols);
+        let dynamic = matches!(self.mode, GroupMode::Dynamic);
+        let groups = if dynamic { self.n_groups * nr } else { 0 };
+        ChunkState {
+            nr,
+            dyn_scale: vec![0f32; groups],
+            dyn_zero: vec![0f32; groups],
+            w1: vec![0f32; bs],
+            err: vec![0f32; nr * bs],
+            loss: 0.0,
+        }
+    }
+
+    /// The last column (exclusive) the block `i1..i2` reads: `i2`, or further when a dynamic group starting
+    /// inside it is fitted on columns beyond it.
+    fn reads_to(&self, i1: usize, i2: usize) -> usize {
+        if !matches!(self.mode, GroupMode::Dynamic) {
+            return i2;
+        }
+        (i1..i2)
+            .filter(|j| j % self.gs == 0)
+            .map(|j| (j + self.gs).min(self.cols))
+            .fold(i2, usize::max)
+    }
+
+    /// The in-block part of the sweep for columns `i1..i2` of the chunk's rows (global rows `r0..`):
+    /// `src` holds each row's columns from `base` on with row stride `stride` (they must reach
+    /// [`SweepCtx::reads_to`]); codes go to `qc` (`[nr, cols]`), scaled errors to `st.err`.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        st: &mut ChunkState,
+        r0: usize,
+        src: &[f32],
+        stride: usize,
+        base: usize,
+        (i1, i2): (usize, usize),
+        qc: &mut [u8],
+    ) {
         let cols = self.cols;
-        let nr = wc.len() / cols;
+        let nr = st.nr;
         let bs = self.block.min(cols);
+        let count = i2 - i1;
         let total_rows = match self.mode {
             GroupMode::PerChannel(t) | GroupMode::Static(t) => t.scale.len() / self.n_groups,
             GroupMode::Dynamic => 0,
         };
-        let dynamic = matches!(self.mode, GroupMode::Dynamic);
-        let mut dyn_scale = vec![0f32; if dynamic { self.n_groups * nr } else { 0 }];
-        let mut dyn_zero = vec![0f32; dyn_scale.len()];
-        let mut w1 = vec![0f32; bs];
-        let mut err = vec![0f32; nr * bs];
-        let mut loss = 0f64;
+        for r in 0..nr {
+            let row = &src[r * stride..];
+            st.w1[..count].copy_from_slice(&row[i1 - base..i2 - base]);
+            for i in 0..count {
+                let j = i1 + i;
+                let (scale, zero) = match self.mode {
+                    GroupMode::PerChannel(t) => (t.scale[r0 + r], t.zero[r0 + r]),
+                    GroupMode::Static(t) => {
+                        let g = self.perm[j] / self.gs;
+                        (
+                            t.scale[g * total_rows + r0 + r],
+                            t.zero[g * total_rows + r0 + r],
+                        )
+                    }
+                    GroupMode::Dynamic => {
+                        let g = j / self.gs;
+                        if j % self.gs == 0 {
+                            // Fitted on the outer weight (lazy updates of earlier blocks only).
+                            let end = (j + self.gs).min(cols);
+                            let (s, z) = self
+                                .grid
+                                .find_params(row[j - base..end - base].iter().copied());
+                            st.dyn_scale[g * nr + r] = s;
+                            st.dyn_zero[g * nr + r] = z;
+                        }
+                        (st.dyn_scale[g * nr + r], st.dyn_zero[g * nr + r])
+                    }
+                };
+                let wv = st.w1[i];
+                let (code, qv) = self.grid.quantize(wv, scale, zero);
+                qc[r * cols + j] = code as u8;
+                let d = self.u[j * cols + j];
+                let e = (wv - qv) / d;
+                st.loss += (e as f64) * (e as f64);
+                let urow = &self.u[j * cols + j + 1..j * cols + i2];
+                for (x, &uu) in st.w1[i + 1..count].iter_mut().zip(urow) {
+                    *x -= e * uu;
+                }
+                st.err[r * bs + i] = e;
+            }
+        }
+    }
 
+    /// GPTQ's column sweep over rows `r0..r0+nr` (`wc`, `qc` hold those rows in processing order), the
+    /// lazy-batch updates on the CPU.
+    fn sweep(&self, r0: usize, wc: &mut [f32], qc: &mut [u8]) -> ChunkOut {
+        let cols = self.cols;
+        let nr = wc.len() / cols;
+        let bs = self.block.min(cols);
+        let mut st = self.state(nr);
         let mut i1 = 0;
         while i1 < cols {
             let i2 = (i1 + bs).min(cols);
             let count = i2 - i1;
-            for r in 0..nr {
-                let row = &wc[r * cols..(r + 1) * cols];
-                w1[..count].copy_from_slice(&row[i1..i2]);
-                for i in 0..count {
-                    let j = i1 + i;
-                    let (scale, zero) = match self.mode {
-                        GroupMode::PerChannel(t) => (t.scale[r0 + r], t.zero[r0 + r]),
-                        GroupMode::Static(t) => {
-                            let g = self.perm[j] / self.gs;
-                            (
-                                t.scale[g * total_rows + r0 + r],
-                                t.zero[g * total_rows + r0 + r],
-                            )
-                        }
-                        GroupMode::Dynamic => {
-                            let g = j / self.gs;
-                            if j % self.gs == 0 {
-                                // Fitted on the outer weight (lazy updates of earlier blocks only).
-                                let end = (j + self.gs).min(cols);
-                                let (s, z) = self.grid.find_params(row[j..end].iter().copied());
-                                dyn_scale[g * nr + r] = s;
-                                dyn_zero[g * nr + r] = z;
-                            }
-                            (dyn_scale[g * nr + r], dyn_zero[g * nr + r])
-                        }
-                    };
-                    let wv = w1[i];
-                    let (code, qv) = self.grid.quantize(wv, scale, zero);
-                    qc[r * cols + j] = code as u8;
-                    let d = self.u[j * cols + j];
-                    let e = (wv - qv) / d;
-                    loss += (e as f64) * (e as f64);
-                    let urow = &self.u[j * cols + j + 1..j * cols + i2];
-                    for (x, &uu) in w1[i + 1..count].iter_mut().zip(urow) {
-                        *x -= e * uu;
-                    }
-                    err[r * bs + i] = e;
-                }
-            }
+            self.block(&mut st, r0, wc, cols, 0, (i1, i2), qc);
             if i2 < cols {
                 // Lazy batch update: W[:, i2..] -= E · U[i1..i2, i2..].
-                let e_mat = MatRef::from_row_major_slice_with_stride(&err, nr, count, bs);
+                let e_mat = MatRef::from_row_major_slice_with_stride(&st.err, nr, count, bs);
                 let u_blk = MatRef::from_row_major_slice_with_stride(
                     &self.u[i1 * cols + i2..],
                     count,
@@ -866,11 +956,76 @@ impl SweepCtx<'_> {
             }
             i1 = i2;
         }
-        ChunkOut {
-            scale: dyn_scale,
-            zero: dyn_zero,
-            loss: loss / 2.0,
+        st.finish()
+    }
+
+    /// The sweep of every row with the lazy-batch updates on the GPU: rows in device chunks (whole
+    /// multiples of `chunk_rows`) whose transposed weight stays on the device; per block the block's columns
+    /// come back, the in-block sweep runs on the CPU (chunks of `chunk_rows` in parallel) and one GEMM
+    /// updates every later column there. One [`ChunkOut`] per `chunk_rows` rows, as [`SweepCtx::sweep`]'s.
+    fn sweep_on_device(
+        &self,
+        gpu: &crate::backend::wgpu::Gpu,
+        wp: &[f32],
+        qp: &mut [u8],
+        chunk_rows: usize,
+    ) -> Result<Vec<ChunkOut>> {
+        let cols = self.cols;
+        let rows = wp.len() / cols.max(1);
+        let bs = self.block.min(cols);
+        let mut fit = gpu.lazy_rows_max(cols);
+        #[cfg(test)]
+        {
+            let cap = DEVICE_ROWS_CAP.load(std::sync::atomic::Ordering::Relaxed);
+            if cap > 0 {
+                fit = fit.min(cap);
+            }
         }
+        let per_device = (fit / chunk_rows).max(1) * chunk_rows;
+        let mut outs = Vec::new();
+        for d0 in (0..rows).step_by(per_device) {
+            let dn = per_device.min(rows - d0);
+            let lazy = gpu.lazy_columns(&wp[d0 * cols..(d0 + dn) * cols], dn, cols)?;
+            let mut states: Vec<ChunkState> = (0..dn)
+                .step_by(chunk_rows)
+                .map(|c| self.state(chunk_rows.min(dn - c)))
+                .collect();
+            let qd = &mut qp[d0 * cols..(d0 + dn) * cols];
+            let mut i1 = 0;
+            let mut width = self.reads_to(0, bs.min(cols));
+            let mut src = gpu.lazy_read(&lazy, 0, width)?;
+            while i1 < cols {
+                let i2 = (i1 + bs).min(cols);
+                let count = i2 - i1;
+                let src_ref = &src;
+                states
+                    .par_iter_mut()
+                    .zip(qd.par_chunks_mut(chunk_rows * cols))
+                    .enumerate()
+                    .for_each(|(ci, (st, qc))| {
+                        let at = ci * chunk_rows;
+                        let rows_src = &src_ref[at * width..];
+                        self.block(st, d0 + at, rows_src, width, i1, (i1, i2), qc);
+                    });
+                if i2 < cols {
+                    let mut e = vec![0f32; dn * count];
+                    for (ci, st) in states.iter().enumerate() {
+                        for r in 0..st.nr {
+                            let dst = (ci * chunk_rows + r) * count;
+                            e[dst..dst + count].copy_from_slice(&st.err[r * bs..r * bs + count]);
+                        }
+                    }
+                    let n2 = (i2 + bs).min(cols);
+                    let to = self.reads_to(i2, n2);
+                    width = to - i2;
+                    let u_rows = &self.u[i1 * cols..i2 * cols];
+                    src = gpu.lazy_update_read(&lazy, u_rows, i2, &e, (i2, to))?;
+                }
+                i1 = i2;
+            }
+            outs.extend(states.into_iter().map(ChunkState::finish));
+        }
+        Ok(outs)
     }
 }
 

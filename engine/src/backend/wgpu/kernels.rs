@@ -188,8 +188,12 @@ const BLOCK_WG: u32 = 64;
 pub enum Key {
     /// A driver over a block type.
     Block(Driver, GgmlType),
-    /// The tiled GEMM, with `W_KMAJOR` and `X_KMAJOR`.
-    Gemm { kmajor: bool, xkmajor: bool },
+    /// The tiled GEMM, with `W_KMAJOR`, `X_KMAJOR` and `SUBTRACT`.
+    Gemm {
+        kmajor: bool,
+        xkmajor: bool,
+        subtract: bool,
+    },
     /// Entry point `entry` of op file `file` ([`OPS`], or a grouped format run by `grouped.wgsl`).
     Op(&'static str, &'static str),
 }
@@ -201,17 +205,21 @@ impl Gpu {
         if let Some(p) = cache.get(&key) {
             return p.clone();
         }
-        let (src, constants): (String, &[(&str, f64)]) = match key {
-            Key::Block(d, ty) => (block_source(d, ty).unwrap_or_default(), &[]),
-            Key::Op(file, _) => (op_source(file).unwrap_or_default(), &[]),
-            Key::Gemm { kmajor, xkmajor } => (
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        let (src, constants): (String, Vec<(&str, f64)>) = match key {
+            Key::Block(d, ty) => (block_source(d, ty).unwrap_or_default(), Vec::new()),
+            Key::Op(file, _) => (op_source(file).unwrap_or_default(), Vec::new()),
+            Key::Gemm {
+                kmajor,
+                xkmajor,
+                subtract,
+            } => (
                 GEMM.to_string(),
-                match (kmajor, xkmajor) {
-                    (false, false) => &[("W_KMAJOR", 0.0), ("X_KMAJOR", 0.0)],
-                    (true, false) => &[("W_KMAJOR", 1.0), ("X_KMAJOR", 0.0)],
-                    (false, true) => &[("W_KMAJOR", 0.0), ("X_KMAJOR", 1.0)],
-                    (true, true) => &[("W_KMAJOR", 1.0), ("X_KMAJOR", 1.0)],
-                },
+                vec![
+                    ("W_KMAJOR", flag(kmajor)),
+                    ("X_KMAJOR", flag(xkmajor)),
+                    ("SUBTRACT", flag(subtract)),
+                ],
             ),
         };
         let module = self
@@ -231,7 +239,7 @@ impl Gpu {
                     _ => "main",
                 }),
                 compilation_options: wg::PipelineCompilationOptions {
-                    constants,
+                    constants: &constants,
                     ..Default::default()
                 },
                 cache: None,
@@ -354,6 +362,7 @@ impl Gpu {
         let p = self.pipeline(Key::Gemm {
             kmajor: g.kmajor,
             xkmajor: g.xkmajor,
+            subtract: g.subtract,
         });
         let ldx = match (g.ldx, g.xkmajor) {
             (0, false) => g.k,
@@ -442,6 +451,8 @@ pub(crate) struct Gemm {
     pub kmajor: bool,
     /// x read transposed (see `gemm.wgsl`).
     pub xkmajor: bool,
+    /// y −= the product.
+    pub subtract: bool,
     /// Row stride of x (0: k).
     pub ldx: u32,
     /// Batches (the dispatch's z), their strides, and query heads per W batch.

@@ -5,6 +5,7 @@
 //! ([`weights`]). Failures (no adapter, out of memory, a lost device, a wait that never ends) are engine
 //! errors; [`super::Backend`] turns a failed GPU call into the CPU's result and a notice.
 
+pub mod gptq;
 mod grouped;
 pub mod kernels;
 pub mod ops;

@@ -181,13 +181,24 @@ impl Gpu {
     }
 
     fn upload(&self, label: &str, bytes: &[u8]) -> wg::Buffer {
+        self.upload_with(label, bytes, wg::BufferUsages::empty())
+    }
+
+    /// A storage buffer holding `bytes` (zero-padded to whole words), with `extra` usages.
+    pub(crate) fn upload_with(
+        &self,
+        label: &str,
+        bytes: &[u8],
+        extra: wg::BufferUsages,
+    ) -> wg::Buffer {
+        let usage = wg::BufferUsages::STORAGE | extra;
         if bytes.len().is_multiple_of(4) && !bytes.is_empty() {
             return self
                 .device
                 .create_buffer_init(&wg::util::BufferInitDescriptor {
                     label: Some(label),
                     contents: bytes,
-                    usage: wg::BufferUsages::STORAGE,
+                    usage,
                 });
         }
         let mut padded = bytes.to_vec();
@@ -196,7 +207,7 @@ impl Gpu {
             .create_buffer_init(&wg::util::BufferInitDescriptor {
                 label: Some(label),
                 contents: &padded,
-                usage: wg::BufferUsages::STORAGE,
+                usage,
             })
     }
 
