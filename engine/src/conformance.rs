@@ -81,8 +81,8 @@ fn every_shader_parses_and_validates_with_naga() {
     let all = wgpu::kernels::all_sources();
     assert_eq!(
         all.len(),
-        1 + 7 + 2 * 22,
-        "the GEMM, seven ops and two drivers over 22 block types"
+        1 + 6 + 6 + 2 * 22,
+        "the GEMM, six ops, six grouped formats and two drivers over 22 block types"
     );
     for (name, src) in all {
         let module = naga::front::wgsl::parse_str(&src)
@@ -267,19 +267,19 @@ fn evaluation_gives_the_cpus_perplexity_and_kld() {
             .ppl
     };
     let kld = |b: &crate::infer::Model, v: &crate::infer::Model| {
-        kl_divergence(b, v, &tok, &text, &opts, &mut |_| true)
-            .expect("kld")
-            .stats
-            .kld
-            .mean
-            .value
+        kl_divergence(b, v, &tok, &text, &opts, &mut |_| true).expect("kld")
     };
-    let (ppl_cpu, kld_cpu) = (ppl(&base), kld(&base, &variant));
+    let ppl_cpu = ppl(&base);
+    let kld_cpu = kld(&base, &variant);
+    let mean = |r: &crate::eval::KldReport| r.stats.kld.mean.value;
     assert!(
-        kld_cpu > 1e-4,
-        "the Q4_0 variant differs from its base ({kld_cpu})"
+        mean(&kld_cpu) > 1e-4,
+        "the Q4_0 variant differs from its base ({})",
+        mean(&kld_cpu)
     );
+    let scored = || crate::infer::gpu::DEVICE_SCORED.load(std::sync::atomic::Ordering::Relaxed);
     for b in OTHERS {
+        let before = scored();
         let ppl_b = ppl(&base.on_backend(b));
         assert!(
             ((ppl_b - ppl_cpu) / ppl_cpu).abs() < 1e-5,
@@ -288,9 +288,47 @@ fn evaluation_gives_the_cpus_perplexity_and_kld() {
         );
         let kld_b = kld(&base.on_backend(b), &variant.on_backend(b));
         assert!(
-            ((kld_b - kld_cpu) / kld_cpu).abs() < 1e-3,
-            "{}: KLD {kld_b} against the CPU's {kld_cpu}",
+            scored() >= before + 4,
+            "{}: the chunks were scored on the device",
             b.name()
+        );
+        let close = |what: &str, x: f64, y: f64, tol: f64| {
+            assert!(
+                ((x - y) / y.abs().max(1e-12)).abs() < tol,
+                "{}: {what} {x} against the CPU's {y}",
+                b.name()
+            );
+        };
+        close("KLD", mean(&kld_b), mean(&kld_cpu), 1e-3);
+        close(
+            "KLD (full base)",
+            kld_b.full_precision.kld.mean.value,
+            kld_cpu.full_precision.kld.mean.value,
+            1e-3,
+        );
+        close(
+            "PPL(Q)",
+            kld_b.stats.ppl.value,
+            kld_cpu.stats.ppl.value,
+            1e-5,
+        );
+        close(
+            "PPL(base)",
+            kld_b.stats.ppl_base.value,
+            kld_cpu.stats.ppl_base.value,
+            1e-5,
+        );
+        close(
+            "same top",
+            kld_b.stats.same_top.value,
+            kld_cpu.stats.same_top.value,
+            1e-9,
+        );
+        close(
+            "same top (full base)",
+            kld_b.full_precision.same_top.value,
+            kld_cpu.full_precision.same_top.value,
+            1e-9,
         );
     }
     assert_eq!(
@@ -874,4 +912,46 @@ fn gptq_lazy_batch_updates_on_the_device_agree_with_the_cpu() {
         None,
         "no call fell back to the CPU"
     );
+}
+
+#[test]
+fn a_cache_filled_on_the_device_only_serves_the_cpu_and_clones() {
+    use crate::infer::{Logits, Model};
+    use crate::model::fixture::{fixture_tensor_refs, FixtureSpec};
+    let _ = gpu();
+    let spec = FixtureSpec::tiny_llama();
+    let tensors = fixture_tensor_refs(&spec).expect("tensors");
+    let cpu = Model::from_parts(std::path::Path::new("fixture"), &spec.config(), &tensors)
+        .expect("model");
+    let vocab = cpu.vocab_size() as u32;
+    let prompt: Vec<u32> = (0..20).map(|i| (i * 29 + 7) % vocab).collect();
+    let next: Vec<u32> = vec![3, 9, 4];
+    let mut want_cache = cpu.new_cache(32);
+    cpu.forward(&prompt, &mut want_cache, Logits::None)
+        .expect("cpu prompt");
+    let want = cpu
+        .forward(&next, &mut want_cache, Logits::All)
+        .expect("cpu next");
+    for b in OTHERS {
+        let dev = cpu.on_backend(b);
+        let mut cache = dev.new_cache(32);
+        // Positions 8.. exist only on the device afterwards.
+        let kept = dev
+            .logits_on_device(&prompt, &mut cache, 8)
+            .expect("device logits");
+        drop(kept);
+        assert_eq!((cache.len(), cache.host_len), (20, 8));
+        let clone = cache.clone();
+        assert_eq!(clone.len(), 8, "a clone keeps the positions the host holds");
+        let got = cpu
+            .forward(&next, &mut cache, Logits::All)
+            .expect("cpu after device");
+        let e = max_rel(&got, &want);
+        assert!(
+            e < 1e-4,
+            "{}: the CPU continued a device-filled cache: {e:e}",
+            b.name()
+        );
+    }
+    assert_eq!(crate::backend::gpu_fallback(), None);
 }

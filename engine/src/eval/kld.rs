@@ -15,8 +15,10 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::stats::{token_kld_both, BaseLogProbs, KldChunkLine, KldStats, KldSums, TokenKld};
+#[cfg(test)]
+use super::ChunkForward;
 use super::{check_logits, check_target, chunk_bos, tokenize_text, ChunkClock, ChunkPlan};
-use super::{ChunkForward, ChunkProgress, EvalOptions};
+use super::{ChunkProgress, EvalOptions};
 use crate::infer::{Logits, Model};
 use crate::model::TextTokenizer;
 use crate::{Error, Result};
@@ -64,26 +66,70 @@ pub fn kl_divergence(
     let tokens = tokenize_text(tok, text)?;
     let mut cache_base = base.new_cache(opts.n_ctx);
     let mut cache_variant = variant.new_cache(opts.n_ctx);
-    let mut forward_base = |chunk: &[u32], first: usize| -> Result<Vec<f32>> {
+    let mut score = |chunk: &[u32], first: usize, targets: &[u32]| -> Result<Vec<TokenPair>> {
+        if base.forwards_on_device() && variant.forwards_on_device() {
+            // Both models on the device; the base's logits stay there and only eight numbers per
+            // scored row come back.
+            // (The chunk's last token has no target: its logits are not needed.)
+            cache_base.clear();
+            cache_variant.clear();
+            let used = &chunk[..(first + targets.len()).min(chunk.len())];
+            let rows = base
+                .logits_on_device(used, &mut cache_base, first)
+                .and_then(|b| {
+                    variant.score_on_device(used, &mut cache_variant, first, targets, Some(&b))
+                });
+            match rows {
+                Ok(rows) => return Ok(rows.iter().map(token_pair_of_scores).collect()),
+                Err(e @ Error::Gpu(_)) => crate::backend::gpu_failed(&e),
+                Err(e) => return Err(e),
+            }
+        }
         cache_base.clear();
-        base.forward(chunk, &mut cache_base, Logits::From(first))
-    };
-    let mut forward_variant = |chunk: &[u32], first: usize| -> Result<Vec<f32>> {
+        let base_logits = base.forward(chunk, &mut cache_base, Logits::From(first))?;
         cache_variant.clear();
-        variant.forward(chunk, &mut cache_variant, Logits::From(first))
+        let logits = variant.forward(chunk, &mut cache_variant, Logits::From(first))?;
+        pairs_of_logits(&base_logits, &logits, targets, vocab)
     };
-    kld_tokens(
-        &tokens,
-        chunk_bos(tok),
-        vocab,
-        opts,
-        &mut forward_base,
-        &mut forward_variant,
-        on_chunk,
-    )
+    kld_scored(&tokens, chunk_bos(tok), vocab, opts, &mut score, on_chunk)
+}
+
+/// A scored token's contributions under both treatments of the base (16-bit, full).
+type TokenPair = (TokenKld, TokenKld);
+
+/// `logits.wgsl`'s `kld` row as the host's [`token_kld_both`] would have made it.
+fn token_pair_of_scores(r: &[f32; 8]) -> TokenPair {
+    let make = |kld: f32, nll_base: f32, top_base: f32| TokenKld {
+        nll: r[0],
+        nll_base,
+        kld: f64::from(kld),
+        same_top: r[1] == top_base,
+        p_diff: (-r[0]).exp() - (-nll_base).exp(),
+    };
+    (make(r[2], r[3], r[4]), make(r[5], r[6], r[7]))
+}
+
+/// Each scored row's contributions from the two models' logits rows.
+fn pairs_of_logits(
+    base_logits: &[f32],
+    logits: &[f32],
+    targets: &[u32],
+    vocab: usize,
+) -> Result<Vec<TokenPair>> {
+    check_logits(base_logits, targets.len(), vocab)?;
+    check_logits(logits, targets.len(), vocab)?;
+    Ok(targets
+        .par_iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let rows = i * vocab..(i + 1) * vocab;
+            token_kld_both(&base_logits[rows.clone()], &logits[rows], t as usize)
+        })
+        .collect())
 }
 
 /// The driver, over two "forward one chunk, logits from position `first` on" functions.
+#[cfg(test)]
 pub(crate) fn kld_tokens(
     tokens: &[u32],
     bos: Option<u32>,
@@ -91,6 +137,32 @@ pub(crate) fn kld_tokens(
     opts: &EvalOptions,
     forward_base: &mut ChunkForward<'_>,
     forward_variant: &mut ChunkForward<'_>,
+    on_chunk: &mut dyn FnMut(&ChunkProgress) -> bool,
+) -> Result<KldReport> {
+    kld_scored(
+        tokens,
+        bos,
+        vocab,
+        opts,
+        &mut |input, first, targets| {
+            let base_logits = forward_base(input, first)?;
+            let logits = forward_variant(input, first)?;
+            pairs_of_logits(&base_logits, &logits, targets, vocab)
+        },
+        on_chunk,
+    )
+}
+
+/// "Score one chunk": each scored row's contributions, given the rows' targets.
+type ChunkKld<'a> = dyn FnMut(&[u32], usize, &[u32]) -> Result<Vec<TokenPair>> + 'a;
+
+/// The driver, over a chunk-scoring function.
+fn kld_scored(
+    tokens: &[u32],
+    bos: Option<u32>,
+    vocab: usize,
+    opts: &EvalOptions,
+    score: &mut ChunkKld<'_>,
     on_chunk: &mut dyn FnMut(&ChunkProgress) -> bool,
 ) -> Result<KldReport> {
     let plan = ChunkPlan::new(tokens, opts, bos)?;
@@ -102,21 +174,16 @@ pub(crate) fn kld_tokens(
     let mut chunk_lines = Vec::with_capacity(plan.n_chunks);
     for k in 0..plan.n_chunks {
         let input = plan.input(k);
-        let base_logits = forward_base(&input, first)?;
-        check_logits(&base_logits, n_scored, vocab)?;
-        let logits = forward_variant(&input, first)?;
-        check_logits(&logits, n_scored, vocab)?;
         let targets = (0..n_scored)
-            .map(|i| check_target(plan.target(k, i), vocab))
+            .map(|i| check_target(plan.target(k, i), vocab).map(|t| t as u32))
             .collect::<Result<Vec<_>>>()?;
-        let per_token: Vec<(TokenKld, TokenKld)> = targets
-            .par_iter()
-            .enumerate()
-            .map(|(i, &t)| {
-                let rows = i * vocab..(i + 1) * vocab;
-                token_kld_both(&base_logits[rows.clone()], &logits[rows], t)
-            })
-            .collect();
+        let per_token = score(&input, first, &targets)?;
+        if per_token.len() != n_scored {
+            return Err(Error::Invalid(format!(
+                "scored {} rows of a chunk, expected {n_scored}",
+                per_token.len()
+            )));
+        }
         for (a, b) in &per_token {
             q16.add(a);
             full.add(b);

@@ -28,6 +28,7 @@ use crate::{Error, Result};
 
 /// "Run one chunk from an empty cache and return the logits of positions `first..`" — what the drivers
 /// need of a model (tests pass synthetic ones).
+#[cfg(test)]
 pub(crate) type ChunkForward<'a> = dyn FnMut(&[u32], usize) -> Result<Vec<f32>> + 'a;
 
 /// "Return the logits of positions `first + rows`" of a chunk, called with consecutive `rows` ranges

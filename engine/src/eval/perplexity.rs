@@ -44,28 +44,87 @@ pub fn perplexity(
     let tokens = tokenize_text(tok, text)?;
     let vocab = model.config().vocab_size;
     let mut cache = model.new_cache(opts.n_ctx);
-    let mut forward =
-        |chunk: &[u32], first: usize, rows: std::ops::Range<usize>| -> Result<Vec<f32>> {
-            if rows.start == 0 {
-                cache.clear();
-                model.forward(&chunk[..first], &mut cache, Logits::None)?;
+    let mut score = |chunk: &[u32], first: usize, targets: &[u32]| -> Result<Vec<f64>> {
+        if model.forwards_on_device() {
+            // The whole chunk on the device, only −log p(target) per row read back.
+            // (The chunk's last token has no target: its logits are not needed.)
+            cache.clear();
+            let used = &chunk[..(first + targets.len()).min(chunk.len())];
+            match model.score_on_device(used, &mut cache, first, targets, None) {
+                Ok(rows) => return Ok(rows.iter().map(|r| f64::from(r[0])).collect()),
+                Err(e @ Error::Gpu(_)) => crate::backend::gpu_failed(&e),
+                Err(e) => return Err(e),
             }
-            model.forward(
-                &chunk[first + rows.start..first + rows.end],
-                &mut cache,
-                Logits::All,
-            )
-        };
-    perplexity_tokens(&tokens, chunk_bos(tok), vocab, opts, &mut forward, on_chunk)
+        }
+        let mut forward =
+            |chunk: &[u32], first: usize, rows: std::ops::Range<usize>| -> Result<Vec<f32>> {
+                if rows.start == 0 {
+                    cache.clear();
+                    model.forward(&chunk[..first], &mut cache, Logits::None)?;
+                }
+                model.forward(
+                    &chunk[first + rows.start..first + rows.end],
+                    &mut cache,
+                    Logits::All,
+                )
+            };
+        nll_of_rows(chunk, first, targets, vocab, &mut forward)
+    };
+    perplexity_scored(&tokens, chunk_bos(tok), vocab, opts, &mut score, on_chunk)
+}
+
+/// −log p(target) of each scored row of a chunk from a logits function, asking for
+/// [`LOGIT_ROWS_PER_PART`] rows at a time.
+fn nll_of_rows(
+    input: &[u32],
+    first: usize,
+    targets: &[u32],
+    vocab: usize,
+    forward: &mut ChunkForwardRows<'_>,
+) -> Result<Vec<f64>> {
+    let mut nlls: Vec<f64> = Vec::with_capacity(targets.len());
+    for lo in (0..targets.len()).step_by(LOGIT_ROWS_PER_PART) {
+        let hi = (lo + LOGIT_ROWS_PER_PART).min(targets.len());
+        let logits = forward(input, first, lo..hi)?;
+        check_logits(&logits, hi - lo, vocab)?;
+        nlls.par_extend(targets[lo..hi].par_iter().enumerate().map(|(i, &t)| {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            RowSoftmax::of(row).nll(row, t as usize)
+        }));
+    }
+    Ok(nlls)
 }
 
 /// The driver, over any "forward one chunk, logits from position `first` on" function.
+#[cfg(test)]
 pub(crate) fn perplexity_tokens(
     tokens: &[u32],
     bos: Option<u32>,
     vocab: usize,
     opts: &EvalOptions,
     forward: &mut ChunkForwardRows<'_>,
+    on_chunk: &mut dyn FnMut(&ChunkProgress) -> bool,
+) -> Result<PerplexityReport> {
+    perplexity_scored(
+        tokens,
+        bos,
+        vocab,
+        opts,
+        &mut |input, first, targets| nll_of_rows(input, first, targets, vocab, forward),
+        on_chunk,
+    )
+}
+
+/// "Score one chunk": −log p(target) of the rows from position `first` on, given their targets.
+type ChunkScore<'a> = dyn FnMut(&[u32], usize, &[u32]) -> Result<Vec<f64>> + 'a;
+
+/// The driver, over a chunk-scoring function.
+fn perplexity_scored(
+    tokens: &[u32],
+    bos: Option<u32>,
+    vocab: usize,
+    opts: &EvalOptions,
+    score: &mut ChunkScore<'_>,
     on_chunk: &mut dyn FnMut(&ChunkProgress) -> bool,
 ) -> Result<PerplexityReport> {
     let plan = ChunkPlan::new(tokens, opts, bos)?;
@@ -76,18 +135,15 @@ pub(crate) fn perplexity_tokens(
     let mut chunk_ppl = Vec::with_capacity(plan.n_chunks);
     for k in 0..plan.n_chunks {
         let input = plan.input(k);
-        let mut nlls: Vec<f64> = Vec::with_capacity(n_scored);
-        for lo in (0..n_scored).step_by(LOGIT_ROWS_PER_PART) {
-            let hi = (lo + LOGIT_ROWS_PER_PART).min(n_scored);
-            let logits = forward(&input, first, lo..hi)?;
-            check_logits(&logits, hi - lo, vocab)?;
-            let targets = (lo..hi)
-                .map(|i| check_target(plan.target(k, i), vocab))
-                .collect::<Result<Vec<_>>>()?;
-            nlls.par_extend(targets.par_iter().enumerate().map(|(i, &t)| {
-                let row = &logits[i * vocab..(i + 1) * vocab];
-                RowSoftmax::of(row).nll(row, t)
-            }));
+        let targets = (0..n_scored)
+            .map(|i| check_target(plan.target(k, i), vocab).map(|t| t as u32))
+            .collect::<Result<Vec<_>>>()?;
+        let nlls = score(&input, first, &targets)?;
+        if nlls.len() != n_scored {
+            return Err(Error::Invalid(format!(
+                "scored {} rows of a chunk, expected {n_scored}",
+                nlls.len()
+            )));
         }
         for nll in nlls {
             sums.add(nll);

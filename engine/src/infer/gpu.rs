@@ -4,11 +4,43 @@
 //! tables (so every RoPE scaling type is the host's). Used for exact arithmetic without an observer;
 //! `llama-cpu` rounding and importance-matrix observation run the per-matmul path.
 
+use ::wgpu as wg;
+
 use super::kv_cache::KvCache;
-use super::model::Model;
+use super::model::{Logits, Model};
 use crate::backend::wgpu::ops::{Buf, DeviceConsts, LayerConsts, Session};
 use crate::backend::wgpu::{self, Gpu};
 use crate::{Error, Result};
+
+/// Chunks scored on the device so far (tests check the evaluation really scored there).
+pub(crate) static DEVICE_SCORED: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// Logits rows kept on the device (a KL-divergence base).
+pub(crate) struct DeviceLogits {
+    buf: Buf,
+    rows: usize,
+    vocab: usize,
+}
+
+/// What a device forward does with the logits of its wanted rows.
+pub(crate) enum Head<'a> {
+    /// Read them back.
+    Logits,
+    /// Keep them on the device, in `keep` from row `at` on.
+    Keep { keep: &'a DeviceLogits, at: usize },
+    /// Score them against `targets` (one per wanted row) into `out` from row `at` on (8 floats per row,
+    /// `logits.wgsl`): alone, or against `base`'s rows from `at` on.
+    Score {
+        targets: &'a [u32],
+        base: Option<&'a DeviceLogits>,
+        out: &'a Buf,
+        at: usize,
+    },
+}
+
+/// One scored row from the device: `logits.wgsl`'s eight numbers.
+pub(crate) type ScoredRow = [f32; 8];
 
 /// Micro-batches run on the device so far (tests check the device path really ran).
 pub(crate) static DEVICE_BATCHES: std::sync::atomic::AtomicUsize =
@@ -33,13 +65,16 @@ impl Model {
     }
 
     /// One micro-batch of [`Model::forward`] on the GPU (see the module documentation): runs `tokens` at
-    /// positions `cache.len()..`, appends them to the cache, and returns the logits of rows `from..`
-    /// (`[tokens.len() - from, vocab]`). On an error the cache is as it was.
+    /// positions `cache.len()..`, appends them to the cache, and hands the logits of rows `from..` to
+    /// `head` (returning them, `[tokens.len() - from, vocab]`, for [`Head::Logits`]). Only with
+    /// [`Head::Logits`] are the new keys and values read back to the host. On an error the cache is as it
+    /// was.
     pub(crate) fn forward_gpu_batch(
         &self,
         tokens: &[u32],
         cache: &mut KvCache,
         from: usize,
+        head: Head<'_>,
     ) -> Result<Vec<f32>> {
         let gpu = wgpu::gpu()?;
         let c = self.config().clone();
@@ -111,10 +146,27 @@ impl Model {
             s.add(&x, &proj, m * h);
         }
         s.submit()?;
-        // Logits of the wanted rows, in groups whose logits fit one binding.
-        let mut logits = vec![0.0f32; (m - from.min(m)) * vocab];
+        // The wanted rows' logits, in groups whose logits fit one binding.
+        let from = from.min(m);
+        let mirror = matches!(head, Head::Logits);
+        let mut logits = vec![0.0f32; if mirror { (m - from) * vocab } else { 0 }];
+        let targets = match &head {
+            Head::Score { targets, .. } => {
+                if targets.len() < m - from || targets.iter().any(|&t| t as usize >= vocab) {
+                    return Err(Error::Invalid(
+                        "scoring: targets outside the vocabulary".into(),
+                    ));
+                }
+                Some(gpu.upload_with(
+                    "targets",
+                    bytemuck::cast_slice(&targets[..m - from]),
+                    wg::BufferUsages::empty(),
+                ))
+            }
+            _ => None,
+        };
         let rows_per = (max_floats / vocab.max(1)).max(1);
-        let mut r = from.min(m);
+        let mut r = from;
         while r < m {
             let k = rows_per.min(m - r);
             let xr = gpu.alloc(k * h);
@@ -123,15 +175,176 @@ impl Model {
             s.copy(&x, r * h, &xr, 0, k * h);
             s.rms_norm(&xr, &consts.norm, &xn, k, h, c.rms_norm_eps);
             s.linear(self.lm_head(), &xn, k, &out)?;
-            let vals = s.finish_read(&out, 0, k * vocab)?;
-            let at = (r - from) * vocab;
-            logits[at..at + k * vocab].copy_from_slice(&vals);
+            match &head {
+                Head::Logits => {
+                    let vals = s.finish_read(&out, 0, k * vocab)?;
+                    let at = (r - from) * vocab;
+                    logits[at..at + k * vocab].copy_from_slice(&vals);
+                }
+                Head::Keep { keep, at } => {
+                    let row = at + r - from;
+                    if row + k > keep.rows || keep.vocab != vocab {
+                        return Err(Error::Invalid("device logits: rows out of range".into()));
+                    }
+                    s.copy(&out, 0, &keep.buf, row * vocab, k * vocab);
+                    s.submit()?;
+                }
+                Head::Score {
+                    base, out: dst, at, ..
+                } => {
+                    let row = at + r - from;
+                    if let Some(b) = base {
+                        if row + k > b.rows || b.vocab != vocab {
+                            return Err(Error::Invalid(
+                                "KL-divergence base: rows out of range".into(),
+                            ));
+                        }
+                    }
+                    if (row + k) * 8 > dst.len {
+                        return Err(Error::Invalid("scores: rows out of range".into()));
+                    }
+                    let tb = targets
+                        .as_ref()
+                        .ok_or_else(|| Error::Gpu("no targets".into()))?;
+                    s.score_rows(
+                        &out,
+                        base.map(|b| (&b.buf, row)),
+                        tb,
+                        r - from,
+                        dst,
+                        row,
+                        (k, vocab),
+                    );
+                    s.submit()?;
+                }
+            }
             r += k;
         }
-        gpu.download_kv(kv, (&mut cache.k, &mut cache.v), (kvh, hd, cap), (p0, m))?;
-        cache.push_tokens(tokens);
+        if mirror {
+            let host = cache.host_len;
+            gpu.download_kv(
+                kv,
+                (&mut cache.k, &mut cache.v),
+                (kvh, hd, cap),
+                (host, p0 + m - host),
+            )?;
+        }
+        cache.push_tokens(tokens, mirror && cache.host_len == p0);
         cache.device_len = cache.len();
         DEVICE_BATCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(logits)
+    }
+}
+
+impl Model {
+    /// Whether [`Model::forward`] runs whole micro-batches on the device (GPU backend, exact arithmetic, a
+    /// usable GPU): the evaluation then scores on the device too.
+    pub(crate) fn forwards_on_device(&self) -> bool {
+        self.backend() == crate::backend::Backend::Gpu
+            && self.numerics() == super::Numerics::Exact
+            && crate::backend::gpu_usable()
+    }
+
+    /// Run `tokens` from position `cache.len()` and hand the logits of rows `from..` to `head` micro-batch
+    /// by micro-batch (`at` counting from `from`).
+    fn forward_to_head<'h>(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        from: usize,
+        head: &dyn Fn(usize) -> Head<'h>,
+    ) -> Result<()> {
+        let from = from.min(tokens.len());
+        if from > 0 {
+            self.forward(&tokens[..from], cache, Logits::None)?;
+        }
+        for c0 in (from..tokens.len()).step_by(super::model::UBATCH) {
+            let c1 = (c0 + super::model::UBATCH).min(tokens.len());
+            self.forward_gpu_batch(&tokens[c0..c1], cache, 0, head(c0 - from))?;
+        }
+        Ok(())
+    }
+
+    /// The logits of rows `from..` of `tokens` (run from position `cache.len()`), kept on the device.
+    pub(crate) fn logits_on_device(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        from: usize,
+    ) -> Result<DeviceLogits> {
+        let gpu = wgpu::gpu()?;
+        let vocab = self.config().vocab_size;
+        let rows = tokens.len() - from.min(tokens.len());
+        if (rows * vocab * 4) as u64 > gpu.max_binding() {
+            return Err(Error::Gpu(format!(
+                "{rows} rows of logits do not fit a storage binding"
+            )));
+        }
+        let keep = DeviceLogits {
+            buf: gpu.alloc(rows * vocab),
+            rows,
+            vocab,
+        };
+        self.forward_to_head(tokens, cache, from, &|at| Head::Keep { keep: &keep, at })?;
+        Ok(keep)
+    }
+
+    /// Rows `from..` of `tokens` (run from position `cache.len()`) scored on the device against
+    /// `targets` (one per row), alone or against `base` (see [`Head::Score`]).
+    pub(crate) fn score_on_device(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        from: usize,
+        targets: &[u32],
+        base: Option<&DeviceLogits>,
+    ) -> Result<Vec<ScoredRow>> {
+        let gpu = wgpu::gpu()?;
+        let rows = tokens.len() - from.min(tokens.len());
+        if targets.len() != rows || base.is_some_and(|b| b.rows != rows) {
+            return Err(Error::Invalid(
+                "scoring: one target (and base row) per row".into(),
+            ));
+        }
+        let out = gpu.alloc(rows * 8);
+        self.forward_to_head(tokens, cache, from, &|at| Head::Score {
+            targets: &targets[at..],
+            base,
+            out: &out,
+            at,
+        })?;
+        let vals = gpu.session()?.finish_read(&out, 0, rows * 8)?;
+        DEVICE_SCORED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(vals
+            .chunks_exact(8)
+            .map(|c| {
+                let mut r = [0f32; 8];
+                r.copy_from_slice(c);
+                r
+            })
+            .collect())
+    }
+
+    /// Read the positions only the device holds back into the host arrays.
+    pub(crate) fn sync_host(&self, cache: &mut KvCache) -> Result<()> {
+        let (host, len) = (cache.host_len, cache.len());
+        if host >= len {
+            return Ok(());
+        }
+        let gpu = wgpu::gpu()?;
+        let (kvh, hd, cap) = (cache.kv_heads, cache.head_dim, cache.capacity());
+        let kv = cache
+            .device
+            .as_ref()
+            .filter(|_| cache.device_len >= len)
+            .ok_or_else(|| Error::Gpu("the cache's positions are on no device".into()))?;
+        gpu.download_kv(
+            kv,
+            (&mut cache.k, &mut cache.v),
+            (kvh, hd, cap),
+            (host, len - host),
+        )?;
+        cache.host_len = len;
+        Ok(())
     }
 }

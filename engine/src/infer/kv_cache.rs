@@ -8,13 +8,17 @@
 /// capacity up front; the OS only commits the pages that get written.
 ///
 /// On the GPU backend a copy lives on the device too ([`KvCache::device`]): the first `device_len`
-/// positions there equal the host's. The host copy is always complete (the GPU forward reads its new rows
-/// back), so a cache moves between backends freely and a clone simply starts without a device copy.
+/// positions there equal the host's. The host copy holds the first `host_len` positions: the GPU forward
+/// reads its new rows back (so a cache moves between backends freely and a clone starts without a device
+/// copy), except for the evaluation's device-only passes, whose rows are read back only if the host
+/// path needs them; a clone keeps the positions the host holds.
 pub struct KvCache {
     pub(crate) k: Vec<Vec<f32>>,
     pub(crate) v: Vec<Vec<f32>>,
     pub(crate) device: Option<crate::backend::wgpu::ops::DeviceKv>,
     pub(crate) device_len: usize,
+    /// Positions the host arrays hold (the rest are only on the device).
+    pub(crate) host_len: usize,
     pub(crate) kv_heads: usize,
     pub(crate) head_dim: usize,
     capacity: usize,
@@ -40,10 +44,11 @@ impl Clone for KvCache {
             v: self.v.clone(),
             device: None,
             device_len: 0,
+            host_len: self.host_len,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
             capacity: self.capacity,
-            tokens: self.tokens.clone(),
+            tokens: self.tokens[..self.host_len.min(self.tokens.len())].to_vec(),
         }
     }
 }
@@ -56,6 +61,7 @@ impl KvCache {
             v: (0..layers).map(|_| vec![0.0; per_layer]).collect(),
             device: None,
             device_len: 0,
+            host_len: 0,
             kv_heads,
             head_dim,
             capacity,
@@ -77,12 +83,14 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.tokens.clear();
         self.device_len = 0;
+        self.host_len = 0;
     }
 
     /// Keep only the first `n` positions (no-op when `n >= len`).
     pub fn truncate(&mut self, n: usize) {
         self.tokens.truncate(n);
         self.device_len = self.device_len.min(n);
+        self.host_len = self.host_len.min(n);
     }
 
     /// Most positions this cache can hold.
@@ -131,8 +139,11 @@ impl KvCache {
         }
     }
 
-    /// Record that `tokens` now occupy the next positions.
-    pub(crate) fn push_tokens(&mut self, tokens: &[u32]) {
+    /// Record that `tokens` now occupy the next positions, held by the host (`host`) or on the device only.
+    pub(crate) fn push_tokens(&mut self, tokens: &[u32], host: bool) {
         self.tokens.extend_from_slice(tokens);
+        if host {
+            self.host_len = self.tokens.len();
+        }
     }
 }

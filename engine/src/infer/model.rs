@@ -138,7 +138,7 @@ impl Scratch {
 }
 
 /// Tokens per internal micro-batch: bounds the activation buffers of long prompts.
-pub(super) const UBATCH: usize = 512;
+pub(crate) const UBATCH: usize = 512;
 /// Query rows per attention task.
 const ATTN_ROWS: usize = 32;
 
@@ -372,6 +372,11 @@ impl Model {
         self.numerics = numerics;
     }
 
+    /// How activations are rounded.
+    pub fn numerics(&self) -> Numerics {
+        self.numerics
+    }
+
     /// Run on `backend` from now on.
     pub fn set_backend(&mut self, backend: Backend) {
         self.backend = backend;
@@ -517,7 +522,12 @@ impl Model {
             let c1 = (c0 + UBATCH).min(n);
             if on_device && crate::backend::gpu_usable() {
                 let w0 = from.max(c0);
-                match self.forward_gpu_batch(&tokens[c0..c1], cache, w0 - c0) {
+                match self.forward_gpu_batch(
+                    &tokens[c0..c1],
+                    cache,
+                    w0 - c0,
+                    super::gpu::Head::Logits,
+                ) {
                     Ok(l) => {
                         logits[(w0 - from) * vocab..(c1 - from) * vocab].copy_from_slice(&l);
                         c0 = c1;
@@ -525,6 +535,10 @@ impl Model {
                     }
                     Err(e) => crate::backend::gpu_failed(&e),
                 }
+            }
+            if cache.host_len < cache.len() {
+                // The host path reads every earlier position from the host arrays.
+                self.sync_host(cache)?;
             }
             let hidden = self.run_batch(&tokens[c0..c1], cache, &mut observer);
             let w0 = from.max(c0);
@@ -567,7 +581,7 @@ impl Model {
                 None,
             );
         }
-        cache.push_tokens(tokens);
+        cache.push_tokens(tokens, true);
         x
     }
 

@@ -973,14 +973,12 @@ impl SweepCtx<'_> {
         let cols = self.cols;
         let rows = wp.len() / cols.max(1);
         let bs = self.block.min(cols);
-        let mut fit = gpu.lazy_rows_max(cols);
+        let fit = gpu.lazy_rows_max(cols);
         #[cfg(test)]
-        {
-            let cap = DEVICE_ROWS_CAP.load(std::sync::atomic::Ordering::Relaxed);
-            if cap > 0 {
-                fit = fit.min(cap);
-            }
-        }
+        let fit = match DEVICE_ROWS_CAP.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => fit,
+            cap => fit.min(cap),
+        };
         let per_device = (fit / chunk_rows).max(1) * chunk_rows;
         let mut outs = Vec::new();
         for d0 in (0..rows).step_by(per_device) {

@@ -32,7 +32,8 @@ const MATVEC: &str = include_str!("../../../shaders/matvec.wgsl");
 const GEMM: &str = include_str!("../../../shaders/gemm.wgsl");
 
 /// The decoder layer's other steps, one file each.
-const OPS: [(&str, &str); 5] = [
+const OPS: [(&str, &str); 6] = [
+    ("logits", include_str!("../../../shaders/logits.wgsl")),
     ("rms_norm", include_str!("../../../shaders/rms_norm.wgsl")),
     ("rope", include_str!("../../../shaders/rope.wgsl")),
     (

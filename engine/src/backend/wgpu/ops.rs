@@ -333,6 +333,54 @@ impl Session<'_> {
         gpu.record_gemm(&mut pass, [&x.buf, &w.buf, &y.buf], g);
     }
 
+    /// Score `rows` logits rows of `logits` (`[rows, vocab]`) against `targets[target0..]` into `out` from row
+    /// `out_row0` (8 floats per row, see `logits.wgsl`): alone (perplexity) or against `base`'s rows from
+    /// `base_row0` (KL-divergence).
+    #[allow(clippy::too_many_arguments)]
+    pub fn score_rows(
+        &mut self,
+        logits: &Buf,
+        base: Option<(&Buf, usize)>,
+        targets: &wg::Buffer,
+        target0: usize,
+        out: &Buf,
+        out_row0: usize,
+        (rows, vocab): (usize, usize),
+    ) {
+        let g = self.gpu;
+        let entry = if base.is_some() { "kld" } else { "nll" };
+        let p = g.pipeline(Key::Op("logits", entry));
+        let base_row0 = base.map_or(0, |(_, r)| r);
+        let u = g.uniform(&[
+            vocab as u32,
+            rows as u32,
+            base_row0 as u32,
+            out_row0 as u32,
+            target0 as u32,
+            0,
+            0,
+            0,
+        ]);
+        // `nll` shares the row helpers that name the base, so binding 1 is always bound (to the rows
+        // themselves when there is no base).
+        let b = base.map_or(&logits.buf, |(b, _)| &b.buf);
+        let bg = g.bind_at(
+            &p,
+            &[
+                (0, &logits.buf),
+                (1, b),
+                (2, targets),
+                (3, &out.buf),
+                (4, &u),
+            ],
+        );
+        let Some(enc) = self.enc.as_mut() else { return };
+        let mut pass = enc.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&p);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(rows as u32, 1, 1);
+    }
+
     /// `dst[dst_off..][..len] = src[src_off..][..len]`.
     pub fn copy(&mut self, src: &Buf, src_off: usize, dst: &Buf, dst_off: usize, len: usize) {
         if let Some(enc) = self.enc.as_mut() {
