@@ -955,3 +955,43 @@ fn a_cache_filled_on_the_device_only_serves_the_cpu_and_clones() {
     }
     assert_eq!(crate::backend::gpu_fallback(), None);
 }
+
+#[test]
+fn importance_matrices_are_summed_on_the_device_as_on_the_cpu() {
+    use crate::eval::perplexity::tests::{fixture_model, TEXT};
+    use crate::imatrix::{compute_imatrix, ImatrixOptions};
+    let _ = gpu();
+    let (model, tok) = fixture_model(3);
+    let text = TEXT.repeat(3);
+    let opts = ImatrixOptions {
+        n_ctx: 64,
+        max_chunks: Some(3),
+        ..ImatrixOptions::default()
+    };
+    let run = |m: &crate::infer::Model| {
+        compute_imatrix(m, &tok, &text, "t", &opts, &mut |_, _| true).expect("imatrix")
+    };
+    let cpu = run(&model);
+    let batches = || crate::infer::gpu::DEVICE_BATCHES.load(std::sync::atomic::Ordering::Relaxed);
+    for b in OTHERS {
+        let before = batches();
+        let dev = run(&model.on_backend(b));
+        assert!(
+            batches() >= before + 3,
+            "{}: the chunks ran on the device",
+            b.name()
+        );
+        assert_eq!(dev.chunk_count, cpu.chunk_count);
+        assert_eq!(
+            dev.entries.keys().collect::<Vec<_>>(),
+            cpu.entries.keys().collect::<Vec<_>>()
+        );
+        for (name, e) in &cpu.entries {
+            let d = &dev.entries[name];
+            assert_eq!(d.counts, e.counts, "{name}");
+            let e2 = nmse(&d.sums, &e.sums);
+            assert!(e2 < 1e-10, "{}: {name} sums differ: {e2:e}", b.name());
+        }
+    }
+    assert_eq!(crate::backend::gpu_fallback(), None);
+}

@@ -50,6 +50,37 @@ fn site_key(i: MatmulInput) -> u8 {
     }
 }
 
+impl Collector {
+    /// Add a chunk's sums of squares made on the device (`Model::squares_on_device`'s layout) over `n`
+    /// tokens.
+    fn add_device_sums(&mut self, model: &Model, sums: &[f32], n: usize) {
+        let c = model.config();
+        let (h, attn) = (c.hidden_size, c.num_heads * c.head_dim);
+        let sites = [
+            (MatmulInput::Attention, 0, h),
+            (MatmulInput::AttentionOutput, h, attn),
+            (MatmulInput::Ffn, h + attn, h),
+            (MatmulInput::FfnDown, 2 * h + attn, c.intermediate_size),
+        ];
+        for (layer, per) in sums.chunks_exact(model.squares_per_layer()).enumerate() {
+            for &(input, off, cols) in &sites {
+                let e = self
+                    .sums
+                    .entry((layer, site_key(input)))
+                    .or_insert_with(|| (input, vec![0.0; cols], 0));
+                for (s, &v) in e.1.iter_mut().zip(&per[off..off + cols]) {
+                    *s += f64::from(v);
+                }
+                e.2 += n as u64;
+                if self.non_finite.is_none() && per[off..off + cols].iter().any(|v| !v.is_finite())
+                {
+                    self.non_finite = Some((layer, input));
+                }
+            }
+        }
+    }
+}
+
 impl MatmulObserver for Collector {
     fn observe(&mut self, layer: usize, input: MatmulInput, x: &[f32], n: usize) {
         if n == 0 {
@@ -94,9 +125,26 @@ pub fn compute_imatrix(
     if !progress(0, plan.n_chunks) {
         return Err(Error::Cancelled);
     }
+    let mut cache = model.new_cache(plan.n_ctx);
     for k in 0..plan.n_chunks {
-        let mut cache = model.new_cache(plan.n_ctx);
-        model.forward_observed(&plan.input(k), &mut cache, Logits::None, Some(&mut col))?;
+        let input = plan.input(k);
+        let mut on_device = false;
+        if model.forwards_on_device() {
+            // The squares summed on the device: only a few floats per layer come back.
+            cache.clear();
+            match model.squares_on_device(&input, &mut cache) {
+                Ok(sums) => {
+                    col.add_device_sums(model, &sums, input.len());
+                    on_device = true;
+                }
+                Err(e @ Error::Gpu(_)) => crate::backend::gpu_failed(&e),
+                Err(e) => return Err(e),
+            }
+        }
+        if !on_device {
+            cache.clear();
+            model.forward_observed(&input, &mut cache, Logits::None, Some(&mut col))?;
+        }
         if let Some((layer, input)) = col.non_finite {
             return Err(Error::Invalid(format!(
                 "non-finite activations in layer {layer} ({input:?}) of chunk {k}: the model is broken"

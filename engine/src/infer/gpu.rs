@@ -25,6 +25,8 @@ pub(crate) struct DeviceLogits {
 
 /// What a device forward does with the logits of its wanted rows.
 pub(crate) enum Head<'a> {
+    /// None are wanted (the keys and values stay on the device too).
+    None,
     /// Read them back.
     Logits,
     /// Keep them on the device, in `keep` from row `at` on.
@@ -75,6 +77,7 @@ impl Model {
         cache: &mut KvCache,
         from: usize,
         head: Head<'_>,
+        squares: Option<&Buf>,
     ) -> Result<Vec<f32>> {
         let gpu = wgpu::gpu()?;
         let c = self.config().clone();
@@ -123,7 +126,11 @@ impl Model {
                     .ok_or_else(|| Error::Gpu(format!("layer {li}: missing weight")))?;
                 s.linear(w, x, m, y)
             };
+            let sq = squares.map(|b| (b, li * self.squares_per_layer()));
             s.rms_norm(&x, &lc.attn_norm, &xn, m, h, c.rms_norm_eps);
+            if let Some((b, o)) = sq {
+                s.sum_squares(b, o, &xn, m, h);
+            }
             lin(&mut s, L::Q, &xn, &q)?;
             lin(&mut s, L::K, &xn, &k)?;
             lin(&mut s, L::V, &xn, &v)?;
@@ -136,12 +143,21 @@ impl Model {
             s.rope(&k, &cos, &sin, m, kvh, hd);
             s.kv_write(kv, li, (&k, &v), m, (kvh, hd, cap, p0));
             s.attention(kv, li, (&q, &attn, &scores), m, p0, (heads, kvh, hd, cap))?;
+            if let Some((b, o)) = sq {
+                s.sum_squares(b, o + h, &attn, m, heads * hd);
+            }
             lin(&mut s, L::O, &attn, &proj)?;
             s.add(&x, &proj, m * h);
             s.rms_norm(&x, &lc.ffn_norm, &xn, m, h, c.rms_norm_eps);
+            if let Some((b, o)) = sq {
+                s.sum_squares(b, o + h + heads * hd, &xn, m, h);
+            }
             lin(&mut s, L::Gate, &xn, &gate)?;
             lin(&mut s, L::Up, &xn, &up)?;
             s.swiglu(&gate, &up, m * inter);
+            if let Some((b, o)) = sq {
+                s.sum_squares(b, o + 2 * h + heads * hd, &gate, m, inter);
+            }
             lin(&mut s, L::Down, &gate, &proj)?;
             s.add(&x, &proj, m * h);
         }
@@ -176,6 +192,7 @@ impl Model {
             s.rms_norm(&xr, &consts.norm, &xn, k, h, c.rms_norm_eps);
             s.linear(self.lm_head(), &xn, k, &out)?;
             match &head {
+                Head::None => {}
                 Head::Logits => {
                     let vals = s.finish_read(&out, 0, k * vocab)?;
                     let at = (r - from) * vocab;
@@ -260,7 +277,7 @@ impl Model {
         }
         for c0 in (from..tokens.len()).step_by(super::model::UBATCH) {
             let c1 = (c0 + super::model::UBATCH).min(tokens.len());
-            self.forward_gpu_batch(&tokens[c0..c1], cache, 0, head(c0 - from))?;
+            self.forward_gpu_batch(&tokens[c0..c1], cache, 0, head(c0 - from), None)?;
         }
         Ok(())
     }
@@ -323,6 +340,32 @@ impl Model {
                 r
             })
             .collect())
+    }
+
+    /// Floats of a layer's importance-matrix sums: the inputs of q/k/v (hidden), of o (heads · head_dim),
+    /// of gate/up (hidden) and of down (intermediate), in that order.
+    pub(crate) fn squares_per_layer(&self) -> usize {
+        let c = self.config();
+        2 * c.hidden_size + c.num_heads * c.head_dim + c.intermediate_size
+    }
+
+    /// Run `tokens` from an empty `cache` on the device and return, per layer, the sums of squares of each
+    /// matmul input's columns over the tokens ([`Model::squares_per_layer`] floats per layer): an importance
+    /// matrix's chunk without a single activation leaving the device.
+    pub(crate) fn squares_on_device(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>> {
+        let gpu = wgpu::gpu()?;
+        let len = self.squares_per_layer() * self.config().num_layers;
+        let sums = gpu.alloc(len);
+        for c0 in (0..tokens.len()).step_by(super::model::UBATCH) {
+            let c1 = (c0 + super::model::UBATCH).min(tokens.len());
+            let n = c1 - c0;
+            self.forward_gpu_batch(&tokens[c0..c1], cache, n, Head::None, Some(&sums))?;
+        }
+        gpu.session()?.finish_read(&sums, 0, len)
     }
 
     /// Read the positions only the device holds back into the host arrays.

@@ -527,6 +527,7 @@ impl Model {
                     cache,
                     w0 - c0,
                     super::gpu::Head::Logits,
+                    None,
                 ) {
                     Ok(l) => {
                         logits[(w0 - from) * vocab..(c1 - from) * vocab].copy_from_slice(&l);

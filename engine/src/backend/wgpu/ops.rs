@@ -200,6 +200,17 @@ impl Session<'_> {
         );
     }
 
+    /// `sums[off + c] += Σ_t x[t, c]²` over the `n` rows of `x` (`[n, cols]`).
+    pub fn sum_squares(&mut self, sums: &Buf, off: usize, x: &Buf, n: usize, cols: usize) {
+        let (gx, gy, stride) = self.gpu.grid(cols as u32);
+        self.dispatch(
+            Key::Op("elementwise", "sumsq"),
+            &[&sums.buf, &x.buf],
+            &[cols as u32, n as u32, stride, off as u32],
+            (gx, gy, 1),
+        );
+    }
+
     /// `y += x` (first `count` elements).
     pub fn add(&mut self, y: &Buf, x: &Buf, count: usize) {
         self.elementwise("add", y, x, count, 1);
