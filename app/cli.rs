@@ -761,7 +761,17 @@ fn gpus(json: bool) -> anyhow::Result<()> {
         } else {
             ""
         };
-        println!("{i}  {}  [{}; {}]{note}", a.label(), a.kind, a.driver);
+        let features = if a.features.is_empty() {
+            "none".to_string()
+        } else {
+            a.features.join(", ")
+        };
+        println!(
+            "{i}  {}  [{}; {}; optional features: {features}]{note}",
+            a.label(),
+            a.kind,
+            a.driver
+        );
     }
     Ok(())
 }

@@ -13,8 +13,10 @@ override X_KMAJOR: bool = false;
 // y −= the product instead of y = it (GPTQ's lazy-batch update of the later columns).
 override SUBTRACT: bool = false;
 
+// W's binding and `w_val(i)` (element i as f32) come from a storage file before this one:
+// `gemm_w_f32.wgsl`, or for F16 weights read in place `gemm_w_f16.wgsl` (shader-f16) or
+// `gemm_w_f16_bits.wgsl` (every adapter).
 @group(0) @binding(0) var<storage, read> x: array<f32>;
-@group(0) @binding(1) var<storage, read> w: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 
 struct Params {
@@ -51,9 +53,9 @@ var<workgroup> ws: array<f32, 1024>; // [BK][BN]
 
 fn w_at(base: u32, j: u32, kk: u32) -> f32 {
     if (W_KMAJOR) {
-        return w[base + kk * p.ldw + j];
+        return w_val(base + kk * p.ldw + j);
     }
-    return w[base + j * p.ldw + kk];
+    return w_val(base + j * p.ldw + kk);
 }
 
 // The Hugging Face row held by interleaved row r (`tensor::hf_row_of_interleaved`).

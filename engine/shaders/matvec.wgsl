@@ -1,6 +1,7 @@
 // Driver: fused dequantisation × vector for decoding (and a few tokens at once): y[t, r] = Σ_c W[r, c] ·
 // x[t, c] straight from the stored blocks, one workgroup per (row, token); its 64 invocations take every
-// 64th block of the row and their partial sums are added in workgroup memory.
+// 64th block of the row (`accumulate`), and an entry file adds their partial sums: `matvec_wg.wgsl` in
+// workgroup memory, `matvec_sg.wgsl` with subgroup operations where the adapter has them.
 
 @group(0) @binding(0) var<storage, read> src: array<u32>;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -25,6 +26,21 @@ var<private> acc: f32;
 var<private> x_base: u32;
 var<workgroup> partial: array<f32, 64>;
 
+// Row r of wg, or rows + 1 when the workgroup has none.
+fn row_of(wg: vec3<u32>) -> u32 {
+    return wg.x + wg.y * p.gx;
+}
+
+// This invocation's share of y[t, r] into `acc`.
+fn accumulate(r: u32, t: u32, li: u32) {
+    let nb = p.cols / BLOCK_ELEMS;
+    acc = 0.0;
+    for (var blk = li; blk < nb; blk += 64u) {
+        x_base = t * p.cols + blk * BLOCK_ELEMS;
+        dequant_block((r * nb + blk) * BLOCK_BYTES);
+    }
+}
+
 fn out_col(r: u32) -> u32 {
     let c = p.col0 + r;
     if (p.perm_heads == 0u) {
@@ -39,28 +55,3 @@ fn emit(j: u32, v: f32) {
     acc = fma(v, x[x_base + j], acc);
 }
 
-@compute @workgroup_size(64)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
-    let r = wg.x + wg.y * p.gx;
-    let t = wg.z;
-    if (r >= p.rows) {
-        return;
-    }
-    let nb = p.cols / BLOCK_ELEMS;
-    acc = 0.0;
-    for (var blk = li; blk < nb; blk += 64u) {
-        x_base = t * p.cols + blk * BLOCK_ELEMS;
-        dequant_block((r * nb + blk) * BLOCK_BYTES);
-    }
-    partial[li] = acc;
-    workgroupBarrier();
-    for (var s = 32u; s > 0u; s >>= 1u) {
-        if (li < s) {
-            partial[li] += partial[li + s];
-        }
-        workgroupBarrier();
-    }
-    if (li == 0u) {
-        y[t * p.ldy + out_col(r)] = partial[0];
-    }
-}

@@ -81,18 +81,24 @@ fn every_shader_parses_and_validates_with_naga() {
     let all = wgpu::kernels::all_sources();
     assert_eq!(
         all.len(),
-        1 + 6 + 6 + 2 * 22,
-        "the GEMM, six ops, six grouped formats and two drivers over 22 block types"
+        3 + 6 + 6 + 3 * 22,
+        "the GEMM (three W storages), six ops, six grouped formats and three drivers over 22 block types"
     );
     for (name, src) in all {
         let module = naga::front::wgsl::parse_str(&src)
             .unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(&src)));
-        naga::valid::Validator::new(
-            naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::empty(),
-        )
-        .validate(&module)
-        .unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(&src)));
+        // Only the variants run where the adapter offers them use shader-f16 or subgroups.
+        let optional = name.contains("F16 W") || name.contains("MatvecSubgroups");
+        let caps = if optional {
+            naga::valid::Capabilities::SHADER_FLOAT16 | naga::valid::Capabilities::SUBGROUP
+        } else {
+            naga::valid::Capabilities::empty()
+        };
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), caps)
+            .subgroup_stages(naga::valid::ShaderStages::COMPUTE)
+            .subgroup_operations(naga::valid::SubgroupOperationSet::all())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{name}.wgsl: {}", e.emit_to_string(&src)));
     }
 }
 
@@ -162,6 +168,61 @@ fn matmuls_agree_with_the_cpu_for_every_type_and_awkward_shapes() {
         None,
         "no call fell back to the CPU"
     );
+}
+
+#[test]
+fn kernels_with_and_without_shader_f16_and_subgroups_agree_with_the_cpu() {
+    use wgpu::kernels::{Driver, Key, WStore};
+    let g = gpu();
+    assert!(
+        g.uses_subgroups() && g.uses_f16(),
+        "the adapter offers shader-f16 and subgroups (lavapipe does): both paths are tested"
+    );
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    let has = |k: Key| crate::backend::wgpu::lock(&g.pipelines).contains_key(&k);
+    for on in [true, false] {
+        g.set_optional_features(on);
+        for ty in [
+            GgmlType::F16,
+            GgmlType::Q4K,
+            GgmlType::Q8_0,
+            GgmlType::Iq2Xs,
+        ] {
+            for (rows, cols, n) in [(70usize, 256usize, 1usize), (130, 512, 67), (128, 256, 70)] {
+                let mut w = tensor(ty, rows, cols, 7 + n as u64);
+                // Interleaved Q/K rows need an even head dimension.
+                w.rope_interleaved_heads = (rows == 128).then_some(2);
+                let x = normal(&mut rng, n * cols, 1.0);
+                let mut want = vec![0.0f32; n * rows];
+                Backend::Cpu.matmul(&w, &x, n, &mut want);
+                let mut got = vec![f32::NAN; n * rows];
+                Backend::Gpu.matmul(&w, &x, n, &mut got);
+                let e = nmse(&got, &want);
+                let what = format!(
+                    "{} {rows}×{cols} · {n}, optional features {on}",
+                    ty.traits().name
+                );
+                assert!(e < 1e-10, "{what}: normalised error {e:e}");
+            }
+        }
+        let (matvec, w) = if on {
+            (Driver::MatvecSubgroups, WStore::F16)
+        } else {
+            (Driver::Matvec, WStore::F16Bits)
+        };
+        assert!(has(Key::Block(matvec, GgmlType::Q4K)), "{matvec:?} ran");
+        assert!(
+            has(Key::Gemm {
+                kmajor: false,
+                xkmajor: false,
+                subtract: false,
+                w
+            }),
+            "the GEMM read F16 weights as {w:?}"
+        );
+    }
+    g.set_optional_features(true);
+    assert_eq!(crate::backend::gpu_fallback(), None);
 }
 
 #[test]

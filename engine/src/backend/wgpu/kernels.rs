@@ -29,7 +29,39 @@ const GROUPED_FORMATS: [(&str, &str); 6] = [
 /// Drivers: what is done with the values a block type emits.
 const DEQUANT: &str = include_str!("../../../shaders/dequant.wgsl");
 const MATVEC: &str = include_str!("../../../shaders/matvec.wgsl");
+/// The matvec's entry points: partial sums added in workgroup memory, or with subgroup operations.
+const MATVEC_WG: &str = include_str!("../../../shaders/matvec_wg.wgsl");
+const MATVEC_SG: &str = include_str!("../../../shaders/matvec_sg.wgsl");
 const GEMM: &str = include_str!("../../../shaders/gemm.wgsl");
+/// How the GEMM reads W (each defines `w` and `w_val`).
+const GEMM_W_F32: &str = include_str!("../../../shaders/gemm_w_f32.wgsl");
+const GEMM_W_F16: &str = include_str!("../../../shaders/gemm_w_f16.wgsl");
+const GEMM_W_F16_BITS: &str = include_str!("../../../shaders/gemm_w_f16_bits.wgsl");
+
+/// How the GEMM's W is stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum WStore {
+    /// f32 (weights dequantised into scratch, attention's K and V, a Hessian's inputs).
+    #[default]
+    F32,
+    /// F16 weights read in place, decoded with integer operations (every adapter).
+    F16Bits,
+    /// F16 weights read in place as WGSL `f16` (adapters with shader-f16).
+    F16,
+}
+
+impl WStore {
+    pub const ALL: [WStore; 3] = [WStore::F32, WStore::F16Bits, WStore::F16];
+}
+
+/// The GEMM's full WGSL text for W stored as `w`.
+fn gemm_source(w: WStore) -> String {
+    match w {
+        WStore::F32 => format!("{GEMM_W_F32}\n{GEMM}"),
+        WStore::F16Bits => format!("{HALF}\n{GEMM_W_F16_BITS}\n{GEMM}"),
+        WStore::F16 => format!("enable f16;\n{GEMM_W_F16}\n{GEMM}"),
+    }
+}
 
 /// The decoder layer's other steps, one file each.
 const OPS: [(&str, &str); 6] = [
@@ -99,15 +131,18 @@ pub enum Driver {
     Dequant,
     /// Fused dequantisation × vector (decoding).
     Matvec,
+    /// [`Driver::Matvec`] adding its partial sums with subgroup operations.
+    MatvecSubgroups,
 }
 
 impl Driver {
-    pub const ALL: [Driver; 2] = [Driver::Dequant, Driver::Matvec];
+    pub const ALL: [Driver; 3] = [Driver::Dequant, Driver::Matvec, Driver::MatvecSubgroups];
 
-    fn source(self) -> &'static str {
+    fn source(self) -> String {
         match self {
-            Driver::Dequant => DEQUANT,
-            Driver::Matvec => MATVEC,
+            Driver::Dequant => DEQUANT.to_string(),
+            Driver::Matvec => format!("{MATVEC}\n{MATVEC_WG}"),
+            Driver::MatvecSubgroups => format!("{MATVEC}\n{MATVEC_SG}"),
         }
     }
 }
@@ -167,7 +202,10 @@ fn op_source(file: &str) -> Option<String> {
 /// Every kernel's full WGSL text with a name: each driver over each block type, the ops, the grouped
 /// formats and the GEMM.
 pub fn all_sources() -> Vec<(String, String)> {
-    let mut v = vec![("gemm".to_string(), GEMM.to_string())];
+    let mut v: Vec<(String, String)> = WStore::ALL
+        .iter()
+        .map(|&w| (format!("gemm ({w:?} W)"), gemm_source(w)))
+        .collect();
     for (n, _) in OPS.iter().chain(&GROUPED_FORMATS) {
         v.push(((*n).to_string(), op_source(n).unwrap_or_default()));
     }
@@ -189,11 +227,12 @@ const BLOCK_WG: u32 = 64;
 pub enum Key {
     /// A driver over a block type.
     Block(Driver, GgmlType),
-    /// The tiled GEMM, with `W_KMAJOR`, `X_KMAJOR` and `SUBTRACT`.
+    /// The tiled GEMM, with `W_KMAJOR`, `X_KMAJOR` and `SUBTRACT`, W stored as `w`.
     Gemm {
         kmajor: bool,
         xkmajor: bool,
         subtract: bool,
+        w: WStore,
     },
     /// Entry point `entry` of op file `file` ([`OPS`], or a grouped format run by `grouped.wgsl`).
     Op(&'static str, &'static str),
@@ -214,8 +253,9 @@ impl Gpu {
                 kmajor,
                 xkmajor,
                 subtract,
+                w,
             } => (
-                GEMM.to_string(),
+                gemm_source(w),
                 vec![
                     ("W_KMAJOR", flag(kmajor)),
                     ("X_KMAJOR", flag(xkmajor)),
@@ -364,6 +404,7 @@ impl Gpu {
             kmajor: g.kmajor,
             xkmajor: g.xkmajor,
             subtract: g.subtract,
+            w: g.w,
         });
         let ldx = match (g.ldx, g.xkmajor) {
             (0, false) => g.k,
@@ -405,7 +446,12 @@ impl Gpu {
         bufs: [&wg::Buffer; 3],
         mv: Matvec,
     ) {
-        let p = self.pipeline(Key::Block(Driver::Matvec, ty));
+        let driver = if self.uses_subgroups() {
+            Driver::MatvecSubgroups
+        } else {
+            Driver::Matvec
+        };
+        let p = self.pipeline(Key::Block(driver, ty));
         let gx = mv.rows.min(self.max_groups()).max(1);
         let gy = mv.rows.div_ceil(gx).max(1);
         let params = self.uniform(&[
@@ -454,6 +500,8 @@ pub(crate) struct Gemm {
     pub xkmajor: bool,
     /// y −= the product.
     pub subtract: bool,
+    /// How W is stored.
+    pub w: WStore,
     /// Row stride of x (0: k).
     pub ldx: u32,
     /// Batches (the dispatch's z), their strides, and query heads per W batch.

@@ -28,10 +28,20 @@ pub struct AdapterSummary {
     /// `"DiscreteGpu"`, `"IntegratedGpu"`, `"Cpu"` (a software rasteriser such as lavapipe), …
     pub kind: String,
     pub driver: String,
+    /// The optional features the kernels use that it offers (`"shader-f16"`, `"subgroups"`).
+    pub features: Vec<String>,
 }
 
+/// The optional features the kernels use where offered, with their names.
+const OPTIONAL: [(wg::Features, &str); 2] = [
+    (wg::Features::SHADER_F16, "shader-f16"),
+    (wg::Features::SUBGROUP, "subgroups"),
+];
+
 impl AdapterSummary {
-    fn of(info: &wg::AdapterInfo) -> Self {
+    fn of(adapter: &wg::Adapter) -> Self {
+        let info = adapter.get_info();
+        let has = adapter.features();
         Self {
             name: info.name.clone(),
             api: format!("{:?}", info.backend),
@@ -39,6 +49,11 @@ impl AdapterSummary {
             driver: format!("{} {}", info.driver, info.driver_info)
                 .trim()
                 .to_string(),
+            features: OPTIONAL
+                .iter()
+                .filter(|(f, _)| has.contains(*f))
+                .map(|(_, n)| (*n).to_string())
+                .collect(),
         }
     }
 
@@ -67,6 +82,9 @@ pub struct Gpu {
     lost: std::sync::Arc<Mutex<Option<String>>>,
     /// One GPU call at a time: the caches and scratch buffers are shared.
     work: Mutex<()>,
+    /// The optional features the device was opened with, and whether the kernels use them now.
+    features: wg::Features,
+    use_features: std::sync::atomic::AtomicBool,
 }
 
 static PREFERENCE: Mutex<Option<String>> = Mutex::new(None);
@@ -82,7 +100,7 @@ pub fn prefer_adapter(name: &str) {
     *lock(&PREFERENCE) = Some(name.trim().to_string());
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -106,7 +124,7 @@ fn rank(t: wg::DeviceType) -> u8 {
 pub fn adapters() -> Vec<AdapterSummary> {
     sorted_adapters(&instance())
         .iter()
-        .map(|a| AdapterSummary::of(&a.get_info()))
+        .map(AdapterSummary::of)
         .collect()
 }
 
@@ -167,9 +185,18 @@ fn open() -> std::result::Result<Gpu, String> {
     .ok_or("no GPU adapter")?;
     let info = adapter.get_info();
     let limits = adapter.limits();
+    // shader-f16 and subgroups where offered, unless QS_GPU_FEATURES=none (a driver that mishandles them).
+    let features = if std::env::var("QS_GPU_FEATURES").is_ok_and(|v| v.trim() == "none") {
+        wg::Features::empty()
+    } else {
+        OPTIONAL
+            .iter()
+            .fold(wg::Features::empty(), |a, (f, _)| a | *f)
+            .intersection(adapter.features())
+    };
     let desc = wg::DeviceDescriptor {
         label: Some("quant-studio"),
-        required_features: wg::Features::empty(),
+        required_features: features,
         required_limits: limits.clone(),
         experimental_features: wg::ExperimentalFeatures::disabled(),
         memory_hints: wg::MemoryHints::Performance,
@@ -197,17 +224,39 @@ fn open() -> std::result::Result<Gpu, String> {
     Ok(Gpu {
         device,
         queue,
-        summary: AdapterSummary::of(&info),
+        summary: AdapterSummary::of(&adapter),
         limits,
         pipelines: Mutex::new(HashMap::new()),
         weights: Mutex::new(weights::WeightCache::new(budget)),
         tables: Mutex::new(HashMap::new()),
         lost,
         work: Mutex::new(()),
+        features,
+        use_features: std::sync::atomic::AtomicBool::new(true),
     })
 }
 
 impl Gpu {
+    /// Whether the matvec adds its partial sums with subgroup operations.
+    pub(crate) fn uses_subgroups(&self) -> bool {
+        self.features.contains(wg::Features::SUBGROUP)
+            && self.use_features.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether F16 weights are read as WGSL `f16`.
+    pub(crate) fn uses_f16(&self) -> bool {
+        self.features.contains(wg::Features::SHADER_F16)
+            && self.use_features.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Use the optional features (where the device has them) or the paths every adapter runs: tests run
+    /// the kernels both ways.
+    #[cfg(test)]
+    pub(crate) fn set_optional_features(&self, on: bool) -> bool {
+        self.use_features
+            .swap(on, std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The largest storage binding (bytes) a kernel can see: tensors beyond it are split.
     pub(crate) fn max_binding(&self) -> u64 {
         self.limits

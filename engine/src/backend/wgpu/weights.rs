@@ -10,7 +10,7 @@ use ::wgpu as wg;
 use rayon::prelude::*;
 use wg::util::DeviceExt;
 
-use super::kernels::{block_files, Gemm, Matvec};
+use super::kernels::{block_files, Gemm, Matvec, WStore};
 use super::{lock, Gpu};
 use crate::codecs::GgmlType;
 use crate::tensor::{Backing, Grouped, Storage, TensorRef};
@@ -313,14 +313,15 @@ impl Gpu {
         let n_step = ((max / row_f32) as usize).clamp(1, n.max(1));
         let tile = self.tile_rows(cols);
         let fused = n <= MATVEC_TOKENS;
-        let scratch =
-            (!fused && (dw.kernel.0 != GgmlType::F32 || dw.grouped.is_some())).then(|| {
-                self.storage(
-                    "scratch",
-                    (tile.min(rows) * cols * 4) as u64,
-                    wg::BufferUsages::empty(),
-                )
-            });
+        let scratch = (!fused
+            && (!matches!(dw.kernel.0, GgmlType::F32 | GgmlType::F16) || dw.grouped.is_some()))
+        .then(|| {
+            self.storage(
+                "scratch",
+                (tile.min(rows) * cols * 4) as u64,
+                wg::BufferUsages::empty(),
+            )
+        });
         for t0 in (0..n).step_by(n_step) {
             let nt = n_step.min(n - t0);
             let xb = self.upload("x", bytemuck::cast_slice(&x[t0 * cols..(t0 + nt) * cols]));
@@ -383,8 +384,14 @@ impl Gpu {
                 self.record_matvec(pass, ty, [&ch.buf, xb, yb], mv);
                 continue;
             }
-            for r0 in (0..ch.rows).step_by(tile) {
-                let m = tile.min(ch.rows - r0);
+            // Weights the GEMM reads in place take one product per chunk; the others a tile at a time.
+            let step = if matches!(ty, GgmlType::F32 | GgmlType::F16) {
+                ch.rows
+            } else {
+                tile
+            };
+            for r0 in (0..ch.rows).step_by(step.max(1)) {
+                let m = step.min(ch.rows - r0);
                 let mut g = Gemm {
                     n: nt as u32,
                     m: m as u32,
@@ -397,6 +404,16 @@ impl Gpu {
                     ..Gemm::default()
                 };
                 match (scratch, ty) {
+                    // F16 weights are read in place by the GEMM.
+                    (_, GgmlType::F16) => {
+                        g.w_off = (r0 * cols) as u32;
+                        g.w = if self.uses_f16() {
+                            WStore::F16
+                        } else {
+                            WStore::F16Bits
+                        };
+                        self.record_gemm(pass, [xb, &ch.buf, yb], g);
+                    }
                     (Some(s), t) if t != GgmlType::F32 => {
                         let first = (r0 * cols / block) as u32;
                         let count = (m * cols / block) as u32;
