@@ -695,6 +695,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                     imatrix,
                     auto,
                     auto_types: parse_types(&auto_types)?,
+                    backend: backend(),
                 })
             };
             let out = match out {

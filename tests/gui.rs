@@ -1116,6 +1116,7 @@ fn compare_timing_adding_a_variant_evaluates_only_it() {
                     imatrix: ImatrixSource::None,
                     auto: None,
                     auto_types: Vec::new(),
+                    backend: quant_engine::backend::Backend::Cpu,
                 }),
                 overwrite: false,
             })

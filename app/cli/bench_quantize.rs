@@ -86,6 +86,7 @@ pub fn run(engine: &EngineHandle, a: &BenchQuantizeArgs) -> anyhow::Result<()> {
                         .map_or(ImatrixSource::None, ImatrixSource::File),
                     auto: None,
                     auto_types: Vec::new(),
+                    backend: quant_engine::backend::Backend::Cpu,
                 }),
                 // Its own scratch folder, rewritten on every repetition.
                 overwrite: true,

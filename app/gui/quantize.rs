@@ -181,6 +181,7 @@ impl QuantizePanel {
                         imatrix,
                         auto: None,
                         auto_types: Vec::new(),
+                        backend: quant_engine::backend::Backend::Cpu,
                     }));
                 }
                 recipes::Container::HfFolder
@@ -277,6 +278,7 @@ impl QuantizePanel {
                     self.auto_bpw,
                 )),
                 auto_types: Vec::new(),
+                backend: quant_engine::backend::Backend::Cpu,
             }));
         }
         t

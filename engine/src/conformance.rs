@@ -81,8 +81,9 @@ fn every_shader_parses_and_validates_with_naga() {
     let all = wgpu::kernels::all_sources();
     assert_eq!(
         all.len(),
-        3 + 6 + 6 + 3 * 22,
-        "the GEMM (three W storages), six ops, six grouped formats and three drivers over 22 block types"
+        3 + 6 + 6 + 1 + 5 + 3 * 22,
+        "the GEMM (three W storages), six ops, six grouped formats, the exact-arithmetic check, five \
+         quantizers and three drivers over 22 block types"
     );
     for (name, src) in all {
         let module = naga::front::wgsl::parse_str(&src)
@@ -1053,6 +1054,197 @@ fn importance_matrices_are_summed_on_the_device_as_on_the_cpu() {
             let e2 = nmse(&d.sums, &e.sums);
             assert!(e2 < 1e-10, "{}: {name} sums differ: {e2:e}", b.name());
         }
+    }
+    assert_eq!(crate::backend::gpu_fallback(), None);
+}
+
+/// A finite f32 with any exponent (subnormals and zeros included).
+fn any_finite(rng: &mut impl Rng) -> f32 {
+    loop {
+        let b: u32 = rng.gen();
+        let v = f32::from_bits(b);
+        if v.is_finite() {
+            return v;
+        }
+    }
+}
+
+#[test]
+fn exact_arithmetic_on_the_device_rounds_as_ieee() {
+    let g = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    let mut pairs: Vec<(f32, f32)> = Vec::new();
+    for _ in 0..20000 {
+        pairs.push((any_finite(&mut rng), any_finite(&mut rng)));
+    }
+    for _ in 0..20000 {
+        // Ordinary magnitudes, near each other (cancellation), and subnormal neighbourhoods.
+        let a: f32 = rng.gen_range(-100.0..100.0);
+        let b = match rng.gen_range(0..4) {
+            0 => rng.gen_range(-100.0..100.0),
+            1 => -a * (1.0 + rng.gen_range(-1e-6..1e-6)),
+            2 => f32::from_bits(rng.gen_range(0..0x0100_0000u32)),
+            _ => (rng.gen_range(-64i32..64) as f32) * 0.5,
+        };
+        pairs.push((a, b));
+        pairs.push((f32::from_bits(rng.gen_range(0..0x0200_0000u32)), b));
+    }
+    // Ties: (1 + k·2⁻²³)² and halves, exact zeros of both signs, extremes.
+    for k in 0..512u32 {
+        let a = f32::from_bits(0x3f80_0000 + k);
+        pairs.push((a, a));
+        pairs.push((a, -a));
+        pairs.push((f32::from_bits(0x3f80_0000 + (k << 12)), 0.5));
+    }
+    for &(a, b) in &[
+        (0.0f32, -0.0f32),
+        (-0.0, -0.0),
+        (-0.0, 0.0),
+        (f32::MAX, 2.0),
+        (f32::MIN_POSITIVE, 0.5),
+        (1e-45, 1e-45),
+        (3.0, 1e-45),
+    ] {
+        pairs.push((a, b));
+    }
+    let got = g.exact_ops(&pairs).expect("exact arithmetic");
+    let mut bad = 0;
+    for (&(a, b), r) in pairs.iter().zip(&got) {
+        let want = [
+            (a * b).to_bits(),
+            if b == 0.0 { 0 } else { (a / b).to_bits() },
+            (a + b).to_bits(),
+            (a - b).to_bits(),
+            u32::from(a < b),
+        ];
+        if *r != want {
+            bad += 1;
+            assert!(
+                bad < 10,
+                "{a:e} ({:08x}), {b:e} ({:08x}): device {r:08x?}, IEEE {want:08x?}",
+                a.to_bits(),
+                b.to_bits()
+            );
+        }
+    }
+    assert_eq!(bad, 0, "{bad} of {} pairs differ", pairs.len());
+}
+
+#[test]
+fn the_gpu_quantizes_the_legacy_types_byte_for_byte_as_the_cpu() {
+    let g = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(32);
+    let cols = 256usize;
+    let mut rows: Vec<Vec<f32>> = vec![
+        normal(&mut rng, cols, 0.02),
+        normal(&mut rng, cols, 3.0),
+        vec![0.0; cols],
+        // Subnormals, signed zeros and one large value per block.
+        (0..cols)
+            .map(|i| match i % 4 {
+                0 => f32::from_bits(rng.gen_range(0..0x0080_0000u32)),
+                1 => -0.0,
+                2 => any_finite(&mut rng) * 1e-30,
+                _ => rng.gen_range(-1.0..1.0),
+            })
+            .collect(),
+        // Halfway points: multiples of d/2 for a block maximum of 8 (Q4_0's d = −1), of 16 and 127.
+        (0..cols)
+            .map(|i| {
+                if i % 32 == 0 {
+                    -8.0
+                } else {
+                    (rng.gen_range(-16i32..16) as f32) * 0.5
+                }
+            })
+            .collect(),
+        (0..cols)
+            .map(|i| {
+                if i % 32 == 0 {
+                    127.0
+                } else {
+                    (rng.gen_range(-254i32..254) as f32) * 0.5
+                }
+            })
+            .collect(),
+        (0..cols)
+            .map(|i| {
+                if i % 32 == 0 {
+                    -16.0
+                } else {
+                    (rng.gen_range(-32i32..32) as f32) * 0.5
+                }
+            })
+            .collect(),
+        // A constant block (max − min = 0).
+        vec![0.75; cols],
+    ];
+    for _ in 0..8 {
+        rows.push((0..cols).map(|_| any_finite(&mut rng) * 1e-36).collect());
+    }
+    let x: Vec<f32> = rows.concat();
+    for ty in [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+    ] {
+        assert!(wgpu::kernels::gpu_quantizes(ty));
+        let tr = ty.traits();
+        let rb = tr.block_bytes * cols / tr.block_elems;
+        let mut want = vec![0u8; rows.len() * rb];
+        for (r, dst) in want.chunks_exact_mut(rb).enumerate() {
+            ty.quantize(&x[r * cols..(r + 1) * cols], dst, None);
+        }
+        // An odd number of blocks too (the last invocation writes one of two).
+        for n in [x.len(), x.len() - 32] {
+            let got = g.quantize_blocks(ty, &x[..n]).expect("quantize");
+            let w = &want[..n / 32 * tr.block_bytes];
+            let bad = got.iter().zip(w).filter(|(a, b)| a != b).count();
+            assert_eq!(got.len(), w.len(), "{}", tr.name);
+            assert_eq!(bad, 0, "{}: {bad} bytes differ from the CPU's", tr.name);
+        }
+    }
+}
+
+#[test]
+fn a_q8_0_gguf_quantized_on_the_device_is_the_cpus_file() {
+    use crate::model::fixture::{write_fixture, FixtureSpec};
+    use crate::model::SourceModel;
+    use crate::quantize::{quantize_gguf, GgufQuantizeOptions};
+    let _ = gpu();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src_dir = tmp.path().join("src");
+    write_fixture(&FixtureSpec::tiny_llama(), &src_dir).expect("fixture");
+    let src = SourceModel::open(&src_dir).expect("open");
+    for mix in ["q8_0", "q4_0", "q5_1"] {
+        let mut files = Vec::new();
+        for backend in [Backend::Cpu, Backend::Gpu] {
+            let out = tmp.path().join(format!("{mix}-{}.gguf", backend.name()));
+            let opts = GgufQuantizeOptions {
+                mix: crate::recipes::parse_mix(mix).expect("mix"),
+                overrides: Vec::new(),
+                imatrix: None,
+                backend,
+            };
+            let spec = crate::output::OutputSpec::new(&out, crate::output::OutputKind::File);
+            let before =
+                wgpu::quant::QUANTIZED_ON_DEVICE.load(std::sync::atomic::Ordering::Relaxed);
+            quantize_gguf(&src, &opts, &spec, &mut |_, _, _| true).expect("quantize");
+            let after = wgpu::quant::QUANTIZED_ON_DEVICE.load(std::sync::atomic::Ordering::Relaxed);
+            if backend == Backend::Gpu {
+                assert!(
+                    after > before,
+                    "{mix}: tensors were quantized on the device"
+                );
+            }
+            files.push(std::fs::read(&out).expect("read"));
+        }
+        assert!(
+            files[0] == files[1],
+            "{mix}: the GPU's file differs from the CPU's"
+        );
     }
     assert_eq!(crate::backend::gpu_fallback(), None);
 }

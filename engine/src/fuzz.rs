@@ -260,6 +260,7 @@ impl Workspace {
                             .ok_or_else(|| Error::Invalid(format!("mix {mix}")))?,
                         overrides: Vec::new(),
                         imatrix: None,
+                        backend: crate::backend::Backend::Cpu,
                     };
                     crate::quantize::quantize_gguf(
                         &src,

@@ -23,6 +23,8 @@ pub struct GgufQuantizeOptions {
     pub overrides: Vec<TensorOverride>,
     /// Importance matrix for the weighted quantizers.
     pub imatrix: Option<ImatrixInput>,
+    /// Where the round-to-nearest quantizers run.
+    pub backend: crate::backend::Backend,
 }
 
 /// An importance matrix and where it came from (recorded in the file's `quantize.imatrix.*` keys as
@@ -238,7 +240,7 @@ pub fn quantize_gguf(
             }
             _ => None,
         };
-        let m = quantize_measured(t, ty, weights.as_deref(), gguf_name, buf)?;
+        let m = quantize_measured(t, ty, weights.as_deref(), gguf_name, buf, opts.backend)?;
         if !on_tensor(&m, metrics.len() + 1, total) {
             cancelled.set(true);
         }
@@ -350,6 +352,7 @@ pub(crate) fn quantize_measured(
     weights: Option<&[f32]>,
     gguf_name: &str,
     out: &mut Vec<u8>,
+    backend: crate::backend::Backend,
 ) -> Result<TensorMetrics> {
     use rayon::prelude::*;
     let row_bytes = quantized_row_bytes(t, ty)?;
@@ -357,6 +360,28 @@ pub(crate) fn quantize_measured(
     out.clear();
     out.resize(rows * row_bytes, 0);
     let rows_per_task = (TASK_ELEMS / cols.max(1)).max(1);
+    // The legacy types' round-to-nearest quantizers run on the GPU backend's device (same bytes).
+    let on_device = backend == crate::backend::Backend::Gpu
+        && weights.is_none()
+        && crate::backend::wgpu::kernels::gpu_quantizes(ty)
+        && crate::backend::gpu_usable()
+        && {
+            let mut x = vec![0.0f32; rows * cols];
+            x.par_chunks_mut(cols.max(1))
+                .enumerate()
+                .for_each(|(r, row)| t.dequant_row(r, row));
+            match crate::backend::wgpu::gpu().and_then(|g| g.quantize_blocks(ty, &x)) {
+                Ok(bytes) if bytes.len() == out.len() => {
+                    out.copy_from_slice(&bytes);
+                    true
+                }
+                Ok(_) => false,
+                Err(e) => {
+                    crate::backend::gpu_failed(&e);
+                    false
+                }
+            }
+        };
     let parts: Vec<ErrSums> = out
         .par_chunks_mut((rows_per_task * row_bytes).max(1))
         .enumerate()
@@ -366,7 +391,9 @@ pub(crate) fn quantize_measured(
             let mut s = ErrSums::default();
             for (i, row) in dst.chunks_exact_mut(row_bytes.max(1)).enumerate() {
                 t.dequant_row(task * rows_per_task + i, &mut w);
-                ty.quantize(&w, row, weights);
+                if !on_device {
+                    ty.quantize(&w, row, weights);
+                }
                 ty.dequantize(row, &mut q);
                 row_error(&w, &q, weights, &mut s);
             }
@@ -412,6 +439,7 @@ mod tests {
             mix: GgufMix::parse("q8_0").expect("mix"),
             overrides: Vec::new(),
             imatrix: None,
+            backend: crate::backend::Backend::Cpu,
         };
         let mut seen = 0;
         let report = quantize_gguf(&src, &opts, &OutputSpec::file(&out), &mut |_, done, _| {
@@ -492,6 +520,7 @@ mod tests {
             mix: GgufMix::parse("q4_0").expect("mix"),
             overrides: Vec::new(),
             imatrix: None,
+            backend: crate::backend::Backend::Cpu,
         };
         let r = quantize_gguf(&src, &opts, &OutputSpec::file(&out), &mut |_, done, _| {
             done < 3
@@ -563,6 +592,7 @@ mod tests {
                 mix: GgufMix::parse(mix).expect("mix"),
                 overrides: Vec::new(),
                 imatrix: None,
+                backend: crate::backend::Backend::Cpu,
             };
             quantize_gguf(&f16, &opts, &OutputSpec::file(&out), &mut |_, _, _| true)
                 .expect("quantize");
@@ -598,6 +628,7 @@ mod tests {
                     matrix: matrix.clone(),
                     file: Some("imatrix.gguf".into()),
                 }),
+                backend: crate::backend::Backend::Cpu,
             };
             let mut weighted = 0;
             let report = quantize_gguf(&f16, &opts, &OutputSpec::file(&out), &mut |m, _, _| {
@@ -656,6 +687,7 @@ mod tests {
                 mix,
                 overrides: Vec::new(),
                 imatrix: None,
+                backend: crate::backend::Backend::Cpu,
             };
             // Without the imatrix the IQ1/IQ2 mixes are refused (their ffn_down types need one); SmolLM2's
             // IQ3_XXS and IQ3_XS put no imatrix-only type on a tensor whose rows fit its blocks.
@@ -713,6 +745,7 @@ mod tests {
             mix: GgufMix::parse("q4_0").expect("mix"),
             overrides: Vec::new(),
             imatrix: Some(ImatrixInput { matrix, file: None }),
+            backend: crate::backend::Backend::Cpu,
         };
         let out = dir.path().join("q.gguf");
         let e = quantize_gguf(&src, &opts, &OutputSpec::file(&out), &mut |_, _, _| true)

@@ -201,7 +201,14 @@ pub fn measure_mix(
             if !cols.is_multiple_of(ty.traits().block_elems) {
                 continue;
             }
-            let m = quantize_measured(t, ty, Some(&weights), g, &mut buf)?;
+            let m = quantize_measured(
+                t,
+                ty,
+                Some(&weights),
+                g,
+                &mut buf,
+                crate::backend::Backend::Cpu,
+            )?;
             let rel = m.weighted_rel_rms_error.unwrap_or(m.rel_rms_error);
             options.push((ty, padded_bytes(m.bytes), rel * rel * wnorm2));
         }
@@ -423,6 +430,7 @@ mod tests {
                 mix: AUTOMIX_BASE,
                 overrides: plan.overrides.clone(),
                 imatrix: Some(im.clone()),
+                backend: crate::backend::Backend::Cpu,
             },
             &OutputSpec::file(&out),
             &mut |_, _, _| true,

@@ -56,6 +56,7 @@ pub fn smollm2_f16(dir: &std::path::Path) -> crate::model::SourceModel {
         mix: crate::recipes::gguf::GgufMix::parse("f16").expect("mix"),
         overrides: Vec::new(),
         imatrix: None,
+        backend: crate::backend::Backend::Cpu,
     };
     quantize_gguf(
         &q41,

@@ -33,6 +33,7 @@ fn quantize(src: &SourceModel, mix: &str, imatrix: Option<ImatrixInput>, out: &P
         mix: GgufMix::parse(mix).unwrap_or_else(|| panic!("mix {mix}")),
         overrides: Vec::new(),
         imatrix,
+        backend: quant_engine::backend::Backend::Cpu,
     };
     quantize_gguf(
         src,

@@ -515,6 +515,7 @@ fn fetch_demo(ctx: &JobCtx, dest: Option<&Path>) -> Result<JobOutput> {
             mix: crate::recipes::parse_mix("f16")?,
             overrides: Vec::new(),
             imatrix: None,
+            backend: crate::backend::Backend::Cpu,
         };
         let start = Instant::now();
         let mut on_tensor = |_: &crate::quantize::TensorMetrics, done: usize, total: usize| {
@@ -626,6 +627,7 @@ fn quantize(
         imatrix,
         auto,
         auto_types,
+        backend,
     } = recipe;
     if auto.is_some() && !overrides.is_empty() {
         return Err(Error::Invalid(
@@ -681,6 +683,7 @@ fn quantize(
         mix,
         overrides,
         imatrix,
+        backend,
     };
     let start = Instant::now();
     let mut on_tensor = |m: &crate::quantize::TensorMetrics, done: usize, total: usize| {

@@ -55,6 +55,7 @@ impl Recipe {
     pub fn set_backend(&mut self, backend: crate::backend::Backend) {
         match self {
             Recipe::Gguf(g) => {
+                g.backend = backend;
                 if let ImatrixSource::Compute { options, .. } = &mut g.imatrix {
                     options.backend = backend;
                 }
@@ -133,6 +134,9 @@ pub struct GgufRecipe {
     pub auto: Option<MixBudget>,
     /// The types an auto mix chooses from (empty: [`crate::quantize_automix::AUTOMIX_TYPES`]).
     pub auto_types: Vec<GgmlType>,
+    /// Where the round-to-nearest quantizers run (the GPU writes the legacy types without an importance
+    /// matrix, byte for byte as the CPU).
+    pub backend: crate::backend::Backend,
 }
 
 /// Where a GGUF quantization's importance matrix comes from.
@@ -758,6 +762,7 @@ mod tests {
             },
             auto: None,
             auto_types: Vec::new(),
+            backend: crate::backend::Backend::Cpu,
         });
         assert_eq!(g.label(), "Q4_K_M-imat");
         assert!(g.calibrated());

@@ -26,6 +26,46 @@ const GROUPED_FORMATS: [(&str, &str); 6] = [
     ("hqq", include_str!("../../../shaders/hqq.wgsl")),
 ];
 
+/// Exact f32 arithmetic in integer operations (after [`HALF`]), the round-to-nearest quantizers' driver and
+/// their type files, and the arithmetic's test entry.
+const EXACT: &str = include_str!("../../../shaders/exact.wgsl");
+const QUANTIZE: &str = include_str!("../../../shaders/quantize.wgsl");
+const EXACT_CHECK: &str = include_str!("../../../shaders/exact_check.wgsl");
+const QUANT_FILES: [(GgmlType, &str); 5] = [
+    (
+        GgmlType::Q4_0,
+        include_str!("../../../shaders/quant/q4_0.wgsl"),
+    ),
+    (
+        GgmlType::Q4_1,
+        include_str!("../../../shaders/quant/q4_1.wgsl"),
+    ),
+    (
+        GgmlType::Q5_0,
+        include_str!("../../../shaders/quant/q5_0.wgsl"),
+    ),
+    (
+        GgmlType::Q5_1,
+        include_str!("../../../shaders/quant/q5_1.wgsl"),
+    ),
+    (
+        GgmlType::Q8_0,
+        include_str!("../../../shaders/quant/q8_0.wgsl"),
+    ),
+];
+
+/// Whether the GPU quantizes `ty` (round to nearest, without an importance matrix) byte for byte as the
+/// CPU.
+pub fn gpu_quantizes(ty: GgmlType) -> bool {
+    QUANT_FILES.iter().any(|(t, _)| *t == ty)
+}
+
+/// The round-to-nearest quantizer of `ty`'s full WGSL text.
+fn quant_source(ty: GgmlType) -> Option<String> {
+    let (_, file) = QUANT_FILES.iter().find(|(t, _)| *t == ty)?;
+    Some(format!("{HALF}\n{EXACT}\n{QUANTIZE}\n{file}"))
+}
+
 /// Drivers: what is done with the values a block type emits.
 const DEQUANT: &str = include_str!("../../../shaders/dequant.wgsl");
 const MATVEC: &str = include_str!("../../../shaders/matvec.wgsl");
@@ -194,6 +234,9 @@ fn op_source(file: &str) -> Option<String> {
     if let Some((_, s)) = GROUPED_FORMATS.iter().find(|(n, _)| *n == file) {
         return Some(format!("{HALF}\n{GROUPED}\n{s}"));
     }
+    if file == "exact_check" {
+        return Some(format!("{HALF}\n{EXACT}\n{EXACT_CHECK}"));
+    }
     OPS.iter()
         .find(|(n, _)| *n == file)
         .map(|(_, s)| (*s).to_string())
@@ -206,8 +249,19 @@ pub fn all_sources() -> Vec<(String, String)> {
         .iter()
         .map(|&w| (format!("gemm ({w:?} W)"), gemm_source(w)))
         .collect();
-    for (n, _) in OPS.iter().chain(&GROUPED_FORMATS) {
-        v.push(((*n).to_string(), op_source(n).unwrap_or_default()));
+    for n in OPS
+        .iter()
+        .chain(&GROUPED_FORMATS)
+        .map(|(n, _)| *n)
+        .chain(["exact_check"])
+    {
+        v.push((n.to_string(), op_source(n).unwrap_or_default()));
+    }
+    for (ty, _) in QUANT_FILES {
+        v.push((
+            format!("quantize {}", ty.traits().name),
+            quant_source(ty).unwrap_or_default(),
+        ));
     }
     for ty in GgmlType::all() {
         for d in Driver::ALL {
@@ -236,6 +290,8 @@ pub enum Key {
     },
     /// Entry point `entry` of op file `file` ([`OPS`], or a grouped format run by `grouped.wgsl`).
     Op(&'static str, &'static str),
+    /// The round-to-nearest quantizer of a type.
+    Quant(GgmlType),
 }
 
 impl Gpu {
@@ -249,6 +305,7 @@ impl Gpu {
         let (src, constants): (String, Vec<(&str, f64)>) = match key {
             Key::Block(d, ty) => (block_source(d, ty).unwrap_or_default(), Vec::new()),
             Key::Op(file, _) => (op_source(file).unwrap_or_default(), Vec::new()),
+            Key::Quant(ty) => (quant_source(ty).unwrap_or_default(), Vec::new()),
             Key::Gemm {
                 kmajor,
                 xkmajor,

@@ -9,6 +9,7 @@ pub mod gptq;
 mod grouped;
 pub mod kernels;
 pub mod ops;
+pub mod quant;
 pub mod weights;
 
 use std::collections::HashMap;
