@@ -1248,3 +1248,59 @@ fn a_q8_0_gguf_quantized_on_the_device_is_the_cpus_file() {
     }
     assert_eq!(crate::backend::gpu_fallback(), None);
 }
+
+#[test]
+fn exl2_lazy_batch_updates_on_the_device_agree_with_the_cpu() {
+    use crate::solvers::exl2::{Exl2Prepared, QParams};
+    use crate::solvers::gptq::Hessian;
+    let _ = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(41);
+    let (n, k, t) = (72usize, 256usize, 400usize);
+    let w = normal(&mut rng, n * k, 0.05);
+    let mut x = normal(&mut rng, t * k, 1.0);
+    for r in 0..t {
+        let common = x[r * k];
+        for c in 1..k {
+            x[r * k + c] += 0.6 * common;
+        }
+    }
+    let mut h = Hessian::new(k);
+    h.add_batch(&x, t).expect("hessian");
+    for parts in [
+        vec![(4u8, 1.0f64, 128usize)],
+        vec![(8u8, 0.1, 32), (4, 0.4, 64), (3, 0.5, 64)],
+        vec![(6u8, 0.25, 32), (2, 0.75, 32)],
+    ] {
+        let qp = QParams { parts };
+        let cpu = Exl2Prepared::new(&h)
+            .expect("prep")
+            .quantize(&w, n, &qp)
+            .expect("cpu");
+        let dev = Exl2Prepared::new(&h)
+            .expect("prep")
+            .on_backend(Backend::Gpu)
+            .quantize(&w, n, &qp)
+            .expect("gpu");
+        let what = qp.desc();
+        let (a, b) = (&cpu.packed.q_weight, &dev.packed.q_weight);
+        let same = a.iter().zip(b).filter(|(x, y)| x == y).count();
+        assert!(
+            same * 100 >= a.len() * 97,
+            "{what}: {} of {} code bytes differ",
+            a.len() - same,
+            a.len()
+        );
+        let e = nmse(&dev.dequantised, &cpu.dequantised);
+        assert!(e < 1e-4, "{what}: the dequantised weights differ by {e:e}");
+        let (ew, ec) = (nmse(&dev.dequantised, &w), nmse(&cpu.dequantised, &w));
+        assert!(
+            (ew - ec).abs() < 0.02 * ec,
+            "{what}: weight error {ew:e} on the GPU, {ec:e} on the CPU"
+        );
+    }
+    assert_eq!(
+        crate::backend::gpu_fallback(),
+        None,
+        "no call fell back to the CPU"
+    );
+}

@@ -335,7 +335,7 @@ fn measure(
                 let input = kind.input();
                 let key = crate::quantize_gptq::input_key(input);
                 if let std::collections::hash_map::Entry::Vacant(e) = prepared.entry(key) {
-                    e.insert(Exl2Prepared::new(hess(input)?)?);
+                    e.insert(Exl2Prepared::new(hess(input)?)?.on_backend(model.backend()));
                 }
                 let prep = &prepared[&key];
                 let w_ref = model
@@ -771,7 +771,7 @@ pub fn quantize_exl2(
                         HessianUse::Borrowed(h) => *h,
                         HessianUse::Owned(h) => h,
                     };
-                    prepared = Some((li, key, Exl2Prepared::new(h)?));
+                    prepared = Some((li, key, Exl2Prepared::new(h)?.on_backend(model.backend())));
                 }
                 let Some((_, _, prep)) = &prepared else {
                     unreachable!("prepared above")
@@ -818,7 +818,9 @@ pub fn quantize_exl2(
     drop(store);
     let head_w = model.lm_head().to_f32();
     let n_vocab = model.lm_head().rows();
-    let r = Exl2Prepared::new(&h)?.quantize(&head_w, n_vocab, &head)?;
+    let r = Exl2Prepared::new(&h)?
+        .on_backend(model.backend())
+        .quantize(&head_w, n_vocab, &head)?;
     record(
         "lm_head.weight",
         c.num_layers,

@@ -290,6 +290,8 @@ pub struct Exl2Prepared {
     u: Vec<f32>,
     /// Inputs no calibration token reached (their weights are zeroed, as GPTQ does).
     dead: Vec<bool>,
+    /// Where the lazy-batch updates run.
+    backend: crate::backend::Backend,
 }
 
 /// One quantized linear: the packed tensors and the weights they decode to.
@@ -324,7 +326,19 @@ impl Exl2Prepared {
             ..GptqOptions::default()
         };
         let (u, _, _) = hessian_inverse_upper(Cow::Borrowed(h), &diag, k, &perm, &opts)?;
-        Ok(Self { k, perm, u, dead })
+        Ok(Self {
+            k,
+            perm,
+            u,
+            dead,
+            backend: crate::backend::Backend::Cpu,
+        })
+    }
+
+    /// Run the lazy-batch updates on `backend` (the CPU if the GPU fails).
+    pub fn on_backend(mut self, backend: crate::backend::Backend) -> Self {
+        self.backend = backend;
+        self
     }
 
     /// Quantize `w` (`[n, k]`, PyTorch order) with the option `qp`.
@@ -363,8 +377,28 @@ impl Exl2Prepared {
         let mut deq_p = vec![0f32; n * k];
         let threads = rayon::current_num_threads().max(1);
         let chunk = n.div_ceil(2 * threads).clamp(1, 256);
+        let on_device = self.backend == crate::backend::Backend::Gpu
+            && crate::backend::gpu_usable()
+            && match crate::backend::wgpu::gpu()
+                .and_then(|g| self.sweep_on_device(g, &wp, n, &groups, &mut codes_t, &mut deq_p))
+            {
+                Ok(params) => {
+                    for (gi, (codes, qsm)) in params.into_iter().enumerate() {
+                        scale_codes[gi * n_pad..gi * n_pad + n].copy_from_slice(&codes);
+                        scale_max.push(qsm);
+                    }
+                    true
+                }
+                Err(e) => {
+                    crate::backend::gpu_failed(&e);
+                    false
+                }
+            };
         let mut a = 0usize;
         for (gi, &(bits, rows)) in groups.iter().enumerate() {
+            if on_device {
+                break;
+            }
             let b = a + rows;
             let (codes, qsm) = find_params(&wp, n, k, a, b, bits);
             scale_max.push(qsm);
@@ -374,8 +408,6 @@ impl Exl2Prepared {
                 .map(|&c| exl2_scale(u32::from(c) - 1, qsm))
                 .collect();
             let u = &self.u;
-            let maxq = (1i32 << bits) - 1;
-            let z = 1i32 << (bits - 1);
             wp.par_chunks_mut(chunk * k)
                 .zip(codes_t.par_chunks_mut(chunk * k))
                 .zip(deq_p.par_chunks_mut(chunk * k))
@@ -385,21 +417,9 @@ impl Exl2Prepared {
                     let mut err = vec![0f32; nr * rows];
                     for r in 0..nr {
                         let s = scales[ci * chunk + r];
-                        let row = &mut wc[r * k..(r + 1) * k];
-                        for c in a..b {
-                            let x = row[c];
-                            let q =
-                                round_even((x / s).clamp(-z as f32, (maxq - z) as f32)) as i32 + z;
-                            let v = exl2_value(q as u32, bits, s);
-                            qc[r * k + c] = q as u8;
-                            dc[r * k + c] = v;
-                            let e = (x - v) / u[c * k + c];
-                            err[r * rows + c - a] = e;
-                            let urow = &u[c * k + c + 1..c * k + b];
-                            for (xx, &uu) in row[c + 1..b].iter_mut().zip(urow) {
-                                *xx -= e * uu;
-                            }
-                        }
+                        let out = (&mut qc[r * k..(r + 1) * k], &mut dc[r * k..(r + 1) * k]);
+                        let e = &mut err[r * rows..(r + 1) * rows];
+                        self.sweep_row(&mut wc[r * k..(r + 1) * k], 0, (a, b), (s, bits), out, e);
                     }
                     if b < k {
                         // W[:, b..] -= E · U[a..b, b..].
@@ -441,6 +461,90 @@ impl Exl2Prepared {
             packed,
             dequantised,
         })
+    }
+}
+
+impl Exl2Prepared {
+    /// The in-group sweep of one row over columns `a..b` (processing order): `row[c − base]` holds column
+    /// `c` (error-updated so far); codes and values go to `qc[c]`, `dc[c]`, the scaled errors to
+    /// `err[c − a]`.
+    fn sweep_row(
+        &self,
+        row: &mut [f32],
+        base: usize,
+        (a, b): (usize, usize),
+        (s, bits): (f32, u8),
+        (qc, dc): (&mut [u8], &mut [f32]),
+        err: &mut [f32],
+    ) {
+        let (k, u) = (self.k, &self.u);
+        let maxq = (1i32 << bits) - 1;
+        let z = 1i32 << (bits - 1);
+        for c in a..b {
+            let x = row[c - base];
+            let q = round_even((x / s).clamp(-z as f32, (maxq - z) as f32)) as i32 + z;
+            let v = exl2_value(q as u32, bits, s);
+            qc[c] = q as u8;
+            dc[c] = v;
+            let e = (x - v) / u[c * k + c];
+            err[c - a] = e;
+            let urow = &u[c * k + c + 1..c * k + b];
+            for (xx, &uu) in row[c + 1 - base..b - base].iter_mut().zip(urow) {
+                *xx -= e * uu;
+            }
+        }
+    }
+
+    /// The group sweep with the lazy-batch updates on the GPU (the weight kept there transposed, see
+    /// [`crate::backend::wgpu::gptq`]): per group its columns come back, scales are searched and the
+    /// group swept on the host, and one GEMM updates the later columns. Returns each group's scale codes
+    /// and maximum; fills `codes_t` and `deq_p` (`[n, k]`, processing order).
+    fn sweep_on_device(
+        &self,
+        gpu: &crate::backend::wgpu::Gpu,
+        wp: &[f32],
+        n: usize,
+        groups: &[(u8, usize)],
+        codes_t: &mut [u8],
+        deq_p: &mut [f32],
+    ) -> Result<Vec<(Vec<u8>, half::f16)>> {
+        let k = self.k;
+        if n > gpu.lazy_rows_max(k) {
+            return Err(Error::Gpu(format!(
+                "EXL2: a {n} × {k} weight does not fit a storage binding"
+            )));
+        }
+        let lazy = gpu.lazy_columns(wp, n, k)?;
+        let mut params = Vec::with_capacity(groups.len());
+        let first = groups.first().map_or(0, |g| g.1);
+        let mut src = gpu.lazy_read(&lazy, 0, first)?;
+        let mut a = 0usize;
+        for (gi, &(bits, rows)) in groups.iter().enumerate() {
+            let b = a + rows;
+            // `src` is `[n, rows]`: columns a..b of every row.
+            let (codes, qsm) = find_params(&src, n, rows, 0, rows, bits);
+            let scales: Vec<f32> = codes
+                .iter()
+                .map(|&c| exl2_scale(u32::from(c) - 1, qsm))
+                .collect();
+            params.push((codes, qsm));
+            let mut err = vec![0f32; n * rows];
+            src.par_chunks_mut(rows)
+                .zip(err.par_chunks_mut(rows))
+                .zip(codes_t.par_chunks_mut(k))
+                .zip(deq_p.par_chunks_mut(k))
+                .enumerate()
+                .for_each(|(r, (((row, e), qc), dc))| {
+                    self.sweep_row(row, a, (a, b), (scales[r], bits), (qc, dc), e);
+                });
+            if b < k {
+                let next = groups.get(gi + 1).map_or(0, |g| g.1);
+                let u_rows = &self.u[a * k..b * k];
+                src = gpu.lazy_update_read(&lazy, u_rows, b, &err, (b, b + next))?;
+            }
+            a = b;
+        }
+        Ok(params)
     }
 }
 
@@ -663,6 +767,7 @@ mod tests {
                         .map(|i| if i / k == i % k { 1.0 } else { 0.0 })
                         .collect(),
                     dead: vec![false; k],
+                    backend: crate::backend::Backend::Cpu,
                 };
                 ident.quantize(&w, n, &q).unwrap()
             };
