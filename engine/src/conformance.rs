@@ -1304,3 +1304,32 @@ fn exl2_lazy_batch_updates_on_the_device_agree_with_the_cpu() {
         "no call fell back to the CPU"
     );
 }
+
+#[test]
+fn decoding_on_the_device_reuses_its_buffers() {
+    use crate::infer::{Logits, Model};
+    use crate::model::fixture::{fixture_tensor_refs, FixtureSpec};
+    let _ = gpu();
+    let spec = FixtureSpec::tiny_llama();
+    let tensors = fixture_tensor_refs(&spec).expect("tensors");
+    let m = Model::from_parts(std::path::Path::new("fixture"), &spec.config(), &tensors)
+        .expect("model")
+        .on_backend(Backend::Gpu);
+    let mut cache = m.new_cache(64);
+    m.forward(&[1, 2, 3, 4, 5], &mut cache, Logits::Last)
+        .expect("prompt");
+    for t in [6u32, 7] {
+        m.forward(&[t], &mut cache, Logits::Last).expect("warm-up");
+    }
+    let misses = || wgpu::POOL_MISSES.with(std::cell::Cell::get);
+    let before = misses();
+    for t in [8u32, 9, 10, 11] {
+        m.forward(&[t], &mut cache, Logits::Last).expect("decode");
+    }
+    assert_eq!(
+        misses(),
+        before,
+        "decoding a token took every buffer from the pool"
+    );
+    assert_eq!(crate::backend::gpu_fallback(), None);
+}

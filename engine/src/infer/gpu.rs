@@ -104,18 +104,19 @@ impl Model {
         let consts = self.device_consts(gpu);
         let m = tokens.len();
         let max_floats = (gpu.max_binding() / 4) as usize;
-        let x = gpu.upload_f32(&self.embed_tokens(tokens));
+        // Every intermediate from the pool: decoding a token creates no buffers once warm.
+        let x = gpu.scratch_with(&self.embed_tokens(tokens));
         let (cos, sin) = self.rope_tables(p0, m);
-        let (cos, sin) = (gpu.upload_f32(&cos), gpu.upload_f32(&sin));
-        let xn = gpu.alloc(m * h);
-        let q = gpu.alloc(m * heads * hd);
-        let k = gpu.alloc(m * kvh * hd);
-        let v = gpu.alloc(m * kvh * hd);
-        let attn = gpu.alloc(m * heads * hd);
-        let proj = gpu.alloc(m * h);
-        let gate = gpu.alloc(m * inter);
-        let up = gpu.alloc(m * inter);
-        let scores = gpu.alloc((heads * m * (p0 + m)).min(max_floats));
+        let (cos, sin) = (gpu.scratch_with(&cos), gpu.scratch_with(&sin));
+        let xn = gpu.scratch(m * h);
+        let q = gpu.scratch(m * heads * hd);
+        let k = gpu.scratch(m * kvh * hd);
+        let v = gpu.scratch(m * kvh * hd);
+        let attn = gpu.scratch(m * heads * hd);
+        let proj = gpu.scratch(m * h);
+        let gate = gpu.scratch(m * inter);
+        let up = gpu.scratch(m * inter);
+        let scores = gpu.scratch((heads * m * (p0 + m)).min(max_floats));
         let mut s = gpu.session()?;
         for li in 0..layers {
             use super::model::LinearKind as L;
@@ -185,8 +186,8 @@ impl Model {
         let mut r = from;
         while r < m {
             let k = rows_per.min(m - r);
-            let xr = gpu.alloc(k * h);
-            let out = gpu.alloc(k * vocab);
+            let xr = gpu.scratch(k * h);
+            let out = gpu.scratch(k * vocab);
             let mut s = gpu.session()?;
             s.copy(&x, r * h, &xr, 0, k * h);
             s.rms_norm(&xr, &consts.norm, &xn, k, h, c.rms_norm_eps);

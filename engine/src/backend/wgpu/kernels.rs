@@ -364,14 +364,15 @@ impl Gpu {
         Some(buf)
     }
 
+    /// A uniform block holding `words`, from the pool (it returns there when the current
+    /// [`super::Work`] ends; call under one).
     pub(crate) fn uniform(&self, words: &[u32]) -> wg::Buffer {
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
-        self.device
-            .create_buffer_init(&wg::util::BufferInitDescriptor {
-                label: Some("params"),
-                contents: &bytes,
-                usage: wg::BufferUsages::UNIFORM,
-            })
+        let size = (bytes.len() as u64).next_multiple_of(16).max(16);
+        let b = self.take(size, wg::BufferUsages::UNIFORM | wg::BufferUsages::COPY_DST);
+        self.queue.write_buffer(&b, 0, &bytes);
+        lock(&self.pool).in_use.push(b.clone());
+        b
     }
 
     pub(crate) fn bind(

@@ -86,6 +86,42 @@ pub struct Gpu {
     /// The optional features the device was opened with, and whether the kernels use them now.
     features: wg::Features,
     use_features: std::sync::atomic::AtomicBool,
+    pub(crate) pool: Mutex<Pool>,
+}
+
+/// Device buffers kept for reuse: scratch arrays of the forward pass and uniform parameter blocks, so
+/// decoding a token creates no buffers once warm.
+#[derive(Default)]
+pub(crate) struct Pool {
+    /// By (size, usage bits).
+    free: HashMap<(u64, u32), Vec<wg::Buffer>>,
+    bytes: u64,
+    /// Uniform buffers handed out under the current [`Work`].
+    pub(crate) in_use: Vec<wg::Buffer>,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Buffers this thread had to create because the pool had none (tests check decoding reuses).
+    pub(crate) static POOL_MISSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Most bytes the pool keeps.
+const POOL_BYTES: u64 = 512 << 20;
+
+/// Exclusive use of the device for one call ([`Gpu::begin`]).
+pub(crate) struct Work<'g> {
+    gpu: &'g Gpu,
+    _lock: MutexGuard<'g, ()>,
+}
+
+impl Drop for Work<'_> {
+    fn drop(&mut self) {
+        let used = std::mem::take(&mut lock(&self.gpu.pool).in_use);
+        for b in used {
+            self.gpu.recycle(b);
+        }
+    }
 }
 
 static PREFERENCE: Mutex<Option<String>> = Mutex::new(None);
@@ -234,6 +270,7 @@ fn open() -> std::result::Result<Gpu, String> {
         work: Mutex::new(()),
         features,
         use_features: std::sync::atomic::AtomicBool::new(true),
+        pool: Mutex::new(Pool::default()),
     })
 }
 
@@ -271,12 +308,46 @@ impl Gpu {
         self.limits.max_compute_workgroups_per_dimension
     }
 
-    /// Exclusive use of the device's shared state for one call.
-    pub(crate) fn begin(&self) -> Result<MutexGuard<'_, ()>> {
+    /// Exclusive use of the device's shared state for one call; the uniform buffers handed out meanwhile
+    /// return to the pool when it ends.
+    pub(crate) fn begin(&self) -> Result<Work<'_>> {
         if let Some(e) = lock(&self.lost).clone() {
             return Err(Error::Gpu(e));
         }
-        Ok(lock(&self.work))
+        Ok(Work {
+            gpu: self,
+            _lock: lock(&self.work),
+        })
+    }
+
+    /// A buffer of `size` bytes and `usage` from the pool, or a new one.
+    pub(crate) fn take(&self, size: u64, usage: wg::BufferUsages) -> wg::Buffer {
+        {
+            let mut p = lock(&self.pool);
+            if let Some(b) = p.free.get_mut(&(size, usage.bits())).and_then(Vec::pop) {
+                p.bytes -= size;
+                return b;
+            }
+        }
+        #[cfg(test)]
+        POOL_MISSES.with(|m| m.set(m.get() + 1));
+        self.device.create_buffer(&wg::BufferDescriptor {
+            label: Some("pooled"),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Keep `b` for reuse (dropped instead when the pool is full). Work already submitted that uses it
+    /// runs before anything later written to it: the queue keeps submission order.
+    pub(crate) fn recycle(&self, b: wg::Buffer) {
+        let mut p = lock(&self.pool);
+        let size = b.size();
+        if p.bytes + size <= POOL_BYTES {
+            p.bytes += size;
+            p.free.entry((size, b.usage().bits())).or_default().push(b);
+        }
     }
 
     /// Run `f` (which records and submits work) and turn validation and out-of-memory errors raised

@@ -9,10 +9,21 @@ use super::Gpu;
 use crate::tensor::TensorRef;
 use crate::{Error, Result};
 
-/// An f32 array on the device.
+/// An f32 array on the device (a pooled one goes back to the pool when dropped).
 pub struct Buf {
     pub(crate) buf: wg::Buffer,
     pub len: usize,
+    pooled: bool,
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        if self.pooled {
+            if let Ok(g) = super::gpu() {
+                g.recycle(self.buf.clone());
+            }
+        }
+    }
 }
 
 /// One model's keys and values on the device, per layer `[kv_heads][capacity][head_dim]` (the host
@@ -52,7 +63,35 @@ impl Gpu {
                 | wg::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        Buf { buf, len }
+        Buf {
+            buf,
+            len,
+            pooled: false,
+        }
+    }
+
+    /// An f32 array of `len` elements from the pool, contents undefined (a forward pass's intermediates,
+    /// written before they are read); sizes are bucketed to powers of two so batches of any length share.
+    pub fn scratch(&self, len: usize) -> Buf {
+        let exact = ((len.max(1) * 4) as u64).next_multiple_of(256);
+        let size = match exact.next_power_of_two() {
+            p if p <= self.max_binding() => p,
+            _ => exact,
+        };
+        let usage =
+            wg::BufferUsages::STORAGE | wg::BufferUsages::COPY_SRC | wg::BufferUsages::COPY_DST;
+        Buf {
+            buf: self.take(size, usage),
+            len,
+            pooled: true,
+        }
+    }
+
+    /// [`Gpu::scratch`] holding `data`.
+    pub fn scratch_with(&self, data: &[f32]) -> Buf {
+        let b = self.scratch(data.len());
+        self.write_f32(&b, 0, data);
+        b
     }
 
     /// `data` on the device.
@@ -112,7 +151,7 @@ impl Gpu {
 pub struct Session<'g> {
     gpu: &'g Gpu,
     enc: Option<wg::CommandEncoder>,
-    _guard: std::sync::MutexGuard<'g, ()>,
+    _guard: super::Work<'g>,
     scratch: Option<wg::Buffer>,
 }
 
