@@ -221,6 +221,10 @@ pub enum CliCommand {
         /// Timed repetitions of each test (after one warm-up).
         #[arg(long, short = 'r', default_value_t = 3)]
         repetitions: usize,
+        /// Arithmetic: `exact` (f32 activations) or `llama-cpu` (activations quantized as llama.cpp's
+        /// CPU backend does; Q4_0/Q8_0 rows then dotted in integers)
+        #[arg(long, default_value = "exact", value_parser = eval::parse_numerics)]
+        numerics: quant_engine::infer::Numerics,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
@@ -730,6 +734,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             n_prompt,
             n_gen,
             repetitions,
+            numerics,
             json,
         } => {
             let options = BenchOptions {
@@ -737,6 +742,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                 n_gen,
                 repetitions,
                 backend: backend(),
+                numerics,
             };
             bench(&engine, model, options, json)
         }

@@ -42,7 +42,7 @@ pub struct EvalArgs {
     pub allow_long_context: bool,
 }
 
-fn parse_numerics(s: &str) -> Result<Numerics, String> {
+pub(crate) fn parse_numerics(s: &str) -> Result<Numerics, String> {
     Numerics::parse(s).ok_or_else(|| format!("unknown arithmetic {s:?}: use exact or llama-cpu"))
 }
 

@@ -28,6 +28,9 @@ pub struct BenchOptions {
     pub repetitions: usize,
     /// Where the arithmetic runs.
     pub backend: crate::backend::Backend,
+    /// The arithmetic (`llama-cpu`: activations quantized as llama.cpp's CPU backend does, the packed
+    /// integer dot products where a type has them).
+    pub numerics: crate::infer::Numerics,
 }
 
 impl Default for BenchOptions {
@@ -37,6 +40,7 @@ impl Default for BenchOptions {
             n_gen: 128,
             repetitions: 3,
             backend: crate::backend::Backend::Cpu,
+            numerics: crate::infer::Numerics::Exact,
         }
     }
 }

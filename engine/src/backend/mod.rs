@@ -3,6 +3,7 @@
 //! own module beside [`cpu`], not a rewrite of the callers.
 
 pub mod cpu;
+pub mod cpu_q8;
 pub mod wgpu;
 
 use std::sync::OnceLock;

@@ -122,6 +122,10 @@ fn round_q8_k_block(b: &mut [f32]) {
     }
 }
 
+/// Tokens up to which the CPU's llama-cpu matmul dots packed rows directly (decoding) rather than
+/// multiplying dequantised tiles.
+const FUSED_TOKENS: usize = 4;
+
 /// `w.matmul(x)`, first rounding a copy of the activations to what llama.cpp's CPU backend multiplies
 /// with `w`'s type when `numerics` asks for it (packed GPTQ weights have no llama.cpp counterpart).
 pub(crate) fn matmul_with(
@@ -133,6 +137,26 @@ pub(crate) fn matmul_with(
     numerics: Numerics,
 ) {
     match numerics {
+        // Decoding on the CPU: packed rows dotted with Q8_0 activations in integers, as ggml does.
+        Numerics::LlamaCpu
+            if backend == Backend::Cpu
+                && n <= FUSED_TOKENS
+                && w.block_type().is_some_and(crate::backend::cpu_q8::fused) =>
+        {
+            use rayon::prelude::*;
+            let Some(ty) = w.block_type() else {
+                unreachable!("guarded above")
+            };
+            let (rows, cols) = (w.rows(), w.cols());
+            for (xt, ot) in x.chunks_exact(cols).zip(out.chunks_exact_mut(rows)) {
+                let q = crate::backend::cpu_q8::Q8Row::quantize(xt);
+                ot.par_chunks_mut(64).enumerate().for_each(|(ci, o)| {
+                    for (k, v) in o.iter_mut().enumerate() {
+                        *v = crate::backend::cpu_q8::vec_dot(ty, w.row_data(ci * 64 + k), &q);
+                    }
+                });
+            }
+        }
         Numerics::LlamaCpu
             if w.block_type()
                 .is_some_and(|ty| vec_dot_type(ty) != VecDotType::F32) =>

@@ -552,11 +552,9 @@ fn bench(
         step += 1;
         !ctx.cancelled()
     };
-    let report = crate::bench::run(
-        &m.model.on_backend(options.backend),
-        options,
-        &mut on_progress,
-    )?;
+    let mut model = m.model.on_backend(options.backend);
+    model.set_numerics(options.numerics);
+    let report = crate::bench::run(&model, options, &mut on_progress)?;
     Ok(JobOutput::Bench(report))
 }
 
