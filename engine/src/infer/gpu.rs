@@ -66,6 +66,16 @@ impl Model {
         })
     }
 
+    /// [`Model::forward_gpu_batch`] returning the logits of rows `from..`.
+    pub(crate) fn forward_gpu_logits(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        from: usize,
+    ) -> Result<Vec<f32>> {
+        self.forward_gpu_batch(tokens, cache, from, Head::Logits, None)
+    }
+
     /// One micro-batch of [`Model::forward`] on the GPU (see the module documentation): runs `tokens` at
     /// positions `cache.len()..`, appends them to the cache, and hands the logits of rows `from..` to
     /// `head` (returning them, `[tokens.len() - from, vocab]`, for [`Head::Logits`]). Only with

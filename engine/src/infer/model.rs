@@ -522,13 +522,7 @@ impl Model {
             let c1 = (c0 + UBATCH).min(n);
             if on_device && crate::backend::gpu_usable() {
                 let w0 = from.max(c0);
-                match self.forward_gpu_batch(
-                    &tokens[c0..c1],
-                    cache,
-                    w0 - c0,
-                    super::gpu::Head::Logits,
-                    None,
-                ) {
+                match self.forward_gpu_logits(&tokens[c0..c1], cache, w0 - c0) {
                     Ok(l) => {
                         logits[(w0 - from) * vocab..(c1 - from) * vocab].copy_from_slice(&l);
                         c0 = c1;
