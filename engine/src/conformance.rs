@@ -997,14 +997,16 @@ fn a_cache_filled_on_the_device_only_serves_the_cpu_and_clones() {
     for b in OTHERS {
         let dev = cpu.on_backend(b);
         let mut cache = dev.new_cache(32);
-        // Positions 8.. exist only on the device afterwards.
+        // Two positions through the ordinary path (read back), then the rest only on the device.
+        dev.forward(&prompt[..2], &mut cache, Logits::None)
+            .expect("prefix");
         let kept = dev
-            .logits_on_device(&prompt, &mut cache, 8)
+            .logits_on_device(&prompt[2..], &mut cache, 6)
             .expect("device logits");
         drop(kept);
-        assert_eq!((cache.len(), cache.host_len), (20, 8));
+        assert_eq!((cache.len(), cache.host_len), (20, 2));
         let clone = cache.clone();
-        assert_eq!(clone.len(), 8, "a clone keeps the positions the host holds");
+        assert_eq!(clone.len(), 2, "a clone keeps the positions the host holds");
         let got = cpu
             .forward(&next, &mut cache, Logits::All)
             .expect("cpu after device");

@@ -7,7 +7,7 @@
 use ::wgpu as wg;
 
 use super::kv_cache::KvCache;
-use super::model::{Logits, Model};
+use super::model::Model;
 use crate::backend::wgpu::ops::{Buf, DeviceConsts, LayerConsts, Session};
 use crate::backend::wgpu::{self, Gpu};
 use crate::{Error, Result};
@@ -283,8 +283,10 @@ impl Model {
         head: &dyn Fn(usize) -> Head<'h>,
     ) -> Result<()> {
         let from = from.min(tokens.len());
-        if from > 0 {
-            self.forward(&tokens[..from], cache, Logits::None)?;
+        // The unscored prefix: no logits, and its keys and values stay on the device too.
+        for c0 in (0..from).step_by(super::model::UBATCH) {
+            let c1 = (c0 + super::model::UBATCH).min(from);
+            self.forward_gpu_batch(&tokens[c0..c1], cache, c1 - c0, Head::None, None)?;
         }
         for c0 in (from..tokens.len()).step_by(super::model::UBATCH) {
             let c1 = (c0 + super::model::UBATCH).min(tokens.len());
