@@ -29,11 +29,7 @@ fn field(from_zero: bool, first: u32, stride: u32, bit: u32, bits: u32) -> u32 {
             hi = packed[first + (w + 1u) * stride];
         }
     }
-    var x = lo >> off;
-    if (straddles) {
-        x = x | (hi << (32u - off));
-    }
-    return x & ((1u << bits) - 1u);
+    return field_of(lo, hi, off, bits);
 }
 
 fn weight(n: u32, k: u32) -> f32 {

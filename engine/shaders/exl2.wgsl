@@ -17,11 +17,11 @@ fn weight(n: u32, c: u32) -> f32 {
     let g = gb >> 8u;
     let w0 = pos / 32u;
     let sh = pos % 32u;
-    var v = q_weight[w0 * n_pad + n] >> sh;
+    var hi = 0u;
     if (sh + bits > 32u) {
-        v = v | (q_weight[(w0 + 1u) * n_pad + n] << (32u - sh));
+        hi = q_weight[(w0 + 1u) * n_pad + n];
     }
-    let q = i32(v & ((1u << bits) - 1u)) - i32(1u << (bits - 1u));
+    let q = i32(field_of(q_weight[w0 * n_pad + n], hi, sh, bits)) - i32(1u << (bits - 1u));
     let nib = (q_scale[g * (n_pad / 8u) + n / 8u] >> (4u * (n % 8u))) & 15u;
     let m = round_f16(dtype_value(1u, q_scale_max[g / 2u], g) * 0.00390625);
     let s = round_f16(f32((nib + 1u) * (nib + 1u)) * m);

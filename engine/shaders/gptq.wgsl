@@ -34,11 +34,7 @@ fn unpack(i: u32, base: u32, stride: u32, from_qweight: bool) -> u32 {
             hi = qzeros[base + (w + 1u) * stride];
         }
     }
-    var v = lo >> s;
-    if (straddles) {
-        v = v | (hi << (32u - s));
-    }
-    return v & ((1u << bits) - 1u);
+    return field_of(lo, hi, s, bits);
 }
 
 fn weight(r: u32, c: u32) -> f32 {

@@ -21,6 +21,16 @@ struct Params {
 }
 @group(0) @binding(6) var<uniform> p: Params;
 
+// `bits` bits from bit `off` of the word pair (lo, hi), hi supplying what runs past lo's top (the packed
+// formats' codes may straddle two words).
+fn field_of(lo: u32, hi: u32, off: u32, bits: u32) -> u32 {
+    var v = lo >> off;
+    if (off + bits > 32u) {
+        v = v | (hi << (32u - off));
+    }
+    return v & ((1u << bits) - 1u);
+}
+
 @compute @workgroup_size(64)
 fn dequant(@builtin(global_invocation_id) gid: vec3<u32>) {
     let i = gid.x + gid.y * p.stride;

@@ -71,6 +71,24 @@ fn inverse(d: f32) -> f32 {
     return div_rn(1.0, d);
 }
 
+// The symmetric types' scale: d = max / −half (max: the signed value of largest magnitude of the block at
+// s) stored as f16 at byte o; returns 1/d.
+fn symmetric_scale(s: u32, o: u32, half: f32) -> f32 {
+    let d = div_rn(signed_absmax(s), -half);
+    put_f16(o, d);
+    return inverse(d);
+}
+
+// The `_1` types' scale and offset: d = (max − min) / levels and m = min stored as f16 at bytes o and o + 2;
+// returns (min, 1/d).
+fn asymmetric_scale(s: u32, o: u32, levels: f32) -> vec2<f32> {
+    let mm = min_max(s);
+    let d = div_rn(sub_rn(mm.y, mm.x), levels);
+    put_f16(o, d);
+    put_f16(o + 2u, mm.x);
+    return vec2<f32>(mm.x, inverse(d));
+}
+
 // Five-bit values l[0..32] (in `lq`) as ggml packs them: qh (bit e = fifth bit of element e) at byte
 // `h`, the low nibbles (elements j and j + 16 in byte j) at byte `q`.
 var<private> lq: array<u32, 32>;

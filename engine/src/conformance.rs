@@ -862,7 +862,6 @@ fn compressed_tensors_linears_run_in_place_as_on_the_cpu() {
 #[test]
 fn exl2_linears_run_in_place_as_on_the_cpu() {
     use crate::codecs::exl2::pack_exl2;
-    use crate::tensor::{Exl2Linear, Grouped};
     let mut rng = rand::rngs::StdRng::seed_from_u64(11);
     let (rows, cols) = (96usize, 256usize);
     for group_rows in [
@@ -890,20 +889,7 @@ fn exl2_linears_run_in_place_as_on_the_cpu() {
         }
         let p =
             pack_exl2(rows, &group_rows, &codes, &scale_codes, &scale_max, &perm).expect("pack");
-        let w = grouped(
-            "w.exl2",
-            Grouped::Exl2(Exl2Linear {
-                in_features: cols,
-                out_features: rows,
-                n_pad: p.n_pad,
-                groups: p.groups.clone(),
-                perm: p.perm.clone(),
-                q_weight: Bytes::owned(p.q_weight.clone()),
-                q_scale: Bytes::owned(p.q_scale.clone()),
-                q_scale_max: Bytes::owned(p.q_scale_max.clone()),
-                index_bytes: p.q_groups.len() + p.q_invperm.len(),
-            }),
-        );
+        let w = crate::quantize_exl2::exl2_tensor("w.exl2", &p, rows).expect("tensor");
         grouped_matches_the_cpu(&w, &format!("EXL2 {group_rows:?}"), &mut rng);
     }
     assert_eq!(crate::backend::gpu_fallback(), None);

@@ -370,16 +370,12 @@ pub(crate) fn quantize_measured(
             x.par_chunks_mut(cols.max(1))
                 .enumerate()
                 .for_each(|(r, row)| t.dequant_row(r, row));
-            match crate::backend::wgpu::gpu().and_then(|g| g.quantize_blocks(ty, &x)) {
-                Ok(bytes) if bytes.len() == out.len() => {
+            match crate::backend::on_gpu(|g| g.quantize_blocks(ty, &x)) {
+                Some(bytes) if bytes.len() == out.len() => {
                     out.copy_from_slice(&bytes);
                     true
                 }
-                Ok(_) => false,
-                Err(e) => {
-                    crate::backend::gpu_failed(&e);
-                    false
-                }
+                _ => false,
             }
         };
     let parts: Vec<ErrSums> = out

@@ -204,7 +204,7 @@ fn proj_name(kind: LinearKind) -> &'static str {
 }
 
 /// A packed linear as the model runs it.
-fn exl2_tensor(name: &str, p: &Exl2Packed, out_features: usize) -> Result<TensorRef> {
+pub(crate) fn exl2_tensor(name: &str, p: &Exl2Packed, out_features: usize) -> Result<TensorRef> {
     TensorRef::grouped(
         name,
         Grouped::Exl2(Exl2Linear {

@@ -133,17 +133,13 @@ impl MatmulObserver for HessianCollector {
             .hessians
             .entry(input_key(input))
             .or_insert_with(|| Hessian::new(cols));
-        let r = match self.backend {
-            crate::backend::Backend::Gpu if crate::backend::gpu_usable() => {
-                match crate::backend::wgpu::gpu().and_then(|g| g.gram(x, n, cols)) {
-                    Ok(g) => h.add_gram(&g, n),
-                    Err(e) => {
-                        crate::backend::gpu_failed(&e);
-                        h.add_batch(x, n)
-                    }
-                }
-            }
-            _ => h.add_batch(x, n),
+        let gram = match self.backend {
+            crate::backend::Backend::Gpu => crate::backend::on_gpu(|g| g.gram(x, n, cols)),
+            crate::backend::Backend::Cpu => None,
+        };
+        let r = match gram {
+            Some(g) => h.add_gram(&g, n),
+            None => h.add_batch(x, n),
         };
         if let Err(e) = r {
             self.error = Some(e);

@@ -3,9 +3,7 @@ const QBLOCK_BYTES: u32 = 18u;
 const QBLOCKS: u32 = 2u;
 
 fn quantize_block(s: u32, o: u32) {
-    let d = div_rn(signed_absmax(s), -8.0);
-    let id = inverse(d);
-    put_f16(o, d);
+    let id = symmetric_scale(s, o, 8.0);
     for (var j = 0u; j < 16u; j++) {
         let q0 = min(15, i32(add_rn(mul_rn(xv(s + j), id), 8.5)));
         let q1 = min(15, i32(add_rn(mul_rn(xv(s + j + 16u), id), 8.5)));

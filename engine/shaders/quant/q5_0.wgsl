@@ -3,9 +3,7 @@ const QBLOCK_BYTES: u32 = 22u;
 const QBLOCKS: u32 = 2u;
 
 fn quantize_block(s: u32, o: u32) {
-    let d = div_rn(signed_absmax(s), -16.0);
-    let id = inverse(d);
-    put_f16(o, d);
+    let id = symmetric_scale(s, o, 16.0);
     for (var j = 0u; j < 32u; j++) {
         lq[j] = u32(min(31, i32(add_rn(mul_rn(xv(s + j), id), 16.5))));
     }

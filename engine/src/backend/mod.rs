@@ -43,16 +43,16 @@ pub fn gpu_failed(e: &crate::Error) {
 }
 
 /// Run `f` on the GPU unless it has failed before; on failure record why (once, also on stderr) and
-/// return `false` so the caller computes on the CPU.
-fn on_gpu(f: impl FnOnce(&wgpu::Gpu) -> crate::Result<()>) -> bool {
+/// return `None` so the caller computes on the CPU.
+pub(crate) fn on_gpu<T>(f: impl FnOnce(&wgpu::Gpu) -> crate::Result<T>) -> Option<T> {
     if FALLBACK.get().is_some() {
-        return false;
+        return None;
     }
     match wgpu::gpu().and_then(f) {
-        Ok(()) => true,
+        Ok(v) => Some(v),
         Err(e) => {
             gpu_failed(&e);
-            false
+            None
         }
     }
 }
@@ -105,7 +105,7 @@ impl Backend {
         match self {
             Backend::Cpu => cpu::matmul(w, x, n, out),
             Backend::Gpu => {
-                if !on_gpu(|g| g.matmul(w, x, n, out)) {
+                if on_gpu(|g| g.matmul(w, x, n, out)).is_none() {
                     cpu::matmul(w, x, n, out);
                 }
             }
@@ -117,7 +117,7 @@ impl Backend {
         match self {
             Backend::Cpu => cpu::sgemm_nt(n, m, k, x, w, y),
             Backend::Gpu => {
-                if !on_gpu(|g| g.sgemm(n, m, k, x, w, y, false)) {
+                if on_gpu(|g| g.sgemm(n, m, k, x, w, y, false)).is_none() {
                     cpu::sgemm_nt(n, m, k, x, w, y);
                 }
             }
@@ -129,7 +129,7 @@ impl Backend {
         match self {
             Backend::Cpu => cpu::sgemm_nn(n, m, k, x, w, y),
             Backend::Gpu => {
-                if !on_gpu(|g| g.sgemm(n, m, k, x, w, y, true)) {
+                if on_gpu(|g| g.sgemm(n, m, k, x, w, y, true)).is_none() {
                     cpu::sgemm_nn(n, m, k, x, w, y);
                 }
             }

@@ -377,23 +377,18 @@ impl Exl2Prepared {
         let mut deq_p = vec![0f32; n * k];
         let threads = rayon::current_num_threads().max(1);
         let chunk = n.div_ceil(2 * threads).clamp(1, 256);
-        let on_device = self.backend == crate::backend::Backend::Gpu
-            && crate::backend::gpu_usable()
-            && match crate::backend::wgpu::gpu()
-                .and_then(|g| self.sweep_on_device(g, &wp, n, &groups, &mut codes_t, &mut deq_p))
-            {
-                Ok(params) => {
-                    for (gi, (codes, qsm)) in params.into_iter().enumerate() {
-                        scale_codes[gi * n_pad..gi * n_pad + n].copy_from_slice(&codes);
-                        scale_max.push(qsm);
-                    }
-                    true
-                }
-                Err(e) => {
-                    crate::backend::gpu_failed(&e);
-                    false
-                }
-            };
+        let device_params = if self.backend == crate::backend::Backend::Gpu {
+            crate::backend::on_gpu(|g| {
+                self.sweep_on_device(g, &wp, n, &groups, &mut codes_t, &mut deq_p)
+            })
+        } else {
+            None
+        };
+        let on_device = device_params.is_some();
+        for (gi, (codes, qsm)) in device_params.into_iter().flatten().enumerate() {
+            scale_codes[gi * n_pad..gi * n_pad + n].copy_from_slice(&codes);
+            scale_max.push(qsm);
+        }
         let mut a = 0usize;
         for (gi, &(bits, rows)) in groups.iter().enumerate() {
             if on_device {

@@ -338,16 +338,8 @@ fn gptq_with(
         block: opts.block_size,
     };
     let on_device = match opts.backend {
-        crate::backend::Backend::Gpu if rows > 0 && cols > 0 && crate::backend::gpu_usable() => {
-            match crate::backend::wgpu::gpu()
-                .and_then(|g| ctx.sweep_on_device(g, &wp, &mut qp, chunk_rows))
-            {
-                Ok(outs) => Some(outs),
-                Err(e) => {
-                    crate::backend::gpu_failed(&e);
-                    None
-                }
-            }
+        crate::backend::Backend::Gpu if rows > 0 && cols > 0 => {
+            crate::backend::on_gpu(|g| ctx.sweep_on_device(g, &wp, &mut qp, chunk_rows))
         }
         _ => None,
     };

@@ -410,21 +410,13 @@ impl Gpu {
         buffers: &[&wg::Buffer],
         table: Option<&wg::Buffer>,
     ) -> wg::BindGroup {
-        let entries: Vec<wg::BindGroupEntry> = buffers
+        let entries: Vec<(u32, &wg::Buffer)> = buffers
             .iter()
             .enumerate()
             .map(|(i, b)| (i as u32, *b))
             .chain(table.map(|t| (7, t)))
-            .map(|(i, b)| wg::BindGroupEntry {
-                binding: i,
-                resource: b.as_entire_binding(),
-            })
             .collect();
-        self.device.create_bind_group(&wg::BindGroupDescriptor {
-            label: None,
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        })
+        self.bind_at(pipeline, &entries)
     }
 
     /// Record: dequantise `count` blocks of `ty` starting at block `first` of `src` into `dst`

@@ -140,7 +140,8 @@ impl Gpu {
         })
     }
 
-    fn grid(&self, count: u32) -> (u32, u32, u32) {
+    /// Workgroups of 64 for `count` invocations: `(x, y, invocations per grid row)`.
+    pub(crate) fn grid(&self, count: u32) -> (u32, u32, u32) {
         let groups = count.div_ceil(WG).max(1);
         let gx = groups.min(self.max_groups());
         (gx, groups.div_ceil(gx), gx * WG)

@@ -14,6 +14,39 @@ pub(crate) static QUANTIZED_ON_DEVICE: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(0);
 
 impl Gpu {
+    /// Run `p` (bindings: `input`, an output of `out_words` words, params `[n, stride, 0, 0]`) over
+    /// `invocations` and read the output back.
+    fn run_and_read(
+        &self,
+        what: &str,
+        p: &wg::ComputePipeline,
+        input: &[u8],
+        n: u32,
+        invocations: u32,
+        out_words: usize,
+    ) -> Result<Vec<f32>> {
+        let xb = self.upload_with("input", input, wg::BufferUsages::empty());
+        let size = (out_words.max(1) * 4) as u64;
+        let ob = self.device.create_buffer(&wg::BufferDescriptor {
+            label: Some(what),
+            size,
+            usage: wg::BufferUsages::STORAGE | wg::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let (gx, gy, stride) = self.grid(invocations);
+        let params = self.uniform(&[n, stride, 0, 0]);
+        let bg = self.bind(p, &[&xb, &ob, &params]);
+        self.record_and_read(what, out_words, |enc, staging| {
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                pass.set_pipeline(p);
+                pass.set_bind_group(0, &bg, &[]);
+                pass.dispatch_workgroups(gx, gy, 1);
+            }
+            enc.copy_buffer_to_buffer(&ob, 0, staging, 0, size);
+        })
+    }
+
     /// `x` (rows of `ty`'s whole blocks, back to back) quantized to `ty` without an importance matrix:
     /// the bytes `ty`'s CPU quantizer writes.
     pub fn quantize_blocks(&self, ty: GgmlType, x: &[f32]) -> Result<Vec<u8>> {
@@ -40,33 +73,15 @@ impl Gpu {
         for b0 in (0..blocks).step_by(max_blocks) {
             let nb = max_blocks.min(blocks - b0);
             let src = &x[b0 * tr.block_elems..(b0 + nb) * tr.block_elems];
-            let xb = self.upload_with(
-                "values",
-                bytemuck::cast_slice(src),
-                wg::BufferUsages::empty(),
-            );
             let invs = nb.div_ceil(per) as u32;
-            let groups = invs.div_ceil(64).max(1);
-            let gx = groups.min(self.max_groups());
-            let gy = groups.div_ceil(gx);
-            let n_words = invs as usize * words;
-            let ob = self.device.create_buffer(&wg::BufferDescriptor {
-                label: Some("quantized"),
-                size: (n_words * 4) as u64,
-                usage: wg::BufferUsages::STORAGE | wg::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            });
-            let params = self.uniform(&[nb as u32, gx * 64, 0, 0]);
-            let bg = self.bind(&p, &[&xb, &ob, &params]);
-            let vals = self.record_and_read("quantizing", n_words, |enc, staging| {
-                {
-                    let mut pass = enc.begin_compute_pass(&Default::default());
-                    pass.set_pipeline(&p);
-                    pass.set_bind_group(0, &bg, &[]);
-                    pass.dispatch_workgroups(gx, gy, 1);
-                }
-                enc.copy_buffer_to_buffer(&ob, 0, staging, 0, (n_words * 4) as u64);
-            })?;
+            let vals = self.run_and_read(
+                "quantizing",
+                &p,
+                bytemuck::cast_slice(src),
+                nb as u32,
+                invs,
+                invs as usize * words,
+            )?;
             let bytes: &[u8] = bytemuck::cast_slice(&vals);
             out.extend_from_slice(&bytes[..nb * tr.block_bytes]);
         }
@@ -80,31 +95,15 @@ impl Gpu {
         let flat: Vec<f32> = pairs.iter().flat_map(|&(a, b)| [a, b]).collect();
         let _guard = self.begin()?;
         let p = self.pipeline(Key::Op("exact_check", "main"));
-        let ab = self.upload_with(
-            "pairs",
-            bytemuck::cast_slice(&flat),
-            wg::BufferUsages::empty(),
-        );
         let n = pairs.len();
-        let ob = self.device.create_buffer(&wg::BufferDescriptor {
-            label: Some("results"),
-            size: (n * 20).max(4) as u64,
-            usage: wg::BufferUsages::STORAGE | wg::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        let groups = (n as u32).div_ceil(64).max(1);
-        let gx = groups.min(self.max_groups());
-        let params = self.uniform(&[n as u32, gx * 64, 0, 0]);
-        let bg = self.bind(&p, &[&ab, &ob, &params]);
-        let vals = self.record_and_read("exact arithmetic", n * 5, |enc, staging| {
-            {
-                let mut pass = enc.begin_compute_pass(&Default::default());
-                pass.set_pipeline(&p);
-                pass.set_bind_group(0, &bg, &[]);
-                pass.dispatch_workgroups(gx, groups.div_ceil(gx), 1);
-            }
-            enc.copy_buffer_to_buffer(&ob, 0, staging, 0, (n * 20).max(4) as u64);
-        })?;
+        let vals = self.run_and_read(
+            "exact arithmetic",
+            &p,
+            bytemuck::cast_slice(&flat),
+            n as u32,
+            n as u32,
+            n * 5,
+        )?;
         Ok(vals
             .chunks_exact(5)
             .map(|c| std::array::from_fn(|i| c[i].to_bits()))

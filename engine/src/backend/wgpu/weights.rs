@@ -470,16 +470,14 @@ impl Gpu {
         for r0 in (0..rows).step_by(tile) {
             let m = tile.min(rows - r0);
             let count = (m * cols) as u32;
-            let groups = count.div_ceil(64).max(1);
-            let gx = groups.min(self.max_groups());
-            let gy = groups.div_ceil(gx);
+            let (gx, gy, stride) = self.grid(count);
             let params = self.uniform(&[
                 rows as u32,
                 cols as u32,
                 gq.param,
                 r0 as u32,
                 m as u32,
-                gx * 64,
+                stride,
                 0,
                 0,
             ]);
