@@ -1,24 +1,46 @@
-//! Integer dot products of packed weight rows with activations quantized to Q8_0, as llama.cpp's CPU
-//! backend multiplies them (`ggml_vec_dot_q4_0_q8_0`, `ggml_vec_dot_q8_0_q8_0`): each block's products are
-//! summed exactly in integers and scaled by `f16(d_w) · f16(d_x)`; the block sums are scaled in
-//! eight f32 lanes and added at the end (the order documented on [`vec_dot_scalar`]). The weight is read packed (4.5 or 8.5 bits per weight instead of a dequantised f32 row), so
-//! decoding moves a fraction of the bytes. AVX2 where the CPU has it; the scalar code is the reference
-//! the vector code equals exactly (the block sums are exact integers, the f32 accumulation the same).
+//! Integer dot products of packed weight rows with activations quantized to 8 bits, as llama.cpp's CPU
+//! backend multiplies them (`ggml_vec_dot_q4_0_q8_0`, `ggml_vec_dot_q4_K_q8_K`, …): the weight is read
+//! packed (2.6–8.5 bits per weight instead of a dequantised f32 row), each block's products are summed
+//! exactly in integers, and only the block sums are scaled in f32. AVX2 where the CPU has it; the scalar
+//! code is the reference the vector code equals exactly (the integer sums are exact and the f32 operations
+//! are the same ones in the same order).
+//!
+//! Two families, by the activation type ggml pairs with the weight type (the codec table's `vec_dot`):
+//! - **Q8_0 blocks of 32** for Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL (Q4_1/Q5_1 also use Q8_1's stored sum
+//!   `s` for their offsets): per block, the products are summed in eight lanes of four consecutive elements,
+//!   each lane scaled by `f16(d_w) · f16(d_x)` into its own f32 accumulator (order on [`vec_dot_scalar`]).
+//! - **Q8_K blocks of 256** for the k-quants and IQ4_XS: a weight block is read as 256 signed integer codes,
+//!   an integer scale (and, for Q2_K/Q4_K/Q5_K, an integer min) per 16 elements and one or two f32 block
+//!   multipliers; per block `Σ_s scale_s · Σ_{i∈s} code_i · q_i` and `Σ_s min_s · bsum_s` are exact integers
+//!   that meet `d_w · d_x` and `dmin_w · d_x` in two fused multiply-adds of one f32 accumulator.
 
-use crate::codecs::GgmlType;
+use crate::codecs::{GgmlType, VecDotType};
 
-/// One activation row quantized to Q8_0 as ggml-cpu's x86 `quantize_row_q8_0` does: per 32 values
-/// `d = amax/127` stored as f16, `q = round_half_even(x · 127/amax)`.
+/// One activation row quantized to the weight type's vec_dot type: Q8_0 blocks of 32 as ggml-cpu's x86
+/// `quantize_row_q8_0` makes them (`d = amax/127` stored as f16, `q = round_half_even(x · 127/amax)`), or
+/// Q8_K blocks of 256 as `quantize_row_q8_K_ref` makes them (the value of largest magnitude maps to −127,
+/// `d = 1/iscale` kept in f32, and the sum of every 16 codes).
 pub struct Q8Row {
-    /// `f16(d)` per block, as f32.
+    /// The block's scale, as f32 (`f16(d)` for Q8_0).
     pub d: Vec<f32>,
-    /// Q8_1's `s = f16(d · Σq)` per block (the unrounded d), for the `_1` weight types' offsets.
+    /// Q8_1's `s = f16(d · Σq)` per block (the unrounded d), for the `_1` weight types' offsets; Q8_0 only.
     pub s: Vec<f32>,
+    /// Q8_K's sums of 16 consecutive codes.
+    pub bsums: Vec<i16>,
     pub q: Vec<i8>,
 }
 
 impl Q8Row {
-    pub fn quantize(x: &[f32]) -> Self {
+    /// `x` in the activation type `ty`'s weights are multiplied with (a [`fused`] type).
+    pub fn for_type(ty: GgmlType, x: &[f32]) -> Self {
+        match ty.traits().vec_dot {
+            VecDotType::Q8K => Self::q8_k(x),
+            _ => Self::q8_0(x),
+        }
+    }
+
+    /// Q8_0 (with Q8_1's sums) blocks of 32.
+    pub fn q8_0(x: &[f32]) -> Self {
         debug_assert!(x.len().is_multiple_of(32));
         let mut d = Vec::with_capacity(x.len() / 32);
         let mut s = Vec::with_capacity(x.len() / 32);
@@ -33,20 +55,83 @@ impl Q8Row {
             let sum: i32 = q[start..].iter().map(|&v| i32::from(v)).sum();
             s.push(half::f16::from_f32(dd * sum as f32).to_f32());
         }
-        Self { d, s, q }
+        Self {
+            d,
+            s,
+            bsums: Vec::new(),
+            q,
+        }
     }
+
+    /// Q8_K blocks of 256.
+    pub fn q8_k(x: &[f32]) -> Self {
+        debug_assert!(x.len().is_multiple_of(256));
+        let mut d = Vec::with_capacity(x.len() / 256);
+        let mut q = vec![0i8; x.len()];
+        for (b, qb) in x.chunks_exact(256).zip(q.chunks_exact_mut(256)) {
+            d.push(q8_k_block(b, qb));
+        }
+        let bsums = q
+            .chunks_exact(16)
+            .map(|c| c.iter().map(|&v| i16::from(v)).sum())
+            .collect();
+        Self {
+            d,
+            s: Vec::new(),
+            bsums,
+            q,
+        }
+    }
+}
+
+/// One Q8_K block as `quantize_row_q8_K_ref` makes it: the value of largest magnitude `max` maps to −127,
+/// `q = min(127, nearest_int(−127/max · x))`; returns `d = 1/iscale` (0 for an all-zero block).
+pub fn q8_k_block(x: &[f32], q: &mut [i8]) -> f32 {
+    let (mut amax, mut max) = (0.0f32, 0.0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax == 0.0 {
+        q.fill(0);
+        return 0.0;
+    }
+    let iscale = -127.0 / max;
+    for (o, &v) in q.iter_mut().zip(x) {
+        // ggml's nearest_int: ties to even for |v| < 2^22 (always here: |iscale·x| ≤ 127).
+        *o = (iscale * v).round_ties_even().min(127.0) as i8;
+    }
+    1.0 / iscale
 }
 
 /// Whether [`vec_dot`] takes weights of `ty`.
 pub fn fused(ty: GgmlType) -> bool {
     matches!(
         ty,
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
+        GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::Iq4Nl
+            | GgmlType::Q2K
+            | GgmlType::Q3K
+            | GgmlType::Q4K
+            | GgmlType::Q5K
+            | GgmlType::Q6K
+            | GgmlType::Iq4Xs
     )
 }
 
-/// A weight block's layout: bytes, where the codes start, whether it has an f16 offset `m` after `d`
-/// (paired with Q8_1's `s`), and where its 32 fifth bits are (5-bit types).
+/// Whether `ty` is one of the Q8_K family (256-element blocks with sub-block scales).
+fn k_family(ty: GgmlType) -> bool {
+    ty.traits().vec_dot == VecDotType::Q8K
+}
+
+/// A 32-element weight block's layout: bytes, where the codes start, whether it has an f16 offset `m`
+/// after `d` (paired with Q8_1's `s`), and where its 32 fifth bits are (5-bit types).
 struct Layout {
     bytes: usize,
     qs: usize,
@@ -56,12 +141,12 @@ struct Layout {
 
 fn layout(ty: GgmlType) -> Layout {
     let (bytes, qs, offset, qh) = match ty {
-        GgmlType::Q4_0 => (18, 2, false, None),
+        GgmlType::Q4_0 | GgmlType::Iq4Nl => (18, 2, false, None),
         GgmlType::Q4_1 => (20, 4, true, None),
         GgmlType::Q5_0 => (22, 6, false, Some(2)),
         GgmlType::Q5_1 => (24, 8, true, Some(4)),
         GgmlType::Q8_0 => (34, 2, false, None),
-        _ => unreachable!("vec_dot of a type without a fused kernel"),
+        _ => unreachable!("a Q8_0-family layout of {ty:?}"),
     };
     Layout {
         bytes,
@@ -72,7 +157,7 @@ fn layout(ty: GgmlType) -> Layout {
 }
 
 /// The 32 integer codes of one block as the dot product uses them: Q4_0 `q − 8`, Q5_0 `q − 16`, Q4_1/Q5_1
-/// `q` (their offset is added separately), Q8_0 the signed bytes.
+/// `q` (their offset is added separately), Q8_0 the signed bytes, IQ4_NL the table's values.
 fn codes(ty: GgmlType, blk: &[u8], w: &mut [i32; 32]) {
     let l = layout(ty);
     if ty == GgmlType::Q8_0 {
@@ -96,6 +181,11 @@ fn codes(ty: GgmlType, blk: &[u8], w: &mut [i32; 32]) {
         w[j] = (u32::from(qs[j] & 15) | h0) as i32 - bias;
         w[j + 16] = (u32::from(qs[j] >> 4) | h1) as i32 - bias;
     }
+    if ty == GgmlType::Iq4Nl {
+        for v in w.iter_mut() {
+            *v = i32::from(crate::codecs::KVALUES_IQ4NL[*v as usize]);
+        }
+    }
 }
 
 #[inline]
@@ -103,24 +193,35 @@ fn f16_at(b: &[u8]) -> f32 {
     half::f16::from_le_bytes([b[0], b[1]]).to_f32()
 }
 
-/// `Σ_c W[c] · x[c]` of one packed row of `ty` (a [`fused`] type) with a quantized activation row.
+/// `Σ_c W[c] · x[c]` of one packed row of `ty` (a [`fused`] type) with its activation row
+/// ([`Q8Row::for_type`] of the same type).
 pub fn vec_dot(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
         if avx2() {
             // SAFETY: the CPU has AVX2, FMA and F16C (checked at runtime).
             #[allow(unsafe_code)]
-            return unsafe { x86::vec_dot(ty, row, x) };
+            return unsafe {
+                if k_family(ty) {
+                    x86::vec_dot_k(ty, row, x)
+                } else {
+                    x86::vec_dot(ty, row, x)
+                }
+            };
         }
     }
     vec_dot_scalar(ty, row, x)
 }
 
-/// The scalar reference of [`vec_dot`], in the vector code's order: each block's products summed exactly in
-/// eight lanes of four consecutive elements, each lane scaled by `f16(d_w) · f16(d_x)` into its own f32
-/// accumulator with a fused multiply-add, the eight accumulators added pairwise at the end; the `_1` types'
-/// offsets `m_w · s_x` summed block by block on the side and added last.
+/// The scalar reference of [`vec_dot`]. Q8_0 family, in the vector code's order: each block's products
+/// summed exactly in eight lanes of four consecutive elements, each lane scaled by `f16(d_w) · f16(d_x)` into
+/// its own f32 accumulator with a fused multiply-add, the eight accumulators added pairwise at the end; the
+/// `_1` types' offsets `m_w · s_x` summed block by block on the side and added last. Q8_K family: per block
+/// `acc = fma(d_w·d_x, sumi, acc)`, then `acc = fma(−dmin_w·d_x, summ, acc)` for types with mins.
 pub fn vec_dot_scalar(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
+    if k_family(ty) {
+        return vec_dot_k_scalar(ty, row, x);
+    }
     let l = layout(ty);
     let mut acc = [0.0f32; 8];
     let mut offs = 0.0f32;
@@ -149,6 +250,167 @@ pub fn vec_dot_scalar(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
     (s4[0] + s4[2]) + (s4[1] + s4[3]) + offs
 }
 
+/// A Q8_K-family weight block read as integers: `value_i = d · scale_{i/16} · code_i − dmin · min_{i/16}`.
+struct KScales {
+    d: f32,
+    dmin: f32,
+    scales: [i16; 16],
+    /// All zero for the types without mins.
+    mins: [i16; 16],
+}
+
+/// Bytes per block of a Q8_K-family type.
+fn k_bytes(ty: GgmlType) -> usize {
+    ty.traits().block_bytes
+}
+
+/// The block multipliers and per-16 integer scales and mins of one Q8_K-family block.
+fn k_scales(ty: GgmlType, blk: &[u8]) -> KScales {
+    let mut k = KScales {
+        d: 0.0,
+        dmin: 0.0,
+        scales: [0; 16],
+        mins: [0; 16],
+    };
+    match ty {
+        GgmlType::Q2K => {
+            k.d = f16_at(&blk[80..]);
+            k.dmin = f16_at(&blk[82..]);
+            for (j, &s) in blk[..16].iter().enumerate() {
+                k.scales[j] = i16::from(s & 15);
+                k.mins[j] = i16::from(s >> 4);
+            }
+        }
+        GgmlType::Q3K => {
+            k.d = f16_at(&blk[108..]);
+            for (o, s) in k
+                .scales
+                .iter_mut()
+                .zip(crate::codecs::q3_k_scales(&blk[96..108]))
+            {
+                *o = s as i16;
+            }
+        }
+        GgmlType::Q4K | GgmlType::Q5K => {
+            k.d = f16_at(blk);
+            k.dmin = f16_at(&blk[2..]);
+            for j in 0..8 {
+                let (sc, m) = crate::codecs::scale_min_k4(j, &blk[4..16]);
+                k.scales[2 * j..2 * j + 2].fill(i16::from(sc));
+                k.mins[2 * j..2 * j + 2].fill(i16::from(m));
+            }
+        }
+        GgmlType::Q6K => {
+            k.d = f16_at(&blk[208..]);
+            for (o, &s) in k.scales.iter_mut().zip(&blk[192..208]) {
+                *o = i16::from(s as i8);
+            }
+        }
+        GgmlType::Iq4Xs => {
+            k.d = f16_at(blk);
+            let scales_h = u16::from_le_bytes([blk[2], blk[3]]);
+            for ib in 0..8 {
+                let ls = ((blk[4 + ib / 2] >> (4 * (ib % 2))) & 0x0F)
+                    | ((((scales_h >> (2 * ib)) & 3) as u8) << 4);
+                k.scales[2 * ib..2 * ib + 2].fill(i16::from(ls) - 32);
+            }
+        }
+        _ => unreachable!("a Q8_K-family block of {ty:?}"),
+    }
+    k
+}
+
+/// The 256 signed integer codes of one Q8_K-family block, in element order.
+fn k_codes(ty: GgmlType, blk: &[u8], w: &mut [i8; 256]) {
+    match ty {
+        GgmlType::Q2K => {
+            for (i, o) in w.iter_mut().enumerate() {
+                let (h, g, l) = (i / 128, (i / 32) % 4, i % 32);
+                *o = ((blk[16 + 32 * h + l] >> (2 * g)) & 3) as i8;
+            }
+        }
+        GgmlType::Q3K => {
+            for (i, o) in w.iter_mut().enumerate() {
+                let (h, g, l) = (i / 128, (i / 32) % 4, i % 32);
+                let low = (blk[32 + 32 * h + l] >> (2 * g)) & 3;
+                let high = (blk[l] >> (4 * h + g)) & 1;
+                *o = (low | (high << 2)) as i8 - 4;
+            }
+        }
+        GgmlType::Q4K | GgmlType::Q5K => {
+            let (qs, qh) = if ty == GgmlType::Q4K {
+                (&blk[16..144], None)
+            } else {
+                (&blk[48..176], Some(&blk[16..48]))
+            };
+            for (i, o) in w.iter_mut().enumerate() {
+                let (c, hi, l) = (i / 64, (i / 32) % 2, i % 32);
+                let nib = (qs[32 * c + l] >> (4 * hi)) & 15;
+                let fifth = qh.map_or(0, |qh| ((qh[l] >> (2 * c + hi)) & 1) << 4);
+                *o = (nib | fifth) as i8;
+            }
+        }
+        GgmlType::Q6K => {
+            for (i, o) in w.iter_mut().enumerate() {
+                let (h, m, l) = (i / 128, (i / 32) % 4, i % 32);
+                let ql = blk[64 * h + l + 32 * (m % 2)];
+                let low = (ql >> (4 * (m / 2))) & 15;
+                let high = (blk[128 + 32 * h + l] >> (2 * m)) & 3;
+                *o = (low | (high << 4)) as i8 - 32;
+            }
+        }
+        GgmlType::Iq4Xs => {
+            for (i, o) in w.iter_mut().enumerate() {
+                let (ib, hi, j) = (i / 32, (i / 16) % 2, i % 16);
+                let nib = (blk[8 + 16 * ib + j] >> (4 * hi)) & 15;
+                *o = crate::codecs::KVALUES_IQ4NL[nib as usize];
+            }
+        }
+        _ => unreachable!("Q8_K-family codes of {ty:?}"),
+    }
+}
+
+/// The Q8_K family's per-block float step, shared by the scalar and vector code.
+#[inline]
+fn k_accumulate(acc: f32, k: &KScales, dx: f32, sumi: i32, summ: i32) -> f32 {
+    let acc = (k.d * dx).mul_add(sumi as f32, acc);
+    (-(k.dmin * dx)).mul_add(summ as f32, acc)
+}
+
+/// `Σ_s min_s · bsum_s` of one block.
+#[inline]
+fn k_mins(k: &KScales, bsums: &[i16]) -> i32 {
+    k.mins
+        .iter()
+        .zip(bsums)
+        .map(|(&m, &b)| i32::from(m) * i32::from(b))
+        .sum()
+}
+
+fn vec_dot_k_scalar(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = 0.0f32;
+    let mut w = [0i8; 256];
+    for (b, (blk, xq)) in row
+        .chunks_exact(k_bytes(ty))
+        .zip(x.q.chunks_exact(256))
+        .enumerate()
+    {
+        let k = k_scales(ty, blk);
+        k_codes(ty, blk, &mut w);
+        let sumi: i32 = (0..16)
+            .map(|s| {
+                let p: i32 = (16 * s..16 * s + 16)
+                    .map(|i| i32::from(w[i]) * i32::from(xq[i]))
+                    .sum();
+                i32::from(k.scales[s]) * p
+            })
+            .sum();
+        let summ = k_mins(&k, &x.bsums[16 * b..16 * b + 16]);
+        acc = k_accumulate(acc, &k, x.d[b], sumi, summ);
+    }
+    acc
+}
+
 #[cfg(target_arch = "x86_64")]
 fn avx2() -> bool {
     use std::sync::OnceLock;
@@ -171,11 +433,17 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn lanes_i8(a: __m256i, b: __m256i) -> __m256i {
-        // maddubs needs an unsigned left operand: |a| · sign(b, a) (no pair exceeds 2 · 128 · 127).
+        _mm256_madd_epi16(pairs_i8(a, b), _mm256_set1_epi16(1))
+    }
+
+    /// The sixteen pair sums of 32 signed byte products (|a|, |b| ≤ 127, so no pair saturates).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn pairs_i8(a: __m256i, b: __m256i) -> __m256i {
+        // maddubs needs an unsigned left operand: |a| · sign(b, a).
         let ax = _mm256_sign_epi8(a, a);
         let sy = _mm256_sign_epi8(b, a);
-        let p16 = _mm256_maddubs_epi16(ax, sy);
-        _mm256_madd_epi16(p16, _mm256_set1_epi16(1))
+        _mm256_maddubs_epi16(ax, sy)
     }
 
     /// The f16 at the start of `b`, with F16C.
@@ -204,13 +472,45 @@ mod x86 {
         _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit)
     }
 
-    /// [`super::vec_dot`] with AVX2, FMA and F16C, in the order [`super::vec_dot_scalar`] documents.
+    /// IQ4_NL's table in both 128-bit halves, for `pshufb`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn iq4_table() -> __m256i {
+        // SAFETY: the table has 16 bytes.
+        let t = unsafe { _mm_loadu_si128(crate::codecs::KVALUES_IQ4NL.as_ptr().cast()) };
+        _mm256_set_m128i(t, t)
+    }
+
+    /// 16 bytes of nibbles as 32 bytes: low nibbles first, then high.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn nibbles16(p: *const u8) -> __m256i {
+        // SAFETY: the caller guarantees 16 bytes at `p`.
+        let qs = unsafe { _mm_loadu_si128(p.cast()) };
+        _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs),
+            _mm256_set1_epi8(15),
+        )
+    }
+
+    /// The horizontal sum of eight i32 lanes (exact: the caller's sums fit).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn hsum_i32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
+        _mm_cvtsi128_si32(s)
+    }
+
+    /// [`super::vec_dot`] of the Q8_0 family with AVX2, FMA and F16C, in the order
+    /// [`super::vec_dot_scalar`] documents.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn vec_dot(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
         let l = super::layout(ty);
         let mut acc = _mm256_setzero_ps();
         let mut offs = 0.0f32;
-        let low = _mm256_set1_epi8(15);
+        let table = unsafe { iq4_table() };
         for (b, (blk, xq)) in row
             .chunks_exact(l.bytes)
             .zip(x.q.chunks_exact(32))
@@ -221,11 +521,11 @@ mod x86 {
                 unsafe { _mm256_loadu_si256(blk.as_ptr().add(2).cast()) }
             } else {
                 // SAFETY: 16 bytes of nibbles are in bounds. Low nibbles are elements 0..16, high 16..32.
-                let qs = unsafe { _mm_loadu_si128(blk.as_ptr().add(l.qs).cast()) };
-                let nib = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
+                let nib = unsafe { nibbles16(blk.as_ptr().add(l.qs)) };
                 match ty {
                     GgmlType::Q4_0 => _mm256_sub_epi8(nib, _mm256_set1_epi8(8)),
                     GgmlType::Q4_1 => nib,
+                    GgmlType::Iq4Nl => _mm256_shuffle_epi8(table, nib),
                     GgmlType::Q5_0 => {
                         // q − 16: the nibble with 0xF0 where the fifth bit is clear.
                         let hi = unsafe { bits_as_bytes(&blk[2..]) };
@@ -255,6 +555,137 @@ mod x86 {
         let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
         _mm_cvtss_f32(s1) + offs
     }
+
+    /// [`super::k_codes`] with AVX2: the same 256 codes.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn k_codes(ty: GgmlType, blk: &[u8], w: &mut [i8; 256]) {
+        let p = blk.as_ptr();
+        let o = w.as_mut_ptr();
+        let m15 = _mm256_set1_epi8(15);
+        let m3 = _mm256_set1_epi8(3);
+        let one = _mm256_set1_epi8(1);
+        // SAFETY (all loads and stores below): every offset is inside the type's block (`blk` holds one
+        // whole block) or inside the 256 codes.
+        unsafe {
+            let ld = |off: usize| _mm256_loadu_si256(p.add(off).cast());
+            let st = |at: usize, v: __m256i| _mm256_storeu_si256(o.add(at).cast(), v);
+            match ty {
+                GgmlType::Q2K | GgmlType::Q3K => {
+                    let (qs, bias) = if ty == GgmlType::Q2K {
+                        (16, 0)
+                    } else {
+                        (32, 4)
+                    };
+                    let hmask = ld(0);
+                    for h in 0..2 {
+                        let q = ld(qs + 32 * h);
+                        for g in 0..4 {
+                            let sh = _mm_cvtsi32_si128((2 * g) as i32);
+                            let mut c = _mm256_and_si256(_mm256_srl_epi16(q, sh), m3);
+                            if bias != 0 {
+                                let hb = _mm_cvtsi32_si128((4 * h + g) as i32);
+                                let hi = _mm256_and_si256(_mm256_srl_epi16(hmask, hb), one);
+                                c = _mm256_sub_epi8(
+                                    _mm256_or_si256(c, _mm256_slli_epi16(hi, 2)),
+                                    _mm256_set1_epi8(4),
+                                );
+                            }
+                            st(128 * h + 32 * g, c);
+                        }
+                    }
+                }
+                GgmlType::Q4K | GgmlType::Q5K => {
+                    let qs = if ty == GgmlType::Q4K { 16 } else { 48 };
+                    let qh = ld(16);
+                    for c in 0..4 {
+                        let q = ld(qs + 32 * c);
+                        let mut lo = _mm256_and_si256(q, m15);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m15);
+                        if ty == GgmlType::Q5K {
+                            let s0 = _mm_cvtsi32_si128((2 * c) as i32);
+                            let s1 = _mm_cvtsi32_si128((2 * c + 1) as i32);
+                            let b0 = _mm256_and_si256(_mm256_srl_epi16(qh, s0), one);
+                            let b1 = _mm256_and_si256(_mm256_srl_epi16(qh, s1), one);
+                            lo = _mm256_or_si256(lo, _mm256_slli_epi16(b0, 4));
+                            hi = _mm256_or_si256(hi, _mm256_slli_epi16(b1, 4));
+                        }
+                        st(64 * c, lo);
+                        st(64 * c + 32, hi);
+                    }
+                }
+                GgmlType::Q6K => {
+                    let m30 = _mm256_set1_epi8(0x30);
+                    let b32 = _mm256_set1_epi8(32);
+                    for h in 0..2 {
+                        let (l0, l1, qh) = (ld(64 * h), ld(64 * h + 32), ld(128 + 32 * h));
+                        // Bits 2m, 2m+1 of qh to bits 4, 5 of each byte (the shifts cross bytes
+                        // only into bits the mask drops).
+                        let h0 = _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30);
+                        let h1 = _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30);
+                        let h2 = _mm256_and_si256(qh, m30);
+                        let h3 = _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30);
+                        let n = |v: __m256i, hi: bool| {
+                            if hi {
+                                _mm256_and_si256(_mm256_srli_epi16(v, 4), m15)
+                            } else {
+                                _mm256_and_si256(v, m15)
+                            }
+                        };
+                        let c = |l, hb| _mm256_sub_epi8(_mm256_or_si256(l, hb), b32);
+                        st(128 * h, c(n(l0, false), h0));
+                        st(128 * h + 32, c(n(l1, false), h1));
+                        st(128 * h + 64, c(n(l0, true), h2));
+                        st(128 * h + 96, c(n(l1, true), h3));
+                    }
+                }
+                GgmlType::Iq4Xs => {
+                    let table = iq4_table();
+                    for ib in 0..8 {
+                        let nib = nibbles16(p.add(8 + 16 * ib));
+                        st(32 * ib, _mm256_shuffle_epi8(table, nib));
+                    }
+                }
+                _ => unreachable!("Q8_K-family codes of {ty:?}"),
+            }
+        }
+    }
+
+    /// [`super::vec_dot`] of the Q8_K family: codes decoded with [`k_codes`], the integer sums with AVX2,
+    /// the float step shared with the scalar reference.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn vec_dot_k(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
+        let mut acc = 0.0f32;
+        let mut w = [0i8; 256];
+        for (b, (blk, xq)) in row
+            .chunks_exact(super::k_bytes(ty))
+            .zip(x.q.chunks_exact(256))
+            .enumerate()
+        {
+            let k = super::k_scales(ty, blk);
+            unsafe { k_codes(ty, blk, &mut w) };
+            let mut sum = _mm256_setzero_si256();
+            for c in 0..8 {
+                // SAFETY: 32 codes and 32 activations at 32·c are in bounds.
+                let (wv, xv) = unsafe {
+                    (
+                        _mm256_loadu_si256(w.as_ptr().add(32 * c).cast()),
+                        _mm256_loadu_si256(xq.as_ptr().add(32 * c).cast()),
+                    )
+                };
+                // Pair sums of elements 32c..32c+16 meet scale 2c, the rest scale 2c+1.
+                let sc = _mm256_set_m128i(
+                    _mm_set1_epi16(k.scales[2 * c + 1]),
+                    _mm_set1_epi16(k.scales[2 * c]),
+                );
+                let p = unsafe { pairs_i8(wv, xv) };
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, sc));
+            }
+            let sumi = unsafe { hsum_i32(sum) };
+            let summ = super::k_mins(&k, &x.bsums[16 * b..16 * b + 16]);
+            acc = super::k_accumulate(acc, &k, x.d[b], sumi, summ);
+        }
+        acc
+    }
 }
 
 #[cfg(test)]
@@ -262,54 +693,153 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
+    const TYPES: [GgmlType; 12] = [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Iq4Nl,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+        GgmlType::Iq4Xs,
+    ];
+
+    /// Each block's exact contribution `(Σ value_w · value_x, Σ |…|)` in f64, from the integer reading of the
+    /// block ([`codes`] or [`k_codes`] with [`k_scales`]).
+    fn f64_dot(ty: GgmlType, row: &[u8], q: &Q8Row) -> (f64, f64) {
+        let (mut want, mut scale) = (0.0f64, 0.0f64);
+        if k_family(ty) {
+            let mut w = [0i8; 256];
+            for (b, (blk, xq)) in row
+                .chunks_exact(k_bytes(ty))
+                .zip(q.q.chunks_exact(256))
+                .enumerate()
+            {
+                let k = k_scales(ty, blk);
+                k_codes(ty, blk, &mut w);
+                for i in 0..256 {
+                    let v = f64::from(k.d) * f64::from(k.scales[i / 16]) * f64::from(w[i])
+                        - f64::from(k.dmin) * f64::from(k.mins[i / 16]);
+                    let t = v * f64::from(q.d[b]) * f64::from(xq[i]);
+                    want += t;
+                    scale += t.abs();
+                }
+            }
+            return (want, scale);
+        }
+        let l = layout(ty);
+        let mut wq = [0i32; 32];
+        for (b, (blk, xq)) in row
+            .chunks_exact(l.bytes)
+            .zip(q.q.chunks_exact(32))
+            .enumerate()
+        {
+            codes(ty, blk, &mut wq);
+            let si: i64 = wq
+                .iter()
+                .zip(xq)
+                .map(|(&a, &v)| i64::from(a) * i64::from(v))
+                .sum();
+            let t = f64::from(f16_at(blk)) * f64::from(q.d[b]) * si as f64;
+            let o = if l.offset {
+                f64::from(f16_at(&blk[2..])) * f64::from(q.s[b])
+            } else {
+                0.0
+            };
+            want += t + o;
+            scale += t.abs() + o.abs();
+        }
+        (want, scale)
+    }
+
     #[test]
     fn the_vector_kernels_equal_the_scalar_reference_exactly() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        for ty in [
-            GgmlType::Q4_0,
-            GgmlType::Q4_1,
-            GgmlType::Q5_0,
-            GgmlType::Q5_1,
-            GgmlType::Q8_0,
-        ] {
-            for cols in [32usize, 256, 4096] {
+        for ty in TYPES {
+            let block = ty.traits().block_elems;
+            for cols in [block, 256, 4096] {
                 let w: Vec<f32> = (0..cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
                 let mut row = vec![0u8; ty.traits().row_bytes(cols).expect("row")];
                 ty.quantize(&w, &mut row, None);
                 // Extreme activations too: ±127 codes, zero blocks.
                 let mut x: Vec<f32> = (0..cols).map(|_| rng.gen_range(-3.0..3.0)).collect();
                 x[..32.min(cols)].fill(0.0);
-                let q = Q8Row::quantize(&x);
+                let q = Q8Row::for_type(ty, &x);
                 let a = vec_dot(ty, &row, &q);
                 let b = vec_dot_scalar(ty, &row, &q);
                 assert_eq!(a.to_bits(), b.to_bits(), "{ty:?} × {cols}");
-                // And it is ggml's block formula, Σ_b f16(d_w)·f16(d_x)·Σ q_w·q_x (+ m_w·s_x), in f64.
-                let l = layout(ty);
-                let (mut want, mut scale) = (0.0f64, 0.0f64);
-                let mut wq = [0i32; 32];
-                for (b, (blk, xq)) in row
-                    .chunks_exact(l.bytes)
-                    .zip(q.q.chunks_exact(32))
-                    .enumerate()
-                {
-                    codes(ty, blk, &mut wq);
-                    let si: i64 = wq
-                        .iter()
-                        .zip(xq)
-                        .map(|(&a, &v)| i64::from(a) * i64::from(v))
-                        .sum();
-                    let t = f64::from(f16_at(blk)) * f64::from(q.d[b]) * si as f64;
-                    let o = if l.offset {
-                        f64::from(f16_at(&blk[2..])) * f64::from(q.s[b])
-                    } else {
-                        0.0
-                    };
-                    want += t + o;
-                    scale += t.abs() + o.abs();
+                // And it is ggml's block formula in f64.
+                let (want, scale) = f64_dot(ty, &row, &q);
+                assert!(
+                    (f64::from(a) - want).abs() <= 1e-5 * scale.max(1e-12),
+                    "{ty:?} × {cols}: {a} vs {want}"
+                );
+                // Random bytes are valid blocks too (all scale and code patterns): still exact.
+                let raw: Vec<u8> = (0..row.len()).map(|_| rng.gen()).collect();
+                let mut raw = raw;
+                for blk in raw.chunks_exact_mut(ty.traits().block_bytes) {
+                    // Keep the f16 fields finite.
+                    for f in f16_fields(ty) {
+                        blk[f + 1] &= 0x3B;
+                    }
                 }
-                // The codes reproduce the CPU's dequantiser.
-                let mut wd = vec![0f32; cols];
-                ty.dequantize(&row, &mut wd);
+                assert_eq!(
+                    vec_dot(ty, &raw, &q).to_bits(),
+                    vec_dot_scalar(ty, &raw, &q).to_bits(),
+                    "{ty:?} × {cols} random bytes"
+                );
+            }
+        }
+    }
+
+    /// Where a block's f16 fields start.
+    fn f16_fields(ty: GgmlType) -> Vec<usize> {
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Iq4Nl => vec![0],
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4K | GgmlType::Q5K => vec![0, 2],
+            GgmlType::Q2K => vec![80, 82],
+            GgmlType::Q3K => vec![108],
+            GgmlType::Q6K => vec![208],
+            GgmlType::Iq4Xs => vec![0],
+            _ => unreachable!(),
+        }
+    }
+
+    /// The integer reading of every block reproduces the CPU's dequantiser exactly (up to how ggml rounds
+    /// `d·scale·q − dmin·min`, which the codes and scales determine).
+    #[test]
+    fn the_integer_reading_is_the_dequantiser() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for ty in TYPES {
+            let cols = 512;
+            let w: Vec<f32> = (0..cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let mut row = vec![0u8; ty.traits().row_bytes(cols).expect("row")];
+            ty.quantize(&w, &mut row, None);
+            let mut wd = vec![0f32; cols];
+            ty.dequantize(&row, &mut wd);
+            if k_family(ty) {
+                let mut codes_v = [0i8; 256];
+                for (b, blk) in row.chunks_exact(k_bytes(ty)).enumerate() {
+                    let k = k_scales(ty, blk);
+                    k_codes(ty, blk, &mut codes_v);
+                    for i in 0..256 {
+                        let want =
+                            f64::from(k.d) * f64::from(k.scales[i / 16]) * f64::from(codes_v[i])
+                                - f64::from(k.dmin) * f64::from(k.mins[i / 16]);
+                        let got = f64::from(wd[256 * b + i]);
+                        assert!(
+                            (got - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                            "{ty:?} element {i}: {got} vs {want}"
+                        );
+                    }
+                }
+            } else {
+                let l = layout(ty);
+                let mut wq = [0i32; 32];
                 for (b, blk) in row.chunks_exact(l.bytes).enumerate() {
                     codes(ty, blk, &mut wq);
                     let m = if l.offset { f16_at(&blk[2..]) } else { 0.0 };
@@ -321,11 +851,56 @@ mod tests {
                         );
                     }
                 }
-                assert!(
-                    (f64::from(a) - want).abs() <= 1e-5 * scale.max(1e-12),
-                    "{ty:?} × {cols}: {a} vs {want}"
-                );
             }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vector_decoders_give_the_scalar_codes() {
+        if !avx2() {
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        for ty in TYPES.into_iter().filter(|&t| k_family(t)) {
+            for _ in 0..50 {
+                let blk: Vec<u8> = (0..k_bytes(ty)).map(|_| rng.gen()).collect();
+                let (mut a, mut b) = ([0i8; 256], [0i8; 256]);
+                k_codes(ty, &blk, &mut a);
+                #[allow(unsafe_code)]
+                // SAFETY: AVX2 checked above.
+                unsafe {
+                    x86::k_codes(ty, &blk, &mut b)
+                };
+                assert_eq!(a, b, "{ty:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn q8_k_rows_follow_ggml() {
+        let x: Vec<f32> = (0..512)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let q = Q8Row::q8_k(&x);
+        assert_eq!(q.d.len(), 2);
+        assert_eq!(q.bsums.len(), 32);
+        for (b, xb) in x.chunks_exact(256).enumerate() {
+            let max = xb
+                .iter()
+                .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            let iscale = -127.0 / max;
+            assert_eq!(q.d[b], 1.0 / iscale);
+            for (i, &v) in xb.iter().enumerate() {
+                let want = (iscale * v).round_ties_even().min(127.0) as i8;
+                assert_eq!(q.q[256 * b + i], want);
+            }
+        }
+        for (s, c) in q.q.chunks_exact(16).enumerate() {
+            assert_eq!(
+                i32::from(q.bsums[s]),
+                c.iter().map(|&v| i32::from(v)).sum::<i32>()
+            );
         }
     }
 }

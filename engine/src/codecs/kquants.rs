@@ -43,12 +43,7 @@ pub fn dequant_q3_k(src: &[u8], dst: &mut [f32]) {
         let qs = &b[32..96];
         let sc = &b[96..108];
         let d = f16_at(&b[108..]);
-        let mut scales = [0i32; 16];
-        for (j, s) in scales.iter_mut().enumerate() {
-            let low = if j < 8 { sc[j] & 0x0F } else { sc[j - 8] >> 4 };
-            let high = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
-            *s = (low | (high << 4)) as i32 - 32;
-        }
+        let scales = q3_k_scales(sc);
         for h in 0..2 {
             let q = &qs[32 * h..32 * h + 32];
             for g in 0..4 {
@@ -69,6 +64,17 @@ pub fn dequant_q3_k(src: &[u8], dst: &mut [f32]) {
             }
         }
     }
+}
+
+/// Q3_K's sixteen signed 6-bit scales (`scales[12]` unpacked, less 32), one per 16 elements.
+pub(crate) fn q3_k_scales(sc: &[u8]) -> [i32; 16] {
+    let mut scales = [0i32; 16];
+    for (j, s) in scales.iter_mut().enumerate() {
+        let low = if j < 8 { sc[j] & 0x0F } else { sc[j - 8] >> 4 };
+        let high = (sc[8 + j % 4] >> (2 * (j / 4))) & 3;
+        *s = (low | (high << 4)) as i32 - 32;
+    }
+    scales
 }
 
 /// `f16 d; f16 dmin; u8 scales[12]; u8 qs[128]`.

@@ -22,6 +22,8 @@ mod legacy;
 mod x86;
 
 pub use iquants::KVALUES_IQ4NL;
+pub(crate) use kquants::q3_k_scales;
+pub(crate) use x86::scale_min_k4;
 
 /// The lookup table (lattice grid and sign table) the GPU kernels of a low-bit i-quant read, as u32 words;
 /// `None` for types without one.

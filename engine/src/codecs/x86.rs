@@ -287,7 +287,7 @@ mod imp {
 
 /// Q4_K/Q5_K packed 6-bit scale and min of sub-block `j` (ggml's `get_scale_min_k4`).
 #[inline]
-pub(super) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {

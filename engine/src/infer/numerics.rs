@@ -102,23 +102,10 @@ fn q8_0_scales(b: &[f32]) -> (f32, f32) {
 /// One Q8_K block as `quantize_row_q8_K_ref` makes it, read back: the value of largest magnitude `max`
 /// maps to −127, `q = min(127, nearest_int(−127/max · x))`, value `(1/iscale) · q` in f32.
 fn round_q8_k_block(b: &mut [f32]) {
-    let (mut amax, mut max) = (0.0f32, 0.0f32);
-    for &v in b.iter() {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
-    if amax == 0.0 {
-        b.fill(0.0);
-        return;
-    }
-    let iscale = -127.0 / max;
-    let d = 1.0 / iscale;
-    for v in b.iter_mut() {
-        // ggml's nearest_int: ties to even for |v| < 2^22 (always here: |iscale·x| ≤ 127).
-        let q = (iscale * *v).round_ties_even().min(127.0);
-        *v = d * q;
+    let mut q = [0i8; 256];
+    let d = crate::backend::cpu_q8::q8_k_block(b, &mut q);
+    for (v, &q) in b.iter_mut().zip(&q) {
+        *v = d * f32::from(q);
     }
 }
 
@@ -137,7 +124,7 @@ pub(crate) fn matmul_with(
     numerics: Numerics,
 ) {
     match numerics {
-        // Decoding on the CPU: packed rows dotted with Q8_0 activations in integers, as ggml does.
+        // Decoding on the CPU: packed rows dotted with 8-bit activations in integers, as ggml does.
         Numerics::LlamaCpu
             if backend == Backend::Cpu
                 && n <= FUSED_TOKENS
@@ -149,7 +136,7 @@ pub(crate) fn matmul_with(
             };
             let (rows, cols) = (w.rows(), w.cols());
             for (xt, ot) in x.chunks_exact(cols).zip(out.chunks_exact_mut(rows)) {
-                let q = crate::backend::cpu_q8::Q8Row::quantize(xt);
+                let q = crate::backend::cpu_q8::Q8Row::for_type(ty, xt);
                 ot.par_chunks_mut(64).enumerate().for_each(|(ci, o)| {
                     for (k, v) in o.iter_mut().enumerate() {
                         *v = crate::backend::cpu_q8::vec_dot(ty, w.row_data(ci * 64 + k), &q);
