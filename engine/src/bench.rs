@@ -40,7 +40,7 @@ impl Default for BenchOptions {
             n_gen: 128,
             repetitions: 3,
             backend: crate::backend::Backend::Cpu,
-            numerics: crate::infer::Numerics::Exact,
+            numerics: crate::infer::Numerics::LlamaCpu,
         }
     }
 }
@@ -71,6 +71,8 @@ pub struct BenchReport {
     pub threads: usize,
     /// `"cpu"`, `"gpu: NVIDIA H100 (Vulkan)"`.
     pub backend: String,
+    /// The arithmetic the numbers were measured in (`exact`, `llama-cpu`).
+    pub numerics: String,
     pub lines: Vec<BenchLine>,
     pub kernels: Vec<KernelLine>,
 }
@@ -133,6 +135,7 @@ pub fn run(
     Ok(BenchReport {
         threads: rayon::current_num_threads(),
         backend: model.backend().describe(),
+        numerics: model.numerics().name().to_owned(),
         lines,
         kernels,
     })
@@ -242,7 +245,11 @@ fn line(test: String, speeds: &[f64]) -> BenchLine {
 
 impl std::fmt::Display for BenchReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(f, "backend: {}", self.backend)?;
+        writeln!(
+            f,
+            "backend: {} · arithmetic: {}",
+            self.backend, self.numerics
+        )?;
         writeln!(f, "| test   | threads |          t/s |")?;
         writeln!(f, "| ------ | ------: | -----------: |")?;
         for l in &self.lines {

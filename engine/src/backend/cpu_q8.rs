@@ -122,6 +122,13 @@ pub fn fused(ty: GgmlType) -> bool {
             | GgmlType::Q5K
             | GgmlType::Q6K
             | GgmlType::Iq4Xs
+            | GgmlType::Iq2Xxs
+            | GgmlType::Iq2Xs
+            | GgmlType::Iq2S
+            | GgmlType::Iq3Xxs
+            | GgmlType::Iq3S
+            | GgmlType::Iq1S
+            | GgmlType::Iq1M
     )
 }
 
@@ -370,6 +377,39 @@ fn k_codes(ty: GgmlType, blk: &[u8], w: &mut [i8; 256]) {
     }
 }
 
+/// Whether [`k_codes`] / [`k_scales`] read `ty` (the k-quants and IQ4_XS; the low-bit i-quants are read
+/// by the codecs' `lowbit_int_reading`, codes and scales at once).
+fn k_split(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::Q2K
+            | GgmlType::Q3K
+            | GgmlType::Q4K
+            | GgmlType::Q5K
+            | GgmlType::Q6K
+            | GgmlType::Iq4Xs
+    )
+}
+
+/// One Q8_K-family block as integers: codes into `w`, the multipliers and scales returned.
+fn k_block(ty: GgmlType, blk: &[u8], w: &mut [i8; 256]) -> KScales {
+    if k_split(ty) {
+        k_codes(ty, blk, w);
+        return k_scales(ty, blk);
+    }
+    let mut k = KScales {
+        d: 0.0,
+        dmin: 0.0,
+        scales: [0; 16],
+        mins: [0; 16],
+    };
+    let Some(d) = crate::codecs::lowbit_int_reading(ty, blk, w, &mut k.scales) else {
+        unreachable!("a Q8_K-family block of {ty:?}")
+    };
+    k.d = d;
+    k
+}
+
 /// The Q8_K family's per-block float step, shared by the scalar and vector code.
 #[inline]
 fn k_accumulate(acc: f32, k: &KScales, dx: f32, sumi: i32, summ: i32) -> f32 {
@@ -395,8 +435,7 @@ fn vec_dot_k_scalar(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
         .zip(x.q.chunks_exact(256))
         .enumerate()
     {
-        let k = k_scales(ty, blk);
-        k_codes(ty, blk, &mut w);
+        let k = k_block(ty, blk, &mut w);
         let sumi: i32 = (0..16)
             .map(|s| {
                 let p: i32 = (16 * s..16 * s + 16)
@@ -661,8 +700,12 @@ mod x86 {
             .zip(x.q.chunks_exact(256))
             .enumerate()
         {
-            let k = super::k_scales(ty, blk);
-            unsafe { k_codes(ty, blk, &mut w) };
+            let k = if super::k_split(ty) {
+                unsafe { k_codes(ty, blk, &mut w) };
+                super::k_scales(ty, blk)
+            } else {
+                super::k_block(ty, blk, &mut w)
+            };
             let mut sum = _mm256_setzero_si256();
             for c in 0..8 {
                 // SAFETY: 32 codes and 32 activations at 32·c are in bounds.
@@ -693,7 +736,7 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    const TYPES: [GgmlType; 12] = [
+    const TYPES: [GgmlType; 19] = [
         GgmlType::Q4_0,
         GgmlType::Q4_1,
         GgmlType::Q5_0,
@@ -706,6 +749,13 @@ mod tests {
         GgmlType::Q5K,
         GgmlType::Q6K,
         GgmlType::Iq4Xs,
+        GgmlType::Iq2Xxs,
+        GgmlType::Iq2Xs,
+        GgmlType::Iq2S,
+        GgmlType::Iq3Xxs,
+        GgmlType::Iq3S,
+        GgmlType::Iq1S,
+        GgmlType::Iq1M,
     ];
 
     /// Each block's exact contribution `(Σ value_w · value_x, Σ |…|)` in f64, from the integer reading of the
@@ -719,8 +769,7 @@ mod tests {
                 .zip(q.q.chunks_exact(256))
                 .enumerate()
             {
-                let k = k_scales(ty, blk);
-                k_codes(ty, blk, &mut w);
+                let k = k_block(ty, blk, &mut w);
                 for i in 0..256 {
                     let v = f64::from(k.d) * f64::from(k.scales[i / 16]) * f64::from(w[i])
                         - f64::from(k.dmin) * f64::from(k.mins[i / 16]);
@@ -786,6 +835,10 @@ mod tests {
                     for f in f16_fields(ty) {
                         blk[f + 1] &= 0x3B;
                     }
+                    if ty == GgmlType::Iq1M {
+                        // IQ1_M's d has its sign and top exponent bits in the last byte's top nibble.
+                        blk[55] &= 0x3F;
+                    }
                 }
                 assert_eq!(
                     vec_dot(ty, &raw, &q).to_bits(),
@@ -804,7 +857,14 @@ mod tests {
             GgmlType::Q2K => vec![80, 82],
             GgmlType::Q3K => vec![108],
             GgmlType::Q6K => vec![208],
-            GgmlType::Iq4Xs => vec![0],
+            GgmlType::Iq4Xs
+            | GgmlType::Iq2Xxs
+            | GgmlType::Iq2Xs
+            | GgmlType::Iq2S
+            | GgmlType::Iq3Xxs
+            | GgmlType::Iq3S
+            | GgmlType::Iq1S => vec![0],
+            GgmlType::Iq1M => vec![],
             _ => unreachable!(),
         }
     }
@@ -824,8 +884,7 @@ mod tests {
             if k_family(ty) {
                 let mut codes_v = [0i8; 256];
                 for (b, blk) in row.chunks_exact(k_bytes(ty)).enumerate() {
-                    let k = k_scales(ty, blk);
-                    k_codes(ty, blk, &mut codes_v);
+                    let k = k_block(ty, blk, &mut codes_v);
                     for i in 0..256 {
                         let want =
                             f64::from(k.d) * f64::from(k.scales[i / 16]) * f64::from(codes_v[i])
@@ -862,7 +921,7 @@ mod tests {
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        for ty in TYPES.into_iter().filter(|&t| k_family(t)) {
+        for ty in TYPES.into_iter().filter(|&t| k_split(t)) {
             for _ in 0..50 {
                 let blk: Vec<u8> = (0..k_bytes(ty)).map(|_| rng.gen()).collect();
                 let (mut a, mut b) = ([0i8; 256], [0i8; 256]);

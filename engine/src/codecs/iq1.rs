@@ -84,13 +84,13 @@ pub(super) fn dequant_iq1_s(src: &[u8], dst: &mut [f32]) {
 
 /// IQ1_M's f16 d from the top nibbles of its four scale u16s (`iq1m_scale_t`).
 #[inline]
-fn iq1m_d(sc: &[u16; 4]) -> f32 {
+pub(super) fn iq1m_d(sc: &[u16; 4]) -> f32 {
     let bits = (sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) | ((sc[2] >> 4) & 0x0F00) | (sc[3] & 0xF000);
     half::f16::from_bits(bits).to_f32()
 }
 
 #[inline]
-fn iq1m_scales(b: &[u8]) -> [u16; 4] {
+pub(super) fn iq1m_scales(b: &[u8]) -> [u16; 4] {
     std::array::from_fn(|i| u16::from_le_bytes([b[48 + 2 * i], b[49 + 2 * i]]))
 }
 

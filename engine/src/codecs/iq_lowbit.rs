@@ -160,6 +160,146 @@ pub(super) fn signed4x2(db: f32, g1: &[f32; 4], g2: &[f32; 4], signs: u8, y: &mu
     }
 }
 
+/// One low-bit i-quant block read as integers, as llama.cpp's `ggml_vec_dot_iq*_q8_K` multiply it: every
+/// value is `mult · scales[i/16] · codes[i]` with small signed integer codes (grid point × sign; for IQ1,
+/// `8·grid ± 1`, the ±1/8 shift folded in) and odd integer scales `2s + 1`. Returns `mult` (`f16(d)` times
+/// 1/8, 1/4 or 1, exactly). `None` for other types.
+pub(crate) fn int_reading(
+    ty: super::GgmlType,
+    b: &[u8],
+    codes: &mut [i8; 256],
+    scales: &mut [i16; 16],
+) -> Option<f32> {
+    use super::GgmlType as T;
+    let d = || super::f16_at(b);
+    // 8 grid bytes with signs (bit j of `signs` negates element j).
+    let put8 = |codes: &mut [i8; 256], at: usize, g: &[u8; 8], signs: u8| {
+        for j in 0..8 {
+            let v = g[j] as i8;
+            codes[at + j] = if signs >> j & 1 != 0 { -v } else { v };
+        }
+    };
+    let put4x2 = |codes: &mut [i8; 256], at: usize, g1: &[u8; 4], g2: &[u8; 4], signs: u8| {
+        let mut g = [0u8; 8];
+        g[..4].copy_from_slice(g1);
+        g[4..].copy_from_slice(g2);
+        put8(codes, at, &g, signs);
+    };
+    // IQ1's points: 8·grid ± 1 (the shift is −1/8 where the bit is set).
+    let put1 = |codes: &mut [i8; 256], at: usize, idx: usize, minus: bool| {
+        let delta = if minus { -1 } else { 1 };
+        for j in 0..8 {
+            codes[at + j] = 8 * (IQ1S_GRID[idx][j] as i8) + delta;
+        }
+    };
+    let odd = |s: u32| (2 * s + 1) as i16;
+    match ty {
+        T::Iq2Xxs => {
+            for g in 0..8 {
+                let q = &b[2 + 8 * g..10 + 8 * g];
+                let a1 = u32::from_le_bytes([q[4], q[5], q[6], q[7]]);
+                scales[2 * g..2 * g + 2].fill(odd(a1 >> 28));
+                for l in 0..4 {
+                    let signs = KSIGNS_IQ2XS[((a1 >> (7 * l)) & 127) as usize];
+                    put8(codes, 32 * g + 8 * l, &IQ2XXS_GRID[q[l] as usize], signs);
+                }
+            }
+            Some(d() * 0.125)
+        }
+        T::Iq2Xs => {
+            for g in 0..8 {
+                scales[2 * g] = odd(u32::from(b[66 + g] & 15));
+                scales[2 * g + 1] = odd(u32::from(b[66 + g] >> 4));
+                for l in 0..4 {
+                    let o = 2 + 2 * (4 * g + l);
+                    let v = u16::from_le_bytes([b[o], b[o + 1]]);
+                    let signs = KSIGNS_IQ2XS[(v >> 9) as usize];
+                    put8(
+                        codes,
+                        32 * g + 8 * l,
+                        &IQ2XS_GRID[(v & 511) as usize],
+                        signs,
+                    );
+                }
+            }
+            Some(d() * 0.125)
+        }
+        T::Iq2S => {
+            let (qs, signs, qh, sc) = (&b[2..34], &b[34..66], &b[66..74], &b[74..82]);
+            for g in 0..8 {
+                scales[2 * g] = odd(u32::from(sc[g] & 15));
+                scales[2 * g + 1] = odd(u32::from(sc[g] >> 4));
+                for l in 0..4 {
+                    let t = 4 * g + l;
+                    let idx = qs[t] as usize | ((qh[g] as usize) << (8 - 2 * l) & 0x300);
+                    put8(codes, 32 * g + 8 * l, &IQ2S_GRID[idx], signs[t]);
+                }
+            }
+            Some(d() * 0.125)
+        }
+        T::Iq3Xxs => {
+            let qs = &b[2..66];
+            for g in 0..8 {
+                let o = 66 + 4 * g;
+                let a = u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
+                scales[2 * g..2 * g + 2].fill(odd(a >> 28));
+                for l in 0..4 {
+                    let signs = KSIGNS_IQ2XS[((a >> (7 * l)) & 127) as usize];
+                    let g1 = &IQ3XXS_GRID[qs[8 * g + 2 * l] as usize];
+                    let g2 = &IQ3XXS_GRID[qs[8 * g + 2 * l + 1] as usize];
+                    put4x2(codes, 32 * g + 8 * l, g1, g2, signs);
+                }
+            }
+            Some(d() * 0.25)
+        }
+        T::Iq3S => {
+            let (qs, qh, signs, sc) = (&b[2..66], &b[66..74], &b[74..106], &b[106..110]);
+            for g in 0..8 {
+                scales[2 * g..2 * g + 2].fill(odd(u32::from((sc[g / 2] >> (4 * (g % 2))) & 15)));
+                for l in 0..4 {
+                    let k = 2 * l;
+                    let i1 = qs[8 * g + k] as usize | ((qh[g] as usize >> k) & 1) << 8;
+                    let i2 = qs[8 * g + k + 1] as usize | ((qh[g] as usize >> (k + 1)) & 1) << 8;
+                    put4x2(
+                        codes,
+                        32 * g + 8 * l,
+                        &IQ3S_GRID[i1],
+                        &IQ3S_GRID[i2],
+                        signs[4 * g + l],
+                    );
+                }
+            }
+            Some(d())
+        }
+        T::Iq1S => {
+            let qs = &b[2..34];
+            for g in 0..8 {
+                let h = u16::from_le_bytes([b[34 + 2 * g], b[35 + 2 * g]]);
+                scales[2 * g..2 * g + 2].fill(odd(u32::from((h >> 12) & 7)));
+                for l in 0..4 {
+                    let idx = qs[4 * g + l] as usize | (((h >> (3 * l)) & 7) as usize) << 8;
+                    put1(codes, 32 * g + 8 * l, idx, h & 0x8000 != 0);
+                }
+            }
+            Some(d() * 0.125)
+        }
+        T::Iq1M => {
+            let sc = super::iq1::iq1m_scales(b);
+            let (qs, qh) = (&b[..32], &b[32..48]);
+            for h in 0..16 {
+                scales[h] = odd(u32::from((sc[h / 4] >> (3 * (h % 4))) & 7));
+                let q = qh[h];
+                let idx0 = qs[2 * h] as usize | ((q as usize) << 8 & 0x700);
+                let idx1 = qs[2 * h + 1] as usize | ((q as usize) << 4 & 0x700);
+                put1(codes, 16 * h, idx0, q & 0x08 != 0);
+                put1(codes, 16 * h + 8, idx1, q & 0x80 != 0);
+            }
+            Some(super::iq1::iq1m_d(&sc) * 0.125)
+        }
+        _ => None,
+    }
+}
+
 /// The lattices the quantizers search, one per grid (IQ1_S and IQ1_M share one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Which {

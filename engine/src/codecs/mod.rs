@@ -21,6 +21,7 @@ mod kquants;
 mod legacy;
 mod x86;
 
+pub(crate) use iq_lowbit::int_reading as lowbit_int_reading;
 pub use iquants::KVALUES_IQ4NL;
 pub(crate) use kquants::q3_k_scales;
 pub(crate) use x86::scale_min_k4;
