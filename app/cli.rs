@@ -15,6 +15,7 @@ macro_rules! outln {
     };
 }
 
+mod bench;
 mod bench_quantize;
 mod eval;
 mod generate;
@@ -221,10 +222,14 @@ pub enum CliCommand {
         /// Timed repetitions of each test (after one warm-up).
         #[arg(long, short = 'r', default_value_t = 3)]
         repetitions: usize,
-        /// Arithmetic: `exact` (f32 activations) or `llama-cpu` (activations quantized as llama.cpp's
-        /// CPU backend does; Q4_0/Q8_0 rows then dotted in integers)
-        #[arg(long, default_value = "exact", value_parser = eval::parse_numerics)]
+        /// Arithmetic: `llama-cpu` (activations quantized as llama.cpp's CPU backend does, packed rows
+        /// dotted in integers: the fast path) or `exact` (f32 activations)
+        #[arg(long, default_value = "llama-cpu", value_parser = eval::parse_numerics)]
         numerics: quant_engine::infer::Numerics,
+        /// A llama-bench binary: run it right after ours with the same tests, threads and repetitions,
+        /// and print the ratio per test.
+        #[arg(long, value_name = "BIN")]
+        llama_bench: Option<PathBuf>,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
@@ -735,6 +740,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             n_gen,
             repetitions,
             numerics,
+            llama_bench,
             json,
         } => {
             let options = BenchOptions {
@@ -744,7 +750,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                 backend: backend(),
                 numerics,
             };
-            bench(&engine, model, options, json)
+            bench::run(&engine, model, options, llama_bench.as_deref(), json)
         }
         CliCommand::Gpus { json } => gpus(json),
     };
@@ -891,26 +897,6 @@ fn convert(
     match output? {
         JobOutput::Converted { path } => {
             outln!("wrote {}", path.display())?;
-            Ok(())
-        }
-        other => bail!("internal error: unexpected output {other:?}"),
-    }
-}
-
-fn bench(
-    engine: &EngineHandle,
-    model: PathBuf,
-    options: BenchOptions,
-    json: bool,
-) -> anyhow::Result<()> {
-    let output = run_with_bars(engine, Command::Bench { model, options }, |_, _| Ok(()));
-    match output? {
-        JobOutput::Bench(report) => {
-            if json {
-                outln!("{}", serde_json::to_string_pretty(&report)?)?;
-            } else {
-                outln!("{report}")?;
-            }
             Ok(())
         }
         other => bail!("internal error: unexpected output {other:?}"),

@@ -130,19 +130,26 @@ pub(crate) fn matmul_with(
                 && n <= FUSED_TOKENS
                 && w.block_type().is_some_and(crate::backend::cpu_q8::fused) =>
         {
-            use rayon::prelude::*;
+            use crate::backend::{cpu_q8, spin};
             let Some(ty) = w.block_type() else {
                 unreachable!("guarded above")
             };
             let (rows, cols) = (w.rows(), w.cols());
-            for (xt, ot) in x.chunks_exact(cols).zip(out.chunks_exact_mut(rows)) {
-                let q = crate::backend::cpu_q8::Q8Row::for_type(ty, xt);
-                ot.par_chunks_mut(64).enumerate().for_each(|(ci, o)| {
-                    for (k, v) in o.iter_mut().enumerate() {
-                        *v = crate::backend::cpu_q8::vec_dot(ty, w.row_data(ci * 64 + k), &q);
+            let acts: Vec<cpu_q8::Q8Row> = x
+                .chunks_exact(cols)
+                .map(|xt| cpu_q8::Q8Row::for_type(ty, xt))
+                .collect();
+            // Each task takes a block of weight rows for every token (a row is read once per call).
+            let chunk = (rows / (4 * rayon::current_num_threads())).clamp(16, 128);
+            let o = spin::Disjoint::new(&mut out[..n * rows]);
+            spin::for_each(rows.div_ceil(chunk), &|ci| {
+                for r in ci * chunk..((ci + 1) * chunk).min(rows) {
+                    let row = w.row_data(r);
+                    for (t, q) in acts.iter().enumerate() {
+                        o.set(t * rows + r, cpu_q8::vec_dot(ty, row, q));
                     }
-                });
-            }
+                }
+            });
         }
         Numerics::LlamaCpu
             if w.block_type()
