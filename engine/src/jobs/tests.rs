@@ -302,6 +302,8 @@ fn generation_streams_tokens_and_can_be_cancelled() {
                     seed: 7,
                     ..Default::default()
                 },
+                draft: None,
+                draft_tokens: crate::infer::DEFAULT_DRAFT_TOKENS,
             },
             apply_chat_template: true,
         },
