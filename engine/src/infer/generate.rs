@@ -26,6 +26,9 @@ pub struct GenerateOptions {
     pub draft: Option<std::path::PathBuf>,
     /// Tokens the draft proposes per step (1..=16, [`DEFAULT_DRAFT_TOKENS`] by default).
     pub draft_tokens: usize,
+    /// The draft's arithmetic, when not the model's (`llama-cpu` dots Q4_0/Q8_0 rows in integers, a faster
+    /// draft; the model's own arithmetic, which decides every token, is unchanged).
+    pub draft_numerics: Option<super::numerics::Numerics>,
 }
 
 impl Default for GenerateOptions {
@@ -38,6 +41,7 @@ impl Default for GenerateOptions {
             backend: crate::backend::Backend::Cpu,
             draft: None,
             draft_tokens: DEFAULT_DRAFT_TOKENS,
+            draft_numerics: None,
         }
     }
 }
@@ -330,6 +334,10 @@ pub fn generate_with_draft(
         .min(prompt.len() - 1);
     cache.truncate(common);
     let logits = model.forward(&prompt[common..], cache, Logits::Last)?;
+    let mut draft = draft;
+    if let Some(d) = draft.as_deref_mut() {
+        d.prefill(prompt, cache.capacity())?;
+    }
     let prompt_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
 
@@ -707,6 +715,7 @@ mod tests {
             stop_strings: Vec::new(),
             draft: None,
             draft_tokens: DEFAULT_DRAFT_TOKENS,
+            draft_numerics: None,
         };
         let (a, _, _) = run(&model, &tok, &prompt, &mut model.new_cache(64), &opts);
         let (b, _, _) = run(&model, &tok, &prompt, &mut model.new_cache(64), &opts);

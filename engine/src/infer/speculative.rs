@@ -144,7 +144,7 @@ impl Draft {
 
     /// Run the prompt but its last token (what the first proposal runs), so the draft's prompt is
     /// timed with the model's.
-    pub(super) fn prefill(&mut self, prompt: &[u32], capacity: usize) -> Result<()> {
+    pub(crate) fn prefill(&mut self, prompt: &[u32], capacity: usize) -> Result<()> {
         let cache = cache_for(&self.model, &mut self.cache, capacity, prompt);
         let end = prompt.len().saturating_sub(1);
         if cache.len() < end {
@@ -170,7 +170,16 @@ impl Draft {
         let greedy = sampler.config().is_greedy();
         let model = &self.model;
         let cache = cache_for(model, &mut self.cache, capacity, history);
-        let mut logits = model.forward(&history[cache.len()..], cache, Logits::Last)?;
+        // What the draft has not run: the pending token, and the last proposal when all were kept. So
+        // few tokens run as rows (one pass over the weights), not through the prompt's GEMM, whose
+        // dequantised tiles cost as much for two tokens as for hundreds.
+        let run = &history[cache.len()..];
+        let mut logits = if run.len() <= MAX_DRAFT_TOKENS {
+            let rows = model.forward_as_steps(run, cache)?;
+            rows[(run.len() - 1) * model.vocab_size()..].to_vec()
+        } else {
+            model.forward(run, cache, Logits::Last)?
+        };
         let mut hist = history.to_vec();
         for j in 0..k {
             let d = if greedy {
@@ -298,7 +307,6 @@ pub(super) fn decode(
         seed: sampler.config().seed ^ DRAFT_SEED,
         ..sampler.config().clone()
     });
-    draft.prefill(&out.history, capacity)?;
     // The first token comes from the prompt's logits, as without a draft.
     if out.full() {
         return Ok(StopReason::MaxTokens);
