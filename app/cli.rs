@@ -551,6 +551,18 @@ pub struct SamplingArgs {
     /// (max_position_embeddings); quality degrades past it.
     #[arg(long)]
     pub allow_long_context: bool,
+    /// Speculative decoding: a draft model with the same tokenizer (a smaller model or a low-bit quant of
+    /// this one; a Hugging Face folder or a .gguf file) proposes tokens that the model checks in one pass.
+    /// Greedy output is unchanged; sampled output keeps its distribution.
+    #[arg(long, value_name = "DRAFT_MODEL")]
+    pub draft: Option<PathBuf>,
+    /// Tokens the draft proposes per step (1..=16).
+    #[arg(long, value_name = "K", default_value_t = quant_engine::infer::DEFAULT_DRAFT_TOKENS)]
+    pub draft_tokens: usize,
+    /// The draft's arithmetic (default: the model's, `exact`): `llama-cpu` dots Q4_0/Q4_1/Q5_x/Q8_0 drafts
+    /// in integers, about twice as fast; the model's arithmetic, which decides every token, is unchanged.
+    #[arg(long, value_name = "NUMERICS", value_parser = eval::parse_numerics)]
+    pub draft_numerics: Option<quant_engine::infer::Numerics>,
 }
 
 /// Said whenever a command is allowed past the model's trained context.
@@ -577,6 +589,9 @@ impl SamplingArgs {
             stop_strings: self.stop.clone(),
             backend: backend(),
             allow_long_context: self.allow_long_context,
+            draft: self.draft.clone(),
+            draft_tokens: self.draft_tokens,
+            draft_numerics: self.draft_numerics,
         }
     }
 }

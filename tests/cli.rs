@@ -243,6 +243,34 @@ fn generate_prints_text() {
 }
 
 #[test]
+fn generate_with_a_draft_prints_the_same_text_and_its_acceptance() {
+    let f = fixture();
+    let args = [
+        "generate",
+        s(&f.model),
+        "--prompt",
+        "The keeper counted",
+        "--max-tokens",
+        "9",
+        "--raw",
+    ];
+    let plain = run(&args);
+    assert_ok(&plain);
+    let mut with_draft = args.to_vec();
+    with_draft.extend(["--draft", s(&f.model), "--draft-tokens", "3"]);
+    let o = run(&with_draft);
+    assert_ok(&o);
+    assert_eq!(stdout(&o), stdout(&plain));
+    assert!(stderr(&o).contains("accepted, 100.0%"), "{}", stderr(&o));
+    // Out of range: one line that gives the range.
+    let last = with_draft.len() - 1;
+    with_draft[last] = "0";
+    let o = run(&with_draft);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("1..=16"), "{}", stderr(&o));
+}
+
+#[test]
 fn convert_writes_a_folder_that_evaluates_like_the_source() {
     let f = fixture();
     let out = f.model.with_file_name("converted");

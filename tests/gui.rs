@@ -331,6 +331,8 @@ fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
                 prompt_secs: 0.1,
                 decode_secs: 0.5,
                 stop_reason: StopReason::Eos,
+                drafted_tokens: 0,
+                accepted_tokens: 0,
             },
         })
         .expect("event");
@@ -367,6 +369,8 @@ fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
                 prompt_secs: 0.1,
                 decode_secs: 0.5,
                 stop_reason: StopReason::Eos,
+                drafted_tokens: 0,
+                accepted_tokens: 0,
             },
         })
         .expect("event");
@@ -374,6 +378,42 @@ fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
     let t = &h.state().chat.sides[0].transcript;
     assert_eq!(t.len(), 2);
     assert_eq!(t[1].text, "Hello! What do you need?");
+    // A draft model (here a file from the dialog) goes to the running session; the reply shows its
+    // acceptance rate.
+    let draft = PathBuf::from("/models/tiny-llama-quants/tiny-llama-Q2_K.gguf");
+    h.state()
+        .shared
+        .dialogs
+        .inject(quant_studio::gui::dialogs::Picked::DraftModel(
+            draft.clone(),
+        ));
+    h.run_steps(2);
+    assert!(
+        matches!(sent(&commands).as_slice(), [(0, Command::ChatOptions { job: j, options })]
+            if j == job && options.draft.as_deref() == Some(draft.as_path()) && options.draft_tokens == 4),
+        "the draft reaches the session"
+    );
+    h.get_by_label("draft tokens");
+    h.get_by_label("Regenerate").click();
+    h.run_steps(2);
+    let _ = sent(&commands);
+    events
+        .send(Event::TurnFinished {
+            job: *job,
+            text: "Hello! What do you need?".into(),
+            stats: GenerateStats {
+                prompt_tokens: 2,
+                generated_tokens: 8,
+                prompt_secs: 0.1,
+                decode_secs: 0.5,
+                stop_reason: StopReason::Eos,
+                drafted_tokens: 10,
+                accepted_tokens: 7,
+            },
+        })
+        .expect("event");
+    h.run_steps(2);
+    h.get_by_label("draft accepted 70%");
     // A/B: the same prompt to two variants, each in its own session, both from the same (empty) history:
     // turning A/B on starts A's conversation afresh.
     h.get_by_label("A/B: two variants side by side").click();

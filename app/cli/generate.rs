@@ -50,8 +50,16 @@ fn stop_reason(r: StopReason) -> &'static str {
 }
 
 fn print_stats(s: &GenerateStats) {
+    let draft = s.acceptance_rate().map_or_else(String::new, |rate| {
+        format!(
+            " | draft: {} of {} accepted, {:.1}%",
+            s.accepted_tokens,
+            s.drafted_tokens,
+            100.0 * rate
+        )
+    });
     eprintln!(
-        "[prompt: {} tokens, {:.1} tokens/s | generated: {} tokens, {:.1} tokens/s | stop: {}]",
+        "[prompt: {} tokens, {:.1} tokens/s | generated: {} tokens, {:.1} tokens/s{draft} | stop: {}]",
         s.prompt_tokens,
         s.prompt_tokens_per_sec(),
         s.generated_tokens,

@@ -1,6 +1,7 @@
 //! The chat tab: pick a variant, chat with it through its own chat template with streaming tokens, stop,
 //! sampling settings, a system prompt and tokens/s; in A/B mode one prompt goes to two variants and the
-//! answers stream side by side.
+//! answers stream side by side. A draft model (any variant or file with the same tokenizer) decodes
+//! speculatively; each reply shows its acceptance rate.
 
 use std::path::PathBuf;
 
@@ -28,6 +29,8 @@ pub struct Side {
     pub writing: bool,
     /// Decode speed of the last reply.
     pub tokens_per_sec: Option<f64>,
+    /// The last reply's drafted tokens accepted, when a draft model proposed any.
+    pub acceptance_rate: Option<f64>,
     pub generated: usize,
     /// Tokens of the session's context in use (prompts and replies so far; approximate: chat-template
     /// tokens between turns are counted with the prompts).
@@ -50,6 +53,10 @@ pub struct ChatPanel {
     pub sampler: SamplerConfig,
     pub max_new_tokens: usize,
     pub input: String,
+    /// Draft model of speculative decoding (`None`: decode without one).
+    pub draft: Option<PathBuf>,
+    /// Tokens the draft proposes per step.
+    pub draft_tokens: usize,
 }
 
 impl Default for ChatPanel {
@@ -61,6 +68,8 @@ impl Default for ChatPanel {
             sampler: SamplerConfig::default(),
             max_new_tokens: 256,
             input: String::new(),
+            draft: None,
+            draft_tokens: quant_engine::infer::DEFAULT_DRAFT_TOKENS,
         }
     }
 }
@@ -75,6 +84,10 @@ impl ChatPanel {
     }
 
     pub fn on_dialog(&mut self, shared: &mut Shared, p: &Picked) {
+        if let Picked::DraftModel(path) = p {
+            self.draft = Some(path.clone());
+            self.options_changed(shared);
+        }
         if let Picked::SaveTranscript(path) = p {
             match std::fs::write(path, self.transcript(shared)) {
                 Ok(()) => shared
@@ -97,8 +110,37 @@ impl ChatPanel {
         GenerateOptions {
             max_new_tokens: self.max_new_tokens,
             sampler: self.sampler.clone(),
+            draft: self.draft.clone(),
+            draft_tokens: self.draft_tokens,
             ..GenerateOptions::default()
         }
+    }
+
+    /// Every running session takes the current settings from its next reply on.
+    fn options_changed(&self, shared: &mut Shared) {
+        let options = self.options();
+        for s in &self.sides {
+            if let Some((job, _, _)) = &s.session {
+                shared.send(Command::ChatOptions {
+                    job: *job,
+                    options: options.clone(),
+                });
+            }
+        }
+    }
+
+    /// The draft model's name: a variant's label, else the file name.
+    fn draft_label(&self, shared: &Shared) -> String {
+        let Some(p) = &self.draft else {
+            return "none".into();
+        };
+        shared
+            .variants
+            .iter()
+            .find(|v| &v.path == p)
+            .map(|v| v.label.clone())
+            .or_else(|| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| p.display().to_string())
     }
 
     fn active(&self) -> usize {
@@ -189,6 +231,7 @@ impl ChatPanel {
                 }
                 side.writing = false;
                 side.tokens_per_sec = Some(stats.decode_tokens_per_sec());
+                side.acceptance_rate = stats.acceptance_rate();
                 side.context_used += stats.prompt_tokens + stats.generated_tokens + 1;
             }
             Event::Failed { error, .. } => {
@@ -271,6 +314,7 @@ impl ChatPanel {
             s.transcript.clear();
             s.context_used = 0;
             s.tokens_per_sec = None;
+            s.acceptance_rate = None;
         }
     }
 
@@ -314,6 +358,40 @@ impl ChatPanel {
                         }
                     }
                 });
+        }
+        let mut draft_changed = false;
+        egui::ComboBox::from_label("Draft model")
+            .selected_text(self.draft_label(shared))
+            .show_ui(ui, |ui| {
+                if ui.selectable_label(self.draft.is_none(), "none").clicked() {
+                    self.draft = None;
+                    draft_changed = true;
+                }
+                for v in &shared.variants {
+                    let on = self.draft.as_ref() == Some(&v.path);
+                    if ui.selectable_label(on, &v.label).clicked() {
+                        self.draft = Some(v.path.clone());
+                        draft_changed = true;
+                    }
+                }
+                if ui.selectable_label(false, "File…").clicked() {
+                    shared.dialogs.open(super::dialogs::PickKind::DraftModel);
+                }
+            })
+            .response
+            .on_hover_text(
+                "Speculative decoding: a smaller model or a low-bit quant with the same tokenizer \
+                 proposes tokens, the model checks them in one pass (greedy replies are unchanged)",
+            );
+        if self.draft.is_some() {
+            let label = ui.label("draft tokens");
+            draft_changed |= ui
+                .add(egui::DragValue::new(&mut self.draft_tokens).range(1..=16))
+                .labelled_by(label.id)
+                .changed();
+        }
+        if draft_changed {
+            self.options_changed(shared);
         }
         ui.add_space(6.0);
         let label = ui.label("System prompt");
@@ -370,15 +448,7 @@ impl ChatPanel {
             ui.end_row();
         });
         if changed {
-            let options = self.options();
-            for s in &self.sides {
-                if let Some((job, _, _)) = &s.session {
-                    shared.send(Command::ChatOptions {
-                        job: *job,
-                        options: options.clone(),
-                    });
-                }
-            }
+            self.options_changed(shared);
         }
         ui.add_space(6.0);
         ui.horizontal(|ui| {
@@ -459,6 +529,10 @@ fn transcript(ui: &mut egui::Ui, side: &Side, i: usize, label: &str) -> bool {
         ui.strong(label);
         if let Some(t) = side.tokens_per_sec {
             ui.weak(format!("{t:.1} tokens/s"));
+        }
+        if let Some(a) = side.acceptance_rate {
+            ui.weak(format!("draft accepted {:.0}%", 100.0 * a))
+                .on_hover_text("Drafted tokens the model accepted in the last reply");
         }
         if side.writing {
             ui.spinner();

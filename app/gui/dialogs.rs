@@ -29,6 +29,8 @@ pub enum Picked {
     SavePng(PathBuf, String),
     /// Where to save the chat transcript.
     SaveTranscript(PathBuf),
+    /// A draft model for the chat's speculative decoding (folder or .gguf).
+    DraftModel(PathBuf),
 }
 
 /// What a picker asks for (the path still to come).
@@ -43,6 +45,8 @@ pub enum PickKind {
     /// A chart's PNG (the chart's id).
     SavePng(String),
     SaveTranscript,
+    /// A draft model file for the chat.
+    DraftModel,
 }
 
 impl PickKind {
@@ -57,6 +61,9 @@ impl PickKind {
             PickKind::SaveCsv => "Save the comparison table",
             PickKind::SavePng(_) => "Save the chart",
             PickKind::SaveTranscript => "Save the conversation",
+            PickKind::DraftModel => {
+                "A draft model (.gguf, or a folder's config.json) with the same tokenizer"
+            }
         }
     }
 
@@ -77,13 +84,20 @@ impl PickKind {
             PickKind::SaveCsv => Picked::SaveCsv(path),
             PickKind::SavePng(chart) => Picked::SavePng(path, chart.clone()),
             PickKind::SaveTranscript => Picked::SaveTranscript(path),
+            PickKind::DraftModel => {
+                if path.file_name().is_some_and(|n| n == "config.json") {
+                    Picked::DraftModel(path.parent().map(PathBuf::from).unwrap_or(path))
+                } else {
+                    Picked::DraftModel(path)
+                }
+            }
         }
     }
 
     fn dialog(&self) -> rfd::FileDialog {
         let d = rfd::FileDialog::new().set_title(self.title());
         match self {
-            PickKind::ModelFile => d
+            PickKind::ModelFile | PickKind::DraftModel => d
                 .add_filter("GGUF", &["gguf"])
                 .add_filter("Hugging Face config", &["json"]),
             PickKind::CalibFile => {
@@ -102,7 +116,10 @@ impl PickKind {
         let d = self.dialog();
         match self {
             PickKind::ModelFolder | PickKind::OutputDir => d.pick_folder(),
-            PickKind::ModelFile | PickKind::CalibFile | PickKind::EvalFile => d.pick_file(),
+            PickKind::ModelFile
+            | PickKind::DraftModel
+            | PickKind::CalibFile
+            | PickKind::EvalFile => d.pick_file(),
             PickKind::SaveCsv | PickKind::SavePng(_) | PickKind::SaveTranscript => d.save_file(),
         }
     }

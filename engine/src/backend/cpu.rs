@@ -48,17 +48,65 @@ fn matvec(w: &TensorRef, x: &[f32], out: &mut [f32]) {
         || vec![0.0f32; cols],
         |scratch, (ci, o)| {
             for (k, v) in o.iter_mut().enumerate() {
-                let r = ci * chunk + k;
-                *v = match w.block_type() {
-                    Some(GgmlType::F16) => crate::simd::dot_f16(w.row_data(r), x),
-                    _ => {
-                        w.dequant_row(r, scratch);
-                        crate::simd::dot_f32(scratch, x)
-                    }
-                };
+                dot_row(w, ci * chunk + k, 1, x, scratch, |_, d| *v = d);
             }
         },
     );
+}
+
+/// Row `r` of `w` dotted with each of the `n` activation rows of `x` (`d(t, value)`), with the arithmetic
+/// of decoding: an F16 row is dotted in place, any other row is dequantised into `scratch` once.
+fn dot_row(
+    w: &TensorRef,
+    r: usize,
+    n: usize,
+    x: &[f32],
+    scratch: &mut [f32],
+    mut d: impl FnMut(usize, f32),
+) {
+    let cols = w.cols();
+    match w.block_type() {
+        Some(GgmlType::F16) => {
+            for (t, xt) in x.chunks_exact(cols).take(n).enumerate() {
+                d(t, crate::simd::dot_f16(w.row_data(r), xt));
+            }
+        }
+        _ => {
+            w.dequant_row(r, scratch);
+            for (t, xt) in x.chunks_exact(cols).take(n).enumerate() {
+                d(t, crate::simd::dot_f32(scratch, xt));
+            }
+        }
+    }
+}
+
+/// [`matmul`] of `n` activation rows with the arithmetic of `n` one-row calls: every output equals what
+/// `matmul(w, x_t, 1, ..)` gives for its row `x_t`, bit for bit, while each weight row is read once for all
+/// `n` (a speculative decoder's verification pass).
+pub fn matmul_as_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
+    let (rows, cols) = (w.rows(), w.cols());
+    assert_eq!(x.len(), n * cols, "{}: activation size", w.name);
+    assert_eq!(out.len(), n * rows, "{}: output size", w.name);
+    if n == 1 {
+        matvec(w, x, out);
+        return;
+    }
+    // Computed as [rows, n] (each task owns whole rows), then transposed into [n, rows].
+    let mut by_row = vec![0.0f32; rows * n];
+    let chunk = (rows / (rayon::current_num_threads() * 8)).clamp(8, 256);
+    by_row.par_chunks_mut(chunk * n).enumerate().for_each_init(
+        || vec![0.0f32; cols],
+        |scratch, (ci, o)| {
+            for (k, ov) in o.chunks_exact_mut(n).enumerate() {
+                dot_row(w, ci * chunk + k, n, x, scratch, |t, d| ov[t] = d);
+            }
+        },
+    );
+    for (r, ov) in by_row.chunks_exact(n).enumerate() {
+        for (t, &v) in ov.iter().enumerate() {
+            out[t * rows + r] = v;
+        }
+    }
 }
 
 /// Rows per tile so a dequantised tile stays around 256 KiB (L2-sized).

@@ -5,6 +5,7 @@ use std::time::Instant;
 use super::kv_cache::KvCache;
 use super::model::{Logits, Model};
 use super::sampling::{Sampler, SamplerConfig};
+use super::speculative::{self, Draft, DEFAULT_DRAFT_TOKENS};
 use crate::model::{ChatMessage, TextTokenizer};
 use crate::{Error, Result};
 
@@ -20,6 +21,14 @@ pub struct GenerateOptions {
     pub allow_long_context: bool,
     /// Where the arithmetic runs.
     pub backend: crate::backend::Backend,
+    /// A draft model for speculative decoding (same tokenizer as the model; a job loads it, on the same
+    /// backend); `None` decodes without one.
+    pub draft: Option<std::path::PathBuf>,
+    /// Tokens the draft proposes per step (1..=16, [`DEFAULT_DRAFT_TOKENS`] by default).
+    pub draft_tokens: usize,
+    /// The draft's arithmetic, when not the model's (`llama-cpu` dots Q4_0/Q8_0 rows in integers, a faster
+    /// draft; the model's own arithmetic, which decides every token, is unchanged).
+    pub draft_numerics: Option<super::numerics::Numerics>,
 }
 
 impl Default for GenerateOptions {
@@ -30,6 +39,9 @@ impl Default for GenerateOptions {
             stop_strings: Vec::new(),
             allow_long_context: false,
             backend: crate::backend::Backend::Cpu,
+            draft: None,
+            draft_tokens: DEFAULT_DRAFT_TOKENS,
+            draft_numerics: None,
         }
     }
 }
@@ -61,6 +73,10 @@ pub struct GenerateStats {
     /// Seconds spent after that (sampling and decoding).
     pub decode_secs: f64,
     pub stop_reason: StopReason,
+    /// Tokens a draft model proposed (0 without one).
+    pub drafted_tokens: usize,
+    /// Of those, the tokens the model accepted.
+    pub accepted_tokens: usize,
 }
 
 impl GenerateStats {
@@ -72,6 +88,11 @@ impl GenerateStats {
     /// Generated tokens per second.
     pub fn decode_tokens_per_sec(&self) -> f64 {
         self.generated_tokens as f64 / self.decode_secs.max(1e-9)
+    }
+
+    /// Accepted ÷ drafted tokens; `None` when nothing was drafted.
+    pub fn acceptance_rate(&self) -> Option<f64> {
+        (self.drafted_tokens > 0).then(|| self.accepted_tokens as f64 / self.drafted_tokens as f64)
     }
 }
 
@@ -186,13 +207,84 @@ impl<'a> StopFilter<'a> {
     }
 }
 
+/// What every decoding loop shares: the history, streamed text, stop strings, cancellation and the
+/// count of tokens; both loops (with and without a draft) hand it each token the model chose.
+pub(super) struct Output<'a> {
+    tok: &'a TextTokenizer,
+    max_new_tokens: usize,
+    /// The prompt and the tokens generated so far.
+    pub(super) history: Vec<u32>,
+    stream: TextStream,
+    filter: StopFilter<'a>,
+    pub(super) generated: usize,
+    on_text: &'a mut dyn FnMut(&str) -> bool,
+    /// Tokens of `history` the model had run when it chose the last token: where its cache ends.
+    pub(super) ran: usize,
+    /// Positions of the model's cache.
+    capacity: usize,
+}
+
+impl<'a> Output<'a> {
+    /// Whether `max_new_tokens` are out.
+    pub(super) fn full(&self) -> bool {
+        self.generated >= self.max_new_tokens
+    }
+
+    /// Tokens still to generate.
+    pub(super) fn left(&self) -> usize {
+        self.max_new_tokens.saturating_sub(self.generated)
+    }
+
+    /// Take `id`, chosen by the model after running all of `history`; returns why generation ends with
+    /// it, if it does.
+    pub(super) fn push(&mut self, id: u32) -> Result<Option<StopReason>> {
+        self.ran = self.history.len();
+        if self.tok.is_eos(id) {
+            return Ok(Some(StopReason::Eos));
+        }
+        self.generated += 1;
+        self.history.push(id);
+        let piece = self.stream.push(self.tok, id)?;
+        let (out, stopped) = self.filter.push(&piece);
+        if !(out.is_empty() || (self.on_text)(&out)) {
+            return Ok(Some(StopReason::Cancelled));
+        }
+        if stopped {
+            return Ok(Some(StopReason::StopString));
+        }
+        if self.full() {
+            return Ok(Some(StopReason::MaxTokens));
+        }
+        if self.ran >= self.capacity {
+            return Ok(Some(StopReason::ContextFull));
+        }
+        Ok(None)
+    }
+
+    /// Send what is held back (unless a stop string or the caller ended it) and return the whole text.
+    fn finish(mut self, reason: StopReason) -> Result<String> {
+        if !matches!(reason, StopReason::StopString | StopReason::Cancelled) {
+            let tail = self.stream.flush(self.tok)?;
+            let (mut out, stopped) = self.filter.push(&tail);
+            if !stopped {
+                out.push_str(&self.filter.finish());
+            }
+            // The caller is told of the rest even if it then asks to stop: there is nothing left to cancel.
+            if !out.is_empty() {
+                let _ = (self.on_text)(&out);
+            }
+        }
+        Ok(self.filter.text)
+    }
+}
+
 /// Feeds `prompt` (reusing whatever prefix of it the cache already holds), then samples until an
 /// end-of-sequence token, a stop string, `max_new_tokens`, a full cache or cancellation.
 ///
 /// Decoded text is streamed to `on_text` in pieces that are whole UTF-8 characters; a stop string and
 /// anything after it are never sent. `on_text` returns `false` to cancel. Returns the whole text and
 /// the statistics. The cache ends holding the prompt and the generated tokens (all but the last one
-/// sampled, which was never run).
+/// sampled, which was never run). `opts.draft` is ignored here: see [`generate_with_draft`].
 pub fn generate(
     model: &Model,
     tok: &TextTokenizer,
@@ -201,7 +293,26 @@ pub fn generate(
     opts: &GenerateOptions,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<(String, GenerateStats)> {
+    generate_with_draft(model, tok, prompt, cache, None, opts, on_text)
+}
+
+/// [`generate`], with speculative decoding when `draft` is given: the draft proposes
+/// `opts.draft_tokens` tokens, the model checks them in one pass (see [`speculative`](super::speculative)).
+/// Greedy output, the text streamed and the cache at the end are those of [`generate`], token for token;
+/// sampled output follows the same distribution.
+pub fn generate_with_draft(
+    model: &Model,
+    tok: &TextTokenizer,
+    prompt: &[u32],
+    cache: &mut KvCache,
+    draft: Option<&mut Draft>,
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<(String, GenerateStats)> {
     opts.sampler.validate()?;
+    if draft.is_some() {
+        speculative::validate_draft_tokens(opts.draft_tokens)?;
+    }
     if prompt.is_empty() {
         return Err(Error::Invalid("the prompt is empty".into()));
     }
@@ -222,59 +333,75 @@ pub fn generate(
         .count()
         .min(prompt.len() - 1);
     cache.truncate(common);
-    let mut logits = model.forward(&prompt[common..], cache, Logits::Last)?;
+    let logits = model.forward(&prompt[common..], cache, Logits::Last)?;
+    let mut draft = draft;
+    if let Some(d) = draft.as_deref_mut() {
+        d.prefill(prompt, cache.capacity())?;
+    }
     let prompt_secs = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
 
     let mut sampler = Sampler::new(opts.sampler.clone());
-    let mut history: Vec<u32> = prompt.to_vec();
-    let mut stream = TextStream::new();
-    let mut filter = StopFilter::new(&opts.stop_strings);
-    let mut generated = 0usize;
-    let mut emit = |s: &str| s.is_empty() || on_text(s);
-    let reason = loop {
-        if generated >= opts.max_new_tokens {
-            break StopReason::MaxTokens;
-        }
-        let id = sampler.sample(&logits, &history);
-        if tok.is_eos(id) {
-            break StopReason::Eos;
-        }
-        generated += 1;
-        history.push(id);
-        let piece = stream.push(tok, id)?;
-        let (out, stopped) = filter.push(&piece);
-        if !emit(&out) {
-            break StopReason::Cancelled;
-        }
-        if stopped {
-            break StopReason::StopString;
-        }
-        if generated >= opts.max_new_tokens {
-            break StopReason::MaxTokens;
-        }
-        if cache.remaining() == 0 {
-            break StopReason::ContextFull;
-        }
-        logits = model.forward(&[id], cache, Logits::Last)?;
+    let mut out = Output {
+        tok,
+        max_new_tokens: opts.max_new_tokens,
+        history: prompt.to_vec(),
+        stream: TextStream::new(),
+        filter: StopFilter::new(&opts.stop_strings),
+        generated: 0,
+        on_text,
+        ran: prompt.len(),
+        capacity: cache.capacity(),
     };
-    if !matches!(reason, StopReason::StopString | StopReason::Cancelled) {
-        let tail = stream.flush(tok)?;
-        let (mut out, stopped) = filter.push(&tail);
-        if !stopped {
-            out.push_str(&filter.finish());
-        }
-        // The caller is told of the rest even if it then asks to stop: there is nothing left to cancel.
-        let _ = emit(&out);
-    }
+    let mut counts = speculative::Counts::default();
+    let reason = match draft {
+        None => decode(model, cache, &mut sampler, logits, &mut out)?,
+        Some(d) => speculative::decode(
+            model,
+            cache,
+            d,
+            &mut sampler,
+            logits,
+            &mut out,
+            &mut counts,
+            opts.draft_tokens,
+        )?,
+    };
+    // A verification pass ran further than the tokens kept.
+    cache.truncate(out.ran);
+    let generated = out.generated;
+    let prompt_tokens = prompt.len() - common;
+    let text = out.finish(reason)?;
     let stats = GenerateStats {
-        prompt_tokens: prompt.len() - common,
+        prompt_tokens,
         generated_tokens: generated,
         prompt_secs,
         decode_secs: t1.elapsed().as_secs_f64(),
         stop_reason: reason,
+        drafted_tokens: counts.drafted,
+        accepted_tokens: counts.accepted,
     };
-    Ok((filter.text, stats))
+    Ok((text, stats))
+}
+
+/// One token per forward pass, from the prompt's `logits` on.
+fn decode(
+    model: &Model,
+    cache: &mut KvCache,
+    sampler: &mut Sampler,
+    mut logits: Vec<f32>,
+    out: &mut Output<'_>,
+) -> Result<StopReason> {
+    loop {
+        if out.full() {
+            return Ok(StopReason::MaxTokens);
+        }
+        let id = sampler.sample(&logits, &out.history);
+        if let Some(reason) = out.push(id)? {
+            return Ok(reason);
+        }
+        logits = model.forward(&[id], cache, Logits::Last)?;
+    }
 }
 
 /// A conversation: system prompt, messages, and a KV cache reused across turns (the tokens of the
@@ -286,6 +413,8 @@ pub struct ChatSession {
     cache: KvCache,
     /// Replies regenerated so far (each draws with a seed this much past the configured one).
     regenerations: u64,
+    /// The draft model of speculative decoding, with its own cache.
+    draft: Option<Draft>,
 }
 
 impl ChatSession {
@@ -296,7 +425,19 @@ impl ChatSession {
             messages: Vec::new(),
             cache: model.new_cache(context_tokens),
             regenerations: 0,
+            draft: None,
         }
+    }
+
+    /// Decode the next replies speculatively with `draft` (checked against the model with
+    /// [`Draft::new`]), or without a draft (`None`).
+    pub fn set_draft(&mut self, draft: Option<Draft>) {
+        self.draft = draft;
+    }
+
+    /// The draft model, if one is set.
+    pub fn draft(&self) -> Option<&Draft> {
+        self.draft.as_ref()
     }
 
     /// The messages so far (user and assistant turns, without the system prompt).
@@ -317,6 +458,9 @@ impl ChatSession {
     pub fn clear(&mut self) {
         self.messages.clear();
         self.cache.clear();
+        if let Some(d) = &mut self.draft {
+            d.clear();
+        }
     }
 
     /// The KV cache (its tokens are the last rendered prompt plus the reply).
@@ -389,9 +533,10 @@ impl ChatSession {
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(String, GenerateStats)> {
         self.messages.push(ChatMessage::new("user", user_text));
-        let result = self
-            .prompt_tokens(tok)
-            .and_then(|prompt| generate(model, tok, &prompt, &mut self.cache, opts, on_text));
+        let result = self.prompt_tokens(tok).and_then(|prompt| {
+            let draft = self.draft.as_mut();
+            generate_with_draft(model, tok, &prompt, &mut self.cache, draft, opts, on_text)
+        });
         match result {
             Ok((text, stats)) => {
                 self.messages
@@ -568,6 +713,9 @@ mod tests {
                 seed: 1234,
             },
             stop_strings: Vec::new(),
+            draft: None,
+            draft_tokens: DEFAULT_DRAFT_TOKENS,
+            draft_numerics: None,
         };
         let (a, _, _) = run(&model, &tok, &prompt, &mut model.new_cache(64), &opts);
         let (b, _, _) = run(&model, &tok, &prompt, &mut model.new_cache(64), &opts);

@@ -119,6 +119,8 @@ struct Scratch {
     proj: Vec<f32>,
     gate: Vec<f32>,
     up: Vec<f32>,
+    /// Compute each token with the arithmetic of a one-token batch ([`Model::forward_as_steps`]).
+    as_steps: bool,
 }
 
 impl Scratch {
@@ -133,6 +135,7 @@ impl Scratch {
             proj: vec![0.0; n * h],
             gate: vec![0.0; n * i],
             up: vec![0.0; n * i],
+            as_steps: false,
         }
     }
 }
@@ -147,6 +150,23 @@ const ATTN_ROWS: usize = 32;
 struct Exec {
     backend: Backend,
     numerics: Numerics,
+    /// Each of the `n` rows computed exactly as a one-row call computes it.
+    as_steps: bool,
+}
+
+/// `out[n, rows] = x[n, cols] · Wᵀ` as `ex` says.
+fn matmul_exec(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32], ex: Exec) {
+    if !ex.as_steps || n == 1 {
+        matmul_with(ex.backend, w, x, n, out, ex.numerics);
+    } else if ex.backend == Backend::Cpu && ex.numerics == Numerics::Exact {
+        // The decoding matvec's dots, each weight row read once for all rows.
+        crate::backend::cpu::matmul_as_rows(w, x, n, out);
+    } else {
+        let (rows, cols) = (w.rows(), w.cols());
+        for (xt, ot) in x.chunks_exact(cols).zip(out.chunks_exact_mut(rows)) {
+            matmul_with(ex.backend, w, xt, 1, ot, ex.numerics);
+        }
+    }
 }
 
 /// A linear layer: weight in its stored type, optional f32 bias.
@@ -159,7 +179,7 @@ struct Linear {
 impl Linear {
     /// `out[n, rows] = x[n, cols] · Wᵀ + b` on `ex.backend`, activations rounded as `ex.numerics` says.
     fn forward(&self, x: &[f32], n: usize, out: &mut [f32], ex: Exec) {
-        matmul_with(ex.backend, &self.w, x, n, out, ex.numerics);
+        matmul_exec(&self.w, x, n, out, ex);
         if let Some(b) = &self.b {
             for row in out.chunks_exact_mut(b.len()) {
                 for (o, &bb) in row.iter_mut().zip(b) {
@@ -399,6 +419,15 @@ impl Model {
         Exec {
             backend: self.backend,
             numerics: self.numerics,
+            as_steps: false,
+        }
+    }
+
+    /// [`exec`](Self::exec) for a batch computed as `s` says.
+    fn exec_for(&self, s: &Scratch) -> Exec {
+        Exec {
+            as_steps: s.as_steps,
+            ..self.exec()
         }
     }
 
@@ -480,7 +509,34 @@ impl Model {
         tokens: &[u32],
         cache: &mut KvCache,
         want: Logits,
+        observer: Option<&mut dyn MatmulObserver>,
+    ) -> Result<Vec<f32>> {
+        self.forward_impl(tokens, cache, want, observer, false)
+    }
+
+    /// Every token's logits (as [`Logits::All`]), each row computed with the arithmetic of a one-token
+    /// [`forward`](Self::forward): the logits and the cache's keys and values equal, bit for bit, those of
+    /// feeding `tokens` one at a time, while on the CPU each weight row is read once for the whole batch.
+    /// A speculative decoder verifies its draft with this, so greedy output never depends on the draft.
+    /// (On the GPU the tokens do run one at a time.)
+    pub fn forward_as_steps(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        if self.backend == Backend::Gpu {
+            let mut all = Vec::with_capacity(tokens.len() * self.cfg.vocab_size);
+            for &t in tokens {
+                all.extend(self.forward(&[t], cache, Logits::Last)?);
+            }
+            return Ok(all);
+        }
+        self.forward_impl(tokens, cache, Logits::All, None, true)
+    }
+
+    fn forward_impl(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        want: Logits,
         mut observer: Option<&mut dyn MatmulObserver>,
+        as_steps: bool,
     ) -> Result<Vec<f32>> {
         let c = &self.cfg;
         if cache.layers() != c.num_layers
@@ -535,7 +591,7 @@ impl Model {
                 // The host path reads every earlier position from the host arrays.
                 self.sync_host(cache)?;
             }
-            let hidden = self.run_batch(&tokens[c0..c1], cache, &mut observer);
+            let hidden = self.run_batch(&tokens[c0..c1], cache, &mut observer, as_steps);
             let w0 = from.max(c0);
             if w0 < c1 {
                 let k = c1 - w0;
@@ -543,7 +599,11 @@ impl Model {
                 let mut x = hidden[(w0 - c0) * h..].to_vec();
                 rms_norm(&mut x, &self.norm, c.rms_norm_eps);
                 let out = &mut logits[(w0 - from) * vocab..(c1 - from) * vocab];
-                matmul_with(self.backend, &self.lm_head, &x, k, out, self.numerics);
+                let ex = Exec {
+                    as_steps,
+                    ..self.exec()
+                };
+                matmul_exec(&self.lm_head, &x, k, out, ex);
             }
             c0 = c1;
         }
@@ -557,12 +617,14 @@ impl Model {
         tokens: &[u32],
         cache: &mut KvCache,
         observer: &mut Option<&mut dyn MatmulObserver>,
+        as_steps: bool,
     ) -> Vec<f32> {
         let n = tokens.len();
         let p0 = cache.len();
         let mut x = self.embed_tokens(tokens);
         let (cos, sin) = self.rope_tables(p0, n);
         let mut s = Scratch::new(&self.cfg, n);
+        s.as_steps = as_steps;
         for li in 0..self.layers.len() {
             self.layer_step(
                 li,
@@ -739,7 +801,7 @@ impl Model {
         apply_rope(&mut s.q, c.head_dim, &cos, &sin);
         apply_rope(&mut s.k, c.head_dim, &cos, &sin);
         cache.write(li, 0, &s.k, &s.v);
-        self.attention(&s.q, cache, li, 0, n, &mut s.attn);
+        self.attention(&s.q, cache, li, 0, n, ATTN_ROWS, &mut s.attn);
         layer.o.forward(&s.attn, n, &mut s.proj, self.exec());
         Ok(s.proj)
     }
@@ -828,6 +890,7 @@ impl Model {
         let c = &self.cfg;
         let hd = c.head_dim;
         let layer = &self.layers[li];
+        let ex = self.exec_for(s);
         s.xn.copy_from_slice(x);
         rms_norm(&mut s.xn, &layer.attn_norm, c.rms_norm_eps);
         if let Some(o) = observer.as_deref_mut() {
@@ -836,9 +899,9 @@ impl Model {
         if until == Some(MatmulInput::Attention) {
             return;
         }
-        layer.q.forward(&s.xn, n, &mut s.q, self.exec());
-        layer.k.forward(&s.xn, n, &mut s.k, self.exec());
-        layer.v.forward(&s.xn, n, &mut s.v, self.exec());
+        layer.q.forward(&s.xn, n, &mut s.q, ex);
+        layer.k.forward(&s.xn, n, &mut s.k, ex);
+        layer.v.forward(&s.xn, n, &mut s.v, ex);
         apply_rope(&mut s.q, hd, cos, sin);
         apply_rope(&mut s.k, hd, cos, sin);
         if self.numerics == Numerics::LlamaCpu {
@@ -848,14 +911,15 @@ impl Model {
             round_f16(&mut s.v);
         }
         cache.write(li, p0, &s.k, &s.v);
-        self.attention(&s.q, cache, li, p0, n, &mut s.attn);
+        let rows_per_task = if s.as_steps { 1 } else { ATTN_ROWS };
+        self.attention(&s.q, cache, li, p0, n, rows_per_task, &mut s.attn);
         if let Some(o) = observer.as_deref_mut() {
             o.observe(li, MatmulInput::AttentionOutput, &s.attn, n);
         }
         if until == Some(MatmulInput::AttentionOutput) {
             return;
         }
-        layer.o.forward(&s.attn, n, &mut s.proj, self.exec());
+        layer.o.forward(&s.attn, n, &mut s.proj, ex);
         add_into(x, &s.proj);
         self.ffn_step(li, x, n, s, observer, until);
     }
@@ -872,6 +936,7 @@ impl Model {
     ) {
         let c = &self.cfg;
         let layer = &self.layers[li];
+        let ex = self.exec_for(s);
         s.xn.copy_from_slice(x);
         rms_norm(&mut s.xn, &layer.ffn_norm, c.rms_norm_eps);
         debug_assert_eq!(layer.gate.rows(), c.intermediate_size);
@@ -881,8 +946,8 @@ impl Model {
         if until == Some(MatmulInput::Ffn) {
             return;
         }
-        layer.gate.forward(&s.xn, n, &mut s.gate, self.exec());
-        layer.up.forward(&s.xn, n, &mut s.up, self.exec());
+        layer.gate.forward(&s.xn, n, &mut s.gate, ex);
+        layer.up.forward(&s.xn, n, &mut s.up, ex);
         for (g, &u) in s.gate.iter_mut().zip(&s.up) {
             *g = silu(*g) * u;
         }
@@ -892,7 +957,7 @@ impl Model {
         if until == Some(MatmulInput::FfnDown) {
             return;
         }
-        layer.down.forward(&s.gate, n, &mut s.proj, self.exec());
+        layer.down.forward(&s.gate, n, &mut s.proj, ex);
         add_into(x, &s.proj);
     }
 
@@ -915,6 +980,7 @@ impl Model {
 
     /// Causal attention of the `n` new query rows `q` (`[n, heads·head_dim]`, positions `p0..p0+n`) over the
     /// cache of `layer`; writes `out` (`[n, heads·head_dim]`).
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         q: &[f32],
@@ -922,6 +988,7 @@ impl Model {
         layer: usize,
         p0: usize,
         n: usize,
+        rows_per_task: usize,
         out: &mut [f32],
     ) {
         let c = &self.cfg;
@@ -932,13 +999,13 @@ impl Model {
         // llama.cpp converts the probabilities to f16 before multiplying them with its f16 values.
         let f16_probs = self.numerics == Numerics::LlamaCpu;
         let backend = self.backend;
-        let blocks = n.div_ceil(ATTN_ROWS);
+        let blocks = n.div_ceil(rows_per_task);
         let parts: Vec<(usize, usize, Vec<f32>)> = (0..nh * blocks)
             .into_par_iter()
             .map(|task| {
                 let (head, b) = (task / blocks, task % blocks);
-                let r0 = b * ATTN_ROWS;
-                let r1 = (r0 + ATTN_ROWS).min(n);
+                let r0 = b * rows_per_task;
+                let r1 = (r0 + rows_per_task).min(n);
                 let rows = r1 - r0;
                 let g = head / group;
                 let keys = &kc[g * cap * hd..(g * cap + p0 + r1) * hd];
@@ -1106,6 +1173,47 @@ mod tests {
                 .expect("tail");
             assert_eq!(tail.len(), 20 * v);
             assert!(max_rel(&tail, &all[50 * v..]) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn forward_as_steps_equals_one_token_forwards_bit_for_bit() {
+        for spec in [
+            FixtureSpec::tiny_llama(),
+            FixtureSpec::tiny_qwen2(),
+            FixtureSpec {
+                dtype: crate::model::fixture::FixtureDtype::F16,
+                ..FixtureSpec::tiny_mistral()
+            },
+        ] {
+            for numerics in [Numerics::Exact, Numerics::LlamaCpu] {
+                let mut m = model(&spec);
+                m.set_numerics(numerics);
+                let toks = tokens(19);
+                let v = m.vocab_size();
+                // A batched prefix, then six tokens as one verification batch…
+                let mut batch = m.new_cache(64);
+                m.forward(&toks[..13], &mut batch, Logits::None)
+                    .expect("prefix");
+                let rows = m.forward_as_steps(&toks[13..], &mut batch).expect("steps");
+                assert_eq!(rows.len(), 6 * v);
+                // …against the same prefix, then one token at a time.
+                let mut steps = m.new_cache(64);
+                m.forward(&toks[..13], &mut steps, Logits::None)
+                    .expect("prefix");
+                for (i, &t) in toks[13..].iter().enumerate() {
+                    let row = m.forward(&[t], &mut steps, Logits::Last).expect("step");
+                    let same = row
+                        .iter()
+                        .zip(&rows[i * v..(i + 1) * v])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{:?} {numerics:?}: row {i} differs", spec.arch);
+                }
+                assert_eq!(batch.tokens(), steps.tokens());
+                for l in 0..batch.layers() {
+                    assert!(batch.k[l] == steps.k[l] && batch.v[l] == steps.v[l]);
+                }
+            }
         }
     }
 

@@ -116,6 +116,48 @@ impl Sampler {
     /// Pick the next token from one row of `logits`; `history` holds the tokens so far (prompt and
     /// generated), the last `repeat_last_n` of which the repetition penalty looks at.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        if let Some(id) = self.filter(logits, history) {
+            return id;
+        }
+        let c = &self.cands;
+        let m = c.iter().fold(f32::NEG_INFINITY, |m, x| m.max(x.1));
+        let total: f64 = c.iter().map(|x| f64::from((x.1 - m).exp())).sum();
+        let mut r = self.rng.gen::<f64>() * total;
+        for &(id, v) in c.iter() {
+            r -= f64::from((v - m).exp());
+            if r < 0.0 {
+                return id;
+            }
+        }
+        // Rounding left a sliver: the last candidate takes it.
+        c.last().map_or(0, |x| x.0)
+    }
+
+    /// The distribution [`sample`](Self::sample) draws from for this row: `(id, probability)` of every token
+    /// the filters keep, sorted by id, probabilities summing to 1 (greedy: the one token it picks).
+    pub fn distribution(&mut self, logits: &[f32], history: &[u32]) -> Vec<(u32, f64)> {
+        if let Some(id) = self.filter(logits, history) {
+            return vec![(id, 1.0)];
+        }
+        let c = &self.cands;
+        let m = c.iter().fold(f32::NEG_INFINITY, |m, x| m.max(x.1));
+        let total: f64 = c.iter().map(|x| f64::from((x.1 - m).exp())).sum();
+        let mut d: Vec<(u32, f64)> = c
+            .iter()
+            .map(|&(id, v)| (id, f64::from((v - m).exp()) / total))
+            .collect();
+        d.sort_unstable_by_key(|x| x.0);
+        d
+    }
+
+    /// A uniform draw in `[0, 1)` from this sampler's stream.
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.gen::<f64>()
+    }
+
+    /// Repetition penalty and temperature, then top-k, top-p and min-p into `self.cands`; returns the token
+    /// when there is nothing to draw (greedy, or no finite logit).
+    fn filter(&mut self, logits: &[f32], history: &[u32]) -> Option<u32> {
         let cfg = &self.cfg;
         self.logits.clear();
         self.logits.extend(
@@ -133,7 +175,7 @@ impl Sampler {
             apply_repetition_penalty(l, &self.seen, cfg.repetition_penalty);
         }
         if cfg.is_greedy() {
-            return argmax(l);
+            return Some(argmax(l));
         }
         let inv_t = 1.0 / cfg.temperature;
         self.cands.clear();
@@ -144,7 +186,7 @@ impl Sampler {
                 .map(|(i, &v)| (i as u32, v * inv_t)),
         );
         if self.cands.is_empty() {
-            return argmax(l);
+            return Some(argmax(l));
         }
         let c = &mut self.cands;
         if cfg.top_k > 0 && cfg.top_k < c.len() {
@@ -157,17 +199,7 @@ impl Sampler {
         if cfg.min_p > 0.0 {
             min_p_filter(c, cfg.min_p);
         }
-        let m = c.iter().fold(f32::NEG_INFINITY, |m, x| m.max(x.1));
-        let total: f64 = c.iter().map(|x| f64::from((x.1 - m).exp())).sum();
-        let mut r = self.rng.gen::<f64>() * total;
-        for &(id, v) in c.iter() {
-            r -= f64::from((v - m).exp());
-            if r < 0.0 {
-                return id;
-            }
-        }
-        // Rounding left a sliver: the last candidate takes it.
-        c.last().map_or(0, |x| x.0)
+        None
     }
 }
 
@@ -437,6 +469,41 @@ mod tests {
             ..cfg
         });
         assert_eq!(s.sample(&[3.0, -1.0, 1.0], &[5, 0, 0]), 0);
+    }
+
+    #[test]
+    fn distribution_is_what_sample_draws_from() {
+        let l = logits();
+        let cfg = SamplerConfig {
+            temperature: 0.7,
+            top_k: 12,
+            top_p: 0.9,
+            min_p: 0.05,
+            repetition_penalty: 1.3,
+            seed: 5,
+            ..Default::default()
+        };
+        let history = [3u32, 17, 17, 40];
+        let mut s = Sampler::new(cfg.clone());
+        let d = s.distribution(&l, &history);
+        assert!(d.windows(2).all(|w| w[0].0 < w[1].0), "sorted by id");
+        assert!((d.iter().map(|x| x.1).sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!(d.len() > 1 && d.len() <= 12);
+        let n = 40_000;
+        let mut counts = std::collections::HashMap::new();
+        for _ in 0..n {
+            *counts.entry(s.sample(&l, &history)).or_insert(0usize) += 1;
+        }
+        for &(id, p) in &d {
+            let f = counts.remove(&id).unwrap_or(0) as f64 / f64::from(n);
+            assert!((f - p).abs() < 0.015, "token {id}: {f} vs {p}");
+        }
+        assert!(
+            counts.is_empty(),
+            "drawn outside the distribution: {counts:?}"
+        );
+        let mut g = Sampler::new(SamplerConfig::default());
+        assert_eq!(g.distribution(&l, &[]), vec![(argmax(&l), 1.0)]);
     }
 
     #[test]

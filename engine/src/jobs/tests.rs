@@ -302,6 +302,9 @@ fn generation_streams_tokens_and_can_be_cancelled() {
                     seed: 7,
                     ..Default::default()
                 },
+                draft: None,
+                draft_tokens: crate::infer::DEFAULT_DRAFT_TOKENS,
+                draft_numerics: None,
             },
             apply_chat_template: true,
         },
@@ -330,6 +333,72 @@ fn generation_streams_tokens_and_can_be_cancelled() {
         "{:?}",
         evs.last()
     );
+    engine.shutdown();
+}
+
+#[test]
+fn generation_with_a_draft_reports_its_acceptance() {
+    let (_dir, model) = fixture_dir("gen-draft");
+    let (_other_dir, other) = fixture_dir("gen-draft-other");
+    let engine = EngineHandle::spawn();
+    let generated = |draft: Option<PathBuf>, draft_tokens: usize| {
+        let job = submit(
+            &engine,
+            Command::Generate {
+                model: model.clone(),
+                prompt: "The keeper".into(),
+                options: GenerateOptions {
+                    max_new_tokens: 12,
+                    draft,
+                    draft_tokens,
+                    ..GenerateOptions::default()
+                },
+                apply_chat_template: false,
+            },
+        );
+        match collect(&engine, job, Duration::from_secs(60)).pop() {
+            Some(Event::Finished {
+                output: JobOutput::Generated { text, stats },
+                ..
+            }) => Ok((text, stats)),
+            Some(Event::Failed { error, .. }) => Err(error),
+            other => panic!("expected an end, got {other:?}"),
+        }
+    };
+    let (plain, stats) = generated(None, 4).expect("plain");
+    assert_eq!(stats.acceptance_rate(), None);
+    let (with_self, stats) = generated(Some(model.clone()), 4).expect("draft");
+    assert_eq!(with_self, plain);
+    assert!(stats.drafted_tokens > 0);
+    assert_eq!(stats.acceptance_rate(), Some(1.0));
+    let (with_other, _) = generated(Some(other), 3).expect("other draft");
+    assert_eq!(with_other, plain);
+    // The draft's arithmetic does not change greedy output.
+    let job = submit(
+        &engine,
+        Command::Generate {
+            model: model.clone(),
+            prompt: "The keeper".into(),
+            options: GenerateOptions {
+                max_new_tokens: 12,
+                draft: Some(model.clone()),
+                draft_numerics: Some(crate::infer::Numerics::LlamaCpu),
+                ..GenerateOptions::default()
+            },
+            apply_chat_template: false,
+        },
+    );
+    match collect(&engine, job, Duration::from_secs(60)).pop() {
+        Some(Event::Finished {
+            output: JobOutput::Generated { text, .. },
+            ..
+        }) => assert_eq!(text, plain),
+        other => panic!("expected Generated, got {other:?}"),
+    }
+    let e = generated(Some(model.clone()), 17).expect_err("k out of range");
+    assert!(e.contains("1..=16"), "{e}");
+    let e = generated(Some(model.join("missing.gguf")), 4).expect_err("no draft");
+    assert!(e.contains("missing.gguf"), "{e}");
     engine.shutdown();
 }
 

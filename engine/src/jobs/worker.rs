@@ -15,7 +15,7 @@ use super::{Command, EvalText, Event, ImatrixSource, JobId, JobOutput, WakerSlot
 use super::{DEFAULT_CHAT_CONTEXT, STAGE_CHAT_READY, STAGE_CONVERT};
 use crate::eval::{kl_divergence, perplexity, ChunkProgress, EvalOptions};
 use crate::imatrix::ImatrixOptions;
-use crate::infer::{generate, ChatSession, GenerateOptions, StopReason};
+use crate::infer::{generate_with_draft, ChatSession, Draft, GenerateOptions, Model, StopReason};
 use crate::model::summary::ModelSummary;
 use crate::model::{ChatMessage, SourceModel, TextTokenizer};
 use crate::output::OutputSpec;
@@ -269,6 +269,31 @@ fn load(ctx: &JobCtx, cache: &ModelCache, path: &Path) -> Result<Arc<LoadedModel
     Ok(m)
 }
 
+/// The draft model `options.draft` names (none when it names none), loaded through the model cache, on
+/// `model`'s backend and numerics (or `options.draft_numerics`), checked against `model` and its
+/// tokenizer `tok`.
+fn load_draft(
+    ctx: &JobCtx,
+    cache: &ModelCache,
+    model: &Model,
+    tok: &TextTokenizer,
+    options: &GenerateOptions,
+) -> Result<Option<Draft>> {
+    let Some(path) = &options.draft else {
+        return Ok(None);
+    };
+    crate::infer::validate_draft_tokens(options.draft_tokens)?;
+    let d = load(ctx, cache, path)?;
+    let mut draft = d.model.on_backend(model.backend());
+    draft.set_numerics(options.draft_numerics.unwrap_or(model.numerics()));
+    Draft::new(model, tok, draft, &d.source.tokenizer)
+        .map(Some)
+        .map_err(|e| match e {
+            Error::Invalid(m) => Error::Invalid(format!("draft {}: {m}", path.display())),
+            e => e,
+        })
+}
+
 fn evaluate(
     ctx: &JobCtx,
     cache: &ModelCache,
@@ -384,6 +409,7 @@ fn generate_job(
     m.model
         .check_context(capacity, options.allow_long_context)?;
     let mut kv = m.model.new_cache(capacity);
+    let mut draft = load_draft(ctx, cache, &model_on, tok, options)?;
     let mut on_text = |s: &str| {
         ctx.emit(Event::Token {
             job: ctx.job,
@@ -391,7 +417,15 @@ fn generate_job(
         });
         !ctx.cancelled()
     };
-    let (text, stats) = generate(&model_on, tok, &ids, &mut kv, options, &mut on_text)?;
+    let (text, stats) = generate_with_draft(
+        &model_on,
+        tok,
+        &ids,
+        &mut kv,
+        draft.as_mut(),
+        options,
+        &mut on_text,
+    )?;
     if stats.stop_reason == StopReason::Cancelled {
         return Err(Error::Cancelled);
     }
@@ -416,6 +450,10 @@ fn chat(
     options.sampler.validate()?;
     let model_on = m.model.on_backend(options.backend);
     let mut session = ChatSession::new(&model_on, context, system);
+    // A draft that cannot draft for the model fails the session up front; one chosen later fails its turn.
+    let tok = &m.source.tokenizer;
+    session.set_draft(load_draft(ctx, cache, &m.model, tok, &options)?);
+    let mut draft_path = options.draft.clone();
     ctx.progress(STAGE_CHAT_READY, 1, 1, Some(0.0));
     loop {
         ctx.check()?;
@@ -449,7 +487,10 @@ fn chat(
                     });
                     !ctx.cancelled() && !stop_turn.load(Ordering::Relaxed)
                 };
-                let tok = &m.source.tokenizer;
+                if options.draft != draft_path {
+                    session.set_draft(load_draft(ctx, cache, &m.model, tok, &options)?);
+                    draft_path.clone_from(&options.draft);
+                }
                 let turn = match msg {
                     ChatMsg::Send(text) => session
                         .send(&m.model, tok, &text, &options, &mut on_text)
