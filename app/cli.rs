@@ -520,6 +520,10 @@ pub enum DtypeArg {
 /// Sampling flags shared by `generate` and `chat`. The defaults are greedy decoding.
 #[derive(Clone, Debug, Args)]
 pub struct SamplingArgs {
+    /// Arithmetic: `llama-cpu` (activations quantized as llama.cpp's CPU backend does, packed rows dotted
+    /// in integers: the fast path) or `exact` (f32 activations throughout).
+    #[arg(long, default_value = "llama-cpu", value_parser = eval::parse_numerics)]
+    pub numerics: quant_engine::infer::Numerics,
     /// Temperature (0 = greedy).
     #[arg(long, default_value_t = 0.0)]
     pub temp: f32,
@@ -559,8 +563,8 @@ pub struct SamplingArgs {
     /// Tokens the draft proposes per step (1..=16).
     #[arg(long, value_name = "K", default_value_t = quant_engine::infer::DEFAULT_DRAFT_TOKENS)]
     pub draft_tokens: usize,
-    /// The draft's arithmetic (default: the model's, `exact`): `llama-cpu` dots Q4_0/Q4_1/Q5_x/Q8_0 drafts
-    /// in integers, about twice as fast; the model's arithmetic, which decides every token, is unchanged.
+    /// The draft's arithmetic (default: the model's, --numerics); the model's arithmetic, which decides
+    /// every token, is unchanged by it.
     #[arg(long, value_name = "NUMERICS", value_parser = eval::parse_numerics)]
     pub draft_numerics: Option<quant_engine::infer::Numerics>,
 }
@@ -588,6 +592,7 @@ impl SamplingArgs {
             },
             stop_strings: self.stop.clone(),
             backend: backend(),
+            numerics: self.numerics,
             allow_long_context: self.allow_long_context,
             draft: self.draft.clone(),
             draft_tokens: self.draft_tokens,

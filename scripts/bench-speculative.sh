@@ -37,7 +37,7 @@ run() {
     local target=$1 draft=$2 k=$3 numerics=$4 tokens=0 secs=0 drafted=0 accepted=0 same=yes i=0
     for p in "${PROMPTS[@]}"; do
         i=$((i + 1))
-        local args=(--threads "$THREADS" generate "$target" --prompt "$p" --max-tokens "$TOKENS")
+        local args=(--threads "$THREADS" generate "$target" --prompt "$p" --max-tokens "$TOKENS" --numerics "${TARGET_NUMERICS:-exact}")
         if [ "$draft" != - ]; then
             args+=(--draft "$draft" --draft-tokens "$k" --draft-numerics "$numerics")
         fi

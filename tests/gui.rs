@@ -333,6 +333,7 @@ fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
                 stop_reason: StopReason::Eos,
                 drafted_tokens: 0,
                 accepted_tokens: 0,
+                numerics: quant_engine::infer::Numerics::LlamaCpu,
             },
         })
         .expect("event");
@@ -371,6 +372,7 @@ fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
                 stop_reason: StopReason::Eos,
                 drafted_tokens: 0,
                 accepted_tokens: 0,
+                numerics: quant_engine::infer::Numerics::LlamaCpu,
             },
         })
         .expect("event");
@@ -409,11 +411,14 @@ fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
                 stop_reason: StopReason::Eos,
                 drafted_tokens: 10,
                 accepted_tokens: 7,
+                numerics: quant_engine::infer::Numerics::Exact,
             },
         })
         .expect("event");
     h.run_steps(2);
     h.get_by_label("draft accepted 70%");
+    // The studio says which arithmetic the speed was measured in.
+    h.get_by_label("exact");
     // A/B: the same prompt to two variants, each in its own session, both from the same (empty) history:
     // turning A/B on starts A's conversation afresh.
     h.get_by_label("A/B: two variants side by side").click();

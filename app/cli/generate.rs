@@ -59,12 +59,13 @@ fn print_stats(s: &GenerateStats) {
         )
     });
     eprintln!(
-        "[prompt: {} tokens, {:.1} tokens/s | generated: {} tokens, {:.1} tokens/s{draft} | stop: {}]",
+        "[prompt: {} tokens, {:.1} tokens/s | generated: {} tokens, {:.1} tokens/s{draft} | stop: {} | arithmetic: {}]",
         s.prompt_tokens,
         s.prompt_tokens_per_sec(),
         s.generated_tokens,
         s.decode_tokens_per_sec(),
-        stop_reason(s.stop_reason)
+        stop_reason(s.stop_reason),
+        s.numerics.name()
     );
 }
 

@@ -27,8 +27,8 @@ pub struct Side {
     pub session: Option<(JobId, PathBuf, String)>,
     pub transcript: Vec<Message>,
     pub writing: bool,
-    /// Decode speed of the last reply.
-    pub tokens_per_sec: Option<f64>,
+    /// Decode speed of the last reply, and the arithmetic it was measured in.
+    pub tokens_per_sec: Option<(f64, quant_engine::infer::Numerics)>,
     /// The last reply's drafted tokens accepted, when a draft model proposed any.
     pub acceptance_rate: Option<f64>,
     pub generated: usize,
@@ -230,7 +230,7 @@ impl ChatPanel {
                     m.text = text;
                 }
                 side.writing = false;
-                side.tokens_per_sec = Some(stats.decode_tokens_per_sec());
+                side.tokens_per_sec = Some((stats.decode_tokens_per_sec(), stats.numerics));
                 side.acceptance_rate = stats.acceptance_rate();
                 side.context_used += stats.prompt_tokens + stats.generated_tokens + 1;
             }
@@ -527,8 +527,15 @@ fn transcript(ui: &mut egui::Ui, side: &Side, i: usize, label: &str) -> bool {
     let last = side.transcript.len().saturating_sub(1);
     ui.horizontal(|ui| {
         ui.strong(label);
-        if let Some(t) = side.tokens_per_sec {
+        if let Some((t, numerics)) = side.tokens_per_sec {
             ui.weak(format!("{t:.1} tokens/s"));
+            ui.weak(numerics.name()).on_hover_text(match numerics {
+                quant_engine::infer::Numerics::LlamaCpu => {
+                    "Measured in llama.cpp's CPU arithmetic: activations quantized to 8 bits, packed weights \
+                     dotted in integers (the fast path)"
+                }
+                quant_engine::infer::Numerics::Exact => "Measured with f32 activations throughout",
+            });
         }
         if let Some(a) = side.acceptance_rate {
             ui.weak(format!("draft accepted {:.0}%", 100.0 * a))

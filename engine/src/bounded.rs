@@ -196,12 +196,16 @@ thread_local! {
 pub fn catch_quietly<R>(f: impl FnOnce() -> R) -> std::thread::Result<R> {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| {
+        // Installing the hook allocates once for the process: not charged to a bounded thread's budget
+        // (parked over its budget inside `call_once`, it would block every later caller for ever).
+        let limit = LIMIT.try_with(|l| l.replace(0)).unwrap_or(0);
         let previous = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
             if !QUIET.try_with(Cell::get).unwrap_or(false) {
                 previous(info);
             }
         }));
+        let _ = LIMIT.try_with(|l| l.set(limit));
     });
     let was = QUIET.with(|q| q.replace(true));
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));

@@ -189,13 +189,19 @@ static POOL: OnceLock<Pool> = OnceLock::new();
 
 /// `f(i)` for every `i < n` in parallel: on the spinning pool when it is free and sized for the current
 /// rayon thread count, else with rayon.
+/// `QS_SPIN=0` in the environment leaves every job to rayon (to measure what the pool buys).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QS_SPIN").map_or(true, |v| v != "0"))
+}
+
 pub fn for_each(n: usize, f: &(dyn Fn(usize) + Sync)) {
     let threads = rayon::current_num_threads();
     if n <= 1 || threads <= 1 {
         (0..n).for_each(f);
         return;
     }
-    let pool = POOL.get_or_init(|| Pool::new(threads));
+    let pool = POOL.get_or_init(|| Pool::new(if enabled() { threads } else { 1 }));
     if pool.threads == threads {
         if let Ok(_busy) = pool.busy.try_lock() {
             pool.run(n, f);

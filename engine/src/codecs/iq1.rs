@@ -30,7 +30,7 @@
 //! keep grid index 0 and scale code 0 — they do not dequantize to zero, and IQ1_M's refit of d counts them.
 
 use super::f16_at;
-use super::iq_lowbit::{Lattice, Which, IQ1S_GRID};
+use super::iq_lowbit::{iq1m_d, iq1m_scales, Lattice, Which, IQ1S_GRID};
 use super::kquants::nearest_int;
 use super::legacy::put_f16;
 
@@ -80,18 +80,6 @@ pub(super) fn dequant_iq1_s(src: &[u8], dst: &mut [f32]) {
             }
         }
     }
-}
-
-/// IQ1_M's f16 d from the top nibbles of its four scale u16s (`iq1m_scale_t`).
-#[inline]
-pub(super) fn iq1m_d(sc: &[u16; 4]) -> f32 {
-    let bits = (sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) | ((sc[2] >> 4) & 0x0F00) | (sc[3] & 0xF000);
-    half::f16::from_bits(bits).to_f32()
-}
-
-#[inline]
-pub(super) fn iq1m_scales(b: &[u8]) -> [u16; 4] {
-    std::array::from_fn(|i| u16::from_le_bytes([b[48 + 2 * i], b[49 + 2 * i]]))
 }
 
 /// `dequantize_row_iq1_m`: whole 56-byte blocks into 256 floats each.

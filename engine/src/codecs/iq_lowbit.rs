@@ -160,6 +160,18 @@ pub(super) fn signed4x2(db: f32, g1: &[f32; 4], g2: &[f32; 4], signs: u8, y: &mu
     }
 }
 
+/// IQ1_M's f16 d from the top nibbles of its four scale u16s (`iq1m_scale_t`).
+#[inline]
+pub(super) fn iq1m_d(sc: &[u16; 4]) -> f32 {
+    let bits = (sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) | ((sc[2] >> 4) & 0x0F00) | (sc[3] & 0xF000);
+    half::f16::from_bits(bits).to_f32()
+}
+
+#[inline]
+pub(super) fn iq1m_scales(b: &[u8]) -> [u16; 4] {
+    std::array::from_fn(|i| u16::from_le_bytes([b[48 + 2 * i], b[49 + 2 * i]]))
+}
+
 /// One low-bit i-quant block read as integers, as llama.cpp's `ggml_vec_dot_iq*_q8_K` multiply it: every
 /// value is `mult · scales[i/16] · codes[i]` with small signed integer codes (grid point × sign; for IQ1,
 /// `8·grid ± 1`, the ±1/8 shift folded in) and odd integer scales `2s + 1`. Returns `mult` (`f16(d)` times
@@ -284,7 +296,7 @@ pub(crate) fn int_reading(
             Some(d() * 0.125)
         }
         T::Iq1M => {
-            let sc = super::iq1::iq1m_scales(b);
+            let sc = iq1m_scales(b);
             let (qs, qh) = (&b[..32], &b[32..48]);
             for h in 0..16 {
                 scales[h] = odd(u32::from((sc[h / 4] >> (3 * (h % 4))) & 7));
@@ -294,7 +306,7 @@ pub(crate) fn int_reading(
                 put1(codes, 16 * h, idx0, q & 0x08 != 0);
                 put1(codes, 16 * h + 8, idx1, q & 0x80 != 0);
             }
-            Some(super::iq1::iq1m_d(&sc) * 0.125)
+            Some(iq1m_d(&sc) * 0.125)
         }
         _ => None,
     }

@@ -6,6 +6,8 @@ use super::kv_cache::KvCache;
 use super::model::{Logits, Model};
 use super::sampling::{Sampler, SamplerConfig};
 use super::speculative::{self, Draft, DEFAULT_DRAFT_TOKENS};
+use super::stream::Output;
+pub use super::stream::StopReason;
 use crate::model::{ChatMessage, TextTokenizer};
 use crate::{Error, Result};
 
@@ -21,6 +23,9 @@ pub struct GenerateOptions {
     pub allow_long_context: bool,
     /// Where the arithmetic runs.
     pub backend: crate::backend::Backend,
+    /// The arithmetic (a job sets it on the model): `llama-cpu`, the integer fast path on the CPU, by
+    /// default; `exact` for f32 activations throughout.
+    pub numerics: super::numerics::Numerics,
     /// A draft model for speculative decoding (same tokenizer as the model; a job loads it, on the same
     /// backend); `None` decodes without one.
     pub draft: Option<std::path::PathBuf>,
@@ -39,26 +44,12 @@ impl Default for GenerateOptions {
             stop_strings: Vec::new(),
             allow_long_context: false,
             backend: crate::backend::Backend::Cpu,
+            numerics: super::numerics::Numerics::LlamaCpu,
             draft: None,
             draft_tokens: DEFAULT_DRAFT_TOKENS,
             draft_numerics: None,
         }
     }
-}
-
-/// Why generation ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopReason {
-    /// The model produced an end-of-sequence / end-of-turn token.
-    Eos,
-    /// A stop string appeared.
-    StopString,
-    /// `max_new_tokens` were sampled.
-    MaxTokens,
-    /// The text callback asked to stop.
-    Cancelled,
-    /// The KV cache is full.
-    ContextFull,
 }
 
 /// Counts and timings of one [`generate`] call.
@@ -77,6 +68,8 @@ pub struct GenerateStats {
     pub drafted_tokens: usize,
     /// Of those, the tokens the model accepted.
     pub accepted_tokens: usize,
+    /// The arithmetic the model ran in.
+    pub numerics: super::numerics::Numerics,
 }
 
 impl GenerateStats {
@@ -93,188 +86,6 @@ impl GenerateStats {
     /// Accepted ÷ drafted tokens; `None` when nothing was drafted.
     pub fn acceptance_rate(&self) -> Option<f64> {
         (self.drafted_tokens > 0).then(|| self.accepted_tokens as f64 / self.drafted_tokens as f64)
-    }
-}
-
-/// Turns a growing list of token ids into text pieces, holding back bytes of incomplete characters.
-///
-/// Decodes a window that starts a few tokens back (`prefix`), so tokenizers that treat the first token
-/// specially (SentencePiece's leading space) decode the same as in the full text.
-struct TextStream {
-    ids: Vec<u32>,
-    prefix: usize,
-    read: usize,
-}
-
-impl TextStream {
-    fn new() -> Self {
-        Self {
-            ids: Vec::new(),
-            prefix: 0,
-            read: 0,
-        }
-    }
-
-    /// Add `id`; returns the text that became complete.
-    fn push(&mut self, tok: &TextTokenizer, id: u32) -> Result<String> {
-        self.ids.push(id);
-        let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
-        let now = tok.decode(&self.ids[self.prefix..], true)?;
-        if now.len() > before.len() && !now.ends_with('\u{FFFD}') {
-            if let Some(piece) = now.get(before.len()..) {
-                if now.starts_with(&before) {
-                    let piece = piece.to_string();
-                    self.prefix = self.read;
-                    self.read = self.ids.len();
-                    return Ok(piece);
-                }
-            }
-        }
-        Ok(String::new())
-    }
-
-    /// Whatever is still held back (incomplete characters become U+FFFD).
-    fn flush(&mut self, tok: &TextTokenizer) -> Result<String> {
-        if self.read == self.ids.len() {
-            return Ok(String::new());
-        }
-        let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
-        let now = tok.decode(&self.ids[self.prefix..], true)?;
-        self.prefix = self.read;
-        self.read = self.ids.len();
-        Ok(now.get(before.len()..).unwrap_or_default().to_string())
-    }
-}
-
-/// Streams text to the caller, cutting at stop strings and holding back what might begin one.
-struct StopFilter<'a> {
-    stops: &'a [String],
-    text: String,
-    sent: usize,
-}
-
-impl<'a> StopFilter<'a> {
-    fn new(stops: &'a [String]) -> Self {
-        Self {
-            stops,
-            text: String::new(),
-            sent: 0,
-        }
-    }
-
-    /// Add `piece`; returns `(text safe to emit now, whether a stop string was found)`.
-    fn push(&mut self, piece: &str) -> (String, bool) {
-        let search_from = self
-            .sent
-            .saturating_sub(self.stops.iter().map(String::len).max().unwrap_or(0));
-        self.text.push_str(piece);
-        let mut start = search_from;
-        while !self.text.is_char_boundary(start) {
-            start -= 1;
-        }
-        let hit = self
-            .stops
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| self.text[start..].find(s.as_str()).map(|i| start + i))
-            .min();
-        if let Some(at) = hit {
-            self.text.truncate(at);
-            let out = self.text.get(self.sent..).unwrap_or_default().to_string();
-            self.sent = self.text.len();
-            return (out, true);
-        }
-        // Hold back the longest tail that is a prefix of a stop string.
-        let mut hold = 0;
-        for s in self.stops {
-            for (k, _) in s.char_indices().skip(1) {
-                if k > hold && self.text.ends_with(&s[..k]) {
-                    hold = k;
-                }
-            }
-        }
-        let end = (self.text.len() - hold).max(self.sent);
-        let out = self.text[self.sent..end].to_string();
-        self.sent = end;
-        (out, false)
-    }
-
-    /// Everything not yet emitted.
-    fn finish(&mut self) -> String {
-        let out = self.text[self.sent..].to_string();
-        self.sent = self.text.len();
-        out
-    }
-}
-
-/// What every decoding loop shares: the history, streamed text, stop strings, cancellation and the
-/// count of tokens; both loops (with and without a draft) hand it each token the model chose.
-pub(super) struct Output<'a> {
-    tok: &'a TextTokenizer,
-    max_new_tokens: usize,
-    /// The prompt and the tokens generated so far.
-    pub(super) history: Vec<u32>,
-    stream: TextStream,
-    filter: StopFilter<'a>,
-    pub(super) generated: usize,
-    on_text: &'a mut dyn FnMut(&str) -> bool,
-    /// Tokens of `history` the model had run when it chose the last token: where its cache ends.
-    pub(super) ran: usize,
-    /// Positions of the model's cache.
-    capacity: usize,
-}
-
-impl<'a> Output<'a> {
-    /// Whether `max_new_tokens` are out.
-    pub(super) fn full(&self) -> bool {
-        self.generated >= self.max_new_tokens
-    }
-
-    /// Tokens still to generate.
-    pub(super) fn left(&self) -> usize {
-        self.max_new_tokens.saturating_sub(self.generated)
-    }
-
-    /// Take `id`, chosen by the model after running all of `history`; returns why generation ends with
-    /// it, if it does.
-    pub(super) fn push(&mut self, id: u32) -> Result<Option<StopReason>> {
-        self.ran = self.history.len();
-        if self.tok.is_eos(id) {
-            return Ok(Some(StopReason::Eos));
-        }
-        self.generated += 1;
-        self.history.push(id);
-        let piece = self.stream.push(self.tok, id)?;
-        let (out, stopped) = self.filter.push(&piece);
-        if !(out.is_empty() || (self.on_text)(&out)) {
-            return Ok(Some(StopReason::Cancelled));
-        }
-        if stopped {
-            return Ok(Some(StopReason::StopString));
-        }
-        if self.full() {
-            return Ok(Some(StopReason::MaxTokens));
-        }
-        if self.ran >= self.capacity {
-            return Ok(Some(StopReason::ContextFull));
-        }
-        Ok(None)
-    }
-
-    /// Send what is held back (unless a stop string or the caller ended it) and return the whole text.
-    fn finish(mut self, reason: StopReason) -> Result<String> {
-        if !matches!(reason, StopReason::StopString | StopReason::Cancelled) {
-            let tail = self.stream.flush(self.tok)?;
-            let (mut out, stopped) = self.filter.push(&tail);
-            if !stopped {
-                out.push_str(&self.filter.finish());
-            }
-            // The caller is told of the rest even if it then asks to stop: there is nothing left to cancel.
-            if !out.is_empty() {
-                let _ = (self.on_text)(&out);
-            }
-        }
-        Ok(self.filter.text)
     }
 }
 
@@ -342,17 +153,14 @@ pub fn generate_with_draft(
     let t1 = Instant::now();
 
     let mut sampler = Sampler::new(opts.sampler.clone());
-    let mut out = Output {
+    let mut out = Output::new(
         tok,
-        max_new_tokens: opts.max_new_tokens,
-        history: prompt.to_vec(),
-        stream: TextStream::new(),
-        filter: StopFilter::new(&opts.stop_strings),
-        generated: 0,
+        opts.max_new_tokens,
+        prompt,
+        &opts.stop_strings,
         on_text,
-        ran: prompt.len(),
-        capacity: cache.capacity(),
-    };
+        cache.capacity(),
+    );
     let mut counts = speculative::Counts::default();
     let reason = match draft {
         None => decode(model, cache, &mut sampler, logits, &mut out)?,
@@ -380,6 +188,7 @@ pub fn generate_with_draft(
         stop_reason: reason,
         drafted_tokens: counts.drafted,
         accepted_tokens: counts.accepted,
+        numerics: model.numerics(),
     };
     Ok((text, stats))
 }
@@ -553,6 +362,7 @@ impl ChatSession {
 
 #[cfg(test)]
 mod tests {
+    use super::super::stream::{StopFilter, TextStream};
     use super::*;
 
     #[test]
@@ -701,6 +511,7 @@ mod tests {
         let prompt = tok.encode("Once upon a time", false).expect("encode");
         let opts = GenerateOptions {
             backend: crate::backend::Backend::Cpu,
+            numerics: crate::infer::Numerics::Exact,
             max_new_tokens: 16,
             allow_long_context: false,
             sampler: SamplerConfig {

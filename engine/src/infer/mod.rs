@@ -13,6 +13,7 @@ mod model;
 mod numerics;
 mod sampling;
 mod speculative;
+mod stream;
 
 pub use generate::{
     generate, generate_with_draft, ChatSession, GenerateOptions, GenerateStats, StopReason,

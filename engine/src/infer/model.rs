@@ -161,6 +161,11 @@ fn matmul_exec(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32], ex: Exec) {
     } else if ex.backend == Backend::Cpu && ex.numerics == Numerics::Exact {
         // The decoding matvec's dots, each weight row read once for all rows.
         crate::backend::cpu::matmul_as_rows(w, x, n, out);
+    } else if ex.backend == Backend::Cpu
+        && ex.numerics == Numerics::LlamaCpu
+        && super::numerics::fused_rows(w, x, n, out)
+    {
+        // The integer dots, each weight row read once for all rows.
     } else {
         let (rows, cols) = (w.rows(), w.cols());
         for (xt, ot) in x.chunks_exact(cols).zip(out.chunks_exact_mut(rows)) {

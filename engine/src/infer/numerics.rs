@@ -123,34 +123,15 @@ pub(crate) fn matmul_with(
     out: &mut [f32],
     numerics: Numerics,
 ) {
+    // Decoding on the CPU: packed rows dotted with 8-bit activations in integers, as ggml does.
+    if numerics == Numerics::LlamaCpu
+        && backend == Backend::Cpu
+        && n <= FUSED_TOKENS
+        && fused_rows(w, x, n, out)
+    {
+        return;
+    }
     match numerics {
-        // Decoding on the CPU: packed rows dotted with 8-bit activations in integers, as ggml does.
-        Numerics::LlamaCpu
-            if backend == Backend::Cpu
-                && n <= FUSED_TOKENS
-                && w.block_type().is_some_and(crate::backend::cpu_q8::fused) =>
-        {
-            use crate::backend::{cpu_q8, spin};
-            let Some(ty) = w.block_type() else {
-                unreachable!("guarded above")
-            };
-            let (rows, cols) = (w.rows(), w.cols());
-            let acts: Vec<cpu_q8::Q8Row> = x
-                .chunks_exact(cols)
-                .map(|xt| cpu_q8::Q8Row::for_type(ty, xt))
-                .collect();
-            // Each task takes a block of weight rows for every token (a row is read once per call).
-            let chunk = (rows / (4 * rayon::current_num_threads())).clamp(16, 128);
-            let o = spin::Disjoint::new(&mut out[..n * rows]);
-            spin::for_each(rows.div_ceil(chunk), &|ci| {
-                for r in ci * chunk..((ci + 1) * chunk).min(rows) {
-                    let row = w.row_data(r);
-                    for (t, q) in acts.iter().enumerate() {
-                        o.set(t * rows + r, cpu_q8::vec_dot(ty, row, q));
-                    }
-                }
-            });
-        }
         Numerics::LlamaCpu
             if w.block_type()
                 .is_some_and(|ty| vec_dot_type(ty) != VecDotType::F32) =>
@@ -165,6 +146,34 @@ pub(crate) fn matmul_with(
         }
         _ => backend.matmul(w, x, n, out),
     }
+}
+
+/// `out[t, r] = W[r] · x[t]` for the `n` activation rows with the CPU's integer dot products (each row
+/// quantized to the type's 8-bit activation type, each weight row read once for all `n`), or `false` when
+/// `w`'s type has no integer kernel. Row `t`'s results do not depend on `n`: a batch computes every row
+/// exactly as a one-row call does.
+pub(crate) fn fused_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) -> bool {
+    use crate::backend::{cpu_q8, spin};
+    let Some(ty) = w.block_type().filter(|&t| cpu_q8::fused(t)) else {
+        return false;
+    };
+    let (rows, cols) = (w.rows(), w.cols());
+    let acts: Vec<cpu_q8::Q8Row> = x[..n * cols]
+        .chunks_exact(cols)
+        .map(|xt| cpu_q8::Q8Row::for_type(ty, xt))
+        .collect();
+    // Each task takes a block of weight rows for every token.
+    let chunk = (rows / (4 * rayon::current_num_threads())).clamp(16, 128);
+    let o = spin::Disjoint::new(&mut out[..n * rows]);
+    spin::for_each(rows.div_ceil(chunk), &|ci| {
+        for r in ci * chunk..((ci + 1) * chunk).min(rows) {
+            let row = w.row_data(r);
+            for (t, q) in acts.iter().enumerate() {
+                o.set(t * rows + r, cpu_q8::vec_dot(ty, row, q));
+            }
+        }
+    });
+    true
 }
 
 /// The part of llama.cpp's Q4_1/Q5_1 × Q8_1 dot product that rounded activations cannot express: the weight

@@ -14,10 +14,10 @@
 //! The streaming, stop strings, end-of-sequence, cancellation and full-context rules are
 //! `generate.rs`'s, shared through its `Output`.
 
-use super::generate::{Output, StopReason};
 use super::kv_cache::KvCache;
 use super::model::{Logits, Model};
 use super::sampling::{Sampler, SamplerConfig};
+use super::stream::{Output, StopReason};
 use crate::model::TextTokenizer;
 use crate::{Error, Result};
 

@@ -297,6 +297,7 @@ fn generation_streams_tokens_and_can_be_cancelled() {
                 stop_strings: Vec::new(),
                 allow_long_context: false,
                 backend: crate::backend::Backend::Cpu,
+                numerics: crate::infer::Numerics::LlamaCpu,
                 sampler: crate::infer::SamplerConfig {
                     temperature: 1.0,
                     seed: 7,

@@ -269,6 +269,13 @@ fn load(ctx: &JobCtx, cache: &ModelCache, path: &Path) -> Result<Arc<LoadedModel
     Ok(m)
 }
 
+/// The model as `options` runs it: on its backend, in its arithmetic.
+fn runner(model: &Model, options: &GenerateOptions) -> Model {
+    let mut m = model.on_backend(options.backend);
+    m.set_numerics(options.numerics);
+    m
+}
+
 /// The draft model `options.draft` names (none when it names none), loaded through the model cache, on
 /// `model`'s backend and numerics (or `options.draft_numerics`), checked against `model` and its
 /// tokenizer `tok`.
@@ -386,7 +393,7 @@ fn generate_job(
     apply_chat_template: bool,
 ) -> Result<JobOutput> {
     let m = load(ctx, cache, model)?;
-    let model_on = m.model.on_backend(options.backend);
+    let model_on = runner(&m.model, options);
     let tok = &m.source.tokenizer;
     let ids = prompt_ids(tok, prompt, apply_chat_template)?;
     options.sampler.validate()?;
@@ -448,12 +455,14 @@ fn chat(
     });
     m.model.check_context(context, options.allow_long_context)?;
     options.sampler.validate()?;
-    let model_on = m.model.on_backend(options.backend);
+    let mut model_on = runner(&m.model, &options);
     let mut session = ChatSession::new(&model_on, context, system);
     // A draft that cannot draft for the model fails the session up front; one chosen later fails its turn.
     let tok = &m.source.tokenizer;
-    session.set_draft(load_draft(ctx, cache, &m.model, tok, &options)?);
+    session.set_draft(load_draft(ctx, cache, &model_on, tok, &options)?);
     let mut draft_path = options.draft.clone();
+    // The draft must be loaded again (the model's backend or arithmetic changed).
+    let mut draft_stale = false;
     ctx.progress(STAGE_CHAT_READY, 1, 1, Some(0.0));
     loop {
         ctx.check()?;
@@ -476,6 +485,11 @@ fn chat(
             }
             ChatMsg::Options(o) => {
                 // Settings out of range fail the next turn with a message that gives the range.
+                if (o.backend, o.numerics) != (options.backend, options.numerics) {
+                    model_on = runner(&m.model, &o);
+                    // The draft follows the model's backend (and arithmetic, unless told otherwise).
+                    draft_stale = true;
+                }
                 options = o;
             }
             msg @ (ChatMsg::Send(_) | ChatMsg::Regenerate) => {
@@ -487,15 +501,16 @@ fn chat(
                     });
                     !ctx.cancelled() && !stop_turn.load(Ordering::Relaxed)
                 };
-                if options.draft != draft_path {
-                    session.set_draft(load_draft(ctx, cache, &m.model, tok, &options)?);
+                if draft_stale || options.draft != draft_path {
+                    draft_stale = false;
+                    session.set_draft(load_draft(ctx, cache, &model_on, tok, &options)?);
                     draft_path.clone_from(&options.draft);
                 }
                 let turn = match msg {
                     ChatMsg::Send(text) => session
-                        .send(&m.model, tok, &text, &options, &mut on_text)
+                        .send(&model_on, tok, &text, &options, &mut on_text)
                         .map(Some),
-                    _ => session.regenerate(&m.model, tok, &options, &mut on_text),
+                    _ => session.regenerate(&model_on, tok, &options, &mut on_text),
                 };
                 match turn {
                     Ok(None) => {}
