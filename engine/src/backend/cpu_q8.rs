@@ -106,30 +106,10 @@ pub fn q8_k_block(x: &[f32], q: &mut [i8]) -> f32 {
     1.0 / iscale
 }
 
-/// Whether [`vec_dot`] takes weights of `ty`.
+/// Whether [`vec_dot`] takes weights of `ty`: every type ggml multiplies with 8-bit activations (all the
+/// quantized GGUF types; not F32/F16/BF16).
 pub fn fused(ty: GgmlType) -> bool {
-    matches!(
-        ty,
-        GgmlType::Q4_0
-            | GgmlType::Q4_1
-            | GgmlType::Q5_0
-            | GgmlType::Q5_1
-            | GgmlType::Q8_0
-            | GgmlType::Iq4Nl
-            | GgmlType::Q2K
-            | GgmlType::Q3K
-            | GgmlType::Q4K
-            | GgmlType::Q5K
-            | GgmlType::Q6K
-            | GgmlType::Iq4Xs
-            | GgmlType::Iq2Xxs
-            | GgmlType::Iq2Xs
-            | GgmlType::Iq2S
-            | GgmlType::Iq3Xxs
-            | GgmlType::Iq3S
-            | GgmlType::Iq1S
-            | GgmlType::Iq1M
-    )
+    matches!(ty.traits().vec_dot, VecDotType::Q8_0 | VecDotType::Q8K)
 }
 
 /// Whether `ty` is one of the Q8_K family (256-element blocks with sub-block scales).
@@ -736,27 +716,12 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    const TYPES: [GgmlType; 19] = [
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Iq4Nl,
-        GgmlType::Q2K,
-        GgmlType::Q3K,
-        GgmlType::Q4K,
-        GgmlType::Q5K,
-        GgmlType::Q6K,
-        GgmlType::Iq4Xs,
-        GgmlType::Iq2Xxs,
-        GgmlType::Iq2Xs,
-        GgmlType::Iq2S,
-        GgmlType::Iq3Xxs,
-        GgmlType::Iq3S,
-        GgmlType::Iq1S,
-        GgmlType::Iq1M,
-    ];
+    /// Every type with an integer kernel.
+    fn types() -> Vec<GgmlType> {
+        let t: Vec<GgmlType> = GgmlType::all().filter(|&t| fused(t)).collect();
+        assert_eq!(t.len(), 19, "{t:?}");
+        t
+    }
 
     /// Each block's exact contribution `(Σ value_w · value_x, Σ |…|)` in f64, from the integer reading of the
     /// block ([`codes`] or [`k_codes`] with [`k_scales`]).
@@ -808,7 +773,7 @@ mod tests {
     #[test]
     fn the_vector_kernels_equal_the_scalar_reference_exactly() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        for ty in TYPES {
+        for ty in types() {
             let block = ty.traits().block_elems;
             for cols in [block, 256, 4096] {
                 let w: Vec<f32> = (0..cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
@@ -874,7 +839,7 @@ mod tests {
     #[test]
     fn the_integer_reading_is_the_dequantiser() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        for ty in TYPES {
+        for ty in types() {
             let cols = 512;
             let w: Vec<f32> = (0..cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let mut row = vec![0u8; ty.traits().row_bytes(cols).expect("row")];
@@ -921,7 +886,7 @@ mod tests {
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
-        for ty in TYPES.into_iter().filter(|&t| k_split(t)) {
+        for ty in types().into_iter().filter(|&t| k_split(t)) {
             for _ in 0..50 {
                 let blk: Vec<u8> = (0..k_bytes(ty)).map(|_| rng.gen()).collect();
                 let (mut a, mut b) = ([0i8; 256], [0i8; 256]);
