@@ -69,6 +69,21 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     }
 }
 
+/// Round every value to the nearest f16 and back (ties to even, as F16C's `vcvtps2ph` does).
+pub fn round_f16(x: &mut [f32]) {
+    match level() {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => x86::round_f16(x),
+        Level::Scalar => round_f16_scalar(x),
+    }
+}
+
+fn round_f16_scalar(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        *v = half::f16::from_f32(*v).to_f32();
+    }
+}
+
 fn f16_to_f32_scalar(src: &[u8], dst: &mut [f32]) {
     for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
         *d = half::f16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32();
@@ -104,6 +119,27 @@ mod x86 {
     pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         // SAFETY: as above.
         unsafe { dot_f32_impl(a, b) }
+    }
+
+    pub fn round_f16(x: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { round_f16_impl(x) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn round_f16_impl(x: &mut [f32]) {
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n: 8 floats in bounds, unaligned load and store.
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(p.add(i)));
+                _mm256_storeu_ps(p.add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        super::round_f16_scalar(&mut x[i..]);
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -247,5 +283,40 @@ mod tests {
             let (d, r) = (dot_f32(&a, &x), dot(&a, &x));
             assert!((d - r).abs() <= 1e-4 * (1.0 + r.abs()), "n={n}: {d} vs {r}");
         }
+    }
+
+    #[test]
+    fn f16_rounding_equals_the_scalar_one_on_ties_overflow_and_subnormals() {
+        // Exact ties between two f16 values (1 + 2⁻¹¹ and 1 + 3·2⁻¹¹), beyond f16's range, subnormals,
+        // signed zero, infinities, NaN, and a spread of ordinary values.
+        let mut x = vec![
+            1.0 + 2f32.powi(-11),
+            1.0 + 3.0 * 2f32.powi(-11),
+            -(1.0 + 2f32.powi(-11)),
+            65519.0,
+            65520.0,
+            1e6,
+            -1e6,
+            3e-8,
+            6e-8,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+        ];
+        x.extend((0..1000).map(|i| (i as f32 * 0.7311).sin() * 10f32.powi(i % 9 - 4)));
+        let mut a = x.clone();
+        let mut b = x.clone();
+        round_f16(&mut a);
+        round_f16_scalar(&mut b);
+        assert_eq!(
+            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            b.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        assert_eq!(a[0], 1.0, "a tie goes to the even neighbour");
+        assert_eq!(a[1], 1.0 + 4.0 * 2f32.powi(-11));
+        assert!(a[4].is_infinite() && a[5].is_infinite());
+        let mut nan = [f32::NAN; 9];
+        round_f16(&mut nan);
+        assert!(nan.iter().all(|v| v.is_nan()));
     }
 }

@@ -1,5 +1,5 @@
 //! The CPU backend's kernels: the matmul over weights in their stored form (tiles of rows dequantised into a
-//! per-thread scratch and multiplied with a GEMM for prompts, dotted directly for decoding) and the small
+//! per-thread scratch and multiplied with the GEMM of `sgemm.rs` for prompts, dotted directly for decoding) and the small
 //! f32 GEMMs of attention. SIMD primitives are in `crate::simd`.
 
 use rayon::prelude::*;
@@ -21,9 +21,8 @@ pub fn matmul(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
     }
     let tile = tile_rows(rows, cols);
     let dst = SharedOut(out.as_mut_ptr());
-    (0..rows.div_ceil(tile)).into_par_iter().for_each_init(
-        || Vec::with_capacity(tile * cols),
-        |tile_buf: &mut Vec<f32>, ti| {
+    (0..rows.div_ceil(tile)).into_par_iter().for_each(|ti| {
+        TILE.with_borrow_mut(|tile_buf| {
             let r0 = ti * tile;
             let r1 = (r0 + tile).min(rows);
             let m = r1 - r0;
@@ -37,8 +36,14 @@ pub fn matmul(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
             unsafe {
                 sgemm_nt_strided(n, m, cols, x, tile_buf, dst.at(r0), rows);
             }
-        },
-    );
+        });
+    });
+}
+
+thread_local! {
+    /// A worker's dequantised tile, kept from call to call: a fresh 256 KiB block per tile would be an
+    /// mmap (the engine fixes glibc's mmap threshold at 128 KiB) and a page fault per 4 KiB of it.
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn matvec(w: &TensorRef, x: &[f32], out: &mut [f32]) {
@@ -156,61 +161,27 @@ unsafe fn sgemm_nt_strided(
     y: *mut f32,
     ldy: usize,
 ) {
-    assert!(x.len() >= n * k && w.len() >= m * k && ldy >= m);
-    // SAFETY: the caller guarantees the output; the inputs are bounded by the assert.
-    unsafe {
-        gemm::gemm(
-            n,
-            m,
-            k,
-            y,
-            1,
-            ldy as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    // SAFETY: forwarded from the caller.
+    unsafe { super::sgemm::gemm_nt(n, m, k, x, w, super::sgemm::WLayout::RowMajor, y, ldy) }
 }
 
-/// `y[n, m] = x[n, k] · w[k, m]` with row-major `w`, parallel over threads. For activations × activations
+/// `y[n, m] = x[n, k] · w[k, m]` with row-major `w`, single-threaded. For activations × activations
 /// (attention).
 #[allow(unsafe_code)]
 pub fn sgemm_nn(n: usize, m: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
     assert!(x.len() >= n * k && w.len() >= k * m && y.len() >= n * m);
-    // SAFETY: bounds asserted above; all three matrices are row-major with unit column stride.
+    // SAFETY: `y` holds n rows of m (asserted) and is borrowed exclusively.
     unsafe {
-        gemm::gemm(
+        super::sgemm::gemm_nt(
             n,
             m,
             k,
+            x,
+            w,
+            super::sgemm::WLayout::KMajor,
             y.as_mut_ptr(),
-            1,
-            m as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            1,
-            m as isize,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+            m,
+        )
     }
 }
 

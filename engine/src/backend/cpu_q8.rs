@@ -51,7 +51,7 @@ impl Q8Row {
             let dd = amax / 127.0;
             d.push(half::f16::from_f32(dd).to_f32());
             let start = q.len();
-            q.extend(b.iter().map(|&v| (v * id).round_ties_even() as i8));
+            q.extend(b.iter().map(|&v| crate::simd::round_even(v * id) as i8));
             let sum: i32 = q[start..].iter().map(|&v| i32::from(v)).sum();
             s.push(half::f16::from_f32(dd * sum as f32).to_f32());
         }
@@ -101,7 +101,7 @@ pub fn q8_k_block(x: &[f32], q: &mut [i8]) -> f32 {
     let iscale = -127.0 / max;
     for (o, &v) in q.iter_mut().zip(x) {
         // ggml's nearest_int: ties to even for |v| < 2^22 (always here: |iscale·x| ≤ 127).
-        *o = (iscale * v).round_ties_even().min(127.0) as i8;
+        *o = crate::simd::round_even(iscale * v).min(127.0) as i8;
     }
     1.0 / iscale
 }

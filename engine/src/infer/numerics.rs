@@ -77,9 +77,7 @@ pub fn round_activations(ty: GgmlType, x: &mut [f32], cols: usize) {
 
 /// Round every value to the nearest f16 (ties to even, as F16C's `vcvtps2ph` does).
 pub fn round_f16(x: &mut [f32]) {
-    for v in x.iter_mut() {
-        *v = half::f16::from_f32(*v).to_f32();
-    }
+    crate::simd::round_f16(x);
 }
 
 /// One Q8_0 block as ggml-cpu's x86 `quantize_row_q8_0` makes it, read back: `d = amax/127` stored as f16,
@@ -88,7 +86,7 @@ fn round_q8_0_block(b: &mut [f32]) {
     let (d, id) = q8_0_scales(b);
     let d = half::f16::from_f32(d).to_f32();
     for v in b.iter_mut() {
-        *v = d * (*v * id).round_ties_even();
+        *v = d * crate::simd::round_even(*v * id);
     }
 }
 
@@ -139,13 +137,22 @@ pub(crate) fn matmul_with(
             let Some(ty) = w.block_type() else {
                 unreachable!("guarded above")
             };
-            let mut xr = x.to_vec();
-            round_activations(ty, &mut xr, w.cols());
-            backend.matmul(w, &xr, n, out);
+            ROUNDED.with_borrow_mut(|xr| {
+                xr.clear();
+                xr.extend_from_slice(x);
+                round_activations(ty, xr, w.cols());
+                backend.matmul(w, xr, n, out);
+            });
             add_q8_1_sum_terms(w, x, n, out);
         }
         _ => backend.matmul(w, x, n, out),
     }
+}
+
+thread_local! {
+    /// The rounded copy of a matmul's activations, kept from call to call (a prompt's activations are
+    /// megabytes: a fresh copy per matmul is an mmap and a page fault per 4 KiB).
+    static ROUNDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `out[t, r] = W[r] · x[t]` for the `n` activation rows with the CPU's integer dot products (each row
@@ -154,10 +161,26 @@ pub(crate) fn matmul_with(
 /// exactly as a one-row call does.
 pub(crate) fn fused_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) -> bool {
     use crate::backend::{cpu_q8, spin};
+    let (rows, cols) = (w.rows(), w.cols());
+    if w.block_type() == Some(GgmlType::F16) {
+        // ggml_vec_dot_f16: f16 activations, products summed in f32; the row is converted on the fly.
+        let mut xr = x[..n * cols].to_vec();
+        round_f16(&mut xr);
+        let chunk = (rows / (4 * rayon::current_num_threads())).clamp(16, 128);
+        let o = spin::Disjoint::new(&mut out[..n * rows]);
+        spin::for_each(rows.div_ceil(chunk), &|ci| {
+            for r in ci * chunk..((ci + 1) * chunk).min(rows) {
+                let row = w.row_data(r);
+                for (t, xt) in xr.chunks_exact(cols).enumerate() {
+                    o.set(t * rows + r, crate::simd::dot_f16(row, xt));
+                }
+            }
+        });
+        return true;
+    }
     let Some(ty) = w.block_type().filter(|&t| cpu_q8::fused(t)) else {
         return false;
     };
-    let (rows, cols) = (w.rows(), w.cols());
     let acts: Vec<cpu_q8::Q8Row> = x[..n * cols]
         .chunks_exact(cols)
         .map(|xt| cpu_q8::Q8Row::for_type(ty, xt))
@@ -191,7 +214,7 @@ pub(crate) fn add_q8_1_sum_terms(w: &TensorRef, x: &[f32], n: usize, out: &mut [
     let mut delta = vec![0f32; n * blocks];
     for (xb, dl) in x.chunks_exact(32).zip(delta.iter_mut()) {
         let (d, id) = q8_0_scales(xb);
-        let sq: f32 = xb.iter().map(|v| (v * id).round_ties_even()).sum();
+        let sq: f32 = xb.iter().map(|v| crate::simd::round_even(v * id)).sum();
         let s = half::f16::from_f32(d * sq).to_f32();
         *dl = s - half::f16::from_f32(d).to_f32() * sq;
     }

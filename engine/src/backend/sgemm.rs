@@ -1,0 +1,345 @@
+//! The CPU's f32 GEMM `y = x · wᵀ` (prompt processing over dequantised weight tiles, and attention): `w` is
+//! packed into panels of [`NR`] rows stored k-major in a per-thread buffer that is reused from call to call
+//! (no allocation per call), `x` is read in place, and a register-blocked microkernel of [`MR`] activation
+//! rows × [`NR`] weight rows accumulates over blocks of [`KC`] columns. AVX2+FMA where the CPU has it, a
+//! scalar reference otherwise (and in the tests).
+
+use std::cell::RefCell;
+
+/// Weight rows per packed panel (two AVX2 registers).
+const NR: usize = 16;
+/// Activation rows per microkernel call.
+const MR: usize = 6;
+/// Columns per pass over the panels (a panel's slice stays in L1/L2 while every activation row block uses it).
+const KC: usize = 256;
+
+/// How the `m × k` operand `w` is laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WLayout {
+    /// `w[j·k + c]`: rows of the weight (a dequantised tile, attention's keys).
+    RowMajor,
+    /// `w[c·m + j]`: the transpose stored row-major (attention's values).
+    KMajor,
+}
+
+thread_local! {
+    static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `y[t·ldy + j] = Σ_c x[t·k + c] · w(j, c)` for `t < n`, `j < m`, single-threaded (callers parallelise).
+///
+/// # Safety
+/// `y` must be valid for writes at `y + t·ldy + j` for `t < n`, `j < m`, and no other thread may touch
+/// those elements meanwhile.
+#[allow(unsafe_code)]
+pub unsafe fn gemm_nt(
+    n: usize,
+    m: usize,
+    k: usize,
+    x: &[f32],
+    w: &[f32],
+    layout: WLayout,
+    y: *mut f32,
+    ldy: usize,
+) {
+    assert!(x.len() >= n * k && w.len() >= m * k && (n == 0 || ldy >= m));
+    if n == 0 || m == 0 {
+        return;
+    }
+    if k == 0 {
+        for t in 0..n {
+            for j in 0..m {
+                // SAFETY: in the caller's output range.
+                unsafe { *y.add(t * ldy + j) = 0.0 };
+            }
+        }
+        return;
+    }
+    PANELS.with_borrow_mut(|panels| {
+        pack(m, k, w, layout, panels);
+        let avx2 = avx2();
+        for k0 in (0..k).step_by(KC) {
+            let kl = KC.min(k - k0);
+            for t0 in (0..n).step_by(MR) {
+                let rows = MR.min(n - t0);
+                for (p, panel) in panels.chunks_exact(k * NR).enumerate() {
+                    let cols = NR.min(m - p * NR);
+                    let xs = &x[t0 * k + k0..];
+                    let ps = &panel[k0 * NR..(k0 + kl) * NR];
+                    // SAFETY: rows t0..t0+rows and columns p·NR..p·NR+cols are inside the caller's range.
+                    let yp = unsafe { y.add(t0 * ldy + p * NR) };
+                    let acc = k0 > 0;
+                    #[cfg(target_arch = "x86_64")]
+                    if avx2 {
+                        // SAFETY: AVX2 and FMA were detected; the slices bound every read.
+                        unsafe { x86::kernel(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
+                        continue;
+                    }
+                    let _ = avx2;
+                    // SAFETY: as above.
+                    unsafe { kernel_scalar(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
+                }
+            }
+        }
+    });
+}
+
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// `w` into panels of NR rows, each `[k][NR]`; rows past `m` in the last panel are zero.
+fn pack(m: usize, k: usize, w: &[f32], layout: WLayout, panels: &mut Vec<f32>) {
+    let np = m.div_ceil(NR);
+    panels.clear();
+    panels.resize(np * k * NR, 0.0);
+    for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
+        let j0 = p * NR;
+        let cols = NR.min(m - j0);
+        match layout {
+            WLayout::RowMajor => {
+                for jj in 0..cols {
+                    let row = &w[(j0 + jj) * k..(j0 + jj + 1) * k];
+                    for (c, &v) in row.iter().enumerate() {
+                        panel[c * NR + jj] = v;
+                    }
+                }
+            }
+            WLayout::KMajor => {
+                for (c, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                    dst[..cols].copy_from_slice(&w[c * m + j0..c * m + j0 + cols]);
+                }
+            }
+        }
+    }
+}
+
+/// The reference microkernel: `rows` activation rows (stride `ldx`) × one panel over `kl` columns, written
+/// (or added, `acc`) to the first `cols` columns of `rows` output rows.
+///
+/// # Safety
+/// As [`gemm_nt`] for the block.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+unsafe fn kernel_scalar(
+    rows: usize,
+    kl: usize,
+    x: &[f32],
+    ldx: usize,
+    panel: &[f32],
+    y: *mut f32,
+    ldy: usize,
+    cols: usize,
+    acc: bool,
+) {
+    for t in 0..rows {
+        let xr = &x[t * ldx..t * ldx + kl];
+        let mut s = [0.0f32; NR];
+        for (c, &xv) in xr.iter().enumerate() {
+            for (sv, &wv) in s.iter_mut().zip(&panel[c * NR..(c + 1) * NR]) {
+                *sv = xv.mul_add(wv, *sv);
+            }
+        }
+        for (j, &v) in s.iter().enumerate().take(cols) {
+            // SAFETY: the caller's range.
+            unsafe {
+                let d = y.add(t * ldy + j);
+                *d = if acc { *d + v } else { v };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use super::{MR, NR};
+    use std::arch::x86_64::*;
+
+    /// AVX2 form of [`super::kernel_scalar`] (the same sums in the same order: one FMA per column).
+    ///
+    /// # Safety
+    /// AVX2 and FMA present; as [`super::gemm_nt`] for the block.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn kernel(
+        rows: usize,
+        kl: usize,
+        x: &[f32],
+        ldx: usize,
+        panel: &[f32],
+        y: *mut f32,
+        ldy: usize,
+        cols: usize,
+        acc: bool,
+    ) {
+        assert!(rows <= MR && panel.len() >= kl * NR && x.len() >= (rows - 1) * ldx + kl);
+        // SAFETY: forwarded.
+        unsafe {
+            match rows {
+                6 => block::<6>(kl, x, ldx, panel, y, ldy, cols, acc),
+                5 => block::<5>(kl, x, ldx, panel, y, ldy, cols, acc),
+                4 => block::<4>(kl, x, ldx, panel, y, ldy, cols, acc),
+                3 => block::<3>(kl, x, ldx, panel, y, ldy, cols, acc),
+                2 => block::<2>(kl, x, ldx, panel, y, ldy, cols, acc),
+                _ => block::<1>(kl, x, ldx, panel, y, ldy, cols, acc),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const R: usize>(
+        kl: usize,
+        x: &[f32],
+        ldx: usize,
+        panel: &[f32],
+        y: *mut f32,
+        ldy: usize,
+        cols: usize,
+        acc: bool,
+    ) {
+        let mut a = [[_mm256_setzero_ps(); 2]; R];
+        let xp = x.as_ptr();
+        let pp = panel.as_ptr();
+        for c in 0..kl {
+            // SAFETY: c < kl and the panel holds kl·NR values (asserted by the caller).
+            let (w0, w1) = unsafe {
+                (
+                    _mm256_loadu_ps(pp.add(c * NR)),
+                    _mm256_loadu_ps(pp.add(c * NR + 8)),
+                )
+            };
+            for (i, ai) in a.iter_mut().enumerate() {
+                // SAFETY: row i < R ≤ rows, column c < kl: inside x (asserted by the caller).
+                let b = unsafe { _mm256_broadcast_ss(&*xp.add(i * ldx + c)) };
+                ai[0] = _mm256_fmadd_ps(b, w0, ai[0]);
+                ai[1] = _mm256_fmadd_ps(b, w1, ai[1]);
+            }
+        }
+        for (i, ai) in a.iter().enumerate() {
+            let mut s = [0.0f32; NR];
+            // SAFETY: s holds NR = 16 values.
+            unsafe {
+                _mm256_storeu_ps(s.as_mut_ptr(), ai[0]);
+                _mm256_storeu_ps(s.as_mut_ptr().add(8), ai[1]);
+            }
+            // SAFETY: the caller's output range: row i < rows, columns < cols.
+            unsafe {
+                let d = y.add(i * ldy);
+                if cols == NR {
+                    let (mut v0, mut v1) = (ai[0], ai[1]);
+                    if acc {
+                        v0 = _mm256_add_ps(_mm256_loadu_ps(d), v0);
+                        v1 = _mm256_add_ps(_mm256_loadu_ps(d.add(8)), v1);
+                    }
+                    _mm256_storeu_ps(d, v0);
+                    _mm256_storeu_ps(d.add(8), v1);
+                } else {
+                    for (j, &v) in s.iter().enumerate().take(cols) {
+                        let o = d.add(j);
+                        *o = if acc { *o + v } else { v };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(unsafe_code)]
+mod tests {
+    use super::*;
+
+    fn naive(n: usize, m: usize, k: usize, x: &[f32], w: &[f32], layout: WLayout) -> Vec<f32> {
+        let mut y = vec![0.0f32; n * m];
+        for t in 0..n {
+            for j in 0..m {
+                let mut s = 0.0f64;
+                for c in 0..k {
+                    let wv = match layout {
+                        WLayout::RowMajor => w[j * k + c],
+                        WLayout::KMajor => w[c * m + j],
+                    };
+                    s += f64::from(x[t * k + c]) * f64::from(wv);
+                }
+                y[t * m + j] = s as f32;
+            }
+        }
+        y
+    }
+
+    fn values(len: usize, seed: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| (((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0) - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn every_shape_edge_matches_the_naive_product() {
+        // Row counts around MR, column counts around NR, depths around KC, both layouts, a strided output.
+        for &(n, m, k) in &[
+            (1, 1, 1),
+            (7, 17, 5),
+            (6, 16, 256),
+            (13, 33, 257),
+            (5, 31, 600),
+            (12, 48, 64),
+        ] {
+            for layout in [WLayout::RowMajor, WLayout::KMajor] {
+                let x = values(n * k, 1);
+                let w = values(m * k, 2);
+                let want = naive(n, m, k, &x, &w, layout);
+                let ldy = m + 3;
+                let mut y = vec![f32::NAN; n * ldy];
+                // SAFETY: y holds n rows of ldy ≥ m.
+                unsafe { gemm_nt(n, m, k, &x, &w, layout, y.as_mut_ptr(), ldy) };
+                for t in 0..n {
+                    for j in 0..m {
+                        let (a, b) = (y[t * ldy + j], want[t * m + j]);
+                        assert!(
+                            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{n}x{m}x{k} {layout:?} [{t},{j}]: {a} vs {b}"
+                        );
+                    }
+                    // Columns past m are not touched.
+                    assert!(y[t * ldy + m..(t + 1) * ldy].iter().all(|v| v.is_nan()));
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_kernel_equals_the_scalar_one_bit_for_bit() {
+        if !avx2() {
+            eprintln!("no AVX2+FMA here: the vector kernel cannot run");
+            return;
+        }
+        let (kl, ldx, ldy) = (37, 40, 20);
+        let x = values(MR * ldx, 3);
+        let panel = values(kl * NR, 4);
+        for rows in 1..=MR {
+            for cols in [NR, 11] {
+                for acc in [false, true] {
+                    let mut a = values(MR * ldy, 5);
+                    let mut b = a.clone();
+                    // SAFETY: AVX2 detected; a and b hold MR rows of ldy ≥ NR.
+                    unsafe {
+                        x86::kernel(rows, kl, &x, ldx, &panel, a.as_mut_ptr(), ldy, cols, acc);
+                        kernel_scalar(rows, kl, &x, ldx, &panel, b.as_mut_ptr(), ldy, cols, acc);
+                    }
+                    assert_eq!(a, b, "rows {rows} cols {cols} acc {acc}");
+                }
+            }
+        }
+    }
+}
