@@ -202,7 +202,8 @@ pub fn vec_dot(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
 
 /// The scalar reference of [`vec_dot`]. Q8_0 family, in the vector code's order: each block's products
 /// summed exactly in eight lanes of four consecutive elements, each lane scaled by `f16(d_w) · f16(d_x)` into
-/// its own f32 accumulator with a fused multiply-add, the eight accumulators added pairwise at the end; the
+/// its own f32 accumulator with a fused multiply-add (even and odd blocks into two sets of eight, added lane
+/// by lane at the end, so the vector code has two independent chains), the eight added pairwise; the
 /// `_1` types' offsets `m_w · s_x` summed block by block on the side and added last. Q8_K family: per block
 /// `acc = fma(d_w·d_x, sumi, acc)`, then `acc = fma(−dmin_w·d_x, summ, acc)` for types with mins.
 pub fn vec_dot_scalar(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
@@ -210,7 +211,8 @@ pub fn vec_dot_scalar(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
         return vec_dot_k_scalar(ty, row, x);
     }
     let l = layout(ty);
-    let mut acc = [0.0f32; 8];
+    // Even blocks into the first eight lanes, odd blocks into the second eight.
+    let mut acc2 = [[0.0f32; 8]; 2];
     let mut offs = 0.0f32;
     let mut w = [0i32; 32];
     for (b, (blk, xq)) in row
@@ -220,7 +222,7 @@ pub fn vec_dot_scalar(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
     {
         codes(ty, blk, &mut w);
         let d = f16_at(blk) * x.d[b];
-        for (k, a) in acc.iter_mut().enumerate() {
+        for (k, a) in acc2[b % 2].iter_mut().enumerate() {
             let s: i32 = (4 * k..4 * k + 4).map(|j| w[j] * i32::from(xq[j])).sum();
             *a = d.mul_add(s as f32, *a);
         }
@@ -228,6 +230,7 @@ pub fn vec_dot_scalar(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
             offs = f16_at(&blk[2..]).mul_add(x.s[b], offs);
         }
     }
+    let acc: [f32; 8] = std::array::from_fn(|k| acc2[0][k] + acc2[1][k]);
     let s4 = [
         acc[0] + acc[4],
         acc[1] + acc[5],
@@ -465,14 +468,6 @@ mod x86 {
         _mm256_maddubs_epi16(ax, sy)
     }
 
-    /// The f16 at the start of `b`, with F16C.
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn f16_at(b: &[u8]) -> f32 {
-        let h = i32::from(u16::from_le_bytes([b[0], b[1]]));
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)))
-    }
-
     /// The 32 fifth bits at `p` as bytes: 0xFF where set.
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -523,51 +518,111 @@ mod x86 {
     }
 
     /// [`super::vec_dot`] of the Q8_0 family with AVX2, FMA and F16C, in the order
-    /// [`super::vec_dot_scalar`] documents.
+    /// [`super::vec_dot_scalar`] documents; one monomorphised loop per type.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn vec_dot(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
-        let l = super::layout(ty);
-        let mut acc = _mm256_setzero_ps();
-        let mut offs = 0.0f32;
-        let table = unsafe { iq4_table() };
-        for (b, (blk, xq)) in row
-            .chunks_exact(l.bytes)
-            .zip(x.q.chunks_exact(32))
-            .enumerate()
-        {
-            let w = if ty == GgmlType::Q8_0 {
-                // SAFETY: 32 code bytes are in bounds.
-                unsafe { _mm256_loadu_si256(blk.as_ptr().add(2).cast()) }
-            } else {
-                // SAFETY: 16 bytes of nibbles are in bounds. Low nibbles are elements 0..16, high 16..32.
-                let nib = unsafe { nibbles16(blk.as_ptr().add(l.qs)) };
-                match ty {
-                    GgmlType::Q4_0 => _mm256_sub_epi8(nib, _mm256_set1_epi8(8)),
-                    GgmlType::Q4_1 => nib,
-                    GgmlType::Iq4Nl => _mm256_shuffle_epi8(table, nib),
-                    GgmlType::Q5_0 => {
-                        // q − 16: the nibble with 0xF0 where the fifth bit is clear.
-                        let hi = unsafe { bits_as_bytes(&blk[2..]) };
-                        _mm256_or_si256(
-                            nib,
-                            _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)),
-                        )
-                    }
-                    _ => {
-                        let hi = unsafe { bits_as_bytes(&blk[4..]) };
-                        _mm256_or_si256(nib, _mm256_and_si256(hi, _mm256_set1_epi8(0x10)))
-                    }
-                }
-            };
-            // SAFETY: 32 activation bytes are in bounds.
-            let v = unsafe { _mm256_loadu_si256(xq.as_ptr().cast()) };
-            let s = _mm256_cvtepi32_ps(unsafe { lanes_i8(w, v) });
-            let d = _mm256_set1_ps(unsafe { f16_at(blk) } * x.d[b]);
-            acc = _mm256_fmadd_ps(d, s, acc);
-            if l.offset {
-                offs = unsafe { f16_at(&blk[2..]) }.mul_add(x.s[b], offs);
+        // SAFETY: forwarded (the features are enabled on this function).
+        unsafe {
+            match ty {
+                GgmlType::Q8_0 => dot_q8_0_family::<Q8_0>(row, x),
+                GgmlType::Q4_0 => dot_q8_0_family::<Q4_0>(row, x),
+                GgmlType::Q4_1 => dot_q8_0_family::<Q4_1>(row, x),
+                GgmlType::Iq4Nl => dot_q8_0_family::<IQ4_NL>(row, x),
+                GgmlType::Q5_0 => dot_q8_0_family::<Q5_0>(row, x),
+                GgmlType::Q5_1 => dot_q8_0_family::<Q5_1>(row, x),
+                _ => unreachable!("a Q8_0-family type: {ty:?}"),
             }
         }
+    }
+
+    const Q8_0: u8 = 0;
+    const Q4_0: u8 = 1;
+    const Q4_1: u8 = 2;
+    const IQ4_NL: u8 = 3;
+    const Q5_0: u8 = 4;
+    const Q5_1: u8 = 5;
+
+    /// One block's 32 codes as signed bytes (type `T`, block at `p`).
+    #[inline(always)]
+    unsafe fn block_codes<const T: u8>(p: *const u8, table: __m256i) -> __m256i {
+        // SAFETY (all arms): the caller passes a whole block of type T at `p`.
+        unsafe {
+            match T {
+                Q8_0 => _mm256_loadu_si256(p.add(2).cast()),
+                Q4_0 => _mm256_sub_epi8(nibbles16(p.add(2)), _mm256_set1_epi8(8)),
+                Q4_1 => nibbles16(p.add(4)),
+                IQ4_NL => _mm256_shuffle_epi8(table, nibbles16(p.add(2))),
+                Q5_0 => {
+                    // q − 16: the nibble with 0xF0 where the fifth bit is clear.
+                    let hi = bits_as_bytes(std::slice::from_raw_parts(p.add(2), 4));
+                    _mm256_or_si256(
+                        nibbles16(p.add(6)),
+                        _mm256_andnot_si256(hi, _mm256_set1_epi8(0xF0u8 as i8)),
+                    )
+                }
+                _ => {
+                    let hi = bits_as_bytes(std::slice::from_raw_parts(p.add(4), 4));
+                    _mm256_or_si256(
+                        nibbles16(p.add(8)),
+                        _mm256_and_si256(hi, _mm256_set1_epi8(0x10)),
+                    )
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q8_0_family<const T: u8>(row: &[u8], x: &Q8Row) -> f32 {
+        let bytes: usize = match T {
+            Q8_0 => 34,
+            Q4_0 | IQ4_NL => 18,
+            Q4_1 => 20,
+            Q5_0 => 22,
+            _ => 24,
+        };
+        let offset = matches!(T, Q4_1 | Q5_1);
+        let nb = row.len() / bytes;
+        assert!(x.q.len() >= nb * 32 && x.d.len() >= nb && (!offset || x.s.len() >= nb));
+        let mut offs = 0.0f32;
+        let table = unsafe { iq4_table() };
+        let (rp, qp) = (row.as_ptr(), x.q.as_ptr());
+        // Block b's lane sums scaled by d_w · d_x (and, for the `_1` types, its offset added to `offs`).
+        let block = |b: usize, offs: &mut f32| -> (__m256, __m256) {
+            // SAFETY: block b < nb lies in `row`; 32 activation bytes and the scales of block b lie in `x`
+            // (asserted above).
+            unsafe {
+                let p = rp.add(b * bytes);
+                let w = block_codes::<T>(p, table);
+                let v = _mm256_loadu_si256(qp.add(32 * b).cast());
+                let s = _mm256_cvtepi32_ps(lanes_i8(w, v));
+                let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                    u16::from_le_bytes([*p, *p.add(1)]),
+                ))));
+                if offset {
+                    let m = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                        u16::from_le_bytes([*p.add(2), *p.add(3)]),
+                    ))));
+                    *offs = m.mul_add(*x.s.get_unchecked(b), *offs);
+                }
+                (_mm256_set1_ps(dw * *x.d.get_unchecked(b)), s)
+            }
+        };
+        // Two independent chains: even blocks into acc0, odd into acc1.
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut b = 0;
+        while b + 2 <= nb {
+            let (d0, s0) = block(b, &mut offs);
+            let (d1, s1) = block(b + 1, &mut offs);
+            acc0 = _mm256_fmadd_ps(d0, s0, acc0);
+            acc1 = _mm256_fmadd_ps(d1, s1, acc1);
+            b += 2;
+        }
+        if b < nb {
+            let (d0, s0) = block(b, &mut offs);
+            acc0 = _mm256_fmadd_ps(d0, s0, acc0);
+        }
+        let acc = _mm256_add_ps(acc0, acc1);
         // (a0+a4, a1+a5, a2+a6, a3+a7), then (s0+s2) + (s1+s3).
         let s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
         let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));

@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use rayon::prelude::*;
 
 use super::kv_cache::KvCache;
 use super::numerics::{matmul_with, round_f16, Numerics};
@@ -1005,64 +1004,63 @@ impl Model {
         let f16_probs = self.numerics == Numerics::LlamaCpu;
         let backend = self.backend;
         let blocks = n.div_ceil(rows_per_task);
-        let parts: Vec<(usize, usize, Vec<f32>)> = (0..nh * blocks)
-            .into_par_iter()
-            .map(|task| {
-                let (head, b) = (task / blocks, task % blocks);
-                let r0 = b * rows_per_task;
-                let r1 = (r0 + rows_per_task).min(n);
-                let rows = r1 - r0;
-                let g = head / group;
-                let keys = &kc[g * cap * hd..(g * cap + p0 + r1) * hd];
-                let vals = &vc[g * cap * hd..(g * cap + p0 + r1) * hd];
-                let len = p0 + r1;
-                let mut o = vec![0.0f32; rows * hd];
-                if rows == 1 {
-                    let qrow = &q[r0 * nh * hd + head * hd..][..hd];
-                    let mut s: Vec<f32> = keys
-                        .chunks_exact(hd)
-                        .map(|kr| dot(qrow, kr) * scale)
-                        .collect();
-                    softmax(&mut s);
-                    if f16_probs {
-                        round_f16(&mut s);
-                    }
-                    for (&p, vr) in s.iter().zip(vals.chunks_exact(hd)) {
-                        for (oo, &vv) in o.iter_mut().zip(vr) {
-                            *oo += p * vv;
-                        }
-                    }
-                } else {
-                    let mut qb = vec![0.0f32; rows * hd];
-                    for (r, dst) in qb.chunks_exact_mut(hd).enumerate() {
-                        let src = (r0 + r) * nh * hd + head * hd;
-                        dst.copy_from_slice(&q[src..src + hd]);
-                    }
-                    let mut s = vec![0.0f32; rows * len];
-                    backend.sgemm_nt(rows, len, hd, &qb, keys, &mut s);
-                    for (r, srow) in s.chunks_exact_mut(len).enumerate() {
-                        let visible = p0 + r0 + r + 1;
-                        let (vis, masked) = srow.split_at_mut(visible);
-                        for x in vis.iter_mut() {
-                            *x *= scale;
-                        }
-                        softmax(vis);
-                        if f16_probs {
-                            round_f16(vis);
-                        }
-                        masked.fill(0.0);
-                    }
-                    backend.sgemm_nn(rows, hd, len, &s, vals, &mut o);
+        // On the spinning pool: decoding's nine-odd tasks per layer would wake rayon's sleeping workers.
+        let dst = crate::backend::spin::Disjoint::new(out);
+        crate::backend::spin::for_each(nh * blocks, &|task| {
+            let (head, b) = (task / blocks, task % blocks);
+            let r0 = b * rows_per_task;
+            let r1 = (r0 + rows_per_task).min(n);
+            let rows = r1 - r0;
+            let g = head / group;
+            let keys = &kc[g * cap * hd..(g * cap + p0 + r1) * hd];
+            let vals = &vc[g * cap * hd..(g * cap + p0 + r1) * hd];
+            let len = p0 + r1;
+            let mut o = vec![0.0f32; rows * hd];
+            if rows == 1 {
+                let qrow = &q[r0 * nh * hd + head * hd..][..hd];
+                let mut s: Vec<f32> = keys
+                    .chunks_exact(hd)
+                    .map(|kr| dot(qrow, kr) * scale)
+                    .collect();
+                softmax(&mut s);
+                if f16_probs {
+                    round_f16(&mut s);
                 }
-                (head, r0, o)
-            })
-            .collect();
-        for (head, r0, o) in parts {
-            for (r, src) in o.chunks_exact(hd).enumerate() {
-                let dst = (r0 + r) * nh * hd + head * hd;
-                out[dst..dst + hd].copy_from_slice(src);
+                for (&p, vr) in s.iter().zip(vals.chunks_exact(hd)) {
+                    for (oo, &vv) in o.iter_mut().zip(vr) {
+                        *oo += p * vv;
+                    }
+                }
+            } else {
+                let mut qb = vec![0.0f32; rows * hd];
+                for (r, dst) in qb.chunks_exact_mut(hd).enumerate() {
+                    let src = (r0 + r) * nh * hd + head * hd;
+                    dst.copy_from_slice(&q[src..src + hd]);
+                }
+                let mut s = vec![0.0f32; rows * len];
+                backend.sgemm_nt(rows, len, hd, &qb, keys, &mut s);
+                for (r, srow) in s.chunks_exact_mut(len).enumerate() {
+                    let visible = p0 + r0 + r + 1;
+                    let (vis, masked) = srow.split_at_mut(visible);
+                    for x in vis.iter_mut() {
+                        *x *= scale;
+                    }
+                    softmax(vis);
+                    if f16_probs {
+                        round_f16(vis);
+                    }
+                    masked.fill(0.0);
+                }
+                backend.sgemm_nn(rows, hd, len, &s, vals, &mut o);
             }
-        }
+            // Task (head, block) owns rows r0..r1 of its head's columns.
+            for (r, src) in o.chunks_exact(hd).enumerate() {
+                let at = (r0 + r) * nh * hd + head * hd;
+                for (i, &v) in src.iter().enumerate() {
+                    dst.set(at + i, v);
+                }
+            }
+        });
     }
 }
 
