@@ -46,6 +46,76 @@ pub unsafe fn gemm_nt(
     if n == 0 || m == 0 {
         return;
     }
+    PANELS.with_borrow_mut(|panels| {
+        pack(m, k, w, layout, panels);
+        // SAFETY: forwarded from the caller.
+        unsafe { run(n, m, k, x, panels, k * NR, y, ldy) };
+    });
+}
+
+/// An `m × k` operand packed once for many products (attention's keys and values, shared by every query
+/// block of a head group).
+pub struct Packed {
+    m: usize,
+    k: usize,
+    data: Vec<f32>,
+}
+
+impl Packed {
+    pub fn new(m: usize, k: usize, w: &[f32], layout: WLayout) -> Self {
+        assert!(w.len() >= m * k);
+        let mut data = Vec::new();
+        pack(m, k, w, layout, &mut data);
+        Self { m, k, data }
+    }
+}
+
+/// [`gemm_nt`] with the first `m` rows and first `k` columns of a [`Packed`] operand: the same sums, in the
+/// same order, as packing those rows and columns for the call.
+///
+/// # Safety
+/// As [`gemm_nt`].
+#[allow(unsafe_code)]
+pub unsafe fn gemm_nt_packed(
+    n: usize,
+    m: usize,
+    k: usize,
+    x: &[f32],
+    w: &Packed,
+    y: *mut f32,
+    ldy: usize,
+) {
+    assert!(m <= w.m && k <= w.k && x.len() >= n * k && (n == 0 || ldy >= m));
+    if n == 0 || m == 0 {
+        return;
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { run(n, m, k, x, &w.data, w.k * NR, y, ldy) };
+}
+
+/// `y[n, m] = x[n, k] · w[..m, ..k]ᵀ` into a dense `y` ([`gemm_nt_packed`] with `ldy = m`).
+#[allow(unsafe_code)]
+pub fn product_packed(n: usize, m: usize, k: usize, x: &[f32], w: &Packed, y: &mut [f32]) {
+    assert!(y.len() >= n * m);
+    // SAFETY: `y` holds n rows of m (asserted) and is borrowed exclusively.
+    unsafe { gemm_nt_packed(n, m, k, x, w, y.as_mut_ptr(), m) }
+}
+
+/// The blocked loops over packed panels (each `pstride` values apart, columns `k0..` at `k0·NR`).
+///
+/// # Safety
+/// As [`gemm_nt`]; `panels` holds `m.div_ceil(NR)` panels of at least `k` columns.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+unsafe fn run(
+    n: usize,
+    m: usize,
+    k: usize,
+    x: &[f32],
+    panels: &[f32],
+    pstride: usize,
+    y: *mut f32,
+    ldy: usize,
+) {
     if k == 0 {
         for t in 0..n {
             for j in 0..m {
@@ -55,33 +125,32 @@ pub unsafe fn gemm_nt(
         }
         return;
     }
-    PANELS.with_borrow_mut(|panels| {
-        pack(m, k, w, layout, panels);
-        let avx2 = avx2();
-        for k0 in (0..k).step_by(KC) {
-            let kl = KC.min(k - k0);
-            for t0 in (0..n).step_by(MR) {
-                let rows = MR.min(n - t0);
-                for (p, panel) in panels.chunks_exact(k * NR).enumerate() {
-                    let cols = NR.min(m - p * NR);
-                    let xs = &x[t0 * k + k0..];
-                    let ps = &panel[k0 * NR..(k0 + kl) * NR];
-                    // SAFETY: rows t0..t0+rows and columns p·NR..p·NR+cols are inside the caller's range.
-                    let yp = unsafe { y.add(t0 * ldy + p * NR) };
-                    let acc = k0 > 0;
-                    #[cfg(target_arch = "x86_64")]
-                    if avx2 {
-                        // SAFETY: AVX2 and FMA were detected; the slices bound every read.
-                        unsafe { x86::kernel(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
-                        continue;
-                    }
-                    let _ = avx2;
-                    // SAFETY: as above.
-                    unsafe { kernel_scalar(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
+    let np = m.div_ceil(NR);
+    assert!(pstride >= k * NR && panels.len() >= (np - 1) * pstride + k * NR);
+    let avx2 = avx2();
+    for k0 in (0..k).step_by(KC) {
+        let kl = KC.min(k - k0);
+        for t0 in (0..n).step_by(MR) {
+            let rows = MR.min(n - t0);
+            for p in 0..np {
+                let cols = NR.min(m - p * NR);
+                let xs = &x[t0 * k + k0..];
+                let ps = &panels[p * pstride + k0 * NR..p * pstride + (k0 + kl) * NR];
+                // SAFETY: rows t0..t0+rows and columns p·NR..p·NR+cols are inside the caller's range.
+                let yp = unsafe { y.add(t0 * ldy + p * NR) };
+                let acc = k0 > 0;
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    // SAFETY: AVX2 and FMA were detected; the slices bound every read.
+                    unsafe { x86::kernel(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
+                    continue;
                 }
+                let _ = avx2;
+                // SAFETY: as above.
+                unsafe { kernel_scalar(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
             }
         }
-    });
+    }
 }
 
 fn avx2() -> bool {
@@ -108,10 +177,13 @@ fn pack(m: usize, k: usize, w: &[f32], layout: WLayout, panels: &mut Vec<f32>) {
         let cols = NR.min(m - j0);
         match layout {
             WLayout::RowMajor => {
-                for jj in 0..cols {
-                    let row = &w[(j0 + jj) * k..(j0 + jj + 1) * k];
-                    for (c, &v) in row.iter().enumerate() {
-                        panel[c * NR + jj] = v;
+                // Column by column: each panel line is written whole, the rows are read as 16 streams.
+                let rows: Vec<&[f32]> = (0..cols)
+                    .map(|jj| &w[(j0 + jj) * k..(j0 + jj + 1) * k])
+                    .collect();
+                for (c, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                    for (d, row) in dst.iter_mut().zip(&rows) {
+                        *d = row[c];
                     }
                 }
             }
@@ -315,6 +387,53 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_packed_operand_gives_the_same_bits_as_packing_per_call() {
+        // Keys packed once for 40 rows × 64, used for the first 33 rows; values packed once for 64 × 40,
+        // used for the first 29 columns of depth.
+        let (mt, kt) = (40, 64);
+        let w = values(mt * kt, 6);
+        let x = values(7 * kt, 7);
+        let p = Packed::new(mt, kt, &w, WLayout::RowMajor);
+        let m = 33;
+        let (mut a, mut b) = (vec![0.0f32; 7 * m], vec![0.0f32; 7 * m]);
+        // SAFETY: a and b hold 7 rows of m.
+        unsafe {
+            gemm_nt_packed(7, m, kt, &x, &p, a.as_mut_ptr(), m);
+            gemm_nt(
+                7,
+                m,
+                kt,
+                &x,
+                &w[..m * kt],
+                WLayout::RowMajor,
+                b.as_mut_ptr(),
+                m,
+            );
+        }
+        assert_eq!(a, b);
+        let v = values(kt * mt, 8); // [k = 64 positions][m = 40 columns], KMajor with k = positions
+        let pv = Packed::new(mt, kt, &v, WLayout::KMajor);
+        let k = 29;
+        let s = values(5 * k, 9);
+        let (mut a, mut b) = (vec![0.0f32; 5 * mt], vec![0.0f32; 5 * mt]);
+        // SAFETY: as above.
+        unsafe {
+            gemm_nt_packed(5, mt, k, &s, &pv, a.as_mut_ptr(), mt);
+            gemm_nt(
+                5,
+                mt,
+                k,
+                &s,
+                &v[..k * mt],
+                WLayout::KMajor,
+                b.as_mut_ptr(),
+                mt,
+            );
+        }
+        assert_eq!(a, b);
     }
 
     #[cfg(target_arch = "x86_64")]
