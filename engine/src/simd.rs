@@ -78,6 +78,44 @@ pub fn round_f16(x: &mut [f32]) {
     }
 }
 
+/// `e^x` for every element, in place: Cephes' `expf` (range reduction by ln 2 in two parts, a degree-5
+/// polynomial), within 2 ulp of the true value for −87.3 ≤ x ≤ 88; inputs are clamped to that range (softmax
+/// and SiLU never need more). The vector and scalar forms give the same bits.
+pub fn exp_in_place(x: &mut [f32]) {
+    match level() {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => x86::exp_in_place(x),
+        Level::Scalar => x.iter_mut().for_each(|v| *v = exp_scalar(*v)),
+    }
+}
+
+const EXP_LO: f32 = -87.336_55;
+const EXP_HI: f32 = 88.0;
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+const EXP_P: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
+/// The scalar form of [`exp_in_place`].
+pub fn exp_scalar(x: f32) -> f32 {
+    let x = x.clamp(EXP_LO, EXP_HI);
+    let n = round_even(x * LOG2E);
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let mut p = EXP_P[0];
+    for &c in &EXP_P[1..] {
+        p = p.mul_add(r, c);
+    }
+    let y = p.mul_add(r * r, r) + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
 fn round_f16_scalar(x: &mut [f32]) {
     for v in x.iter_mut() {
         *v = half::f16::from_f32(*v).to_f32();
@@ -124,6 +162,53 @@ mod x86 {
     pub fn round_f16(x: &mut [f32]) {
         // SAFETY: as above.
         unsafe { round_f16_impl(x) }
+    }
+
+    pub fn exp_in_place(x: &mut [f32]) {
+        // SAFETY: as above.
+        unsafe { exp_impl(x) }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn exp_impl(x: &mut [f32]) {
+        use super::{EXP_HI, EXP_LO, EXP_P, LN2_HI, LN2_LO, LOG2E};
+        let n = x.len();
+        let p = x.as_mut_ptr();
+        let magic = _mm256_set1_ps(12_582_912.0);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n: 8 floats in bounds, unaligned load and store.
+            unsafe {
+                let v = _mm256_loadu_ps(p.add(i));
+                let v = _mm256_min_ps(
+                    _mm256_max_ps(v, _mm256_set1_ps(EXP_LO)),
+                    _mm256_set1_ps(EXP_HI),
+                );
+                let k = _mm256_sub_ps(
+                    _mm256_add_ps(_mm256_mul_ps(v, _mm256_set1_ps(LOG2E)), magic),
+                    magic,
+                );
+                let r = _mm256_fmadd_ps(k, _mm256_set1_ps(-LN2_HI), v);
+                let r = _mm256_fmadd_ps(k, _mm256_set1_ps(-LN2_LO), r);
+                let mut q = _mm256_set1_ps(EXP_P[0]);
+                for &c in &EXP_P[1..] {
+                    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(c));
+                }
+                let y = _mm256_add_ps(
+                    _mm256_fmadd_ps(q, _mm256_mul_ps(r, r), r),
+                    _mm256_set1_ps(1.0),
+                );
+                let e = _mm256_slli_epi32(
+                    _mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)),
+                    23,
+                );
+                _mm256_storeu_ps(p.add(i), _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+            }
+            i += 8;
+        }
+        for v in &mut x[i..] {
+            *v = super::exp_scalar(*v);
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -283,6 +368,41 @@ mod tests {
             let (d, r) = (dot_f32(&a, &x), dot(&a, &x));
             assert!((d - r).abs() <= 1e-4 * (1.0 + r.abs()), "n={n}: {d} vs {r}");
         }
+    }
+
+    #[test]
+    fn exp_is_within_two_ulp_and_the_vector_form_equals_the_scalar_one() {
+        let xs: Vec<f32> = (0..20_000)
+            .map(|i| -87.3 + (i as f32) * (88.0 + 87.3) / 20_000.0)
+            .chain([
+                0.0,
+                -0.0,
+                1.0,
+                -1.0,
+                1e-8,
+                -1e-8,
+                88.0,
+                -87.3,
+                -1e4,
+                1e4,
+                f32::NEG_INFINITY,
+            ])
+            .collect();
+        let mut v = xs.clone();
+        exp_in_place(&mut v);
+        for (&x, &e) in xs.iter().zip(&v) {
+            assert_eq!(e.to_bits(), exp_scalar(x).to_bits(), "x = {x}");
+            if (EXP_LO..=EXP_HI).contains(&x) {
+                let want = f64::from(x).exp();
+                let ulp = f64::from(f32::EPSILON) * want;
+                assert!(
+                    (f64::from(e) - want).abs() <= 2.0 * ulp,
+                    "x = {x}: {e} vs {want}"
+                );
+            }
+        }
+        assert_eq!(exp_scalar(0.0), 1.0);
+        assert!(exp_scalar(f32::NEG_INFINITY) > 0.0 && exp_scalar(f32::NEG_INFINITY) < 1.2e-38);
     }
 
     #[test]

@@ -1123,11 +1123,11 @@ fn apply_rope(x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
 /// In-place softmax (max-subtracted, f32).
 fn softmax(x: &mut [f32]) {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0f32;
     for v in x.iter_mut() {
-        *v = (*v - m).exp();
-        sum += *v;
+        *v -= m;
     }
+    crate::simd::exp_in_place(x);
+    let sum: f32 = x.iter().sum();
     let inv = 1.0 / sum;
     for v in x.iter_mut() {
         *v *= inv;
@@ -1139,8 +1139,11 @@ fn softmax(x: &mut [f32]) {
 fn swiglu(gate: &mut [f32], up: &[f32]) {
     const CHUNK: usize = 16 * 1024;
     let one = |g: &mut [f32], u: &[f32]| {
-        for (g, &u) in g.iter_mut().zip(u) {
-            *g = silu(*g) * u;
+        // silu(g) = g / (1 + e^−g), the exponentials vectorised.
+        let mut e: Vec<f32> = g.iter().map(|v| -v).collect();
+        crate::simd::exp_in_place(&mut e);
+        for ((g, &u), &e) in g.iter_mut().zip(u).zip(&e) {
+            *g = *g / (1.0 + e) * u;
         }
     };
     if gate.len() <= CHUNK {
@@ -1151,11 +1154,6 @@ fn swiglu(gate: &mut [f32], up: &[f32]) {
             .zip(up.par_chunks(CHUNK))
             .for_each(|(g, u)| one(g, u));
     }
-}
-
-#[inline]
-fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
 }
 
 fn add_into(x: &mut [f32], y: &[f32]) {
