@@ -633,11 +633,22 @@ mod x86 {
         _mm_cvtss_f32(s1) + offs
     }
 
-    /// [`super::k_codes`] with AVX2: the same 256 codes.
+    /// [`super::k_codes`] with AVX2: the same 256 codes (what the tests compare; the dot consumes
+    /// [`k_codes_with`]'s chunks directly).
+    #[cfg(test)]
     #[target_feature(enable = "avx2")]
     pub unsafe fn k_codes(ty: GgmlType, blk: &[u8], w: &mut [i8; 256]) {
-        let p = blk.as_ptr();
         let o = w.as_mut_ptr();
+        // SAFETY: every chunk starts at a multiple of 32 below 256, inside the 256 codes.
+        unsafe { k_codes_with(ty, blk, |at, v| _mm256_storeu_si256(o.add(at).cast(), v)) }
+    }
+
+    /// The 256 codes of one block handed to `st` as eight chunks of 32 (`st(offset, codes)`), each chunk
+    /// once: decoding and consuming without a trip through memory.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn k_codes_with(ty: GgmlType, blk: &[u8], mut st: impl FnMut(usize, __m256i)) {
+        let p = blk.as_ptr();
         let m15 = _mm256_set1_epi8(15);
         let m3 = _mm256_set1_epi8(3);
         let one = _mm256_set1_epi8(1);
@@ -645,7 +656,6 @@ mod x86 {
         // whole block) or inside the 256 codes.
         unsafe {
             let ld = |off: usize| _mm256_loadu_si256(p.add(off).cast());
-            let st = |at: usize, v: __m256i| _mm256_storeu_si256(o.add(at).cast(), v);
             match ty {
                 GgmlType::Q2K | GgmlType::Q3K => {
                     let (qs, bias) = if ty == GgmlType::Q2K {
@@ -738,12 +748,29 @@ mod x86 {
             .zip(x.q.chunks_exact(256))
             .enumerate()
         {
-            let k = if super::k_split(ty) {
-                unsafe { k_codes(ty, blk, &mut w) };
-                super::k_scales(ty, blk)
-            } else {
-                super::k_block(ty, blk, &mut w)
-            };
+            if super::k_split(ty) {
+                // Codes decoded and dotted chunk by chunk, never stored.
+                let k = super::k_scales(ty, blk);
+                let mut sum = _mm256_setzero_si256();
+                let xp = xq.as_ptr();
+                unsafe {
+                    k_codes_with(ty, blk, |at, wv| {
+                        // SAFETY: at + 32 ≤ 256 activations of this block.
+                        let xv = _mm256_loadu_si256(xp.add(at).cast());
+                        // Pair sums of elements at..at+16 meet scale at/16, the rest the next one.
+                        let sc = _mm256_set_m128i(
+                            _mm_set1_epi16(k.scales[at / 16 + 1]),
+                            _mm_set1_epi16(k.scales[at / 16]),
+                        );
+                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs_i8(wv, xv), sc));
+                    })
+                };
+                let sumi = unsafe { hsum_i32(sum) };
+                let summ = super::k_mins(&k, &x.bsums[16 * b..16 * b + 16]);
+                acc = super::k_accumulate(acc, &k, x.d[b], sumi, summ);
+                continue;
+            }
+            let k = super::k_block(ty, blk, &mut w);
             let mut sum = _mm256_setzero_si256();
             for c in 0..8 {
                 // SAFETY: 32 codes and 32 activations at 32·c are in bounds.
