@@ -1000,7 +1000,6 @@ impl Model {
         let f16_probs = self.numerics == Numerics::LlamaCpu;
         let backend = self.backend;
         let blocks = n.div_ceil(rows_per_task);
-        // On the spinning pool: decoding's nine-odd tasks per layer would wake rayon's sleeping workers.
         // A prompt's keys and values packed once per head group for the CPU's GEMM, not once per task.
         let packed: Vec<(Packed, Packed)> = if backend == Backend::Cpu && blocks > 1 {
             (0..c.num_kv_heads)
@@ -1017,6 +1016,7 @@ impl Model {
         } else {
             Vec::new()
         };
+        // On the spinning pool: decoding's nine-odd tasks per layer would wake rayon's sleeping workers.
         let dst = crate::backend::spin::Disjoint::new(out);
         crate::backend::spin::for_each(nh * blocks, &|task| {
             let (head, b) = (task / blocks, task % blocks);
