@@ -4,6 +4,7 @@
 
 use rayon::prelude::*;
 
+use super::sgemm::{gemm_nt, WLayout};
 use crate::codecs::GgmlType;
 use crate::tensor::TensorRef;
 
@@ -34,7 +35,7 @@ pub fn matmul(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
             // this parallel loop; each tile writes only its own columns.
             #[allow(unsafe_code)]
             unsafe {
-                sgemm_nt_strided(n, m, cols, x, tile_buf, dst.at(r0), rows);
+                gemm_nt(n, m, cols, x, tile_buf, WLayout::RowMajor, dst.at(r0), rows);
             }
         });
     });
@@ -126,7 +127,7 @@ fn tile_rows(rows: usize, cols: usize) -> usize {
 pub fn sgemm_nt(n: usize, m: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
     assert!(y.len() >= n * m);
     // SAFETY: `y` holds n rows of m (asserted) and is borrowed exclusively.
-    unsafe { sgemm_nt_strided(n, m, k, x, w, y.as_mut_ptr(), m) }
+    unsafe { gemm_nt(n, m, k, x, w, WLayout::RowMajor, y.as_mut_ptr(), m) }
 }
 
 /// The output of a parallel matmul, written by disjoint tiles.
@@ -146,43 +147,13 @@ unsafe impl Send for SharedOut {}
 #[allow(unsafe_code)]
 unsafe impl Sync for SharedOut {}
 
-/// `y = x[n, k] · w[m, k]ᵀ` written into `y` with row stride `ldy` (a column block of a wider matrix).
-///
-/// # Safety
-/// `y` must be valid for writes at `y + t·ldy + j` for `t < n`, `j < m`, and no other thread may touch
-/// those elements meanwhile.
-#[allow(unsafe_code)]
-unsafe fn sgemm_nt_strided(
-    n: usize,
-    m: usize,
-    k: usize,
-    x: &[f32],
-    w: &[f32],
-    y: *mut f32,
-    ldy: usize,
-) {
-    // SAFETY: forwarded from the caller.
-    unsafe { super::sgemm::gemm_nt(n, m, k, x, w, super::sgemm::WLayout::RowMajor, y, ldy) }
-}
-
 /// `y[n, m] = x[n, k] · w[k, m]` with row-major `w`, single-threaded. For activations × activations
 /// (attention).
 #[allow(unsafe_code)]
 pub fn sgemm_nn(n: usize, m: usize, k: usize, x: &[f32], w: &[f32], y: &mut [f32]) {
     assert!(x.len() >= n * k && w.len() >= k * m && y.len() >= n * m);
     // SAFETY: `y` holds n rows of m (asserted) and is borrowed exclusively.
-    unsafe {
-        super::sgemm::gemm_nt(
-            n,
-            m,
-            k,
-            x,
-            w,
-            super::sgemm::WLayout::KMajor,
-            y.as_mut_ptr(),
-            m,
-        )
-    }
+    unsafe { gemm_nt(n, m, k, x, w, WLayout::KMajor, y.as_mut_ptr(), m) }
 }
 
 #[cfg(test)]

@@ -748,45 +748,35 @@ mod x86 {
             .zip(x.q.chunks_exact(256))
             .enumerate()
         {
-            if super::k_split(ty) {
-                // Codes decoded and dotted chunk by chunk, never stored.
-                let k = super::k_scales(ty, blk);
-                let mut sum = _mm256_setzero_si256();
-                let xp = xq.as_ptr();
-                unsafe {
-                    k_codes_with(ty, blk, |at, wv| {
-                        // SAFETY: at + 32 ≤ 256 activations of this block.
-                        let xv = _mm256_loadu_si256(xp.add(at).cast());
-                        // Pair sums of elements at..at+16 meet scale at/16, the rest the next one.
-                        let sc = _mm256_set_m128i(
-                            _mm_set1_epi16(k.scales[at / 16 + 1]),
-                            _mm_set1_epi16(k.scales[at / 16]),
-                        );
-                        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs_i8(wv, xv), sc));
-                    })
-                };
-                let sumi = unsafe { hsum_i32(sum) };
-                let summ = super::k_mins(&k, &x.bsums[16 * b..16 * b + 16]);
-                acc = super::k_accumulate(acc, &k, x.d[b], sumi, summ);
-                continue;
-            }
-            let k = super::k_block(ty, blk, &mut w);
+            let split = super::k_split(ty);
+            let k = if split {
+                super::k_scales(ty, blk)
+            } else {
+                super::k_block(ty, blk, &mut w)
+            };
             let mut sum = _mm256_setzero_si256();
-            for c in 0..8 {
-                // SAFETY: 32 codes and 32 activations at 32·c are in bounds.
-                let (wv, xv) = unsafe {
-                    (
-                        _mm256_loadu_si256(w.as_ptr().add(32 * c).cast()),
-                        _mm256_loadu_si256(xq.as_ptr().add(32 * c).cast()),
-                    )
-                };
-                // Pair sums of elements 32c..32c+16 meet scale 2c, the rest scale 2c+1.
+            let xp = xq.as_ptr();
+            // The 32 codes at `at` dotted with their activations: pair sums of elements at..at+16 meet
+            // scale at/16, the rest the next one.
+            let mut dot = |at: usize, wv: __m256i| {
+                // SAFETY: at + 32 ≤ 256 activations of this block.
+                let xv = unsafe { _mm256_loadu_si256(xp.add(at).cast()) };
                 let sc = _mm256_set_m128i(
-                    _mm_set1_epi16(k.scales[2 * c + 1]),
-                    _mm_set1_epi16(k.scales[2 * c]),
+                    _mm_set1_epi16(k.scales[at / 16 + 1]),
+                    _mm_set1_epi16(k.scales[at / 16]),
                 );
-                let p = unsafe { pairs_i8(wv, xv) };
-                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, sc));
+                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(unsafe { pairs_i8(wv, xv) }, sc));
+            };
+            if split {
+                // Decoded and dotted chunk by chunk, never stored.
+                unsafe { k_codes_with(ty, blk, &mut dot) };
+            } else {
+                for c in 0..8 {
+                    // SAFETY: 32 of the 256 codes at 32·c.
+                    dot(32 * c, unsafe {
+                        _mm256_loadu_si256(w.as_ptr().add(32 * c).cast())
+                    });
+                }
             }
             let sumi = unsafe { hsum_i32(sum) };
             let summ = super::k_mins(&k, &x.bsums[16 * b..16 * b + 16]);

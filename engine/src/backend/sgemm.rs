@@ -389,51 +389,53 @@ mod tests {
         }
     }
 
+    /// `n × m` over depth `k` with a packed operand `p`, against packing `w` (those rows and columns) per
+    /// call: the same bits.
+    fn assert_packed_is_per_call(
+        n: usize,
+        m: usize,
+        k: usize,
+        x: &[f32],
+        p: &Packed,
+        w: &[f32],
+        layout: WLayout,
+    ) {
+        let (mut a, mut b) = (vec![0.0f32; n * m], vec![0.0f32; n * m]);
+        product_packed(n, m, k, x, p, &mut a);
+        // SAFETY: b holds n rows of m.
+        unsafe { gemm_nt(n, m, k, x, w, layout, b.as_mut_ptr(), m) };
+        assert_eq!(a, b, "{n}×{m}×{k} {layout:?}");
+    }
+
     #[test]
     fn a_packed_operand_gives_the_same_bits_as_packing_per_call() {
         // Keys packed once for 40 rows × 64, used for the first 33 rows; values packed once for 64 × 40,
         // used for the first 29 columns of depth.
         let (mt, kt) = (40, 64);
         let w = values(mt * kt, 6);
-        let x = values(7 * kt, 7);
         let p = Packed::new(mt, kt, &w, WLayout::RowMajor);
         let m = 33;
-        let (mut a, mut b) = (vec![0.0f32; 7 * m], vec![0.0f32; 7 * m]);
-        // SAFETY: a and b hold 7 rows of m.
-        unsafe {
-            gemm_nt_packed(7, m, kt, &x, &p, a.as_mut_ptr(), m);
-            gemm_nt(
-                7,
-                m,
-                kt,
-                &x,
-                &w[..m * kt],
-                WLayout::RowMajor,
-                b.as_mut_ptr(),
-                m,
-            );
-        }
-        assert_eq!(a, b);
+        assert_packed_is_per_call(
+            7,
+            m,
+            kt,
+            &values(7 * kt, 7),
+            &p,
+            &w[..m * kt],
+            WLayout::RowMajor,
+        );
         let v = values(kt * mt, 8); // [k = 64 positions][m = 40 columns], KMajor with k = positions
         let pv = Packed::new(mt, kt, &v, WLayout::KMajor);
         let k = 29;
-        let s = values(5 * k, 9);
-        let (mut a, mut b) = (vec![0.0f32; 5 * mt], vec![0.0f32; 5 * mt]);
-        // SAFETY: as above.
-        unsafe {
-            gemm_nt_packed(5, mt, k, &s, &pv, a.as_mut_ptr(), mt);
-            gemm_nt(
-                5,
-                mt,
-                k,
-                &s,
-                &v[..k * mt],
-                WLayout::KMajor,
-                b.as_mut_ptr(),
-                mt,
-            );
-        }
-        assert_eq!(a, b);
+        assert_packed_is_per_call(
+            5,
+            mt,
+            k,
+            &values(5 * k, 9),
+            &pv,
+            &v[..k * mt],
+            WLayout::KMajor,
+        );
     }
 
     #[cfg(target_arch = "x86_64")]

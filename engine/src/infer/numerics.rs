@@ -76,9 +76,7 @@ pub fn round_activations(ty: GgmlType, x: &mut [f32], cols: usize) {
 }
 
 /// Round every value to the nearest f16 (ties to even, as F16C's `vcvtps2ph` does).
-pub fn round_f16(x: &mut [f32]) {
-    crate::simd::round_f16(x);
-}
+pub use crate::simd::round_f16;
 
 /// One Q8_0 block as ggml-cpu's x86 `quantize_row_q8_0` makes it, read back: `d = amax/127` stored as f16,
 /// `q = round_half_even(x · 127/amax)`, value `f16(d) · q`.
@@ -160,21 +158,14 @@ thread_local! {
 /// `w`'s type has no integer kernel. Row `t`'s results do not depend on `n`: a batch computes every row
 /// exactly as a one-row call does.
 pub(crate) fn fused_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) -> bool {
-    use crate::backend::{cpu_q8, spin};
-    let (rows, cols) = (w.rows(), w.cols());
+    use crate::backend::cpu_q8;
+    let cols = w.cols();
     if w.block_type() == Some(GgmlType::F16) {
         // ggml_vec_dot_f16: f16 activations, products summed in f32; the row is converted on the fly.
         let mut xr = x[..n * cols].to_vec();
         round_f16(&mut xr);
-        let chunk = (rows / (4 * rayon::current_num_threads())).clamp(16, 128);
-        let o = spin::Disjoint::new(&mut out[..n * rows]);
-        spin::for_each(rows.div_ceil(chunk), &|ci| {
-            for r in ci * chunk..((ci + 1) * chunk).min(rows) {
-                let row = w.row_data(r);
-                for (t, xt) in xr.chunks_exact(cols).enumerate() {
-                    o.set(t * rows + r, crate::simd::dot_f16(row, xt));
-                }
-            }
+        each_row_and_token(w, n, out, |row, t| {
+            crate::simd::dot_f16(row, &xr[t * cols..(t + 1) * cols])
         });
         return true;
     }
@@ -185,18 +176,30 @@ pub(crate) fn fused_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) ->
         .chunks_exact(cols)
         .map(|xt| cpu_q8::Q8Row::for_type(ty, xt))
         .collect();
-    // Each task takes a block of weight rows for every token.
+    each_row_and_token(w, n, out, |row, t| cpu_q8::vec_dot(ty, row, &acts[t]));
+    true
+}
+
+/// `out[t, r] = dot(row r of w, t)` for the `n` tokens, on the spinning pool: each task takes a block of
+/// weight rows for every token, so each row is read once.
+fn each_row_and_token(
+    w: &TensorRef,
+    n: usize,
+    out: &mut [f32],
+    dot: impl Fn(&[u8], usize) -> f32 + Sync,
+) {
+    use crate::backend::spin;
+    let rows = w.rows();
     let chunk = (rows / (4 * rayon::current_num_threads())).clamp(16, 128);
     let o = spin::Disjoint::new(&mut out[..n * rows]);
     spin::for_each(rows.div_ceil(chunk), &|ci| {
         for r in ci * chunk..((ci + 1) * chunk).min(rows) {
             let row = w.row_data(r);
-            for (t, q) in acts.iter().enumerate() {
-                o.set(t * rows + r, cpu_q8::vec_dot(ty, row, q));
+            for t in 0..n {
+                o.set(t * rows + r, dot(row, t));
             }
         }
     });
-    true
 }
 
 /// The part of llama.cpp's Q4_1/Q5_1 × Q8_1 dot product that rounded activations cannot express: the weight
