@@ -41,20 +41,9 @@ impl Q8Row {
 
     /// Q8_0 (with Q8_1's sums) blocks of 32.
     pub fn q8_0(x: &[f32]) -> Self {
-        debug_assert!(x.len().is_multiple_of(32));
-        let mut d = Vec::with_capacity(x.len() / 32);
-        let mut s = Vec::with_capacity(x.len() / 32);
-        let mut q = Vec::with_capacity(x.len());
-        for b in x.chunks_exact(32) {
-            let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            let dd = amax / 127.0;
-            d.push(half::f16::from_f32(dd).to_f32());
-            let start = q.len();
-            q.extend(b.iter().map(|&v| crate::simd::round_even(v * id) as i8));
-            let sum: i32 = q[start..].iter().map(|&v| i32::from(v)).sum();
-            s.push(half::f16::from_f32(dd * sum as f32).to_f32());
-        }
+        let nb = x.len() / 32;
+        let (mut d, mut s, mut q) = (vec![0.0; nb], vec![0.0; nb], vec![0i8; x.len()]);
+        q8_0_into(x, &mut d, &mut s, &mut q);
         Self {
             d,
             s,
@@ -81,6 +70,25 @@ impl Q8Row {
             bsums,
             q,
         }
+    }
+}
+
+/// `x` (a multiple of 32 values) as Q8_0 blocks into caller-owned slices: per block `d` (`f16(amax/127)` as
+/// f32), Q8_1's `s` (`f16(d · Σq)` with the unrounded `d`) and the 32 codes — [`Q8Row::q8_0`] without the
+/// allocations, for callers that quantize many rows into one buffer.
+pub fn q8_0_into(x: &[f32], d: &mut [f32], s: &mut [f32], q: &mut [i8]) {
+    debug_assert!(x.len().is_multiple_of(32));
+    for (((b, qb), db), sb) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(d).zip(s) {
+        let amax = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let dd = amax / 127.0;
+        *db = half::f16::from_f32(dd).to_f32();
+        let mut sum = 0i32;
+        for (o, &v) in qb.iter_mut().zip(b) {
+            *o = crate::simd::round_even(v * id) as i8;
+            sum += i32::from(*o);
+        }
+        *sb = half::f16::from_f32(dd * sum as f32).to_f32();
     }
 }
 
@@ -145,7 +153,7 @@ fn layout(ty: GgmlType) -> Layout {
 
 /// The 32 integer codes of one block as the dot product uses them: Q4_0 `q − 8`, Q5_0 `q − 16`, Q4_1/Q5_1
 /// `q` (their offset is added separately), Q8_0 the signed bytes, IQ4_NL the table's values.
-fn codes(ty: GgmlType, blk: &[u8], w: &mut [i32; 32]) {
+pub(super) fn codes(ty: GgmlType, blk: &[u8], w: &mut [i32; 32]) {
     let l = layout(ty);
     if ty == GgmlType::Q8_0 {
         for (o, &b) in w.iter_mut().zip(&blk[2..34]) {
@@ -175,8 +183,19 @@ fn codes(ty: GgmlType, blk: &[u8], w: &mut [i32; 32]) {
     }
 }
 
+/// What the integer prompt tiles add to [`codes`] to make them unsigned bytes (0..=255): the bias the
+/// type's codes subtract (Q4_0 8, Q5_0 16), 128 for the signed ones (Q8_0, IQ4_NL), 0 for the `_1` types.
+pub(super) fn tile_bias(ty: GgmlType) -> i32 {
+    match ty {
+        GgmlType::Q4_0 => 8,
+        GgmlType::Q5_0 => 16,
+        GgmlType::Q8_0 | GgmlType::Iq4Nl => 128,
+        _ => 0,
+    }
+}
+
 #[inline]
-fn f16_at(b: &[u8]) -> f32 {
+pub(super) fn f16_at(b: &[u8]) -> f32 {
     half::f16::from_le_bytes([b[0], b[1]]).to_f32()
 }
 
@@ -241,12 +260,12 @@ pub fn vec_dot_scalar(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
 }
 
 /// A Q8_K-family weight block read as integers: `value_i = d · scale_{i/16} · code_i − dmin · min_{i/16}`.
-struct KScales {
-    d: f32,
-    dmin: f32,
-    scales: [i16; 16],
+pub(super) struct KScales {
+    pub d: f32,
+    pub dmin: f32,
+    pub scales: [i16; 16],
     /// All zero for the types without mins.
-    mins: [i16; 16],
+    pub mins: [i16; 16],
 }
 
 /// Bytes per block of a Q8_K-family type.
@@ -255,7 +274,7 @@ fn k_bytes(ty: GgmlType) -> usize {
 }
 
 /// The block multipliers and per-16 integer scales and mins of one Q8_K-family block.
-fn k_scales(ty: GgmlType, blk: &[u8]) -> KScales {
+pub(super) fn k_scales(ty: GgmlType, blk: &[u8]) -> KScales {
     let mut k = KScales {
         d: 0.0,
         dmin: 0.0,
@@ -362,7 +381,7 @@ fn k_codes(ty: GgmlType, blk: &[u8], w: &mut [i8; 256]) {
 
 /// Whether [`k_codes`] / [`k_scales`] read `ty` (the k-quants and IQ4_XS; the low-bit i-quants are read
 /// by the codecs' `lowbit_int_reading`, codes and scales at once).
-fn k_split(ty: GgmlType) -> bool {
+pub(super) fn k_split(ty: GgmlType) -> bool {
     matches!(
         ty,
         GgmlType::Q2K
@@ -410,7 +429,7 @@ fn k_mins(k: &KScales, bsums: &[i16]) -> i32 {
         .sum()
 }
 
-fn vec_dot_k_scalar(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
+pub(super) fn vec_dot_k_scalar(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
     let mut acc = 0.0f32;
     let mut w = [0i8; 256];
     for (b, (blk, xq)) in row
@@ -434,7 +453,7 @@ fn vec_dot_k_scalar(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx2() -> bool {
+pub(super) fn avx2() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
@@ -446,7 +465,7 @@ fn avx2() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
-mod x86 {
+pub(super) mod x86 {
     use super::Q8Row;
     use crate::codecs::GgmlType;
     use std::arch::x86_64::*;
@@ -571,16 +590,70 @@ mod x86 {
         }
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_q8_0_family<const T: u8>(row: &[u8], x: &Q8Row) -> f32 {
-        let bytes: usize = match T {
+    /// Bytes per block of type `T`.
+    const fn block_bytes<const T: u8>() -> usize {
+        match T {
             Q8_0 => 34,
             Q4_0 | IQ4_NL => 18,
             Q4_1 => 20,
             Q5_0 => 22,
             _ => 24,
-        };
+        }
+    }
+
+    /// One row of a Q8_0-family type written into a 16-row panel as unsigned codes (`code + bias`, see
+    /// [`crate::backend::cpu_q8_tile`]): block `b`'s codes `4g..4g + 4` of row `r` go to
+    /// `dst[b·512 + g·64 + r·4..][..4]`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn panel_row(ty: GgmlType, row: &[u8], r: usize, dst: &mut [u8]) {
+        // SAFETY: forwarded (the feature is enabled on this function).
+        unsafe {
+            match ty {
+                GgmlType::Q8_0 => panel_row_t::<Q8_0>(row, r, dst),
+                GgmlType::Q4_0 => panel_row_t::<Q4_0>(row, r, dst),
+                GgmlType::Q4_1 => panel_row_t::<Q4_1>(row, r, dst),
+                GgmlType::Iq4Nl => panel_row_t::<IQ4_NL>(row, r, dst),
+                GgmlType::Q5_0 => panel_row_t::<Q5_0>(row, r, dst),
+                GgmlType::Q5_1 => panel_row_t::<Q5_1>(row, r, dst),
+                _ => unreachable!("a Q8_0-family type: {ty:?}"),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn panel_row_t<const T: u8>(row: &[u8], r: usize, dst: &mut [u8]) {
+        let bytes = block_bytes::<T>();
+        let nb = row.len() / bytes;
+        assert!(r < 16 && dst.len() >= nb * 512);
+        let bias = super::tile_bias(match T {
+            Q8_0 => GgmlType::Q8_0,
+            IQ4_NL => GgmlType::Iq4Nl,
+            Q4_0 => GgmlType::Q4_0,
+            Q5_0 => GgmlType::Q5_0,
+            _ => GgmlType::Q4_1,
+        });
+        // Wrapping byte addition: 128 is −128 as a byte.
+        let bias = _mm256_set1_epi8(bias as u8 as i8);
+        let table = unsafe { iq4_table() };
+        let mut tmp = [0u32; 8];
+        for b in 0..nb {
+            // SAFETY: block b < nb lies in `row`; `tmp` holds 32 bytes.
+            unsafe {
+                let u = _mm256_add_epi8(block_codes::<T>(row.as_ptr().add(b * bytes), table), bias);
+                _mm256_storeu_si256(tmp.as_mut_ptr().cast(), u);
+            }
+            let base = b * 512 + r * 4;
+            for (g, v) in tmp.iter().enumerate() {
+                dst[base + g * 64..base + g * 64 + 4].copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q8_0_family<const T: u8>(row: &[u8], x: &Q8Row) -> f32 {
+        let bytes = block_bytes::<T>();
         let offset = matches!(T, Q4_1 | Q5_1);
         let nb = row.len() / bytes;
         assert!(x.q.len() >= nb * 32 && x.d.len() >= nb && (!offset || x.s.len() >= nb));
@@ -641,6 +714,29 @@ mod x86 {
         let o = w.as_mut_ptr();
         // SAFETY: every chunk starts at a multiple of 32 below 256, inside the 256 codes.
         unsafe { k_codes_with(ty, blk, |at, v| _mm256_storeu_si256(o.add(at).cast(), v)) }
+    }
+
+    /// One row of a [`super::k_split`] type written into a 16-row panel as unsigned codes (`code + bias`):
+    /// block `b`'s codes `4g..4g + 4` of row `r` go to `dst[b·4096 + g·64 + r·4..][..4]`.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn k_panel_row(ty: GgmlType, row: &[u8], r: usize, bias: i32, dst: &mut [u8]) {
+        let bytes = ty.traits().block_bytes;
+        let nb = row.len() / bytes;
+        assert!(r < 16 && dst.len() >= nb * 4096);
+        let bias = _mm256_set1_epi8(bias as u8 as i8);
+        let mut tmp = [0u32; 8];
+        for (b, blk) in row.chunks_exact(bytes).enumerate() {
+            // SAFETY: `blk` is one whole block; `tmp` holds 32 bytes.
+            unsafe {
+                k_codes_with(ty, blk, |off, v| {
+                    _mm256_storeu_si256(tmp.as_mut_ptr().cast(), _mm256_add_epi8(v, bias));
+                    let base = b * 4096 + (off / 4) * 64 + r * 4;
+                    for (g, v) in tmp.iter().enumerate() {
+                        dst[base + g * 64..base + g * 64 + 4].copy_from_slice(&v.to_le_bytes());
+                    }
+                });
+            }
+        }
     }
 
     /// The 256 codes of one block handed to `st` as eight chunks of 32 (`st(offset, codes)`), each chunk

@@ -127,6 +127,13 @@ pub(crate) fn matmul_with(
     {
         return;
     }
+    // Prompts on the CPU: integer tiles where the CPU has AVX-512 VNNI (the Q8_0 family, the k-quants, IQ4_XS).
+    if numerics == Numerics::LlamaCpu
+        && backend == Backend::Cpu
+        && crate::backend::cpu_q8_tile::matmul(w, x, n, out)
+    {
+        return;
+    }
     match numerics {
         Numerics::LlamaCpu
             if w.block_type()
@@ -306,6 +313,7 @@ mod tests {
             (v, t.ne.iter().map(|&d| d as usize).collect())
         };
         let mut seen = Vec::new();
+        let mut tiled = 0;
         for t in g.tensors().iter().filter(|t| t.name.ends_with(".w")) {
             let ty = t.ty().expect("type");
             let stem = t.name.trim_end_matches(".w");
@@ -326,6 +334,17 @@ mod tests {
             };
             let (llama, exact) = (err(Numerics::LlamaCpu), err(Numerics::Exact));
             assert!(llama < 1e-6, "{stem}: llama-cpu {llama:e} from ggml");
+            // The prompt path's integer tiles (where the CPU has them) too.
+            let mut out = vec![0f32; n * m];
+            if crate::backend::cpu_q8_tile::matmul(&w, &x, n, &mut out) {
+                let tiles = out
+                    .iter()
+                    .zip(&y)
+                    .fold(0f32, |a, (o, e)| a.max((o - e).abs()))
+                    / scale;
+                assert!(tiles < 1e-6, "{stem}: integer tiles {tiles:e} from ggml");
+                tiled += 1;
+            }
             assert!(
                 exact > 3e-5,
                 "{stem}: exact {exact:e} from ggml (the fixture must show rounding)"
@@ -333,6 +352,17 @@ mod tests {
             seen.push(ty);
         }
         assert_eq!(seen.len(), 21, "{seen:?}");
+        let q8_0_family = seen
+            .iter()
+            .filter(|&&t| crate::backend::cpu_q8_tile::supports(t))
+            .count();
+        assert_eq!(q8_0_family, 6);
+        let want = if crate::backend::cpu_q8_tile::available() {
+            6
+        } else {
+            0
+        };
+        assert_eq!(tiled, want);
     }
 
     #[test]
