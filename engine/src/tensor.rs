@@ -222,6 +222,8 @@ pub struct TensorRef {
     pub storage: Storage,
     /// `Some(n_heads)` when rows are stored in llama.cpp's interleaved-RoPE order (a GGUF's attn_q/attn_k).
     pub rope_interleaved_heads: Option<usize>,
+    /// The rows repacked for the CPU's decoding kernels, built on first use (shared by clones).
+    pub repacked: crate::backend::cpu_q8_repack::RepackCache,
 }
 
 /// A GPTQ (v1) linear layer's tensors, kept in the mapped file.
@@ -461,6 +463,7 @@ impl TensorRef {
             shape,
             storage: Storage::Blocks { ty, data },
             rope_interleaved_heads: None,
+            repacked: Default::default(),
         })
     }
 
@@ -474,6 +477,7 @@ impl TensorRef {
             name,
             storage: Storage::Grouped(Arc::new(g)),
             rope_interleaved_heads: None,
+            repacked: Default::default(),
         })
     }
 

@@ -64,7 +64,7 @@ fn k_mins(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q2K | GgmlType::Q4K | GgmlType::Q5K)
 }
 
-/// Whether this CPU runs the integer tiles (AVX-512 F and VNNI; AVX2, FMA and F16C for the repacking).
+/// Whether this CPU runs the integer tiles (AVX-512 F, BW and VNNI; AVX2, FMA and F16C for the repacking).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -73,6 +73,7 @@ pub fn available() -> bool {
         *HAS.get_or_init(|| {
             super::cpu_q8::avx2()
                 && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
         })
     }
@@ -581,6 +582,7 @@ mod tests {
             available(),
             cfg!(target_arch = "x86_64")
                 && std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
                 && std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")

@@ -183,6 +183,11 @@ pub(crate) fn fused_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) ->
         .chunks_exact(cols)
         .map(|xt| cpu_q8::Q8Row::for_type(ty, xt))
         .collect();
+    // Q8_0-family rows repacked 16 at a time where the CPU has AVX-512 VNNI (the prompt tiles' arithmetic).
+    if let Some(rp) = w.repacked.get(w) {
+        rp.dot(&acts, &mut out[..n * w.rows()]);
+        return true;
+    }
     each_row_and_token(w, n, out, |row, t| cpu_q8::vec_dot(ty, row, &acts[t]));
     true
 }
@@ -352,13 +357,14 @@ mod tests {
             seen.push(ty);
         }
         assert_eq!(seen.len(), 21, "{seen:?}");
-        let q8_0_family = seen
+        // The Q8_0 family and the k-quants with IQ4_XS.
+        let takes = seen
             .iter()
             .filter(|&&t| crate::backend::cpu_q8_tile::supports(t))
             .count();
-        assert_eq!(q8_0_family, 6);
+        assert_eq!(takes, 12);
         let want = if crate::backend::cpu_q8_tile::available() {
-            6
+            12
         } else {
             0
         };

@@ -599,8 +599,9 @@ fn bench(
     options: &BenchOptions,
 ) -> Result<JobOutput> {
     let m = load(ctx, cache, model)?;
+    // The tests run apart, each from an empty cache, as llama-bench's do: the longer one bounds the context.
     m.model
-        .check_context(options.n_prompt.saturating_add(options.n_gen).max(1), false)?;
+        .check_context(options.n_prompt.max(options.n_gen.saturating_add(1)), false)?;
     let total = 2 * (options.repetitions.max(1) as u64 + 1);
     let mut step = 0u64;
     let mut on_progress = |test: &str, _rep: usize| {

@@ -1,0 +1,458 @@
+//! Decoding over Q8_0-family weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) repacked once, as llama.cpp's
+//! CPU backend repacks Q4_0 and IQ4_NL on load: 16 rows interleaved so that each 32-bit lane of a 512-bit
+//! register holds one row's four code bytes, the codes kept at their stored width (nibbles stay nibbles,
+//! the fifth bits are regrouped so two shifts place them), the block scales of the 16 rows side by side.
+//! AVX-512 VNNI's `vpdpbusd` then sums a block of 16 rows against a token in 8 instructions where the
+//! row-by-row kernel needs a horizontal layout per row, so decoding reads the weights at memory speed.
+//!
+//! The arithmetic is the prompt tiles' (`cpu_q8_tile::tile_dot_scalar`, equal bit for bit): a prompt's rows
+//! and a decoded token's row are the same numbers. A tensor is repacked the first time it decodes (the copy
+//! lives as long as the tensor; its size is the weight's), and only where the CPU has AVX-512 VNNI.
+
+use std::sync::{Arc, OnceLock};
+
+use super::cpu_q8::{tile_bias, Q8Row};
+use crate::codecs::GgmlType;
+use crate::tensor::TensorRef;
+
+/// Rows per panel.
+const PANEL: usize = 16;
+
+/// A tensor's repacked form, built on first use and shared by the tensor's clones.
+#[derive(Clone, Default)]
+pub struct RepackCache(Arc<OnceLock<Option<Repacked>>>);
+
+impl std::fmt::Debug for RepackCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.0.get() {
+            None => "not built",
+            Some(None) => "not repackable",
+            Some(Some(_)) => "repacked",
+        };
+        f.write_str(state)
+    }
+}
+
+impl RepackCache {
+    /// The repacked weights of `w` (whose cache this is), built now if they were not, or `None` where
+    /// the tensor's type or the CPU has no repacked kernel (or a clone of the tensor now reads its rows in
+    /// another order than the one they were repacked in).
+    pub fn get(&self, w: &TensorRef) -> Option<&Repacked> {
+        self.0
+            .get_or_init(|| Repacked::new(w))
+            .as_ref()
+            .filter(|r| r.rope == w.rope_interleaved_heads)
+    }
+}
+
+/// Where a block's parts sit in a panel block, and how long one is.
+#[derive(Clone, Copy)]
+struct Parts {
+    /// Offsets of the 16 `f16(m)` (the `_1` types), the 16 regrouped fifth-bit words (the 5-bit types) and
+    /// the codes; the 16 `f16(d)` are first.
+    m: usize,
+    h: usize,
+    qs: usize,
+    bytes: usize,
+}
+
+fn parts(ty: GgmlType) -> Parts {
+    let offset = matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1);
+    let fifth = matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1);
+    let m = 32;
+    let h = m + if offset { 32 } else { 0 };
+    let qs = h + if fifth { 64 } else { 0 };
+    let codes = if ty == GgmlType::Q8_0 { 512 } else { 256 };
+    Parts {
+        m,
+        h,
+        qs,
+        bytes: qs + codes,
+    }
+}
+
+/// A Q8_0-family tensor in panels of 16 rows. Panel `p`, block `b` starts at `(p·nb + b)·parts.bytes`:
+/// the rows' `f16(d)`, then (the `_1` types) their `f16(m)`, then (Q5_0/Q5_1) per row a word whose byte `j`
+/// holds in bit `g` the fifth bit of code `4g + j` and in bit `4 + g` that of code `16 + 4g + j`, then the
+/// codes: Q8_0 group `g` (codes `4g..4g + 4` as `code + 128`) of row `r` at `g·64 + r·4`; the 4- and 5-bit
+/// types the stored bytes `4g..4g + 4` of row `r` (low nibbles: codes `4g..`, high: codes `16 + 4g..`).
+pub struct Repacked {
+    ty: GgmlType,
+    /// The row order the rows were read in (`TensorRef::rope_interleaved_heads`).
+    rope: Option<usize>,
+    rows: usize,
+    nb: usize,
+    parts: Parts,
+    data: Vec<u8>,
+}
+
+impl Repacked {
+    fn new(w: &TensorRef) -> Option<Self> {
+        let ty = w.block_type()?;
+        if !super::cpu_q8_tile::available() || !repackable(ty) {
+            return None;
+        }
+        let (rows, cols) = (w.rows(), w.cols());
+        let nb = cols / 32;
+        let parts = parts(ty);
+        let bytes = ty.traits().block_bytes;
+        let panels = rows.div_ceil(PANEL);
+        let mut data = vec![0u8; panels * nb * parts.bytes];
+        for r in 0..rows {
+            let (p, lane) = (r / PANEL, r % PANEL);
+            let row = w.row_data(r);
+            for (b, blk) in row.chunks_exact(bytes).enumerate() {
+                let o = (p * nb + b) * parts.bytes;
+                let dst = &mut data[o..o + parts.bytes];
+                dst[2 * lane..2 * lane + 2].copy_from_slice(&blk[..2]);
+                let (qh, qs): (Option<&[u8]>, &[u8]) = match ty {
+                    GgmlType::Q4_0 | GgmlType::Iq4Nl => (None, &blk[2..18]),
+                    GgmlType::Q4_1 => (None, &blk[4..20]),
+                    GgmlType::Q5_0 => (Some(&blk[2..6]), &blk[6..22]),
+                    GgmlType::Q5_1 => (Some(&blk[4..8]), &blk[8..24]),
+                    _ => (None, &blk[2..34]),
+                };
+                if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+                    dst[parts.m + 2 * lane..parts.m + 2 * lane + 2].copy_from_slice(&blk[2..4]);
+                }
+                if let Some(qh) = qh {
+                    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+                    let mut h = 0u32;
+                    for j in 0..4 {
+                        for g in 0..4 {
+                            h |= ((qh >> (4 * g + j)) & 1) << (8 * j + g);
+                            h |= ((qh >> (16 + 4 * g + j)) & 1) << (8 * j + 4 + g);
+                        }
+                    }
+                    dst[parts.h + 4 * lane..parts.h + 4 * lane + 4]
+                        .copy_from_slice(&h.to_le_bytes());
+                }
+                for g in 0..qs.len() / 4 {
+                    let at = parts.qs + g * 64 + lane * 4;
+                    for (k, &v) in qs[4 * g..4 * g + 4].iter().enumerate() {
+                        dst[at + k] = if ty == GgmlType::Q8_0 { v ^ 0x80 } else { v };
+                    }
+                }
+            }
+        }
+        Some(Self {
+            ty,
+            rope: w.rope_interleaved_heads,
+            rows,
+            nb,
+            parts,
+            data,
+        })
+    }
+
+    /// `out[t·rows + r] = W[r] · x[t]` for the `acts.len()` tokens (each a [`Q8Row::q8_0`] of the tensor's
+    /// row length), with the arithmetic of `cpu_q8_tile::tile_dot_scalar`; panels spread over the spinning
+    /// pool.
+    pub fn dot(&self, acts: &[Q8Row], out: &mut [f32]) {
+        let n = acts.len();
+        assert!(out.len() >= n * self.rows);
+        for a in acts {
+            assert!(a.q.len() >= self.nb * 32 && a.d.len() >= self.nb && a.s.len() >= self.nb);
+        }
+        let bias = tile_bias(self.ty);
+        // −bias · Σq per token and block: what the unsigned codes add back.
+        let corr: Vec<Vec<i32>> = acts
+            .iter()
+            .map(|a| {
+                a.q.chunks_exact(32)
+                    .take(self.nb)
+                    .map(|qb| -bias * qb.iter().map(|&v| i32::from(v)).sum::<i32>())
+                    .collect()
+            })
+            .collect();
+        let panels = self.rows.div_ceil(PANEL);
+        let o = super::spin::Disjoint::new(&mut out[..n * self.rows]);
+        let per_task = (panels / (4 * rayon::current_num_threads())).clamp(1, 8);
+        super::spin::for_each(panels.div_ceil(per_task), &|task| {
+            for p in task * per_task..((task + 1) * per_task).min(panels) {
+                let mut t = 0;
+                while t < n {
+                    let c = (n - t).min(4);
+                    let mut res = [[0f32; PANEL]; 4];
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `available` (checked when the panels were built) says AVX-512 F, BW and
+                    // VNNI; the tokens t..t + c have `nb` blocks (asserted above).
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        x86::panel(self, p, &acts[t..t + c], &corr[t..t + c], &mut res);
+                    }
+                    for (k, rk) in res.iter().enumerate().take(c) {
+                        for (lane, &v) in rk.iter().enumerate() {
+                            let r = p * PANEL + lane;
+                            if r < self.rows {
+                                o.set((t + k) * self.rows + r, v);
+                            }
+                        }
+                    }
+                    t += c;
+                }
+            }
+        });
+    }
+}
+
+/// Whether [`Repacked`] takes weights of `ty`.
+pub fn repackable(ty: GgmlType) -> bool {
+    matches!(
+        ty,
+        GgmlType::Q4_0
+            | GgmlType::Q4_1
+            | GgmlType::Q5_0
+            | GgmlType::Q5_1
+            | GgmlType::Q8_0
+            | GgmlType::Iq4Nl
+    )
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod x86 {
+    use super::{Q8Row, Repacked, PANEL};
+    use crate::codecs::GgmlType;
+    use std::arch::x86_64::*;
+
+    const Q8_0: u8 = 0;
+    const Q4_0: u8 = 1;
+    const Q4_1: u8 = 2;
+    const IQ4_NL: u8 = 3;
+    const Q5_0: u8 = 4;
+    const Q5_1: u8 = 5;
+
+    /// Panel `p` against up to four tokens, results per token and lane into `res`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    pub unsafe fn panel(
+        rp: &Repacked,
+        p: usize,
+        acts: &[Q8Row],
+        corr: &[Vec<i32>],
+        res: &mut [[f32; PANEL]; 4],
+    ) {
+        macro_rules! by_count {
+            ($t:ident) => {
+                match acts.len() {
+                    1 => tokens::<$t, 1>(rp, p, acts, corr, res),
+                    2 => tokens::<$t, 2>(rp, p, acts, corr, res),
+                    3 => tokens::<$t, 3>(rp, p, acts, corr, res),
+                    _ => tokens::<$t, 4>(rp, p, acts, corr, res),
+                }
+            };
+        }
+        // SAFETY: forwarded (the features are enabled on this function).
+        unsafe {
+            match rp.ty {
+                GgmlType::Q8_0 => by_count!(Q8_0),
+                GgmlType::Q4_0 => by_count!(Q4_0),
+                GgmlType::Q4_1 => by_count!(Q4_1),
+                GgmlType::Iq4Nl => by_count!(IQ4_NL),
+                GgmlType::Q5_0 => by_count!(Q5_0),
+                _ => by_count!(Q5_1),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    unsafe fn tokens<const T: u8, const C: usize>(
+        rp: &Repacked,
+        p: usize,
+        acts: &[Q8Row],
+        corr: &[Vec<i32>],
+        res: &mut [[f32; PANEL]; 4],
+    ) {
+        let (nb, parts) = (rp.nb, rp.parts);
+        assert!(acts.len() >= C && corr.len() >= C && C <= 4);
+        assert!(rp.data.len() >= (p + 1) * nb * parts.bytes);
+        for c in 0..C {
+            assert!(acts[c].q.len() >= nb * 32 && acts[c].d.len() >= nb && acts[c].s.len() >= nb);
+            assert!(corr[c].len() >= nb);
+        }
+        let offset = matches!(T, Q4_1 | Q5_1);
+        let fifth = matches!(T, Q5_0 | Q5_1);
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m10 = _mm512_set1_epi8(0x10);
+        // IQ4_NL's values + 128 (unsigned), in each 128-bit lane.
+        let table = {
+            let mut t = [0u8; 16];
+            for (o, &v) in t.iter_mut().zip(crate::codecs::KVALUES_IQ4NL.iter()) {
+                *o = (i16::from(v) + 128) as u8;
+            }
+            // SAFETY: 16 bytes.
+            _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(t.as_ptr().cast()) })
+        };
+        let mut acc = [_mm512_setzero_ps(); C];
+        let mut offs = [_mm512_setzero_ps(); C];
+        let base = rp.data.as_ptr().wrapping_add(p * nb * parts.bytes);
+        for b in 0..nb {
+            // SAFETY: panel p's block b lies in `data`; the tokens' block b lies in their rows (asserted).
+            unsafe {
+                let blk = base.add(b * parts.bytes);
+                // A panel block is ~300 bytes: keep the stream a few blocks ahead.
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(4 * parts.bytes).cast());
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(4 * parts.bytes + 64).cast());
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(4 * parts.bytes + 128).cast());
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(4 * parts.bytes + 192).cast());
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(4 * parts.bytes + 256).cast());
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.cast()));
+                let mut s: [__m512i; C] =
+                    std::array::from_fn(|c| _mm512_set1_epi32(*corr[c].get_unchecked(b)));
+                let y: [*const i32; C] =
+                    std::array::from_fn(|c| acts[c].q.as_ptr().add(b * 32).cast::<i32>());
+                let qs = blk.add(parts.qs);
+                if T == Q8_0 {
+                    for g in 0..8 {
+                        let w = _mm512_loadu_si512(qs.add(g * 64).cast());
+                        for c in 0..C {
+                            s[c] = _mm512_dpbusd_epi32(
+                                s[c],
+                                w,
+                                _mm512_set1_epi32(y[c].add(g).read_unaligned()),
+                            );
+                        }
+                    }
+                } else {
+                    let h = if fifth {
+                        _mm512_loadu_si512(blk.add(parts.h).cast())
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    for g in 0..4 {
+                        let q = _mm512_loadu_si512(qs.add(g * 64).cast());
+                        let mut lo = _mm512_and_si512(q, m4);
+                        let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+                        if fifth {
+                            // Byte j's bit g (codes 4g + j) and bit 4 + g (codes 16 + 4g + j) to bit 4.
+                            let up = _mm_cvtsi32_si128(4 - g as i32);
+                            let down = _mm_cvtsi32_si128(g as i32);
+                            lo =
+                                _mm512_or_si512(lo, _mm512_and_si512(_mm512_sll_epi16(h, up), m10));
+                            hi = _mm512_or_si512(
+                                hi,
+                                _mm512_and_si512(_mm512_srl_epi16(h, down), m10),
+                            );
+                        }
+                        if T == IQ4_NL {
+                            lo = _mm512_shuffle_epi8(table, lo);
+                            hi = _mm512_shuffle_epi8(table, hi);
+                        }
+                        for c in 0..C {
+                            s[c] = _mm512_dpbusd_epi32(
+                                s[c],
+                                lo,
+                                _mm512_set1_epi32(y[c].add(g).read_unaligned()),
+                            );
+                            s[c] = _mm512_dpbusd_epi32(
+                                s[c],
+                                hi,
+                                _mm512_set1_epi32(y[c].add(4 + g).read_unaligned()),
+                            );
+                        }
+                    }
+                }
+                let mw = if offset {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(parts.m).cast()))
+                } else {
+                    _mm512_setzero_ps()
+                };
+                for c in 0..C {
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*acts[c].d.get_unchecked(b)));
+                    acc[c] = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(s[c]), acc[c]);
+                    if offset {
+                        offs[c] = _mm512_fmadd_ps(
+                            mw,
+                            _mm512_set1_ps(*acts[c].s.get_unchecked(b)),
+                            offs[c],
+                        );
+                    }
+                }
+            }
+        }
+        for c in 0..C {
+            let v = if offset {
+                _mm512_add_ps(acc[c], offs[c])
+            } else {
+                acc[c]
+            };
+            // SAFETY: 16 floats.
+            unsafe { _mm512_storeu_ps(res[c].as_mut_ptr(), v) };
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::tensor::Bytes;
+    use rand::{Rng, SeedableRng};
+
+    /// Every output equals the prompt tiles' scalar reference bit for bit: partial panels, one to six
+    /// tokens (a group of four and a remainder), random codes and scales, a zero and an extreme token.
+    #[test]
+    fn repacked_decoding_equals_the_tile_reference() {
+        let types = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::Iq4Nl,
+        ];
+        if !super::super::cpu_q8_tile::available() {
+            eprintln!("no AVX-512 VNNI here: nothing is repacked");
+            let w = TensorRef::from_f32("w", vec![16, 32], &[0.0; 512]).unwrap();
+            assert!(RepackCache::default().get(&w).is_none());
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+        for &ty in &types {
+            for (rows, cols, n) in [(16, 32, 1), (37, 96, 6), (70, 160, 3)] {
+                let bytes = ty.traits().block_bytes;
+                let mut raw = vec![0u8; rows * cols / 32 * bytes];
+                for blk in raw.chunks_exact_mut(bytes) {
+                    for v in blk.iter_mut() {
+                        *v = rng.gen();
+                    }
+                    let d = half::f16::from_f32(rng.gen_range(-0.05..0.05)).to_le_bytes();
+                    blk[..2].copy_from_slice(&d);
+                    if matches!(ty, GgmlType::Q4_1 | GgmlType::Q5_1) {
+                        let m = half::f16::from_f32(rng.gen_range(-0.5..0.5)).to_le_bytes();
+                        blk[2..4].copy_from_slice(&m);
+                    }
+                }
+                let w = TensorRef::new("w", vec![rows, cols], ty, Bytes::owned(raw)).unwrap();
+                let cache = RepackCache::default();
+                let rp = cache.get(&w).expect("repacked");
+                let acts: Vec<Q8Row> = (0..n)
+                    .map(|t| {
+                        let mut x: Vec<f32> = (0..cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
+                        if t == 1 {
+                            x.fill(0.0);
+                        }
+                        if t == 2 {
+                            x[3] = 1e4;
+                        }
+                        Q8Row::q8_0(&x)
+                    })
+                    .collect();
+                let mut out = vec![f32::NAN; n * rows];
+                rp.dot(&acts, &mut out);
+                for (t, a) in acts.iter().enumerate() {
+                    for r in 0..rows {
+                        let want = super::super::cpu_q8_tile::tile_dot_scalar(ty, w.row_data(r), a);
+                        let got = out[t * rows + r];
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{ty:?} {rows}×{cols}, token {t} row {r}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
