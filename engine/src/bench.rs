@@ -5,7 +5,7 @@
 //! starts from an empty KV cache. After them, the kernels on the model's own first `ffn_gate` weight: the
 //! matmul of a 512-token batch (GFLOP/s), the decoding matvec (weight GB/s), dequantisation (GB/s of
 //! stored weights) and GPTQ of it (seconds; ×7 per layer is the projection), on the backend the model runs
-//! on.
+//! on; on the CPU also the machine's memory read bandwidth, the ceiling of decoding's weight streaming.
 
 use std::time::Instant;
 
@@ -203,7 +203,11 @@ fn kernel_lines(backend: Backend, w: &TensorRef, n: usize, reps: usize) -> Resul
         t0.elapsed().as_secs_f64()
     };
     let bytes = w.stored_bytes() as f64;
-    Ok(vec![
+    let memory = match backend {
+        Backend::Cpu => Some(memory_read_gbs(reps)?),
+        Backend::Gpu => None,
+    };
+    let mut lines = vec![
         KernelLine {
             test: format!("GPTQ 4-bit of {rows}×{cols} ({n} input rows, Hessian and lazy updates on this backend)"),
             value: gptq,
@@ -224,7 +228,35 @@ fn kernel_lines(backend: Backend, w: &TensorRef, n: usize, reps: usize) -> Resul
             value: bytes / dq / 1e9,
             unit: "GB/s",
         },
-    ])
+    ];
+    if let Some(gbs) = memory {
+        lines.push(KernelLine {
+            test: format!(
+                "memory read, {} threads (the decoding ceiling)",
+                rayon::current_num_threads()
+            ),
+            value: gbs,
+            unit: "GB/s",
+        });
+    }
+    Ok(lines)
+}
+
+/// This machine's memory read bandwidth: the threads sum their shares of a 512 MiB buffer (far past any
+/// cache), best of `reps`.
+fn memory_read_gbs(reps: usize) -> Result<f64> {
+    use rayon::prelude::*;
+    const BYTES: usize = 512 << 20;
+    let buf = vec![1u64; BYTES / 8];
+    let secs = best_secs(reps, || {
+        let s: u64 = buf
+            .par_chunks(1 << 15)
+            .map(|c| c.iter().fold(0u64, |a, &v| a.wrapping_add(v)))
+            .sum();
+        assert_eq!(s, (BYTES / 8) as u64, "every word read once");
+        Ok(())
+    })?;
+    Ok(BYTES as f64 / secs / 1e9)
 }
 
 fn line(test: String, speeds: &[f64]) -> BenchLine {

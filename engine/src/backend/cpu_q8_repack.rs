@@ -1,12 +1,13 @@
-//! Decoding over Q8_0-family weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) repacked once, as llama.cpp's
-//! CPU backend repacks Q4_0 and IQ4_NL on load: 16 rows interleaved so that each 32-bit lane of a 512-bit
+//! Decoding over Q8_0-family weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) and Q4_K, Q6_K and IQ4_XS
+//! repacked once, as llama.cpp's CPU backend repacks Q4_0, IQ4_NL and Q4_K on load: 16 rows interleaved so that each 32-bit lane of a 512-bit
 //! register holds one row's four code bytes, the codes kept at their stored width (nibbles stay nibbles,
 //! the fifth bits are regrouped so two shifts place them), the block scales of the 16 rows side by side.
 //! AVX-512 VNNI's `vpdpbusd` then sums a block of 16 rows against a token in 8 instructions where the
 //! row-by-row kernel needs a horizontal layout per row, so decoding reads the weights at memory speed.
 //!
-//! The arithmetic is the prompt tiles' (`cpu_q8_tile::tile_dot_scalar`, equal bit for bit): a prompt's rows
-//! and a decoded token's row are the same numbers. A tensor is repacked the first time it decodes (the copy
+//! The arithmetic is the prompt tiles' (`cpu_q8_tile::tile_dot_scalar` for the Q8_0 family; for the
+//! k-quants the row kernel's `cpu_q8::vec_dot_k_scalar`, equal bit for bit): a prompt's rows and a decoded
+//! token's row are the same numbers. A tensor is repacked the first time it decodes (the copy
 //! lives as long as the tensor; its size is the weight's), and only where the CPU has AVX-512 VNNI.
 
 use std::sync::{Arc, OnceLock};
@@ -92,6 +93,9 @@ impl Repacked {
         if !super::cpu_q8_tile::available() || !repackable(ty) {
             return None;
         }
+        if k_type(ty) {
+            return Some(Self::new_k(w, ty));
+        }
         let (rows, cols) = (w.rows(), w.cols());
         let nb = cols / 32;
         let parts = parts(ty);
@@ -145,12 +149,86 @@ impl Repacked {
         })
     }
 
+    /// The k layout: per panel and 256-block, at [`KOFF`]'s offsets, the rows' `d` and `dmin` (f32), their
+    /// sub-block scales and (Q4_K) mins as signed bytes, pair `p` (sub-blocks `2p`, `2p + 1`) of row `r` at
+    /// `2·(p·16 + r)`, then the codes: Q4_K and IQ4_XS the stored nibble bytes `4k..4k + 4` of row `r` at
+    /// `k·64 + r·4`; Q6_K its low-nibble bytes likewise, then its high-bit bytes `4k..4k + 4` (k < 16).
+    fn new_k(w: &TensorRef, ty: GgmlType) -> Self {
+        let (rows, cols) = (w.rows(), w.cols());
+        let nb = cols / 256;
+        let bytes = ty.traits().block_bytes;
+        let kb = k_block_bytes(ty);
+        let panels = rows.div_ceil(PANEL);
+        let mut data = vec![0u8; panels * nb * kb];
+        for r in 0..rows {
+            let (p, lane) = (r / PANEL, r % PANEL);
+            let row = w.row_data(r);
+            for (b, blk) in row.chunks_exact(bytes).enumerate() {
+                let o = (p * nb + b) * kb;
+                let dst = &mut data[o..o + kb];
+                let k = super::cpu_q8::k_scales(ty, blk);
+                dst[4 * lane..4 * lane + 4].copy_from_slice(&k.d.to_le_bytes());
+                dst[KOFF.dmin + 4 * lane..KOFF.dmin + 4 * lane + 4]
+                    .copy_from_slice(&k.dmin.to_le_bytes());
+                for sb in 0..16 {
+                    let at = 2 * ((sb / 2) * PANEL + lane) + sb % 2;
+                    dst[KOFF.sc + at] = k.scales[sb] as i8 as u8;
+                    dst[KOFF.mn + at] = k.mins[sb] as i8 as u8;
+                }
+                let (qs, qh): (&[u8], Option<&[u8]>) = match ty {
+                    GgmlType::Q4K => (&blk[16..144], None),
+                    GgmlType::Iq4Xs => (&blk[8..136], None),
+                    _ => (&blk[..128], Some(&blk[128..192])),
+                };
+                for kk in 0..32 {
+                    let at = KOFF.qs + kk * 64 + lane * 4;
+                    dst[at..at + 4].copy_from_slice(&qs[4 * kk..4 * kk + 4]);
+                }
+                if let Some(qh) = qh {
+                    for kk in 0..16 {
+                        let at = KOFF.qs + 2048 + kk * 64 + lane * 4;
+                        dst[at..at + 4].copy_from_slice(&qh[4 * kk..4 * kk + 4]);
+                    }
+                }
+            }
+        }
+        Self {
+            ty,
+            rope: w.rope_interleaved_heads,
+            rows,
+            nb,
+            parts: Parts {
+                m: 0,
+                h: 0,
+                qs: KOFF.qs,
+                bytes: kb,
+            },
+            data,
+        }
+    }
+
     /// `out[t·rows + r] = W[r] · x[t]` for the `acts.len()` tokens (each a [`Q8Row::q8_0`] of the tensor's
     /// row length), with the arithmetic of `cpu_q8_tile::tile_dot_scalar`; panels spread over the spinning
     /// pool.
     pub fn dot(&self, acts: &[Q8Row], out: &mut [f32]) {
         let n = acts.len();
         assert!(out.len() >= n * self.rows);
+        if k_type(self.ty) {
+            for a in acts {
+                assert!(a.q.len() >= self.nb * 256 && a.d.len() >= self.nb);
+                assert!(a.bsums.len() >= self.nb * 16);
+            }
+            self.each_panel(n, out, &|p, t, c, res| {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `available` (checked when the panels were built) says AVX-512 F, BW and VNNI;
+                // the tokens t..t + c have `nb` blocks and their sums (asserted above).
+                #[allow(unsafe_code)]
+                unsafe {
+                    x86::k_panel(self, p, &acts[t..t + c], res);
+                }
+            });
+            return;
+        }
         for a in acts {
             assert!(a.q.len() >= self.nb * 32 && a.d.len() >= self.nb && a.s.len() >= self.nb);
         }
@@ -165,6 +243,20 @@ impl Repacked {
                     .collect()
             })
             .collect();
+        self.each_panel(n, out, &|p, t, c, res| {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `available` (checked when the panels were built) says AVX-512 F, BW and VNNI; the
+            // tokens t..t + c have `nb` blocks (asserted above).
+            #[allow(unsafe_code)]
+            unsafe {
+                x86::panel(self, p, &acts[t..t + c], &corr[t..t + c], res);
+            }
+        });
+    }
+
+    /// Every panel against the `n` tokens, up to four at a time (`kernel(panel, first token, count,
+    /// results)`), on the spinning pool; the real rows' results into `out`.
+    fn each_panel(&self, n: usize, out: &mut [f32], kernel: &PanelKernel) {
         let panels = self.rows.div_ceil(PANEL);
         let o = super::spin::Disjoint::new(&mut out[..n * self.rows]);
         let per_task = (panels / (4 * rayon::current_num_threads())).clamp(1, 8);
@@ -174,13 +266,7 @@ impl Repacked {
                 while t < n {
                     let c = (n - t).min(4);
                     let mut res = [[0f32; PANEL]; 4];
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `available` (checked when the panels were built) says AVX-512 F, BW and
-                    // VNNI; the tokens t..t + c have `nb` blocks (asserted above).
-                    #[allow(unsafe_code)]
-                    unsafe {
-                        x86::panel(self, p, &acts[t..t + c], &corr[t..t + c], &mut res);
-                    }
+                    kernel(p, t, c, &mut res);
                     for (k, rk) in res.iter().enumerate().take(c) {
                         for (lane, &v) in rk.iter().enumerate() {
                             let r = p * PANEL + lane;
@@ -196,6 +282,34 @@ impl Repacked {
     }
 }
 
+/// A panel kernel: `(panel, first token, tokens, results per token and lane)`.
+type PanelKernel<'a> = dyn Fn(usize, usize, usize, &mut [[f32; PANEL]; 4]) + Sync + 'a;
+
+/// Offsets in a k panel block ([`Repacked::new_k`]).
+struct KOff {
+    dmin: usize,
+    sc: usize,
+    mn: usize,
+    qs: usize,
+}
+
+const KOFF: KOff = KOff {
+    dmin: 64,
+    sc: 128,
+    mn: 384,
+    qs: 640,
+};
+
+/// Bytes of one k panel block.
+fn k_block_bytes(ty: GgmlType) -> usize {
+    KOFF.qs + if ty == GgmlType::Q6K { 3072 } else { 2048 }
+}
+
+/// Whether `ty` is one of the repacked k types.
+fn k_type(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4K | GgmlType::Q6K | GgmlType::Iq4Xs)
+}
+
 /// Whether [`Repacked`] takes weights of `ty`.
 pub fn repackable(ty: GgmlType) -> bool {
     matches!(
@@ -206,7 +320,7 @@ pub fn repackable(ty: GgmlType) -> bool {
             | GgmlType::Q5_1
             | GgmlType::Q8_0
             | GgmlType::Iq4Nl
-    )
+    ) || k_type(ty)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -222,6 +336,182 @@ mod x86 {
     const IQ4_NL: u8 = 3;
     const Q5_0: u8 = 4;
     const Q5_1: u8 = 5;
+
+    const Q4K: u8 = 0;
+    const Q6K: u8 = 1;
+    const IQ4XS: u8 = 2;
+
+    /// A k panel `p` against up to four tokens (Q8_K rows), results per token and lane into `res`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn k_panel(rp: &Repacked, p: usize, acts: &[Q8Row], res: &mut [[f32; PANEL]; 4]) {
+        macro_rules! by_count {
+            ($t:ident) => {
+                match acts.len() {
+                    1 => k_tokens::<$t, 1>(rp, p, acts, res),
+                    2 => k_tokens::<$t, 2>(rp, p, acts, res),
+                    3 => k_tokens::<$t, 3>(rp, p, acts, res),
+                    _ => k_tokens::<$t, 4>(rp, p, acts, res),
+                }
+            };
+        }
+        // SAFETY: forwarded (the features are enabled on this function).
+        unsafe {
+            match rp.ty {
+                GgmlType::Q4K => by_count!(Q4K),
+                GgmlType::Q6K => by_count!(Q6K),
+                _ => by_count!(IQ4XS),
+            }
+        }
+    }
+
+    /// The unsigned codes of elements `16s + 4i .. + 4` of the panel block's 16 rows (type `T`).
+    #[inline(always)]
+    unsafe fn k_group<const T: u8>(qs: *const u8, s: usize, i: usize, table: __m512i) -> __m512i {
+        let e = 16 * s + 4 * i;
+        let m4 = _mm512_set1_epi8(0x0F);
+        // SAFETY (every load): the dword groups of a panel block lie in it (the caller's block).
+        unsafe {
+            let nib = |k: usize, high: bool| {
+                let q = _mm512_loadu_si512(qs.add(k * 64).cast());
+                if high {
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4)
+                } else {
+                    _mm512_and_si512(q, m4)
+                }
+            };
+            match T {
+                Q4K => {
+                    let (c, w) = (e / 64, e % 64);
+                    nib(8 * c + (w % 32) / 4, w >= 32)
+                }
+                IQ4XS => {
+                    let (ib, w) = (e / 32, e % 32);
+                    _mm512_shuffle_epi8(table, nib(4 * ib + (w % 16) / 4, w >= 16))
+                }
+                _ => {
+                    let (h, m, l) = (e / 128, (e / 32) % 4, e % 32);
+                    let low = nib(16 * h + 8 * (m % 2) + l / 4, m >= 2);
+                    let qh = _mm512_loadu_si512(qs.add(2048 + (8 * h + l / 4) * 64).cast());
+                    // Bits 2m, 2m + 1 of each byte to bits 4, 5 (shifts within 16-bit words stay inside
+                    // the byte for the bits kept).
+                    let hb = if m == 3 {
+                        _mm512_srli_epi16::<2>(qh)
+                    } else {
+                        _mm512_sll_epi16(qh, _mm_cvtsi32_si128(4 - 2 * m as i32))
+                    };
+                    _mm512_or_si512(low, _mm512_and_si512(hb, _mm512_set1_epi8(0x30)))
+                }
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn k_tokens<const T: u8, const C: usize>(
+        rp: &Repacked,
+        p: usize,
+        acts: &[Q8Row],
+        res: &mut [[f32; PANEL]; 4],
+    ) {
+        let (nb, kb) = (rp.nb, rp.parts.bytes);
+        assert!(acts.len() >= C && C <= 4);
+        assert!(rp.data.len() >= (p + 1) * nb * kb);
+        for a in &acts[..C] {
+            assert!(a.q.len() >= nb * 256 && a.d.len() >= nb && a.bsums.len() >= nb * 16);
+        }
+        let mins = T == Q4K;
+        let bias: i16 = match T {
+            Q6K => 32,
+            IQ4XS => 128,
+            _ => 0,
+        };
+        let table = {
+            let mut t = [0u8; 16];
+            for (o, &v) in t.iter_mut().zip(crate::codecs::KVALUES_IQ4NL.iter()) {
+                *o = (i16::from(v) + 128) as u8;
+            }
+            // SAFETY: 16 bytes.
+            _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(t.as_ptr().cast()) })
+        };
+        let sign = _mm512_set1_epi32(i32::MIN);
+        let mut acc = [_mm512_setzero_ps(); C];
+        let base = rp.data.as_ptr().wrapping_add(p * nb * kb);
+        for b in 0..nb {
+            // SAFETY: panel p's block b lies in `data`; the tokens' block b and its sums lie in their rows
+            // (asserted above).
+            unsafe {
+                let blk = base.add(b * kb);
+                let qs = blk.add(super::KOFF.qs);
+                let y: [*const i32; C] =
+                    std::array::from_fn(|c| acts[c].q.as_ptr().add(b * 256).cast::<i32>());
+                let mut sumi = [_mm512_setzero_si512(); C];
+                for pr in 0..8 {
+                    let scp = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                        blk.add(super::KOFF.sc + pr * 32).cast(),
+                    ));
+                    for e in 0..2 {
+                        let sc = if e == 0 {
+                            _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(scp))
+                        } else {
+                            _mm512_srai_epi32::<16>(scp)
+                        };
+                        let sb = 2 * pr + e;
+                        let mut u = [_mm512_setzero_si512(); C];
+                        for i in 0..4 {
+                            let v = k_group::<T>(qs, sb, i, table);
+                            for c in 0..C {
+                                u[c] = _mm512_dpbusd_epi32(
+                                    u[c],
+                                    v,
+                                    _mm512_set1_epi32(y[c].add(4 * sb + i).read_unaligned()),
+                                );
+                            }
+                        }
+                        for c in 0..C {
+                            sumi[c] = _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(u[c], sc));
+                        }
+                    }
+                }
+                // The mins (Q4_K) or the unsigned codes' shift (bias · scale) against the 16-code sums.
+                let mut aux = [_mm512_setzero_si512(); C];
+                let src = if mins { super::KOFF.mn } else { super::KOFF.sc };
+                for pr in 0..8 {
+                    let mut cf =
+                        _mm512_cvtepi8_epi16(_mm256_loadu_si256(blk.add(src + pr * 32).cast()));
+                    if !mins {
+                        cf = _mm512_mullo_epi16(cf, _mm512_set1_epi16(bias));
+                    }
+                    for c in 0..C {
+                        let bs = acts[c].bsums.as_ptr().add(b * 16 + 2 * pr).cast::<i32>();
+                        aux[c] =
+                            _mm512_dpwssd_epi32(aux[c], cf, _mm512_set1_epi32(bs.read_unaligned()));
+                    }
+                }
+                let dw = _mm512_loadu_ps(blk.cast());
+                let dmin = _mm512_loadu_ps(blk.add(super::KOFF.dmin).cast());
+                for c in 0..C {
+                    let dx = _mm512_set1_ps(*acts[c].d.get_unchecked(b));
+                    let si = if mins {
+                        sumi[c]
+                    } else {
+                        _mm512_sub_epi32(sumi[c], aux[c])
+                    };
+                    acc[c] = _mm512_fmadd_ps(_mm512_mul_ps(dw, dx), _mm512_cvtepi32_ps(si), acc[c]);
+                    if mins {
+                        let m = _mm512_castsi512_ps(_mm512_xor_si512(
+                            _mm512_castps_si512(_mm512_mul_ps(dmin, dx)),
+                            sign,
+                        ));
+                        acc[c] = _mm512_fmadd_ps(m, _mm512_cvtepi32_ps(aux[c]), acc[c]);
+                    }
+                }
+            }
+        }
+        for c in 0..C {
+            // SAFETY: 16 floats.
+            unsafe { _mm512_storeu_ps(res[c].as_mut_ptr(), acc[c]) };
+        }
+    }
 
     /// Panel `p` against up to four tokens, results per token and lane into `res`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
@@ -389,6 +679,56 @@ mod tests {
     use super::*;
     use crate::tensor::Bytes;
     use rand::{Rng, SeedableRng};
+
+    /// Q4_K, Q6_K and IQ4_XS: every output equals the row kernel's scalar reference bit for bit (quantized
+    /// random rows with outliers; a zero token and an extreme one; one to six tokens; partial panels).
+    #[test]
+    fn repacked_k_decoding_equals_the_row_reference() {
+        if !super::super::cpu_q8_tile::available() {
+            eprintln!("no AVX-512 VNNI here: nothing is repacked");
+            return;
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+        for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Iq4Xs] {
+            for (rows, cols, n) in [(16, 256, 1), (37, 512, 6), (20, 768, 3)] {
+                let row_bytes = ty.traits().row_bytes(cols).unwrap();
+                let mut raw = vec![0u8; rows * row_bytes];
+                for r in raw.chunks_exact_mut(row_bytes) {
+                    let mut v: Vec<f32> = (0..cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                    v[rng.gen_range(0..cols)] = -7.0;
+                    ty.quantize(&v, r, None);
+                }
+                let w = TensorRef::new("w", vec![rows, cols], ty, Bytes::owned(raw)).unwrap();
+                let cache = RepackCache::default();
+                let rp = cache.get(&w).expect("repacked");
+                let acts: Vec<Q8Row> = (0..n)
+                    .map(|t| {
+                        let mut x: Vec<f32> = (0..cols).map(|_| rng.gen_range(-3.0..3.0)).collect();
+                        if t == 1 {
+                            x.fill(0.0);
+                        }
+                        if t == 2 {
+                            x[5] = 1e4;
+                        }
+                        Q8Row::q8_k(&x)
+                    })
+                    .collect();
+                let mut out = vec![f32::NAN; n * rows];
+                rp.dot(&acts, &mut out);
+                for (t, a) in acts.iter().enumerate() {
+                    for r in 0..rows {
+                        let want = super::super::cpu_q8::vec_dot_k_scalar(ty, w.row_data(r), a);
+                        let got = out[t * rows + r];
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{ty:?} {rows}×{cols}, token {t} row {r}: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
 
     /// Every output equals the prompt tiles' scalar reference bit for bit: partial panels, one to six
     /// tokens (a group of four and a remainder), random codes and scales, a zero and an extreme token.
