@@ -18,6 +18,10 @@ use crate::tensor::TensorRef;
 
 /// Rows per panel.
 const PANEL: usize = 16;
+/// How many k panel blocks ahead the kernel prefetches into L2 (each is ~3 KB).
+const AHEAD: usize = 6;
+/// How many Q8_0-family panel blocks ahead (each is 288–576 bytes).
+const AHEAD_Q8: usize = 16;
 
 /// A tensor's repacked form, built on first use and shared by the tensor's clones.
 #[derive(Clone, Default)]
@@ -326,7 +330,7 @@ pub fn repackable(ty: GgmlType) -> bool {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86 {
-    use super::{Q8Row, Repacked, PANEL};
+    use super::{Q8Row, Repacked, AHEAD, AHEAD_Q8, PANEL};
     use crate::codecs::GgmlType;
     use std::arch::x86_64::*;
 
@@ -360,47 +364,6 @@ mod x86 {
                 GgmlType::Q4K => by_count!(Q4K),
                 GgmlType::Q6K => by_count!(Q6K),
                 _ => by_count!(IQ4XS),
-            }
-        }
-    }
-
-    /// The unsigned codes of elements `16s + 4i .. + 4` of the panel block's 16 rows (type `T`).
-    #[inline(always)]
-    unsafe fn k_group<const T: u8>(qs: *const u8, s: usize, i: usize, table: __m512i) -> __m512i {
-        let e = 16 * s + 4 * i;
-        let m4 = _mm512_set1_epi8(0x0F);
-        // SAFETY (every load): the dword groups of a panel block lie in it (the caller's block).
-        unsafe {
-            let nib = |k: usize, high: bool| {
-                let q = _mm512_loadu_si512(qs.add(k * 64).cast());
-                if high {
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4)
-                } else {
-                    _mm512_and_si512(q, m4)
-                }
-            };
-            match T {
-                Q4K => {
-                    let (c, w) = (e / 64, e % 64);
-                    nib(8 * c + (w % 32) / 4, w >= 32)
-                }
-                IQ4XS => {
-                    let (ib, w) = (e / 32, e % 32);
-                    _mm512_shuffle_epi8(table, nib(4 * ib + (w % 16) / 4, w >= 16))
-                }
-                _ => {
-                    let (h, m, l) = (e / 128, (e / 32) % 4, e % 32);
-                    let low = nib(16 * h + 8 * (m % 2) + l / 4, m >= 2);
-                    let qh = _mm512_loadu_si512(qs.add(2048 + (8 * h + l / 4) * 64).cast());
-                    // Bits 2m, 2m + 1 of each byte to bits 4, 5 (shifts within 16-bit words stay inside
-                    // the byte for the bits kept).
-                    let hb = if m == 3 {
-                        _mm512_srli_epi16::<2>(qh)
-                    } else {
-                        _mm512_sll_epi16(qh, _mm_cvtsi32_si128(4 - 2 * m as i32))
-                    };
-                    _mm512_or_si512(low, _mm512_and_si512(hb, _mm512_set1_epi8(0x30)))
-                }
             }
         }
     }
@@ -445,30 +408,113 @@ mod x86 {
                 let y: [*const i32; C] =
                     std::array::from_fn(|c| acts[c].q.as_ptr().add(b * 256).cast::<i32>());
                 let mut sumi = [_mm512_setzero_si512(); C];
-                for pr in 0..8 {
+                // Sub-block `sb`'s scales as 32-bit lanes (pairs are stored as two signed bytes per row).
+                let scale = |sb: usize| {
                     let scp = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                        blk.add(super::KOFF.sc + pr * 32).cast(),
+                        blk.add(super::KOFF.sc + (sb / 2) * 32).cast(),
                     ));
-                    for e in 0..2 {
-                        let sc = if e == 0 {
-                            _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(scp))
-                        } else {
-                            _mm512_srai_epi32::<16>(scp)
-                        };
-                        let sb = 2 * pr + e;
-                        let mut u = [_mm512_setzero_si512(); C];
-                        for i in 0..4 {
-                            let v = k_group::<T>(qs, sb, i, table);
-                            for c in 0..C {
-                                u[c] = _mm512_dpbusd_epi32(
-                                    u[c],
-                                    v,
-                                    _mm512_set1_epi32(y[c].add(4 * sb + i).read_unaligned()),
-                                );
+                    if sb.is_multiple_of(2) {
+                        _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(scp))
+                    } else {
+                        _mm512_srai_epi32::<16>(scp)
+                    }
+                };
+                // Codes `v` of elements `e..e + 4` (16 rows) against each token's four bytes there.
+                let dp = |u: &mut [__m512i; C], v: __m512i, e: usize| {
+                    for c in 0..C {
+                        u[c] = _mm512_dpbusd_epi32(
+                            u[c],
+                            v,
+                            _mm512_set1_epi32(y[c].add(e / 4).read_unaligned()),
+                        );
+                    }
+                };
+                let m4 = _mm512_set1_epi8(0x0F);
+                let lo = |q: __m512i| _mm512_and_si512(q, m4);
+                let hi = |q: __m512i| _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
+                // Each vector read with the same line AHEAD blocks on prefetched into L2: without it the
+                // first reads of every ~3 KB block stalled on memory; into L1 it evicted the block in use.
+                let vec = |k: usize| {
+                    _mm_prefetch::<_MM_HINT_T1>(qs.wrapping_add(k * 64 + AHEAD * kb).cast());
+                    _mm512_loadu_si512(qs.add(k * 64).cast())
+                };
+                for line in 0..super::KOFF.qs / 64 {
+                    _mm_prefetch::<_MM_HINT_T1>(blk.wrapping_add(AHEAD * kb + 64 * line).cast());
+                }
+                // The stored vectors in storage order (a sequential read), each nibble half into the
+                // sub-block it belongs to; then each sub-block's sum times its scale.
+                match T {
+                    Q4K => {
+                        for c64 in 0..4 {
+                            let mut u = [[_mm512_setzero_si512(); C]; 4];
+                            for kk in 0..8 {
+                                let q = vec(8 * c64 + kk);
+                                dp(&mut u[kk / 4], lo(q), 64 * c64 + 4 * kk);
+                                dp(&mut u[2 + kk / 4], hi(q), 64 * c64 + 32 + 4 * kk);
+                            }
+                            for (j, uj) in u.iter().enumerate() {
+                                let sc = scale(4 * c64 + j);
+                                for c in 0..C {
+                                    sumi[c] =
+                                        _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(uj[c], sc));
+                                }
                             }
                         }
-                        for c in 0..C {
-                            sumi[c] = _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(u[c], sc));
+                    }
+                    IQ4XS => {
+                        for ib in 0..8 {
+                            let mut u = [[_mm512_setzero_si512(); C]; 2];
+                            for kk in 0..4 {
+                                let q = vec(4 * ib + kk);
+                                dp(
+                                    &mut u[0],
+                                    _mm512_shuffle_epi8(table, lo(q)),
+                                    32 * ib + 4 * kk,
+                                );
+                                dp(
+                                    &mut u[1],
+                                    _mm512_shuffle_epi8(table, hi(q)),
+                                    32 * ib + 16 + 4 * kk,
+                                );
+                            }
+                            for (j, uj) in u.iter().enumerate() {
+                                let sc = scale(2 * ib + j);
+                                for c in 0..C {
+                                    sumi[c] =
+                                        _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(uj[c], sc));
+                                }
+                            }
+                        }
+                    }
+                    _ => {
+                        let m30 = _mm512_set1_epi8(0x30);
+                        for h in 0..2 {
+                            // Index 2m + half: elements 128h + 32m + 16·half ..
+                            let mut u = [[_mm512_setzero_si512(); C]; 8];
+                            for kk in 0..8 {
+                                let qh = vec(32 + 8 * h + kk);
+                                let (q0, q1) = (vec(16 * h + kk), vec(16 * h + 8 + kk));
+                                // Bits 2m, 2m + 1 of each byte to bits 4, 5 (the shifts stay inside the
+                                // byte for the bits kept).
+                                let hb = [
+                                    _mm512_and_si512(_mm512_slli_epi16::<4>(qh), m30),
+                                    _mm512_and_si512(_mm512_slli_epi16::<2>(qh), m30),
+                                    _mm512_and_si512(qh, m30),
+                                    _mm512_and_si512(_mm512_srli_epi16::<2>(qh), m30),
+                                ];
+                                let nib = [lo(q0), lo(q1), hi(q0), hi(q1)];
+                                for m in 0..4 {
+                                    let v = _mm512_or_si512(nib[m], hb[m]);
+                                    dp(&mut u[2 * m + kk / 4], v, 128 * h + 32 * m + 4 * kk);
+                                }
+                            }
+                            for (j, uj) in u.iter().enumerate() {
+                                let sc = scale(8 * h + j);
+                                for c in 0..C {
+                                    sumi[c] =
+                                        _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(uj[c], sc));
+                                }
+                            }
                         }
                     }
                 }
@@ -581,12 +627,12 @@ mod x86 {
             // SAFETY: panel p's block b lies in `data`; the tokens' block b lies in their rows (asserted).
             unsafe {
                 let blk = base.add(b * parts.bytes);
-                // A panel block is ~300 bytes: keep the stream a few blocks ahead.
-                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(4 * parts.bytes).cast());
-                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(4 * parts.bytes + 64).cast());
-                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(4 * parts.bytes + 128).cast());
-                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(4 * parts.bytes + 192).cast());
-                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(4 * parts.bytes + 256).cast());
+                // Keep the stream ~5 KB ahead, into L2 (prefetching into L1 that far evicts what is in
+                // use).
+                let ahead = blk.wrapping_add(AHEAD_Q8 * parts.bytes);
+                for line in (0..parts.bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line).cast());
+                }
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.cast()));
                 let mut s: [__m512i; C] =
                     std::array::from_fn(|c| _mm512_set1_epi32(*corr[c].get_unchecked(b)));
