@@ -222,8 +222,38 @@ pub struct TensorRef {
     pub storage: Storage,
     /// `Some(n_heads)` when rows are stored in llama.cpp's interleaved-RoPE order (a GGUF's attn_q/attn_k).
     pub rope_interleaved_heads: Option<usize>,
-    /// The rows repacked for the CPU's decoding kernels, built on first use (shared by clones).
-    pub repacked: crate::backend::cpu_q8_repack::RepackCache,
+    /// What a backend derives from the stored bytes once (the CPU's repacked decoding layout), built on
+    /// first use and shared by clones.
+    pub derived: Derived,
+}
+
+/// Data derived from a tensor's stored bytes once and kept with it (a backend's repacked layout): built by the
+/// first caller, shared by the tensor's clones, of whatever type the deriving module defines.
+#[derive(Clone, Default)]
+pub struct Derived(Arc<std::sync::OnceLock<Option<Arc<dyn std::any::Any + Send + Sync>>>>);
+
+impl std::fmt::Debug for Derived {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self.0.get() {
+            None => "not built",
+            Some(None) => "nothing derived",
+            Some(Some(_)) => "derived",
+        })
+    }
+}
+
+impl Derived {
+    /// The value `make` builds the first time (`None`: nothing to derive, remembered too), then the same
+    /// one; `None` also when it was built as another type.
+    pub fn get_or_init<T: std::any::Any + Send + Sync>(
+        &self,
+        make: impl FnOnce() -> Option<T>,
+    ) -> Option<&T> {
+        self.0
+            .get_or_init(|| make().map(|v| Arc::new(v) as Arc<dyn std::any::Any + Send + Sync>))
+            .as_ref()
+            .and_then(|a| a.downcast_ref::<T>())
+    }
 }
 
 /// A GPTQ (v1) linear layer's tensors, kept in the mapped file.
@@ -463,7 +493,7 @@ impl TensorRef {
             shape,
             storage: Storage::Blocks { ty, data },
             rope_interleaved_heads: None,
-            repacked: Default::default(),
+            derived: Derived::default(),
         })
     }
 
@@ -477,7 +507,7 @@ impl TensorRef {
             name,
             storage: Storage::Grouped(Arc::new(g)),
             rope_interleaved_heads: None,
-            repacked: Default::default(),
+            derived: Derived::default(),
         })
     }
 

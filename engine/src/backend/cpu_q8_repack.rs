@@ -10,8 +10,6 @@
 //! token's row are the same numbers. A tensor is repacked the first time it decodes (the copy
 //! lives as long as the tensor; its size is the weight's), and only where the CPU has AVX-512 VNNI.
 
-use std::sync::{Arc, OnceLock};
-
 use super::cpu_q8::{tile_bias, Q8Row};
 use crate::codecs::GgmlType;
 use crate::tensor::TensorRef;
@@ -23,31 +21,13 @@ const AHEAD: usize = 6;
 /// How many Q8_0-family panel blocks ahead (each is 288–576 bytes).
 const AHEAD_Q8: usize = 16;
 
-/// A tensor's repacked form, built on first use and shared by the tensor's clones.
-#[derive(Clone, Default)]
-pub struct RepackCache(Arc<OnceLock<Option<Repacked>>>);
-
-impl std::fmt::Debug for RepackCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = match self.0.get() {
-            None => "not built",
-            Some(None) => "not repackable",
-            Some(Some(_)) => "repacked",
-        };
-        f.write_str(state)
-    }
-}
-
-impl RepackCache {
-    /// The repacked weights of `w` (whose cache this is), built now if they were not, or `None` where
-    /// the tensor's type or the CPU has no repacked kernel (or a clone of the tensor now reads its rows in
-    /// another order than the one they were repacked in).
-    pub fn get(&self, w: &TensorRef) -> Option<&Repacked> {
-        self.0
-            .get_or_init(|| Repacked::new(w))
-            .as_ref()
-            .filter(|r| r.rope == w.rope_interleaved_heads)
-    }
+/// The repacked weights of `w`, built the first time (kept in the tensor's [`crate::tensor::Derived`], shared
+/// by its clones), or `None` where the tensor's type or the CPU has no repacked kernel (or a clone of the
+/// tensor now reads its rows in another order than the one they were repacked in).
+pub fn repacked(w: &TensorRef) -> Option<&Repacked> {
+    w.derived
+        .get_or_init(|| Repacked::new(w))
+        .filter(|r| r.rope == w.rope_interleaved_heads)
 }
 
 /// Where a block's parts sit in a panel block, and how long one is.
@@ -745,8 +725,7 @@ mod tests {
                     ty.quantize(&v, r, None);
                 }
                 let w = TensorRef::new("w", vec![rows, cols], ty, Bytes::owned(raw)).unwrap();
-                let cache = RepackCache::default();
-                let rp = cache.get(&w).expect("repacked");
+                let rp = repacked(&w).expect("repacked");
                 let acts: Vec<Q8Row> = (0..n)
                     .map(|t| {
                         let mut x: Vec<f32> = (0..cols).map(|_| rng.gen_range(-3.0..3.0)).collect();
@@ -791,7 +770,7 @@ mod tests {
         if !super::super::cpu_q8_tile::available() {
             eprintln!("no AVX-512 VNNI here: nothing is repacked");
             let w = TensorRef::from_f32("w", vec![16, 32], &[0.0; 512]).unwrap();
-            assert!(RepackCache::default().get(&w).is_none());
+            assert!(repacked(&w).is_none());
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(21);
@@ -811,8 +790,7 @@ mod tests {
                     }
                 }
                 let w = TensorRef::new("w", vec![rows, cols], ty, Bytes::owned(raw)).unwrap();
-                let cache = RepackCache::default();
-                let rp = cache.get(&w).expect("repacked");
+                let rp = repacked(&w).expect("repacked");
                 let acts: Vec<Q8Row> = (0..n)
                     .map(|t| {
                         let mut x: Vec<f32> = (0..cols).map(|_| rng.gen_range(-2.0..2.0)).collect();

@@ -184,7 +184,7 @@ pub(crate) fn fused_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) ->
         .map(|xt| cpu_q8::Q8Row::for_type(ty, xt))
         .collect();
     // Q8_0-family rows repacked 16 at a time where the CPU has AVX-512 VNNI (the prompt tiles' arithmetic).
-    if let Some(rp) = w.repacked.get(w) {
+    if let Some(rp) = crate::backend::cpu_q8_repack::repacked(w) {
         rp.dot(&acts, &mut out[..n * w.rows()]);
         return true;
     }
