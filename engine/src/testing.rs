@@ -105,3 +105,24 @@ pub fn assert_bits_equal(what: &str, ours: &[f32], theirs: &[f32]) {
         );
     }
 }
+
+/// Asserts `out[t·rows + r]` equals `want(t, r)` bit for bit for every token `t < n` and row `r < rows`
+/// (kernels against their scalar references), naming the first that differs.
+pub fn assert_outputs_bitwise(
+    out: &[f32],
+    n: usize,
+    rows: usize,
+    what: &str,
+    want: impl Fn(usize, usize) -> f32,
+) {
+    for t in 0..n {
+        for r in 0..rows {
+            let (got, want) = (out[t * rows + r], want(t, r));
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{what}, token {t} row {r}: {got} vs {want}"
+            );
+        }
+    }
+}

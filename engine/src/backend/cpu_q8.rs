@@ -554,12 +554,13 @@ pub(super) mod x86 {
         }
     }
 
-    const Q8_0: u8 = 0;
-    const Q4_0: u8 = 1;
-    const Q4_1: u8 = 2;
-    const IQ4_NL: u8 = 3;
-    const Q5_0: u8 = 4;
-    const Q5_1: u8 = 5;
+    /// The Q8_0 family's type codes for the monomorphised kernels (shared with `cpu_q8_repack`).
+    pub(crate) const Q8_0: u8 = 0;
+    pub(crate) const Q4_0: u8 = 1;
+    pub(crate) const Q4_1: u8 = 2;
+    pub(crate) const IQ4_NL: u8 = 3;
+    pub(crate) const Q5_0: u8 = 4;
+    pub(crate) const Q5_1: u8 = 5;
 
     /// One block's 32 codes as signed bytes (type `T`, block at `p`).
     #[inline(always)]

@@ -314,12 +314,19 @@ mod x86 {
     use crate::codecs::GgmlType;
     use std::arch::x86_64::*;
 
-    const Q8_0: u8 = 0;
-    const Q4_0: u8 = 1;
-    const Q4_1: u8 = 2;
-    const IQ4_NL: u8 = 3;
-    const Q5_0: u8 = 4;
-    const Q5_1: u8 = 5;
+    use super::super::cpu_q8::x86::{IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+
+    /// IQ4_NL's values + 128 (unsigned bytes) in each 128-bit lane, for `vpshufb`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn iq4_unsigned_table() -> __m512i {
+        let mut t = [0u8; 16];
+        for (o, &v) in t.iter_mut().zip(crate::codecs::KVALUES_IQ4NL.iter()) {
+            *o = (i16::from(v) + 128) as u8;
+        }
+        // SAFETY: 16 bytes.
+        _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(t.as_ptr().cast()) })
+    }
 
     const Q4K: u8 = 0;
     const Q6K: u8 = 1;
@@ -368,14 +375,7 @@ mod x86 {
             IQ4XS => 128,
             _ => 0,
         };
-        let table = {
-            let mut t = [0u8; 16];
-            for (o, &v) in t.iter_mut().zip(crate::codecs::KVALUES_IQ4NL.iter()) {
-                *o = (i16::from(v) + 128) as u8;
-            }
-            // SAFETY: 16 bytes.
-            _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(t.as_ptr().cast()) })
-        };
+        let table = iq4_unsigned_table();
         let sign = _mm512_set1_epi32(i32::MIN);
         let mut acc = [_mm512_setzero_ps(); C];
         let base = rp.data.as_ptr().wrapping_add(p * nb * kb);
@@ -592,14 +592,7 @@ mod x86 {
         let m4 = _mm512_set1_epi8(0x0F);
         let m10 = _mm512_set1_epi8(0x10);
         // IQ4_NL's values + 128 (unsigned), in each 128-bit lane.
-        let table = {
-            let mut t = [0u8; 16];
-            for (o, &v) in t.iter_mut().zip(crate::codecs::KVALUES_IQ4NL.iter()) {
-                *o = (i16::from(v) + 128) as u8;
-            }
-            // SAFETY: 16 bytes.
-            _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(t.as_ptr().cast()) })
-        };
+        let table = iq4_unsigned_table();
         let mut acc = [_mm512_setzero_ps(); C];
         let mut offs = [_mm512_setzero_ps(); C];
         let base = rp.data.as_ptr().wrapping_add(p * nb * parts.bytes);
@@ -740,17 +733,13 @@ mod tests {
                     .collect();
                 let mut out = vec![f32::NAN; n * rows];
                 rp.dot(&acts, &mut out);
-                for (t, a) in acts.iter().enumerate() {
-                    for r in 0..rows {
-                        let want = super::super::cpu_q8::vec_dot_k_scalar(ty, w.row_data(r), a);
-                        let got = out[t * rows + r];
-                        assert_eq!(
-                            got.to_bits(),
-                            want.to_bits(),
-                            "{ty:?} {rows}×{cols}, token {t} row {r}: {got} vs {want}"
-                        );
-                    }
-                }
+                crate::testing::assert_outputs_bitwise(
+                    &out,
+                    n,
+                    rows,
+                    &format!("{ty:?} {rows}×{cols}"),
+                    |t, r| super::super::cpu_q8::vec_dot_k_scalar(ty, w.row_data(r), &acts[t]),
+                );
             }
         }
     }
@@ -805,17 +794,13 @@ mod tests {
                     .collect();
                 let mut out = vec![f32::NAN; n * rows];
                 rp.dot(&acts, &mut out);
-                for (t, a) in acts.iter().enumerate() {
-                    for r in 0..rows {
-                        let want = super::super::cpu_q8_tile::tile_dot_scalar(ty, w.row_data(r), a);
-                        let got = out[t * rows + r];
-                        assert_eq!(
-                            got.to_bits(),
-                            want.to_bits(),
-                            "{ty:?} {rows}×{cols}, token {t} row {r}: {got} vs {want}"
-                        );
-                    }
-                }
+                crate::testing::assert_outputs_bitwise(
+                    &out,
+                    n,
+                    rows,
+                    &format!("{ty:?} {rows}×{cols}"),
+                    |t, r| super::super::cpu_q8_tile::tile_dot_scalar(ty, w.row_data(r), &acts[t]),
+                );
             }
         }
     }

@@ -611,18 +611,14 @@ mod tests {
                 }
                 let mut out = vec![f32::NAN; n * rows];
                 assert!(matmul(&w, &x, n, &mut out), "{ty:?}");
-                for t in 0..n {
-                    let q = Q8Row::q8_0(&x[t * cols..(t + 1) * cols]);
-                    for r in 0..rows {
-                        let want = tile_dot_scalar(ty, w.row_data(r), &q);
-                        let got = out[t * rows + r];
-                        assert_eq!(
-                            got.to_bits(),
-                            want.to_bits(),
-                            "{ty:?} {rows}×{cols}, token {t} row {r}: {got} vs {want}"
-                        );
-                    }
-                }
+                let acts: Vec<Q8Row> = x.chunks_exact(cols).map(Q8Row::q8_0).collect();
+                crate::testing::assert_outputs_bitwise(
+                    &out,
+                    n,
+                    rows,
+                    &format!("{ty:?} {rows}×{cols}"),
+                    |t, r| tile_dot_scalar(ty, w.row_data(r), &acts[t]),
+                );
             }
         }
     }
@@ -662,18 +658,14 @@ mod tests {
                 }
                 let mut out = vec![f32::NAN; n * rows];
                 assert!(matmul(&w, &x, n, &mut out), "{ty:?}");
-                for t in 0..n {
-                    let q = Q8Row::q8_k(&x[t * cols..(t + 1) * cols]);
-                    for r in 0..rows {
-                        let want = super::super::cpu_q8::vec_dot_k_scalar(ty, w.row_data(r), &q);
-                        let got = out[t * rows + r];
-                        assert_eq!(
-                            got.to_bits(),
-                            want.to_bits(),
-                            "{ty:?} {rows}×{cols}, token {t} row {r}: {got} vs {want}"
-                        );
-                    }
-                }
+                let acts: Vec<Q8Row> = x.chunks_exact(cols).map(Q8Row::q8_k).collect();
+                crate::testing::assert_outputs_bitwise(
+                    &out,
+                    n,
+                    rows,
+                    &format!("{ty:?} {rows}×{cols}"),
+                    |t, r| super::super::cpu_q8::vec_dot_k_scalar(ty, w.row_data(r), &acts[t]),
+                );
             }
         }
     }
