@@ -439,7 +439,7 @@ fn imatrix_then_quantize_with_it() {
     assert_eq!(
         g.get("quantize.imatrix.dataset")
             .and_then(GgufValue::as_str),
-        Some("quant-studio:rust-book.txt")
+        Some("quant-studio:default.txt")
     );
     assert_eq!(
         g.get("quantize.imatrix.chunks_count"),

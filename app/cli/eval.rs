@@ -18,7 +18,7 @@ pub struct EvalArgs {
     /// The model to evaluate (with --base: the variant, e.g. a quantized file).
     pub model: PathBuf,
     /// The evaluation text (UTF-8; one trailing newline is dropped); omitted or "default": the bundled
-    /// held-out text (chapters of the Rust book that the bundled calibration text does not contain).
+    /// held-out text (chapters 16–17 of the Rust book, which the bundled calibration text does not contain).
     #[arg(long, value_name = "FILE")]
     pub text: Option<PathBuf>,
     /// The reference model: report KL-divergence of MODEL from it.

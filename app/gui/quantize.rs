@@ -875,13 +875,10 @@ impl QuantizePanel {
         ui.add_space(6.0);
         ui.heading("Calibration");
         ui.horizontal(|ui| {
-            let name = self
-                .calib
-                .file
-                .as_ref()
-                .map_or("bundled text (The Rust Programming Language)".into(), |f| {
-                    super::model::display_name(f)
-                });
+            let name = self.calib.file.as_ref().map_or(
+                "bundled text (prose, code, chat, 26 languages)".into(),
+                |f| super::model::display_name(f),
+            );
             ui.label(name);
             if ui.button("File…").clicked() {
                 shared.dialogs.pick_calib_file();

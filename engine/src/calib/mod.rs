@@ -475,8 +475,38 @@ mod tests {
         assert_eq!(docs, vec![DEFAULT_CALIBRATION_TEXT.to_owned()]);
         assert_eq!(
             CalibSource::Bundled.dataset_name(),
-            "quant-studio:rust-book.txt"
+            "quant-studio:default.txt"
         );
+    }
+
+    /// The bundled text mixes its kinds from the start: the first 96k characters (~50 chunks of 512
+    /// tokens, what a short importance-matrix run reads) already hold chat turns, Python and Rust code,
+    /// prose and five scripts.
+    #[test]
+    fn bundled_text_mixes_domains_from_the_start() {
+        let head: String = DEFAULT_CALIBRATION_TEXT.chars().take(96_000).collect();
+        for needle in [
+            "Call me Ishmael",
+            "Fellow-Citizens",
+            "User: ",
+            "Assistant: ",
+            "def ",
+            "fn main",
+            "SmallVec",
+        ] {
+            assert!(head.contains(needle), "{needle}");
+        }
+        let script = |lo: u32, hi: u32| head.chars().any(|c| (lo..=hi).contains(&(c as u32)));
+        assert!(script(0x0400, 0x04FF), "Cyrillic");
+        assert!(script(0x4E00, 0x9FFF), "CJK");
+        assert!(script(0x0600, 0x06FF), "Arabic");
+        assert!(script(0x0900, 0x097F), "Devanagari");
+        assert!(script(0x3040, 0x309F), "Hiragana");
+        // its size, and the chat turns in it
+        let total = DEFAULT_CALIBRATION_TEXT.len();
+        assert!((400_000..600_000).contains(&total), "{total}");
+        let turns = DEFAULT_CALIBRATION_TEXT.matches("\n\nUser: ").count();
+        assert!((50..120).contains(&turns), "{turns}");
     }
 
     #[test]

@@ -296,7 +296,7 @@ mod tests {
         let got = compute_imatrix(
             &model,
             &src.tokenizer,
-            super::super::DEFAULT_CALIBRATION_TEXT,
+            include_str!("../../../assets/calibration/rust-book.txt"),
             "rust-book.txt",
             &ImatrixOptions {
                 backend: crate::backend::Backend::Cpu,

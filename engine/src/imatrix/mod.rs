@@ -46,13 +46,13 @@ pub struct Imatrix {
     pub legacy: bool,
 }
 
-/// The bundled default calibration text: chapters of *The Rust Programming Language* (MIT licence,
-/// attribution in `assets/calibration/README.md`), about 400 kB.
-pub const DEFAULT_CALIBRATION_TEXT: &str =
-    include_str!("../../../assets/calibration/rust-book.txt");
+/// The bundled default calibration text: literature, speeches, chat turns, technical prose, source code
+/// and 26 languages, interleaved (public domain or permissive licences, attribution in
+/// `assets/calibration/README.md`, built by `assets/calibration/build_default.py`), about 460 kB.
+pub const DEFAULT_CALIBRATION_TEXT: &str = include_str!("../../../assets/calibration/default.txt");
 
 /// Name recorded as the dataset of importance matrices computed on [`DEFAULT_CALIBRATION_TEXT`].
-pub const DEFAULT_CALIBRATION_NAME: &str = "quant-studio:rust-book.txt";
+pub const DEFAULT_CALIBRATION_NAME: &str = "quant-studio:default.txt";
 
 /// Largest entry count and vector length we accept from a file (hostile input).
 const MAX_ENTRIES: usize = 1 << 20;
