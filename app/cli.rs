@@ -173,8 +173,9 @@ pub enum CliCommand {
         /// --format auto with --memory: the context the KV cache must hold.
         #[arg(long)]
         ctx: Option<u64>,
-        /// --format auto: the types to choose from, comma-separated (default: q2_k, q3_k, iq4_xs, q4_k,
-        /// q4_0, iq4_nl, q4_1, q5_k, q5_0, q5_1, q6_k, q8_0).
+        /// --format auto: the types to choose from, comma-separated (default: iq1_s, iq1_m, iq2_xxs,
+        /// iq2_xs, iq2_s, iq3_xxs, iq3_s, q2_k, q3_k, iq4_xs, q4_k, q4_0, iq4_nl, q4_1, q5_k, q5_0, q5_1,
+        /// q6_k, q8_0).
         #[arg(long = "auto-types", value_name = "TYPES", value_delimiter = ',')]
         auto_types: Vec<String>,
         /// Print JSON instead of the table.

@@ -19,8 +19,16 @@ use crate::solvers::mix::{choose, reachable, Choice};
 use crate::writers::gguf::{gguf_file_bytes, padded_bytes, GgufPlanTensor};
 use crate::{Error, Result};
 
-/// The types an auto mix chooses from (each tensor: those whose block divides its rows).
-pub const AUTOMIX_TYPES: [GgmlType; 12] = [
+/// The types an auto mix chooses from (each tensor: those whose block divides its rows): the k-, i- and
+/// legacy types, the low-bit i-quants (1.56–3.44 bpw) included.
+pub const AUTOMIX_TYPES: [GgmlType; 19] = [
+    GgmlType::Iq1S,
+    GgmlType::Iq1M,
+    GgmlType::Iq2Xxs,
+    GgmlType::Iq2Xs,
+    GgmlType::Iq2S,
+    GgmlType::Iq3Xxs,
+    GgmlType::Iq3S,
     GgmlType::Q2K,
     GgmlType::Q3K,
     GgmlType::Iq4Xs,
@@ -492,5 +500,97 @@ mod tests {
             .expect_err("too small")
             .to_string();
         assert!(e.contains("smallest these types allow"), "{e}");
+    }
+
+    /// On rows that take 256-element blocks the low-bit i-quants are candidates: a budget below the
+    /// k-quants' reach is met with them, the mix beats each uniform i-quant at its own size, and the file
+    /// written holds the chosen types at the predicted size.
+    #[test]
+    fn low_budgets_are_met_with_the_low_bit_i_quants() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("src");
+        let spec = FixtureSpec {
+            hidden: 256,
+            intermediate: 512,
+            ..FixtureSpec::tiny_llama()
+        };
+        write_fixture(&spec, &dir).expect("fixture");
+        let src = SourceModel::open(&dir).expect("open");
+        let im = imatrix(&src);
+        let m = measure_mix(&src, &im, &AUTOMIX_TYPES, &mut |_, _| true).expect("measure");
+        assert_eq!(m.slots.len(), 14);
+        for s in &m.slots {
+            assert_eq!(s.options.len(), AUTOMIX_TYPES.len(), "{}", s.gguf_name);
+            // the i-quants' errors fall with their bytes: IQ1_S > IQ2_XXS > IQ3_XXS > IQ3_S
+            let err = |ty| s.options.iter().find(|o| o.0 == ty).expect("type").2;
+            let e = [
+                err(GgmlType::Iq1S),
+                err(GgmlType::Iq2Xxs),
+                err(GgmlType::Iq3Xxs),
+                err(GgmlType::Iq3S),
+            ];
+            assert!(e.windows(2).all(|w| w[0] > w[1]), "{}: {e:?}", s.gguf_name);
+        }
+        let uniform = |ty: GgmlType| {
+            m.slots.iter().fold((m.fixed_bytes, 0.0), |(b, e), s| {
+                let o = s.options.iter().find(|o| o.0 == ty).expect("type");
+                (b + o.1, e + o.2)
+            })
+        };
+        for ty in [
+            GgmlType::Iq1M,
+            GgmlType::Iq2Xxs,
+            GgmlType::Iq2S,
+            GgmlType::Iq3Xxs,
+        ] {
+            let (bytes, err) = uniform(ty);
+            let plan = plan_mix(&m, MixBudget::FileBytes(bytes)).expect("plan");
+            assert!(plan.file_bytes <= bytes);
+            assert!(
+                plan.err <= err * (1.0 + 1e-9),
+                "{ty:?}: {} vs {err}",
+                plan.err
+            );
+        }
+        // Below every slot at Q2_K: only the i-quants reach it.
+        let (q2k_bytes, _) = uniform(GgmlType::Q2K);
+        let plan = plan_mix(&m, MixBudget::FileBytes(q2k_bytes - 1)).expect("plan");
+        assert!(plan.overrides.iter().any(|o| matches!(
+            o.ty,
+            GgmlType::Iq1S
+                | GgmlType::Iq1M
+                | GgmlType::Iq2Xxs
+                | GgmlType::Iq2Xs
+                | GgmlType::Iq2S
+                | GgmlType::Iq3Xxs
+                | GgmlType::Iq3S
+        )));
+        let out = tmp.path().join("low.gguf");
+        let r = quantize_gguf(
+            &src,
+            &GgufQuantizeOptions {
+                mix: AUTOMIX_BASE,
+                overrides: plan.overrides.clone(),
+                imatrix: Some(im.clone()),
+                backend: crate::backend::Backend::Cpu,
+            },
+            &OutputSpec::file(&out),
+            &mut |_, _, _| true,
+        )
+        .expect("write");
+        assert_eq!(r.file_size_bytes, plan.file_bytes);
+        let types: std::collections::HashMap<&str, &str> = r
+            .tensors
+            .iter()
+            .map(|t| (t.gguf_name.as_str(), t.ty))
+            .collect();
+        for o in &plan.overrides {
+            let name = o
+                .pattern
+                .trim_start_matches('^')
+                .trim_end_matches('$')
+                .replace("\\.", ".");
+            assert_eq!(types[name.as_str()], o.ty.name(), "{name}");
+        }
     }
 }
