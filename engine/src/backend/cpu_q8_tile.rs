@@ -95,22 +95,34 @@ struct Acts {
 }
 
 impl Acts {
-    fn new(ty: GgmlType, x: &[f32], n: usize, cols: usize) -> Self {
+    const fn empty() -> Self {
+        Self {
+            q: Vec::new(),
+            d: Vec::new(),
+            s: Vec::new(),
+            corr: Vec::new(),
+            bsums: Vec::new(),
+            nb: 0,
+        }
+    }
+
+    /// Quantizes `n` tokens of `x` for weights of type `ty`, reusing the buffers.
+    fn fill(&mut self, ty: GgmlType, x: &[f32], n: usize, cols: usize) {
+        fn sized<T: Clone + Default>(v: &mut Vec<T>, len: usize) {
+            v.clear();
+            v.resize(len, T::default());
+        }
         if !q8_0_family(ty) {
             let nb = cols / 256;
-            let mut a = Self {
-                q: vec![0; n * cols],
-                d: vec![0.0; n * nb],
-                s: Vec::new(),
-                corr: Vec::new(),
-                bsums: vec![0; n * cols / 16],
-                nb,
-            };
+            self.nb = nb;
+            sized(&mut self.q, n * cols);
+            sized(&mut self.d, n * nb);
+            sized(&mut self.bsums, n * cols / 16);
             x[..n * cols]
                 .par_chunks(cols)
-                .zip(a.q.par_chunks_mut(cols))
-                .zip(a.d.par_chunks_mut(nb))
-                .zip(a.bsums.par_chunks_mut(cols / 16))
+                .zip(self.q.par_chunks_mut(cols))
+                .zip(self.d.par_chunks_mut(nb))
+                .zip(self.bsums.par_chunks_mut(cols / 16))
                 .for_each(|(((xt, q), d), bsums)| {
                     for ((xb, qb), db) in xt.chunks_exact(256).zip(q.chunks_exact_mut(256)).zip(d) {
                         *db = super::cpu_q8::q8_k_block(xb, qb);
@@ -119,32 +131,34 @@ impl Acts {
                         *bs = qc.iter().map(|&v| i16::from(v)).sum();
                     }
                 });
-            return a;
+            return;
         }
         let nb = cols / 32;
-        let mut a = Self {
-            q: vec![0; n * cols],
-            d: vec![0.0; n * nb],
-            s: vec![0.0; n * nb],
-            corr: vec![0; n * nb],
-            bsums: Vec::new(),
-            nb,
-        };
+        self.nb = nb;
+        sized(&mut self.q, n * cols);
+        sized(&mut self.d, n * nb);
+        sized(&mut self.s, n * nb);
+        sized(&mut self.corr, n * nb);
         let bias = tile_bias(ty);
         x[..n * cols]
             .par_chunks(cols)
-            .zip(a.q.par_chunks_mut(cols))
-            .zip(a.d.par_chunks_mut(nb))
-            .zip(a.s.par_chunks_mut(nb))
-            .zip(a.corr.par_chunks_mut(nb))
+            .zip(self.q.par_chunks_mut(cols))
+            .zip(self.d.par_chunks_mut(nb))
+            .zip(self.s.par_chunks_mut(nb))
+            .zip(self.corr.par_chunks_mut(nb))
             .for_each(|((((xt, q), d), s), corr)| {
                 super::cpu_q8::q8_0_into(xt, d, s, q);
                 for (c, qb) in corr.iter_mut().zip(q.chunks_exact(32)) {
                     *c = -bias * qb.iter().map(|&v| i32::from(v)).sum::<i32>();
                 }
             });
-        a
     }
+}
+
+thread_local! {
+    /// The calling thread's quantized activations, kept from matmul to matmul (a prompt's are megabytes:
+    /// fresh buffers per call would be an mmap and a page fault per 4 KiB).
+    static ACTS: std::cell::RefCell<Acts> = const { std::cell::RefCell::new(Acts::empty()) };
 }
 
 /// `out[t, r] = W[r] · x[t]` for `n` activation rows in integer tiles, or `false` (nothing written) when
@@ -160,7 +174,24 @@ pub fn matmul(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) -> bool {
     let (rows, cols) = (w.rows(), w.cols());
     assert_eq!(x.len(), n * cols, "{}: activation size", w.name);
     assert_eq!(out.len(), n * rows, "{}: output size", w.name);
-    let acts = Acts::new(ty, x, n, cols);
+    ACTS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut acts) => {
+            acts.fill(ty, x, n, cols);
+            tiles(w, ty, &acts, n, out);
+        }
+        // A matmul nested in another on this thread (a rayon worker that stole one): its own buffers.
+        Err(_) => {
+            let mut acts = Acts::empty();
+            acts.fill(ty, x, n, cols);
+            tiles(w, ty, &acts, n, out);
+        }
+    });
+    true
+}
+
+/// The panels of `w` against the quantized tokens, in parallel tasks of [`PANELS_PER_TASK`] panels.
+fn tiles(w: &TensorRef, ty: GgmlType, acts: &Acts, n: usize, out: &mut [f32]) {
+    let rows = w.rows();
     let dst = Out(out.as_mut_ptr());
     let tasks = rows.div_ceil(PANEL * PANELS_PER_TASK);
     (0..tasks).into_par_iter().for_each(|task| {
@@ -179,12 +210,11 @@ pub fn matmul(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) -> bool {
                 // this task alone writes rows r0..r1 of the n × rows output, which outlives the loop.
                 #[allow(unsafe_code)]
                 unsafe {
-                    x86::panel_tokens(panel, &acts, n, dst, rows);
+                    x86::panel_tokens(panel, acts, n, dst, rows);
                 }
             }
         });
     });
-    true
 }
 
 thread_local! {
