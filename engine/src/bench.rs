@@ -283,7 +283,9 @@ fn read_streams(c: &[u64]) -> u64 {
             *a = c[at..at + LINE].iter().fold(*a, |x, &v| x.wrapping_add(v));
         }
     }
-    let rest = c[STREAMS * sub..].iter().fold(0u64, |x, &v| x.wrapping_add(v));
+    let rest = c[STREAMS * sub..]
+        .iter()
+        .fold(0u64, |x, &v| x.wrapping_add(v));
     acc.iter().fold(rest, |x, &v| x.wrapping_add(v))
 }
 

@@ -117,8 +117,16 @@ pub fn matmul_as_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
 
 /// Rows per tile so a dequantised tile stays around 256 KiB (L2-sized).
 fn tile_rows(rows: usize, cols: usize) -> usize {
-    ((256 * 1024 / 4) / cols.max(1))
-        .clamp(16, 512)
+    // Every tile streams all of the prompt's activations (n × cols floats, megabytes) through the cache
+    // once, so tiles are tall: 128–256 rows (up to 4 MiB of dequantised weights per worker), as long as
+    // each worker still gets two tiles.
+    let per_worker = rows
+        .div_ceil(2 * rayon::current_num_threads().max(1))
+        .next_multiple_of(16);
+    ((4 << 20) / 4 / cols.max(1))
+        .clamp(128, 256)
+        .min(per_worker)
+        .max(16)
         .min(rows.max(1))
 }
 

@@ -1,15 +1,19 @@
 //! The CPU's f32 GEMM `y = x · wᵀ` (prompt processing over dequantised weight tiles, and attention): `w` is
 //! packed into panels of [`NR`] rows stored k-major in a per-thread buffer that is reused from call to call
 //! (no allocation per call), `x` is read in place, and a register-blocked microkernel of [`MR`] activation
-//! rows × [`NR`] weight rows accumulates over blocks of [`KC`] columns. AVX2+FMA where the CPU has it, a
-//! scalar reference otherwise (and in the tests).
+//! rows × [`NR`] weight rows accumulates over blocks of [`KC`] columns. AVX-512 ([`MR_512`] rows) or
+//! AVX2+FMA where the CPU has them, a scalar reference otherwise (and in the tests); all three make the
+//! same sums in the same order (one FMA per column), so their results are equal bit for bit.
 
 use std::cell::RefCell;
 
 /// Weight rows per packed panel (two AVX2 registers).
 const NR: usize = 16;
-/// Activation rows per microkernel call.
+/// Activation rows per microkernel call (AVX2: 12 ymm accumulators).
 const MR: usize = 6;
+/// Activation rows per AVX-512 microkernel call: one zmm accumulator per row, each token's value met as
+/// an FMA's broadcast memory operand (no separate broadcast instruction).
+const MR_512: usize = 12;
 /// Columns per pass over the panels (a panel's slice stays in L1/L2 while every activation row block uses it).
 const KC: usize = 256;
 
@@ -127,11 +131,12 @@ unsafe fn run(
     }
     let np = m.div_ceil(NR);
     assert!(pstride >= k * NR && panels.len() >= (np - 1) * pstride + k * NR);
-    let avx2 = avx2();
+    let (avx2, avx512) = (avx2(), avx512());
+    let mr = if avx512 { MR_512 } else { MR };
     for k0 in (0..k).step_by(KC) {
         let kl = KC.min(k - k0);
-        for t0 in (0..n).step_by(MR) {
-            let rows = MR.min(n - t0);
+        for t0 in (0..n).step_by(mr) {
+            let rows = mr.min(n - t0);
             for p in 0..np {
                 let cols = NR.min(m - p * NR);
                 let xs = &x[t0 * k + k0..];
@@ -140,17 +145,34 @@ unsafe fn run(
                 let yp = unsafe { y.add(t0 * ldy + p * NR) };
                 let acc = k0 > 0;
                 #[cfg(target_arch = "x86_64")]
+                if avx512 {
+                    // SAFETY: AVX-512 F was detected; the slices bound every read.
+                    unsafe { x86::kernel512(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
+                    continue;
+                }
+                #[cfg(target_arch = "x86_64")]
                 if avx2 {
                     // SAFETY: AVX2 and FMA were detected; the slices bound every read.
                     unsafe { x86::kernel(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
                     continue;
                 }
-                let _ = avx2;
+                let _ = (avx2, avx512);
                 // SAFETY: as above.
                 unsafe { kernel_scalar(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
             }
         }
     }
+}
+
+fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 fn avx2() -> bool {
@@ -234,7 +256,7 @@ unsafe fn kernel_scalar(
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86 {
-    use super::{MR, NR};
+    use super::{MR, MR_512, NR};
     use std::arch::x86_64::*;
 
     /// AVX2 form of [`super::kernel_scalar`] (the same sums in the same order: one FMA per column).
@@ -263,6 +285,78 @@ mod x86 {
                 3 => block::<3>(kl, x, ldx, panel, y, ldy, cols, acc),
                 2 => block::<2>(kl, x, ldx, panel, y, ldy, cols, acc),
                 _ => block::<1>(kl, x, ldx, panel, y, ldy, cols, acc),
+            }
+        }
+    }
+
+    /// AVX-512 form of [`super::kernel_scalar`] for up to [`MR_512`] rows (the same sums in the same order).
+    ///
+    /// # Safety
+    /// AVX-512 F present; as [`super::gemm_nt`] for the block.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn kernel512(
+        rows: usize,
+        kl: usize,
+        x: &[f32],
+        ldx: usize,
+        panel: &[f32],
+        y: *mut f32,
+        ldy: usize,
+        cols: usize,
+        acc: bool,
+    ) {
+        assert!(rows <= MR_512 && panel.len() >= kl * NR && x.len() >= (rows - 1) * ldx + kl);
+        macro_rules! by_rows {
+            ($($r:literal)*) => {
+                match rows {
+                    // SAFETY: forwarded.
+                    $($r => unsafe { block512::<$r>(kl, x, ldx, panel, y, ldy, cols, acc) },)*
+                    _ => unreachable!("rows ≤ MR_512"),
+                }
+            };
+        }
+        by_rows!(1 2 3 4 5 6 7 8 9 10 11 12);
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block512<const R: usize>(
+        kl: usize,
+        x: &[f32],
+        ldx: usize,
+        panel: &[f32],
+        y: *mut f32,
+        ldy: usize,
+        cols: usize,
+        acc: bool,
+    ) {
+        let mut a = [_mm512_setzero_ps(); R];
+        let xp = x.as_ptr();
+        let pp = panel.as_ptr();
+        for c in 0..kl {
+            // SAFETY: c < kl and the panel holds kl·NR values (asserted by the caller).
+            let w = unsafe { _mm512_loadu_ps(pp.add(c * NR)) };
+            for (i, ai) in a.iter_mut().enumerate() {
+                // SAFETY: row i < R ≤ rows, column c < kl: inside x (asserted by the caller).
+                let b = unsafe { _mm512_set1_ps(*xp.add(i * ldx + c)) };
+                *ai = _mm512_fmadd_ps(b, w, *ai);
+            }
+        }
+        let mask: __mmask16 = if cols >= NR {
+            0xffff
+        } else {
+            (1u16 << cols) - 1
+        };
+        for (i, &ai) in a.iter().enumerate() {
+            // SAFETY: the caller's output range: row i < rows, the first `cols` columns (masked).
+            unsafe {
+                let d = y.add(i * ldy);
+                let v = if acc {
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, d), ai)
+                } else {
+                    ai
+                };
+                _mm512_mask_storeu_ps(d, mask, v);
             }
         }
     }
@@ -436,6 +530,32 @@ mod tests {
             &v[..k * mt],
             WLayout::KMajor,
         );
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx512_kernel_equals_the_scalar_one_bit_for_bit() {
+        if !avx512() {
+            eprintln!("no AVX-512 here: the AVX-512 kernel cannot run");
+            return;
+        }
+        let (kl, ldx, ldy) = (37, 40, 20);
+        let x = values(MR_512 * ldx, 3);
+        let panel = values(kl * NR, 4);
+        for rows in 1..=MR_512 {
+            for cols in [NR, 11, 1] {
+                for acc in [false, true] {
+                    let mut a = values(MR_512 * ldy, 5);
+                    let mut b = a.clone();
+                    // SAFETY: AVX-512 detected; a and b hold MR_512 rows of ldy ≥ NR.
+                    unsafe {
+                        x86::kernel512(rows, kl, &x, ldx, &panel, a.as_mut_ptr(), ldy, cols, acc);
+                        kernel_scalar(rows, kl, &x, ldx, &panel, b.as_mut_ptr(), ldy, cols, acc);
+                    }
+                    assert_eq!(a, b, "rows {rows} cols {cols} acc {acc}");
+                }
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
