@@ -190,6 +190,7 @@ fn avx2() -> bool {
 }
 
 /// `w` into panels of NR rows, each `[k][NR]`; rows past `m` in the last panel are zero.
+#[allow(unsafe_code)]
 fn pack(m: usize, k: usize, w: &[f32], layout: WLayout, panels: &mut Vec<f32>) {
     let np = m.div_ceil(NR);
     panels.clear();
@@ -199,11 +200,21 @@ fn pack(m: usize, k: usize, w: &[f32], layout: WLayout, panels: &mut Vec<f32>) {
         let cols = NR.min(m - j0);
         match layout {
             WLayout::RowMajor => {
-                // Column by column: each panel line is written whole, the rows are read as 16 streams.
                 let rows: Vec<&[f32]> = (0..cols)
                     .map(|jj| &w[(j0 + jj) * k..(j0 + jj + 1) * k])
                     .collect();
-                for (c, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                // A whole panel: 16 × 16 blocks transposed in registers.
+                #[cfg(target_arch = "x86_64")]
+                let done = if cols == NR && avx512() {
+                    // SAFETY: AVX-512 F detected; 16 rows of k values, a panel of k·16.
+                    unsafe { x86::transpose_panel(&rows, k, panel) }
+                } else {
+                    0
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let done = 0;
+                // Column by column: each panel line is written whole, the rows are read as 16 streams.
+                for (c, dst) in panel.chunks_exact_mut(NR).enumerate().skip(done) {
                     for (d, row) in dst.iter_mut().zip(&rows) {
                         *d = row[c];
                     }
@@ -287,6 +298,69 @@ mod x86 {
                 _ => block::<1>(kl, x, ldx, panel, y, ldy, cols, acc),
             }
         }
+    }
+
+    /// Columns `0..16·⌊k/16⌋` of 16 rows into the panel (`panel[c·16 + j] = rows[j][c]`), 16 × 16 blocks
+    /// transposed in registers; returns how many columns it wrote.
+    ///
+    /// # Safety
+    /// AVX-512 F present.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn transpose_panel(rows: &[&[f32]], k: usize, panel: &mut [f32]) -> usize {
+        assert!(rows.len() == NR && rows.iter().all(|r| r.len() >= k) && panel.len() >= k * NR);
+        let whole = k / 16 * 16;
+        let dst = panel.as_mut_ptr();
+        for c in (0..whole).step_by(16) {
+            // SAFETY: c + 16 ≤ k for every row; the panel holds k·16 values (asserted).
+            unsafe {
+                let r: [__m512; 16] =
+                    std::array::from_fn(|j| _mm512_loadu_ps(rows[j].as_ptr().add(c)));
+                let lo = |a, b| _mm512_unpacklo_ps(a, b);
+                let hi = |a, b| _mm512_unpackhi_ps(a, b);
+                let t: [__m512; 16] = std::array::from_fn(|i| {
+                    let (a, b) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
+                    if i % 2 == 0 {
+                        lo(a, b)
+                    } else {
+                        hi(a, b)
+                    }
+                });
+                let pd = |a: __m512| _mm512_castps_pd(a);
+                // u[4q + 0..4]: unpack{lo,hi}_pd of (t[4q], t[4q+2]) and (t[4q+1], t[4q+3])
+                let u: [__m512; 16] = std::array::from_fn(|i| {
+                    let q = 4 * (i / 4);
+                    let (a, b) = match i % 4 {
+                        0 | 1 => (t[q], t[q + 2]),
+                        _ => (t[q + 1], t[q + 3]),
+                    };
+                    _mm512_castpd_ps(if i % 2 == 0 {
+                        _mm512_unpacklo_pd(pd(a), pd(b))
+                    } else {
+                        _mm512_unpackhi_pd(pd(a), pd(b))
+                    })
+                });
+                // v: 128-bit lanes of groups (0..4, 4..8) and (8..12, 12..16) paired
+                let v: [__m512; 16] = std::array::from_fn(|i| {
+                    let g = 8 * (i / 8);
+                    let (a, b) = (u[g + i % 4], u[g + 4 + i % 4]);
+                    if (i % 8) < 4 {
+                        _mm512_shuffle_f32x4::<0x88>(a, b)
+                    } else {
+                        _mm512_shuffle_f32x4::<0xdd>(a, b)
+                    }
+                });
+                for i in 0..16 {
+                    let (a, b) = (v[i % 8], v[8 + i % 8]);
+                    let o = if i < 8 {
+                        _mm512_shuffle_f32x4::<0x88>(a, b)
+                    } else {
+                        _mm512_shuffle_f32x4::<0xdd>(a, b)
+                    };
+                    _mm512_storeu_ps(dst.add((c + i) * NR), o);
+                }
+            }
+        }
+        whole
     }
 
     /// AVX-512 form of [`super::kernel_scalar`] for up to [`MR_512`] rows (the same sums in the same order).
@@ -530,6 +604,33 @@ mod tests {
             &v[..k * mt],
             WLayout::KMajor,
         );
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_register_transpose_packs_as_the_scalar_loop() {
+        if !avx512() {
+            eprintln!("no AVX-512 here: the transposing pack cannot run");
+            return;
+        }
+        for k in [16, 37, 64, 600] {
+            let w = values(NR * k, 11);
+            let rows: Vec<&[f32]> = w.chunks_exact(k).collect();
+            let mut panel = vec![f32::NAN; k * NR];
+            // SAFETY: AVX-512 detected.
+            let done = unsafe { x86::transpose_panel(&rows, k, &mut panel) };
+            assert_eq!(done, k / 16 * 16);
+            for c in 0..done {
+                for (j, row) in rows.iter().enumerate() {
+                    assert_eq!(
+                        panel[c * NR + j].to_bits(),
+                        row[c].to_bits(),
+                        "k {k} c {c} j {j}"
+                    );
+                }
+            }
+            assert!(panel[done * NR..].iter().all(|v| v.is_nan()));
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
