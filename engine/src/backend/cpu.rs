@@ -115,7 +115,8 @@ pub fn matmul_as_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
     }
 }
 
-/// Rows per tile so a dequantised tile stays around 256 KiB (L2-sized).
+/// Rows per dequantised tile of the f32 GEMM path (each worker dequantises, packs and multiplies one
+/// at a time).
 fn tile_rows(rows: usize, cols: usize) -> usize {
     // Every tile streams all of the prompt's activations (n × cols floats, megabytes) through the cache
     // once, so tiles are tall: 128–256 rows (up to 4 MiB of dequantised weights per worker), as long as
