@@ -384,6 +384,43 @@ mod tests {
         }
     }
 
+    /// Writes `plan` as a GGUF file at `out`; asserts the file is the predicted size and holds the chosen
+    /// types.
+    fn write_plan(
+        src: &SourceModel,
+        plan: &MixPlan,
+        im: &ImatrixInput,
+        out: &std::path::Path,
+    ) -> crate::quantize::QuantizeReport {
+        let r = quantize_gguf(
+            src,
+            &GgufQuantizeOptions {
+                mix: AUTOMIX_BASE,
+                overrides: plan.overrides.clone(),
+                imatrix: Some(im.clone()),
+                backend: crate::backend::Backend::Cpu,
+            },
+            &OutputSpec::file(out),
+            &mut |_, _, _| true,
+        )
+        .expect("write");
+        assert_eq!(r.file_size_bytes, plan.file_bytes);
+        let types: std::collections::HashMap<&str, &str> = r
+            .tensors
+            .iter()
+            .map(|t| (t.gguf_name.as_str(), t.ty))
+            .collect();
+        for o in &plan.overrides {
+            let name = o
+                .pattern
+                .trim_start_matches('^')
+                .trim_end_matches('$')
+                .replace("\\.", ".");
+            assert_eq!(types[name.as_str()], o.ty.name(), "{name}");
+        }
+        r
+    }
+
     #[test]
     fn auto_mixes_fit_their_budget_exactly_as_predicted_and_beat_uniform_types() {
         let tmp = tempfile::tempdir().expect("tempdir");
@@ -431,34 +468,8 @@ mod tests {
         for (ours, file) in [(lo, plan.reachable_bytes.0), (hi, plan.reachable_bytes.1)] {
             assert!(ours <= file && file - ours <= slack, "{ours} vs {file}");
         }
-        let out = tmp.path().join("auto.gguf");
-        let r = quantize_gguf(
-            &src,
-            &GgufQuantizeOptions {
-                mix: AUTOMIX_BASE,
-                overrides: plan.overrides.clone(),
-                imatrix: Some(im.clone()),
-                backend: crate::backend::Backend::Cpu,
-            },
-            &OutputSpec::file(&out),
-            &mut |_, _, _| true,
-        )
-        .expect("write");
-        assert_eq!(r.file_size_bytes, plan.file_bytes);
+        let r = write_plan(&src, &plan, &im, &tmp.path().join("auto.gguf"));
         assert!(r.bits_per_weight <= 6.0, "{}", r.bits_per_weight);
-        let types: std::collections::HashMap<&str, &str> = r
-            .tensors
-            .iter()
-            .map(|t| (t.gguf_name.as_str(), t.ty))
-            .collect();
-        for o in &plan.overrides {
-            let name = o
-                .pattern
-                .trim_start_matches('^')
-                .trim_end_matches('$')
-                .replace("\\.", ".");
-            assert_eq!(types[name.as_str()], o.ty.name(), "{name}");
-        }
         // The llama-quantize arguments name every tensor once, with its type.
         let args = tensor_type_args(&plan.overrides);
         let mut named = std::collections::HashMap::new();
@@ -565,32 +576,6 @@ mod tests {
                 | GgmlType::Iq3Xxs
                 | GgmlType::Iq3S
         )));
-        let out = tmp.path().join("low.gguf");
-        let r = quantize_gguf(
-            &src,
-            &GgufQuantizeOptions {
-                mix: AUTOMIX_BASE,
-                overrides: plan.overrides.clone(),
-                imatrix: Some(im.clone()),
-                backend: crate::backend::Backend::Cpu,
-            },
-            &OutputSpec::file(&out),
-            &mut |_, _, _| true,
-        )
-        .expect("write");
-        assert_eq!(r.file_size_bytes, plan.file_bytes);
-        let types: std::collections::HashMap<&str, &str> = r
-            .tensors
-            .iter()
-            .map(|t| (t.gguf_name.as_str(), t.ty))
-            .collect();
-        for o in &plan.overrides {
-            let name = o
-                .pattern
-                .trim_start_matches('^')
-                .trim_end_matches('$')
-                .replace("\\.", ".");
-            assert_eq!(types[name.as_str()], o.ty.name(), "{name}");
-        }
+        write_plan(&src, &plan, &im, &tmp.path().join("low.gguf"));
     }
 }

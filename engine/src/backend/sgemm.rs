@@ -641,24 +641,28 @@ mod tests {
         }
     }
 
+    /// Signature shared by the microkernels.
     #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn the_avx512_kernel_equals_the_scalar_one_bit_for_bit() {
-        if !avx512() {
-            eprintln!("no AVX-512 here: the AVX-512 kernel cannot run");
-            return;
-        }
+    type Kernel = unsafe fn(usize, usize, &[f32], usize, &[f32], *mut f32, usize, usize, bool);
+
+    /// `kernel` against the scalar one, bit for bit, for 1..=`mr` rows, the given column counts, with and
+    /// without accumulation.
+    ///
+    /// # Safety
+    /// The CPU has the kernel's features.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn assert_kernel_is_scalar(kernel: Kernel, mr: usize, col_counts: &[usize]) {
         let (kl, ldx, ldy) = (37, 40, 20);
-        let x = values(MR_512 * ldx, 3);
+        let x = values(mr * ldx, 3);
         let panel = values(kl * NR, 4);
-        for rows in 1..=MR_512 {
-            for cols in [NR, 11, 1] {
+        for rows in 1..=mr {
+            for &cols in col_counts {
                 for acc in [false, true] {
-                    let mut a = values(MR_512 * ldy, 5);
+                    let mut a = values(mr * ldy, 5);
                     let mut b = a.clone();
-                    // SAFETY: AVX-512 detected; a and b hold MR_512 rows of ldy ≥ NR.
+                    // SAFETY: the caller's features; a and b hold mr rows of ldy ≥ NR.
                     unsafe {
-                        x86::kernel512(rows, kl, &x, ldx, &panel, a.as_mut_ptr(), ldy, cols, acc);
+                        kernel(rows, kl, &x, ldx, &panel, a.as_mut_ptr(), ldy, cols, acc);
                         kernel_scalar(rows, kl, &x, ldx, &panel, b.as_mut_ptr(), ldy, cols, acc);
                     }
                     assert_eq!(a, b, "rows {rows} cols {cols} acc {acc}");
@@ -669,27 +673,23 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[test]
+    fn the_avx512_kernel_equals_the_scalar_one_bit_for_bit() {
+        if !avx512() {
+            eprintln!("no AVX-512 here: the AVX-512 kernel cannot run");
+            return;
+        }
+        // SAFETY: AVX-512 detected.
+        unsafe { assert_kernel_is_scalar(x86::kernel512, MR_512, &[NR, 11, 1]) };
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
     fn the_avx2_kernel_equals_the_scalar_one_bit_for_bit() {
         if !avx2() {
             eprintln!("no AVX2+FMA here: the vector kernel cannot run");
             return;
         }
-        let (kl, ldx, ldy) = (37, 40, 20);
-        let x = values(MR * ldx, 3);
-        let panel = values(kl * NR, 4);
-        for rows in 1..=MR {
-            for cols in [NR, 11] {
-                for acc in [false, true] {
-                    let mut a = values(MR * ldy, 5);
-                    let mut b = a.clone();
-                    // SAFETY: AVX2 detected; a and b hold MR rows of ldy ≥ NR.
-                    unsafe {
-                        x86::kernel(rows, kl, &x, ldx, &panel, a.as_mut_ptr(), ldy, cols, acc);
-                        kernel_scalar(rows, kl, &x, ldx, &panel, b.as_mut_ptr(), ldy, cols, acc);
-                    }
-                    assert_eq!(a, b, "rows {rows} cols {cols} acc {acc}");
-                }
-            }
-        }
+        // SAFETY: AVX2 and FMA detected.
+        unsafe { assert_kernel_is_scalar(x86::kernel, MR, &[NR, 11]) };
     }
 }
