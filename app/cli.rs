@@ -178,6 +178,11 @@ pub enum CliCommand {
         /// q6_k, q8_0).
         #[arg(long = "auto-types", value_name = "TYPES", value_delimiter = ',')]
         auto_types: Vec<String>,
+        /// --format auto: calibration tokens the measurement runs the model on, per tensor and probe type,
+        /// to weigh each tensor's error by its effect on the output distribution (KL-divergence); 0 ranks
+        /// by the imatrix-weighted error alone (faster, worse below ~4 bpw).
+        #[arg(long = "probe-tokens", value_name = "N", default_value_t = quant_engine::quantize_automix::DEFAULT_PROBE_TOKENS)]
+        probe_tokens: usize,
         /// Print JSON instead of the table.
         #[arg(long)]
         json: bool,
@@ -299,7 +304,8 @@ pub struct GptqArgs {
     /// EXL2: the output head's bits (2, 3, 4, 5, 6 or 8).
     #[arg(long = "head-bits", default_value_t = Exl2QuantizeOptions::default().head_bits)]
     pub head_bits: u8,
-    /// EXL2: reuse a measurement.json (ours or ExLlamaV2's) instead of measuring.
+    /// EXL2: reuse a measurement.json (ours or ExLlamaV2's) instead of measuring. Auto mix: read FILE
+    /// when it exists (no measuring), else measure and save the measurement there.
     #[arg(long, value_name = "FILE")]
     pub measurement: Option<PathBuf>,
     /// EXL2: calibration rows the measurement runs each option on (the first of --rows).
@@ -635,6 +641,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             memory,
             ctx,
             auto_types,
+            probe_tokens,
         } => {
             let is_exl2 = format.eq_ignore_ascii_case("exl2");
             let budget = match (bpw, size, memory) {
@@ -725,6 +732,8 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                     imatrix,
                     auto,
                     auto_types: parse_types(&auto_types)?,
+                    auto_probe_tokens: probe_tokens,
+                    auto_measurement: gptq.measurement.clone(),
                     backend: backend(),
                 })
             };
@@ -1001,6 +1010,11 @@ fn quantize(
                     let list: Vec<String> =
                         counts.iter().map(|(t, n)| format!("{t} ×{n}")).collect();
                     outln!("types: {}", list.join(", "))?;
+                    if let Some(k) = report.predicted_kld {
+                        outln!(
+                            "predicted KL-divergence from the source: {k:.4} (the tensors' probed divergences summed; `eval --base` measures it)"
+                        )?;
+                    }
                     outln!(
                         "the same mix with llama.cpp: llama-quantize --imatrix IMATRIX {} MODEL-F16.gguf OUT.gguf q4_k_m",
                         report.tensor_type_args.join(" ")

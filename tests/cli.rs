@@ -677,6 +677,7 @@ fn quantize_exl2_measures_writes_evaluates_and_requantizes_from_its_measurement(
 fn quantize_auto_chooses_types_within_the_budget_and_prints_the_llama_quantize_arguments() {
     let f = fixture();
     let out = f.model.with_file_name("auto.gguf");
+    let measurement = f.model.with_file_name("auto.measurement.json");
     // `--format gguf` with a budget is the auto mix (the refusals below say `auto`).
     let o = run(&[
         "quantize",
@@ -689,12 +690,45 @@ fn quantize_auto_chooses_types_within_the_budget_and_prints_the_llama_quantize_a
         s(&f.text),
         "--calib-ctx",
         "32",
+        "--measurement",
+        s(&measurement),
         "--out",
         s(&out),
     ]);
     assert_ok(&o);
     let text = stdout(&o);
     assert!(text.contains("auto mix:"), "{text}");
+    assert!(
+        text.contains("predicted KL-divergence from the source: "),
+        "{text}"
+    );
+    // The saved measurement meets another budget without measuring (and without probing again).
+    let out2 = f.model.with_file_name("auto-5.7.gguf");
+    let o = run(&[
+        "quantize",
+        s(&f.model),
+        "--format",
+        "auto",
+        "--bpw",
+        "5.7",
+        "--calib",
+        s(&f.text),
+        "--calib-ctx",
+        "32",
+        "--measurement",
+        s(&measurement),
+        "--out",
+        s(&out2),
+    ]);
+    assert_ok(&o);
+    assert!(
+        stdout(&o).contains("predicted KL-divergence"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(
+        std::fs::metadata(&out2).expect("out2").len() < std::fs::metadata(&out).expect("out").len()
+    );
     let line = text
         .lines()
         .find(|l| l.starts_with("auto mix:"))

@@ -835,6 +835,7 @@ fn finished_runs_teach_the_time_estimates() {
                 bits_per_weight: 5.3,
                 imatrix: false,
                 tensor_type_args: Vec::new(),
+                predicted_kld: None,
             })),
         })
         .expect("event");
@@ -1161,6 +1162,8 @@ fn compare_timing_adding_a_variant_evaluates_only_it() {
                     imatrix: ImatrixSource::None,
                     auto: None,
                     auto_types: Vec::new(),
+                    auto_probe_tokens: quant_engine::quantize_automix::DEFAULT_PROBE_TOKENS,
+                    auto_measurement: None,
                     backend: quant_engine::backend::Backend::Cpu,
                 }),
                 overwrite: false,

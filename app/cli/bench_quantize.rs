@@ -86,6 +86,8 @@ pub fn run(engine: &EngineHandle, a: &BenchQuantizeArgs) -> anyhow::Result<()> {
                         .map_or(ImatrixSource::None, ImatrixSource::File),
                     auto: None,
                     auto_types: Vec::new(),
+                    auto_probe_tokens: quant_engine::quantize_automix::DEFAULT_PROBE_TOKENS,
+                    auto_measurement: None,
                     backend: quant_engine::backend::Backend::Cpu,
                 }),
                 // Its own scratch folder, rewritten on every repetition.

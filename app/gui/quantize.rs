@@ -181,6 +181,8 @@ impl QuantizePanel {
                         imatrix,
                         auto: None,
                         auto_types: Vec::new(),
+                        auto_probe_tokens: quant_engine::quantize_automix::DEFAULT_PROBE_TOKENS,
+                        auto_measurement: None,
                         backend: quant_engine::backend::Backend::Cpu,
                     }));
                 }
@@ -278,6 +280,8 @@ impl QuantizePanel {
                     self.auto_bpw,
                 )),
                 auto_types: Vec::new(),
+                auto_probe_tokens: quant_engine::quantize_automix::DEFAULT_PROBE_TOKENS,
+                auto_measurement: None,
                 backend: quant_engine::backend::Backend::Cpu,
             }));
         }

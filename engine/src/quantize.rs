@@ -68,6 +68,9 @@ pub struct QuantizeReport {
     pub imatrix: bool,
     /// For an auto mix: the chosen types as `llama-quantize --tensor-type` arguments.
     pub tensor_type_args: Vec<String>,
+    /// For an auto mix measured with output probes: the optimiser's estimate of the file's KL-divergence
+    /// from the source (the chosen types' probed divergences, summed).
+    pub predicted_kld: Option<f64>,
 }
 
 /// Decoder layer index of a Hugging Face tensor name.
@@ -281,6 +284,7 @@ pub fn quantize_gguf(
         bits_per_weight: bits / elems.max(1) as f64,
         imatrix: imatrix.is_some(),
         tensor_type_args: Vec::new(),
+        predicted_kld: None,
     })
 }
 

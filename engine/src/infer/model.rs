@@ -772,6 +772,22 @@ impl Model {
         xn
     }
 
+    /// The logits `[n, vocab]` of the last layer's states `x` (`[n, hidden]`): the final RMSNorm and the
+    /// output head, as [`forward`](Self::forward) computes them.
+    pub fn logits_of_states(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        if x.len() != n * self.cfg.hidden_size {
+            return Err(Error::Invalid(format!(
+                "logits_of_states: {} values for {n} tokens of {}",
+                x.len(),
+                self.cfg.hidden_size
+            )));
+        }
+        let xn = self.head_input(x);
+        let mut out = vec![0.0f32; n * self.cfg.vocab_size];
+        matmul_exec(&self.lm_head, &xn, n, &mut out, self.exec());
+        Ok(out)
+    }
+
     /// The output head's weight (the embedding when they are tied).
     pub fn lm_head(&self) -> &TensorRef {
         &self.lm_head

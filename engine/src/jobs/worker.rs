@@ -682,6 +682,8 @@ fn quantize(
         imatrix,
         auto,
         auto_types,
+        auto_probe_tokens,
+        auto_measurement,
         backend,
     } = recipe;
     if auto.is_some() && !overrides.is_empty() {
@@ -699,6 +701,11 @@ fn quantize(
     // The output checked (with room for the file) before an importance matrix is computed.
     let bytes = crate::quantize::gguf_tensor_bytes(&src, &mix).unwrap_or(0);
     crate::output::preflight(&out.clone().estimated_bytes(bytes))?;
+    // An auto mix probes the model on the importance matrix's text (the bundled one with a file).
+    let probe_source = match &imatrix {
+        ImatrixSource::Compute { source, .. } => source.clone(),
+        _ => crate::calib::CalibSource::Bundled,
+    };
     let imatrix = match imatrix {
         ImatrixSource::None => None,
         ImatrixSource::File(p) => Some(crate::quantize::ImatrixInput {
@@ -710,6 +717,7 @@ fn quantize(
             file: None,
         }),
     };
+    let mut predicted_kld = None;
     let (mix, overrides, tensor_types) = match (auto, &imatrix) {
         (Some(budget), Some(im)) => {
             let start = Instant::now();
@@ -719,17 +727,59 @@ fn quantize(
             } else {
                 auto_types
             };
-            let m = crate::quantize_automix::measure_mix(&src, im, &types, &mut |done, total| {
-                ctx.progress(
-                    stage,
-                    done as u64,
-                    total as u64,
-                    eta(start, done as u64, total as u64),
-                );
-                !ctx.cancelled()
-            })?;
+            let measured = match &auto_measurement {
+                Some(p) if p.exists() => crate::quantize_automix::read_measurement(p, &src, im)?,
+                _ => {
+                    let probe_rows = match auto_probe_tokens {
+                        0 => Vec::new(),
+                        n => {
+                            let docs = crate::calib::load_documents(&probe_source)?;
+                            // Rows of up to 512 tokens, shorter when the whole text is.
+                            let text_tokens =
+                                src.tokenizer.encode(&docs.join("\n\n"), false)?.len();
+                            let seq_len = n
+                                .min(crate::quantize_automix::DEFAULT_PROBE_TOKENS)
+                                .min(
+                                    text_tokens
+                                        + usize::from(
+                                            src.tokenizer.add_bos
+                                                && src.tokenizer.bos_token_id.is_some(),
+                                        ),
+                                )
+                                .max(2);
+                            let opts = crate::calib::CalibOptions {
+                                rows: n.div_ceil(seq_len),
+                                seq_len,
+                                seed: 0,
+                            };
+                            crate::calib::sample_rows(&src.tokenizer, &docs, &opts)?
+                        }
+                    };
+                    let m = crate::quantize_automix::measure_mix(
+                        &src,
+                        im,
+                        &types,
+                        &probe_rows,
+                        &mut |done, total| {
+                            ctx.progress(
+                                stage,
+                                done as u64,
+                                total as u64,
+                                eta(start, done as u64, total as u64),
+                            );
+                            !ctx.cancelled()
+                        },
+                    )?;
+                    if let Some(p) = &auto_measurement {
+                        m.write(p)?;
+                    }
+                    m
+                }
+            };
+            let m = measured.restricted_to(&types)?;
             let plan = crate::quantize_automix::plan_mix(&m, budget)?;
             let args = crate::quantize_automix::tensor_type_args(&plan.overrides);
+            predicted_kld = (m.probed_tokens > 0).then_some(plan.err);
             (crate::quantize_automix::AUTOMIX_BASE, plan.overrides, args)
         }
         _ => (mix, overrides, Vec::new()),
@@ -762,6 +812,7 @@ fn quantize(
     };
     let mut report = crate::quantize::quantize_gguf(&src, &opts, out, &mut on_tensor)?;
     report.tensor_type_args = tensor_types;
+    report.predicted_kld = predicted_kld;
     Ok(JobOutput::Quantized(Box::new(report)))
 }
 

@@ -134,6 +134,14 @@ pub struct GgufRecipe {
     pub auto: Option<MixBudget>,
     /// The types an auto mix chooses from (empty: [`crate::quantize_automix::AUTOMIX_TYPES`]).
     pub auto_types: Vec<GgmlType>,
+    /// Calibration tokens an auto mix's measurement runs the model on to weigh each tensor's error by its
+    /// effect on the output (0: the imatrix-weighted errors alone; see [`crate::quantize_automix`]). The
+    /// text is the importance matrix's calibration source, or the bundled one with an imatrix file.
+    pub auto_probe_tokens: usize,
+    /// An auto mix's measurement file: read when it exists (no measuring; the candidates narrowed to
+    /// `auto_types`), else written there after measuring, so other budgets can be met without measuring
+    /// again.
+    pub auto_measurement: Option<PathBuf>,
     /// Where the round-to-nearest quantizers run (the GPU writes the legacy types without an importance
     /// matrix, byte for byte as the CPU).
     pub backend: crate::backend::Backend,
@@ -498,11 +506,16 @@ impl Recipe {
             CalibSource::Bundled => None,
         };
         match self {
-            Recipe::Gguf(g) => match &g.imatrix {
-                ImatrixSource::None => None,
-                ImatrixSource::File(p) => Some(p.clone()),
-                ImatrixSource::Compute { source, .. } => calib(source),
-            },
+            Recipe::Gguf(g) => {
+                let imatrix = match &g.imatrix {
+                    ImatrixSource::None => None,
+                    ImatrixSource::File(p) => Some(p.clone()),
+                    ImatrixSource::Compute { source, .. } => calib(source),
+                };
+                // A measurement file is read when it exists (and written when it does not).
+                let measurement = g.auto_measurement.clone().filter(|p| p.exists());
+                return imatrix.into_iter().chain(measurement).collect();
+            }
             Recipe::Gptq(o) => calib(&o.calib),
             Recipe::Awq(o) if !o.rtn => calib(&o.calib),
             Recipe::Exl2(o) => {
@@ -613,18 +626,33 @@ impl Recipe {
         let largest = (s.vocab.max(s.intermediate) * s.hidden) as f64 * 4.0;
         let tokens = self.calibration_tokens();
         let (peak, seconds) = match self {
-            Recipe::Gguf(g) => (
-                3.0 * largest + 64e6,
-                params / QUANTIZE_WEIGHTS_PER_S * lattice_search_cost(g.mix.default_type())
-                    + tokens * params / IMATRIX_WEIGHT_TOKENS_PER_S
-                    // An auto mix first quantizes every linear to each candidate type (~9 on average, the
-                    // weighted quantizers slower than the plain ones: 14 passes measured on SmolLM2).
-                    + if g.auto.is_some() {
-                        14.0 * linears / QUANTIZE_WEIGHTS_PER_S
-                    } else {
-                        0.0
-                    },
-            ),
+            Recipe::Gguf(g) => {
+                // An auto mix's probes run the model from a linear's layer on (half of it on average) and
+                // the head, ~1.5 probes per linear, keeping every layer's input and the float model's
+                // log-probabilities of their tokens.
+                let measuring =
+                    g.auto.is_some() && g.auto_measurement.as_ref().is_none_or(|p| !p.exists());
+                let probe = if measuring {
+                    g.auto_probe_tokens as f64
+                } else {
+                    0.0
+                };
+                let probes = 1.5 * 7.0 * s.layers as f64;
+                (
+                    3.0 * largest + 64e6 + probe * (s.layers * s.hidden + 2 * s.vocab) as f64 * 4.0,
+                    params / QUANTIZE_WEIGHTS_PER_S * lattice_search_cost(g.mix.default_type())
+                        + tokens * params / IMATRIX_WEIGHT_TOKENS_PER_S
+                        // An auto mix first quantizes every linear to each candidate type (19, the
+                        // weighted quantizers and the i-quants' searches slower than the plain ones:
+                        // ~60 passes measured on SmolLM2).
+                        + if measuring {
+                            60.0 * linears / QUANTIZE_WEIGHTS_PER_S
+                                + probes * probe * (linears / 2.0 + heads) / IMATRIX_WEIGHT_TOKENS_PER_S
+                        } else {
+                            0.0
+                        },
+                )
+            }
             Recipe::Packed(p) => (3.0 * largest + 64e6, params / p.weights_per_s()),
             Recipe::Awq(o) => {
                 let acts = tokens * s.hidden as f64 * 4.0;
@@ -762,6 +790,8 @@ mod tests {
             },
             auto: None,
             auto_types: Vec::new(),
+            auto_probe_tokens: 0,
+            auto_measurement: None,
             backend: crate::backend::Backend::Cpu,
         });
         assert_eq!(g.label(), "Q4_K_M-imat");
