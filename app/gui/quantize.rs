@@ -480,10 +480,18 @@ impl QuantizePanel {
                     bpw: Some(bpw),
                     size_bytes: Some(size),
                 });
-                shared.notes.info(
-                    format!("{} done", q.target.label()),
-                    q.out.display().to_string(),
-                );
+                // An auto mix says what KL-divergence its measurement predicts (the Compare tab measures it).
+                let predicted = match &output {
+                    quant_engine::jobs::JobOutput::Quantized(r) => r.predicted_kld,
+                    _ => None,
+                };
+                let detail = match predicted {
+                    Some(k) => format!("{} · predicted KLD {k:.4}", q.out.display()),
+                    None => q.out.display().to_string(),
+                };
+                shared
+                    .notes
+                    .info(format!("{} done", q.target.label()), detail);
                 self.pump(shared);
             }
             Event::Failed { error, .. } => {

@@ -27,6 +27,16 @@ pub fn matmul(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
             let r0 = ti * tile;
             let r1 = (r0 + tile).min(rows);
             let m = r1 - r0;
+            if w.block_type() == Some(GgmlType::F16) {
+                // Converted while packed: no f32 copy of the tile.
+                let f16_rows: Vec<&[u8]> = (r0..r1).map(|r| w.row_data(r)).collect();
+                // SAFETY: as below.
+                #[allow(unsafe_code)]
+                unsafe {
+                    super::sgemm::gemm_nt_f16(n, cols, x, &f16_rows, dst.at(r0), rows);
+                }
+                return;
+            }
             tile_buf.resize(m * cols, 0.0);
             for (i, row) in tile_buf.chunks_exact_mut(cols).enumerate() {
                 w.dequant_row(r0 + i, row);

@@ -57,6 +57,26 @@ pub unsafe fn gemm_nt(
     });
 }
 
+/// [`gemm_nt`] with the `m` weight rows given as little-endian f16 values (`rows[j]` holds `2k` bytes):
+/// converted to f32 as they are packed, so no f32 copy of the rows is made; the products are those of
+/// [`gemm_nt`] on the converted rows, bit for bit (the conversion is exact).
+///
+/// # Safety
+/// As [`gemm_nt`].
+#[allow(unsafe_code)]
+pub unsafe fn gemm_nt_f16(n: usize, k: usize, x: &[f32], rows: &[&[u8]], y: *mut f32, ldy: usize) {
+    let m = rows.len();
+    assert!(x.len() >= n * k && rows.iter().all(|r| r.len() >= 2 * k) && (n == 0 || ldy >= m));
+    if n == 0 || m == 0 {
+        return;
+    }
+    PANELS.with_borrow_mut(|panels| {
+        pack_f16(k, rows, panels);
+        // SAFETY: forwarded from the caller.
+        unsafe { run(n, m, k, x, panels, k * NR, y, ldy) };
+    });
+}
+
 /// An `m × k` operand packed once for many products (attention's keys and values, shared by every query
 /// block of a head group).
 pub struct Packed {
@@ -237,6 +257,33 @@ fn pack(m: usize, k: usize, w: &[f32], layout: WLayout, panels: &mut Vec<f32>) {
     }
 }
 
+/// f16 rows into panels as [`pack`] does with their f32 values.
+#[allow(unsafe_code)]
+fn pack_f16(k: usize, rows: &[&[u8]], panels: &mut Vec<f32>) {
+    let m = rows.len();
+    let np = m.div_ceil(NR);
+    panels.clear();
+    panels.resize(np * k * NR, 0.0);
+    let f16 = |r: &[u8], c: usize| half::f16::from_le_bytes([r[2 * c], r[2 * c + 1]]).to_f32();
+    for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
+        let group = &rows[p * NR..(p * NR + NR).min(m)];
+        #[cfg(target_arch = "x86_64")]
+        let done = if group.len() == NR && avx512() {
+            // SAFETY: AVX-512 F detected; 16 rows of 2k bytes (asserted by the caller), a panel of k·16.
+            unsafe { x86::transpose_panel_f16(group, k, panel) }
+        } else {
+            0
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let done = 0;
+        for (c, dst) in panel.chunks_exact_mut(NR).enumerate().skip(done) {
+            for (d, row) in dst.iter_mut().zip(group) {
+                *d = f16(row, c);
+            }
+        }
+    }
+}
+
 /// The reference microkernel: `rows` activation rows (stride `ldx`) × one panel over `kl` columns, written
 /// (or added, `acc`) to the first `cols` columns of `rows` output rows.
 ///
@@ -323,52 +370,85 @@ mod x86 {
             unsafe {
                 let r: [__m512; 16] =
                     std::array::from_fn(|j| _mm512_loadu_ps(rows[j].as_ptr().add(c)));
-                let lo = |a, b| _mm512_unpacklo_ps(a, b);
-                let hi = |a, b| _mm512_unpackhi_ps(a, b);
-                let t: [__m512; 16] = std::array::from_fn(|i| {
-                    let (a, b) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
-                    if i % 2 == 0 {
-                        lo(a, b)
-                    } else {
-                        hi(a, b)
-                    }
-                });
-                let pd = |a: __m512| _mm512_castps_pd(a);
-                // u[4q + 0..4]: unpack{lo,hi}_pd of (t[4q], t[4q+2]) and (t[4q+1], t[4q+3])
-                let u: [__m512; 16] = std::array::from_fn(|i| {
-                    let q = 4 * (i / 4);
-                    let (a, b) = match i % 4 {
-                        0 | 1 => (t[q], t[q + 2]),
-                        _ => (t[q + 1], t[q + 3]),
-                    };
-                    _mm512_castpd_ps(if i % 2 == 0 {
-                        _mm512_unpacklo_pd(pd(a), pd(b))
-                    } else {
-                        _mm512_unpackhi_pd(pd(a), pd(b))
-                    })
-                });
-                // v: 128-bit lanes of groups (0..4, 4..8) and (8..12, 12..16) paired
-                let v: [__m512; 16] = std::array::from_fn(|i| {
-                    let g = 8 * (i / 8);
-                    let (a, b) = (u[g + i % 4], u[g + 4 + i % 4]);
-                    if (i % 8) < 4 {
-                        _mm512_shuffle_f32x4::<0x88>(a, b)
-                    } else {
-                        _mm512_shuffle_f32x4::<0xdd>(a, b)
-                    }
-                });
-                for i in 0..16 {
-                    let (a, b) = (v[i % 8], v[8 + i % 8]);
-                    let o = if i < 8 {
-                        _mm512_shuffle_f32x4::<0x88>(a, b)
-                    } else {
-                        _mm512_shuffle_f32x4::<0xdd>(a, b)
-                    };
-                    _mm512_storeu_ps(dst.add((c + i) * NR), o);
-                }
+                transpose16(&r, dst.add(c * NR));
             }
         }
         whole
+    }
+
+    /// [`transpose_panel`] of 16 rows of little-endian f16 values (`2k` bytes each), converted as loaded.
+    ///
+    /// # Safety
+    /// AVX-512 F present.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn transpose_panel_f16(rows: &[&[u8]], k: usize, panel: &mut [f32]) -> usize {
+        assert!(rows.len() == NR && rows.iter().all(|r| r.len() >= 2 * k) && panel.len() >= k * NR);
+        let whole = k / 16 * 16;
+        let dst = panel.as_mut_ptr();
+        for c in (0..whole).step_by(16) {
+            // SAFETY: 16 values (32 bytes) from c are inside every row; the panel as above.
+            unsafe {
+                let r: [__m512; 16] = std::array::from_fn(|j| {
+                    let p = rows[j].as_ptr().add(2 * c).cast::<__m256i>();
+                    _mm512_cvtph_ps(_mm256_loadu_si256(p))
+                });
+                transpose16(&r, dst.add(c * NR));
+            }
+        }
+        whole
+    }
+
+    /// 16 rows of 16 values stored as 16 lines of 16 (`dst[i·16 + j] = r[j][i]`), in registers.
+    ///
+    /// # Safety
+    /// AVX-512 F present; `dst` valid for 256 floats.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose16(r: &[__m512; 16], dst: *mut f32) {
+        let lo = |a, b| _mm512_unpacklo_ps(a, b);
+        let hi = |a, b| _mm512_unpackhi_ps(a, b);
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
+            if i % 2 == 0 {
+                lo(a, b)
+            } else {
+                hi(a, b)
+            }
+        });
+        let pd = |a: __m512| _mm512_castps_pd(a);
+        // u[4q + 0..4]: unpack{lo,hi}_pd of (t[4q], t[4q+2]) and (t[4q+1], t[4q+3])
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let q = 4 * (i / 4);
+            let (a, b) = match i % 4 {
+                0 | 1 => (t[q], t[q + 2]),
+                _ => (t[q + 1], t[q + 3]),
+            };
+            _mm512_castpd_ps(if i % 2 == 0 {
+                _mm512_unpacklo_pd(pd(a), pd(b))
+            } else {
+                _mm512_unpackhi_pd(pd(a), pd(b))
+            })
+        });
+        // v: 128-bit lanes of groups (0..4, 4..8) and (8..12, 12..16) paired
+        let v: [__m512; 16] = std::array::from_fn(|i| {
+            let g = 8 * (i / 8);
+            let (a, b) = (u[g + i % 4], u[g + 4 + i % 4]);
+            if (i % 8) < 4 {
+                _mm512_shuffle_f32x4::<0x88>(a, b)
+            } else {
+                _mm512_shuffle_f32x4::<0xdd>(a, b)
+            }
+        });
+        for i in 0..16 {
+            let (a, b) = (v[i % 8], v[8 + i % 8]);
+            let o = if i < 8 {
+                _mm512_shuffle_f32x4::<0x88>(a, b)
+            } else {
+                _mm512_shuffle_f32x4::<0xdd>(a, b)
+            };
+            // SAFETY: 256 floats at dst (the caller's contract).
+            unsafe { _mm512_storeu_ps(dst.add(i * NR), o) };
+        }
     }
 
     /// AVX-512 form of [`super::kernel_scalar`] for up to [`MR_512`] rows (the same sums in the same order).
@@ -638,6 +718,38 @@ mod tests {
                 }
             }
             assert!(panel[done * NR..].iter().all(|v| v.is_nan()));
+        }
+    }
+
+    /// f16 rows converted while packed give the products of their f32 values, bit for bit (edges of the
+    /// register transpose and of the panels included).
+    #[test]
+    fn f16_rows_multiply_as_their_f32_values() {
+        for &(n, m, k) in &[
+            (13, 16, 48),
+            (7, 37, 300),
+            (25, 33, 16),
+            (3, 5, 17),
+            (1, 64, 600),
+        ] {
+            let x = values(n * k, 3);
+            let w: Vec<half::f16> = values(m * k, 5)
+                .iter()
+                .map(|&v| half::f16::from_f32(v))
+                .collect();
+            let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let rows: Vec<&[u8]> = bytes.chunks_exact(2 * k).collect();
+            let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+            let mut want = vec![0.0f32; n * m];
+            let mut got = vec![f32::NAN; n * m];
+            // SAFETY: dense n × m outputs, borrowed exclusively.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm_nt(n, m, k, &x, &wf, WLayout::RowMajor, want.as_mut_ptr(), m);
+                gemm_nt_f16(n, k, &x, &rows, got.as_mut_ptr(), m);
+            }
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{n}×{m}×{k}");
         }
     }
 
