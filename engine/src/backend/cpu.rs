@@ -20,14 +20,15 @@ pub fn matmul(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
         matvec(w, x, out);
         return;
     }
-    let tile = tile_rows(rows, cols);
+    let fused = w.block_type() == Some(GgmlType::F16);
+    let tile = tile_rows(rows, cols, fused);
     let dst = SharedOut(out.as_mut_ptr());
     (0..rows.div_ceil(tile)).into_par_iter().for_each(|ti| {
         TILE.with_borrow_mut(|tile_buf| {
             let r0 = ti * tile;
             let r1 = (r0 + tile).min(rows);
             let m = r1 - r0;
-            if w.block_type() == Some(GgmlType::F16) {
+            if fused {
                 // Converted while packed: no f32 copy of the tile.
                 let f16_rows: Vec<&[u8]> = (r0..r1).map(|r| w.row_data(r)).collect();
                 // SAFETY: as below.
@@ -125,20 +126,21 @@ pub fn matmul_as_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
     }
 }
 
-/// Rows per dequantised tile of the f32 GEMM path (each worker dequantises, packs and multiplies one
-/// at a time).
-fn tile_rows(rows: usize, cols: usize) -> usize {
+/// Rows per tile of the f32 GEMM path (each worker dequantises, packs and multiplies one at a time).
+fn tile_rows(rows: usize, cols: usize, fused: bool) -> usize {
     // Every tile streams all of the prompt's activations (n × cols floats, megabytes) through the cache
     // once, so tiles are tall: 128–256 rows (up to 4 MiB of dequantised weights per worker), as long as
-    // each worker still gets two tiles.
+    // each worker still gets two tiles. F16 rows are packed a column block at a time without a
+    // dequantised copy (256 columns of 512 rows: 512 KiB), so their tiles are 512 rows at any width.
     let per_worker = rows
         .div_ceil(2 * rayon::current_num_threads().max(1))
         .next_multiple_of(16);
-    ((4 << 20) / 4 / cols.max(1))
-        .clamp(128, 256)
-        .min(per_worker)
-        .max(16)
-        .min(rows.max(1))
+    let tall = if fused {
+        512
+    } else {
+        ((4 << 20) / 4 / cols.max(1)).clamp(128, 256)
+    };
+    tall.min(per_worker).max(16).min(rows.max(1))
 }
 
 /// `y[n, m] = x[n, k] · w[m, k]ᵀ`, single-threaded (callers parallelise over tiles).

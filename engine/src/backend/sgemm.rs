@@ -28,6 +28,8 @@ pub enum WLayout {
 
 thread_local! {
     static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// One column block of every panel ([`run_blocks`]).
+    static BLOCK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// `y[t·ldy + j] = Σ_c x[t·k + c] · w(j, c)` for `t < n`, `j < m`, single-threaded (callers parallelise).
@@ -70,11 +72,9 @@ pub unsafe fn gemm_nt_f16(n: usize, k: usize, x: &[f32], rows: &[&[u8]], y: *mut
     if n == 0 || m == 0 {
         return;
     }
-    PANELS.with_borrow_mut(|panels| {
-        pack_f16(k, rows, panels);
-        // SAFETY: forwarded from the caller.
-        unsafe { run(n, m, k, x, panels, k * NR, y, ldy) };
-    });
+    let pack = |k0: usize, kl: usize, dst: &mut [f32]| pack_f16(k0, kl, rows, dst);
+    // SAFETY: forwarded from the caller; `pack_f16` writes every value of the block.
+    unsafe { run_blocks(n, m, k, x, &pack, y, ldy) };
 }
 
 /// An `m × k` operand packed once for many products (attention's keys and values, shared by every query
@@ -151,43 +151,117 @@ unsafe fn run(
     }
     let np = m.div_ceil(NR);
     assert!(pstride >= k * NR && panels.len() >= (np - 1) * pstride + k * NR);
+    let mut xb = [0.0f32; MR_512 * KC];
+    for k0 in (0..k).step_by(KC) {
+        let kl = KC.min(k - k0);
+        // SAFETY: forwarded; each panel's columns k0..k0+kl are at p·pstride + k0·NR.
+        unsafe {
+            column_block(
+                n,
+                m,
+                k,
+                k0,
+                kl,
+                x,
+                panels,
+                pstride,
+                k0 * NR,
+                y,
+                ldy,
+                &mut xb,
+            )
+        };
+    }
+}
+
+/// [`run`] with the panels packed one column block at a time by `pack_block(k0, kl, dst)` (panel `p`'s
+/// columns `k0..k0+kl` to `dst[p·kl·NR..]`) into a reused per-thread buffer of `np·KC·NR` floats, which
+/// stays in L2 while every activation row block uses it: the operand's panels are never written whole, so
+/// a tile can be tall (fewer passes of the prompt's activations through the cache).
+///
+/// # Safety
+/// As [`gemm_nt`]; `pack_block` fills every value of `dst`.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+unsafe fn run_blocks(
+    n: usize,
+    m: usize,
+    k: usize,
+    x: &[f32],
+    pack_block: &dyn Fn(usize, usize, &mut [f32]),
+    y: *mut f32,
+    ldy: usize,
+) {
+    let np = m.div_ceil(NR);
+    BLOCK.with_borrow_mut(|buf| {
+        if buf.len() < np * KC * NR {
+            buf.resize(np * KC * NR, 0.0);
+        }
+        let mut xb = [0.0f32; MR_512 * KC];
+        for k0 in (0..k).step_by(KC) {
+            let kl = KC.min(k - k0);
+            let panels = &mut buf[..np * kl * NR];
+            pack_block(k0, kl, panels);
+            // SAFETY: forwarded; panel p's block is at p·kl·NR.
+            unsafe { column_block(n, m, k, k0, kl, x, panels, kl * NR, 0, y, ldy, &mut xb) };
+        }
+    });
+}
+
+/// Columns `k0..k0+kl` of every activation row and panel: each block of activation rows copied next to
+/// each other first, then multiplied with each panel's columns (at `p·pstride + poff`), written (first
+/// block) or added to `y`.
+///
+/// # Safety
+/// As [`gemm_nt`].
+#[allow(unsafe_code, clippy::too_many_arguments)]
+unsafe fn column_block(
+    n: usize,
+    m: usize,
+    ldx: usize,
+    k0: usize,
+    kl: usize,
+    x: &[f32],
+    panels: &[f32],
+    pstride: usize,
+    poff: usize,
+    y: *mut f32,
+    ldy: usize,
+    xb: &mut [f32; MR_512 * KC],
+) {
+    let np = m.div_ceil(NR);
     let (avx2, avx512) = (avx2(), avx512());
     let mr = if avx512 { MR_512 } else { MR };
     // The block's activation rows copied next to each other (`kl` apart): read in place they are `k`
     // apart, and at the power-of-two widths of real models (2048, 8192 columns) a dozen rows that far apart
     // fall into the same L1 sets and evict each other.
-    let mut xb = [0.0f32; MR_512 * KC];
-    for k0 in (0..k).step_by(KC) {
-        let kl = KC.min(k - k0);
-        for t0 in (0..n).step_by(mr) {
-            let rows = mr.min(n - t0);
-            for (i, dst) in xb.chunks_exact_mut(kl).take(rows).enumerate() {
-                let at = (t0 + i) * k + k0;
-                dst.copy_from_slice(&x[at..at + kl]);
+    for t0 in (0..n).step_by(mr) {
+        let rows = mr.min(n - t0);
+        for (i, dst) in xb.chunks_exact_mut(kl).take(rows).enumerate() {
+            let at = (t0 + i) * ldx + k0;
+            dst.copy_from_slice(&x[at..at + kl]);
+        }
+        let (xs, k) = (&xb[..rows * kl], kl);
+        for p in 0..np {
+            let cols = NR.min(m - p * NR);
+            let ps = &panels[p * pstride + poff..p * pstride + poff + kl * NR];
+            // SAFETY: rows t0..t0+rows and columns p·NR..p·NR+cols are inside the caller's range.
+            let yp = unsafe { y.add(t0 * ldy + p * NR) };
+            let acc = k0 > 0;
+            #[cfg(target_arch = "x86_64")]
+            if avx512 {
+                // SAFETY: AVX-512 F was detected; the slices bound every read.
+                unsafe { x86::kernel512(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
+                continue;
             }
-            let (xs, k) = (&xb[..rows * kl], kl);
-            for p in 0..np {
-                let cols = NR.min(m - p * NR);
-                let ps = &panels[p * pstride + k0 * NR..p * pstride + (k0 + kl) * NR];
-                // SAFETY: rows t0..t0+rows and columns p·NR..p·NR+cols are inside the caller's range.
-                let yp = unsafe { y.add(t0 * ldy + p * NR) };
-                let acc = k0 > 0;
-                #[cfg(target_arch = "x86_64")]
-                if avx512 {
-                    // SAFETY: AVX-512 F was detected; the slices bound every read.
-                    unsafe { x86::kernel512(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
-                    continue;
-                }
-                #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    // SAFETY: AVX2 and FMA were detected; the slices bound every read.
-                    unsafe { x86::kernel(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
-                    continue;
-                }
-                let _ = (avx2, avx512);
-                // SAFETY: as above.
-                unsafe { kernel_scalar(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: AVX2 and FMA were detected; the slices bound every read.
+                unsafe { x86::kernel(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
+                continue;
             }
+            let _ = (avx2, avx512);
+            // SAFETY: as above.
+            unsafe { kernel_scalar(rows, kl, xs, k, ps, yp, ldy, cols, acc) };
         }
     }
 }
@@ -257,28 +331,26 @@ fn pack(m: usize, k: usize, w: &[f32], layout: WLayout, panels: &mut Vec<f32>) {
     }
 }
 
-/// f16 rows into panels as [`pack`] does with their f32 values.
+/// Columns `k0..k0+kl` of f16 rows into panels of that width (`dst[p·kl·NR..]`, `[kl][NR]`), as [`pack`]
+/// lays out their f32 values; lanes past the last row are zero.
 #[allow(unsafe_code)]
-fn pack_f16(k: usize, rows: &[&[u8]], panels: &mut Vec<f32>) {
-    let m = rows.len();
-    let np = m.div_ceil(NR);
-    panels.clear();
-    panels.resize(np * k * NR, 0.0);
+fn pack_f16(k0: usize, kl: usize, rows: &[&[u8]], dst: &mut [f32]) {
     let f16 = |r: &[u8], c: usize| half::f16::from_le_bytes([r[2 * c], r[2 * c + 1]]).to_f32();
-    for (p, panel) in panels.chunks_exact_mut(k * NR).enumerate() {
-        let group = &rows[p * NR..(p * NR + NR).min(m)];
+    for (p, panel) in dst.chunks_exact_mut(kl * NR).enumerate() {
+        let group = &rows[p * NR..(p * NR + NR).min(rows.len())];
         #[cfg(target_arch = "x86_64")]
         let done = if group.len() == NR && avx512() {
-            // SAFETY: AVX-512 F detected; 16 rows of 2k bytes (asserted by the caller), a panel of k·16.
-            unsafe { x86::transpose_panel_f16(group, k, panel) }
+            let cut: Vec<&[u8]> = group.iter().map(|r| &r[2 * k0..2 * (k0 + kl)]).collect();
+            // SAFETY: AVX-512 F detected; 16 rows of 2·kl bytes, a panel block of kl·16.
+            unsafe { x86::transpose_panel_f16(&cut, kl, panel) }
         } else {
             0
         };
         #[cfg(not(target_arch = "x86_64"))]
         let done = 0;
-        for (c, dst) in panel.chunks_exact_mut(NR).enumerate().skip(done) {
-            for (d, row) in dst.iter_mut().zip(group) {
-                *d = f16(row, c);
+        for (c, line) in panel.chunks_exact_mut(NR).enumerate().skip(done) {
+            for (j, d) in line.iter_mut().enumerate() {
+                *d = group.get(j).map_or(0.0, |r| f16(r, k0 + c));
             }
         }
     }
