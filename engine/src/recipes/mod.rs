@@ -640,7 +640,14 @@ impl Recipe {
                 let probes = 1.5 * 7.0 * s.layers as f64;
                 (
                     3.0 * largest + 64e6 + probe * (s.layers * s.hidden + 2 * s.vocab) as f64 * 4.0,
-                    params / QUANTIZE_WEIGHTS_PER_S * lattice_search_cost(g.mix.default_type())
+                    // An auto mix's chosen types include the i-quants' searches and the weighted
+                    // quantizers: ~5 plain passes (10 s measured on SmolLM2).
+                    params / QUANTIZE_WEIGHTS_PER_S
+                        * if g.auto.is_some() {
+                            5.0
+                        } else {
+                            lattice_search_cost(g.mix.default_type())
+                        }
                         + tokens * params / IMATRIX_WEIGHT_TOKENS_PER_S
                         // An auto mix first quantizes every linear to each candidate type (19, the
                         // weighted quantizers and the i-quants' searches slower than the plain ones:
