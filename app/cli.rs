@@ -180,7 +180,7 @@ pub enum CliCommand {
         auto_types: Vec<String>,
         /// --format auto: calibration tokens the measurement runs the model on, per tensor and probe type,
         /// to weigh each tensor's error by its effect on the output distribution (KL-divergence); 0 ranks
-        /// by the imatrix-weighted error alone (faster, worse below ~4 bpw).
+        /// by the imatrix-weighted error alone (faster, worse below ~4 bpw); at most 4096.
         #[arg(long = "probe-tokens", value_name = "N", default_value_t = quant_engine::quantize_automix::DEFAULT_PROBE_TOKENS)]
         probe_tokens: usize,
         /// Print JSON instead of the table.

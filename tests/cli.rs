@@ -761,6 +761,17 @@ fn quantize_auto_chooses_types_within_the_budget_and_prints_the_llama_quantize_a
             ],
             "drop --override",
         ),
+        (
+            vec![
+                "--bpw",
+                "6",
+                "--calib",
+                s(&f.text),
+                "--probe-tokens",
+                "100000",
+            ],
+            "--probe-tokens 100000: at most 4096",
+        ),
     ] {
         let mut args = vec!["quantize", s(&f.model), "--format", "auto"];
         args.extend(extra);

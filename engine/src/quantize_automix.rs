@@ -89,6 +89,8 @@ pub struct MixMeasurement {
 
 /// Calibration tokens an auto mix's measurement runs the model on by default, per probe ([`OutputProbe`]).
 pub const DEFAULT_PROBE_TOKENS: usize = 512;
+/// The most probe tokens a measurement takes (its memory grows with tokens × (layers × hidden + vocab)).
+pub const MAX_PROBE_TOKENS: usize = 4096;
 
 /// The types a slot whose rows take `candidates` is probed with: the cheapest, the one nearest 2.5 bits per
 /// weight (when it is below 3.5) and the one nearest 4.5, each once.

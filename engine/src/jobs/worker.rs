@@ -686,6 +686,13 @@ fn quantize(
         auto_measurement,
         backend,
     } = recipe;
+    if auto_probe_tokens > crate::quantize_automix::MAX_PROBE_TOKENS {
+        return Err(Error::Invalid(format!(
+            "--probe-tokens {auto_probe_tokens}: at most {} (the probes keep every layer's states and the \
+             float model's log-probabilities of each token)",
+            crate::quantize_automix::MAX_PROBE_TOKENS
+        )));
+    }
     if auto.is_some() && !overrides.is_empty() {
         return Err(Error::Invalid(
             "an auto mix chooses every decoder tensor's type itself: drop --override".into(),
