@@ -925,19 +925,25 @@ mod tests {
         assert!(e.contains("smallest these types allow"), "{e}");
     }
 
-    /// On rows that take 256-element blocks the low-bit i-quants are candidates: a budget below the
-    /// k-quants' reach is met with them, the mix beats each uniform i-quant at its own size, and the file
-    /// written holds the chosen types at the predicted size.
-    #[test]
-    fn low_budgets_are_met_with_the_low_bit_i_quants() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path().join("src");
+    /// A tiny Llama with 256-wide rows (every block type fits) in `tmp/src`.
+    fn wide_fixture(tmp: &std::path::Path) -> std::path::PathBuf {
+        let dir = tmp.join("src");
         let spec = FixtureSpec {
             hidden: 256,
             intermediate: 512,
             ..FixtureSpec::tiny_llama()
         };
         write_fixture(&spec, &dir).expect("fixture");
+        dir
+    }
+
+    /// On rows that take 256-element blocks the low-bit i-quants are candidates: a budget below the
+    /// k-quants' reach is met with them, the mix beats each uniform i-quant at its own size, and the file
+    /// written holds the chosen types at the predicted size.
+    #[test]
+    fn low_budgets_are_met_with_the_low_bit_i_quants() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = wide_fixture(tmp.path());
         let src = SourceModel::open(&dir).expect("open");
         let im = imatrix(&src);
         let m = measure_mix(&src, &im, &AUTOMIX_TYPES, &[], &mut |_, _| true).expect("measure");
@@ -993,17 +999,11 @@ mod tests {
 
     /// The probes run the model exactly: a tensor's probed error is the KL-divergence of the model with that
     /// one tensor quantized (written as a file, loaded, run whole), from a GGUF source whose q/k rows are in
-    /// llama.cpp's interleaved order; the interpolated errors keep each slot's order by weighted error.
+    /// llama.cpp's interleaved order; the measurement saves, reads back and refuses damaged files.
     #[test]
     fn probes_measure_each_tensors_output_divergence() {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let dir = tmp.path().join("src");
-        let spec = FixtureSpec {
-            hidden: 256,
-            intermediate: 512,
-            ..FixtureSpec::tiny_llama()
-        };
-        write_fixture(&spec, &dir).expect("fixture");
+        let dir = wide_fixture(tmp.path());
         let gguf = tmp.path().join("f16.gguf");
         let write = |src: &SourceModel, mix: &str, im, out| {
             quantize_gguf(
