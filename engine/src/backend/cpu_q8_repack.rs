@@ -8,7 +8,10 @@
 //! The arithmetic is the prompt tiles' (`cpu_q8_tile::tile_dot_scalar` for the Q8_0 family; for the
 //! k-quants the row kernel's `cpu_q8::vec_dot_k_scalar`, equal bit for bit): a prompt's rows and a decoded
 //! token's row are the same numbers. A tensor is repacked the first time it decodes (the copy
-//! lives as long as the tensor; its size is the weight's), and only where the CPU has AVX-512 VNNI.
+//! lives as long as the tensor; its size is within 3 % of the weight's), and only where the CPU has AVX-512
+//! VNNI. Decoding is bound by memory bandwidth, so the layouts carry no byte the stored blocks do not (the
+//! k-quants' scales stay bytes, their `d` stays f16: widening them had cost 10–23 % of decoding speed), and
+//! start every panel block on a cache line.
 
 use super::cpu_q8::{tile_bias, Q8Row};
 use crate::codecs::GgmlType;
@@ -68,7 +71,7 @@ pub struct Repacked {
     rows: usize,
     nb: usize,
     parts: Parts,
-    data: Vec<u8>,
+    data: Lines,
 }
 
 impl Repacked {
@@ -85,13 +88,13 @@ impl Repacked {
         let parts = parts(ty);
         let bytes = ty.traits().block_bytes;
         let panels = rows.div_ceil(PANEL);
-        let mut data = vec![0u8; panels * nb * parts.bytes];
+        let mut data = Lines::zeroed(panels * nb * parts.bytes);
         for r in 0..rows {
             let (p, lane) = (r / PANEL, r % PANEL);
             let row = w.row_data(r);
             for (b, blk) in row.chunks_exact(bytes).enumerate() {
                 let o = (p * nb + b) * parts.bytes;
-                let dst = &mut data[o..o + parts.bytes];
+                let dst = &mut data.bytes_mut()[o..o + parts.bytes];
                 dst[2 * lane..2 * lane + 2].copy_from_slice(&blk[..2]);
                 let (qh, qs): (Option<&[u8]>, &[u8]) = match ty {
                     GgmlType::Q4_0 | GgmlType::Iq4Nl => (None, &blk[2..18]),
@@ -133,31 +136,46 @@ impl Repacked {
         })
     }
 
-    /// The k layout: per panel and 256-block, at [`KOFF`]'s offsets, the rows' `d` and `dmin` (f32), their
-    /// sub-block scales and (Q4_K) mins as signed bytes, pair `p` (sub-blocks `2p`, `2p + 1`) of row `r` at
-    /// `2·(p·16 + r)`, then the codes: Q4_K and IQ4_XS the stored nibble bytes `4k..4k + 4` of row `r` at
-    /// `k·64 + r·4`; Q6_K its low-nibble bytes likewise, then its high-bit bytes `4k..4k + 4` (k < 16).
+    /// The k layout: per panel and 256-block, at [`koff`]'s offsets, the rows' `d` (and Q4_K's `dmin`) as
+    /// the f16 they are stored as, row `r`'s at `2r`; their scales: Q4_K's and IQ4_XS's per 32 codes as bytes
+    /// (unsigned and signed), sub-block `s` of row `r` at `16s + r`, Q4_K's mins likewise; Q6_K's per 16 as
+    /// signed bytes, pair `p` (sub-blocks `2p`, `2p + 1`) of row `r` at `2·(16p + r)`; then the codes: Q4_K
+    /// and IQ4_XS the stored nibble bytes `4k..4k + 4` of row `r` at `k·64 + r·4`; Q6_K its low-nibble bytes
+    /// likewise, then its high-bit bytes `4k..4k + 4` (k < 16).
     fn new_k(w: &TensorRef, ty: GgmlType) -> Self {
         let (rows, cols) = (w.rows(), w.cols());
         let nb = cols / 256;
         let bytes = ty.traits().block_bytes;
         let kb = k_block_bytes(ty);
+        let off = koff(ty);
         let panels = rows.div_ceil(PANEL);
-        let mut data = vec![0u8; panels * nb * kb];
+        let mut data = Lines::zeroed(panels * nb * kb);
         for r in 0..rows {
             let (p, lane) = (r / PANEL, r % PANEL);
             let row = w.row_data(r);
             for (b, blk) in row.chunks_exact(bytes).enumerate() {
                 let o = (p * nb + b) * kb;
-                let dst = &mut data[o..o + kb];
+                let dst = &mut data.bytes_mut()[o..o + kb];
                 let k = super::cpu_q8::k_scales(ty, blk);
-                dst[4 * lane..4 * lane + 4].copy_from_slice(&k.d.to_le_bytes());
-                dst[KOFF.dmin + 4 * lane..KOFF.dmin + 4 * lane + 4]
-                    .copy_from_slice(&k.dmin.to_le_bytes());
-                for sb in 0..16 {
-                    let at = 2 * ((sb / 2) * PANEL + lane) + sb % 2;
-                    dst[KOFF.sc + at] = k.scales[sb] as i8 as u8;
-                    dst[KOFF.mn + at] = k.mins[sb] as i8 as u8;
+                // The f16 `d` (and `dmin`) bytes as stored.
+                let d_at = if ty == GgmlType::Q6K { 208 } else { 0 };
+                dst[2 * lane..2 * lane + 2].copy_from_slice(&blk[d_at..d_at + 2]);
+                if ty == GgmlType::Q6K {
+                    for sb in 0..16 {
+                        let at = 2 * ((sb / 2) * PANEL + lane) + sb % 2;
+                        dst[off.sc + at] = k.scales[sb] as i8 as u8;
+                    }
+                } else {
+                    for sb in 0..8 {
+                        // `k_scales` gives one scale per 16 codes; these types' pairs are equal.
+                        dst[off.sc + sb * PANEL + lane] = k.scales[2 * sb] as i8 as u8;
+                    }
+                }
+                if ty == GgmlType::Q4K {
+                    dst[off.dmin + 2 * lane..off.dmin + 2 * lane + 2].copy_from_slice(&blk[2..4]);
+                    for sb in 0..8 {
+                        dst[off.mn + sb * PANEL + lane] = k.mins[2 * sb] as u8;
+                    }
                 }
                 let (qs, qh): (&[u8], Option<&[u8]>) = match ty {
                     GgmlType::Q4K => (&blk[16..144], None),
@@ -165,12 +183,12 @@ impl Repacked {
                     _ => (&blk[..128], Some(&blk[128..192])),
                 };
                 for kk in 0..32 {
-                    let at = KOFF.qs + kk * 64 + lane * 4;
+                    let at = off.qs + kk * 64 + lane * 4;
                     dst[at..at + 4].copy_from_slice(&qs[4 * kk..4 * kk + 4]);
                 }
                 if let Some(qh) = qh {
                     for kk in 0..16 {
-                        let at = KOFF.qs + 2048 + kk * 64 + lane * 4;
+                        let at = off.qs + 2048 + kk * 64 + lane * 4;
                         dst[at..at + 4].copy_from_slice(&qh[4 * kk..4 * kk + 4]);
                     }
                 }
@@ -184,7 +202,7 @@ impl Repacked {
             parts: Parts {
                 m: 0,
                 h: 0,
-                qs: KOFF.qs,
+                qs: off.qs,
                 bytes: kb,
             },
             data,
@@ -266,10 +284,36 @@ impl Repacked {
     }
 }
 
+/// Zeroed bytes starting on a 64-byte boundary, so the kernels' 64-byte vector loads of a panel block each
+/// touch one cache line (a large `Vec<u8>` starts 16 bytes into its page, and every such load would then be
+/// split over two lines).
+struct Lines {
+    buf: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl Lines {
+    fn zeroed(len: usize) -> Self {
+        let buf = vec![0u8; len + 63];
+        let off = buf.as_ptr().align_offset(64).min(63);
+        Self { buf, off, len }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.off..self.off + self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut self.buf[self.off..self.off + self.len]
+    }
+}
+
 /// A panel kernel: `(panel, first token, tokens, results per token and lane)`.
 type PanelKernel<'a> = dyn Fn(usize, usize, usize, &mut [[f32; PANEL]; 4]) + Sync + 'a;
 
-/// Offsets in a k panel block ([`Repacked::new_k`]).
+/// Offsets in a k panel block ([`Repacked::new_k`]); `dmin` and `mn` only in Q4_K's.
+#[derive(Clone, Copy)]
 struct KOff {
     dmin: usize,
     sc: usize,
@@ -277,16 +321,35 @@ struct KOff {
     qs: usize,
 }
 
-const KOFF: KOff = KOff {
-    dmin: 64,
-    sc: 128,
-    mn: 384,
-    qs: 640,
-};
+/// The k layout of `ty`: as small as the stored block (Q4_K 2368 bytes per 16 rows against the rows' 2304,
+/// Q6_K 3392 against 3360, IQ4_XS 2240 against 2176), the codes starting on a cache line. Decoding reads
+/// every byte once per token, so every byte of layout is time.
+const fn koff(ty: GgmlType) -> KOff {
+    match ty {
+        GgmlType::Q4K => KOff {
+            dmin: 32,
+            sc: 64,
+            mn: 192,
+            qs: 320,
+        },
+        GgmlType::Q6K => KOff {
+            dmin: 0,
+            sc: 32,
+            mn: 0,
+            qs: 320,
+        },
+        _ => KOff {
+            dmin: 0,
+            sc: 32,
+            mn: 0,
+            qs: 192,
+        },
+    }
+}
 
-/// Bytes of one k panel block.
+/// Bytes of one k panel block (a whole number of cache lines).
 fn k_block_bytes(ty: GgmlType) -> usize {
-    KOFF.qs + if ty == GgmlType::Q6K { 3072 } else { 2048 }
+    koff(ty).qs + if ty == GgmlType::Q6K { 3072 } else { 2048 }
 }
 
 /// Whether `ty` is one of the repacked k types.
@@ -365,11 +428,16 @@ mod x86 {
     ) {
         let (nb, kb) = (rp.nb, rp.parts.bytes);
         assert!(acts.len() >= C && C <= 4);
-        assert!(rp.data.len() >= (p + 1) * nb * kb);
+        assert!(rp.data.bytes().len() >= (p + 1) * nb * kb);
         for a in &acts[..C] {
             assert!(a.q.len() >= nb * 256 && a.d.len() >= nb && a.bsums.len() >= nb * 16);
         }
         let mins = T == Q4K;
+        let off = super::koff(match T {
+            Q4K => GgmlType::Q4K,
+            Q6K => GgmlType::Q6K,
+            _ => GgmlType::Iq4Xs,
+        });
         let bias: i16 = match T {
             Q6K => 32,
             IQ4XS => 128,
@@ -378,26 +446,32 @@ mod x86 {
         let table = iq4_unsigned_table();
         let sign = _mm512_set1_epi32(i32::MIN);
         let mut acc = [_mm512_setzero_ps(); C];
-        let base = rp.data.as_ptr().wrapping_add(p * nb * kb);
+        let base = rp.data.bytes().as_ptr().wrapping_add(p * nb * kb);
         for b in 0..nb {
             // SAFETY: panel p's block b lies in `data`; the tokens' block b and its sums lie in their rows
             // (asserted above).
             unsafe {
                 let blk = base.add(b * kb);
-                let qs = blk.add(super::KOFF.qs);
+                let qs = blk.add(off.qs);
                 let y: [*const i32; C] =
                     std::array::from_fn(|c| acts[c].q.as_ptr().add(b * 256).cast::<i32>());
                 let mut sumi = [_mm512_setzero_si512(); C];
-                // Sub-block `sb`'s scales as 32-bit lanes (pairs are stored as two signed bytes per row).
-                let scale = |sb: usize| {
+                // Q6_K's sub-block `sb` (16 codes) scales as 32-bit lanes (pairs are stored as two signed
+                // bytes per row).
+                let scale16 = |sb: usize| {
                     let scp = _mm512_cvtepi8_epi16(_mm256_loadu_si256(
-                        blk.add(super::KOFF.sc + (sb / 2) * 32).cast(),
+                        blk.add(off.sc + (sb / 2) * 32).cast(),
                     ));
                     if sb.is_multiple_of(2) {
                         _mm512_srai_epi32::<16>(_mm512_slli_epi32::<16>(scp))
                     } else {
                         _mm512_srai_epi32::<16>(scp)
                     }
+                };
+                // Q4_K's and IQ4_XS's sub-block `sb` (32 codes) scales (or Q4_K's mins at `at`) as 32-bit
+                // lanes.
+                let per32 = |at: usize, sb: usize| {
+                    _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(at + 16 * sb).cast()))
                 };
                 // Codes `v` of elements `e..e + 4` (16 rows) against each token's four bytes there.
                 let dp = |u: &mut [__m512i; C], v: __m512i, e: usize| {
@@ -418,7 +492,7 @@ mod x86 {
                     _mm_prefetch::<_MM_HINT_T1>(qs.wrapping_add(k * 64 + AHEAD * kb).cast());
                     _mm512_loadu_si512(qs.add(k * 64).cast())
                 };
-                for line in 0..super::KOFF.qs / 64 {
+                for line in 0..off.qs / 64 {
                     _mm_prefetch::<_MM_HINT_T1>(blk.wrapping_add(AHEAD * kb + 64 * line).cast());
                 }
                 // The stored vectors in storage order (a sequential read), each nibble half into the
@@ -432,11 +506,12 @@ mod x86 {
                                 dp(&mut u[kk / 4], lo(q), 64 * c64 + 4 * kk);
                                 dp(&mut u[2 + kk / 4], hi(q), 64 * c64 + 32 + 4 * kk);
                             }
-                            for (j, uj) in u.iter().enumerate() {
-                                let sc = scale(4 * c64 + j);
+                            // Low nibbles are sub-block 2·c64, high ones 2·c64 + 1.
+                            for h in 0..2 {
+                                let sc = per32(off.sc, 2 * c64 + h);
                                 for c in 0..C {
-                                    sumi[c] =
-                                        _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(uj[c], sc));
+                                    let uh = _mm512_add_epi32(u[2 * h][c], u[2 * h + 1][c]);
+                                    sumi[c] = _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(uh, sc));
                                 }
                             }
                         }
@@ -457,12 +532,10 @@ mod x86 {
                                     32 * ib + 16 + 4 * kk,
                                 );
                             }
-                            for (j, uj) in u.iter().enumerate() {
-                                let sc = scale(2 * ib + j);
-                                for c in 0..C {
-                                    sumi[c] =
-                                        _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(uj[c], sc));
-                                }
+                            let sc = per32(off.sc, ib);
+                            for c in 0..C {
+                                let ub = _mm512_add_epi32(u[0][c], u[1][c]);
+                                sumi[c] = _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(ub, sc));
                             }
                         }
                     }
@@ -489,7 +562,7 @@ mod x86 {
                                 }
                             }
                             for (j, uj) in u.iter().enumerate() {
-                                let sc = scale(8 * h + j);
+                                let sc = scale16(8 * h + j);
                                 for c in 0..C {
                                     sumi[c] =
                                         _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(uj[c], sc));
@@ -498,23 +571,40 @@ mod x86 {
                         }
                     }
                 }
-                // The mins (Q4_K) or the unsigned codes' shift (bias · scale) against the 16-code sums.
+                // The mins (Q4_K) or the unsigned codes' shift (bias · scale) against the 16-code sums:
+                // per row lane a pair of 16-bit factors against a token's pair of sums.
                 let mut aux = [_mm512_setzero_si512(); C];
-                let src = if mins { super::KOFF.mn } else { super::KOFF.sc };
                 for pr in 0..8 {
-                    let mut cf =
-                        _mm512_cvtepi8_epi16(_mm256_loadu_si256(blk.add(src + pr * 32).cast()));
-                    if !mins {
-                        cf = _mm512_mullo_epi16(cf, _mm512_set1_epi16(bias));
-                    }
+                    let cf = if T == Q6K {
+                        _mm512_mullo_epi16(
+                            _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                blk.add(off.sc + pr * 32).cast(),
+                            )),
+                            _mm512_set1_epi16(bias),
+                        )
+                    } else {
+                        // One factor per 32 codes, for both of its halves.
+                        let v = if mins {
+                            per32(off.mn, pr)
+                        } else {
+                            _mm512_mullo_epi32(
+                                per32(off.sc, pr),
+                                _mm512_set1_epi32(i32::from(bias)),
+                            )
+                        };
+                        _mm512_or_si512(
+                            _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF)),
+                            _mm512_slli_epi32::<16>(v),
+                        )
+                    };
                     for c in 0..C {
                         let bs = acts[c].bsums.as_ptr().add(b * 16 + 2 * pr).cast::<i32>();
                         aux[c] =
                             _mm512_dpwssd_epi32(aux[c], cf, _mm512_set1_epi32(bs.read_unaligned()));
                     }
                 }
-                let dw = _mm512_loadu_ps(blk.cast());
-                let dmin = _mm512_loadu_ps(blk.add(super::KOFF.dmin).cast());
+                let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.cast()));
+                let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(off.dmin).cast()));
                 for c in 0..C {
                     let dx = _mm512_set1_ps(*acts[c].d.get_unchecked(b));
                     let si = if mins {
@@ -582,7 +672,7 @@ mod x86 {
     ) {
         let (nb, parts) = (rp.nb, rp.parts);
         assert!(acts.len() >= C && corr.len() >= C && C <= 4);
-        assert!(rp.data.len() >= (p + 1) * nb * parts.bytes);
+        assert!(rp.data.bytes().len() >= (p + 1) * nb * parts.bytes);
         for c in 0..C {
             assert!(acts[c].q.len() >= nb * 32 && acts[c].d.len() >= nb && acts[c].s.len() >= nb);
             assert!(corr[c].len() >= nb);
@@ -595,7 +685,7 @@ mod x86 {
         let table = iq4_unsigned_table();
         let mut acc = [_mm512_setzero_ps(); C];
         let mut offs = [_mm512_setzero_ps(); C];
-        let base = rp.data.as_ptr().wrapping_add(p * nb * parts.bytes);
+        let base = rp.data.bytes().as_ptr().wrapping_add(p * nb * parts.bytes);
         for b in 0..nb {
             // SAFETY: panel p's block b lies in `data`; the tokens' block b lies in their rows (asserted).
             unsafe {
