@@ -500,19 +500,19 @@ mod x86 {
                 match T {
                     Q4K => {
                         for c64 in 0..4 {
-                            let mut u = [[_mm512_setzero_si512(); C]; 4];
+                            // Low nibbles are sub-block 2·c64, high ones 2·c64 + 1 (accumulators named, not
+                            // indexed by the loop, so they stay in registers).
+                            let (mut ul, mut uh) =
+                                ([_mm512_setzero_si512(); C], [_mm512_setzero_si512(); C]);
                             for kk in 0..8 {
                                 let q = vec(8 * c64 + kk);
-                                dp(&mut u[kk / 4], lo(q), 64 * c64 + 4 * kk);
-                                dp(&mut u[2 + kk / 4], hi(q), 64 * c64 + 32 + 4 * kk);
+                                dp(&mut ul, lo(q), 64 * c64 + 4 * kk);
+                                dp(&mut uh, hi(q), 64 * c64 + 32 + 4 * kk);
                             }
-                            // Low nibbles are sub-block 2·c64, high ones 2·c64 + 1.
-                            for h in 0..2 {
-                                let sc = per32(off.sc, 2 * c64 + h);
-                                for c in 0..C {
-                                    let uh = _mm512_add_epi32(u[2 * h][c], u[2 * h + 1][c]);
-                                    sumi[c] = _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(uh, sc));
-                                }
+                            let (sl, sh) = (per32(off.sc, 2 * c64), per32(off.sc, 2 * c64 + 1));
+                            for c in 0..C {
+                                sumi[c] = _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(ul[c], sl));
+                                sumi[c] = _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(uh[c], sh));
                             }
                         }
                     }
@@ -541,10 +541,11 @@ mod x86 {
                     }
                     _ => {
                         let m30 = _mm512_set1_epi8(0x30);
-                        for h in 0..2 {
-                            // Index 2m + half: elements 128h + 32m + 16·half ..
-                            let mut u = [[_mm512_setzero_si512(); C]; 8];
-                            for kk in 0..8 {
+                        for (h, half) in (0..2).flat_map(|h| [(h, 0), (h, 1)]) {
+                            // Index m: elements 128h + 32m + 16·half .. + 16, sub-block 8h + 2m + half
+                            // (the index does not depend on kk, so the accumulators stay in registers).
+                            let mut u = [[_mm512_setzero_si512(); C]; 4];
+                            for kk in 4 * half..4 * half + 4 {
                                 let qh = vec(32 + 8 * h + kk);
                                 let (q0, q1) = (vec(16 * h + kk), vec(16 * h + 8 + kk));
                                 // Bits 2m, 2m + 1 of each byte to bits 4, 5 (the shifts stay inside the
@@ -558,14 +559,14 @@ mod x86 {
                                 let nib = [lo(q0), lo(q1), hi(q0), hi(q1)];
                                 for m in 0..4 {
                                     let v = _mm512_or_si512(nib[m], hb[m]);
-                                    dp(&mut u[2 * m + kk / 4], v, 128 * h + 32 * m + 4 * kk);
+                                    dp(&mut u[m], v, 128 * h + 32 * m + 4 * kk);
                                 }
                             }
-                            for (j, uj) in u.iter().enumerate() {
-                                let sc = scale16(8 * h + j);
+                            for (m, um) in u.iter().enumerate() {
+                                let sc = scale16(8 * h + 2 * m + half);
                                 for c in 0..C {
                                     sumi[c] =
-                                        _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(uj[c], sc));
+                                        _mm512_add_epi32(sumi[c], _mm512_mullo_epi32(um[c], sc));
                                 }
                             }
                         }
