@@ -260,8 +260,10 @@ mod x86 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i + 32 <= n {
-            // The row stream 4 KB ahead into L2 (a prefetch never faults, whatever the address).
-            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(2 * i + 4096).cast());
+            // The row stream 32 KB ahead into L2 (a prefetch never faults, whatever the address): rows
+            // are contiguous, so this runs into the rows that come next. One thread decoding the 1B-shape
+            // F16 model read 9.0–10.1 tokens/s with 4 KB, 11.2–11.5 with 32 KB (llama.cpp 10.6–10.8).
+            _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(2 * i + 32768).cast());
             for (k, a) in acc.iter_mut().enumerate() {
                 let j = i + 8 * k;
                 // SAFETY: j + 8 <= n: 16 bytes of w and 8 floats of x are in bounds (unaligned loads).
