@@ -225,6 +225,10 @@ pub enum CliCommand {
         /// Generated tokens for the tg test (0 skips it).
         #[arg(long = "n-gen", short = 'n', default_value_t = 128)]
         n_gen: usize,
+        /// Context both tests start from, as llama-bench's `-d` (tokens run first, untimed): decoding deep
+        /// in a context, where the KV cache is read per token.
+        #[arg(long = "n-depth", short = 'd', default_value_t = 0)]
+        n_depth: usize,
         /// Timed repetitions of each test (after one warm-up).
         #[arg(long, short = 'r', default_value_t = 3)]
         repetitions: usize,
@@ -768,6 +772,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             model,
             n_prompt,
             n_gen,
+            n_depth,
             repetitions,
             numerics,
             llama_bench,
@@ -776,6 +781,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             let options = BenchOptions {
                 n_prompt,
                 n_gen,
+                n_depth,
                 repetitions,
                 backend: backend(),
                 numerics,

@@ -39,6 +39,13 @@ pub fn parse_llama_bench_json(s: &str) -> anyhow::Result<Vec<LlamaLine>> {
             } else {
                 format!("pp{p}")
             };
+            // Older llama-bench builds have no `n_depth` (no depth: 0).
+            let d = num("n_depth").unwrap_or(0.0);
+            let test = if d > 0.0 {
+                format!("{test} @ d{d}")
+            } else {
+                test
+            };
             Ok(LlamaLine {
                 test,
                 tokens_per_sec_mean: num("avg_ts")?,
@@ -60,6 +67,7 @@ fn llama_bench(
         .arg(model)
         .args(["-p", &opts.n_prompt.to_string()])
         .args(["-n", &opts.n_gen.to_string()])
+        .args(["-d", &opts.n_depth.to_string()])
         .args(["-r", &opts.repetitions.max(1).to_string()])
         .args(["-t", &threads.to_string()])
         .args(["-o", "json"])
@@ -156,7 +164,9 @@ mod tests {
       {"build_commit": "abc", "model_type": "llama 256M Q4_K - Medium", "n_threads": 2,
        "n_prompt": 512, "n_gen": 0, "avg_ns": 1, "stddev_ns": 1, "avg_ts": 1020.5, "stddev_ts": 12.25},
       {"build_commit": "abc", "model_type": "llama 256M Q4_K - Medium", "n_threads": 2,
-       "n_prompt": 0, "n_gen": 128, "avg_ns": 1, "stddev_ns": 1, "avg_ts": 140.0, "stddev_ts": 2.5}
+       "n_prompt": 0, "n_gen": 128, "avg_ns": 1, "stddev_ns": 1, "avg_ts": 140.0, "stddev_ts": 2.5},
+      {"build_commit": "abc", "model_type": "llama 256M Q4_K - Medium", "n_threads": 2, "n_depth": 4096,
+       "n_prompt": 0, "n_gen": 128, "avg_ns": 1, "stddev_ns": 1, "avg_ts": 90.0, "stddev_ts": 0.5}
     ]"#;
 
     #[test]
@@ -174,6 +184,11 @@ mod tests {
                     test: "tg128".into(),
                     tokens_per_sec_mean: 140.0,
                     tokens_per_sec_std: 2.5
+                },
+                LlamaLine {
+                    test: "tg128 @ d4096".into(),
+                    tokens_per_sec_mean: 90.0,
+                    tokens_per_sec_std: 0.5
                 },
             ]
         );

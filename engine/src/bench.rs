@@ -24,6 +24,10 @@ pub struct BenchOptions {
     pub n_prompt: usize,
     /// Tokens generated for the `tg` test (0 skips it).
     pub n_gen: usize,
+    /// Context both tests start from (llama-bench's `-d`): this many tokens are run first, untimed, and
+    /// each repetition starts again from them — decoding deep in a context reads the whole KV cache per
+    /// token.
+    pub n_depth: usize,
     /// Repetitions of each test (after one untimed warm-up run).
     pub repetitions: usize,
     /// Where the arithmetic runs.
@@ -38,6 +42,7 @@ impl Default for BenchOptions {
         Self {
             n_prompt: 512,
             n_gen: 128,
+            n_depth: 0,
             repetitions: 3,
             backend: crate::backend::Backend::Cpu,
             numerics: crate::infer::Numerics::LlamaCpu,
@@ -88,16 +93,35 @@ pub fn run(
     let mut tokens = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.gen_range(0..vocab)).collect() };
     let mut lines = Vec::new();
     let reps = opts.repetitions.max(1);
+    let depth = opts.n_depth;
+    let longest = depth.saturating_add(opts.n_prompt.max(opts.n_gen));
+    model.check_context(longest.max(1), true)?;
+    let context = tokens(depth);
+    let name = |t: String| {
+        if depth > 0 {
+            format!("{t} @ d{depth}")
+        } else {
+            t
+        }
+    };
+    // A cache for `n` more tokens holding the context.
+    let start = |n: usize| -> Result<crate::infer::KvCache> {
+        let mut cache = model.new_cache(depth + n);
+        if depth > 0 {
+            model.forward(&context, &mut cache, Logits::None)?;
+        }
+        Ok(cache)
+    };
     if opts.n_prompt > 0 {
-        let test = format!("pp{}", opts.n_prompt);
-        let mut cache = model.new_cache(opts.n_prompt);
+        let test = name(format!("pp{}", opts.n_prompt));
+        let mut cache = start(opts.n_prompt)?;
         let mut speeds = Vec::with_capacity(reps);
         for rep in 0..=reps {
             if !progress(&test, rep) {
                 return Err(Error::Cancelled);
             }
             let prompt = tokens(opts.n_prompt);
-            cache.clear();
+            cache.truncate(depth);
             let t0 = Instant::now();
             model.forward(&prompt, &mut cache, Logits::Last)?;
             let secs = t0.elapsed().as_secs_f64();
@@ -108,15 +132,15 @@ pub fn run(
         lines.push(line(test, &speeds));
     }
     if opts.n_gen > 0 {
-        let test = format!("tg{}", opts.n_gen);
-        let mut cache = model.new_cache(opts.n_gen + 1);
+        let test = name(format!("tg{}", opts.n_gen));
+        let mut cache = start(opts.n_gen + 1)?;
         let mut speeds = Vec::with_capacity(reps);
         for rep in 0..=reps {
             if !progress(&test, rep) {
                 return Err(Error::Cancelled);
             }
             let gen = tokens(opts.n_gen);
-            cache.clear();
+            cache.truncate(depth);
             let t0 = Instant::now();
             for &t in &gen {
                 model.forward(&[t], &mut cache, Logits::Last)?;
@@ -338,5 +362,43 @@ mod tests {
         assert!((l.tokens_per_sec_mean - 12.0).abs() < 1e-12);
         assert!((l.tokens_per_sec_std - 2.0).abs() < 1e-12);
         assert_eq!(l.repetitions, 3);
+    }
+
+    /// With a depth both tests start from that context (named as llama-bench names them), and a context
+    /// no memory holds is refused before anything runs.
+    #[test]
+    fn depth_runs_both_tests_after_the_context() {
+        use crate::model::fixture::{fixture_tensor_refs, FixtureSpec};
+        let spec = FixtureSpec::tiny_llama();
+        let tensors = fixture_tensor_refs(&spec).expect("tensors");
+        let model = Model::from_parts(std::path::Path::new("fixture"), &spec.config(), &tensors)
+            .expect("model");
+        let opts = BenchOptions {
+            n_prompt: 5,
+            n_gen: 3,
+            n_depth: 9,
+            repetitions: 1,
+            ..BenchOptions::default()
+        };
+        let mut seen = Vec::new();
+        let report = run(&model, &opts, &mut |t, rep| {
+            seen.push((t.to_owned(), rep));
+            true
+        })
+        .expect("bench");
+        let names: Vec<&str> = report.lines.iter().map(|l| l.test.as_str()).collect();
+        assert_eq!(names, ["pp5 @ d9", "tg3 @ d9"]);
+        assert!(report.lines.iter().all(|l| l.tokens_per_sec_mean > 0.0));
+        assert_eq!(
+            seen.len(),
+            4,
+            "a warm-up and one timed run per test: {seen:?}"
+        );
+        let absurd = BenchOptions {
+            n_depth: usize::MAX / 2,
+            ..opts
+        };
+        let err = run(&model, &absurd, &mut |_, _| panic!("nothing may run")).unwrap_err();
+        assert!(matches!(err, Error::Invalid(_)), "{err}");
     }
 }

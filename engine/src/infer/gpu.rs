@@ -94,6 +94,11 @@ impl Model {
         let (h, hd, heads, kvh) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
         let (inter, vocab, layers) = (c.intermediate_size, c.vocab_size, c.num_layers);
         let cap = cache.capacity();
+        if cache.is_f16() {
+            return Err(Error::Invalid(
+                "an f16 KV cache (made for the llama-cpu arithmetic on the CPU) cannot run on the GPU".into(),
+            ));
+        }
         if cache.device.is_none() {
             cache.device = Some(gpu.alloc_kv(layers, kvh * cap * hd)?);
             cache.device_len = 0;

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, KvLayer};
 use super::numerics::{matmul_with, round_f16, Numerics};
 use crate::backend::sgemm::{product_packed, Packed, WLayout};
 use crate::backend::Backend;
@@ -490,13 +490,17 @@ impl Model {
         }
     }
 
-    /// An empty cache for up to `capacity_tokens` positions.
+    /// An empty cache for up to `capacity_tokens` positions: f16 (half the memory, as llama.cpp's default)
+    /// for the `llama-cpu` arithmetic on the CPU, whose keys and values are f16-rounded anyway, f32
+    /// otherwise (the exact arithmetic keeps them unrounded; the GPU's attention reads f32). Make it after
+    /// [`set_numerics`](Self::set_numerics): an f16 cache refuses the exact arithmetic.
     pub fn new_cache(&self, capacity_tokens: usize) -> KvCache {
         KvCache::new(
             self.cfg.num_layers,
             self.cfg.num_kv_heads,
             self.cfg.head_dim,
             capacity_tokens,
+            self.numerics == Numerics::LlamaCpu && self.backend == Backend::Cpu,
         )
     }
 
@@ -549,6 +553,13 @@ impl Model {
         {
             return Err(Error::Invalid(
                 "the KV cache was made for a different model".into(),
+            ));
+        }
+        if cache.is_f16() && (self.numerics != Numerics::LlamaCpu || self.backend == Backend::Gpu) {
+            return Err(Error::Invalid(
+                "this KV cache stores f16 keys and values (made for the llama-cpu arithmetic on the CPU): \
+                 the exact arithmetic and the GPU need an f32 one (make the cache after choosing them)"
+                    .into(),
             ));
         }
         if tokens.len() > cache.remaining() {
@@ -1011,27 +1022,53 @@ impl Model {
         let (nh, hd, cap) = (c.num_heads, c.head_dim, cache.capacity());
         let group = nh / c.num_kv_heads;
         let scale = (hd as f64).powf(-0.5) as f32;
-        let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
+        let kv = cache.layer(layer);
         // llama.cpp converts the probabilities to f16 before multiplying them with its f16 values.
         let f16_probs = self.numerics == Numerics::LlamaCpu;
         let backend = self.backend;
         let blocks = n.div_ceil(rows_per_task);
-        // A prompt's keys and values packed once per head group for the CPU's GEMM, not once per task.
-        let packed: Vec<(Packed, Packed)> = if backend == Backend::Cpu && blocks > 1 {
-            (0..c.num_kv_heads)
+        // An f16 cache's keys and values as f32, per head group, for the prompt's matrix products (a decoded
+        // row dots the f16 keys in place).
+        let widened: Vec<(Vec<f32>, Vec<f32>)> = match kv {
+            KvLayer::F16(k16, v16) if rows_per_task > 1 && n > 1 => (0..c.num_kv_heads)
                 .map(|g| {
-                    let len = p0 + n;
-                    let keys = &kc[g * cap * hd..(g * cap + len) * hd];
-                    let vals = &vc[g * cap * hd..(g * cap + len) * hd];
-                    (
-                        Packed::new(len, hd, keys, WLayout::RowMajor),
-                        Packed::new(hd, len, vals, WLayout::KMajor),
-                    )
+                    let at = 2 * g * cap * hd..2 * (g * cap + p0 + n) * hd;
+                    let mut k = vec![0f32; (p0 + n) * hd];
+                    let mut v = vec![0f32; (p0 + n) * hd];
+                    crate::simd::f16_to_f32(&k16[at.clone()], &mut k);
+                    crate::simd::f16_to_f32(&v16[at], &mut v);
+                    (k, v)
                 })
-                .collect()
-        } else {
-            Vec::new()
+                .collect(),
+            _ => Vec::new(),
         };
+        // Group g's keys and values over the first `len` positions as f32, where the prompt path needs them.
+        let f32_kv = |g: usize, len: usize| -> (&[f32], &[f32]) {
+            match kv {
+                KvLayer::F32(kc, vc) => (
+                    &kc[g * cap * hd..(g * cap + len) * hd],
+                    &vc[g * cap * hd..(g * cap + len) * hd],
+                ),
+                KvLayer::F16(..) => (&widened[g].0[..len * hd], &widened[g].1[..len * hd]),
+            }
+        };
+        // A prompt's keys and values packed once per head group for the CPU's GEMM, not once per task.
+        // (A one-row task dots the cache in place: nothing to pack.)
+        let packed: Vec<(Packed, Packed)> =
+            if backend == Backend::Cpu && blocks > 1 && rows_per_task > 1 {
+                (0..c.num_kv_heads)
+                    .map(|g| {
+                        let len = p0 + n;
+                        let (keys, vals) = f32_kv(g, len);
+                        (
+                            Packed::new(len, hd, keys, WLayout::RowMajor),
+                            Packed::new(hd, len, vals, WLayout::KMajor),
+                        )
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
         // On the spinning pool: decoding's nine-odd tasks per layer would wake rayon's sleeping workers.
         let dst = crate::backend::spin::Disjoint::new(out);
         crate::backend::spin::for_each(nh * blocks, &|task| {
@@ -1040,26 +1077,49 @@ impl Model {
             let r1 = (r0 + rows_per_task).min(n);
             let rows = r1 - r0;
             let g = head / group;
-            let keys = &kc[g * cap * hd..(g * cap + p0 + r1) * hd];
-            let vals = &vc[g * cap * hd..(g * cap + p0 + r1) * hd];
             let len = p0 + r1;
             let mut o = vec![0.0f32; rows * hd];
             if rows == 1 {
                 let qrow = &q[r0 * nh * hd + head * hd..][..hd];
-                let mut s: Vec<f32> = keys
-                    .chunks_exact(hd)
-                    .map(|kr| dot(qrow, kr) * scale)
-                    .collect();
+                // `dot_f16(k, q)` has the bits of `dot(q, k)` for the f16 values as f32 (the same
+                // accumulators and order), and a converted value row is exact.
+                let mut s: Vec<f32> = match kv {
+                    KvLayer::F32(kc, _) => kc[g * cap * hd..(g * cap + len) * hd]
+                        .chunks_exact(hd)
+                        .map(|kr| dot(qrow, kr) * scale)
+                        .collect(),
+                    KvLayer::F16(kc, _) => kc[2 * g * cap * hd..2 * (g * cap + len) * hd]
+                        .chunks_exact(2 * hd)
+                        .map(|kr| crate::simd::dot_f16(kr, qrow) * scale)
+                        .collect(),
+                };
                 softmax(&mut s);
                 if f16_probs {
                     round_f16(&mut s);
                 }
-                for (&p, vr) in s.iter().zip(vals.chunks_exact(hd)) {
+                let mut acc = |p: f32, vr: &[f32]| {
                     for (oo, &vv) in o.iter_mut().zip(vr) {
                         *oo += p * vv;
                     }
+                };
+                match kv {
+                    KvLayer::F32(_, vc) => {
+                        let vals = &vc[g * cap * hd..(g * cap + len) * hd];
+                        for (&p, vr) in s.iter().zip(vals.chunks_exact(hd)) {
+                            acc(p, vr);
+                        }
+                    }
+                    KvLayer::F16(_, vc) => {
+                        let vals = &vc[2 * g * cap * hd..2 * (g * cap + len) * hd];
+                        let mut vr = vec![0f32; hd];
+                        for (&p, v16) in s.iter().zip(vals.chunks_exact(2 * hd)) {
+                            crate::simd::f16_to_f32(v16, &mut vr);
+                            acc(p, &vr);
+                        }
+                    }
                 }
             } else {
+                let (keys, vals) = f32_kv(g, len);
                 let mut qb = vec![0.0f32; rows * hd];
                 for (r, dst) in qb.chunks_exact_mut(hd).enumerate() {
                     let src = (r0 + r) * nh * hd + head * hd;
@@ -1232,6 +1292,46 @@ mod tests {
         }
     }
 
+    /// In the llama-cpu arithmetic the f16 cache `new_cache` makes changes no logit bit against an f32 cache
+    /// (its keys and values are f16-rounded before they are stored), for a prompt (the widened, packed
+    /// path), one-token steps (the in-place f16 dots) and a second prompt after them; it takes half the
+    /// bytes; the exact arithmetic and the GPU refuse it.
+    #[test]
+    fn an_f16_cache_changes_no_bit_in_the_llama_cpu_arithmetic() {
+        let spec = FixtureSpec::tiny_qwen2();
+        let mut m = model(&spec);
+        m.set_numerics(Numerics::LlamaCpu);
+        let c = m.config().clone();
+        let toks = tokens(89);
+        let mut half = m.new_cache(96);
+        let mut full = KvCache::new(c.num_layers, c.num_kv_heads, c.head_dim, 96, false);
+        assert!(half.is_f16() && !full.is_f16());
+        assert_eq!(2 * half.allocated_bytes(), full.allocated_bytes());
+        // 70 rows: more than one attention block (packed keys); 15: one block (widened only).
+        let mut pieces = vec![&toks[..70]];
+        pieces.extend(toks[70..74].chunks(1));
+        pieces.push(&toks[74..89]);
+        for (i, p) in pieces.into_iter().enumerate() {
+            let a = m.forward(p, &mut half, Logits::All).expect("f16 cache");
+            let b = m.forward(p, &mut full, Logits::All).expect("f32 cache");
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "piece {i}: logits differ"
+            );
+        }
+        assert!(
+            !half.same_held(&full),
+            "stores of different types never compare equal"
+        );
+        m.set_numerics(Numerics::Exact);
+        let err = m.forward(&toks[..3], &mut m.new_cache(8).clone(), Logits::Last);
+        assert!(err.is_ok(), "a cache made for the exact arithmetic is f32");
+        let mut stale = half.clone();
+        stale.truncate(0);
+        let err = m.forward(&toks[..3], &mut stale, Logits::Last).unwrap_err();
+        assert!(err.to_string().contains("f16"), "{err}");
+    }
+
     #[test]
     fn forward_as_steps_equals_one_token_forwards_bit_for_bit() {
         for spec in [
@@ -1266,9 +1366,11 @@ mod tests {
                     assert!(same, "{:?} {numerics:?}: row {i} differs", spec.arch);
                 }
                 assert_eq!(batch.tokens(), steps.tokens());
-                for l in 0..batch.layers() {
-                    assert!(batch.k[l] == steps.k[l] && batch.v[l] == steps.v[l]);
-                }
+                assert_eq!(batch.is_f16(), numerics == Numerics::LlamaCpu);
+                assert!(
+                    batch.same_held(&steps),
+                    "{numerics:?}: keys and values differ"
+                );
             }
         }
     }

@@ -415,7 +415,7 @@ fn generate_job(
     };
     m.model
         .check_context(capacity, options.allow_long_context)?;
-    let mut kv = m.model.new_cache(capacity);
+    let mut kv = model_on.new_cache(capacity);
     let mut draft = load_draft(ctx, cache, &model_on, tok, options)?;
     let mut on_text = |s: &str| {
         ctx.emit(Event::Token {
