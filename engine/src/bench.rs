@@ -398,7 +398,8 @@ mod tests {
             n_depth: usize::MAX / 2,
             ..opts
         };
-        let err = run(&model, &absurd, &mut |_, _| panic!("nothing may run")).unwrap_err();
+        let err = run(&model, &absurd, &mut |_, _| panic!("nothing may run"))
+            .expect_err("an absurd depth is refused");
         assert!(matches!(err, Error::Invalid(_)), "{err}");
     }
 }

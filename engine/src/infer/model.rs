@@ -1328,7 +1328,9 @@ mod tests {
         assert!(err.is_ok(), "a cache made for the exact arithmetic is f32");
         let mut stale = half.clone();
         stale.truncate(0);
-        let err = m.forward(&toks[..3], &mut stale, Logits::Last).unwrap_err();
+        let err = m
+            .forward(&toks[..3], &mut stale, Logits::Last)
+            .expect_err("an f16 cache in the exact arithmetic");
         assert!(err.to_string().contains("f16"), "{err}");
     }
 
