@@ -59,6 +59,74 @@ pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
     }
 }
 
+/// Attention scores of one query against a run of cached keys: `out[j] = dot(q, key j) · scale`, each key
+/// `q.len()` values (f32 here, f16 in [`scores_f16`]), with the bits of [`dot`] (its 8 lanes, products then
+/// sums, its final order) — one dispatch for the run instead of one per key.
+pub fn scores_f32(keys: &[f32], q: &[f32], scale: f32, out: &mut [f32]) {
+    let hd = q.len();
+    assert!(hd > 0 && keys.len() == out.len() * hd);
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx2 {
+        return x86::scores(|j, i| x86::Row::F32(&keys[j * hd + i..]), q, scale, out);
+    }
+    for (o, k) in out.iter_mut().zip(keys.chunks_exact(hd)) {
+        *o = dot(q, k) * scale;
+    }
+}
+
+/// [`scores_f32`] over little-endian f16 keys (`2·q.len()` bytes each), each converted exactly.
+pub fn scores_f16(keys: &[u8], q: &[f32], scale: f32, out: &mut [f32]) {
+    let hd = q.len();
+    assert!(hd > 0 && keys.len() == out.len() * 2 * hd);
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx2 {
+        return x86::scores(
+            |j, i| x86::Row::F16(&keys[2 * (j * hd + i)..]),
+            q,
+            scale,
+            out,
+        );
+    }
+    let mut k = vec![0f32; hd];
+    for (o, kb) in out.iter_mut().zip(keys.chunks_exact(2 * hd)) {
+        f16_to_f32_scalar(kb, &mut k);
+        *o = dot(q, &k) * scale;
+    }
+}
+
+/// `o[i] += p[j] · value j [i]` for every cached value `j` in order (a product, then a sum, as the scalar
+/// loop computes it), the values f32 here, f16 in [`add_weighted_f16`].
+pub fn add_weighted_f32(p: &[f32], vals: &[f32], o: &mut [f32]) {
+    let hd = o.len();
+    assert!(vals.len() == p.len() * hd);
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx2 {
+        return x86::add_weighted(p, |j, i| x86::Row::F32(&vals[j * hd + i..]), o);
+    }
+    for (&pj, v) in p.iter().zip(vals.chunks_exact(hd)) {
+        for (oo, &vv) in o.iter_mut().zip(v) {
+            *oo += pj * vv;
+        }
+    }
+}
+
+/// [`add_weighted_f32`] over little-endian f16 values (`2·o.len()` bytes each).
+pub fn add_weighted_f16(p: &[f32], vals: &[u8], o: &mut [f32]) {
+    let hd = o.len();
+    assert!(vals.len() == p.len() * 2 * hd);
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx2 {
+        return x86::add_weighted(p, |j, i| x86::Row::F16(&vals[2 * (j * hd + i)..]), o);
+    }
+    let mut v = vec![0f32; hd];
+    for (&pj, vb) in p.iter().zip(vals.chunks_exact(2 * hd)) {
+        f16_to_f32_scalar(vb, &mut v);
+        for (oo, &vv) in o.iter_mut().zip(&v) {
+            *oo += pj * vv;
+        }
+    }
+}
+
 /// Σ a[i] · b[i].
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
@@ -152,6 +220,124 @@ mod x86 {
     pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
         // SAFETY: as above.
         unsafe { dot_f16_impl(w, x) }
+    }
+
+    /// Where a key or value row continues: f32 values, or f16 bytes.
+    pub enum Row<'a> {
+        F32(&'a [f32]),
+        F16(&'a [u8]),
+    }
+
+    impl Row<'_> {
+        /// The next 8 values as f32 (the row has at least 8 left).
+        #[inline]
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn load8(&self) -> __m256 {
+            match self {
+                Row::F32(r) => {
+                    assert!(r.len() >= 8);
+                    // SAFETY: 8 floats in bounds (asserted).
+                    unsafe { _mm256_loadu_ps(r.as_ptr()) }
+                }
+                Row::F16(r) => {
+                    assert!(r.len() >= 16);
+                    // SAFETY: 16 bytes in bounds (asserted).
+                    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(r.as_ptr().cast())) }
+                }
+            }
+        }
+
+        /// The value at `i` as f32.
+        fn at(&self, i: usize) -> f32 {
+            match self {
+                Row::F32(r) => r[i],
+                Row::F16(r) => half::f16::from_le_bytes([r[2 * i], r[2 * i + 1]]).to_f32(),
+            }
+        }
+    }
+
+    pub fn scores<'a>(
+        row: impl Fn(usize, usize) -> Row<'a>,
+        q: &[f32],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        // SAFETY: only called after `level()` saw avx2, fma and f16c on this CPU.
+        unsafe { scores_impl(row, q, scale, out) }
+    }
+
+    /// `super::dot`'s arithmetic: one 8-lane accumulator of products then sums, the tail in order, then
+    /// `(tail + ((a0 + a4) + (a1 + a5))) + ((a2 + a6) + (a3 + a7))`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scores_impl<'a>(
+        row: impl Fn(usize, usize) -> Row<'a>,
+        q: &[f32],
+        scale: f32,
+        out: &mut [f32],
+    ) {
+        let hd = q.len();
+        let full = hd / 8 * 8;
+        for (j, o) in out.iter_mut().enumerate() {
+            let mut acc = _mm256_setzero_ps();
+            for i in (0..full).step_by(8) {
+                // SAFETY: i + 8 <= hd: 8 floats of q in bounds.
+                let qv = unsafe { _mm256_loadu_ps(q.as_ptr().add(i)) };
+                acc = _mm256_add_ps(acc, _mm256_mul_ps(qv, row(j, i).load8()));
+            }
+            let mut tail = 0f32;
+            if full < hd {
+                let r = row(j, full);
+                for (k, &qv) in q[full..].iter().enumerate() {
+                    tail += qv * r.at(k);
+                }
+            }
+            let t = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+            let t = _mm_add_ps(t, _mm_movehdup_ps(t)); // lanes 0, 2: t0 + t1, t2 + t3
+            *o = ((tail + _mm_cvtss_f32(t)) + _mm_cvtss_f32(_mm_movehl_ps(t, t))) * scale;
+        }
+    }
+
+    pub fn add_weighted<'a>(p: &[f32], row: impl Fn(usize, usize) -> Row<'a>, o: &mut [f32]) {
+        // SAFETY: only called after `level()` saw avx2, fma and f16c on this CPU.
+        unsafe { add_weighted_impl(p, row, o) }
+    }
+
+    /// `o[i] = o[i] + p[j] · v[j][i]` for j in order (a product, then a sum), 64 outputs at a time held
+    /// in registers across all `j`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn add_weighted_impl<'a>(
+        p: &[f32],
+        row: impl Fn(usize, usize) -> Row<'a>,
+        o: &mut [f32],
+    ) {
+        let hd = o.len();
+        let full = hd / 8 * 8;
+        let mut c0 = 0;
+        while c0 < full {
+            let w = (full - c0).min(64) / 8;
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (k, a) in acc.iter_mut().enumerate().take(w) {
+                // SAFETY: c0 + 8k + 8 <= full <= hd.
+                *a = unsafe { _mm256_loadu_ps(o.as_ptr().add(c0 + 8 * k)) };
+            }
+            for (j, &pj) in p.iter().enumerate() {
+                let pv = _mm256_set1_ps(pj);
+                for (k, a) in acc.iter_mut().enumerate().take(w) {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, row(j, c0 + 8 * k).load8()));
+                }
+            }
+            for (k, a) in acc.iter().enumerate().take(w) {
+                // SAFETY: as the loads above.
+                unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(c0 + 8 * k), *a) };
+            }
+            c0 += 8 * w;
+        }
+        for (j, &pj) in p.iter().enumerate() {
+            let r = row(j, full);
+            for (k, oo) in o[full..].iter_mut().enumerate() {
+                *oo += pj * r.at(k);
+            }
+        }
     }
 
     pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -371,6 +557,62 @@ mod tests {
             assert!((d - r).abs() <= 1e-4 * (1.0 + r.abs()), "n={n}: {d} vs {r}");
             let (d, r) = (dot_f32(&a, &x), dot(&a, &x));
             assert!((d - r).abs() <= 1e-4 * (1.0 + r.abs()), "n={n}: {d} vs {r}");
+        }
+    }
+
+    /// Attention scores and weighted value sums over f32 and f16 rows have the bits of the scalar loops
+    /// the attention used to run (`dot(q, k) · scale`; `o += p · v` in order), at head sizes with and
+    /// without an 8-value tail.
+    #[test]
+    fn attention_kernels_equal_the_scalar_loops_bit_for_bit() {
+        let mut seed = 7u64;
+        let mut rnd = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 6.0
+        };
+        for hd in [1, 7, 16, 64, 80, 100, 128, 136] {
+            let len = 37;
+            let q: Vec<f32> = (0..hd).map(|_| rnd()).collect();
+            let k32: Vec<f32> = (0..len * hd)
+                .map(|_| half::f16::from_f32(rnd()).to_f32())
+                .collect();
+            let k16: Vec<u8> = k32
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect();
+            let want: Vec<u32> = k32
+                .chunks_exact(hd)
+                .map(|k| (dot(&q, k) * 0.125).to_bits())
+                .collect();
+            let (mut a, mut b) = (vec![0f32; len], vec![0f32; len]);
+            scores_f32(&k32, &q, 0.125, &mut a);
+            scores_f16(&k16, &q, 0.125, &mut b);
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want,
+                "hd {hd}"
+            );
+            assert_eq!(
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want,
+                "hd {hd}"
+            );
+            let p: Vec<f32> = (0..len).map(|_| rnd().abs() / 7.0).collect();
+            let start: Vec<f32> = (0..hd).map(|_| rnd()).collect();
+            let mut want = start.clone();
+            for (&pj, v) in p.iter().zip(k32.chunks_exact(hd)) {
+                for (o, &vv) in want.iter_mut().zip(v) {
+                    *o += pj * vv;
+                }
+            }
+            let (mut a, mut b) = (start.clone(), start.clone());
+            add_weighted_f32(&p, &k32, &mut a);
+            add_weighted_f16(&p, &k16, &mut b);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a), bits(&want), "hd {hd}");
+            assert_eq!(bits(&b), bits(&want), "hd {hd}");
         }
     }
 
