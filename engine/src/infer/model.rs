@@ -1027,19 +1027,26 @@ impl Model {
         let f16_probs = self.numerics == Numerics::LlamaCpu;
         let backend = self.backend;
         let blocks = n.div_ceil(rows_per_task);
-        // An f16 cache's keys and values as f32, per head group, for the prompt's matrix products (a decoded
-        // row dots the f16 keys in place).
+        // A prompt's keys and values packed once per head group for the CPU's GEMM, not once per task (a
+        // one-row task dots the cache in place: nothing to pack).
+        let pack = backend == Backend::Cpu && blocks > 1 && rows_per_task > 1;
+        let len_all = p0 + n;
+        // An f16 cache's keys and values of group g as f32, for the prompt's matrix products.
+        let widen = |g: usize| -> (Vec<f32>, Vec<f32>) {
+            let KvLayer::F16(k16, v16) = kv else {
+                unreachable!("only an f16 cache is widened")
+            };
+            let at = 2 * g * cap * hd..2 * (g * cap + len_all) * hd;
+            let mut k = vec![0f32; len_all * hd];
+            let mut v = vec![0f32; len_all * hd];
+            crate::simd::f16_to_f32(&k16[at.clone()], &mut k);
+            crate::simd::f16_to_f32(&v16[at], &mut v);
+            (k, v)
+        };
         let widened: Vec<(Vec<f32>, Vec<f32>)> = match kv {
-            KvLayer::F16(k16, v16) if rows_per_task > 1 && n > 1 => (0..c.num_kv_heads)
-                .map(|g| {
-                    let at = 2 * g * cap * hd..2 * (g * cap + p0 + n) * hd;
-                    let mut k = vec![0f32; (p0 + n) * hd];
-                    let mut v = vec![0f32; (p0 + n) * hd];
-                    crate::simd::f16_to_f32(&k16[at.clone()], &mut k);
-                    crate::simd::f16_to_f32(&v16[at], &mut v);
-                    (k, v)
-                })
-                .collect(),
+            KvLayer::F16(..) if rows_per_task > 1 && n > 1 && !pack => {
+                (0..c.num_kv_heads).map(widen).collect()
+            }
             _ => Vec::new(),
         };
         // Group g's keys and values over the first `len` positions as f32, where the prompt path needs them.
@@ -1052,23 +1059,34 @@ impl Model {
                 KvLayer::F16(..) => (&widened[g].0[..len * hd], &widened[g].1[..len * hd]),
             }
         };
-        // A prompt's keys and values packed once per head group for the CPU's GEMM, not once per task.
-        // (A one-row task dots the cache in place: nothing to pack.)
-        let packed: Vec<(Packed, Packed)> =
-            if backend == Backend::Cpu && blocks > 1 && rows_per_task > 1 {
-                (0..c.num_kv_heads)
-                    .map(|g| {
-                        let len = p0 + n;
-                        let (keys, vals) = f32_kv(g, len);
+        // The groups packed side by side on rayon's threads (one thread packing them all while the other
+        // waited was a visible part of a prompt deep in a context).
+        let packed: Vec<(Packed, Packed)> = if pack {
+            use rayon::prelude::*;
+            (0..c.num_kv_heads)
+                .into_par_iter()
+                .map(|g| {
+                    let one = |keys: &[f32], vals: &[f32]| {
                         (
-                            Packed::new(len, hd, keys, WLayout::RowMajor),
-                            Packed::new(hd, len, vals, WLayout::KMajor),
+                            Packed::new(len_all, hd, keys, WLayout::RowMajor),
+                            Packed::new(hd, len_all, vals, WLayout::KMajor),
                         )
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
+                    };
+                    match kv {
+                        KvLayer::F32(..) => {
+                            let (keys, vals) = f32_kv(g, len_all);
+                            one(keys, vals)
+                        }
+                        KvLayer::F16(..) => {
+                            let (keys, vals) = widen(g);
+                            one(&keys, &vals)
+                        }
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         // On the spinning pool: decoding's nine-odd tasks per layer would wake rayon's sleeping workers.
         let dst = crate::backend::spin::Disjoint::new(out);
         crate::backend::spin::for_each(nh * blocks, &|task| {
@@ -1102,17 +1120,24 @@ impl Model {
                     KvLayer::F16(_, vc) => crate::simd::add_weighted_f16(&s, &vc[span(2)], &mut o),
                 }
             } else {
-                let (keys, vals) = f32_kv(g, len);
+                // Only where the group is not packed (`f32_kv` has nothing for a packed f16 group).
+                let kv_f32 = || f32_kv(g, len);
                 let mut qb = vec![0.0f32; rows * hd];
                 for (r, dst) in qb.chunks_exact_mut(hd).enumerate() {
                     let src = (r0 + r) * nh * hd + head * hd;
                     dst.copy_from_slice(&q[src..src + hd]);
                 }
-                let mut s = vec![0.0f32; rows * len];
+                // The score matrix in this worker's buffer, kept from call to call: deep in a context it is
+                // megabytes, and a fresh one per task was an mmap and a page fault per 4 KiB (12 % of a
+                // prompt at depth 4096).
+                let mut buf = SCORES.with(|b| std::mem::take(&mut *b.borrow_mut()));
+                buf.clear();
+                buf.resize(rows * len, 0.0);
+                let s = &mut buf[..];
                 if let Some((pk, _)) = packed.get(g) {
-                    product_packed(rows, len, hd, &qb, pk, &mut s);
+                    product_packed(rows, len, hd, &qb, pk, s);
                 } else {
-                    backend.sgemm_nt(rows, len, hd, &qb, keys, &mut s);
+                    backend.sgemm_nt(rows, len, hd, &qb, kv_f32().0, s);
                 }
                 for (r, srow) in s.chunks_exact_mut(len).enumerate() {
                     let visible = p0 + r0 + r + 1;
@@ -1127,10 +1152,11 @@ impl Model {
                     masked.fill(0.0);
                 }
                 if let Some((_, pv)) = packed.get(g) {
-                    product_packed(rows, hd, len, &s, pv, &mut o);
+                    product_packed(rows, hd, len, s, pv, &mut o);
                 } else {
-                    backend.sgemm_nn(rows, hd, len, &s, vals, &mut o);
+                    backend.sgemm_nn(rows, hd, len, s, kv_f32().1, &mut o);
                 }
+                SCORES.with(|b| *b.borrow_mut() = buf);
             }
             // Task (head, block) owns rows r0..r1 of its head's columns.
             for (r, src) in o.chunks_exact(hd).enumerate() {
@@ -1141,6 +1167,11 @@ impl Model {
             }
         });
     }
+}
+
+thread_local! {
+    /// A worker's attention score matrix (`rows × positions`), reused from task to task.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// In-place RMSNorm of each row: `x · rsqrt(mean(x²) + eps) · w`.
