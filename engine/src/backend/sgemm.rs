@@ -340,7 +340,8 @@ fn pack_f16(k0: usize, kl: usize, rows: &[&[u8]], dst: &mut [f32]) {
         let group = &rows[p * NR..(p * NR + NR).min(rows.len())];
         #[cfg(target_arch = "x86_64")]
         let done = if group.len() == NR && avx512() {
-            let cut: Vec<&[u8]> = group.iter().map(|r| &r[2 * k0..2 * (k0 + kl)]).collect();
+            // The block's columns of the 16 rows (on the stack: this runs per panel and column block).
+            let cut: [&[u8]; NR] = std::array::from_fn(|j| &group[j][2 * k0..2 * (k0 + kl)]);
             // SAFETY: AVX-512 F detected; 16 rows of 2·kl bytes, a panel block of kl·16.
             unsafe { x86::transpose_panel_f16(&cut, kl, panel) }
         } else {
