@@ -10,8 +10,11 @@
 //! token's row are the same numbers. A tensor is repacked the first time it decodes (the copy
 //! lives as long as the tensor; its size is within 3 % of the weight's), and only where the CPU has AVX-512
 //! VNNI. Decoding is bound by memory bandwidth, so the layouts carry no byte the stored blocks do not (the
-//! k-quants' scales stay bytes, their `d` stays f16: widening them had cost 10–23 % of decoding speed), and
-//! start every panel block on a cache line.
+//! k-quants' scales stay bytes, their `d` stays f16: widening them had cost 10–23 % of decoding speed),
+//! start every panel block on a cache line, and are read front to back in the order the kernels use them,
+//! with no software prefetch: the hardware prefetchers keep up with a forward stream (prefetching ahead
+//! into L2 had cost 2–10 %, and was needed only while Q6_K's block was read out of order — without it that
+//! layout decoded at half speed).
 
 use super::cpu_q8::{tile_bias, Q8Row};
 use crate::codecs::GgmlType;
@@ -19,11 +22,6 @@ use crate::tensor::TensorRef;
 
 /// Rows per panel.
 const PANEL: usize = 16;
-/// How many k panel blocks ahead the kernel prefetches into L2 (each is ~3 KB).
-const AHEAD: usize = 6;
-/// How many Q8_0-family panel blocks ahead (each is 288–576 bytes).
-const AHEAD_Q8: usize = 16;
-
 /// The repacked weights of `w`, built the first time (kept in the tensor's [`crate::tensor::Derived`], shared
 /// by its clones), or `None` where the tensor's type or the CPU has no repacked kernel (or a clone of the
 /// tensor now reads its rows in another order than the one they were repacked in).
@@ -141,7 +139,8 @@ impl Repacked {
     /// (unsigned and signed), sub-block `s` of row `r` at `16s + r`, Q4_K's mins likewise; Q6_K's per 16 as
     /// signed bytes, pair `p` (sub-blocks `2p`, `2p + 1`) of row `r` at `2·(16p + r)`; then the codes: Q4_K
     /// and IQ4_XS the stored nibble bytes `4k..4k + 4` of row `r` at `k·64 + r·4`; Q6_K its low-nibble bytes
-    /// likewise, then its high-bit bytes `4k..4k + 4` (k < 16).
+    /// and its high-bit bytes `4k..4k + 4` (k < 16) likewise, at the slots of [`q6_slot`] (the kernel's
+    /// reading order).
     fn new_k(w: &TensorRef, ty: GgmlType) -> Self {
         let (rows, cols) = (w.rows(), w.cols());
         let nb = cols / 256;
@@ -183,12 +182,12 @@ impl Repacked {
                     _ => (&blk[..128], Some(&blk[128..192])),
                 };
                 for kk in 0..32 {
-                    let at = off.qs + kk * 64 + lane * 4;
+                    let at = off.qs + q6_slot(qh.is_some(), kk) * 64 + lane * 4;
                     dst[at..at + 4].copy_from_slice(&qs[4 * kk..4 * kk + 4]);
                 }
                 if let Some(qh) = qh {
                     for kk in 0..16 {
-                        let at = off.qs + 2048 + kk * 64 + lane * 4;
+                        let at = off.qs + 3 * kk * 64 + lane * 4;
                         dst[at..at + 4].copy_from_slice(&qh[4 * kk..4 * kk + 4]);
                     }
                 }
@@ -347,6 +346,18 @@ const fn koff(ty: GgmlType) -> KOff {
     }
 }
 
+/// Where code vector `k` (stored bytes `4k..4k + 4` of each row) sits among a panel block's code vectors:
+/// in order for Q4_K and IQ4_XS; for Q6_K in the order its kernel reads them, so a block is read front to
+/// back (the hardware prefetchers follow only forward streams): per `(h, kk)` (`h < 2`, `kk < 8`) the
+/// high-bit vector `8h + kk` at `3·(8h + kk)`, then low-nibble vectors `16h + kk` and `16h + 8 + kk`.
+const fn q6_slot(q6: bool, k: usize) -> usize {
+    if !q6 {
+        return k;
+    }
+    let (h, s, kk) = (k / 16, (k / 8) % 2, k % 8);
+    3 * (8 * h + kk) + 1 + s
+}
+
 /// Bytes of one k panel block (a whole number of cache lines).
 fn k_block_bytes(ty: GgmlType) -> usize {
     koff(ty).qs + if ty == GgmlType::Q6K { 3072 } else { 2048 }
@@ -373,7 +384,7 @@ pub fn repackable(ty: GgmlType) -> bool {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86 {
-    use super::{Q8Row, Repacked, AHEAD, AHEAD_Q8, PANEL};
+    use super::{Q8Row, Repacked, PANEL};
     use crate::codecs::GgmlType;
     use std::arch::x86_64::*;
 
@@ -486,15 +497,7 @@ mod x86 {
                 let m4 = _mm512_set1_epi8(0x0F);
                 let lo = |q: __m512i| _mm512_and_si512(q, m4);
                 let hi = |q: __m512i| _mm512_and_si512(_mm512_srli_epi16::<4>(q), m4);
-                // Each vector read with the same line AHEAD blocks on prefetched into L2: without it the
-                // first reads of every ~3 KB block stalled on memory; into L1 it evicted the block in use.
-                let vec = |k: usize| {
-                    _mm_prefetch::<_MM_HINT_T1>(qs.wrapping_add(k * 64 + AHEAD * kb).cast());
-                    _mm512_loadu_si512(qs.add(k * 64).cast())
-                };
-                for line in 0..off.qs / 64 {
-                    _mm_prefetch::<_MM_HINT_T1>(blk.wrapping_add(AHEAD * kb + 64 * line).cast());
-                }
+                let vec = |k: usize| _mm512_loadu_si512(qs.add(k * 64).cast());
                 // The stored vectors in storage order (a sequential read), each nibble half into the
                 // sub-block it belongs to; then each sub-block's sum times its scale.
                 match T {
@@ -546,8 +549,9 @@ mod x86 {
                             // (the index does not depend on kk, so the accumulators stay in registers).
                             let mut u = [[_mm512_setzero_si512(); C]; 4];
                             for kk in 4 * half..4 * half + 4 {
-                                let qh = vec(32 + 8 * h + kk);
-                                let (q0, q1) = (vec(16 * h + kk), vec(16 * h + 8 + kk));
+                                // Slots in storage order (`q6_slot`).
+                                let at = 3 * (8 * h + kk);
+                                let (qh, q0, q1) = (vec(at), vec(at + 1), vec(at + 2));
                                 // Bits 2m, 2m + 1 of each byte to bits 4, 5 (the shifts stay inside the
                                 // byte for the bits kept).
                                 let hb = [
@@ -691,12 +695,6 @@ mod x86 {
             // SAFETY: panel p's block b lies in `data`; the tokens' block b lies in their rows (asserted).
             unsafe {
                 let blk = base.add(b * parts.bytes);
-                // Keep the stream ~5 KB ahead, into L2 (prefetching into L1 that far evicts what is in
-                // use).
-                let ahead = blk.wrapping_add(AHEAD_Q8 * parts.bytes);
-                for line in (0..parts.bytes).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(line).cast());
-                }
                 let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.cast()));
                 let mut s: [__m512i; C] =
                     std::array::from_fn(|c| _mm512_set1_epi32(*corr[c].get_unchecked(b)));
