@@ -414,9 +414,9 @@ fn k_block(ty: GgmlType, blk: &[u8], w: &mut [i8; 256]) -> KScales {
 
 /// The Q8_K family's per-block float step, shared by the scalar and vector code.
 #[inline]
-fn k_accumulate(acc: f32, k: &KScales, dx: f32, sumi: i32, summ: i32) -> f32 {
-    let acc = (k.d * dx).mul_add(sumi as f32, acc);
-    (-(k.dmin * dx)).mul_add(summ as f32, acc)
+fn k_accumulate(acc: f32, d: f32, dmin: f32, dx: f32, sumi: i32, summ: i32) -> f32 {
+    let acc = (d * dx).mul_add(sumi as f32, acc);
+    (-(dmin * dx)).mul_add(summ as f32, acc)
 }
 
 /// `Σ_s min_s · bsum_s` of one block.
@@ -447,7 +447,7 @@ pub(super) fn vec_dot_k_scalar(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
             })
             .sum();
         let summ = k_mins(&k, &x.bsums[16 * b..16 * b + 16]);
-        acc = k_accumulate(acc, &k, x.d[b], sumi, summ);
+        acc = k_accumulate(acc, k.d, k.dmin, x.d[b], sumi, summ);
     }
     acc
 }
@@ -740,66 +740,118 @@ pub(super) mod x86 {
         }
     }
 
-    /// The 256 codes of one block handed to `st` as eight chunks of 32 (`st(offset, codes)`), each chunk
-    /// once: decoding and consuming without a trip through memory.
+    pub(crate) const Q2K: u8 = 10;
+    pub(crate) const Q3K: u8 = 11;
+    pub(crate) const Q4K: u8 = 12;
+    pub(crate) const Q5K: u8 = 13;
+    pub(crate) const Q6K: u8 = 14;
+    pub(crate) const IQ4XS: u8 = 15;
+
+    /// What [`k_chunks`]' codes of `T` carry above the signed codes: Q3_K 4, Q6_K 32 (their stored codes
+    /// are unsigned), 0 for the rest (IQ4_XS's table values are signed, the other types' codes unsigned).
+    const fn k_chunk_bias<const T: u8>() -> i32 {
+        match T {
+            Q3K => 4,
+            Q6K => 32,
+            _ => 0,
+        }
+    }
+
+    /// Bytes per block of the k type `T`.
+    const fn k_block_bytes<const T: u8>() -> usize {
+        match T {
+            Q2K => 84,
+            Q3K => 110,
+            Q4K => 144,
+            Q5K => 176,
+            Q6K => 210,
+            _ => 136,
+        }
+    }
+
+    /// The 256 codes of one block of `ty` handed to `st` as eight chunks of 32 (`st(offset, codes)`), as
+    /// the signed codes of [`super::k_codes`].
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn k_codes_with(ty: GgmlType, blk: &[u8], mut st: impl FnMut(usize, __m256i)) {
-        let p = blk.as_ptr();
+        #[inline(always)]
+        unsafe fn signed<const T: u8>(blk: &[u8], st: &mut impl FnMut(usize, __m256i)) {
+            assert!(blk.len() >= k_block_bytes::<T>());
+            let bias = _mm256_set1_epi8(k_chunk_bias::<T>() as i8);
+            // SAFETY: `blk` holds one whole block (asserted).
+            unsafe { k_chunks::<T>(blk.as_ptr(), |at, v| st(at, _mm256_sub_epi8(v, bias))) }
+        }
+        // SAFETY: forwarded (AVX2 is enabled on this function).
+        unsafe {
+            match ty {
+                GgmlType::Q2K => signed::<Q2K>(blk, &mut st),
+                GgmlType::Q3K => signed::<Q3K>(blk, &mut st),
+                GgmlType::Q4K => signed::<Q4K>(blk, &mut st),
+                GgmlType::Q5K => signed::<Q5K>(blk, &mut st),
+                GgmlType::Q6K => signed::<Q6K>(blk, &mut st),
+                GgmlType::Iq4Xs => signed::<IQ4XS>(blk, &mut st),
+                _ => unreachable!("Q8_K-family codes of {ty:?}"),
+            }
+        }
+    }
+
+    /// The 256 codes of one block of `T` at `p` handed to `st` as eight chunks of 32 (`st(offset, codes)`),
+    /// each chunk once, decoding and consuming without a trip through memory: the stored unsigned codes
+    /// (Q3_K's and Q6_K's [`k_chunk_bias`] above the signed ones), IQ4_XS's signed table values.
+    #[inline(always)]
+    unsafe fn k_chunks<const T: u8>(p: *const u8, mut st: impl FnMut(usize, __m256i)) {
         let m15 = _mm256_set1_epi8(15);
         let m3 = _mm256_set1_epi8(3);
-        let one = _mm256_set1_epi8(1);
-        // SAFETY (all loads and stores below): every offset is inside the type's block (`blk` holds one
-        // whole block) or inside the 256 codes.
+        // SAFETY (all loads below): the caller passes one whole block of `T` at `p`; every offset is
+        // inside it.
         unsafe {
             let ld = |off: usize| _mm256_loadu_si256(p.add(off).cast());
-            match ty {
-                GgmlType::Q2K | GgmlType::Q3K => {
-                    let (qs, bias) = if ty == GgmlType::Q2K {
-                        (16, 0)
-                    } else {
-                        (32, 4)
-                    };
+            match T {
+                Q2K | Q3K => {
+                    let qs = if T == Q2K { 16 } else { 32 };
                     let hmask = ld(0);
                     for h in 0..2 {
                         let q = ld(qs + 32 * h);
+                        // Shifts by constants: the loops unroll.
                         for g in 0..4 {
                             let sh = _mm_cvtsi32_si128((2 * g) as i32);
                             let mut c = _mm256_and_si256(_mm256_srl_epi16(q, sh), m3);
-                            if bias != 0 {
+                            if T == Q3K {
+                                // The third bit, bit 4h + g of hmask's byte, to bit 2.
                                 let hb = _mm_cvtsi32_si128((4 * h + g) as i32);
-                                let hi = _mm256_and_si256(_mm256_srl_epi16(hmask, hb), one);
-                                c = _mm256_sub_epi8(
-                                    _mm256_or_si256(c, _mm256_slli_epi16(hi, 2)),
-                                    _mm256_set1_epi8(4),
+                                let hi = _mm256_and_si256(
+                                    _mm256_srl_epi16(hmask, hb),
+                                    _mm256_set1_epi8(1),
                                 );
+                                c = _mm256_or_si256(c, _mm256_slli_epi16(hi, 2));
                             }
                             st(128 * h + 32 * g, c);
                         }
                     }
                 }
-                GgmlType::Q4K | GgmlType::Q5K => {
-                    let qs = if ty == GgmlType::Q4K { 16 } else { 48 };
+                Q4K | Q5K => {
+                    let qs = if T == Q4K { 16 } else { 48 };
                     let qh = ld(16);
+                    let one = _mm256_set1_epi8(1);
                     for c in 0..4 {
                         let q = ld(qs + 32 * c);
                         let mut lo = _mm256_and_si256(q, m15);
                         let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m15);
-                        if ty == GgmlType::Q5K {
-                            let s0 = _mm_cvtsi32_si128((2 * c) as i32);
-                            let s1 = _mm_cvtsi32_si128((2 * c + 1) as i32);
-                            let b0 = _mm256_and_si256(_mm256_srl_epi16(qh, s0), one);
-                            let b1 = _mm256_and_si256(_mm256_srl_epi16(qh, s1), one);
-                            lo = _mm256_or_si256(lo, _mm256_slli_epi16(b0, 4));
-                            hi = _mm256_or_si256(hi, _mm256_slli_epi16(b1, 4));
+                        if T == Q5K {
+                            // Fifth bits 2c and 2c + 1 of each byte of qh, to bit 4.
+                            let bit = |k: usize| {
+                                let v = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(k as i32));
+                                _mm256_slli_epi16(_mm256_and_si256(v, one), 4)
+                            };
+                            lo = _mm256_or_si256(lo, bit(2 * c));
+                            hi = _mm256_or_si256(hi, bit(2 * c + 1));
                         }
                         st(64 * c, lo);
                         st(64 * c + 32, hi);
                     }
                 }
-                GgmlType::Q6K => {
+                Q6K => {
                     let m30 = _mm256_set1_epi8(0x30);
-                    let b32 = _mm256_set1_epi8(32);
                     for h in 0..2 {
                         let (l0, l1, qh) = (ld(64 * h), ld(64 * h + 32), ld(128 + 32 * h));
                         // Bits 2m, 2m+1 of qh to bits 4, 5 of each byte (the shifts cross bytes
@@ -808,36 +860,197 @@ pub(super) mod x86 {
                         let h1 = _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30);
                         let h2 = _mm256_and_si256(qh, m30);
                         let h3 = _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30);
-                        let n = |v: __m256i, hi: bool| {
-                            if hi {
-                                _mm256_and_si256(_mm256_srli_epi16(v, 4), m15)
-                            } else {
-                                _mm256_and_si256(v, m15)
-                            }
-                        };
-                        let c = |l, hb| _mm256_sub_epi8(_mm256_or_si256(l, hb), b32);
-                        st(128 * h, c(n(l0, false), h0));
-                        st(128 * h + 32, c(n(l1, false), h1));
-                        st(128 * h + 64, c(n(l0, true), h2));
-                        st(128 * h + 96, c(n(l1, true), h3));
+                        let lo = |v: __m256i| _mm256_and_si256(v, m15);
+                        let hi = |v: __m256i| _mm256_and_si256(_mm256_srli_epi16(v, 4), m15);
+                        st(128 * h, _mm256_or_si256(lo(l0), h0));
+                        st(128 * h + 32, _mm256_or_si256(lo(l1), h1));
+                        st(128 * h + 64, _mm256_or_si256(hi(l0), h2));
+                        st(128 * h + 96, _mm256_or_si256(hi(l1), h3));
                     }
                 }
-                GgmlType::Iq4Xs => {
+                _ => {
                     let table = iq4_table();
                     for ib in 0..8 {
                         let nib = nibbles16(p.add(8 + 16 * ib));
                         st(32 * ib, _mm256_shuffle_epi8(table, nib));
                     }
                 }
-                _ => unreachable!("Q8_K-family codes of {ty:?}"),
             }
         }
     }
 
-    /// [`super::vec_dot`] of the Q8_K family: codes decoded with [`k_codes`], the integer sums with AVX2,
-    /// the float step shared with the scalar reference.
+    /// One block's per-16 scales and (Q2_K, Q4_K, Q5_K) mins as 16 `i16` lanes each, and its `d`, `dmin`:
+    /// the numbers of [`super::k_scales`], decoded with vector operations where the layout allows.
+    #[inline(always)]
+    unsafe fn k_scale_vecs<const T: u8>(p: *const u8) -> (__m256i, __m256i, f32, f32) {
+        let f16 = |off: usize| {
+            // SAFETY: inside the block (the caller passes a whole one).
+            half::f16::from_bits(unsafe { p.add(off).cast::<u16>().read_unaligned() }).to_f32()
+        };
+        let zero = _mm256_setzero_si256();
+        // SAFETY: every read lies in the block.
+        unsafe {
+            match T {
+                Q2K => {
+                    let v = _mm_loadu_si128(p.cast());
+                    let m15 = _mm_set1_epi8(15);
+                    let sc = _mm256_cvtepu8_epi16(_mm_and_si128(v, m15));
+                    let mn = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), m15));
+                    (sc, mn, f16(80), f16(82))
+                }
+                Q3K => {
+                    // Sixteen 6-bit scales from 12 bytes, four at a time: low nibbles of bytes 0–7, then
+                    // their high nibbles, each with two bits of bytes 8–11 above; less 32.
+                    let w = |k: usize| p.add(96 + 4 * k).cast::<u32>().read_unaligned();
+                    let (a0, a1, t) = (w(0), w(1), w(2));
+                    let (m4, m2) = (0x0F0F_0F0Fu32, 0x0303_0303u32);
+                    let v = _mm_setr_epi32(
+                        ((a0 & m4) | ((t & m2) << 4)) as i32,
+                        ((a1 & m4) | (((t >> 2) & m2) << 4)) as i32,
+                        (((a0 >> 4) & m4) | (((t >> 4) & m2) << 4)) as i32,
+                        (((a1 >> 4) & m4) | (((t >> 6) & m2) << 4)) as i32,
+                    );
+                    let sc = _mm256_sub_epi16(_mm256_cvtepu8_epi16(v), _mm256_set1_epi16(32));
+                    (sc, zero, f16(108), 0.0)
+                }
+                Q4K | Q5K => {
+                    // Six-bit scales and mins of the eight sub-blocks of 32 from 12 bytes, four at a time.
+                    let w = |k: usize| p.add(4 + 4 * k).cast::<u32>().read_unaligned();
+                    let (u0, u1, u2) = (w(0), w(1), w(2));
+                    let (m6, m4, m2) = (0x3F3F_3F3Fu32, 0x0F0F_0F0Fu32, 0x0303_0303u32);
+                    let sc =
+                        u64::from(u0 & m6) | u64::from((u2 & m4) | (((u0 >> 6) & m2) << 4)) << 32;
+                    let mn = u64::from(u1 & m6)
+                        | u64::from(((u2 >> 4) & m4) | (((u1 >> 6) & m2) << 4)) << 32;
+                    // Each per-32 value for both of its halves of 16.
+                    let dup = |v: u64| {
+                        let b = _mm_cvtsi64_si128(v as i64);
+                        _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(b, b))
+                    };
+                    (dup(sc), dup(mn), f16(0), f16(2))
+                }
+                Q6K => (
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(192).cast())),
+                    zero,
+                    f16(208),
+                    0.0,
+                ),
+                _ => {
+                    // Eight 6-bit scales (one per 32 codes): nibble ib of bytes 4–7 (low nibble first)
+                    // with bits 2ib, 2ib + 1 of the u16 at 2 above; less 32.
+                    let l = p.add(4).cast::<u32>().read_unaligned();
+                    let h = u64::from(p.add(2).cast::<u16>().read_unaligned());
+                    let nib = _mm_unpacklo_epi8(
+                        _mm_cvtsi32_si128((l & 0x0F0F_0F0F) as i32),
+                        _mm_cvtsi32_si128(((l >> 4) & 0x0F0F_0F0F) as i32),
+                    );
+                    let mut high = 0u64;
+                    for ib in 0..8 {
+                        high |= ((h >> (2 * ib)) & 3) << (8 * ib + 4);
+                    }
+                    let b = _mm_or_si128(nib, _mm_cvtsi64_si128(high as i64));
+                    let sc = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(b, b));
+                    (
+                        _mm256_sub_epi16(sc, _mm256_set1_epi16(32)),
+                        zero,
+                        f16(0),
+                        0.0,
+                    )
+                }
+            }
+        }
+    }
+
+    /// Chunk `c`'s (codes `32c..32c + 32`) pair sums `p` times their scales, added to `sum`: `lo`/`hi`
+    /// hold the block's 16 scales each duplicated into both halves of a 32-bit lane
+    /// (`unpacklo/hi_epi16(sc, sc)`: lo = scales 0–3 and 8–11, hi = 4–7 and 12–15), and the chunk's pair
+    /// of scales (`2c`, `2c + 1`) is spread over the lanes of its first and second 16 codes.
+    #[inline(always)]
+    unsafe fn scaled(sum: __m256i, p: __m256i, lo: __m256i, hi: __m256i, c: usize) -> __m256i {
+        let base = (2 * (c % 2) + 4 * (c / 4)) as i32;
+        let idx = _mm256_setr_epi32(
+            base,
+            base,
+            base,
+            base,
+            base + 1,
+            base + 1,
+            base + 1,
+            base + 1,
+        );
+        let src = if (c / 2).is_multiple_of(2) { lo } else { hi };
+        _mm256_add_epi32(
+            sum,
+            _mm256_madd_epi16(p, _mm256_permutevar8x32_epi32(src, idx)),
+        )
+    }
+
+    /// [`super::vec_dot`] of the Q8_K family with AVX2: per block the exact integer sums of the scalar
+    /// reference (codes against activations, pair sums times the per-16 scales in 32-bit lanes; the
+    /// unsigned codes' bias and the mins against the activations' 16-code sums), one horizontal sum each,
+    /// then the reference's float step.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn vec_dot_k(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
+        // SAFETY: forwarded (the features are enabled on this function).
+        unsafe {
+            match ty {
+                GgmlType::Q2K => dot_k::<Q2K>(row, x),
+                GgmlType::Q3K => dot_k::<Q3K>(row, x),
+                GgmlType::Q4K => dot_k::<Q4K>(row, x),
+                GgmlType::Q5K => dot_k::<Q5K>(row, x),
+                GgmlType::Q6K => dot_k::<Q6K>(row, x),
+                GgmlType::Iq4Xs => dot_k::<IQ4XS>(row, x),
+                _ => dot_lowbit(ty, row, x),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_k<const T: u8>(row: &[u8], x: &Q8Row) -> f32 {
+        let bytes = k_block_bytes::<T>();
+        let nb = row.len() / bytes;
+        assert!(x.q.len() >= nb * 256 && x.d.len() >= nb && x.bsums.len() >= nb * 16);
+        let bias = _mm256_set1_epi32(k_chunk_bias::<T>());
+        let mut acc = 0.0f32;
+        for b in 0..nb {
+            // SAFETY: block b lies in `row`, its activations and sums in `x` (asserted).
+            unsafe {
+                let blk = row.as_ptr().add(b * bytes);
+                let (sc, mn, d, dmin) = k_scale_vecs::<T>(blk);
+                let (lo, hi) = (_mm256_unpacklo_epi16(sc, sc), _mm256_unpackhi_epi16(sc, sc));
+                let xp = x.q.as_ptr().add(b * 256);
+                let mut sum = _mm256_setzero_si256();
+                k_chunks::<T>(blk, |at, w| {
+                    let xv = _mm256_loadu_si256(xp.add(at).cast());
+                    let p = if T == IQ4XS {
+                        pairs_i8(w, xv)
+                    } else {
+                        // Unsigned codes (≤ 63): maddubs directly, no pair saturates.
+                        _mm256_maddubs_epi16(w, xv)
+                    };
+                    sum = scaled(sum, p, lo, hi, at / 32);
+                });
+                let bs = _mm256_loadu_si256(x.bsums.as_ptr().add(16 * b).cast());
+                if k_chunk_bias::<T>() != 0 {
+                    sum =
+                        _mm256_sub_epi32(sum, _mm256_mullo_epi32(_mm256_madd_epi16(sc, bs), bias));
+                }
+                let summ = if matches!(T, Q2K | Q4K | Q5K) {
+                    hsum_i32(_mm256_madd_epi16(mn, bs))
+                } else {
+                    0
+                };
+                acc = super::k_accumulate(acc, d, dmin, x.d[b], hsum_i32(sum), summ);
+            }
+        }
+        acc
+    }
+
+    /// The low-bit i-quants: codes and scales read by the codecs' integer reading, dotted as above.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_lowbit(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
         let mut acc = 0.0f32;
         let mut w = [0i8; 256];
         for (b, (blk, xq)) in row
@@ -845,39 +1058,20 @@ pub(super) mod x86 {
             .zip(x.q.chunks_exact(256))
             .enumerate()
         {
-            let split = super::k_split(ty);
-            let k = if split {
-                super::k_scales(ty, blk)
-            } else {
-                super::k_block(ty, blk, &mut w)
-            };
-            let mut sum = _mm256_setzero_si256();
-            let xp = xq.as_ptr();
-            // The 32 codes at `at` dotted with their activations: pair sums of elements at..at+16 meet
-            // scale at/16, the rest the next one.
-            let mut dot = |at: usize, wv: __m256i| {
-                // SAFETY: at + 32 ≤ 256 activations of this block.
-                let xv = unsafe { _mm256_loadu_si256(xp.add(at).cast()) };
-                let sc = _mm256_set_m128i(
-                    _mm_set1_epi16(k.scales[at / 16 + 1]),
-                    _mm_set1_epi16(k.scales[at / 16]),
-                );
-                sum = _mm256_add_epi32(sum, _mm256_madd_epi16(unsafe { pairs_i8(wv, xv) }, sc));
-            };
-            if split {
-                // Decoded and dotted chunk by chunk, never stored.
-                unsafe { k_codes_with(ty, blk, &mut dot) };
-            } else {
+            let k = super::k_block(ty, blk, &mut w);
+            // SAFETY: 256 codes, 256 activations, 16 scales.
+            unsafe {
+                let sc = _mm256_loadu_si256(k.scales.as_ptr().cast());
+                let (lo, hi) = (_mm256_unpacklo_epi16(sc, sc), _mm256_unpackhi_epi16(sc, sc));
+                let mut sum = _mm256_setzero_si256();
                 for c in 0..8 {
-                    // SAFETY: 32 of the 256 codes at 32·c.
-                    dot(32 * c, unsafe {
-                        _mm256_loadu_si256(w.as_ptr().add(32 * c).cast())
-                    });
+                    let wv = _mm256_loadu_si256(w.as_ptr().add(32 * c).cast());
+                    let xv = _mm256_loadu_si256(xq.as_ptr().add(32 * c).cast());
+                    sum = scaled(sum, pairs_i8(wv, xv), lo, hi, c);
                 }
+                let summ = super::k_mins(&k, &x.bsums[16 * b..16 * b + 16]);
+                acc = super::k_accumulate(acc, k.d, k.dmin, x.d[b], hsum_i32(sum), summ);
             }
-            let sumi = unsafe { hsum_i32(sum) };
-            let summ = super::k_mins(&k, &x.bsums[16 * b..16 * b + 16]);
-            acc = super::k_accumulate(acc, &k, x.d[b], sumi, summ);
         }
         acc
     }
