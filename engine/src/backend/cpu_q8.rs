@@ -414,7 +414,7 @@ fn k_block(ty: GgmlType, blk: &[u8], w: &mut [i8; 256]) -> KScales {
 
 /// The Q8_K family's per-block float step, shared by the scalar and vector code.
 #[inline]
-fn k_accumulate(acc: f32, d: f32, dmin: f32, dx: f32, sumi: i32, summ: i32) -> f32 {
+pub(super) fn k_accumulate(acc: f32, d: f32, dmin: f32, dx: f32, sumi: i32, summ: i32) -> f32 {
     let acc = (d * dx).mul_add(sumi as f32, acc);
     (-(dmin * dx)).mul_add(summ as f32, acc)
 }
@@ -480,7 +480,7 @@ pub(super) mod x86 {
     /// The sixteen pair sums of 32 signed byte products (|a|, |b| ≤ 127, so no pair saturates).
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn pairs_i8(a: __m256i, b: __m256i) -> __m256i {
+    pub(crate) unsafe fn pairs_i8(a: __m256i, b: __m256i) -> __m256i {
         // maddubs needs an unsigned left operand: |a| · sign(b, a).
         let ax = _mm256_sign_epi8(a, a);
         let sy = _mm256_sign_epi8(b, a);
@@ -529,7 +529,7 @@ pub(super) mod x86 {
     /// The horizontal sum of eight i32 lanes (exact: the caller's sums fit).
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn hsum_i32(v: __m256i) -> i32 {
+    pub(crate) unsafe fn hsum_i32(v: __m256i) -> i32 {
         let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
         let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
@@ -966,7 +966,13 @@ pub(super) mod x86 {
     /// (`unpacklo/hi_epi16(sc, sc)`: lo = scales 0–3 and 8–11, hi = 4–7 and 12–15), and the chunk's pair
     /// of scales (`2c`, `2c + 1`) is spread over the lanes of its first and second 16 codes.
     #[inline(always)]
-    unsafe fn scaled(sum: __m256i, p: __m256i, lo: __m256i, hi: __m256i, c: usize) -> __m256i {
+    pub(crate) unsafe fn scaled(
+        sum: __m256i,
+        p: __m256i,
+        lo: __m256i,
+        hi: __m256i,
+        c: usize,
+    ) -> __m256i {
         let base = (2 * (c % 2) + 4 * (c / 4)) as i32;
         let idx = _mm256_setr_epi32(
             base,
@@ -1047,33 +1053,12 @@ pub(super) mod x86 {
         acc
     }
 
-    /// The low-bit i-quants: codes and scales read by the codecs' integer reading, dotted as above.
+    /// The low-bit i-quants ([`crate::backend::cpu_q8_iq`]).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_lowbit(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
-        let mut acc = 0.0f32;
-        let mut w = [0i8; 256];
-        for (b, (blk, xq)) in row
-            .chunks_exact(super::k_bytes(ty))
-            .zip(x.q.chunks_exact(256))
-            .enumerate()
-        {
-            let k = super::k_block(ty, blk, &mut w);
-            // SAFETY: 256 codes, 256 activations, 16 scales.
-            unsafe {
-                let sc = _mm256_loadu_si256(k.scales.as_ptr().cast());
-                let (lo, hi) = (_mm256_unpacklo_epi16(sc, sc), _mm256_unpackhi_epi16(sc, sc));
-                let mut sum = _mm256_setzero_si256();
-                for c in 0..8 {
-                    let wv = _mm256_loadu_si256(w.as_ptr().add(32 * c).cast());
-                    let xv = _mm256_loadu_si256(xq.as_ptr().add(32 * c).cast());
-                    sum = scaled(sum, pairs_i8(wv, xv), lo, hi, c);
-                }
-                let summ = super::k_mins(&k, &x.bsums[16 * b..16 * b + 16]);
-                acc = super::k_accumulate(acc, k.d, k.dmin, x.d[b], hsum_i32(sum), summ);
-            }
-        }
-        acc
+        // SAFETY: forwarded (the features are enabled on this function).
+        unsafe { crate::backend::cpu_q8_iq::x86::vec_dot(ty, row, x) }
     }
 }
 

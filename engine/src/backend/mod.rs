@@ -4,6 +4,7 @@
 
 pub mod cpu;
 pub mod cpu_q8;
+mod cpu_q8_iq;
 pub mod cpu_q8_repack;
 pub mod cpu_q8_tile;
 pub mod sgemm;

@@ -53,22 +53,22 @@ const fn expand3<const N: usize>(k: &[u16; N], map: [u8; 8]) -> [[u8; 4]; N] {
 }
 
 /// `iq2xxs_grid`: IQ2_XXS's 256 points.
-pub(super) static IQ2XXS_GRID: [[u8; 8]; 256] = expand2(&KGRID_2BIT_256, [8, 25, 43]);
+pub(crate) static IQ2XXS_GRID: [[u8; 8]; 256] = expand2(&KGRID_2BIT_256, [8, 25, 43]);
 /// `iq2xs_grid`: IQ2_XS's 512 points.
-pub(super) static IQ2XS_GRID: [[u8; 8]; 512] = expand2(&KGRID_2BIT_512, [8, 25, 43]);
+pub(crate) static IQ2XS_GRID: [[u8; 8]; 512] = expand2(&KGRID_2BIT_512, [8, 25, 43]);
 /// `iq2s_grid`: IQ2_S's 1024 points.
-pub(super) static IQ2S_GRID: [[u8; 8]; 1024] = expand2(&KGRID_2BIT_1024, [8, 25, 43]);
+pub(crate) static IQ2S_GRID: [[u8; 8]; 1024] = expand2(&KGRID_2BIT_1024, [8, 25, 43]);
 /// `iq3xxs_grid`: IQ3_XXS's 256 points (level 7 is 62, not 60).
-pub(super) static IQ3XXS_GRID: [[u8; 4]; 256] =
+pub(crate) static IQ3XXS_GRID: [[u8; 4]; 256] =
     expand3(&KGRID_256, [4, 12, 20, 28, 36, 44, 52, 62]);
 /// `iq3s_grid`: IQ3_S's 512 points.
-pub(super) static IQ3S_GRID: [[u8; 4]; 512] = expand3(&KGRID_512, [1, 3, 5, 7, 9, 11, 13, 15]);
+pub(crate) static IQ3S_GRID: [[u8; 4]; 512] = expand3(&KGRID_512, [1, 3, 5, 7, 9, 11, 13, 15]);
 /// `iq1s_grid`: IQ1_S/IQ1_M's 2048 points, each byte an int8 in {−1, 0, 1} (stored as its two's
 /// complement byte).
-pub(super) static IQ1S_GRID: [[u8; 8]; 2048] = expand2(&KGRID_1BIT_2048, [0xFF, 0, 1]);
+pub(crate) static IQ1S_GRID: [[u8; 8]; 2048] = expand2(&KGRID_1BIT_2048, [0xFF, 0, 1]);
 
 /// `ksigns_iq2xs`: 7 explicit sign bits and the parity bit that makes their count even.
-pub(super) static KSIGNS_IQ2XS: [u8; 128] = {
+pub(crate) static KSIGNS_IQ2XS: [u8; 128] = {
     let mut t = [0u8; 128];
     let mut i = 0;
     while i < 128 {
@@ -162,13 +162,13 @@ pub(super) fn signed4x2(db: f32, g1: &[f32; 4], g2: &[f32; 4], signs: u8, y: &mu
 
 /// IQ1_M's f16 d from the top nibbles of its four scale u16s (`iq1m_scale_t`).
 #[inline]
-pub(super) fn iq1m_d(sc: &[u16; 4]) -> f32 {
+pub(crate) fn iq1m_d(sc: &[u16; 4]) -> f32 {
     let bits = (sc[0] >> 12) | ((sc[1] >> 8) & 0x00F0) | ((sc[2] >> 4) & 0x0F00) | (sc[3] & 0xF000);
     half::f16::from_bits(bits).to_f32()
 }
 
 #[inline]
-pub(super) fn iq1m_scales(b: &[u8]) -> [u16; 4] {
+pub(crate) fn iq1m_scales(b: &[u8]) -> [u16; 4] {
     std::array::from_fn(|i| u16::from_le_bytes([b[48 + 2 * i], b[49 + 2 * i]]))
 }
 

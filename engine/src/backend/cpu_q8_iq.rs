@@ -1,0 +1,283 @@
+//! Decoding dot products of the low-bit i-quants (IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S)
+//! with Q8_K activations, vectorised as llama.cpp's `ggml_vec_dot_iq*_q8_K` do: per 32 codes, four lattice
+//! points are loaded as 64-bit words (the grid bytes are the codes' magnitudes, unsigned), the activations
+//! take the points' signs (`vpsignb`), and `vpmaddubsw` multiplies the unsigned magnitudes with the signed
+//! activations; IQ1's codes (`8·grid ± 1`, signed) go through the signed pair product. The integer sums are
+//! exactly the codecs' integer reading (`codecs::lowbit_int_reading`) times the activations, so the result
+//! is the scalar reference's bit for bit (`cpu_q8::vec_dot_scalar`, tested there for every type, on
+//! quantized rows and on random bytes).
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+pub(super) mod x86 {
+    use crate::backend::cpu_q8::x86::{hsum_i32, pairs_i8, scaled};
+    use crate::backend::cpu_q8::{k_accumulate, Q8Row};
+    use crate::codecs::{
+        iq1m_d, iq1m_scales, GgmlType, IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID,
+        IQ3XXS_GRID, KSIGNS_IQ2XS,
+    };
+    use std::arch::x86_64::*;
+
+    const IQ2XXS: u8 = 0;
+    const IQ2XS: u8 = 1;
+    const IQ2S: u8 = 2;
+    const IQ3XXS: u8 = 3;
+    const IQ3S: u8 = 4;
+    const IQ1S: u8 = 5;
+    const IQ1M: u8 = 6;
+
+    /// `Σ_c W[c] · x[c]` of one row of a low-bit i-quant `ty` with its Q8_K activations.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn vec_dot(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
+        // SAFETY: forwarded (the features are enabled on this function).
+        unsafe {
+            match ty {
+                GgmlType::Iq2Xxs => dot::<IQ2XXS>(row, x),
+                GgmlType::Iq2Xs => dot::<IQ2XS>(row, x),
+                GgmlType::Iq2S => dot::<IQ2S>(row, x),
+                GgmlType::Iq3Xxs => dot::<IQ3XXS>(row, x),
+                GgmlType::Iq3S => dot::<IQ3S>(row, x),
+                GgmlType::Iq1S => dot::<IQ1S>(row, x),
+                GgmlType::Iq1M => dot::<IQ1M>(row, x),
+                _ => unreachable!("a low-bit i-quant: {ty:?}"),
+            }
+        }
+    }
+
+    const fn block_bytes<const T: u8>() -> usize {
+        match T {
+            IQ2XXS => 66,
+            IQ2XS => 74,
+            IQ2S => 82,
+            IQ3XXS => 98,
+            IQ3S => 110,
+            IQ1S => 50,
+            _ => 56,
+        }
+    }
+
+    /// 32 sign bits (bit `j` of byte `l`: element `8l + j`) as the bytes `vpsignb` applies: −1 where set,
+    /// +1 where clear.
+    #[inline(always)]
+    unsafe fn signs(bits: u32) -> __m256i {
+        // Byte j takes source byte j / 8, then tests its bit j % 8.
+        let bytes = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+        _mm256_or_si256(set, _mm256_set1_epi8(1))
+    }
+
+    /// Four 8-byte lattice points (or eight 4-byte ones, paired) as one vector, point 0 lowest.
+    #[inline(always)]
+    unsafe fn points(p: [u64; 4]) -> __m256i {
+        _mm256_set_epi64x(p[3] as i64, p[2] as i64, p[1] as i64, p[0] as i64)
+    }
+
+    #[inline(always)]
+    fn g8(t: &[[u8; 8]], i: usize) -> u64 {
+        u64::from_le_bytes(t[i])
+    }
+
+    #[inline(always)]
+    fn g4x2(t: &[[u8; 4]], i: usize, j: usize) -> u64 {
+        u64::from(u32::from_le_bytes(t[i])) | u64::from(u32::from_le_bytes(t[j])) << 32
+    }
+
+    #[inline(always)]
+    fn odd(s: u32) -> i16 {
+        (2 * s + 1) as i16
+    }
+
+    #[inline(always)]
+    fn f16(b: &[u8], o: usize) -> f32 {
+        half::f16::from_le_bytes([b[o], b[o + 1]]).to_f32()
+    }
+
+    #[inline(always)]
+    fn u32_at(b: &[u8], o: usize) -> u32 {
+        u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+    }
+
+    #[inline(always)]
+    fn ks(v: u32) -> u32 {
+        u32::from(KSIGNS_IQ2XS[(v & 127) as usize])
+    }
+
+    /// One block's scales per 16 codes and its multiplier.
+    #[inline(always)]
+    fn scales<const T: u8>(b: &[u8]) -> ([i16; 16], f32) {
+        let mut sc = [0i16; 16];
+        let d = match T {
+            IQ2XXS | IQ3XXS => {
+                let at = if T == IQ2XXS {
+                    |g: usize| 6 + 8 * g
+                } else {
+                    |g: usize| 66 + 4 * g
+                };
+                for g in 0..8 {
+                    sc[2 * g..2 * g + 2].fill(odd(u32_at(b, at(g)) >> 28));
+                }
+                f16(b, 0) * if T == IQ2XXS { 0.125 } else { 0.25 }
+            }
+            IQ2XS | IQ2S => {
+                let at = if T == IQ2XS { 66 } else { 74 };
+                for g in 0..8 {
+                    sc[2 * g] = odd(u32::from(b[at + g] & 15));
+                    sc[2 * g + 1] = odd(u32::from(b[at + g] >> 4));
+                }
+                f16(b, 0) * 0.125
+            }
+            IQ3S => {
+                for g in 0..8 {
+                    sc[2 * g..2 * g + 2]
+                        .fill(odd(u32::from((b[106 + g / 2] >> (4 * (g % 2))) & 15)));
+                }
+                f16(b, 0)
+            }
+            IQ1S => {
+                for g in 0..8 {
+                    let h = u32::from(b[35 + 2 * g]) << 8;
+                    sc[2 * g..2 * g + 2].fill(odd((h >> 12) & 7));
+                }
+                f16(b, 0) * 0.125
+            }
+            _ => {
+                let s = iq1m_scales(b);
+                for (h, o) in sc.iter_mut().enumerate() {
+                    *o = odd(u32::from((s[h / 4] >> (3 * (h % 4))) & 7));
+                }
+                iq1m_d(&s) * 0.125
+            }
+        };
+        (sc, d)
+    }
+
+    /// Group `g`'s (codes `32g..32g + 32`) four lattice points and their sign bits (IQ2/IQ3), or the
+    /// bytes of their `−1` shifts (IQ1: all of a point's byte set where it shifts down).
+    #[inline(always)]
+    fn group<const T: u8>(b: &[u8], g: usize) -> ([u64; 4], u32) {
+        match T {
+            IQ2XXS => {
+                let q = &b[2 + 8 * g..10 + 8 * g];
+                let a1 = u32_at(b, 6 + 8 * g);
+                let pts = std::array::from_fn(|l| g8(&IQ2XXS_GRID, q[l] as usize));
+                (pts, (0..4).fold(0, |s, l| s | ks(a1 >> (7 * l)) << (8 * l)))
+            }
+            IQ2XS => {
+                let v = |l: usize| {
+                    u32::from(u16::from_le_bytes([
+                        b[2 + 8 * g + 2 * l],
+                        b[3 + 8 * g + 2 * l],
+                    ]))
+                };
+                let pts = std::array::from_fn(|l| g8(&IQ2XS_GRID, (v(l) & 511) as usize));
+                (pts, (0..4).fold(0, |s, l| s | ks(v(l) >> 9) << (8 * l)))
+            }
+            IQ2S => {
+                let qh = b[66 + g] as usize;
+                let pts = std::array::from_fn(|l| {
+                    g8(
+                        &IQ2S_GRID,
+                        b[2 + 4 * g + l] as usize | (qh << (8 - 2 * l) & 0x300),
+                    )
+                });
+                (pts, u32_at(b, 34 + 4 * g))
+            }
+            IQ3XXS => {
+                let a = u32_at(b, 66 + 4 * g);
+                let q = &b[2 + 8 * g..10 + 8 * g];
+                let pts = std::array::from_fn(|l| {
+                    g4x2(&IQ3XXS_GRID, q[2 * l] as usize, q[2 * l + 1] as usize)
+                });
+                (pts, (0..4).fold(0, |s, l| s | ks(a >> (7 * l)) << (8 * l)))
+            }
+            IQ3S => {
+                let qh = b[66 + g] as usize;
+                let idx = |k: usize| b[2 + 8 * g + k] as usize | ((qh >> k) & 1) << 8;
+                let pts = std::array::from_fn(|l| g4x2(&IQ3S_GRID, idx(2 * l), idx(2 * l + 1)));
+                (pts, u32_at(b, 74 + 4 * g))
+            }
+            IQ1S => {
+                let h = u32::from(u16::from_le_bytes([b[34 + 2 * g], b[35 + 2 * g]]));
+                let pts = std::array::from_fn(|l| {
+                    g8(
+                        &IQ1S_GRID,
+                        b[2 + 4 * g + l] as usize | (((h >> (3 * l)) & 7) as usize) << 8,
+                    )
+                });
+                // The shift of all 32: −1 where bit 15 is set.
+                (pts, if h & 0x8000 != 0 { 0xFFFF_FFFF } else { 0 })
+            }
+            _ => {
+                let mut pts = [0u64; 4];
+                let mut minus = 0u32;
+                for half in 0..2 {
+                    let h = 2 * g + half;
+                    let q = b[32 + h] as usize;
+                    pts[2 * half] = g8(&IQ1S_GRID, b[2 * h] as usize | (q << 8 & 0x700));
+                    pts[2 * half + 1] = g8(&IQ1S_GRID, b[2 * h + 1] as usize | (q << 4 & 0x700));
+                    let m = |bit: usize| if q & bit != 0 { 0xFFu32 } else { 0 };
+                    minus |= (m(0x08) | m(0x80) << 8) << (16 * half);
+                }
+                (pts, minus)
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot<const T: u8>(row: &[u8], x: &Q8Row) -> f32 {
+        let bytes = block_bytes::<T>();
+        let nb = row.len() / bytes;
+        assert!(x.q.len() >= nb * 256 && x.d.len() >= nb);
+        let iq1 = matches!(T, IQ1S | IQ1M);
+        let mut acc = 0.0f32;
+        for b in 0..nb {
+            let blk = &row[b * bytes..(b + 1) * bytes];
+            let (scales, d) = scales::<T>(blk);
+            // SAFETY: 16 scales; block b's 256 activations (asserted).
+            unsafe {
+                let sc = _mm256_loadu_si256(scales.as_ptr().cast());
+                let (lo, hi) = (_mm256_unpacklo_epi16(sc, sc), _mm256_unpackhi_epi16(sc, sc));
+                let xp = x.q.as_ptr().add(b * 256);
+                let mut sum = _mm256_setzero_si256();
+                for c in 0..8 {
+                    let (pts, bits) = group::<T>(blk, c);
+                    let xv = _mm256_loadu_si256(xp.add(32 * c).cast());
+                    let g = points(pts);
+                    let p = if iq1 {
+                        // 8·grid (grid bytes −1, 0, 1), then ±1: −1 in the bytes whose bits are set.
+                        let shift = if T == IQ1S {
+                            _mm256_or_si256(_mm256_set1_epi32(bits as i32), _mm256_set1_epi8(1))
+                        } else {
+                            // Each point's flag byte (−1 or 0), sign-extended over its 8 bytes.
+                            let per8 = _mm256_set_epi64x(
+                                i64::from((bits >> 24) as u8 as i8),
+                                i64::from((bits >> 16) as u8 as i8),
+                                i64::from((bits >> 8) as u8 as i8),
+                                i64::from(bits as u8 as i8),
+                            );
+                            _mm256_or_si256(per8, _mm256_set1_epi8(1))
+                        };
+                        let codes =
+                            _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), g), shift);
+                        pairs_i8(codes, xv)
+                    } else {
+                        _mm256_maddubs_epi16(g, _mm256_sign_epi8(xv, signs(bits)))
+                    };
+                    sum = scaled(sum, p, lo, hi, c);
+                }
+                acc = k_accumulate(acc, d, 0.0, x.d[b], hsum_i32(sum), 0);
+            }
+        }
+        acc
+    }
+}
