@@ -4,7 +4,8 @@
 //! minute to minute, so only numbers from one run compare):
 //!
 //! - `repacked`: the decoding kernels over the repacked panels (`cpu_q8_repack`, AVX-512 VNNI machines);
-//! - `rows`: the row-by-row integer dot products (`cpu_q8::vec_dot`, the path of every other machine);
+//! - `rows`: the row-by-row dot products (`cpu_q8::vec_dot`, the path of every other machine; F16 rows'
+//!   `simd::dot_f16`, the only path for F16);
 //! - `read`: the same bytes XOR-ed together with 512-bit loads — what streaming them costs, the ceiling.
 //!
 //! ```text
@@ -27,8 +28,10 @@ fn main() -> Result<(), String> {
     let name = args.first().map_or("q6_k", String::as_str);
     let ty = GgmlType::all()
         .find(|t| t.name().eq_ignore_ascii_case(name))
-        .filter(|&t| cpu_q8::fused(t))
-        .ok_or(format!("{name}: not a type with integer dot products"))?;
+        .filter(|&t| cpu_q8::fused(t) || t == GgmlType::F16)
+        .ok_or(format!(
+            "{name}: not F16 or a type with integer dot products"
+        ))?;
     let num =
         |i: usize, default: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);
     let (layers, rounds) = (num(1, 16), num(2, 10).max(1));
@@ -64,11 +67,13 @@ fn main() -> Result<(), String> {
         }
     }
     let bytes: usize = ws.iter().map(|w| w.rows() * w.row_data(0).len()).sum();
-    let token = |cols: usize| {
-        let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
-        cpu_q8::Q8Row::for_type(ty, &x)
-    };
-    let (a2, a8) = (token(2048), token(8192));
+    // One token's activations for each row length, as f32 (F16 rows) and as the type's 8-bit blocks.
+    let x2: Vec<f32> = (0..2048).map(|i| (i as f32 * 0.37).sin()).collect();
+    let x8: Vec<f32> = (0..8192).map(|i| (i as f32 * 0.37).sin()).collect();
+    let f16 = ty == GgmlType::F16;
+    let token = |x: &[f32]| (!f16).then(|| cpu_q8::Q8Row::for_type(ty, x));
+    let (a2, a8) = (token(&x2), token(&x8));
+    let x = |w: &TensorRef| if w.cols() == 2048 { &x2 } else { &x8 };
     let act = |w: &TensorRef| if w.cols() == 2048 { &a2 } else { &a8 };
     let repacked: Vec<_> = ws.iter().filter_map(cpu_q8_repack::repacked).collect();
 
@@ -78,7 +83,11 @@ fn main() -> Result<(), String> {
             "repacked",
             Box::new(|out: &mut [f32]| {
                 for (w, rp) in ws.iter().zip(&repacked) {
-                    rp.dot(std::slice::from_ref(act(w)), &mut out[..w.rows()]);
+                    let a = act(w)
+                        .as_ref()
+                        .map(std::slice::from_ref)
+                        .unwrap_or_default();
+                    rp.dot(a, &mut out[..w.rows()]);
                 }
             }),
         ));
@@ -87,9 +96,13 @@ fn main() -> Result<(), String> {
         "rows",
         Box::new(|out: &mut [f32]| {
             for w in &ws {
-                let a = act(w);
+                let (x, a) = (x(w), act(w));
                 tasks(w, out, &|r| {
-                    r.map(|r| cpu_q8::vec_dot(ty, w.row_data(r), a)).sum()
+                    r.map(|r| match a {
+                        Some(a) => cpu_q8::vec_dot(ty, w.row_data(r), a),
+                        None => quant_engine::simd::dot_f16(w.row_data(r), x),
+                    })
+                    .sum()
                 });
             }
         }),

@@ -38,7 +38,7 @@ pub mod quantize_exl2;
 pub mod quantize_gptq;
 pub mod quantize_packed;
 pub mod recipes;
-mod simd;
+pub mod simd;
 pub mod solvers;
 pub mod tensor;
 #[doc(hidden)]
