@@ -56,26 +56,40 @@ pub(super) mod x86 {
         }
     }
 
-    /// 32 sign bits (bit `j` of byte `l`: element `8l + j`) as the bytes `vpsignb` applies: −1 where set,
-    /// +1 where clear.
+    /// Sign byte `s` as the bytes `vpsignb` applies to 8 activations: −1 where bit `j` is set, else +1.
+    const SIGN_BYTES: [u64; 256] = {
+        let mut t = [0u64; 256];
+        let mut s = 0;
+        while s < 256 {
+            let mut j = 0;
+            while j < 8 {
+                let byte: u64 = if (s >> j) & 1 != 0 { 0xFF } else { 0x01 };
+                t[s] |= byte << (8 * j);
+                j += 1;
+            }
+            s += 1;
+        }
+        t
+    };
+
+    /// The IQ2/IQ3 seven-bit sign index `v & 127` (`ksigns_iq2xs`: the eighth sign makes the count even) as
+    /// sign bytes.
     #[inline(always)]
-    unsafe fn signs(bits: u32) -> __m256i {
-        // Byte j takes source byte j / 8, then tests its bit j % 8.
-        let bytes = _mm256_shuffle_epi8(
-            _mm256_set1_epi32(bits as i32),
-            _mm256_set_epi64x(
-                0x0303_0303_0303_0303,
-                0x0202_0202_0202_0202,
-                0x0101_0101_0101_0101,
-                0,
-            ),
-        );
-        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-        _mm256_or_si256(set, _mm256_set1_epi8(1))
+    fn even_signs(v: u32) -> u64 {
+        SIGN_BYTES[KSIGNS_IQ2XS[(v & 127) as usize] as usize]
     }
 
-    /// Four 8-byte lattice points (or eight 4-byte ones, paired) as one vector, point 0 lowest.
+    /// IQ1's shift of a point: −1 in every byte where it shifts down, +1 where up.
+    const fn shift(minus: bool) -> u64 {
+        if minus {
+            u64::MAX
+        } else {
+            0x0101_0101_0101_0101
+        }
+    }
+
+    /// Four 8-byte words (lattice points, or eight 4-byte ones paired; or their sign or shift bytes) as one
+    /// vector, the first lowest.
     #[inline(always)]
     unsafe fn points(p: [u64; 4]) -> __m256i {
         _mm256_set_epi64x(p[3] as i64, p[2] as i64, p[1] as i64, p[0] as i64)
@@ -86,9 +100,27 @@ pub(super) mod x86 {
         u64::from_le_bytes(t[i])
     }
 
+    /// IQ3 group `g`'s eight 4-byte lattice points, gathered: IQ3_XXS's indices are the bytes at
+    /// `2 + 8g`, IQ3_S's those bytes with bit `k` of byte `66 + g` as their ninth bit.
     #[inline(always)]
-    fn g4x2(t: &[[u8; 4]], i: usize, j: usize) -> u64 {
-        u64::from(u32::from_le_bytes(t[i])) | u64::from(u32::from_le_bytes(t[j])) << 32
+    unsafe fn iq3_points<const T: u8>(b: &[u8], g: usize) -> __m256i {
+        assert!(b.len() >= block_bytes::<T>());
+        // SAFETY: 8 bytes at 2 + 8g ≤ 66 inside the block; every index is below the grid's length (256
+        // for IQ3_XXS's 8-bit indices, 512 for IQ3_S's 9-bit ones), 4 bytes per entry.
+        unsafe {
+            let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(b.as_ptr().add(2 + 8 * g).cast()));
+            if T == IQ3XXS {
+                _mm256_i32gather_epi32::<4>(IQ3XXS_GRID.as_ptr().cast(), q)
+            } else {
+                let qh = _mm256_set1_epi32(i32::from(b[66 + g]));
+                let ninth = _mm256_and_si256(
+                    _mm256_srlv_epi32(qh, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                    _mm256_set1_epi32(1),
+                );
+                let idx = _mm256_or_si256(q, _mm256_slli_epi32::<8>(ninth));
+                _mm256_i32gather_epi32::<4>(IQ3S_GRID.as_ptr().cast(), idx)
+            }
+        }
     }
 
     #[inline(always)]
@@ -104,11 +136,6 @@ pub(super) mod x86 {
     #[inline(always)]
     fn u32_at(b: &[u8], o: usize) -> u32 {
         u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-    }
-
-    #[inline(always)]
-    fn ks(v: u32) -> u32 {
-        u32::from(KSIGNS_IQ2XS[(v & 127) as usize])
     }
 
     /// One block's scales per 16 codes and its multiplier.
@@ -160,16 +187,16 @@ pub(super) mod x86 {
         (sc, d)
     }
 
-    /// Group `g`'s (codes `32g..32g + 32`) four lattice points and their sign bits (IQ2/IQ3), or the
-    /// bytes of their `−1` shifts (IQ1: all of a point's byte set where it shifts down).
+    /// Group `g`'s (codes `32g..32g + 32`) four lattice points and, per point, its sign bytes (IQ2/IQ3) or
+    /// its shift bytes (IQ1).
     #[inline(always)]
-    fn group<const T: u8>(b: &[u8], g: usize) -> ([u64; 4], u32) {
+    fn group<const T: u8>(b: &[u8], g: usize) -> ([u64; 4], [u64; 4]) {
         match T {
             IQ2XXS => {
                 let q = &b[2 + 8 * g..10 + 8 * g];
                 let a1 = u32_at(b, 6 + 8 * g);
                 let pts = std::array::from_fn(|l| g8(&IQ2XXS_GRID, q[l] as usize));
-                (pts, (0..4).fold(0, |s, l| s | ks(a1 >> (7 * l)) << (8 * l)))
+                (pts, std::array::from_fn(|l| even_signs(a1 >> (7 * l))))
             }
             IQ2XS => {
                 let v = |l: usize| {
@@ -179,7 +206,7 @@ pub(super) mod x86 {
                     ]))
                 };
                 let pts = std::array::from_fn(|l| g8(&IQ2XS_GRID, (v(l) & 511) as usize));
-                (pts, (0..4).fold(0, |s, l| s | ks(v(l) >> 9) << (8 * l)))
+                (pts, std::array::from_fn(|l| even_signs(v(l) >> 9)))
             }
             IQ2S => {
                 let qh = b[66 + g] as usize;
@@ -189,22 +216,20 @@ pub(super) mod x86 {
                         b[2 + 4 * g + l] as usize | (qh << (8 - 2 * l) & 0x300),
                     )
                 });
-                (pts, u32_at(b, 34 + 4 * g))
+                (
+                    pts,
+                    std::array::from_fn(|l| SIGN_BYTES[b[34 + 4 * g + l] as usize]),
+                )
             }
+            // IQ3's eight 4-byte points are gathered by the caller ([`iq3_points`]).
             IQ3XXS => {
                 let a = u32_at(b, 66 + 4 * g);
-                let q = &b[2 + 8 * g..10 + 8 * g];
-                let pts = std::array::from_fn(|l| {
-                    g4x2(&IQ3XXS_GRID, q[2 * l] as usize, q[2 * l + 1] as usize)
-                });
-                (pts, (0..4).fold(0, |s, l| s | ks(a >> (7 * l)) << (8 * l)))
+                ([0; 4], std::array::from_fn(|l| even_signs(a >> (7 * l))))
             }
-            IQ3S => {
-                let qh = b[66 + g] as usize;
-                let idx = |k: usize| b[2 + 8 * g + k] as usize | ((qh >> k) & 1) << 8;
-                let pts = std::array::from_fn(|l| g4x2(&IQ3S_GRID, idx(2 * l), idx(2 * l + 1)));
-                (pts, u32_at(b, 74 + 4 * g))
-            }
+            IQ3S => (
+                [0; 4],
+                std::array::from_fn(|l| SIGN_BYTES[b[74 + 4 * g + l] as usize]),
+            ),
             IQ1S => {
                 let h = u32::from(u16::from_le_bytes([b[34 + 2 * g], b[35 + 2 * g]]));
                 let pts = std::array::from_fn(|l| {
@@ -213,21 +238,20 @@ pub(super) mod x86 {
                         b[2 + 4 * g + l] as usize | (((h >> (3 * l)) & 7) as usize) << 8,
                     )
                 });
-                // The shift of all 32: −1 where bit 15 is set.
-                (pts, if h & 0x8000 != 0 { 0xFFFF_FFFF } else { 0 })
+                // One shift for all four points: down where bit 15 is set.
+                (pts, [shift(h & 0x8000 != 0); 4])
             }
             _ => {
-                let mut pts = [0u64; 4];
-                let mut minus = 0u32;
+                let (mut pts, mut shifts) = ([0u64; 4], [0u64; 4]);
                 for half in 0..2 {
                     let h = 2 * g + half;
                     let q = b[32 + h] as usize;
                     pts[2 * half] = g8(&IQ1S_GRID, b[2 * h] as usize | (q << 8 & 0x700));
                     pts[2 * half + 1] = g8(&IQ1S_GRID, b[2 * h + 1] as usize | (q << 4 & 0x700));
-                    let m = |bit: usize| if q & bit != 0 { 0xFFu32 } else { 0 };
-                    minus |= (m(0x08) | m(0x80) << 8) << (16 * half);
+                    shifts[2 * half] = shift(q & 0x08 != 0);
+                    shifts[2 * half + 1] = shift(q & 0x80 != 0);
                 }
-                (pts, minus)
+                (pts, shifts)
             }
         }
     }
@@ -250,28 +274,20 @@ pub(super) mod x86 {
                 let xp = x.q.as_ptr().add(b * 256);
                 let mut sum = _mm256_setzero_si256();
                 for c in 0..8 {
-                    let (pts, bits) = group::<T>(blk, c);
+                    let (pts, sg) = group::<T>(blk, c);
                     let xv = _mm256_loadu_si256(xp.add(32 * c).cast());
-                    let g = points(pts);
+                    let g = if matches!(T, IQ3XXS | IQ3S) {
+                        iq3_points::<T>(blk, c)
+                    } else {
+                        points(pts)
+                    };
+                    let sg = points(sg);
                     let p = if iq1 {
-                        // 8·grid (grid bytes −1, 0, 1), then ±1: −1 in the bytes whose bits are set.
-                        let shift = if T == IQ1S {
-                            _mm256_or_si256(_mm256_set1_epi32(bits as i32), _mm256_set1_epi8(1))
-                        } else {
-                            // Each point's flag byte (−1 or 0), sign-extended over its 8 bytes.
-                            let per8 = _mm256_set_epi64x(
-                                i64::from((bits >> 24) as u8 as i8),
-                                i64::from((bits >> 16) as u8 as i8),
-                                i64::from((bits >> 8) as u8 as i8),
-                                i64::from(bits as u8 as i8),
-                            );
-                            _mm256_or_si256(per8, _mm256_set1_epi8(1))
-                        };
-                        let codes =
-                            _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), g), shift);
+                        // 8·grid (grid bytes −1, 0, 1), then the ±1 shifts.
+                        let codes = _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), g), sg);
                         pairs_i8(codes, xv)
                     } else {
-                        _mm256_maddubs_epi16(g, _mm256_sign_epi8(xv, signs(bits)))
+                        _mm256_maddubs_epi16(g, _mm256_sign_epi8(xv, sg))
                     };
                     sum = scaled(sum, p, lo, hi, c);
                 }
