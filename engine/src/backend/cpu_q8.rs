@@ -740,12 +740,12 @@ pub(super) mod x86 {
         }
     }
 
-    pub(crate) const Q2K: u8 = 10;
-    pub(crate) const Q3K: u8 = 11;
-    pub(crate) const Q4K: u8 = 12;
-    pub(crate) const Q5K: u8 = 13;
-    pub(crate) const Q6K: u8 = 14;
-    pub(crate) const IQ4XS: u8 = 15;
+    const Q2K: u8 = 10;
+    const Q3K: u8 = 11;
+    const Q4K: u8 = 12;
+    const Q5K: u8 = 13;
+    const Q6K: u8 = 14;
+    const IQ4XS: u8 = 15;
 
     /// What [`k_chunks`]' codes of `T` carry above the signed codes: Q3_K 4, Q6_K 32 (their stored codes
     /// are unsigned), 0 for the rest (IQ4_XS's table values are signed, the other types' codes unsigned).
