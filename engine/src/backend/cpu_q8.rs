@@ -14,6 +14,7 @@
 //!   multipliers; per block `Σ_s scale_s · Σ_{i∈s} code_i · q_i` and `Σ_s min_s · bsum_s` are exact integers
 //!   that meet `d_w · d_x` and `dmin_w · d_x` in two fused multiply-adds of one f32 accumulator.
 
+use super::int_dot::k_accumulate;
 use crate::codecs::{GgmlType, VecDotType};
 
 /// One activation row quantized to the weight type's vec_dot type: Q8_0 blocks of 32 as ggml-cpu's x86
@@ -412,13 +413,6 @@ fn k_block(ty: GgmlType, blk: &[u8], w: &mut [i8; 256]) -> KScales {
     k
 }
 
-/// The Q8_K family's per-block float step, shared by the scalar and vector code.
-#[inline]
-pub(super) fn k_accumulate(acc: f32, d: f32, dmin: f32, dx: f32, sumi: i32, summ: i32) -> f32 {
-    let acc = (d * dx).mul_add(sumi as f32, acc);
-    (-(dmin * dx)).mul_add(summ as f32, acc)
-}
-
 /// `Σ_s min_s · bsum_s` of one block.
 #[inline]
 fn k_mins(k: &KScales, bsums: &[i16]) -> i32 {
@@ -467,6 +461,8 @@ pub(super) fn avx2() -> bool {
 #[allow(unsafe_code)]
 pub(super) mod x86 {
     use super::Q8Row;
+    use crate::backend::int_dot::k_accumulate;
+    use crate::backend::int_dot::x86::{hsum_i32, pairs_i8, scaled};
     use crate::codecs::GgmlType;
     use std::arch::x86_64::*;
 
@@ -475,16 +471,6 @@ pub(super) mod x86 {
     #[target_feature(enable = "avx2")]
     unsafe fn lanes_i8(a: __m256i, b: __m256i) -> __m256i {
         _mm256_madd_epi16(pairs_i8(a, b), _mm256_set1_epi16(1))
-    }
-
-    /// The sixteen pair sums of 32 signed byte products (|a|, |b| ≤ 127, so no pair saturates).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn pairs_i8(a: __m256i, b: __m256i) -> __m256i {
-        // maddubs needs an unsigned left operand: |a| · sign(b, a).
-        let ax = _mm256_sign_epi8(a, a);
-        let sy = _mm256_sign_epi8(b, a);
-        _mm256_maddubs_epi16(ax, sy)
     }
 
     /// The 32 fifth bits at `p` as bytes: 0xFF where set.
@@ -524,16 +510,6 @@ pub(super) mod x86 {
             _mm256_set_m128i(_mm_srli_epi16(qs, 4), qs),
             _mm256_set1_epi8(15),
         )
-    }
-
-    /// The horizontal sum of eight i32 lanes (exact: the caller's sums fit).
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    pub(crate) unsafe fn hsum_i32(v: __m256i) -> i32 {
-        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 1));
-        _mm_cvtsi128_si32(s)
     }
 
     /// [`super::vec_dot`] of the Q8_0 family with AVX2, FMA and F16C, in the order
@@ -961,36 +937,6 @@ pub(super) mod x86 {
         }
     }
 
-    /// Chunk `c`'s (codes `32c..32c + 32`) pair sums `p` times their scales, added to `sum`: `lo`/`hi`
-    /// hold the block's 16 scales each duplicated into both halves of a 32-bit lane
-    /// (`unpacklo/hi_epi16(sc, sc)`: lo = scales 0–3 and 8–11, hi = 4–7 and 12–15), and the chunk's pair
-    /// of scales (`2c`, `2c + 1`) is spread over the lanes of its first and second 16 codes.
-    #[inline(always)]
-    pub(crate) unsafe fn scaled(
-        sum: __m256i,
-        p: __m256i,
-        lo: __m256i,
-        hi: __m256i,
-        c: usize,
-    ) -> __m256i {
-        let base = (2 * (c % 2) + 4 * (c / 4)) as i32;
-        let idx = _mm256_setr_epi32(
-            base,
-            base,
-            base,
-            base,
-            base + 1,
-            base + 1,
-            base + 1,
-            base + 1,
-        );
-        let src = if (c / 2).is_multiple_of(2) { lo } else { hi };
-        _mm256_add_epi32(
-            sum,
-            _mm256_madd_epi16(p, _mm256_permutevar8x32_epi32(src, idx)),
-        )
-    }
-
     /// [`super::vec_dot`] of the Q8_K family with AVX2: per block the exact integer sums of the scalar
     /// reference (codes against activations, pair sums times the per-16 scales in 32-bit lanes; the
     /// unsigned codes' bias and the mins against the activations' 16-code sums), one horizontal sum each,
@@ -1047,7 +993,7 @@ pub(super) mod x86 {
                 } else {
                     0
                 };
-                acc = super::k_accumulate(acc, d, dmin, x.d[b], hsum_i32(sum), summ);
+                acc = k_accumulate(acc, d, dmin, x.d[b], hsum_i32(sum), summ);
             }
         }
         acc
@@ -1058,7 +1004,7 @@ pub(super) mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_lowbit(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
         // SAFETY: forwarded (the features are enabled on this function).
-        unsafe { crate::backend::cpu_q8_iq::x86::vec_dot(ty, row, x) }
+        unsafe { crate::backend::cpu_q8_iq::x86::vec_dot(ty, row, &x.q, &x.d) }
     }
 }
 

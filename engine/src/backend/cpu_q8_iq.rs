@@ -5,13 +5,14 @@
 //! activations; IQ1's codes (`8·grid ± 1`, signed) go through the signed pair product. The integer sums are
 //! exactly the codecs' integer reading (`codecs::lowbit_int_reading`) times the activations, so the result
 //! is the scalar reference's bit for bit (`cpu_q8::vec_dot_scalar`, tested there for every type, on
-//! quantized rows and on random bytes).
+//! quantized rows and on random bytes). `cpu_q8::vec_dot` dispatches here; this module takes the activations
+//! as slices and the shared pieces from `int_dot`, so it depends on nothing above it.
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 pub(super) mod x86 {
-    use crate::backend::cpu_q8::x86::{hsum_i32, pairs_i8, scaled};
-    use crate::backend::cpu_q8::{k_accumulate, Q8Row};
+    use crate::backend::int_dot::k_accumulate;
+    use crate::backend::int_dot::x86::{hsum_i32, pairs_i8, scaled};
     use crate::codecs::{
         iq1m_d, iq1m_scales, GgmlType, IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID,
         IQ3XXS_GRID, KSIGNS_IQ2XS,
@@ -26,19 +27,20 @@ pub(super) mod x86 {
     const IQ1S: u8 = 5;
     const IQ1M: u8 = 6;
 
-    /// `Σ_c W[c] · x[c]` of one row of a low-bit i-quant `ty` with its Q8_K activations.
+    /// `Σ_c W[c] · x[c]` of one row of a low-bit i-quant `ty` with its Q8_K activations (codes `q`,
+    /// block scales `d`).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn vec_dot(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
+    pub unsafe fn vec_dot(ty: GgmlType, row: &[u8], q: &[i8], d: &[f32]) -> f32 {
         // SAFETY: forwarded (the features are enabled on this function).
         unsafe {
             match ty {
-                GgmlType::Iq2Xxs => dot::<IQ2XXS>(row, x),
-                GgmlType::Iq2Xs => dot::<IQ2XS>(row, x),
-                GgmlType::Iq2S => dot::<IQ2S>(row, x),
-                GgmlType::Iq3Xxs => dot::<IQ3XXS>(row, x),
-                GgmlType::Iq3S => dot::<IQ3S>(row, x),
-                GgmlType::Iq1S => dot::<IQ1S>(row, x),
-                GgmlType::Iq1M => dot::<IQ1M>(row, x),
+                GgmlType::Iq2Xxs => dot::<IQ2XXS>(row, q, d),
+                GgmlType::Iq2Xs => dot::<IQ2XS>(row, q, d),
+                GgmlType::Iq2S => dot::<IQ2S>(row, q, d),
+                GgmlType::Iq3Xxs => dot::<IQ3XXS>(row, q, d),
+                GgmlType::Iq3S => dot::<IQ3S>(row, q, d),
+                GgmlType::Iq1S => dot::<IQ1S>(row, q, d),
+                GgmlType::Iq1M => dot::<IQ1M>(row, q, d),
                 _ => unreachable!("a low-bit i-quant: {ty:?}"),
             }
         }
@@ -258,10 +260,10 @@ pub(super) mod x86 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot<const T: u8>(row: &[u8], x: &Q8Row) -> f32 {
+    unsafe fn dot<const T: u8>(row: &[u8], q: &[i8], dx: &[f32]) -> f32 {
         let bytes = block_bytes::<T>();
         let nb = row.len() / bytes;
-        assert!(x.q.len() >= nb * 256 && x.d.len() >= nb);
+        assert!(q.len() >= nb * 256 && dx.len() >= nb);
         let iq1 = matches!(T, IQ1S | IQ1M);
         let mut acc = 0.0f32;
         for b in 0..nb {
@@ -271,7 +273,7 @@ pub(super) mod x86 {
             unsafe {
                 let sc = _mm256_loadu_si256(scales.as_ptr().cast());
                 let (lo, hi) = (_mm256_unpacklo_epi16(sc, sc), _mm256_unpackhi_epi16(sc, sc));
-                let xp = x.q.as_ptr().add(b * 256);
+                let xp = q.as_ptr().add(b * 256);
                 let mut sum = _mm256_setzero_si256();
                 for c in 0..8 {
                     let (pts, sg) = group::<T>(blk, c);
@@ -291,7 +293,7 @@ pub(super) mod x86 {
                     };
                     sum = scaled(sum, p, lo, hi, c);
                 }
-                acc = k_accumulate(acc, d, 0.0, x.d[b], hsum_i32(sum), 0);
+                acc = k_accumulate(acc, d, 0.0, dx[b], hsum_i32(sum), 0);
             }
         }
         acc

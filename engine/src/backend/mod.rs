@@ -7,6 +7,7 @@ pub mod cpu_q8;
 mod cpu_q8_iq;
 pub mod cpu_q8_repack;
 pub mod cpu_q8_tile;
+mod int_dot;
 pub mod sgemm;
 pub mod spin;
 pub mod wgpu;
