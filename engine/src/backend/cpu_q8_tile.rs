@@ -64,7 +64,8 @@ fn k_mins(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q2K | GgmlType::Q4K | GgmlType::Q5K)
 }
 
-/// Whether this CPU runs the integer tiles (AVX-512 F, BW and VNNI; AVX2, FMA and F16C for the repacking).
+/// Whether this CPU runs the integer tiles (AVX-512 F, BW and VNNI; AVX2, FMA and F16C for the repacking;
+/// not under `QS_CPU=avx2`, [`super::avx512_allowed`]).
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -72,6 +73,7 @@ pub fn available() -> bool {
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| {
             super::cpu_q8::avx2()
+                && super::avx512_allowed()
                 && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
@@ -611,6 +613,7 @@ mod tests {
         assert_eq!(
             available(),
             cfg!(target_arch = "x86_64")
+                && super::super::avx512_allowed()
                 && std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vnni")

@@ -30,6 +30,14 @@ pub enum Backend {
 
 static FALLBACK: OnceLock<String> = OnceLock::new();
 
+/// Whether the CPU kernels may use AVX-512 where the CPU has it: `QS_CPU=avx2` in the environment makes
+/// them run as on a CPU with AVX2 and FMA only (no integer tiles, no repacked decoding, the AVX2 GEMM
+/// microkernel), so those paths — the ones most desktop CPUs take — can be tested and timed on this one.
+pub fn avx512_allowed() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QS_CPU").map_or(true, |v| v.trim() != "avx2"))
+}
+
 /// Why GPU work went to the CPU, once it has (the GPU is then left alone for the rest of the process).
 pub fn gpu_fallback() -> Option<&'static str> {
     FALLBACK.get().map(String::as_str)

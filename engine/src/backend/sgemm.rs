@@ -271,7 +271,9 @@ fn avx512() -> bool {
     {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
-        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+        *HAS.get_or_init(|| {
+            super::avx512_allowed() && std::arch::is_x86_feature_detected!("avx512f")
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
