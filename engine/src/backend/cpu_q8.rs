@@ -733,26 +733,14 @@ pub(super) mod x86 {
         }
     }
 
-    /// Bytes per block of the k type `T`.
-    const fn k_block_bytes<const T: u8>() -> usize {
-        match T {
-            Q2K => 84,
-            Q3K => 110,
-            Q4K => 144,
-            Q5K => 176,
-            Q6K => 210,
-            _ => 136,
-        }
-    }
-
     /// The 256 codes of one block of `ty` handed to `st` as eight chunks of 32 (`st(offset, codes)`), as
     /// the signed codes of [`super::k_codes`].
     #[inline]
     #[target_feature(enable = "avx2")]
     unsafe fn k_codes_with(ty: GgmlType, blk: &[u8], mut st: impl FnMut(usize, __m256i)) {
+        assert!(blk.len() >= ty.traits().block_bytes);
         #[inline(always)]
         unsafe fn signed<const T: u8>(blk: &[u8], st: &mut impl FnMut(usize, __m256i)) {
-            assert!(blk.len() >= k_block_bytes::<T>());
             let bias = _mm256_set1_epi8(k_chunk_bias::<T>() as i8);
             // SAFETY: `blk` holds one whole block (asserted).
             unsafe { k_chunks::<T>(blk.as_ptr(), |at, v| st(at, _mm256_sub_epi8(v, bias))) }
@@ -943,15 +931,16 @@ pub(super) mod x86 {
     /// then the reference's float step.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn vec_dot_k(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
-        // SAFETY: forwarded (the features are enabled on this function).
+        let bytes = ty.traits().block_bytes;
+        // SAFETY: forwarded (the features are enabled on this function; `bytes` is `ty`'s block).
         unsafe {
             match ty {
-                GgmlType::Q2K => dot_k::<Q2K>(row, x),
-                GgmlType::Q3K => dot_k::<Q3K>(row, x),
-                GgmlType::Q4K => dot_k::<Q4K>(row, x),
-                GgmlType::Q5K => dot_k::<Q5K>(row, x),
-                GgmlType::Q6K => dot_k::<Q6K>(row, x),
-                GgmlType::Iq4Xs => dot_k::<IQ4XS>(row, x),
+                GgmlType::Q2K => dot_k::<Q2K>(row, bytes, x),
+                GgmlType::Q3K => dot_k::<Q3K>(row, bytes, x),
+                GgmlType::Q4K => dot_k::<Q4K>(row, bytes, x),
+                GgmlType::Q5K => dot_k::<Q5K>(row, bytes, x),
+                GgmlType::Q6K => dot_k::<Q6K>(row, bytes, x),
+                GgmlType::Iq4Xs => dot_k::<IQ4XS>(row, bytes, x),
                 _ => dot_lowbit(ty, row, x),
             }
         }
@@ -959,8 +948,7 @@ pub(super) mod x86 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_k<const T: u8>(row: &[u8], x: &Q8Row) -> f32 {
-        let bytes = k_block_bytes::<T>();
+    unsafe fn dot_k<const T: u8>(row: &[u8], bytes: usize, x: &Q8Row) -> f32 {
         let nb = row.len() / bytes;
         assert!(x.q.len() >= nb * 256 && x.d.len() >= nb && x.bsums.len() >= nb * 16);
         let bias = _mm256_set1_epi32(k_chunk_bias::<T>());

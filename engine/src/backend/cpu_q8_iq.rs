@@ -31,30 +31,19 @@ pub(super) mod x86 {
     /// block scales `d`).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn vec_dot(ty: GgmlType, row: &[u8], q: &[i8], d: &[f32]) -> f32 {
+        let bytes = ty.traits().block_bytes;
         // SAFETY: forwarded (the features are enabled on this function).
         unsafe {
             match ty {
-                GgmlType::Iq2Xxs => dot::<IQ2XXS>(row, q, d),
-                GgmlType::Iq2Xs => dot::<IQ2XS>(row, q, d),
-                GgmlType::Iq2S => dot::<IQ2S>(row, q, d),
-                GgmlType::Iq3Xxs => dot::<IQ3XXS>(row, q, d),
-                GgmlType::Iq3S => dot::<IQ3S>(row, q, d),
-                GgmlType::Iq1S => dot::<IQ1S>(row, q, d),
-                GgmlType::Iq1M => dot::<IQ1M>(row, q, d),
+                GgmlType::Iq2Xxs => dot::<IQ2XXS>(row, bytes, q, d),
+                GgmlType::Iq2Xs => dot::<IQ2XS>(row, bytes, q, d),
+                GgmlType::Iq2S => dot::<IQ2S>(row, bytes, q, d),
+                GgmlType::Iq3Xxs => dot::<IQ3XXS>(row, bytes, q, d),
+                GgmlType::Iq3S => dot::<IQ3S>(row, bytes, q, d),
+                GgmlType::Iq1S => dot::<IQ1S>(row, bytes, q, d),
+                GgmlType::Iq1M => dot::<IQ1M>(row, bytes, q, d),
                 _ => unreachable!("a low-bit i-quant: {ty:?}"),
             }
-        }
-    }
-
-    const fn block_bytes<const T: u8>() -> usize {
-        match T {
-            IQ2XXS => 66,
-            IQ2XS => 74,
-            IQ2S => 82,
-            IQ3XXS => 98,
-            IQ3S => 110,
-            IQ1S => 50,
-            _ => 56,
         }
     }
 
@@ -106,8 +95,8 @@ pub(super) mod x86 {
     /// `2 + 8g`, IQ3_S's those bytes with bit `k` of byte `66 + g` as their ninth bit.
     #[inline(always)]
     unsafe fn iq3_points<const T: u8>(b: &[u8], g: usize) -> __m256i {
-        assert!(b.len() >= block_bytes::<T>());
-        // SAFETY: 8 bytes at 2 + 8g ≤ 66 inside the block; every index is below the grid's length (256
+        assert!(b.len() >= 10 + 8 * g);
+        // SAFETY: the 8 bytes at 2 + 8g (asserted); every index is below the grid's length (256
         // for IQ3_XXS's 8-bit indices, 512 for IQ3_S's 9-bit ones), 4 bytes per entry.
         unsafe {
             let q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(b.as_ptr().add(2 + 8 * g).cast()));
@@ -260,8 +249,7 @@ pub(super) mod x86 {
 
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot<const T: u8>(row: &[u8], q: &[i8], dx: &[f32]) -> f32 {
-        let bytes = block_bytes::<T>();
+    unsafe fn dot<const T: u8>(row: &[u8], bytes: usize, q: &[i8], dx: &[f32]) -> f32 {
         let nb = row.len() / bytes;
         assert!(q.len() >= nb * 256 && dx.len() >= nb);
         let iq1 = matches!(T, IQ1S | IQ1M);
