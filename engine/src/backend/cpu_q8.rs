@@ -220,6 +220,44 @@ pub fn vec_dot(ty: GgmlType, row: &[u8], x: &Q8Row) -> f32 {
     vec_dot_scalar(ty, row, x)
 }
 
+/// Tokens per call of [`vec_dot4`].
+pub const TOKENS: usize = 4;
+
+/// [`vec_dot`] of one packed row with four tokens' activation rows, `out[t] = vec_dot(ty, row, &xs[t])` bit
+/// for bit: each weight block is decoded once for the four (its codes and scales stay in registers while
+/// the four tokens' activations stream past), which is what makes prompts fast without AVX-512 VNNI. The
+/// low-bit i-quants (no multi-token kernel) take four single-token calls.
+pub fn vec_dot4(ty: GgmlType, row: &[u8], xs: &[Q8Row; TOKENS], out: &mut [f32; TOKENS]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx2() {
+            // SAFETY: the CPU has AVX2, FMA and F16C (checked at runtime).
+            #[allow(unsafe_code)]
+            unsafe {
+                x86::vec_dot_n(ty, row, xs, out);
+            }
+            return;
+        }
+    }
+    for (o, x) in out.iter_mut().zip(xs) {
+        *o = vec_dot_scalar(ty, row, x);
+    }
+}
+
+/// Whether [`vec_dot4`] decodes `ty`'s blocks once for its four tokens on this CPU (AVX2; the Q8_0 family,
+/// the k-quants and IQ4_XS): where it does, a prompt's matmul runs best as rows of four-token dots.
+pub fn many_tokens_fast(ty: GgmlType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2() && (!k_family(ty) || k_split(ty)) && fused(ty)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        false
+    }
+}
+
 /// The scalar reference of [`vec_dot`]. Q8_0 family, in the vector code's order: each block's products
 /// summed exactly in eight lanes of four consecutive elements, each lane scaled by `f16(d_w) · f16(d_x)` into
 /// its own f32 accumulator with a fused multiply-add (even and odd blocks into two sets of eight, added lane
@@ -987,6 +1025,189 @@ pub(super) mod x86 {
         acc
     }
 
+    /// [`super::vec_dot4`] with AVX2: one monomorphised loop per type and token count, each token's
+    /// arithmetic that of the single-token kernel ([`dot_q8_0_family`], [`dot_k`]).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn vec_dot_n<const N: usize>(
+        ty: GgmlType,
+        row: &[u8],
+        xs: &[Q8Row; N],
+        out: &mut [f32; N],
+    ) {
+        let bytes = ty.traits().block_bytes;
+        // SAFETY: forwarded (the features are enabled on this function; `bytes` is `ty`'s block).
+        unsafe {
+            match ty {
+                GgmlType::Q8_0 => dot_q8_0_family_n::<Q8_0, N>(row, xs, out),
+                GgmlType::Q4_0 => dot_q8_0_family_n::<Q4_0, N>(row, xs, out),
+                GgmlType::Q4_1 => dot_q8_0_family_n::<Q4_1, N>(row, xs, out),
+                GgmlType::Iq4Nl => dot_q8_0_family_n::<IQ4_NL, N>(row, xs, out),
+                GgmlType::Q5_0 => dot_q8_0_family_n::<Q5_0, N>(row, xs, out),
+                GgmlType::Q5_1 => dot_q8_0_family_n::<Q5_1, N>(row, xs, out),
+                GgmlType::Q2K => dot_k_n::<Q2K, N>(row, bytes, xs, out),
+                GgmlType::Q3K => dot_k_n::<Q3K, N>(row, bytes, xs, out),
+                GgmlType::Q4K => dot_k_n::<Q4K, N>(row, bytes, xs, out),
+                GgmlType::Q5K => dot_k_n::<Q5K, N>(row, bytes, xs, out),
+                GgmlType::Q6K => dot_k_n::<Q6K, N>(row, bytes, xs, out),
+                GgmlType::Iq4Xs => dot_k_n::<IQ4XS, N>(row, bytes, xs, out),
+                _ => {
+                    for (o, x) in out.iter_mut().zip(xs) {
+                        *o = dot_lowbit(ty, row, x);
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`dot_q8_0_family`] for `N` tokens: each block's codes and `d` read once.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q8_0_family_n<const T: u8, const N: usize>(
+        row: &[u8],
+        xs: &[Q8Row; N],
+        out: &mut [f32; N],
+    ) {
+        let bytes = block_bytes::<T>();
+        let offset = matches!(T, Q4_1 | Q5_1);
+        let nb = row.len() / bytes;
+        for x in xs {
+            assert!(x.q.len() >= nb * 32 && x.d.len() >= nb && (!offset || x.s.len() >= nb));
+        }
+        let table = unsafe { iq4_table() };
+        let rp = row.as_ptr();
+        let mut offs = [0.0f32; N];
+        // Even blocks into acc[0], odd into acc[1], as the single-token kernel's two chains.
+        let mut acc = [[_mm256_setzero_ps(); N]; 2];
+        for b in 0..nb {
+            // SAFETY: block b < nb lies in `row`; 32 activation bytes and the scales of block b lie in
+            // every `x` (asserted above).
+            unsafe {
+                let p = rp.add(b * bytes);
+                let w = block_codes::<T>(p, table);
+                let f16 = |o: usize| {
+                    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                        u16::from_le_bytes([*p.add(o), *p.add(o + 1)]),
+                    ))))
+                };
+                let dw = f16(0);
+                let m = if offset { f16(2) } else { 0.0 };
+                let chain = &mut acc[b % 2];
+                for t in 0..N {
+                    let x = &xs[t];
+                    let v = _mm256_loadu_si256(x.q.as_ptr().add(32 * b).cast());
+                    let s = _mm256_cvtepi32_ps(lanes_i8(w, v));
+                    let d = _mm256_set1_ps(dw * *x.d.get_unchecked(b));
+                    chain[t] = _mm256_fmadd_ps(d, s, chain[t]);
+                    if offset {
+                        offs[t] = m.mul_add(*x.s.get_unchecked(b), offs[t]);
+                    }
+                }
+            }
+        }
+        for t in 0..N {
+            let a = _mm256_add_ps(acc[0][t], acc[1][t]);
+            let s4 = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+            out[t] = _mm_cvtss_f32(s1) + offs[t];
+        }
+    }
+
+    /// The horizontal sums of the first four of `v` (eight i32 lanes each) as four lanes, exact.
+    #[inline(always)]
+    unsafe fn hsum4<const N: usize>(v: &[__m256i; N]) -> __m128i {
+        let (a, b) = (v[0], v[1 % N]);
+        let (c, d) = (v[2 % N], v[3 % N]);
+        // Pairwise: (a01 a23 b01 b23 | a45 a67 b45 b67), then (a b c d | a' b' c' d').
+        let ab = _mm256_hadd_epi32(a, b);
+        let cd = _mm256_hadd_epi32(c, d);
+        let abcd = _mm256_hadd_epi32(ab, cd);
+        _mm_add_epi32(
+            _mm256_castsi256_si128(abcd),
+            _mm256_extracti128_si256(abcd, 1),
+        )
+    }
+
+    /// [`dot_k`] for `N` tokens: each block's scales decoded and codes unpacked once.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_k_n<const T: u8, const N: usize>(
+        row: &[u8],
+        bytes: usize,
+        xs: &[Q8Row; N],
+        out: &mut [f32; N],
+    ) {
+        let nb = row.len() / bytes;
+        for x in xs {
+            assert!(x.q.len() >= nb * 256 && x.d.len() >= nb && x.bsums.len() >= nb * 16);
+        }
+        let bias = _mm256_set1_epi32(k_chunk_bias::<T>());
+        let mut acc = [0.0f32; N];
+        for b in 0..nb {
+            // SAFETY: block b lies in `row`, its activations and sums in every `x` (asserted).
+            unsafe {
+                let blk = row.as_ptr().add(b * bytes);
+                let (sc, mn, d, dmin) = k_scale_vecs::<T>(blk);
+                let (lo, hi) = (_mm256_unpacklo_epi16(sc, sc), _mm256_unpackhi_epi16(sc, sc));
+                let mut sum = [_mm256_setzero_si256(); N];
+                k_chunks::<T>(blk, |at, w| {
+                    // The signed codes' magnitudes, once for the N tokens.
+                    let aw = _mm256_sign_epi8(w, w);
+                    for t in 0..N {
+                        let xv = _mm256_loadu_si256(xs[t].q.as_ptr().add(b * 256 + at).cast());
+                        let p = if T == IQ4XS {
+                            _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w))
+                        } else {
+                            _mm256_maddubs_epi16(w, xv)
+                        };
+                        sum[t] = scaled(sum[t], p, lo, hi, at / 32);
+                    }
+                });
+                let mut mins = [_mm256_setzero_si256(); N];
+                for t in 0..N {
+                    let bs = _mm256_loadu_si256(xs[t].bsums.as_ptr().add(16 * b).cast());
+                    if k_chunk_bias::<T>() != 0 {
+                        let c = _mm256_mullo_epi32(_mm256_madd_epi16(sc, bs), bias);
+                        sum[t] = _mm256_sub_epi32(sum[t], c);
+                    }
+                    if matches!(T, Q2K | Q4K | Q5K) {
+                        mins[t] = _mm256_madd_epi16(mn, bs);
+                    }
+                }
+                if N == 4 {
+                    // The four tokens' sums side by side, and the float step in their four lanes (the
+                    // same operations as `k_accumulate`, lane by lane).
+                    let sumi = _mm_cvtepi32_ps(hsum4(&sum));
+                    let dx = _mm_setr_ps(
+                        *xs[0].d.get_unchecked(b),
+                        *xs[1 % N].d.get_unchecked(b),
+                        *xs[2 % N].d.get_unchecked(b),
+                        *xs[3 % N].d.get_unchecked(b),
+                    );
+                    let mut a = _mm_loadu_ps(acc.as_ptr());
+                    a = _mm_fmadd_ps(_mm_mul_ps(_mm_set1_ps(d), dx), sumi, a);
+                    if matches!(T, Q2K | Q4K | Q5K) {
+                        let summ = _mm_cvtepi32_ps(hsum4(&mins));
+                        let m = _mm_mul_ps(_mm_set1_ps(dmin), dx);
+                        a = _mm_fnmadd_ps(m, summ, a);
+                    }
+                    _mm_storeu_ps(acc.as_mut_ptr(), a);
+                } else {
+                    for t in 0..N {
+                        let summ = if matches!(T, Q2K | Q4K | Q5K) {
+                            hsum_i32(mins[t])
+                        } else {
+                            0
+                        };
+                        let dx = *xs[t].d.get_unchecked(b);
+                        acc[t] = k_accumulate(acc[t], d, dmin, dx, hsum_i32(sum[t]), summ);
+                    }
+                }
+            }
+        }
+        *out = acc;
+    }
+
     /// The low-bit i-quants ([`crate::backend::cpu_q8_iq`]).
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -1071,6 +1292,21 @@ mod tests {
                 let a = vec_dot(ty, &row, &q);
                 let b = vec_dot_scalar(ty, &row, &q);
                 assert_eq!(a.to_bits(), b.to_bits(), "{ty:?} × {cols}");
+                // Four tokens at once: each token's result is its single-token one, bit for bit.
+                let four: [Q8Row; TOKENS] = std::array::from_fn(|t| {
+                    let xt: Vec<f32> = x.iter().map(|v| v * (t as f32 - 1.5)).collect();
+                    Q8Row::for_type(ty, &xt)
+                });
+                let mut got = [0.0f32; TOKENS];
+                vec_dot4(ty, &row, &four, &mut got);
+                for (t, (g, xt)) in got.iter().zip(&four).enumerate() {
+                    let want = vec_dot_scalar(ty, &row, xt);
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "{ty:?} × {cols}, token {t} of 4"
+                    );
+                }
                 // And it is ggml's block formula in f64.
                 let (want, scale) = f64_dot(ty, &row, &q);
                 assert!(
@@ -1095,6 +1331,15 @@ mod tests {
                     vec_dot_scalar(ty, &raw, &q).to_bits(),
                     "{ty:?} × {cols} random bytes"
                 );
+                vec_dot4(ty, &raw, &four, &mut got);
+                for (t, (g, xt)) in got.iter().zip(&four).enumerate() {
+                    let want = vec_dot_scalar(ty, &raw, xt);
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "{ty:?} × {cols} random bytes, token {t}"
+                    );
+                }
             }
         }
     }

@@ -70,16 +70,24 @@ pub struct Repacked {
     nb: usize,
     parts: Parts,
     data: Lines,
+    /// The AVX-512 VNNI kernels (else the k types' AVX2 ones).
+    vnni: bool,
 }
 
 impl Repacked {
     fn new(w: &TensorRef) -> Option<Self> {
+        Self::new_with(w, super::cpu_q8_tile::available())
+    }
+
+    /// The repacked `w` for the AVX-512 VNNI kernels (`vnni`) or for the AVX2 ones (where the CPU has AVX2,
+    /// FMA and F16C).
+    fn new_with(w: &TensorRef, vnni: bool) -> Option<Self> {
         let ty = w.block_type()?;
-        if !super::cpu_q8_tile::available() || !repackable(ty) {
+        if !repackable(ty) || !(vnni || avx2()) {
             return None;
         }
         if k_type(ty) {
-            return Some(Self::new_k(w, ty));
+            return Some(Self::new_k(w, ty, vnni));
         }
         let (rows, cols) = (w.rows(), w.cols());
         let nb = cols / 32;
@@ -131,6 +139,7 @@ impl Repacked {
             nb,
             parts,
             data,
+            vnni,
         })
     }
 
@@ -141,7 +150,7 @@ impl Repacked {
     /// and IQ4_XS the stored nibble bytes `4k..4k + 4` of row `r` at `k·64 + r·4`; Q6_K its low-nibble bytes
     /// and its high-bit bytes `4k..4k + 4` (k < 16) likewise, at the slots of [`q6_slot`] (the kernel's
     /// reading order).
-    fn new_k(w: &TensorRef, ty: GgmlType) -> Self {
+    fn new_k(w: &TensorRef, ty: GgmlType, vnni: bool) -> Self {
         let (rows, cols) = (w.rows(), w.cols());
         let nb = cols / 256;
         let bytes = ty.traits().block_bytes;
@@ -205,6 +214,7 @@ impl Repacked {
                 bytes: kb,
             },
             data,
+            vnni,
         }
     }
 
@@ -221,11 +231,16 @@ impl Repacked {
             }
             self.each_panel(n, out, &|p, t, c, res| {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `available` (checked when the panels were built) says AVX-512 F, BW and VNNI;
-                // the tokens t..t + c have `nb` blocks and their sums (asserted above).
+                // SAFETY: `vnni` was set where `available` says AVX-512 F, BW and VNNI, else the panels
+                // were built only where the CPU has AVX2, FMA and F16C; the tokens t..t + c have `nb`
+                // blocks and their sums (asserted above).
                 #[allow(unsafe_code)]
                 unsafe {
-                    x86::k_panel(self, p, &acts[t..t + c], res);
+                    if self.vnni {
+                        x86::k_panel(self, p, &acts[t..t + c], res);
+                    } else {
+                        x86::k_panel_avx2(self, p, &acts[t..t + c], res);
+                    }
                 }
             });
             return;
@@ -246,11 +261,16 @@ impl Repacked {
             .collect();
         self.each_panel(n, out, &|p, t, c, res| {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `available` (checked when the panels were built) says AVX-512 F, BW and VNNI; the
-            // tokens t..t + c have `nb` blocks (asserted above).
+            // SAFETY: `vnni` was set where `available` says AVX-512 F, BW and VNNI, else the panels were
+            // built only where the CPU has AVX2, FMA and F16C; the tokens t..t + c have `nb` blocks
+            // (asserted above).
             #[allow(unsafe_code)]
             unsafe {
-                x86::panel(self, p, &acts[t..t + c], &corr[t..t + c], res);
+                if self.vnni {
+                    x86::panel(self, p, &acts[t..t + c], &corr[t..t + c], res);
+                } else {
+                    x86::panel_avx2(self, p, &acts[t..t + c], &corr[t..t + c], res);
+                }
             }
         });
     }
@@ -366,6 +386,16 @@ fn k_block_bytes(ty: GgmlType) -> usize {
 /// Whether `ty` is one of the repacked k types.
 fn k_type(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4K | GgmlType::Q6K | GgmlType::Iq4Xs)
+}
+
+/// Whether the CPU runs the AVX2 k kernels.
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::cpu_q8::avx2()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
 /// Whether [`Repacked`] takes weights of `ty`.
@@ -634,6 +664,439 @@ mod x86 {
         }
     }
 
+    /// [`k_panel`] with AVX2 alone (CPUs without AVX-512 VNNI), over the same layout and with the same
+    /// integer sums and float steps (equal bit for bit): each 64-byte code vector is two halves of eight
+    /// rows; `vpmaddubsw` of the unsigned codes with a token's broadcast four bytes gives 16-bit pair sums,
+    /// summed in 16 bits as far as they cannot overflow (Q4_K: a sub-block's eight, ≤ 8 · 3810; Q6_K: two,
+    /// ≤ 2 · 16002), then `vpmaddwd` with each row's scale duplicated in its lane's two halves. IQ4_XS's
+    /// table values take the sign trick instead (signed codes, no bias).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn k_panel_avx2(
+        rp: &Repacked,
+        p: usize,
+        acts: &[Q8Row],
+        res: &mut [[f32; PANEL]; 4],
+    ) {
+        macro_rules! by_count {
+            ($t:ident) => {
+                match acts.len() {
+                    1 => k_tokens_avx2::<$t, 1>(rp, p, acts, res),
+                    2 => k_tokens_avx2::<$t, 2>(rp, p, acts, res),
+                    3 => k_tokens_avx2::<$t, 3>(rp, p, acts, res),
+                    _ => k_tokens_avx2::<$t, 4>(rp, p, acts, res),
+                }
+            };
+        }
+        // SAFETY: forwarded (the features are enabled on this function).
+        unsafe {
+            match rp.ty {
+                GgmlType::Q4K => by_count!(Q4K),
+                GgmlType::Q6K => by_count!(Q6K),
+                _ => by_count!(IQ4XS),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn k_tokens_avx2<const T: u8, const C: usize>(
+        rp: &Repacked,
+        p: usize,
+        acts: &[Q8Row],
+        res: &mut [[f32; PANEL]; 4],
+    ) {
+        let (nb, kb) = (rp.nb, rp.parts.bytes);
+        assert!(acts.len() >= C && C <= 4);
+        assert!(rp.data.bytes().len() >= (p + 1) * nb * kb);
+        for a in &acts[..C] {
+            assert!(a.q.len() >= nb * 256 && a.d.len() >= nb && a.bsums.len() >= nb * 16);
+        }
+        let off = super::koff(match T {
+            Q4K => GgmlType::Q4K,
+            Q6K => GgmlType::Q6K,
+            _ => GgmlType::Iq4Xs,
+        });
+        // SAFETY: 16 bytes.
+        let table = unsafe {
+            let t = _mm_loadu_si128(crate::codecs::KVALUES_IQ4NL.as_ptr().cast());
+            _mm256_set_m128i(t, t)
+        };
+        let m4 = _mm256_set1_epi8(0x0F);
+        let lo = |q: __m256i| _mm256_and_si256(q, m4);
+        let hi = |q: __m256i| _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+        // 32-bit lanes holding values that fit 16 bits: each value in both halves of its lane.
+        let dup16 = |v: __m256i| {
+            _mm256_or_si256(
+                _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)),
+                _mm256_slli_epi32::<16>(v),
+            )
+        };
+        let mut acc = [[_mm256_setzero_ps(); C]; 2];
+        let base = rp.data.bytes().as_ptr().wrapping_add(p * nb * kb);
+        for b in 0..nb {
+            // SAFETY: panel p's block b lies in `data`; the tokens' block b and its sums lie in their rows
+            // (asserted above).
+            unsafe {
+                let blk = base.add(b * kb);
+                let qs = blk.add(off.qs);
+                let y: [*const i32; C] =
+                    std::array::from_fn(|c| acts[c].q.as_ptr().add(b * 256).cast::<i32>());
+                // Token c's four bytes at element e, in every lane.
+                let bc = |c: usize, e: usize| _mm256_set1_epi32(y[c].add(e / 4).read_unaligned());
+                // Code vector k's half h8 (rows 8·h8..8·h8 + 8).
+                let vec = |k: usize, h8: usize| _mm256_loadu_si256(qs.add(k * 64 + 32 * h8).cast());
+                // Q4_K's and IQ4_XS's sub-block `sb` (32 codes) scales (or Q4_K's mins at `at`) of half h8,
+                // duplicated.
+                let per32 = |at: usize, sb: usize, h8: usize| {
+                    dup16(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
+                        blk.add(at + 16 * sb + 8 * h8).cast(),
+                    )))
+                };
+                // Both halves side by side: each token's broadcast bytes serve the two.
+                let mut sumi = [[_mm256_setzero_si256(); C]; 2];
+                match T {
+                    Q4K => {
+                        for c64 in 0..4 {
+                            let mut ul = [[_mm256_setzero_si256(); C]; 2];
+                            let mut uh = [[_mm256_setzero_si256(); C]; 2];
+                            for kk in 0..8 {
+                                let q = [vec(8 * c64 + kk, 0), vec(8 * c64 + kk, 1)];
+                                for c in 0..C {
+                                    let xl = bc(c, 64 * c64 + 4 * kk);
+                                    let xh = bc(c, 64 * c64 + 32 + 4 * kk);
+                                    for h8 in 0..2 {
+                                        let (l, h) = (lo(q[h8]), hi(q[h8]));
+                                        ul[h8][c] = _mm256_add_epi16(
+                                            ul[h8][c],
+                                            _mm256_maddubs_epi16(l, xl),
+                                        );
+                                        uh[h8][c] = _mm256_add_epi16(
+                                            uh[h8][c],
+                                            _mm256_maddubs_epi16(h, xh),
+                                        );
+                                    }
+                                }
+                            }
+                            for h8 in 0..2 {
+                                let sl = per32(off.sc, 2 * c64, h8);
+                                let sh = per32(off.sc, 2 * c64 + 1, h8);
+                                for c in 0..C {
+                                    let v = _mm256_add_epi32(
+                                        _mm256_madd_epi16(ul[h8][c], sl),
+                                        _mm256_madd_epi16(uh[h8][c], sh),
+                                    );
+                                    sumi[h8][c] = _mm256_add_epi32(sumi[h8][c], v);
+                                }
+                            }
+                        }
+                    }
+                    IQ4XS => {
+                        for ib in 0..8 {
+                            let sc = [per32(off.sc, ib, 0), per32(off.sc, ib, 1)];
+                            for kk in 0..4 {
+                                for h8 in 0..2 {
+                                    let q = vec(4 * ib + kk, h8);
+                                    for (v, e) in [
+                                        (_mm256_shuffle_epi8(table, lo(q)), 32 * ib + 4 * kk),
+                                        (_mm256_shuffle_epi8(table, hi(q)), 32 * ib + 16 + 4 * kk),
+                                    ] {
+                                        let av = _mm256_sign_epi8(v, v);
+                                        for c in 0..C {
+                                            let pr = _mm256_maddubs_epi16(
+                                                av,
+                                                _mm256_sign_epi8(bc(c, e), v),
+                                            );
+                                            sumi[h8][c] = _mm256_add_epi32(
+                                                sumi[h8][c],
+                                                _mm256_madd_epi16(pr, sc[h8]),
+                                            );
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    _ => {
+                        let m30 = _mm256_set1_epi8(0x30);
+                        // Row r's even (odd) sub-block scale of pair `pr` in both halves of lane r.
+                        let dup_even =
+                            _mm_setr_epi8(0, 0, 2, 2, 4, 4, 6, 6, 8, 8, 10, 10, 12, 12, 14, 14);
+                        let dup_odd =
+                            _mm_setr_epi8(1, 1, 3, 3, 5, 5, 7, 7, 9, 9, 11, 11, 13, 13, 15, 15);
+                        let scale16 = |sb: usize, h8: usize| {
+                            let v =
+                                _mm_loadu_si128(blk.add(off.sc + (sb / 2) * 32 + 16 * h8).cast());
+                            let d = if sb.is_multiple_of(2) {
+                                dup_even
+                            } else {
+                                dup_odd
+                            };
+                            _mm256_cvtepi8_epi16(_mm_shuffle_epi8(v, d))
+                        };
+                        for (h, half) in (0..2).flat_map(|h| [(h, 0), (h, 1)]) {
+                            // Two code vectors' pair sums per 16-bit sum (≤ 2 · 16002), then the scale.
+                            for pair in 0..2 {
+                                let mut t16 = [[[_mm256_setzero_si256(); C]; 4]; 2];
+                                for kk in 4 * half + 2 * pair..4 * half + 2 * pair + 2 {
+                                    let at = 3 * (8 * h + kk);
+                                    for (h8, t16) in t16.iter_mut().enumerate() {
+                                        let (qh, q0, q1) =
+                                            (vec(at, h8), vec(at + 1, h8), vec(at + 2, h8));
+                                        let hb = [
+                                            _mm256_and_si256(_mm256_slli_epi16::<4>(qh), m30),
+                                            _mm256_and_si256(_mm256_slli_epi16::<2>(qh), m30),
+                                            _mm256_and_si256(qh, m30),
+                                            _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m30),
+                                        ];
+                                        let nib = [lo(q0), lo(q1), hi(q0), hi(q1)];
+                                        for m in 0..4 {
+                                            let v = _mm256_or_si256(nib[m], hb[m]);
+                                            for c in 0..C {
+                                                let x = bc(c, 128 * h + 32 * m + 4 * kk);
+                                                t16[m][c] = _mm256_add_epi16(
+                                                    t16[m][c],
+                                                    _mm256_maddubs_epi16(v, x),
+                                                );
+                                            }
+                                        }
+                                    }
+                                }
+                                for (h8, t16) in t16.iter().enumerate() {
+                                    for m in 0..4 {
+                                        let sc = scale16(8 * h + 2 * m + half, h8);
+                                        for c in 0..C {
+                                            sumi[h8][c] = _mm256_add_epi32(
+                                                sumi[h8][c],
+                                                _mm256_madd_epi16(t16[m][c], sc),
+                                            );
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                for (h8, acc) in acc.iter_mut().enumerate() {
+                    let sumi = &mut sumi[h8];
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h8).cast()));
+                    // The mins (Q4_K) or Q6_K's shift (32 · scale) against the 16-code sums, per row lane
+                    // a pair of 16-bit factors against a token's pair of sums.
+                    if T != IQ4XS {
+                        let mut aux = [_mm256_setzero_si256(); C];
+                        for pr in 0..8 {
+                            let cf = if T == Q6K {
+                                _mm256_slli_epi16::<5>(_mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                    blk.add(off.sc + pr * 32 + 16 * h8).cast(),
+                                )))
+                            } else {
+                                per32(off.mn, pr, h8)
+                            };
+                            for c in 0..C {
+                                let bs = acts[c].bsums.as_ptr().add(b * 16 + 2 * pr).cast::<i32>();
+                                let x = _mm256_set1_epi32(bs.read_unaligned());
+                                aux[c] = _mm256_add_epi32(aux[c], _mm256_madd_epi16(cf, x));
+                            }
+                        }
+                        let dmin =
+                            _mm256_cvtph_ps(_mm_loadu_si128(blk.add(off.dmin + 16 * h8).cast()));
+                        for c in 0..C {
+                            let dx = _mm256_set1_ps(*acts[c].d.get_unchecked(b));
+                            if T == Q6K {
+                                sumi[c] = _mm256_sub_epi32(sumi[c], aux[c]);
+                            }
+                            let si = _mm256_cvtepi32_ps(sumi[c]);
+                            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), si, acc[c]);
+                            if T == Q4K {
+                                let m = _mm256_mul_ps(dmin, dx);
+                                acc[c] = _mm256_fnmadd_ps(m, _mm256_cvtepi32_ps(aux[c]), acc[c]);
+                            }
+                        }
+                    } else {
+                        for c in 0..C {
+                            let dx = _mm256_set1_ps(*acts[c].d.get_unchecked(b));
+                            let si = _mm256_cvtepi32_ps(sumi[c]);
+                            acc[c] = _mm256_fmadd_ps(_mm256_mul_ps(dw, dx), si, acc[c]);
+                        }
+                    }
+                }
+            }
+        }
+        for c in 0..C {
+            for (h8, a) in acc.iter().enumerate() {
+                // SAFETY: eight floats at lanes 8·h8 of a row of 16.
+                unsafe { _mm256_storeu_ps(res[c].as_mut_ptr().add(8 * h8), a[c]) };
+            }
+        }
+    }
+
+    /// [`panel`] with AVX2 alone, over the same layout and with the same integer sums and float steps
+    /// (equal bit for bit): the 4- and 5-bit types' unsigned codes through `vpmaddubsw` with the token's
+    /// broadcast bytes, their 16-bit pair sums added while they cannot overflow (eight of ≤ 3810, four of
+    /// ≤ 7874), started from `−bias · Σq`; Q8_0's and IQ4_NL's codes back to signed bytes and through the sign
+    /// trick (no bias).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn panel_avx2(
+        rp: &Repacked,
+        p: usize,
+        acts: &[Q8Row],
+        corr: &[Vec<i32>],
+        res: &mut [[f32; PANEL]; 4],
+    ) {
+        macro_rules! by_count {
+            ($t:ident) => {
+                match acts.len() {
+                    1 => tokens_avx2::<$t, 1>(rp, p, acts, corr, res),
+                    2 => tokens_avx2::<$t, 2>(rp, p, acts, corr, res),
+                    3 => tokens_avx2::<$t, 3>(rp, p, acts, corr, res),
+                    _ => tokens_avx2::<$t, 4>(rp, p, acts, corr, res),
+                }
+            };
+        }
+        // SAFETY: forwarded (the features are enabled on this function).
+        unsafe {
+            match rp.ty {
+                GgmlType::Q8_0 => by_count!(Q8_0),
+                GgmlType::Q4_0 => by_count!(Q4_0),
+                GgmlType::Q4_1 => by_count!(Q4_1),
+                GgmlType::Iq4Nl => by_count!(IQ4_NL),
+                GgmlType::Q5_0 => by_count!(Q5_0),
+                _ => by_count!(Q5_1),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn tokens_avx2<const T: u8, const C: usize>(
+        rp: &Repacked,
+        p: usize,
+        acts: &[Q8Row],
+        corr: &[Vec<i32>],
+        res: &mut [[f32; PANEL]; 4],
+    ) {
+        let (nb, parts) = (rp.nb, rp.parts);
+        assert!(acts.len() >= C && corr.len() >= C && C <= 4);
+        assert!(rp.data.bytes().len() >= (p + 1) * nb * parts.bytes);
+        for c in 0..C {
+            assert!(acts[c].q.len() >= nb * 32 && acts[c].d.len() >= nb && acts[c].s.len() >= nb);
+            assert!(corr[c].len() >= nb);
+        }
+        let offset = matches!(T, Q4_1 | Q5_1);
+        let fifth = matches!(T, Q5_0 | Q5_1);
+        // The types read as signed codes (no bias, no correction).
+        let signed = matches!(T, Q8_0 | IQ4_NL);
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m10 = _mm256_set1_epi8(0x10);
+        let ones = _mm256_set1_epi16(1);
+        // SAFETY: 16 bytes.
+        let table = unsafe {
+            let t = _mm_loadu_si128(crate::codecs::KVALUES_IQ4NL.as_ptr().cast());
+            _mm256_set_m128i(t, t)
+        };
+        let mut acc = [[_mm256_setzero_ps(); C]; 2];
+        let mut offs = [[_mm256_setzero_ps(); C]; 2];
+        let base = rp.data.bytes().as_ptr().wrapping_add(p * nb * parts.bytes);
+        for b in 0..nb {
+            // SAFETY: panel p's block b lies in `data`; the tokens' block b lies in their rows (asserted).
+            unsafe {
+                let blk = base.add(b * parts.bytes);
+                let y: [*const i32; C] =
+                    std::array::from_fn(|c| acts[c].q.as_ptr().add(b * 32).cast::<i32>());
+                let bc = |c: usize, g: usize| _mm256_set1_epi32(y[c].add(g).read_unaligned());
+                let qs = blk.add(parts.qs);
+                let mut s = [[_mm256_setzero_si256(); C]; 2];
+                // Signed codes `w` of group g (four codes of each of 8 rows) against the tokens.
+                let signed_dot = |s: &mut [__m256i; C], w: __m256i, g: usize| {
+                    let aw = _mm256_sign_epi8(w, w);
+                    for (c, sc) in s.iter_mut().enumerate() {
+                        let pr = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(bc(c, g), w));
+                        *sc = _mm256_add_epi32(*sc, _mm256_madd_epi16(pr, ones));
+                    }
+                };
+                for (h8, s) in s.iter_mut().enumerate() {
+                    if T == Q8_0 {
+                        for g in 0..8 {
+                            let u = _mm256_loadu_si256(qs.add(g * 64 + 32 * h8).cast());
+                            signed_dot(s, _mm256_xor_si256(u, _mm256_set1_epi8(-128)), g);
+                        }
+                        continue;
+                    }
+                    let h = if fifth {
+                        _mm256_loadu_si256(blk.add(parts.h + 32 * h8).cast())
+                    } else {
+                        _mm256_setzero_si256()
+                    };
+                    // Unsigned 4-bit codes: all eight groups' pair sums in 16 bits; 5-bit: four.
+                    let mut t16 = [[_mm256_setzero_si256(); C]; 2];
+                    for g in 0..4 {
+                        let q = _mm256_loadu_si256(qs.add(g * 64 + 32 * h8).cast());
+                        let mut lo = _mm256_and_si256(q, m4);
+                        let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                        if fifth {
+                            let up = _mm_cvtsi32_si128(4 - g as i32);
+                            let down = _mm_cvtsi32_si128(g as i32);
+                            lo =
+                                _mm256_or_si256(lo, _mm256_and_si256(_mm256_sll_epi16(h, up), m10));
+                            hi = _mm256_or_si256(
+                                hi,
+                                _mm256_and_si256(_mm256_srl_epi16(h, down), m10),
+                            );
+                        }
+                        if signed {
+                            signed_dot(s, _mm256_shuffle_epi8(table, lo), g);
+                            signed_dot(s, _mm256_shuffle_epi8(table, hi), 4 + g);
+                            continue;
+                        }
+                        for c in 0..C {
+                            let k = if fifth { g / 2 } else { 0 };
+                            let pl = _mm256_maddubs_epi16(lo, bc(c, g));
+                            let ph = _mm256_maddubs_epi16(hi, bc(c, 4 + g));
+                            t16[k][c] = _mm256_add_epi16(t16[k][c], _mm256_add_epi16(pl, ph));
+                        }
+                    }
+                    if !signed {
+                        for c in 0..C {
+                            let mut v = _mm256_madd_epi16(t16[0][c], ones);
+                            if fifth {
+                                v = _mm256_add_epi32(v, _mm256_madd_epi16(t16[1][c], ones));
+                            }
+                            let cr = _mm256_set1_epi32(*corr[c].get_unchecked(b));
+                            s[c] = _mm256_add_epi32(v, cr);
+                        }
+                    }
+                }
+                for h8 in 0..2 {
+                    let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h8).cast()));
+                    let mw = if offset {
+                        _mm256_cvtph_ps(_mm_loadu_si128(blk.add(parts.m + 16 * h8).cast()))
+                    } else {
+                        _mm256_setzero_ps()
+                    };
+                    for c in 0..C {
+                        let scale = _mm256_mul_ps(dw, _mm256_set1_ps(*acts[c].d.get_unchecked(b)));
+                        let si = _mm256_cvtepi32_ps(s[h8][c]);
+                        acc[h8][c] = _mm256_fmadd_ps(scale, si, acc[h8][c]);
+                        if offset {
+                            let sx = _mm256_set1_ps(*acts[c].s.get_unchecked(b));
+                            offs[h8][c] = _mm256_fmadd_ps(mw, sx, offs[h8][c]);
+                        }
+                    }
+                }
+            }
+        }
+        for c in 0..C {
+            for h8 in 0..2 {
+                let v = if offset {
+                    _mm256_add_ps(acc[h8][c], offs[h8][c])
+                } else {
+                    acc[h8][c]
+                };
+                // SAFETY: eight floats at lanes 8·h8 of a row of 16.
+                unsafe { _mm256_storeu_ps(res[c].as_mut_ptr().add(8 * h8), v) };
+            }
+        }
+    }
+
     /// Panel `p` against up to four tokens, results per token and lane into `res`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     pub unsafe fn panel(
@@ -792,8 +1255,8 @@ mod tests {
     /// random rows with outliers; a zero token and an extreme one; one to six tokens; partial panels).
     #[test]
     fn repacked_k_decoding_equals_the_row_reference() {
-        if !super::super::cpu_q8_tile::available() {
-            eprintln!("no AVX-512 VNNI here: nothing is repacked");
+        if !avx2() {
+            eprintln!("no AVX2 here: nothing is repacked");
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(22);
@@ -807,7 +1270,7 @@ mod tests {
                     ty.quantize(&v, r, None);
                 }
                 let w = TensorRef::new("w", vec![rows, cols], ty, Bytes::owned(raw)).unwrap();
-                let rp = repacked(&w).expect("repacked");
+                assert!(repacked(&w).is_some());
                 let acts: Vec<Q8Row> = (0..n)
                     .map(|t| {
                         let mut x: Vec<f32> = (0..cols).map(|_| rng.gen_range(-3.0..3.0)).collect();
@@ -820,15 +1283,23 @@ mod tests {
                         Q8Row::q8_k(&x)
                     })
                     .collect();
-                let mut out = vec![f32::NAN; n * rows];
-                rp.dot(&acts, &mut out);
-                crate::testing::assert_outputs_bitwise(
-                    &out,
-                    n,
-                    rows,
-                    &format!("{ty:?} {rows}×{cols}"),
-                    |t, r| super::super::cpu_q8::vec_dot_k_scalar(ty, w.row_data(r), &acts[t]),
-                );
+                // The AVX2 kernels everywhere, the AVX-512 VNNI ones where the CPU has them.
+                let vnni = super::super::cpu_q8_tile::available();
+                for rp in [Repacked::new_with(&w, false), Repacked::new_with(&w, true)]
+                    .into_iter()
+                    .take(if vnni { 2 } else { 1 })
+                {
+                    let rp = rp.expect("repacked");
+                    let mut out = vec![f32::NAN; n * rows];
+                    rp.dot(&acts, &mut out);
+                    crate::testing::assert_outputs_bitwise(
+                        &out,
+                        n,
+                        rows,
+                        &format!("{ty:?} {rows}×{cols}, vnni {}", rp.vnni),
+                        |t, r| super::super::cpu_q8::vec_dot_k_scalar(ty, w.row_data(r), &acts[t]),
+                    );
+                }
             }
         }
     }
@@ -845,10 +1316,10 @@ mod tests {
             GgmlType::Q8_0,
             GgmlType::Iq4Nl,
         ];
-        if !super::super::cpu_q8_tile::available() {
-            eprintln!("no AVX-512 VNNI here: nothing is repacked");
-            let w = TensorRef::from_f32("w", vec![16, 32], &[0.0; 512]).unwrap();
-            assert!(repacked(&w).is_none());
+        let w = TensorRef::from_f32("w", vec![16, 32], &[0.0; 512]).unwrap();
+        assert!(repacked(&w).is_none(), "f32 has no repacked kernels");
+        if !avx2() {
+            eprintln!("no AVX2 here: nothing is repacked");
             return;
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(21);
@@ -868,7 +1339,7 @@ mod tests {
                     }
                 }
                 let w = TensorRef::new("w", vec![rows, cols], ty, Bytes::owned(raw)).unwrap();
-                let rp = repacked(&w).expect("repacked");
+                assert!(repacked(&w).is_some());
                 let acts: Vec<Q8Row> = (0..n)
                     .map(|t| {
                         let mut x: Vec<f32> = (0..cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
@@ -881,15 +1352,25 @@ mod tests {
                         Q8Row::q8_0(&x)
                     })
                     .collect();
-                let mut out = vec![f32::NAN; n * rows];
-                rp.dot(&acts, &mut out);
-                crate::testing::assert_outputs_bitwise(
-                    &out,
-                    n,
-                    rows,
-                    &format!("{ty:?} {rows}×{cols}"),
-                    |t, r| super::super::cpu_q8_tile::tile_dot_scalar(ty, w.row_data(r), &acts[t]),
-                );
+                // The AVX2 kernels everywhere, the AVX-512 VNNI ones where the CPU has them.
+                let vnni = super::super::cpu_q8_tile::available();
+                for rp in [Repacked::new_with(&w, false), Repacked::new_with(&w, true)]
+                    .into_iter()
+                    .take(if vnni { 2 } else { 1 })
+                {
+                    let rp = rp.expect("repacked");
+                    let mut out = vec![f32::NAN; n * rows];
+                    rp.dot(&acts, &mut out);
+                    crate::testing::assert_outputs_bitwise(
+                        &out,
+                        n,
+                        rows,
+                        &format!("{ty:?} {rows}×{cols}, vnni {}", rp.vnni),
+                        |t, r| {
+                            super::super::cpu_q8_tile::tile_dot_scalar(ty, w.row_data(r), &acts[t])
+                        },
+                    );
+                }
             }
         }
     }
