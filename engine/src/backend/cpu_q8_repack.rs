@@ -724,13 +724,6 @@ mod x86 {
         let m4 = _mm256_set1_epi8(0x0F);
         let lo = |q: __m256i| _mm256_and_si256(q, m4);
         let hi = |q: __m256i| _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
-        // 32-bit lanes holding values that fit 16 bits: each value in both halves of its lane.
-        let dup16 = |v: __m256i| {
-            _mm256_or_si256(
-                _mm256_and_si256(v, _mm256_set1_epi32(0xFFFF)),
-                _mm256_slli_epi32::<16>(v),
-            )
-        };
         let mut acc = [[_mm256_setzero_ps(); C]; 2];
         let base = rp.data.bytes().as_ptr().wrapping_add(p * nb * kb);
         for b in 0..nb {
@@ -748,9 +741,8 @@ mod x86 {
                 // Q4_K's and IQ4_XS's sub-block `sb` (32 codes) scales (or Q4_K's mins at `at`) of half h8,
                 // duplicated.
                 let per32 = |at: usize, sb: usize, h8: usize| {
-                    dup16(_mm256_cvtepi8_epi32(_mm_loadl_epi64(
-                        blk.add(at + 16 * sb + 8 * h8).cast(),
-                    )))
+                    let v = _mm_loadl_epi64(blk.add(at + 16 * sb + 8 * h8).cast());
+                    _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(v, v))
                 };
                 // Both halves side by side: each token's broadcast bytes serve the two.
                 let mut sumi = [[_mm256_setzero_si256(); C]; 2];
@@ -876,6 +868,16 @@ mod x86 {
                         }
                     }
                 }
+                // Q4_K: each token's eight sums of 32 codes (pairs of its 16-code sums, ≤ 2 · 2032), in
+                // 16-bit lanes 0–3 and 8–11 (`vphaddw` works within 128-bit halves).
+                let sums32: [__m256i; C] = std::array::from_fn(|c| {
+                    if T == Q4K {
+                        let bs = _mm256_loadu_si256(acts[c].bsums.as_ptr().add(b * 16).cast());
+                        _mm256_hadd_epi16(bs, bs)
+                    } else {
+                        _mm256_setzero_si256()
+                    }
+                });
                 for (h8, acc) in acc.iter_mut().enumerate() {
                     let sumi = &mut sumi[h8];
                     let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16 * h8).cast()));
@@ -883,18 +885,35 @@ mod x86 {
                     // a pair of 16-bit factors against a token's pair of sums.
                     if T != IQ4XS {
                         let mut aux = [_mm256_setzero_si256(); C];
-                        for pr in 0..8 {
-                            let cf = if T == Q6K {
-                                _mm256_slli_epi16::<5>(_mm256_cvtepi8_epi16(_mm_loadu_si128(
-                                    blk.add(off.sc + pr * 32 + 16 * h8).cast(),
-                                )))
-                            } else {
-                                per32(off.mn, pr, h8)
-                            };
-                            for c in 0..C {
-                                let bs = acts[c].bsums.as_ptr().add(b * 16 + 2 * pr).cast::<i32>();
-                                let x = _mm256_set1_epi32(bs.read_unaligned());
-                                aux[c] = _mm256_add_epi32(aux[c], _mm256_madd_epi16(cf, x));
+                        if T == Q6K {
+                            for pr in 0..8 {
+                                let cf = _mm256_slli_epi16::<5>(_mm256_cvtepi8_epi16(
+                                    _mm_loadu_si128(blk.add(off.sc + pr * 32 + 16 * h8).cast()),
+                                ));
+                                for c in 0..C {
+                                    let bs =
+                                        acts[c].bsums.as_ptr().add(b * 16 + 2 * pr).cast::<i32>();
+                                    let x = _mm256_set1_epi32(bs.read_unaligned());
+                                    aux[c] = _mm256_add_epi32(aux[c], _mm256_madd_epi16(cf, x));
+                                }
+                            }
+                        } else {
+                            // Q4_K's mins, two sub-blocks of 32 per `vpmaddwd`: each row's pair of
+                            // mins against the token's pair of 32-code sums.
+                            for j in 0..4 {
+                                let at = off.mn + 32 * j + 8 * h8;
+                                let (m0, m1) = (
+                                    _mm_loadl_epi64(blk.add(at).cast()),
+                                    _mm_loadl_epi64(blk.add(at + 16).cast()),
+                                );
+                                let cf = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m0, m1));
+                                for c in 0..C {
+                                    let x = _mm256_permutevar8x32_epi32(
+                                        sums32[c],
+                                        _mm256_set1_epi32(j as i32 + 2 * (j as i32 / 2)),
+                                    );
+                                    aux[c] = _mm256_add_epi32(aux[c], _mm256_madd_epi16(cf, x));
+                                }
                             }
                         }
                         let dmin =
