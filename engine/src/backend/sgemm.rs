@@ -279,6 +279,15 @@ fn avx512() -> bool {
     false
 }
 
+fn f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 fn avx2() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -341,11 +350,18 @@ fn pack_f16(k0: usize, kl: usize, rows: &[&[u8]], dst: &mut [f32]) {
     for (p, panel) in dst.chunks_exact_mut(kl * NR).enumerate() {
         let group = &rows[p * NR..(p * NR + NR).min(rows.len())];
         #[cfg(target_arch = "x86_64")]
-        let done = if group.len() == NR && avx512() {
+        let done = if group.len() == NR && (avx512() || (avx2() && f16c())) {
             // The block's columns of the 16 rows (on the stack: this runs per panel and column block).
             let cut: [&[u8]; NR] = std::array::from_fn(|j| &group[j][2 * k0..2 * (k0 + kl)]);
-            // SAFETY: AVX-512 F detected; 16 rows of 2·kl bytes, a panel block of kl·16.
-            unsafe { x86::transpose_panel_f16(&cut, kl, panel) }
+            // SAFETY: AVX-512 F or AVX2 (with F16C) detected; 16 rows of 2·kl bytes, a panel block of
+            // kl·16.
+            unsafe {
+                if avx512() {
+                    x86::transpose_panel_f16(&cut, kl, panel)
+                } else {
+                    x86::transpose_panel_f16_avx2(&cut, kl, panel)
+                }
+            }
         } else {
             0
         };
@@ -468,6 +484,60 @@ mod x86 {
                     _mm512_cvtph_ps(_mm256_loadu_si256(p))
                 });
                 transpose16(&r, dst.add(c * NR));
+            }
+        }
+        whole
+    }
+
+    /// [`transpose_panel_f16`] with AVX2 and F16C: eight columns at a time, each half of the 16 rows an 8 × 8
+    /// transpose in registers.
+    ///
+    /// # Safety
+    /// AVX2 and F16C present.
+    #[target_feature(enable = "avx2,f16c")]
+    pub unsafe fn transpose_panel_f16_avx2(rows: &[&[u8]], k: usize, panel: &mut [f32]) -> usize {
+        assert!(rows.len() == NR && rows.iter().all(|r| r.len() >= 2 * k) && panel.len() >= k * NR);
+        let whole = k / 8 * 8;
+        let dst = panel.as_mut_ptr();
+        for c in (0..whole).step_by(8) {
+            for h in 0..2 {
+                // SAFETY: 8 values (16 bytes) from c are inside every row; lines c..c + 8 of the panel
+                // (16 floats each) are inside it (asserted).
+                unsafe {
+                    let r: [__m256; 8] = std::array::from_fn(|j| {
+                        let p = rows[8 * h + j].as_ptr().add(2 * c).cast::<__m128i>();
+                        _mm256_cvtph_ps(_mm_loadu_si128(p))
+                    });
+                    // (r0 r1), (r2 r3), … interleaved, then pairs of pairs: columns i and i + 4 of four
+                    // rows in the two halves of tt[i] (rows 0–3) and tt[4 + i] (rows 4–7).
+                    let t: [__m256; 8] = std::array::from_fn(|i| {
+                        let (a, b) = (r[2 * (i / 2)], r[2 * (i / 2) + 1]);
+                        if i % 2 == 0 {
+                            _mm256_unpacklo_ps(a, b)
+                        } else {
+                            _mm256_unpackhi_ps(a, b)
+                        }
+                    });
+                    let tt: [__m256; 8] = std::array::from_fn(|i| {
+                        let q = 4 * (i / 4);
+                        let (a, b) = if (i % 4) < 2 {
+                            (t[q], t[q + 2])
+                        } else {
+                            (t[q + 1], t[q + 3])
+                        };
+                        if i % 2 == 0 {
+                            _mm256_shuffle_ps::<0x44>(a, b)
+                        } else {
+                            _mm256_shuffle_ps::<0xEE>(a, b)
+                        }
+                    });
+                    for i in 0..4 {
+                        let lo = _mm256_permute2f128_ps::<0x20>(tt[i], tt[4 + i]);
+                        let hi = _mm256_permute2f128_ps::<0x31>(tt[i], tt[4 + i]);
+                        _mm256_storeu_ps(dst.add((c + i) * NR + 8 * h), lo);
+                        _mm256_storeu_ps(dst.add((c + 4 + i) * NR + 8 * h), hi);
+                    }
+                }
             }
         }
         whole
@@ -825,6 +895,39 @@ mod tests {
             }
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{n}×{m}×{k}");
+        }
+    }
+
+    /// Both register transposes of f16 rows give the scalar conversion's panel (whole blocks of 16 and 8
+    /// columns; the rest is left to the caller).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn f16_panel_transposes_equal_the_scalar_one() {
+        let k = 40;
+        let w: Vec<half::f16> = values(NR * k, 9)
+            .iter()
+            .map(|&v| half::f16::from_f32(v))
+            .collect();
+        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let rows: Vec<&[u8]> = bytes.chunks_exact(2 * k).collect();
+        let want: Vec<f32> = (0..k * NR)
+            .map(|i| w[(i % NR) * k + i / NR].to_f32())
+            .collect();
+        if avx2() && f16c() {
+            let mut got = vec![f32::NAN; k * NR];
+            // SAFETY: AVX2 and F16C detected; 16 rows of 2k bytes, a panel of k·16.
+            #[allow(unsafe_code)]
+            let done = unsafe { x86::transpose_panel_f16_avx2(&rows, k, &mut got) };
+            assert_eq!(done, 40);
+            assert_eq!(got, want);
+        }
+        if avx512() {
+            let mut got = vec![f32::NAN; k * NR];
+            // SAFETY: AVX-512 F detected.
+            #[allow(unsafe_code)]
+            let done = unsafe { x86::transpose_panel_f16(&rows, k, &mut got) };
+            assert_eq!(done, 32);
+            assert_eq!(got[..32 * NR], want[..32 * NR]);
         }
     }
 
