@@ -15,7 +15,7 @@ pub(super) mod x86 {
     use crate::backend::int_dot::x86::{hsum_i32, pairs_i8, scaled};
     use crate::codecs::{
         iq1m_d, iq1m_scales, GgmlType, IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID,
-        IQ3XXS_GRID, KSIGNS_IQ2XS,
+        IQ3XXS_GRID,
     };
     use std::arch::x86_64::*;
 
@@ -63,11 +63,24 @@ pub(super) mod x86 {
         t
     };
 
+    /// [`SIGN_BYTES`] of `ksigns_iq2xs[i]` (seven explicit sign bits, the eighth making their count even),
+    /// composed once so a point's signs are one load.
+    static EVEN_SIGN_BYTES: [u64; 128] = {
+        let mut t = [0u64; 128];
+        let mut i: usize = 0;
+        while i < 128 {
+            let s = i | ((i.count_ones() as usize & 1) << 7);
+            t[i] = SIGN_BYTES[s];
+            i += 1;
+        }
+        t
+    };
+
     /// The IQ2/IQ3 seven-bit sign index `v & 127` (`ksigns_iq2xs`: the eighth sign makes the count even) as
     /// sign bytes.
     #[inline(always)]
     fn even_signs(v: u32) -> u64 {
-        SIGN_BYTES[KSIGNS_IQ2XS[(v & 127) as usize] as usize]
+        EVEN_SIGN_BYTES[(v & 127) as usize]
     }
 
     /// IQ1's shift of a point: −1 in every byte where it shifts down, +1 where up.
@@ -129,53 +142,133 @@ pub(super) mod x86 {
         u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
     }
 
-    /// One block's scales per 16 codes and its multiplier.
+    /// `0x80` where a nibble has an odd number of bits set, in both 128-bit lanes (for `vpshufb`).
+    const PARITY80: [u8; 32] = {
+        let mut t = [0u8; 32];
+        let mut i = 0;
+        while i < 32 {
+            t[i] = if (i % 16).count_ones() % 2 == 1 {
+                0x80
+            } else {
+                0
+            };
+            i += 1;
+        }
+        t
+    };
+
+    /// IQ2_XS's 16 points of codes `128h..128h + 128`: per 16-bit word its eight signs in the low byte (the
+    /// seven stored above the nine-bit grid index, and the parity bit that makes their count even, as
+    /// `ksigns_iq2xs` gives it).
     #[inline(always)]
-    fn scales<const T: u8>(b: &[u8]) -> ([i16; 16], f32) {
-        let mut sc = [0i16; 16];
-        let d = match T {
-            IQ2XXS | IQ3XXS => {
-                let at = if T == IQ2XXS {
-                    |g: usize| 6 + 8 * g
-                } else {
-                    |g: usize| 66 + 4 * g
-                };
-                for g in 0..8 {
-                    sc[2 * g..2 * g + 2].fill(odd(u32_at(b, at(g)) >> 28));
-                }
-                f16(b, 0) * if T == IQ2XXS { 0.125 } else { 0.25 }
+    unsafe fn iq2xs_half(blk: &[u8], h: usize) -> __m256i {
+        assert!(blk.len() >= 34 + 32 * h);
+        // SAFETY: 32 bytes at 2 + 32h (asserted).
+        unsafe {
+            let q = _mm256_loadu_si256(blk.as_ptr().add(2 + 32 * h).cast());
+            let s7 = _mm256_srli_epi16::<9>(q);
+            // Bits 4–6 folded onto 0–2: the low nibble has the seven bits' parity.
+            let fold = _mm256_xor_si256(s7, _mm256_srli_epi16::<13>(q));
+            let parity = _mm256_shuffle_epi8(_mm256_loadu_si256(PARITY80.as_ptr().cast()), fold);
+            _mm256_or_si256(s7, parity)
+        }
+    }
+
+    /// For [`expand_signs`]: word `l`'s low byte (byte `2l` of a 128-bit half, after 8 for the odd groups)
+    /// to its point's eight bytes.
+    const SIGN_SPREAD: [[u8; 32]; 2] = {
+        let mut t = [[0u8; 32]; 2];
+        let mut g = 0;
+        while g < 2 {
+            let mut i = 0;
+            while i < 32 {
+                t[g][i] = (8 * g + 2 * (i / 8)) as u8;
+                i += 1;
             }
-            IQ2XS | IQ2S => {
-                let at = if T == IQ2XS { 66 } else { 74 };
-                for g in 0..8 {
-                    sc[2 * g] = odd(u32::from(b[at + g] & 15));
-                    sc[2 * g + 1] = odd(u32::from(b[at + g] >> 4));
-                }
-                f16(b, 0) * 0.125
-            }
-            IQ3S => {
-                for g in 0..8 {
-                    sc[2 * g..2 * g + 2]
-                        .fill(odd(u32::from((b[106 + g / 2] >> (4 * (g % 2))) & 15)));
-                }
-                f16(b, 0)
-            }
-            IQ1S => {
-                for g in 0..8 {
-                    let h = u32::from(b[35 + 2 * g]) << 8;
-                    sc[2 * g..2 * g + 2].fill(odd((h >> 12) & 7));
-                }
-                f16(b, 0) * 0.125
-            }
-            _ => {
-                let s = iq1m_scales(b);
-                for (h, o) in sc.iter_mut().enumerate() {
-                    *o = odd(u32::from((s[h / 4] >> (3 * (h % 4))) & 7));
-                }
-                iq1m_d(&s) * 0.125
-            }
+            g += 1;
+        }
+        t
+    };
+
+    /// The sign bytes of group `g` (of four) of [`iq2xs_half`]'s words: byte `j` of point `l` is −1 where
+    /// bit `j` of word `4g + l`'s low byte is set, else +1.
+    #[inline(always)]
+    unsafe fn expand_signs(full: __m256i, g: usize) -> __m256i {
+        let half = if g < 2 {
+            _mm256_castsi256_si128(full)
+        } else {
+            _mm256_extracti128_si256::<1>(full)
         };
-        (sc, d)
+        // SAFETY: 32 bytes.
+        let shuf = unsafe { _mm256_loadu_si256(SIGN_SPREAD[g % 2].as_ptr().cast()) };
+        let bytes = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(half), shuf);
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let neg = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+        _mm256_or_si256(neg, _mm256_set1_epi8(1))
+    }
+
+    /// One block's scales per 16 codes (`2s + 1`) as a vector of 16 `i16`, and its multiplier; decoded with
+    /// vector operations where the layout allows (IQ1_M's spread bits stay scalar).
+    #[inline(always)]
+    unsafe fn scale_vec<const T: u8>(b: &[u8]) -> (__m256i, f32) {
+        // Eight i32 lanes `s` (one scale per 32 codes) as `2s + 1` in both 16-bit halves of each lane.
+        let odd_pairs = |v: __m256i| {
+            let o = _mm256_add_epi32(_mm256_slli_epi32::<1>(v), _mm256_set1_epi32(1));
+            _mm256_or_si256(o, _mm256_slli_epi32::<16>(o))
+        };
+        let m15 = _mm_set1_epi8(15);
+        // SAFETY (every load): inside the block of T (`b` is one whole block; offsets per its layout).
+        unsafe {
+            match T {
+                IQ2XXS => {
+                    assert!(b.len() >= 66);
+                    // Groups' (indices, word) as 64-bit lanes: the word's top four bits are the lane's.
+                    let v0 = _mm256_srli_epi64::<60>(_mm256_loadu_si256(b.as_ptr().add(2).cast()));
+                    let v1 = _mm256_srli_epi64::<60>(_mm256_loadu_si256(b.as_ptr().add(34).cast()));
+                    let lo =
+                        _mm256_permutevar8x32_epi32(v0, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+                    let hi =
+                        _mm256_permutevar8x32_epi32(v1, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+                    let v = _mm256_permute2x128_si256::<0x20>(lo, hi);
+                    (odd_pairs(v), f16(b, 0) * 0.125)
+                }
+                IQ3XXS => {
+                    assert!(b.len() >= 98);
+                    let v = _mm256_srli_epi32::<28>(_mm256_loadu_si256(b.as_ptr().add(66).cast()));
+                    (odd_pairs(v), f16(b, 0) * 0.25)
+                }
+                IQ2XS | IQ2S => {
+                    let at = if T == IQ2XS { 66 } else { 74 };
+                    assert!(b.len() >= at + 8);
+                    let v = _mm_loadl_epi64(b.as_ptr().add(at).cast());
+                    let lo = _mm_and_si128(v, m15);
+                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), m15);
+                    let s = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(lo, hi));
+                    let o = _mm256_add_epi16(_mm256_slli_epi16::<1>(s), _mm256_set1_epi16(1));
+                    (o, f16(b, 0) * 0.125)
+                }
+                IQ3S => {
+                    assert!(b.len() >= 110);
+                    let v = _mm_cvtsi32_si128(i32::from_le_bytes([b[106], b[107], b[108], b[109]]));
+                    let lo = _mm_and_si128(v, m15);
+                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), m15);
+                    let s = _mm256_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi));
+                    (odd_pairs(s), f16(b, 0))
+                }
+                IQ1S => {
+                    assert!(b.len() >= 50);
+                    let v = _mm_loadu_si128(b.as_ptr().add(34).cast());
+                    let s = _mm_and_si128(_mm_srli_epi16::<12>(v), _mm_set1_epi16(7));
+                    (odd_pairs(_mm256_cvtepu16_epi32(s)), f16(b, 0) * 0.125)
+                }
+                _ => {
+                    let s = iq1m_scales(b);
+                    let sc: [i16; 16] =
+                        std::array::from_fn(|h| odd(u32::from((s[h / 4] >> (3 * (h % 4))) & 7)));
+                    (_mm256_loadu_si256(sc.as_ptr().cast()), iq1m_d(&s) * 0.125)
+                }
+            }
+        }
     }
 
     /// Group `g`'s (codes `32g..32g + 32`) four lattice points and, per point, its sign bytes (IQ2/IQ3) or
@@ -251,39 +344,107 @@ pub(super) mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot<const T: u8>(row: &[u8], bytes: usize, q: &[i8], dx: &[f32]) -> f32 {
         let nb = row.len() / bytes;
-        assert!(q.len() >= nb * 256 && dx.len() >= nb);
-        let iq1 = matches!(T, IQ1S | IQ1M);
+        assert!(q.len() >= nb * 256 && dx.len() >= nb && bytes >= block_bytes::<T>());
         let mut acc = 0.0f32;
         for b in 0..nb {
-            let blk = &row[b * bytes..(b + 1) * bytes];
-            let (scales, d) = scales::<T>(blk);
-            // SAFETY: 16 scales; block b's 256 activations (asserted).
+            // A slice of the type's constant length: with the groups unrolled, every offset is a constant
+            // the compiler checks once.
+            let blk = &row[b * bytes..][..block_bytes::<T>()];
+            // SAFETY: block b's 256 activations (asserted); `blk` is one whole block.
             unsafe {
-                let sc = _mm256_loadu_si256(scales.as_ptr().cast());
+                let (sc, d) = scale_vec::<T>(blk);
                 let (lo, hi) = (_mm256_unpacklo_epi16(sc, sc), _mm256_unpackhi_epi16(sc, sc));
                 let xp = q.as_ptr().add(b * 256);
+                // IQ2_XS: a half block's 16 sign bytes at a time.
+                let signs = if T == IQ2XS {
+                    [iq2xs_half(blk, 0), iq2xs_half(blk, 1)]
+                } else {
+                    [_mm256_setzero_si256(); 2]
+                };
+                let g = Group {
+                    blk,
+                    xp,
+                    lo,
+                    hi,
+                    signs,
+                };
                 let mut sum = _mm256_setzero_si256();
-                for c in 0..8 {
-                    let (pts, sg) = group::<T>(blk, c);
-                    let xv = _mm256_loadu_si256(xp.add(32 * c).cast());
-                    let g = if matches!(T, IQ3XXS | IQ3S) {
-                        iq3_points::<T>(blk, c)
-                    } else {
-                        points(pts)
-                    };
-                    let sg = points(sg);
-                    let p = if iq1 {
-                        // 8·grid (grid bytes −1, 0, 1), then the ±1 shifts.
-                        let codes = _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), g), sg);
-                        pairs_i8(codes, xv)
-                    } else {
-                        _mm256_maddubs_epi16(g, _mm256_sign_epi8(xv, sg))
-                    };
-                    sum = scaled(sum, p, lo, hi, c);
-                }
+                sum = g.step::<T, 0>(sum);
+                sum = g.step::<T, 1>(sum);
+                sum = g.step::<T, 2>(sum);
+                sum = g.step::<T, 3>(sum);
+                sum = g.step::<T, 4>(sum);
+                sum = g.step::<T, 5>(sum);
+                sum = g.step::<T, 6>(sum);
+                sum = g.step::<T, 7>(sum);
                 acc = k_accumulate(acc, d, 0.0, dx[b], hsum_i32(sum), 0);
             }
         }
         acc
+    }
+
+    /// Bytes per block of `T`.
+    const fn block_bytes<const T: u8>() -> usize {
+        match T {
+            IQ2XXS => 66,
+            IQ2XS => 74,
+            IQ2S => 82,
+            IQ3XXS => 98,
+            IQ3S => 110,
+            IQ1S => 50,
+            _ => 56,
+        }
+    }
+
+    /// One block's state for its eight groups of 32 codes.
+    struct Group<'a> {
+        blk: &'a [u8],
+        xp: *const i8,
+        lo: __m256i,
+        hi: __m256i,
+        signs: [__m256i; 2],
+    }
+
+    impl Group<'_> {
+        /// Group `C`'s (codes `32C..32C + 32`) scaled pair sums added to `sum` (one call per group, so
+        /// every group-dependent index and scale selection is a constant).
+        #[inline(always)]
+        unsafe fn step<const T: u8, const C: usize>(&self, sum: __m256i) -> __m256i {
+            let blk = self.blk;
+            // SAFETY: block's activations `32C..32C + 32` (the caller's).
+            let xv = unsafe { _mm256_loadu_si256(self.xp.add(32 * C).cast()) };
+            let (g, sg) = if T == IQ2XS {
+                let pt = |l: usize| {
+                    let v = u16::from_le_bytes([blk[2 + 8 * C + 2 * l], blk[3 + 8 * C + 2 * l]]);
+                    g8(&IQ2XS_GRID, usize::from(v & 511))
+                };
+                // SAFETY: AVX2 (the caller's).
+                let sg = unsafe { expand_signs(self.signs[C / 4], C % 4) };
+                // SAFETY: as above.
+                (unsafe { points([pt(0), pt(1), pt(2), pt(3)]) }, sg)
+            } else {
+                let (pts, sg) = group::<T>(blk, C);
+                // SAFETY: AVX2 (the caller's); IQ3's group inside the block.
+                unsafe {
+                    let g = if matches!(T, IQ3XXS | IQ3S) {
+                        iq3_points::<T>(blk, C)
+                    } else {
+                        points(pts)
+                    };
+                    (g, points(sg))
+                }
+            };
+            // SAFETY: AVX2 (the caller's).
+            unsafe {
+                let p = if matches!(T, IQ1S | IQ1M) {
+                    // 8·grid (grid bytes −1, 0, 1), then the ±1 shifts.
+                    let codes = _mm256_add_epi8(_mm256_sign_epi8(_mm256_set1_epi8(8), g), sg);
+                    pairs_i8(codes, xv)
+                } else {
+                    _mm256_maddubs_epi16(g, _mm256_sign_epi8(xv, sg))
+                };
+                scaled(sum, p, self.lo, self.hi, C)
+            }
+        }
     }
 }
