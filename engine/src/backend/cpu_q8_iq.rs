@@ -132,9 +132,15 @@ pub(super) mod x86 {
         (2 * s + 1) as i16
     }
 
+    /// The f16 at `o` as f32, exactly (inline F16C, where `half` makes a call per block).
+    ///
+    /// # Safety
+    /// The CPU has F16C (every caller runs with it enabled).
     #[inline(always)]
-    fn f16(b: &[u8], o: usize) -> f32 {
-        half::f16::from_le_bytes([b[o], b[o + 1]]).to_f32()
+    unsafe fn f16(b: &[u8], o: usize) -> f32 {
+        let bits = u16::from_le_bytes([b[o], b[o + 1]]);
+        // SAFETY: F16C (the caller's contract).
+        unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits)))) }
     }
 
     #[inline(always)]
@@ -157,15 +163,18 @@ pub(super) mod x86 {
         t
     };
 
-    /// IQ2_XS's 16 points of codes `128h..128h + 128`: per 16-bit word its eight signs in the low byte (the
-    /// seven stored above the nine-bit grid index, and the parity bit that makes their count even, as
-    /// `ksigns_iq2xs` gives it).
+    /// IQ2_XS's 16 points of codes `128h..128h + 128`: their grid indices into `idx` (one 16-bit load each
+    /// later, where the stored words would take a load and a mask), and per 16-bit word its eight signs in
+    /// the low byte (the seven stored above the nine-bit grid index, and the parity bit that makes their
+    /// count even, as `ksigns_iq2xs` gives it).
     #[inline(always)]
-    unsafe fn iq2xs_half(blk: &[u8], h: usize) -> __m256i {
+    unsafe fn iq2xs_half(blk: &[u8], h: usize, idx: &mut [u16; 16]) -> __m256i {
         assert!(blk.len() >= 34 + 32 * h);
-        // SAFETY: 32 bytes at 2 + 32h (asserted).
+        // SAFETY: 32 bytes at 2 + 32h (asserted); `idx` holds 32 bytes.
         unsafe {
             let q = _mm256_loadu_si256(blk.as_ptr().add(2 + 32 * h).cast());
+            let grid = _mm256_and_si256(q, _mm256_set1_epi16(511));
+            _mm256_storeu_si256(idx.as_mut_ptr().cast(), grid);
             let s7 = _mm256_srli_epi16::<9>(q);
             // Bits 4–6 folded onto 0–2: the low nibble has the seven bits' parity.
             let fold = _mm256_xor_si256(s7, _mm256_srli_epi16::<13>(q));
@@ -356,8 +365,10 @@ pub(super) mod x86 {
                 let (lo, hi) = (_mm256_unpacklo_epi16(sc, sc), _mm256_unpackhi_epi16(sc, sc));
                 let xp = q.as_ptr().add(b * 256);
                 // IQ2_XS: a half block's 16 sign bytes at a time.
+                let mut idx = [[0u16; 16]; 2];
                 let signs = if T == IQ2XS {
-                    [iq2xs_half(blk, 0), iq2xs_half(blk, 1)]
+                    let [i0, i1] = &mut idx;
+                    [iq2xs_half(blk, 0, i0), iq2xs_half(blk, 1, i1)]
                 } else {
                     [_mm256_setzero_si256(); 2]
                 };
@@ -367,6 +378,7 @@ pub(super) mod x86 {
                     lo,
                     hi,
                     signs,
+                    idx,
                 };
                 let mut sum = _mm256_setzero_si256();
                 sum = g.step::<T, 0>(sum);
@@ -403,6 +415,8 @@ pub(super) mod x86 {
         lo: __m256i,
         hi: __m256i,
         signs: [__m256i; 2],
+        /// IQ2_XS's grid indices, per half block.
+        idx: [[u16; 16]; 2],
     }
 
     impl Group<'_> {
@@ -414,10 +428,7 @@ pub(super) mod x86 {
             // SAFETY: block's activations `32C..32C + 32` (the caller's).
             let xv = unsafe { _mm256_loadu_si256(self.xp.add(32 * C).cast()) };
             let (g, sg) = if T == IQ2XS {
-                let pt = |l: usize| {
-                    let v = u16::from_le_bytes([blk[2 + 8 * C + 2 * l], blk[3 + 8 * C + 2 * l]]);
-                    g8(&IQ2XS_GRID, usize::from(v & 511))
-                };
+                let pt = |l: usize| g8(&IQ2XS_GRID, usize::from(self.idx[C / 4][4 * (C % 4) + l]));
                 // SAFETY: AVX2 (the caller's).
                 let sg = unsafe { expand_signs(self.signs[C / 4], C % 4) };
                 // SAFETY: as above.

@@ -3,13 +3,16 @@
 //! register holds one row's four code bytes, the codes kept at their stored width (nibbles stay nibbles,
 //! the fifth bits are regrouped so two shifts place them), the block scales of the 16 rows side by side.
 //! AVX-512 VNNI's `vpdpbusd` then sums a block of 16 rows against a token in 8 instructions where the
-//! row-by-row kernel needs a horizontal layout per row, so decoding reads the weights at memory speed.
+//! row-by-row kernel needs a horizontal layout per row, so decoding reads the weights at memory speed. CPUs
+//! with AVX2 but not AVX-512 VNNI read the same panels with AVX2 kernels (two halves of eight rows per
+//! vector, `vpmaddubsw` pair sums kept in 16 bits while they cannot overflow, then `vpmaddwd`), equal bit for
+//! bit. Prompts use the panels too, four tokens per kernel call.
 //!
 //! The arithmetic is the prompt tiles' (`cpu_q8_tile::tile_dot_scalar` for the Q8_0 family; for the
 //! k-quants the row kernel's `cpu_q8::vec_dot_k_scalar`, equal bit for bit): a prompt's rows and a decoded
-//! token's row are the same numbers. A tensor is repacked the first time it decodes (the copy
-//! lives as long as the tensor; its size is within 3 % of the weight's), and only where the CPU has AVX-512
-//! VNNI. Decoding is bound by memory bandwidth, so the layouts carry no byte the stored blocks do not (the
+//! token's row are the same numbers. A tensor is repacked the first time it is multiplied (the copy
+//! lives as long as the tensor; its size is within 3 % of the weight's), where the CPU has AVX-512 VNNI or
+//! AVX2. Decoding is bound by memory bandwidth, so the layouts carry no byte the stored blocks do not (the
 //! k-quants' scales stay bytes, their `d` stays f16: widening them had cost 10–23 % of decoding speed),
 //! start every panel block on a cache line, and are read front to back in the order the kernels use them,
 //! with no software prefetch: the hardware prefetchers keep up with a forward stream (prefetching ahead

@@ -14,7 +14,9 @@
 //!   block's two f32 steps are the decoding kernel's, so prompt and decoding results are equal bit for bit
 //!   (reference `cpu_q8::vec_dot_k_scalar`).
 //!
-//! Without AVX-512 VNNI, [`matmul`] declines and the caller multiplies dequantised tiles instead.
+//! The types with repacked decoding panels (`cpu_q8_repack`) take those for prompts too, so these tiles serve
+//! Q2_K, Q3_K and Q5_K. Without AVX-512 VNNI, [`matmul`] declines and the caller dots rows with four tokens at
+//! a time (`cpu_q8::vec_dot4`).
 
 use rayon::prelude::*;
 

@@ -105,8 +105,8 @@ fn round_q8_k_block(b: &mut [f32]) {
     }
 }
 
-/// Tokens up to which the CPU's llama-cpu matmul dots packed rows directly (decoding) rather than
-/// multiplying dequantised tiles.
+/// Tokens up to which the CPU's llama-cpu matmul dots packed rows directly (decoding) rather than taking
+/// the prompt paths of [`matmul_with`].
 const FUSED_TOKENS: usize = 4;
 
 /// `w.matmul(x)`, first rounding a copy of the activations to what llama.cpp's CPU backend multiplies
@@ -128,7 +128,7 @@ pub(crate) fn matmul_with(
         return;
     }
     // Prompts on the CPU: the repacked decoding panels, four tokens at a time, where the type has them (the
-    // Q8_0 family, Q4_K, Q6_K, IQ4_XS; 4–17 % faster than tiles repacked per call, and the same numbers);
+    // Q8_0 family, Q4_K, Q6_K, IQ4_XS; 5–20 % faster than tiles repacked per call, and the same numbers);
     // else integer tiles where the CPU has AVX-512 VNNI (the other k-quants); else rows dotted with four
     // tokens at a time where those kernels decode a block once for the four.
     if numerics == Numerics::LlamaCpu
@@ -200,7 +200,8 @@ pub(crate) fn fused_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) ->
             .map(|xt| cpu_q8::Q8Row::for_type(ty, xt))
             .collect()
     };
-    // Q8_0-family rows repacked 16 at a time where the CPU has AVX-512 VNNI (the prompt tiles' arithmetic).
+    // Rows repacked 16 at a time where the type has panels (the Q8_0 family, Q4_K, Q6_K, IQ4_XS; AVX-512 VNNI or
+    // AVX2 kernels, the prompt tiles' arithmetic).
     if let Some(rp) = crate::backend::cpu_q8_repack::repacked(w) {
         rp.dot(&acts, &mut out[..n * w.rows()]);
         return true;
