@@ -532,7 +532,7 @@ pub(super) mod x86 {
     /// IQ4_NL's table in both 128-bit halves, for `pshufb`.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn iq4_table() -> __m256i {
+    pub(crate) unsafe fn iq4_table() -> __m256i {
         // SAFETY: the table has 16 bytes.
         let t = unsafe { _mm_loadu_si128(crate::codecs::KVALUES_IQ4NL.as_ptr().cast()) };
         _mm256_set_m128i(t, t)
@@ -1297,16 +1297,19 @@ mod tests {
                     let xt: Vec<f32> = x.iter().map(|v| v * (t as f32 - 1.5)).collect();
                     Q8Row::for_type(ty, &xt)
                 });
-                let mut got = [0.0f32; TOKENS];
-                vec_dot4(ty, &row, &four, &mut got);
-                for (t, (g, xt)) in got.iter().zip(&four).enumerate() {
-                    let want = vec_dot_scalar(ty, &row, xt);
-                    assert_eq!(
-                        g.to_bits(),
-                        want.to_bits(),
-                        "{ty:?} × {cols}, token {t} of 4"
-                    );
-                }
+                let assert_four = |row: &[u8], what: &str| {
+                    let mut got = [0.0f32; TOKENS];
+                    vec_dot4(ty, row, &four, &mut got);
+                    for (t, (g, xt)) in got.iter().zip(&four).enumerate() {
+                        let want = vec_dot_scalar(ty, row, xt);
+                        assert_eq!(
+                            g.to_bits(),
+                            want.to_bits(),
+                            "{ty:?} × {cols}{what}, token {t}"
+                        );
+                    }
+                };
+                assert_four(&row, "");
                 // And it is ggml's block formula in f64.
                 let (want, scale) = f64_dot(ty, &row, &q);
                 assert!(
@@ -1331,15 +1334,7 @@ mod tests {
                     vec_dot_scalar(ty, &raw, &q).to_bits(),
                     "{ty:?} × {cols} random bytes"
                 );
-                vec_dot4(ty, &raw, &four, &mut got);
-                for (t, (g, xt)) in got.iter().zip(&four).enumerate() {
-                    let want = vec_dot_scalar(ty, &raw, xt);
-                    assert_eq!(
-                        g.to_bits(),
-                        want.to_bits(),
-                        "{ty:?} × {cols} random bytes, token {t}"
-                    );
-                }
+                assert_four(&raw, " random bytes");
             }
         }
     }

@@ -15,7 +15,7 @@ pub(super) mod x86 {
     use crate::backend::int_dot::x86::{hsum_i32, pairs_i8, scaled};
     use crate::codecs::{
         iq1m_d, iq1m_scales, GgmlType, IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID,
-        IQ3XXS_GRID,
+        IQ3XXS_GRID, KSIGNS_IQ2XS,
     };
     use std::arch::x86_64::*;
 
@@ -67,10 +67,9 @@ pub(super) mod x86 {
     /// composed once so a point's signs are one load.
     static EVEN_SIGN_BYTES: [u64; 128] = {
         let mut t = [0u64; 128];
-        let mut i: usize = 0;
+        let mut i = 0;
         while i < 128 {
-            let s = i | ((i.count_ones() as usize & 1) << 7);
-            t[i] = SIGN_BYTES[s];
+            t[i] = SIGN_BYTES[KSIGNS_IQ2XS[i] as usize];
             i += 1;
         }
         t
@@ -353,7 +352,9 @@ pub(super) mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot<const T: u8>(row: &[u8], bytes: usize, q: &[i8], dx: &[f32]) -> f32 {
         let nb = row.len() / bytes;
-        assert!(q.len() >= nb * 256 && dx.len() >= nb && bytes >= block_bytes::<T>());
+        // The codec table's block size, which the per-type constant repeats for the compiler.
+        assert_eq!(bytes, block_bytes::<T>());
+        assert!(q.len() >= nb * 256 && dx.len() >= nb);
         let mut acc = 0.0f32;
         for b in 0..nb {
             // A slice of the type's constant length: with the groups unrolled, every offset is a constant

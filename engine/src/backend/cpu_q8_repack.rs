@@ -239,11 +239,7 @@ impl Repacked {
                 // blocks and their sums (asserted above).
                 #[allow(unsafe_code)]
                 unsafe {
-                    if self.vnni {
-                        x86::k_panel(self, p, &acts[t..t + c], res);
-                    } else {
-                        x86::k_panel_avx2(self, p, &acts[t..t + c], res);
-                    }
+                    x86::k_panel(self, p, &acts[t..t + c], res);
                 }
             });
             return;
@@ -269,11 +265,7 @@ impl Repacked {
             // (asserted above).
             #[allow(unsafe_code)]
             unsafe {
-                if self.vnni {
-                    x86::panel(self, p, &acts[t..t + c], &corr[t..t + c], res);
-                } else {
-                    x86::panel_avx2(self, p, &acts[t..t + c], &corr[t..t + c], res);
-                }
+                x86::panel(self, p, &acts[t..t + c], &corr[t..t + c], res);
             }
         });
     }
@@ -421,7 +413,7 @@ mod x86 {
     use crate::codecs::GgmlType;
     use std::arch::x86_64::*;
 
-    use super::super::cpu_q8::x86::{IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+    use super::super::cpu_q8::x86::{iq4_table, IQ4_NL, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
     /// IQ4_NL's values + 128 (unsigned bytes) in each 128-bit lane, for `vpshufb`.
     #[inline]
@@ -439,25 +431,37 @@ mod x86 {
     const Q6K: u8 = 1;
     const IQ4XS: u8 = 2;
 
-    /// A k panel `p` against up to four tokens (Q8_K rows), results per token and lane into `res`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    /// A k panel `p` against up to four tokens (Q8_K rows), results per token and lane into `res`, with the
+    /// kernels the panels were built for ([`k_tokens`] or [`k_tokens_avx2`]).
+    ///
+    /// # Safety
+    /// The CPU has the kernels' features: AVX-512 F, BW and VNNI where `rp.vnni`, else AVX2, FMA and F16C.
     pub unsafe fn k_panel(rp: &Repacked, p: usize, acts: &[Q8Row], res: &mut [[f32; PANEL]; 4]) {
         macro_rules! by_count {
-            ($t:ident) => {
+            ($k:ident, $t:ident) => {
                 match acts.len() {
-                    1 => k_tokens::<$t, 1>(rp, p, acts, res),
-                    2 => k_tokens::<$t, 2>(rp, p, acts, res),
-                    3 => k_tokens::<$t, 3>(rp, p, acts, res),
-                    _ => k_tokens::<$t, 4>(rp, p, acts, res),
+                    1 => $k::<$t, 1>(rp, p, acts, res),
+                    2 => $k::<$t, 2>(rp, p, acts, res),
+                    3 => $k::<$t, 3>(rp, p, acts, res),
+                    _ => $k::<$t, 4>(rp, p, acts, res),
                 }
             };
         }
-        // SAFETY: forwarded (the features are enabled on this function).
+        macro_rules! by_type {
+            ($k:ident) => {
+                match rp.ty {
+                    GgmlType::Q4K => by_count!($k, Q4K),
+                    GgmlType::Q6K => by_count!($k, Q6K),
+                    _ => by_count!($k, IQ4XS),
+                }
+            };
+        }
+        // SAFETY: forwarded (the caller's contract names the features of the kernel chosen).
         unsafe {
-            match rp.ty {
-                GgmlType::Q4K => by_count!(Q4K),
-                GgmlType::Q6K => by_count!(Q6K),
-                _ => by_count!(IQ4XS),
+            if rp.vnni {
+                by_type!(k_tokens)
+            } else {
+                by_type!(k_tokens_avx2)
             }
         }
     }
@@ -667,39 +671,12 @@ mod x86 {
         }
     }
 
-    /// [`k_panel`] with AVX2 alone (CPUs without AVX-512 VNNI), over the same layout and with the same
+    /// [`k_tokens`] with AVX2 alone (CPUs without AVX-512 VNNI), over the same layout and with the same
     /// integer sums and float steps (equal bit for bit): each 64-byte code vector is two halves of eight
     /// rows; `vpmaddubsw` of the unsigned codes with a token's broadcast four bytes gives 16-bit pair sums,
     /// summed in 16 bits as far as they cannot overflow (Q4_K: a sub-block's eight, ≤ 8 · 3810; Q6_K: two,
     /// ≤ 2 · 16002), then `vpmaddwd` with each row's scale duplicated in its lane's two halves. IQ4_XS's
     /// table values take the sign trick instead (signed codes, no bias).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn k_panel_avx2(
-        rp: &Repacked,
-        p: usize,
-        acts: &[Q8Row],
-        res: &mut [[f32; PANEL]; 4],
-    ) {
-        macro_rules! by_count {
-            ($t:ident) => {
-                match acts.len() {
-                    1 => k_tokens_avx2::<$t, 1>(rp, p, acts, res),
-                    2 => k_tokens_avx2::<$t, 2>(rp, p, acts, res),
-                    3 => k_tokens_avx2::<$t, 3>(rp, p, acts, res),
-                    _ => k_tokens_avx2::<$t, 4>(rp, p, acts, res),
-                }
-            };
-        }
-        // SAFETY: forwarded (the features are enabled on this function).
-        unsafe {
-            match rp.ty {
-                GgmlType::Q4K => by_count!(Q4K),
-                GgmlType::Q6K => by_count!(Q6K),
-                _ => by_count!(IQ4XS),
-            }
-        }
-    }
-
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn k_tokens_avx2<const T: u8, const C: usize>(
@@ -719,11 +696,8 @@ mod x86 {
             Q6K => GgmlType::Q6K,
             _ => GgmlType::Iq4Xs,
         });
-        // SAFETY: 16 bytes.
-        let table = unsafe {
-            let t = _mm_loadu_si128(crate::codecs::KVALUES_IQ4NL.as_ptr().cast());
-            _mm256_set_m128i(t, t)
-        };
+        // SAFETY: AVX2 (enabled on this function).
+        let table = unsafe { iq4_table() };
         let m4 = _mm256_set1_epi8(0x0F);
         let lo = |q: __m256i| _mm256_and_si256(q, m4);
         let hi = |q: __m256i| _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
@@ -951,42 +925,11 @@ mod x86 {
         }
     }
 
-    /// [`panel`] with AVX2 alone, over the same layout and with the same integer sums and float steps
+    /// [`tokens`] with AVX2 alone, over the same layout and with the same integer sums and float steps
     /// (equal bit for bit): the 4- and 5-bit types' unsigned codes through `vpmaddubsw` with the token's
     /// broadcast bytes, their 16-bit pair sums added while they cannot overflow (eight of ≤ 3810, four of
     /// ≤ 7874), started from `−bias · Σq`; Q8_0's and IQ4_NL's codes back to signed bytes and through the sign
     /// trick (no bias).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn panel_avx2(
-        rp: &Repacked,
-        p: usize,
-        acts: &[Q8Row],
-        corr: &[Vec<i32>],
-        res: &mut [[f32; PANEL]; 4],
-    ) {
-        macro_rules! by_count {
-            ($t:ident) => {
-                match acts.len() {
-                    1 => tokens_avx2::<$t, 1>(rp, p, acts, corr, res),
-                    2 => tokens_avx2::<$t, 2>(rp, p, acts, corr, res),
-                    3 => tokens_avx2::<$t, 3>(rp, p, acts, corr, res),
-                    _ => tokens_avx2::<$t, 4>(rp, p, acts, corr, res),
-                }
-            };
-        }
-        // SAFETY: forwarded (the features are enabled on this function).
-        unsafe {
-            match rp.ty {
-                GgmlType::Q8_0 => by_count!(Q8_0),
-                GgmlType::Q4_0 => by_count!(Q4_0),
-                GgmlType::Q4_1 => by_count!(Q4_1),
-                GgmlType::Iq4Nl => by_count!(IQ4_NL),
-                GgmlType::Q5_0 => by_count!(Q5_0),
-                _ => by_count!(Q5_1),
-            }
-        }
-    }
-
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn tokens_avx2<const T: u8, const C: usize>(
@@ -1010,11 +953,8 @@ mod x86 {
         let m4 = _mm256_set1_epi8(0x0F);
         let m10 = _mm256_set1_epi8(0x10);
         let ones = _mm256_set1_epi16(1);
-        // SAFETY: 16 bytes.
-        let table = unsafe {
-            let t = _mm_loadu_si128(crate::codecs::KVALUES_IQ4NL.as_ptr().cast());
-            _mm256_set_m128i(t, t)
-        };
+        // SAFETY: AVX2 (enabled on this function).
+        let table = unsafe { iq4_table() };
         let mut acc = [[_mm256_setzero_ps(); C]; 2];
         let mut offs = [[_mm256_setzero_ps(); C]; 2];
         let base = rp.data.bytes().as_ptr().wrapping_add(p * nb * parts.bytes);
@@ -1119,8 +1059,12 @@ mod x86 {
         }
     }
 
-    /// Panel `p` against up to four tokens, results per token and lane into `res`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    /// Panel `p` against up to four tokens, results per token and lane into `res`, with the kernels the
+    /// panels were built for ([`tokens`] or [`tokens_avx2`]).
+    ///
+    /// # Safety
+    /// The CPU has the kernels' features: AVX-512 F, BW, VNNI and F16C where `rp.vnni`, else AVX2, FMA and
+    /// F16C.
     pub unsafe fn panel(
         rp: &Repacked,
         p: usize,
@@ -1129,24 +1073,33 @@ mod x86 {
         res: &mut [[f32; PANEL]; 4],
     ) {
         macro_rules! by_count {
-            ($t:ident) => {
+            ($k:ident, $t:ident) => {
                 match acts.len() {
-                    1 => tokens::<$t, 1>(rp, p, acts, corr, res),
-                    2 => tokens::<$t, 2>(rp, p, acts, corr, res),
-                    3 => tokens::<$t, 3>(rp, p, acts, corr, res),
-                    _ => tokens::<$t, 4>(rp, p, acts, corr, res),
+                    1 => $k::<$t, 1>(rp, p, acts, corr, res),
+                    2 => $k::<$t, 2>(rp, p, acts, corr, res),
+                    3 => $k::<$t, 3>(rp, p, acts, corr, res),
+                    _ => $k::<$t, 4>(rp, p, acts, corr, res),
                 }
             };
         }
-        // SAFETY: forwarded (the features are enabled on this function).
+        macro_rules! by_type {
+            ($k:ident) => {
+                match rp.ty {
+                    GgmlType::Q8_0 => by_count!($k, Q8_0),
+                    GgmlType::Q4_0 => by_count!($k, Q4_0),
+                    GgmlType::Q4_1 => by_count!($k, Q4_1),
+                    GgmlType::Iq4Nl => by_count!($k, IQ4_NL),
+                    GgmlType::Q5_0 => by_count!($k, Q5_0),
+                    _ => by_count!($k, Q5_1),
+                }
+            };
+        }
+        // SAFETY: forwarded (the caller's contract names the features of the kernel chosen).
         unsafe {
-            match rp.ty {
-                GgmlType::Q8_0 => by_count!(Q8_0),
-                GgmlType::Q4_0 => by_count!(Q4_0),
-                GgmlType::Q4_1 => by_count!(Q4_1),
-                GgmlType::Iq4Nl => by_count!(IQ4_NL),
-                GgmlType::Q5_0 => by_count!(Q5_0),
-                _ => by_count!(Q5_1),
+            if rp.vnni {
+                by_type!(tokens)
+            } else {
+                by_type!(tokens_avx2)
             }
         }
     }

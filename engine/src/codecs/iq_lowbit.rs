@@ -68,7 +68,7 @@ pub(crate) static IQ3S_GRID: [[u8; 4]; 512] = expand3(&KGRID_512, [1, 3, 5, 7, 9
 pub(crate) static IQ1S_GRID: [[u8; 8]; 2048] = expand2(&KGRID_1BIT_2048, [0xFF, 0, 1]);
 
 /// `ksigns_iq2xs`: 7 explicit sign bits and the parity bit that makes their count even.
-pub(crate) static KSIGNS_IQ2XS: [u8; 128] = {
+pub(crate) const KSIGNS_IQ2XS: [u8; 128] = {
     let mut t = [0u8; 128];
     let mut i = 0;
     while i < 128 {

@@ -24,6 +24,7 @@ mod x86;
 pub(crate) use iq_lowbit::int_reading as lowbit_int_reading;
 pub(crate) use iq_lowbit::{
     iq1m_d, iq1m_scales, IQ1S_GRID, IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID,
+    KSIGNS_IQ2XS,
 };
 pub use iquants::KVALUES_IQ4NL;
 pub(crate) use kquants::q3_k_scales;
