@@ -574,6 +574,10 @@ pub struct SamplingArgs {
     /// Tokens the draft proposes per step (1..=16).
     #[arg(long, value_name = "K", default_value_t = quant_engine::infer::DEFAULT_DRAFT_TOKENS)]
     pub draft_tokens: usize,
+    /// The draft stops proposing at the first token it gives less than this probability (0..=1; 0 always
+    /// proposes --draft-tokens): fewer wasted guesses for the model to check.
+    #[arg(long, value_name = "P", default_value_t = quant_engine::infer::DEFAULT_DRAFT_P_MIN)]
+    pub draft_p_min: f32,
     /// The draft's arithmetic (default: the model's, --numerics); the model's arithmetic, which decides
     /// every token, is unchanged by it.
     #[arg(long, value_name = "NUMERICS", value_parser = eval::parse_numerics)]
@@ -607,6 +611,7 @@ impl SamplingArgs {
             allow_long_context: self.allow_long_context,
             draft: self.draft.clone(),
             draft_tokens: self.draft_tokens,
+            draft_p_min: self.draft_p_min,
             draft_numerics: self.draft_numerics,
         }
     }

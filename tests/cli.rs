@@ -268,6 +268,17 @@ fn generate_with_a_draft_prints_the_same_text_and_its_acceptance() {
     let o = run(&with_draft);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("1..=16"), "{}", stderr(&o));
+    // A minimum draft probability: the same text, fewer tokens drafted; out of range refused.
+    with_draft[last] = "3";
+    with_draft.extend(["--draft-p-min", "0.5"]);
+    let o = run(&with_draft);
+    assert_ok(&o);
+    assert_eq!(stdout(&o), stdout(&plain));
+    let last = with_draft.len() - 1;
+    with_draft[last] = "1.5";
+    let o = run(&with_draft);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("0..=1"), "{}", stderr(&o));
 }
 
 #[test]

@@ -392,10 +392,12 @@ fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
     h.run_steps(2);
     assert!(
         matches!(sent(&commands).as_slice(), [(0, Command::ChatOptions { job: j, options })]
-            if j == job && options.draft.as_deref() == Some(draft.as_path()) && options.draft_tokens == 4),
+            if j == job && options.draft.as_deref() == Some(draft.as_path()) && options.draft_tokens == 4
+                && options.draft_p_min == quant_engine::infer::DEFAULT_DRAFT_P_MIN),
         "the draft reaches the session"
     );
     h.get_by_label("draft tokens");
+    h.get_by_label("min. draft probability");
     h.get_by_label("Regenerate").click();
     h.run_steps(2);
     let _ = sent(&commands);

@@ -57,6 +57,8 @@ pub struct ChatPanel {
     pub draft: Option<PathBuf>,
     /// Tokens the draft proposes per step.
     pub draft_tokens: usize,
+    /// The draft stops proposing below this probability.
+    pub draft_p_min: f32,
 }
 
 impl Default for ChatPanel {
@@ -70,6 +72,7 @@ impl Default for ChatPanel {
             input: String::new(),
             draft: None,
             draft_tokens: quant_engine::infer::DEFAULT_DRAFT_TOKENS,
+            draft_p_min: quant_engine::infer::DEFAULT_DRAFT_P_MIN,
         }
     }
 }
@@ -112,6 +115,7 @@ impl ChatPanel {
             sampler: self.sampler.clone(),
             draft: self.draft.clone(),
             draft_tokens: self.draft_tokens,
+            draft_p_min: self.draft_p_min,
             ..GenerateOptions::default()
         }
     }
@@ -388,6 +392,19 @@ impl ChatPanel {
             draft_changed |= ui
                 .add(egui::DragValue::new(&mut self.draft_tokens).range(1..=16))
                 .labelled_by(label.id)
+                .changed();
+            let label = ui.label("min. draft probability");
+            draft_changed |= ui
+                .add(
+                    egui::DragValue::new(&mut self.draft_p_min)
+                        .range(0.0..=1.0)
+                        .speed(0.01),
+                )
+                .labelled_by(label.id)
+                .on_hover_text(
+                    "The draft stops proposing at a token it is less sure of than this (0: always the \
+                     full number of draft tokens)",
+                )
                 .changed();
         }
         if draft_changed {

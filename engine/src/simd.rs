@@ -59,6 +59,22 @@ pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
     }
 }
 
+/// [`dot_f16`] against `T` activation rows at once, bit for bit: `out[t] = dot_f16(w, x[t·n..(t+1)·n])`
+/// with `n = w.len() / 2`. Each 8 weights are loaded and converted once for all `T` rows (the verification
+/// pass of speculative decoding reads each F16 row for several tokens; converting it once per token was
+/// most of that pass's cost).
+pub fn dot_f16_n<const T: usize>(w: &[u8], x: &[f32], out: &mut [f32; T]) {
+    let n = w.len() / 2;
+    assert!(w.len() == 2 * n && x.len() == T * n);
+    #[cfg(target_arch = "x86_64")]
+    if level() == Level::Avx2 {
+        return x86::dot_f16_n(w, x, out);
+    }
+    for (t, o) in out.iter_mut().enumerate() {
+        *o = dot_f16_scalar(w, &x[t * n..(t + 1) * n]);
+    }
+}
+
 /// Attention scores of one query against a run of cached keys: `out[j] = dot(q, key j) · scale`, each key
 /// `q.len()` values (f32 here, f16 in [`scores_f16`]), with the bits of [`dot`] (its 8 lanes, products then
 /// sums, its final order) — one dispatch for the run instead of one per key.
@@ -220,6 +236,11 @@ mod x86 {
     pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
         // SAFETY: as above.
         unsafe { dot_f16_impl(w, x) }
+    }
+
+    pub fn dot_f16_n<const T: usize>(w: &[u8], x: &[f32], out: &mut [f32; T]) {
+        // SAFETY: as above.
+        unsafe { dot_f16_n_impl(w, x, out) }
     }
 
     /// Where a key or value row continues: f32 values, or f16 bytes.
@@ -474,6 +495,45 @@ mod x86 {
         hsum(v) + super::dot_f16_scalar(&w[2 * i..], &x[i..])
     }
 
+    /// `dot_f16_impl` for `T` rows of `x` (each `w.len() / 2` long): the same accumulators, sums and tail
+    /// per row, each 8 weights converted once.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_f16_n_impl<const T: usize>(w: &[u8], x: &[f32], out: &mut [f32; T]) {
+        let n = w.len() / 2;
+        assert!(x.len() == T * n);
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut acc = [[_mm256_setzero_ps(); 4]; T];
+        let mut i = 0;
+        while i + 32 <= n {
+            _mm_prefetch::<_MM_HINT_T2>(wp.wrapping_add(2 * i + 8192).cast());
+            for k in 0..4 {
+                let j = i + 8 * k;
+                // SAFETY: j + 8 <= n: 16 bytes of w, and 8 floats of each row of x (t·n + j + 8 <= T·n).
+                unsafe {
+                    let h = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * j).cast()));
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        a[k] = _mm256_fmadd_ps(h, _mm256_loadu_ps(xp.add(t * n + j)), a[k]);
+                    }
+                }
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, as above.
+            unsafe {
+                let h = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * i).cast()));
+                for (t, a) in acc.iter_mut().enumerate() {
+                    a[0] = _mm256_fmadd_ps(h, _mm256_loadu_ps(xp.add(t * n + i)), a[0]);
+                }
+            }
+            i += 8;
+        }
+        for (t, (o, a)) in out.iter_mut().zip(&acc).enumerate() {
+            let v = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            *o = hsum(v) + super::dot_f16_scalar(&w[2 * i..], &x[t * n + i..(t + 1) * n]);
+        }
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_f32_impl(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len();
@@ -544,6 +604,31 @@ mod tests {
             .map(|i| ((i * 31) % 97) as f32 / 13.0 - 3.0)
             .collect();
         (bytes, w, x)
+    }
+
+    #[test]
+    fn dot_f16_n_equals_one_dot_per_row_bit_for_bit() {
+        for n in [0, 1, 7, 8, 31, 32, 33, 576, 1536 + 5] {
+            let (bytes, _, x1) = data(n);
+            // Four different rows: the first shifted and scaled per row.
+            let x: Vec<f32> = (0..4)
+                .flat_map(|t| {
+                    x1.iter()
+                        .map(move |&v| v * (1.0 + t as f32 * 0.37) - t as f32)
+                })
+                .collect();
+            let mut four = [0.0f32; 4];
+            dot_f16_n(&bytes, &x, &mut four);
+            let mut three = [0.0f32; 3];
+            dot_f16_n(&bytes, &x[..3 * n], &mut three);
+            for t in 0..4 {
+                let one = dot_f16(&bytes, &x[t * n..(t + 1) * n]);
+                assert_eq!(four[t].to_bits(), one.to_bits(), "n={n} row {t}");
+                if t < 3 {
+                    assert_eq!(three[t].to_bits(), one.to_bits(), "n={n} row {t} of 3");
+                }
+            }
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::time::Instant;
 use super::kv_cache::KvCache;
 use super::model::{Logits, Model};
 use super::sampling::{Sampler, SamplerConfig};
-use super::speculative::{self, Draft, DEFAULT_DRAFT_TOKENS};
+use super::speculative::{self, Draft, DEFAULT_DRAFT_P_MIN, DEFAULT_DRAFT_TOKENS};
 use super::stream::Output;
 pub use super::stream::StopReason;
 use crate::model::{ChatMessage, TextTokenizer};
@@ -31,6 +31,9 @@ pub struct GenerateOptions {
     pub draft: Option<std::path::PathBuf>,
     /// Tokens the draft proposes per step (1..=16, [`DEFAULT_DRAFT_TOKENS`] by default).
     pub draft_tokens: usize,
+    /// The draft stops proposing at the first token it gives less than this probability (0: always `draft_tokens`),
+    /// so the model's pass does not check guesses that would likely be rejected ([`DEFAULT_DRAFT_P_MIN`]).
+    pub draft_p_min: f32,
     /// The draft's arithmetic, when not the model's (`llama-cpu` dots Q4_0/Q8_0 rows in integers, a faster
     /// draft; the model's own arithmetic, which decides every token, is unchanged).
     pub draft_numerics: Option<super::numerics::Numerics>,
@@ -47,6 +50,7 @@ impl Default for GenerateOptions {
             numerics: super::numerics::Numerics::LlamaCpu,
             draft: None,
             draft_tokens: DEFAULT_DRAFT_TOKENS,
+            draft_p_min: DEFAULT_DRAFT_P_MIN,
             draft_numerics: None,
         }
     }
@@ -123,6 +127,7 @@ pub fn generate_with_draft(
     opts.sampler.validate()?;
     if draft.is_some() {
         speculative::validate_draft_tokens(opts.draft_tokens)?;
+        speculative::validate_draft_p_min(opts.draft_p_min)?;
     }
     if prompt.is_empty() {
         return Err(Error::Invalid("the prompt is empty".into()));
@@ -173,6 +178,7 @@ pub fn generate_with_draft(
             &mut out,
             &mut counts,
             opts.draft_tokens,
+            opts.draft_p_min,
         )?,
     };
     // A verification pass ran further than the tokens kept.
@@ -526,6 +532,7 @@ mod tests {
             stop_strings: Vec::new(),
             draft: None,
             draft_tokens: DEFAULT_DRAFT_TOKENS,
+            draft_p_min: crate::infer::DEFAULT_DRAFT_P_MIN,
             draft_numerics: None,
         };
         let (a, _, _) = run(&model, &tok, &prompt, &mut model.new_cache(64), &opts);

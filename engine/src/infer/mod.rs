@@ -25,6 +25,6 @@ pub use sampling::{
     apply_repetition_penalty, argmax, min_p_filter, top_p_filter, Sampler, SamplerConfig,
 };
 pub use speculative::{
-    check_draft, speculative_step, validate_draft_tokens, Draft, DEFAULT_DRAFT_TOKENS,
-    MAX_DRAFT_TOKENS,
+    check_draft, speculative_step, validate_draft_p_min, validate_draft_tokens, Draft,
+    DEFAULT_DRAFT_P_MIN, DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS,
 };

@@ -179,9 +179,25 @@ pub(crate) fn fused_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) ->
         // ggml_vec_dot_f16: f16 activations, products summed in f32; the row is converted on the fly.
         let mut xr = x[..n * cols].to_vec();
         round_f16(&mut xr);
+        // Several tokens per pass over a row: each 8 weights converted once for all of them.
         each_row_and_tokens(w, n, out, |row, t, res| {
-            res[0] = crate::simd::dot_f16(row, &xr[t * cols..(t + 1) * cols]);
-            1
+            fn some<const T: usize>(row: &[u8], xs: &[f32], res: &mut [f32]) -> usize {
+                let mut r = [0.0f32; T];
+                crate::simd::dot_f16_n(row, xs, &mut r);
+                res[..T].copy_from_slice(&r);
+                T
+            }
+            let take = (n - t).min(cpu_q8::TOKENS);
+            let xs = &xr[t * cols..(t + take) * cols];
+            match take {
+                4 => some::<4>(row, xs, res),
+                3 => some::<3>(row, xs, res),
+                2 => some::<2>(row, xs, res),
+                _ => {
+                    res[0] = crate::simd::dot_f16(row, xs);
+                    1
+                }
+            }
         });
         return true;
     }

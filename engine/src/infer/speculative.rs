@@ -26,6 +26,10 @@ pub const DEFAULT_DRAFT_TOKENS: usize = 4;
 /// Most tokens a draft may propose per step.
 pub const MAX_DRAFT_TOKENS: usize = 16;
 
+/// The draft's confidence below which it stops proposing, unless told otherwise (see
+/// [`GenerateOptions::draft_p_min`](super::GenerateOptions::draft_p_min)).
+pub const DEFAULT_DRAFT_P_MIN: f32 = 0.0;
+
 /// Mixed into the seed of the draft's sampler, so the draft and the model draw different streams.
 const DRAFT_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
@@ -38,6 +42,32 @@ pub fn validate_draft_tokens(k: usize) -> Result<()> {
             "draft tokens {k}: use 1..={MAX_DRAFT_TOKENS} (default {DEFAULT_DRAFT_TOKENS})"
         )))
     }
+}
+
+/// `p` within `0..=1`, with a message that gives the range.
+pub fn validate_draft_p_min(p: f32) -> Result<()> {
+    if (0.0..=1.0).contains(&p) {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "draft minimum probability {p}: use 0..=1 (0 always proposes the full number of draft tokens)"
+        )))
+    }
+}
+
+/// The softmax probability of token `id` under `logits` (temperature 1, nothing filtered); `buf` is
+/// scratch space (the vector `exp`: a 49k-token vocabulary through libm's `expf` cost a tenth of a
+/// small draft's step).
+fn softmax_prob(logits: &[f32], id: u32, buf: &mut Vec<f32>) -> f32 {
+    let Some(&at) = logits.get(id as usize) else {
+        return 0.0;
+    };
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    buf.clear();
+    buf.extend(logits.iter().map(|&l| l - max));
+    crate::simd::exp_in_place(buf);
+    let sum: f32 = buf.iter().sum();
+    crate::simd::exp_scalar(at - max) / sum
 }
 
 /// Whether `draft` (with its tokenizer) can draft for `model`: the same vocabulary size in both models
@@ -154,12 +184,15 @@ impl Draft {
         Ok(())
     }
 
-    /// Propose `k` tokens after `history`, each drawn by `sampler` (greedy: its pick); with sampling,
-    /// also the distribution each was drawn from.
+    /// Propose up to `k` tokens after `history`, each drawn by `sampler` (greedy: its pick); with sampling,
+    /// also the distribution each was drawn from. Stops before the first token the draft gives less than
+    /// probability `p_min` (greedy: its softmax; sampling: the distribution it was drawn from) — a choice
+    /// made on the draft's numbers alone, so sampling keeps the model's distribution.
     fn propose(
         &mut self,
         history: &[u32],
         k: usize,
+        p_min: f32,
         capacity: usize,
         sampler: &mut Sampler,
     ) -> Result<Proposal> {
@@ -181,12 +214,20 @@ impl Draft {
             model.forward(run, cache, Logits::Last)?
         };
         let mut hist = history.to_vec();
+        let mut buf = Vec::new();
         for j in 0..k {
             let d = if greedy {
-                sampler.sample(&logits, &hist)
+                let d = sampler.sample(&logits, &hist);
+                if p_min > 0.0 && softmax_prob(&logits, d, &mut buf) < p_min {
+                    break;
+                }
+                d
             } else {
                 let q = sampler.distribution(&logits, &hist);
                 let d = draw(&q, sampler.uniform());
+                if p_min > 0.0 && (prob(&q, d) as f32) < p_min {
+                    break;
+                }
                 p.dists.push(q);
                 d
             };
@@ -300,6 +341,7 @@ pub(super) fn decode(
     out: &mut Output<'_>,
     counts: &mut Counts,
     draft_tokens: usize,
+    draft_p_min: f32,
 ) -> Result<StopReason> {
     let capacity = cache.capacity();
     let greedy = sampler.config().is_greedy();
@@ -326,7 +368,7 @@ pub(super) fn decode(
         let k = draft_tokens
             .min(cache.remaining().saturating_sub(1))
             .min(out.left().saturating_sub(1));
-        let proposal = draft.propose(&out.history, k, capacity, &mut draft_sampler)?;
+        let proposal = draft.propose(&out.history, k, draft_p_min, capacity, &mut draft_sampler)?;
         let mut batch = Vec::with_capacity(k + 1);
         batch.push(pending);
         batch.extend_from_slice(&proposal.tokens);
@@ -481,6 +523,73 @@ mod tests {
                 s.accepted_tokens < s.drafted_tokens,
                 "a random draft should miss: {s:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_minimum_draft_probability_drafts_less_and_changes_nothing() {
+        let (_d, model, tok) = load(&FixtureSpec::tiny_qwen2());
+        let (_e, other, other_tok) = load(&FixtureSpec {
+            seed: 77,
+            ..FixtureSpec::tiny_llama()
+        });
+        let prompt = tok.encode("Once upon a time", false).expect("encode");
+        for (d, dtok) in [(model.clone(), &tok), (other, &other_tok)] {
+            let mut drafted = Vec::new();
+            for p_min in [0.0, 0.2, 0.6, 1.0] {
+                let mut draft = Draft::new(&model, &tok, d.clone(), dtok).expect("draft");
+                let opts = GenerateOptions {
+                    draft_p_min: p_min,
+                    ..greedy(48, 5)
+                };
+                let s = assert_same(&model, &tok, &prompt, 128, &mut draft, &opts);
+                drafted.push(s.drafted_tokens);
+            }
+            // Fewer guesses as the bar rises; none when it is certainty (a softmax of finite logits over
+            // many tokens is below 1).
+            assert!(drafted.windows(2).all(|w| w[1] <= w[0]), "{drafted:?}");
+            assert!(drafted[2] < drafted[0], "{drafted:?}");
+            assert_eq!(drafted[3], 0, "{drafted:?}");
+        }
+        // Sampling: the bar is the draft's own probability of its draw, so the model's distribution is
+        // kept; the model as its own draft still has every proposal accepted.
+        let mut draft = Draft::new(&model, &tok, model.clone(), &tok).expect("draft");
+        let opts = GenerateOptions {
+            max_new_tokens: 40,
+            draft_tokens: 4,
+            draft_p_min: 0.3,
+            sampler: SamplerConfig {
+                temperature: 0.8,
+                seed: 99,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let a = run(&model, &tok, &prompt, 128, Some(&mut draft), &opts);
+        let all = run(
+            &model,
+            &tok,
+            &prompt,
+            128,
+            Some(&mut draft),
+            &GenerateOptions {
+                draft_p_min: 0.0,
+                ..opts.clone()
+            },
+        );
+        assert_eq!(a.stats.accepted_tokens, a.stats.drafted_tokens);
+        assert!(a.stats.drafted_tokens < all.stats.drafted_tokens);
+        assert_eq!(a.stats.generated_tokens, 40);
+    }
+
+    #[test]
+    fn draft_probability_bounds_are_checked() {
+        assert!(validate_draft_p_min(0.0).is_ok() && validate_draft_p_min(1.0).is_ok());
+        for bad in [-0.1, 1.5, f32::NAN] {
+            let e = validate_draft_p_min(bad)
+                .expect_err("out of range")
+                .to_string();
+            assert!(e.contains("0..=1"), "{e}");
         }
     }
 

@@ -305,6 +305,7 @@ fn generation_streams_tokens_and_can_be_cancelled() {
                 },
                 draft: None,
                 draft_tokens: crate::infer::DEFAULT_DRAFT_TOKENS,
+                draft_p_min: crate::infer::DEFAULT_DRAFT_P_MIN,
                 draft_numerics: None,
             },
             apply_chat_template: true,

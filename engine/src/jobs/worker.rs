@@ -290,6 +290,7 @@ fn load_draft(
         return Ok(None);
     };
     crate::infer::validate_draft_tokens(options.draft_tokens)?;
+    crate::infer::validate_draft_p_min(options.draft_p_min)?;
     let d = load(ctx, cache, path)?;
     let mut draft = d.model.on_backend(model.backend());
     draft.set_numerics(options.draft_numerics.unwrap_or(model.numerics()));
