@@ -59,6 +59,18 @@ pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
     }
 }
 
+/// [`dot_f16`] of two weight rows against the same activations, bit for bit (`(dot_f16(w0, x),
+/// dot_f16(w1, x))`): each 8 activations loaded once for both rows, one call for the pair (short rows,
+/// such as a 576-wide model's, spent a fifth of their time in the per-row call and reduction).
+pub fn dot_f16_2(w0: &[u8], w1: &[u8], x: &[f32]) -> (f32, f32) {
+    assert!(w0.len() == x.len() * 2 && w1.len() == x.len() * 2);
+    match level() {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => x86::dot_f16_2(w0, w1, x),
+        Level::Scalar => (dot_f16_scalar(w0, x), dot_f16_scalar(w1, x)),
+    }
+}
+
 /// [`dot_f16`] against `T` activation rows at once, bit for bit: `out[t] = dot_f16(w, x[t·n..(t+1)·n])`
 /// with `n = w.len() / 2`. Each 8 weights are loaded and converted once for all `T` rows (the verification
 /// pass of speculative decoding reads each F16 row for several tokens; converting it once per token was
@@ -213,6 +225,10 @@ fn f16_to_f32_scalar(src: &[u8], dst: &mut [f32]) {
 }
 
 fn dot_f16_scalar(w: &[u8], x: &[f32]) -> f32 {
+    if x.is_empty() {
+        // The vector kernels' empty tail: no scratch to clear.
+        return 0.0;
+    }
     let mut buf = [0.0f32; 64];
     let mut s = 0.0f32;
     for (wc, xc) in w.chunks(128).zip(x.chunks(64)) {
@@ -236,6 +252,11 @@ mod x86 {
     pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
         // SAFETY: as above.
         unsafe { dot_f16_impl(w, x) }
+    }
+
+    pub fn dot_f16_2(w0: &[u8], w1: &[u8], x: &[f32]) -> (f32, f32) {
+        // SAFETY: as above.
+        unsafe { dot_f16_2_impl(w0, w1, x) }
     }
 
     pub fn dot_f16_n<const T: usize>(w: &[u8], x: &[f32], out: &mut [f32; T]) {
@@ -495,6 +516,52 @@ mod x86 {
         hsum(v) + super::dot_f16_scalar(&w[2 * i..], &x[i..])
     }
 
+    /// `dot_f16_impl` for two weight rows (each as long as `x`): the same accumulators, sums and tail per
+    /// row, each 8 activations loaded once.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_f16_2_impl(w0: &[u8], w1: &[u8], x: &[f32]) -> (f32, f32) {
+        let n = x.len();
+        assert!(w0.len() == 2 * n && w1.len() == 2 * n);
+        let (p0, p1, xp) = (w0.as_ptr(), w1.as_ptr(), x.as_ptr());
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut b = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= n {
+            // Both streams ahead, as `dot_f16_impl` (a prefetch never faults).
+            _mm_prefetch::<_MM_HINT_T2>(p0.wrapping_add(2 * i + 8192).cast());
+            _mm_prefetch::<_MM_HINT_T2>(p1.wrapping_add(2 * i + 8192).cast());
+            for k in 0..4 {
+                let j = i + 8 * k;
+                // SAFETY: j + 8 <= n: 16 bytes of each row and 8 floats of x are in bounds.
+                unsafe {
+                    let xv = _mm256_loadu_ps(xp.add(j));
+                    let h0 = _mm256_cvtph_ps(_mm_loadu_si128(p0.add(2 * j).cast()));
+                    let h1 = _mm256_cvtph_ps(_mm_loadu_si128(p1.add(2 * j).cast()));
+                    a[k] = _mm256_fmadd_ps(h0, xv, a[k]);
+                    b[k] = _mm256_fmadd_ps(h1, xv, b[k]);
+                }
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, as above.
+            unsafe {
+                let xv = _mm256_loadu_ps(xp.add(i));
+                let h0 = _mm256_cvtph_ps(_mm_loadu_si128(p0.add(2 * i).cast()));
+                let h1 = _mm256_cvtph_ps(_mm_loadu_si128(p1.add(2 * i).cast()));
+                a[0] = _mm256_fmadd_ps(h0, xv, a[0]);
+                b[0] = _mm256_fmadd_ps(h1, xv, b[0]);
+            }
+            i += 8;
+        }
+        let fold =
+            |v: [__m256; 4]| _mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3]));
+        (
+            hsum(fold(a)) + super::dot_f16_scalar(&w0[2 * i..], &x[i..]),
+            hsum(fold(b)) + super::dot_f16_scalar(&w1[2 * i..], &x[i..]),
+        )
+    }
+
     /// `dot_f16_impl` for `T` rows of `x` (each `w.len() / 2` long): the same accumulators, sums and tail
     /// per row, each 8 weights converted once.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -604,6 +671,18 @@ mod tests {
             .map(|i| ((i * 31) % 97) as f32 / 13.0 - 3.0)
             .collect();
         (bytes, w, x)
+    }
+
+    #[test]
+    fn dot_f16_2_equals_one_dot_per_row_bit_for_bit() {
+        for n in [0, 1, 7, 8, 31, 32, 33, 576, 1536 + 5] {
+            let (w0, _, x) = data(n);
+            // A second row: the first reversed.
+            let w1: Vec<u8> = w0.chunks_exact(2).rev().flatten().copied().collect();
+            let (a, b) = dot_f16_2(&w0, &w1, &x);
+            assert_eq!(a.to_bits(), dot_f16(&w0, &x).to_bits(), "n={n} row 0");
+            assert_eq!(b.to_bits(), dot_f16(&w1, &x).to_bits(), "n={n} row 1");
+        }
     }
 
     #[test]

@@ -179,6 +179,11 @@ pub(crate) fn fused_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) ->
         // ggml_vec_dot_f16: f16 activations, products summed in f32; the row is converted on the fly.
         let mut xr = x[..n * cols].to_vec();
         round_f16(&mut xr);
+        if n == 1 {
+            // Decoding: rows two at a time against the one token.
+            f16_rows_pairs(w, &xr, out);
+            return true;
+        }
         // Several tokens per pass over a row: each 8 weights converted once for all of them.
         each_row_and_tokens(w, n, out, |row, t, res| {
             fn some<const T: usize>(row: &[u8], xs: &[f32], res: &mut [f32]) -> usize {
@@ -235,6 +240,28 @@ pub(crate) fn fused_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) ->
         }
     });
     true
+}
+
+/// `out[r] = dot_f16(row r of w, x)` for one token, on the spinning pool, two rows per kernel call (the same
+/// bits as one row per call).
+fn f16_rows_pairs(w: &TensorRef, x: &[f32], out: &mut [f32]) {
+    use crate::backend::spin;
+    let rows = w.rows();
+    let chunk = (rows / (4 * rayon::current_num_threads())).clamp(16, 128);
+    let o = spin::Disjoint::new(&mut out[..rows]);
+    spin::for_each(rows.div_ceil(chunk), &|ci| {
+        let end = ((ci + 1) * chunk).min(rows);
+        let mut r = ci * chunk;
+        while r + 2 <= end {
+            let (a, b) = crate::simd::dot_f16_2(w.row_data(r), w.row_data(r + 1), x);
+            o.set(r, a);
+            o.set(r + 1, b);
+            r += 2;
+        }
+        if r < end {
+            o.set(r, crate::simd::dot_f16(w.row_data(r), x));
+        }
+    });
 }
 
 /// Tokens a task takes through all of its rows before the next ones (their 8-bit activations, up to
