@@ -574,7 +574,7 @@ pub struct SamplingArgs {
     /// Tokens the draft proposes per step (1..=16).
     #[arg(long, value_name = "K", default_value_t = quant_engine::infer::DEFAULT_DRAFT_TOKENS)]
     pub draft_tokens: usize,
-    /// The draft stops proposing at the first token it gives less than this probability (0..=1; 0 always
+    /// The draft stops proposing after the first token it gives less than this probability (0..=1; 0 always
     /// proposes --draft-tokens): fewer wasted guesses for the model to check.
     #[arg(long, value_name = "P", default_value_t = quant_engine::infer::DEFAULT_DRAFT_P_MIN)]
     pub draft_p_min: f32,

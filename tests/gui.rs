@@ -392,7 +392,8 @@ fn chat_streams_tokens_into_the_transcript_and_ab_uses_two_sessions() {
     h.run_steps(2);
     assert!(
         matches!(sent(&commands).as_slice(), [(0, Command::ChatOptions { job: j, options })]
-            if j == job && options.draft.as_deref() == Some(draft.as_path()) && options.draft_tokens == 4
+            if j == job && options.draft.as_deref() == Some(draft.as_path())
+                && options.draft_tokens == quant_engine::infer::DEFAULT_DRAFT_TOKENS
                 && options.draft_p_min == quant_engine::infer::DEFAULT_DRAFT_P_MIN),
         "the draft reaches the session"
     );

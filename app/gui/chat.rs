@@ -402,7 +402,7 @@ impl ChatPanel {
                 )
                 .labelled_by(label.id)
                 .on_hover_text(
-                    "The draft stops proposing at a token it is less sure of than this (0: always the \
+                    "The draft stops proposing after a token it is less sure of than this (0: always the \
                      full number of draft tokens)",
                 )
                 .changed();
