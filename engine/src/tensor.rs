@@ -599,6 +599,20 @@ impl TensorRef {
         }
     }
 
+    /// Hugging Face rows `r0..r1` as one run of stored bytes (`(r1 − r0) · row_bytes()` long), where they are
+    /// stored in that order (ggml blocks without a RoPE row interleave); `None` otherwise (use
+    /// [`TensorRef::row_data`] per row). A kernel walking many short rows slices them itself instead of
+    /// paying `row_data`'s division per row.
+    pub fn rows_run(&self, r0: usize, r1: usize) -> Option<&[u8]> {
+        match (&self.storage, self.rope_interleaved_heads) {
+            (Storage::Blocks { data, .. }, None) if r0 <= r1 && r1 <= self.rows() => {
+                let rb = self.row_bytes();
+                Some(&data[r0 * rb..r1 * rb])
+            }
+            _ => None,
+        }
+    }
+
     /// The stored blocks of Hugging Face row `r` (empty for a grouped linear, whose rows are spread over
     /// several tensors: use [`TensorRef::dequant_row`]).
     #[inline]
@@ -697,7 +711,19 @@ mod tests {
             }
         }
         let mut t = TensorRef::from_f32("q", vec![rows, 1], &stored).unwrap();
+        // Stored in order: a run of rows is their row_data, one after another.
+        let run = t.rows_run(3, 9).expect("in order");
+        assert_eq!(
+            run,
+            (3..9)
+                .flat_map(|r| t.row_data(r))
+                .copied()
+                .collect::<Vec<u8>>()
+        );
+        assert!(t.rows_run(9, 3).is_none() && t.rows_run(0, rows + 1).is_none());
         t.rope_interleaved_heads = Some(2);
         assert_eq!(t.to_f32(), hf);
+        // Interleaved: no run in Hugging Face order.
+        assert!(t.rows_run(3, 9).is_none());
     }
 }

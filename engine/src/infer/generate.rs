@@ -31,8 +31,8 @@ pub struct GenerateOptions {
     pub draft: Option<std::path::PathBuf>,
     /// Tokens the draft proposes per step (1..=16, [`DEFAULT_DRAFT_TOKENS`] by default).
     pub draft_tokens: usize,
-    /// The draft stops proposing after the first token it gives less than this probability (0: always `draft_tokens`),
-    /// so the model's pass does not check guesses that would likely be rejected ([`DEFAULT_DRAFT_P_MIN`]).
+    /// The draft stops proposing after the first token it gives less than this probability (0: always
+    /// `draft_tokens`), so it guesses far only where it is confident ([`DEFAULT_DRAFT_P_MIN`]).
     pub draft_p_min: f32,
     /// The draft's arithmetic, when not the model's (`llama-cpu` dots Q4_0/Q8_0 rows in integers, a faster
     /// draft; the model's own arithmetic, which decides every token, is unchanged).

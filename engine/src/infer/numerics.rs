@@ -249,17 +249,26 @@ fn f16_rows_pairs(w: &TensorRef, x: &[f32], out: &mut [f32]) {
     let rows = w.rows();
     let chunk = (rows / (4 * rayon::current_num_threads())).clamp(16, 128);
     let o = spin::Disjoint::new(&mut out[..rows]);
+    let rb = 2 * x.len();
     spin::for_each(rows.div_ceil(chunk), &|ci| {
-        let end = ((ci + 1) * chunk).min(rows);
-        let mut r = ci * chunk;
+        let (start, end) = (ci * chunk, ((ci + 1) * chunk).min(rows));
+        // The chunk's rows as one run where they are stored in order (all but RoPE-interleaved Q/K).
+        let run = w
+            .rows_run(start, end)
+            .filter(|b| b.len() == (end - start) * rb);
+        let row = |r: usize| match run {
+            Some(b) => &b[(r - start) * rb..(r - start + 1) * rb],
+            None => w.row_data(r),
+        };
+        let mut r = start;
         while r + 2 <= end {
-            let (a, b) = crate::simd::dot_f16_2(w.row_data(r), w.row_data(r + 1), x);
+            let (a, b) = crate::simd::dot_f16_2(row(r), row(r + 1), x);
             o.set(r, a);
             o.set(r + 1, b);
             r += 2;
         }
         if r < end {
-            o.set(r, crate::simd::dot_f16(w.row_data(r), x));
+            o.set(r, crate::simd::dot_f16(row(r), x));
         }
     });
 }
@@ -281,12 +290,19 @@ fn each_row_and_tokens(
     let rows = w.rows();
     let chunk = (rows / (4 * rayon::current_num_threads())).clamp(16, 128);
     let o = spin::Disjoint::new(&mut out[..n * rows]);
+    let rb = w.row_bytes();
     spin::for_each(rows.div_ceil(chunk), &|ci| {
         let mut res = [0.0f32; crate::backend::cpu_q8::TOKENS];
+        let (start, end) = (ci * chunk, ((ci + 1) * chunk).min(rows));
+        // The chunk's rows as one run where they are stored in order: no division per row.
+        let run = w.rows_run(start, end);
         for g0 in (0..n).step_by(TOKEN_GROUP) {
             let g1 = (g0 + TOKEN_GROUP).min(n);
-            for r in ci * chunk..((ci + 1) * chunk).min(rows) {
-                let row = w.row_data(r);
+            for r in start..end {
+                let row = match run {
+                    Some(b) => &b[(r - start) * rb..(r - start + 1) * rb],
+                    None => w.row_data(r),
+                };
                 let mut t = g0;
                 while t < g1 {
                     let done = dot(row, t, &mut res).min(g1 - t);

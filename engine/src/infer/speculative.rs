@@ -1,7 +1,8 @@
 //! Speculative decoding: a draft model that shares the model's tokenizer (a smaller model, or a low-bit
 //! quant of the same one) proposes up to `k` tokens one at a time (stopping after one it is unsure of);
 //! the model checks all of them in one pass ([`Model::forward_as_steps`] over the pending token and the
-//! proposals), keeps the longest prefix it agrees with and adds one token of its own. Both caches are then cut back to the tokens kept.
+//! proposals), keeps the longest prefix it agrees with and adds one token of its own. Both caches are
+//! then cut back to the tokens kept.
 //!
 //! * Greedy: a proposal is kept when it is the token the model picks. The verification pass computes
 //!   every row with one-token arithmetic, so the output and the cache at the end are those of decoding
