@@ -250,8 +250,10 @@ mod x86 {
     }
 
     pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
+        let mut out = [0.0f32];
         // SAFETY: as above.
-        unsafe { dot_f16_impl(w, x) }
+        unsafe { dot_f16_n_impl(w, x, &mut out) };
+        out[0]
     }
 
     pub fn dot_f16_2(w0: &[u8], w1: &[u8], x: &[f32]) -> (f32, f32) {
@@ -481,43 +483,8 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot_f16_impl(w: &[u8], x: &[f32]) -> f32 {
-        let n = x.len();
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= n {
-            // The row stream 8 KB ahead with the T2 hint (a prefetch never faults, whatever the address):
-            // rows are contiguous, so this runs into the rows that come next. `examples/decode_bandwidth f16`
-            // on two threads: 42–51 GB/s, at the streaming read's rate, where T1 32 KB ahead read 31–45 and
-            // T1 4 KB 37 (no prefetch 34); one thread alike (23 GB/s). Earlier, one thread decoding the
-            // 1B-shape model read 9.0–10.1 tokens/s with T1 4 KB and 11.2–11.5 with T1 32 KB.
-            _mm_prefetch::<_MM_HINT_T2>(wp.wrapping_add(2 * i + 8192).cast());
-            for (k, a) in acc.iter_mut().enumerate() {
-                let j = i + 8 * k;
-                // SAFETY: j + 8 <= n: 16 bytes of w and 8 floats of x are in bounds (unaligned loads).
-                unsafe {
-                    let h = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * j).cast()));
-                    *a = _mm256_fmadd_ps(h, _mm256_loadu_ps(xp.add(j)), *a);
-                }
-            }
-            i += 32;
-        }
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n, as above.
-            unsafe {
-                let h = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(2 * i).cast()));
-                acc[0] = _mm256_fmadd_ps(h, _mm256_loadu_ps(xp.add(i)), acc[0]);
-            }
-            i += 8;
-        }
-        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-        hsum(v) + super::dot_f16_scalar(&w[2 * i..], &x[i..])
-    }
-
-    /// `dot_f16_impl` for two weight rows (each as long as `x`): the same accumulators, sums and tail per
-    /// row, each 8 activations loaded once.
+    /// `dot_f16_n_impl::<1>` for two weight rows (each as long as `x`): the same accumulators, sums and tail
+    /// per row, each 8 activations loaded once.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_f16_2_impl(w0: &[u8], w1: &[u8], x: &[f32]) -> (f32, f32) {
         let n = x.len();
@@ -527,7 +494,7 @@ mod x86 {
         let mut b = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i + 32 <= n {
-            // Both streams ahead, as `dot_f16_impl` (a prefetch never faults).
+            // Both streams ahead, as `dot_f16_n_impl` (a prefetch never faults).
             _mm_prefetch::<_MM_HINT_T2>(p0.wrapping_add(2 * i + 8192).cast());
             _mm_prefetch::<_MM_HINT_T2>(p1.wrapping_add(2 * i + 8192).cast());
             for k in 0..4 {
@@ -562,8 +529,9 @@ mod x86 {
         )
     }
 
-    /// `dot_f16_impl` for `T` rows of `x` (each `w.len() / 2` long): the same accumulators, sums and tail
-    /// per row, each 8 weights converted once.
+    /// `dot_f16` of `w` against `T` rows of `x` (each `w.len() / 2` long; `T = 1` is `dot_f16` itself): per
+    /// row four 8-lane accumulators over 32 values, then 8 at a time into the first, the four summed
+    /// `(a0 + a1) + (a2 + a3)`, reduced, plus the scalar tail; each 8 weights converted once for all rows.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn dot_f16_n_impl<const T: usize>(w: &[u8], x: &[f32], out: &mut [f32; T]) {
         let n = w.len() / 2;
@@ -572,6 +540,11 @@ mod x86 {
         let mut acc = [[_mm256_setzero_ps(); 4]; T];
         let mut i = 0;
         while i + 32 <= n {
+            // The row stream 8 KB ahead with the T2 hint (a prefetch never faults, whatever the address):
+            // rows are contiguous, so this runs into the rows that come next. `examples/decode_bandwidth f16`
+            // on two threads: 42–51 GB/s, at the streaming read's rate, where T1 32 KB ahead read 31–45 and
+            // T1 4 KB 37 (no prefetch 34); one thread alike (23 GB/s). Earlier, one thread decoding the
+            // 1B-shape model read 9.0–10.1 tokens/s with T1 4 KB and 11.2–11.5 with T1 32 KB.
             _mm_prefetch::<_MM_HINT_T2>(wp.wrapping_add(2 * i + 8192).cast());
             for k in 0..4 {
                 let j = i + 8 * k;

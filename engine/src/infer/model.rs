@@ -1211,7 +1211,7 @@ fn apply_rope(x: &mut [f32], hd: usize, cos: &[f32], sin: &[f32]) {
 }
 
 /// In-place softmax (max-subtracted, f32).
-fn softmax(x: &mut [f32]) {
+pub(super) fn softmax(x: &mut [f32]) {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     for v in x.iter_mut() {
         *v -= m;

@@ -242,24 +242,32 @@ pub(crate) fn fused_rows(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) ->
     true
 }
 
+/// Weight rows per task of the row kernels: about four tasks per thread, 16 to 128 rows.
+fn rows_per_task(rows: usize) -> usize {
+    (rows / (4 * rayon::current_num_threads())).clamp(16, 128)
+}
+
+/// Row `r` (`start <= r < end`) of `w` by a task that owns those rows: sliced from the rows' one stored run
+/// where they are stored in order (all but RoPE-interleaved Q/K; no division per row), else `row_data`.
+fn chunk_rows<'w>(w: &'w TensorRef, start: usize, end: usize) -> impl Fn(usize) -> &'w [u8] {
+    let rb = w.row_bytes();
+    let run = w.rows_run(start, end);
+    move |r| match run {
+        Some(b) => &b[(r - start) * rb..(r - start + 1) * rb],
+        None => w.row_data(r),
+    }
+}
+
 /// `out[r] = dot_f16(row r of w, x)` for one token, on the spinning pool, two rows per kernel call (the same
 /// bits as one row per call).
 fn f16_rows_pairs(w: &TensorRef, x: &[f32], out: &mut [f32]) {
     use crate::backend::spin;
     let rows = w.rows();
-    let chunk = (rows / (4 * rayon::current_num_threads())).clamp(16, 128);
+    let chunk = rows_per_task(rows);
     let o = spin::Disjoint::new(&mut out[..rows]);
-    let rb = 2 * x.len();
     spin::for_each(rows.div_ceil(chunk), &|ci| {
         let (start, end) = (ci * chunk, ((ci + 1) * chunk).min(rows));
-        // The chunk's rows as one run where they are stored in order (all but RoPE-interleaved Q/K).
-        let run = w
-            .rows_run(start, end)
-            .filter(|b| b.len() == (end - start) * rb);
-        let row = |r: usize| match run {
-            Some(b) => &b[(r - start) * rb..(r - start + 1) * rb],
-            None => w.row_data(r),
-        };
+        let row = chunk_rows(w, start, end);
         let mut r = start;
         while r + 2 <= end {
             let (a, b) = crate::simd::dot_f16_2(row(r), row(r + 1), x);
@@ -288,21 +296,16 @@ fn each_row_and_tokens(
 ) {
     use crate::backend::spin;
     let rows = w.rows();
-    let chunk = (rows / (4 * rayon::current_num_threads())).clamp(16, 128);
+    let chunk = rows_per_task(rows);
     let o = spin::Disjoint::new(&mut out[..n * rows]);
-    let rb = w.row_bytes();
     spin::for_each(rows.div_ceil(chunk), &|ci| {
         let mut res = [0.0f32; crate::backend::cpu_q8::TOKENS];
         let (start, end) = (ci * chunk, ((ci + 1) * chunk).min(rows));
-        // The chunk's rows as one run where they are stored in order: no division per row.
-        let run = w.rows_run(start, end);
+        let chunk_row = chunk_rows(w, start, end);
         for g0 in (0..n).step_by(TOKEN_GROUP) {
             let g1 = (g0 + TOKEN_GROUP).min(n);
             for r in start..end {
-                let row = match run {
-                    Some(b) => &b[(r - start) * rb..(r - start + 1) * rb],
-                    None => w.row_data(r),
-                };
+                let row = chunk_row(r);
                 let mut t = g0;
                 while t < g1 {
                     let done = dot(row, t, &mut res).min(g1 - t);

@@ -60,18 +60,12 @@ pub fn validate_draft_p_min(p: f32) -> Result<()> {
 }
 
 /// The softmax probability of token `id` under `logits` (temperature 1, nothing filtered); `buf` is
-/// scratch space (the vector `exp`: a 49k-token vocabulary through libm's `expf` cost a tenth of a
-/// small draft's step).
+/// scratch space.
 fn softmax_prob(logits: &[f32], id: u32, buf: &mut Vec<f32>) -> f32 {
-    let Some(&at) = logits.get(id as usize) else {
-        return 0.0;
-    };
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     buf.clear();
-    buf.extend(logits.iter().map(|&l| l - max));
-    crate::simd::exp_in_place(buf);
-    let sum: f32 = buf.iter().sum();
-    crate::simd::exp_scalar(at - max) / sum
+    buf.extend_from_slice(logits);
+    super::model::softmax(buf);
+    buf.get(id as usize).copied().unwrap_or(0.0)
 }
 
 /// Whether `draft` (with its tokenizer) can draft for `model`: the same vocabulary size in both models
