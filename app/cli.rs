@@ -312,6 +312,10 @@ pub struct GptqArgs {
     /// when it exists (no measuring), else measure and save the measurement there.
     #[arg(long, value_name = "FILE")]
     pub measurement: Option<PathBuf>,
+    /// EXL2: fold AWQ's activation-aware scales into the model before measuring and quantizing (searched on
+    /// the first 32 calibration rows; the folder loads unchanged: the norms carry the inverse scales).
+    #[arg(long = "awq-scales")]
+    pub awq_scales: bool,
     /// EXL2: calibration rows the measurement runs each option on (the first of --rows).
     #[arg(long = "measure-rows", default_value_t = Exl2QuantizeOptions::default().measure_rows)]
     pub measure_rows: usize,
@@ -455,6 +459,9 @@ impl GptqArgs {
             },
             measure_rows: self.measure_rows,
             measurement: self.measurement.clone(),
+            awq_scales: self
+                .awq_scales
+                .then(quant_engine::quantize_awq::AwqScaling::default),
             activation_budget_bytes: self.activation_budget_mib * 1024 * 1024,
             max_shard_bytes: Some(self.max_shard_size),
             backend: backend(),

@@ -14,17 +14,20 @@
 
 use std::time::Instant;
 
+use crate::calib::activations::ActStore;
 use crate::calib::{load_documents, sample_rows, CalibOptions, CalibSource};
 use crate::infer::{LinearKind, MatmulInput, MatmulObserver, Model};
 use crate::model::SourceModel;
-use crate::output::OutputSpec;
+use crate::output::{OutputSpec, Staged};
 use crate::quantize_packed::{PackedModuleMetrics, PackedReport};
 use crate::solvers::awq::{
     apply_clip, candidate_scales, clip_search, scaled_fake_quantize, weight_mean, AwqGrid,
 };
 use crate::tensor::TensorRef;
 use crate::writers::awq::{AwqFolderConfig, AwqLayout};
-use crate::writers::packed::{folder_bytes, is_decoder_linear, write_packed_folder, PackedSpill};
+use crate::writers::packed::{
+    folder_bytes, is_decoder_linear, write_packed_folder, PackedFolder, PackedSpill, PackedTensor,
+};
 use crate::{Error, Result};
 
 /// What to make of a model as AWQ.
@@ -237,6 +240,229 @@ pub fn estimated_folder_bytes(src: &SourceModel, opts: &AwqQuantizeOptions) -> u
         .sum()
 }
 
+/// The layer's linears in f32, nothing folded yet.
+fn layer_work(model: &Model, li: usize) -> Result<Vec<Work>> {
+    ALL.iter()
+        .map(|&kind| {
+            let t = model
+                .linear(li, kind)
+                .ok_or_else(|| Error::Invalid(format!("no linear {}", kind.hf_name(li))))?;
+            Ok(Work {
+                kind,
+                rows: t.rows(),
+                cols: t.cols(),
+                w: t.to_f32(),
+                col: None,
+                row: None,
+            })
+        })
+        .collect()
+}
+
+/// How each layer's scales are searched.
+struct Search {
+    /// The grid candidates are scored on.
+    grid: AwqGrid,
+    n_grid: usize,
+    duo_scaling: bool,
+    /// Rows whose module outputs score the candidates.
+    search_rows: usize,
+    backend: crate::backend::Backend,
+}
+
+/// One layer with its scales folded in: the linears (columns × s, the preceding linear's rows ÷ s), the
+/// RMSNorm weights and v_proj's bias ÷ s, and the search rows' linear inputs ÷ s (what the scaled weights
+/// see, for the clipping search).
+struct ScaledLayer {
+    work: Vec<Work>,
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    v_bias: Option<Vec<f32>>,
+    kept: [Vec<f32>; 4],
+}
+
+/// Run the float layer `li` over the `n_rows` rows of `store` (leaving the next layer's inputs there), search
+/// each group's scale on the search rows, and fold the scales into the layer (`model` itself is left as it
+/// was).
+#[allow(clippy::too_many_arguments)]
+fn scale_layer(
+    model: &mut Model,
+    src: &SourceModel,
+    li: usize,
+    n_rows: usize,
+    store: &mut ActStore,
+    seq: usize,
+    cache: &mut crate::infer::KvCache,
+    search: &Search,
+) -> Result<ScaledLayer> {
+    let c = model.config().clone();
+    let grid = search.grid;
+    let mut work = layer_work(model, li)?;
+    let idx = |k: LinearKind| ALL.iter().position(|&a| a == k).unwrap_or(0);
+    let (mut attn_norm, mut ffn_norm) = model
+        .norm_weights(li)
+        .map(|(a, f)| (a.to_vec(), f.to_vec()))
+        .ok_or_else(|| Error::Invalid(format!("no layer {li}")))?;
+    let v_bias_name = format!("model.layers.{li}.self_attn.v_proj.bias");
+    let mut v_bias: Option<Vec<f32>> = src.tensors.get(&v_bias_name).map(TensorRef::to_f32);
+    // One pass of the float layer: statistics, search inputs, and the next layer's inputs.
+    let mut cap = Capture {
+        layer: li,
+        row: 0,
+        search_rows: search.search_rows,
+        abs_sum: Default::default(),
+        tokens: 0,
+        kept: Default::default(),
+    };
+    for i in 0..n_rows {
+        cap.row = i;
+        let mut x = store.get(i)?;
+        model.run_layer(li, &mut x, seq, cache, Some(&mut cap))?;
+        store.put(i, x)?;
+    }
+    let x_mean: Vec<Vec<f32>> = cap
+        .abs_sum
+        .iter()
+        .map(|s| {
+            s.iter()
+                .map(|v| (v / cap.tokens.max(1) as f64) as f32)
+                .collect()
+        })
+        .collect();
+    let originals: Vec<TensorRef> = ALL
+        .iter()
+        .filter_map(|&k| model.linear(li, k).cloned())
+        .collect();
+    let mut scales: Vec<Option<Vec<f32>>> = vec![None; GROUPS.len()];
+    for (gi, g) in GROUPS.iter().enumerate() {
+        if let Prev::Linear(p) = g.prev {
+            // v (or up) must produce exactly the inputs the scale divides.
+            if work[idx(p)].rows != work[idx(g.linears[0])].cols {
+                continue;
+            }
+        }
+        let x = &cap.kept[slot(g.input)];
+        let cols = work[idx(g.linears[0])].cols;
+        let n_tok = x.len() / cols;
+        // What the group's module computes on the search rows, in float.
+        let inspect = |model: &Model, cache: &mut crate::infer::KvCache| -> Result<Vec<f32>> {
+            match g.input {
+                MatmulInput::Attention => {
+                    let mut out = Vec::with_capacity(n_tok * c.hidden_size);
+                    for r in x.chunks_exact(seq * cols) {
+                        out.extend(model.attention_output(li, r, seq, cache)?);
+                    }
+                    Ok(out)
+                }
+                MatmulInput::Ffn => model.mlp_output(li, x, n_tok),
+                MatmulInput::AttentionOutput | MatmulInput::FfnDown => {
+                    let w = model
+                        .linear(li, g.linears[0])
+                        .ok_or_else(|| Error::Invalid("no linear".into()))?;
+                    let mut out = vec![0.0f32; n_tok * w.rows()];
+                    search.backend.matmul(w, x, n_tok, &mut out);
+                    Ok(out)
+                }
+            }
+        };
+        let reference = inspect(model, cache)?;
+        let ws: Vec<&[f32]> = g
+            .linears
+            .iter()
+            .map(|&k| work[idx(k)].w.as_slice())
+            .collect();
+        let w_mean = search
+            .duo_scaling
+            .then(|| weight_mean(&ws, cols, grid.group_size));
+        let (mut best, mut best_loss) = (None, f64::INFINITY);
+        for i in 0..search.n_grid {
+            let ratio = i as f32 / search.n_grid as f32;
+            let s = candidate_scales(&x_mean[slot(g.input)], w_mean.as_deref(), ratio);
+            for &k in g.linears {
+                let wk = &work[idx(k)];
+                let q = scaled_fake_quantize(&wk.w, wk.cols, &s, grid);
+                let t = TensorRef::from_f32(k.hf_name(li), vec![wk.rows, wk.cols], &q)?;
+                model.replace_linear(li, k, t)?;
+            }
+            let loss = mse(&reference, &inspect(model, cache)?);
+            if loss < best_loss {
+                best_loss = loss;
+                best = Some(s);
+            }
+        }
+        for &k in g.linears {
+            model.replace_linear(li, k, originals[idx(k)].clone())?;
+        }
+        scales[gi] = Some(best.ok_or_else(|| {
+            Error::Invalid(format!(
+                "layer {li}: no AWQ scale gave a finite loss (the calibration activations hold \
+                     NaN or infinity)"
+            ))
+        })?);
+    }
+    // Fold: the group's columns × s, what precedes it ÷ s (and the search inputs ÷ s for clipping).
+    for (g, s) in GROUPS.iter().zip(&scales) {
+        let Some(s) = s else { continue };
+        for &k in g.linears {
+            let wk = &mut work[idx(k)];
+            for row in wk.w.chunks_exact_mut(wk.cols) {
+                for (v, f) in row.iter_mut().zip(s) {
+                    *v *= f;
+                }
+            }
+            wk.col = Some(s.clone());
+        }
+        match g.prev {
+            Prev::AttnNorm => attn_norm.iter_mut().zip(s).for_each(|(v, f)| *v /= f),
+            Prev::FfnNorm => ffn_norm.iter_mut().zip(s).for_each(|(v, f)| *v /= f),
+            Prev::Linear(p) => {
+                let wp = &mut work[idx(p)];
+                for (row, f) in wp.w.chunks_exact_mut(wp.cols).zip(s) {
+                    row.iter_mut().for_each(|v| *v /= f);
+                }
+                wp.row = Some(s.clone());
+                if p == LinearKind::V {
+                    if let Some(b) = &mut v_bias {
+                        b.iter_mut().zip(s).for_each(|(v, f)| *v /= f);
+                    }
+                }
+            }
+        }
+        let x = &mut cap.kept[slot(g.input)];
+        for row in x.chunks_exact_mut(s.len()) {
+            row.iter_mut().zip(s).for_each(|(v, f)| *v /= f);
+        }
+    }
+    Ok(ScaledLayer {
+        work,
+        attn_norm,
+        ffn_norm,
+        v_bias,
+        kept: cap.kept,
+    })
+}
+
+/// The layer's norms (and v_proj's bias) with the scales folded in, as replacements of the source's.
+fn put_side_tensors(
+    packed: &mut PackedSpill,
+    li: usize,
+    attn_norm: &[f32],
+    ffn_norm: &[f32],
+    v_bias: Option<&[f32]>,
+) -> Result<()> {
+    let prefix = format!("model.layers.{li}.");
+    for (name, v) in [
+        ("input_layernorm.weight", attn_norm),
+        ("post_attention_layernorm.weight", ffn_norm),
+    ] {
+        packed.put_f16(&format!("{prefix}{name}"), vec![v.len()], v)?;
+    }
+    if let Some(b) = v_bias {
+        packed.put_f16(&format!("{prefix}self_attn.v_proj.bias"), vec![b.len()], b)?;
+    }
+    Ok(())
+}
+
 /// Quantize `src` with AWQ into a folder at `out.path` (checked before calibration starts, written under a
 /// temporary name, renamed when complete). `on_module(metrics, done, total)` is called after each linear;
 /// `false` cancels (nothing is left behind).
@@ -307,167 +533,39 @@ pub fn quantize_awq(
     let total = c.num_layers * ALL.len();
     let mut modules: Vec<PackedModuleMetrics> = Vec::with_capacity(total);
     let (mut stored_bits, mut weights) = (0.0f64, 0usize);
+    let search = Search {
+        grid,
+        n_grid: opts.n_grid,
+        duo_scaling: opts.duo_scaling,
+        search_rows,
+        backend: opts.backend,
+    };
     for li in 0..c.num_layers {
-        let mut work: Vec<Work> = ALL
-            .iter()
-            .map(|&kind| {
-                let t = model
-                    .linear(li, kind)
-                    .ok_or_else(|| Error::Invalid(format!("no linear {}", kind.hf_name(li))))?;
-                Ok(Work {
-                    kind,
-                    rows: t.rows(),
-                    cols: t.cols(),
-                    w: t.to_f32(),
-                    col: None,
-                    row: None,
-                })
-            })
-            .collect::<Result<_>>()?;
-        let idx = |k: LinearKind| ALL.iter().position(|&a| a == k).unwrap_or(0);
-        let (attn_norm, ffn_norm) = model
-            .norm_weights(li)
-            .map(|(a, f)| (a.to_vec(), f.to_vec()))
-            .ok_or_else(|| Error::Invalid(format!("no layer {li}")))?;
-        let (mut attn_norm, mut ffn_norm) = (attn_norm, ffn_norm);
-        let v_bias_name = format!("model.layers.{li}.self_attn.v_proj.bias");
-        let mut v_bias: Option<Vec<f32>> = src.tensors.get(&v_bias_name).map(TensorRef::to_f32);
-        if !opts.rtn {
-            // One pass of the float layer: statistics, search inputs, and the next layer's inputs.
-            let mut cap = Capture {
-                layer: li,
-                row: 0,
-                search_rows,
-                abs_sum: Default::default(),
-                tokens: 0,
-                kept: Default::default(),
-            };
-            for i in 0..rows.len() {
-                cap.row = i;
-                let mut x = store.get(i)?;
-                model.run_layer(li, &mut x, seq, &mut cache, Some(&mut cap))?;
-                store.put(i, x)?;
-            }
-            let x_mean: Vec<Vec<f32>> = cap
-                .abs_sum
-                .iter()
-                .map(|s| {
-                    s.iter()
-                        .map(|v| (v / cap.tokens.max(1) as f64) as f32)
-                        .collect()
-                })
-                .collect();
-            let originals: Vec<TensorRef> = ALL
-                .iter()
-                .filter_map(|&k| model.linear(li, k).cloned())
-                .collect();
-            let mut scales: Vec<Option<Vec<f32>>> = vec![None; GROUPS.len()];
-            for (gi, g) in GROUPS.iter().enumerate() {
-                if let Prev::Linear(p) = g.prev {
-                    // v (or up) must produce exactly the inputs the scale divides.
-                    if work[idx(p)].rows != work[idx(g.linears[0])].cols {
-                        continue;
-                    }
-                }
-                let x = &cap.kept[slot(g.input)];
-                let cols = work[idx(g.linears[0])].cols;
-                let n_tok = x.len() / cols;
-                // What the group's module computes on the search rows, in float.
-                let inspect =
-                    |model: &Model, cache: &mut crate::infer::KvCache| -> Result<Vec<f32>> {
-                        match g.input {
-                            MatmulInput::Attention => {
-                                let mut out = Vec::with_capacity(n_tok * c.hidden_size);
-                                for r in x.chunks_exact(seq * cols) {
-                                    out.extend(model.attention_output(li, r, seq, cache)?);
-                                }
-                                Ok(out)
-                            }
-                            MatmulInput::Ffn => model.mlp_output(li, x, n_tok),
-                            MatmulInput::AttentionOutput | MatmulInput::FfnDown => {
-                                let w = model
-                                    .linear(li, g.linears[0])
-                                    .ok_or_else(|| Error::Invalid("no linear".into()))?;
-                                let mut out = vec![0.0f32; n_tok * w.rows()];
-                                opts.backend.matmul(w, x, n_tok, &mut out);
-                                Ok(out)
-                            }
-                        }
-                    };
-                let reference = inspect(&model, &mut cache)?;
-                let ws: Vec<&[f32]> = g
-                    .linears
-                    .iter()
-                    .map(|&k| work[idx(k)].w.as_slice())
-                    .collect();
-                let w_mean = opts
-                    .duo_scaling
-                    .then(|| weight_mean(&ws, cols, grid.group_size));
-                let (mut best, mut best_loss) = (None, f64::INFINITY);
-                for i in 0..opts.n_grid {
-                    let ratio = i as f32 / opts.n_grid as f32;
-                    let s = candidate_scales(&x_mean[slot(g.input)], w_mean.as_deref(), ratio);
-                    for &k in g.linears {
-                        let wk = &work[idx(k)];
-                        let q = scaled_fake_quantize(&wk.w, wk.cols, &s, grid);
-                        let t = TensorRef::from_f32(k.hf_name(li), vec![wk.rows, wk.cols], &q)?;
-                        model.replace_linear(li, k, t)?;
-                    }
-                    let loss = mse(&reference, &inspect(&model, &mut cache)?);
-                    if loss < best_loss {
-                        best_loss = loss;
-                        best = Some(s);
-                    }
-                }
-                for &k in g.linears {
-                    model.replace_linear(li, k, originals[idx(k)].clone())?;
-                }
-                scales[gi] = Some(best.ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "layer {li}: no AWQ scale gave a finite loss (the calibration activations hold \
-                         NaN or infinity)"
-                    ))
-                })?);
-            }
-            // Fold: the group's columns × s, what precedes it ÷ s (and the search inputs ÷ s for clipping).
-            for (g, s) in GROUPS.iter().zip(&scales) {
-                let Some(s) = s else { continue };
-                for &k in g.linears {
-                    let wk = &mut work[idx(k)];
-                    for row in wk.w.chunks_exact_mut(wk.cols) {
-                        for (v, f) in row.iter_mut().zip(s) {
-                            *v *= f;
-                        }
-                    }
-                    wk.col = Some(s.clone());
-                }
-                match g.prev {
-                    Prev::AttnNorm => attn_norm.iter_mut().zip(s).for_each(|(v, f)| *v /= f),
-                    Prev::FfnNorm => ffn_norm.iter_mut().zip(s).for_each(|(v, f)| *v /= f),
-                    Prev::Linear(p) => {
-                        let wp = &mut work[idx(p)];
-                        for (row, f) in wp.w.chunks_exact_mut(wp.cols).zip(s) {
-                            row.iter_mut().for_each(|v| *v /= f);
-                        }
-                        wp.row = Some(s.clone());
-                        if p == LinearKind::V {
-                            if let Some(b) = &mut v_bias {
-                                b.iter_mut().zip(s).for_each(|(v, f)| *v /= f);
-                            }
-                        }
-                    }
-                }
-                let x = &mut cap.kept[slot(g.input)];
-                for row in x.chunks_exact_mut(s.len()) {
-                    row.iter_mut().zip(s).for_each(|(v, f)| *v /= f);
-                }
-            }
+        let work = if opts.rtn {
+            layer_work(&model, li)?
+        } else {
+            let ScaledLayer {
+                mut work,
+                attn_norm,
+                ffn_norm,
+                v_bias,
+                kept,
+            } = scale_layer(
+                &mut model,
+                src,
+                li,
+                rows.len(),
+                &mut store,
+                seq,
+                &mut cache,
+                &search,
+            )?;
             if opts.clip {
                 for wk in work.iter_mut() {
                     if matches!(wk.kind, LinearKind::Q | LinearKind::K) {
                         continue;
                     }
-                    let x = &cap.kept[slot(wk.kind.input())];
+                    let x = &kept[slot(wk.kind.input())];
                     // About 512 tokens, evenly spaced (AutoAWQ's `n_sample_token`).
                     let n_tok = x.len() / wk.cols;
                     let step = (n_tok / 512).max(1);
@@ -481,17 +579,9 @@ pub fn quantize_awq(
                     apply_clip(&mut wk.w, wk.cols, grid.group_size, &bounds);
                 }
             }
-            let prefix = format!("model.layers.{li}.");
-            for (name, v) in [
-                ("input_layernorm.weight", &attn_norm),
-                ("post_attention_layernorm.weight", &ffn_norm),
-            ] {
-                packed.put_f16(&format!("{prefix}{name}"), vec![v.len()], v)?;
-            }
-            if let Some(b) = &v_bias {
-                packed.put_f16(&v_bias_name, vec![b.len()], b)?;
-            }
-        }
+            put_side_tensors(&mut packed, li, &attn_norm, &ffn_norm, v_bias.as_deref())?;
+            work
+        };
         for wk in &work {
             let name = wk.kind.hf_name(li);
             let q = grid.quantize(&wk.w, wk.cols);
@@ -555,6 +645,168 @@ pub fn quantize_awq(
         folder_size_bytes,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// AWQ's activation-aware scales as a step before another solver (`--awq-scales` with GPTQ or EXL2): each
+/// layer's scales are searched as [`quantize_awq`] searches them, scored on a min–max grid of `bits` bits
+/// (groups of 128, or 64 or 32 where the widths need it), and folded into the model — the input columns of
+/// each group of linears × s, what precedes them (the RMSNorm weights, v_proj's or up_proj's rows) ÷ s. The
+/// rescaled model computes the same function in exact arithmetic; the quantizer that follows then spends its
+/// error away from the input channels that carry large activations, which a symmetric grid (EXL2's, GPTQ's
+/// `--sym`) cannot otherwise do.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AwqScaling {
+    /// Bits of the grid candidates are scored on.
+    pub bits: u8,
+    /// Calibration rows whose activations give the statistics (the first of the quantizer's rows).
+    pub rows: usize,
+    /// How many of them score the candidates.
+    pub search_rows: usize,
+    /// Ratios tried: `α = i / n_grid`.
+    pub n_grid: usize,
+}
+
+impl Default for AwqScaling {
+    fn default() -> Self {
+        Self {
+            bits: 4,
+            rows: 32,
+            search_rows: 8,
+            n_grid: 20,
+        }
+    }
+}
+
+/// A rescaled copy of a model ([`rescaled_model`]), in a temporary folder beside the output that is removed
+/// when this is dropped.
+pub struct Rescaled {
+    pub src: SourceModel,
+    // Dropped after `src` (fields drop in order), which maps the folder's files.
+    _dir: Staged,
+}
+
+/// A linear's scaled weights as a float replacement: f16, or f32 where f16 cannot hold a value.
+fn put_float(
+    packed: &mut PackedSpill,
+    name: &str,
+    rows: usize,
+    cols: usize,
+    w: &[f32],
+) -> Result<()> {
+    if w.iter().all(|v| half::f16::from_f32(*v).is_finite()) {
+        return packed.put_f16(name, vec![rows, cols], w);
+    }
+    let suffix = name.rsplit('.').next().unwrap_or(name);
+    let bytes = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+    packed.put(
+        name,
+        vec![PackedTensor::new(suffix, "F32", vec![rows, cols], bytes)],
+    )
+}
+
+/// `src` with AWQ's scales folded in (see [`AwqScaling`]), searched on the first `scaling.rows` of `rows`
+/// (`seq` tokens each), written as a Hugging Face folder in a temporary beside `beside` (the output being
+/// made) and opened from there. `on_layer(done, total)` after each layer; `false` cancels.
+pub fn rescaled_model(
+    src: &SourceModel,
+    scaling: &AwqScaling,
+    rows: &[Vec<u32>],
+    seq: usize,
+    backend: crate::backend::Backend,
+    beside: &std::path::Path,
+    on_layer: &mut dyn FnMut(usize, usize) -> bool,
+) -> Result<Rescaled> {
+    let linears: Vec<&TensorRef> = src
+        .tensors
+        .values()
+        .filter(|t| is_decoder_linear(&t.name))
+        .collect();
+    let group_size = [128usize, 64, 32]
+        .into_iter()
+        .find(|g| linears.iter().all(|t| t.cols() % g == 0))
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: AWQ scales need decoder linears whose input widths are multiples of 32",
+                src.path.display()
+            ))
+        })?;
+    if !(2..=8).contains(&scaling.bits) || scaling.n_grid == 0 || scaling.search_rows == 0 {
+        return Err(Error::Invalid(
+            "AWQ scales need a 2–8-bit grid, a ratio grid of at least one point and at least one search row"
+                .into(),
+        ));
+    }
+    let rows = &rows[..scaling.rows.min(rows.len())];
+    if rows.is_empty() {
+        return Err(Error::Invalid("AWQ scales need calibration rows".into()));
+    }
+    let mut model = Model::load(src)?;
+    model.set_backend(backend);
+    model.check_context(seq, false)?;
+    let c = model.config().clone();
+    let name = beside
+        .file_name()
+        .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+    let spec = OutputSpec::folder(beside.with_file_name(format!("{name}.awq-scaled")))
+        .input(&src.path)
+        .overwrite(true)
+        .estimated_bytes(src.tensors.values().map(|t| t.numel() as u64 * 2).sum());
+    let (staged, mut store) = crate::quantize_gptq::stage_embeddings(
+        &model,
+        rows,
+        spec,
+        crate::quantize_gptq::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
+    )?;
+    let mut cache = model.new_cache(seq.max(1));
+    let mut packed = PackedSpill::create(&staged.path().join(".scaled-linears"))?;
+    let search = Search {
+        grid: AwqGrid {
+            bits: scaling.bits,
+            group_size,
+        },
+        n_grid: scaling.n_grid,
+        duo_scaling: true,
+        search_rows: scaling.search_rows.min(rows.len()),
+        backend,
+    };
+    for li in 0..c.num_layers {
+        let l = scale_layer(
+            &mut model,
+            src,
+            li,
+            rows.len(),
+            &mut store,
+            seq,
+            &mut cache,
+            &search,
+        )?;
+        put_side_tensors(
+            &mut packed,
+            li,
+            &l.attn_norm,
+            &l.ffn_norm,
+            l.v_bias.as_deref(),
+        )?;
+        for wk in &l.work {
+            put_float(&mut packed, &wk.kind.hf_name(li), wk.rows, wk.cols, &wk.w)?;
+        }
+        if !on_layer(li + 1, c.num_layers) {
+            return Err(Error::Cancelled);
+        }
+    }
+    drop(store);
+    drop(model);
+    let fmt = PackedFolder {
+        quantization_config: serde_json::Value::Null,
+        side_files: Vec::new(),
+        metadata: serde_json::Map::new(),
+        max_shard_bytes: crate::writers::gptq::DEFAULT_MAX_SHARD_BYTES,
+        packs: is_decoder_linear,
+    };
+    write_packed_folder(src, &fmt, staged.path(), &mut packed, &mut |_, _| true)?;
+    packed.remove()?;
+    let src = SourceModel::open(staged.path())?;
+    Ok(Rescaled { src, _dir: staged })
 }
 
 #[cfg(test)]
@@ -757,5 +1009,73 @@ mod tests {
         .expect_err("3-bit GEMM");
         assert!(e.to_string().contains("awq-ct"), "{e}");
         assert!(!tmp.path().join("x").exists());
+    }
+
+    #[test]
+    fn a_rescaled_model_computes_the_same_function_and_its_folder_goes_away() {
+        // Full attention, so o_proj's scale folds into v's rows and bias too.
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src_dir = tmp.path().join("src");
+        let spec = FixtureSpec {
+            kv_heads: 4,
+            ..FixtureSpec::tiny_qwen2()
+        };
+        write_fixture(&spec, &src_dir).expect("fixture");
+        let src = SourceModel::open(&src_dir).expect("open");
+        let float = Model::load(&src).expect("float");
+        let o = opts(tmp.path(), AwqLayout::Gemm, false);
+        let docs = load_documents(&o.calib).expect("docs");
+        let rows = sample_rows(&src.tokenizer, &docs, &o.calib_opts).expect("rows");
+        let scaling = AwqScaling {
+            rows: 6,
+            search_rows: 2,
+            ..AwqScaling::default()
+        };
+        let out = tmp.path().join("out");
+        let mut layers = Vec::new();
+        let r = rescaled_model(&src, &scaling, &rows, 48, o.backend, &out, &mut |d, t| {
+            layers.push((d, t));
+            true
+        })
+        .expect("rescale");
+        assert_eq!(layers, vec![(1, 2), (2, 2)]);
+        let temps = || {
+            std::fs::read_dir(tmp.path())
+                .expect("ls")
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("out."))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(temps().len(), 1, "{:?}", temps());
+        assert!(r.src.tensors.values().all(|t| !t.is_grouped()));
+        // Every norm, v's bias and every linear changed; the function did not (f16 rounding aside).
+        for li in 0..2 {
+            for n in [
+                "input_layernorm.weight",
+                "post_attention_layernorm.weight",
+                "self_attn.v_proj.bias",
+                "self_attn.q_proj.weight",
+                "self_attn.o_proj.weight",
+                "mlp.up_proj.weight",
+                "mlp.down_proj.weight",
+            ] {
+                let n = format!("model.layers.{li}.{n}");
+                assert_ne!(src.tensors[&n].to_f32(), r.src.tensors[&n].to_f32(), "{n}");
+            }
+        }
+        let toks = src.tokenizer.encode(&TEXT.repeat(2), false).expect("toks");
+        let k = kld(&float, &Model::load(&r.src).expect("load"), &toks);
+        assert!(k < 1e-5, "KLD {k}");
+        drop(r);
+        assert!(temps().is_empty(), "{:?}", temps());
+        // Cancelled after the first layer: nothing left either.
+        let e = rescaled_model(&src, &scaling, &rows, 48, o.backend, &out, &mut |_, _| {
+            false
+        })
+        .err()
+        .expect("cancelled");
+        assert!(matches!(e, Error::Cancelled), "{e}");
+        assert!(temps().is_empty(), "{:?}", temps());
     }
 }

@@ -52,6 +52,9 @@ pub struct Exl2QuantizeOptions {
     pub measure_rows: usize,
     /// A saved `measurement.json` (ours or ExLlamaV2's): no measuring.
     pub measurement: Option<PathBuf>,
+    /// Fold AWQ's activation-aware scales into the model before measuring and quantizing
+    /// ([`crate::quantize_awq::AwqScaling`]).
+    pub awq_scales: Option<crate::quantize_awq::AwqScaling>,
     pub activation_budget_bytes: u64,
     pub max_shard_bytes: Option<u64>,
     pub backend: crate::backend::Backend,
@@ -70,6 +73,7 @@ impl Default for Exl2QuantizeOptions {
             },
             measure_rows: 8,
             measurement: None,
+            awq_scales: None,
             activation_budget_bytes: crate::quantize_gptq::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
             max_shard_bytes: None,
             backend: crate::backend::Backend::Cpu,
@@ -613,16 +617,33 @@ pub fn quantize_exl2(
         spec = spec.input(p);
     }
     crate::output::preflight(&spec)?;
-    let mut model = Model::load(src)?;
-    model.set_backend(opts.backend);
-    let c = model.config().clone();
     let seq = opts.calib_opts.seq_len;
-    let trained = c.max_position_embeddings;
+    let trained = src.config.max_position_embeddings;
     if seq == 0 || (trained > 0 && seq > trained) {
         return Err(Error::Invalid(format!(
             "--seq-len {seq}: use 1..={trained} (the model's context, max_position_embeddings)"
         )));
     }
+    let docs = load_documents(&opts.calib)?;
+    let rows = sample_rows(&src.tokenizer, &docs, &opts.calib_opts)?;
+    drop(docs);
+    // With AWQ scales, everything from here on (measurement, solver, files) is of the rescaled model.
+    let rescaled = match &opts.awq_scales {
+        Some(a) => Some(crate::quantize_awq::rescaled_model(
+            src,
+            a,
+            &rows,
+            seq,
+            opts.backend,
+            &out.path,
+            &mut |done, total| on_step("AWQ scales", None, done, total),
+        )?),
+        None => None,
+    };
+    let src = rescaled.as_ref().map_or(src, |r| &r.src);
+    let mut model = Model::load(src)?;
+    model.set_backend(opts.backend);
+    let c = model.config().clone();
     model.check_context(seq, false)?;
     // The cost of every option of every block, on this model's shapes.
     let mut weights = 0u64;
@@ -632,9 +653,6 @@ pub fn quantize_exl2(
             weights += (k * n_pad) as u64;
         }
     }
-    let docs = load_documents(&opts.calib)?;
-    let rows = sample_rows(&src.tokenizer, &docs, &opts.calib_opts)?;
-    drop(docs);
     let measure_rows = opts.measure_rows.clamp(1, rows.len().max(1));
     let measurement = match given {
         Some(m) => m,
@@ -845,6 +863,7 @@ pub fn quantize_exl2(
         calib_rows: rows.len(),
         calib_length: seq,
         dataset: opts.calib.dataset_name(),
+        awq_scales: opts.awq_scales.is_some(),
         max_shard_bytes: opts.max_shard_bytes,
     };
     write_packed_folder(
@@ -1138,5 +1157,62 @@ mod tests {
             .filter(|n| n != "src" && n != "calib.txt" && n != "exl2")
             .collect();
         assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    #[test]
+    fn with_awq_scales_the_rescaled_model_is_measured_quantized_and_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src_dir = tmp.path().join("src");
+        write_fixture(&FixtureSpec::tiny_llama(), &src_dir).unwrap();
+        let src = SourceModel::open(&src_dir).unwrap();
+        let float = Model::load(&src).unwrap();
+        let toks = src.tokenizer.encode(TEXT, false).unwrap();
+        let mut phases = Vec::new();
+        let (mut klds, mut norms) = (Vec::new(), Vec::new());
+        for awq in [false, true] {
+            let out = tmp.path().join(format!("exl2-{awq}"));
+            let o = Exl2QuantizeOptions {
+                awq_scales: awq.then(|| crate::quantize_awq::AwqScaling {
+                    rows: 4,
+                    search_rows: 2,
+                    ..Default::default()
+                }),
+                ..opts(tmp.path(), 4.0)
+            };
+            quantize_exl2(
+                &src,
+                &o,
+                &OutputSpec::folder(&out),
+                &mut |phase, _, _, _| {
+                    if !phases.iter().any(|p| p == phase) {
+                        phases.push(phase.to_owned());
+                    }
+                    true
+                },
+            )
+            .unwrap();
+            let q = SourceModel::open(&out).unwrap();
+            norms.push(q.tensors["model.layers.1.post_attention_layernorm.weight"].to_f32());
+            klds.push(kld(&float, &Model::load(&q).unwrap(), &toks));
+        }
+        assert_eq!(phases, ["measuring", "EXL2", "AWQ scales"]);
+        assert_ne!(norms[0], norms[1], "the inverse scales are in the norms");
+        let cfg = |d: &str| -> Value {
+            serde_json::from_slice(&std::fs::read(tmp.path().join(d).join("config.json")).unwrap())
+                .unwrap()
+        };
+        assert_eq!(cfg("exl2-true")["quantization_config"]["awq_scales"], true);
+        assert!(cfg("exl2-false")["quantization_config"]
+            .get("awq_scales")
+            .is_none());
+        // Near the float model either way (a norm left undivided would not be).
+        assert!(klds[1] < 0.05 && klds[1] < 2.0 * klds[0], "{klds:?}");
+        // Only the two folders and the inputs are left: the rescaled model's temporary is gone.
+        let mut names: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["calib.txt", "exl2-false", "exl2-true", "src"]);
     }
 }

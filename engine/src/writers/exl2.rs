@@ -18,6 +18,8 @@ pub struct Exl2FolderConfig {
     pub calib_rows: usize,
     pub calib_length: usize,
     pub dataset: String,
+    /// AWQ's scales were folded into the model first (recorded for people; loaders ignore it).
+    pub awq_scales: bool,
     pub max_shard_bytes: Option<u64>,
 }
 
@@ -28,7 +30,7 @@ pub fn is_exl2_linear(hf_name: &str) -> bool {
 
 impl Exl2FolderConfig {
     pub fn to_json(&self) -> Value {
-        json!({
+        let mut v = json!({
             "quant_method": "exl2",
             "version": "0.2.7",
             "bits": self.bits,
@@ -39,7 +41,11 @@ impl Exl2FolderConfig {
                 "dataset": self.dataset,
             },
             "quantizer": format!("quant-studio {}", env!("CARGO_PKG_VERSION")),
-        })
+        });
+        if self.awq_scales {
+            v["awq_scales"] = json!(true);
+        }
+        v
     }
 
     pub fn folder(&self) -> PackedFolder {

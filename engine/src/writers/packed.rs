@@ -293,7 +293,8 @@ pub fn write_packed_folder(
 ) -> Result<()> {
     let entries = plan(src, fmt, spill)?;
     let mut config = config_json(&src.config, &src.tokenizer, OutDtype::F16)?;
-    if let Value::Object(m) = &mut config {
+    // A float folder (a rescaled model, not yet quantized) has no quantization config.
+    if let (Value::Object(m), false) = (&mut config, fmt.quantization_config.is_null()) {
         m.insert(
             "quantization_config".into(),
             fmt.quantization_config.clone(),
