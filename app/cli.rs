@@ -312,8 +312,9 @@ pub struct GptqArgs {
     /// when it exists (no measuring), else measure and save the measurement there.
     #[arg(long, value_name = "FILE")]
     pub measurement: Option<PathBuf>,
-    /// EXL2: fold AWQ's activation-aware scales into the model before measuring and quantizing (searched on
-    /// the first 32 calibration rows; the folder loads unchanged: the norms carry the inverse scales).
+    /// EXL2, GPTQ: fold AWQ's activation-aware scales into the model before measuring and quantizing
+    /// (searched on the first 32 calibration rows; the folder loads unchanged: the norms carry the inverse
+    /// scales).
     #[arg(long = "awq-scales")]
     pub awq_scales: bool,
     /// EXL2: calibration rows the measurement runs each option on (the first of --rows).
@@ -422,6 +423,12 @@ impl GptqArgs {
             true_sequential: !self.no_true_sequential,
             activation_budget_bytes: self.activation_budget_mib * 1024 * 1024,
             rtn: self.rtn,
+            awq_scales: self
+                .awq_scales
+                .then(|| quant_engine::quantize_awq::AwqScaling {
+                    bits: self.bits.unwrap_or(defaults.bits),
+                    ..Default::default()
+                }),
             max_shard_bytes: Some(self.max_shard_size),
             backend: backend(),
         })

@@ -143,6 +143,7 @@ impl Workspace {
             true_sequential: false,
             activation_budget_bytes: 1 << 30,
             rtn: true,
+            awq_scales: None,
             max_shard_bytes: None,
             backend: crate::backend::Backend::Cpu,
         };

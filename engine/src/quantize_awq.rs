@@ -812,7 +812,6 @@ pub fn rescaled_model(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::infer::Logits;
     use crate::model::fixture::{write_fixture, FixtureSpec};
     use std::path::Path;
 
@@ -844,34 +843,7 @@ mod tests {
         }
     }
 
-    /// Mean KL divergence of `b`'s next-token distributions from `a`'s over `toks`.
-    fn kld(a: &Model, b: &Model, toks: &[u32]) -> f64 {
-        let la = a
-            .forward(toks, &mut a.new_cache(256), Logits::All)
-            .expect("a");
-        let lb = b
-            .forward(toks, &mut b.new_cache(256), Logits::All)
-            .expect("b");
-        let v = a.vocab_size();
-        let lsm = |x: &[f32]| {
-            let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let z: f64 = x.iter().map(|&v| f64::from(v - m).exp()).sum();
-            x.iter()
-                .map(|&v| f64::from(v - m) - z.ln())
-                .collect::<Vec<f64>>()
-        };
-        la.chunks(v)
-            .zip(lb.chunks(v))
-            .map(|(x, y)| {
-                let (p, q) = (lsm(x), lsm(y));
-                p.iter()
-                    .zip(&q)
-                    .map(|(a, b)| a.exp() * (a - b))
-                    .sum::<f64>()
-            })
-            .sum::<f64>()
-            / toks.len() as f64
-    }
+    use crate::testing::mean_kld as kld;
 
     #[test]
     fn awq_beats_round_to_nearest_in_both_layouts_and_the_folders_read_back() {

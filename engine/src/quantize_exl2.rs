@@ -906,7 +906,6 @@ pub fn quantize_exl2(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use crate::infer::Logits;
     use crate::model::fixture::{write_fixture, FixtureSpec};
 
     const TEXT: &str = "The keeper counted the boats in the harbour every evening, and wrote the number \
@@ -933,27 +932,7 @@ mod tests {
         }
     }
 
-    /// Mean KL divergence of `b`'s next-token distributions from `a`'s.
-    fn kld(a: &Model, b: &Model, toks: &[u32]) -> f64 {
-        let la = a.forward(toks, &mut a.new_cache(256), Logits::All).unwrap();
-        let lb = b.forward(toks, &mut b.new_cache(256), Logits::All).unwrap();
-        let v = a.vocab_size();
-        let lsm = |x: &[f32]| -> Vec<f64> {
-            let m = x.iter().fold(f32::MIN, |m, &y| m.max(y)) as f64;
-            let s: f64 = x.iter().map(|&y| (y as f64 - m).exp()).sum();
-            x.iter().map(|&y| y as f64 - m - s.ln()).collect()
-        };
-        let mut tot = 0.0;
-        for (x, y) in la.chunks(v).zip(lb.chunks(v)) {
-            let (p, q) = (lsm(x), lsm(y));
-            tot += p
-                .iter()
-                .zip(&q)
-                .map(|(a, b)| a.exp() * (a - b))
-                .sum::<f64>();
-        }
-        tot / toks.len() as f64
-    }
+    use crate::testing::mean_kld as kld;
 
     #[test]
     fn measures_chooses_quantizes_and_requantizes_from_the_measurement() {

@@ -43,6 +43,9 @@ pub struct GptqQuantizeOptions {
     /// Round-to-nearest on the same grid instead of GPTQ's error feedback (the baseline GPTQ is judged
     /// against; same file format).
     pub rtn: bool,
+    /// Fold AWQ's activation-aware scales into the model before solving
+    /// ([`crate::quantize_awq::AwqScaling`], scored on a grid of the solver's bits).
+    pub awq_scales: Option<crate::quantize_awq::AwqScaling>,
     /// Largest weight file of the output folder, in bytes of tensor data (`None`: 5 GB, see
     /// [`DEFAULT_MAX_SHARD_BYTES`](crate::writers::gptq::DEFAULT_MAX_SHARD_BYTES)); above it the weights are
     /// written as `model-0000i-of-0000N.safetensors` shards with `model.safetensors.index.json`.
@@ -192,15 +195,19 @@ pub fn estimated_folder_bytes(src: &SourceModel, opts: &GptqQuantizeOptions) -> 
         .sum()
 }
 
+/// Progress of a GPTQ run: `(the linear just quantized, done, total)` after each linear, or `(None, done,
+/// total)` after each layer of the AWQ-scale pass (`awq_scales`); `false` cancels.
+pub type OnGptqStep<'a> = dyn FnMut(Option<&GptqModuleMetrics>, usize, usize) -> bool + 'a;
+
 /// Quantize `src` with GPTQ into a Hugging Face GPTQ folder at `out.path` (through [`crate::output`]:
 /// checked before calibration starts, written under a temporary name, renamed when complete; activations
-/// spilled to disk live inside that temporary). `on_module(metrics, done, total)` is called after each
-/// linear; `false` cancels (nothing is left behind).
+/// spilled to disk live inside that temporary). `on_module` reports progress ([`OnGptqStep`]); `false`
+/// cancels (nothing is left behind).
 pub fn quantize_gptq(
     src: &SourceModel,
     opts: &GptqQuantizeOptions,
     out: &OutputSpec,
-    on_module: &mut dyn FnMut(&GptqModuleMetrics, usize, usize) -> bool,
+    on_module: &mut OnGptqStep<'_>,
 ) -> Result<GptqReport> {
     // What the v1 file stores: f16 scales and zero points in 1..=maxq, seen by the solver's error feedback.
     let solver = GptqOptions {
@@ -232,6 +239,20 @@ pub fn quantize_gptq(
     let docs = load_documents(&opts.calib)?;
     let rows = sample_rows(&src.tokenizer, &docs, &opts.calib_opts)?;
     drop(docs);
+    // With AWQ scales, the solver and the files are of the rescaled model.
+    let rescaled = match &opts.awq_scales {
+        Some(a) => Some(crate::quantize_awq::rescaled_model(
+            src,
+            a,
+            &rows,
+            seq,
+            opts.backend,
+            &out.path,
+            &mut |done, total| on_module(None, done, total),
+        )?),
+        None => None,
+    };
+    let src = rescaled.as_ref().map_or(src, |r| &r.src);
     let mut model = Model::load(src)?;
     model.set_backend(opts.backend);
     model.check_context(opts.calib_opts.seq_len, false)?;
@@ -287,7 +308,7 @@ pub fn quantize_gptq(
             let t = packed_tensor(&name, u32::from(r.bits), n, k, r.n_groups, &p)?;
             packed.put(&name, gptq_parts(&cfg, n, k, p))?;
             modules.push(m);
-            if !on_module(&modules[modules.len() - 1], modules.len(), total) {
+            if !on_module(Some(&modules[modules.len() - 1]), modules.len(), total) {
                 return Err(Error::Cancelled);
             }
             Ok(t)
@@ -520,6 +541,7 @@ mod tests {
             true_sequential: true,
             activation_budget_bytes: budget,
             rtn: false,
+            awq_scales: None,
             max_shard_bytes: None,
             backend: crate::backend::Backend::Cpu,
         }
@@ -646,5 +668,52 @@ mod tests {
             .filter(|n| n != "src" && n != "calib.txt")
             .collect();
         assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
+    #[test]
+    fn with_awq_scales_gptq_solves_the_rescaled_model() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let src_dir = tmp.path().join("src");
+        write_fixture(&FixtureSpec::tiny_llama(), &src_dir).expect("fixture");
+        let src = SourceModel::open(&src_dir).expect("open");
+        let float = Model::load(&src).expect("float");
+        let toks = src.tokenizer.encode(TEXT, false).expect("toks");
+        let (mut klds, mut norms, mut scale_steps) = (Vec::new(), Vec::new(), 0);
+        for awq in [false, true] {
+            let out = tmp.path().join(format!("gptq-{awq}"));
+            let mut o = opts(tmp.path(), 1 << 30);
+            o.solver.sym = true;
+            o.awq_scales = awq.then(|| crate::quantize_awq::AwqScaling {
+                rows: 4,
+                search_rows: 2,
+                ..Default::default()
+            });
+            let r = quantize_gptq(&src, &o, &OutputSpec::folder(&out), &mut |m, _, _| {
+                scale_steps += usize::from(m.is_none());
+                true
+            })
+            .expect("gptq");
+            assert_eq!(r.modules.len(), 14);
+            let q = SourceModel::open(&out).expect("open GPTQ folder");
+            norms.push(q.tensors["model.layers.0.input_layernorm.weight"].to_f32());
+            klds.push(crate::testing::mean_kld(
+                &float,
+                &Model::load(&q).expect("load"),
+                &toks,
+            ));
+        }
+        assert_eq!(scale_steps, 2, "one per layer of the scale pass");
+        assert_ne!(norms[0], norms[1], "the inverse scales are in the norms");
+        eprintln!(
+            "KLD from the float model: GPTQ sym {:.5}, with AWQ scales {:.5}",
+            klds[0], klds[1]
+        );
+        assert!(klds[1] < 0.05 && klds[1] < 2.0 * klds[0], "{klds:?}");
+        let names: Vec<String> = std::fs::read_dir(tmp.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("gptq-"))
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 }

@@ -126,3 +126,34 @@ pub fn assert_outputs_bitwise(
         }
     }
 }
+
+/// Mean KL divergence of `b`'s next-token distributions from `a`'s over `toks` (one forward each, in f64
+/// log-softmax): how far a quantized model is from its source in a test.
+pub fn mean_kld(a: &crate::infer::Model, b: &crate::infer::Model, toks: &[u32]) -> f64 {
+    let logits = |m: &crate::infer::Model| {
+        m.forward(
+            toks,
+            &mut m.new_cache(toks.len()),
+            crate::infer::Logits::All,
+        )
+        .unwrap_or_else(|e| panic!("forward: {e}"))
+    };
+    let (la, lb) = (logits(a), logits(b));
+    let v = a.vocab_size();
+    let lsm = |x: &[f32]| -> Vec<f64> {
+        let m = f64::from(x.iter().fold(f32::MIN, |m, &y| m.max(y)));
+        let z: f64 = x.iter().map(|&y| (f64::from(y) - m).exp()).sum();
+        x.iter().map(|&y| f64::from(y) - m - z.ln()).collect()
+    };
+    la.chunks(v)
+        .zip(lb.chunks(v))
+        .map(|(x, y)| {
+            let (p, q) = (lsm(x), lsm(y));
+            p.iter()
+                .zip(&q)
+                .map(|(a, b)| a.exp() * (a - b))
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / toks.len().max(1) as f64
+}

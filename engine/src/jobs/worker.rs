@@ -950,20 +950,31 @@ fn quantize_gptq(
         )
     };
     let start = Instant::now();
-    let mut on_module = |m: &crate::quantize_gptq::GptqModuleMetrics, done: usize, total: usize| {
-        let metrics = super::LayerMetrics {
-            layer: Some(m.layer),
-            tensor: m.tensor.clone(),
-            codec: codec.clone(),
-            bits_per_weight: m.bits_per_weight,
-            rel_rms_error: m.rel_rms_error,
-            weighted_rel_rms_error: None,
-            gptq_loss: Some(m.gptq_output_loss),
-            rtn_loss: Some(m.rtn_loss),
-            max_error: m.max_error,
+    let mut on_module =
+        |m: Option<&crate::quantize_gptq::GptqModuleMetrics>, done: usize, total: usize| {
+            let Some(m) = m else {
+                // A layer of the AWQ-scale pass: progress only.
+                ctx.progress(
+                    "AWQ scales",
+                    done as u64,
+                    total as u64,
+                    eta(start, done as u64, total as u64),
+                );
+                return !ctx.cancelled();
+            };
+            let metrics = super::LayerMetrics {
+                layer: Some(m.layer),
+                tensor: m.tensor.clone(),
+                codec: codec.clone(),
+                bits_per_weight: m.bits_per_weight,
+                rel_rms_error: m.rel_rms_error,
+                weighted_rel_rms_error: None,
+                gptq_loss: Some(m.gptq_output_loss),
+                rtn_loss: Some(m.rtn_loss),
+                max_error: m.max_error,
+            };
+            module_done(ctx, start, "GPTQ", metrics, done, total)
         };
-        module_done(ctx, start, "GPTQ", metrics, done, total)
-    };
     let report = crate::quantize_gptq::quantize_gptq(&src, options, out, &mut on_module)?;
     Ok(JobOutput::QuantizedGptq(Box::new(report)))
 }

@@ -724,6 +724,7 @@ impl Default for GptqQuantizeOptions {
             true_sequential: true,
             activation_budget_bytes: crate::quantize_gptq::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
             rtn: false,
+            awq_scales: None,
             max_shard_bytes: None,
             backend: crate::backend::Backend::Cpu,
         }
