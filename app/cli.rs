@@ -490,6 +490,9 @@ impl GptqArgs {
         if self.axis.is_some() || self.act_order || self.static_groups || self.sym {
             bail!("--axis, --act-order, --static-groups and --sym are not AWQ options");
         }
+        if self.awq_scales {
+            bail!("--awq-scales is for gptq and exl2 (AWQ searches its scales anyway)");
+        }
         Ok(AwqQuantizeOptions {
             grid: quant_engine::solvers::awq::AwqGrid {
                 bits: self.bits.unwrap_or(d.grid.bits),
@@ -716,6 +719,13 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             }
             if double_quant && packed.is_none() {
                 bail!("--double-quant is for nf4 and fp4");
+            }
+            if gptq.awq_scales
+                && !(is_exl2
+                    || format.eq_ignore_ascii_case("gptq")
+                    || recipes::parse_awq(&format).is_some())
+            {
+                bail!("--awq-scales is for gptq and exl2");
             }
             let recipe = if let Some(p) = packed {
                 if imatrix.is_some() || calib.is_some() {

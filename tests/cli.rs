@@ -584,6 +584,10 @@ fn quantize_awq_writes_both_layouts_that_evaluate() {
     for (extra, says) in [
         (["--bits", "3"], "awq-ct"),
         (["--group-size", "48"], "group size 48"),
+        (
+            ["--awq-scales", "--no-clip"],
+            "AWQ searches its scales anyway",
+        ),
     ] {
         let mut args = vec![
             "quantize",
@@ -782,6 +786,10 @@ fn quantize_auto_chooses_types_within_the_budget_and_prints_the_llama_quantize_a
                 "100000",
             ],
             "--probe-tokens 100000: at most 4096",
+        ),
+        (
+            vec!["--bpw", "6", "--calib", s(&f.text), "--awq-scales"],
+            "--awq-scales is for gptq and exl2",
         ),
     ] {
         let mut args = vec!["quantize", s(&f.model), "--format", "auto"];

@@ -9,7 +9,7 @@ use eframe::egui;
 use quant_engine::calib::{CalibOptions, CalibSource};
 use quant_engine::imatrix::ImatrixOptions;
 use quant_engine::jobs::{Command, Event, ImatrixSource, JobId};
-use quant_engine::quantize_awq::AwqQuantizeOptions;
+use quant_engine::quantize_awq::{AwqQuantizeOptions, AwqScaling};
 use quant_engine::quantize_exl2::Exl2QuantizeOptions;
 use quant_engine::quantize_gptq::GptqQuantizeOptions;
 use quant_engine::recipes::{self, GgufRecipe, Recipe};
@@ -84,6 +84,9 @@ pub struct QuantizePanel {
     pub gptq_group: Option<usize>,
     pub gptq_act_order: bool,
     pub gptq_sym: bool,
+    /// Fold AWQ's activation-aware scales into the model before GPTQ / EXL2.
+    pub gptq_awq_scales: bool,
+    pub exl2_awq_scales: bool,
     /// Ticked Hugging Face formats besides GPTQ (catalogue ids: `awq`, `awq-ct`, `nf4`, `fp4`, `hqq`).
     pub packed: Vec<String>,
     /// AWQ's group size.
@@ -103,6 +106,10 @@ pub struct QuantizePanel {
     pub confirm_replace: Option<Vec<PathBuf>>,
 }
 
+const AWQ_SCALES_HOVER: &str = "Fold AWQ's activation-aware scales into the model first (searched on the first 32 calibration \
+                 rows): the solver then spends its error away from the input channels that carry large \
+                 activations. The folder loads unchanged (the norms carry the inverse scales).";
+
 impl QuantizePanel {
     pub fn from_settings(s: &Settings) -> Self {
         Self {
@@ -119,6 +126,8 @@ impl QuantizePanel {
             gptq_group: Some(128),
             gptq_act_order: true,
             gptq_sym: false,
+            gptq_awq_scales: false,
+            exl2_awq_scales: false,
             packed: s.packed_targets.clone(),
             awq_group: 128,
             exl2_bpw: 4.0,
@@ -229,6 +238,7 @@ impl QuantizePanel {
                         t.push(Recipe::Exl2(Box::new(Exl2QuantizeOptions {
                             budget: quant_engine::recipes::MixBudget::Bpw(self.exl2_bpw),
                             head_bits: self.exl2_head_bits,
+                            awq_scales: self.exl2_awq_scales.then(AwqScaling::default),
                             calib: self.calib_source(),
                             calib_opts: CalibOptions {
                                 rows: self.calib.rows,
@@ -252,6 +262,10 @@ impl QuantizePanel {
                                 sym: self.gptq_sym,
                                 ..GptqOptions::default()
                             },
+                            awq_scales: self.gptq_awq_scales.then(|| AwqScaling {
+                                bits,
+                                ..AwqScaling::default()
+                            }),
                             calib: self.calib_source(),
                             calib_opts: CalibOptions {
                                 rows: self.calib.rows,
@@ -743,6 +757,8 @@ impl QuantizePanel {
                 .labelled_by(label.id);
             ui.checkbox(&mut self.gptq_act_order, "act-order");
             ui.checkbox(&mut self.gptq_sym, "symmetric");
+            ui.checkbox(&mut self.gptq_awq_scales, "AWQ scales")
+                .on_hover_text(AWQ_SCALES_HOVER);
         });
         ui.horizontal(|ui| {
             ui.label("AWQ 4-bit:");
@@ -828,6 +844,8 @@ impl QuantizePanel {
                 })
                 .response;
             head.labelled_by(label.id);
+            ui.checkbox(&mut self.exl2_awq_scales, "AWQ scales")
+                .on_hover_text(AWQ_SCALES_HOVER);
             let s = &src.summary;
             if on && !(s.hidden.is_multiple_of(32) && s.intermediate.is_multiple_of(32)) {
                 ui.colored_label(ui.visuals().warn_fg_color, "⚠ widths must be multiples of 32")

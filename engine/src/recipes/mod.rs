@@ -438,7 +438,8 @@ impl Recipe {
                 let ao = if s.act_order { "-ao" } else { "" };
                 let sym = if s.sym { "" } else { "-asym" };
                 let rtn = if o.rtn { "-rtn" } else { "" };
-                format!("GPTQ-{}bit-{g}{ao}{sym}{rtn}", s.bits)
+                let awq = if o.awq_scales.is_some() { "-awqs" } else { "" };
+                format!("GPTQ-{}bit-{g}{ao}{sym}{rtn}{awq}", s.bits)
             }
             Recipe::Awq(o) => format!(
                 "AWQ{}-{}bit-g{}{}",
@@ -450,10 +451,13 @@ impl Recipe {
                 o.grid.group_size,
                 if o.rtn { "-rtn" } else { "" }
             ),
-            Recipe::Exl2(o) => match o.budget {
-                MixBudget::Bpw(b) => format!("EXL2-{b:.2}bpw-h{}", o.head_bits),
-                other => format!("EXL2-{}-h{}", other.label(), o.head_bits),
-            },
+            Recipe::Exl2(o) => {
+                let awq = if o.awq_scales.is_some() { "-awqs" } else { "" };
+                match o.budget {
+                    MixBudget::Bpw(b) => format!("EXL2-{b:.2}bpw-h{}{awq}", o.head_bits),
+                    other => format!("EXL2-{}-h{}{awq}", other.label(), o.head_bits),
+                }
+            }
             Recipe::Packed(p) => p.label(),
         }
     }
@@ -692,16 +696,19 @@ impl Recipe {
                 };
                 (
                     acts + hess + 4.0 * largest + 64e6,
-                    tokens * params / GPTQ_WEIGHT_TOKENS_PER_S + measured,
+                    tokens * params / GPTQ_WEIGHT_TOKENS_PER_S
+                        + measured
+                        + awq_scale_s(o.awq_scales.as_ref(), o.calib_opts.seq_len, params, linears),
                 )
             }
-            Recipe::Gptq(_) => {
+            Recipe::Gptq(o) => {
                 let acts = tokens * s.hidden as f64 * 4.0 * 2.0;
                 // The widest Hessian (f64) and its factorisation's working copy.
                 let hess = (s.intermediate * s.intermediate) as f64 * 8.0 * 2.0;
                 (
                     acts + hess + 3.0 * largest + 64e6,
-                    tokens * params / GPTQ_WEIGHT_TOKENS_PER_S,
+                    tokens * params / GPTQ_WEIGHT_TOKENS_PER_S
+                        + awq_scale_s(o.awq_scales.as_ref(), o.calib_opts.seq_len, params, linears),
                 )
             }
         };
@@ -713,6 +720,20 @@ impl Recipe {
             seconds,
         }
     }
+}
+
+/// Seconds of the AWQ-scale pass before GPTQ or EXL2: its rows through the float model, then the search.
+fn awq_scale_s(
+    a: Option<&crate::quantize_awq::AwqScaling>,
+    seq: usize,
+    params: f64,
+    linears: f64,
+) -> f64 {
+    a.map_or(0.0, |a| {
+        (a.rows * seq) as f64 * params / IMATRIX_WEIGHT_TOKENS_PER_S
+            + (a.search_rows * seq) as f64 * linears * a.n_grid as f64
+                / AWQ_SEARCH_WEIGHT_TOKENS_PER_S
+    })
 }
 
 impl Default for GptqQuantizeOptions {
