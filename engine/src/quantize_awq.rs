@@ -77,7 +77,7 @@ impl Default for AwqQuantizeOptions {
             duo_scaling: true,
             clip: true,
             rtn: false,
-            activation_budget_bytes: crate::quantize_gptq::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
+            activation_budget_bytes: crate::calib::activations::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
             max_shard_bytes: None,
             backend: crate::backend::Backend::Cpu,
         }
@@ -525,8 +525,12 @@ pub fn quantize_awq(
         let docs = load_documents(&opts.calib)?;
         sample_rows(&src.tokenizer, &docs, &opts.calib_opts)?
     };
-    let (staged, mut store) =
-        crate::quantize_gptq::stage_embeddings(&model, &rows, spec, opts.activation_budget_bytes)?;
+    let (staged, mut store) = crate::calib::activations::stage_embeddings(
+        &model,
+        &rows,
+        spec,
+        opts.activation_budget_bytes,
+    )?;
     let search_rows = opts.search_rows.min(rows.len());
     let mut cache = model.new_cache(seq.max(1));
     let mut packed = PackedSpill::create(&staged.path().join(".packed-linears"))?;
@@ -751,11 +755,11 @@ pub fn rescaled_model(
         .input(&src.path)
         .overwrite(true)
         .estimated_bytes(src.tensors.values().map(|t| t.numel() as u64 * 2).sum());
-    let (staged, mut store) = crate::quantize_gptq::stage_embeddings(
+    let (staged, mut store) = crate::calib::activations::stage_embeddings(
         &model,
         rows,
         spec,
-        crate::quantize_gptq::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
+        crate::calib::activations::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
     )?;
     let mut cache = model.new_cache(seq.max(1));
     let mut packed = PackedSpill::create(&staged.path().join(".scaled-linears"))?;

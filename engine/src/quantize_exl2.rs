@@ -74,7 +74,7 @@ impl Default for Exl2QuantizeOptions {
             measure_rows: 8,
             measurement: None,
             awq_scales: None,
-            activation_budget_bytes: crate::quantize_gptq::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
+            activation_budget_bytes: crate::calib::activations::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
             max_shard_bytes: None,
             backend: crate::backend::Backend::Cpu,
         }
@@ -730,8 +730,12 @@ pub fn quantize_exl2(
     };
     let strategy = choose_strategy(&measurement, &costs, weights, budget_bits, &what)?;
 
-    let (staged, mut store) =
-        crate::quantize_gptq::stage_embeddings(&model, &rows, spec, opts.activation_budget_bytes)?;
+    let (staged, mut store) = crate::calib::activations::stage_embeddings(
+        &model,
+        &rows,
+        spec,
+        opts.activation_budget_bytes,
+    )?;
     let mut packed = PackedSpill::create(&staged.path().join(".packed-linears"))?;
     let total = c.num_layers * 7 + 1;
     let mut modules: Vec<PackedModuleMetrics> = Vec::with_capacity(total);

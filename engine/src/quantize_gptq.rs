@@ -27,9 +27,9 @@ use crate::writers::gptq::{check_gptq_shape, gptq_folder, gptq_parts, GptqConfig
 use crate::writers::packed::{folder_bytes, is_decoder_linear, write_packed_folder, PackedSpill};
 use crate::{Error, Result};
 
+pub use crate::calib::activations::DEFAULT_ACTIVATION_BUDGET_MIB;
+
 /// What to make of a model as GPTQ.
-/// Calibration activations kept in memory before they spill to disk, unless a front end says otherwise.
-pub const DEFAULT_ACTIVATION_BUDGET_MIB: u64 = 4096;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct GptqQuantizeOptions {
@@ -261,7 +261,12 @@ pub fn quantize_gptq(
     let activation_bytes = (rows.len() * seq * c.hidden_size * 4) as u64;
     let mut timings = GptqTimings::default();
     let t = Instant::now();
-    let (staged, mut store) = stage_embeddings(&model, &rows, spec, opts.activation_budget_bytes)?;
+    let (staged, mut store) = crate::calib::activations::stage_embeddings(
+        &model,
+        &rows,
+        spec,
+        opts.activation_budget_bytes,
+    )?;
     let spilled = store.spilled();
     timings.capture_s += t.elapsed().as_secs_f64();
     let total = c.num_layers * 7;
@@ -355,33 +360,6 @@ pub fn quantize_gptq(
         spilled,
         folder_size_bytes,
     })
-}
-
-/// Begin the staged output `spec` and put the calibration rows' embeddings into an activation store inside it
-/// (kept in memory up to `budget` bytes, spilled to a file in the staged output above; the free-space check
-/// then counts the spill). What the calibrated pipelines (GPTQ, AWQ, EXL2) start from.
-pub(crate) fn stage_embeddings(
-    model: &Model,
-    rows: &[Vec<u32>],
-    mut spec: crate::output::OutputSpec,
-    budget: u64,
-) -> Result<(crate::output::Staged, ActStore)> {
-    let row_len = rows.first().map_or(0, Vec::len) * model.config().hidden_size;
-    let spill = (rows.len() * row_len * 4) as u64;
-    if spill > budget {
-        spec.estimated_bytes += spill;
-    }
-    let staged = crate::output::Staged::begin(spec)?;
-    let mut store = ActStore::new(
-        rows.len(),
-        row_len,
-        budget,
-        &staged.path().join("activations"),
-    )?;
-    for (i, r) in rows.iter().enumerate() {
-        store.put(i, model.embed_tokens(r))?;
-    }
-    Ok((staged, store))
 }
 
 /// The layer-sequential calibration loop GPTQ and EXL2 share. For every layer, each stage's inputs are

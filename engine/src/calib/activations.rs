@@ -7,6 +7,36 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
+/// Calibration activations kept in memory before they spill to disk, unless a front end says otherwise.
+pub const DEFAULT_ACTIVATION_BUDGET_MIB: u64 = 4096;
+
+/// Begin the staged output `spec` and put the calibration rows' embeddings into an activation store inside it
+/// (kept in memory up to `budget` bytes, spilled to a file in the staged output above; the free-space check
+/// then counts the spill). What the calibrated pipelines (GPTQ, AWQ, EXL2) start from.
+pub(crate) fn stage_embeddings(
+    model: &crate::infer::Model,
+    rows: &[Vec<u32>],
+    mut spec: crate::output::OutputSpec,
+    budget: u64,
+) -> Result<(crate::output::Staged, ActStore)> {
+    let row_len = rows.first().map_or(0, Vec::len) * model.config().hidden_size;
+    let spill = (rows.len() * row_len * 4) as u64;
+    if spill > budget {
+        spec.estimated_bytes += spill;
+    }
+    let staged = crate::output::Staged::begin(spec)?;
+    let mut store = ActStore::new(
+        rows.len(),
+        row_len,
+        budget,
+        &staged.path().join("activations"),
+    )?;
+    for (i, r) in rows.iter().enumerate() {
+        store.put(i, model.embed_tokens(r))?;
+    }
+    Ok((staged, store))
+}
+
 /// Calibration activations of one layer boundary, one row (sequence) at a time.
 pub(crate) enum ActStore {
     Memory(Vec<Vec<f32>>),

@@ -743,7 +743,7 @@ impl Default for GptqQuantizeOptions {
             calib: CalibSource::Bundled,
             calib_opts: CalibOptions::default(),
             true_sequential: true,
-            activation_budget_bytes: crate::quantize_gptq::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
+            activation_budget_bytes: crate::calib::activations::DEFAULT_ACTIVATION_BUDGET_MIB << 20,
             rtn: false,
             awq_scales: None,
             max_shard_bytes: None,
