@@ -547,6 +547,93 @@ pub fn estimated_folder_bytes(src: &SourceModel, opts: &Exl2QuantizeOptions) -> 
 /// Progress of an EXL2 run: `(phase, the linear just quantized, done, total)`; `false` cancels.
 pub type OnStep<'a> = dyn FnMut(&str, Option<&PackedModuleMetrics>, usize, usize) -> bool + 'a;
 
+/// The knapsack's choice for `budget` over `measurement`, costed on `model`'s shapes (the rest of the folder from
+/// `src`'s tensors); an out-of-reach budget is refused with the reachable range.
+fn plan(
+    model: &Model,
+    src: &SourceModel,
+    measurement: &Exl2Measurement,
+    head: &QParams,
+    budget: MixBudget,
+) -> Result<Exl2Strategy> {
+    let c = model.config().clone();
+    // The cost of every option of every block, on this model's shapes.
+    let mut weights = 0u64;
+    for li in 0..c.num_layers {
+        for kind in ATTN.iter().chain(&MLP) {
+            let (k, n_pad, _) = shape_of(model, li, *kind)?;
+            weights += (k * n_pad) as u64;
+        }
+    }
+    let mut costs = Vec::with_capacity(measurement.blocks.len());
+    for (i, b) in measurement.blocks.iter().enumerate() {
+        let kinds: &[LinearKind] = if i % 2 == 0 { &ATTN } else { &MLP };
+        let mut v = Vec::with_capacity(b.len());
+        for o in b {
+            let mut bits = 0u64;
+            for (kind, (_, q)) in kinds.iter().zip(&o.options) {
+                let (k, n_pad, bias) = shape_of(model, i / 2, *kind)?;
+                bits += q.total_bits(k, n_pad, bias);
+            }
+            v.push(bits);
+        }
+        costs.push(v);
+    }
+    // What the rest of the folder takes: fp16 tensors, the packed head, the safetensors header (bounded).
+    let pad = |n: usize| n.div_ceil(32) * 32;
+    let head_bytes = head.total_bits(c.hidden_size, pad(c.vocab_size), 0) / 8;
+    // (The head's five tensor names counted here; a tied model has no lm_head.weight below.)
+    let (mut fixed, mut embed) = (head_bytes + 5 * 110, 0u64);
+    for t in src.tensors.values() {
+        let stored = if is_decoder_linear(&t.name) || t.name == "lm_head.weight" {
+            5
+        } else {
+            fixed += t.numel() as u64 * 2;
+            if t.name == "model.embed_tokens.weight" {
+                embed = t.numel() as u64 * 2;
+            }
+            1
+        };
+        fixed += stored * (t.name.len() as u64 + 96);
+    }
+    let kv_per_token = (2 * c.num_layers * c.num_kv_heads * c.head_dim * 2) as u64;
+    let budget_bits = match budget {
+        MixBudget::Bpw(b) => b * weights as f64,
+        MixBudget::FileBytes(n) => (n as f64 - fixed as f64) * 8.0,
+        MixBudget::Memory { bytes, ctx } => {
+            (bytes as f64 - (fixed - embed) as f64 - (kv_per_token * ctx) as f64) * 8.0
+        }
+    };
+    let what = |lo: u64, hi: u64| -> String {
+        let bpw = |b: u64| b as f64 / weights as f64;
+        let size = |b: u64| b / 8 + fixed;
+        match budget {
+            MixBudget::Bpw(b) => format!(
+                "EXL2 at {b} bits per weight is out of reach for this model: its options give {:.3} to {:.3} bpw",
+                bpw(lo),
+                bpw(hi)
+            ),
+            MixBudget::FileBytes(n) => format!(
+                "an EXL2 folder of {n} bytes is out of reach for this model: its weights take {} to {} bytes \
+                 ({:.3} to {:.3} bpw)",
+                size(lo),
+                size(hi),
+                bpw(lo),
+                bpw(hi)
+            ),
+            MixBudget::Memory { bytes, ctx } => format!(
+                "{bytes} bytes of GPU memory is out of reach for this model with a {ctx}-token f16 KV cache: \
+                 ExLlamaV2 needs {} to {} bytes ({:.3} to {:.3} bpw)",
+                size(lo) - embed + kv_per_token * ctx,
+                size(hi) - embed + kv_per_token * ctx,
+                bpw(lo),
+                bpw(hi)
+            ),
+        }
+    };
+    choose_strategy(measurement, &costs, weights, budget_bits, &what)
+}
+
 /// Quantize `src` to EXL2 into a folder at `out.path` (checked before any work, written under a temporary
 /// name, renamed when complete). `on_step(phase, metrics, done, total)` is called after each measured block
 /// (`"measuring"`, no metrics) and each quantized linear (`"EXL2"`); `false` cancels.
@@ -627,6 +714,10 @@ pub fn quantize_exl2(
     let docs = load_documents(&opts.calib)?;
     let rows = sample_rows(&src.tokenizer, &docs, &opts.calib_opts)?;
     drop(docs);
+    if let (Some(m), Some(_)) = (&given, &opts.awq_scales) {
+        // An out-of-reach budget is refused before the scale pass (the shapes are the source's).
+        plan(&Model::load(src)?, src, m, &head, opts.budget)?;
+    }
     // With AWQ scales, everything from here on (measurement, solver, files) is of the rescaled model.
     let rescaled = match &opts.awq_scales {
         Some(a) => Some(crate::quantize_awq::rescaled_model(
@@ -645,14 +736,6 @@ pub fn quantize_exl2(
     model.set_backend(opts.backend);
     let c = model.config().clone();
     model.check_context(seq, false)?;
-    // The cost of every option of every block, on this model's shapes.
-    let mut weights = 0u64;
-    for li in 0..c.num_layers {
-        for kind in ATTN.iter().chain(&MLP) {
-            let (k, n_pad, _) = shape_of(&model, li, *kind)?;
-            weights += (k * n_pad) as u64;
-        }
-    }
     let measure_rows = opts.measure_rows.clamp(1, rows.len().max(1));
     let measurement = match given {
         Some(m) => m,
@@ -662,73 +745,7 @@ pub fn quantize_exl2(
             &mut |done, total| on_step("measuring", None, done, total),
         )?,
     };
-    let mut costs = Vec::with_capacity(measurement.blocks.len());
-    for (i, b) in measurement.blocks.iter().enumerate() {
-        let kinds: &[LinearKind] = if i % 2 == 0 { &ATTN } else { &MLP };
-        let mut v = Vec::with_capacity(b.len());
-        for o in b {
-            let mut bits = 0u64;
-            for (kind, (_, q)) in kinds.iter().zip(&o.options) {
-                let (k, n_pad, bias) = shape_of(&model, i / 2, *kind)?;
-                bits += q.total_bits(k, n_pad, bias);
-            }
-            v.push(bits);
-        }
-        costs.push(v);
-    }
-    // What the rest of the folder takes: fp16 tensors, the packed head, the safetensors header (bounded).
-    let pad = |n: usize| n.div_ceil(32) * 32;
-    let head_bytes = head.total_bits(c.hidden_size, pad(c.vocab_size), 0) / 8;
-    // (The head's five tensor names counted here; a tied model has no lm_head.weight below.)
-    let (mut fixed, mut embed) = (head_bytes + 5 * 110, 0u64);
-    for t in src.tensors.values() {
-        let stored = if is_decoder_linear(&t.name) || t.name == "lm_head.weight" {
-            5
-        } else {
-            fixed += t.numel() as u64 * 2;
-            if t.name == "model.embed_tokens.weight" {
-                embed = t.numel() as u64 * 2;
-            }
-            1
-        };
-        fixed += stored * (t.name.len() as u64 + 96);
-    }
-    let kv_per_token = (2 * c.num_layers * c.num_kv_heads * c.head_dim * 2) as u64;
-    let budget_bits = match opts.budget {
-        MixBudget::Bpw(b) => b * weights as f64,
-        MixBudget::FileBytes(n) => (n as f64 - fixed as f64) * 8.0,
-        MixBudget::Memory { bytes, ctx } => {
-            (bytes as f64 - (fixed - embed) as f64 - (kv_per_token * ctx) as f64) * 8.0
-        }
-    };
-    let what = |lo: u64, hi: u64| -> String {
-        let bpw = |b: u64| b as f64 / weights as f64;
-        let size = |b: u64| b / 8 + fixed;
-        match opts.budget {
-            MixBudget::Bpw(b) => format!(
-                "EXL2 at {b} bits per weight is out of reach for this model: its options give {:.3} to {:.3} bpw",
-                bpw(lo),
-                bpw(hi)
-            ),
-            MixBudget::FileBytes(n) => format!(
-                "an EXL2 folder of {n} bytes is out of reach for this model: its weights take {} to {} bytes \
-                 ({:.3} to {:.3} bpw)",
-                size(lo),
-                size(hi),
-                bpw(lo),
-                bpw(hi)
-            ),
-            MixBudget::Memory { bytes, ctx } => format!(
-                "{bytes} bytes of GPU memory is out of reach for this model with a {ctx}-token f16 KV cache: \
-                 ExLlamaV2 needs {} to {} bytes ({:.3} to {:.3} bpw)",
-                size(lo) - embed + kv_per_token * ctx,
-                size(hi) - embed + kv_per_token * ctx,
-                bpw(lo),
-                bpw(hi)
-            ),
-        }
-    };
-    let strategy = choose_strategy(&measurement, &costs, weights, budget_bits, &what)?;
+    let strategy = plan(&model, src, &measurement, &head, opts.budget)?;
 
     let (staged, mut store) = crate::calib::activations::stage_embeddings(
         &model,
@@ -1086,6 +1103,17 @@ mod tests {
             e.to_string().contains("out of reach") && e.to_string().contains("bpw"),
             "{e}"
         );
+        assert!(!out.exists());
+        // With AWQ scales too: refused before the scale pass starts.
+        o.awq_scales = Some(crate::quantize_awq::AwqScaling::default());
+        let mut steps = 0;
+        let e = quantize_exl2(&src, &o, &OutputSpec::folder(&out), &mut |_, _, _, _| {
+            steps += 1;
+            true
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("out of reach"), "{e}");
+        assert_eq!(steps, 0);
         assert!(!out.exists());
     }
 
