@@ -710,16 +710,20 @@ fn put_float(
 
 /// `src` with AWQ's scales folded in (see [`AwqScaling`]), searched on the first `scaling.rows` of `rows`
 /// (`seq` tokens each), written as a Hugging Face folder in a temporary beside `beside` (the output being
-/// made) and opened from there. `on_layer(done, total)` after each layer; `false` cancels.
+/// made) and opened from there; `None` without `scaling` (the solver reads `src` itself).
+/// `on_layer(done, total)` after each layer; `false` cancels.
 pub fn rescaled_model(
     src: &SourceModel,
-    scaling: &AwqScaling,
+    scaling: Option<&AwqScaling>,
     rows: &[Vec<u32>],
     seq: usize,
     backend: crate::backend::Backend,
     beside: &std::path::Path,
     on_layer: &mut dyn FnMut(usize, usize) -> bool,
-) -> Result<Rescaled> {
+) -> Result<Option<Rescaled>> {
+    let Some(scaling) = scaling else {
+        return Ok(None);
+    };
     let linears: Vec<&TensorRef> = src
         .tensors
         .values()
@@ -810,7 +814,7 @@ pub fn rescaled_model(
     write_packed_folder(src, &fmt, staged.path(), &mut packed, &mut |_, _| true)?;
     packed.remove()?;
     let src = SourceModel::open(staged.path())?;
-    Ok(Rescaled { src, _dir: staged })
+    Ok(Some(Rescaled { src, _dir: staged }))
 }
 
 #[cfg(test)]
@@ -1009,11 +1013,20 @@ mod tests {
         };
         let out = tmp.path().join("out");
         let mut layers = Vec::new();
-        let r = rescaled_model(&src, &scaling, &rows, 48, o.backend, &out, &mut |d, t| {
-            layers.push((d, t));
-            true
-        })
-        .expect("rescale");
+        let r = rescaled_model(
+            &src,
+            Some(&scaling),
+            &rows,
+            48,
+            o.backend,
+            &out,
+            &mut |d, t| {
+                layers.push((d, t));
+                true
+            },
+        )
+        .expect("rescale")
+        .expect("scaled");
         assert_eq!(layers, vec![(1, 2), (2, 2)]);
         let temps = || {
             std::fs::read_dir(tmp.path())
@@ -1046,9 +1059,15 @@ mod tests {
         drop(r);
         assert!(temps().is_empty(), "{:?}", temps());
         // Cancelled after the first layer: nothing left either.
-        let e = rescaled_model(&src, &scaling, &rows, 48, o.backend, &out, &mut |_, _| {
-            false
-        })
+        let e = rescaled_model(
+            &src,
+            Some(&scaling),
+            &rows,
+            48,
+            o.backend,
+            &out,
+            &mut |_, _| false,
+        )
         .err()
         .expect("cancelled");
         assert!(matches!(e, Error::Cancelled), "{e}");

@@ -719,18 +719,15 @@ pub fn quantize_exl2(
         plan(&Model::load(src)?, src, m, &head, opts.budget)?;
     }
     // With AWQ scales, everything from here on (measurement, solver, files) is of the rescaled model.
-    let rescaled = match &opts.awq_scales {
-        Some(a) => Some(crate::quantize_awq::rescaled_model(
-            src,
-            a,
-            &rows,
-            seq,
-            opts.backend,
-            &out.path,
-            &mut |done, total| on_step("AWQ scales", None, done, total),
-        )?),
-        None => None,
-    };
+    let rescaled = crate::quantize_awq::rescaled_model(
+        src,
+        opts.awq_scales.as_ref(),
+        &rows,
+        seq,
+        opts.backend,
+        &out.path,
+        &mut |done, total| on_step("AWQ scales", None, done, total),
+    )?;
     let src = rescaled.as_ref().map_or(src, |r| &r.src);
     let mut model = Model::load(src)?;
     model.set_backend(opts.backend);

@@ -240,18 +240,15 @@ pub fn quantize_gptq(
     let rows = sample_rows(&src.tokenizer, &docs, &opts.calib_opts)?;
     drop(docs);
     // With AWQ scales, the solver and the files are of the rescaled model.
-    let rescaled = match &opts.awq_scales {
-        Some(a) => Some(crate::quantize_awq::rescaled_model(
-            src,
-            a,
-            &rows,
-            seq,
-            opts.backend,
-            &out.path,
-            &mut |done, total| on_module(None, done, total),
-        )?),
-        None => None,
-    };
+    let rescaled = crate::quantize_awq::rescaled_model(
+        src,
+        opts.awq_scales.as_ref(),
+        &rows,
+        seq,
+        opts.backend,
+        &out.path,
+        &mut |done, total| on_module(None, done, total),
+    )?;
     let src = rescaled.as_ref().map_or(src, |r| &r.src);
     let mut model = Model::load(src)?;
     model.set_backend(opts.backend);
