@@ -9,7 +9,7 @@
 //! - `read`: the same bytes XOR-ed together with 512-bit loads — what streaming them costs, the ceiling.
 //!
 //! ```text
-//! cargo run --release -p quant_engine --example decode_bandwidth -- q6_k [LAYERS=16] [ROUNDS=10]
+//! cargo run --release -p quant_engine --example decode_bandwidth -- q6_k [LAYERS=16] [ROUNDS=10] [smollm2]
 //! ```
 //!
 //! Weights are random bytes (timing does not depend on their values); `LAYERS = 0` takes two 512 × 2048
@@ -35,8 +35,20 @@ fn main() -> Result<(), String> {
     let num =
         |i: usize, default: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(default);
     let (layers, rounds) = (num(1, 16), num(2, 10).max(1));
+    let smol = args.get(3).is_some_and(|s| s == "smollm2");
     let shapes: &[(usize, usize)] = if layers == 0 {
         &[(512, 2048); 2]
+    } else if smol {
+        // SmolLM2-135M's decoder linears: small matrices, where each one's start and end cost the most.
+        &[
+            (576, 576),
+            (192, 576),
+            (192, 576),
+            (576, 576),
+            (1536, 576),
+            (1536, 576),
+            (576, 1536),
+        ]
     } else {
         &[
             (2048, 2048),
@@ -68,13 +80,15 @@ fn main() -> Result<(), String> {
     }
     let bytes: usize = ws.iter().map(|w| w.rows() * w.row_data(0).len()).sum();
     // One token's activations for each row length, as f32 (F16 rows) and as the type's 8-bit blocks.
-    let x2: Vec<f32> = (0..2048).map(|i| (i as f32 * 0.37).sin()).collect();
-    let x8: Vec<f32> = (0..8192).map(|i| (i as f32 * 0.37).sin()).collect();
+    let xs: Vec<f32> = (0..8192).map(|i| (i as f32 * 0.37).sin()).collect();
     let f16 = ty == GgmlType::F16;
-    let token = |x: &[f32]| (!f16).then(|| cpu_q8::Q8Row::for_type(ty, x));
-    let (a2, a8) = (token(&x2), token(&x8));
-    let x = |w: &TensorRef| if w.cols() == 2048 { &x2 } else { &x8 };
-    let act = |w: &TensorRef| if w.cols() == 2048 { &a2 } else { &a8 };
+    let widths: std::collections::BTreeSet<usize> = ws.iter().map(TensorRef::cols).collect();
+    let acts: std::collections::BTreeMap<usize, Option<cpu_q8::Q8Row>> = widths
+        .iter()
+        .map(|&c| (c, (!f16).then(|| cpu_q8::Q8Row::for_type(ty, &xs[..c]))))
+        .collect();
+    let x = |w: &TensorRef| &xs[..w.cols()];
+    let act = |w: &TensorRef| &acts[&w.cols()];
     let repacked: Vec<_> = ws.iter().filter_map(cpu_q8_repack::repacked).collect();
 
     let mut passes: Vec<(&str, Pass)> = Vec::new();

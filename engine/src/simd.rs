@@ -49,6 +49,17 @@ pub fn f16_to_f32(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// f32 → little-endian f16 bytes, rounded to nearest (ties to even, as F16C's `vcvtps2ph` does): the
+/// values [`round_f16`] gives, stored in half the bytes.
+pub fn f32_to_f16(src: &[f32], dst: &mut [u8]) {
+    assert_eq!(dst.len(), src.len() * 2);
+    match level() {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => x86::f32_to_f16(src, dst),
+        Level::Scalar => f32_to_f16_scalar(src, dst),
+    }
+}
+
 /// Σ f16(w[i]) · x[i] for little-endian f16 bytes `w`.
 pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
     assert_eq!(w.len(), x.len() * 2);
@@ -218,6 +229,12 @@ fn round_f16_scalar(x: &mut [f32]) {
     }
 }
 
+fn f32_to_f16_scalar(src: &[f32], dst: &mut [u8]) {
+    for (d, &s) in dst.chunks_exact_mut(2).zip(src) {
+        d.copy_from_slice(&half::f16::from_f32(s).to_le_bytes());
+    }
+}
+
 fn f16_to_f32_scalar(src: &[u8], dst: &mut [f32]) {
     for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
         *d = half::f16::from_bits(u16::from_le_bytes([s[0], s[1]])).to_f32();
@@ -247,6 +264,11 @@ mod x86 {
     pub fn f16_to_f32(src: &[u8], dst: &mut [f32]) {
         // SAFETY: only called after `level()` saw avx2, fma and f16c on this CPU.
         unsafe { f16_to_f32_impl(src, dst) }
+    }
+
+    pub fn f32_to_f16(src: &[f32], dst: &mut [u8]) {
+        // SAFETY: as above.
+        unsafe { f32_to_f16_impl(src, dst) }
     }
 
     pub fn dot_f16(w: &[u8], x: &[f32]) -> f32 {
@@ -455,6 +477,24 @@ mod x86 {
             i += 8;
         }
         super::round_f16_scalar(&mut x[i..]);
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn f32_to_f16_impl(src: &[f32], dst: &mut [u8]) {
+        let n = src.len();
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n, so 8 source floats and 16 destination bytes are in bounds; loads and
+            // stores are unaligned.
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(
+                    src.as_ptr().add(i),
+                ));
+                _mm_storeu_si128(dst.as_mut_ptr().add(2 * i).cast(), h);
+            }
+            i += 8;
+        }
+        super::f32_to_f16_scalar(&src[i..], &mut dst[2 * i..]);
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -823,5 +863,17 @@ mod tests {
         let mut nan = [f32::NAN; 9];
         round_f16(&mut nan);
         assert!(nan.iter().all(|v| v.is_nan()));
+        // Stored as f16 bytes: the same values, in both forms of the conversion.
+        let mut bytes = vec![0u8; 2 * x.len()];
+        let mut scalar = bytes.clone();
+        f32_to_f16(&x, &mut bytes);
+        f32_to_f16_scalar(&x, &mut scalar);
+        assert_eq!(bytes, scalar);
+        let mut back = vec![0.0f32; x.len()];
+        f16_to_f32(&bytes, &mut back);
+        assert_eq!(
+            back.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            a.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 }

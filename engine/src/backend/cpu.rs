@@ -20,24 +20,24 @@ pub fn matmul(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
         matvec(w, x, out);
         return;
     }
-    let fused = w.block_type() == Some(GgmlType::F16);
-    let tile = tile_rows(rows, cols, fused);
+    if w.block_type() == Some(GgmlType::F16) {
+        // Converted while packed: no f32 copy of the tile.
+        f16_tiles(w, out, |rows, y, ldy| {
+            // SAFETY: forwarded from `f16_tiles`.
+            #[allow(unsafe_code)]
+            unsafe {
+                super::sgemm::gemm_nt_f16(n, cols, x, rows, y, ldy)
+            }
+        });
+        return;
+    }
+    let tile = tile_rows(rows, cols, false);
     let dst = SharedOut(out.as_mut_ptr());
-    (0..rows.div_ceil(tile)).into_par_iter().for_each(|ti| {
+    super::spin::for_each(rows.div_ceil(tile), &|ti| {
         TILE.with_borrow_mut(|tile_buf| {
             let r0 = ti * tile;
             let r1 = (r0 + tile).min(rows);
             let m = r1 - r0;
-            if fused {
-                // Converted while packed: no f32 copy of the tile.
-                let f16_rows: Vec<&[u8]> = (r0..r1).map(|r| w.row_data(r)).collect();
-                // SAFETY: as below.
-                #[allow(unsafe_code)]
-                unsafe {
-                    super::sgemm::gemm_nt_f16(n, cols, x, &f16_rows, dst.at(r0), rows);
-                }
-                return;
-            }
             tile_buf.resize(m * cols, 0.0);
             for (i, row) in tile_buf.chunks_exact_mut(cols).enumerate() {
                 w.dequant_row(r0 + i, row);
@@ -49,6 +49,44 @@ pub fn matmul(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) {
                 gemm_nt(n, m, cols, x, tile_buf, WLayout::RowMajor, dst.at(r0), rows);
             }
         });
+    });
+}
+
+/// [`matmul`] of an F16 weight with `n` activation rows given as little-endian f16 bytes (`2·n·cols`): the
+/// products `matmul` makes of their f32 values, bit for bit, reading half the bytes per tile (the llama-cpu
+/// arithmetic, whose F16 activations are f16 values).
+pub fn matmul_f16_acts(w: &TensorRef, x: &[u8], n: usize, out: &mut [f32]) {
+    let cols = w.cols();
+    assert_eq!(
+        w.block_type(),
+        Some(GgmlType::F16),
+        "{}: an F16 weight",
+        w.name
+    );
+    assert_eq!(x.len(), 2 * n * cols, "{}: activation size", w.name);
+    assert_eq!(out.len(), n * w.rows(), "{}: output size", w.name);
+    f16_tiles(w, out, |rows, y, ldy| {
+        // SAFETY: forwarded from `f16_tiles`.
+        #[allow(unsafe_code)]
+        unsafe {
+            super::sgemm::gemm_nt_f16_acts(n, cols, x, rows, y, ldy)
+        }
+    });
+}
+
+/// The tiles of an F16 weight's rows in parallel: `product(rows, y, ldy)` writes the tile's columns of
+/// the output (`y` its first, `ldy` apart), and no other tile's.
+fn f16_tiles(w: &TensorRef, out: &mut [f32], product: impl Fn(&[&[u8]], *mut f32, usize) + Sync) {
+    let (rows, cols) = (w.rows(), w.cols());
+    let tile = tile_rows(rows, cols, true);
+    let dst = SharedOut(out.as_mut_ptr());
+    // On the spinning pool, as the rest of a forward pass is: rayon's workers computing while the pool's
+    // spun after attention put three busy threads on two cores.
+    super::spin::for_each(rows.div_ceil(tile), &|ti| {
+        let (r0, r1) = (ti * tile, (ti * tile + tile).min(rows));
+        let f16_rows: Vec<&[u8]> = (r0..r1).map(|r| w.row_data(r)).collect();
+        // Tiles are disjoint column ranges r0..r1 of the n × rows output, which outlives this loop.
+        product(&f16_rows, dst.at(r0), rows);
     });
 }
 

@@ -74,7 +74,70 @@ pub unsafe fn gemm_nt_f16(n: usize, k: usize, x: &[f32], rows: &[&[u8]], y: *mut
     }
     let pack = |k0: usize, kl: usize, dst: &mut [f32]| pack_f16(k0, kl, rows, dst);
     // SAFETY: forwarded from the caller; `pack_f16` writes every value of the block.
-    unsafe { run_blocks(n, m, k, x, &pack, y, ldy) };
+    unsafe { run_blocks(n, m, k, Acts::F32(x), &pack, y, ldy) };
+}
+
+/// [`gemm_nt_f16`] with the activations given as little-endian f16 values too (`x` holds `2·n·k` bytes):
+/// the products of [`gemm_nt_f16`] on their f32 values, bit for bit, reading half the bytes (a prompt's
+/// activations, re-read by every tile, then stay in L2 at the widths of small models).
+///
+/// # Safety
+/// As [`gemm_nt`].
+#[allow(unsafe_code)]
+pub unsafe fn gemm_nt_f16_acts(
+    n: usize,
+    k: usize,
+    x: &[u8],
+    rows: &[&[u8]],
+    y: *mut f32,
+    ldy: usize,
+) {
+    let m = rows.len();
+    assert!(x.len() >= 2 * n * k && rows.iter().all(|r| r.len() >= 2 * k) && (n == 0 || ldy >= m));
+    if n == 0 || m == 0 {
+        return;
+    }
+    let pack = |k0: usize, kl: usize, dst: &mut [f32]| pack_f16(k0, kl, rows, dst);
+    // SAFETY: forwarded from the caller; `pack_f16` writes every value of the block.
+    unsafe { run_blocks(n, m, k, Acts::F16(x), &pack, y, ldy) };
+}
+
+/// The activation operand of a product: f32 values, or little-endian f16 bytes converted as they are
+/// copied into the microkernel's block.
+#[derive(Clone, Copy)]
+enum Acts<'a> {
+    F32(&'a [f32]),
+    F16(&'a [u8]),
+}
+
+impl Acts<'_> {
+    /// Values `at..at + dst.len()` as f32.
+    fn copy_to(self, at: usize, dst: &mut [f32]) {
+        match self {
+            Acts::F32(x) => dst.copy_from_slice(&x[at..at + dst.len()]),
+            Acts::F16(x) => crate::simd::f16_to_f32(&x[2 * at..2 * (at + dst.len())], dst),
+        }
+    }
+
+    /// A hint that values `at..at + len` are read soon.
+    #[allow(unsafe_code)]
+    fn prefetch(self, at: usize, len: usize) {
+        let bytes = match self {
+            Acts::F32(x) => bytemuck::cast_slice(&x[at..at + len]),
+            Acts::F16(x) => &x[2 * at..2 * (at + len)],
+        };
+        #[cfg(target_arch = "x86_64")]
+        for line in bytes.chunks(64) {
+            // SAFETY: SSE is part of x86_64; a prefetch reads nothing and never faults.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                    line.as_ptr().cast(),
+                )
+            };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = bytes;
+    }
 }
 
 /// An `m × k` operand packed once for many products (attention's keys and values, shared by every query
@@ -162,7 +225,7 @@ unsafe fn run(
                 k,
                 k0,
                 kl,
-                x,
+                Acts::F32(x),
                 panels,
                 pstride,
                 k0 * NR,
@@ -186,7 +249,7 @@ unsafe fn run_blocks(
     n: usize,
     m: usize,
     k: usize,
-    x: &[f32],
+    x: Acts,
     pack_block: &dyn Fn(usize, usize, &mut [f32]),
     y: *mut f32,
     ldy: usize,
@@ -220,7 +283,7 @@ unsafe fn column_block(
     ldx: usize,
     k0: usize,
     kl: usize,
-    x: &[f32],
+    x: Acts,
     panels: &[f32],
     pstride: usize,
     poff: usize,
@@ -237,8 +300,12 @@ unsafe fn column_block(
     for t0 in (0..n).step_by(mr) {
         let rows = mr.min(n - t0);
         for (i, dst) in xb.chunks_exact_mut(kl).take(rows).enumerate() {
-            let at = (t0 + i) * ldx + k0;
-            dst.copy_from_slice(&x[at..at + kl]);
+            x.copy_to((t0 + i) * ldx + k0, dst);
+        }
+        // The next block's activations are fetched while this one is multiplied: they come from L3 or
+        // memory (a prompt's activations outgrow L2), which the copy above would otherwise wait for.
+        for t in (t0 + mr..n).take(mr) {
+            x.prefetch(t * ldx + k0, kl);
         }
         let (xs, k) = (&xb[..rows * kl], kl);
         for p in 0..np {
@@ -877,7 +944,15 @@ mod tests {
             (3, 5, 17),
             (1, 64, 600),
         ] {
-            let x = values(n * k, 3);
+            // Activations that are f16 values, so the f16-bytes form of them is exact.
+            let x: Vec<f32> = values(n * k, 3)
+                .iter()
+                .map(|&v| half::f16::from_f32(v).to_f32())
+                .collect();
+            let x16: Vec<u8> = x
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect();
             let w: Vec<half::f16> = values(m * k, 5)
                 .iter()
                 .map(|&v| half::f16::from_f32(v))
@@ -895,6 +970,13 @@ mod tests {
             }
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{n}×{m}×{k}");
+            let mut from_f16 = vec![f32::NAN; n * m];
+            // SAFETY: as above.
+            #[allow(unsafe_code)]
+            unsafe {
+                gemm_nt_f16_acts(n, k, &x16, &rows, from_f16.as_mut_ptr(), m);
+            }
+            assert_eq!(bits(&from_f16), bits(&want), "{n}×{m}×{k}, f16 activations");
         }
     }
 
