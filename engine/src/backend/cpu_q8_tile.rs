@@ -18,7 +18,7 @@
 //! Q2_K, Q3_K and Q5_K. Without AVX-512 VNNI, [`matmul`] declines and the caller dots rows with four tokens at
 //! a time (`cpu_q8::vec_dot4`).
 
-use rayon::prelude::*;
+use std::sync::Mutex;
 
 use super::cpu_q8::{codes, f16_at, k_scales, k_split, tile_bias, Q8Row};
 use crate::codecs::GgmlType;
@@ -122,19 +122,31 @@ impl Acts {
             sized(&mut self.q, n * cols);
             sized(&mut self.d, n * nb);
             sized(&mut self.bsums, n * cols / 16);
-            x[..n * cols]
-                .par_chunks(cols)
-                .zip(self.q.par_chunks_mut(cols))
-                .zip(self.d.par_chunks_mut(nb))
-                .zip(self.bsums.par_chunks_mut(cols / 16))
-                .for_each(|(((xt, q), d), bsums)| {
-                    for ((xb, qb), db) in xt.chunks_exact(256).zip(q.chunks_exact_mut(256)).zip(d) {
-                        *db = super::cpu_q8::q8_k_block(xb, qb);
-                    }
-                    for (bs, qc) in bsums.iter_mut().zip(q.chunks_exact(16)) {
-                        *bs = qc.iter().map(|&v| i16::from(v)).sum();
-                    }
-                });
+            // One token per task on the spinning pool, where the tiles run next.
+            let tokens: Vec<_> = self
+                .q
+                .chunks_mut(cols)
+                .zip(self.d.chunks_mut(nb))
+                .zip(self.bsums.chunks_mut(cols / 16))
+                .map(Mutex::new)
+                .collect();
+            super::spin::for_each(n, &|t| {
+                let mut token = tokens[t]
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let ((q, d), bsums) = &mut *token;
+                let xt = &x[t * cols..(t + 1) * cols];
+                for ((xb, qb), db) in xt
+                    .chunks_exact(256)
+                    .zip(q.chunks_exact_mut(256))
+                    .zip(d.iter_mut())
+                {
+                    *db = super::cpu_q8::q8_k_block(xb, qb);
+                }
+                for (bs, qc) in bsums.iter_mut().zip(q.chunks_exact(16)) {
+                    *bs = qc.iter().map(|&v| i16::from(v)).sum();
+                }
+            });
             return;
         }
         let nb = cols / 32;
@@ -144,18 +156,24 @@ impl Acts {
         sized(&mut self.s, n * nb);
         sized(&mut self.corr, n * nb);
         let bias = tile_bias(ty);
-        x[..n * cols]
-            .par_chunks(cols)
-            .zip(self.q.par_chunks_mut(cols))
-            .zip(self.d.par_chunks_mut(nb))
-            .zip(self.s.par_chunks_mut(nb))
-            .zip(self.corr.par_chunks_mut(nb))
-            .for_each(|((((xt, q), d), s), corr)| {
-                super::cpu_q8::q8_0_into(xt, d, s, q);
-                for (c, qb) in corr.iter_mut().zip(q.chunks_exact(32)) {
-                    *c = -bias * qb.iter().map(|&v| i32::from(v)).sum::<i32>();
-                }
-            });
+        let tokens: Vec<_> = self
+            .q
+            .chunks_mut(cols)
+            .zip(self.d.chunks_mut(nb))
+            .zip(self.s.chunks_mut(nb))
+            .zip(self.corr.chunks_mut(nb))
+            .map(Mutex::new)
+            .collect();
+        super::spin::for_each(n, &|t| {
+            let mut token = tokens[t]
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (((q, d), s), corr) = &mut *token;
+            super::cpu_q8::q8_0_into(&x[t * cols..(t + 1) * cols], d, s, q);
+            for (c, qb) in corr.iter_mut().zip(q.chunks_exact(32)) {
+                *c = -bias * qb.iter().map(|&v| i32::from(v)).sum::<i32>();
+            }
+        });
     }
 }
 
@@ -183,7 +201,7 @@ pub fn matmul(w: &TensorRef, x: &[f32], n: usize, out: &mut [f32]) -> bool {
             acts.fill(ty, x, n, cols);
             tiles(w, ty, &acts, n, out);
         }
-        // A matmul nested in another on this thread (a rayon worker that stole one): its own buffers.
+        // A matmul nested in another on this thread (a worker that took one): its own buffers.
         Err(_) => {
             let mut acts = Acts::empty();
             acts.fill(ty, x, n, cols);
@@ -198,7 +216,7 @@ fn tiles(w: &TensorRef, ty: GgmlType, acts: &Acts, n: usize, out: &mut [f32]) {
     let rows = w.rows();
     let dst = Out(out.as_mut_ptr());
     let tasks = rows.div_ceil(PANEL * PANELS_PER_TASK);
-    (0..tasks).into_par_iter().for_each(|task| {
+    super::spin::for_each(tasks, &|task| {
         PANELS.with_borrow_mut(|panels| {
             let r0 = task * PANEL * PANELS_PER_TASK;
             let r1 = (r0 + PANEL * PANELS_PER_TASK).min(rows);
