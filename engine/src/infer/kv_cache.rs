@@ -187,17 +187,12 @@ impl KvCache {
         debug_assert!(pos + n <= cap);
         if self.is_f16() {
             let (kc, vc) = (&mut self.k16[layer], &mut self.v16[layer]);
-            let put = |dst: &mut [u8], src: &[f32]| {
-                for (d, &x) in dst.chunks_exact_mut(2).zip(src) {
-                    d.copy_from_slice(&half::f16::from_f32(x).to_le_bytes());
-                }
-            };
             for t in 0..n {
                 for g in 0..kvh {
                     let src = t * kvh * hd + g * hd;
                     let dst = 2 * (g * cap + pos + t) * hd;
-                    put(&mut kc[dst..dst + 2 * hd], &k[src..src + hd]);
-                    put(&mut vc[dst..dst + 2 * hd], &v[src..src + hd]);
+                    crate::simd::f32_to_f16(&k[src..src + hd], &mut kc[dst..dst + 2 * hd]);
+                    crate::simd::f32_to_f16(&v[src..src + hd], &mut vc[dst..dst + 2 * hd]);
                 }
             }
             return;
