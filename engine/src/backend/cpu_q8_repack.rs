@@ -247,17 +247,7 @@ impl Repacked {
         for a in acts {
             assert!(a.q.len() >= self.nb * 32 && a.d.len() >= self.nb && a.s.len() >= self.nb);
         }
-        let bias = tile_bias(self.ty);
-        // −bias · Σq per token and block: what the unsigned codes add back.
-        let corr: Vec<Vec<i32>> = acts
-            .iter()
-            .map(|a| {
-                a.q.chunks_exact(32)
-                    .take(self.nb)
-                    .map(|qb| -bias * qb.iter().map(|&v| i32::from(v)).sum::<i32>())
-                    .collect()
-            })
-            .collect();
+        let corr = self.corrections(acts);
         self.each_panel(n, out, &|p, t, c, res| {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: `vnni` was set where `available` says AVX-512 F, BW and VNNI, else the panels were
@@ -270,31 +260,103 @@ impl Repacked {
         });
     }
 
+    /// [`Repacked::dot`] of one token as the tasks of a [`super::spin::for_each_group`] part: the same
+    /// numbers, for several matrices in one job.
+    pub fn token_part<'a>(&'a self, act: &'a Q8Row, out: &'a mut [f32]) -> super::spin::Part<'a> {
+        assert!(out.len() >= self.rows);
+        if k_type(self.ty) {
+            assert!(act.q.len() >= self.nb * 256 && act.d.len() >= self.nb);
+            assert!(act.bsums.len() >= self.nb * 16);
+        } else {
+            assert!(
+                act.q.len() >= self.nb * 32 && act.d.len() >= self.nb && act.s.len() >= self.nb
+            );
+        }
+        let corr = if k_type(self.ty) {
+            Vec::new()
+        } else {
+            self.corrections(std::slice::from_ref(act))
+        };
+        let o = super::spin::Disjoint::new(&mut out[..self.rows]);
+        let (tasks, per_task) = self.panel_tasks();
+        let acts = std::slice::from_ref(act);
+        (
+            tasks,
+            Box::new(move |task| {
+                self.panel_task(task, per_task, 1, &o, &|p, t, c, res| {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as in `dot` (the panels' kernels exist on this CPU; the token's blocks and
+                    // sums were asserted above).
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        if k_type(self.ty) {
+                            x86::k_panel(self, p, &acts[t..t + c], res);
+                        } else {
+                            x86::panel(self, p, &acts[t..t + c], &corr[t..t + c], res);
+                        }
+                    }
+                });
+            }),
+        )
+    }
+
+    /// `−bias · Σq` per token and block: what the unsigned codes add back (the Q8_0 family).
+    fn corrections(&self, acts: &[Q8Row]) -> Vec<Vec<i32>> {
+        let bias = tile_bias(self.ty);
+        acts.iter()
+            .map(|a| {
+                a.q.chunks_exact(32)
+                    .take(self.nb)
+                    .map(|qb| -bias * qb.iter().map(|&v| i32::from(v)).sum::<i32>())
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// How many tasks the panels make, and panels per task.
+    fn panel_tasks(&self) -> (usize, usize) {
+        let panels = self.rows.div_ceil(PANEL);
+        let per_task = (panels / (4 * rayon::current_num_threads())).clamp(1, 8);
+        (panels.div_ceil(per_task), per_task)
+    }
+
     /// Every panel against the `n` tokens, up to four at a time (`kernel(panel, first token, count,
     /// results)`), on the spinning pool; the real rows' results into `out`.
     fn each_panel(&self, n: usize, out: &mut [f32], kernel: &PanelKernel) {
-        let panels = self.rows.div_ceil(PANEL);
         let o = super::spin::Disjoint::new(&mut out[..n * self.rows]);
-        let per_task = (panels / (4 * rayon::current_num_threads())).clamp(1, 8);
-        super::spin::for_each(panels.div_ceil(per_task), &|task| {
-            for p in task * per_task..((task + 1) * per_task).min(panels) {
-                let mut t = 0;
-                while t < n {
-                    let c = (n - t).min(4);
-                    let mut res = [[0f32; PANEL]; 4];
-                    kernel(p, t, c, &mut res);
-                    for (k, rk) in res.iter().enumerate().take(c) {
-                        for (lane, &v) in rk.iter().enumerate() {
-                            let r = p * PANEL + lane;
-                            if r < self.rows {
-                                o.set((t + k) * self.rows + r, v);
-                            }
+        let (tasks, per_task) = self.panel_tasks();
+        super::spin::for_each(tasks, &|task| {
+            self.panel_task(task, per_task, n, &o, kernel)
+        });
+    }
+
+    /// The panels of task `task` against the `n` tokens (see [`Repacked::each_panel`]).
+    fn panel_task(
+        &self,
+        task: usize,
+        per_task: usize,
+        n: usize,
+        o: &super::spin::Disjoint<'_, f32>,
+        kernel: &PanelKernel,
+    ) {
+        let panels = self.rows.div_ceil(PANEL);
+        for p in task * per_task..((task + 1) * per_task).min(panels) {
+            let mut t = 0;
+            while t < n {
+                let c = (n - t).min(4);
+                let mut res = [[0f32; PANEL]; 4];
+                kernel(p, t, c, &mut res);
+                for (k, rk) in res.iter().enumerate().take(c) {
+                    for (lane, &v) in rk.iter().enumerate() {
+                        let r = p * PANEL + lane;
+                        if r < self.rows {
+                            o.set((t + k) * self.rows + r, v);
                         }
                     }
-                    t += c;
                 }
+                t += c;
             }
-        });
+        }
     }
 }
 

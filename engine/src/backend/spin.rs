@@ -217,6 +217,25 @@ pub fn for_each_chunk<T: Send>(v: &mut [T], chunk: usize, f: &(dyn Fn(usize, &mu
     for_each(parts.len(), &|i| f(i, &mut lock(&parts[i])));
 }
 
+/// A job's share of a [`for_each_group`]: its task count and its task body.
+pub type Part<'a> = (usize, Box<dyn Fn(usize) + Sync + 'a>);
+
+/// Every part's tasks in one job: task `i` of part `k` as `parts[k].1(i)`. Independent steps (the
+/// matrix-vector products that read the same activations) then share one start and one end of the pool's
+/// job, where each ends with a wait for its slowest task.
+pub fn for_each_group(parts: &[Part<'_>]) {
+    let mut starts = Vec::with_capacity(parts.len() + 1);
+    let mut total = 0;
+    for (n, _) in parts {
+        starts.push(total);
+        total += n;
+    }
+    for_each(total, &|i| {
+        let k = starts.partition_point(|&s| s <= i) - 1;
+        (parts[k].1)(i - starts[k]);
+    });
+}
+
 /// `f(i)` for every `i < n` in parallel: on the spinning pool when it is free and sized for the current
 /// rayon thread count, else with rayon.
 pub fn for_each(n: usize, f: &(dyn Fn(usize) + Sync)) {
@@ -268,6 +287,32 @@ impl<'a, T> Disjoint<'a, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_group_runs_every_task_of_every_part_once() {
+        let counts = [3usize, 0, 1, 17, 5];
+        let hits: Vec<Vec<AtomicUsize>> = counts
+            .iter()
+            .map(|&n| (0..n).map(|_| AtomicUsize::new(0)).collect())
+            .collect();
+        let parts: Vec<Part> = counts
+            .iter()
+            .zip(&hits)
+            .map(|(&n, h)| -> Part {
+                (
+                    n,
+                    Box::new(move |i| {
+                        h[i].fetch_add(1, Ordering::Relaxed);
+                    }),
+                )
+            })
+            .collect();
+        for_each_group(&parts);
+        for_each_group(&[]);
+        for h in &hits {
+            assert!(h.iter().all(|c| c.load(Ordering::Relaxed) == 1));
+        }
+    }
 
     #[test]
     fn map_and_chunks_cover_every_index_in_order() {

@@ -196,6 +196,34 @@ impl Linear {
     fn rows(&self) -> usize {
         self.w.rows()
     }
+
+    /// `outs[k] = lins[k](x)` for linears that read the same activations: when one token is decoded on the
+    /// CPU in the llama-cpu arithmetic, all of their rows in one job of the spinning pool with the
+    /// activations quantized once ([`super::numerics::decode_group`]; the same numbers), else one after
+    /// another.
+    fn forward_group(lins: &[&Linear], x: &[f32], n: usize, outs: &mut [&mut [f32]], ex: Exec) {
+        let grouped = n == 1
+            && ex.backend == Backend::Cpu
+            && ex.numerics == Numerics::LlamaCpu
+            && super::numerics::decode_group(
+                &lins.iter().map(|l| &l.w).collect::<Vec<_>>(),
+                x,
+                outs,
+            );
+        if !grouped {
+            for (l, out) in lins.iter().zip(outs.iter_mut()) {
+                l.forward(x, n, out, ex);
+            }
+            return;
+        }
+        for (l, out) in lins.iter().zip(outs.iter_mut()) {
+            if let Some(b) = &l.b {
+                for (o, &bb) in out.iter_mut().zip(b) {
+                    *o += bb;
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -928,9 +956,13 @@ impl Model {
         if until == Some(MatmulInput::Attention) {
             return;
         }
-        layer.q.forward(&s.xn, n, &mut s.q, ex);
-        layer.k.forward(&s.xn, n, &mut s.k, ex);
-        layer.v.forward(&s.xn, n, &mut s.v, ex);
+        Linear::forward_group(
+            &[&layer.q, &layer.k, &layer.v],
+            &s.xn,
+            n,
+            &mut [&mut s.q, &mut s.k, &mut s.v],
+            ex,
+        );
         apply_rope(&mut s.q, hd, cos, sin);
         apply_rope(&mut s.k, hd, cos, sin);
         if self.numerics == Numerics::LlamaCpu {
@@ -975,8 +1007,13 @@ impl Model {
         if until == Some(MatmulInput::Ffn) {
             return;
         }
-        layer.gate.forward(&s.xn, n, &mut s.gate, ex);
-        layer.up.forward(&s.xn, n, &mut s.up, ex);
+        Linear::forward_group(
+            &[&layer.gate, &layer.up],
+            &s.xn,
+            n,
+            &mut [&mut s.gate, &mut s.up],
+            ex,
+        );
         swiglu(&mut s.gate, &s.up);
         if let Some(o) = observer.as_deref_mut() {
             o.observe(li, MatmulInput::FfnDown, &s.gate, n);

@@ -272,29 +272,115 @@ fn chunk_rows<'w>(w: &'w TensorRef, start: usize, end: usize) -> impl Fn(usize) 
     }
 }
 
+/// `outs[k] = ws[k] · x` for one token (`x` one row), each exactly as [`fused_rows`] computes it, with the
+/// activations rounded or quantized once per activation type and every matrix's tasks in one job of the
+/// spinning pool: the decoding step of matrices that read the same input (Q, K and V; gate and up), which
+/// then share one start and one end of a job, where each ends waiting for its slowest task. `false`, with
+/// nothing written, where a matrix has no one-token integer or F16 path.
+pub(crate) fn decode_group(ws: &[&TensorRef], x: &[f32], outs: &mut [&mut [f32]]) -> bool {
+    use crate::backend::{cpu_q8, cpu_q8_repack, spin};
+    let f16 = |w: &TensorRef| w.block_type() == Some(GgmlType::F16);
+    let int = |w: &TensorRef| w.block_type().filter(|&t| cpu_q8::fused(t));
+    if ws.len() != outs.len()
+        || ws
+            .iter()
+            .any(|w| w.cols() != x.len() || !(f16(w) || int(w).is_some()))
+    {
+        return false;
+    }
+    let q8k = |ty: GgmlType| vec_dot_type(ty) == VecDotType::Q8K;
+    let rounded = ws.iter().any(|w| f16(w)).then(|| {
+        let mut v = x.to_vec();
+        round_f16(&mut v);
+        v
+    });
+    let q8_0 = ws
+        .iter()
+        .any(|w| int(w).is_some_and(|t| !q8k(t)))
+        .then(|| cpu_q8::Q8Row::q8_0(x));
+    let q8_k = ws
+        .iter()
+        .any(|w| int(w).is_some_and(q8k))
+        .then(|| cpu_q8::Q8Row::q8_k(x));
+    let mut parts: Vec<spin::Part> = Vec::with_capacity(ws.len());
+    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+        let out: &mut [f32] = out;
+        match (int(w), &rounded, &q8_0, &q8_k) {
+            (None, Some(xr), _, _) => parts.push(f16_part(w, xr, out)),
+            (Some(ty), _, a, b) => {
+                let Some(act) = (if q8k(ty) { b } else { a }) else {
+                    unreachable!("made above for every type present")
+                };
+                parts.push(match cpu_q8_repack::repacked(w) {
+                    Some(rp) => rp.token_part(act, out),
+                    None => rows_part(w, ty, act, out),
+                });
+            }
+            _ => unreachable!("checked above"),
+        }
+    }
+    spin::for_each_group(&parts);
+    true
+}
+
+/// `out[r] = vec_dot(row r of w, act)` for one token as the tasks of a [`crate::backend::spin`] part (the
+/// row path of [`fused_rows`]: the same tasks, the same numbers).
+fn rows_part<'a>(
+    w: &'a TensorRef,
+    ty: GgmlType,
+    act: &'a crate::backend::cpu_q8::Q8Row,
+    out: &'a mut [f32],
+) -> crate::backend::spin::Part<'a> {
+    let rows = w.rows();
+    let chunk = rows_per_task(rows);
+    let o = crate::backend::spin::Disjoint::new(&mut out[..rows]);
+    (
+        rows.div_ceil(chunk),
+        Box::new(move |ci| {
+            let (start, end) = (ci * chunk, ((ci + 1) * chunk).min(rows));
+            let row = chunk_rows(w, start, end);
+            for r in start..end {
+                o.set(r, crate::backend::cpu_q8::vec_dot(ty, row(r), act));
+            }
+        }),
+    )
+}
+
 /// `out[r] = dot_f16(row r of w, x)` for one token, on the spinning pool, two rows per kernel call where
 /// they are short ([`f16_pairs`]; the same bits as one row per call).
 fn f16_rows_pairs(w: &TensorRef, x: &[f32], out: &mut [f32]) {
-    use crate::backend::spin;
+    let (tasks, task) = f16_part(w, x, out);
+    crate::backend::spin::for_each(tasks, &*task);
+}
+
+/// [`f16_rows_pairs`] as the tasks of a [`crate::backend::spin`] part.
+fn f16_part<'a>(
+    w: &'a TensorRef,
+    x: &'a [f32],
+    out: &'a mut [f32],
+) -> crate::backend::spin::Part<'a> {
     let rows = w.rows();
     let chunk = rows_per_task(rows);
     let pairs = f16_pairs(w.cols());
-    let o = spin::Disjoint::new(&mut out[..rows]);
-    spin::for_each(rows.div_ceil(chunk), &|ci| {
-        let (start, end) = (ci * chunk, ((ci + 1) * chunk).min(rows));
-        let row = chunk_rows(w, start, end);
-        let mut r = start;
-        while pairs && r + 2 <= end {
-            let (a, b) = crate::simd::dot_f16_2(row(r), row(r + 1), x);
-            o.set(r, a);
-            o.set(r + 1, b);
-            r += 2;
-        }
-        while r < end {
-            o.set(r, crate::simd::dot_f16(row(r), x));
-            r += 1;
-        }
-    });
+    let o = crate::backend::spin::Disjoint::new(&mut out[..rows]);
+    (
+        rows.div_ceil(chunk),
+        Box::new(move |ci| {
+            let (start, end) = (ci * chunk, ((ci + 1) * chunk).min(rows));
+            let row = chunk_rows(w, start, end);
+            let mut r = start;
+            while pairs && r + 2 <= end {
+                let (a, b) = crate::simd::dot_f16_2(row(r), row(r + 1), x);
+                o.set(r, a);
+                o.set(r + 1, b);
+                r += 2;
+            }
+            while r < end {
+                o.set(r, crate::simd::dot_f16(row(r), x));
+                r += 1;
+            }
+        }),
+    )
 }
 
 /// Whether F16 rows of `cols` values are dotted two at a time: where a pair shares a 4 KiB page. Longer
@@ -379,6 +465,61 @@ pub(crate) fn add_q8_1_sum_terms(w: &TensorRef, x: &[f32], n: usize, out: &mut [
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One job for several matrices of mixed types (repacked panels, k panels, rows, F16) gives each the
+    /// bits of its own one-token product.
+    #[test]
+    fn a_decoding_group_equals_each_matrix_alone() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let cols = 512;
+        let x: Vec<f32> = (0..cols).map(|_| rng.gen_range(-2.0..2.0)).collect();
+        let types = [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q4K,
+            GgmlType::Q3K,
+            GgmlType::Iq2Xs,
+            GgmlType::F16,
+            GgmlType::Q8_0,
+        ];
+        let ws: Vec<TensorRef> = types
+            .iter()
+            .enumerate()
+            .map(|(i, &ty)| {
+                let rows = 40 + 24 * i;
+                let w: Vec<f32> = (0..rows * cols).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                let mut raw = vec![0u8; rows * ty.traits().row_bytes(cols).expect("row")];
+                for (r, out) in w
+                    .chunks_exact(cols)
+                    .zip(raw.chunks_exact_mut(ty.traits().row_bytes(cols).expect("row")))
+                {
+                    ty.quantize(r, out, None);
+                }
+                TensorRef::new("w", vec![rows, cols], ty, crate::tensor::Bytes::owned(raw))
+                    .expect("tensor")
+            })
+            .collect();
+        let refs: Vec<&TensorRef> = ws.iter().collect();
+        let mut got: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; w.rows()]).collect();
+        let mut outs: Vec<&mut [f32]> = got.iter_mut().map(Vec::as_mut_slice).collect();
+        assert!(decode_group(&refs, &x, &mut outs));
+        for ((w, g), ty) in ws.iter().zip(&got).zip(types) {
+            let mut want = vec![0f32; w.rows()];
+            assert!(fused_rows(w, &x, 1, &mut want), "{ty:?}");
+            let same = g.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{ty:?}: the group's products differ");
+        }
+        // A type without a one-token path declines the whole group, writing nothing.
+        let bf = TensorRef::from_f32("b", vec![8, cols], &vec![0.5; 8 * cols]).expect("f32");
+        let mut o = vec![f32::NAN; 8];
+        assert!(!decode_group(
+            &[&bf, refs[0]],
+            &x,
+            &mut [&mut o, &mut got[0]]
+        ));
+        assert!(o.iter().all(|v| v.is_nan()));
+    }
 
     #[test]
     fn q8_0_rounding_follows_ggml() {
