@@ -346,13 +346,11 @@ impl Repacked {
                 let c = (n - t).min(4);
                 let mut res = [[0f32; PANEL]; 4];
                 kernel(p, t, c, &mut res);
+                // A whole panel's 16 results as one copy (element-wise, each would reload a value the
+                // kernel has just stored as a vector: a forwarding stall per value).
+                let real = self.rows.min((p + 1) * PANEL) - p * PANEL;
                 for (k, rk) in res.iter().enumerate().take(c) {
-                    for (lane, &v) in rk.iter().enumerate() {
-                        let r = p * PANEL + lane;
-                        if r < self.rows {
-                            o.set((t + k) * self.rows + r, v);
-                        }
-                    }
+                    o.set_slice((t + k) * self.rows + p * PANEL, &rk[..real]);
                 }
                 t += c;
             }

@@ -282,6 +282,24 @@ impl<'a, T> Disjoint<'a, T> {
         // the slice is borrowed mutably for `'a`, so nothing else reads it meanwhile.
         unsafe { self.ptr.add(i).write(v) };
     }
+
+    /// Write elements `i..i + v.len()` (one bounds check and one copy, where element-wise writes would
+    /// each reload a value just stored as a vector). The same contract as [`Disjoint::set`].
+    #[inline]
+    pub fn set_slice(&self, i: usize, v: &[T])
+    where
+        T: Copy,
+    {
+        assert!(
+            i <= self.len && v.len() <= self.len - i,
+            "range {i}..{} out of {}",
+            i + v.len(),
+            self.len
+        );
+        // SAFETY: in bounds (checked); the elements belong to this task (the caller's contract), and `v`
+        // cannot overlap them (it is a shared borrow while the slice is borrowed mutably for `'a`).
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.ptr.add(i), v.len()) };
+    }
 }
 
 #[cfg(test)]
