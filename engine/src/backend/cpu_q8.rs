@@ -55,16 +55,12 @@ impl Q8Row {
 
     /// Q8_K blocks of 256.
     pub fn q8_k(x: &[f32]) -> Self {
-        debug_assert!(x.len().is_multiple_of(256));
-        let mut d = Vec::with_capacity(x.len() / 256);
-        let mut q = vec![0i8; x.len()];
-        for (b, qb) in x.chunks_exact(256).zip(q.chunks_exact_mut(256)) {
-            d.push(q8_k_block(b, qb));
-        }
-        let bsums = q
-            .chunks_exact(16)
-            .map(|c| c.iter().map(|&v| i16::from(v)).sum())
-            .collect();
+        let (mut d, mut bsums, mut q) = (
+            vec![0.0; x.len() / 256],
+            vec![0i16; x.len() / 16],
+            vec![0i8; x.len()],
+        );
+        q8_k_into(x, &mut d, &mut bsums, &mut q);
         Self {
             d,
             s: Vec::new(),
@@ -90,6 +86,26 @@ pub fn q8_0_into(x: &[f32], d: &mut [f32], s: &mut [f32], q: &mut [i8]) {
             sum += i32::from(*o);
         }
         *sb = half::f16::from_f32(dd * sum as f32).to_f32();
+    }
+}
+
+/// `x` (a multiple of 256 values) as Q8_K blocks into caller-owned slices: per block `d` ([`q8_k_block`]),
+/// the sums of each 16 consecutive codes, and the codes — [`Q8Row::q8_k`] without the allocations.
+pub fn q8_k_into(x: &[f32], d: &mut [f32], bsums: &mut [i16], q: &mut [i8]) {
+    debug_assert!(x.len().is_multiple_of(256));
+    for ((xb, qb), db) in x.chunks_exact(256).zip(q.chunks_exact_mut(256)).zip(d) {
+        *db = q8_k_block(xb, qb);
+    }
+    for (bs, qc) in bsums.iter_mut().zip(q.chunks_exact(16)) {
+        *bs = qc.iter().map(|&v| i16::from(v)).sum();
+    }
+}
+
+/// Per 32-code block of `q`, `−bias · Σq`: what weight codes stored `bias` above their value add back to a
+/// product with these activations (the Q8_0 family's unsigned-code kernels).
+pub(crate) fn bias_corrections(q: &[i8], bias: i32, out: &mut [i32]) {
+    for (c, qb) in out.iter_mut().zip(q.chunks_exact(32)) {
+        *c = -bias * qb.iter().map(|&v| i32::from(v)).sum::<i32>();
     }
 }
 

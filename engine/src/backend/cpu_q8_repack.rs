@@ -305,10 +305,9 @@ impl Repacked {
         let bias = tile_bias(self.ty);
         acts.iter()
             .map(|a| {
-                a.q.chunks_exact(32)
-                    .take(self.nb)
-                    .map(|qb| -bias * qb.iter().map(|&v| i32::from(v)).sum::<i32>())
-                    .collect()
+                let mut c = vec![0i32; self.nb];
+                super::cpu_q8::bias_corrections(&a.q, bias, &mut c);
+                c
             })
             .collect()
     }

@@ -135,17 +135,7 @@ impl Acts {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let ((q, d), bsums) = &mut *token;
-                let xt = &x[t * cols..(t + 1) * cols];
-                for ((xb, qb), db) in xt
-                    .chunks_exact(256)
-                    .zip(q.chunks_exact_mut(256))
-                    .zip(d.iter_mut())
-                {
-                    *db = super::cpu_q8::q8_k_block(xb, qb);
-                }
-                for (bs, qc) in bsums.iter_mut().zip(q.chunks_exact(16)) {
-                    *bs = qc.iter().map(|&v| i16::from(v)).sum();
-                }
+                super::cpu_q8::q8_k_into(&x[t * cols..(t + 1) * cols], d, bsums, q);
             });
             return;
         }
@@ -170,9 +160,7 @@ impl Acts {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let (((q, d), s), corr) = &mut *token;
             super::cpu_q8::q8_0_into(&x[t * cols..(t + 1) * cols], d, s, q);
-            for (c, qb) in corr.iter_mut().zip(q.chunks_exact(32)) {
-                *c = -bias * qb.iter().map(|&v| i32::from(v)).sum::<i32>();
-            }
+            super::cpu_q8::bias_corrections(q, bias, corr);
         });
     }
 }
