@@ -3,9 +3,12 @@
 // u16/u32 or an f16 at any byte offset. f16 is decoded with integer operations, so subnormals, infinities
 // and NaNs come out exactly as the CPU's `half` gives them (`half.wgsl`), with or without shader-f16.
 //
-// A kernel is assembled from `half.wgsl`, this file, a driver (`dequant.wgsl`, `matvec.wgsl`) and a block type
-// (`types/*.wgsl`): the type defines BLOCK_ELEMS, BLOCK_BYTES and `dequant_block(b)`, which hands every
-// value of the block at byte offset b to the driver's `emit(j, value)`.
+// A kernel is assembled from `half.wgsl`, this file, a driver (`dequant.wgsl`, `matvec.wgsl`, the GEMM's
+// `gemm_w_blocks.wgsl`) and a block type (`types/*.wgsl`): the type defines BLOCK_ELEMS, BLOCK_BYTES and a
+// decoder that hands values to the driver's `emit(j, value)` (j: the element within the block) —
+// `dequant_sub(b, s)` for the 32 elements of sub-block s of the block at byte offset b (every quantized
+// type; `types/sub_blocks.wgsl` makes the whole-block `dequant_block(b)` of it), or `dequant_block(b)`
+// itself (the one-element float types).
 
 fn u8_at(off: u32) -> u32 {
     return (src[off >> 2u] >> ((off & 3u) * 8u)) & 0xffu;

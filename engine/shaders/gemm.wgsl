@@ -1,5 +1,6 @@
 // y[t, c(j)] = Σ_k x[t, k] · W(j, k) in f32: 64 × 64 output tiles per workgroup of 16 × 16 invocations,
-// each computing 4 × 4 outputs from 16-deep slices of x and W staged in workgroup memory. Any n, m, k
+// each computing 4 × 4 outputs from BK-deep slices of x and W staged in workgroup memory (the core is
+// `gemm_tile.wgsl`, assembled after this file). Any n, m, k
 // (edges are masked). W(j, k) is `w[w_off + j·ldw + k]` (a weight, rows of k: the "NT" product) or, with
 // `W_KMAJOR`, `w[w_off + k·ldw + j]` (attention's values: the "NN" product). The z dimension of the
 // dispatch is a batch (attention heads): batch z reads x and y at z·x_bz and z·y_bz and W at
@@ -13,9 +14,11 @@ override X_KMAJOR: bool = false;
 // y −= the product instead of y = it (GPTQ's lazy-batch update of the later columns).
 override SUBTRACT: bool = false;
 
-// W's binding and `w_val(i)` (element i as f32) come from a storage file before this one:
-// `gemm_w_f32.wgsl`, or for F16 weights read in place `gemm_w_f16.wgsl` (shader-f16) or
-// `gemm_w_f16_bits.wgsl` (every adapter).
+// W's binding, the depth BK of a k-step and `stage_w` (W(j0.., k0..) into `ws`, [BK][BN]) come from a
+// storage file before this one: `gemm_w_elems.wgsl` after `gemm_w_f32.wgsl`, or for weights read in
+// place `gemm_w_f16.wgsl` (shader-f16), `gemm_w_f16_bits.wgsl` or `gemm_w_bf16.wgsl` (every adapter); or
+// `gemm_w_blocks.wgsl` with a block type, whose sub-blocks are decoded straight into `ws` (quantized
+// weights: no dequantised copy).
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 
@@ -44,20 +47,6 @@ struct Params {
 }
 @group(0) @binding(3) var<uniform> p: Params;
 
-const BM: u32 = 64u;
-const BN: u32 = 64u;
-const BK: u32 = 16u;
-
-var<workgroup> xs: array<f32, 1024>; // [BK][BM]
-var<workgroup> ws: array<f32, 1024>; // [BK][BN]
-
-fn w_at(base: u32, j: u32, kk: u32) -> f32 {
-    if (W_KMAJOR) {
-        return w_val(base + kk * p.ldw + j);
-    }
-    return w_val(base + j * p.ldw + kk);
-}
-
 // The Hugging Face row held by interleaved row r (`tensor::hf_row_of_interleaved`).
 fn out_col(j: u32) -> u32 {
     let c = p.col0 + j;
@@ -85,10 +74,10 @@ fn main(
         acc[i] = 0.0;
     }
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        // Stage x[t0.., k0..] and W(j0.., k0..): 1024 values each, 4 per invocation.
-        for (var e = 0u; e < 4u; e++) {
+        // Stage x[t0.., k0..]: BK · 64 values, BK / 4 per invocation.
+        for (var e = 0u; e < BK / 4u; e++) {
             let idx = li + 256u * e;
-            // x: 16 consecutive k for each of 64 rows, so neighbouring invocations read neighbouring k.
+            // x: BK consecutive k for each of 64 rows, so neighbouring invocations read neighbouring k.
             let r = idx / BK;
             let kk = idx % BK;
             var xv = 0.0;
@@ -105,35 +94,10 @@ fn main(
                 }
                 xs[kk * BM + r] = xv;
             }
-            var wv = 0.0;
-            if (W_KMAJOR) {
-                let c = idx % BN;
-                let kr = idx / BN;
-                if (j0 + c < p.m && k0 + kr < p.k) {
-                    wv = w_at(wb, j0 + c, k0 + kr);
-                }
-                ws[kr * BN + c] = wv;
-            } else {
-                if (j0 + r < p.m && k0 + kk < p.k) {
-                    wv = w_at(wb, j0 + r, k0 + kk);
-                }
-                ws[kk * BN + r] = wv;
-            }
         }
+        stage_w(wb, j0, k0, li);
         workgroupBarrier();
-        for (var kk = 0u; kk < BK; kk++) {
-            var xr: array<f32, 4>;
-            var wr: array<f32, 4>;
-            for (var a = 0u; a < 4u; a++) {
-                xr[a] = xs[kk * BM + lid.y * 4u + a];
-                wr[a] = ws[kk * BN + lid.x * 4u + a];
-            }
-            for (var a = 0u; a < 4u; a++) {
-                for (var c = 0u; c < 4u; c++) {
-                    acc[a * 4u + c] = fma(xr[a], wr[c], acc[a * 4u + c]);
-                }
-            }
-        }
+        tile_mac(lid.y, lid.x, &acc);
         workgroupBarrier();
     }
     for (var a = 0u; a < 4u; a++) {

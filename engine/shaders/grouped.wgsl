@@ -1,7 +1,8 @@
 // Driver for the grouped linears read in place (assembled after `half.wgsl`, before a format file such as
 // `gptq.wgsl`). The format declares its tensors at bindings 0–3 (as u32 words) and defines `weight(r, c)`,
 // the value of W[r, c] exactly as the CPU's dequantiser computes it. Entry points: `dequant` (a tile of rows
-// into f32, before the GEMM) and `matvec` (decoding: one workgroup per output row and token).
+// into f32), `matvec` (decoding: one workgroup per output row and token) and `gemm` (prompts: the tiled
+// product of `gemm_tile.wgsl`, W's values decoded as they are staged).
 @group(0) @binding(4) var<storage, read_write> io: array<f32>;
 @group(0) @binding(5) var<storage, read_write> y: array<f32>;
 
@@ -13,9 +14,9 @@ struct Params {
     // First row of the tile (dequant) or of the dispatch (matvec), and its row count.
     row0: u32,
     rows: u32,
-    // dequant: invocations per grid row; matvec: workgroups along x.
+    // dequant: invocations per grid row; matvec: workgroups along x; gemm: tokens.
     stride: u32,
-    // matvec: y[y_off + t · ldy + r].
+    // matvec and gemm: y[y_off + t · ldy + row0 + r].
     y_off: u32,
     ldy: u32,
 }
@@ -65,5 +66,54 @@ fn matvec(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     }
     if (li == 0u) {
         y[p.y_off + t * p.ldy + p.row0 + r] = part[0];
+    }
+}
+
+// The GEMM's k-step: W(r, c) is decoded element by element, 4 per invocation.
+const BK: u32 = 16u;
+
+@compute @workgroup_size(16, 16)
+fn gemm(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let n = p.stride;
+    let k = p.in_features;
+    let t0 = wg.y * BM;
+    let j0 = wg.x * BN;
+    var acc: array<f32, 16>;
+    for (var i = 0u; i < 16u; i++) {
+        acc[i] = 0.0;
+    }
+    for (var k0 = 0u; k0 < k; k0 += BK) {
+        for (var e = 0u; e < 4u; e++) {
+            let idx = li + 256u * e;
+            let r = idx / BK;
+            let kk = idx % BK;
+            var xv = 0.0;
+            if (t0 + r < n && k0 + kk < k) {
+                xv = io[(t0 + r) * k + k0 + kk];
+            }
+            xs[kk * BM + r] = xv;
+            var wv = 0.0;
+            if (j0 + r < p.rows && k0 + kk < k) {
+                wv = weight(p.row0 + j0 + r, k0 + kk);
+            }
+            ws[kk * BN + r] = wv;
+        }
+        workgroupBarrier();
+        tile_mac(lid.y, lid.x, &acc);
+        workgroupBarrier();
+    }
+    for (var a = 0u; a < 4u; a++) {
+        let t = t0 + lid.y * 4u + a;
+        if (t >= n) { continue; }
+        for (var c = 0u; c < 4u; c++) {
+            let j = j0 + lid.x * 4u + c;
+            if (j < p.rows) {
+                y[p.y_off + t * p.ldy + p.row0 + j] = acc[a * 4u + c];
+            }
+        }
     }
 }

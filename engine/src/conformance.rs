@@ -81,9 +81,9 @@ fn every_shader_parses_and_validates_with_naga() {
     let all = wgpu::kernels::all_sources();
     assert_eq!(
         all.len(),
-        3 + 6 + 6 + 1 + 5 + 3 * 22,
-        "the GEMM (three W storages), six ops, six grouped formats, the exact-arithmetic check, five \
-         quantizers and three drivers over 22 block types"
+        4 + 19 + 6 + 6 + 1 + 5 + 3 * 22,
+        "the GEMM (four element-wise W storages and the 19 quantized block types), six ops, six grouped \
+         formats, the exact-arithmetic check, five quantizers and three drivers over 22 block types"
     );
     for (name, src) in all {
         let module = naga::front::wgsl::parse_str(&src)
@@ -169,6 +169,23 @@ fn matmuls_agree_with_the_cpu_for_every_type_and_awkward_shapes() {
         None,
         "no call fell back to the CPU"
     );
+    // Prompts of every quantized type ran through the GEMM that decodes the blocks as it stages them.
+    let g = gpu();
+    for ty in GgmlType::all() {
+        if wgpu::kernels::has_sub_blocks(ty) {
+            let key = wgpu::kernels::Key::Gemm {
+                kmajor: false,
+                xkmajor: false,
+                subtract: false,
+                w: wgpu::kernels::WStore::Blocks(ty),
+            };
+            assert!(
+                crate::backend::wgpu::lock(&g.pipelines).contains_key(&key),
+                "{}: the block-decoding GEMM ran",
+                ty.traits().name
+            );
+        }
+    }
 }
 
 #[test]
@@ -519,6 +536,11 @@ fn grouped_matches_the_cpu(w: &TensorRef, what: &str, rng: &mut impl Rng) {
             assert!(e < 1e-10, "{} {what}, {n} tokens: {e:e}", b.name());
         }
     }
+    let gemm = |k: &wgpu::kernels::Key| matches!(k, wgpu::kernels::Key::Op(_, "gemm"));
+    assert!(
+        crate::backend::wgpu::lock(&g.pipelines).keys().any(gemm),
+        "{what}: 70 tokens ran the grouped format's own GEMM"
+    );
 }
 
 #[test]

@@ -3,8 +3,9 @@
 const BLOCK_ELEMS: u32 = 32u;
 const BLOCK_BYTES: u32 = 20u;
 
-// Emit the block at byte offset `b`: `emit(j, value)` for every element j.
-fn dequant_block(b: u32) {
+// Emit sub-block s (the only one: s = 0) of the block at byte offset `b`: `emit(j, value)` for every
+// element j.
+fn dequant_sub(b: u32, s: u32) {
     let d = f16_at(b);
     let m = f16_at(b + 2u);
     for (var j = 0u; j < 16u; j++) {

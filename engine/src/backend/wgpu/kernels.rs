@@ -73,10 +73,16 @@ const MATVEC: &str = include_str!("../../../shaders/matvec.wgsl");
 const MATVEC_WG: &str = include_str!("../../../shaders/matvec_wg.wgsl");
 const MATVEC_SG: &str = include_str!("../../../shaders/matvec_sg.wgsl");
 const GEMM: &str = include_str!("../../../shaders/gemm.wgsl");
-/// How the GEMM reads W (each defines `w` and `w_val`).
+/// The GEMM's tile core (after `gemm.wgsl`, and in the grouped formats' kernels).
+const GEMM_TILE: &str = include_str!("../../../shaders/gemm_tile.wgsl");
+/// How the GEMM reads W: element by element (`gemm_w_elems.wgsl` after a file defining `w` and `w_val`),
+/// or a quantized type's sub-blocks decoded in its staging step (`gemm_w_blocks.wgsl`).
+const GEMM_W_ELEMS: &str = include_str!("../../../shaders/gemm_w_elems.wgsl");
 const GEMM_W_F32: &str = include_str!("../../../shaders/gemm_w_f32.wgsl");
 const GEMM_W_F16: &str = include_str!("../../../shaders/gemm_w_f16.wgsl");
 const GEMM_W_F16_BITS: &str = include_str!("../../../shaders/gemm_w_f16_bits.wgsl");
+const GEMM_W_BF16: &str = include_str!("../../../shaders/gemm_w_bf16.wgsl");
+const GEMM_W_BLOCKS: &str = include_str!("../../../shaders/gemm_w_blocks.wgsl");
 
 /// How the GEMM's W is stored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -88,18 +94,52 @@ pub enum WStore {
     F16Bits,
     /// F16 weights read in place as WGSL `f16` (adapters with shader-f16).
     F16,
+    /// BF16 weights read in place.
+    Bf16,
+    /// Stored blocks of a quantized type, decoded sub-block by sub-block as the GEMM stages them (`w_off`
+    /// counts rows).
+    Blocks(GgmlType),
 }
 
 impl WStore {
-    pub const ALL: [WStore; 3] = [WStore::F32, WStore::F16Bits, WStore::F16];
+    /// The stores read element by element.
+    pub const ELEMS: [WStore; 4] = [WStore::F32, WStore::F16Bits, WStore::F16, WStore::Bf16];
+
+    /// Every store: [`WStore::ELEMS`] and the block types built of sub-blocks.
+    pub fn all() -> Vec<WStore> {
+        let blocks = GgmlType::all().filter(|&t| has_sub_blocks(t));
+        Self::ELEMS
+            .into_iter()
+            .chain(blocks.map(WStore::Blocks))
+            .collect()
+    }
+}
+
+/// Whether block type `ty` is built of 32-element sub-blocks (`dequant_sub`): every quantized type, not
+/// the float ones.
+pub fn has_sub_blocks(ty: GgmlType) -> bool {
+    ty.traits().block_elems >= 32
 }
 
 /// The GEMM's full WGSL text for W stored as `w`.
 fn gemm_source(w: WStore) -> String {
     match w {
-        WStore::F32 => format!("{GEMM_W_F32}\n{GEMM}"),
-        WStore::F16Bits => format!("{HALF}\n{GEMM_W_F16_BITS}\n{GEMM}"),
-        WStore::F16 => format!("enable f16;\n{GEMM_W_F16}\n{GEMM}"),
+        WStore::F32 => format!("{GEMM_W_F32}\n{GEMM_W_ELEMS}\n{GEMM}\n{GEMM_TILE}"),
+        WStore::F16Bits => {
+            format!("{HALF}\n{GEMM_W_F16_BITS}\n{GEMM_W_ELEMS}\n{GEMM}\n{GEMM_TILE}")
+        }
+        WStore::F16 => format!("enable f16;\n{GEMM_W_F16}\n{GEMM_W_ELEMS}\n{GEMM}\n{GEMM_TILE}"),
+        WStore::Bf16 => format!("{GEMM_W_BF16}\n{GEMM_W_ELEMS}\n{GEMM}\n{GEMM_TILE}"),
+        WStore::Blocks(ty) => {
+            let mut s = format!("{HALF}\n{COMMON}\n{GEMM_W_BLOCKS}\n{GEMM}\n{GEMM_TILE}\n");
+            for f in block_files(ty).unwrap_or_default() {
+                if let Some((_, text)) = TYPE_FILES.iter().find(|(n, _)| n == f) {
+                    s.push_str(text);
+                    s.push('\n');
+                }
+            }
+            s
+        }
     }
 }
 
@@ -117,7 +157,11 @@ const OPS: [(&str, &str); 6] = [
 ];
 
 /// The block types' files (`shaders/types/`), and the helpers some of them share.
-const TYPE_FILES: [(&str, &str); 26] = [
+const TYPE_FILES: [(&str, &str); 27] = [
+    (
+        "sub_blocks",
+        include_str!("../../../shaders/types/sub_blocks.wgsl"),
+    ),
     (
         "iq_tables",
         include_str!("../../../shaders/types/iq_tables.wgsl"),
@@ -191,29 +235,30 @@ impl Driver {
 /// not yet (their rows are dequantised on the CPU and uploaded as f32).
 pub fn block_files(ty: GgmlType) -> Option<&'static [&'static str]> {
     use GgmlType as T;
+    // Each quantized type's file is followed by `sub_blocks` (its `dequant_block` from `dequant_sub`).
     Some(match ty {
         T::F32 => &["f32"],
         T::F16 => &["f16"],
         T::BF16 => &["bf16"],
-        T::Q4_0 => &["q4_0"],
-        T::Q4_1 => &["q4_1"],
-        T::Q5_0 => &["q5_0"],
-        T::Q5_1 => &["q5_1"],
-        T::Q8_0 => &["q8_0"],
-        T::Q2K => &["q2_k"],
-        T::Q3K => &["q3_k"],
-        T::Q4K => &["kquant_scales", "q4_k"],
-        T::Q5K => &["kquant_scales", "q5_k"],
-        T::Q6K => &["q6_k"],
-        T::Iq4Nl => &["iq4_grid", "iq4_nl"],
-        T::Iq4Xs => &["iq4_grid", "iq4_xs"],
-        T::Iq2Xxs => &["iq_tables", "iq2_xxs"],
-        T::Iq2Xs => &["iq_tables", "iq2_xs"],
-        T::Iq2S => &["iq_tables", "iq2_s"],
-        T::Iq3Xxs => &["iq_tables", "iq3_xxs"],
-        T::Iq3S => &["iq_tables", "iq3_s"],
-        T::Iq1S => &["iq_tables", "iq1_grid", "iq1_s"],
-        T::Iq1M => &["iq_tables", "iq1_grid", "iq1_m"],
+        T::Q4_0 => &["q4_0", "sub_blocks"],
+        T::Q4_1 => &["q4_1", "sub_blocks"],
+        T::Q5_0 => &["q5_0", "sub_blocks"],
+        T::Q5_1 => &["q5_1", "sub_blocks"],
+        T::Q8_0 => &["q8_0", "sub_blocks"],
+        T::Q2K => &["q2_k", "sub_blocks"],
+        T::Q3K => &["q3_k", "sub_blocks"],
+        T::Q4K => &["kquant_scales", "q4_k", "sub_blocks"],
+        T::Q5K => &["kquant_scales", "q5_k", "sub_blocks"],
+        T::Q6K => &["q6_k", "sub_blocks"],
+        T::Iq4Nl => &["iq4_grid", "iq4_nl", "sub_blocks"],
+        T::Iq4Xs => &["iq4_grid", "iq4_xs", "sub_blocks"],
+        T::Iq2Xxs => &["iq_tables", "iq2_xxs", "sub_blocks"],
+        T::Iq2Xs => &["iq_tables", "iq2_xs", "sub_blocks"],
+        T::Iq2S => &["iq_tables", "iq2_s", "sub_blocks"],
+        T::Iq3Xxs => &["iq_tables", "iq3_xxs", "sub_blocks"],
+        T::Iq3S => &["iq_tables", "iq3_s", "sub_blocks"],
+        T::Iq1S => &["iq_tables", "iq1_grid", "iq1_s", "sub_blocks"],
+        T::Iq1M => &["iq_tables", "iq1_grid", "iq1_m", "sub_blocks"],
     })
 }
 
@@ -232,7 +277,7 @@ pub fn block_source(driver: Driver, ty: GgmlType) -> Option<String> {
 /// The WGSL text of op or grouped-format file `file`.
 fn op_source(file: &str) -> Option<String> {
     if let Some((_, s)) = GROUPED_FORMATS.iter().find(|(n, _)| *n == file) {
-        return Some(format!("{HALF}\n{GROUPED}\n{s}"));
+        return Some(format!("{HALF}\n{GROUPED}\n{GEMM_TILE}\n{s}"));
     }
     if file == "exact_check" {
         return Some(format!("{HALF}\n{EXACT}\n{EXACT_CHECK}"));
@@ -245,9 +290,9 @@ fn op_source(file: &str) -> Option<String> {
 /// Every kernel's full WGSL text with a name: each driver over each block type, the ops, the grouped
 /// formats and the GEMM.
 pub fn all_sources() -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = WStore::ALL
-        .iter()
-        .map(|&w| (format!("gemm ({w:?} W)"), gemm_source(w)))
+    let mut v: Vec<(String, String)> = WStore::all()
+        .into_iter()
+        .map(|w| (format!("gemm ({w:?} W)"), gemm_source(w)))
         .collect();
     for n in OPS
         .iter()
@@ -479,7 +524,11 @@ impl Gpu {
             g.perm_rows,
             g.perm_heads,
         ]);
-        let bg = self.bind(&p, &[bufs[0], bufs[1], bufs[2], &params]);
+        let table = match g.w {
+            WStore::Blocks(ty) => self.table(ty),
+            _ => None,
+        };
+        let bg = self.bind_with_table(&p, &[bufs[0], bufs[1], bufs[2], &params], table.as_ref());
         pass.set_pipeline(&p);
         pass.set_bind_group(0, &bg, &[]);
         pass.dispatch_workgroups(g.m.div_ceil(64), g.n.div_ceil(64), g.batch.max(1));

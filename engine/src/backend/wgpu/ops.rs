@@ -136,7 +136,6 @@ impl Gpu {
             gpu: self,
             enc: Some(self.device.create_command_encoder(&Default::default())),
             _guard: guard,
-            scratch: None,
         })
     }
 
@@ -153,7 +152,6 @@ pub struct Session<'g> {
     gpu: &'g Gpu,
     enc: Option<wg::CommandEncoder>,
     _guard: super::Work<'g>,
-    scratch: Option<wg::Buffer>,
 }
 
 impl Session<'_> {
@@ -181,30 +179,11 @@ impl Session<'_> {
     pub fn linear(&mut self, w: &TensorRef, x: &Buf, n: usize, y: &Buf) -> Result<()> {
         let g = self.gpu;
         let dw = g.weight(w)?;
-        let cols = w.cols();
-        let tile = g.tile_rows(cols);
-        let need = (tile.min(w.rows()) * cols * 4) as u64;
-        if self.scratch.as_ref().is_none_or(|s| s.size() < need) {
-            self.scratch = Some(g.device.create_buffer(&wg::BufferDescriptor {
-                label: Some("scratch"),
-                size: need.max(4),
-                usage: wg::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            }));
-        }
         let Some(enc) = self.enc.as_mut() else {
             return Ok(());
         };
         let mut pass = enc.begin_compute_pass(&Default::default());
-        g.record_linear(
-            &mut pass,
-            &dw,
-            cols,
-            n,
-            [&x.buf, &y.buf],
-            self.scratch.as_ref(),
-            tile,
-        );
+        g.record_linear(&mut pass, &dw, w.cols(), n, [&x.buf, &y.buf]);
         Ok(())
     }
 

@@ -1,8 +1,9 @@
 //! Weights on the device and the operations over them: a tensor is uploaded once in its stored form, in
 //! chunks of whole rows no larger than a storage binding, and kept in a cache under a byte budget (least
-//! recently used first out), so device memory is bounded however large the model. A matmul dequantises a
-//! tile of rows into a scratch buffer with the type's kernel and multiplies it with the tiled GEMM; the
-//! types without a kernel are dequantised on the CPU once and kept as f32 rows.
+//! recently used first out), so device memory is bounded however large the model. A matmul reads the
+//! stored form in place: the fused matvec for a few tokens, else the tiled GEMM, which decodes quantized
+//! blocks (or a grouped format's values) as it stages them in workgroup memory; the types without a kernel
+//! are dequantised on the CPU once and kept as f32 rows.
 
 use std::sync::{Arc, Weak};
 
@@ -89,7 +90,8 @@ pub(crate) struct DeviceWeight {
 }
 
 impl Gpu {
-    /// Rows of a `cols`-wide weight dequantised per GEMM tile (the scratch holds `tile · cols` floats).
+    /// Rows of a `cols`-wide weight dequantised per pass of the dequantisation benchmark (its scratch holds
+    /// `tile · cols` floats).
     pub(crate) fn tile_rows(&self, cols: usize) -> usize {
         ((SCRATCH.min(self.max_binding()) / (cols.max(1) as u64 * 4)) as usize).max(1)
     }
@@ -311,17 +313,6 @@ impl Gpu {
         let max = self.max_binding();
         let row_f32 = (rows.max(cols) as u64) * 4;
         let n_step = ((max / row_f32) as usize).clamp(1, n.max(1));
-        let tile = self.tile_rows(cols);
-        let fused = n <= MATVEC_TOKENS;
-        let scratch = (!fused
-            && (!matches!(dw.kernel.0, GgmlType::F32 | GgmlType::F16) || dw.grouped.is_some()))
-        .then(|| {
-            self.storage(
-                "scratch",
-                (tile.min(rows) * cols * 4) as u64,
-                wg::BufferUsages::empty(),
-            )
-        });
         for t0 in (0..n).step_by(n_step) {
             let nt = n_step.min(n - t0);
             let xb = self.upload("x", bytemuck::cast_slice(&x[t0 * cols..(t0 + nt) * cols]));
@@ -330,15 +321,7 @@ impl Gpu {
             let vals = self.record_and_read(&what, nt * rows, |enc, staging| {
                 {
                     let mut pass = enc.begin_compute_pass(&Default::default());
-                    self.record_linear(
-                        &mut pass,
-                        &dw,
-                        cols,
-                        nt,
-                        [&xb, &yb],
-                        scratch.as_ref(),
-                        tile,
-                    );
+                    self.record_linear(&mut pass, &dw, cols, nt, [&xb, &yb]);
                 }
                 enc.copy_buffer_to_buffer(&yb, 0, staging, 0, (nt * rows * 4) as u64);
             })?;
@@ -348,8 +331,8 @@ impl Gpu {
     }
 
     /// Record `y[t, r] = Σ_c x[t, c] · W[r, c]` for `nt` tokens (Hugging Face row order), from device
-    /// buffers `[x, y]`: the fused matvec up to [`MATVEC_TOKENS`] tokens, else tiles of `tile` rows
-    /// dequantised into `scratch` (absent for f32 weights, read directly) and the tiled GEMM.
+    /// buffers `[x, y]`: the fused matvec up to [`MATVEC_TOKENS`] tokens, else one tiled GEMM per chunk
+    /// reading the stored form in place.
     pub(crate) fn record_linear(
         &self,
         pass: &mut wg::ComputePass<'_>,
@@ -357,14 +340,12 @@ impl Gpu {
         cols: usize,
         nt: usize,
         [xb, yb]: [&wg::Buffer; 2],
-        scratch: Option<&wg::Buffer>,
-        tile: usize,
     ) {
         if let Some(gq) = &dw.grouped {
-            self.record_grouped(pass, gq, cols, nt, [xb, yb], scratch, tile);
+            self.record_grouped(pass, gq, cols, nt, [xb, yb]);
             return;
         }
-        let (ty, block) = dw.kernel;
+        let (ty, _) = dw.kernel;
         let rows: usize = dw.chunks.iter().map(|c| c.rows).sum();
         let (perm_rows, perm_heads) = match dw.interleaved {
             Some(h) => (rows as u32, h as u32),
@@ -384,53 +365,33 @@ impl Gpu {
                 self.record_matvec(pass, ty, [&ch.buf, xb, yb], mv);
                 continue;
             }
-            // Weights the GEMM reads in place take one product per chunk; the others a tile at a time.
-            let step = if matches!(ty, GgmlType::F32 | GgmlType::F16) {
-                ch.rows
-            } else {
-                tile
+            // One product per chunk: the GEMM reads every block type in place (quantized types decoded
+            // sub-block by sub-block as it stages them).
+            let w = match ty {
+                GgmlType::F32 => WStore::F32,
+                GgmlType::F16 if self.uses_f16() => WStore::F16,
+                GgmlType::F16 => WStore::F16Bits,
+                GgmlType::BF16 => WStore::Bf16,
+                t => WStore::Blocks(t),
             };
-            for r0 in (0..ch.rows).step_by(step.max(1)) {
-                let m = step.min(ch.rows - r0);
-                let mut g = Gemm {
-                    n: nt as u32,
-                    m: m as u32,
-                    k: cols as u32,
-                    ldw: cols as u32,
-                    ldy: rows as u32,
-                    col0: (ch.row0 + r0) as u32,
-                    perm_rows,
-                    perm_heads,
-                    ..Gemm::default()
-                };
-                match (scratch, ty) {
-                    // F16 weights are read in place by the GEMM.
-                    (_, GgmlType::F16) => {
-                        g.w_off = (r0 * cols) as u32;
-                        g.w = if self.uses_f16() {
-                            WStore::F16
-                        } else {
-                            WStore::F16Bits
-                        };
-                        self.record_gemm(pass, [xb, &ch.buf, yb], g);
-                    }
-                    (Some(s), t) if t != GgmlType::F32 => {
-                        let first = (r0 * cols / block) as u32;
-                        let count = (m * cols / block) as u32;
-                        self.record_dequant(pass, ty, &ch.buf, first, count, s);
-                        self.record_gemm(pass, [xb, s, yb], g);
-                    }
-                    _ => {
-                        g.w_off = (r0 * cols) as u32;
-                        self.record_gemm(pass, [xb, &ch.buf, yb], g);
-                    }
-                }
-            }
+            let g = Gemm {
+                n: nt as u32,
+                m: ch.rows as u32,
+                k: cols as u32,
+                ldw: cols as u32,
+                ldy: rows as u32,
+                col0: ch.row0 as u32,
+                perm_rows,
+                perm_heads,
+                w,
+                ..Gemm::default()
+            };
+            self.record_gemm(pass, [xb, &ch.buf, yb], g);
         }
     }
 
-    /// [`Gpu::record_linear`] for a grouped linear: the fused matvec, or tiles dequantised by its kernel
-    /// file into `scratch` and the tiled GEMM.
+    /// [`Gpu::record_linear`] for a grouped linear: its format file's fused matvec, or its tiled GEMM
+    /// (`grouped.wgsl`'s `gemm`, each weight decoded as it is staged).
     fn record_grouped(
         &self,
         pass: &mut wg::ComputePass<'_>,
@@ -438,67 +399,23 @@ impl Gpu {
         cols: usize,
         nt: usize,
         [xb, yb]: [&wg::Buffer; 2],
-        scratch: Option<&wg::Buffer>,
-        tile: usize,
     ) {
-        let rows = gq.rows;
-        if nt <= MATVEC_TOKENS || scratch.is_none() {
-            let p = self.pipeline(super::kernels::Key::Op(gq.file, "matvec"));
-            let gx = (rows as u32).min(self.max_groups()).max(1);
-            let gy = (rows as u32).div_ceil(gx);
-            let params = self.uniform(&[
-                rows as u32,
-                cols as u32,
-                gq.param,
-                0,
-                rows as u32,
-                gx,
-                0,
-                rows as u32,
-            ]);
-            let mut entries: Vec<(u32, &wg::Buffer)> =
-                gq.bufs.iter().map(|(i, b)| (*i, b)).collect();
-            entries.extend([(4, xb), (5, yb), (6, &params)]);
-            let bg = self.bind_at(&p, &entries);
-            pass.set_pipeline(&p);
-            pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(gx, gy, nt as u32);
-            return;
-        }
-        let Some(s) = scratch else { return };
-        let p = self.pipeline(super::kernels::Key::Op(gq.file, "dequant"));
-        for r0 in (0..rows).step_by(tile) {
-            let m = tile.min(rows - r0);
-            let count = (m * cols) as u32;
-            let (gx, gy, stride) = self.grid(count);
-            let params = self.uniform(&[
-                rows as u32,
-                cols as u32,
-                gq.param,
-                r0 as u32,
-                m as u32,
-                stride,
-                0,
-                0,
-            ]);
-            let mut entries: Vec<(u32, &wg::Buffer)> =
-                gq.bufs.iter().map(|(i, b)| (*i, b)).collect();
-            entries.extend([(4, s), (6, &params)]);
-            let bg = self.bind_at(&p, &entries);
-            pass.set_pipeline(&p);
-            pass.set_bind_group(0, &bg, &[]);
-            pass.dispatch_workgroups(gx, gy, 1);
-            let g = Gemm {
-                n: nt as u32,
-                m: m as u32,
-                k: cols as u32,
-                ldw: cols as u32,
-                ldy: rows as u32,
-                col0: r0 as u32,
-                ..Gemm::default()
-            };
-            self.record_gemm(pass, [xb, s, yb], g);
-        }
+        let rows = gq.rows as u32;
+        let (entry, stride, groups) = if nt <= MATVEC_TOKENS {
+            let gx = rows.min(self.max_groups()).max(1);
+            ("matvec", gx, (gx, rows.div_ceil(gx), nt as u32))
+        } else {
+            let n = nt as u32;
+            ("gemm", n, (rows.div_ceil(64), n.div_ceil(64), 1))
+        };
+        let p = self.pipeline(super::kernels::Key::Op(gq.file, entry));
+        let params = self.uniform(&[rows, cols as u32, gq.param, 0, rows, stride, 0, rows]);
+        let mut entries: Vec<(u32, &wg::Buffer)> = gq.bufs.iter().map(|(i, b)| (*i, b)).collect();
+        entries.extend([(4, xb), (5, yb), (6, &params)]);
+        let bg = self.bind_at(&p, &entries);
+        pass.set_pipeline(&p);
+        pass.set_bind_group(0, &bg, &[]);
+        pass.dispatch_workgroups(groups.0, groups.1, groups.2);
     }
 
     /// `y[n, m] = x[n, k] · Wᵀ` with `w` as `[m, k]` (`kmajor == false`) or `W` as `w[k, m]`
