@@ -727,7 +727,7 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
             {
                 bail!("--awq-scales is for gptq and exl2");
             }
-            let recipe = if let Some(p) = packed {
+            let mut recipe = if let Some(p) = packed {
                 if imatrix.is_some() || calib.is_some() {
                     bail!("{format} needs no calibration: drop --imatrix/--calib");
                 }
@@ -770,6 +770,8 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                     backend: backend(),
                 })
             };
+            // Every recipe's computing steps (calibration passes, solvers) on the chosen backend.
+            recipe.set_backend(backend());
             let out = match out {
                 Some(out) if !estimate => out,
                 _ => return print_estimate(&engine, model, &recipe, json),

@@ -81,8 +81,8 @@ fn every_shader_parses_and_validates_with_naga() {
     let all = wgpu::kernels::all_sources();
     assert_eq!(
         all.len(),
-        4 + 19 + 6 + 6 + 1 + 5 + 3 * 22,
-        "the GEMM (four element-wise W storages and the 19 quantized block types), six ops, six grouped \
+        4 + 19 + 7 + 6 + 1 + 5 + 3 * 22,
+        "the GEMM (four element-wise W storages and the 19 quantized block types), seven ops, six grouped \
          formats, the exact-arithmetic check, five quantizers and three drivers over 22 block types"
     );
     for (name, src) in all {
@@ -775,7 +775,13 @@ fn hqq_linears_run_in_place_as_on_the_cpu() {
     ];
     for (nbits, group, axis) in cases {
         let params = HqqParams::new(nbits, group, axis);
-        let Grouped::Hqq(mut p) = packed_by(&HqqOptions { params }, &src) else {
+        let Grouped::Hqq(mut p) = packed_by(
+            &HqqOptions {
+                params,
+                backend: Backend::Cpu,
+            },
+            &src,
+        ) else {
             panic!("HQQ packs Hqq")
         };
         let what = format!("HQQ {nbits}-bit g{group} axis {axis}");
@@ -794,13 +800,120 @@ fn hqq_linears_run_in_place_as_on_the_cpu() {
                     &format!("{what} {dtype:?}"),
                     &mut rng,
                 );
-                let Grouped::Hqq(again) = packed_by(&HqqOptions { params }, &src) else {
+                let Grouped::Hqq(again) = packed_by(
+                    &HqqOptions {
+                        params,
+                        backend: Backend::Cpu,
+                    },
+                    &src,
+                ) else {
                     unreachable!()
                 };
                 p = again;
             }
         }
     }
+    assert_eq!(crate::backend::gpu_fallback(), None);
+}
+
+#[test]
+fn hqqs_solver_on_the_device_agrees_with_the_cpu() {
+    use crate::codecs::hqq::{quantize, HqqParams, HqqQuantized};
+    use crate::tensor::Grouped;
+    use crate::writers::hqq::HqqOptions;
+    let g = gpu();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    // Heavy-tailed weights as real linears have: a normal body with a few large values.
+    let (rows, cols) = (192usize, 512usize);
+    let w: Vec<f32> = normal(&mut rng, rows * cols, 0.02)
+        .into_iter()
+        .enumerate()
+        .map(|(i, x)| if i % 997 == 0 { x * 8.0 } else { x })
+        .collect();
+    let err = |q: &HqqQuantized, p: &HqqParams| -> f64 {
+        let (_, gcols) = p.grouped_dims(w.len());
+        w.iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let grp = if p.axis == 1 {
+                    i / p.group_size
+                } else {
+                    i % gcols
+                };
+                let d = (f32::from(q.codes[i]) - q.zero[grp]) * q.scale[grp];
+                f64::from((x - d).abs())
+            })
+            .sum()
+    };
+    for (nbits, group, axis) in [
+        (4u8, 64usize, 1u8),
+        (3, 64, 0),
+        (2, 32, 1),
+        (8, 128, 1),
+        (1, 64, 1),
+    ] {
+        let p = HqqParams::new(nbits, group, axis);
+        let what = format!("HQQ {nbits}-bit g{group} axis {axis}");
+        let cpu = quantize(&w, &p);
+        let dev = g.hqq_quantize(&w, &p).expect("solve on the device");
+        let same = cpu
+            .codes
+            .iter()
+            .zip(&dev.codes)
+            .filter(|(a, b)| a == b)
+            .count();
+        assert!(
+            same as f64 >= 0.9995 * w.len() as f64,
+            "{what}: {} of {} codes differ",
+            w.len() - same,
+            w.len()
+        );
+        let zeros = cpu
+            .zero
+            .iter()
+            .zip(&dev.zero)
+            .filter(|(a, b)| a == b)
+            .count();
+        assert!(
+            zeros as f64 >= 0.995 * cpu.zero.len() as f64,
+            "{what}: {zeros} of {} f16 zeros equal",
+            cpu.zero.len()
+        );
+        assert_eq!(cpu.scale, dev.scale, "{what}: the scales are the CPU's");
+        let (a, b) = (err(&cpu, &p), err(&dev, &p));
+        assert!(
+            (a - b).abs() <= 1e-4 * a,
+            "{what}: error {b} on the device vs {a}"
+        );
+        let rtn = quantize(
+            &w,
+            &HqqParams {
+                optimize: false,
+                ..p
+            },
+        );
+        assert!(
+            b < err(&rtn, &p),
+            "{what}: the device's solve beats plain rounding"
+        );
+    }
+    // The writer takes the device's solve with the GPU backend.
+    let before = crate::backend::wgpu::hqq_solved_on_device();
+    let src = source_96x256(5);
+    let params = HqqParams::new(4, 64, 1);
+    let Grouped::Hqq(_) = packed_by(
+        &HqqOptions {
+            params,
+            backend: Backend::Gpu,
+        },
+        &src,
+    ) else {
+        panic!("HQQ packs Hqq")
+    };
+    assert!(
+        crate::backend::wgpu::hqq_solved_on_device() > before,
+        "the writer solved on the device"
+    );
     assert_eq!(crate::backend::gpu_fallback(), None);
 }
 

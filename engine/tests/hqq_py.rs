@@ -36,8 +36,15 @@ fn numpy_dequantizer_reproduces_the_weights_we_evaluate() {
         (4, 32, 0),
         (3, 16, 0),
     ] {
+        // Two of the folders solved on the GPU backend (lavapipe in CI): same layout, the device's zeros.
+        let on_gpu = (nbits, axis) == (4, 1) || (nbits, axis) == (3, 0);
         let o = HqqOptions {
             params: HqqParams::new(nbits, group, axis),
+            backend: if on_gpu {
+                quant_engine::backend::Backend::Gpu
+            } else {
+                quant_engine::backend::Backend::Cpu
+            },
         };
         let tag = format!("{nbits}-g{group}-axis{axis}");
         let out = tmp.path().join(format!("hqq-{tag}"));

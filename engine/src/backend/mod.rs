@@ -17,7 +17,9 @@ use std::sync::OnceLock;
 use crate::tensor::TensorRef;
 
 /// The device a model's arithmetic runs on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// The CPU kernels ([`cpu`]): rayon threads, AVX2 where the CPU has it.

@@ -160,12 +160,34 @@ fn shrink(x: f32) -> f32 {
     }
 }
 
-/// Quantize the flattened weight `w` (`numel % group_size == 0`, checked by [`HqqParams::check`]).
+/// The proximal solver's constants as one step of it needs them: `(2^b − 1, 1/β, p − 1)`.
+pub fn solver_constants(p: &HqqParams) -> [f32; 3] {
+    [((1u32 << p.nbits) - 1) as f32, 1.0 / BETA, LP_NORM - 1.0]
+}
+
+/// Quantize the flattened weight `w` (`numel % group_size == 0`, checked by [`HqqParams::check`]), the
+/// solver's steps on the CPU.
 pub fn quantize(w: &[f32], p: &HqqParams) -> HqqQuantized {
+    match quantize_with(w, p, |s, z| {
+        Ok::<f64, std::convert::Infallible>(step(w, p, s, z))
+    }) {
+        Ok(q) => q,
+        Err(never) => match never {},
+    }
+}
+
+/// [`quantize`] with the solver's steps taken by `step(s, z)`: every group's new zero into `z` (from the
+/// inverse scales `s` and the zeros `z`), returning `Σ |w − dequant(quant(w))|` before the step (an
+/// accelerator's version of [`step`]).
+pub fn quantize_with<E>(
+    w: &[f32],
+    p: &HqqParams,
+    mut step: impl FnMut(&[f32], &mut [f32]) -> Result<f64, E>,
+) -> Result<HqqQuantized, E> {
     let n = w.len();
     let (_, cols) = p.grouped_dims(n);
     let groups = p.groups(n);
-    let max_v = ((1u32 << p.nbits) - 1) as f32;
+    let max_v = solver_constants(p)[0];
     let mut lo = vec![f32::INFINITY; groups];
     let mut hi = vec![f32::NEG_INFINITY; groups];
     for (i, &x) in w.iter().enumerate() {
@@ -195,53 +217,11 @@ pub fn quantize(w: &[f32], p: &HqqParams) -> HqqQuantized {
             }
         })
         .collect();
-    // = round(x·s + z) clamped to 0..=max_v, without a libm call.
-    let code = |x: f32, s: f32, z: f32| crate::simd::round_even((x * s + z).clamp(0.0, max_v));
     if p.optimize {
-        use rayon::prelude::*;
         let mut best = f32::INFINITY;
-        let gs = p.group_size;
-        let per_group = gs as f64;
-        // The elements of group g: a row of the grouped matrix (axis 1) or a column (axis 0).
-        let element = |g: usize, j: usize| {
-            if p.axis == 1 {
-                g * gs + j
-            } else {
-                j * cols + g
-            }
-        };
-        const CHUNK: usize = 256;
         for _ in 0..ITERS {
-            // Per chunk of groups (in parallel): the groups' new zeros and the chunk's error sum; summed
-            // in chunk order, so the early stop does not depend on the thread count.
-            let parts: Vec<(Vec<f32>, f64)> = (0..groups.div_ceil(CHUNK))
-                .into_par_iter()
-                .map(|c| {
-                    let mut zs = Vec::with_capacity(CHUNK);
-                    let mut err = 0.0f64;
-                    for g in c * CHUNK..((c + 1) * CHUNK).min(groups) {
-                        let (sg, zg) = (s[g], z[g]);
-                        let mut sum = 0.0f64;
-                        for j in 0..gs {
-                            let x = w[element(g, j)];
-                            let q = code(x, sg, zg);
-                            let r = (q - zg) / sg;
-                            let e = shrink(x - r);
-                            sum += f64::from(q - (x - e) * sg);
-                            err += f64::from((x - r).abs());
-                        }
-                        zs.push((sum / per_group) as f32);
-                    }
-                    (zs, err)
-                })
-                .collect();
             // The zero after this step, the error before it (hqq's order).
-            let mut err = 0.0f64;
-            for (c, (zs, e)) in parts.into_iter().enumerate() {
-                z[c * CHUNK..c * CHUNK + zs.len()].copy_from_slice(&zs);
-                err += e;
-            }
-            let err = (err / n.max(1) as f64) as f32;
+            let err = (step(&s, &mut z)? / n.max(1) as f64) as f32;
             if err < best {
                 best = err;
             } else {
@@ -254,15 +234,85 @@ pub fn quantize(w: &[f32], p: &HqqParams) -> HqqQuantized {
         .enumerate()
         .map(|(i, &x)| {
             let g = group_of(p, cols, i);
-            code(x, s[g], z[g]) as u8
+            code(x, s[g], z[g], max_v) as u8
         })
         .collect();
     let f16 = |x: f32| half::f16::from_f32(x).to_f32();
-    HqqQuantized {
+    Ok(HqqQuantized {
         codes,
         scale: s.iter().map(|&s| f16(1.0 / s)).collect(),
         zero: z.iter().map(|&z| f16(z)).collect(),
+    })
+}
+
+/// `round(x·s + z)` clamped to `0..=max_v`, without a libm call.
+#[inline]
+fn code(x: f32, s: f32, z: f32, max_v: f32) -> f32 {
+    crate::simd::round_even((x * s + z).clamp(0.0, max_v))
+}
+
+/// One step of the proximal solver on the CPU: every group's new zero into `z`; the error sum before it.
+pub fn step(w: &[f32], p: &HqqParams, s: &[f32], z: &mut [f32]) -> f64 {
+    use rayon::prelude::*;
+    let (_, cols) = p.grouped_dims(w.len());
+    let groups = s.len();
+    let max_v = solver_constants(p)[0];
+    let gs = p.group_size;
+    let per_group = gs as f64;
+    // The elements of group g: a row of the grouped matrix (axis 1) or a column (axis 0).
+    let element = |g: usize, j: usize| {
+        if p.axis == 1 {
+            g * gs + j
+        } else {
+            j * cols + g
+        }
+    };
+    const CHUNK: usize = 256;
+    // Per chunk of groups (in parallel): the groups' new zeros and the chunk's error sum; summed in chunk
+    // order, so the early stop does not depend on the thread count.
+    let parts: Vec<(Vec<f32>, f64)> = (0..groups.div_ceil(CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let mut zs = Vec::with_capacity(CHUNK);
+            let mut err = 0.0f64;
+            for g in c * CHUNK..((c + 1) * CHUNK).min(groups) {
+                let (sg, zg) = (s[g], z[g]);
+                let mut sum = 0.0f64;
+                for j in 0..gs {
+                    let x = w[element(g, j)];
+                    let q = code(x, sg, zg, max_v);
+                    let r = (q - zg) / sg;
+                    let e = shrink(x - r);
+                    sum += f64::from(q - (x - e) * sg);
+                    err += f64::from((x - r).abs());
+                }
+                zs.push((sum / per_group) as f32);
+            }
+            (zs, err)
+        })
+        .collect();
+    let mut err = 0.0f64;
+    for (c, (zs, e)) in parts.into_iter().enumerate() {
+        z[c * CHUNK..c * CHUNK + zs.len()].copy_from_slice(&zs);
+        err += e;
     }
+    err
+}
+
+/// The weight's groups one after another (`[groups, gs]`): axis 1 is already so, axis 0's strided
+/// columns are gathered (what an accelerator's step reads).
+pub fn group_major(w: &[f32], p: &HqqParams) -> Vec<f32> {
+    if p.axis == 1 {
+        return w.to_vec();
+    }
+    let (rows, cols) = p.grouped_dims(w.len());
+    let mut out = vec![0.0f32; w.len()];
+    for (j, row) in w.chunks_exact(cols.max(1)).enumerate().take(rows) {
+        for (g, &x) in row.iter().enumerate() {
+            out[g * rows + j] = x;
+        }
+    }
+    out
 }
 
 /// Pack codes (grouped matrix `[rows, cols]`, row-major) as hqq's `BitPack` does: little-endian bytes of

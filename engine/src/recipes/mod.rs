@@ -50,8 +50,8 @@ pub enum Recipe {
 }
 
 impl Recipe {
-    /// Run the recipe's model passes (calibration capture, importance matrix, GPTQ/AWQ/EXL2 forward
-    /// passes) on `backend`.
+    /// Run the recipe's computing steps (calibration capture, importance matrix, GPTQ/AWQ/EXL2 forward
+    /// passes and solvers, HQQ's solver, the legacy types' round-to-nearest quantizers) on `backend`.
     pub fn set_backend(&mut self, backend: crate::backend::Backend) {
         match self {
             Recipe::Gguf(g) => {
@@ -63,7 +63,8 @@ impl Recipe {
             Recipe::Gptq(o) => o.backend = backend,
             Recipe::Awq(o) => o.backend = backend,
             Recipe::Exl2(o) => o.backend = backend,
-            Recipe::Packed(_) => {}
+            Recipe::Packed(PackedRecipe::Hqq(o)) => o.backend = backend,
+            Recipe::Packed(PackedRecipe::Bnb4(_)) => {}
         }
     }
 }
@@ -301,7 +302,10 @@ pub fn parse_packed(
             group_size.unwrap_or(64),
             axis.unwrap_or(1),
         );
-        return Some(PackedRecipe::Hqq(HqqOptions { params }));
+        return Some(PackedRecipe::Hqq(HqqOptions {
+            params,
+            backend: crate::backend::Backend::Cpu,
+        }));
     }
     let kind = Bnb4Kind::parse(&f)?;
     Some(PackedRecipe::Bnb4(Bnb4Options { kind, double_quant }))

@@ -16,6 +16,10 @@ use crate::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct HqqOptions {
     pub params: HqqParams,
+    /// Where the solver's steps run (the GPU's sums round differently: a code may differ from the CPU's
+    /// near a boundary).
+    #[serde(default)]
+    pub backend: crate::backend::Backend,
 }
 
 impl HqqOptions {
@@ -91,7 +95,12 @@ impl LinearPacker for HqqOptions {
             .into_iter()
             .map(|x| half::f16::from_f32(x).to_f32())
             .collect();
-        let q = quantize(&w, &p);
+        let on_device = || crate::backend::on_gpu(|g| g.hqq_quantize(&w, &p));
+        let q = match self.backend {
+            crate::backend::Backend::Gpu if p.optimize => on_device(),
+            _ => None,
+        }
+        .unwrap_or_else(|| quantize(&w, &p));
         let (rows, cols) = p.grouped_dims(w.len());
         let packed = pack(&q.codes, rows, cols, &p);
         let groups = p.groups(w.len());

@@ -144,7 +144,8 @@ fn gemm_source(w: WStore) -> String {
 }
 
 /// The decoder layer's other steps, one file each.
-const OPS: [(&str, &str); 6] = [
+const OPS: [(&str, &str); 7] = [
+    ("hqq_solve", include_str!("../../../shaders/hqq_solve.wgsl")),
     ("logits", include_str!("../../../shaders/logits.wgsl")),
     ("rms_norm", include_str!("../../../shaders/rms_norm.wgsl")),
     ("rope", include_str!("../../../shaders/rope.wgsl")),

@@ -6,6 +6,8 @@
 //! errors; [`super::Backend`] turns a failed GPU call into the CPU's result and a notice.
 
 pub mod gptq;
+mod hqq;
+pub use hqq::solved_on_device as hqq_solved_on_device;
 mod grouped;
 pub mod kernels;
 pub mod ops;
