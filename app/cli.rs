@@ -233,9 +233,10 @@ pub enum CliCommand {
         #[arg(long, short = 'r', default_value_t = 3)]
         repetitions: usize,
         /// Arithmetic: `llama-cpu` (activations quantized as llama.cpp's CPU backend does, packed rows
-        /// dotted in integers: the fast path) or `exact` (f32 activations)
-        #[arg(long, default_value = "llama-cpu", value_parser = eval::parse_numerics)]
-        numerics: quant_engine::infer::Numerics,
+        /// dotted in integers) or `exact` (f32 activations); default: the backend's fastest (llama-cpu on
+        /// the CPU, exact on the GPU, where a whole token is one submission)
+        #[arg(long, value_parser = eval::parse_numerics)]
+        numerics: Option<quant_engine::infer::Numerics>,
         /// A llama-bench binary: run it right after ours with the same tests, threads and repetitions,
         /// and print the ratio per test.
         #[arg(long, value_name = "BIN")]
@@ -549,9 +550,10 @@ pub enum DtypeArg {
 #[derive(Clone, Debug, Args)]
 pub struct SamplingArgs {
     /// Arithmetic: `llama-cpu` (activations quantized as llama.cpp's CPU backend does, packed rows dotted
-    /// in integers: the fast path) or `exact` (f32 activations throughout).
-    #[arg(long, default_value = "llama-cpu", value_parser = eval::parse_numerics)]
-    pub numerics: quant_engine::infer::Numerics,
+    /// in integers) or `exact` (f32 activations throughout); default: the backend's fastest (llama-cpu on
+    /// the CPU, exact on the GPU, where a whole token is one submission).
+    #[arg(long, value_parser = eval::parse_numerics)]
+    pub numerics: Option<quant_engine::infer::Numerics>,
     /// Temperature (0 = greedy).
     #[arg(long, default_value_t = 0.0)]
     pub temp: f32,
@@ -624,7 +626,9 @@ impl SamplingArgs {
             },
             stop_strings: self.stop.clone(),
             backend: backend(),
-            numerics: self.numerics,
+            numerics: self
+                .numerics
+                .unwrap_or_else(|| quant_engine::infer::Numerics::fastest(backend())),
             allow_long_context: self.allow_long_context,
             draft: self.draft.clone(),
             draft_tokens: self.draft_tokens,
@@ -815,7 +819,8 @@ pub fn run(command: CliCommand) -> anyhow::Result<()> {
                 n_depth,
                 repetitions,
                 backend: backend(),
-                numerics,
+                numerics: numerics
+                    .unwrap_or_else(|| quant_engine::infer::Numerics::fastest(backend())),
             };
             bench::run(&engine, model, options, llama_bench.as_deref(), json)
         }

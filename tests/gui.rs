@@ -1013,6 +1013,22 @@ fn adding_a_variant_to_a_finished_comparison_evaluates_only_that_variant() {
     };
     assert!(rows.iter().all(|r| r.remembered), "{rows:?}");
     assert!(sent(&commands).is_empty());
+    // The GPU's numbers are another measurement: with the GPU chosen nothing is remembered, and the
+    // evaluation goes to the engine on the GPU.
+    let rows = {
+        let app = h.state_mut();
+        app.compare.rows.clear();
+        app.shared.settings.backend = Backend::Gpu;
+        app.compare.run(&mut app.shared);
+        app.compare.rows.clone()
+    };
+    assert!(rows.iter().all(|r| !r.remembered), "{rows:?}");
+    match &sent(&commands).first().expect("an evaluation was sent").1 {
+        Command::Evaluate { options, .. } => {
+            assert_eq!(options.backend, Backend::Gpu)
+        }
+        c => panic!("expected an evaluation: {c:?}"),
+    }
 }
 
 /// The calibration-free targets come from the catalogue: ticking NF4 (double quant) and HQQ at 3 bits in the

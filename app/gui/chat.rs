@@ -109,8 +109,10 @@ impl ChatPanel {
         self.sides.iter().any(|s| s.writing)
     }
 
-    fn options(&self) -> GenerateOptions {
+    /// The options of a reply computed on `backend` (in its fastest arithmetic).
+    fn options(&self, backend: quant_engine::backend::Backend) -> GenerateOptions {
         GenerateOptions {
+            numerics: quant_engine::infer::Numerics::fastest(backend),
             max_new_tokens: self.max_new_tokens,
             sampler: self.sampler.clone(),
             draft: self.draft.clone(),
@@ -122,7 +124,7 @@ impl ChatPanel {
 
     /// Every running session takes the current settings from its next reply on.
     fn options_changed(&self, shared: &mut Shared) {
-        let options = self.options();
+        let options = self.options(shared.settings.backend);
         for s in &self.sides {
             if let Some((job, _, _)) = &s.session {
                 shared.send(Command::ChatOptions {
@@ -160,7 +162,7 @@ impl ChatPanel {
         if text.trim().is_empty() {
             return;
         }
-        let options = self.options();
+        let options = self.options(shared.settings.backend);
         for i in 0..self.active() {
             let side = &mut self.sides[i];
             let Some(model) = side

@@ -78,7 +78,9 @@ fn fingerprint(p: &std::path::Path) -> String {
     }
 }
 
-/// The results store's key of evaluating `model` (against `base` for KLD) on `text` with these options.
+/// The results store's key of evaluating `model` (against `base` for KLD) on `text` with these options,
+/// on `backend` (a GPU's numbers, tokens per second above all, are kept apart from the CPU's; CPU keys
+/// are as before the backend was part of them).
 pub fn eval_key(
     model: &std::path::Path,
     base: Option<&std::path::Path>,
@@ -86,6 +88,7 @@ pub fn eval_key(
     n_ctx: usize,
     max_chunks: usize,
     numerics: Numerics,
+    backend: quant_engine::backend::Backend,
 ) -> String {
     let base = base.map_or_else(String::new, |b| {
         format!("{}#{}", b.display(), fingerprint(b))
@@ -94,8 +97,12 @@ pub fn eval_key(
         || quant_engine::eval::DEFAULT_EVAL_NAME.to_string(),
         |t| format!("{}#{}", t.display(), fingerprint(t)),
     );
+    let on = match backend {
+        quant_engine::backend::Backend::Cpu => String::new(),
+        b => format!("|{}", b.name()),
+    };
     format!(
-        "{}#{}|base={base}|text={text}|ctx={n_ctx}|chunks={max_chunks}|{numerics:?}",
+        "{}#{}|base={base}|text={text}|ctx={n_ctx}|chunks={max_chunks}|{numerics:?}{on}",
         model.display(),
         fingerprint(model)
     )
@@ -242,6 +249,7 @@ impl ComparePanel {
                     self.n_ctx,
                     self.max_chunks,
                     numerics,
+                    shared.settings.backend,
                 );
                 // A row evaluated in this session with the same key keeps everything (curves too); else
                 // a remembered result fills it in; else it is evaluated.

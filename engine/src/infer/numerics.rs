@@ -36,6 +36,16 @@ impl Numerics {
         }
     }
 
+    /// The fastest arithmetic on `backend`, the default of chat, generate and bench: llama.cpp's packed
+    /// integer dot products on the CPU; exact f32 on the GPU, where a whole micro-batch (a decoded token
+    /// too) is one submission only when no per-matmul rounding has to run on the host.
+    pub fn fastest(backend: crate::backend::Backend) -> Self {
+        match backend {
+            crate::backend::Backend::Cpu => Self::LlamaCpu,
+            crate::backend::Backend::Gpu => Self::Exact,
+        }
+    }
+
     /// Parse [`Numerics::name`].
     pub fn parse(s: &str) -> Option<Self> {
         match s {
