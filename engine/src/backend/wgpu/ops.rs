@@ -134,6 +134,7 @@ impl Gpu {
         let guard = self.begin()?;
         Ok(Session {
             gpu: self,
+            pass: None,
             enc: Some(self.device.create_command_encoder(&Default::default())),
             _guard: guard,
         })
@@ -147,14 +148,31 @@ impl Gpu {
     }
 }
 
-/// Work recorded for one submission. Each step is its own compute pass (wgpu orders them).
+/// Work recorded for one submission: the dispatches share one compute pass (each dispatch is its own usage
+/// scope, so wgpu orders them by the buffers they read and write), ended only for buffer copies.
 pub struct Session<'g> {
     gpu: &'g Gpu,
+    // Declared before the encoder it records into, so it ends first.
+    pass: Option<wg::ComputePass<'static>>,
     enc: Option<wg::CommandEncoder>,
     _guard: super::Work<'g>,
 }
 
 impl Session<'_> {
+    /// The open compute pass (begun on first use).
+    fn pass(&mut self) -> Option<&mut wg::ComputePass<'static>> {
+        if self.pass.is_none() {
+            let enc = self.enc.as_mut()?;
+            self.pass = Some(enc.begin_compute_pass(&Default::default()).forget_lifetime());
+        }
+        self.pass.as_mut()
+    }
+
+    /// End the open compute pass (before a copy or the submission).
+    fn end_pass(&mut self) {
+        self.pass = None;
+    }
+
     fn dispatch(
         &mut self,
         key: Key,
@@ -168,8 +186,7 @@ impl Session<'_> {
         let mut all: Vec<&wg::Buffer> = bufs.to_vec();
         all.push(&u);
         let bg = g.bind(&p, &all);
-        let Some(enc) = self.enc.as_mut() else { return };
-        let mut pass = enc.begin_compute_pass(&Default::default());
+        let Some(pass) = self.pass() else { return };
         pass.set_pipeline(&p);
         pass.set_bind_group(0, &bg, &[]);
         pass.dispatch_workgroups(groups.0, groups.1, groups.2);
@@ -179,11 +196,10 @@ impl Session<'_> {
     pub fn linear(&mut self, w: &TensorRef, x: &Buf, n: usize, y: &Buf) -> Result<()> {
         let g = self.gpu;
         let dw = g.weight(w)?;
-        let Some(enc) = self.enc.as_mut() else {
+        let Some(pass) = self.pass() else {
             return Ok(());
         };
-        let mut pass = enc.begin_compute_pass(&Default::default());
-        g.record_linear(&mut pass, &dw, w.cols(), n, [&x.buf, &y.buf]);
+        g.record_linear(pass, &dw, w.cols(), n, [&x.buf, &y.buf]);
         Ok(())
     }
 
@@ -358,9 +374,8 @@ impl Session<'_> {
 
     fn gemm(&mut self, [x, w, y]: [&Buf; 3], g: Gemm) {
         let gpu = self.gpu;
-        let Some(enc) = self.enc.as_mut() else { return };
-        let mut pass = enc.begin_compute_pass(&Default::default());
-        gpu.record_gemm(&mut pass, [&x.buf, &w.buf, &y.buf], g);
+        let Some(pass) = self.pass() else { return };
+        gpu.record_gemm(pass, [&x.buf, &w.buf, &y.buf], g);
     }
 
     /// Score `rows` logits rows of `logits` (`[rows, vocab]`) against `targets[target0..]` into `out` from row
@@ -404,8 +419,7 @@ impl Session<'_> {
                 (4, &u),
             ],
         );
-        let Some(enc) = self.enc.as_mut() else { return };
-        let mut pass = enc.begin_compute_pass(&Default::default());
+        let Some(pass) = self.pass() else { return };
         pass.set_pipeline(&p);
         pass.set_bind_group(0, &bg, &[]);
         pass.dispatch_workgroups(rows as u32, 1, 1);
@@ -413,6 +427,7 @@ impl Session<'_> {
 
     /// `dst[dst_off..][..len] = src[src_off..][..len]`.
     pub fn copy(&mut self, src: &Buf, src_off: usize, dst: &Buf, dst_off: usize, len: usize) {
+        self.end_pass();
         if let Some(enc) = self.enc.as_mut() {
             enc.copy_buffer_to_buffer(
                 &src.buf,
@@ -426,6 +441,7 @@ impl Session<'_> {
 
     /// Submit everything recorded.
     pub fn submit(mut self) -> Result<()> {
+        self.end_pass();
         let gpu = self.gpu;
         let enc = self
             .enc
@@ -439,6 +455,7 @@ impl Session<'_> {
 
     /// Submit everything recorded and read `buf[off..off + len]` back.
     pub fn finish_read(mut self, buf: &Buf, off: usize, len: usize) -> Result<Vec<f32>> {
+        self.end_pass();
         let gpu = self.gpu;
         let enc = self
             .enc
