@@ -1445,7 +1445,8 @@ fn decoding_on_the_device_reuses_its_buffers() {
         m.forward(&[t], &mut cache, Logits::Last).expect("warm-up");
     }
     let misses = || wgpu::POOL_MISSES.with(std::cell::Cell::get);
-    let before = misses();
+    let submissions = || wgpu::SUBMISSIONS.with(std::cell::Cell::get);
+    let (before, submitted) = (misses(), submissions());
     for t in [8u32, 9, 10, 11] {
         m.forward(&[t], &mut cache, Logits::Last).expect("decode");
     }
@@ -1453,6 +1454,25 @@ fn decoding_on_the_device_reuses_its_buffers() {
         misses(),
         before,
         "decoding a token took every buffer from the pool"
+    );
+    assert_eq!(
+        submissions() - submitted,
+        4,
+        "each decoded token is one submission (layers, logits and the K/V rows read back together)"
+    );
+    // The host copy of the cache kept up: a CPU step from here gives the GPU's logits.
+    let mut host = cache.clone();
+    assert_eq!(host.len(), cache.len(), "every position was read back");
+    let on_cpu = m.on_backend(Backend::Cpu);
+    let a = on_cpu
+        .forward(&[12], &mut host, Logits::Last)
+        .expect("cpu step");
+    let b = m
+        .forward(&[12], &mut cache, Logits::Last)
+        .expect("gpu step");
+    assert!(
+        max_rel(&a, &b) < 1e-4,
+        "CPU and GPU steps from the same cache"
     );
     assert_eq!(crate::backend::gpu_fallback(), None);
 }

@@ -177,8 +177,9 @@ impl Model {
             lin(&mut s, L::Down, &gate, &proj)?;
             s.add(&x, &proj, m * h);
         }
-        s.submit()?;
-        // The wanted rows' logits, in groups whose logits fit one binding.
+        // The wanted rows' logits, in groups whose logits fit one binding; the first group rides the layers'
+        // submission (a decoded token is one submission, its logits and new K/V rows one read).
+        let mut layers = Some(s);
         let from = from.min(m);
         let mirror = matches!(head, Head::Logits);
         let mut logits = vec![0.0f32; if mirror { (m - from) * vocab } else { 0 }];
@@ -199,16 +200,33 @@ impl Model {
         };
         let rows_per = (max_floats / vocab.max(1)).max(1);
         let mut r = from;
-        while r < m {
+        let mut kv_read = false;
+        while r < m && !matches!(head, Head::None) {
             let k = rows_per.min(m - r);
             let xr = gpu.scratch(k * h);
             let out = gpu.scratch(k * vocab);
-            let mut s = gpu.session()?;
+            let mut s = match layers.take() {
+                Some(s) => s,
+                None => gpu.session()?,
+            };
             s.copy(&x, r * h, &xr, 0, k * h);
             s.rms_norm(&xr, &consts.norm, &xn, k, h, c.rms_norm_eps);
             s.linear(self.lm_head(), &xn, k, &out)?;
             match &head {
                 Head::None => {}
+                Head::Logits if mirror && r + k == m && !kv_read => {
+                    let host = cache.host_len;
+                    let vals = s.finish_read_with_kv(
+                        (&out, 0, k * vocab),
+                        kv,
+                        (&mut cache.k, &mut cache.v),
+                        (kvh, hd, cap),
+                        (host, p0 + m - host),
+                    )?;
+                    kv_read = true;
+                    let at = (r - from) * vocab;
+                    logits[at..at + k * vocab].copy_from_slice(&vals);
+                }
                 Head::Logits => {
                     let vals = s.finish_read(&out, 0, k * vocab)?;
                     let at = (r - from) * vocab;
@@ -253,7 +271,10 @@ impl Model {
             }
             r += k;
         }
-        if mirror {
+        if let Some(s) = layers {
+            s.submit()?;
+        }
+        if mirror && !kv_read {
             let host = cache.host_len;
             gpu.download_kv(
                 kv,

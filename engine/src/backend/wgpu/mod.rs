@@ -106,6 +106,14 @@ pub(crate) struct Pool {
 thread_local! {
     /// Buffers this thread had to create because the pool had none (tests check decoding reuses).
     pub(crate) static POOL_MISSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Command submissions this thread made (tests check a decoded token is one).
+    pub(crate) static SUBMISSIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Count a submission (tests).
+pub(crate) fn count_submission() {
+    #[cfg(test)]
+    SUBMISSIONS.with(|m| m.set(m.get() + 1));
 }
 
 /// Most bytes the pool keeps.
@@ -404,6 +412,7 @@ impl Gpu {
         });
         let raw = self.checked(what, || {
             record(&mut enc, &staging);
+            count_submission();
             self.queue.submit([enc.finish()]);
             self.read_back(&staging, bytes)
         })?;

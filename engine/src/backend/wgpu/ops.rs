@@ -163,7 +163,10 @@ impl Session<'_> {
     fn pass(&mut self) -> Option<&mut wg::ComputePass<'static>> {
         if self.pass.is_none() {
             let enc = self.enc.as_mut()?;
-            self.pass = Some(enc.begin_compute_pass(&Default::default()).forget_lifetime());
+            self.pass = Some(
+                enc.begin_compute_pass(&Default::default())
+                    .forget_lifetime(),
+            );
         }
         self.pass.as_mut()
     }
@@ -448,9 +451,37 @@ impl Session<'_> {
             .take()
             .ok_or_else(|| Error::Gpu("session used twice".into()))?;
         gpu.checked("forward pass", || {
+            super::count_submission();
             gpu.queue.submit([enc.finish()]);
             Ok(())
         })
+    }
+
+    /// [`Session::finish_read`] reading positions `pos..pos + n` of every layer's keys and values back
+    /// into the host arrays `(k, v)` in the same submission (a decoded token: one submission, one wait).
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish_read_with_kv(
+        mut self,
+        (buf, off, len): (&Buf, usize, usize),
+        kv: &DeviceKv,
+        (k, v): (&mut [Vec<f32>], &mut [Vec<f32>]),
+        dims: (usize, usize, usize),
+        rows: (usize, usize),
+    ) -> Result<Vec<f32>> {
+        self.end_pass();
+        let gpu = self.gpu;
+        let enc = self
+            .enc
+            .take()
+            .ok_or_else(|| Error::Gpu("session used twice".into()))?;
+        let kv_len = kv_rows_len(k.len(), dims, rows);
+        let mut vals = gpu.read_after("forward pass", len + kv_len, enc, |enc, staging| {
+            enc.copy_buffer_to_buffer(&buf.buf, (off * 4) as u64, staging, 0, (len * 4) as u64);
+            record_kv_rows(enc, kv, staging, (len * 4) as u64, dims, rows);
+        })?;
+        scatter_kv_rows(&vals[len..], (k, v), dims, rows);
+        vals.truncate(len);
+        Ok(vals)
     }
 
     /// Submit everything recorded and read `buf[off..off + len]` back.
@@ -494,33 +525,67 @@ impl Gpu {
         &self,
         kv: &DeviceKv,
         (k, v): (&mut [Vec<f32>], &mut [Vec<f32>]),
-        (kv_heads, hd, cap): (usize, usize, usize),
-        (pos, n): (usize, usize),
+        dims: (usize, usize, usize),
+        rows: (usize, usize),
     ) -> Result<()> {
-        let run = n * hd;
-        let per_layer = 2 * kv_heads * run;
-        let total = (k.len() * per_layer).max(1);
+        let total = kv_rows_len(k.len(), dims, rows).max(1);
         let _guard = self.begin()?;
         let vals = self.record_and_read("reading the KV cache back", total, |enc, staging| {
-            for l in 0..k.len() {
-                for g in 0..kv_heads {
-                    let src = ((g * cap + pos) * hd * 4) as u64;
-                    let dk = ((l * per_layer + g * run) * 4) as u64;
-                    let dv = ((l * per_layer + (kv_heads + g) * run) * 4) as u64;
-                    enc.copy_buffer_to_buffer(&kv.k[l].buf, src, staging, dk, (run * 4) as u64);
-                    enc.copy_buffer_to_buffer(&kv.v[l].buf, src, staging, dv, (run * 4) as u64);
-                }
-            }
+            record_kv_rows(enc, kv, staging, 0, dims, rows);
         })?;
-        for (l, (kl, vl)) in k.iter_mut().zip(v.iter_mut()).enumerate() {
-            for g in 0..kv_heads {
-                let dst = (g * cap + pos) * hd;
-                let sk = l * per_layer + g * run;
-                let sv = l * per_layer + (kv_heads + g) * run;
-                kl[dst..dst + run].copy_from_slice(&vals[sk..sk + run]);
-                vl[dst..dst + run].copy_from_slice(&vals[sv..sv + run]);
-            }
-        }
+        scatter_kv_rows(&vals, (k, v), dims, rows);
         Ok(())
+    }
+}
+
+/// Floats that positions `pos..pos + n` of every layer's keys and values take read back.
+fn kv_rows_len(
+    layers: usize,
+    (kv_heads, hd, _): (usize, usize, usize),
+    (_, n): (usize, usize),
+) -> usize {
+    layers * 2 * kv_heads * n * hd
+}
+
+/// Record copies of positions `pos..pos + n` of every layer's keys and values into `staging` from byte
+/// `at`: per layer, each head's keys, then each head's values.
+fn record_kv_rows(
+    enc: &mut wg::CommandEncoder,
+    kv: &DeviceKv,
+    staging: &wg::Buffer,
+    at: u64,
+    (kv_heads, hd, cap): (usize, usize, usize),
+    (pos, n): (usize, usize),
+) {
+    let run = n * hd;
+    let per_layer = 2 * kv_heads * run;
+    for l in 0..kv.k.len() {
+        for g in 0..kv_heads {
+            let src = ((g * cap + pos) * hd * 4) as u64;
+            let dk = at + ((l * per_layer + g * run) * 4) as u64;
+            let dv = at + ((l * per_layer + (kv_heads + g) * run) * 4) as u64;
+            enc.copy_buffer_to_buffer(&kv.k[l].buf, src, staging, dk, (run * 4) as u64);
+            enc.copy_buffer_to_buffer(&kv.v[l].buf, src, staging, dv, (run * 4) as u64);
+        }
+    }
+}
+
+/// Put rows read by [`record_kv_rows`] into the host cache's arrays.
+fn scatter_kv_rows(
+    vals: &[f32],
+    (k, v): (&mut [Vec<f32>], &mut [Vec<f32>]),
+    (kv_heads, hd, cap): (usize, usize, usize),
+    (pos, n): (usize, usize),
+) {
+    let run = n * hd;
+    let per_layer = 2 * kv_heads * run;
+    for (l, (kl, vl)) in k.iter_mut().zip(v.iter_mut()).enumerate() {
+        for g in 0..kv_heads {
+            let dst = (g * cap + pos) * hd;
+            let sk = l * per_layer + g * run;
+            let sv = l * per_layer + (kv_heads + g) * run;
+            kl[dst..dst + run].copy_from_slice(&vals[sk..sk + run]);
+            vl[dst..dst + run].copy_from_slice(&vals[sv..sv + run]);
+        }
     }
 }

@@ -490,6 +490,7 @@ impl Gpu {
                     }
                 }
             }
+            super::count_submission();
             let idx = self.queue.submit([enc.finish()]);
             self.device
                 .poll(wg::PollType::Wait {
