@@ -410,14 +410,19 @@ impl Gpu {
         Some(buf)
     }
 
-    /// A uniform block holding `words`, from the pool (it returns there when the current
-    /// [`super::Work`] ends; call under one).
+    /// A uniform block holding `words` from the next submission on ([`Gpu::submit`] uploads the
+    /// submission's blocks together), from the pool (it returns there when the current [`super::Work`]
+    /// ends; call under one).
     pub(crate) fn uniform(&self, words: &[u32]) -> wg::Buffer {
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         let size = (bytes.len() as u64).next_multiple_of(16).max(16);
         let b = self.take(size, wg::BufferUsages::UNIFORM | wg::BufferUsages::COPY_DST);
-        self.queue.write_buffer(&b, 0, &bytes);
-        lock(&self.pool).in_use.push(b.clone());
+        let mut p = lock(&self.pool);
+        let off = p.uniform_data.len() as u64;
+        p.uniform_data.extend_from_slice(&bytes);
+        p.uniform_data.resize((off + size) as usize, 0);
+        p.uniform_parts.push((b.clone(), off, size));
+        p.in_use.push(b.clone());
         b
     }
 

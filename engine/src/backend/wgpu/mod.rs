@@ -100,6 +100,10 @@ pub(crate) struct Pool {
     bytes: u64,
     /// Uniform buffers handed out under the current [`Work`].
     pub(crate) in_use: Vec<wg::Buffer>,
+    /// Their contents, not yet on the device: one blob, and per buffer (buffer, offset in the blob, size).
+    /// The next submission uploads the blob once and copies each part (see [`Gpu::submit`]).
+    pub(crate) uniform_data: Vec<u8>,
+    pub(crate) uniform_parts: Vec<(wg::Buffer, u64, u64)>,
 }
 
 #[cfg(test)]
@@ -127,7 +131,13 @@ pub(crate) struct Work<'g> {
 
 impl Drop for Work<'_> {
     fn drop(&mut self) {
-        let used = std::mem::take(&mut lock(&self.gpu.pool).in_use);
+        let used = {
+            let mut p = lock(&self.gpu.pool);
+            // Parameters of work never submitted are dropped with it.
+            p.uniform_data.clear();
+            p.uniform_parts.clear();
+            std::mem::take(&mut p.in_use)
+        };
         for b in used {
             self.gpu.recycle(b);
         }
@@ -349,6 +359,35 @@ impl Gpu {
         })
     }
 
+    /// Submit `main` after the parameter blocks handed out since the last submission: their contents
+    /// go up in one write and are copied into place by a command buffer submitted with `main` (one
+    /// write per submission instead of one per dispatch).
+    pub(crate) fn submit(&self, main: wg::CommandBuffer) -> wg::SubmissionIndex {
+        count_submission();
+        let (data, parts) = {
+            let mut p = lock(&self.pool);
+            (
+                std::mem::take(&mut p.uniform_data),
+                std::mem::take(&mut p.uniform_parts),
+            )
+        };
+        if parts.is_empty() {
+            return self.queue.submit([main]);
+        }
+        let size = (data.len() as u64).next_power_of_two().max(256);
+        let usage = wg::BufferUsages::COPY_SRC | wg::BufferUsages::COPY_DST;
+        let staging = self.take(size, usage);
+        self.queue.write_buffer(&staging, 0, &data);
+        let mut enc = self.device.create_command_encoder(&Default::default());
+        for (b, off, len) in &parts {
+            enc.copy_buffer_to_buffer(&staging, *off, b, 0, *len);
+        }
+        let idx = self.queue.submit([enc.finish(), main]);
+        // Later writes to it run after this submission (the queue keeps order).
+        self.recycle(staging);
+        idx
+    }
+
     /// Keep `b` for reuse (dropped instead when the pool is full). Work already submitted that uses it
     /// runs before anything later written to it: the queue keeps submission order.
     pub(crate) fn recycle(&self, b: wg::Buffer) {
@@ -412,8 +451,7 @@ impl Gpu {
         });
         let raw = self.checked(what, || {
             record(&mut enc, &staging);
-            count_submission();
-            self.queue.submit([enc.finish()]);
+            self.submit(enc.finish());
             self.read_back(&staging, bytes)
         })?;
         let mut v: Vec<f32> = bytemuck::pod_collect_to_vec(&raw);

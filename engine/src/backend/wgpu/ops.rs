@@ -451,8 +451,7 @@ impl Session<'_> {
             .take()
             .ok_or_else(|| Error::Gpu("session used twice".into()))?;
         gpu.checked("forward pass", || {
-            super::count_submission();
-            gpu.queue.submit([enc.finish()]);
+            gpu.submit(enc.finish());
             Ok(())
         })
     }

@@ -490,8 +490,7 @@ impl Gpu {
                     }
                 }
             }
-            super::count_submission();
-            let idx = self.queue.submit([enc.finish()]);
+            let idx = self.submit(enc.finish());
             self.device
                 .poll(wg::PollType::Wait {
                     submission_index: Some(idx),
