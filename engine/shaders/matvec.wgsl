@@ -1,7 +1,9 @@
 // Driver: fused dequantisation × vector for decoding (and a few tokens at once): y[t, r] = Σ_c W[r, c] ·
-// x[t, c] straight from the stored blocks, one workgroup per (row, token); its 64 invocations take every
-// 64th block of the row (`accumulate`), and an entry file adds their partial sums: `matvec_wg.wgsl` in
-// workgroup memory, `matvec_sg.wgsl` with subgroup operations where the adapter has them.
+// x[t, c] straight from the stored blocks, one workgroup per (row, token); its 64 invocations share the row
+// (`accumulate`: `matvec_units.wgsl` for a quantized type, every 64th 32-element sub-block per invocation;
+// `matvec_elems.wgsl` for a float type, every 64th element), and an entry file adds their partial sums:
+// `matvec_wg.wgsl` in workgroup memory, `matvec_sg.wgsl` with subgroup operations where the adapter has
+// them.
 
 @group(0) @binding(0) var<storage, read> src: array<u32>;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
@@ -29,16 +31,6 @@ var<workgroup> partial: array<f32, 64>;
 // Row r of wg, or rows + 1 when the workgroup has none.
 fn row_of(wg: vec3<u32>) -> u32 {
     return wg.x + wg.y * p.gx;
-}
-
-// This invocation's share of y[t, r] into `acc`.
-fn accumulate(r: u32, t: u32, li: u32) {
-    let nb = p.cols / BLOCK_ELEMS;
-    acc = 0.0;
-    for (var blk = li; blk < nb; blk += 64u) {
-        x_base = t * p.cols + blk * BLOCK_ELEMS;
-        dequant_block((r * nb + blk) * BLOCK_BYTES);
-    }
 }
 
 fn out_col(r: u32) -> u32 {

@@ -72,6 +72,9 @@ const MATVEC: &str = include_str!("../../../shaders/matvec.wgsl");
 /// The matvec's entry points: partial sums added in workgroup memory, or with subgroup operations.
 const MATVEC_WG: &str = include_str!("../../../shaders/matvec_wg.wgsl");
 const MATVEC_SG: &str = include_str!("../../../shaders/matvec_sg.wgsl");
+/// How the matvec's invocations share a row: sub-blocks of a quantized type, or elements of a float one.
+const MATVEC_UNITS: &str = include_str!("../../../shaders/matvec_units.wgsl");
+const MATVEC_ELEMS: &str = include_str!("../../../shaders/matvec_elems.wgsl");
 const GEMM: &str = include_str!("../../../shaders/gemm.wgsl");
 /// The GEMM's tile core (after `gemm.wgsl`, and in the grouped formats' kernels).
 const GEMM_TILE: &str = include_str!("../../../shaders/gemm_tile.wgsl");
@@ -223,11 +226,17 @@ pub enum Driver {
 impl Driver {
     pub const ALL: [Driver; 3] = [Driver::Dequant, Driver::Matvec, Driver::MatvecSubgroups];
 
-    fn source(self) -> String {
+    /// The driver's text for block type `ty`.
+    fn source(self, ty: GgmlType) -> String {
+        let share = if has_sub_blocks(ty) {
+            MATVEC_UNITS
+        } else {
+            MATVEC_ELEMS
+        };
         match self {
             Driver::Dequant => DEQUANT.to_string(),
-            Driver::Matvec => format!("{MATVEC}\n{MATVEC_WG}"),
-            Driver::MatvecSubgroups => format!("{MATVEC}\n{MATVEC_SG}"),
+            Driver::Matvec => format!("{MATVEC}\n{share}\n{MATVEC_WG}"),
+            Driver::MatvecSubgroups => format!("{MATVEC}\n{share}\n{MATVEC_SG}"),
         }
     }
 }
@@ -266,7 +275,7 @@ pub fn block_files(ty: GgmlType) -> Option<&'static [&'static str]> {
 /// The WGSL text of `driver` over block type `ty`.
 pub fn block_source(driver: Driver, ty: GgmlType) -> Option<String> {
     let files = block_files(ty)?;
-    let mut s = format!("{HALF}\n{COMMON}\n{}\n", driver.source());
+    let mut s = format!("{HALF}\n{COMMON}\n{}\n", driver.source(ty));
     for f in files {
         let (_, text) = TYPE_FILES.iter().find(|(n, _)| n == f)?;
         s.push_str(text);

@@ -442,14 +442,18 @@ impl Session<'_> {
         }
     }
 
+    /// End the open pass and hand over the encoder (once).
+    fn encoder(&mut self) -> Result<wg::CommandEncoder> {
+        self.end_pass();
+        self.enc
+            .take()
+            .ok_or_else(|| Error::Gpu("session used twice".into()))
+    }
+
     /// Submit everything recorded.
     pub fn submit(mut self) -> Result<()> {
-        self.end_pass();
         let gpu = self.gpu;
-        let enc = self
-            .enc
-            .take()
-            .ok_or_else(|| Error::Gpu("session used twice".into()))?;
+        let enc = self.encoder()?;
         gpu.checked("forward pass", || {
             gpu.submit(enc.finish());
             Ok(())
@@ -458,7 +462,6 @@ impl Session<'_> {
 
     /// [`Session::finish_read`] reading positions `pos..pos + n` of every layer's keys and values back
     /// into the host arrays `(k, v)` in the same submission (a decoded token: one submission, one wait).
-    #[allow(clippy::too_many_arguments)]
     pub fn finish_read_with_kv(
         mut self,
         (buf, off, len): (&Buf, usize, usize),
@@ -467,12 +470,8 @@ impl Session<'_> {
         dims: (usize, usize, usize),
         rows: (usize, usize),
     ) -> Result<Vec<f32>> {
-        self.end_pass();
         let gpu = self.gpu;
-        let enc = self
-            .enc
-            .take()
-            .ok_or_else(|| Error::Gpu("session used twice".into()))?;
+        let enc = self.encoder()?;
         let kv_len = kv_rows_len(k.len(), dims, rows);
         let mut vals = gpu.read_after("forward pass", len + kv_len, enc, |enc, staging| {
             enc.copy_buffer_to_buffer(&buf.buf, (off * 4) as u64, staging, 0, (len * 4) as u64);
@@ -485,12 +484,8 @@ impl Session<'_> {
 
     /// Submit everything recorded and read `buf[off..off + len]` back.
     pub fn finish_read(mut self, buf: &Buf, off: usize, len: usize) -> Result<Vec<f32>> {
-        self.end_pass();
         let gpu = self.gpu;
-        let enc = self
-            .enc
-            .take()
-            .ok_or_else(|| Error::Gpu("session used twice".into()))?;
+        let enc = self.encoder()?;
         gpu.read_after("forward pass", len, enc, |enc, staging| {
             enc.copy_buffer_to_buffer(&buf.buf, (off * 4) as u64, staging, 0, (len * 4) as u64);
         })

@@ -351,6 +351,15 @@ impl Gpu {
             Some(h) => (rows as u32, h as u32),
             None => (0, 0),
         };
+        // How the GEMM reads the weight: every block type in place, quantized ones decoded sub-block by
+        // sub-block as it stages them.
+        let w = match ty {
+            GgmlType::F32 => WStore::F32,
+            GgmlType::F16 if self.uses_f16() => WStore::F16,
+            GgmlType::F16 => WStore::F16Bits,
+            GgmlType::BF16 => WStore::Bf16,
+            t => WStore::Blocks(t),
+        };
         for ch in &dw.chunks {
             if nt <= MATVEC_TOKENS {
                 let mv = Matvec {
@@ -365,15 +374,7 @@ impl Gpu {
                 self.record_matvec(pass, ty, [&ch.buf, xb, yb], mv);
                 continue;
             }
-            // One product per chunk: the GEMM reads every block type in place (quantized types decoded
-            // sub-block by sub-block as it stages them).
-            let w = match ty {
-                GgmlType::F32 => WStore::F32,
-                GgmlType::F16 if self.uses_f16() => WStore::F16,
-                GgmlType::F16 => WStore::F16Bits,
-                GgmlType::BF16 => WStore::Bf16,
-                t => WStore::Blocks(t),
-            };
+            // One product per chunk, the weight read in place.
             let g = Gemm {
                 n: nt as u32,
                 m: ch.rows as u32,
