@@ -1460,6 +1460,18 @@ fn decoding_on_the_device_reuses_its_buffers() {
         4,
         "each decoded token is one submission (layers, logits and the K/V rows read back together)"
     );
+    // A decoded token reuses the bind groups of the tokens before: some run of four tokens creates none
+    // (another test freeing device arrays meanwhile empties the cache, so a run may miss).
+    let binds = || wgpu::BIND_GROUPS.with(std::cell::Cell::get);
+    let reused = (0..8u32).any(|w| {
+        let bound = binds();
+        for i in 0..4 {
+            m.forward(&[20 + 4 * w + i], &mut cache, Logits::Last)
+                .expect("decode");
+        }
+        binds() == bound
+    });
+    assert!(reused, "decoding reuses its bind groups");
     // The host copy of the cache kept up: a CPU step from here gives the GPU's logits.
     let mut host = cache.clone();
     assert_eq!(host.len(), cache.len(), "every position was read back");
@@ -1473,6 +1485,14 @@ fn decoding_on_the_device_reuses_its_buffers() {
     assert!(
         max_rel(&a, &b) < 1e-4,
         "CPU and GPU steps from the same cache"
+    );
+    // Dropping the cache frees its device arrays: the bind cache lets go of them before its next use.
+    let g = gpu();
+    let frees = g.frees.load(std::sync::atomic::Ordering::Relaxed);
+    drop(cache);
+    assert!(
+        g.frees.load(std::sync::atomic::Ordering::Relaxed) > frees,
+        "the KV cache's arrays count as freed"
     );
     assert_eq!(crate::backend::gpu_fallback(), None);
 }

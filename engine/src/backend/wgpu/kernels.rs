@@ -443,12 +443,46 @@ impl Gpu {
         self.bind_with_table(pipeline, buffers, None)
     }
 
-    /// A bind group with explicit binding numbers.
+    /// A bind group with explicit binding numbers: inside a forward pass's session from the bind
+    /// cache (made on first use), else a fresh one.
     pub(crate) fn bind_at(
         &self,
         pipeline: &wg::ComputePipeline,
         buffers: &[(u32, &wg::Buffer)],
     ) -> wg::BindGroup {
+        use std::sync::atomic::Ordering::Relaxed;
+        if !self.binds_cached.load(Relaxed) {
+            return self.bind_fresh(pipeline, buffers);
+        }
+        let key = (
+            pipeline.clone(),
+            buffers
+                .iter()
+                .map(|&(i, b)| (i, b.clone()))
+                .collect::<Vec<_>>(),
+        );
+        let frees = self.frees.load(Relaxed);
+        let mut cache = lock(&self.binds);
+        if cache.stamp != frees || cache.map.len() >= super::BIND_CACHE_MAX {
+            cache.map.clear();
+            cache.stamp = frees;
+        }
+        if let Some(bg) = cache.map.get(&key) {
+            return bg.clone();
+        }
+        let bg = self.bind_fresh(pipeline, buffers);
+        cache.map.insert(key, bg.clone());
+        bg
+    }
+
+    /// A new bind group with explicit binding numbers (buffers made for one call bind this way).
+    pub(crate) fn bind_fresh(
+        &self,
+        pipeline: &wg::ComputePipeline,
+        buffers: &[(u32, &wg::Buffer)],
+    ) -> wg::BindGroup {
+        #[cfg(test)]
+        super::BIND_GROUPS.with(|n| n.set(n.get() + 1));
         let entries: Vec<wg::BindGroupEntry> = buffers
             .iter()
             .map(|&(i, b)| wg::BindGroupEntry {

@@ -89,7 +89,27 @@ pub struct Gpu {
     features: wg::Features,
     use_features: std::sync::atomic::AtomicBool,
     pub(crate) pool: Mutex<Pool>,
+    /// Bind groups of the forward pass's dispatches, reused from token to token (see [`BindCache`]).
+    pub(crate) binds: Mutex<BindCache>,
+    /// Whether binds go through [`Gpu::binds`] now (inside a forward pass's session).
+    pub(crate) binds_cached: std::sync::atomic::AtomicBool,
+    /// Counts frees of buffers a cached bind group may hold (non-pooled arrays, pool overflow, weights
+    /// leaving the cache): the bind cache empties when it changes, so it never keeps memory alive.
+    pub(crate) frees: std::sync::atomic::AtomicU64,
 }
+
+/// A forward pass's bind groups by pipeline and bound buffers: the same dispatches over the same pooled
+/// scratch, weights and KV cache recur every token, and creating a bind group is most of a dispatch's
+/// recording cost once the parameters are batched.
+#[derive(Default)]
+pub(crate) struct BindCache {
+    /// [`Gpu::frees`] when the map was last emptied.
+    pub(crate) stamp: u64,
+    pub(crate) map: HashMap<(wg::ComputePipeline, Vec<(u32, wg::Buffer)>), wg::BindGroup>,
+}
+
+/// Most bind groups kept.
+pub(crate) const BIND_CACHE_MAX: usize = 16_384;
 
 /// Device buffers kept for reuse: scratch arrays of the forward pass and uniform parameter blocks, so
 /// decoding a token creates no buffers once warm.
@@ -112,6 +132,8 @@ thread_local! {
     pub(crate) static POOL_MISSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Command submissions this thread made (tests check a decoded token is one).
     pub(crate) static SUBMISSIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Bind groups this thread created (tests check decoding reuses them).
+    pub(crate) static BIND_GROUPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Count a submission (tests).
@@ -291,6 +313,9 @@ fn open() -> std::result::Result<Gpu, String> {
         features,
         use_features: std::sync::atomic::AtomicBool::new(true),
         pool: Mutex::new(Pool::default()),
+        binds: Mutex::new(BindCache::default()),
+        binds_cached: std::sync::atomic::AtomicBool::new(false),
+        frees: std::sync::atomic::AtomicU64::new(0),
     })
 }
 
@@ -396,7 +421,15 @@ impl Gpu {
         if p.bytes + size <= POOL_BYTES {
             p.bytes += size;
             p.free.entry((size, b.usage().bits())).or_default().push(b);
+        } else {
+            self.freed();
         }
+    }
+
+    /// A buffer a cached bind group may hold is being freed: the bind cache empties before its next use.
+    pub(crate) fn freed(&self) {
+        self.frees
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Run `f` (which records and submits work) and turn validation and out-of-memory errors raised

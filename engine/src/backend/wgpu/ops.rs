@@ -18,9 +18,11 @@ pub struct Buf {
 
 impl Drop for Buf {
     fn drop(&mut self) {
-        if self.pooled {
-            if let Ok(g) = super::gpu() {
+        if let Ok(g) = super::gpu() {
+            if self.pooled {
                 g.recycle(self.buf.clone());
+            } else {
+                g.freed();
             }
         }
     }
@@ -132,6 +134,8 @@ impl Gpu {
     /// Start recording.
     pub fn session(&self) -> Result<Session<'_>> {
         let guard = self.begin()?;
+        self.binds_cached
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         Ok(Session {
             gpu: self,
             pass: None,
@@ -156,6 +160,15 @@ pub struct Session<'g> {
     pass: Option<wg::ComputePass<'static>>,
     enc: Option<wg::CommandEncoder>,
     _guard: super::Work<'g>,
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        // Binds outside a forward pass (buffers made per call) are not cached.
+        self.gpu
+            .binds_cached
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Session<'_> {
@@ -412,7 +425,8 @@ impl Session<'_> {
         // `nll` shares the row helpers that name the base, so binding 1 is always bound (to the rows
         // themselves when there is no base).
         let b = base.map_or(&logits.buf, |(b, _)| &b.buf);
-        let bg = g.bind_at(
+        // The targets are uploaded per call: a fresh bind group, not a cached one.
+        let bg = g.bind_fresh(
             &p,
             &[
                 (0, &logits.buf),

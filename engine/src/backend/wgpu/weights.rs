@@ -116,6 +116,8 @@ pub(crate) struct WeightCache {
     entries: Vec<Entry>,
     budget: u64,
     clock: u64,
+    /// Entries left since [`WeightCache::take_removed`] was last asked.
+    removed: bool,
 }
 
 impl WeightCache {
@@ -124,6 +126,7 @@ impl WeightCache {
             entries: Vec::new(),
             budget,
             clock: 0,
+            removed: false,
         }
     }
 
@@ -132,7 +135,9 @@ impl WeightCache {
     }
 
     fn get(&mut self, owner: &Owner) -> Option<Arc<DeviceWeight>> {
+        let before = self.entries.len();
         self.entries.retain(|e| e.owner.alive());
+        self.removed |= self.entries.len() < before;
         self.clock += 1;
         let now = self.clock;
         self.entries
@@ -154,7 +159,13 @@ impl WeightCache {
                 .min_by_key(|(_, e)| e.last)
                 .map_or(0, |(i, _)| i);
             self.entries.swap_remove(oldest);
+            self.removed = true;
         }
+    }
+
+    /// Whether entries left the cache since the last call (their buffers must not stay bound).
+    fn take_removed(&mut self) -> bool {
+        std::mem::take(&mut self.removed)
     }
 
     fn insert(&mut self, owner: Owner, weight: Arc<DeviceWeight>) {
@@ -213,10 +224,20 @@ impl Gpu {
             })
     }
 
+    /// Run `f` on the weight cache; weights it let go of are freed for the bind cache too.
+    fn weight_cache<T>(&self, f: impl FnOnce(&mut WeightCache) -> T) -> T {
+        let mut c = lock(&self.weights);
+        let v = f(&mut c);
+        if c.take_removed() {
+            self.freed();
+        }
+        v
+    }
+
     /// `w` on the device, uploaded now if it is not cached.
     pub(crate) fn weight(&self, w: &TensorRef) -> Result<Arc<DeviceWeight>> {
         let owner = Owner::of(w);
-        if let Some(d) = lock(&self.weights).get(&owner) {
+        if let Some(d) = self.weight_cache(|c| c.get(&owner)) {
             return Ok(d);
         }
         let (rows, cols) = (w.rows(), w.cols());
@@ -225,7 +246,7 @@ impl Gpu {
             let l = super::grouped::layout(g);
             if l.parts.iter().all(|(_, b)| (b.len() as u64) <= max) {
                 let bytes: u64 = l.parts.iter().map(|(_, b)| b.len() as u64).sum();
-                lock(&self.weights).evict_for(bytes);
+                self.weight_cache(|c| c.evict_for(bytes));
                 let weight = self.checked(&format!("uploading {}", w.name), || {
                     Ok(DeviceWeight {
                         chunks: Vec::new(),
@@ -265,7 +286,7 @@ impl Gpu {
         }
         let per_chunk = ((max / row_bytes) as usize).max(1);
         let bytes = row_bytes * rows as u64;
-        lock(&self.weights).evict_for(bytes);
+        self.weight_cache(|c| c.evict_for(bytes));
         let weight = self.checked(&format!("uploading {}", w.name), || {
             let mut chunks = Vec::new();
             for row0 in (0..rows).step_by(per_chunk) {
