@@ -43,22 +43,41 @@ impl Gpu {
             })
             .collect();
         let [max_v, beta_inv, p_minus_1] = hqq::solver_constants(p);
+        // Per chunk, made once for the solve: the zeros (rewritten each step), the step's output and the
+        // inverse scales (fixed for the solve: uploaded at the first step).
+        let storage = |label: &str, bytes: usize, usage: wg::BufferUsages| {
+            self.device.create_buffer(&wg::BufferDescriptor {
+                label: Some(label),
+                size: bytes.max(4) as u64,
+                usage: wg::BufferUsages::STORAGE | usage,
+                mapped_at_creation: false,
+            })
+        };
+        let bufs: Vec<(wg::Buffer, wg::Buffer)> = chunks
+            .iter()
+            .map(|&(_, ng, _)| {
+                (
+                    storage("hqq zeros", ng * 4, wg::BufferUsages::COPY_DST),
+                    storage("hqq step", 2 * ng * 4, wg::BufferUsages::COPY_SRC),
+                )
+            })
+            .collect();
+        let mut scales: Vec<wg::Buffer> = Vec::new();
         let q = hqq::quantize_with(w, p, |s, z| {
+            if scales.is_empty() {
+                scales = chunks
+                    .iter()
+                    .map(|&(g0, ng, _)| {
+                        let part = bytemuck::cast_slice(&s[g0..g0 + ng]);
+                        self.upload_with("hqq scales", part, wg::BufferUsages::empty())
+                    })
+                    .collect();
+            }
             let mut err = 0.0f64;
-            for (g0, ng, wb) in &chunks {
+            for (((g0, ng, wb), (zb, ob)), sb) in chunks.iter().zip(&bufs).zip(&scales) {
                 let (g0, ng) = (*g0, *ng);
-                let empty = wg::BufferUsages::empty();
-                let sb =
-                    self.upload_with("hqq scales", bytemuck::cast_slice(&s[g0..g0 + ng]), empty);
-                let zb =
-                    self.upload_with("hqq zeros", bytemuck::cast_slice(&z[g0..g0 + ng]), empty);
-                let size = (2 * ng * 4) as u64;
-                let ob = self.device.create_buffer(&wg::BufferDescriptor {
-                    label: Some("hqq step"),
-                    size,
-                    usage: wg::BufferUsages::STORAGE | wg::BufferUsages::COPY_SRC,
-                    mapped_at_creation: false,
-                });
+                self.queue
+                    .write_buffer(zb, 0, bytemuck::cast_slice(&z[g0..g0 + ng]));
                 let (gx, gy, stride) = self.grid(ng as u32);
                 let params = self.uniform(&[
                     ng as u32,
@@ -70,7 +89,8 @@ impl Gpu {
                     p_minus_1.to_bits(),
                     0,
                 ]);
-                let bg = self.bind(&pipeline, &[wb, &sb, &zb, &ob, &params]);
+                let bg = self.bind(&pipeline, &[wb, sb, zb, ob, &params]);
+                let size = (2 * ng * 4) as u64;
                 let vals = self.record_and_read("HQQ solver step", 2 * ng, |enc, staging| {
                     {
                         let mut pass = enc.begin_compute_pass(&Default::default());
@@ -78,7 +98,7 @@ impl Gpu {
                         pass.set_bind_group(0, &bg, &[]);
                         pass.dispatch_workgroups(gx, gy, 1);
                     }
-                    enc.copy_buffer_to_buffer(&ob, 0, staging, 0, size);
+                    enc.copy_buffer_to_buffer(ob, 0, staging, 0, size);
                 })?;
                 z[g0..g0 + ng].copy_from_slice(&vals[..ng]);
                 err += vals[ng..].iter().map(|&e| f64::from(e)).sum::<f64>();
